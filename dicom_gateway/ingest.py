@@ -1,0 +1,293 @@
+"""DICOM ingest shared by every way an object arrives (C-STORE, STOW-RS, bulk import).
+
+Order of work, as in Orthanc: read and validate the header, write the object to the store
+under a key derived from its UIDs (and content), index it in the caller's transaction; the
+caller commits and only then acknowledges. If the transaction rolls back, the object this
+call wrote is removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from sqlalchemy.orm import Session
+
+from rdc_core.db import on_rollback, utcnow
+from rdc_core.errors import InvalidInputError, PermissionDeniedError
+from rdc_core.storage import ObjectStore
+from worklist.directory import organization_for_ae
+from worklist.intake import (
+    InstanceHeader,
+    RecordOutcome,
+    find_instance,
+    record_conflict,
+    record_instance,
+    record_quarantine,
+)
+from worklist.models import Discipline, Organization, Priority
+
+__all__ = [
+    "IngestResult",
+    "InvalidDicomError",
+    "UnknownSenderError",
+    "ingest_dicom_file",
+    "quarantine_file",
+    "read_header",
+]
+
+log = logging.getLogger(__name__)
+
+_ECG_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform
+    "1.2.840.10008.5.1.4.1.1.9.1.2",  # General ECG Waveform
+    "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG Waveform
+}
+_PRIORITY_MAP = {"STAT": Priority.EMERGENCY, "HIGH": Priority.URGENT}
+_HASH_CHUNK = 1 << 20
+
+
+class InvalidDicomError(InvalidInputError):
+    """The data is not a DICOM object we can index (unreadable, truncated, UIDs missing)."""
+
+    title = "Invalid DICOM"
+
+
+class UnknownSenderError(PermissionDeniedError):
+    """The sender (calling AE title) does not belong to a registered clinic."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    outcome: RecordOutcome
+    exam_id: str
+    study_instance_uid: str
+    sop_instance_uid: str
+    storage_key: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _performed_at(ds: Dataset, zone: ZoneInfo) -> datetime | None:
+    # Study date/time are the clinic's local time; stored in UTC.
+    date = _text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "AcquisitionDate")
+    if len(date) != 8 or not date.isdigit():
+        return None
+    time = (_text(ds, "StudyTime") or "000000").split(".")[0].ljust(6, "0")[:6]
+    try:
+        local = datetime.strptime(date + time, "%Y%m%d%H%M%S")
+    except ValueError:
+        try:
+            local = datetime.strptime(date, "%Y%m%d")
+        except ValueError:
+            return None
+    return local.replace(tzinfo=zone).astimezone(ZoneInfo("UTC"))
+
+
+def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    # With deferred reading pydicom seeks past large values without reading them, so a
+    # file cut short inside Pixel Data parses "fine"; compare where values end with the size.
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return  # inflated in memory; zlib already failed on a truncated stream
+    size = path.stat().st_size
+    for elem in ds._dict.values():
+        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value_tell is not None:
+            if elem.value_tell + elem.length > size:
+                raise InvalidDicomError(
+                    f"truncated: element {elem.tag} needs {elem.length} bytes at offset "
+                    f"{elem.value_tell}, file has {size}"
+                )
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if not value:
+        raise InvalidDicomError(f"required {keyword} is missing")
+    if not UID(value).is_valid:
+        raise InvalidDicomError(f"{keyword} {value!r} is not a valid UID")
+    return value
+
+
+def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
+    """Parse and validate the header of the Part-10 file at ``path`` without loading bulk data."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+        meta = ds.file_meta
+        transfer_syntax = str(meta.get("TransferSyntaxUID") or "")
+        if not transfer_syntax:
+            raise InvalidDicomError("file meta has no Transfer Syntax UID")
+        _check_complete(ds, path, transfer_syntax)
+        sop_instance_uid = _uid(ds, "SOPInstanceUID")
+        sop_class_uid = _uid(ds, "SOPClassUID")
+        media_uid = str(meta.get("MediaStorageSOPInstanceUID") or sop_instance_uid)
+        if media_uid != sop_instance_uid:
+            raise InvalidDicomError(
+                f"SOP Instance UID {sop_instance_uid} differs from the announced {media_uid}"
+            )
+        modality = _text(ds, "Modality").upper()
+        patient_id = _text(ds, "PatientID")
+        name_elem = ds.get("PatientName")
+        original: dict[str, Any] = {
+            kw: _text(ds, kw)
+            for kw in ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                       "SpecificCharacterSet", "OtherPatientIDs")
+            if kw in ds
+        }
+        if name_elem is not None:
+            original["PatientName"] = str(name_elem)
+            raw = getattr(name_elem, "original_string", None)
+            if isinstance(raw, bytes) and raw.decode("latin-1") != str(name_elem):
+                original["PatientName_bytes_hex"] = raw.hex()
+        if not patient_id:
+            # Coerced, and said so: an empty ID must not merge all anonymous patients.
+            patient_id = f"NOID-{_uid(ds, 'StudyInstanceUID')}"[:64]
+            original["_coerced"] = {"PatientID": patient_id}
+        header = InstanceHeader(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=transfer_syntax,
+            patient_id=patient_id[:64],
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID")[:64] or None,
+            patient_name=str(name_elem or "")[:200],
+            patient_birth_date=_text(ds, "PatientBirthDate")[:8] or None,
+            patient_sex=_text(ds, "PatientSex")[:16] or None,
+            patient_original=original,
+            accession_number=_text(ds, "AccessionNumber")[:64] or None,
+            discipline=Discipline.ECG if (modality == "ECG" or sop_class_uid in _ECG_SOP_CLASSES)
+            else Discipline.IMAGING,
+            modality=modality[:16],
+            body_part=_text(ds, "BodyPartExamined").upper()[:64],
+            study_description=_text(ds, "StudyDescription")[:200],
+            performed_at=_performed_at(ds, zone),
+            series_number=_int(ds, "SeriesNumber"),
+            instance_number=_int(ds, "InstanceNumber"),
+            priority=_PRIORITY_MAP.get(_text(ds, "RequestedProcedurePriority").upper()),
+        )
+    except InvalidDicomError:
+        raise
+    except (PydicomInvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+            OverflowError, NotImplementedError, LookupError) as exc:
+        raise InvalidDicomError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # pydicom raises a wide variety on corrupt input
+        raise InvalidDicomError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+    return header
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def instance_key(header: InstanceHeader, sha256: str) -> str:
+    """Object key: the UIDs plus a content prefix, so a differing copy never overwrites."""
+    return (
+        f"dicom/{header.study_instance_uid}/{header.series_instance_uid}/"
+        f"{header.sop_instance_uid}.{sha256[:16]}.dcm"
+    )
+
+
+def _store_once(session: Session, store: ObjectStore, key: str, source: Path) -> None:
+    existed = store.exists(key)
+    stored = store.put_file(key, source)
+    if not existed:
+        on_rollback(session, lambda: store.delete(stored.key))
+
+
+def ingest_dicom_file(
+    session: Session,
+    *,
+    store: ObjectStore,
+    source: Path,
+    calling_ae: str,
+    zone: ZoneInfo,
+    organization: Organization | None = None,
+    received_at: datetime | None = None,
+) -> IngestResult:
+    """Store and index the Part-10 file at ``source`` sent by ``calling_ae``.
+
+    Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
+    of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
+    """
+    org = organization or organization_for_ae(session, ae_title=calling_ae)
+    if org is None:
+        raise UnknownSenderError(f"calling AE title {calling_ae!r} is not registered to a clinic")
+    header = read_header(source, zone=zone)
+    sha256 = _sha256(source)
+    now = received_at or utcnow()
+    key = instance_key(header, sha256)
+    existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
+    if existing is not None and existing.sha256 == sha256:
+        if existing.exam.org_id != org.id:
+            raise PermissionDeniedError("this SOP instance belongs to another organisation")
+        return IngestResult(RecordOutcome.DUPLICATE, existing.exam_id, header.study_instance_uid,
+                            header.sop_instance_uid, existing.storage_key)
+    if existing is not None:
+        if existing.exam.org_id != org.id:
+            raise PermissionDeniedError("this SOP instance belongs to another organisation")
+        key = f"conflicts/{header.sop_instance_uid}/{sha256}.dcm"
+        _store_once(session, store, key, source)
+        record_conflict(session, header=header, existing=existing, storage_key=key,
+                        size_bytes=os.path.getsize(source), sha256=sha256, calling_ae=calling_ae, now=now)
+        log.warning("SOP instance %s re-sent with different content; kept as %s",
+                    header.sop_instance_uid, key)
+        return IngestResult(RecordOutcome.CONFLICT, existing.exam_id, header.study_instance_uid,
+                            header.sop_instance_uid, key)
+    _store_once(session, store, key, source)
+    outcome, exam = record_instance(
+        session, header=header, org_id=org.id, org_code=org.code, storage_key=key,
+        size_bytes=os.path.getsize(source), sha256=sha256, calling_ae=calling_ae, now=now,
+    )
+    return IngestResult(outcome, exam.id, header.study_instance_uid, header.sop_instance_uid, key)
+
+
+def quarantine_file(
+    session: Session,
+    *,
+    store: ObjectStore,
+    source: Path,
+    reason: str,
+    origin: str,
+    calling_ae: str = "",
+    organization: Organization | None = None,
+    sop_instance_uid: str | None = None,
+) -> str:
+    """Keep rejected input byte for byte under ``quarantine/`` with the reason; returns its record ID."""
+    sha256 = _sha256(source)
+    key = f"quarantine/{sha256[:2]}/{sha256}.bin"
+    _store_once(session, store, key, source)
+    return record_quarantine(
+        session, storage_key=key, reason=reason, source=origin, size_bytes=os.path.getsize(source),
+        sha256=sha256, calling_ae=calling_ae, org_id=organization.id if organization else None,
+        sop_instance_uid=sop_instance_uid, now=utcnow(),
+    )

@@ -1,0 +1,274 @@
+"""Database engine, sessions and the declarative base shared by every package.
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a commit that
+returned is on disk; write transactions start with ``BEGIN IMMEDIATE`` so that concurrent
+writers queue on the busy timeout instead of failing when a read turns into a write.
+PostgreSQL is used as it is, by URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.types import TypeDecorator
+
+from rdc_core.errors import DatabaseUnavailableError
+from rdc_core.settings import get_settings
+
+__all__ = [
+    "Base",
+    "UTCDateTime",
+    "dispose_engines",
+    "get_engine",
+    "after_commit",
+    "insert_ignore",
+    "on_rollback",
+    "read_session",
+    "session_scope",
+    "stable_id",
+    "upsert",
+    "utcnow",
+]
+
+log = logging.getLogger(__name__)
+
+_NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Namespace for IDs derived from natural keys (UIDs, codes, usernames): the same input gives
+# the same ID on every replica, so every write can be an idempotent upsert.
+_ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-5c3e-9a71-2b4d6e8f0a13")
+
+
+def stable_id(kind: str, *natural_key: str) -> str:
+    """A deterministic ID for an object of ``kind`` identified by ``natural_key``."""
+    return str(uuid.uuid5(_ID_NAMESPACE, "\x1f".join((kind, *natural_key))))
+
+
+def utcnow() -> datetime:
+    """Timezone-aware current time in UTC (everything is stored in UTC)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware.
+
+    SQLite has no time zones; without this, values would come back naive and comparisons
+    with aware datetimes would fail.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every table of the product."""
+
+    metadata = MetaData(naming_convention=_NAMING)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+_engines: dict[str, Engine] = {}
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_lock = threading.Lock()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so BEGIN is ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        readonly = conn.get_execution_options().get("rdc_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The engine for ``url`` (default: the configured database), created once per process."""
+    url = url or get_settings().resolved_database_url
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _make_engine(url)
+            _engines[url] = engine
+        return engine
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            from pathlib import Path
+
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=8,
+            max_overflow=32,
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests, shutdown, after fork)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _sessionmakers.clear()
+
+
+def _sessionmaker(url: str | None) -> sessionmaker[Session]:
+    engine = get_engine(url)
+    key = str(engine.url)
+    maker = _sessionmakers.get(key)
+    if maker is None:
+        maker = sessionmaker(bind=engine, expire_on_commit=False)
+        _sessionmakers[key] = maker
+    return maker
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A write transaction: commits when the block ends, rolls back on any exception.
+
+    Driver-level failures (database down, locked too long) are raised as
+    :class:`~rdc_core.errors.DatabaseUnavailableError` so edges can answer "try again".
+    """
+    session = _sessionmaker(url)()
+    try:
+        yield session
+        session.commit()
+    except (OperationalError, DBAPIError) as exc:
+        _rollback(session)
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            raise DatabaseUnavailableError(str(exc.orig or exc)) from exc
+        raise
+    except BaseException:
+        _rollback(session)
+        raise
+    else:
+        for callback in session.info.pop("rdc_after_commit", []):
+            callback()
+    finally:
+        session.close()
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.info.pop("rdc_after_commit", None)
+        for undo in reversed(session.info.pop("rdc_on_rollback", [])):
+            try:
+                undo()
+            except Exception:  # the original error matters more; log and go on
+                log.exception("compensating action after rollback failed")
+
+
+def on_rollback(session: Session, undo: Callable[[], None]) -> None:
+    """Run ``undo`` if the transaction of ``session`` rolls back.
+
+    Services use this to remove an object they wrote to the store when the index
+    transaction fails, so a failure leaves nothing half-written.
+    """
+    session.info.setdefault("rdc_on_rollback", []).append(undo)
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the transaction of ``session`` committed (e.g. enqueue a task)."""
+    session.info.setdefault("rdc_after_commit", []).append(callback)
+
+
+@contextmanager
+def read_session(url: str | None = None) -> Iterator[Session]:
+    """A read-only session; on SQLite it does not take the write lock."""
+    engine = get_engine(url)
+    session = Session(bind=engine.execution_options(rdc_readonly=True), expire_on_commit=False)
+    try:
+        yield session
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(str(exc.orig or exc)) from exc
+    finally:
+        session.rollback()
+        session.close()
+
+
+def _dialect_insert(session: Session, table: Any) -> Insert:
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"upsert is not implemented for {name}")
+
+
+def upsert(
+    session: Session,
+    table: Any,
+    values: Mapping[str, Any],
+    *,
+    conflict: Sequence[str],
+    update: Mapping[str, Any] | None = None,
+) -> None:
+    """INSERT ... ON CONFLICT (``conflict``) DO UPDATE SET ``update`` (or DO NOTHING).
+
+    The database's constraint decides, so two writers racing on the same key never create
+    two rows; ``update`` may use column expressions (e.g. ``table.c.count + 1``).
+    """
+    stmt = _dialect_insert(session, table).values(**values)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(conflict), set_=dict(update))  # type: ignore[attr-defined]
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]
+    session.execute(stmt)
+
+
+def insert_ignore(session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
+    stmt = _dialect_insert(session, table).values(**values)
+    stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]
+    result = session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))

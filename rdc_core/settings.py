@@ -1,0 +1,113 @@
+"""One settings object for the whole product, read from ``RDC_`` environment variables.
+
+Read it through :func:`get_settings`; nothing reads the environment at import time, so tests
+and the CLI can point a process at another database or data directory before first use.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rdc_core.errors import ConfigurationError
+
+__all__ = ["Settings", "get_settings", "reset_settings"]
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field maps to ``RDC_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="RDC_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Field(default=Path("rdc-data"), description="Root for the embedded stack")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file in the data directory"
+    )
+    storage_backend: Literal["local"] = "local"
+    storage_url: str | None = Field(
+        default=None, description="Local object directory (path or file:// URL)"
+    )
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    dicom_ae_title: str = "RDC"
+    dicom_max_associations: int = 32
+    dicom_max_pdu: int = 262_144
+
+    stable_age_seconds: float = 30.0
+    stable_scan_interval_seconds: float | None = Field(
+        default=None, description="How often READY detection runs; default: stable age / 4"
+    )
+    worker_threads: int = 4
+
+    secret_key: SecretStr | None = Field(
+        default=None, description="Token signing key; required in production"
+    )
+    access_token_minutes: int = 8 * 60
+    timezone: str = "Asia/Shanghai"
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.env == "production" and self.secret_key is None:
+            raise ConfigurationError("RDC_SECRET_KEY must be set when RDC_ENV=production")
+        if self.env == "production" and self.database_url is None:
+            raise ConfigurationError("RDC_DATABASE_URL must be set when RDC_ENV=production")
+        ZoneInfo(self.timezone)  # fail at start-up, not at the first report
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'rdc.sqlite3').resolve()}"
+
+    @property
+    def objects_dir(self) -> Path:
+        if self.storage_url:
+            return Path(self.storage_url.removeprefix("file://")).resolve()
+        return (self.data_dir / "objects").resolve()
+
+    @property
+    def stable_scan_interval(self) -> float:
+        if self.stable_scan_interval_seconds is not None:
+            return self.stable_scan_interval_seconds
+        return max(0.5, min(self.stable_age_seconds / 4, 10.0))
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def token_secret(self) -> str:
+        """The token signing key.
+
+        In development a random key is created once and kept in the data directory so that
+        tokens survive a restart; production refuses to start without ``RDC_SECRET_KEY``.
+        """
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        key_file = self.data_dir / ".secret_key"
+        if not key_file.exists():
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(secrets.token_urlsafe(48))
+            key_file.chmod(0o600)
+        return key_file.read_text().strip()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings so the next :func:`get_settings` reads the environment."""
+    get_settings.cache_clear()

@@ -1,0 +1,170 @@
+"""Background work: named tasks, a registry, and the runner that executes them.
+
+A task is a plain function registered under a stable dotted name with :func:`task`.
+Edges enqueue work by name with :meth:`TaskRunner.submit` *after* their transaction
+committed; periodic tasks are declared with :func:`periodic`. The embedded runner below uses
+a thread pool and a scheduler thread; a Celery runner can implement the same interface.
+Tasks must be idempotent: a retry or a second replica running the same task changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "InProcessTaskRunner",
+    "PeriodicTask",
+    "TaskRunner",
+    "periodic",
+    "registered_periodic_tasks",
+    "registered_tasks",
+    "task",
+]
+
+log = logging.getLogger(__name__)
+
+TaskFunc = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicTask:
+    """A task the scheduler runs every ``interval`` seconds (read from settings when given a callable)."""
+
+    name: str
+    interval: Callable[[], float]
+
+
+_tasks: dict[str, TaskFunc] = {}
+_periodic: dict[str, PeriodicTask] = {}
+
+
+def task(name: str) -> Callable[[TaskFunc], TaskFunc]:
+    """Register the decorated function as the task ``name``."""
+
+    def register(func: TaskFunc) -> TaskFunc:
+        existing = _tasks.get(name)
+        if existing is not None and existing is not func:
+            raise ValueError(f"task {name!r} is already registered")
+        _tasks[name] = func
+        return func
+
+    return register
+
+
+def periodic(name: str, *, interval: Callable[[], float]) -> None:
+    """Declare that the registered task ``name`` runs every ``interval()`` seconds."""
+    _periodic[name] = PeriodicTask(name=name, interval=interval)
+
+
+def registered_tasks() -> dict[str, TaskFunc]:
+    """The task registry (name -> function)."""
+    return dict(_tasks)
+
+
+def registered_periodic_tasks() -> list[PeriodicTask]:
+    """Every declared periodic task."""
+    return list(_periodic.values())
+
+
+class TaskRunner(Protocol):
+    """What the rest of the product needs from a task backend."""
+
+    def submit(self, name: str, /, **kwargs: Any) -> None:
+        """Run task ``name`` with ``kwargs`` in the background."""
+        ...
+
+    def start(self) -> None:
+        """Start workers and the periodic scheduler."""
+        ...
+
+    def stop(self) -> None:
+        """Stop accepting work and wait for running tasks."""
+        ...
+
+
+class InProcessTaskRunner:
+    """Thread-pool worker plus a scheduler thread, for the one-process embedded mode."""
+
+    def __init__(self, *, threads: int = 4, run_periodic: bool = True) -> None:
+        self._threads = threads
+        self._run_periodic = run_periodic
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._scheduler: threading.Thread | None = None
+        # Periodic tasks never overlap with themselves: a slow run delays the next one.
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="rdc-task")
+        if self._run_periodic:
+            self._scheduler = threading.Thread(
+                target=self._schedule_loop, name="rdc-scheduler", daemon=True
+            )
+            self._scheduler.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=10)
+            self._scheduler = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def submit(self, name: str, /, **kwargs: Any) -> None:
+        func = _tasks.get(name)
+        if func is None:
+            raise KeyError(f"no task named {name!r}")
+        if self._pool is None:
+            raise RuntimeError("task runner is not started")
+        future = self._pool.submit(func, **kwargs)
+        future.add_done_callback(lambda f: _log_failure(name, f))
+
+    def run_now(self, name: str, /, **kwargs: Any) -> Any:
+        """Run a task synchronously in the caller's thread (CLI, tests)."""
+        return _tasks[name](**kwargs)
+
+    def _schedule_loop(self) -> None:
+        next_run: dict[str, float] = {}
+        import time
+
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for periodic_task in registered_periodic_tasks():
+                due = next_run.get(periodic_task.name, now)
+                if now >= due:
+                    next_run[periodic_task.name] = now + periodic_task.interval()
+                    self._submit_periodic(periodic_task.name)
+            wait = min((t - now for t in next_run.values()), default=1.0)
+            self._stop.wait(max(0.05, min(wait, 1.0)))
+
+    def _submit_periodic(self, name: str) -> None:
+        with self._running_lock:
+            if name in self._running or self._pool is None:
+                return
+            self._running.add(name)
+
+        def run() -> None:
+            try:
+                _tasks[name]()
+            finally:
+                with self._running_lock:
+                    self._running.discard(name)
+
+        future = self._pool.submit(run)
+        future.add_done_callback(lambda f: _log_failure(name, f))
+
+
+def _log_failure(name: str, future: Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        log.error("task %s failed: %s", name, exc, exc_info=exc)

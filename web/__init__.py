@@ -1,0 +1,1 @@
+"""The HTTP application (REST API; DICOMweb and UI later) and the ``rdc`` command line."""

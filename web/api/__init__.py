@@ -1,0 +1,1 @@
+"""HTTP routes, one module per area; each route translates, calls one service, maps the result."""

@@ -1,0 +1,39 @@
+"""Exams: list with filters and paging, and one exam with its instances."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from rdc_core.db import session_scope
+from web.security import CurrentPrincipal
+from worklist.models import ExamState, Priority
+from worklist.queries import get_exam, list_exams
+from worklist.schemas import ExamDetail, ExamSummary, Page
+
+router = APIRouter(prefix="/api/v1/exams", tags=["exams"])
+
+
+@router.get("", response_model=Page[ExamSummary])
+def exams(
+    principal: CurrentPrincipal,
+    clinic: Annotated[str | None, Query(description="clinic code")] = None,
+    state: ExamState | None = None,
+    modality: str | None = None,
+    priority: Priority | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[ExamSummary]:
+    """Exams the caller may see (a clinic sees only its own), newest first."""
+    with session_scope() as session:
+        return list_exams(session, principal=principal, clinic=clinic, state=state,
+                          modality=modality, priority=priority, limit=limit, offset=offset)
+
+
+@router.get("/{exam_id}", response_model=ExamDetail,
+            responses={404: {"description": "no such exam, or it belongs to another clinic"}})
+def exam(exam_id: str, principal: CurrentPrincipal) -> ExamDetail:
+    """One exam with its instances. Another clinic's exam answers 404, never 403."""
+    with session_scope() as session:
+        return get_exam(session, principal=principal, exam_id=exam_id)

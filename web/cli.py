@@ -1,0 +1,248 @@
+"""The ``rdc`` command: run the service, manage the database, clinics and users, import data."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from rdc_core.errors import RDCError
+from rdc_core.logging import configure_logging
+from rdc_core.settings import get_settings
+
+__all__ = ["main"]
+
+app = typer.Typer(help="RDC — remote diagnostic centre of a medical alliance.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+clinic_app = typer.Typer(help="Member clinics.", no_args_is_help=True)
+org_app = typer.Typer(help="Organisations (the lead hospital and clinics).", no_args_is_help=True)
+user_app = typer.Typer(help="Users and roles.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(clinic_app, name="clinic")
+app.add_typer(org_app, name="org")
+app.add_typer(user_app, name="user")
+
+console = Console(stderr=True)
+log = logging.getLogger("rdc")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending schema migration."""
+    from rdc_core.migrate import upgrade_database
+
+    upgrade_database()
+    console.print("database is at the latest schema")
+
+
+def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
+    from rdc_core.db import session_scope
+    from rdc_core.migrate import upgrade_database
+    from worklist.directory import add_organization
+    from worklist.models import OrgKind
+
+    upgrade_database()
+    try:
+        with session_scope() as session:
+            org = add_organization(session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae)
+            titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
+    except RDCError as exc:
+        _fail(str(exc))
+    console.print(f"{kind_value} {code} ({name}); AE titles: {titles}")
+
+
+@clinic_app.command("add")
+def clinic_add(
+    code: Annotated[str, typer.Option(help="short code, e.g. CLINIC_A")],
+    name: Annotated[str, typer.Option(help="display name")],
+    ae: Annotated[list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")] = None,
+) -> None:
+    """Register a member clinic and the AE titles its modalities call with."""
+    _add_org(code, name, "clinic", ae or [])
+
+
+@org_app.command("add")
+def org_add(
+    code: Annotated[str, typer.Option()],
+    name: Annotated[str, typer.Option()],
+    kind: Annotated[str, typer.Option(help="lead or clinic")] = "clinic",
+    ae: Annotated[list[str] | None, typer.Option(help="calling AE title (repeatable)")] = None,
+) -> None:
+    """Register an organisation; ``--kind lead`` creates the lead hospital (one per deployment)."""
+    if kind not in ("lead", "clinic"):
+        _fail("--kind must be lead or clinic")
+    _add_org(code, name, kind, ae or [])
+
+
+@user_app.command("add")
+def user_add(
+    username: Annotated[str, typer.Option()],
+    role: Annotated[str, typer.Option(help="technician, clinician, reader, senior_reader, qc, admin")],
+    org: Annotated[str, typer.Option(help="organisation code")],
+    level: Annotated[str | None, typer.Option(help="resident, attending or chief (readers)")] = None,
+    name: Annotated[str, typer.Option(help="display name")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Create a user (or reset their password and role)."""
+    from rdc_core.db import session_scope
+    from rdc_core.migrate import upgrade_database
+    from worklist.directory import add_user
+    from worklist.models import ReaderLevel, Role
+
+    try:
+        role_value = Role(role.replace("-", "_"))
+        level_value = ReaderLevel(level) if level else None
+    except ValueError as exc:
+        _fail(str(exc))
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    upgrade_database()
+    try:
+        with session_scope() as session:
+            add_user(session, username=username, password=password, role=role_value,
+                     org_code=org, level=level_value, display_name=name)
+    except RDCError as exc:
+        _fail(str(exc))
+    console.print(f"user {username}: {role_value.value} at {org}")
+
+
+@app.command("demo")
+def demo() -> None:
+    """Seed a demo alliance (lead hospital, two clinics, users, studies); safe to run twice."""
+    from rdc_core.migrate import upgrade_database
+    from rdc_core.storage import get_object_store
+    from web.demo import DEMO_PASSWORD, DEMO_USERS, seed_demo
+
+    settings = get_settings()
+    upgrade_database()
+    stored = seed_demo(settings=settings, store=get_object_store(settings))
+    console.print(f"demo alliance ready; {stored} new instances stored")
+    console.print("users: " + ", ".join(u.username for u in DEMO_USERS) + f"; password: {DEMO_PASSWORD}")
+
+
+@app.command("import")
+def import_(
+    paths: Annotated[list[Path], typer.Argument(help="files, folders or DICOMDIR")],
+    clinic: Annotated[str, typer.Option(help="code of the clinic the data comes from")],
+) -> None:
+    """Bulk-import DICOM files through the same ingest service as C-STORE."""
+    from dicom_gateway.bulk_import import iter_dicom_files
+    from dicom_gateway.ingest import InvalidDicomError, ingest_dicom_file
+    from rdc_core.db import session_scope
+    from rdc_core.migrate import upgrade_database
+    from rdc_core.storage import get_object_store
+    from worklist.directory import get_organization
+
+    settings = get_settings()
+    upgrade_database()
+    store = get_object_store(settings)
+    try:
+        files = list(iter_dicom_files(paths))
+    except (FileNotFoundError, OSError) as exc:
+        _fail(str(exc))
+    counts = {"stored": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
+    rejected: list[str] = []
+    columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("import", total=len(files))
+        for path in files:
+            try:
+                with session_scope() as session:
+                    org = get_organization(session, code=clinic)
+                    result = ingest_dicom_file(session, store=store, source=path,
+                                               calling_ae=f"import:{clinic}"[:16], zone=settings.zone,
+                                               organization=org)
+                counts[result.outcome.value] += 1
+            except InvalidDicomError as exc:
+                counts["rejected"] += 1
+                rejected.append(f"{path}: {exc}")
+            except RDCError as exc:
+                _fail(f"{path}: {exc}")
+            progress.advance(bar)
+    for line in rejected:
+        console.print(f"[yellow]skipped[/yellow] {line}")
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if rejected and not (counts["stored"] or counts["duplicate"] or counts["conflict"]):
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    role: Annotated[str, typer.Option(help="all, web or dicom")] = "all",
+    demo_data: Annotated[bool, typer.Option("--demo", help="seed the demo alliance first")] = False,
+) -> None:
+    """Run the service: web API, DICOM listener and background worker in one process."""
+    import uvicorn
+
+    from dicom_gateway.server import DicomGateway
+    from rdc_core.migrate import upgrade_database
+    from rdc_core.storage import get_object_store
+    from rdc_core.tasks import InProcessTaskRunner
+    from web.app import create_app
+
+    if role not in ("all", "web", "dicom"):
+        _fail("--role must be all, web or dicom")
+    settings = get_settings()
+    upgrade_database()
+    store = get_object_store(settings)
+    store.check()
+    if demo_data:
+        from web.demo import DEMO_PASSWORD, seed_demo
+
+        seed_demo(settings=settings, store=store)
+        console.print(f"demo alliance seeded (users admin, reader, senior, tech_a …; password {DEMO_PASSWORD})")
+
+    import worklist.tasks  # noqa: F401  (registers the periodic tasks)
+
+    runner = InProcessTaskRunner(threads=settings.worker_threads)
+    runner.start()
+    gateway: DicomGateway | None = None
+    try:
+        if role in ("all", "dicom"):
+            gateway = DicomGateway(settings=settings, store=store)
+            gateway.start()
+            host, port = gateway.address
+            console.print(f"DICOM listener: AE {settings.dicom_ae_title} on {host}:{port}")
+        if role in ("all", "web"):
+            console.print(f"web: http://{settings.http_host}:{settings.http_port}")
+            uvicorn.run(create_app(), host=settings.http_host, port=settings.http_port,
+                        log_level="warning", access_log=False)
+        elif gateway is not None:
+            _wait_for_signal()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        runner.stop()
+
+
+def _wait_for_signal() -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def main() -> None:
+    """Entry point of the ``rdc`` console script."""
+    configure_logging()
+    try:
+        app()
+    except RDCError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)

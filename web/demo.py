@@ -1,0 +1,150 @@
+"""A demo alliance so a newcomer sees a working worklist: one lead hospital, two clinics,
+their users, and small synthetic studies pushed through the real ingest service.
+
+Everything is derived from fixed names, so running the demo twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from dicom_gateway.ingest import ingest_dicom_file
+from rdc_core.db import session_scope, utcnow
+from rdc_core.settings import Settings
+from rdc_core.storage import ObjectStore
+from worklist.directory import add_organization, add_user, get_organization
+from worklist.models import OrgKind, ReaderLevel, Role
+
+__all__ = ["DEMO_PASSWORD", "DEMO_USERS", "seed_demo"]
+
+DEMO_PASSWORD = "rdc-demo"
+
+LEAD = ("LEAD", "联盟牵头医院 Alliance Lead Hospital")
+CLINICS = [
+    ("CLINIC_A", "城东社区卫生服务中心 East Community Health Centre", ["CLINIC_A_CT", "CLINIC_A_DR"]),
+    ("CLINIC_B", "河口镇卫生院 Hekou Township Hospital", ["CLINIC_B_MR", "CLINIC_B_US"]),
+]
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    username: str
+    role: Role
+    org: str
+    level: ReaderLevel | None = None
+
+
+DEMO_USERS = [
+    DemoUser("admin", Role.ADMIN, "LEAD"),
+    DemoUser("reader", Role.READER, "LEAD", ReaderLevel.RESIDENT),
+    DemoUser("senior", Role.SENIOR_READER, "LEAD", ReaderLevel.CHIEF),
+    DemoUser("qc", Role.QC, "LEAD"),
+    DemoUser("tech_a", Role.TECHNICIAN, "CLINIC_A"),
+    DemoUser("doctor_a", Role.CLINICIAN, "CLINIC_A"),
+    DemoUser("tech_b", Role.TECHNICIAN, "CLINIC_B"),
+]
+
+# (clinic AE, patient id, name, sex, birth, modality, body part, description, priority, images)
+_STUDIES = [
+    ("CLINIC_A_CT", "A0001", "Wang^Fang=王^芳", "F", "19580312", "CT", "CHEST", "胸部CT平扫 Chest CT", "STAT", 3),
+    ("CLINIC_A_DR", "A0002", "Li^Qiang=李^强", "M", "19760705", "DX", "CHEST", "胸部正位片 Chest X-ray", "ROUTINE", 1),
+    ("CLINIC_B_MR", "B0001", "Zhao^Min=赵^敏", "F", "19650921", "MR", "HEAD", "头颅MR Brain MRI", "HIGH", 2),
+    ("CLINIC_B_US", "B0002", "Chen^Jun=陈^军", "M", "19890130", "US", "ABDOMEN", "腹部超声 Abdominal US", "ROUTINE", 1),
+]
+
+_SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+}
+
+
+def _phantom(size: int, slice_index: int) -> np.ndarray:
+    # A disc with an off-centre "lesion", enough to try window/level on.
+    y, x = np.mgrid[0:size, 0:size]
+    centre = size / 2
+    image = np.where((x - centre) ** 2 + (y - centre) ** 2 < (size * 0.4) ** 2, 1040, 0)
+    lesion = (x - centre * 1.3) ** 2 + (y - centre * 0.8) ** 2 < (size * 0.06 + slice_index) ** 2
+    image = np.where(lesion, 1300, image)
+    return image.astype(np.uint16)
+
+
+def _make_instance(study: tuple, index: int, folder: Path) -> Path:
+    ae, pid, name, sex, birth, modality, body, desc, priority, _ = study
+    root = ["rdc-demo", ae, pid]
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = _SOP_CLASS[modality]
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[*root, "instance", str(index)])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[*root, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*root, "series"])
+    ds.PatientName = name
+    ds.PatientID = pid
+    ds.PatientSex = sex
+    ds.PatientBirthDate = birth
+    ds.AccessionNumber = f"DEMO{pid}"
+    ds.StudyDate = utcnow().strftime("%Y%m%d")
+    ds.StudyTime = "083000"
+    ds.Modality = modality
+    ds.BodyPartExamined = body
+    ds.StudyDescription = desc
+    ds.RequestedProcedurePriority = priority
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    pixels = _phantom(128, index)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 1040
+    ds.WindowWidth = 400
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
+    """Create the demo alliance and push its studies; returns instances stored now."""
+    if settings.env == "production":
+        raise RuntimeError("the demo alliance is for development only")
+    with session_scope() as session:
+        add_organization(session, code=LEAD[0], name=LEAD[1], kind=OrgKind.LEAD)
+        for code, name, aes in CLINICS:
+            add_organization(session, code=code, name=name, kind=OrgKind.CLINIC, ae_titles=aes)
+        for user in DEMO_USERS:
+            add_user(session, username=user.username, password=DEMO_PASSWORD, role=user.role,
+                     org_code=user.org, level=user.level)
+    # Demo studies are presented as already complete, so the worklist fills at the first
+    # stable-study scan instead of after the stable age.
+    received_at = utcnow() - timedelta(seconds=settings.stable_age_seconds + 1)
+    stored = 0
+    with tempfile.TemporaryDirectory(prefix="rdc-demo-") as tmp:
+        for study in _STUDIES:
+            for index in range(study[-1]):
+                path = _make_instance(study, index, Path(tmp))
+                with session_scope() as session:
+                    org_code = next(c for c, _, aes in CLINICS if study[0] in aes)
+                    result = ingest_dicom_file(
+                        session, store=store, source=path, calling_ae=study[0], zone=settings.zone,
+                        organization=get_organization(session, code=org_code),
+                        received_at=received_at,
+                    )
+                stored += result.outcome.value == "stored"
+    return stored

@@ -1,0 +1,52 @@
+"""Bearer tokens (JWT, HS256) and the dependencies that turn them into a Principal."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+import jwt
+from fastapi import Depends
+from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy import select
+
+from rdc_core.db import read_session, utcnow
+from rdc_core.errors import AuthenticationError
+from rdc_core.settings import Settings, get_settings
+from worklist.access import Principal
+from worklist.directory import principal_for_user
+from worklist.models import User
+
+__all__ = ["CurrentPrincipal", "issue_token"]
+
+_ALGORITHM = "HS256"
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
+
+
+def issue_token(principal: Principal, settings: Settings) -> tuple[str, int]:
+    """A signed access token for ``principal`` and its lifetime in seconds."""
+    lifetime = timedelta(minutes=settings.access_token_minutes)
+    now = utcnow()
+    claims = {"sub": principal.user_id, "iat": now, "exp": now + lifetime}
+    return jwt.encode(claims, settings.token_secret(), algorithm=_ALGORITHM), int(lifetime.total_seconds())
+
+
+def _principal(
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Principal:
+    if not token:
+        raise AuthenticationError("a bearer token is required")
+    try:
+        claims = jwt.decode(token, settings.token_secret(), algorithms=[_ALGORITHM],
+                            options={"require": ["exp", "sub"]})
+    except jwt.PyJWTError as exc:
+        raise AuthenticationError(f"invalid token: {exc}") from exc
+    with read_session() as session:
+        user = session.execute(select(User).where(User.id == claims["sub"])).scalar_one_or_none()
+        if user is None or not user.active:
+            raise AuthenticationError("the token's user no longer exists or is disabled")
+        return principal_for_user(user)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]

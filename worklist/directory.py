@@ -1,0 +1,175 @@
+"""Organisations, their AE titles, and users: the alliance's directory."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rdc_core.db import insert_ignore, stable_id, upsert, utcnow
+from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError
+from rdc_core.security import hash_password, verify_password
+from worklist.access import Principal
+from worklist.models import AETitle, Organization, OrgKind, ReaderLevel, Role, User
+
+__all__ = [
+    "add_ae_title",
+    "add_organization",
+    "add_user",
+    "authenticate",
+    "get_organization",
+    "known_calling_ae_titles",
+    "organization_for_ae",
+    "principal_for_user",
+]
+
+_CODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# DICOM AE titles: up to 16 characters of the default repertoire, no backslash or controls.
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _normalise_ae(ae_title: str) -> str:
+    value = ae_title.strip()
+    if not value or not _AE_RE.match(value):
+        raise InvalidInputError(f"invalid AE title {ae_title!r}: 1-16 printable characters, no backslash")
+    return value
+
+
+def add_organization(
+    session: Session, *, code: str, name: str, kind: OrgKind, ae_titles: list[str] | None = None
+) -> Organization:
+    """Create or update the organisation ``code`` and register its AE titles.
+
+    Only one lead hospital may exist; re-running with the same code updates the name.
+    """
+    if not _CODE_RE.match(code):
+        raise InvalidInputError(f"invalid organisation code {code!r}: letters, digits, - and _")
+    if not name.strip():
+        raise InvalidInputError("organisation name must not be empty")
+    org_id = stable_id("org", code)
+    existing = session.get(Organization, org_id)
+    if existing is not None and existing.kind is not kind:
+        raise ConflictError(f"organisation {code} exists as a {existing.kind.value}")
+    if kind is OrgKind.LEAD:
+        other_lead = session.execute(
+            select(Organization.code).where(Organization.kind == OrgKind.LEAD, Organization.id != org_id)
+        ).scalar_one_or_none()
+        if other_lead is not None:
+            raise ConflictError(f"the lead hospital is already {other_lead}; there is one per deployment")
+    upsert(
+        session,
+        Organization.__table__,
+        {"id": org_id, "code": code, "name": name.strip(), "kind": kind.value, "created_at": utcnow()},
+        conflict=["id"],
+        update={"name": name.strip()},
+    )
+    for ae in ae_titles or []:
+        add_ae_title(session, org_code=code, ae_title=ae)
+    org = session.get(Organization, org_id, populate_existing=True)
+    assert org is not None
+    return org
+
+
+def add_ae_title(session: Session, *, org_code: str, ae_title: str) -> None:
+    """Register ``ae_title`` for the organisation; an AE title belongs to one organisation only."""
+    org = get_organization(session, code=org_code)
+    value = _normalise_ae(ae_title)
+    inserted = insert_ignore(
+        session, AETitle.__table__,
+        {"ae_title": value, "org_id": org.id, "created_at": utcnow()}, conflict=["ae_title"],
+    )
+    if not inserted:
+        owner = session.execute(select(AETitle.org_id).where(AETitle.ae_title == value)).scalar_one()
+        if owner != org.id:
+            raise ConflictError(f"AE title {value} already belongs to another organisation")
+
+
+def get_organization(session: Session, *, code: str) -> Organization:
+    """The organisation with ``code``; raises NotFoundError."""
+    org = session.execute(select(Organization).where(Organization.code == code)).scalar_one_or_none()
+    if org is None:
+        raise NotFoundError(f"no organisation with code {code!r}")
+    return org
+
+
+def known_calling_ae_titles(session: Session) -> list[str]:
+    """Every AE title registered to a clinic (the gateway accepts only these)."""
+    stmt = (
+        select(AETitle.ae_title)
+        .join(Organization, Organization.id == AETitle.org_id)
+        .where(Organization.kind == OrgKind.CLINIC)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def organization_for_ae(session: Session, *, ae_title: str) -> Organization | None:
+    """The clinic that owns the calling AE title, or None."""
+    stmt = (
+        select(Organization)
+        .join(AETitle, AETitle.org_id == Organization.id)
+        .where(AETitle.ae_title == ae_title.strip(), Organization.kind == OrgKind.CLINIC)
+    )
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def add_user(
+    session: Session,
+    *,
+    username: str,
+    password: str,
+    role: Role,
+    org_code: str,
+    level: ReaderLevel | None = None,
+    display_name: str = "",
+) -> User:
+    """Create the user, or reset password/role/level of an existing one (idempotent)."""
+    if not re.match(r"^[A-Za-z0-9._@-]{2,64}$", username):
+        raise InvalidInputError("username: 2-64 letters, digits, . _ @ -")
+    org = get_organization(session, code=org_code)
+    lead_roles = {Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN}
+    if role in lead_roles and org.kind is not OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to the lead hospital, not to a clinic")
+    if role not in lead_roles and org.kind is OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to a clinic, not to the lead hospital")
+    if level is not None and role not in {Role.READER, Role.SENIOR_READER}:
+        raise InvalidInputError("--level applies to readers only")
+    if role in {Role.READER, Role.SENIOR_READER} and level is None:
+        level = ReaderLevel.ATTENDING if role is Role.SENIOR_READER else ReaderLevel.RESIDENT
+    values = {
+        "id": stable_id("user", username),
+        "username": username,
+        "display_name": display_name or username,
+        "password_hash": hash_password(password),
+        "role": role.value,
+        "level": level.value if level else None,
+        "org_id": org.id,
+        "active": True,
+        "created_at": utcnow(),
+    }
+    existing = session.get(User, values["id"])
+    if existing is not None and existing.org_id != org.id:
+        raise ConflictError(f"user {username} belongs to another organisation")
+    upsert(
+        session, User.__table__, values, conflict=["id"],
+        update={k: values[k] for k in ("display_name", "password_hash", "role", "level", "active")},
+    )
+    user = session.get(User, values["id"], populate_existing=True)
+    assert user is not None
+    return user
+
+
+def principal_for_user(user: User) -> Principal:
+    """The service-level identity of ``user``."""
+    return Principal(
+        user_id=user.id, username=user.username, role=user.role, org_id=user.org_id,
+        org_kind=user.organization.kind, level=user.level,
+    )
+
+
+def authenticate(session: Session, *, username: str, password: str) -> Principal:
+    """Check credentials; raises AuthenticationError without saying which part was wrong."""
+    user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    if user is None or not user.active or not verify_password(password, user.password_hash):
+        raise AuthenticationError("unknown user or wrong password")
+    return principal_for_user(user)

@@ -1,0 +1,233 @@
+"""Recording what arrives: patients, exams and instances upserted in the caller's transaction.
+
+The header is already parsed and validated by the intake package that received the object
+(DICOM gateway, STOW, import); this module only knows the domain.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from rdc_core.db import insert_ignore, stable_id, upsert
+from rdc_core.errors import PermissionDeniedError
+from worklist.models import (
+    Discipline,
+    Exam,
+    ExamState,
+    Instance,
+    InstanceConflict,
+    Patient,
+    Priority,
+    QuarantineItem,
+)
+
+__all__ = [
+    "InstanceHeader",
+    "RecordOutcome",
+    "exam_id_for",
+    "find_instance",
+    "record_conflict",
+    "record_instance",
+    "record_quarantine",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The parts of an object's header the domain needs, already decoded and validated."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    issuer_of_patient_id: str | None = None
+    patient_name: str = ""
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    patient_original: dict[str, Any] = field(default_factory=dict)
+    accession_number: str | None = None
+    discipline: Discipline = Discipline.IMAGING
+    modality: str = ""
+    body_part: str = ""
+    study_description: str = ""
+    performed_at: datetime | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    priority: Priority | None = None
+
+
+class RecordOutcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+def exam_id_for(study_instance_uid: str) -> str:
+    """The exam ID derived from the Study Instance UID."""
+    return stable_id("exam", study_instance_uid)
+
+
+def find_instance(session: Session, *, sop_instance_uid: str) -> Instance | None:
+    """The indexed instance with this SOP Instance UID, if any."""
+    return session.execute(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+
+
+def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_code: str, now: datetime) -> str:
+    issuer = header.issuer_of_patient_id or org_code
+    patient_ref = stable_id("patient", org_id, issuer, header.patient_id)
+    upsert(
+        session,
+        Patient.__table__,
+        {
+            "id": patient_ref, "org_id": org_id, "issuer": issuer, "patient_id": header.patient_id,
+            "name": header.patient_name, "birth_date": header.patient_birth_date,
+            "sex": header.patient_sex, "original": header.patient_original,
+            "created_at": now, "updated_at": now,
+        },
+        conflict=["id"],
+        # The first values stay (reports cite them); only the last-seen time moves.
+        update={"updated_at": now},
+    )
+    return patient_ref
+
+
+def _upsert_exam(session: Session, header: InstanceHeader, org_id: str, patient_ref: str, now: datetime) -> Exam:
+    exam_id = exam_id_for(header.study_instance_uid)
+    table = Exam.__table__
+    upsert(
+        session,
+        table,
+        {
+            "id": exam_id, "study_instance_uid": header.study_instance_uid, "org_id": org_id,
+            "patient_ref": patient_ref, "accession_number": header.accession_number,
+            "discipline": header.discipline.value, "modality": header.modality,
+            "modalities": header.modality, "body_part": header.body_part,
+            "description": header.study_description,
+            "priority": (header.priority or Priority.ROUTINE).value,
+            "state": ExamState.RECEIVING.value, "instance_count": 0, "has_conflicts": False,
+            "performed_at": header.performed_at, "first_received_at": now,
+            "last_received_at": now, "created_at": now,
+        },
+        conflict=["id"],
+        update={"last_received_at": now},
+    )
+    exam = session.get(Exam, exam_id, populate_existing=True)
+    assert exam is not None
+    if exam.org_id != org_id:
+        raise PermissionDeniedError(
+            f"study {header.study_instance_uid} belongs to another organisation"
+        )
+    return exam
+
+
+def record_instance(
+    session: Session,
+    *,
+    header: InstanceHeader,
+    org_id: str,
+    org_code: str,
+    storage_key: str,
+    size_bytes: int,
+    sha256: str,
+    calling_ae: str,
+    now: datetime,
+) -> tuple[RecordOutcome, Exam]:
+    """Index a stored object: upsert patient and exam, insert the instance.
+
+    Idempotent: the same SOP Instance UID is inserted once; racing writers are settled by
+    the unique constraint, not by a read-then-write.
+    """
+    patient_ref = _upsert_patient(session, header, org_id, org_code, now)
+    exam = _upsert_exam(session, header, org_id, patient_ref, now)
+    inserted = insert_ignore(
+        session,
+        Instance.__table__,
+        {
+            "id": stable_id("instance", header.sop_instance_uid),
+            "sop_instance_uid": header.sop_instance_uid, "exam_id": exam.id,
+            "series_instance_uid": header.series_instance_uid,
+            "series_number": header.series_number, "instance_number": header.instance_number,
+            "sop_class_uid": header.sop_class_uid, "modality": header.modality,
+            "body_part": header.body_part, "transfer_syntax_uid": header.transfer_syntax_uid,
+            "storage_key": storage_key, "size_bytes": size_bytes, "sha256": sha256,
+            "calling_ae": calling_ae, "received_at": now,
+        },
+        conflict=["sop_instance_uid"],
+    )
+    if not inserted:
+        return RecordOutcome.DUPLICATE, exam
+    values: dict[str, Any] = {"instance_count": Exam.instance_count + 1}
+    modalities = [m for m in exam.modalities.split("\\") if m]
+    if header.modality and header.modality not in modalities:
+        values["modalities"] = "\\".join([*modalities, header.modality])
+    if not exam.body_part and header.body_part:
+        values["body_part"] = header.body_part
+    if header.priority is not None and header.priority.rank < exam.priority.rank:
+        values["priority"] = header.priority.value
+    session.execute(update(Exam).where(Exam.id == exam.id).values(**values))
+    return RecordOutcome.STORED, exam
+
+
+def record_conflict(
+    session: Session,
+    *,
+    header: InstanceHeader,
+    existing: Instance,
+    storage_key: str,
+    size_bytes: int,
+    sha256: str,
+    calling_ae: str,
+    now: datetime,
+) -> None:
+    """Keep a differing copy of a known SOP instance for review and flag its exam."""
+    insert_ignore(
+        session,
+        InstanceConflict.__table__,
+        {
+            "id": stable_id("conflict", header.sop_instance_uid, sha256),
+            "sop_instance_uid": header.sop_instance_uid, "exam_id": existing.exam_id,
+            "storage_key": storage_key, "size_bytes": size_bytes, "sha256": sha256,
+            "calling_ae": calling_ae, "received_at": now,
+        },
+        conflict=["id"],
+    )
+    session.execute(update(Exam).where(Exam.id == existing.exam_id).values(has_conflicts=True))
+
+
+def record_quarantine(
+    session: Session,
+    *,
+    storage_key: str,
+    reason: str,
+    source: str,
+    size_bytes: int,
+    sha256: str,
+    calling_ae: str = "",
+    org_id: str | None = None,
+    sop_instance_uid: str | None = None,
+    now: datetime,
+) -> str:
+    """Record rejected input kept in the quarantine area; returns the record ID."""
+    item_id = stable_id("quarantine", sha256, source, calling_ae)
+    upsert(
+        session,
+        QuarantineItem.__table__,
+        {
+            "id": item_id, "storage_key": storage_key, "reason": reason[:4000], "source": source,
+            "calling_ae": calling_ae, "org_id": org_id, "sop_instance_uid": sop_instance_uid,
+            "size_bytes": size_bytes, "sha256": sha256, "received_at": now,
+        },
+        conflict=["id"],
+        update={"received_at": now, "reason": reason[:4000]},
+    )
+    return item_id

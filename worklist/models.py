@@ -1,0 +1,306 @@
+"""Tables of the domain hub: organisations, users, patients, exams, instances, work items."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from rdc_core.db import Base, utcnow
+
+__all__ = [
+    "AETitle",
+    "Discipline",
+    "Exam",
+    "ExamState",
+    "Instance",
+    "InstanceConflict",
+    "OrgKind",
+    "Organization",
+    "Patient",
+    "Priority",
+    "QuarantineItem",
+    "ReaderLevel",
+    "Role",
+    "RoutingRule",
+    "SlaTarget",
+    "User",
+    "WorkItem",
+    "WorkItemState",
+]
+
+
+class OrgKind(enum.StrEnum):
+    LEAD = "lead"
+    CLINIC = "clinic"
+
+
+class Role(enum.StrEnum):
+    TECHNICIAN = "technician"
+    CLINICIAN = "clinician"
+    READER = "reader"
+    SENIOR_READER = "senior_reader"
+    QC = "qc"
+    ADMIN = "admin"
+
+
+class ReaderLevel(enum.StrEnum):
+    RESIDENT = "resident"
+    ATTENDING = "attending"
+    CHIEF = "chief"
+
+
+class Discipline(enum.StrEnum):
+    IMAGING = "imaging"
+    ECG = "ecg"
+    LAB = "lab"
+
+
+class Priority(enum.StrEnum):
+    """Exam urgency, most urgent first when sorted by :attr:`rank`."""
+
+    EMERGENCY = "emergency"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+    @property
+    def rank(self) -> int:
+        return {"emergency": 0, "urgent": 1, "routine": 2}[self.value]
+
+
+class ExamState(enum.StrEnum):
+    RECEIVING = "RECEIVING"
+    READY = "READY"
+    CANCELLED = "CANCELLED"
+
+
+class WorkItemState(enum.StrEnum):
+    OPEN = "OPEN"
+    CANCELLED = "CANCELLED"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: readable in SQL and portable.
+    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
+                length=32, validate_strings=True)
+
+
+class Organization(Base):
+    """The lead hospital or a member clinic."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[OrgKind] = mapped_column(_enum(OrgKind, "org_kind"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    ae_titles: Mapped[list[AETitle]] = relationship(back_populates="organization", lazy="selectin")
+
+
+class AETitle(Base):
+    """A calling AE title a clinic's modalities use; unknown titles are rejected."""
+
+    __tablename__ = "ae_titles"
+
+    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    organization: Mapped[Organization] = relationship(back_populates="ae_titles")
+
+
+class User(Base):
+    """A person who logs in; belongs to exactly one organisation."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[Role] = mapped_column(_enum(Role, "user_role"))
+    level: Mapped[ReaderLevel | None] = mapped_column(_enum(ReaderLevel, "reader_level"), nullable=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    organization: Mapped[Organization] = relationship(lazy="joined")
+
+
+class Patient(Base):
+    """A patient as one clinic identifies them: (issuer, patient ID) within that clinic.
+
+    ``original`` keeps the DICOM values exactly as received; the typed columns hold the
+    decoded values used for display and search.
+    """
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("org_id", "issuer", "patient_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    issuer: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    original: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Exam(Base):
+    """One examination (a DICOM study for imaging) sent by a clinic, with its stage times."""
+
+    __tablename__ = "exams"
+    __table_args__ = (
+        Index("ix_exams_state_last_received", "state", "last_received_at"),
+        Index("ix_exams_org_state", "org_id", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    patient_ref: Mapped[str] = mapped_column(ForeignKey("patients.id"), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    discipline: Mapped[Discipline] = mapped_column(_enum(Discipline, "discipline"))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    modalities: Mapped[str] = mapped_column(String(200), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    description: Mapped[str] = mapped_column(String(200), default="")
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.ROUTINE)
+    state: Mapped[ExamState] = mapped_column(_enum(ExamState, "exam_state"), default=ExamState.RECEIVING)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    has_conflicts: Mapped[bool] = mapped_column(Boolean, default=False)
+    performed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    patient: Mapped[Patient] = relationship(lazy="joined")
+    organization: Mapped[Organization] = relationship(lazy="joined")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="exam", order_by="(Instance.series_instance_uid, Instance.instance_number)"
+    )
+    work_item: Mapped[WorkItem | None] = relationship(back_populates="exam", uselist=False)
+
+
+class Instance(Base):
+    """One stored DICOM object (SOP instance)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    exam: Mapped[Exam] = relationship(back_populates="instances")
+
+
+class InstanceConflict(Base):
+    """A second copy of a known SOP Instance UID with different bytes.
+
+    Policy: the first stored copy stays the instance of record (a report may already cite
+    it); the differing copy is kept under its own key for review and the exam is flagged.
+    """
+
+    __tablename__ = "instance_conflicts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    exam_id: Mapped[str | None] = mapped_column(ForeignKey("exams.id", ondelete="SET NULL"), nullable=True)
+    storage_key: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QuarantineItem(Base):
+    """Input we could not accept, kept byte for byte with the reason for inspection."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    storage_key: Mapped[str] = mapped_column(String(300))
+    reason: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(32))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"), nullable=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RoutingRule(Base):
+    """Sends READY exams matching the non-empty criteria to a reader pool; lowest ``position`` wins."""
+
+    __tablename__ = "routing_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    position: Mapped[int] = mapped_column(Integer, default=100)
+    discipline: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    body_part: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"), nullable=True)
+    priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    pool: Mapped[str] = mapped_column(String(64))
+
+
+class SlaTarget(Base):
+    """Turnaround target (minutes from READY to final report) per discipline and priority."""
+
+    __tablename__ = "sla_targets"
+
+    discipline: Mapped[Discipline] = mapped_column(_enum(Discipline, "discipline"), primary_key=True)
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), primary_key=True)
+    minutes: Mapped[int] = mapped_column(Integer)
+
+
+class WorkItem(Base):
+    """An exam waiting to be read: at most one per exam, created exactly once."""
+
+    __tablename__ = "work_items"
+    __table_args__ = (Index("ix_work_items_queue", "state", "priority_rank", "due_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), unique=True)
+    state: Mapped[WorkItemState] = mapped_column(_enum(WorkItemState, "work_item_state"))
+    pool: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"))
+    priority_rank: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    exam: Mapped[Exam] = relationship(back_populates="work_item", lazy="joined")

@@ -1,0 +1,118 @@
+"""From RECEIVING to READY: stable-study detection, routing to a reader pool, SLA due time.
+
+An exam is complete when no instance has arrived for the stable age. The state lives in
+the exams table; the transition is a conditional UPDATE, so a restart, a second replica or a
+retried task makes each exam READY exactly once and creates exactly one work item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from rdc_core.db import insert_ignore, stable_id
+from worklist.models import (
+    Discipline,
+    Exam,
+    ExamState,
+    Priority,
+    RoutingRule,
+    SlaTarget,
+    WorkItem,
+    WorkItemState,
+)
+
+__all__ = ["DEFAULT_SLA_MINUTES", "ReadyExam", "due_time", "mark_stable_exams_ready", "route_exam"]
+
+# Defaults shipped with the product (DESIGN.md §5); the sla_targets table overrides them.
+DEFAULT_SLA_MINUTES: dict[tuple[Discipline, Priority], int] = {
+    (Discipline.IMAGING, Priority.EMERGENCY): 30,
+    (Discipline.IMAGING, Priority.URGENT): 120,
+    (Discipline.IMAGING, Priority.ROUTINE): 24 * 60,
+    (Discipline.ECG, Priority.EMERGENCY): 15,
+    (Discipline.ECG, Priority.URGENT): 15,
+    (Discipline.ECG, Priority.ROUTINE): 30,
+    (Discipline.LAB, Priority.EMERGENCY): 40,
+    (Discipline.LAB, Priority.URGENT): 40,
+    (Discipline.LAB, Priority.ROUTINE): 4 * 60,
+}
+
+_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyExam:
+    exam_id: str
+    pool: str
+    due_at: datetime
+
+
+def route_exam(session: Session, *, exam: Exam) -> str:
+    """The reader pool for ``exam``: the first matching routing rule, else the discipline's pool."""
+    rules = session.execute(select(RoutingRule).order_by(RoutingRule.position, RoutingRule.id)).scalars()
+    for rule in rules:
+        if rule.discipline and rule.discipline != exam.discipline.value:
+            continue
+        if rule.modality and rule.modality.upper() not in {m.upper() for m in exam.modalities.split("\\")}:
+            continue
+        if rule.body_part and rule.body_part.upper() != exam.body_part.upper():
+            continue
+        if rule.org_id and rule.org_id != exam.org_id:
+            continue
+        if rule.priority and rule.priority != exam.priority.value:
+            continue
+        return rule.pool
+    return exam.discipline.value
+
+
+def due_time(session: Session, *, exam: Exam) -> datetime:
+    """When the final report is due: first arrival plus the SLA target for discipline and priority."""
+    minutes = session.execute(
+        select(SlaTarget.minutes).where(
+            SlaTarget.discipline == exam.discipline, SlaTarget.priority == exam.priority
+        )
+    ).scalar_one_or_none()
+    if minutes is None:
+        minutes = DEFAULT_SLA_MINUTES[(exam.discipline, exam.priority)]
+    return exam.first_received_at + timedelta(minutes=minutes)
+
+
+def mark_stable_exams_ready(session: Session, *, now: datetime, stable_age_seconds: float) -> list[ReadyExam]:
+    """Move every RECEIVING exam quiet for ``stable_age_seconds`` to READY and queue it."""
+    cutoff = now - timedelta(seconds=stable_age_seconds)
+    candidates = session.execute(
+        select(Exam.id)
+        .where(Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
+        .order_by(Exam.last_received_at)
+        .limit(_BATCH)
+    ).scalars().all()
+    made_ready: list[ReadyExam] = []
+    for exam_id in candidates:
+        won = session.execute(
+            update(Exam)
+            .where(Exam.id == exam_id, Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
+            .values(state=ExamState.READY, ready_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not won:
+            continue  # another worker got there first, or an instance just arrived
+        exam = session.get(Exam, exam_id, populate_existing=True)
+        assert exam is not None
+        pool = route_exam(session, exam=exam)
+        due_at = due_time(session, exam=exam)
+        insert_ignore(
+            session,
+            WorkItem.__table__,
+            {
+                "id": stable_id("work_item", exam_id), "exam_id": exam_id,
+                "state": WorkItemState.OPEN.value, "pool": pool,
+                "priority": exam.priority.value, "priority_rank": exam.priority.rank,
+                "due_at": due_at, "created_at": now,
+            },
+            conflict=["exam_id"],
+        )
+        made_ready.append(ReadyExam(exam_id=exam_id, pool=pool, due_at=due_at))
+    return made_ready
