@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from worklist.models import Discipline, Organization, Priority
 
 __all__ = [
     "IngestResult",
+    "instance_key",
     "InvalidDicomError",
     "UnknownSenderError",
     "ingest_dicom_file",
@@ -134,6 +136,16 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return value
 
 
+def _grouping_uid(ds: Dataset, keyword: str, sop_instance_uid: str, coerced: dict[str, str]) -> str:
+    # A missing Study/Series UID must not lose the object: index it under a UID derived
+    # from its SOP Instance UID (so a re-send lands in the same place) and record that.
+    if _text(ds, keyword):
+        return _uid(ds, keyword)
+    derived = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'rdc:{keyword}:{sop_instance_uid}').int}"
+    coerced[keyword] = derived
+    return derived
+
+
 def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
     """Parse and validate the header of the Part-10 file at ``path`` without loading bulk data."""
     try:
@@ -150,6 +162,9 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
             raise InvalidDicomError(
                 f"SOP Instance UID {sop_instance_uid} differs from the announced {media_uid}"
             )
+        coerced: dict[str, str] = {}
+        study_instance_uid = _grouping_uid(ds, "StudyInstanceUID", sop_instance_uid, coerced)
+        series_instance_uid = _grouping_uid(ds, "SeriesInstanceUID", sop_instance_uid, coerced)
         modality = _text(ds, "Modality").upper()
         patient_id = _text(ds, "PatientID")
         name_elem = ds.get("PatientName")
@@ -165,14 +180,15 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
             if isinstance(raw, bytes) and raw.decode("latin-1") != str(name_elem):
                 original["PatientName_bytes_hex"] = raw.hex()
         if not patient_id:
-            # Coerced, and said so: an empty ID must not merge all anonymous patients.
-            patient_id = f"NOID-{_uid(ds, 'StudyInstanceUID')}"[:64]
-            original["_coerced"] = {"PatientID": patient_id}
+            # An empty ID must not merge all anonymous patients into one.
+            patient_id = f"NOID-{study_instance_uid}"[:64]
+            coerced["PatientID"] = patient_id
         header = InstanceHeader(
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=sop_class_uid,
-            study_instance_uid=_uid(ds, "StudyInstanceUID"),
-            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            coerced=coerced,
             transfer_syntax_uid=transfer_syntax,
             patient_id=patient_id[:64],
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID")[:64] or None,
@@ -193,10 +209,9 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
         )
     except InvalidDicomError:
         raise
-    except (PydicomInvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-            OverflowError, NotImplementedError, LookupError) as exc:
-        raise InvalidDicomError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # pydicom raises a wide variety on corrupt input
+    except PydicomInvalidDicomError as exc:
+        raise InvalidDicomError(f"not a DICOM file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many kinds of error on corrupt input
         raise InvalidDicomError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
     return header
 

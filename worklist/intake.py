@@ -53,6 +53,7 @@ class InstanceHeader:
     patient_birth_date: str | None = None
     patient_sex: str | None = None
     patient_original: dict[str, Any] = field(default_factory=dict)
+    coerced: dict[str, str] = field(default_factory=dict)
     accession_number: str | None = None
     discipline: Discipline = Discipline.IMAGING
     modality: str = ""
@@ -91,7 +92,10 @@ def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_c
         {
             "id": patient_ref, "org_id": org_id, "issuer": issuer, "patient_id": header.patient_id,
             "name": header.patient_name, "birth_date": header.patient_birth_date,
-            "sex": header.patient_sex, "original": header.patient_original,
+            "sex": header.patient_sex,
+            "original": {**header.patient_original,
+                         **({"_coerced": {"PatientID": header.patient_id}}
+                            if "PatientID" in header.coerced else {})},
             "created_at": now, "updated_at": now,
         },
         conflict=["id"],
@@ -160,7 +164,7 @@ def record_instance(
             "sop_class_uid": header.sop_class_uid, "modality": header.modality,
             "body_part": header.body_part, "transfer_syntax_uid": header.transfer_syntax_uid,
             "storage_key": storage_key, "size_bytes": size_bytes, "sha256": sha256,
-            "calling_ae": calling_ae, "received_at": now,
+            "calling_ae": calling_ae, "received_at": now, "coerced": header.coerced or None,
         },
         conflict=["sop_instance_uid"],
     )

@@ -223,6 +223,9 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Values we had to make up to index the object (e.g. a missing Study Instance UID);
+    # the stored object itself is never changed.
+    coerced: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
     exam: Mapped[Exam] = relationship(back_populates="instances")
 

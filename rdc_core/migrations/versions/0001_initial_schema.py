@@ -278,6 +278,7 @@ def upgrade() -> None:
         sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("calling_ae", sa.String(length=16), nullable=False),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("coerced", sa.JSON(), nullable=True),
         sa.ForeignKeyConstraint(
             ["exam_id"], ["exams.id"], name=op.f("fk_instances_exam_id_exams"), ondelete="CASCADE"
         ),
@@ -320,6 +321,31 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_work_items_queue", ["state", "priority_rank", "due_at"], unique=False
         )
+
+    # Turnaround targets shipped as defaults (DESIGN.md §5), in minutes; editable later.
+    sla = sa.table(
+        "sla_targets",
+        sa.column("discipline", sa.String),
+        sa.column("priority", sa.String),
+        sa.column("minutes", sa.Integer),
+    )
+    op.bulk_insert(
+        sla,
+        [
+            {"discipline": d, "priority": p, "minutes": m}
+            for d, p, m in [
+                ("imaging", "emergency", 30),
+                ("imaging", "urgent", 120),
+                ("imaging", "routine", 1440),
+                ("ecg", "emergency", 15),
+                ("ecg", "urgent", 15),
+                ("ecg", "routine", 30),
+                ("lab", "emergency", 40),
+                ("lab", "urgent", 40),
+                ("lab", "routine", 240),
+            ]
+        ],
+    )
 
 
 def downgrade() -> None:
