@@ -15,13 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import (
-    AllTransferSyntaxes,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
@@ -39,13 +32,6 @@ from worklist.intake import RecordOutcome
 __all__ = ["DicomGateway", "GatewayStats"]
 
 log = logging.getLogger(__name__)
-
-# Uncompressed first so a sender offering several gets the cheapest for it, then every
-# compressed syntax pydicom knows (we store what we receive; we do not transcode).
-_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                 ExplicitVRBigEndian]
-TRANSFER_SYNTAXES = _UNCOMPRESSED + [ts for ts in AllTransferSyntaxes if ts not in _UNCOMPRESSED]
-
 
 @dataclass
 class GatewayStats:
@@ -164,16 +150,16 @@ class DicomGateway:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
-        from pynetdicom.sop_class import _STORAGE_CLASSES
-
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
         # Receive datasets into temporary files rather than memory (see module docstring).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # An archive accepts every storage SOP class, retired and private ones included
+        # (old ultrasound carts still send the retired US Image Storage), in whatever
+        # transfer syntax the sender proposes: objects are stored as received.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),

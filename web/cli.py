@@ -246,3 +246,7 @@ def main() -> None:
     except RDCError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,669 @@
+"""C-STORE ingest benchmark: ``rdc serve --role dicom`` side by side with Orthanc.
+
+Generates synthetic CT-like instances with pydicom, sends them with dcmtk's ``storescu`` over
+one association and over four concurrent associations to each target, and prints
+instances/s, MB/s (10^6 bytes) and the rdc/Orthanc ratio per association count, checked
+against the targets of the issue (1x Orthanc on one association, 1.5x on four).
+
+Every measurement starts its target on a fresh data directory and sends freshly generated
+objects (new UIDs, same size and pixel data), so neither target sees a duplicate. The clock
+runs from starting the first ``storescu`` to the last one exiting. Afterwards the script
+checks that the target stored every instance.
+
+Orthanc listens on all interfaces, so the benchmark re-executes itself inside a private
+network namespace (``unshare -n``, needs root) where only loopback exists.
+
+    python3 bench/ingest.py --count 300 --repeat 3 --json /tmp/ingest.json
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+STORESCU = "/usr/bin/storescu"  # explicit: a Python `storescu` shadows dcmtk's on PATH
+ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
+CALLING_AE = "BENCHSCU"
+ASSOCIATIONS = (1, 4)
+# Required rdc/Orthanc ratio of instances/s, per number of concurrent associations.
+TARGET_RATIOS = {1: 1.0, 4: 1.5}
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+VERIFY_TIMEOUT = 15.0
+LOG_TAIL_CHARS = 3000
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (a server did not start, storescu failed, ...)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed transfer of every instance to one target."""
+
+    target: str
+    associations: int
+    repeat: int
+    instances: int
+    bytes: int
+    seconds: float
+    stored: int
+
+    @property
+    def rate(self) -> float:
+        """Instances per second."""
+        return self.instances / self.seconds
+
+    @property
+    def mbps(self) -> float:
+        """Megabytes (10^6 bytes) per second."""
+        return self.bytes / self.seconds / 1e6
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Medians over the repeats of one target and association count."""
+
+    target: str
+    associations: int
+    instances: int
+    seconds: float
+    rate: float
+    mbps: float
+    complete: bool
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=500, help="instances per run (default 500)")
+    parser.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
+    parser.add_argument("--studies", type=int, default=5, help="studies per run (default 5)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; median")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds allowed for one transfer"
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.count < max(ASSOCIATIONS) or args.studies < 1 or args.repeat < 1 or args.size < 8:
+        parser.error(
+            f"need --count >= {max(ASSOCIATIONS)}, --studies >= 1, --repeat >= 1, --size >= 8"
+        )
+    return args
+
+
+def reexec_in_private_netns(argv: list[str]) -> int:
+    """Run this script again inside a new network namespace with only loopback up."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        raise BenchError("needs root and unshare(1): Orthanc must not listen on real interfaces")
+    command = [
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        'ip link set lo up && exec "$0" "$@"',
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--inside",
+        *argv,
+    ]
+    return subprocess.run(command, check=False).returncode
+
+
+def check_private_netns() -> None:
+    """Refuse to start servers unless loopback is the only network interface."""
+    names = sorted(name for _, name in socket.if_nameindex())
+    if names != ["lo"]:
+        raise BenchError(f"not in a private network namespace (interfaces: {', '.join(names)})")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct TCP ports on 127.0.0.1 that nothing listens on."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def log_tail(path: Path) -> str:
+    """The end of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text[-LOG_TAIL_CHARS:].strip() or "(empty log)"
+
+
+def phantom_pixels(size: int) -> bytes:
+    """A CT-like slice: air, a water cylinder with a bone ring, 12 bits stored (HU + 1024)."""
+    centre = (size - 1) / 2
+    radius = size * 0.42
+    pixels = array("H")
+    for y in range(size):
+        for x in range(size):
+            r = math.hypot(x - centre, y - centre) / radius
+            hu = -1000 if r > 1 else 900 if r > 0.9 else 40 + (x * 7 + y * 13) % 21 - 10
+            pixels.append(hu + 1024)
+    if sys.byteorder == "big":
+        pixels.byteswap()
+    return pixels.tobytes()
+
+
+def instance(study: int, series_uid: str, study_uid: str, number: int, size: int) -> Dataset:
+    """The header of one CT image of the given study and series (pixel data added later)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = f"BENCH^PATIENT{study:03d}"
+    ds.PatientID = f"BENCH{study:05d}"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.AccessionNumber = f"BENCH{study:05d}"
+    ds.StudyID = str(study)
+    ds.StudyDate = ds.SeriesDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.StudyDescription = "Ingest benchmark"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = "RDC bench"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-125.0, -125.0, -float(number)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.SliceThickness = 1.0
+    ds.PixelSpacing = [250.0 / size, 250.0 / size]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.WindowCenter = 40
+    ds.WindowWidth = 400
+    return ds
+
+
+def write_instances(dest: Path, args: argparse.Namespace, pixels: bytes) -> tuple[list[Path], int]:
+    """Write ``--count`` instances with fresh UIDs into one folder per association.
+
+    Instances are spread evenly over ``--studies`` studies (one series each) and cut into
+    ``max(ASSOCIATIONS)`` contiguous parts. Returns the part folders and the total bytes.
+    """
+    parts = [dest / f"part{k}" for k in range(max(ASSOCIATIONS))]
+    for part in parts:
+        part.mkdir(parents=True)
+    uids = [(generate_uid(), generate_uid()) for _ in range(args.studies)]
+    total = 0
+    for i in range(args.count):
+        study = i * args.studies // args.count
+        study_uid, series_uid = uids[study]
+        ds = instance(study, series_uid, study_uid, i + 1, args.size)
+        ds.PixelData = pixels
+        path = parts[i * len(parts) // args.count] / f"{i:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return parts, total
+
+
+class Receiver(abc.ABC):
+    """A DICOM receiver started for one run on a fresh directory and stopped afterwards."""
+
+    name = ""
+    called_ae = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.dicom_port, self.http_port = free_ports(2)
+        self.log = workdir / f"{self.name.lower()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @abc.abstractmethod
+    def command(self) -> list[str]:
+        """The server command line."""
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment."""
+        return dict(os.environ)
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Anything needed before the server starts."""
+
+    @abc.abstractmethod
+    def stored(self) -> int:
+        """How many instances the server has stored."""
+
+    def __enter__(self) -> Receiver:
+        self.prepare()
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_ready(self) -> None:
+        """Wait until a C-ECHO succeeds; fail if the server exits or takes too long."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with status {self.process.returncode}:\n"
+                    f"{log_tail(self.log)}"
+                )
+            echo = [ECHOSCU, "-to", "5", "-ta", "5", "-aet", CALLING_AE, "-aec", self.called_ae]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                done = subprocess.run(
+                    [*echo, "127.0.0.1", str(self.dicom_port)], capture_output=True, timeout=15
+                )
+                if done.returncode == 0:
+                    return
+            time.sleep(0.2)
+        raise BenchError(
+            f"{self.name} not answering C-ECHO after {START_TIMEOUT:.0f} s:\n{log_tail(self.log)}"
+        )
+
+    def stop(self) -> None:
+        """Terminate the server's process group; kill it if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=STOP_TIMEOUT)
+
+
+class RdcReceiver(Receiver):
+    """``rdc serve --role dicom`` on a fresh SQLite database and object directory."""
+
+    name = "rdc"
+    called_ae = "RDC"
+
+    def command(self) -> list[str]:
+        """The server command line."""
+        return [self.rdc(), "serve", "--role", "dicom"]
+
+    @staticmethod
+    def rdc() -> str:
+        """The ``rdc`` console script."""
+        path = shutil.which("rdc")
+        if path is None:
+            raise BenchError("rdc not found on PATH; pip install -e /work/main")
+        return path
+
+    def environment(self) -> dict[str, str]:
+        """Inherited environment without any RDC_ setting, plus the benchmark's own."""
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RDC_")}
+        env.update(
+            RDC_DATA_DIR=str(self.workdir / "rdc-data"),
+            RDC_DICOM_HOST="127.0.0.1",
+            RDC_DICOM_PORT=str(self.dicom_port),
+            RDC_HTTP_PORT=str(self.http_port),
+            RDC_DICOM_AE_TITLE=self.called_ae,
+            RDC_STABLE_AGE_SECONDS="3600",
+        )
+        return env
+
+    def prepare(self) -> None:
+        """Register the benchmark's calling AE title as a clinic."""
+        add = [
+            self.rdc(),
+            "clinic",
+            "add",
+            "--code",
+            "BENCH",
+            "--name",
+            "Bench",
+            "--ae",
+            CALLING_AE,
+        ]
+        done = subprocess.run(
+            add, env=self.environment(), capture_output=True, text=True, timeout=START_TIMEOUT
+        )
+        if done.returncode != 0:
+            raise BenchError(f"rdc clinic add failed ({done.returncode}):\n{done.stderr.strip()}")
+
+    def stored(self) -> int:
+        """Object files under ``objects/dicom``."""
+        return sum(1 for _ in (self.workdir / "rdc-data/objects/dicom").rglob("*.dcm"))
+
+
+class OrthancReceiver(Receiver):
+    """Orthanc from Debian with a private configuration file and no plugins."""
+
+    name = "Orthanc"
+    called_ae = "ORTHANC"
+
+    def config_path(self) -> Path:
+        """Where the configuration is written (a file, so /etc/orthanc is never read)."""
+        return self.workdir / "orthanc.json"
+
+    def command(self) -> list[str]:
+        """The server command line."""
+        return [ORTHANC, str(self.config_path())]
+
+    def prepare(self) -> None:
+        """Write the configuration: fresh storage, loopback-only use, no plugins."""
+        storage = self.workdir / "orthanc-data"
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.called_ae,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
+        self.config_path().write_text(json.dumps(config, indent=2))
+
+    def stored(self) -> int:
+        """``CountInstances`` from the REST API."""
+        url = f"http://127.0.0.1:{self.http_port}/statistics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(json.load(response)["CountInstances"])
+
+
+def send(receiver: Receiver, parts: list[Path], associations: int, timeout: float) -> float:
+    """Send every part folder over ``associations`` concurrent storescu processes.
+
+    Returns the seconds from starting the first process to the last one exiting.
+    """
+    env = dict(os.environ, TCP_NODELAY="1")  # dcmtk sets TCP_NODELAY only when asked to
+    groups = [parts[k::associations] for k in range(associations)]
+    base = [
+        STORESCU,
+        "-to",
+        "10",
+        "-ta",
+        "30",
+        "-td",
+        "120",
+        "-aet",
+        CALLING_AE,
+        "-aec",
+        receiver.called_ae,
+        "+sd",
+        "127.0.0.1",
+        str(receiver.dicom_port),
+    ]
+    logs = [receiver.workdir / f"storescu-{associations}-{k}.log" for k in range(associations)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        start = time.perf_counter()
+        for group, log_path in zip(groups, logs, strict=True):
+            with log_path.open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [*base, *map(str, group)],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = start + timeout
+        for process in processes:
+            process.wait(timeout=max(0.0, deadline - time.perf_counter()))
+        seconds = time.perf_counter() - start
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"storescu to {receiver.name} took longer than {timeout:.0f} s") from exc
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, log_path in zip(processes, logs, strict=True):
+        if process.returncode != 0:
+            raise BenchError(
+                f"storescu to {receiver.name} exited with {process.returncode}:\n"
+                f"{log_tail(log_path)}\n--- {receiver.name} log ---\n{log_tail(receiver.log)}"
+            )
+    return seconds
+
+
+def wait_stored(receiver: Receiver, expected: int) -> int:
+    """The stored count, polled until it reaches ``expected`` or VERIFY_TIMEOUT passes."""
+    deadline = time.monotonic() + VERIFY_TIMEOUT
+    count = receiver.stored()
+    while count != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        count = receiver.stored()
+    return count
+
+
+def measure(
+    kind: type[Receiver],
+    associations: int,
+    repeat: int,
+    args: argparse.Namespace,
+    pixels: bytes,
+    root: Path,
+) -> Run:
+    """Start one target on a fresh directory, send fresh instances to it, verify, stop it."""
+    workdir = root / f"{kind.name.lower()}-{associations}-{repeat}"
+    workdir.mkdir()
+    parts, total = write_instances(workdir / "files", args, pixels)
+    with kind(workdir) as receiver:
+        seconds = send(receiver, parts, associations, args.timeout)
+        stored = wait_stored(receiver, args.count)
+    run = Run(kind.name, associations, repeat, args.count, total, seconds, stored)
+    print(
+        f"  {run.target:8} {associations} assoc  run {repeat + 1}: {seconds:7.2f} s "
+        f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{args.count}",
+        flush=True,
+    )
+    if not args.keep:
+        shutil.rmtree(workdir)
+    return run
+
+
+def summarise(runs: list[Run]) -> list[Summary]:
+    """Median seconds, instances/s and MB/s per target and association count."""
+    summaries = []
+    for kind in (RdcReceiver, OrthancReceiver):
+        for associations in ASSOCIATIONS:
+            group = [r for r in runs if r.target == kind.name and r.associations == associations]
+            summaries.append(
+                Summary(
+                    target=kind.name,
+                    associations=associations,
+                    instances=group[0].instances,
+                    seconds=statistics.median(r.seconds for r in group),
+                    rate=statistics.median(r.rate for r in group),
+                    mbps=statistics.median(r.mbps for r in group),
+                    complete=all(r.stored == r.instances for r in group),
+                )
+            )
+    return summaries
+
+
+def compare(summaries: list[Summary]) -> list[dict[str, float | int | bool]]:
+    """The rdc/Orthanc ratio of instances/s per association count against the target."""
+    rate = {(s.target, s.associations): s.rate for s in summaries}
+    rows: list[dict[str, float | int | bool]] = []
+    for associations in ASSOCIATIONS:
+        ratio = rate["rdc", associations] / rate["Orthanc", associations]
+        target = TARGET_RATIOS[associations]
+        rows.append(
+            {"associations": associations, "ratio": ratio, "target": target, "met": ratio >= target}
+        )
+    return rows
+
+
+def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """A table with rich when it is installed, as aligned plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        print(f"\n{title}")
+        for line in [headers, ["-" * w for w in widths], *rows]:
+            print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
+
+
+def report(summaries: list[Summary], comparisons: list[dict[str, float | int | bool]]) -> None:
+    """Print the results and the targets."""
+    print_table(
+        "C-STORE ingest (median of repeats)",
+        ["target", "associations", "instances", "seconds", "instances/s", "MB/s", "all stored"],
+        [
+            [
+                s.target,
+                str(s.associations),
+                str(s.instances),
+                f"{s.seconds:.2f}",
+                f"{s.rate:.1f}",
+                f"{s.mbps:.1f}",
+                "yes" if s.complete else "NO",
+            ]
+            for s in summaries
+        ],
+    )
+    print_table(
+        "rdc / Orthanc (instances/s)",
+        ["associations", "ratio", "target", "met"],
+        [
+            [
+                str(c["associations"]),
+                f"{c['ratio']:.2f}x",
+                f">= {c['target']:.1f}x",
+                "yes" if c["met"] else "NO",
+            ]
+            for c in comparisons
+        ],
+    )
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Measure every target and association count ``--repeat`` times and report."""
+    for tool in (STORESCU, ECHOSCU, ORTHANC):
+        if not os.access(tool, os.X_OK):
+            raise BenchError(f"{tool} is not installed")
+    pixels = phantom_pixels(args.size)
+    root = Path(tempfile.mkdtemp(prefix="rdc-bench-"))
+    runs: list[Run] = []
+    try:
+        print(f"{args.count} instances of {args.size}x{args.size} 16-bit; work dir {root}")
+        for repeat in range(args.repeat):
+            order = (
+                [OrthancReceiver, RdcReceiver]
+                if repeat % 2 == 0
+                else [RdcReceiver, OrthancReceiver]
+            )
+            for associations in ASSOCIATIONS:
+                for kind in order:
+                    runs.append(measure(kind, associations, repeat, args, pixels, root))
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    summaries = summarise(runs)
+    comparisons = compare(summaries)
+    report(summaries, comparisons)
+    incomplete = [r for r in runs if r.stored != r.instances]
+    for r in incomplete:
+        print(
+            f"MISMATCH: {r.target} stored {r.stored} of {r.instances} instances "
+            f"({r.associations} associations, run {r.repeat + 1})",
+            file=sys.stderr,
+        )
+    if args.json:
+        results = {
+            "count": args.count,
+            "size": args.size,
+            "studies": args.studies,
+            "repeat": args.repeat,
+            "runs": [asdict(r) | {"rate": r.rate, "mbps": r.mbps} for r in runs],
+            "summary": [asdict(s) for s in summaries],
+            "ratios": comparisons,
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if incomplete else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: re-execute in a private network namespace, then benchmark."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        if not args.inside:
+            return reexec_in_private_netns(argv)
+        check_private_netns()
+        return run_benchmark(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Fixtures shared by every test: sample data, free ports, dcmtk tools, a running ``rdc serve``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RdcServer, free_port, rdc_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """The shared sample data (../shared/testdata beside the repo, or RDC_TESTDATA)."""
+    path = Path(os.environ.get("RDC_TESTDATA", REPO.parent / "shared" / "testdata"))
+    if not (path / "dicom").is_dir():
+        pytest.fail(f"sample data not found at {path}; set RDC_TESTDATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> Path:
+    """Folder of Debian's dcmtk tools (other 'storescu' programs may shadow them on PATH)."""
+    folder = Path(os.environ.get("RDC_DCMTK_BIN", "/usr/bin"))
+    if not (folder / "storescu").exists():
+        pytest.fail("dcmtk is not installed (apt-get install dcmtk); .ci/run installs it")
+    return folder
+
+
+@pytest.fixture
+def rdc_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a fresh embedded deployment in a temporary data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    env.update(
+        RDC_DATA_DIR=str(tmp_path / "data"),
+        RDC_HTTP_HOST="127.0.0.1",
+        RDC_HTTP_PORT=str(free_port()),
+        RDC_DICOM_HOST="127.0.0.1",
+        RDC_DICOM_PORT=str(free_port()),
+        RDC_DICOM_AE_TITLE="RDC",
+        RDC_STABLE_AGE_SECONDS="2",
+        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
+    )
+    return env
+
+
+@pytest.fixture
+def alliance(rdc_env: dict[str, str]) -> dict[str, str]:
+    """A lead hospital, two clinics with AE titles, and one user per role; returns passwords."""
+    rdc_cli(rdc_env, "org", "add", "--code", "LEAD", "--name", "Lead Hospital", "--kind", "lead")
+    rdc_cli(rdc_env, "clinic", "add", "--code", "CLINIC_A", "--name", "Clinic A", "--ae", "CLINIC_A_CT",
+            "--ae", "CLINIC_A_DR")
+    rdc_cli(rdc_env, "clinic", "add", "--code", "CLINIC_B", "--name", "Clinic B", "--ae", "CLINIC_B_MR")
+    users = {
+        "reader": ("reader", "LEAD"),
+        "senior": ("senior_reader", "LEAD"),
+        "tech_a": ("technician", "CLINIC_A"),
+        "tech_b": ("technician", "CLINIC_B"),
+    }
+    passwords = {}
+    for username, (role, org) in users.items():
+        password = f"pw-{username}-123"
+        rdc_cli(rdc_env, "user", "add", "--username", username, "--role", role, "--org", org,
+                "--password-stdin", input=password + "\n")
+        passwords[username] = password
+    return passwords
+
+
+@pytest.fixture
+def server(rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
+    """A running ``rdc serve`` (web + DICOM + worker) on free ports, stopped after the test."""
+    srv = RdcServer(rdc_env, tmp_path / "serve.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+

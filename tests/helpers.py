@@ -1,0 +1,188 @@
+"""Helpers for driving the product through its real interfaces in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+from pydicom.dataset import Dataset
+
+# storescu needs a flag per compressed transfer syntax to propose it (it never transcodes
+# compressed data) and to keep the file's own uncompressed encoding.
+_STORESCU_FLAG = {
+    "1.2.840.10008.1.2": ["-xi"],
+    "1.2.840.10008.1.2.1": [],
+    "1.2.840.10008.1.2.2": ["-xb"],
+    "1.2.840.10008.1.2.1.99": ["-xd"],
+    "1.2.840.10008.1.2.5": ["-xr"],
+    "1.2.840.10008.1.2.4.50": ["-xy"],
+    "1.2.840.10008.1.2.4.51": ["-xx"],
+    "1.2.840.10008.1.2.4.70": ["-xs"],
+    "1.2.840.10008.1.2.4.80": ["-xt"],
+    "1.2.840.10008.1.2.4.81": ["-xu"],
+    "1.2.840.10008.1.2.4.90": ["-xv"],
+    "1.2.840.10008.1.2.4.91": ["-xw"],
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rdc_cli(env: dict[str, str], *args: str, input: str | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``rdc ARGS`` as a subprocess with ``env``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "web.cli", *args], env=env, input=input, capture_output=True,
+        text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"rdc {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.2,
+             what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RdcServer:
+    """``rdc serve`` in a subprocess, on the ports given in its environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = f"http://127.0.0.1:{env['RDC_HTTP_PORT']}"
+        self.dicom_port = int(env["RDC_DICOM_PORT"])
+        self.data_dir = Path(env["RDC_DATA_DIR"])
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "web.cli", "serve", *self.args], env=self.env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"rdc serve exited:\n{self.log_path.read_text()}")
+        try:
+            if httpx.get(f"{self.http}/healthz", timeout=2).status_code != 200:
+                return False
+            with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
+                return True
+        except (OSError, httpx.HTTPError):
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def token(self, username: str, password: str) -> str:
+        response = httpx.post(f"{self.http}/api/v1/auth/token",
+                              data={"username": username, "password": password}, timeout=10)
+        assert response.status_code == 200, response.text
+        return str(response.json()["access_token"])
+
+    def client(self, username: str, password: str) -> httpx.Client:
+        """An HTTP client authorised as ``username``."""
+        return httpx.Client(base_url=self.http, timeout=30,
+                            headers={"Authorization": f"Bearer {self.token(username, password)}"})
+
+    def db(self) -> sqlite3.Connection:
+        """A read connection to the server's SQLite index, for checking what is stored."""
+        conn = sqlite3.connect(self.data_dir / "rdc.sqlite3", timeout=30)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def objects(self, prefix: str = "") -> list[Path]:
+        root = self.data_dir / "objects" / prefix
+        return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def transfer_syntax(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def storescu(dcmtk: Path, files: Iterable[Path], *, port: int, calling_ae: str,
+             called_ae: str = "RDC") -> list[subprocess.CompletedProcess[str]]:
+    """Send ``files`` with dcmtk storescu, one association per transfer syntax."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        groups[transfer_syntax(path)].append(path)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    results = []
+    for ts, paths in sorted(groups.items()):
+        results.append(subprocess.run(
+            [str(dcmtk / "storescu"), "-R", *_STORESCU_FLAG[ts], "-aet", calling_ae,
+             "-aec", called_ae, "127.0.0.1", str(port), *map(str, paths)],
+            env=env, capture_output=True, text=True, timeout=300,
+        ))
+    return results
+
+
+def comparable(ds: Dataset) -> dict[Any, Any]:
+    """The dataset's elements as plain values (pixel data as decoded numbers where the
+    byte order of the encoding may differ)."""
+    out: dict[Any, Any] = {}
+    for elem in ds:
+        # Pixel data is compared separately; Data Set Trailing Padding carries no data and
+        # dcmtk drops it when sending (PS3.10 7.2).
+        if elem.tag in (0x7FE00010, 0xFFFCFFFC):
+            continue
+        out[elem.tag] = (elem.VR, _plain(elem.value))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, pydicom.sequence.Sequence):
+        return [comparable(item) for item in value]
+    if isinstance(value, pydicom.multival.MultiValue):
+        return [str(v) for v in value]
+    if isinstance(value, bytes):
+        return value
+    return str(value)
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """Whether two Part-10 files hold the same dataset in the same transfer syntax: every
+    element equal, pixel data byte for byte."""
+    da, db = pydicom.dcmread(a), pydicom.dcmread(b)
+    if da.file_meta.TransferSyntaxUID != db.file_meta.TransferSyntaxUID:
+        return False
+    return comparable(da) == comparable(db) and da.get("PixelData") == db.get("PixelData")
