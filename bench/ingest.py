@@ -8,7 +8,9 @@ against the targets of the issue (1x Orthanc on one association, 1.5x on four).
 Every measurement starts its target on a fresh data directory and sends freshly generated
 objects (new UIDs, same size and pixel data), so neither target sees a duplicate. The clock
 runs from starting the first ``storescu`` to the last one exiting. Afterwards the script
-checks that the target stored every instance.
+checks that the target stored every instance. Nagle's algorithm is off on both ends for
+both targets (``TCP_NODELAY=1`` for storescu and Orthanc, which are dcmtk; rdc sets the
+socket option itself).
 
 Orthanc listens on all interfaces, so the benchmark re-executes itself inside a private
 network namespace (``unshare -n``, needs root) where only loopback exists.
@@ -66,7 +68,7 @@ class Run:
     associations: int
     repeat: int
     instances: int
-    bytes: int
+    total_bytes: int
     seconds: float
     stored: int
 
@@ -78,7 +80,7 @@ class Run:
     @property
     def mbps(self) -> float:
         """Megabytes (10^6 bytes) per second."""
-        return self.bytes / self.seconds / 1e6
+        return self.total_bytes / self.seconds / 1e6
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def phantom_pixels(size: int) -> bytes:
     return pixels.tobytes()
 
 
-def instance(study: int, series_uid: str, study_uid: str, number: int, size: int) -> Dataset:
+def ct_header(study: int, series_uid: str, study_uid: str, number: int, size: int) -> Dataset:
     """The header of one CT image of the given study and series (pixel data added later)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -231,7 +233,7 @@ def write_instances(dest: Path, args: argparse.Namespace, pixels: bytes) -> tupl
     for i in range(args.count):
         study = i * args.studies // args.count
         study_uid, series_uid = uids[study]
-        ds = instance(study, series_uid, study_uid, i + 1, args.size)
+        ds = ct_header(study, series_uid, study_uid, i + 1, args.size)
         ds.PixelData = pixels
         path = parts[i * len(parts) // args.count] / f"{i:06d}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -255,9 +257,9 @@ class Receiver(abc.ABC):
     def command(self) -> list[str]:
         """The server command line."""
 
+    @abc.abstractmethod
     def environment(self) -> dict[str, str]:
         """The server's environment."""
-        return dict(os.environ)
 
     @abc.abstractmethod
     def prepare(self) -> None:
@@ -362,19 +364,13 @@ class RdcReceiver(Receiver):
 
     def prepare(self) -> None:
         """Register the benchmark's calling AE title as a clinic."""
-        add = [
-            self.rdc(),
-            "clinic",
-            "add",
-            "--code",
-            "BENCH",
-            "--name",
-            "Bench",
-            "--ae",
-            CALLING_AE,
-        ]
+        options = ["--code", "BENCH", "--name", "Bench", "--ae", CALLING_AE]
         done = subprocess.run(
-            add, env=self.environment(), capture_output=True, text=True, timeout=START_TIMEOUT
+            [self.rdc(), "clinic", "add", *options],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
         )
         if done.returncode != 0:
             raise BenchError(f"rdc clinic add failed ({done.returncode}):\n{done.stderr.strip()}")
@@ -397,6 +393,15 @@ class OrthancReceiver(Receiver):
     def command(self) -> list[str]:
         """The server command line."""
         return [ORTHANC, str(self.config_path())]
+
+    def environment(self) -> dict[str, str]:
+        """Inherited environment with TCP_NODELAY=1.
+
+        Orthanc's DICOM server is dcmtk, which disables Nagle's algorithm only when this
+        variable is set; without it every C-STORE response waits for a delayed ACK (~40 ms
+        on loopback). rdc sets TCP_NODELAY on its sockets itself, so this keeps it fair.
+        """
+        return dict(os.environ, TCP_NODELAY="1")
 
     def prepare(self) -> None:
         """Write the configuration: fresh storage, loopback-only use, no plugins."""
@@ -431,22 +436,8 @@ def send(receiver: Receiver, parts: list[Path], associations: int, timeout: floa
     """
     env = dict(os.environ, TCP_NODELAY="1")  # dcmtk sets TCP_NODELAY only when asked to
     groups = [parts[k::associations] for k in range(associations)]
-    base = [
-        STORESCU,
-        "-to",
-        "10",
-        "-ta",
-        "30",
-        "-td",
-        "120",
-        "-aet",
-        CALLING_AE,
-        "-aec",
-        receiver.called_ae,
-        "+sd",
-        "127.0.0.1",
-        str(receiver.dicom_port),
-    ]
+    base = [STORESCU, "-to", "10", "-ta", "30", "-td", "120", "+sd", "-aet", CALLING_AE]
+    base += ["-aec", receiver.called_ae, "127.0.0.1", str(receiver.dicom_port)]
     logs = [receiver.workdir / f"storescu-{associations}-{k}.log" for k in range(associations)]
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -510,7 +501,8 @@ def measure(
     run = Run(kind.name, associations, repeat, args.count, total, seconds, stored)
     print(
         f"  {run.target:8} {associations} assoc  run {repeat + 1}: {seconds:7.2f} s "
-        f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{args.count}",
+        f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{args.count}"
+        + ("" if stored == args.count else "  <-- MISMATCH"),
         flush=True,
     )
     if not args.keep:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ class _NoDelayServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def shutdown(self) -> None:
+        # pynetdicom's shutdown also unregisters the server from the AE's list of servers
+        # it started itself; this one was made with make_server and is not in that list.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def _handle_store(event: Event, store: ObjectStore, settings: Settings, stats: GatewayStats) -> int:
@@ -185,7 +192,6 @@ class DicomGateway:
         """Stop accepting associations and close the listener."""
         if self._server is not None:
             self._server.shutdown()
-            self._server.server_close()
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RdcServer, free_port, rdc_cli
+from tests.helpers import RdcServer, free_port, seed_alliance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,24 +50,12 @@ def rdc_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def alliance(rdc_env: dict[str, str]) -> dict[str, str]:
-    """A lead hospital, two clinics with AE titles, and one user per role; returns passwords."""
-    rdc_cli(rdc_env, "org", "add", "--code", "LEAD", "--name", "Lead Hospital", "--kind", "lead")
-    rdc_cli(rdc_env, "clinic", "add", "--code", "CLINIC_A", "--name", "Clinic A", "--ae", "CLINIC_A_CT",
-            "--ae", "CLINIC_A_DR")
-    rdc_cli(rdc_env, "clinic", "add", "--code", "CLINIC_B", "--name", "Clinic B", "--ae", "CLINIC_B_MR")
-    users = {
-        "reader": ("reader", "LEAD"),
-        "senior": ("senior_reader", "LEAD"),
-        "tech_a": ("technician", "CLINIC_A"),
-        "tech_b": ("technician", "CLINIC_B"),
-    }
-    passwords = {}
-    for username, (role, org) in users.items():
-        password = f"pw-{username}-123"
-        rdc_cli(rdc_env, "user", "add", "--username", username, "--role", role, "--org", org,
-                "--password-stdin", input=password + "\n")
-        passwords[username] = password
-    return passwords
+    """A lead hospital, two clinics with AE titles, one user per role; returns the passwords.
+
+    Seeded through the directory services in one subprocess (the CLI itself is tested in
+    tests/web/test_cli.py) so each test's deployment starts quickly.
+    """
+    return seed_alliance(rdc_env)
 
 
 @pytest.fixture

@@ -55,6 +55,45 @@ def rdc_cli(env: dict[str, str], *args: str, input: str | None = None, check: bo
     return result
 
 
+_SEED = """
+import sys
+from rdc_core.db import session_scope
+from rdc_core.migrate import upgrade_database
+from worklist.directory import add_organization, add_user
+from worklist.models import OrgKind, Role
+
+upgrade_database()
+with session_scope() as s:
+    add_organization(s, code="LEAD", name="Lead Hospital", kind=OrgKind.LEAD)
+    add_organization(s, code="CLINIC_A", name="Clinic A", kind=OrgKind.CLINIC,
+                     ae_titles=["CLINIC_A_CT", "CLINIC_A_DR"])
+    add_organization(s, code="CLINIC_B", name="Clinic B", kind=OrgKind.CLINIC,
+                     ae_titles=["CLINIC_B_MR"])
+    for line in sys.stdin.read().splitlines():
+        username, role, org, password = line.split()
+        add_user(s, username=username, role=Role(role), org_code=org, password=password)
+"""
+
+ALLIANCE_USERS = {
+    "reader": ("reader", "LEAD"),
+    "senior": ("senior_reader", "LEAD"),
+    "admin": ("admin", "LEAD"),
+    "tech_a": ("technician", "CLINIC_A"),
+    "tech_b": ("technician", "CLINIC_B"),
+}
+
+
+def seed_alliance(env: dict[str, str]) -> dict[str, str]:
+    """Create LEAD, CLINIC_A (AEs CLINIC_A_CT, CLINIC_A_DR), CLINIC_B (CLINIC_B_MR) and the
+    users of ALLIANCE_USERS; returns username -> password."""
+    passwords = {name: f"pw-{name}-123" for name in ALLIANCE_USERS}
+    lines = "\n".join(f"{n} {r} {o} {passwords[n]}" for n, (r, o) in ALLIANCE_USERS.items())
+    result = subprocess.run([sys.executable, "-c", _SEED], env=env, input=lines, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return passwords
+
+
 def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.2,
              what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""

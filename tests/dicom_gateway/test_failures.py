@@ -1,0 +1,86 @@
+"""Failures answer a failure status and leave nothing half-written; restarts lose nothing."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.helpers import RdcServer, wait_for
+
+
+def _send(server: RdcServer, ds: pydicom.Dataset, calling_ae: str = "CLINIC_A_CT") -> int:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    return int(status.Status)
+
+
+def _counts(server: RdcServer) -> tuple[int, int, int]:
+    with server.db() as db:
+        return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
+                     for t in ("instances", "exams", "patients"))
+
+
+def test_store_failure_answers_out_of_resources_and_leaves_no_rows(
+    server: RdcServer, testdata: Path
+) -> None:
+    ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+    blocker = server.data_dir / "objects" / "dicom"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the store needs a directory: every write fails")
+
+    assert _send(server, ds) == 0xA700  # Refused: Out of Resources
+    assert _counts(server) == (0, 0, 0)
+
+    blocker.unlink()
+    assert _send(server, ds) == 0x0000  # the modality's retry succeeds
+    assert _counts(server) == (1, 1, 1)
+
+
+def test_database_failure_answers_failure_and_removes_the_object(
+    server: RdcServer, testdata: Path
+) -> None:
+    ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+    with sqlite3.connect(server.data_dir / "rdc.sqlite3") as db:
+        db.execute("CREATE TRIGGER fail_index BEFORE INSERT ON instances "
+                   "BEGIN SELECT RAISE(ABORT, 'index unavailable'); END")
+
+    assert _send(server, ds) == 0x0110  # Processing failure
+    assert _counts(server) == (0, 0, 0)
+    assert server.objects("dicom") == []  # the object written before the index is gone
+
+    with sqlite3.connect(server.data_dir / "rdc.sqlite3") as db:
+        db.execute("DROP TRIGGER fail_index")
+    assert _send(server, ds) == 0x0000
+    assert _counts(server) == (1, 1, 1)
+    assert len(server.objects("dicom")) == 1
+
+
+def test_exam_still_becomes_ready_after_a_restart_during_receiving(
+    rdc_env: dict[str, str], alliance: dict[str, str], testdata: Path, tmp_path: Path
+) -> None:
+    env = {**rdc_env, "RDC_STABLE_AGE_SECONDS": "4"}
+    server = RdcServer(env, tmp_path / "serve.log")
+    server.start()
+    try:
+        assert _send(server, pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")) == 0
+        with server.db() as db:
+            assert db.execute("SELECT state FROM exams").fetchone()[0] == "RECEIVING"
+        server.stop(signal.SIGKILL)  # no chance to clean up
+        server.start()
+        reader = server.client("reader", alliance["reader"])
+        page = wait_for(lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 1 and p,
+                        timeout=30, what="exam READY after restart")
+        assert page["items"][0]["clinic_code"] == "CLINIC_A"
+        with server.db() as db:
+            assert db.execute("SELECT count(*) FROM work_items").fetchone()[0] == 1
+    finally:
+        server.stop()
