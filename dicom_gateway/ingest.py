@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from rdc_core.db import on_rollback, utcnow
 from rdc_core.errors import InvalidInputError, PermissionDeniedError
 from rdc_core.storage import ObjectStore
-from worklist.directory import organization_for_ae
+from worklist.directory import OrgRef, organization_for_ae
 from worklist.intake import (
     InstanceHeader,
     RecordOutcome,
@@ -37,7 +37,7 @@ from worklist.intake import (
     record_instance,
     record_quarantine,
 )
-from worklist.models import Discipline, Organization, Priority
+from worklist.models import Discipline, Priority
 
 __all__ = [
     "IngestResult",
@@ -246,7 +246,7 @@ def ingest_dicom_file(
     source: Path,
     calling_ae: str,
     zone: ZoneInfo,
-    organization: Organization | None = None,
+    organization: OrgRef | None = None,
     received_at: datetime | None = None,
 ) -> IngestResult:
     """Store and index the Part-10 file at ``source`` sent by ``calling_ae``.
@@ -263,12 +263,12 @@ def ingest_dicom_file(
     key = instance_key(header, sha256)
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
     if existing is not None and existing.sha256 == sha256:
-        if existing.exam.org_id != org.id:
+        if existing.org_id != org.id:
             raise PermissionDeniedError("this SOP instance belongs to another organisation")
         return IngestResult(RecordOutcome.DUPLICATE, existing.exam_id, header.study_instance_uid,
                             header.sop_instance_uid, existing.storage_key)
     if existing is not None:
-        if existing.exam.org_id != org.id:
+        if existing.org_id != org.id:
             raise PermissionDeniedError("this SOP instance belongs to another organisation")
         key = f"conflicts/{header.sop_instance_uid}/{sha256}.dcm"
         _store_once(session, store, key, source)
@@ -279,11 +279,11 @@ def ingest_dicom_file(
         return IngestResult(RecordOutcome.CONFLICT, existing.exam_id, header.study_instance_uid,
                             header.sop_instance_uid, key)
     _store_once(session, store, key, source)
-    outcome, exam = record_instance(
+    outcome, exam_id = record_instance(
         session, header=header, org_id=org.id, org_code=org.code, storage_key=key,
         size_bytes=os.path.getsize(source), sha256=sha256, calling_ae=calling_ae, now=now,
     )
-    return IngestResult(outcome, exam.id, header.study_instance_uid, header.sop_instance_uid, key)
+    return IngestResult(outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, key)
 
 
 def quarantine_file(
@@ -294,7 +294,7 @@ def quarantine_file(
     reason: str,
     origin: str,
     calling_ae: str = "",
-    organization: Organization | None = None,
+    organization: OrgRef | None = None,
     sop_instance_uid: str | None = None,
 ) -> str:
     """Keep rejected input byte for byte under ``quarantine/`` with the reason; returns its record ID."""

@@ -12,6 +12,7 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
-from worklist.directory import known_calling_ae_titles, organization_for_ae
+from worklist.directory import OrgRef, known_calling_ae_titles, organization_for_ae
 from worklist.intake import RecordOutcome
 
 __all__ = ["DicomGateway", "GatewayStats"]
@@ -83,12 +84,30 @@ class _NoDelayServer(ThreadedAssociationServer):
         self.server_close()
 
 
-def _handle_store(event: Event, store: ObjectStore, settings: Settings, stats: GatewayStats) -> int:
+class _SenderCache:
+    """The clinic behind each association, looked up once per association, not per object."""
+
+    def __init__(self) -> None:
+        self._by_assoc: weakref.WeakKeyDictionary[Any, OrgRef | None] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, session: Any, assoc: Any, calling_ae: str) -> OrgRef | None:
+        with self._lock:
+            if assoc in self._by_assoc:
+                return self._by_assoc[assoc]
+        org = organization_for_ae(session, ae_title=calling_ae)
+        with self._lock:
+            self._by_assoc[assoc] = org
+        return org
+
+
+def _handle_store(event: Event, store: ObjectStore, settings: Settings, stats: GatewayStats,
+                  senders: _SenderCache) -> int:
     calling_ae = event.assoc.requestor.ae_title.strip()
     path = Path(event.dataset_path)
     try:
         with session_scope() as session:
-            org = organization_for_ae(session, ae_title=calling_ae)
+            org = senders.get(session, event.assoc, calling_ae)
             result = ingest_dicom_file(
                 session, store=store, source=path, calling_ae=calling_ae, zone=settings.zone,
                 organization=org,
@@ -170,7 +189,8 @@ class DicomGateway:
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self.store, self.settings, self.stats]),
+            (evt.EVT_C_STORE, _handle_store,
+             [self.store, self.settings, self.stats, _SenderCache()]),
         ]
         server = ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),

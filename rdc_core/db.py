@@ -252,18 +252,23 @@ def upsert(
     *,
     conflict: Sequence[str],
     update: Mapping[str, Any] | None = None,
-) -> None:
+    returning: Sequence[Any] = (),
+) -> Any:
     """INSERT ... ON CONFLICT (``conflict``) DO UPDATE SET ``update`` (or DO NOTHING).
 
     The database's constraint decides, so two writers racing on the same key never create
-    two rows; ``update`` may use column expressions (e.g. ``table.c.count + 1``).
+    two rows; ``update`` may use column expressions (e.g. ``table.c.count + 1``). With
+    ``returning`` (and ``update``), returns the row as it is after the statement.
     """
     stmt = _dialect_insert(session, table).values(**values)
     if update:
         stmt = stmt.on_conflict_do_update(index_elements=list(conflict), set_=dict(update))  # type: ignore[attr-defined]
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]
+    if returning:
+        return session.execute(stmt.returning(*returning)).one()
     session.execute(stmt)
+    return None
 
 
 def insert_ignore(session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]) -> bool:

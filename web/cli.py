@@ -144,7 +144,7 @@ def import_(
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
     from rdc_core.storage import get_object_store
-    from worklist.directory import get_organization
+    from worklist.directory import get_organization, org_ref
 
     settings = get_settings()
     upgrade_database()
@@ -161,7 +161,7 @@ def import_(
         for path in files:
             try:
                 with session_scope() as session:
-                    org = get_organization(session, code=clinic)
+                    org = org_ref(get_organization(session, code=clinic))
                     result = ingest_dicom_file(session, store=store, source=path,
                                                calling_ae=f"import:{clinic}"[:16], zone=settings.zone,
                                                organization=org)

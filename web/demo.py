@@ -19,7 +19,7 @@ from dicom_gateway.ingest import ingest_dicom_file
 from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
-from worklist.directory import add_organization, add_user, get_organization
+from worklist.directory import add_organization, add_user, get_organization, org_ref
 from worklist.models import OrgKind, ReaderLevel, Role
 
 __all__ = ["DEMO_PASSWORD", "DEMO_USERS", "seed_demo"]
@@ -143,7 +143,7 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                     org_code = next(c for c, _, aes in CLINICS if study[0] in aes)
                     result = ingest_dicom_file(
                         session, store=store, source=path, calling_ae=study[0], zone=settings.zone,
-                        organization=get_organization(session, code=org_code),
+                        organization=org_ref(get_organization(session, code=org_code)),
                         received_at=received_at,
                     )
                 stored += result.outcome.value == "stored"

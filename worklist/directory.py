@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,15 +15,26 @@ from worklist.access import Principal
 from worklist.models import AETitle, Organization, OrgKind, ReaderLevel, Role, User
 
 __all__ = [
+    "OrgRef",
     "add_ae_title",
     "add_organization",
     "add_user",
     "authenticate",
     "get_organization",
     "known_calling_ae_titles",
+    "org_ref",
     "organization_for_ae",
     "principal_for_user",
 ]
+
+@dataclass(frozen=True, slots=True)
+class OrgRef:
+    """An organisation's identity, cheap to pass around and cache (no ORM state)."""
+
+    id: str
+    code: str
+    kind: OrgKind
+
 
 _CODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 # DICOM AE titles: up to 16 characters of the default repertoire, no backslash or controls.
@@ -103,14 +115,20 @@ def known_calling_ae_titles(session: Session) -> list[str]:
     return list(session.execute(stmt).scalars())
 
 
-def organization_for_ae(session: Session, *, ae_title: str) -> Organization | None:
+def organization_for_ae(session: Session, *, ae_title: str) -> OrgRef | None:
     """The clinic that owns the calling AE title, or None."""
     stmt = (
-        select(Organization)
+        select(Organization.id, Organization.code, Organization.kind)
         .join(AETitle, AETitle.org_id == Organization.id)
         .where(AETitle.ae_title == ae_title.strip(), Organization.kind == OrgKind.CLINIC)
     )
-    return session.execute(stmt).scalar_one_or_none()
+    row = session.execute(stmt).one_or_none()
+    return OrgRef(id=row.id, code=row.code, kind=row.kind) if row else None
+
+
+def org_ref(org: Organization) -> OrgRef:
+    """The cacheable identity of ``org``."""
+    return OrgRef(id=org.id, code=org.code, kind=org.kind)
 
 
 def add_user(

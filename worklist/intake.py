@@ -29,6 +29,7 @@ from worklist.models import (
 
 __all__ = [
     "InstanceHeader",
+    "KnownInstance",
     "RecordOutcome",
     "exam_id_for",
     "find_instance",
@@ -76,11 +77,24 @@ def exam_id_for(study_instance_uid: str) -> str:
     return stable_id("exam", study_instance_uid)
 
 
-def find_instance(session: Session, *, sop_instance_uid: str) -> Instance | None:
+@dataclass(frozen=True, slots=True)
+class KnownInstance:
+    """What the index holds for a SOP Instance UID already received."""
+
+    exam_id: str
+    org_id: str
+    storage_key: str
+    sha256: str
+
+
+def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance | None:
     """The indexed instance with this SOP Instance UID, if any."""
-    return session.execute(
-        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).scalar_one_or_none()
+    row = session.execute(
+        select(Instance.exam_id, Exam.org_id, Instance.storage_key, Instance.sha256)
+        .join(Exam, Exam.id == Instance.exam_id)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).one_or_none()
+    return KnownInstance(*row) if row else None
 
 
 def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_code: str, now: datetime) -> str:
@@ -105,10 +119,10 @@ def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_c
     return patient_ref
 
 
-def _upsert_exam(session: Session, header: InstanceHeader, org_id: str, patient_ref: str, now: datetime) -> Exam:
+def _upsert_exam(session: Session, header: InstanceHeader, org_id: str, patient_ref: str, now: datetime) -> Any:
     exam_id = exam_id_for(header.study_instance_uid)
     table = Exam.__table__
-    upsert(
+    exam = upsert(
         session,
         table,
         {
@@ -124,9 +138,8 @@ def _upsert_exam(session: Session, header: InstanceHeader, org_id: str, patient_
         },
         conflict=["id"],
         update={"last_received_at": now},
+        returning=[Exam.id, Exam.org_id, Exam.modalities, Exam.body_part, Exam.priority],
     )
-    exam = session.get(Exam, exam_id, populate_existing=True)
-    assert exam is not None
     if exam.org_id != org_id:
         raise PermissionDeniedError(
             f"study {header.study_instance_uid} belongs to another organisation"
@@ -145,7 +158,7 @@ def record_instance(
     sha256: str,
     calling_ae: str,
     now: datetime,
-) -> tuple[RecordOutcome, Exam]:
+) -> tuple[RecordOutcome, str]:
     """Index a stored object: upsert patient and exam, insert the instance.
 
     Idempotent: the same SOP Instance UID is inserted once; racing writers are settled by
@@ -169,24 +182,24 @@ def record_instance(
         conflict=["sop_instance_uid"],
     )
     if not inserted:
-        return RecordOutcome.DUPLICATE, exam
+        return RecordOutcome.DUPLICATE, exam.id
     values: dict[str, Any] = {"instance_count": Exam.instance_count + 1}
     modalities = [m for m in exam.modalities.split("\\") if m]
     if header.modality and header.modality not in modalities:
         values["modalities"] = "\\".join([*modalities, header.modality])
     if not exam.body_part and header.body_part:
         values["body_part"] = header.body_part
-    if header.priority is not None and header.priority.rank < exam.priority.rank:
+    if header.priority is not None and header.priority.rank < Priority(exam.priority).rank:
         values["priority"] = header.priority.value
     session.execute(update(Exam).where(Exam.id == exam.id).values(**values))
-    return RecordOutcome.STORED, exam
+    return RecordOutcome.STORED, exam.id
 
 
 def record_conflict(
     session: Session,
     *,
     header: InstanceHeader,
-    existing: Instance,
+    existing: KnownInstance,
     storage_key: str,
     size_bytes: int,
     sha256: str,

@@ -110,7 +110,7 @@ class Organization(Base):
     kind: Mapped[OrgKind] = mapped_column(_enum(OrgKind, "org_kind"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    ae_titles: Mapped[list[AETitle]] = relationship(back_populates="organization", lazy="selectin")
+    ae_titles: Mapped[list[AETitle]] = relationship(back_populates="organization")
 
 
 class AETitle(Base):
