@@ -41,10 +41,10 @@ from worklist.models import Discipline, Priority
 
 __all__ = [
     "IngestResult",
-    "instance_key",
     "InvalidDicomError",
     "UnknownSenderError",
     "ingest_dicom_file",
+    "instance_key",
     "quarantine_file",
     "read_header",
 ]
@@ -119,12 +119,16 @@ def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         return  # inflated in memory; zlib already failed on a truncated stream
     size = path.stat().st_size
     for elem in ds._dict.values():
-        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value_tell is not None:
-            if elem.value_tell + elem.length > size:
-                raise InvalidDicomError(
-                    f"truncated: element {elem.tag} needs {elem.length} bytes at offset "
-                    f"{elem.value_tell}, file has {size}"
-                )
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != 0xFFFFFFFF
+            and elem.value_tell is not None
+            and elem.value_tell + elem.length > size
+        ):
+            raise InvalidDicomError(
+                f"truncated: element {elem.tag} needs {elem.length} bytes at offset "
+                f"{elem.value_tell}, file has {size}"
+            )
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -170,8 +174,14 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
         name_elem = ds.get("PatientName")
         original: dict[str, Any] = {
             kw: _text(ds, kw)
-            for kw in ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                       "SpecificCharacterSet", "OtherPatientIDs")
+            for kw in (
+                "PatientID",
+                "IssuerOfPatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "SpecificCharacterSet",
+                "OtherPatientIDs",
+            )
             if kw in ds
         }
         if name_elem is not None:
@@ -197,7 +207,8 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
             patient_sex=_text(ds, "PatientSex")[:16] or None,
             patient_original=original,
             accession_number=_text(ds, "AccessionNumber")[:64] or None,
-            discipline=Discipline.ECG if (modality == "ECG" or sop_class_uid in _ECG_SOP_CLASSES)
+            discipline=Discipline.ECG
+            if (modality == "ECG" or sop_class_uid in _ECG_SOP_CLASSES)
             else Discipline.IMAGING,
             modality=modality[:16],
             body_part=_text(ds, "BodyPartExamined").upper()[:64],
@@ -265,23 +276,51 @@ def ingest_dicom_file(
     if existing is not None and existing.sha256 == sha256:
         if existing.org_id != org.id:
             raise PermissionDeniedError("this SOP instance belongs to another organisation")
-        return IngestResult(RecordOutcome.DUPLICATE, existing.exam_id, header.study_instance_uid,
-                            header.sop_instance_uid, existing.storage_key)
+        return IngestResult(
+            RecordOutcome.DUPLICATE,
+            existing.exam_id,
+            header.study_instance_uid,
+            header.sop_instance_uid,
+            existing.storage_key,
+        )
     if existing is not None:
         if existing.org_id != org.id:
             raise PermissionDeniedError("this SOP instance belongs to another organisation")
         key = f"conflicts/{header.sop_instance_uid}/{sha256}.dcm"
         _store_once(session, store, key, source)
-        record_conflict(session, header=header, existing=existing, storage_key=key,
-                        size_bytes=os.path.getsize(source), sha256=sha256, calling_ae=calling_ae, now=now)
-        log.warning("SOP instance %s re-sent with different content; kept as %s",
-                    header.sop_instance_uid, key)
-        return IngestResult(RecordOutcome.CONFLICT, existing.exam_id, header.study_instance_uid,
-                            header.sop_instance_uid, key)
+        record_conflict(
+            session,
+            header=header,
+            existing=existing,
+            storage_key=key,
+            size_bytes=os.path.getsize(source),
+            sha256=sha256,
+            calling_ae=calling_ae,
+            now=now,
+        )
+        log.warning(
+            "SOP instance %s re-sent with different content; kept as %s",
+            header.sop_instance_uid,
+            key,
+        )
+        return IngestResult(
+            RecordOutcome.CONFLICT,
+            existing.exam_id,
+            header.study_instance_uid,
+            header.sop_instance_uid,
+            key,
+        )
     _store_once(session, store, key, source)
     outcome, exam_id = record_instance(
-        session, header=header, org_id=org.id, org_code=org.code, storage_key=key,
-        size_bytes=os.path.getsize(source), sha256=sha256, calling_ae=calling_ae, now=now,
+        session,
+        header=header,
+        org_id=org.id,
+        org_code=org.code,
+        storage_key=key,
+        size_bytes=os.path.getsize(source),
+        sha256=sha256,
+        calling_ae=calling_ae,
+        now=now,
     )
     return IngestResult(outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, key)
 
@@ -297,12 +336,22 @@ def quarantine_file(
     organization: OrgRef | None = None,
     sop_instance_uid: str | None = None,
 ) -> str:
-    """Keep rejected input byte for byte under ``quarantine/`` with the reason; returns its record ID."""
+    """Keep rejected input byte for byte under ``quarantine/`` with the reason.
+
+    Returns the quarantine record's ID.
+    """
     sha256 = _sha256(source)
     key = f"quarantine/{sha256[:2]}/{sha256}.bin"
     _store_once(session, store, key, source)
     return record_quarantine(
-        session, storage_key=key, reason=reason, source=origin, size_bytes=os.path.getsize(source),
-        sha256=sha256, calling_ae=calling_ae, org_id=organization.id if organization else None,
-        sop_instance_uid=sop_instance_uid, now=utcnow(),
+        session,
+        storage_key=key,
+        reason=reason,
+        source=origin,
+        size_bytes=os.path.getsize(source),
+        sha256=sha256,
+        calling_ae=calling_ae,
+        org_id=organization.id if organization else None,
+        sop_instance_uid=sop_instance_uid,
+        now=utcnow(),
     )

@@ -19,10 +19,15 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_gateway.ingest import InvalidDicomError, UnknownSenderError, ingest_dicom_file, quarantine_file
+from dicom_gateway.ingest import (
+    InvalidDicomError,
+    UnknownSenderError,
+    ingest_dicom_file,
+    quarantine_file,
+)
 from dicom_gateway.statuses import StoreStatus
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
@@ -34,6 +39,7 @@ from worklist.intake import RecordOutcome
 __all__ = ["DicomGateway", "GatewayStats"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class GatewayStats:
@@ -54,7 +60,7 @@ class _RegisteredCallersAE(AE):
     and, when no clinic is registered, returns a title no sender can use so all are refused.
     """
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         try:
             with read_session() as session:
@@ -101,15 +107,20 @@ class _SenderCache:
         return org
 
 
-def _handle_store(event: Event, store: ObjectStore, settings: Settings, stats: GatewayStats,
-                  senders: _SenderCache) -> int:
+def _handle_store(
+    event: Event, store: ObjectStore, settings: Settings, stats: GatewayStats, senders: _SenderCache
+) -> int:
     calling_ae = event.assoc.requestor.ae_title.strip()
     path = Path(event.dataset_path)
     try:
         with session_scope() as session:
             org = senders.get(session, event.assoc, calling_ae)
             result = ingest_dicom_file(
-                session, store=store, source=path, calling_ae=calling_ae, zone=settings.zone,
+                session,
+                store=store,
+                source=path,
+                calling_ae=calling_ae,
+                zone=settings.zone,
                 organization=org,
             )
     except InvalidDicomError as exc:
@@ -148,8 +159,15 @@ def _quarantine(path: Path, reason: str, calling_ae: str, store: ObjectStore) ->
     try:
         with session_scope() as session:
             org = organization_for_ae(session, ae_title=calling_ae)
-            quarantine_file(session, store=store, source=path, reason=reason, origin="c-store",
-                            calling_ae=calling_ae, organization=org)
+            quarantine_file(
+                session,
+                store=store,
+                source=path,
+                reason=reason,
+                origin="c-store",
+                calling_ae=calling_ae,
+                organization=org,
+            )
     except Exception:
         log.exception("could not quarantine input from %s", calling_ae)
 
@@ -189,8 +207,11 @@ class DicomGateway:
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store,
-             [self.store, self.settings, self.stats, _SenderCache()]),
+            (
+                evt.EVT_C_STORE,
+                _handle_store,
+                [self.store, self.settings, self.stats, _SenderCache()],
+            ),
         ]
         server = ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,9 +30,9 @@ from rdc_core.settings import get_settings
 __all__ = [
     "Base",
     "UTCDateTime",
+    "after_commit",
     "dispose_engines",
     "get_engine",
-    "after_commit",
     "insert_ignore",
     "on_rollback",
     "read_session",
@@ -96,7 +96,7 @@ class Base(DeclarativeBase):
     """Declarative base for every table of the product."""
 
     metadata = MetaData(naming_convention=_NAMING)
-    type_annotation_map = {datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
 
 
 _engines: dict[str, Engine] = {}
@@ -271,7 +271,9 @@ def upsert(
     return None
 
 
-def insert_ignore(session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]) -> bool:
+def insert_ignore(
+    session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]
+) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
     stmt = _dialect_insert(session, table).values(**values)
     stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ directory: after :meth:`ObjectStore.put_file` returns, the object survives a cra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -113,10 +114,8 @@ class LocalObjectStore:
             raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
         finally:
             if tmp_name is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-                except OSError:
-                    pass
         return StoredObject(key=key, size=size, sha256=digest.hexdigest())
 
     def open(self, key: str) -> BinaryIO:

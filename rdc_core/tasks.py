@@ -33,7 +33,7 @@ TaskFunc = Callable[..., Any]
 
 @dataclass(frozen=True, slots=True)
 class PeriodicTask:
-    """A task the scheduler runs every ``interval`` seconds (read from settings when given a callable)."""
+    """A task the scheduler runs every ``interval()`` seconds (a callable: settings may change)."""
 
     name: str
     interval: Callable[[], float]

@@ -59,7 +59,9 @@ def alliance(rdc_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def server(rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
+def server(
+    rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
+) -> Iterator[RdcServer]:
     """A running ``rdc serve`` (web + DICOM + worker) on free ports, stopped after the test."""
     srv = RdcServer(rdc_env, tmp_path / "serve.log")
     srv.start()
@@ -67,4 +69,3 @@ def server(rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path) ->
         yield srv
     finally:
         srv.stop()
-

@@ -43,12 +43,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rdc_cli(env: dict[str, str], *args: str, input: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def rdc_cli(
+    env: dict[str, str],
+    *args: str,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Run ``rdc ARGS`` as a subprocess with ``env``."""
     result = subprocess.run(
-        [sys.executable, "-m", "web.cli", *args], env=env, input=input, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "web.cli", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"rdc {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
@@ -88,14 +97,25 @@ def seed_alliance(env: dict[str, str]) -> dict[str, str]:
     users of ALLIANCE_USERS; returns username -> password."""
     passwords = {name: f"pw-{name}-123" for name in ALLIANCE_USERS}
     lines = "\n".join(f"{n} {r} {o} {passwords[n]}" for n, (r, o) in ALLIANCE_USERS.items())
-    result = subprocess.run([sys.executable, "-c", _SEED], env=env, input=lines, text=True,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _SEED],
+        env=env,
+        input=lines,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return passwords
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.2,
-             what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    *,
+    timeout: float = 30,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -120,12 +140,13 @@ class RdcServer:
         self.data_dir = Path(env["RDC_DATA_DIR"])
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "web.cli", "serve", *self.args], env=self.env,
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "web.cli", "serve", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
 
     def _ready(self) -> bool:
@@ -153,15 +174,21 @@ class RdcServer:
         self.proc = None
 
     def token(self, username: str, password: str) -> str:
-        response = httpx.post(f"{self.http}/api/v1/auth/token",
-                              data={"username": username, "password": password}, timeout=10)
+        response = httpx.post(
+            f"{self.http}/api/v1/auth/token",
+            data={"username": username, "password": password},
+            timeout=10,
+        )
         assert response.status_code == 200, response.text
         return str(response.json()["access_token"])
 
     def client(self, username: str, password: str) -> httpx.Client:
         """An HTTP client authorised as ``username``."""
-        return httpx.Client(base_url=self.http, timeout=30,
-                            headers={"Authorization": f"Bearer {self.token(username, password)}"})
+        return httpx.Client(
+            base_url=self.http,
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.token(username, password)}"},
+        )
 
     def db(self) -> sqlite3.Connection:
         """A read connection to the server's SQLite index, for checking what is stored."""
@@ -178,8 +205,9 @@ def transfer_syntax(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
 
-def storescu(dcmtk: Path, files: Iterable[Path], *, port: int, calling_ae: str,
-             called_ae: str = "RDC") -> list[subprocess.CompletedProcess[str]]:
+def storescu(
+    dcmtk: Path, files: Iterable[Path], *, port: int, calling_ae: str, called_ae: str = "RDC"
+) -> list[subprocess.CompletedProcess[str]]:
     """Send ``files`` with dcmtk storescu, one association per transfer syntax."""
     groups: dict[str, list[Path]] = defaultdict(list)
     for path in files:
@@ -187,11 +215,26 @@ def storescu(dcmtk: Path, files: Iterable[Path], *, port: int, calling_ae: str,
     env = {**os.environ, "TCP_NODELAY": "1"}
     results = []
     for ts, paths in sorted(groups.items()):
-        results.append(subprocess.run(
-            [str(dcmtk / "storescu"), "-R", *_STORESCU_FLAG[ts], "-aet", calling_ae,
-             "-aec", called_ae, "127.0.0.1", str(port), *map(str, paths)],
-            env=env, capture_output=True, text=True, timeout=300,
-        ))
+        results.append(
+            subprocess.run(
+                [
+                    str(dcmtk / "storescu"),
+                    "-R",
+                    *_STORESCU_FLAG[ts],
+                    "-aet",
+                    calling_ae,
+                    "-aec",
+                    called_ae,
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, paths),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        )
     return results
 
 

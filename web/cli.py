@@ -17,8 +17,11 @@ from rdc_core.settings import get_settings
 
 __all__ = ["main"]
 
-app = typer.Typer(help="RDC — remote diagnostic centre of a medical alliance.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="RDC — remote diagnostic centre of a medical alliance.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 clinic_app = typer.Typer(help="Member clinics.", no_args_is_help=True)
 org_app = typer.Typer(help="Organisations (the lead hospital and clinics).", no_args_is_help=True)
@@ -55,7 +58,9 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
     upgrade_database()
     try:
         with session_scope() as session:
-            org = add_organization(session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae)
+            org = add_organization(
+                session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae
+            )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
     except RDCError as exc:
         _fail(str(exc))
@@ -66,7 +71,9 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
 def clinic_add(
     code: Annotated[str, typer.Option(help="short code, e.g. CLINIC_A")],
     name: Annotated[str, typer.Option(help="display name")],
-    ae: Annotated[list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")] = None,
+    ae: Annotated[
+        list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")
+    ] = None,
 ) -> None:
     """Register a member clinic and the AE titles its modalities call with."""
     _add_org(code, name, "clinic", ae or [])
@@ -88,11 +95,17 @@ def org_add(
 @user_app.command("add")
 def user_add(
     username: Annotated[str, typer.Option()],
-    role: Annotated[str, typer.Option(help="technician, clinician, reader, senior_reader, qc, admin")],
+    role: Annotated[
+        str, typer.Option(help="technician, clinician, reader, senior_reader, qc, admin")
+    ],
     org: Annotated[str, typer.Option(help="organisation code")],
-    level: Annotated[str | None, typer.Option(help="resident, attending or chief (readers)")] = None,
+    level: Annotated[
+        str | None, typer.Option(help="resident, attending or chief (readers)")
+    ] = None,
     name: Annotated[str, typer.Option(help="display name")] = "",
-    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from stdin")
+    ] = False,
 ) -> None:
     """Create a user (or reset their password and role)."""
     from rdc_core.db import session_scope
@@ -112,8 +125,15 @@ def user_add(
     upgrade_database()
     try:
         with session_scope() as session:
-            add_user(session, username=username, password=password, role=role_value,
-                     org_code=org, level=level_value, display_name=name)
+            add_user(
+                session,
+                username=username,
+                password=password,
+                role=role_value,
+                org_code=org,
+                level=level_value,
+                display_name=name,
+            )
     except RDCError as exc:
         _fail(str(exc))
     console.print(f"user {username}: {role_value.value} at {org}")
@@ -130,7 +150,9 @@ def demo() -> None:
     upgrade_database()
     stored = seed_demo(settings=settings, store=get_object_store(settings))
     console.print(f"demo alliance ready; {stored} new instances stored")
-    console.print("users: " + ", ".join(u.username for u in DEMO_USERS) + f"; password: {DEMO_PASSWORD}")
+    console.print(
+        "users: " + ", ".join(u.username for u in DEMO_USERS) + f"; password: {DEMO_PASSWORD}"
+    )
 
 
 @app.command("import")
@@ -162,9 +184,14 @@ def import_(
             try:
                 with session_scope() as session:
                     org = org_ref(get_organization(session, code=clinic))
-                    result = ingest_dicom_file(session, store=store, source=path,
-                                               calling_ae=f"import:{clinic}"[:16], zone=settings.zone,
-                                               organization=org)
+                    result = ingest_dicom_file(
+                        session,
+                        store=store,
+                        source=path,
+                        calling_ae=f"import:{clinic}"[:16],
+                        zone=settings.zone,
+                        organization=org,
+                    )
                 counts[result.outcome.value] += 1
             except InvalidDicomError as exc:
                 counts["rejected"] += 1
@@ -203,7 +230,10 @@ def serve(
         from web.demo import DEMO_PASSWORD, seed_demo
 
         seed_demo(settings=settings, store=store)
-        console.print(f"demo alliance seeded (users admin, reader, senior, tech_a …; password {DEMO_PASSWORD})")
+        console.print(
+            f"demo alliance seeded (users admin, reader, senior, tech_a …; "
+            f"password {DEMO_PASSWORD})"
+        )
 
     import worklist.tasks  # noqa: F401  (registers the periodic tasks)
 
@@ -218,8 +248,13 @@ def serve(
             console.print(f"DICOM listener: AE {settings.dicom_ae_title} on {host}:{port}")
         if role in ("all", "web"):
             console.print(f"web: http://{settings.http_host}:{settings.http_port}")
-            uvicorn.run(create_app(), host=settings.http_host, port=settings.http_port,
-                        log_level="warning", access_log=False)
+            uvicorn.run(
+                create_app(),
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                access_log=False,
+            )
         elif gateway is not None:
             _wait_for_signal()
     finally:

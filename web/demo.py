@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_gateway.ingest import ingest_dicom_file
 from rdc_core.db import session_scope, utcnow
@@ -28,7 +28,11 @@ DEMO_PASSWORD = "rdc-demo"
 
 LEAD = ("LEAD", "联盟牵头医院 Alliance Lead Hospital")
 CLINICS = [
-    ("CLINIC_A", "城东社区卫生服务中心 East Community Health Centre", ["CLINIC_A_CT", "CLINIC_A_DR"]),
+    (
+        "CLINIC_A",
+        "城东社区卫生服务中心 East Community Health Centre",
+        ["CLINIC_A_CT", "CLINIC_A_DR"],
+    ),
     ("CLINIC_B", "河口镇卫生院 Hekou Township Hospital", ["CLINIC_B_MR", "CLINIC_B_US"]),
 ]
 
@@ -53,10 +57,54 @@ DEMO_USERS = [
 
 # (clinic AE, patient id, name, sex, birth, modality, body part, description, priority, images)
 _STUDIES = [
-    ("CLINIC_A_CT", "A0001", "Wang^Fang=王^芳", "F", "19580312", "CT", "CHEST", "胸部CT平扫 Chest CT", "STAT", 3),
-    ("CLINIC_A_DR", "A0002", "Li^Qiang=李^强", "M", "19760705", "DX", "CHEST", "胸部正位片 Chest X-ray", "ROUTINE", 1),
-    ("CLINIC_B_MR", "B0001", "Zhao^Min=赵^敏", "F", "19650921", "MR", "HEAD", "头颅MR Brain MRI", "HIGH", 2),
-    ("CLINIC_B_US", "B0002", "Chen^Jun=陈^军", "M", "19890130", "US", "ABDOMEN", "腹部超声 Abdominal US", "ROUTINE", 1),
+    (
+        "CLINIC_A_CT",
+        "A0001",
+        "Wang^Fang=王^芳",
+        "F",
+        "19580312",
+        "CT",
+        "CHEST",
+        "胸部CT平扫 Chest CT",
+        "STAT",
+        3,
+    ),
+    (
+        "CLINIC_A_DR",
+        "A0002",
+        "Li^Qiang=李^强",
+        "M",
+        "19760705",
+        "DX",
+        "CHEST",
+        "胸部正位片 Chest X-ray",
+        "ROUTINE",
+        1,
+    ),
+    (
+        "CLINIC_B_MR",
+        "B0001",
+        "Zhao^Min=赵^敏",
+        "F",
+        "19650921",
+        "MR",
+        "HEAD",
+        "头颅MR Brain MRI",
+        "HIGH",
+        2,
+    ),
+    (
+        "CLINIC_B_US",
+        "B0002",
+        "Chen^Jun=陈^军",
+        "M",
+        "19890130",
+        "US",
+        "ABDOMEN",
+        "腹部超声 Abdominal US",
+        "ROUTINE",
+        1,
+    ),
 ]
 
 _SOP_CLASS = {
@@ -129,8 +177,14 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
         for code, name, aes in CLINICS:
             add_organization(session, code=code, name=name, kind=OrgKind.CLINIC, ae_titles=aes)
         for user in DEMO_USERS:
-            add_user(session, username=user.username, password=DEMO_PASSWORD, role=user.role,
-                     org_code=user.org, level=user.level)
+            add_user(
+                session,
+                username=user.username,
+                password=DEMO_PASSWORD,
+                role=user.role,
+                org_code=user.org,
+                level=user.level,
+            )
     # Demo studies are presented as already complete, so the worklist fills at the first
     # stable-study scan instead of after the stable age.
     received_at = utcnow() - timedelta(seconds=settings.stable_age_seconds + 1)
@@ -142,7 +196,11 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                 with session_scope() as session:
                     org_code = next(c for c, _, aes in CLINICS if study[0] in aes)
                     result = ingest_dicom_file(
-                        session, store=store, source=path, calling_ae=study[0], zone=settings.zone,
+                        session,
+                        store=store,
+                        source=path,
+                        calling_ae=study[0],
+                        zone=settings.zone,
                         organization=org_ref(get_organization(session, code=org_code)),
                         received_at=received_at,
                     )

@@ -39,8 +39,15 @@ _STATUS_FOR: list[tuple[type[RDCError], int]] = [
 PROBLEM_JSON = "application/problem+json"
 
 
-def problem(status: int, detail: str, *, title: str | None = None, instance: str | None = None,
-            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+def problem(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     """A problem+json response."""
     body: dict[str, Any] = {
         "type": "about:blank",
@@ -63,17 +70,25 @@ def install_problem_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        return problem(status, str(exc), title=exc.title, instance=request.url.path, headers=headers)
+        return problem(
+            status, str(exc), title=exc.title, instance=request.url.path, headers=headers
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), instance=request.url.path,
-                       headers=getattr(exc, "headers", None))
+        return problem(
+            exc.status_code,
+            str(exc.detail),
+            instance=request.url.path,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-        return problem(422, "request parameters are invalid", instance=request.url.path, errors=errors)
+        return problem(
+            422, "request parameters are invalid", instance=request.url.path, errors=errors
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

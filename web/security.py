@@ -28,7 +28,9 @@ def issue_token(principal: Principal, settings: Settings) -> tuple[str, int]:
     lifetime = timedelta(minutes=settings.access_token_minutes)
     now = utcnow()
     claims = {"sub": principal.user_id, "iat": now, "exp": now + lifetime}
-    return jwt.encode(claims, settings.token_secret(), algorithm=_ALGORITHM), int(lifetime.total_seconds())
+    return jwt.encode(claims, settings.token_secret(), algorithm=_ALGORITHM), int(
+        lifetime.total_seconds()
+    )
 
 
 def _principal(
@@ -38,8 +40,12 @@ def _principal(
     if not token:
         raise AuthenticationError("a bearer token is required")
     try:
-        claims = jwt.decode(token, settings.token_secret(), algorithms=[_ALGORITHM],
-                            options={"require": ["exp", "sub"]})
+        claims = jwt.decode(
+            token,
+            settings.token_secret(),
+            algorithms=[_ALGORITHM],
+            options={"require": ["exp", "sub"]},
+        )
     except jwt.PyJWTError as exc:
         raise AuthenticationError(f"invalid token: {exc}") from exc
     with read_session() as session:

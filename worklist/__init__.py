@@ -4,7 +4,16 @@ SLA targets and the audit trail. Intake packages record into it; the web layer r
 
 from worklist.access import Principal
 from worklist.intake import InstanceHeader, RecordOutcome
-from worklist.models import Discipline, Exam, ExamState, OrgKind, Priority, ReaderLevel, Role, WorkItem
+from worklist.models import (
+    Discipline,
+    Exam,
+    ExamState,
+    OrgKind,
+    Priority,
+    ReaderLevel,
+    Role,
+    WorkItem,
+)
 
 __all__ = [
     "Discipline",

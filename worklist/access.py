@@ -33,7 +33,9 @@ class Principal:
         return f"user:{self.username}"
 
 
-def require_roles(principal: Principal, roles: frozenset[Role] | set[Role], *, lead_only: bool = False) -> None:
+def require_roles(
+    principal: Principal, roles: frozenset[Role] | set[Role], *, lead_only: bool = False
+) -> None:
     """Raise PermissionDeniedError unless the principal has one of ``roles``."""
     if principal.role not in roles or (lead_only and principal.org_kind is not OrgKind.LEAD):
         raise PermissionDeniedError(f"role {principal.role.value} may not do this")

@@ -41,11 +41,22 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
-def _digest(prev_hash: str, at: datetime, actor: str, org_id: str | None, action: str,
-            object_type: str, object_id: str, detail: dict[str, Any]) -> str:
+def _digest(
+    prev_hash: str,
+    at: datetime,
+    actor: str,
+    org_id: str | None,
+    action: str,
+    object_type: str,
+    object_id: str,
+    detail: dict[str, Any],
+) -> str:
     canonical = json.dumps(
         [prev_hash, at.isoformat(), actor, org_id, action, object_type, object_id, detail],
-        ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str,
+        ensure_ascii=False,
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -64,14 +75,23 @@ def record_event(
     if session.get_bind().dialect.name == "postgresql":
         # Serialise appenders so the chain stays linear; released at commit.
         session.execute(text("SELECT pg_advisory_xact_lock(726381)"))
-    prev = session.execute(
-        select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).scalar_one_or_none() or _GENESIS
+    prev = (
+        session.execute(
+            select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        ).scalar_one_or_none()
+        or _GENESIS
+    )
     at = utcnow()
     detail = detail or {}
     event = AuditEvent(
-        at=at, actor=actor, org_id=org_id, action=action, object_type=object_type,
-        object_id=object_id, detail=detail, prev_hash=prev,
+        at=at,
+        actor=actor,
+        org_id=org_id,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        detail=detail,
+        prev_hash=prev,
         hash=_digest(prev, at, actor, org_id, action, object_type, object_id, detail),
     )
     session.add(event)
@@ -83,8 +103,16 @@ def verify_chain(session: Session) -> tuple[bool, int | None]:
     """Recompute the chain; returns (intact, first bad sequence number or None)."""
     prev = _GENESIS
     for event in session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars():
-        expected = _digest(prev, event.at, event.actor, event.org_id, event.action,
-                           event.object_type, event.object_id, event.detail)
+        expected = _digest(
+            prev,
+            event.at,
+            event.actor,
+            event.org_id,
+            event.action,
+            event.object_type,
+            event.object_id,
+            event.detail,
+        )
         if event.prev_hash != prev or event.hash != expected:
             return False, event.seq
         prev = event.hash

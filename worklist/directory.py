@@ -27,6 +27,7 @@ __all__ = [
     "principal_for_user",
 ]
 
+
 @dataclass(frozen=True, slots=True)
 class OrgRef:
     """An organisation's identity, cheap to pass around and cache (no ORM state)."""
@@ -44,7 +45,9 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 def _normalise_ae(ae_title: str) -> str:
     value = ae_title.strip()
     if not value or not _AE_RE.match(value):
-        raise InvalidInputError(f"invalid AE title {ae_title!r}: 1-16 printable characters, no backslash")
+        raise InvalidInputError(
+            f"invalid AE title {ae_title!r}: 1-16 printable characters, no backslash"
+        )
     return value
 
 
@@ -65,14 +68,24 @@ def add_organization(
         raise ConflictError(f"organisation {code} exists as a {existing.kind.value}")
     if kind is OrgKind.LEAD:
         other_lead = session.execute(
-            select(Organization.code).where(Organization.kind == OrgKind.LEAD, Organization.id != org_id)
+            select(Organization.code).where(
+                Organization.kind == OrgKind.LEAD, Organization.id != org_id
+            )
         ).scalar_one_or_none()
         if other_lead is not None:
-            raise ConflictError(f"the lead hospital is already {other_lead}; there is one per deployment")
+            raise ConflictError(
+                f"the lead hospital is already {other_lead}; there is one per deployment"
+            )
     upsert(
         session,
         Organization.__table__,
-        {"id": org_id, "code": code, "name": name.strip(), "kind": kind.value, "created_at": utcnow()},
+        {
+            "id": org_id,
+            "code": code,
+            "name": name.strip(),
+            "kind": kind.value,
+            "created_at": utcnow(),
+        },
         conflict=["id"],
         update={"name": name.strip()},
     )
@@ -88,18 +101,24 @@ def add_ae_title(session: Session, *, org_code: str, ae_title: str) -> None:
     org = get_organization(session, code=org_code)
     value = _normalise_ae(ae_title)
     inserted = insert_ignore(
-        session, AETitle.__table__,
-        {"ae_title": value, "org_id": org.id, "created_at": utcnow()}, conflict=["ae_title"],
+        session,
+        AETitle.__table__,
+        {"ae_title": value, "org_id": org.id, "created_at": utcnow()},
+        conflict=["ae_title"],
     )
     if not inserted:
-        owner = session.execute(select(AETitle.org_id).where(AETitle.ae_title == value)).scalar_one()
+        owner = session.execute(
+            select(AETitle.org_id).where(AETitle.ae_title == value)
+        ).scalar_one()
         if owner != org.id:
             raise ConflictError(f"AE title {value} already belongs to another organisation")
 
 
 def get_organization(session: Session, *, code: str) -> Organization:
     """The organisation with ``code``; raises NotFoundError."""
-    org = session.execute(select(Organization).where(Organization.code == code)).scalar_one_or_none()
+    org = session.execute(
+        select(Organization).where(Organization.code == code)
+    ).scalar_one_or_none()
     if org is None:
         raise NotFoundError(f"no organisation with code {code!r}")
     return org
@@ -169,7 +188,10 @@ def add_user(
     if existing is not None and existing.org_id != org.id:
         raise ConflictError(f"user {username} belongs to another organisation")
     upsert(
-        session, User.__table__, values, conflict=["id"],
+        session,
+        User.__table__,
+        values,
+        conflict=["id"],
         update={k: values[k] for k in ("display_name", "password_hash", "role", "level", "active")},
     )
     user = session.get(User, values["id"], populate_existing=True)
@@ -180,8 +202,12 @@ def add_user(
 def principal_for_user(user: User) -> Principal:
     """The service-level identity of ``user``."""
     return Principal(
-        user_id=user.id, username=user.username, role=user.role, org_id=user.org_id,
-        org_kind=user.organization.kind, level=user.level,
+        user_id=user.id,
+        username=user.username,
+        role=user.role,
+        org_id=user.org_id,
+        org_kind=user.organization.kind,
+        level=user.level,
     )
 
 

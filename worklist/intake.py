@@ -97,20 +97,32 @@ def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance |
     return KnownInstance(*row) if row else None
 
 
-def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_code: str, now: datetime) -> str:
+def _upsert_patient(
+    session: Session, header: InstanceHeader, org_id: str, org_code: str, now: datetime
+) -> str:
     issuer = header.issuer_of_patient_id or org_code
     patient_ref = stable_id("patient", org_id, issuer, header.patient_id)
     upsert(
         session,
         Patient.__table__,
         {
-            "id": patient_ref, "org_id": org_id, "issuer": issuer, "patient_id": header.patient_id,
-            "name": header.patient_name, "birth_date": header.patient_birth_date,
+            "id": patient_ref,
+            "org_id": org_id,
+            "issuer": issuer,
+            "patient_id": header.patient_id,
+            "name": header.patient_name,
+            "birth_date": header.patient_birth_date,
             "sex": header.patient_sex,
-            "original": {**header.patient_original,
-                         **({"_coerced": {"PatientID": header.patient_id}}
-                            if "PatientID" in header.coerced else {})},
-            "created_at": now, "updated_at": now,
+            "original": {
+                **header.patient_original,
+                **(
+                    {"_coerced": {"PatientID": header.patient_id}}
+                    if "PatientID" in header.coerced
+                    else {}
+                ),
+            },
+            "created_at": now,
+            "updated_at": now,
         },
         conflict=["id"],
         # The first values stay (reports cite them); only the last-seen time moves.
@@ -119,22 +131,33 @@ def _upsert_patient(session: Session, header: InstanceHeader, org_id: str, org_c
     return patient_ref
 
 
-def _upsert_exam(session: Session, header: InstanceHeader, org_id: str, patient_ref: str, now: datetime) -> Any:
+def _upsert_exam(
+    session: Session, header: InstanceHeader, org_id: str, patient_ref: str, now: datetime
+) -> Any:
     exam_id = exam_id_for(header.study_instance_uid)
     table = Exam.__table__
     exam = upsert(
         session,
         table,
         {
-            "id": exam_id, "study_instance_uid": header.study_instance_uid, "org_id": org_id,
-            "patient_ref": patient_ref, "accession_number": header.accession_number,
-            "discipline": header.discipline.value, "modality": header.modality,
-            "modalities": header.modality, "body_part": header.body_part,
+            "id": exam_id,
+            "study_instance_uid": header.study_instance_uid,
+            "org_id": org_id,
+            "patient_ref": patient_ref,
+            "accession_number": header.accession_number,
+            "discipline": header.discipline.value,
+            "modality": header.modality,
+            "modalities": header.modality,
+            "body_part": header.body_part,
             "description": header.study_description,
             "priority": (header.priority or Priority.ROUTINE).value,
-            "state": ExamState.RECEIVING.value, "instance_count": 0, "has_conflicts": False,
-            "performed_at": header.performed_at, "first_received_at": now,
-            "last_received_at": now, "created_at": now,
+            "state": ExamState.RECEIVING.value,
+            "instance_count": 0,
+            "has_conflicts": False,
+            "performed_at": header.performed_at,
+            "first_received_at": now,
+            "last_received_at": now,
+            "created_at": now,
         },
         conflict=["id"],
         update={"last_received_at": now},
@@ -171,13 +194,21 @@ def record_instance(
         Instance.__table__,
         {
             "id": stable_id("instance", header.sop_instance_uid),
-            "sop_instance_uid": header.sop_instance_uid, "exam_id": exam.id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "exam_id": exam.id,
             "series_instance_uid": header.series_instance_uid,
-            "series_number": header.series_number, "instance_number": header.instance_number,
-            "sop_class_uid": header.sop_class_uid, "modality": header.modality,
-            "body_part": header.body_part, "transfer_syntax_uid": header.transfer_syntax_uid,
-            "storage_key": storage_key, "size_bytes": size_bytes, "sha256": sha256,
-            "calling_ae": calling_ae, "received_at": now, "coerced": header.coerced or None,
+            "series_number": header.series_number,
+            "instance_number": header.instance_number,
+            "sop_class_uid": header.sop_class_uid,
+            "modality": header.modality,
+            "body_part": header.body_part,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "storage_key": storage_key,
+            "size_bytes": size_bytes,
+            "sha256": sha256,
+            "calling_ae": calling_ae,
+            "received_at": now,
+            "coerced": header.coerced or None,
         },
         conflict=["sop_instance_uid"],
     )
@@ -212,9 +243,13 @@ def record_conflict(
         InstanceConflict.__table__,
         {
             "id": stable_id("conflict", header.sop_instance_uid, sha256),
-            "sop_instance_uid": header.sop_instance_uid, "exam_id": existing.exam_id,
-            "storage_key": storage_key, "size_bytes": size_bytes, "sha256": sha256,
-            "calling_ae": calling_ae, "received_at": now,
+            "sop_instance_uid": header.sop_instance_uid,
+            "exam_id": existing.exam_id,
+            "storage_key": storage_key,
+            "size_bytes": size_bytes,
+            "sha256": sha256,
+            "calling_ae": calling_ae,
+            "received_at": now,
         },
         conflict=["id"],
     )
@@ -240,9 +275,16 @@ def record_quarantine(
         session,
         QuarantineItem.__table__,
         {
-            "id": item_id, "storage_key": storage_key, "reason": reason[:4000], "source": source,
-            "calling_ae": calling_ae, "org_id": org_id, "sop_instance_uid": sop_instance_uid,
-            "size_bytes": size_bytes, "sha256": sha256, "received_at": now,
+            "id": item_id,
+            "storage_key": storage_key,
+            "reason": reason[:4000],
+            "source": source,
+            "calling_ae": calling_ae,
+            "org_id": org_id,
+            "sop_instance_uid": sop_instance_uid,
+            "size_bytes": size_bytes,
+            "sha256": sha256,
+            "received_at": now,
         },
         conflict=["id"],
         update={"received_at": now, "reason": reason[:4000]},

@@ -95,8 +95,14 @@ class WorkItemState(enum.StrEnum):
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # Stored as plain strings with a CHECK constraint: readable in SQL and portable.
-    return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e],
-                length=32, validate_strings=True)
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        values_callable=lambda e: [m.value for m in e],
+        length=32,
+        validate_strings=True,
+    )
 
 
 class Organization(Base):
@@ -119,7 +125,9 @@ class AETitle(Base):
     __tablename__ = "ae_titles"
 
     ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+    org_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     organization: Mapped[Organization] = relationship(back_populates="ae_titles")
@@ -135,7 +143,9 @@ class User(Base):
     display_name: Mapped[str] = mapped_column(String(200), default="")
     password_hash: Mapped[str] = mapped_column(String(200))
     role: Mapped[Role] = mapped_column(_enum(Role, "user_role"))
-    level: Mapped[ReaderLevel | None] = mapped_column(_enum(ReaderLevel, "reader_level"), nullable=True)
+    level: Mapped[ReaderLevel | None] = mapped_column(
+        _enum(ReaderLevel, "reader_level"), nullable=True
+    )
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -184,8 +194,12 @@ class Exam(Base):
     modalities: Mapped[str] = mapped_column(String(200), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
     description: Mapped[str] = mapped_column(String(200), default="")
-    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.ROUTINE)
-    state: Mapped[ExamState] = mapped_column(_enum(ExamState, "exam_state"), default=ExamState.RECEIVING)
+    priority: Mapped[Priority] = mapped_column(
+        _enum(Priority, "priority"), default=Priority.ROUTINE
+    )
+    state: Mapped[ExamState] = mapped_column(
+        _enum(ExamState, "exam_state"), default=ExamState.RECEIVING
+    )
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     has_conflicts: Mapped[bool] = mapped_column(Boolean, default=False)
     performed_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -241,7 +255,9 @@ class InstanceConflict(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    exam_id: Mapped[str | None] = mapped_column(ForeignKey("exams.id", ondelete="SET NULL"), nullable=True)
+    exam_id: Mapped[str | None] = mapped_column(
+        ForeignKey("exams.id", ondelete="SET NULL"), nullable=True
+    )
     storage_key: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -267,7 +283,10 @@ class QuarantineItem(Base):
 
 
 class RoutingRule(Base):
-    """Sends READY exams matching the non-empty criteria to a reader pool; lowest ``position`` wins."""
+    """Sends READY exams matching its non-empty criteria to a reader pool.
+
+    Rules are tried by ascending ``position``; the first match wins.
+    """
 
     __tablename__ = "routing_rules"
 
@@ -286,7 +305,9 @@ class SlaTarget(Base):
 
     __tablename__ = "sla_targets"
 
-    discipline: Mapped[Discipline] = mapped_column(_enum(Discipline, "discipline"), primary_key=True)
+    discipline: Mapped[Discipline] = mapped_column(
+        _enum(Discipline, "discipline"), primary_key=True
+    )
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), primary_key=True)
     minutes: Mapped[int] = mapped_column(Integer)
 

@@ -26,7 +26,7 @@ WORKLIST_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN
 MAX_PAGE = 500
 
 
-def _scoped(stmt: Select, principal: Principal) -> Select:  # type: ignore[type-arg]
+def _scoped(stmt: Select, principal: Principal) -> Select:
     if principal.is_clinic_user:
         return stmt.where(Exam.org_id == principal.org_id)
     return stmt
@@ -41,9 +41,12 @@ def _check_page(limit: int, offset: int) -> None:
 
 def _summary(exam: Exam, model: type[ExamSummary] = ExamSummary) -> ExamSummary:
     return model.model_validate(
-        {**{c: getattr(exam, c) for c in model.model_fields if hasattr(exam, c)},
-         "clinic_code": exam.organization.code, "patient": exam.patient,
-         **({"instances": exam.instances} if "instances" in model.model_fields else {})}
+        {
+            **{c: getattr(exam, c) for c in model.model_fields if hasattr(exam, c)},
+            "clinic_code": exam.organization.code,
+            "patient": exam.patient,
+            **({"instances": exam.instances} if "instances" in model.model_fields else {}),
+        }
     )
 
 
@@ -62,7 +65,9 @@ def list_exams(
     _check_page(limit, offset)
     stmt = select(Exam)
     if clinic:
-        stmt = stmt.join(Organization, Organization.id == Exam.org_id).where(Organization.code == clinic)
+        stmt = stmt.join(Organization, Organization.id == Exam.org_id).where(
+            Organization.code == clinic
+        )
     if state:
         stmt = stmt.where(Exam.state == state)
     if modality:
@@ -71,13 +76,22 @@ def list_exams(
         stmt = stmt.where(Exam.priority == priority)
     stmt = _scoped(stmt, principal)
     total = session.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
-    exams = session.execute(
-        stmt.order_by(Exam.last_received_at.desc(), Exam.id).limit(limit).offset(offset)
-    ).scalars().all()
+    exams = (
+        session.execute(
+            stmt.order_by(Exam.last_received_at.desc(), Exam.id).limit(limit).offset(offset)
+        )
+        .scalars()
+        .all()
+    )
     items = [_summary(e) for e in exams]
     record_event(
-        session, actor=principal.actor, org_id=principal.org_id, action="list", object_type="exam",
-        object_id="*", detail={"exam_ids": [e.id for e in items]},
+        session,
+        actor=principal.actor,
+        org_id=principal.org_id,
+        action="list",
+        object_type="exam",
+        object_id="*",
+        detail={"exam_ids": [e.id for e in items]},
     )
     return Page[ExamSummary](items=items, total=total, limit=limit, offset=offset)
 
@@ -88,12 +102,18 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
     An exam outside the caller's organisation is reported as not found, so a clinic cannot
     learn which study UIDs other clinics hold.
     """
-    stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal).options(selectinload(Exam.instances))
+    stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal).options(
+        selectinload(Exam.instances)
+    )
     exam = session.execute(stmt).scalar_one_or_none()
     if exam is None:
         raise NotFoundError(f"no exam {exam_id}")
     record_event(
-        session, actor=principal.actor, org_id=principal.org_id, action="view", object_type="exam",
+        session,
+        actor=principal.actor,
+        org_id=principal.org_id,
+        action="view",
+        object_type="exam",
         object_id=exam.id,
     )
     detail = _summary(exam, ExamDetail)
@@ -101,7 +121,9 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
     return detail
 
 
-def list_worklist(session: Session, *, principal: Principal, limit: int = 50, offset: int = 0) -> Page[WorkItemOut]:
+def list_worklist(
+    session: Session, *, principal: Principal, limit: int = 50, offset: int = 0
+) -> Page[WorkItemOut]:
     """Open work items, most urgent first, then earliest due (lead hospital staff only)."""
     require_roles(principal, WORKLIST_ROLES, lead_only=True)
     _check_page(limit, offset)
@@ -113,24 +135,43 @@ def list_worklist(session: Session, *, principal: Principal, limit: int = 50, of
         .where(WorkItem.state == WorkItemState.OPEN, Exam.state == ExamState.READY)
     )
     total = session.execute(
-        select(func.count()).select_from(WorkItem).join(Exam, Exam.id == WorkItem.exam_id)
+        select(func.count())
+        .select_from(WorkItem)
+        .join(Exam, Exam.id == WorkItem.exam_id)
         .where(WorkItem.state == WorkItemState.OPEN, Exam.state == ExamState.READY)
     ).scalar_one()
     rows = session.execute(
-        base.order_by(WorkItem.priority_rank, WorkItem.due_at, WorkItem.id).limit(limit).offset(offset)
+        base.order_by(WorkItem.priority_rank, WorkItem.due_at, WorkItem.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     items = [
         WorkItemOut(
-            id=item.id, state=item.state, pool=item.pool, priority=item.priority, due_at=item.due_at,
-            created_at=item.created_at, exam_id=exam.id, study_instance_uid=exam.study_instance_uid,
-            clinic_code=org.code, discipline=exam.discipline, modality=exam.modality,
-            body_part=exam.body_part, description=exam.description, patient_name=patient.name,
+            id=item.id,
+            state=item.state,
+            pool=item.pool,
+            priority=item.priority,
+            due_at=item.due_at,
+            created_at=item.created_at,
+            exam_id=exam.id,
+            study_instance_uid=exam.study_instance_uid,
+            clinic_code=org.code,
+            discipline=exam.discipline,
+            modality=exam.modality,
+            body_part=exam.body_part,
+            description=exam.description,
+            patient_name=patient.name,
             patient_id=patient.patient_id,
         )
         for item, exam, patient, org in rows
     ]
     record_event(
-        session, actor=principal.actor, org_id=principal.org_id, action="list",
-        object_type="work_item", object_id="*", detail={"work_item_ids": [i.id for i in items]},
+        session,
+        actor=principal.actor,
+        org_id=principal.org_id,
+        action="list",
+        object_type="work_item",
+        object_id="*",
+        detail={"work_item_ids": [i.id for i in items]},
     )
     return Page[WorkItemOut](items=items, total=total, limit=limit, offset=offset)

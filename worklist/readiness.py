@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, stable_id
@@ -52,11 +53,15 @@ class ReadyExam:
 
 def route_exam(session: Session, *, exam: Exam) -> str:
     """The reader pool for ``exam``: the first matching routing rule, else the discipline's pool."""
-    rules = session.execute(select(RoutingRule).order_by(RoutingRule.position, RoutingRule.id)).scalars()
+    rules = session.execute(
+        select(RoutingRule).order_by(RoutingRule.position, RoutingRule.id)
+    ).scalars()
     for rule in rules:
         if rule.discipline and rule.discipline != exam.discipline.value:
             continue
-        if rule.modality and rule.modality.upper() not in {m.upper() for m in exam.modalities.split("\\")}:
+        if rule.modality and rule.modality.upper() not in {
+            m.upper() for m in exam.modalities.split("\\")
+        }:
             continue
         if rule.body_part and rule.body_part.upper() != exam.body_part.upper():
             continue
@@ -69,7 +74,8 @@ def route_exam(session: Session, *, exam: Exam) -> str:
 
 
 def due_time(session: Session, *, exam: Exam) -> datetime:
-    """When the final report is due: first arrival plus the SLA target for discipline and priority."""
+    """When the final report is due: first arrival plus the SLA target for the exam's
+    discipline and priority."""
     minutes = session.execute(
         select(SlaTarget.minutes).where(
             SlaTarget.discipline == exam.discipline, SlaTarget.priority == exam.priority
@@ -80,24 +86,34 @@ def due_time(session: Session, *, exam: Exam) -> datetime:
     return exam.first_received_at + timedelta(minutes=minutes)
 
 
-def mark_stable_exams_ready(session: Session, *, now: datetime, stable_age_seconds: float) -> list[ReadyExam]:
+def mark_stable_exams_ready(
+    session: Session, *, now: datetime, stable_age_seconds: float
+) -> list[ReadyExam]:
     """Move every RECEIVING exam quiet for ``stable_age_seconds`` to READY and queue it."""
     cutoff = now - timedelta(seconds=stable_age_seconds)
-    candidates = session.execute(
-        select(Exam.id)
-        .where(Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
-        .order_by(Exam.last_received_at)
-        .limit(_BATCH)
-    ).scalars().all()
+    candidates = (
+        session.execute(
+            select(Exam.id)
+            .where(Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
+            .order_by(Exam.last_received_at)
+            .limit(_BATCH)
+        )
+        .scalars()
+        .all()
+    )
     made_ready: list[ReadyExam] = []
     for exam_id in candidates:
-        won = session.execute(
+        result = session.execute(
             update(Exam)
-            .where(Exam.id == exam_id, Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
+            .where(
+                Exam.id == exam_id,
+                Exam.state == ExamState.RECEIVING,
+                Exam.last_received_at <= cutoff,
+            )
             .values(state=ExamState.READY, ready_at=now)
             .execution_options(synchronize_session=False)
-        ).rowcount
-        if not won:
+        )
+        if not cast(CursorResult[Any], result).rowcount:
             continue  # another worker got there first, or an instance just arrived
         exam = session.get(Exam, exam_id, populate_existing=True)
         assert exam is not None
@@ -107,10 +123,14 @@ def mark_stable_exams_ready(session: Session, *, now: datetime, stable_age_secon
             session,
             WorkItem.__table__,
             {
-                "id": stable_id("work_item", exam_id), "exam_id": exam_id,
-                "state": WorkItemState.OPEN.value, "pool": pool,
-                "priority": exam.priority.value, "priority_rank": exam.priority.rank,
-                "due_at": due_at, "created_at": now,
+                "id": stable_id("work_item", exam_id),
+                "exam_id": exam_id,
+                "state": WorkItemState.OPEN.value,
+                "pool": pool,
+                "priority": exam.priority.value,
+                "priority_rank": exam.priority.rank,
+                "due_at": due_at,
+                "created_at": now,
             },
             conflict=["exam_id"],
         )

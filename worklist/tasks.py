@@ -27,7 +27,9 @@ def mark_stable_exams_ready_task() -> int:
                 session, now=utcnow(), stable_age_seconds=settings.stable_age_seconds
             )
         for item in ready:
-            log.info("exam %s READY, pool %s, due %s", item.exam_id, item.pool, item.due_at.isoformat())
+            log.info(
+                "exam %s READY, pool %s, due %s", item.exam_id, item.pool, item.due_at.isoformat()
+            )
         total += len(ready)
         if len(ready) < 200:
             return total

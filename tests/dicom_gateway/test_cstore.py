@@ -20,7 +20,8 @@ VALID_EXCLUDED = {"DICOMDIR"}
 def valid_files(testdata: Path) -> list[Path]:
     root = testdata / "dicom"
     return sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and "malformed" not in p.parts and p.name not in VALID_EXCLUDED
     )
 
@@ -34,19 +35,35 @@ def all_ok(results: list[subprocess.CompletedProcess[str]]) -> None:
 def stored_copies(server: RdcServer, sop_uid: str) -> list[Path]:
     """Every stored object for this SOP instance: the instance of record and kept conflicts."""
     with server.db() as db:
-        keys = [r[0] for r in db.execute(
-            "SELECT storage_key FROM instances WHERE sop_instance_uid=? "
-            "UNION ALL SELECT storage_key FROM instance_conflicts WHERE sop_instance_uid=?",
-            (sop_uid, sop_uid))]
+        keys = [
+            r[0]
+            for r in db.execute(
+                "SELECT storage_key FROM instances WHERE sop_instance_uid=? "
+                "UNION ALL SELECT storage_key FROM instance_conflicts WHERE sop_instance_uid=?",
+                (sop_uid, sop_uid),
+            )
+        ]
     return [server.data_dir / "objects" / k for k in keys]
 
 
 def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
     server: RdcServer, dcmtk: Path, testdata: Path, alliance: dict[str, str]
 ) -> None:
-    echo = subprocess.run([str(dcmtk / "echoscu"), "-aet", "CLINIC_A_CT", "-aec", "RDC",
-                           "127.0.0.1", str(server.dicom_port)], capture_output=True, text=True,
-                          env={**os.environ, "TCP_NODELAY": "1"}, timeout=30)
+    echo = subprocess.run(
+        [
+            str(dcmtk / "echoscu"),
+            "-aet",
+            "CLINIC_A_CT",
+            "-aec",
+            "RDC",
+            "127.0.0.1",
+            str(server.dicom_port),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=30,
+    )
     assert echo.returncode == 0, echo.stderr
 
     files = valid_files(testdata)
@@ -61,7 +78,8 @@ def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
         assert copies, f"{path.name} not indexed"
         assert any(same_dataset(path, copy) for copy in copies), f"{path.name} changed in store"
         expected_exams[ds.get("StudyInstanceUID", f"no-study:{ds.SOPInstanceUID}")].add(
-            ds.SOPInstanceUID)
+            ds.SOPInstanceUID
+        )
 
     # Grouped into exams by study; instances listed under the right exam in the API.
     reader = server.client("reader", alliance["reader"])
@@ -74,7 +92,9 @@ def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
                 sop = study_uid.split(":", 1)[1]
                 study_uid = db.execute(
                     "SELECT e.study_instance_uid FROM exams e JOIN instances i ON i.exam_id=e.id "
-                    "WHERE i.sop_instance_uid=?", (sop,)).fetchone()[0]
+                    "WHERE i.sop_instance_uid=?",
+                    (sop,),
+                ).fetchone()[0]
             detail = reader.get(f"/api/v1/exams/{by_study[study_uid]['id']}").json()
             assert {i["sop_instance_uid"] for i in detail["instances"]} == sop_uids
             assert detail["clinic_code"] == "CLINIC_A"
@@ -93,7 +113,9 @@ def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
     assert {i["study_instance_uid"] for i in page["items"]} == set(by_study)
     keys = [(i["priority"] != "emergency", i["due_at"]) for i in page["items"]]
     assert keys == sorted(keys)
-    states = {e["state"] for e in reader.get("/api/v1/exams", params={"limit": 500}).json()["items"]}
+    states = {
+        e["state"] for e in reader.get("/api/v1/exams", params={"limit": 500}).json()["items"]
+    }
     assert states == {"READY"}
 
 
@@ -122,8 +144,10 @@ def test_resending_a_study_duplicates_nothing(
 
     def counts() -> tuple[int, ...]:
         with server.db() as db:
-            return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                         for t in ("instances", "exams", "work_items", "patients", "instance_conflicts"))
+            return tuple(
+                db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("instances", "exams", "work_items", "patients", "instance_conflicts")
+            )
 
     before = counts()
     objects_before = server.objects("dicom")
@@ -146,9 +170,20 @@ def test_unknown_calling_ae_is_rejected(server: RdcServer, dcmtk: Path) -> None:
     assert assoc.is_rejected
     assert assoc.acceptor.primitive.result_source == 1  # service user
     assert assoc.acceptor.primitive.diagnostic == 3  # calling AE title not recognised
-    echo = subprocess.run([str(dcmtk / "echoscu"), "-aet", "STRANGER", "-aec", "RDC",
-                           "127.0.0.1", str(server.dicom_port)], capture_output=True, text=True,
-                          timeout=30)
+    echo = subprocess.run(
+        [
+            str(dcmtk / "echoscu"),
+            "-aet",
+            "STRANGER",
+            "-aec",
+            "RDC",
+            "127.0.0.1",
+            str(server.dicom_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert echo.returncode != 0
     assert "Calling AE Title Not Recognized" in echo.stderr
 
@@ -162,8 +197,9 @@ def test_malformed_dataset_fails_is_quarantined_and_service_goes_on(
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
     try:
         ae = AE(ae_title="CLINIC_A_CT")
-        ae.add_requested_context(sop_class, [pydicom.dcmread(path, stop_before_pixels=True)
-                                             .file_meta.TransferSyntaxUID])
+        ae.add_requested_context(
+            sop_class, [pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID]
+        )
         assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
         assert assoc.is_established
         status = assoc.send_c_store(path)

@@ -25,8 +25,10 @@ def _send(server: RdcServer, ds: pydicom.Dataset, calling_ae: str = "CLINIC_A_CT
 
 def _counts(server: RdcServer) -> tuple[int, int, int]:
     with server.db() as db:
-        return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
-                     for t in ("instances", "exams", "patients"))
+        return tuple(
+            db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
+            for t in ("instances", "exams", "patients")
+        )
 
 
 def test_store_failure_answers_out_of_resources_and_leaves_no_rows(
@@ -50,8 +52,10 @@ def test_database_failure_answers_failure_and_removes_the_object(
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     with sqlite3.connect(server.data_dir / "rdc.sqlite3") as db:
-        db.execute("CREATE TRIGGER fail_index BEFORE INSERT ON instances "
-                   "BEGIN SELECT RAISE(ABORT, 'index unavailable'); END")
+        db.execute(
+            "CREATE TRIGGER fail_index BEFORE INSERT ON instances "
+            "BEGIN SELECT RAISE(ABORT, 'index unavailable'); END"
+        )
 
     assert _send(server, ds) == 0x0110  # Processing failure
     assert _counts(server) == (0, 0, 0)
@@ -77,8 +81,11 @@ def test_exam_still_becomes_ready_after_a_restart_during_receiving(
         server.stop(signal.SIGKILL)  # no chance to clean up
         server.start()
         reader = server.client("reader", alliance["reader"])
-        page = wait_for(lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 1 and p,
-                        timeout=30, what="exam READY after restart")
+        page = wait_for(
+            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 1 and p,
+            timeout=30,
+            what="exam READY after restart",
+        )
         assert page["items"][0]["clinic_code"] == "CLINIC_A"
         with server.db() as db:
             assert db.execute("SELECT count(*) FROM work_items").fetchone()[0] == 1

@@ -22,10 +22,14 @@ def _store(server: RdcServer, calling_ae: str, path: Path) -> None:
     assoc.release()
 
 
-def test_health_and_token_errors_are_problem_responses(server: RdcServer, alliance: dict[str, str]) -> None:
+def test_health_and_token_errors_are_problem_responses(
+    server: RdcServer, alliance: dict[str, str]
+) -> None:
     assert httpx.get(f"{server.http}/healthz").json()["status"] == "ok"
 
-    bad = httpx.post(f"{server.http}/api/v1/auth/token", data={"username": "reader", "password": "nope"})
+    bad = httpx.post(
+        f"{server.http}/api/v1/auth/token", data={"username": "reader", "password": "nope"}
+    )
     assert bad.status_code == 401
     assert bad.headers["content-type"] == "application/problem+json"
     assert bad.json()["status"] == 401 and bad.json()["title"]
@@ -40,10 +44,14 @@ def test_health_and_token_errors_are_problem_responses(server: RdcServer, allian
     assert invalid.status_code == 422
     assert invalid.json()["errors"][0]["loc"] == ["query", "limit"]
     missing = reader.get("/api/v1/exams/does-not-exist")
-    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert (
+        missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    )
 
 
-def test_clinic_sees_only_its_own_exams(server: RdcServer, alliance: dict[str, str], testdata: Path) -> None:
+def test_clinic_sees_only_its_own_exams(
+    server: RdcServer, alliance: dict[str, str], testdata: Path
+) -> None:
     _store(server, "CLINIC_A_CT", testdata / "dicom" / "CT_small.dcm")
     _store(server, "CLINIC_B_MR", testdata / "dicom" / "MR_small.dcm")
 
@@ -77,16 +85,22 @@ def test_clinic_sees_only_its_own_exams(server: RdcServer, alliance: dict[str, s
     wait_for(lambda: reader.get("/api/v1/worklist").json()["total"] == 2, what="work items")
     assert reader.get("/api/v1/exams", params={"modality": "MR"}).json()["total"] == 1
     assert reader.get("/api/v1/exams", params={"state": "RECEIVING"}).json()["total"] == 0
-    assert reader.get("/api/v1/exams", params={"state": "READY", "clinic": "CLINIC_A"}).json()["total"] == 1
+    assert (
+        reader.get("/api/v1/exams", params={"state": "READY", "clinic": "CLINIC_A"}).json()["total"]
+        == 1
+    )
 
     # Every access above is in the audit trail, and the chain verifies.
     with server.db() as db:
-        actions = db.execute("SELECT actor, action, object_type, object_id FROM audit_events").fetchall()
+        actions = db.execute(
+            "SELECT actor, action, object_type, object_id FROM audit_events"
+        ).fetchall()
     assert ("user:tech_a", "view", "exam", exam_of["CLINIC_A"]) in [tuple(a) for a in actions]
 
 
-def test_worklist_orders_by_priority_then_due_time(server: RdcServer, alliance: dict[str, str],
-                                                   testdata: Path, tmp_path: Path) -> None:
+def test_worklist_orders_by_priority_then_due_time(
+    server: RdcServer, alliance: dict[str, str], testdata: Path, tmp_path: Path
+) -> None:
     base = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     for index, priority in enumerate(["ROUTINE", "STAT", "HIGH", None]):
         ds = copy.deepcopy(base)
@@ -102,8 +116,10 @@ def test_worklist_orders_by_priority_then_due_time(server: RdcServer, alliance: 
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
     reader = server.client("reader", alliance["reader"])
-    page = wait_for(lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 4 and p,
-                    what="four work items")
+    page = wait_for(
+        lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 4 and p,
+        what="four work items",
+    )
     assert [i["priority"] for i in page["items"]] == ["emergency", "urgent", "routine", "routine"]
     routine = [i["due_at"] for i in page["items"][2:]]
     assert routine == sorted(routine)

@@ -15,43 +15,94 @@ def _db(env: dict[str, str]) -> sqlite3.Connection:
 def test_org_clinic_and_user_commands(rdc_env: dict[str, str]) -> None:
     rdc_cli(rdc_env, "db", "upgrade")
     rdc_cli(rdc_env, "org", "add", "--code", "LEAD", "--name", "牵头医院", "--kind", "lead")
-    second_lead = rdc_cli(rdc_env, "org", "add", "--code", "LEAD2", "--name", "X", "--kind", "lead",
-                          check=False)
+    second_lead = rdc_cli(
+        rdc_env, "org", "add", "--code", "LEAD2", "--name", "X", "--kind", "lead", check=False
+    )
     assert second_lead.returncode != 0 and "one per deployment" in second_lead.stderr
-    rdc_cli(rdc_env, "clinic", "add", "--code", "C1", "--name", "卫生院", "--ae", "C1_CT", "--ae", "C1_US")
-    taken = rdc_cli(rdc_env, "clinic", "add", "--code", "C2", "--name", "Other", "--ae", "C1_CT",
-                    check=False)
+    rdc_cli(
+        rdc_env,
+        "clinic",
+        "add",
+        "--code",
+        "C1",
+        "--name",
+        "卫生院",
+        "--ae",
+        "C1_CT",
+        "--ae",
+        "C1_US",
+    )
+    taken = rdc_cli(
+        rdc_env, "clinic", "add", "--code", "C2", "--name", "Other", "--ae", "C1_CT", check=False
+    )
     assert taken.returncode != 0 and "already belongs" in taken.stderr
-    bad_ae = rdc_cli(rdc_env, "clinic", "add", "--code", "C3", "--name", "Bad", "--ae", "A\\B",
-                     check=False)
+    bad_ae = rdc_cli(
+        rdc_env, "clinic", "add", "--code", "C3", "--name", "Bad", "--ae", "A\\B", check=False
+    )
     assert bad_ae.returncode != 0 and "invalid AE title" in bad_ae.stderr
 
-    rdc_cli(rdc_env, "user", "add", "--username", "dr_li", "--role", "reader", "--org", "LEAD",
-            "--level", "attending", "--password-stdin", input="s3cret-pass\n")
-    wrong_org = rdc_cli(rdc_env, "user", "add", "--username", "dr_x", "--role", "reader", "--org", "C1",
-                        "--password-stdin", input="s3cret-pass\n", check=False)
+    rdc_cli(
+        rdc_env,
+        "user",
+        "add",
+        "--username",
+        "dr_li",
+        "--role",
+        "reader",
+        "--org",
+        "LEAD",
+        "--level",
+        "attending",
+        "--password-stdin",
+        input="s3cret-pass\n",
+    )
+    wrong_org = rdc_cli(
+        rdc_env,
+        "user",
+        "add",
+        "--username",
+        "dr_x",
+        "--role",
+        "reader",
+        "--org",
+        "C1",
+        "--password-stdin",
+        input="s3cret-pass\n",
+        check=False,
+    )
     assert wrong_org.returncode != 0 and "lead hospital" in wrong_org.stderr
 
     with _db(rdc_env) as db:
-        assert sorted(r[0] for r in db.execute("SELECT ae_title FROM ae_titles")) == ["C1_CT", "C1_US"]
+        assert sorted(r[0] for r in db.execute("SELECT ae_title FROM ae_titles")) == [
+            "C1_CT",
+            "C1_US",
+        ]
         username, role, level, password_hash = db.execute(
-            "SELECT username, role, level, password_hash FROM users").fetchone()
+            "SELECT username, role, level, password_hash FROM users"
+        ).fetchone()
         kinds = dict(db.execute("SELECT code, kind FROM organizations"))
     assert (username, role, level) == ("dr_li", "reader", "attending")
     assert password_hash.startswith("$2") and "s3cret" not in password_hash
     assert kinds == {"LEAD": "lead", "C1": "clinic"}
 
 
-def test_import_dicomdir_through_the_ingest_service(rdc_env: dict[str, str], alliance: dict[str, str],
-                                                    testdata: Path, tmp_path: Path) -> None:
+def test_import_dicomdir_through_the_ingest_service(
+    rdc_env: dict[str, str], alliance: dict[str, str], testdata: Path, tmp_path: Path
+) -> None:
     dicomdir = testdata / "dicom" / "study_dicomdir" / "DICOMDIR"
     result = rdc_cli(rdc_env, "import", "--clinic", "CLINIC_B", str(dicomdir))
     assert "31 stored" in result.stderr
     again = rdc_cli(rdc_env, "import", "--clinic", "CLINIC_B", str(dicomdir.parent))
     assert "0 stored, 31 duplicate" in again.stderr
 
-    mixed = rdc_cli(rdc_env, "import", "--clinic", "CLINIC_B",
-                    str(testdata / "dicom" / "malformed"), str(testdata / "dicom" / "CT_small.dcm"))
+    mixed = rdc_cli(
+        rdc_env,
+        "import",
+        "--clinic",
+        "CLINIC_B",
+        str(testdata / "dicom" / "malformed"),
+        str(testdata / "dicom" / "CT_small.dcm"),
+    )
     # JPEG-lossy.dcm is a readable object with a bad codestream: kept (readers decide);
     # the seven unreadable, truncated or inconsistent files are refused with a reason each.
     assert "2 stored" in mixed.stderr and "7 rejected" in mixed.stderr
@@ -65,7 +116,10 @@ def test_import_dicomdir_through_the_ingest_service(rdc_env: dict[str, str], all
     server.start()
     try:
         reader = server.client("reader", alliance["reader"])
-        wait_for(lambda: reader.get("/api/v1/worklist").json()["total"] == 8, what="imported exams queued")
+        wait_for(
+            lambda: reader.get("/api/v1/worklist").json()["total"] == 8,
+            what="imported exams queued",
+        )
     finally:
         server.stop()
 
@@ -80,8 +134,10 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
     server.start()
     try:
         reader = server.client("reader", "rdc-demo")
-        page = wait_for(lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 4 and p,
-                        what="demo worklist")
+        page = wait_for(
+            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 4 and p,
+            what="demo worklist",
+        )
         assert page["items"][0]["priority"] == "emergency"
         assert "王" in page["items"][0]["patient_name"]
         clinic = server.client("tech_b", "rdc-demo").get("/api/v1/exams").json()

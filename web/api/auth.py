@@ -33,8 +33,18 @@ def login(
     """Exchange username and password for a bearer token."""
     with session_scope() as session:
         principal = authenticate(session, username=form.username, password=form.password)
-        record_event(session, actor=principal.actor, org_id=principal.org_id, action="login",
-                     object_type="user", object_id=principal.user_id)
+        record_event(
+            session,
+            actor=principal.actor,
+            org_id=principal.org_id,
+            action="login",
+            object_type="user",
+            object_id=principal.user_id,
+        )
     token, expires_in = issue_token(principal, settings)
-    return Token(access_token=token, expires_in=expires_in, role=principal.role.value,
-                 org_id=principal.org_id)
+    return Token(
+        access_token=token,
+        expires_in=expires_in,
+        role=principal.role.value,
+        org_id=principal.org_id,
+    )

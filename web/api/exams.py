@@ -27,12 +27,23 @@ def exams(
 ) -> Page[ExamSummary]:
     """Exams the caller may see (a clinic sees only its own), newest first."""
     with session_scope() as session:
-        return list_exams(session, principal=principal, clinic=clinic, state=state,
-                          modality=modality, priority=priority, limit=limit, offset=offset)
+        return list_exams(
+            session,
+            principal=principal,
+            clinic=clinic,
+            state=state,
+            modality=modality,
+            priority=priority,
+            limit=limit,
+            offset=offset,
+        )
 
 
-@router.get("/{exam_id}", response_model=ExamDetail,
-            responses={404: {"description": "no such exam, or it belongs to another clinic"}})
+@router.get(
+    "/{exam_id}",
+    response_model=ExamDetail,
+    responses={404: {"description": "no such exam, or it belongs to another clinic"}},
+)
 def exam(exam_id: str, principal: CurrentPrincipal) -> ExamDetail:
     """One exam with its instances. Another clinic's exam answers 404, never 403."""
     with session_scope() as session:

@@ -14,8 +14,11 @@ from worklist.schemas import Page, WorkItemOut
 router = APIRouter(prefix="/api/v1/worklist", tags=["worklist"])
 
 
-@router.get("", response_model=Page[WorkItemOut],
-            responses={403: {"description": "clinic users have no reading worklist"}})
+@router.get(
+    "",
+    response_model=Page[WorkItemOut],
+    responses={403: {"description": "clinic users have no reading worklist"}},
+)
 def worklist(
     principal: CurrentPrincipal,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
