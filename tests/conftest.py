@@ -69,3 +69,23 @@ def server(
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, migrated SQLite database for in-process service tests; yields its URL."""
+    from rdc_core.db import dispose_engines
+    from rdc_core.migrate import upgrade_database
+    from rdc_core.settings import reset_settings
+
+    for key in [k for k in os.environ if k.startswith("RDC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RDC_DATA_DIR", str(tmp_path / "data"))
+    reset_settings()
+    dispose_engines()
+    upgrade_database()
+    from rdc_core.settings import get_settings
+
+    yield get_settings().resolved_database_url
+    dispose_engines()
+    reset_settings()

@@ -1,0 +1,39 @@
+"""Settings come from RDC_ variables; production never runs on defaulted secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rdc_core.errors import ConfigurationError
+from rdc_core.settings import Settings
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RDC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RDC_DICOM_PORT", "4242")
+    monkeypatch.setenv("RDC_STABLE_AGE_SECONDS", "7.5")
+    settings = Settings()
+    assert settings.dicom_port == 4242
+    assert settings.stable_age_seconds == 7.5
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path.resolve()}/rdc.sqlite3"
+
+
+def test_production_requires_secret_and_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RDC_ENV", "production")
+    with pytest.raises(ConfigurationError, match="RDC_SECRET_KEY"):
+        Settings()
+    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    with pytest.raises(ConfigurationError, match="RDC_DATABASE_URL"):
+        Settings()
+    monkeypatch.setenv("RDC_DATABASE_URL", "postgresql+psycopg://db/rdc")
+    assert Settings().env == "production"
+
+
+def test_development_secret_is_generated_once(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    first = settings.token_secret()
+    assert len(first) >= 32
+    assert Settings(data_dir=tmp_path).token_secret() == first
+    assert (tmp_path / ".secret_key").stat().st_mode & 0o077 == 0

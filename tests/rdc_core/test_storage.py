@@ -1,0 +1,51 @@
+"""The local object store writes whole objects or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from rdc_core.errors import NotFoundError, StorageError
+from rdc_core.storage import LocalObjectStore
+
+
+def test_put_open_delete_roundtrip(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    data = b"\x00DICM" * 100_000
+    stored = store.put_bytes("dicom/1.2/3.4/5.6.dcm", data)
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    with store.open("dicom/1.2/3.4/5.6.dcm") as f:
+        assert f.read() == data
+    assert list(store.iter_keys("dicom")) == ["dicom/1.2/3.4/5.6.dcm"]
+    store.delete("dicom/1.2/3.4/5.6.dcm")
+    store.delete("dicom/1.2/3.4/5.6.dcm")  # deletes are retried: missing is fine
+    with pytest.raises(NotFoundError):
+        store.open("dicom/1.2/3.4/5.6.dcm")
+
+
+def test_failed_write_leaves_no_partial_object(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "dicom").write_text("not a directory")
+    with pytest.raises(StorageError):
+        store.put_bytes("dicom/a/b.dcm", b"x" * 10)
+    assert [p.name for p in (tmp_path / "objects").iterdir()] == ["dicom"]
+    (tmp_path / "objects" / "dicom").unlink()
+
+    class Exploding:
+        def read(self, size: int = -1) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(StorageError):
+        store._write("other/c.dcm", Exploding())  # type: ignore[arg-type]
+    assert list(store.iter_keys()) == []
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "objects").rglob("*"))
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", ""])
+def test_keys_cannot_escape_the_root(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValueError):
+        LocalObjectStore(tmp_path).put_bytes(key, b"x")
