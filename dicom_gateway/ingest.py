@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from rdc_core.db import on_rollback, utcnow
 from rdc_core.errors import InvalidInputError, PermissionDeniedError
-from rdc_core.storage import ObjectStore
+from rdc_core.storage import ObjectStore, StoredObject
 from worklist.directory import OrgRef, organization_for_ae
 from worklist.intake import (
     InstanceHeader,
@@ -243,11 +243,14 @@ def instance_key(header: InstanceHeader, sha256: str) -> str:
     )
 
 
-def _store_once(session: Session, store: ObjectStore, key: str, source: Path) -> None:
-    existed = store.exists(key)
-    stored = store.put_file(key, source)
-    if not existed:
+def _store_new(
+    session: Session, store: ObjectStore, source: Path, key_for: Callable[[str], str]
+) -> StoredObject:
+    stored, created = store.put_file_addressed(source, key_for)
+    if created:
+        # Content-addressed: an existing key already held these bytes and stays.
         on_rollback(session, lambda: store.delete(stored.key))
+    return stored
 
 
 def ingest_dicom_file(
@@ -269,13 +272,34 @@ def ingest_dicom_file(
     if org is None:
         raise UnknownSenderError(f"calling AE title {calling_ae!r} is not registered to a clinic")
     header = read_header(source, zone=zone)
-    sha256 = _sha256(source)
     now = received_at or utcnow()
-    key = instance_key(header, sha256)
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
-    if existing is not None and existing.sha256 == sha256:
-        if existing.org_id != org.id:
-            raise PermissionDeniedError("this SOP instance belongs to another organisation")
+    if existing is None:
+        stored = _store_new(session, store, source, lambda sha: instance_key(header, sha))
+        outcome, exam_id = record_instance(
+            session,
+            header=header,
+            org_id=org.id,
+            org_code=org.code,
+            storage_key=stored.key,
+            size_bytes=stored.size,
+            sha256=stored.sha256,
+            calling_ae=calling_ae,
+            now=now,
+        )
+        if outcome is RecordOutcome.STORED:
+            return IngestResult(
+                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, stored.key
+            )
+        # Another association indexed the same SOP instance meanwhile: judge against it.
+        existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
+        assert existing is not None
+        sha256 = stored.sha256
+    else:
+        sha256 = _sha256(source)
+    if existing.org_id != org.id:
+        raise PermissionDeniedError("this SOP instance belongs to another organisation")
+    if existing.sha256 == sha256:
         return IngestResult(
             RecordOutcome.DUPLICATE,
             existing.exam_id,
@@ -283,46 +307,31 @@ def ingest_dicom_file(
             header.sop_instance_uid,
             existing.storage_key,
         )
-    if existing is not None:
-        if existing.org_id != org.id:
-            raise PermissionDeniedError("this SOP instance belongs to another organisation")
-        key = f"conflicts/{header.sop_instance_uid}/{sha256}.dcm"
-        _store_once(session, store, key, source)
-        record_conflict(
-            session,
-            header=header,
-            existing=existing,
-            storage_key=key,
-            size_bytes=os.path.getsize(source),
-            sha256=sha256,
-            calling_ae=calling_ae,
-            now=now,
-        )
-        log.warning(
-            "SOP instance %s re-sent with different content; kept as %s",
-            header.sop_instance_uid,
-            key,
-        )
-        return IngestResult(
-            RecordOutcome.CONFLICT,
-            existing.exam_id,
-            header.study_instance_uid,
-            header.sop_instance_uid,
-            key,
-        )
-    _store_once(session, store, key, source)
-    outcome, exam_id = record_instance(
+    conflict = _store_new(
+        session, store, source, lambda sha: f"conflicts/{header.sop_instance_uid}/{sha}.dcm"
+    )
+    record_conflict(
         session,
         header=header,
-        org_id=org.id,
-        org_code=org.code,
-        storage_key=key,
-        size_bytes=os.path.getsize(source),
-        sha256=sha256,
+        existing=existing,
+        storage_key=conflict.key,
+        size_bytes=conflict.size,
+        sha256=conflict.sha256,
         calling_ae=calling_ae,
         now=now,
     )
-    return IngestResult(outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, key)
+    log.warning(
+        "SOP instance %s re-sent with different content; kept as %s",
+        header.sop_instance_uid,
+        conflict.key,
+    )
+    return IngestResult(
+        RecordOutcome.CONFLICT,
+        existing.exam_id,
+        header.study_instance_uid,
+        header.sop_instance_uid,
+        conflict.key,
+    )
 
 
 def quarantine_file(
@@ -340,16 +349,14 @@ def quarantine_file(
 
     Returns the quarantine record's ID.
     """
-    sha256 = _sha256(source)
-    key = f"quarantine/{sha256[:2]}/{sha256}.bin"
-    _store_once(session, store, key, source)
+    stored = _store_new(session, store, source, lambda sha: f"quarantine/{sha[:2]}/{sha}.bin")
     return record_quarantine(
         session,
-        storage_key=key,
+        storage_key=stored.key,
         reason=reason,
         source=origin,
-        size_bytes=os.path.getsize(source),
-        sha256=sha256,
+        size_bytes=stored.size,
+        sha256=stored.sha256,
         calling_ae=calling_ae,
         org_id=organization.id if organization else None,
         sop_instance_uid=sop_instance_uid,

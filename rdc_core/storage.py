@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -24,6 +25,7 @@ from rdc_core.settings import Settings, get_settings
 __all__ = ["LocalObjectStore", "ObjectStore", "StoredObject", "get_object_store"]
 
 _CHUNK = 1 << 20
+_STAGING = ".incoming"
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
@@ -45,6 +47,16 @@ class ObjectStore(Protocol):
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         """Write ``data`` to ``key`` durably."""
+        ...
+
+    def put_file_addressed(
+        self, source: Path, key_for: Callable[[str], str]
+    ) -> tuple[StoredObject, bool]:
+        """Write ``source`` durably under ``key_for(sha256 of its bytes)``.
+
+        One pass over the data. Returns the object and whether the key was new (a key
+        derived from the content that already exists held the same bytes).
+        """
         ...
 
     def open(self, key: str) -> BinaryIO:
@@ -85,21 +97,29 @@ class LocalObjectStore:
 
     def put_file(self, key: str, source: Path) -> StoredObject:
         with open(source, "rb") as src:
-            return self._write(key, src)
+            return self._put(src, lambda _sha: key)[0]
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        import io
+        return self._put(io.BytesIO(data), lambda _sha: key)[0]
 
-        return self._write(key, io.BytesIO(data))
+    def put_file_addressed(
+        self, source: Path, key_for: Callable[[str], str]
+    ) -> tuple[StoredObject, bool]:
+        with open(source, "rb") as src:
+            return self._put(src, key_for)
 
-    def _write(self, key: str, src: BinaryIO) -> StoredObject:
-        target = self._path(key)
+    def _put(self, src: BinaryIO, key_for: Callable[[str], str]) -> tuple[StoredObject, bool]:
+        # Stage in a hidden folder on the same file system, fsync, then rename into place
+        # and fsync the directory: readers see the whole object or nothing, and after return
+        # the object survives a crash. One pass over the data computes the hash as well.
         digest = hashlib.sha256()
         size = 0
         tmp_name: str | None = None
+        key = "<unknown>"
         try:
-            _make_dirs_durable(target.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            staging = self.root / _STAGING
+            _make_dirs_durable(staging)
+            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=staging)
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
@@ -107,6 +127,11 @@ class LocalObjectStore:
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            sha256 = digest.hexdigest()
+            key = key_for(sha256)
+            target = self._path(key)
+            _make_dirs_durable(target.parent)
+            created = not target.exists()
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(target.parent)
@@ -116,7 +141,7 @@ class LocalObjectStore:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-        return StoredObject(key=key, size=size, sha256=digest.hexdigest())
+        return StoredObject(key=key, size=size, sha256=sha256), created
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -142,7 +167,7 @@ class LocalObjectStore:
         if not base.exists():
             return
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".tmp-"):
+            if path.is_file() and _STAGING not in path.parts and not path.name.startswith(".tmp-"):
                 yield path.relative_to(self.root).as_posix()
 
     def check(self) -> None:

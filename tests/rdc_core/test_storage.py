@@ -32,7 +32,7 @@ def test_failed_write_leaves_no_partial_object(tmp_path: Path) -> None:
     (tmp_path / "objects" / "dicom").write_text("not a directory")
     with pytest.raises(StorageError):
         store.put_bytes("dicom/a/b.dcm", b"x" * 10)
-    assert [p.name for p in (tmp_path / "objects").iterdir()] == ["dicom"]
+    assert list(store.iter_keys()) == ["dicom"]  # only the obstacle
     (tmp_path / "objects" / "dicom").unlink()
 
     class Exploding:
@@ -40,9 +40,20 @@ def test_failed_write_leaves_no_partial_object(tmp_path: Path) -> None:
             raise OSError(5, "Input/output error")
 
     with pytest.raises(StorageError):
-        store._write("other/c.dcm", Exploding())  # type: ignore[arg-type]
+        store._put(Exploding(), lambda _sha: "other/c.dcm")  # type: ignore[arg-type]
     assert list(store.iter_keys()) == []
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "objects").rglob("*"))
+
+
+def test_content_addressed_put_reports_whether_the_key_is_new(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    source = tmp_path / "in.dcm"
+    source.write_bytes(b"pixels")
+    first, created = store.put_file_addressed(source, lambda sha: f"dicom/{sha[:8]}.dcm")
+    again, created_again = store.put_file_addressed(source, lambda sha: f"dicom/{sha[:8]}.dcm")
+    assert (created, created_again) == (True, False)
+    assert first == again
+    assert first.key == f"dicom/{hashlib.sha256(b'pixels').hexdigest()[:8]}.dcm"
 
 
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", ""])
