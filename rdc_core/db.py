@@ -21,7 +21,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
 
 from rdc_core.errors import DatabaseUnavailableError
@@ -236,13 +235,40 @@ def read_session(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
-def _dialect_insert(session: Session, table: Any) -> Insert:
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"upsert is not implemented for {name}")
+_statement_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def _insert_on_conflict(
+    session: Session,
+    table: Any,
+    columns: tuple[str, ...],
+    conflict: tuple[str, ...],
+    update: tuple[str, ...],
+    returning: tuple[str, ...],
+) -> Any:
+    # Built once per shape and reused: SQLAlchemy then skips compiling it again, which
+    # matters on the ingest path (a fresh statement costs several times its execution).
+    dialect = session.get_bind().dialect.name
+    key = (dialect, table.name, columns, conflict, update, returning)
+    stmt = _statement_cache.get(key)
+    if stmt is None:
+        if dialect == "postgresql":
+            base: Any = postgresql.insert(table)
+        elif dialect == "sqlite":
+            base = sqlite.insert(table)
+        else:
+            raise NotImplementedError(f"upsert is not implemented for {dialect}")
+        if update:
+            stmt = base.on_conflict_do_update(
+                index_elements=list(conflict),
+                set_={name: base.excluded[name] for name in update},
+            )
+        else:
+            stmt = base.on_conflict_do_nothing(index_elements=list(conflict))
+        if returning:
+            stmt = stmt.returning(*(table.c[name] for name in returning))
+        _statement_cache[key] = stmt
+    return stmt
 
 
 def upsert(
@@ -251,23 +277,20 @@ def upsert(
     values: Mapping[str, Any],
     *,
     conflict: Sequence[str],
-    update: Mapping[str, Any] | None = None,
-    returning: Sequence[Any] = (),
+    update: Sequence[str] = (),
+    returning: Sequence[str] = (),
 ) -> Any:
-    """INSERT ... ON CONFLICT (``conflict``) DO UPDATE SET ``update`` (or DO NOTHING).
+    """INSERT ``values`` ... ON CONFLICT (``conflict``) DO UPDATE the ``update`` columns to the
+    proposed values (or DO NOTHING when ``update`` is empty).
 
     The database's constraint decides, so two writers racing on the same key never create
-    two rows; ``update`` may use column expressions (e.g. ``table.c.count + 1``). With
-    ``returning`` (and ``update``), returns the row as it is after the statement.
+    two rows. With ``returning``, returns the row as it is after the statement.
     """
-    stmt = _dialect_insert(session, table).values(**values)
-    if update:
-        stmt = stmt.on_conflict_do_update(index_elements=list(conflict), set_=dict(update))  # type: ignore[attr-defined]
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]
+    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), tuple(update),
+                               tuple(returning))
+    result = session.execute(stmt, dict(values))
     if returning:
-        return session.execute(stmt.returning(*returning)).one()
-    session.execute(stmt)
+        return result.one()
     return None
 
 
@@ -275,7 +298,6 @@ def insert_ignore(
     session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]
 ) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
-    stmt = _dialect_insert(session, table).values(**values)
-    stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[attr-defined]
-    result = session.execute(stmt)
+    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), (), ())
+    result = session.execute(stmt, dict(values))
     return bool(getattr(result, "rowcount", 0))

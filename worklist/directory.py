@@ -87,7 +87,7 @@ def add_organization(
             "created_at": utcnow(),
         },
         conflict=["id"],
-        update={"name": name.strip()},
+        update=["name"],
     )
     for ae in ae_titles or []:
         add_ae_title(session, org_code=code, ae_title=ae)
@@ -192,7 +192,7 @@ def add_user(
         User.__table__,
         values,
         conflict=["id"],
-        update={k: values[k] for k in ("display_name", "password_hash", "role", "level", "active")},
+        update=["display_name", "password_hash", "role", "level", "active"],
     )
     user = session.get(User, values["id"], populate_existing=True)
     assert user is not None

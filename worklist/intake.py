@@ -9,9 +9,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, stable_id, upsert
@@ -87,13 +87,28 @@ class KnownInstance:
     sha256: str
 
 
+_instances, _exams = cast(Table, Instance.__table__), cast(Table, Exam.__table__)
+# Statements of the ingest path, built once (see rdc_core.db.upsert for why).
+_FIND_INSTANCE = (
+    select(_instances.c.exam_id, _exams.c.org_id, _instances.c.storage_key, _instances.c.sha256)
+    .join(_exams, _exams.c.id == _instances.c.exam_id)
+    .where(_instances.c.sop_instance_uid == bindparam("sop"))
+)
+_COUNT_INSTANCE = (
+    update(_exams)
+    .where(_exams.c.id == bindparam("exam"))
+    .values(
+        instance_count=_exams.c.instance_count + 1,
+        modalities=bindparam("new_modalities"),
+        body_part=bindparam("new_body_part"),
+        priority=bindparam("new_priority"),
+    )
+)
+
+
 def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance | None:
     """The indexed instance with this SOP Instance UID, if any."""
-    row = session.execute(
-        select(Instance.exam_id, Exam.org_id, Instance.storage_key, Instance.sha256)
-        .join(Exam, Exam.id == Instance.exam_id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).one_or_none()
+    row = session.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
     return KnownInstance(*row) if row else None
 
 
@@ -126,7 +141,7 @@ def _upsert_patient(
         },
         conflict=["id"],
         # The first values stay (reports cite them); only the last-seen time moves.
-        update={"updated_at": now},
+        update=["updated_at"],
     )
     return patient_ref
 
@@ -160,8 +175,8 @@ def _upsert_exam(
             "created_at": now,
         },
         conflict=["id"],
-        update={"last_received_at": now},
-        returning=[Exam.id, Exam.org_id, Exam.modalities, Exam.body_part, Exam.priority],
+        update=["last_received_at"],
+        returning=["id", "org_id", "modalities", "body_part", "priority"],
     )
     if exam.org_id != org_id:
         raise PermissionDeniedError(
@@ -214,15 +229,21 @@ def record_instance(
     )
     if not inserted:
         return RecordOutcome.DUPLICATE, exam.id
-    values: dict[str, Any] = {"instance_count": Exam.instance_count + 1}
     modalities = [m for m in exam.modalities.split("\\") if m]
     if header.modality and header.modality not in modalities:
-        values["modalities"] = "\\".join([*modalities, header.modality])
-    if not exam.body_part and header.body_part:
-        values["body_part"] = header.body_part
-    if header.priority is not None and header.priority.rank < Priority(exam.priority).rank:
-        values["priority"] = header.priority.value
-    session.execute(update(Exam).where(Exam.id == exam.id).values(**values))
+        modalities.append(header.modality)
+    priority = Priority(exam.priority)
+    if header.priority is not None and header.priority.rank < priority.rank:
+        priority = header.priority
+    session.execute(
+        _COUNT_INSTANCE,
+        {
+            "exam": exam.id,
+            "new_modalities": "\\".join(modalities),
+            "new_body_part": exam.body_part or header.body_part,
+            "new_priority": priority.value,
+        },
+    )
     return RecordOutcome.STORED, exam.id
 
 
@@ -287,6 +308,6 @@ def record_quarantine(
             "received_at": now,
         },
         conflict=["id"],
-        update={"received_at": now, "reason": reason[:4000]},
+        update=["received_at", "reason"],
     )
     return item_id
