@@ -8,12 +8,15 @@ call wrote is removed again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -253,6 +256,48 @@ def _store_new(
     return stored
 
 
+@dataclass(frozen=True, slots=True)
+class _NewObject:
+    """An object being written to the store; ``wait`` returns once it is durable."""
+
+    stored: StoredObject
+    pending: Future[bool] | None = None
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+
+
+def _write_new_object(
+    session: Session,
+    store: ObjectStore,
+    source: Path,
+    header: InstanceHeader,
+    source_sha256: str | None,
+    adopt_source: bool,
+) -> _NewObject:
+    if not (adopt_source and source_sha256):
+        return _NewObject(_store_new(session, store, source, lambda sha: instance_key(header, sha)))
+    # The hash is known, so is the key: move the file into the store on an I/O thread
+    # while the caller runs the index statements (fsync releases the GIL).
+    key = instance_key(header, source_sha256)
+    stored = StoredObject(key=key, size=source.stat().st_size, sha256=source_sha256)
+    pending = _store_io().submit(store.adopt_file, source, key)
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            if pending.result():
+                store.delete(key)
+
+    on_rollback(session, undo)
+    return _NewObject(stored, pending)
+
+
+@lru_cache(maxsize=1)
+def _store_io() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdc-store-io")
+
+
 def ingest_dicom_file(
     session: Session,
     *,
@@ -262,8 +307,14 @@ def ingest_dicom_file(
     zone: ZoneInfo,
     organization: OrgRef | None = None,
     received_at: datetime | None = None,
+    source_sha256: str | None = None,
+    adopt_source: bool = False,
 ) -> IngestResult:
     """Store and index the Part-10 file at ``source`` sent by ``calling_ae``.
+
+    With ``adopt_source`` and the file's ``source_sha256`` (the DICOM listener knows both),
+    a new object is moved into the store instead of copied, overlapping the index
+    statements; the caller still commits only once the object is durable.
 
     Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
     of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
@@ -274,29 +325,30 @@ def ingest_dicom_file(
     header = read_header(source, zone=zone)
     now = received_at or utcnow()
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
+    kept: StoredObject | None = None
     if existing is None:
-        stored = _store_new(session, store, source, lambda sha: instance_key(header, sha))
+        new = _write_new_object(session, store, source, header, source_sha256, adopt_source)
         outcome, exam_id = record_instance(
             session,
             header=header,
             org_id=org.id,
             org_code=org.code,
-            storage_key=stored.key,
-            size_bytes=stored.size,
-            sha256=stored.sha256,
+            storage_key=new.stored.key,
+            size_bytes=new.stored.size,
+            sha256=new.stored.sha256,
             calling_ae=calling_ae,
             now=now,
         )
+        new.wait()
         if outcome is RecordOutcome.STORED:
             return IngestResult(
-                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, stored.key
+                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, new.stored.key
             )
         # Another association indexed the same SOP instance meanwhile: judge against it.
         existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
         assert existing is not None
-        sha256 = stored.sha256
-    else:
-        sha256 = _sha256(source)
+        kept = new.stored
+    sha256 = kept.sha256 if kept else (source_sha256 or _sha256(source))
     if existing.org_id != org.id:
         raise PermissionDeniedError("this SOP instance belongs to another organisation")
     if existing.sha256 == sha256:
@@ -307,30 +359,31 @@ def ingest_dicom_file(
             header.sop_instance_uid,
             existing.storage_key,
         )
-    conflict = _store_new(
-        session, store, source, lambda sha: f"conflicts/{header.sop_instance_uid}/{sha}.dcm"
-    )
+    if kept is None:
+        kept = _store_new(
+            session, store, source, lambda sha: f"conflicts/{header.sop_instance_uid}/{sha}.dcm"
+        )
     record_conflict(
         session,
         header=header,
         existing=existing,
-        storage_key=conflict.key,
-        size_bytes=conflict.size,
-        sha256=conflict.sha256,
+        storage_key=kept.key,
+        size_bytes=kept.size,
+        sha256=kept.sha256,
         calling_ae=calling_ae,
         now=now,
     )
     log.warning(
         "SOP instance %s re-sent with different content; kept as %s",
         header.sop_instance_uid,
-        conflict.key,
+        kept.key,
     )
     return IngestResult(
         RecordOutcome.CONFLICT,
         existing.exam_id,
         header.study_instance_uid,
         header.sop_instance_uid,
-        conflict.key,
+        kept.key,
     )
 
 

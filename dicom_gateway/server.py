@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dicom_gateway.ingest import (
     InvalidDicomError,
@@ -77,6 +76,8 @@ class _StorageService:
                     calling_ae=calling_ae,
                     zone=self.settings.zone,
                     organization=request.sender,
+                    source_sha256=request.sha256,
+                    adopt_source=True,
                 )
         except InvalidDicomError as exc:
             self.stats.count("failures")
@@ -104,7 +105,7 @@ class _StorageService:
             RecordOutcome.DUPLICATE: "duplicates",
             RecordOutcome.CONFLICT: "conflicts",
         }[result.outcome]
-        self.stats.count(outcome, request.path.stat().st_size)
+        self.stats.count(outcome)
         return StoreStatus.SUCCESS, ""
 
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
@@ -139,7 +140,7 @@ class DicomGateway:
             ae_title=self.settings.dicom_ae_title,
             max_pdu=self.settings.dicom_max_pdu,
             max_associations=self.settings.dicom_max_associations,
-            spool_dir=Path(self.settings.data_dir) / "spool",
+            spool_dir=self.store.spool_dir,
         )
         service = _StorageService(store=self.store, settings=self.settings, stats=self.stats)
         self._server = UpperLayerServer(

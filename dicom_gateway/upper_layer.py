@@ -14,6 +14,7 @@ Part-10 file as its fragments arrive, so memory use is bounded by the PDU size.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -124,6 +126,7 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax_uid: str
     path: Path
+    sha256: str
 
 
 class StorageHandler(Protocol):
@@ -224,6 +227,7 @@ class _Association:
         self.buffer = bytearray(max(config.max_pdu, 16_384) + 6)
         self._data_file: BinaryIO | None = None
         self._data_path: Path | None = None
+        self._data_hash: Any = None
 
     def run(self) -> None:
         try:
@@ -386,6 +390,7 @@ class _Association:
                     if values is None or self._data_file is None or pc_id != context_id:
                         raise _Abort(_UNEXPECTED_PDU, "data set fragment without its command")
                     self._data_file.write(fragment)
+                    self._data_hash.update(fragment)
                     if last:
                         self._data_file.close()
                         self._dispatch(values, context_id)
@@ -407,8 +412,11 @@ class _Association:
         meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION
         meta.SourceApplicationEntityTitle = self.calling_ae
-        self._data_file.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(self._data_file, meta, enforce_standard=True)  # type: ignore[arg-type]
+        header = DicomBytesIO()
+        header.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(header, meta, enforce_standard=True)
+        self._data_hash = hashlib.sha256(header.getvalue())
+        self._data_file.write(header.getvalue())
 
     def _discard_data_file(self) -> None:
         if self._data_file is not None:
@@ -440,6 +448,7 @@ class _Association:
             sop_instance_uid=sop_instance,
             transfer_syntax_uid=self.contexts[context_id],
             path=self._data_path,
+            sha256=self._data_hash.hexdigest(),
         )
         try:
             status, comment = self.handler.store(request)

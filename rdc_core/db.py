@@ -286,8 +286,9 @@ def upsert(
     The database's constraint decides, so two writers racing on the same key never create
     two rows. With ``returning``, returns the row as it is after the statement.
     """
-    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), tuple(update),
-                               tuple(returning))
+    stmt = _insert_on_conflict(
+        session, table, tuple(values), tuple(conflict), tuple(update), tuple(returning)
+    )
     result = session.execute(stmt, dict(values))
     if returning:
         return result.one()

@@ -9,6 +9,7 @@ directory: after :meth:`ObjectStore.put_file` returns, the object survives a cra
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -57,6 +58,16 @@ class ObjectStore(Protocol):
         One pass over the data. Returns the object and whether the key was new (a key
         derived from the content that already exists held the same bytes).
         """
+        ...
+
+    def adopt_file(self, source: Path, key: str) -> bool:
+        """Move the file at ``source`` (written by us, in :attr:`spool_dir`) to ``key``
+        durably; returns whether the key was new. Cheaper than a copy."""
+        ...
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where incoming data should be written so that :meth:`adopt_file` is cheap."""
         ...
 
     def open(self, key: str) -> BinaryIO:
@@ -142,6 +153,33 @@ class LocalObjectStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
         return StoredObject(key=key, size=size, sha256=sha256), created
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / _STAGING
+
+    def adopt_file(self, source: Path, key: str) -> bool:
+        target = self._path(key)
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _make_dirs_durable(target.parent)
+            created = not target.exists()
+            try:
+                os.replace(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                created = self.put_file_addressed(source, lambda _sha: key)[1]
+                source.unlink()
+                return created
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
+        return created
 
     def open(self, key: str) -> BinaryIO:
         try:
