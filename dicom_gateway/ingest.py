@@ -268,20 +268,14 @@ class _NewObject:
             self.pending.result()
 
 
-def _write_new_object(
-    session: Session,
-    store: ObjectStore,
-    source: Path,
-    header: InstanceHeader,
-    source_sha256: str | None,
-    adopt_source: bool,
+def _adopt_in_background(
+    session: Session, store: ObjectStore, source: Path, header: InstanceHeader, sha256: str
 ) -> _NewObject:
-    if not (adopt_source and source_sha256):
-        return _NewObject(_store_new(session, store, source, lambda sha: instance_key(header, sha)))
-    # The hash is known, so is the key: move the file into the store on an I/O thread
-    # while the caller runs the index statements (fsync releases the GIL).
-    key = instance_key(header, source_sha256)
-    stored = StoredObject(key=key, size=source.stat().st_size, sha256=source_sha256)
+    # The hash is known, so is the key: move the file into the store on an I/O thread while
+    # this thread goes on (fsync releases the GIL). Started before the index transaction so
+    # that the database write lock is not held while the disk syncs.
+    key = instance_key(header, sha256)
+    stored = StoredObject(key=key, size=source.stat().st_size, sha256=sha256)
     pending = _store_io().submit(store.adopt_file, source, key)
 
     def undo() -> None:
@@ -313,8 +307,8 @@ def ingest_dicom_file(
     """Store and index the Part-10 file at ``source`` sent by ``calling_ae``.
 
     With ``adopt_source`` and the file's ``source_sha256`` (the DICOM listener knows both),
-    a new object is moved into the store instead of copied, overlapping the index
-    statements; the caller still commits only once the object is durable.
+    the file is moved into the store instead of copied, in the background while the index
+    statements run; the caller still commits only once the object is durable.
 
     Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
     of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
@@ -324,10 +318,15 @@ def ingest_dicom_file(
         raise UnknownSenderError(f"calling AE title {calling_ae!r} is not registered to a clinic")
     header = read_header(source, zone=zone)
     now = received_at or utcnow()
+    new: _NewObject | None = None
+    if adopt_source and source_sha256:
+        new = _adopt_in_background(session, store, source, header, source_sha256)
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
-    kept: StoredObject | None = None
     if existing is None:
-        new = _write_new_object(session, store, source, header, source_sha256, adopt_source)
+        if new is None:
+            new = _NewObject(
+                _store_new(session, store, source, lambda sha: instance_key(header, sha))
+            )
         outcome, exam_id = record_instance(
             session,
             header=header,
@@ -347,8 +346,9 @@ def ingest_dicom_file(
         # Another association indexed the same SOP instance meanwhile: judge against it.
         existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
         assert existing is not None
-        kept = new.stored
-    sha256 = kept.sha256 if kept else (source_sha256 or _sha256(source))
+    if new is not None:
+        new.wait()
+    sha256 = new.stored.sha256 if new else _sha256(source)
     if existing.org_id != org.id:
         raise PermissionDeniedError("this SOP instance belongs to another organisation")
     if existing.sha256 == sha256:
@@ -359,10 +359,13 @@ def ingest_dicom_file(
             header.sop_instance_uid,
             existing.storage_key,
         )
-    if kept is None:
-        kept = _store_new(
+    kept = (
+        new.stored
+        if new
+        else _store_new(
             session, store, source, lambda sha: f"conflicts/{header.sop_instance_uid}/{sha}.dcm"
         )
+    )
     record_conflict(
         session,
         header=header,

@@ -9,6 +9,7 @@ PostgreSQL is used as it is, by URL.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -103,6 +104,48 @@ _sessionmakers: dict[str, sessionmaker[Session]] = {}
 _lock = threading.Lock()
 
 
+def _gated_sqlite_connection(gate: threading.Lock) -> type[sqlite3.Connection]:
+    """A sqlite3 connection class that lets one writer of this process in at a time.
+
+    SQLite allows one writer per database. Left to itself, a blocked writer polls with
+    sleeps of up to tens of milliseconds; queueing writers on a lock hands the database
+    over the moment the previous transaction ends. The gate is taken at BEGIN IMMEDIATE
+    and released after COMMIT or ROLLBACK has really run.
+    """
+
+    class GatedConnection(sqlite3.Connection):
+        holds_gate = False
+
+        def enter_write(self) -> None:
+            gate.acquire()
+            self.holds_gate = True
+
+        def leave_write(self) -> None:
+            if self.holds_gate:
+                self.holds_gate = False
+                gate.release()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self.leave_write()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self.leave_write()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self.leave_write()
+
+    return GatedConnection
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -117,8 +160,16 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        readonly = conn.get_execution_options().get("rdc_readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("rdc_readonly", False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        dbapi_connection = conn.connection.dbapi_connection
+        dbapi_connection.enter_write()
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            dbapi_connection.leave_write()
+            raise
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -141,7 +192,11 @@ def _make_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={
+                "check_same_thread": False,
+                "timeout": 30,
+                "factory": _gated_sqlite_connection(threading.Lock()),
+            },
             pool_size=8,
             max_overflow=32,
         )
