@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -45,9 +45,12 @@ from worklist.models import Discipline, Priority
 __all__ = [
     "IngestResult",
     "InvalidDicomError",
+    "PreparedInstance",
     "UnknownSenderError",
+    "index_dicom_file",
     "ingest_dicom_file",
     "instance_key",
+    "prepare_dicom_file",
     "quarantine_file",
     "read_header",
 ]
@@ -258,33 +261,21 @@ def _store_new(
 
 @dataclass(frozen=True, slots=True)
 class _NewObject:
-    """An object being written to the store; ``wait`` returns once it is durable."""
+    """An object written (or being written) to the store for this ingest."""
 
     stored: StoredObject
     pending: Future[bool] | None = None
 
     def wait(self) -> None:
+        """Return once the object is durable; raises StorageError if it could not be."""
         if self.pending is not None:
             self.pending.result()
 
-
-def _adopt_in_background(
-    session: Session, store: ObjectStore, source: Path, header: InstanceHeader, sha256: str
-) -> _NewObject:
-    # The hash is known, so is the key: move the file into the store on an I/O thread while
-    # this thread goes on (fsync releases the GIL). Started before the index transaction so
-    # that the database write lock is not held while the disk syncs.
-    key = instance_key(header, sha256)
-    stored = StoredObject(key=key, size=source.stat().st_size, sha256=sha256)
-    pending = _store_io().submit(store.adopt_file, source, key)
-
-    def undo() -> None:
+    def undo(self, store: ObjectStore) -> None:
+        """Remove the object again if this ingest created it."""
         with contextlib.suppress(Exception):
-            if pending.result():
-                store.delete(key)
-
-    on_rollback(session, undo)
-    return _NewObject(stored, pending)
+            if self.pending is not None and self.pending.result():
+                store.delete(self.stored.key)
 
 
 @lru_cache(maxsize=1)
@@ -292,35 +283,55 @@ def _store_io() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdc-store-io")
 
 
-def ingest_dicom_file(
-    session: Session,
+@dataclass(frozen=True, slots=True)
+class PreparedInstance:
+    """A validated object, its header read, maybe already moving into the store."""
+
+    header: InstanceHeader
+    source: Path
+    moving: _NewObject | None = None
+
+
+def prepare_dicom_file(
     *,
     store: ObjectStore,
     source: Path,
-    calling_ae: str,
     zone: ZoneInfo,
-    organization: OrgRef | None = None,
-    received_at: datetime | None = None,
     source_sha256: str | None = None,
     adopt_source: bool = False,
-) -> IngestResult:
-    """Store and index the Part-10 file at ``source`` sent by ``calling_ae``.
-
-    With ``adopt_source`` and the file's ``source_sha256`` (the DICOM listener knows both),
-    the file is moved into the store instead of copied, in the background while the index
-    statements run; the caller still commits only once the object is durable.
-
-    Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
-    of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
-    """
-    org = organization or organization_for_ae(session, ae_title=calling_ae)
-    if org is None:
-        raise UnknownSenderError(f"calling AE title {calling_ae!r} is not registered to a clinic")
+) -> PreparedInstance:
+    """Read and validate the header; with ``adopt_source`` and the file's ``source_sha256``
+    (the DICOM listener knows both), start moving the file into the store in the
+    background. No database work: this runs before the index transaction, so the disk sync
+    does not happen while the database write lock is held. Raises InvalidDicomError."""
     header = read_header(source, zone=zone)
+    if not (adopt_source and source_sha256):
+        return PreparedInstance(header, source)
+    key = instance_key(header, source_sha256)
+    stored = StoredObject(key=key, size=source.stat().st_size, sha256=source_sha256)
+    pending = _store_io().submit(store.adopt_file, source, key)
+    return PreparedInstance(header, source, _NewObject(stored, pending))
+
+
+def index_dicom_file(
+    session: Session,
+    *,
+    store: ObjectStore,
+    prepared: PreparedInstance,
+    organization: OrgRef,
+    calling_ae: str,
+    received_at: datetime | None = None,
+) -> IngestResult:
+    """Index a prepared object in the caller's transaction (storing it first if it was not
+    adopted). The caller commits; a rollback removes an object this ingest created.
+
+    Raises PermissionDeniedError (study or instance of another clinic), StorageError and
+    DatabaseUnavailableError (answer "retry").
+    """
+    header, source, new, org = prepared.header, prepared.source, prepared.moving, organization
+    if prepared.moving is not None:
+        on_rollback(session, partial(prepared.moving.undo, store))
     now = received_at or utcnow()
-    new: _NewObject | None = None
-    if adopt_source and source_sha256:
-        new = _adopt_in_background(session, store, source, header, source_sha256)
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
     if existing is None:
         if new is None:
@@ -338,7 +349,7 @@ def ingest_dicom_file(
             calling_ae=calling_ae,
             now=now,
         )
-        new.wait()
+        new.wait()  # the object must be durable before the caller commits
         if outcome is RecordOutcome.STORED:
             return IngestResult(
                 outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, new.stored.key
@@ -387,6 +398,35 @@ def ingest_dicom_file(
         header.study_instance_uid,
         header.sop_instance_uid,
         kept.key,
+    )
+
+
+def ingest_dicom_file(
+    session: Session,
+    *,
+    store: ObjectStore,
+    source: Path,
+    calling_ae: str,
+    zone: ZoneInfo,
+    organization: OrgRef | None = None,
+    received_at: datetime | None = None,
+) -> IngestResult:
+    """Store and index the Part-10 file at ``source`` sent by ``calling_ae`` (import, STOW).
+
+    Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
+    of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
+    """
+    org = organization or organization_for_ae(session, ae_title=calling_ae)
+    if org is None:
+        raise UnknownSenderError(f"calling AE title {calling_ae!r} is not registered to a clinic")
+    prepared = prepare_dicom_file(store=store, source=source, zone=zone)
+    return index_dicom_file(
+        session,
+        store=store,
+        prepared=prepared,
+        organization=org,
+        calling_ae=calling_ae,
+        received_at=received_at,
     )
 
 

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 from dicom_gateway.ingest import (
     InvalidDicomError,
-    UnknownSenderError,
-    ingest_dicom_file,
+    index_dicom_file,
+    prepare_dicom_file,
     quarantine_file,
 )
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
+from rdc_core.group_commit import GroupCommitter
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef, organization_for_ae
@@ -56,6 +57,8 @@ class _StorageService:
         self.objects = store
         self.settings = settings
         self.stats = stats
+        # Index writes of all associations share transactions (see rdc_core.group_commit).
+        self.committer = GroupCommitter()
 
     def open_association(self, calling_ae: str) -> OrgRef | None:
         try:
@@ -68,23 +71,28 @@ class _StorageService:
     def store(self, request: StoreRequest) -> tuple[int, str]:
         calling_ae = request.calling_ae
         try:
-            with session_scope() as session:
-                result = ingest_dicom_file(
+            prepared = prepare_dicom_file(
+                store=self.objects,
+                source=request.path,
+                zone=self.settings.zone,
+                source_sha256=request.sha256,
+                adopt_source=True,
+            )
+            result = self.committer.run(
+                lambda session: index_dicom_file(
                     session,
                     store=self.objects,
-                    source=request.path,
-                    calling_ae=calling_ae,
-                    zone=self.settings.zone,
+                    prepared=prepared,
                     organization=request.sender,
-                    source_sha256=request.sha256,
-                    adopt_source=True,
+                    calling_ae=calling_ae,
                 )
+            )
         except InvalidDicomError as exc:
             self.stats.count("failures")
             log.warning("C-STORE from %s: %s; quarantined", calling_ae, exc)
             self._quarantine(request, str(exc))
             return StoreStatus.CANNOT_UNDERSTAND, str(exc)
-        except (UnknownSenderError, PermissionDeniedError) as exc:
+        except PermissionDeniedError as exc:
             self.stats.count("failures")
             log.warning("C-STORE from %s refused: %s", calling_ae, exc)
             return StoreStatus.NOT_AUTHORIZED, str(exc)

@@ -34,8 +34,11 @@ __all__ = [
     "dispose_engines",
     "get_engine",
     "insert_ignore",
+    "new_session",
     "on_rollback",
     "read_session",
+    "run_after_commit",
+    "run_rollback_undos",
     "session_scope",
     "stable_id",
     "upsert",
@@ -224,6 +227,30 @@ def _sessionmaker(url: str | None) -> sessionmaker[Session]:
     return maker
 
 
+def new_session(url: str | None = None) -> Session:
+    """A plain write session; the caller commits or rolls back (see :func:`session_scope`)."""
+    return _sessionmaker(url)()
+
+
+def run_rollback_undos(session: Session, *, since: int = 0) -> None:
+    """Run, newest first, the undo actions registered with :func:`on_rollback` after the
+    first ``since`` of them, and forget them (used when a savepoint or transaction failed)."""
+    undos = session.info.get("rdc_on_rollback", [])
+    mine, undos[since:] = undos[since:], []
+    for undo in reversed(mine):
+        try:
+            undo()
+        except Exception:  # the original error matters more; log and go on
+            log.exception("compensating action after rollback failed")
+
+
+def run_after_commit(session: Session) -> None:
+    """Run the callbacks registered with :func:`after_commit` (the transaction committed)."""
+    session.info.pop("rdc_on_rollback", None)
+    for callback in session.info.pop("rdc_after_commit", []):
+        callback()
+
+
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A write transaction: commits when the block ends, rolls back on any exception.
@@ -244,8 +271,7 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         _rollback(session)
         raise
     else:
-        for callback in session.info.pop("rdc_after_commit", []):
-            callback()
+        run_after_commit(session)
     finally:
         session.close()
 
@@ -255,11 +281,7 @@ def _rollback(session: Session) -> None:
         session.rollback()
     finally:
         session.info.pop("rdc_after_commit", None)
-        for undo in reversed(session.info.pop("rdc_on_rollback", [])):
-            try:
-                undo()
-            except Exception:  # the original error matters more; log and go on
-                log.exception("compensating action after rollback failed")
+        run_rollback_undos(session)
 
 
 def on_rollback(session: Session, undo: Callable[[], None]) -> None:

@@ -147,7 +147,11 @@ class RdcServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
+        try:
+            wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
+        except BaseException:
+            self.stop(signal.SIGKILL)  # never leave a server behind
+            raise
 
     def _ready(self) -> bool:
         assert self.proc is not None

@@ -1,0 +1,112 @@
+"""Group commit: many small units of work share one transaction and one durable commit.
+
+A DICOM modality waits for each C-STORE answer, and every answer needs a committed index
+row; with several associations the per-commit disk sync and the single-writer lock of
+SQLite become the bottleneck. :class:`GroupCommitter` runs the units of work submitted by
+many threads in one transaction, each inside its own savepoint (one failing unit does not
+undo the others), commits once, and only then tells each caller its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from rdc_core.db import new_session, run_after_commit, run_rollback_undos
+from rdc_core.errors import DatabaseUnavailableError
+
+__all__ = ["GroupCommitter"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Job(Generic[T]):
+    work: Callable[[Session], T]
+    wake: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Runs units of work from many threads in shared transactions.
+
+    Leader/follower: a caller that finds no transaction in progress runs the queued units
+    itself (so a lone caller pays no hand-over); callers arriving meanwhile queue up and the
+    next transaction, run by the first of them, takes them all.
+    """
+
+    def __init__(self, *, max_batch: int = 64) -> None:
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._pending: list[_Job[Any]] = []
+        self._leading = False
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)``; return its result once it is committed, or raise its error
+        (DatabaseUnavailableError when the shared commit failed)."""
+        job: _Job[T] = _Job(work)
+        with self._lock:
+            self._pending.append(job)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            job.wake.wait()
+        if not job.finished:  # woken to lead the next transaction
+            self._lead()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+        try:
+            self._run_batch(batch)
+        finally:
+            with self._lock:
+                if self._pending:
+                    self._pending[0].wake.set()
+                else:
+                    self._leading = False
+
+    def _run_batch(self, batch: list[_Job[Any]]) -> None:
+        session = new_session()
+        try:
+            for job in batch:
+                mark = len(session.info.get("rdc_on_rollback", []))
+                savepoint = session.begin_nested()
+                try:
+                    job.result = job.work(session)
+                    savepoint.commit()
+                except Exception as exc:
+                    savepoint.rollback()
+                    run_rollback_undos(session, since=mark)
+                    job.error = exc
+            session.commit()
+        except Exception as exc:
+            log.error("group commit of %d units failed: %s", len(batch), exc)
+            with contextlib.suppress(Exception):
+                session.rollback()
+            run_rollback_undos(session, since=0)
+            failure = DatabaseUnavailableError(f"index commit failed: {exc}")
+            for job in batch:
+                if job.error is None:
+                    job.error = failure
+        else:
+            run_after_commit(session)
+        finally:
+            session.close()
+            for job in batch:
+                job.finished = True
+                job.wake.set()
