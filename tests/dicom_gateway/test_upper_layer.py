@@ -1,0 +1,139 @@
+"""The DICOM upper layer of the gateway: negotiation, protocol errors, limits, large data."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from tests.helpers import RdcServer, same_dataset
+
+
+def _associate(
+    server: RdcServer, contexts: list[tuple[str, list[str] | None]], calling_ae: str = "CLINIC_A_CT"
+):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling_ae)
+    ae.maximum_pdu_size = 65_536
+    for abstract, syntaxes in contexts:
+        if syntaxes:
+            ae.add_requested_context(abstract, syntaxes)
+        else:
+            ae.add_requested_context(abstract)
+    return ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
+
+
+def test_negotiation_accepts_storage_and_verification_only(server: RdcServer) -> None:
+    assoc = _associate(
+        server,
+        [
+            (CTImageStorage, None),
+            (PatientRootQueryRetrieveInformationModelFind, None),
+            ("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.5.6"]),  # MR storage in an unknown syntax
+            (Verification, None),
+            ("1.2.826.0.1.3680043.10.999.1", [ExplicitVRLittleEndian]),  # a private SOP class
+        ],
+    )
+    assert assoc.is_established
+    results = {str(cx.abstract_syntax): cx.result for cx in assoc.accepted_contexts}
+    rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+    assert set(results) == {CTImageStorage, Verification, "1.2.826.0.1.3680043.10.999.1"}
+    assert rejected == {
+        PatientRootQueryRetrieveInformationModelFind: 0x03,  # abstract syntax not supported
+        "1.2.840.10008.5.1.4.1.1.4": 0x04,  # transfer syntaxes not supported
+    }
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            return -1, b""
+        header += chunk
+    pdu_type, length = struct.unpack(">BxI", header)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return pdu_type, body
+
+
+def test_protocol_violations_are_aborted_and_the_service_goes_on(server: RdcServer) -> None:
+    for bad in (
+        struct.pack(">BxI", 0x04, 6) + b"\x00" * 6,  # P-DATA before any association
+        struct.pack(">BxI", 0x01, 50_000_000),  # an association request of 50 MB
+        struct.pack(">BxI", 0x09, 4) + b"\x00" * 4,  # no such PDU type
+    ):
+        with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10) as sock:
+            sock.sendall(bad)
+            pdu_type, _ = _read_pdu(sock)
+            assert pdu_type == 0x07, f"expected A-ABORT for {bad[:6].hex()}"
+            assert _read_pdu(sock)[0] == -1  # and the connection is closed
+
+    assoc = _associate(server, [(Verification, None)])
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_association_limit_rejects_transiently(
+    rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**rdc_env, "RDC_DICOM_MAX_ASSOCIATIONS": "1"}
+    server = RdcServer(env, tmp_path / "serve.log")
+    server.start()
+    try:
+        first = _associate(server, [(Verification, None)])
+        assert first.is_established
+        second = _associate(server, [(Verification, None)])
+        assert second.is_rejected
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+        third = _associate(server, [(Verification, None)])
+        assert third.is_established
+        third.release()
+    finally:
+        server.stop()
+
+
+def test_large_instance_is_streamed_and_stored_intact(server: RdcServer, tmp_path: Path) -> None:
+    # 40 frames of 512x512x16 bit: about 21 MB, hundreds of PDUs.
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        generate_uid() for _ in range(3)
+    )
+    ds.PatientID, ds.PatientName, ds.Modality = "BIG1", "Big^Study", "CT"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = 40
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.random.default_rng(7).integers(0, 65535, (40, 512, 512), np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    assoc = _associate(server, [(CTImageStorage, [ExplicitVRLittleEndian])])
+    assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    with server.db() as db:
+        key, size = db.execute("SELECT storage_key, size_bytes FROM instances").fetchone()
+    stored = server.data_dir / "objects" / key
+    assert stored.stat().st_size == size
+    assert same_dataset(path, stored)
+    assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "CLINIC_A_CT"
