@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -233,12 +232,59 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
     return header
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(offset)
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_LONG_LENGTH_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+
+def _data_set_offset(path: Path) -> int:
+    # File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after
+    # the 128-byte preamble and "DICM"; the data set starts at the first other group.
+    with open(path, "rb") as f:
+        f.seek(132)
+        offset = 132
+        while True:
+            head = f.read(8)
+            if len(head) < 8 or int.from_bytes(head[0:2], "little") != 0x0002:
+                return offset
+            vr = head[4:6]
+            if vr in _LONG_LENGTH_VRS:
+                length = int.from_bytes(f.read(4), "little")
+                offset += 12 + length
+            else:
+                length = int.from_bytes(head[6:8], "little")
+                offset += 8 + length
+            f.seek(offset)
+
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of the encoded data set of a Part-10 file, file meta excluded.
+
+    This is an instance's content identity: the same data set received over DICOM (where
+    we write the file meta) and imported from a file (with the modality's meta) matches.
+    """
+    return _sha256(path, _data_set_offset(path))
 
 
 def instance_key(header: InstanceHeader, sha256: str) -> str:
@@ -249,35 +295,6 @@ def instance_key(header: InstanceHeader, sha256: str) -> str:
     )
 
 
-def _store_new(
-    session: Session, store: ObjectStore, source: Path, key_for: Callable[[str], str]
-) -> StoredObject:
-    stored, created = store.put_file_addressed(source, key_for)
-    if created:
-        # Content-addressed: an existing key already held these bytes and stays.
-        on_rollback(session, lambda: store.delete(stored.key))
-    return stored
-
-
-@dataclass(frozen=True, slots=True)
-class _NewObject:
-    """An object written (or being written) to the store for this ingest."""
-
-    stored: StoredObject
-    pending: Future[bool] | None = None
-
-    def wait(self) -> None:
-        """Return once the object is durable; raises StorageError if it could not be."""
-        if self.pending is not None:
-            self.pending.result()
-
-    def undo(self, store: ObjectStore) -> None:
-        """Remove the object again if this ingest created it."""
-        with contextlib.suppress(Exception):
-            if self.pending is not None and self.pending.result():
-                store.delete(self.stored.key)
-
-
 @lru_cache(maxsize=1)
 def _store_io() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdc-store-io")
@@ -285,11 +302,21 @@ def _store_io() -> ThreadPoolExecutor:
 
 @dataclass(frozen=True, slots=True)
 class PreparedInstance:
-    """A validated object, its header read, maybe already moving into the store."""
+    """A validated object with its header read, on its way into the store."""
 
     header: InstanceHeader
-    source: Path
-    moving: _NewObject | None = None
+    stored: StoredObject
+    writing: Future[bool]
+
+    def wait(self) -> None:
+        """Return once the object is durable in the store; raises StorageError otherwise."""
+        self.writing.result()
+
+    def undo(self, store: ObjectStore) -> None:
+        """Remove the object again if this ingest created it (after a rollback)."""
+        with contextlib.suppress(Exception):
+            if self.writing.result():
+                store.delete(self.stored.key)
 
 
 def prepare_dicom_file(
@@ -298,19 +325,18 @@ def prepare_dicom_file(
     source: Path,
     zone: ZoneInfo,
     source_sha256: str | None = None,
-    adopt_source: bool = False,
+    move_source: bool = False,
 ) -> PreparedInstance:
-    """Read and validate the header; with ``adopt_source`` and the file's ``source_sha256``
-    (the DICOM listener knows both), start moving the file into the store in the
-    background. No database work: this runs before the index transaction, so the disk sync
-    does not happen while the database write lock is held. Raises InvalidDicomError."""
+    """Read and validate the header, then start writing the object to the store in the
+    background (moving ``source`` with ``move_source``: the DICOM listener spools into the
+    store). No database work: this runs before the index transaction, so the disk syncs do
+    not happen while the database write lock is held. Raises InvalidDicomError."""
     header = read_header(source, zone=zone)
-    if not (adopt_source and source_sha256):
-        return PreparedInstance(header, source)
-    key = instance_key(header, source_sha256)
-    stored = StoredObject(key=key, size=source.stat().st_size, sha256=source_sha256)
-    pending = _store_io().submit(store.adopt_file, source, key)
-    return PreparedInstance(header, source, _NewObject(stored, pending))
+    sha256 = source_sha256 or dataset_sha256(source)
+    key = instance_key(header, sha256)
+    stored = StoredObject(key=key, size=source.stat().st_size, sha256=sha256)
+    writing = _store_io().submit(store.put_once, key, source, move=move_source)
+    return PreparedInstance(header, stored, writing)
 
 
 def index_dicom_file(
@@ -322,47 +348,45 @@ def index_dicom_file(
     calling_ae: str,
     received_at: datetime | None = None,
 ) -> IngestResult:
-    """Index a prepared object in the caller's transaction (storing it first if it was not
-    adopted). The caller commits; a rollback removes an object this ingest created.
+    """Index a prepared object in the caller's transaction; returns once the object is
+    durable, so the caller may commit and acknowledge. A rollback removes an object this
+    ingest created.
+
+    Policy for a SOP Instance UID already indexed: the same data set is a duplicate
+    (nothing changes); a different one is kept under its own key as a conflict and the exam
+    is flagged, while the first copy stays the instance of record.
 
     Raises PermissionDeniedError (study or instance of another clinic), StorageError and
     DatabaseUnavailableError (answer "retry").
     """
-    header, source, new, org = prepared.header, prepared.source, prepared.moving, organization
-    if prepared.moving is not None:
-        on_rollback(session, partial(prepared.moving.undo, store))
+    header, stored, org = prepared.header, prepared.stored, organization
+    on_rollback(session, partial(prepared.undo, store))
     now = received_at or utcnow()
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
     if existing is None:
-        if new is None:
-            new = _NewObject(
-                _store_new(session, store, source, lambda sha: instance_key(header, sha))
-            )
         outcome, exam_id = record_instance(
             session,
             header=header,
             org_id=org.id,
             org_code=org.code,
-            storage_key=new.stored.key,
-            size_bytes=new.stored.size,
-            sha256=new.stored.sha256,
+            storage_key=stored.key,
+            size_bytes=stored.size,
+            sha256=stored.sha256,
             calling_ae=calling_ae,
             now=now,
         )
-        new.wait()  # the object must be durable before the caller commits
+        prepared.wait()
         if outcome is RecordOutcome.STORED:
             return IngestResult(
-                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, new.stored.key
+                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, stored.key
             )
         # Another association indexed the same SOP instance meanwhile: judge against it.
         existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
         assert existing is not None
-    if new is not None:
-        new.wait()
-    sha256 = new.stored.sha256 if new else _sha256(source)
+    prepared.wait()
     if existing.org_id != org.id:
         raise PermissionDeniedError("this SOP instance belongs to another organisation")
-    if existing.sha256 == sha256:
+    if existing.sha256 == stored.sha256:
         return IngestResult(
             RecordOutcome.DUPLICATE,
             existing.exam_id,
@@ -370,34 +394,27 @@ def index_dicom_file(
             header.sop_instance_uid,
             existing.storage_key,
         )
-    kept = (
-        new.stored
-        if new
-        else _store_new(
-            session, store, source, lambda sha: f"conflicts/{header.sop_instance_uid}/{sha}.dcm"
-        )
-    )
     record_conflict(
         session,
         header=header,
         existing=existing,
-        storage_key=kept.key,
-        size_bytes=kept.size,
-        sha256=kept.sha256,
+        storage_key=stored.key,
+        size_bytes=stored.size,
+        sha256=stored.sha256,
         calling_ae=calling_ae,
         now=now,
     )
     log.warning(
-        "SOP instance %s re-sent with different content; kept as %s",
+        "SOP instance %s re-sent with a different data set; kept as %s",
         header.sop_instance_uid,
-        kept.key,
+        stored.key,
     )
     return IngestResult(
         RecordOutcome.CONFLICT,
         existing.exam_id,
         header.study_instance_uid,
         header.sop_instance_uid,
-        kept.key,
+        stored.key,
     )
 
 
@@ -411,10 +428,11 @@ def ingest_dicom_file(
     organization: OrgRef | None = None,
     received_at: datetime | None = None,
 ) -> IngestResult:
-    """Store and index the Part-10 file at ``source`` sent by ``calling_ae`` (import, STOW).
+    """Store and index the Part-10 file at ``source`` (bulk import, STOW): prepare, then
+    index in the caller's transaction. ``source`` is copied, never moved.
 
-    Raises InvalidDicomError (quarantine it), UnknownSenderError, PermissionDeniedError (study
-    of another clinic), StorageError and DatabaseUnavailableError (answer "retry").
+    Raises InvalidDicomError, UnknownSenderError, PermissionDeniedError, StorageError and
+    DatabaseUnavailableError.
     """
     org = organization or organization_for_ae(session, ae_title=calling_ae)
     if org is None:
@@ -445,14 +463,17 @@ def quarantine_file(
 
     Returns the quarantine record's ID.
     """
-    stored = _store_new(session, store, source, lambda sha: f"quarantine/{sha[:2]}/{sha}.bin")
+    sha256 = _sha256(source)
+    key = f"quarantine/{sha256[:2]}/{sha256}.bin"
+    if store.put_once(key, source):
+        on_rollback(session, lambda: store.delete(key))
     return record_quarantine(
         session,
-        storage_key=stored.key,
+        storage_key=key,
         reason=reason,
         source=origin,
-        size_bytes=stored.size,
-        sha256=stored.sha256,
+        size_bytes=source.stat().st_size,
+        sha256=sha256,
         calling_ae=calling_ae,
         org_id=organization.id if organization else None,
         sop_instance_uid=sop_instance_uid,

@@ -76,7 +76,7 @@ class _StorageService:
                 source=request.path,
                 zone=self.settings.zone,
                 source_sha256=request.sha256,
-                adopt_source=True,
+                move_source=True,
             )
             result = self.committer.run(
                 lambda session: index_dicom_file(

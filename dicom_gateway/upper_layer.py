@@ -126,7 +126,7 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax_uid: str
     path: Path
-    sha256: str
+    sha256: str  # of the data set as received (file meta excluded)
 
 
 class StorageHandler(Protocol):
@@ -415,7 +415,8 @@ class _Association:
         header = DicomBytesIO()
         header.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(header, meta, enforce_standard=True)
-        self._data_hash = hashlib.sha256(header.getvalue())
+        # The hash covers the data set only: it identifies the content whoever wrote the meta.
+        self._data_hash = hashlib.sha256()
         self._data_file.write(header.getvalue())
 
     def _discard_data_file(self) -> None:

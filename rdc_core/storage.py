@@ -1,21 +1,20 @@
 """Object store: where DICOM objects, quarantined input and later reports live.
 
-Keys are ``/``-separated relative paths derived from natural identifiers (UIDs), so writing
-the same object twice lands in the same place. The local implementation writes to a
-temporary file in the target directory, fsyncs it, renames it into place and fsyncs the
-directory: after :meth:`ObjectStore.put_file` returns, the object survives a crash.
+Keys are ``/``-separated relative paths derived from natural identifiers (UIDs and content
+hashes), so writing the same object twice lands in the same place. The local
+implementation writes to a temporary file on the same file system, fsyncs it, renames it
+into place and fsyncs the directory: after a put returns, the object survives a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -42,32 +41,26 @@ class StoredObject:
 class ObjectStore(Protocol):
     """The interface every object store implements (local directory now, S3 later)."""
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where to write incoming data so that ``put_once(..., move=True)`` is cheap."""
+        ...
+
     def put_file(self, key: str, source: Path) -> StoredObject:
-        """Copy the file at ``source`` to ``key`` durably; returns size and hash."""
+        """Copy the file at ``source`` to ``key`` durably (replacing any object there)."""
         ...
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        """Write ``data`` to ``key`` durably."""
+        """Write ``data`` to ``key`` durably (replacing any object there)."""
         ...
 
-    def put_file_addressed(
-        self, source: Path, key_for: Callable[[str], str]
-    ) -> tuple[StoredObject, bool]:
-        """Write ``source`` durably under ``key_for(sha256 of its bytes)``.
+    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
+        """Store the file at ``source`` under ``key`` durably unless ``key`` already exists.
 
-        One pass over the data. Returns the object and whether the key was new (a key
-        derived from the content that already exists held the same bytes).
+        For keys derived from the content: an existing object is the same object and
+        stays. With ``move`` the file (ours, in :attr:`spool_dir`) is moved, not copied,
+        and is gone afterwards either way. Returns whether this call created the object.
         """
-        ...
-
-    def adopt_file(self, source: Path, key: str) -> bool:
-        """Move the file at ``source`` (written by us, in :attr:`spool_dir`) to ``key``
-        durably; returns whether the key was new. Cheaper than a copy."""
-        ...
-
-    @property
-    def spool_dir(self) -> Path:
-        """Where incoming data should be written so that :meth:`adopt_file` is cheap."""
         ...
 
     def open(self, key: str) -> BinaryIO:
@@ -103,34 +96,52 @@ class LocalObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / _STAGING
+
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
     def put_file(self, key: str, source: Path) -> StoredObject:
         with open(source, "rb") as src:
-            return self._put(src, lambda _sha: key)[0]
+            return self._write(key, src)
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        return self._put(io.BytesIO(data), lambda _sha: key)[0]
+        return self._write(key, io.BytesIO(data))
 
-    def put_file_addressed(
-        self, source: Path, key_for: Callable[[str], str]
-    ) -> tuple[StoredObject, bool]:
-        with open(source, "rb") as src:
-            return self._put(src, key_for)
+    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
+        target = self._path(key)
+        try:
+            if target.exists():
+                if move:
+                    source.unlink()
+                return False
+            if not move:
+                self.put_file(key, source)
+                return True
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _make_dirs_durable(target.parent)
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
+        return True
 
-    def _put(self, src: BinaryIO, key_for: Callable[[str], str]) -> tuple[StoredObject, bool]:
-        # Stage in a hidden folder on the same file system, fsync, then rename into place
-        # and fsync the directory: readers see the whole object or nothing, and after return
-        # the object survives a crash. One pass over the data computes the hash as well.
+    def _write(self, key: str, src: BinaryIO) -> StoredObject:
+        # Stage on the same file system, fsync, rename into place, fsync the directory:
+        # readers see the whole object or nothing, and after return it survives a crash.
+        target = self._path(key)
         digest = hashlib.sha256()
         size = 0
         tmp_name: str | None = None
-        key = "<unknown>"
         try:
-            staging = self.root / _STAGING
-            _make_dirs_durable(staging)
-            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=staging)
+            _make_dirs_durable(self.spool_dir)
+            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=self.spool_dir)
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
@@ -138,11 +149,7 @@ class LocalObjectStore:
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            sha256 = digest.hexdigest()
-            key = key_for(sha256)
-            target = self._path(key)
             _make_dirs_durable(target.parent)
-            created = not target.exists()
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(target.parent)
@@ -152,34 +159,7 @@ class LocalObjectStore:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-        return StoredObject(key=key, size=size, sha256=sha256), created
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.root / _STAGING
-
-    def adopt_file(self, source: Path, key: str) -> bool:
-        target = self._path(key)
-        try:
-            fd = os.open(source, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _make_dirs_durable(target.parent)
-            created = not target.exists()
-            try:
-                os.replace(source, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                created = self.put_file_addressed(source, lambda _sha: key)[1]
-                source.unlink()
-                return created
-            _fsync_dir(target.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
-        return created
+        return StoredObject(key=key, size=size, sha256=digest.hexdigest())
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -205,13 +185,13 @@ class LocalObjectStore:
         if not base.exists():
             return
         for path in sorted(base.rglob("*")):
-            if path.is_file() and _STAGING not in path.parts and not path.name.startswith(".tmp-"):
+            if path.is_file() and _STAGING not in path.relative_to(self.root).parts:
                 yield path.relative_to(self.root).as_posix()
 
     def check(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".tmp-check-", dir=self.root)
+            _make_dirs_durable(self.spool_dir)
+            fd, name = tempfile.mkstemp(prefix=".tmp-check-", dir=self.spool_dir)
             os.close(fd)
             os.unlink(name)
         except OSError as exc:

@@ -40,20 +40,30 @@ def test_failed_write_leaves_no_partial_object(tmp_path: Path) -> None:
             raise OSError(5, "Input/output error")
 
     with pytest.raises(StorageError):
-        store._put(Exploding(), lambda _sha: "other/c.dcm")  # type: ignore[arg-type]
+        store._write("other/c.dcm", Exploding())  # type: ignore[arg-type]
     assert list(store.iter_keys()) == []
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "objects").rglob("*"))
 
 
-def test_content_addressed_put_reports_whether_the_key_is_new(tmp_path: Path) -> None:
+def test_put_once_keeps_the_first_object_and_moves_when_asked(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
-    source = tmp_path / "in.dcm"
-    source.write_bytes(b"pixels")
-    first, created = store.put_file_addressed(source, lambda sha: f"dicom/{sha[:8]}.dcm")
-    again, created_again = store.put_file_addressed(source, lambda sha: f"dicom/{sha[:8]}.dcm")
-    assert (created, created_again) == (True, False)
-    assert first == again
-    assert first.key == f"dicom/{hashlib.sha256(b'pixels').hexdigest()[:8]}.dcm"
+    first = tmp_path / "first.dcm"
+    first.write_bytes(b"first")
+    assert store.put_once("dicom/a.dcm", first) is True
+    assert first.exists()  # copied
+
+    spooled = store.spool_dir / "rx.dcm"
+    spooled.parent.mkdir(parents=True, exist_ok=True)
+    spooled.write_bytes(b"second")
+    assert store.put_once("dicom/a.dcm", spooled, move=True) is False
+    assert not spooled.exists()  # consumed either way
+    with store.open("dicom/a.dcm") as f:
+        assert f.read() == b"first"
+
+    spooled.write_bytes(b"third")
+    assert store.put_once("dicom/b.dcm", spooled, move=True) is True
+    assert not spooled.exists()
+    assert list(store.iter_keys()) == ["dicom/a.dcm", "dicom/b.dcm"]
 
 
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", ""])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pydicom
+from pynetdicom import AE
+
 from tests.helpers import RdcServer, rdc_cli, wait_for
 
 
@@ -115,6 +118,23 @@ def test_import_dicomdir_through_the_ingest_service(
     server = RdcServer(rdc_env, tmp_path / "serve.log")
     server.start()
     try:
+        # The same data set arriving by C-STORE (with our file meta, not the file's) is a
+        # duplicate of the imported one, not a conflicting copy.
+        one = next(
+            p
+            for p in (testdata / "dicom" / "study_dicomdir").rglob("*")
+            if p.is_file() and p.name != "DICOMDIR"
+        )
+        ds = pydicom.dcmread(one)
+        ae = AE(ae_title="CLINIC_B_MR")
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        with _db(rdc_env) as db:
+            assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 33
+            assert db.execute("SELECT count(*) FROM instance_conflicts").fetchone()[0] == 0
+
         reader = server.client("reader", alliance["reader"])
         wait_for(
             lambda: reader.get("/api/v1/worklist").json()["total"] == 8,
