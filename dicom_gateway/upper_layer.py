@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -181,6 +178,35 @@ def _us(values: dict[int, bytes], tag: int) -> int:
 
 def _ui(values: dict[int, bytes], tag: int) -> str:
     return values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\x00") -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _file_meta(*, sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received data set.
+
+    Written by hand rather than with pydicom's writer: it is the same eight elements for
+    every object, and pydicom spends about 0.2 ms per object building them.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
+            _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace"), b" "),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", len(body).to_bytes(4, "little"))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -405,19 +431,15 @@ class _Association:
         fd, name = tempfile.mkstemp(prefix=".rx-", suffix=".dcm", dir=spool)
         self._data_path = Path(name)
         self._data_file = os.fdopen(fd, "wb", buffering=1 << 20)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(_ui(values, 0x00000002))
-        meta.MediaStorageSOPInstanceUID = UID(_ui(values, 0x00001000))
-        meta.TransferSyntaxUID = UID(self.contexts[context_id])
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        meta.SourceApplicationEntityTitle = self.calling_ae
-        header = DicomBytesIO()
-        header.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(header, meta, enforce_standard=True)
+        header = _file_meta(
+            sop_class=_ui(values, 0x00000002),
+            sop_instance=_ui(values, 0x00001000),
+            transfer_syntax=self.contexts[context_id],
+            source_ae=self.calling_ae,
+        )
         # The hash covers the data set only: it identifies the content whoever wrote the meta.
         self._data_hash = hashlib.sha256()
-        self._data_file.write(header.getvalue())
+        self._data_file.write(header)
 
     def _discard_data_file(self) -> None:
         if self._data_file is not None:

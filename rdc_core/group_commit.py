@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from rdc_core.db import new_session, run_after_commit, run_rollback_undos
@@ -35,6 +36,12 @@ class _Job(Generic[T]):
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
+
+
+def _domain_error(exc: Exception) -> Exception:
+    if isinstance(exc, OperationalError):
+        return DatabaseUnavailableError(str(exc.orig or exc))
+    return exc
 
 
 class GroupCommitter:
@@ -80,9 +87,26 @@ class GroupCommitter:
                 else:
                     self._leading = False
 
+    @staticmethod
+    def _run_alone(session: Session, job: _Job[Any]) -> None:
+        # A lone unit is its own transaction: no savepoint needed.
+        try:
+            job.result = job.work(session)
+            session.commit()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            run_rollback_undos(session)
+            job.error = _domain_error(exc)
+        else:
+            run_after_commit(session)
+
     def _run_batch(self, batch: list[_Job[Any]]) -> None:
         session = new_session()
         try:
+            if len(batch) == 1:
+                self._run_alone(session, batch[0])
+                return
             for job in batch:
                 mark = len(session.info.get("rdc_on_rollback", []))
                 savepoint = session.begin_nested()
@@ -92,7 +116,7 @@ class GroupCommitter:
                 except Exception as exc:
                     savepoint.rollback()
                     run_rollback_undos(session, since=mark)
-                    job.error = exc
+                    job.error = _domain_error(exc)
             session.commit()
         except Exception as exc:
             log.error("group commit of %d units failed: %s", len(batch), exc)
