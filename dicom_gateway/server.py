@@ -41,13 +41,11 @@ class GatewayStats:
     duplicates: int = 0
     conflicts: int = 0
     failures: int = 0
-    bytes_received: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, outcome: str, size: int = 0) -> None:
+    def count(self, outcome: str) -> None:
         with self._lock:
             setattr(self, outcome, getattr(self, outcome) + 1)
-            self.bytes_received += size
 
 
 class _StorageService:

@@ -242,6 +242,17 @@ def storescu(
     return results
 
 
+def echoscu(dcmtk: Path, port: int, calling_ae: str) -> subprocess.CompletedProcess[str]:
+    """C-ECHO with dcmtk's echoscu from ``calling_ae`` to the gateway."""
+    return subprocess.run(
+        [str(dcmtk / "echoscu"), "-aet", calling_ae, "-aec", "RDC", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=30,
+    )
+
+
 def comparable(ds: Dataset) -> dict[Any, Any]:
     """The dataset's elements as plain values (pixel data as decoded numbers where the
     byte order of the encoding may differ)."""

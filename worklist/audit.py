@@ -15,8 +15,9 @@ from sqlalchemy import JSON, BigInteger, Integer, String, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rdc_core.db import Base, utcnow
+from worklist.access import Principal
 
-__all__ = ["AuditEvent", "record_event", "verify_chain"]
+__all__ = ["AuditEvent", "record_access", "record_event", "verify_chain"]
 
 _GENESIS = "0" * 64
 
@@ -97,6 +98,27 @@ def record_event(
     session.add(event)
     session.flush()
     return event
+
+
+def record_access(
+    session: Session,
+    principal: Principal,
+    *,
+    action: str,
+    object_type: str,
+    object_id: str = "*",
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append the record of ``principal`` doing ``action`` on an object (or a listing)."""
+    return record_event(
+        session,
+        actor=principal.actor,
+        org_id=principal.org_id,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        detail=detail,
+    )
 
 
 def verify_chain(session: Session) -> tuple[bool, int | None]:

@@ -21,7 +21,6 @@ __all__ = [
     "add_user",
     "authenticate",
     "get_organization",
-    "known_calling_ae_titles",
     "org_ref",
     "organization_for_ae",
     "principal_for_user",
@@ -122,16 +121,6 @@ def get_organization(session: Session, *, code: str) -> Organization:
     if org is None:
         raise NotFoundError(f"no organisation with code {code!r}")
     return org
-
-
-def known_calling_ae_titles(session: Session) -> list[str]:
-    """Every AE title registered to a clinic (the gateway accepts only these)."""
-    stmt = (
-        select(AETitle.ae_title)
-        .join(Organization, Organization.id == AETitle.org_id)
-        .where(Organization.kind == OrgKind.CLINIC)
-    )
-    return list(session.execute(stmt).scalars())
 
 
 def organization_for_ae(session: Session, *, ae_title: str) -> OrgRef | None:

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from rdc_core.errors import InvalidInputError, NotFoundError
 from worklist.access import Principal, require_roles
-from worklist.audit import record_event
+from worklist.audit import record_access
 from worklist.models import (
     Exam,
     ExamState,
@@ -84,13 +84,11 @@ def list_exams(
         .all()
     )
     items = [_summary(e) for e in exams]
-    record_event(
+    record_access(
         session,
-        actor=principal.actor,
-        org_id=principal.org_id,
+        principal,
         action="list",
         object_type="exam",
-        object_id="*",
         detail={"exam_ids": [e.id for e in items]},
     )
     return Page[ExamSummary](items=items, total=total, limit=limit, offset=offset)
@@ -108,14 +106,7 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
     exam = session.execute(stmt).scalar_one_or_none()
     if exam is None:
         raise NotFoundError(f"no exam {exam_id}")
-    record_event(
-        session,
-        actor=principal.actor,
-        org_id=principal.org_id,
-        action="view",
-        object_type="exam",
-        object_id=exam.id,
-    )
+    record_access(session, principal, action="view", object_type="exam", object_id=exam.id)
     detail = _summary(exam, ExamDetail)
     assert isinstance(detail, ExamDetail)
     return detail
@@ -165,13 +156,11 @@ def list_worklist(
         )
         for item, exam, patient, org in rows
     ]
-    record_event(
+    record_access(
         session,
-        actor=principal.actor,
-        org_id=principal.org_id,
+        principal,
         action="list",
         object_type="work_item",
-        object_id="*",
         detail={"work_item_ids": [i.id for i in items]},
     )
     return Page[WorkItemOut](items=items, total=total, limit=limit, offset=offset)

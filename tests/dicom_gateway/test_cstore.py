@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from tests.helpers import RdcServer, same_dataset, storescu, wait_for
+from tests.helpers import RdcServer, echoscu, same_dataset, storescu, wait_for
 
 VALID_EXCLUDED = {"DICOMDIR"}
 
@@ -49,21 +48,7 @@ def stored_copies(server: RdcServer, sop_uid: str) -> list[Path]:
 def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
     server: RdcServer, dcmtk: Path, testdata: Path, alliance: dict[str, str]
 ) -> None:
-    echo = subprocess.run(
-        [
-            str(dcmtk / "echoscu"),
-            "-aet",
-            "CLINIC_A_CT",
-            "-aec",
-            "RDC",
-            "127.0.0.1",
-            str(server.dicom_port),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-        timeout=30,
-    )
+    echo = echoscu(dcmtk, server.dicom_port, "CLINIC_A_CT")
     assert echo.returncode == 0, echo.stderr
 
     files = valid_files(testdata)
@@ -170,20 +155,7 @@ def test_unknown_calling_ae_is_rejected(server: RdcServer, dcmtk: Path) -> None:
     assert assoc.is_rejected
     assert assoc.acceptor.primitive.result_source == 1  # service user
     assert assoc.acceptor.primitive.diagnostic == 3  # calling AE title not recognised
-    echo = subprocess.run(
-        [
-            str(dcmtk / "echoscu"),
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "RDC",
-            "127.0.0.1",
-            str(server.dicom_port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    echo = echoscu(dcmtk, server.dicom_port, "STRANGER")
     assert echo.returncode != 0
     assert "Calling AE Title Not Recognized" in echo.stderr
 

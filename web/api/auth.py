@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rdc_core.db import session_scope
 from rdc_core.settings import Settings, get_settings
 from web.security import issue_token
-from worklist.audit import record_event
+from worklist.audit import record_access
 from worklist.directory import authenticate
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
@@ -33,13 +33,8 @@ def login(
     """Exchange username and password for a bearer token."""
     with session_scope() as session:
         principal = authenticate(session, username=form.username, password=form.password)
-        record_event(
-            session,
-            actor=principal.actor,
-            org_id=principal.org_id,
-            action="login",
-            object_type="user",
-            object_id=principal.user_id,
+        record_access(
+            session, principal, action="login", object_type="user", object_id=principal.user_id
         )
     token, expires_in = issue_token(principal, settings)
     return Token(
