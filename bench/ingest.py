@@ -346,7 +346,7 @@ class RdcReceiver(Receiver):
         """The ``rdc`` console script."""
         path = shutil.which("rdc")
         if path is None:
-            raise BenchError("rdc not found on PATH; pip install -e /work/main")
+            raise BenchError("rdc not found on PATH; run pip install -e . in the repository")
         return path
 
     def environment(self) -> dict[str, str]:
