@@ -376,6 +376,8 @@ def insert_ignore(
     session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]
 ) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
-    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), (), ())
-    result = session.execute(stmt, dict(values))
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING says for sure whether the row went in; rowcount is not reliable on every
+    # driver for this statement (psycopg may report -1).
+    first = next(iter(values))
+    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), (), (first,))
+    return session.execute(stmt, dict(values)).first() is not None

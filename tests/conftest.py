@@ -31,10 +31,44 @@ def dcmtk() -> Path:
     return folder
 
 
+def _postgres_admin_url() -> str:
+    return os.environ.get("RDC_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+
+
 @pytest.fixture
-def rdc_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for a fresh embedded deployment in a temporary data directory."""
+def database_url(tmp_path: Path) -> Iterator[str | None]:
+    """A fresh PostgreSQL database when the suite runs against PostgreSQL
+    (RDC_TEST_DATABASE=postgresql), else None: the deployment's default SQLite file."""
+    if os.environ.get("RDC_TEST_DATABASE", "sqlite") != "postgresql":
+        yield None
+        return
+    import uuid
+
+    import sqlalchemy
+
+    name = f"rdc_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(
+        _postgres_admin_url(), isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
+    )
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required for this run and did not answer: {exc}")
+    url = sqlalchemy.engine.make_url(_postgres_admin_url()).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture
+def rdc_env(tmp_path: Path, database_url: str | None) -> dict[str, str]:
+    """Environment for a fresh deployment: a temporary data directory and, on a PostgreSQL
+    run, a fresh database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
     env.update(
         RDC_DATA_DIR=str(tmp_path / "data"),
         RDC_HTTP_HOST="127.0.0.1",
@@ -72,8 +106,11 @@ def server(
 
 
 @pytest.fixture
-def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh, migrated SQLite database for in-process service tests; yields its URL."""
+def database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None
+) -> Iterator[str]:
+    """A fresh, migrated database (SQLite, or PostgreSQL on a PostgreSQL run) for in-process
+    service tests; yields its URL."""
     from rdc_core.db import dispose_engines
     from rdc_core.migrate import upgrade_database
     from rdc_core.settings import reset_settings
@@ -81,6 +118,8 @@ def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for key in [k for k in os.environ if k.startswith("RDC_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("RDC_DATA_DIR", str(tmp_path / "data"))
+    if database_url:
+        monkeypatch.setenv("RDC_DATABASE_URL", database_url)
     reset_settings()
     dispose_engines()
     upgrade_database()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from typing import Any
 
 import httpx
 import pydicom
+import sqlalchemy
+import sqlalchemy.pool
 from pydicom.dataset import Dataset
 
 # storescu needs a flag per compressed transfer syntax to propose it (it never transcodes
@@ -109,6 +110,103 @@ def seed_alliance(env: dict[str, str]) -> dict[str, str]:
     return passwords
 
 
+def database_url(env: dict[str, str]) -> str:
+    """The database URL a deployment with ``env`` uses."""
+    return (
+        env.get("RDC_DATABASE_URL")
+        or f"sqlite:///{Path(env['RDC_DATA_DIR']).resolve()}/rdc.sqlite3"
+    )
+
+
+class _Row(tuple):  # type: ignore[type-arg]
+    """A result row usable by position and by column name, like sqlite3.Row."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, values: Any, names: dict[str, int]) -> _Row:
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return super().__getitem__(self._names[key])
+        return super().__getitem__(key)
+
+
+class _Result:
+    def __init__(self, rows: list[_Row]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> _Row | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[_Row]:
+        return self._rows
+
+    def __iter__(self) -> Any:
+        return iter(self._rows)
+
+
+class IndexConnection:
+    """Direct SQL access to a deployment's index for test assertions and fault injection,
+    with sqlite3's "?" parameters whatever the database."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self.dialect = self.engine.dialect.name
+        self.conn = self.engine.connect()
+
+    def __enter__(self) -> IndexConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.commit()
+        self.conn.close()
+        self.engine.dispose()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> _Result:
+        parts = sql.split("?")
+        named = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+        result = self.conn.execute(
+            sqlalchemy.text(named), {f"p{i}": v for i, v in enumerate(params)}
+        )
+        self.conn.commit()
+        if not result.returns_rows:
+            return _Result([])
+        names = {name: i for i, name in enumerate(result.keys())}
+        return _Result([_Row(tuple(row), names) for row in result])
+
+    def fail_inserts(self, table: str) -> None:
+        """Make every INSERT into ``table`` fail, as a broken index would."""
+        if self.dialect == "sqlite":
+            self.execute(
+                f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} "
+                "BEGIN SELECT RAISE(ABORT, 'index unavailable'); END"
+            )
+        else:
+            self.execute(
+                "CREATE FUNCTION fail_insert() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'index unavailable'; END $$ LANGUAGE plpgsql"
+            )
+            self.execute(
+                f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION fail_insert()"
+            )
+
+    def restore_inserts(self, table: str) -> None:
+        if self.dialect == "sqlite":
+            self.execute(f"DROP TRIGGER fail_{table}")
+        else:
+            self.execute(f"DROP TRIGGER fail_{table} ON {table}")
+            self.execute("DROP FUNCTION fail_insert()")
+
+
+def index_db(env: dict[str, str]) -> IndexConnection:
+    """An IndexConnection to the database of the deployment with ``env``."""
+    return IndexConnection(database_url(env))
+
+
 def wait_for(
     condition: Callable[[], Any],
     *,
@@ -194,11 +292,9 @@ class RdcServer:
             headers={"Authorization": f"Bearer {self.token(username, password)}"},
         )
 
-    def db(self) -> sqlite3.Connection:
-        """A read connection to the server's SQLite index, for checking what is stored."""
-        conn = sqlite3.connect(self.data_dir / "rdc.sqlite3", timeout=30)
-        conn.row_factory = sqlite3.Row
-        return conn
+    def db(self) -> IndexConnection:
+        """A connection to the server's index (SQLite or PostgreSQL) for checking what is stored."""
+        return index_db(self.env)
 
     def objects(self, prefix: str = "") -> list[Path]:
         root = self.data_dir / "objects" / prefix

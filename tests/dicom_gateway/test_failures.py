@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -51,18 +50,15 @@ def test_database_failure_answers_failure_and_removes_the_object(
     server: RdcServer, testdata: Path
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
-    with sqlite3.connect(server.data_dir / "rdc.sqlite3") as db:
-        db.execute(
-            "CREATE TRIGGER fail_index BEFORE INSERT ON instances "
-            "BEGIN SELECT RAISE(ABORT, 'index unavailable'); END"
-        )
+    with server.db() as db:
+        db.fail_inserts("instances")
 
     assert _send(server, ds) == 0x0110  # Processing failure
     assert _counts(server) == (0, 0, 0)
     assert server.objects("dicom") == []  # the object written before the index is gone
 
-    with sqlite3.connect(server.data_dir / "rdc.sqlite3") as db:
-        db.execute("DROP TRIGGER fail_index")
+    with server.db() as db:
+        db.restore_inserts("instances")
     assert _send(server, ds) == 0x0000
     assert _counts(server) == (1, 1, 1)
     assert len(server.objects("dicom")) == 1

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
 
-from tests.helpers import RdcServer, rdc_cli, wait_for
+from tests.helpers import IndexConnection, RdcServer, index_db, rdc_cli, wait_for
 
 
-def _db(env: dict[str, str]) -> sqlite3.Connection:
-    return sqlite3.connect(Path(env["RDC_DATA_DIR"]) / "rdc.sqlite3")
+def _db(env: dict[str, str]) -> IndexConnection:
+    return index_db(env)
 
 
 def test_org_clinic_and_user_commands(rdc_env: dict[str, str]) -> None:
