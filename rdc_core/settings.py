@@ -30,10 +30,16 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite file in the data directory"
     )
-    storage_backend: Literal["local"] = "local"
+    storage_backend: Literal["local", "s3"] = "local"
     storage_url: str | None = Field(
         default=None, description="Local object directory (path or file:// URL)"
     )
+    s3_endpoint: str | None = Field(default=None, description="host:port of the S3 server")
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "rdc"
+    s3_secure: bool = True
+    s3_region: str = "us-east-1"
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
@@ -61,6 +67,13 @@ class Settings(BaseSettings):
             raise ConfigurationError("RDC_SECRET_KEY must be set when RDC_ENV=production")
         if self.env == "production" and self.database_url is None:
             raise ConfigurationError("RDC_DATABASE_URL must be set when RDC_ENV=production")
+        if self.storage_backend == "s3" and not (
+            self.s3_endpoint and self.s3_access_key and self.s3_secret_key
+        ):
+            raise ConfigurationError(
+                "RDC_STORAGE_BACKEND=s3 needs RDC_S3_ENDPOINT, RDC_S3_ACCESS_KEY and "
+                "RDC_S3_SECRET_KEY"
+            )
         ZoneInfo(self.timezone)  # fail at start-up, not at the first report
         return self
 

@@ -218,6 +218,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def get_object_store(settings: Settings | None = None) -> ObjectStore:
-    """The configured object store."""
+    """The configured object store (``RDC_STORAGE_BACKEND``: local or s3)."""
     settings = settings or get_settings()
+    if settings.storage_backend == "s3":
+        from rdc_core.s3_storage import S3ObjectStore
+
+        assert settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
+        return S3ObjectStore(
+            endpoint=settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            spool_dir=(settings.data_dir / "spool").resolve(),
+        )
     return LocalObjectStore(settings.objects_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RdcServer, free_port, seed_alliance
+from tests.helpers import RdcServer, S3Server, free_port, seed_alliance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,3 +128,22 @@ def database(
     yield get_settings().resolved_database_url
     dispose_engines()
     reset_settings()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A running S3 server (SeaweedFS) for the whole session; tests use their own buckets."""
+    server = S3Server(tmp_path_factory.mktemp("weed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket() -> str:
+    """A bucket name no other test uses."""
+    import uuid
+
+    return f"rdc-test-{uuid.uuid4().hex[:12]}"
