@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=None, description="How often READY detection runs; default: stable age / 4"
     )
     worker_threads: int = 4
+    task_backend: Literal["inprocess", "celery"] = "inprocess"
+    broker_url: str | None = Field(
+        default=None, description="Celery broker, e.g. redis://host:6379/0 or amqp://..."
+    )
+    task_queue: str = "rdc"
 
     secret_key: SecretStr | None = Field(
         default=None, description="Token signing key; required in production"
@@ -74,6 +79,8 @@ class Settings(BaseSettings):
                 "RDC_STORAGE_BACKEND=s3 needs RDC_S3_ENDPOINT, RDC_S3_ACCESS_KEY and "
                 "RDC_S3_SECRET_KEY"
             )
+        if self.task_backend == "celery" and not self.broker_url:
+            raise ConfigurationError("RDC_TASK_BACKEND=celery needs RDC_BROKER_URL")
         ZoneInfo(self.timezone)  # fail at start-up, not at the first report
         return self
 

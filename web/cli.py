@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
-from rdc_core.settings import get_settings
+from rdc_core.settings import Settings, get_settings
+from rdc_core.tasks import TaskRunner
 
 __all__ = ["main"]
 
@@ -217,7 +218,6 @@ def serve(
     from dicom_gateway.server import DicomGateway
     from rdc_core.migrate import upgrade_database
     from rdc_core.storage import get_object_store
-    from rdc_core.tasks import InProcessTaskRunner
     from web.app import create_app
 
     if role not in ("all", "web", "dicom"):
@@ -235,9 +235,7 @@ def serve(
             f"password {DEMO_PASSWORD})"
         )
 
-    import worklist.tasks  # noqa: F401  (registers the periodic tasks)
-
-    runner = InProcessTaskRunner(threads=settings.worker_threads)
+    runner = _task_runner(settings)
     runner.start()
     gateway: DicomGateway | None = None
     try:
@@ -261,6 +259,50 @@ def serve(
         if gateway is not None:
             gateway.stop()
         runner.stop()
+
+
+def _task_runner(settings: Settings) -> TaskRunner:
+    """In-process worker and scheduler (embedded), or the Celery client (production)."""
+    import worklist.tasks  # noqa: F401  (registers the tasks)
+
+    if settings.task_backend == "celery":
+        from rdc_core.celery_runner import CeleryTaskRunner, make_celery_app
+
+        return CeleryTaskRunner(make_celery_app(settings))
+    from rdc_core.tasks import InProcessTaskRunner
+
+    return InProcessTaskRunner(threads=settings.worker_threads)
+
+
+def _celery_app() -> Any:
+    import worklist.tasks  # noqa: F401  (registers the tasks)
+    from rdc_core.celery_runner import make_celery_app
+    from rdc_core.migrate import upgrade_database
+
+    settings = get_settings()
+    if settings.task_backend != "celery":
+        _fail("set RDC_TASK_BACKEND=celery and RDC_BROKER_URL to run Celery workers")
+    upgrade_database()
+    return make_celery_app(settings)
+
+
+@app.command("worker")
+def worker(
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
+    pool: Annotated[str, typer.Option(help="prefork, threads or solo")] = "prefork",
+) -> None:
+    """Run a Celery worker for the background tasks (production)."""
+    _celery_app().worker_main(
+        ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", f"--pool={pool}"]
+    )
+
+
+@app.command("beat")
+def beat() -> None:
+    """Run Celery beat, which schedules the periodic tasks (one per deployment)."""
+    schedule = get_settings().data_dir / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    _celery_app().start(["beat", "--loglevel=INFO", f"--schedule={schedule}"])
 
 
 def _wait_for_signal() -> None:
