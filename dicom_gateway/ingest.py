@@ -82,6 +82,7 @@ class IngestResult:
     study_instance_uid: str
     sop_instance_uid: str
     storage_key: str
+    size_bytes: int  # of the object as received
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -378,7 +379,12 @@ def index_dicom_file(
         prepared.wait()
         if outcome is RecordOutcome.STORED:
             return IngestResult(
-                outcome, exam_id, header.study_instance_uid, header.sop_instance_uid, stored.key
+                outcome,
+                exam_id,
+                header.study_instance_uid,
+                header.sop_instance_uid,
+                stored.key,
+                stored.size,
             )
         # Another association indexed the same SOP instance meanwhile: judge against it.
         existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
@@ -393,6 +399,7 @@ def index_dicom_file(
             header.study_instance_uid,
             header.sop_instance_uid,
             existing.storage_key,
+            stored.size,
         )
     record_conflict(
         session,
@@ -415,6 +422,7 @@ def index_dicom_file(
         header.study_instance_uid,
         header.sop_instance_uid,
         stored.key,
+        stored.size,
     )
 
 

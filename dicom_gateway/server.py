@@ -9,8 +9,6 @@ clinic directory and the ingest service.
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
 
 from dicom_gateway.ingest import (
     InvalidDicomError,
@@ -23,38 +21,22 @@ from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerSe
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
+from rdc_core.metrics import DICOM_BYTES, DICOM_FAILURES, DICOM_INSTANCES
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef, organization_for_ae
-from worklist.intake import RecordOutcome
 
-__all__ = ["DicomGateway", "GatewayStats"]
+__all__ = ["DicomGateway"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GatewayStats:
-    """Counters for monitoring (exposed as metrics by the web layer later)."""
-
-    stored: int = 0
-    duplicates: int = 0
-    conflicts: int = 0
-    failures: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, outcome: str) -> None:
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
 
 
 class _StorageService:
     """Binds the acceptor to the directory (who may send) and the ingest service."""
 
-    def __init__(self, *, store: ObjectStore, settings: Settings, stats: GatewayStats) -> None:
+    def __init__(self, *, store: ObjectStore, settings: Settings) -> None:
         self.objects = store
         self.settings = settings
-        self.stats = stats
         # Index writes of all associations share transactions (see rdc_core.group_commit).
         self.committer = GroupCommitter()
 
@@ -67,6 +49,12 @@ class _StorageService:
             return None
 
     def store(self, request: StoreRequest) -> tuple[int, str]:
+        status, comment = self._store(request)
+        if status != StoreStatus.SUCCESS:
+            DICOM_FAILURES.labels(status=StoreStatus(status).name).inc()
+        return status, comment
+
+    def _store(self, request: StoreRequest) -> tuple[int, str]:
         calling_ae = request.calling_ae
         try:
             prepared = prepare_dicom_file(
@@ -86,32 +74,23 @@ class _StorageService:
                 )
             )
         except InvalidDicomError as exc:
-            self.stats.count("failures")
             log.warning("C-STORE from %s: %s; quarantined", calling_ae, exc)
             self._quarantine(request, str(exc))
             return StoreStatus.CANNOT_UNDERSTAND, str(exc)
         except PermissionDeniedError as exc:
-            self.stats.count("failures")
             log.warning("C-STORE from %s refused: %s", calling_ae, exc)
             return StoreStatus.NOT_AUTHORIZED, str(exc)
         except StorageError as exc:
-            self.stats.count("failures")
             log.error("C-STORE from %s: store failed: %s", calling_ae, exc)
             return StoreStatus.OUT_OF_RESOURCES, "object store unavailable"
         except DatabaseUnavailableError as exc:
-            self.stats.count("failures")
             log.error("C-STORE from %s: index failed: %s", calling_ae, exc)
             return StoreStatus.PROCESSING_FAILURE, "index unavailable"
         except Exception:
-            self.stats.count("failures")
             log.exception("C-STORE from %s: unexpected failure", calling_ae)
             return StoreStatus.PROCESSING_FAILURE, "internal error"
-        outcome = {
-            RecordOutcome.STORED: "stored",
-            RecordOutcome.DUPLICATE: "duplicates",
-            RecordOutcome.CONFLICT: "conflicts",
-        }[result.outcome]
-        self.stats.count(outcome)
+        DICOM_INSTANCES.labels(outcome=result.outcome.value).inc()
+        DICOM_BYTES.inc(result.size_bytes)
         return StoreStatus.SUCCESS, ""
 
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
@@ -137,7 +116,6 @@ class DicomGateway:
     def __init__(self, *, settings: Settings, store: ObjectStore) -> None:
         self.settings = settings
         self.store = store
-        self.stats = GatewayStats()
         self._server: UpperLayerServer | None = None
 
     def start(self) -> None:
@@ -148,7 +126,7 @@ class DicomGateway:
             max_associations=self.settings.dicom_max_associations,
             spool_dir=self.store.spool_dir,
         )
-        service = _StorageService(store=self.store, settings=self.settings, stats=self.stats)
+        service = _StorageService(store=self.store, settings=self.settings)
         self._server = UpperLayerServer(
             (self.settings.dicom_host, self.settings.dicom_port), config, service
         )

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     )
     access_token_minutes: int = 8 * 60
     timezone: str = "Asia/Shanghai"
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:

@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rdc_core.metrics import TASK_SECONDS
+
 __all__ = [
     "InProcessTaskRunner",
     "PeriodicTask",
@@ -153,7 +155,8 @@ class InProcessTaskRunner:
 
         def run() -> None:
             try:
-                _tasks[name]()
+                with TASK_SECONDS.labels(task=name).time():
+                    _tasks[name]()
             finally:
                 with self._running_lock:
                     self._running.discard(name)

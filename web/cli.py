@@ -317,8 +317,9 @@ def _wait_for_signal() -> None:
 
 def main() -> None:
     """Entry point of the ``rdc`` console script."""
-    configure_logging()
     try:
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
         app()
     except RDCError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.helpers import RdcServer, wait_for
+from tests.helpers import RdcServer, free_port, wait_for
 
 
 def _store(server: RdcServer, calling_ae: str, path: Path) -> None:
@@ -123,3 +124,45 @@ def test_worklist_orders_by_priority_then_due_time(
     assert [i["priority"] for i in page["items"]] == ["emergency", "urgent", "routine", "routine"]
     routine = [i["due_at"] for i in page["items"][2:]]
     assert routine == sorted(routine)
+
+
+def test_readiness_and_metrics(
+    server: RdcServer,
+    alliance: dict[str, str],
+    testdata: Path,
+    rdc_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    ready = httpx.get(f"{server.http}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "store": "ok", "broker": "ok"}
+    assert httpx.get(f"{server.http}/livez").status_code == 200
+
+    _store(server, "CLINIC_A_CT", testdata / "dicom" / "CT_small.dcm")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{server.http}/metrics").text)
+        for sample in family.samples
+    }
+    assert samples[("rdc_dicom_instances_total", (("outcome", "stored"),))] == 1
+    size = (testdata / "dicom" / "CT_small.dcm").stat().st_size
+    received = samples[("rdc_dicom_received_bytes_total", ())]
+    assert size - 200 < received < size + 200  # the data set plus our file meta
+
+    # A deployment whose broker is down is alive but not ready.
+    env = {
+        **rdc_env,
+        "RDC_TASK_BACKEND": "celery",
+        "RDC_BROKER_URL": "redis://127.0.0.1:9/0",
+        "RDC_HTTP_PORT": str(free_port()),
+        "RDC_DICOM_PORT": str(free_port()),
+    }
+    broken = RdcServer(env, tmp_path / "broken.log")
+    broken.start()
+    try:
+        response = httpx.get(f"{broken.http}/readyz", timeout=30)
+        assert response.status_code == 503
+        assert response.json()["checks"]["broker"].startswith("error")
+        assert response.json()["checks"]["database"] == "ok"
+    finally:
+        broken.stop()
