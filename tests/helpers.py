@@ -256,11 +256,15 @@ class RdcServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"rdc serve exited:\n{self.log_path.read_text()}")
+        role = self.args[self.args.index("--role") + 1] if "--role" in self.args else "all"
         try:
-            if httpx.get(f"{self.http}/healthz", timeout=2).status_code != 200:
+            web = role in ("all", "web")
+            if web and httpx.get(f"{self.http}/healthz", timeout=2).status_code != 200:
                 return False
-            with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
-                return True
+            if role in ("all", "dicom"):
+                with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
+                    pass
+            return True
         except (OSError, httpx.HTTPError):
             return False
 

@@ -6,9 +6,12 @@ import tempfile
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 
 from tests.helpers import RdcServer, S3Server, same_dataset
+
+pytestmark = pytest.mark.production  # needs PostgreSQL/S3/Redis: the production pass
 
 
 def _send(server: RdcServer, path: Path) -> int:

@@ -12,6 +12,8 @@ from rdc_core.errors import NotFoundError, StorageError
 from rdc_core.s3_storage import S3ObjectStore
 from tests.helpers import S3Server
 
+pytestmark = pytest.mark.production  # needs PostgreSQL/S3/Redis: the production pass
+
 
 def _store(s3: S3Server, bucket: str, tmp_path: Path, **overrides: object) -> S3ObjectStore:
     options: dict = dict(

@@ -16,6 +16,8 @@ from pynetdicom import AE
 
 from tests.helpers import RdcServer, wait_for
 
+pytestmark = pytest.mark.production  # needs PostgreSQL/S3/Redis: the production pass
+
 
 @pytest.fixture
 def celery_env(rdc_env: dict[str, str]) -> Iterator[dict[str, str]]:
