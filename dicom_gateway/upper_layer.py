@@ -22,6 +22,7 @@ import socketserver
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -239,12 +240,20 @@ class _Association:
     """One association, served in the connection's thread from request to release."""
 
     def __init__(
-        self, sock: socket.socket, config: AcceptorConfig, handler: StorageHandler, admitted: bool
+        self,
+        sock: socket.socket,
+        config: AcceptorConfig,
+        handler: StorageHandler,
+        admitted: bool,
+        on_release: Callable[[], None] = lambda: None,
     ) -> None:
         self.sock = sock
         self.config = config
         self.handler = handler
         self.admitted = admitted
+        # Frees this association's admission slot; called before the release answer goes out
+        # so that a sender reconnecting at once finds the slot free.
+        self.on_release = on_release
         self.calling_ae = ""
         self.sender: Any = None
         self.contexts: dict[int, str] = {}  # context id -> transfer syntax
@@ -376,6 +385,7 @@ class _Association:
         while True:
             pdu_type, body = self._read_pdu(limit)
             if pdu_type == _RELEASE_RQ:
+                self.on_release()
                 self.sock.sendall(bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
                 return
             if pdu_type == _ABORT:
@@ -521,11 +531,17 @@ class UpperLayerServer:
     def _handle_connection(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         admitted = self._slots.acquire(blocking=False)
-        try:
-            _Association(sock, self.config, self.handler, admitted).run()
-        finally:
-            if admitted:
+        released = threading.Event()
+
+        def release_slot() -> None:
+            if admitted and not released.is_set():
+                released.set()
                 self._slots.release()
+
+        try:
+            _Association(sock, self.config, self.handler, admitted, release_slot).run()
+        finally:
+            release_slot()
 
     def start(self) -> None:
         """Serve in a background thread."""
