@@ -36,6 +36,9 @@ class OrgRef:
     kind: OrgKind
 
 
+# A bcrypt hash of a random password nobody knows (cost 12, like real hashes).
+_UNKNOWN_USER_HASH = "$2b$12$C6UzMDM.H6dfI/f/IKcEeO5hNpeXqzj1mYQbOK7BRFXwVtKQ4kZ7a"
+
 _CODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 # DICOM AE titles: up to 16 characters of the default repertoire, no backslash or controls.
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -203,6 +206,8 @@ def principal_for_user(user: User) -> Principal:
 def authenticate(session: Session, *, username: str, password: str) -> Principal:
     """Check credentials; raises AuthenticationError without saying which part was wrong."""
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
-    if user is None or not user.active or not verify_password(password, user.password_hash):
+    # Check a password even for unknown users, so response time does not reveal usernames.
+    hashed = user.password_hash if user is not None else _UNKNOWN_USER_HASH
+    if not verify_password(password, hashed) or user is None or not user.active:
         raise AuthenticationError("unknown user or wrong password")
     return principal_for_user(user)

@@ -26,7 +26,14 @@ from worklist.models import (
     WorkItemState,
 )
 
-__all__ = ["DEFAULT_SLA_MINUTES", "ReadyExam", "due_time", "mark_stable_exams_ready", "route_exam"]
+__all__ = [
+    "BATCH_SIZE",
+    "DEFAULT_SLA_MINUTES",
+    "ReadyExam",
+    "due_time",
+    "mark_stable_exams_ready",
+    "route_exam",
+]
 
 # Defaults shipped with the product (DESIGN.md §5); the sla_targets table overrides them.
 DEFAULT_SLA_MINUTES: dict[tuple[Discipline, Priority], int] = {
@@ -41,7 +48,7 @@ DEFAULT_SLA_MINUTES: dict[tuple[Discipline, Priority], int] = {
     (Discipline.LAB, Priority.ROUTINE): 4 * 60,
 }
 
-_BATCH = 200
+BATCH_SIZE = 200  # exams made READY per transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,7 @@ def mark_stable_exams_ready(
             select(Exam.id)
             .where(Exam.state == ExamState.RECEIVING, Exam.last_received_at <= cutoff)
             .order_by(Exam.last_received_at)
-            .limit(_BATCH)
+            .limit(BATCH_SIZE)
         )
         .scalars()
         .all()

@@ -7,7 +7,7 @@ import logging
 from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import get_settings
 from rdc_core.tasks import periodic, task
-from worklist.readiness import mark_stable_exams_ready
+from worklist.readiness import BATCH_SIZE, mark_stable_exams_ready
 
 __all__ = ["MARK_STABLE_EXAMS_READY", "mark_stable_exams_ready_task"]
 
@@ -31,7 +31,7 @@ def mark_stable_exams_ready_task() -> int:
                 "exam %s READY, pool %s, due %s", item.exam_id, item.pool, item.due_at.isoformat()
             )
         total += len(ready)
-        if len(ready) < 200:
+        if len(ready) < BATCH_SIZE:
             return total
 
 
