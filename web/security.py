@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Annotated
 
 import jwt
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy import select
 
@@ -17,9 +17,14 @@ from worklist.access import Principal
 from worklist.directory import principal_for_user
 from worklist.models import User
 
-__all__ = ["CurrentPrincipal", "issue_token"]
+__all__ = ["SESSION_COOKIE", "CurrentPrincipal", "issue_token"]
 
 _ALGORITHM = "HS256"
+# The web UI keeps the same token in an HttpOnly, SameSite=Strict cookie. Requests that
+# change state with it must also carry X-Requested-With (set by the UI's fetch calls), which
+# a cross-site form cannot send: the cookie alone never authorises a write.
+SESSION_COOKIE = "rdc_session"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 
 
@@ -34,9 +39,19 @@ def issue_token(principal: Principal, settings: Settings) -> tuple[str, int]:
 
 
 def _principal(
-    token: Annotated[str | None, Depends(oauth2_scheme)],
+    request: Request,
+    bearer: Annotated[str | None, Depends(oauth2_scheme)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> Principal:
+    token = bearer
+    if not token:
+        token = request.cookies.get(SESSION_COOKIE)
+        if (
+            token
+            and request.method not in _SAFE_METHODS
+            and request.headers.get("x-requested-with") != "rdc"
+        ):
+            raise AuthenticationError("a cookie-authorised change needs X-Requested-With: rdc")
     if not token:
         raise AuthenticationError("a bearer token is required")
     try:
