@@ -222,6 +222,7 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
             performed_at=_performed_at(ds, zone),
             series_number=_int(ds, "SeriesNumber"),
             instance_number=_int(ds, "InstanceNumber"),
+            frame_count=max(1, _int(ds, "NumberOfFrames") or 1),
             priority=_PRIORITY_MAP.get(_text(ds, "RequestedProcedurePriority").upper()),
         )
     except InvalidDicomError:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         default=None, description="Token signing key; required in production"
     )
     access_token_minutes: int = 8 * 60
+    claim_lease_seconds: int = Field(
+        default=900, ge=30, description="How long a claim holds an exam without renewal"
+    )
     timezone: str = "Asia/Shanghai"
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from web.api import auth, exams, health, worklist
+from web.api import auth, exams, health, reports, worklist
 from web.problems import install_problem_handlers
 
 __all__ = ["create_app"]
@@ -18,6 +18,6 @@ def create_app() -> FastAPI:
         description="Imaging, ECG and lab intake for a medical alliance; one reading worklist.",
     )
     install_problem_handlers(app)
-    for module in (health, auth, exams, worklist):
+    for module in (health, auth, exams, worklist, reports):
         app.include_router(module.router)
     return app

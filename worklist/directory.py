@@ -13,6 +13,7 @@ from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputErro
 from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
 from worklist.models import AETitle, Organization, OrgKind, ReaderLevel, Role, User
+from worklist.schemas import Me
 
 __all__ = [
     "OrgRef",
@@ -20,6 +21,7 @@ __all__ = [
     "add_organization",
     "add_user",
     "authenticate",
+    "describe_principal",
     "get_organization",
     "org_ref",
     "organization_for_ae",
@@ -200,6 +202,21 @@ def principal_for_user(user: User) -> Principal:
         org_id=user.org_id,
         org_kind=user.organization.kind,
         level=user.level,
+    )
+
+
+def describe_principal(session: Session, *, principal: Principal) -> Me:
+    """The principal's own user and organisation, for the UI's header."""
+    user = session.get(User, principal.user_id)
+    if user is None:
+        raise NotFoundError("the user no longer exists")
+    return Me(
+        username=user.username,
+        display_name=user.display_name,
+        role=user.role.value,
+        level=user.level,
+        org_code=user.organization.code,
+        org_kind=user.organization.kind.value,
     )
 
 

@@ -63,6 +63,7 @@ class InstanceHeader:
     performed_at: datetime | None = None
     series_number: int | None = None
     instance_number: int | None = None
+    frame_count: int = 1
     priority: Priority | None = None
 
 
@@ -214,6 +215,7 @@ def record_instance(
             "series_instance_uid": header.series_instance_uid,
             "series_number": header.series_number,
             "instance_number": header.instance_number,
+            "frame_count": header.frame_count,
             "sop_class_uid": header.sop_class_uid,
             "modality": header.modality,
             "body_part": header.body_part,

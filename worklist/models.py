@@ -33,8 +33,11 @@ __all__ = [
     "Organization",
     "Patient",
     "Priority",
+    "QualityGrade",
     "QuarantineItem",
     "ReaderLevel",
+    "Report",
+    "ReportStatus",
     "Role",
     "RoutingRule",
     "SlaTarget",
@@ -83,14 +86,40 @@ class Priority(enum.StrEnum):
 
 
 class ExamState(enum.StrEnum):
+    """Where an exam is: receiving, ready to read, reported (preliminary / final), or sent
+    back to the clinic for a re-scan."""
+
     RECEIVING = "RECEIVING"
     READY = "READY"
+    PRELIMINARY = "PRELIMINARY"
+    FINAL = "FINAL"
+    RESCAN_REQUESTED = "RESCAN_REQUESTED"
     CANCELLED = "CANCELLED"
 
 
 class WorkItemState(enum.StrEnum):
+    """OPEN: to be read; AWAITING_VERIFICATION: a resident's preliminary report waits for a
+    senior; DONE: final report signed or exam sent back."""
+
     OPEN = "OPEN"
+    AWAITING_VERIFICATION = "AWAITING_VERIFICATION"
+    DONE = "DONE"
     CANCELLED = "CANCELLED"
+
+
+class ReportStatus(enum.StrEnum):
+    DRAFT = "draft"
+    PRELIMINARY = "preliminary"
+    FINAL = "final"
+
+
+class QualityGrade(enum.StrEnum):
+    """Image-quality grades of Chinese radiology QC: 甲 (A), 乙 (B), 丙 (C), 废 (reject)."""
+
+    A = "甲"
+    B = "乙"
+    C = "丙"
+    REJECT = "废"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -147,6 +176,10 @@ class User(Base):
         _enum(ReaderLevel, "reader_level"), nullable=True
     )
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    # Reader pools this reader works from (empty: every pool) and what they may read:
+    # [{"discipline": "imaging", "modality": "CT"}, ...] (empty: everything).
+    pools: Mapped[list[str]] = mapped_column(JSON, default=list)
+    qualifications: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -206,6 +239,11 @@ class Exam(Base):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    preliminary_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    final_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -228,6 +266,7 @@ class Instance(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    frame_count: Mapped[int] = mapped_column(Integer, default=1)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     modality: Mapped[str] = mapped_column(String(16), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
@@ -313,10 +352,18 @@ class SlaTarget(Base):
 
 
 class WorkItem(Base):
-    """An exam waiting to be read: at most one per exam, created exactly once."""
+    """An exam waiting to be read: at most one per exam, created exactly once.
+
+    A claim is a lease: ``claimed_by`` holds the item until ``lease_expires_at``; the
+    claim is a conditional UPDATE, so of two readers claiming at once exactly one wins.
+    """
 
     __tablename__ = "work_items"
-    __table_args__ = (Index("ix_work_items_queue", "state", "priority_rank", "due_at"),)
+    __table_args__ = (
+        Index("ix_work_items_queue", "state", "priority_rank", "due_at"),
+        Index("ix_work_items_pool_queue", "pool", "state", "priority_rank", "due_at"),
+        Index("ix_work_items_claimed_by", "claimed_by"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), unique=True)
@@ -325,6 +372,55 @@ class WorkItem(Base):
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"))
     priority_rank: Mapped[int] = mapped_column(Integer)
     due_at: Mapped[datetime] = mapped_column()
+    discipline: Mapped[Discipline] = mapped_column(
+        _enum(Discipline, "discipline"), default=Discipline.IMAGING
+    )
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    claimed_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     exam: Mapped[Exam] = relationship(back_populates="work_item", lazy="joined")
+    claimant: Mapped[User | None] = relationship(lazy="joined")
+
+
+class Report(Base):
+    """A reader's report on an exam. Version 1 is the first report; later versions
+    (amendments) are linked by ``previous_id``. A final report is locked against edits."""
+
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("exam_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    previous_id: Mapped[str | None] = mapped_column(ForeignKey("reports.id"), nullable=True)
+    status: Mapped[ReportStatus] = mapped_column(_enum(ReportStatus, "report_status"))
+    template_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    recommendation: Mapped[str] = mapped_column(Text, default="")
+    structured: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    quality_grade: Mapped[QualityGrade | None] = mapped_column(
+        _enum(QualityGrade, "quality_grade"), nullable=True
+    )
+    quality_reason: Mapped[str] = mapped_column(Text, default="")
+    critical: Mapped[bool] = mapped_column(Boolean, default=False)
+    author_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    author_level: Mapped[ReaderLevel | None] = mapped_column(
+        _enum(ReaderLevel, "reader_level"), nullable=True
+    )
+    verified_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    final_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Bumped by every save: a stale editor (two tabs) gets a conflict instead of
+    # silently overwriting.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+
+    author: Mapped[User] = relationship(foreign_keys=[author_id], lazy="joined")
+    verifier: Mapped[User | None] = relationship(foreign_keys=[verified_by], lazy="joined")

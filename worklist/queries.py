@@ -6,23 +6,13 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from rdc_core.errors import InvalidInputError, NotFoundError
-from worklist.access import Principal, require_roles
+from worklist.access import Principal
 from worklist.audit import record_access
-from worklist.models import (
-    Exam,
-    ExamState,
-    Organization,
-    Patient,
-    Priority,
-    Role,
-    WorkItem,
-    WorkItemState,
-)
-from worklist.schemas import ExamDetail, ExamSummary, Page, WorkItemOut
+from worklist.models import Exam, ExamState, Organization, Priority, Report, ReportStatus
+from worklist.schemas import ExamDetail, ExamSummary, Page
 
-__all__ = ["WORKLIST_ROLES", "get_exam", "list_exams", "list_worklist"]
+__all__ = ["get_exam", "list_exams", "list_priors", "visible_exam"]
 
-WORKLIST_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
 MAX_PAGE = 500
 
 
@@ -39,13 +29,34 @@ def _check_page(limit: int, offset: int) -> None:
         raise InvalidInputError("offset must not be negative")
 
 
-def _summary(exam: Exam, model: type[ExamSummary] = ExamSummary) -> ExamSummary:
+def _report_statuses(session: Session, exam_ids: list[str]) -> dict[str, ReportStatus]:
+    if not exam_ids:
+        return {}
+    rows = session.execute(
+        select(Report.exam_id, Report.status)
+        .where(Report.exam_id.in_(exam_ids))
+        .order_by(Report.exam_id, Report.version)
+    ).all()
+    return {exam_id: status for exam_id, status in rows}  # the newest version wins
+
+
+def _summary(
+    exam: Exam,
+    report_status: ReportStatus | None = None,
+    model: type[ExamSummary] = ExamSummary,
+) -> ExamSummary:
     return model.model_validate(
         {
             **{c: getattr(exam, c) for c in model.model_fields if hasattr(exam, c)},
             "clinic_code": exam.organization.code,
             "patient": exam.patient,
+            "report_status": report_status,
             **({"instances": exam.instances} if "instances" in model.model_fields else {}),
+            **(
+                {"work_item_id": exam.work_item.id if exam.work_item else None}
+                if "work_item_id" in model.model_fields
+                else {}
+            ),
         }
     )
 
@@ -83,7 +94,8 @@ def list_exams(
         .scalars()
         .all()
     )
-    items = [_summary(e) for e in exams]
+    statuses = _report_statuses(session, [e.id for e in exams])
+    items = [_summary(e, statuses.get(e.id)) for e in exams]
     record_access(
         session,
         principal,
@@ -94,12 +106,18 @@ def list_exams(
     return Page[ExamSummary](items=items, total=total, limit=limit, offset=offset)
 
 
-def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDetail:
-    """One exam with its instances (audited).
+def visible_exam(session: Session, *, principal: Principal, exam_id: str) -> Exam:
+    """The exam if the principal may see it. An exam outside the caller's organisation is
+    reported as not found, so a clinic cannot learn which study UIDs other clinics hold."""
+    stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal)
+    exam = session.execute(stmt).scalar_one_or_none()
+    if exam is None:
+        raise NotFoundError(f"no exam {exam_id}")
+    return exam
 
-    An exam outside the caller's organisation is reported as not found, so a clinic cannot
-    learn which study UIDs other clinics hold.
-    """
+
+def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDetail:
+    """One exam with its instances (audited)."""
     stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal).options(
         selectinload(Exam.instances)
     )
@@ -107,60 +125,32 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
     if exam is None:
         raise NotFoundError(f"no exam {exam_id}")
     record_access(session, principal, action="view", object_type="exam", object_id=exam.id)
-    detail = _summary(exam, ExamDetail)
+    detail = _summary(exam, _report_statuses(session, [exam.id]).get(exam.id), ExamDetail)
     assert isinstance(detail, ExamDetail)
     return detail
 
 
-def list_worklist(
-    session: Session, *, principal: Principal, limit: int = 50, offset: int = 0
-) -> Page[WorkItemOut]:
-    """Open work items, most urgent first, then earliest due (lead hospital staff only)."""
-    require_roles(principal, WORKLIST_ROLES, lead_only=True)
-    _check_page(limit, offset)
-    base = (
-        select(WorkItem, Exam, Patient, Organization)
-        .join(Exam, Exam.id == WorkItem.exam_id)
-        .join(Patient, Patient.id == Exam.patient_ref)
-        .join(Organization, Organization.id == Exam.org_id)
-        .where(WorkItem.state == WorkItemState.OPEN, Exam.state == ExamState.READY)
-    )
-    total = session.execute(
-        select(func.count())
-        .select_from(WorkItem)
-        .join(Exam, Exam.id == WorkItem.exam_id)
-        .where(WorkItem.state == WorkItemState.OPEN, Exam.state == ExamState.READY)
-    ).scalar_one()
-    rows = session.execute(
-        base.order_by(WorkItem.priority_rank, WorkItem.due_at, WorkItem.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    items = [
-        WorkItemOut(
-            id=item.id,
-            state=item.state,
-            pool=item.pool,
-            priority=item.priority,
-            due_at=item.due_at,
-            created_at=item.created_at,
-            exam_id=exam.id,
-            study_instance_uid=exam.study_instance_uid,
-            clinic_code=org.code,
-            discipline=exam.discipline,
-            modality=exam.modality,
-            body_part=exam.body_part,
-            description=exam.description,
-            patient_name=patient.name,
-            patient_id=patient.patient_id,
+def list_priors(session: Session, *, principal: Principal, exam_id: str) -> list[ExamSummary]:
+    """The same patient's other exams, newest first (audited)."""
+    exam = visible_exam(session, principal=principal, exam_id=exam_id)
+    priors = (
+        session.execute(
+            _scoped(
+                select(Exam).where(Exam.patient_ref == exam.patient_ref, Exam.id != exam.id),
+                principal,
+            )
+            .order_by(Exam.first_received_at.desc())
+            .limit(50)
         )
-        for item, exam, patient, org in rows
-    ]
+        .scalars()
+        .all()
+    )
+    statuses = _report_statuses(session, [p.id for p in priors])
     record_access(
         session,
         principal,
         action="list",
-        object_type="work_item",
-        detail={"work_item_ids": [i.id for i in items]},
+        object_type="exam",
+        detail={"priors_of": exam.id, "exam_ids": [p.id for p in priors]},
     )
-    return Page[WorkItemOut](items=items, total=total, limit=limit, offset=offset)
+    return [_summary(p, statuses.get(p.id)) for p in priors]

@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worklist.models import Discipline, ExamState, Priority, WorkItemState
+from worklist.models import (
+    Discipline,
+    ExamState,
+    Priority,
+    QualityGrade,
+    ReaderLevel,
+    ReportStatus,
+    WorkItemState,
+)
 
 T = TypeVar("T")
 
-__all__ = ["ExamDetail", "ExamSummary", "InstanceOut", "Page", "PatientOut", "WorkItemOut"]
+__all__ = [
+    "ExamDetail",
+    "ExamSummary",
+    "InstanceOut",
+    "LeaseOut",
+    "Me",
+    "Page",
+    "PatientOut",
+    "ReaderOut",
+    "ReportIn",
+    "ReportOut",
+    "WorkItemOut",
+    "WorklistCounts",
+    "WorklistPage",
+]
 
 
 class _Out(BaseModel):
@@ -47,6 +69,12 @@ class ExamSummary(_Out):
     first_received_at: datetime
     last_received_at: datetime
     ready_at: datetime | None
+    claimed_at: datetime | None = None
+    preliminary_at: datetime | None = None
+    final_at: datetime | None = None
+    rescan_requested_at: datetime | None = None
+    rescan_reason: str | None = None
+    report_status: ReportStatus | None = None
 
 
 class InstanceOut(_Out):
@@ -55,6 +83,7 @@ class InstanceOut(_Out):
     series_instance_uid: str
     series_number: int | None
     instance_number: int | None
+    frame_count: int = 1
     modality: str
     transfer_syntax_uid: str
     size_bytes: int
@@ -64,6 +93,7 @@ class InstanceOut(_Out):
 
 class ExamDetail(ExamSummary):
     instances: list[InstanceOut]
+    work_item_id: str | None = None
 
 
 class WorkItemOut(_Out):
@@ -82,6 +112,24 @@ class WorkItemOut(_Out):
     description: str
     patient_name: str
     patient_id: str
+    clinic_name: str = ""
+    exam_state: ExamState | None = None
+    claimed_by: str | None = None
+    lease_expires_at: datetime | None = None
+    taken: bool = False
+    mine: bool = False
+    overdue: bool = False
+    report_status: ReportStatus | None = None
+
+
+class WorklistCounts(BaseModel):
+    """How many visible items are in each reading state (with the other filters applied)."""
+
+    open: int = 0
+    claimed: int = 0
+    awaiting_verification: int = 0
+    overdue: int = 0
+    mine: int = 0
 
 
 class Page(BaseModel, Generic[T]):
@@ -89,3 +137,82 @@ class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
+
+
+class WorklistPage(Page[WorkItemOut]):
+    counts: WorklistCounts
+    server_time: datetime
+
+
+class LeaseOut(BaseModel):
+    """A claim on a work item, valid until ``lease_expires_at``."""
+
+    item_id: str
+    exam_id: str
+    claimed_by: str
+    lease_expires_at: datetime
+    lease_seconds: int
+
+
+class ReportIn(BaseModel):
+    """A draft save: only the fields given change. ``revision``, when given, must match the
+    stored one (two editors do not overwrite each other)."""
+
+    template_code: str | None = Field(default=None, max_length=64)
+    findings: str | None = Field(default=None, max_length=20_000)
+    impression: str | None = Field(default=None, max_length=10_000)
+    recommendation: str | None = Field(default=None, max_length=10_000)
+    structured: dict[str, Any] | None = None
+    quality_grade: QualityGrade | None = None
+    quality_reason: str | None = Field(default=None, max_length=2_000)
+    critical: bool | None = None
+    revision: int | None = None
+
+    @field_validator("quality_grade", mode="before")
+    @classmethod
+    def _grade_alias(cls, value: Any) -> Any:
+        # Accept the letter codes too (A/B/C/D or REJECT) for clients without CJK input.
+        aliases = {"A": "甲", "B": "乙", "C": "丙", "D": "废", "REJECT": "废"}
+        return aliases.get(value.upper(), value) if isinstance(value, str) else value
+
+
+class ReportOut(_Out):
+    id: str
+    exam_id: str
+    version: int
+    status: ReportStatus
+    template_code: str | None
+    findings: str
+    impression: str
+    recommendation: str
+    structured: dict[str, Any]
+    quality_grade: QualityGrade | None
+    quality_reason: str
+    critical: bool
+    author: str
+    author_level: ReaderLevel | None
+    verified_by: str | None
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None
+    verified_at: datetime | None
+    final_at: datetime | None
+    revision: int
+    locked: bool
+    notice: str | None
+
+
+class ReaderOut(BaseModel):
+    username: str
+    display_name: str
+    role: str
+    level: ReaderLevel | None
+
+
+class Me(BaseModel):
+    username: str
+    display_name: str
+    role: str
+    level: ReaderLevel | None
+    org_code: str
+    org_kind: str

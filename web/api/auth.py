@@ -8,13 +8,14 @@ from fastapi import APIRouter, Depends
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel
 
-from rdc_core.db import session_scope
+from rdc_core.db import read_session, session_scope
 from rdc_core.settings import Settings, get_settings
-from web.security import issue_token
+from web.security import CurrentPrincipal, issue_token
 from worklist.audit import record_access
-from worklist.directory import authenticate
+from worklist.directory import authenticate, describe_principal
+from worklist.schemas import Me
 
-router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/api/v1", tags=["auth"])
 
 
 class Token(BaseModel):
@@ -25,7 +26,7 @@ class Token(BaseModel):
     org_id: str
 
 
-@router.post("/token", response_model=Token)
+@router.post("/auth/token", response_model=Token)
 def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     settings: Annotated[Settings, Depends(get_settings)],
@@ -43,3 +44,10 @@ def login(
         role=principal.role.value,
         org_id=principal.org_id,
     )
+
+
+@router.get("/me", response_model=Me)
+def me(principal: CurrentPrincipal) -> Me:
+    """Who the token belongs to."""
+    with read_session() as session:
+        return describe_principal(session, principal=principal)
