@@ -104,6 +104,17 @@ def user_add(
         str | None, typer.Option(help="resident, attending or chief (readers)")
     ] = None,
     name: Annotated[str, typer.Option(help="display name")] = "",
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(help="reader pool this reader works from (repeat; none: all pools)"),
+    ] = None,
+    qualify: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="what this reader may read, DISCIPLINE[:MODALITY], e.g. imaging:CT "
+            "(repeat; none: everything)"
+        ),
+    ] = None,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="read the password from stdin")
     ] = False,
@@ -134,6 +145,13 @@ def user_add(
                 org_code=org,
                 level=level_value,
                 display_name=name,
+                pools=pool,
+                qualifications=[
+                    dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
+                    for q in qualify
+                ]
+                if qualify
+                else None,
             )
     except RDCError as exc:
         _fail(str(exc))

@@ -12,7 +12,7 @@ from rdc_core.db import insert_ignore, stable_id, upsert, utcnow
 from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError
 from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
-from worklist.models import AETitle, Organization, OrgKind, ReaderLevel, Role, User
+from worklist.models import AETitle, Discipline, Organization, OrgKind, ReaderLevel, Role, User
 from worklist.schemas import Me
 
 __all__ = [
@@ -153,8 +153,14 @@ def add_user(
     org_code: str,
     level: ReaderLevel | None = None,
     display_name: str = "",
+    pools: list[str] | None = None,
+    qualifications: list[dict[str, str]] | None = None,
 ) -> User:
-    """Create the user, or reset password/role/level of an existing one (idempotent)."""
+    """Create the user, or reset password/role/level of an existing one (idempotent).
+
+    ``pools`` (reader pools the routing rules fill) and ``qualifications`` (``{"discipline":
+    ..., "modality": ...}``) limit what a reader sees; given, they replace the stored ones.
+    """
     if not re.match(r"^[A-Za-z0-9._@-]{2,64}$", username):
         raise InvalidInputError("username: 2-64 letters, digits, . _ @ -")
     org = get_organization(session, code=org_code)
@@ -190,6 +196,19 @@ def add_user(
     )
     user = session.get(User, values["id"], populate_existing=True)
     assert user is not None
+    if pools is not None:
+        user.pools = sorted({p.strip() for p in pools if p.strip()})
+    if qualifications is not None:
+        for q in qualifications:
+            if q.get("discipline") not in {d.value for d in Discipline}:
+                raise InvalidInputError(f"unknown discipline in qualification {q!r}")
+        user.qualifications = [
+            {k: v.upper() if k == "modality" else v for k, v in q.items() if v}
+            for q in qualifications
+        ]
+    if (pools or qualifications) and role not in {Role.READER, Role.SENIOR_READER}:
+        raise InvalidInputError("pools and qualifications apply to readers only")
+    session.flush()
     return user
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydicom
@@ -55,9 +56,32 @@ def test_org_clinic_and_user_commands(rdc_env: dict[str, str]) -> None:
         "LEAD",
         "--level",
         "attending",
+        "--pool",
+        "ct-chest",
+        "--qualify",
+        "imaging:ct",
+        "--qualify",
+        "ecg",
         "--password-stdin",
         input="s3cret-pass\n",
     )
+    bad_discipline = rdc_cli(
+        rdc_env,
+        "user",
+        "add",
+        "--username",
+        "dr_li",
+        "--role",
+        "reader",
+        "--org",
+        "LEAD",
+        "--qualify",
+        "dentistry",
+        "--password-stdin",
+        input="s3cret-pass\n",
+        check=False,
+    )
+    assert bad_discipline.returncode != 0 and "unknown discipline" in bad_discipline.stderr
     wrong_org = rdc_cli(
         rdc_env,
         "user",
@@ -79,11 +103,14 @@ def test_org_clinic_and_user_commands(rdc_env: dict[str, str]) -> None:
             "C1_CT",
             "C1_US",
         ]
-        username, role, level, password_hash = db.execute(
-            "SELECT username, role, level, password_hash FROM users"
+        username, role, level, password_hash, pools, qualifications = db.execute(
+            "SELECT username, role, level, password_hash, pools, qualifications FROM users"
         ).fetchone()
         kinds = dict(db.execute("SELECT code, kind FROM organizations"))
     assert (username, role, level) == ("dr_li", "reader", "attending")
+    assert (json.loads(pools) if isinstance(pools, str) else pools) == ["ct-chest"]
+    quals = json.loads(qualifications) if isinstance(qualifications, str) else qualifications
+    assert quals == [{"discipline": "imaging", "modality": "CT"}, {"discipline": "ecg"}]
     assert password_hash.startswith("$2") and "s3cret" not in password_hash
     assert kinds == {"LEAD": "lead", "C1": "clinic"}
 
