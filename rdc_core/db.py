@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from rdc_core.errors import DatabaseUnavailableError
-from rdc_core.settings import get_settings
+from rdc_core.settings import Settings, get_settings
 
 __all__ = [
     "Base",
@@ -177,7 +177,7 @@ def _configure_sqlite(engine: Engine) -> None:
 
 def get_engine(url: str | None = None) -> Engine:
     """The engine for ``url`` (default: the configured database), created once per process."""
-    url = url or get_settings().resolved_database_url
+    url = url or _configured_url()
     with _lock:
         engine = _engines.get(url)
         if engine is None:
@@ -217,12 +217,23 @@ def dispose_engines() -> None:
         _sessionmakers.clear()
 
 
+_default_url: tuple[Settings, str] | None = None
+
+
+def _configured_url() -> str:
+    # Resolving the SQLite path touches the file system; remember it per settings object.
+    global _default_url
+    settings = get_settings()
+    if _default_url is None or _default_url[0] is not settings:
+        _default_url = (settings, settings.resolved_database_url)
+    return _default_url[1]
+
+
 def _sessionmaker(url: str | None) -> sessionmaker[Session]:
-    engine = get_engine(url)
-    key = str(engine.url)
+    key = url or _configured_url()
     maker = _sessionmakers.get(key)
     if maker is None:
-        maker = sessionmaker(bind=engine, expire_on_commit=False)
+        maker = sessionmaker(bind=get_engine(key), expire_on_commit=False)
         _sessionmakers[key] = maker
     return maker
 
@@ -366,7 +377,7 @@ def upsert(
     stmt = _insert_on_conflict(
         session, table, tuple(values), tuple(conflict), tuple(update), tuple(returning)
     )
-    result = session.execute(stmt, dict(values))
+    result = _core_execute(session, stmt, values)
     if returning:
         return result.one()
     return None
@@ -380,4 +391,13 @@ def insert_ignore(
     # driver for this statement (psycopg may report -1).
     first = next(iter(values))
     stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), (), (first,))
-    return session.execute(stmt, dict(values)).first() is not None
+    return _core_execute(session, stmt, values).first() is not None
+
+
+def _core_execute(session: Session, stmt: Any, values: Mapping[str, Any]) -> Any:
+    # A Core statement on the session's own connection: the ORM's execute machinery costs
+    # more than the statement itself on the ingest path. Pending ORM changes are flushed
+    # first, as session.execute would.
+    if session.new or session.dirty or session.deleted:
+        session.flush()
+    return session.connection().execute(stmt, dict(values))

@@ -109,7 +109,7 @@ _COUNT_INSTANCE = (
 
 def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance | None:
     """The indexed instance with this SOP Instance UID, if any."""
-    row = session.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
+    row = session.connection().execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
     return KnownInstance(*row) if row else None
 
 
@@ -237,7 +237,7 @@ def record_instance(
     priority = Priority(exam.priority)
     if header.priority is not None and header.priority.rank < priority.rank:
         priority = header.priority
-    session.execute(
+    session.connection().execute(
         _COUNT_INSTANCE,
         {
             "exam": exam.id,
