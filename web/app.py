@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from web.api import auth, exams, health, reports, worklist
+from web.dicomweb import router as dicomweb_router
 from web.problems import install_problem_handlers
+from web.ui import STATIC_DIR
+from web.ui import router as ui_router
 
 __all__ = ["create_app"]
 
@@ -20,4 +24,7 @@ def create_app() -> FastAPI:
     install_problem_handlers(app)
     for module in (health, auth, exams, worklist, reports):
         app.include_router(module.router)
+    app.include_router(ui_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.include_router(dicomweb_router)
     return app

@@ -14,13 +14,24 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
 
 from dicom_gateway.ingest import ingest_dicom_file
 from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
-from worklist.directory import add_organization, add_user, get_organization, org_ref
-from worklist.models import OrgKind, ReaderLevel, Role
+from worklist.claims import claim_item
+from worklist.directory import (
+    add_organization,
+    add_user,
+    get_organization,
+    org_ref,
+    principal_for_user,
+)
+from worklist.models import OrgKind, QualityGrade, ReaderLevel, Role, User, WorkItem, WorkItemState
+from worklist.readiness import mark_stable_exams_ready
+from worklist.reports import save_draft, submit_report
+from worklist.schemas import ReportIn
 
 __all__ = ["DEMO_PASSWORD", "DEMO_USERS", "seed_demo"]
 
@@ -107,6 +118,17 @@ _STUDIES = [
     ),
 ]
 
+# Earlier exams of demo patients, already reported, so the reading page has priors to show:
+# (index into _STUDIES of the patient's current exam, days before today, findings, impression)
+_PRIORS = [
+    (
+        0,
+        180,
+        "右肺上叶见一直径约4 mm实性小结节，边界清。\nA 4 mm solid nodule in the right upper lobe.",
+        "右肺上叶小结节，建议6-12个月复查。\nSmall RUL nodule; follow-up CT in 6-12 months.",
+    ),
+]
+
 _SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
     "MR": "1.2.840.10008.5.1.4.1.1.4",
@@ -125,9 +147,9 @@ def _phantom(size: int, slice_index: int) -> np.ndarray:
     return image.astype(np.uint16)
 
 
-def _make_instance(study: tuple, index: int, folder: Path) -> Path:
+def _make_instance(study: tuple, index: int, folder: Path, days_ago: int = 0) -> Path:
     ae, pid, name, sex, birth, modality, body, desc, priority, _ = study
-    root = ["rdc-demo", ae, pid]
+    root = ["rdc-demo", ae, pid] + ([f"prior-{days_ago}"] if days_ago else [])
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = _SOP_CLASS[modality]
@@ -139,12 +161,12 @@ def _make_instance(study: tuple, index: int, folder: Path) -> Path:
     ds.PatientSex = sex
     ds.PatientBirthDate = birth
     ds.AccessionNumber = f"DEMO{pid}"
-    ds.StudyDate = utcnow().strftime("%Y%m%d")
+    ds.StudyDate = (utcnow() - timedelta(days=days_ago)).strftime("%Y%m%d")
     ds.StudyTime = "083000"
     ds.Modality = modality
     ds.BodyPartExamined = body
     ds.StudyDescription = desc
-    ds.RequestedProcedurePriority = priority
+    ds.RequestedProcedurePriority = "ROUTINE" if days_ago else priority
     ds.SeriesNumber = 1
     ds.InstanceNumber = index + 1
     pixels = _phantom(128, index)
@@ -189,10 +211,13 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
     # stable-study scan instead of after the stable age.
     received_at = utcnow() - timedelta(seconds=settings.stable_age_seconds + 1)
     stored = 0
+    prior_exams: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="rdc-demo-") as tmp:
-        for study in _STUDIES:
+        batches = [(study, 0) for study in _STUDIES]
+        batches += [(_STUDIES[i], days) for i, days, *_ in _PRIORS]
+        for study, days_ago in batches:
             for index in range(study[-1]):
-                path = _make_instance(study, index, Path(tmp))
+                path = _make_instance(study, index, Path(tmp), days_ago)
                 with session_scope() as session:
                     org_code = next(c for c, _, aes in CLINICS if study[0] in aes)
                     result = ingest_dicom_file(
@@ -205,4 +230,38 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                         received_at=received_at,
                     )
                 stored += result.outcome.value == "stored"
+            if days_ago:
+                prior = next(p for p in _PRIORS if p[1] == days_ago)
+                prior_exams.append((result.exam_id, prior[2], prior[3]))
+    _report_priors(prior_exams)
     return stored
+
+
+def _report_priors(priors: list[tuple[str, str, str]]) -> None:
+    # The priors go through the real reading workflow: ready, claimed, written, signed.
+    with session_scope() as session:
+        mark_stable_exams_ready(session, now=utcnow(), stable_age_seconds=0)
+    with session_scope() as session:
+        senior = principal_for_user(
+            session.execute(select(User).where(User.username == "senior")).scalar_one()
+        )
+    for exam_id, findings, impression in priors:
+        with session_scope() as session:
+            item = session.execute(select(WorkItem).where(WorkItem.exam_id == exam_id)).scalar_one()
+            if item.state is not WorkItemState.OPEN:
+                continue  # reported by an earlier run of the demo
+            now = utcnow()
+            claim_item(session, principal=senior, item_id=item.id, now=now, lease_seconds=60)
+            save_draft(
+                session,
+                principal=senior,
+                exam_id=exam_id,
+                data=ReportIn(
+                    template_code="CT_CHEST",
+                    findings=findings,
+                    impression=impression,
+                    quality_grade=QualityGrade.A,
+                ),
+                now=now,
+            )
+            submit_report(session, principal=senior, exam_id=exam_id, now=now)

@@ -17,7 +17,7 @@ from worklist.access import Principal
 from worklist.directory import principal_for_user
 from worklist.models import User
 
-__all__ = ["SESSION_COOKIE", "CurrentPrincipal", "issue_token"]
+__all__ = ["SESSION_COOKIE", "CurrentPrincipal", "issue_token", "principal_from_request"]
 
 _ALGORITHM = "HS256"
 # The web UI keeps the same token in an HttpOnly, SameSite=Strict cookie. Requests that
@@ -71,3 +71,9 @@ def _principal(
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def principal_from_request(request: Request, settings: Settings) -> Principal:
+    """The principal of a request's bearer token or session cookie (for the UI's pages,
+    which redirect to the login page instead of answering 401)."""
+    return _principal(request, None, settings)

@@ -49,11 +49,15 @@ def _summary(
         {
             **{c: getattr(exam, c) for c in model.model_fields if hasattr(exam, c)},
             "clinic_code": exam.organization.code,
+            "clinic_name": exam.organization.name,
             "patient": exam.patient,
             "report_status": report_status,
             **({"instances": exam.instances} if "instances" in model.model_fields else {}),
             **(
-                {"work_item_id": exam.work_item.id if exam.work_item else None}
+                {
+                    "work_item_id": exam.work_item.id if exam.work_item else None,
+                    "due_at": exam.work_item.due_at if exam.work_item else None,
+                }
                 if "work_item_id" in model.model_fields
                 else {}
             ),

@@ -96,8 +96,13 @@ def _current(session: Session, exam_id: str) -> Report | None:
 
 def _leased_item(session: Session, principal: Principal, exam: Exam, now: datetime) -> WorkItem:
     require_roles(principal, READING_ROLES, lead_only=True)
+    # populate_existing: a claim earlier in this transaction changed the row behind the
+    # session's back (a conditional UPDATE), so never trust a cached copy here.
     item = session.execute(
-        select(WorkItem).where(WorkItem.exam_id == exam.id).with_for_update()
+        select(WorkItem)
+        .where(WorkItem.exam_id == exam.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if item is None:
         raise ConflictError("the exam is not ready for reading yet")
@@ -232,7 +237,10 @@ def verify_report(
     if report.author_id == principal.user_id:
         raise PermissionDeniedError("a report is verified by someone other than its author")
     item = session.execute(
-        select(WorkItem).where(WorkItem.exam_id == exam.id).with_for_update()
+        select(WorkItem)
+        .where(WorkItem.exam_id == exam.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one()
     live = item.claimed_by is not None and (item.lease_expires_at or now) > now
     if live and item.claimed_by != principal.user_id:

@@ -54,6 +54,7 @@ class ExamSummary(_Out):
     study_instance_uid: str
     org_id: str
     clinic_code: str
+    clinic_name: str = ""
     accession_number: str | None
     discipline: Discipline
     modality: str
@@ -94,6 +95,7 @@ class InstanceOut(_Out):
 class ExamDetail(ExamSummary):
     instances: list[InstanceOut]
     work_item_id: str | None = None
+    due_at: datetime | None = None
 
 
 class WorkItemOut(_Out):

@@ -172,7 +172,7 @@ def test_import_dicomdir_through_the_ingest_service(
 
 def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_path: Path) -> None:
     first = rdc_cli(rdc_env, "demo")
-    assert "7 new instances stored" in first.stderr
+    assert "10 new instances stored" in first.stderr  # 7 current + 3 of a reported prior
     second = rdc_cli(rdc_env, "demo")
     assert "0 new instances stored" in second.stderr
 
@@ -186,6 +186,11 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
         )
         assert page["items"][0]["priority"] == "emergency"
         assert "王" in page["items"][0]["patient_name"]
+        # The patient's earlier exam is already signed and shows as a prior.
+        priors = reader.get(f"/api/v1/exams/{page['items'][0]['exam_id']}/priors").json()
+        assert [p["report_status"] for p in priors] == ["final"]
+        report = reader.get(f"/api/v1/exams/{priors[0]['id']}/report").json()
+        assert report["status"] == "final" and "nodule" in report["impression"]
         clinic = server.client("tech_b", "rdc-demo").get("/api/v1/exams").json()
         assert {e["clinic_code"] for e in clinic["items"]} == {"CLINIC_B"}
     finally:

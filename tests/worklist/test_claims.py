@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 from rdc_core.db import session_scope, utcnow
 from rdc_core.errors import NotFoundError, PermissionDeniedError
 from tests.worklist.conftest import Reading
+from worklist.audit import AuditEvent
 from worklist.claims import (
     ClaimConflictError,
     WorklistFilter,
@@ -23,7 +24,6 @@ from worklist.claims import (
     renew_item,
 )
 from worklist.directory import add_user, principal_for_user
-from worklist.audit import AuditEvent
 from worklist.models import ReaderLevel, Role, RoutingRule, User, WorkItem
 
 LEASE = 600

@@ -16,3 +16,10 @@ envFrom:
 image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 {{- end -}}
+
+{{- /* Pod annotations for Prometheus' kubernetes_sd scrape config; the argument is the port. */ -}}
+{{- define "rdc.scrape" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ . | quote }}
+prometheus.io/path: /metrics
+{{- end -}}

@@ -1,0 +1,729 @@
+"""Decoding and rendering the frames of stored DICOM objects.
+
+Used by WADO-RS (raw frames, rendered frames, thumbnails) and the image viewer. Objects are
+read from the object store as streams; pydicom reads only the header and the one frame it is
+asked for (the native and encapsulated pixel data readers seek to the frame), so a large
+multi-frame object or study is never loaded whole. Every transfer syntax pydicom can decode
+with the installed plugins (pylibjpeg-libjpeg, -openjpeg, -rle; numpy for native and deflate)
+works here; nothing in this module implements a codec.
+
+Two caches, both keyed by the storage key, which is derived from the object's UIDs *and* a
+hash of its content (``dicom_gateway.ingest.instance_key``), so an entry can never go stale:
+
+- an in-process LRU of decoded frames (the viewer asks for the same frame raw and rendered,
+  at several window settings);
+- an on-disk cache of rendered images under ``<data_dir>/cache/frames``, written atomically
+  and bounded in size (least recently used files are evicted first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    convert_color_space,
+    pack_bits,
+    pixel_array,
+)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from rdc_core.errors import InvalidInputError, NotFoundError
+from rdc_core.settings import Settings
+from rdc_core.storage import ObjectStore
+
+__all__ = [
+    "FRAME_CACHE_MAX_BYTES",
+    "EncodedFrame",
+    "FrameCache",
+    "FrameNotFoundError",
+    "NoPixelDataError",
+    "PixelDecodeError",
+    "RawFrame",
+    "RenderOptions",
+    "RenderedFrame",
+    "Window",
+    "clear_memory_caches",
+    "decode_frame",
+    "encoded_frame",
+    "frame_cache",
+    "number_of_frames",
+    "open_instance",
+    "raw_frame",
+    "read_instance_header",
+    "render_frame",
+    "render_pixels",
+]
+
+log = logging.getLogger(__name__)
+
+FRAME_CACHE_MAX_BYTES: Final = 512 * 1024 * 1024
+"""Upper bound of the on-disk cache of rendered frames (per data directory)."""
+
+# Bumped whenever the rendering changes, so cached images of the old code are not served.
+_RENDER_VERSION: Final = 1
+_DECODED_CACHE_BYTES: Final = 128 * 1024 * 1024
+_HEADER_CACHE_ENTRIES: Final = 1024
+# S3 bodies are not seekable and pydicom needs to seek: they are spooled, in memory up to
+# this size and on disk beyond it.
+_SPOOL_IN_MEMORY: Final = 16 * 1024 * 1024
+_JPEG_QUALITY_DEFAULT: Final = 90
+
+MediaType = Literal["image/png", "image/jpeg"]
+_PIL_FORMAT: Final[dict[str, str]] = {"image/png": "PNG", "image/jpeg": "JPEG"}
+_WINDOW_FUNCTIONS: Final = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+
+
+class PixelDecodeError(InvalidInputError):
+    """The instance's pixel data cannot be decoded (unsupported or corrupt encoding)."""
+
+    title = "Pixel data cannot be decoded"
+
+
+class FrameNotFoundError(NotFoundError):
+    """The requested frame number is outside 1..Number of Frames."""
+
+    title = "No such frame"
+
+
+class NoPixelDataError(NotFoundError):
+    """The instance has no pixel data (e.g. a structured report)."""
+
+    title = "No pixel data"
+
+
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """One decoded frame as uncompressed little-endian bytes, with what is needed to read it.
+
+    ``data`` holds ``rows * columns * samples_per_pixel`` samples of ``bits_allocated`` bits
+    (bit-packed when that is 1), colour-by-pixel unless ``planar_configuration`` is 1.
+    ``photometric_interpretation`` describes the samples as delivered: compressed
+    YBR data comes out of the decoder as RGB.
+    """
+
+    data: bytes
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    pixel_representation: int
+    planar_configuration: int
+    photometric_interpretation: str
+    dtype: str  # numpy dtype string of one sample, e.g. "<u2"
+    transfer_syntax_uid: str = ExplicitVRLittleEndian
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """One frame exactly as encoded in the stored object (compressed transfer syntaxes)."""
+
+    data: bytes
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A VOI window in modality units (after Rescale Slope/Intercept), PS3.3 C.11.2.1.2."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+    def __post_init__(self) -> None:
+        if self.function.upper() not in _WINDOW_FUNCTIONS:
+            raise InvalidInputError(
+                f"window function must be one of {', '.join(sorted(_WINDOW_FUNCTIONS))}"
+            )
+        if self.width <= 0 or (self.function.upper() == "LINEAR" and self.width < 1):
+            raise InvalidInputError("window width must be positive (at least 1 for LINEAR)")
+
+
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """How to render a frame: which one, window, viewport (fit within w×h), format."""
+
+    frame: int = 1
+    window: Window | None = None
+    viewport: tuple[int, int] | None = None
+    media_type: MediaType = "image/png"
+    quality: int = _JPEG_QUALITY_DEFAULT
+
+    def __post_init__(self) -> None:
+        if self.frame < 1:
+            raise FrameNotFoundError("frame numbers start at 1")
+        if self.media_type not in _PIL_FORMAT:
+            raise InvalidInputError(f"cannot render as {self.media_type}")
+        if not 1 <= self.quality <= 100:
+            raise InvalidInputError("quality must be between 1 and 100")
+        if self.viewport is not None and (
+            not all(1 <= v <= 8192 for v in self.viewport) or len(self.viewport) != 2
+        ):
+            raise InvalidInputError("viewport must be two sizes between 1 and 8192")
+
+    def cache_key(self, storage_key: str) -> str:
+        """A stable hex digest of the object and these options (cache file name and ETag)."""
+        window = (
+            None
+            if self.window is None
+            else [self.window.center, self.window.width, self.window.function.upper()]
+        )
+        parts = [
+            _RENDER_VERSION,
+            storage_key,
+            self.frame,
+            window,
+            list(self.viewport) if self.viewport else None,
+            self.media_type,
+            self.quality if self.media_type == "image/jpeg" else None,
+        ]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedFrame:
+    """A rendered image and its media type; ``etag`` identifies the bytes."""
+
+    data: bytes
+    media_type: str
+    etag: str
+
+
+# ---------------------------------------------------------------------------------------
+# Reading stored objects
+
+
+@contextlib.contextmanager
+def open_instance(store: ObjectStore, storage_key: str) -> Iterator[BinaryIO]:
+    """A seekable binary stream of the stored object (closed when the block ends).
+
+    The local store hands out files; streams that cannot seek (S3 bodies) are spooled to a
+    temporary file first, because pydicom seeks while reading.
+    """
+    stream = store.open(storage_key)
+    try:
+        seekable = getattr(stream, "seekable", None)
+        if callable(seekable) and seekable():
+            yield stream
+            return
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+            shutil.copyfileobj(stream, spool, 1 << 20)
+            spool.seek(0)
+            yield spool  # type: ignore[misc]
+    finally:
+        stream.close()
+
+
+class _LRU:
+    """A small thread-safe LRU bounded by a total weight (bytes or entries)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[object, tuple[object, int]] = OrderedDict()
+        self._weight = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> object | None:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: object, value: object, weight: int = 1) -> None:
+        if weight > self._capacity:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._weight -= old[1]
+            self._items[key] = (value, weight)
+            self._weight += weight
+            while self._weight > self._capacity:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._weight -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._weight = 0
+
+
+_headers = _LRU(_HEADER_CACHE_ENTRIES)
+_decoded = _LRU(_DECODED_CACHE_BYTES)
+
+
+def clear_memory_caches() -> None:
+    """Forget the in-process caches of headers and decoded frames (the disk cache stays)."""
+    _headers.clear()
+    _decoded.clear()
+
+
+def read_instance_header(store: ObjectStore, storage_key: str) -> Dataset:
+    """The stored object's data set up to (not including) its pixel data, with file meta.
+
+    Cached per storage key (keys are content-addressed). The returned data set is shared:
+    callers must not modify it. Raises NotFoundError (no such object), StorageError and
+    PixelDecodeError (unreadable header).
+    """
+    cached = _headers.get(storage_key)
+    if isinstance(cached, Dataset):
+        return cached
+    with open_instance(store, storage_key) as stream:
+        try:
+            header = pydicom.dcmread(stream, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many kinds of error on corrupt input
+            raise PixelDecodeError(
+                f"cannot read the header of {storage_key}: {type(exc).__name__}: {exc}"
+            ) from exc
+    _headers.put(storage_key, header)
+    return header
+
+
+def number_of_frames(header: Dataset) -> int:
+    """Number of Frames (1 when absent); raises PixelDecodeError when it is not a number."""
+    value = header.get("NumberOfFrames")
+    if value in (None, ""):
+        return 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError) as exc:
+        raise PixelDecodeError(f"Number of Frames {value!r} is not a number") from exc
+    return max(count, 1)
+
+
+def _transfer_syntax(header: Dataset) -> UID:
+    ts = header.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    if not ts:
+        raise PixelDecodeError("the object has no Transfer Syntax UID")
+    return UID(str(ts))
+
+
+def _check_frame(header: Dataset, frame: int) -> int:
+    count = number_of_frames(header)
+    if not 1 <= frame <= count:
+        raise FrameNotFoundError(f"frame {frame} does not exist; the object has {count}")
+    return frame - 1
+
+
+def _decode_error(header: Dataset, exc: Exception) -> PixelDecodeError:
+    ts = _transfer_syntax(header)
+    return PixelDecodeError(
+        f"cannot decode the pixel data ({ts.name or ts}): {type(exc).__name__}: {exc}"
+    )
+
+
+def decode_frame(*, store: ObjectStore, storage_key: str, frame: int) -> np.ndarray:
+    """Frame ``frame`` (1-based) of the stored object as pydicom decodes it.
+
+    Natively encoded data keeps its samples exactly (``raw=True``: no colour conversion),
+    so the frame matches the header; compressed data is returned as pydicom's decoders
+    deliver it (YBR converted to RGB). The returned array is shared: do not modify it.
+    Raises FrameNotFoundError, NoPixelDataError, PixelDecodeError, NotFoundError.
+    """
+    header = read_instance_header(store, storage_key)
+    index = _check_frame(header, frame)
+    cached = _decoded.get((storage_key, index))
+    if isinstance(cached, np.ndarray):
+        return cached
+    ts = _transfer_syntax(header)
+    native = not ts.is_compressed
+    with open_instance(store, storage_key) as stream:
+        try:
+            if ts == DeflatedExplicitVRLittleEndian:
+                # pydicom's frame reader cannot inflate a stream; the data set is inflated
+                # in memory (deflated objects are small, the encoding is rare).
+                source: BinaryIO | Dataset = pydicom.dcmread(stream)
+            else:
+                source = stream
+            arr = pixel_array(source, index=index, raw=native)
+        except AttributeError as exc:
+            if "no pixel data" in str(exc).lower() or "has no" in str(exc).lower():
+                raise NoPixelDataError("the instance has no pixel data") from exc
+            raise _decode_error(header, exc) from exc
+        except Exception as exc:  # decoders raise RuntimeError, ValueError, ...
+            raise _decode_error(header, exc) from exc
+    arr.flags.writeable = False
+    _decoded.put((storage_key, index), arr, max(int(arr.nbytes), 1))
+    return arr
+
+
+def raw_frame(*, store: ObjectStore, storage_key: str, frame: int) -> RawFrame:
+    """Frame ``frame`` (1-based) as uncompressed little-endian bytes (WADO-RS frames).
+
+    The layout follows the header: colour-by-plane when Planar Configuration is 1 and the
+    data was stored natively, 1-bit data bit-packed.
+    """
+    header = read_instance_header(store, storage_key)
+    arr = decode_frame(store=store, storage_key=storage_key, frame=frame)
+    ts = _transfer_syntax(header)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    planar = int(header.get("PlanarConfiguration", 0) or 0) if samples > 1 else 0
+    photometric = str(header.get("PhotometricInterpretation", "") or "")
+    if ts.is_compressed:
+        # The decoders deliver colour-by-pixel and convert YBR to RGB.
+        planar = 0
+        if samples == 3 and photometric.startswith("YBR"):
+            photometric = "RGB"
+    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    if planar == 1 and little.ndim == 3:
+        little = np.transpose(little, (2, 0, 1))
+    bits_allocated = int(header.get("BitsAllocated", little.dtype.itemsize * 8) or 8)
+    if bits_allocated == 1:
+        data = pack_bits(little, pad=False)
+    else:
+        bits_allocated = little.dtype.itemsize * 8
+        data = np.ascontiguousarray(little).tobytes()
+    return RawFrame(
+        data=data,
+        rows=int(arr.shape[0]),
+        columns=int(arr.shape[1]),
+        samples_per_pixel=samples,
+        bits_allocated=bits_allocated,
+        pixel_representation=int(header.get("PixelRepresentation", 0) or 0),
+        planar_configuration=planar,
+        photometric_interpretation=photometric,
+        dtype=little.dtype.str,
+    )
+
+
+def encoded_frame(*, store: ObjectStore, storage_key: str, frame: int) -> EncodedFrame | None:
+    """Frame ``frame`` (1-based) exactly as compressed in the stored object, or None when
+    the object is not stored in a compressed (encapsulated) transfer syntax."""
+    header = read_instance_header(store, storage_key)
+    index = _check_frame(header, frame)
+    ts = _transfer_syntax(header)
+    if not ts.is_compressed:
+        return None
+    count = number_of_frames(header)
+    with open_instance(store, storage_key) as stream:
+        try:
+            # A deferred read parses the header and notes where Pixel Data starts without
+            # reading it; get_frame then follows the offset tables (or the fragments) there.
+            ds = pydicom.dcmread(stream, defer_size=256)
+            elem = ds.get_item(0x7FE00010, keep_deferred=True)
+            if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+                raise NoPixelDataError("the instance has no pixel data")
+            extended: tuple[bytes, bytes] | None = None
+            if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+                extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+            stream.seek(elem.value_tell)
+            data = get_frame(stream, index, extended_offsets=extended, number_of_frames=count)
+        except NoPixelDataError:
+            raise
+        except Exception as exc:
+            raise _decode_error(header, exc) from exc
+    return EncodedFrame(data=data, transfer_syntax_uid=str(ts))
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+
+def _first_number(value: object) -> float | None:
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        value = value[0] if len(value) else None
+    try:
+        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _frame_view(header: Dataset, index: int) -> Dataset:
+    """The pixel-transformation attributes that apply to one frame.
+
+    Enhanced (multi-frame) objects keep Rescale Slope/Intercept and the window in the
+    shared or per-frame functional groups instead of the top level; those win here.
+    """
+    view = Dataset()
+    for keyword in (
+        "PhotometricInterpretation",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "VOILUTSequence",
+    ):
+        if keyword in header:
+            setattr(view, keyword, header.get(keyword))
+    if hasattr(header, "file_meta"):
+        view.file_meta = header.file_meta
+    groups: list[Dataset] = []
+    shared = header.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    for group in groups:
+        for sequence, keywords in (
+            ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+        ):
+            items = group.get(sequence)
+            if not items:
+                continue
+            for keyword in keywords:
+                if keyword in items[0]:
+                    setattr(view, keyword, items[0].get(keyword))
+    return view
+
+
+def _header_window(view: Dataset) -> Window | None:
+    center = _first_number(view.get("WindowCenter"))
+    width = _first_number(view.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    function = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    try:
+        return Window(center, width, function)
+    except InvalidInputError:
+        return None  # a nonsensical header window: fall back to the frame's range
+
+
+def _to_eight_bits(values: np.ndarray, window: Window) -> np.ndarray:
+    # pydicom's windowing maps onto the output range of the data set it is given; a data
+    # set describing unsigned 8-bit output makes that range 0..255.
+    target = Dataset()
+    target.PhotometricInterpretation = "MONOCHROME2"
+    target.BitsStored = 8
+    target.PixelRepresentation = 0
+    target.WindowCenter = window.center
+    target.WindowWidth = window.width
+    target.VOILUTFunction = window.function.upper()
+    out = apply_windowing(values.astype(np.float64), target)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _grayscale(arr: np.ndarray, view: Dataset, window: Window | None) -> np.ndarray:
+    values = apply_modality_lut(arr, view)
+    if window is None:
+        window = _header_window(view)
+    if window is None and view.get("VOILUTSequence"):
+        lut = apply_voi(values.astype(np.int64), view)
+        bits = int(view.VOILUTSequence[0].LUTDescriptor[2])
+        scaled = lut.astype(np.float64) * (255.0 / (2**bits - 1))
+        out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    else:
+        if window is None:
+            # No window anywhere: stretch the frame's own range.
+            low, high = float(np.min(values)), float(np.max(values))
+            window = Window(
+                center=(low + high + 1) / 2, width=max(high - low + 1, 1), function="LINEAR"
+            )
+        out = _to_eight_bits(values, window)
+    if str(view.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        out = 255 - out  # MONOCHROME1: the lowest value is white
+    return out
+
+
+def _scale_to_eight_bits(arr: np.ndarray, bits: int) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    top = float(2**bits - 1) if bits > 0 else float(np.max(arr) or 1)
+    return np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def render_pixels(
+    arr: np.ndarray, header: Dataset, *, index: int = 0, window: Window | None = None
+) -> np.ndarray:
+    """An 8-bit display image (rows×columns grey, or rows×columns×3 RGB) of one frame.
+
+    Grey: modality LUT (Rescale Slope/Intercept), then the VOI window — ``window``, else
+    the header's first Window Center/Width, else its VOI LUT, else the frame's min/max —
+    and MONOCHROME1 inverted. Colour: YBR converted to RGB, palette colour looked up,
+    samples scaled to 8 bits; ``window`` does not apply to colour (PS3.18 8.3.5.1.2).
+    ``arr`` is the frame as :func:`decode_frame` returns it.
+    """
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2") or "")
+    bits_stored = int(header.get("BitsStored", 8) or 8)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, header)
+        lut_bits = 16 if rgb.dtype == np.uint16 else 8
+        return _scale_to_eight_bits(rgb, lut_bits)
+    if arr.ndim == 3:
+        if (
+            photometric in ("YBR_FULL", "YBR_FULL_422")
+            and not _transfer_syntax(header).is_compressed
+        ):
+            # Natively stored YBR is decoded as stored (raw); the decoders of compressed
+            # data already deliver RGB.
+            arr = convert_color_space(arr, photometric, "RGB")
+        return _scale_to_eight_bits(arr, bits_stored)
+    return _grayscale(arr, _frame_view(header, index), window)
+
+
+def _encode_image(image8: np.ndarray, options: RenderOptions) -> bytes:
+    from PIL import Image, ImageOps
+
+    image = Image.fromarray(image8, mode="RGB" if image8.ndim == 3 else "L")
+    if options.viewport is not None:
+        # PS3.18 viewport: scale to fit within it, keeping the aspect ratio.
+        image = ImageOps.contain(image, options.viewport, method=Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if options.media_type == "image/jpeg":
+        image.save(buffer, format="JPEG", quality=options.quality)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render_frame(
+    *,
+    store: ObjectStore,
+    storage_key: str,
+    options: RenderOptions,
+    cache: FrameCache | None = None,
+) -> RenderedFrame:
+    """Frame ``options.frame`` of the stored object rendered as PNG or JPEG.
+
+    With ``cache``, a rendering made before with the same options is returned from disk.
+    Raises FrameNotFoundError, NoPixelDataError, PixelDecodeError, NotFoundError.
+    """
+    key = options.cache_key(storage_key)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return RenderedFrame(data=hit, media_type=options.media_type, etag=key)
+    header = read_instance_header(store, storage_key)
+    arr = decode_frame(store=store, storage_key=storage_key, frame=options.frame)
+    try:
+        image8 = render_pixels(arr, header, index=options.frame - 1, window=options.window)
+    except (ValueError, NotImplementedError, AttributeError, KeyError, IndexError) as exc:
+        # Inconsistent pixel-module attributes (e.g. a LUT that does not fit the data).
+        raise PixelDecodeError(f"cannot render the frame: {exc}") from exc
+    data = _encode_image(image8, options)
+    if cache is not None:
+        cache.put(key, data)
+    return RenderedFrame(data=data, media_type=options.media_type, etag=key)
+
+
+# ---------------------------------------------------------------------------------------
+# On-disk cache of rendered frames
+
+
+class FrameCache:
+    """Rendered images on disk, bounded in total size; least recently used evicted first.
+
+    Files are written to a temporary name and renamed into place, so a reader sees a whole
+    image or none. A hit refreshes the file's modification time, which is what eviction
+    sorts by. The running size is tracked in process and corrected by the directory scan
+    each eviction does, so several processes sharing the directory stay roughly bounded.
+    """
+
+    def __init__(self, root: Path, *, max_bytes: int = FRAME_CACHE_MAX_BYTES) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._size: int | None = None
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> bytes | None:
+        """The cached bytes for ``key``, or None."""
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` (atomically), then evict if over the bound.
+
+        A cache that cannot be written is logged and ignored: rendering does not need it.
+        """
+        path = self._path(key)
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            log.warning("frame cache %s not written: %s", self.root, exc)
+            return
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        with self._lock:
+            if self._size is None:
+                self._size = self._scan_size()
+            else:
+                self._size += len(data)
+            if self._size > self.max_bytes:
+                self._size = self._evict()
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        entries = []
+        for path in self.root.glob("*/*"):
+            if path.name.startswith(".tmp-"):
+                continue
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                entries.append((stat.st_mtime, stat.st_size, path))
+        return entries
+
+    def _scan_size(self) -> int:
+        return sum(size for _, size, _ in self._entries())
+
+    def _evict(self) -> int:
+        # Down to 90 % of the bound, so that the next writes do not each trigger a scan.
+        entries = sorted(self._entries())
+        total = sum(size for _, size, _ in entries)
+        target = int(self.max_bytes * 0.9)
+        for _, size, path in entries:
+            if total <= target:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            total -= size
+        return total
+
+    def size(self) -> int:
+        """Bytes currently cached (scans the directory)."""
+        return self._scan_size()
+
+
+_frame_caches: dict[Path, FrameCache] = {}
+_frame_caches_lock = threading.Lock()
+
+
+def frame_cache(settings: Settings) -> FrameCache:
+    """The rendered-frame cache of this deployment (``<data_dir>/cache/frames``)."""
+    root = (settings.data_dir / "cache" / "frames").resolve()
+    with _frame_caches_lock:
+        cache = _frame_caches.get(root)
+        if cache is None:
+            cache = _frame_caches[root] = FrameCache(root)
+        return cache

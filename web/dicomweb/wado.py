@@ -1,0 +1,370 @@
+"""WADO-RS (PS3.18 10.4): stored objects, metadata, frames, rendered images and bulk data.
+
+Every request first resolves the addressed study/series/instance on the index, scoped to
+what the caller may see (another clinic's study is "not found"), and records the access in
+the audit trail; only then are objects read from the store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import pydicom
+from fastapi import HTTPException
+from pydicom.uid import UID
+from sqlalchemy import select
+
+from dicom_gateway.pixels import (
+    RenderOptions,
+    Window,
+    encoded_frame,
+    number_of_frames,
+    open_instance,
+    raw_frame,
+    read_instance_header,
+)
+from rdc_core.db import read_session, session_scope
+from rdc_core.errors import InvalidInputError, NotFoundError
+from rdc_core.storage import ObjectStore
+from web.dicomweb.dicomjson import BULK_THRESHOLD, bulk_value, dataset_json, element, tag_key
+from web.dicomweb.multipart import MediaRange
+from worklist.access import Principal
+from worklist.audit import record_access
+from worklist.models import Exam, Instance
+
+__all__ = [
+    "FramePart",
+    "InstanceRef",
+    "bulk_data",
+    "check_dicom_accept",
+    "frame_parts",
+    "instance_metadata",
+    "instance_url",
+    "metadata_chunks",
+    "object_chunks",
+    "parse_frame_numbers",
+    "pixel_data_parts",
+    "render_options",
+    "resolve",
+]
+
+_CHUNK: Final = 1 << 20
+_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"
+_OCTET_STREAM: Final = "application/octet-stream"
+_DICOM: Final = "application/dicom"
+_MAX_FRAMES_PER_REQUEST: Final = 10_000
+Action = Literal["view", "download"]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """A stored instance the caller may see."""
+
+    exam_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    storage_key: str
+    transfer_syntax_uid: str
+    coerced: dict[str, str] | None
+
+
+def resolve(
+    *,
+    principal: Principal,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    action: Action,
+    resource: str,
+    detail: dict[str, Any] | None = None,
+) -> list[InstanceRef]:
+    """The instances addressed by the URL that ``principal`` may see, in series/instance
+    order, after recording the access. Raises NotFoundError when there are none: another
+    clinic's study is not found, never forbidden."""
+    stmt = (
+        select(Instance, Exam.study_instance_uid)
+        .join(Exam, Exam.id == Instance.exam_id)
+        .where(Exam.study_instance_uid == study_uid)
+    )
+    if principal.is_clinic_user:
+        stmt = stmt.where(Exam.org_id == principal.org_id)
+    if series_uid is not None:
+        stmt = stmt.where(Instance.series_instance_uid == series_uid)
+    if sop_uid is not None:
+        stmt = stmt.where(Instance.sop_instance_uid == sop_uid)
+    stmt = stmt.order_by(
+        Instance.series_number,
+        Instance.series_instance_uid,
+        Instance.instance_number,
+        Instance.sop_instance_uid,
+    )
+    with read_session() as session:
+        refs = [
+            InstanceRef(
+                exam_id=instance.exam_id,
+                study_instance_uid=study,
+                series_instance_uid=instance.series_instance_uid,
+                sop_instance_uid=instance.sop_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                storage_key=instance.storage_key,
+                transfer_syntax_uid=instance.transfer_syntax_uid,
+                coerced=instance.coerced,
+            )
+            for instance, study in session.execute(stmt).all()
+        ]
+    if not refs:
+        what = (
+            f"instance {sop_uid}"
+            if sop_uid
+            else f"series {series_uid}"
+            if series_uid
+            else f"study {study_uid}"
+        )
+        raise NotFoundError(f"no {what}")
+    with session_scope() as session:
+        record_access(
+            session,
+            principal,
+            action=action,
+            object_type="exam",
+            object_id=refs[0].exam_id,
+            detail={
+                "via": "dicomweb",
+                "resource": resource,
+                "study": study_uid,
+                **({"series": series_uid} if series_uid else {}),
+                **({"sop_instance": sop_uid} if sop_uid else {}),
+                "instances": len(refs),
+                **(detail or {}),
+            },
+        )
+    return refs
+
+
+def instance_url(base_url: str, ref: InstanceRef) -> str:
+    """The WADO-RS URL of the instance."""
+    return (
+        f"{base_url}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
+        f"/instances/{ref.sop_instance_uid}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Objects and metadata
+
+
+def object_chunks(store: ObjectStore, ref: InstanceRef) -> Iterator[bytes]:
+    """The stored Part-10 object, in chunks (opened only when the first chunk is wanted)."""
+    with store.open(ref.storage_key) as stream:
+        while chunk := stream.read(_CHUNK):
+            yield chunk
+
+
+def instance_metadata(store: ObjectStore, ref: InstanceRef, base_url: str) -> dict[str, Any]:
+    """The stored data set in the DICOM JSON model, bulk data as URIs to this service."""
+    url = instance_url(base_url, ref)
+    with open_instance(store, ref.storage_key) as stream:
+        # Values longer than the bulk threshold are left unread; the stream stays open
+        # while converting, for deferred text values that do need reading.
+        ds = pydicom.dcmread(stream, defer_size=BULK_THRESHOLD)
+        out = dataset_json(ds, bulk_uri=lambda path: f"{url}/bulkdata/{path}")
+    # Objects indexed under a made-up UID (it was missing) still say where they belong,
+    # so that viewers can group them; present values are never changed.
+    for tag, value in (
+        (0x0020000D, ref.study_instance_uid),
+        (0x0020000E, ref.series_instance_uid),
+    ):
+        out.setdefault(tag_key(tag), element(tag, value).to_json_dict(None, 0))
+    return dict(sorted(out.items()))
+
+
+def metadata_chunks(
+    store: ObjectStore, refs: Sequence[InstanceRef], base_url: str
+) -> Iterator[bytes]:
+    """A JSON array of the instances' metadata, produced one instance at a time."""
+    yield b"["
+    for index, ref in enumerate(refs):
+        if index:
+            yield b","
+        yield json.dumps(instance_metadata(store, ref, base_url), ensure_ascii=False).encode()
+    yield b"]"
+
+
+def bulk_data(store: ObjectStore, ref: InstanceRef, path: str) -> bytes:
+    """The value of the binary element at ``path`` (as in the metadata's BulkDataURI)."""
+    with open_instance(store, ref.storage_key) as stream:
+        try:
+            return bulk_value(stream, path)
+        except (NotFoundError, InvalidInputError):
+            raise
+        except Exception as exc:  # a stored object pydicom cannot read to that element
+            raise NotFoundError(f"bulk data {path} cannot be read: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Frames
+
+
+def parse_frame_numbers(text: str) -> list[int]:
+    """``1`` or ``1,3,5`` (PS3.18 frame list); raises InvalidInputError."""
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise InvalidInputError(f"frame list {text!r} must be comma-separated numbers") from exc
+    if not numbers or any(n < 1 for n in numbers):
+        raise InvalidInputError("frame numbers start at 1")
+    if len(numbers) > _MAX_FRAMES_PER_REQUEST:
+        raise InvalidInputError(f"at most {_MAX_FRAMES_PER_REQUEST} frames per request")
+    return numbers
+
+
+FramePart = tuple[str, bytes]
+
+
+def _frame_encoding(accept: Sequence[MediaRange], stored_ts: str) -> Literal["raw", "encoded"]:
+    """Which form of the frames the Accept header asks for (PS3.18 8.7.3.5).
+
+    Uncompressed little endian is the default and always offered. ``transfer-syntax=*``
+    (what OHIF asks for) or the stored syntax gets the frames as stored when they are
+    compressed, so the viewer decodes them itself and nothing is transcoded.
+    """
+    for media in accept:
+        if media.media_type in ("*/*", "multipart/*"):
+            return "raw"
+        if media.media_type != "multipart/related":
+            continue
+        if (media.part_type or _OCTET_STREAM) not in (_OCTET_STREAM, "*/*", "application/*"):
+            continue
+        ts = media.transfer_syntax
+        if ts in (None, _LITTLE_ENDIAN):
+            return "raw"
+        if ts == "*" or ts == stored_ts:
+            return "encoded"
+    raise HTTPException(
+        status_code=406,
+        detail='frames are available as multipart/related; type="application/octet-stream" '
+        f"in transfer syntax {_LITTLE_ENDIAN} or as stored ({stored_ts})",
+    )
+
+
+def _frame_content_type(mode: Literal["raw", "encoded"], ref: InstanceRef) -> str:
+    if mode == "encoded" and UID(ref.transfer_syntax_uid).is_compressed:
+        return f"{_OCTET_STREAM}; transfer-syntax={ref.transfer_syntax_uid}"
+    return f"{_OCTET_STREAM}; transfer-syntax={_LITTLE_ENDIAN}"
+
+
+def _frame_bytes(store: ObjectStore, ref: InstanceRef, number: int, content_type: str) -> bytes:
+    if content_type.endswith(_LITTLE_ENDIAN):
+        return raw_frame(store=store, storage_key=ref.storage_key, frame=number).data
+    encoded = encoded_frame(store=store, storage_key=ref.storage_key, frame=number)
+    assert encoded is not None  # the stored syntax is compressed (see _frame_content_type)
+    return encoded.data
+
+
+def frame_parts(
+    *, store: ObjectStore, ref: InstanceRef, numbers: Sequence[int], accept: Sequence[MediaRange]
+) -> list[FramePart]:
+    """The requested frames as (part content type, bytes), decoded before the response
+    starts so that a bad frame number is a proper error, not a broken stream."""
+    content_type = _frame_content_type(_frame_encoding(accept, ref.transfer_syntax_uid), ref)
+    return [(content_type, _frame_bytes(store, ref, n, content_type)) for n in numbers]
+
+
+# ---------------------------------------------------------------------------------------
+# Rendered
+
+
+def _numbers(name: str, text: str, count: tuple[int, ...]) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    if len(values) not in count:
+        raise InvalidInputError(f"{name} needs {' or '.join(map(str, count))} values")
+    return values
+
+
+def render_options(
+    *,
+    frame: int,
+    accept: Sequence[MediaRange],
+    window: str | None,
+    viewport: str | None,
+    quality: int | None,
+) -> RenderOptions:
+    """RenderOptions from the PS3.18 8.3.5 query parameters and the Accept header.
+
+    ``window=center,width[,linear|linear-exact|sigmoid]``; ``viewport=vw,vh`` (the image
+    is scaled to fit, keeping its aspect); ``quality`` 1-100 for JPEG. Raises
+    InvalidInputError, or 406 when neither PNG nor JPEG is acceptable.
+    """
+    media_type: Literal["image/png", "image/jpeg"] | None = None
+    for media in accept:
+        if media.media_type in ("image/png", "image/*", "*/*"):
+            media_type = "image/png"
+        elif media.media_type in ("image/jpeg", "image/jpg"):
+            media_type = "image/jpeg"
+        if media_type:
+            break
+    if media_type is None:
+        raise HTTPException(status_code=406, detail="rendered images are image/png or image/jpeg")
+    parsed_window: Window | None = None
+    if window:
+        values = _numbers("window", window, (2, 3))
+        function = (values[2] if len(values) == 3 else "linear").upper().replace("-", "_")
+        try:
+            parsed_window = Window(float(values[0]), float(values[1]), function)
+        except ValueError as exc:
+            raise InvalidInputError("window center and width must be numbers") from exc
+    size: tuple[int, int] | None = None
+    if viewport:
+        values = _numbers("viewport", viewport, (2,))
+        try:
+            size = (int(values[0]), int(values[1]))
+        except ValueError as exc:
+            raise InvalidInputError("viewport width and height must be integers") from exc
+    return RenderOptions(
+        frame=frame,
+        window=parsed_window,
+        viewport=size,
+        media_type=media_type,
+        quality=quality if quality is not None else 90,
+    )
+
+
+def check_dicom_accept(accept: Sequence[MediaRange]) -> None:
+    """Raise 406 unless the Accept header allows multipart/related application/dicom.
+
+    Objects are sent as stored, each part labelled with its transfer syntax: the centre
+    keeps what the clinic sent and does not transcode.
+    """
+    for media in accept:
+        if media.media_type in ("*/*", "multipart/*"):
+            return
+        if media.media_type == "multipart/related" and (media.part_type or _DICOM) in (
+            _DICOM,
+            "application/*",
+            "*/*",
+        ):
+            return
+    raise HTTPException(
+        status_code=406,
+        detail='instances are available as multipart/related; type="application/dicom"',
+    )
+
+
+def pixel_data_parts(
+    *, store: ObjectStore, ref: InstanceRef, accept: Sequence[MediaRange]
+) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """Every frame of the instance as multipart parts, decoded one at a time while the
+    response is sent (what the Pixel Data BulkDataURI of the metadata points to)."""
+    count = number_of_frames(read_instance_header(store, ref.storage_key))
+    content_type = _frame_content_type(_frame_encoding(accept, ref.transfer_syntax_uid), ref)
+
+    def one(number: int) -> Iterator[bytes]:
+        yield _frame_bytes(store, ref, number, content_type)
+
+    for number in range(1, count + 1):
+        yield content_type, one(number)

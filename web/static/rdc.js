@@ -1,0 +1,280 @@
+/* RDC web UI: shared helpers (messages, API calls, times in the configured zone). */
+(function () {
+  "use strict";
+
+  function readJson(id) {
+    var el = document.getElementById(id);
+    return el ? JSON.parse(el.textContent) : {};
+  }
+
+  var config = readJson("rdc-config");
+  var messages = readJson("rdc-messages");
+
+  /** The message `key` with {name} placeholders filled from `params`. */
+  function t(key, params) {
+    var text = Object.prototype.hasOwnProperty.call(messages, key) ? messages[key] : key;
+    if (params) {
+      Object.keys(params).forEach(function (name) {
+        text = text.split("{" + name + "}").join(String(params[name]));
+      });
+    }
+    return text;
+  }
+
+  /** An API error carrying the RFC 9457 problem (status, title, detail). */
+  function ApiError(status, problem) {
+    this.name = "ApiError";
+    this.status = status;
+    this.problem = problem || {};
+    this.message = (problem && (problem.detail || problem.title)) || "HTTP " + status;
+  }
+  ApiError.prototype = Object.create(Error.prototype);
+
+  /**
+   * Call the JSON API with the session cookie. Every non-GET call carries
+   * X-Requested-With: rdc (the cookie alone never authorises a change).
+   * Resolves to the parsed body (null for 204), rejects with ApiError.
+   */
+  function api(method, path, body, options) {
+    var init = {
+      method: method,
+      credentials: "same-origin",
+      headers: { Accept: (options && options.accept) || "application/json" },
+      keepalive: !!(options && options.keepalive),
+    };
+    if (method !== "GET" && method !== "HEAD") {
+      init.headers["X-Requested-With"] = "rdc";
+    }
+    if (body !== undefined && body !== null) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(path, init).then(
+      function (response) {
+        if (response.status === 204) return null;
+        return response.text().then(function (text) {
+          var data = null;
+          try {
+            data = text ? JSON.parse(text) : null;
+          } catch (e) {
+            data = { detail: text.slice(0, 200) };
+          }
+          if (!response.ok) {
+            if (response.status === 401 && !(options && options.quiet401)) {
+              sessionEnded();
+            }
+            throw new ApiError(response.status, data);
+          }
+          return data;
+        });
+      },
+      function () {
+        throw new ApiError(0, { detail: t("err.network") });
+      }
+    );
+  }
+
+  var sessionEndShown = false;
+  function sessionEnded() {
+    if (sessionEndShown) return;
+    sessionEndShown = true;
+    toast(t("err.session"), "error");
+    setTimeout(function () {
+      var here = location.pathname + location.search;
+      location.href = "/login?next=" + encodeURIComponent(here);
+    }, 1500);
+  }
+
+  function query(params) {
+    var parts = [];
+    Object.keys(params).forEach(function (key) {
+      var value = params[key];
+      if (value !== undefined && value !== null && value !== "" && value !== false) {
+        parts.push(encodeURIComponent(key) + "=" + encodeURIComponent(value));
+      }
+    });
+    return parts.length ? "?" + parts.join("&") : "";
+  }
+
+  // --- times: stored in UTC, shown in the configured zone -----------------------------------
+  var zoneParts = null;
+  /** The calendar fields of `date` in the configured zone. */
+  function parts(date) {
+    if (!zoneParts) {
+      zoneParts = new Intl.DateTimeFormat("en-US", {
+        timeZone: config.tz || "Asia/Shanghai",
+        hourCycle: "h23",
+        year: "numeric",
+        month: "2-digit",
+        day: "2-digit",
+        hour: "2-digit",
+        minute: "2-digit",
+        second: "2-digit",
+      });
+    }
+    var out = {};
+    zoneParts.formatToParts(date).forEach(function (part) {
+      out[part.type] = part.value;
+    });
+    return out;
+  }
+  /** `iso` (UTC) shown in the configured zone; kind: datetime | date | time | short. */
+  function fmt(iso, kind) {
+    if (!iso) return t("common.none");
+    var date = iso instanceof Date ? iso : new Date(iso);
+    if (isNaN(date.getTime())) return String(iso);
+    var p = parts(date);
+    var day = p.year + "-" + p.month + "-" + p.day;
+    var hm = p.hour + ":" + p.minute;
+    switch (kind) {
+      case "date":
+        return day;
+      case "time":
+        return hm + ":" + p.second;
+      case "short":
+        return p.month + "-" + p.day + " " + hm;
+      default:
+        return day + " " + hm;
+    }
+  }
+
+  function pad(n) {
+    return n < 10 ? "0" + n : String(n);
+  }
+  /** A duration as [d] h:mm:ss. */
+  function duration(ms) {
+    var total = Math.floor(Math.abs(ms) / 1000);
+    var days = Math.floor(total / 86400);
+    var h = Math.floor((total % 86400) / 3600);
+    var m = Math.floor((total % 3600) / 60);
+    var s = total % 60;
+    return (days ? t("dur.days", { d: days }) : "") + h + ":" + pad(m) + ":" + pad(s);
+  }
+
+  /** DICOM person name (Alphabetic=Ideographic) shown as "王芳 Wang Fang". */
+  function personName(value) {
+    if (!value) return "";
+    var groups = String(value).split("=");
+    var alpha = (groups[0] || "").split("^").filter(Boolean).join(" ");
+    var ideo = (groups[1] || "").split("^").join("");
+    if (ideo && alpha) return config.lang === "en" ? alpha + " " + ideo : ideo + " " + alpha;
+    return ideo || alpha;
+  }
+
+  /** A DICOM DA (YYYYMMDD) as YYYY-MM-DD. */
+  function dicomDate(value) {
+    if (!value) return t("common.none");
+    var v = String(value);
+    return v.length === 8 ? v.slice(0, 4) + "-" + v.slice(4, 6) + "-" + v.slice(6) : v;
+  }
+
+  // --- small DOM helpers -------------------------------------------------------------------
+  /** Create an element: el("td", {class: "x", text: "…"}, [children]). */
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    if (attrs) {
+      Object.keys(attrs).forEach(function (key) {
+        var value = attrs[key];
+        if (value === undefined || value === null || value === false) return;
+        if (key === "text") node.textContent = value;
+        else if (key === "class") node.className = value;
+        else if (key === "dataset") Object.assign(node.dataset, value);
+        else if (key.slice(0, 2) === "on") node.addEventListener(key.slice(2), value);
+        else node.setAttribute(key, value === true ? "" : value);
+      });
+    }
+    (children || []).forEach(function (child) {
+      if (child === null || child === undefined) return;
+      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
+    });
+    return node;
+  }
+
+  var toastTimer = null;
+  /** A short message at the bottom of the page; kind: info | ok | error. */
+  function toast(text, kind) {
+    var box = document.getElementById("toast");
+    if (!box) return;
+    box.textContent = text;
+    box.className = "toast " + (kind || "info");
+    box.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(function () {
+      box.hidden = true;
+    }, kind === "error" ? 6000 : 3000);
+  }
+
+  function debounce(fn, ms) {
+    var timer = null;
+    function wrapped() {
+      var args = arguments;
+      var self = this;
+      clearTimeout(timer);
+      timer = setTimeout(function () {
+        timer = null;
+        fn.apply(self, args);
+      }, ms);
+    }
+    wrapped.cancel = function () {
+      clearTimeout(timer);
+      timer = null;
+    };
+    wrapped.pending = function () {
+      return timer !== null;
+    };
+    return wrapped;
+  }
+
+  /** Whether a key event comes from a field the user types into. */
+  function typingIn(target) {
+    if (!target || !target.tagName || target.readOnly || target.disabled) return false;
+    var tag = target.tagName;
+    if (target.isContentEditable || tag === "TEXTAREA" || tag === "SELECT") return true;
+    if (tag !== "INPUT") return false;
+    var type = (target.type || "text").toLowerCase();
+    return ["checkbox", "radio", "button", "submit", "reset", "range"].indexOf(type) < 0;
+  }
+
+  var PRIORITY_RANK = { emergency: 0, urgent: 1, routine: 2 };
+
+  function priorityBadge(priority) {
+    return el("span", {
+      class: "badge prio-" + priority,
+      text: t("priority." + priority),
+      dataset: { priority: priority },
+    });
+  }
+
+  function reportBadge(status) {
+    return el("span", {
+      class: "status-badge st-" + (status || "none"),
+      text: t("report_status." + (status || "none")),
+    });
+  }
+
+  /** The message of a state's label, falling back to the raw value. */
+  function label(prefix, value) {
+    var key = prefix + "." + value;
+    return Object.prototype.hasOwnProperty.call(messages, key) ? messages[key] : String(value);
+  }
+
+  window.RDC = {
+    config: config,
+    t: t,
+    api: api,
+    ApiError: ApiError,
+    query: query,
+    fmt: fmt,
+    duration: duration,
+    personName: personName,
+    dicomDate: dicomDate,
+    el: el,
+    toast: toast,
+    debounce: debounce,
+    typingIn: typingIn,
+    PRIORITY_RANK: PRIORITY_RANK,
+    priorityBadge: priorityBadge,
+    reportBadge: reportBadge,
+    label: label,
+  };
+})();

@@ -1,0 +1,850 @@
+/* Reading page: viewer + report side by side, the work-item lease, autosave, submit/verify,
+   re-scan, and the keyboard shortcuts. Also the read-only report view (mode "report"). */
+(function () {
+  "use strict";
+  var R = window.RDC;
+  var V = window.RDCViewer;
+  var t = R.t;
+  var el = R.el;
+  var cfg = R.config;
+  var user = cfg.user || {};
+  var examId = cfg.examId;
+  var reading = cfg.mode === "read";
+  var isReader = user.role === "reader" || user.role === "senior_reader";
+  var canVerify = user.role === "senior_reader" || user.level === "attending" || user.level === "chief";
+  var examUrl = "/api/v1/exams/" + encodeURIComponent(examId);
+  var reportUrl = examUrl + "/report";
+  var PRESET_KEYS = { 1: "lung", 2: "mediastinum", 3: "bone", 4: "brain", 0: "default" };
+
+  var state = {
+    exam: null,
+    report: null,
+    templates: [],
+    template: null,
+    lease: null,
+    editable: false,
+    dirty: false,
+    busy: false,
+    closed: false, // submitted, released, re-scan requested or lost: no more lease renewals
+  };
+  var saveChain = Promise.resolve(null);
+  var renewTimer = null;
+
+  function $(id) {
+    return document.getElementById(id);
+  }
+
+  function fail(err) {
+    R.toast(t("err.failed", { detail: err && err.message ? err.message : String(err) }), "error");
+  }
+
+  // --- viewer -------------------------------------------------------------------------------
+  var active = null;
+  var viewports = {};
+  function setActive(viewport) {
+    if (active === viewport) return;
+    if (active) {
+      active.root.classList.remove("active");
+      active.stop();
+    }
+    active = viewport;
+    active.root.classList.add("active");
+    syncToolbar();
+    if (!$("header-panel").hidden) active.readHeader();
+  }
+  var viewportOptions = {
+    onactivate: setActive,
+    oncine: function (viewport) {
+      if (viewport === active) syncToolbar();
+    },
+    onheader: function (viewport, dataset, entry) {
+      if (viewport === active && !$("header-panel").hidden) showHeader(dataset, entry);
+    },
+    onseries: function (viewport, index) {
+      if (viewport === viewports.main) {
+        document.querySelectorAll("#series-list .series").forEach(function (node) {
+          node.classList.toggle("on", node.dataset.index === String(index));
+        });
+      }
+    },
+  };
+  viewports.main = new V.Viewport($("vp-main"), viewportOptions);
+  viewports.prior = new V.Viewport($("vp-prior"), viewportOptions);
+  active = viewports.main;
+
+  function syncToolbar() {
+    document.querySelectorAll("[data-preset]").forEach(function (button) {
+      button.classList.toggle("on", button.dataset.preset === active.preset);
+    });
+    document.querySelectorAll("[data-tool]").forEach(function (button) {
+      button.classList.toggle("on", button.dataset.tool === active.tool);
+    });
+    var cine = $("cine");
+    cine.textContent = active.playing() ? cine.dataset.pause : cine.dataset.play;
+    cine.classList.toggle("on", active.playing());
+  }
+
+  function renderSeriesList(viewport) {
+    var list = $("series-list");
+    list.textContent = "";
+    viewport.series.forEach(function (series, i) {
+      var entry = series.stack[0];
+      list.appendChild(
+        el(
+          "button",
+          {
+            type: "button",
+            class: "series" + (i === viewport.seriesIndex ? " on" : ""),
+            dataset: { index: i },
+            title: series.uid,
+            onclick: function () {
+              viewports.main.setSeries(i);
+              setActive(viewports.main);
+              this.blur();
+            },
+          },
+          [
+            el("img", {
+              src: V.frameUrl(entry, null, 96),
+              alt: "",
+              loading: "lazy",
+              draggable: "false",
+              onerror: function () {
+                this.classList.add("failed");
+              },
+            }),
+            el("span", {
+              text:
+                t("rd.series_label", { n: series.number === null || series.number === undefined ? "?" : series.number }) +
+                " " +
+                series.modality,
+            }),
+            el("span", { class: "muted", text: t("rd.frames", { n: series.stack.length }) }),
+          ]
+        )
+      );
+    });
+  }
+
+  function showHeader(dataset, entry) {
+    $("header-sop").textContent = entry ? entry.sop : "";
+    V.renderHeader(document.querySelector("#header-table tbody"), dataset).then(filterHeader);
+  }
+
+  function filterHeader() {
+    var needle = $("header-filter").value.trim().toLowerCase();
+    document.querySelectorAll("#header-table tbody tr").forEach(function (row) {
+      row.hidden = needle && row.dataset.search.indexOf(needle) < 0;
+    });
+  }
+
+  function toggleHeader(force) {
+    var panel = $("header-panel");
+    var open = force === undefined ? panel.hidden : force;
+    panel.hidden = !open;
+    $("header-toggle").classList.toggle("on", open);
+    $("header-toggle").setAttribute("aria-pressed", open ? "true" : "false");
+    if (!open) return;
+    var entry = active.current();
+    if (!entry) return;
+    document.querySelector("#header-table tbody").textContent = "";
+    V.metadata(entry.study, entry.series, entry.sop).then(
+      function (dataset) {
+        showHeader(dataset, entry);
+      },
+      function (err) {
+        var body = document.querySelector("#header-table tbody");
+        body.textContent = "";
+        body.appendChild(el("tr", {}, [el("td", { colspan: 4, text: t("rd.header.failed", { detail: err.message }) })]));
+      }
+    );
+  }
+
+  function toggleCine() {
+    if (active.playing()) active.stop();
+    else active.play(parseInt($("fps").value, 10) || 8);
+    syncToolbar();
+  }
+
+  function preset(name) {
+    active.applyPreset(name);
+    syncToolbar();
+  }
+
+  function loadPriors() {
+    R.api("GET", examUrl + "/priors").then(
+      function (priors) {
+        var select = $("prior-select");
+        var list = Array.isArray(priors) ? priors : (priors && priors.items) || [];
+        if (!list.length) {
+          select.options[0].textContent = t("rd.prior.none");
+          select.disabled = true;
+          return;
+        }
+        list.forEach(function (prior) {
+          select.appendChild(
+            el("option", {
+              value: prior.id,
+              text:
+                R.fmt(prior.performed_at || prior.first_received_at, "date") +
+                " · " +
+                prior.modality +
+                " · " +
+                (prior.description || ""),
+            })
+          );
+        });
+      },
+      function () {
+        var select = $("prior-select");
+        select.options[0].textContent = t("rd.prior.none");
+        select.disabled = true;
+      }
+    );
+  }
+
+  function showPrior(priorId) {
+    var container = $("viewports");
+    if (!priorId) {
+      viewports.prior.stop();
+      $("vp-prior").hidden = true;
+      container.classList.remove("split");
+      setActive(viewports.main);
+      return;
+    }
+    R.api("GET", "/api/v1/exams/" + encodeURIComponent(priorId)).then(function (prior) {
+      $("vp-prior").hidden = false;
+      container.classList.add("split");
+      $("vp-prior").querySelector(".vp-title").textContent = t("rd.prior.label", {
+        date: R.fmt(prior.performed_at || prior.first_received_at, "date"),
+        desc: prior.description || prior.modality,
+      });
+      viewports.prior.load(prior);
+    }, fail);
+  }
+
+  // --- exam header --------------------------------------------------------------------------
+  function renderExam(exam) {
+    var patient = exam.patient || {};
+    var badge = $("ei-priority");
+    badge.className = "badge prio-" + exam.priority;
+    badge.textContent = t("priority." + exam.priority);
+    $("ei-name").textContent = R.personName(patient.name) || patient.patient_id;
+    var demo = [];
+    if (patient.sex) demo.push(R.label("sex", patient.sex));
+    if (patient.birth_date) demo.push(R.dicomDate(patient.birth_date));
+    $("ei-demo").textContent = demo.join(" · ");
+    $("ei-pid").textContent = patient.patient_id || "";
+    $("ei-accession").textContent = exam.accession_number || t("common.none");
+    $("ei-clinic").textContent = exam.clinic_name || exam.clinic_code;
+    $("ei-desc").textContent = [exam.modality, exam.body_part, exam.description].filter(Boolean).join(" · ");
+    $("ei-performed").textContent = R.fmt(exam.performed_at);
+    $("ei-received").textContent = R.fmt(exam.first_received_at);
+    $("ei-state").textContent = R.label("exam_state", exam.state);
+    renderDue();
+  }
+
+  /** The SLA deadline with a live countdown while the exam is still being read. */
+  function renderDue() {
+    var exam = state.exam, cell = $("ei-due");
+    if (!exam || !exam.due_at) { cell.textContent = t("common.none"); return; }
+    var open = exam.state === "READY" || exam.state === "PRELIMINARY";
+    var left = new Date(exam.due_at).getTime() - Date.now();
+    var text = R.fmt(exam.due_at);
+    if (open) text += " (" + (left < 0 ? t("dur.overdue", { t: R.duration(left) }) : R.duration(left)) + ")";
+    cell.textContent = text;
+    cell.classList.toggle("overdue", open && left < 0);
+  }
+  setInterval(renderDue, 1000);
+
+  /** Read the exam again (its state moves on with the report). */
+  function refreshExam() {
+    R.api("GET", examUrl).then(function (exam) {
+      state.exam = exam;
+      renderExam(exam);
+    }, function () {});
+  }
+
+  // --- report form --------------------------------------------------------------------------
+  var form = $("report-form");
+
+  function templateName(tpl) {
+    return (cfg.lang === "en" ? tpl.name_en : tpl.name_zh) || tpl.name_zh || tpl.name_en || tpl.code;
+  }
+
+  function renderTemplates() {
+    var select = $("template-select");
+    state.templates.forEach(function (tpl) {
+      select.appendChild(el("option", { value: tpl.code, text: templateName(tpl) }));
+    });
+  }
+
+  function structuredValues() {
+    var values = {};
+    document.querySelectorAll("#structured-fields [data-key]").forEach(function (input) {
+      var key = input.dataset.key;
+      if (input.type === "checkbox") values[key] = input.checked;
+      else if (input.type === "number") values[key] = input.value === "" ? null : Number(input.value);
+      else values[key] = input.value;
+    });
+    return values;
+  }
+
+  /** Inputs for the template's structured fields (or the stored keys without a template). */
+  function renderStructured(values) {
+    var box = $("structured-fields");
+    box.textContent = "";
+    var fields = state.template
+      ? state.template.fields || []
+      : Object.keys(values || {}).map(function (key) {
+          return { key: key, label_zh: key, label_en: key, type: "text" };
+        });
+    $("structured").hidden = !fields.length;
+    fields.forEach(function (field) {
+      var value = values ? values[field.key] : undefined;
+      var labelText = (cfg.lang === "en" ? field.label_en : field.label_zh) || field.key;
+      var input;
+      if (field.type === "select") {
+        input = el("select", {}, [el("option", { value: "", text: t("common.none") })]);
+        (field.options || []).forEach(function (option) {
+          input.appendChild(el("option", { value: option, text: option }));
+        });
+        input.value = value === undefined || value === null ? "" : String(value);
+      } else if (field.type === "bool") {
+        input = el("input", { type: "checkbox" });
+        input.checked = !!value;
+      } else {
+        input = el("input", { type: field.type === "number" ? "number" : "text", step: "any" });
+        input.value = value === undefined || value === null ? "" : String(value);
+      }
+      input.dataset.key = field.key;
+      input.name = "s." + field.key;
+      box.appendChild(
+        el("label", { class: field.type === "bool" ? "sf check" : "sf" }, field.type === "bool" ? [input, " " + labelText] : [labelText, input])
+      );
+    });
+    applyEditable();
+  }
+
+  function chooseTemplate(code, prefill) {
+    state.template =
+      state.templates.filter(function (tpl) {
+        return tpl.code === code;
+      })[0] || null;
+    var keep = structuredValues();
+    if (state.report && state.report.structured) keep = Object.assign({}, state.report.structured, keep);
+    renderStructured(keep);
+    if (prefill && state.template) {
+      ["findings", "impression", "recommendation"].forEach(function (name) {
+        var area = form.elements[name];
+        if (!area.value.trim() && state.template[name]) area.value = state.template[name];
+      });
+    }
+  }
+
+  function formBody() {
+    var grade = form.querySelector("input[name=quality_grade]:checked");
+    return {
+      template_code: form.elements.template_code.value || null,
+      findings: form.elements.findings.value,
+      impression: form.elements.impression.value,
+      recommendation: form.elements.recommendation.value,
+      structured: structuredValues(),
+      quality_grade: grade ? grade.value : null,
+      quality_reason: form.elements.quality_reason.value,
+      critical: form.elements.critical.checked,
+    };
+  }
+
+  function fillForm(report) {
+    form.elements.template_code.value = report.template_code || "";
+    state.template =
+      state.templates.filter(function (tpl) {
+        return tpl.code === report.template_code;
+      })[0] || null;
+    if (report.template_code && !state.template) {
+      // A template that is no longer offered still shows its stored choice.
+      $("template-select").appendChild(el("option", { value: report.template_code, text: report.template_code }));
+      form.elements.template_code.value = report.template_code;
+    }
+    form.elements.findings.value = report.findings || "";
+    form.elements.impression.value = report.impression || "";
+    form.elements.recommendation.value = report.recommendation || "";
+    form.querySelectorAll("input[name=quality_grade]").forEach(function (radio) {
+      radio.checked = radio.value === report.quality_grade;
+    });
+    form.elements.quality_reason.value = report.quality_reason || "";
+    form.elements.critical.checked = !!report.critical;
+    renderStructured(report.structured || {});
+  }
+
+  function applyEditable() {
+    var on = state.editable;
+    form.classList.toggle("readonly", !on);
+    form.querySelectorAll("textarea, input, select").forEach(function (field) {
+      if (field.tagName === "TEXTAREA" || (field.tagName === "INPUT" && ["text", "number", "search"].indexOf(field.type) >= 0)) {
+        field.readOnly = !on;
+      } else {
+        field.disabled = !on;
+      }
+    });
+    var rescan = $("rescan");
+    if (rescan) rescan.hidden = !on;
+    renderButtons();
+  }
+
+  function setEditable(on) {
+    state.editable = !!on;
+    applyEditable();
+  }
+
+  function renderButtons() {
+    if (!reading) return;
+    var report = state.report;
+    var submit = $("submit-btn");
+    submit.hidden = !state.editable || !!(report && report.status === "preliminary");
+    submit.firstChild.textContent = (user.level === "resident" ? t("rp.submit_prelim") : t("rp.submit")) + " ";
+    submit.disabled = state.busy;
+    var verify = $("verify-btn");
+    verify.hidden = !(
+      report &&
+      report.status === "preliminary" &&
+      !report.locked &&
+      canVerify &&
+      report.author !== user.username
+    );
+    verify.disabled = state.busy;
+    $("release-btn").hidden = !(state.lease && !state.closed);
+  }
+
+  function renderReport() {
+    var report = state.report;
+    var status = $("rp-status");
+    status.className = "status-badge st-" + (report ? report.status : "none");
+    status.textContent = report ? t("report_status." + report.status) : t("rp.none_yet");
+    status.dataset.status = report ? report.status : "";
+    $("rp-version").textContent = report && report.version ? t("rp.version", { n: report.version }) : "";
+    var locked = !!(report && (report.locked || report.status === "final"));
+    $("rp-locked").hidden = !locked;
+    var notice = $("rp-notice");
+    var noticeText = report ? report.notice || (report.status === "preliminary" ? t("rp.prelim_notice") : "") : "";
+    notice.textContent = noticeText;
+    notice.hidden = !noticeText;
+    var signed = report && report.status !== "draft";
+    $("rp-sign").hidden = !signed;
+    if (signed) {
+      $("rp-author").textContent = (report.author || "") + (report.author_level ? " (" + R.label("level", report.author_level) + ")" : "");
+      $("rp-submitted").textContent = R.fmt(report.submitted_at);
+      $("rp-verifier").textContent = report.verified_by || t("common.none");
+      $("rp-final").textContent = R.fmt(report.final_at);
+    }
+    renderButtons();
+  }
+
+  function setSaveState(text, error) {
+    var node = $("save-state");
+    if (!node) return;
+    node.textContent = text;
+    node.classList.toggle("error", !!error);
+  }
+
+  function doSave() {
+    if (!state.editable || (!state.dirty && state.report)) return Promise.resolve(state.report);
+    state.dirty = false;
+    setSaveState(t("rp.saving"));
+    return R.api("PUT", reportUrl, formBody()).then(
+      function (report) {
+        state.report = report;
+        renderReport();
+        setSaveState(t("rp.saved", { time: R.fmt(report.updated_at || new Date(), "time") }));
+        return report;
+      },
+      function (err) {
+        state.dirty = true;
+        setSaveState(t("rp.save_failed", { detail: err.message }), true);
+        if (err.status === 409) leaseLost();
+        throw err;
+      }
+    );
+  }
+
+  /** Save now (after any save in flight); resolves to the saved report. */
+  function save() {
+    saveSoon.cancel();
+    saveChain = saveChain.catch(function () {}).then(doSave);
+    return saveChain;
+  }
+  var saveSoon = R.debounce(function () {
+    save().catch(function () {});
+  }, 1000);
+
+  function onEdit(event) {
+    if (!state.editable) return;
+    if (event.target === form.elements.template_code) chooseTemplate(event.target.value, true);
+    state.dirty = true;
+    setSaveState(t("rp.unsaved"));
+    saveSoon();
+  }
+  form.addEventListener("input", onEdit);
+  form.addEventListener("change", function (event) {
+    if (event.target.type === "checkbox" || event.target.type === "radio" || event.target.tagName === "SELECT") onEdit(event);
+  });
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+  });
+
+  function submit() {
+    if (!state.editable || state.busy) return;
+    var body = formBody();
+    var problem = null;
+    if (!body.findings.trim() && !body.impression.trim()) problem = "rp.need_text";
+    else if (!body.quality_grade) problem = "rp.need_grade";
+    else if ((body.quality_grade === "丙" || body.quality_grade === "废") && !body.quality_reason.trim()) {
+      problem = "rp.need_grade_reason";
+    }
+    if (problem) {
+      R.toast(t(problem), "error");
+      return;
+    }
+    state.busy = true;
+    state.dirty = true;
+    renderButtons();
+    save()
+      .then(function () {
+        return R.api("POST", reportUrl + "/submit");
+      })
+      .then(function (report) {
+        state.report = report;
+        state.closed = true;
+        stopRenewing();
+        setEditable(false);
+        setLeaseText(t("ls.submitted"));
+        R.toast(t("rp.submitted", { status: t("report_status." + report.status) }), "ok");
+        refreshExam();
+      })
+      .catch(fail)
+      .then(function () {
+        state.busy = false;
+        renderReport();
+      });
+  }
+
+  function verify() {
+    var report = state.report;
+    if (!report || state.busy) return;
+    state.busy = true;
+    renderButtons();
+    (state.dirty && state.editable ? save() : Promise.resolve(report))
+      .then(function (saved) {
+        return R.api("POST", "/api/v1/reports/" + encodeURIComponent((saved || report).id) + "/verify-by-senior");
+      })
+      .then(function (verified) {
+        state.report = verified;
+        state.closed = true;
+        stopRenewing();
+        setEditable(false);
+        fillForm(verified);
+        setLeaseText(t("rp.locked"));
+        R.toast(t("rp.verified"), "ok");
+        refreshExam();
+      })
+      .catch(fail)
+      .then(function () {
+        state.busy = false;
+        renderReport();
+      });
+  }
+
+  function submitOrSign() {
+    if (!reading) return;
+    if (!$("verify-btn").hidden) verify();
+    else if (!$("submit-btn").hidden) submit();
+  }
+
+  function rescan() {
+    var reason = $("rescan-reason").value.trim();
+    if (!reason) {
+      R.toast(t("rp.rescan_need_reason"), "error");
+      $("rescan-reason").focus();
+      return;
+    }
+    if (!window.confirm(t("rp.rescan_confirm"))) return;
+    R.api("POST", examUrl + "/rescan", { reason: reason }).then(function (exam) {
+      state.exam = Object.assign({}, state.exam, exam);
+      renderExam(state.exam);
+      state.closed = true;
+      stopRenewing();
+      setEditable(false);
+      setLeaseText(t("rp.rescan_done"));
+      R.toast(t("rp.rescan_done"), "ok");
+    }, fail);
+  }
+
+  // --- lease --------------------------------------------------------------------------------
+  function setLeaseText(text, kind) {
+    var node = $("lease-status");
+    if (!node) return;
+    node.textContent = text;
+    node.className = "lease-status" + (kind ? " " + kind : "");
+  }
+
+  function workItemPath(action) {
+    return "/api/v1/worklist/" + encodeURIComponent(state.exam.work_item_id) + "/" + action;
+  }
+
+  function gotLease(lease) {
+    state.lease = lease;
+    setLeaseText(t("ls.mine", { time: R.fmt(lease.lease_expires_at, "time") }), "mine");
+    var report = state.report;
+    // A senior holding a preliminary report may correct it before verifying.
+    setEditable(
+      !report ||
+        (!report.locked && (report.status === "draft" || (report.status === "preliminary" && canVerify)))
+    );
+    renderButtons();
+    if (!renewTimer) {
+      var every = Math.max(10, Math.min(120, (lease.lease_seconds || 300) / 3)) * 1000;
+      renewTimer = setInterval(renew, every);
+    }
+  }
+
+  function stopRenewing() {
+    clearInterval(renewTimer);
+    renewTimer = null;
+  }
+
+  function renew() {
+    if (state.closed || !state.lease) return;
+    R.api("POST", workItemPath("renew")).then(function (lease) {
+      if (!state.closed) gotLease(lease);
+    }, function (err) {
+      if (err.status === 409) leaseLost();
+    });
+  }
+
+  function leaseLost() {
+    state.closed = true;
+    state.lease = null;
+    stopRenewing();
+    setEditable(false);
+    setLeaseText(t("ls.lost"), "lost");
+    R.toast(t("ls.lost"), "error");
+  }
+
+  function showTaken(err) {
+    var holder = err && err.problem && err.problem.claimed_by;
+    function show(name) {
+      setLeaseText(name ? t("ls.taken", { user: name }) : t("ls.readonly"), "taken");
+    }
+    if (holder) return show(holder);
+    show(null);
+    R.api("GET", "/api/v1/worklist?limit=500").then(function (page) {
+      (page.items || []).forEach(function (item) {
+        if (item.id === state.exam.work_item_id && item.claimed_by) show(item.claimed_by);
+      });
+    }, function () {});
+  }
+
+  function claimOnOpen() {
+    var report = state.report;
+    var itemId = state.exam.work_item_id;
+    if (report && (report.locked || report.status === "final")) {
+      setLeaseText(t("rp.locked"), "locked");
+      return;
+    }
+    if (!isReader || !itemId || (report && report.status === "preliminary" && !canVerify)) {
+      setLeaseText(t("ls.readonly"));
+      return;
+    }
+    R.api("POST", workItemPath("claim")).then(gotLease, function (err) {
+      if (err.status === 409) showTaken(err);
+      else setLeaseText(t("err.failed", { detail: err.message }), "lost");
+    });
+  }
+
+  function release() {
+    var done = function () {
+      return R.api("POST", workItemPath("release")).then(function () {
+        state.closed = true;
+        state.lease = null;
+        stopRenewing();
+        setEditable(false);
+        location.href = cfg.home || "/ui/worklist";
+      }, fail);
+    };
+    (state.dirty ? save() : Promise.resolve()).then(done, done);
+  }
+
+  function next() {
+    if (!isReader) return;
+    // Claim the next exam first (this one, still mine, is not a candidate), then give this
+    // one back to the queue unless it is done; its draft is kept.
+    var go = function () {
+      R.api("POST", "/api/v1/worklist/next").then(
+        function (lease) {
+          var open = function () {
+            location.href = "/ui/read/" + encodeURIComponent(lease.exam_id);
+          };
+          if (!state.lease || state.closed || lease.exam_id === examId) return open();
+          state.closed = true;
+          stopRenewing();
+          R.api("POST", workItemPath("release")).then(open, open);
+        },
+        function (err) {
+          if (err.status === 404) R.toast(t("wl.nothing_left"), "info");
+          else fail(err);
+        }
+      );
+    };
+    (state.dirty && state.editable ? save() : Promise.resolve()).then(go, go);
+  }
+
+  // --- keyboard -----------------------------------------------------------------------------
+  function toggleHelp(force) {
+    var help = $("help");
+    help.hidden = force === undefined ? !help.hidden : !force;
+  }
+
+  document.addEventListener("keydown", function (event) {
+    var key = event.key;
+    if ((event.ctrlKey || event.metaKey) && key === "Enter") {
+      event.preventDefault();
+      submitOrSign();
+      return;
+    }
+    if (R.typingIn(event.target) || event.ctrlKey || event.metaKey || event.altKey) return;
+    var handled = true;
+    if (!$("help").hidden && (key === "Escape" || key === "?")) toggleHelp(false);
+    else if (key === "?") toggleHelp(true);
+    else if (key === "Escape") toggleHeader(false);
+    else if (key === "n") next();
+    else if (key === "s") submitOrSign();
+    else if (Object.prototype.hasOwnProperty.call(PRESET_KEYS, key)) preset(PRESET_KEYS[key]);
+    else if (key === "ArrowDown" || key === "ArrowRight") active.step(1);
+    else if (key === "ArrowUp" || key === "ArrowLeft") active.step(-1);
+    else if (key === "PageDown") active.step(10);
+    else if (key === "PageUp") active.step(-10);
+    else if (key === "Home") active.first();
+    else if (key === "End") active.last();
+    else if (key === " ") toggleCine();
+    else handled = false;
+    if (handled) event.preventDefault();
+  });
+
+  // --- toolbar and buttons ------------------------------------------------------------------
+  document.querySelectorAll("[data-preset]").forEach(function (button) {
+    button.addEventListener("click", function () {
+      preset(button.dataset.preset);
+      button.blur();
+    });
+  });
+  document.querySelectorAll("[data-tool]").forEach(function (button) {
+    button.addEventListener("click", function () {
+      viewports.main.tool = viewports.prior.tool = button.dataset.tool;
+      syncToolbar();
+      button.blur();
+    });
+  });
+  function onClick(id, fn) {
+    var node = $(id);
+    if (node)
+      node.addEventListener("click", function () {
+        fn();
+        if (node.tagName === "BUTTON") node.blur();
+      });
+  }
+  onClick("zoom-in", function () {
+    active.setZoom(active.zoom * 1.25);
+  });
+  onClick("zoom-out", function () {
+    active.setZoom(active.zoom / 1.25);
+  });
+  onClick("view-reset", function () {
+    active.resetView();
+  });
+  onClick("cine", toggleCine);
+  onClick("header-toggle", function () {
+    toggleHeader();
+  });
+  onClick("help-toggle", function () {
+    toggleHelp();
+  });
+  onClick("help-close", function () {
+    toggleHelp(false);
+  });
+  onClick("prior-close", function () {
+    $("prior-select").value = "";
+    showPrior("");
+  });
+  onClick("submit-btn", submit);
+  onClick("verify-btn", verify);
+  onClick("release-btn", release);
+  onClick("rescan-btn", rescan);
+  onClick("print-btn", function () {
+    window.print();
+  });
+  $("fps").addEventListener("change", function () {
+    if (active.playing()) active.play(parseInt($("fps").value, 10) || 8);
+  });
+  $("prior-select").addEventListener("change", function () {
+    showPrior(this.value);
+    this.blur();
+  });
+  $("header-filter").addEventListener("input", filterHeader);
+  $("help").addEventListener("click", function (event) {
+    if (event.target === this) toggleHelp(false);
+  });
+  window.addEventListener("beforeunload", function () {
+    if (state.dirty && state.editable) {
+      R.api("PUT", reportUrl, formBody(), { keepalive: true }).catch(function () {});
+    }
+  });
+
+  // --- start --------------------------------------------------------------------------------
+  function optional(promise) {
+    return promise.then(
+      function (value) {
+        return value;
+      },
+      function (err) {
+        if (err.status === 404) return null;
+        throw err;
+      }
+    );
+  }
+
+  function start() {
+    setEditable(false);
+    renderReport();
+    R.api("GET", examUrl)
+      .then(function (exam) {
+        state.exam = exam;
+        renderExam(exam);
+        viewports.main.load(exam);
+        renderSeriesList(viewports.main);
+        syncToolbar();
+        loadPriors();
+        var templates = R.api(
+          "GET",
+          "/api/v1/report-templates" + R.query({ modality: exam.modality, body_part: exam.body_part })
+        ).catch(function () {
+          return [];
+        });
+        return Promise.all([optional(R.api("GET", reportUrl)), templates]);
+      })
+      .then(function (results) {
+        state.report = results[0];
+        state.templates = Array.isArray(results[1]) ? results[1] : [];
+        renderTemplates();
+        if (state.report) fillForm(state.report);
+        else renderStructured({});
+        renderReport();
+        if (reading) claimOnOpen();
+      })
+      .catch(function (err) {
+        fail(err);
+        setLeaseText(t("err.failed", { detail: err.message }), "lost");
+      });
+  }
+  start();
+})();

@@ -1,0 +1,6 @@
+"""The web UI: server-rendered pages (Jinja2) in zh-CN and en, with plain scripts that call
+the JSON API. ``router`` holds the page routes; ``STATIC_DIR`` is mounted at ``/static``."""
+
+from web.ui.pages import STATIC_DIR, TEMPLATE_DIR, router
+
+__all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]

@@ -1,0 +1,343 @@
+"""Server-rendered pages: login/logout, the reading worklist, the reading page, the clinic view
+and the read-only report view.
+
+Pages carry layout, labels and the page's configuration; their scripts (web/static) fetch the
+data from the JSON API with the same session cookie, so every read goes through the API's
+access rules and audit. A page request without a valid session redirects to /login.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+
+from rdc_core.db import session_scope
+from rdc_core.errors import AuthenticationError
+from rdc_core.settings import get_settings
+from web.problems import problem
+from web.security import SESSION_COOKIE, issue_token, principal_from_request
+from web.ui.i18n import LANG_COOKIE, LANGS, catalogue, pick_lang, translator
+from worklist.access import Principal
+from worklist.audit import record_access
+from worklist.directory import authenticate
+from worklist.models import Discipline, Priority
+
+__all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]
+
+_WEB = Path(__file__).resolve().parents[1]
+TEMPLATE_DIR = _WEB / "templates"
+STATIC_DIR = _WEB / "static"
+
+templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
+router = APIRouter(include_in_schema=False)
+
+_EXAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_MODALITIES = ("CT", "MR", "DX", "CR", "US", "MG", "XA", "RF", "NM", "PT", "ECG", "LAB")
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+        "style-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'"
+    ),
+}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _current(request: Request) -> Principal | None:
+    """The signed-in user of a page request, or None (no, expired or revoked session)."""
+    if not request.cookies.get(SESSION_COOKIE):
+        return None
+    try:
+        return principal_from_request(request, get_settings())
+    except AuthenticationError:
+        return None
+
+
+def _home(principal: Principal) -> str:
+    return "/ui/clinic" if principal.is_clinic_user else "/ui/worklist"
+
+
+def _safe_next(value: str | None) -> str | None:
+    """``value`` when it is a path on this site (never another host), else None."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return None
+    if any(ord(ch) < 0x20 for ch in value):
+        return None
+    parts = urlsplit(value)
+    return value if not parts.scheme and not parts.netloc else None
+
+
+def _here(request: Request) -> str:
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    return RedirectResponse(f"/login?next={quote(_here(request), safe='')}", status_code=303)
+
+
+@lru_cache(maxsize=64)
+def _asset_version(name: str) -> str:
+    path = STATIC_DIR / name
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "0"
+
+
+def _asset(name: str) -> str:
+    """The URL of a static file, versioned by its content so browsers never run stale code."""
+    return f"/static/{name}?v={_asset_version(name)}"
+
+
+def _script_json(value: Any) -> Markup:
+    """JSON safe to place inside a <script type="application/json"> element."""
+    text = json.dumps(value, ensure_ascii=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)
+
+
+def _render(
+    request: Request,
+    template: str,
+    *,
+    principal: Principal | None,
+    page: str,
+    status_code: int = 200,
+    config: dict[str, Any] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    lang = pick_lang(request.cookies.get(LANG_COOKIE))
+    other = next(code for code in LANGS if code != lang)
+    settings = get_settings()
+    page_config = {
+        "page": page,
+        "lang": lang,
+        "tz": settings.timezone,
+        "user": None
+        if principal is None
+        else {
+            "username": principal.username,
+            "role": principal.role.value,
+            "level": principal.level.value if principal.level else None,
+            "org_kind": principal.org_kind.value,
+        },
+        **(config or {}),
+    }
+    response = templates.TemplateResponse(
+        request,
+        template,
+        {
+            "t": translator(lang),
+            "lang": lang,
+            "other_lang": other,
+            "lang_switch_url": f"/ui/lang/{other}?next={quote(_here(request), safe='')}",
+            "principal": principal,
+            "page": page,
+            "tz": settings.timezone,
+            "asset": _asset,
+            "config_json": _script_json(page_config),
+            "messages_json": _script_json(catalogue(lang)),
+            **context,
+        },
+        status_code=status_code,
+    )
+    response.headers.update(_SECURITY_HEADERS)
+    return response
+
+
+# --- session -------------------------------------------------------------------------------
+
+
+@router.get("/")
+def root(request: Request) -> Response:
+    principal = _current(request)
+    return RedirectResponse(_home(principal) if principal else "/login", status_code=303)
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = None) -> Response:
+    principal = _current(request)
+    if principal is not None:
+        return RedirectResponse(_safe_next(next) or _home(principal), status_code=303)
+    return _render(request, "login.html", principal=None, page="login", next=_safe_next(next) or "")
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)] = "",
+    password: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=2048)] = "",
+) -> Response:
+    """Check the password (as POST /api/v1/auth/token does, audited) and set the session."""
+
+    def again(error: str, status: int) -> HTMLResponse:
+        return _render(
+            request,
+            "login.html",
+            principal=None,
+            page="login",
+            status_code=status,
+            next=_safe_next(next) or "",
+            username=username,
+            error=error,
+        )
+
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        return again("login.cross_site", 403)
+    if not username or not password:
+        return again("login.missing", 400)
+    try:
+        with session_scope() as session:
+            principal = authenticate(session, username=username, password=password)
+            record_access(
+                session, principal, action="login", object_type="user", object_id=principal.user_id
+            )
+    except AuthenticationError:
+        return again("login.failed", 401)
+    token, expires_in = issue_token(principal, get_settings())
+    response = RedirectResponse(_safe_next(next) or _home(principal), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=expires_in,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+def _logout(request: Request) -> Response:
+    principal = _current(request)
+    if principal is not None:
+        with session_scope() as session:
+            record_access(
+                session,
+                principal,
+                action="logout",
+                object_type="user",
+                object_id=principal.user_id,
+            )
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    return _logout(request)
+
+
+@router.get("/logout")
+def logout_link(request: Request) -> Response:
+    return _logout(request)
+
+
+@router.get("/ui/lang/{code}")
+def switch_language(code: str, request: Request, next: str | None = None) -> Response:
+    """Remember the UI language in the ``lang`` cookie and go back to the page."""
+    response = RedirectResponse(_safe_next(next) or "/", status_code=303)
+    response.set_cookie(
+        LANG_COOKIE, pick_lang(code), max_age=365 * 24 * 3600, path="/", samesite="lax"
+    )
+    return response
+
+
+# --- pages ---------------------------------------------------------------------------------
+
+
+@router.get("/ui/worklist")
+def worklist_page(request: Request) -> Response:
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if principal.is_clinic_user:
+        return RedirectResponse("/ui/clinic", status_code=303)
+    return _render(
+        request,
+        "worklist.html",
+        principal=principal,
+        page="worklist",
+        disciplines=[d.value for d in Discipline],
+        priorities=[p.value for p in Priority],
+        modalities=_MODALITIES,
+    )
+
+
+def _exam_page(request: Request, exam_id: str, *, mode: str) -> Response:
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if not _EXAM_ID.match(exam_id):
+        return RedirectResponse(_home(principal), status_code=303)
+    if mode == "read" and principal.is_clinic_user:
+        return RedirectResponse(f"/ui/report/{exam_id}", status_code=303)
+    return _render(
+        request,
+        "read.html",
+        principal=principal,
+        page=mode,
+        mode=mode,
+        config={"examId": exam_id, "mode": mode, "home": _home(principal)},
+        home=_home(principal),
+    )
+
+
+@router.get("/ui/read/{exam_id}")
+def reading_page(exam_id: str, request: Request) -> Response:
+    """Viewer and report side by side; claims the exam's work item when it is free."""
+    return _exam_page(request, exam_id, mode="read")
+
+
+@router.get("/ui/report/{exam_id}")
+def report_page(exam_id: str, request: Request) -> Response:
+    """The report (read-only) beside the images, for clinics and lead staff alike."""
+    return _exam_page(request, exam_id, mode="report")
+
+
+@router.get("/ui/clinic")
+def clinic_page(request: Request) -> Response:
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    return _render(
+        request,
+        "clinic.html",
+        principal=principal,
+        page="clinic",
+        priorities=[p.value for p in Priority],
+        modalities=_MODALITIES,
+    )
+
+
+@router.get("/ui/dicom-keywords")
+def dicom_keywords(
+    request: Request, tags: Annotated[str, Query(max_length=20_000)] = ""
+) -> JSONResponse:
+    """Keywords of DICOM tags (``tags=00100010,00280010``) for the header panel."""
+    from pydicom.datadict import keyword_for_tag
+
+    if _current(request) is None:
+        return problem(401, "sign in first", instance=request.url.path)
+    names: dict[str, str] = {}
+    for tag in tags.split(",")[:4000]:
+        if _TAG.match(tag):
+            names[tag.upper()] = keyword_for_tag(int(tag, 16)) or ""
+    return JSONResponse(names, headers={"Cache-Control": "private, max-age=86400"})
