@@ -186,13 +186,13 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
         meta = ds.file_meta
-        transfer_syntax = str(meta.get("TransferSyntaxUID") or "")
+        transfer_syntax = _text(meta, "TransferSyntaxUID")
         if not transfer_syntax:
             raise InvalidDicomError("file meta has no Transfer Syntax UID")
         _check_complete(ds, path, transfer_syntax)
         sop_instance_uid = _uid(ds, "SOPInstanceUID")
         sop_class_uid = _uid(ds, "SOPClassUID")
-        media_uid = str(meta.get("MediaStorageSOPInstanceUID") or sop_instance_uid)
+        media_uid = _text(meta, "MediaStorageSOPInstanceUID") or sop_instance_uid
         if media_uid != sop_instance_uid:
             raise InvalidDicomError(
                 f"SOP Instance UID {sop_instance_uid} differs from the announced {media_uid}"

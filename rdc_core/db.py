@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -39,6 +39,7 @@ __all__ = [
     "read_session",
     "run_after_commit",
     "run_rollback_undos",
+    "session_connection",
     "session_scope",
     "stable_id",
     "upsert",
@@ -400,4 +401,14 @@ def _core_execute(session: Session, stmt: Any, values: Mapping[str, Any]) -> Any
     # first, as session.execute would.
     if session.new or session.dirty or session.deleted:
         session.flush()
-    return session.connection().execute(stmt, dict(values))
+    return session_connection(session).execute(stmt, dict(values))
+
+
+def session_connection(session: Session) -> Connection:
+    """The connection of the session's current transaction, remembered for the transaction:
+    asking the session for it each time costs as much as a small statement."""
+    conn: Connection | None = session.info.get("rdc_connection")
+    if conn is None or conn.closed or not conn.in_transaction():
+        conn = session.connection()
+        session.info["rdc_connection"] = conn
+    return conn

@@ -14,7 +14,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from rdc_core.db import insert_ignore, stable_id, upsert
+from rdc_core.db import insert_ignore, session_connection, stable_id, upsert
 from rdc_core.errors import PermissionDeniedError
 from worklist.models import (
     Discipline,
@@ -109,7 +109,9 @@ _COUNT_INSTANCE = (
 
 def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance | None:
     """The indexed instance with this SOP Instance UID, if any."""
-    row = session.connection().execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
+    row = (
+        session_connection(session).execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
+    )
     return KnownInstance(*row) if row else None
 
 
@@ -237,7 +239,7 @@ def record_instance(
     priority = Priority(exam.priority)
     if header.priority is not None and header.priority.rank < priority.rank:
         priority = header.priority
-    session.connection().execute(
+    session_connection(session).execute(
         _COUNT_INSTANCE,
         {
             "exam": exam.id,
