@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -55,6 +56,7 @@ from rdc_core.storage import ObjectStore
 
 __all__ = [
     "FRAME_CACHE_MAX_BYTES",
+    "MAX_ENLARGED_SIDE",
     "EncodedFrame",
     "FrameCache",
     "FrameNotFoundError",
@@ -82,13 +84,18 @@ FRAME_CACHE_MAX_BYTES: Final = 512 * 1024 * 1024
 """Upper bound of the on-disk cache of rendered frames (per data directory)."""
 
 # Bumped whenever the rendering changes, so cached images of the old code are not served.
-_RENDER_VERSION: Final = 1
+_RENDER_VERSION: Final = 2
 _DECODED_CACHE_BYTES: Final = 128 * 1024 * 1024
 _HEADER_CACHE_ENTRIES: Final = 1024
 # S3 bodies are not seekable and pydicom needs to seek: they are spooled, in memory up to
 # this size and on disk beyond it.
 _SPOOL_IN_MEMORY: Final = 16 * 1024 * 1024
 _JPEG_QUALITY_DEFAULT: Final = 90
+# A viewport may shrink an image at will but enlarges it only up to this many pixels on the
+# longer side (an original larger than that is never enlarged): scaling 128 x 128 up to the
+# largest allowed viewport cost tens of seconds and ~100 MB per request, for pixels the
+# browser can interpolate just as well.
+MAX_ENLARGED_SIDE: Final = 2048
 
 MediaType = Literal["image/png", "image/jpeg"]
 _PIL_FORMAT: Final[dict[str, str]] = {"image/png": "PNG", "image/jpeg": "JPEG"}
@@ -152,6 +159,8 @@ class Window:
     function: str = "LINEAR"
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.center) and math.isfinite(self.width)):
+            raise InvalidInputError("window center and width must be finite numbers")
         if self.function.upper() not in _WINDOW_FUNCTIONS:
             raise InvalidInputError(
                 f"window function must be one of {', '.join(sorted(_WINDOW_FUNCTIONS))}"
@@ -579,13 +588,28 @@ def render_pixels(
     return _grayscale(arr, _frame_view(header, index), window)
 
 
+def _bounded_viewport(size: tuple[int, int], viewport: tuple[int, int]) -> tuple[int, int]:
+    """The viewport to fit ``size`` into: as asked when that shrinks the image, else
+    limited so that the enlarged image's longer side stays within MAX_ENLARGED_SIDE."""
+    width, height = size
+    scale = min(viewport[0] / width, viewport[1] / height)
+    if scale <= 1:
+        return viewport
+    limit = max(1.0, MAX_ENLARGED_SIDE / max(width, height))
+    if scale <= limit:
+        return viewport
+    return (max(1, round(width * limit)), max(1, round(height * limit)))
+
+
 def _encode_image(image8: np.ndarray, options: RenderOptions) -> bytes:
     from PIL import Image, ImageOps
 
     image = Image.fromarray(image8, mode="RGB" if image8.ndim == 3 else "L")
     if options.viewport is not None:
         # PS3.18 viewport: scale to fit within it, keeping the aspect ratio.
-        image = ImageOps.contain(image, options.viewport, method=Image.Resampling.LANCZOS)
+        image = ImageOps.contain(
+            image, _bounded_viewport(image.size, options.viewport), method=Image.Resampling.LANCZOS
+        )
     buffer = io.BytesIO()
     if options.media_type == "image/jpeg":
         image.save(buffer, format="JPEG", quality=options.quality)

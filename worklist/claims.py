@@ -23,7 +23,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from worklist.access import READING_ROLES, Principal, require_roles
@@ -53,6 +53,7 @@ __all__ = [
     "claim_next",
     "list_readers",
     "list_worklist",
+    "readable_by",
     "reassign_item",
     "release_item",
     "renew_item",
@@ -113,6 +114,16 @@ def _visibility(session: Session, principal: Principal) -> ColumnElement[bool]:
     user = session.get(User, principal.user_id)
     if user is None:
         return false()
+    return _routed_to(user)
+
+
+def readable_by(session: Session, principal: Principal) -> ColumnElement[bool]:
+    """A condition on WorkItem: the items routing lets ``principal`` read (their worklist)."""
+    return _visibility(session, principal)
+
+
+def _routed_to(user: User) -> ColumnElement[bool]:
+    """The work items that ``user``'s pools and qualifications cover (none given: all)."""
     conditions: list[ColumnElement[bool]] = []
     if user.pools:
         conditions.append(WorkItem.pool.in_(user.pools))
@@ -138,7 +149,7 @@ def _filtered(stmt: _S, flt: WorklistFilter, principal: Principal) -> _S:
         stmt = stmt.where(WorkItem.priority == flt.priority)
     if flt.clinic:
         clinic_id = select(Organization.id).where(Organization.code == flt.clinic)
-        stmt = stmt.where(Exam.org_id == clinic_id.scalar_subquery())
+        stmt = stmt.where(WorkItem.org_id == clinic_id.scalar_subquery())
     if flt.mine:
         stmt = stmt.where(WorkItem.claimed_by == principal.user_id)
     return stmt
@@ -154,66 +165,90 @@ def list_worklist(
     offset: int = 0,
 ) -> WorklistPage:
     """Open and awaiting-verification items the principal may see: most urgent first, then
-    earliest due; with counts per reading state (lead hospital staff only, audited)."""
+    earliest due; with counts per reading state (lead hospital staff only, audited).
+
+    Two statements: the counts (which also give the total) over the work items alone, and
+    the page, read as plain columns in the order of the partial queue index.
+    """
     require_roles(principal, WORKLIST_ROLES, lead_only=True)
     if not 1 <= limit <= MAX_PAGE or offset < 0:
         raise InvalidInputError(f"limit must be 1..{MAX_PAGE} and offset not negative")
     flt = filters or WorklistFilter()
-    visible = _visibility(session, principal)
     taken = _taken(now)
-
-    scope = and_(WorkItem.state.in_(ACTIVE_STATES), visible)
+    scope = and_(WorkItem.state.in_(ACTIVE_STATES), _visibility(session, principal))
+    is_open = and_(WorkItem.state == WorkItemState.OPEN, ~taken)
+    is_awaiting = WorkItem.state == WorkItemState.AWAITING_VERIFICATION
     counted = _filtered(
         select(
-            func.count().filter(and_(WorkItem.state == WorkItemState.OPEN, ~taken)),
+            func.count(),
+            func.count().filter(is_open),
             func.count().filter(taken),
-            func.count().filter(WorkItem.state == WorkItemState.AWAITING_VERIFICATION),
+            func.count().filter(is_awaiting),
             func.count().filter(WorkItem.due_at < now),
             func.count().filter(WorkItem.claimed_by == principal.user_id),
         )
         .select_from(WorkItem)
-        .join(Exam, Exam.id == WorkItem.exam_id)
         .where(scope),
         flt,
         principal,
     )
+    every, *per_state = session.execute(counted).one()
     counts = WorklistCounts(
         **dict(
             zip(
                 ("open", "claimed", "awaiting_verification", "overdue", "mine"),
-                session.execute(counted).one(),
+                per_state,
                 strict=True,
             )
         )
     )
-
+    state_condition = {"open": is_open, "claimed": taken, "awaiting_verification": is_awaiting}
+    total = {"open": counts.open, "claimed": counts.claimed}.get(
+        flt.state or "", counts.awaiting_verification if flt.state else every
+    )
+    holder = aliased(User)
     stmt = _filtered(
-        select(WorkItem, Exam, Patient, Organization, User.username, Report.status)
+        select(
+            WorkItem.id,
+            WorkItem.state,
+            WorkItem.pool,
+            WorkItem.priority,
+            WorkItem.due_at,
+            WorkItem.created_at,
+            WorkItem.claimed_by,
+            WorkItem.lease_expires_at,
+            Exam.id.label("exam_id"),
+            Exam.study_instance_uid,
+            Exam.discipline,
+            Exam.modality,
+            Exam.body_part,
+            Exam.description,
+            Exam.state.label("exam_state"),
+            Organization.code.label("clinic_code"),
+            Organization.name.label("clinic_name"),
+            Patient.name.label("patient_name"),
+            Patient.patient_id,
+            holder.username.label("holder"),
+            Report.status.label("report_status"),
+        )
+        .select_from(WorkItem)
         .join(Exam, Exam.id == WorkItem.exam_id)
         .join(Patient, Patient.id == Exam.patient_ref)
         .join(Organization, Organization.id == Exam.org_id)
-        .outerjoin(User, User.id == WorkItem.claimed_by)
+        .outerjoin(holder, holder.id == WorkItem.claimed_by)
         .outerjoin(Report, and_(Report.exam_id == Exam.id, Report.version == 1))
         .where(scope),
         flt,
         principal,
     )
-    if flt.state == "open":
-        stmt = stmt.where(WorkItem.state == WorkItemState.OPEN, ~taken)
-    elif flt.state == "claimed":
-        stmt = stmt.where(taken)
-    elif flt.state == "awaiting_verification":
-        stmt = stmt.where(WorkItem.state == WorkItemState.AWAITING_VERIFICATION)
-    total = session.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+    if flt.state:
+        stmt = stmt.where(state_condition[flt.state])
     rows = session.execute(
         stmt.order_by(WorkItem.priority_rank, WorkItem.due_at, WorkItem.id)
         .limit(limit)
         .offset(offset)
     ).all()
-    items = [
-        _item_out(item, exam, patient, org, holder, status, principal=principal, now=now)
-        for item, exam, patient, org, holder, status in rows
-    ]
+    items = [_item_out(row, principal=principal, now=now) for row in rows]
     record_access(
         session,
         principal,
@@ -226,42 +261,32 @@ def list_worklist(
     )
 
 
-def _item_out(
-    item: WorkItem,
-    exam: Exam,
-    patient: Patient,
-    org: Organization,
-    holder: str | None,
-    report_status: Any,
-    *,
-    principal: Principal,
-    now: datetime,
-) -> WorkItemOut:
-    live = item.claimed_by is not None and (item.lease_expires_at or now) > now
+def _item_out(row: Any, *, principal: Principal, now: datetime) -> WorkItemOut:
+    live = row.claimed_by is not None and (row.lease_expires_at or now) > now
     return WorkItemOut(
-        id=item.id,
-        state=item.state,
-        pool=item.pool,
-        priority=item.priority,
-        due_at=item.due_at,
-        created_at=item.created_at,
-        exam_id=exam.id,
-        study_instance_uid=exam.study_instance_uid,
-        clinic_code=org.code,
-        clinic_name=org.name,
-        discipline=exam.discipline,
-        modality=exam.modality,
-        body_part=exam.body_part,
-        description=exam.description,
-        patient_name=patient.name,
-        patient_id=patient.patient_id,
-        exam_state=exam.state,
-        claimed_by=holder if live else None,
-        lease_expires_at=item.lease_expires_at if live else None,
-        taken=live and item.claimed_by != principal.user_id,
-        mine=live and item.claimed_by == principal.user_id,
-        overdue=item.due_at < now,
-        report_status=report_status,
+        id=row.id,
+        state=row.state,
+        pool=row.pool,
+        priority=row.priority,
+        due_at=row.due_at,
+        created_at=row.created_at,
+        exam_id=row.exam_id,
+        study_instance_uid=row.study_instance_uid,
+        clinic_code=row.clinic_code,
+        clinic_name=row.clinic_name,
+        discipline=row.discipline,
+        modality=row.modality,
+        body_part=row.body_part,
+        description=row.description,
+        patient_name=row.patient_name,
+        patient_id=row.patient_id,
+        exam_state=row.exam_state,
+        claimed_by=row.holder if live else None,
+        lease_expires_at=row.lease_expires_at if live else None,
+        taken=live and row.claimed_by != principal.user_id,
+        mine=live and row.claimed_by == principal.user_id,
+        overdue=row.due_at < now,
+        report_status=row.report_status,
     )
 
 
@@ -414,14 +439,31 @@ def reassign_item(
     ).scalar_one_or_none()
     if target is None:
         raise InvalidInputError(f"{username!r} is not an active reader of the lead hospital")
+    may_read = session.execute(
+        select(WorkItem.id).where(WorkItem.id == item.id, _routed_to(target))
+    ).scalar_one_or_none()
+    if may_read is None:
+        # Their pools or qualifications do not cover it: a lease would let them write a
+        # report they may not read.
+        raise InvalidInputError(f"{username!r} may not read this exam (pools, qualifications)")
+    # An exam awaiting verification goes to seniors only (as claim_item has it): a resident
+    # could neither verify nor edit it, and would hold it away from the seniors meanwhile.
+    target_verifies = target.role is Role.SENIOR_READER or target.level in (
+        ReaderLevel.ATTENDING,
+        ReaderLevel.CHIEF,
+    )
+    states = ACTIVE_STATES if target_verifies else (WorkItemState.OPEN,)
     until = now + timedelta(seconds=lease_seconds)
     result = session.execute(
         update(WorkItem)
-        .where(WorkItem.id == item.id, WorkItem.state.in_(ACTIVE_STATES))
+        .where(WorkItem.id == item.id, WorkItem.state.in_(states))
         .values(claimed_by=target.id, claimed_at=now, lease_expires_at=until, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if not cast(CursorResult[Any], result).rowcount:
+        session.refresh(item)
+        if item.state is WorkItemState.AWAITING_VERIFICATION and not target_verifies:
+            raise InvalidInputError(f"{username!r} is not a senior; the exam awaits verification")
         raise ClaimConflictError("the exam is no longer open")
     record_access(
         session,
@@ -437,7 +479,7 @@ def reassign_item(
 def claim_next(
     session: Session, *, principal: Principal, now: datetime, lease_seconds: int
 ) -> LeaseOut:
-    """Claim the most urgent free item I may read (my own held item first)."""
+    """Claim the most urgent free item I may read (items I already hold are not offered)."""
     require_roles(principal, READING_ROLES, lead_only=True)
     states = [WorkItemState.OPEN]
     if can_verify(principal):

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -361,12 +362,25 @@ class WorkItem(Base):
     __tablename__ = "work_items"
     __table_args__ = (
         Index("ix_work_items_queue", "state", "priority_rank", "due_at"),
+        # The reading queue in the worklist's order, holding only the items still to read:
+        # the page stops after its rows instead of sorting the whole backlog.
+        Index(
+            "ix_work_items_active_queue",
+            "priority_rank",
+            "due_at",
+            "id",
+            postgresql_where=text("state IN ('OPEN', 'AWAITING_VERIFICATION')"),
+            sqlite_where=text("state IN ('OPEN', 'AWAITING_VERIFICATION')"),
+        ),
         Index("ix_work_items_pool_queue", "pool", "state", "priority_rank", "due_at"),
+        Index("ix_work_items_org_state", "org_id", "state"),
         Index("ix_work_items_claimed_by", "claimed_by"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), unique=True)
+    # The exam's clinic, copied so the worklist filters without joining the exams.
+    org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"), nullable=True)
     state: Mapped[WorkItemState] = mapped_column(_enum(WorkItemState, "work_item_state"))
     pool: Mapped[str] = mapped_column(String(64))
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"))

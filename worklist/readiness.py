@@ -137,6 +137,7 @@ def mark_stable_exams_ready(
                 "priority": exam.priority.value,
                 "priority_rank": exam.priority.rank,
                 "due_at": due_at,
+                "org_id": exam.org_id,
                 "discipline": exam.discipline.value,
                 "modality": exam.modality,
                 "created_at": now,

@@ -18,7 +18,7 @@ from rdc_core.db import stable_id
 from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
-from worklist.claims import can_verify
+from worklist.claims import can_verify, readable_by
 from worklist.models import (
     Exam,
     ExamState,
@@ -101,7 +101,7 @@ def _leased_item(session: Session, principal: Principal, exam: Exam, now: dateti
     item = session.execute(
         select(WorkItem)
         .where(WorkItem.exam_id == exam.id)
-        .with_for_update()
+        .with_for_update(of=WorkItem)  # the eager joins are outer: lock only the item
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if item is None:
@@ -238,10 +238,13 @@ def verify_report(
         raise PermissionDeniedError("a report is verified by someone other than its author")
     item = session.execute(
         select(WorkItem)
-        .where(WorkItem.exam_id == exam.id)
-        .with_for_update()
+        .where(WorkItem.exam_id == exam.id, readable_by(session, principal))
+        .with_for_update(of=WorkItem)  # the eager joins are outer: lock only the item
         .execution_options(populate_existing=True)
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if item is None:
+        # Not routed to this senior (pools, qualifications): not theirs to co-sign.
+        raise NotFoundError(f"no report {report_id} on your worklist")
     live = item.claimed_by is not None and (item.lease_expires_at or now) > now
     if live and item.claimed_by != principal.user_id:
         raise LeaseRequiredError("another reader holds this exam")

@@ -112,6 +112,12 @@ def test_window_validation() -> None:
         RenderOptions(frame=0)
     with pytest.raises(InvalidInputError):
         RenderOptions(viewport=(0, 10))
+    # Not-a-number and infinite values are no window (they rendered a blank image).
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(InvalidInputError):
+            Window(float(bad), 400)
+        with pytest.raises(InvalidInputError):
+            Window(40, float(bad))
 
 
 def test_colour_rgb_and_native_ybr(testdata: Path, store: LocalObjectStore) -> None:
@@ -283,6 +289,23 @@ def test_rendered_png_and_jpeg(testdata: Path, store: LocalObjectStore) -> None:
     image = Image.open(io.BytesIO(small.data))
     assert image.format == "JPEG" and image.size == (25, 100)  # fits, keeps the aspect
     assert small.etag != png.etag
+
+
+def test_a_huge_viewport_does_not_blow_the_image_up(
+    testdata: Path, store: LocalObjectStore
+) -> None:
+    # Scaling 128 x 128 up to 8192 x 8192 took tens of seconds and ~100 MB per request:
+    # enlargement stops at 2048 pixels on the longer side (larger originals stay as they are).
+    def size(name: str, viewport: tuple[int, int]) -> tuple[int, int]:
+        key = put(store, sample(testdata, name))
+        options = RenderOptions(viewport=viewport)
+        rendered = pixels.render_frame(store=store, storage_key=key, options=options)
+        return Image.open(io.BytesIO(rendered.data)).size
+
+    assert size("CT_small.dcm", (8192, 8192)) == (2048, 2048)
+    assert size("JPEG-LL.dcm", (8192, 8192)) == (512, 2048)  # 256 x 1024, aspect kept
+    assert size("CT_small.dcm", (512, 256)) == (256, 256)  # a modest enlargement still fits
+    assert size("JPEG-LL.dcm", (100, 100)) == (25, 100)
 
 
 def test_disk_cache_hit_needs_no_decode(

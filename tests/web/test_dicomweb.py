@@ -318,6 +318,16 @@ def test_qido_study_search_filters_paging_and_includefield(deployment: Deploymen
     unsupported = reader.get("/dicomweb/studies", params={"OperatorsName": "x"})
     assert unsupported.status_code == 200 and "OperatorsName" in unsupported.headers["warning"]
 
+    # Names of unsupported parameters are echoed in the Warning header, but never as raw
+    # text: not a Chinese name (not Latin-1), not CR/LF (header injection), not a quote.
+    for name in ("患者姓名", "x\r\nSet-Cookie: rdc_session=evil", 'a"b'):
+        odd = reader.get("/dicomweb/studies", params={name: "1"})
+        assert odd.status_code == 200, (name, odd.status_code)
+        assert "set-cookie" not in odd.headers
+        warning = odd.headers["warning"]
+        assert warning.startswith('299 RDC "') and warning.count('"') == 2, warning
+        assert all(0x20 <= ord(c) < 0x7F for c in warning), warning
+
 
 def test_qido_series_and_instances(deployment: Deployment) -> None:
     reader = deployment.client("reader")
@@ -481,6 +491,15 @@ def test_frames_decode_for_every_transfer_syntax(deployment: Deployment) -> None
         assert [d for _, d in parts] == [expected_frame(emri, 3), expected_frame(emri, 1)]
     assert reader.get(f"{instance_path(emri)}/frames/11").status_code == 404
     assert reader.get(f"{instance_path(emri)}/frames/0").status_code == 422
+    # PS3.18: one or more non-duplicate frame numbers. A list repeating one frame thousands
+    # of times was decoded into memory whole; every number is checked before any decoding.
+    assert reader.get(f"{instance_path(emri)}/frames/1,2,1").status_code == 422
+    repeated = reader.get(f"{instance_path(emri)}/frames/" + ",".join(["1"] * 2000))
+    assert repeated.status_code == 422
+    backwards = ",".join(str(n) for n in range(10, 0, -1))
+    all_ten = multipart(reader.get(f"{instance_path(emri)}/frames/{backwards}"))
+    assert [d for _, d in all_ten] == [expected_frame(emri, n) for n in range(10, 0, -1)]
+    assert reader.get(f"{instance_path(emri)}/frames/1,11").status_code == 404
     refused = reader.get(f"{instance_path(emri)}/frames/1", headers={"Accept": "image/jpeg"})
     assert refused.status_code == 406
     assert refused.headers["content-type"] == "application/problem+json"
@@ -618,6 +637,31 @@ def test_clinics_see_only_their_own_studies(deployment: Deployment) -> None:
         ("download", "instances"),
     ):
         assert expected in resources, expected
+
+
+def test_bulk_data_reads_only_the_element_asked_for(testdata: Path, tmp_path: Path) -> None:
+    from web.dicomweb.dicomjson import bulk_value
+
+    ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * 8)  # a 2 KiB private bulk value
+    big = np.zeros((1024, 1024), dtype=np.uint16)  # 2 MiB of pixel data after it
+    ds.Rows, ds.Columns = big.shape
+    ds.PixelData = big.tobytes()
+    path = tmp_path / "bulk.dcm"
+    ds.save_as(path)
+
+    class Counting(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            data = super().read(size)
+            self.read_bytes += len(data)
+            return data
+
+    stream = Counting(path.read_bytes())
+    assert bulk_value(stream, "00091010") == bytes(range(256)) * 8
+    # The pixel data is not read to answer for another element.
+    assert stream.read_bytes < len(ds.PixelData) // 4, stream.read_bytes
 
 
 # ---------------------------------------------------------------------------------------

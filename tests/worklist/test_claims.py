@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from rdc_core.db import session_scope, utcnow
-from rdc_core.errors import NotFoundError, PermissionDeniedError
+from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from tests.worklist.conftest import Reading
 from worklist.audit import AuditEvent
 from worklist.claims import (
@@ -24,7 +24,7 @@ from worklist.claims import (
     renew_item,
 )
 from worklist.directory import add_user, principal_for_user
-from worklist.models import ReaderLevel, Role, RoutingRule, User, WorkItem
+from worklist.models import ReaderLevel, Role, RoutingRule, User, WorkItem, WorkItemState
 
 LEASE = 600
 
@@ -178,6 +178,47 @@ def test_only_seniors_reassign(reading: Reading) -> None:
     assert lease.claimed_by == "resident2"
     with pytest.raises(ClaimConflictError, match="resident2"):
         _claim(reading, "resident", "1.2.9.1")
+
+
+def test_reassign_only_to_a_reader_who_may_read_the_exam(reading: Reading) -> None:
+    with session_scope() as session:
+        resident2 = session.execute(select(User).where(User.username == "resident2")).scalar_one()
+        resident2.pools = ["ecg"]  # 1.2.9.1 is a CT in the imaging pool
+    with session_scope() as session, pytest.raises(InvalidInputError, match="resident2"):
+        reassign_item(
+            session,
+            principal=reading.people["chief"],
+            item_id=reading.items["1.2.9.1"],
+            username="resident2",
+            now=utcnow(),
+            lease_seconds=LEASE,
+        )
+    assert _claim(reading, "resident", "1.2.9.1") == "resident"  # nobody was given it
+
+
+def test_an_exam_awaiting_verification_goes_to_seniors_only(reading: Reading) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(WorkItem)
+            .where(WorkItem.id == reading.items["1.2.9.1"])
+            .values(state=WorkItemState.AWAITING_VERIFICATION)
+        )
+
+    def reassign(to: str) -> str:
+        with session_scope() as session:
+            return reassign_item(
+                session,
+                principal=reading.people["chief"],
+                item_id=reading.items["1.2.9.1"],
+                username=to,
+                now=utcnow(),
+                lease_seconds=LEASE,
+            ).claimed_by
+
+    # A resident could neither verify nor edit it, and would block the seniors meanwhile.
+    with pytest.raises(InvalidInputError, match="resident2"):
+        reassign("resident2")
+    assert reassign("attending") == "attending"
 
 
 def test_worklist_sorted_by_urgency_then_due_with_counts(reading: Reading) -> None:

@@ -12,7 +12,7 @@ from rdc_core.db import session_scope, utcnow
 from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from tests.worklist.conftest import Reading
 from worklist.claims import ClaimConflictError, claim_item
-from worklist.models import Exam, ExamState, WorkItem, WorkItemState
+from worklist.models import Exam, ExamState, User, WorkItem, WorkItemState
 from worklist.queries import get_exam
 from worklist.reports import (
     PRELIMINARY_NOTICE,
@@ -119,6 +119,20 @@ def test_resident_report_is_preliminary_until_a_senior_verifies(reading: Reading
     assert _states(reading) == (ExamState.FINAL, WorkItemState.DONE, None)
     with pytest.raises(ReportLockedError):
         _verify(reading, "attending", report.id)
+
+
+def test_a_senior_verifies_only_what_routing_lets_them_read(reading: Reading) -> None:
+    _claim(reading, "resident")
+    _save(reading, "resident")
+    report = _submit(reading, "resident")
+    with session_scope() as session:
+        attending = session.execute(select(User).where(User.username == "attending")).scalar_one()
+        attending.qualifications = [{"discipline": "ecg"}]  # an ECG physician: no CT
+    # The CT is not on the ECG physician's worklist, so they cannot co-sign it either.
+    with pytest.raises(NotFoundError):
+        _verify(reading, "attending", report.id)
+    assert _states(reading)[1] is WorkItemState.AWAITING_VERIFICATION
+    assert _verify(reading, "chief", report.id).status == "final"
 
 
 def test_a_final_report_is_locked(reading: Reading) -> None:

@@ -146,7 +146,9 @@ def bulk_value(stream: BinaryIO, path: str) -> bytes:
     parts = [p for p in path.split("/") if p]
     if not parts or len(parts) % 2 == 0:
         raise NotFoundError(f"no bulk data at {path}")
-    ds = pydicom.dcmread(stream)
+    # Values longer than the bulk threshold stay unread until asked for (the stream is open
+    # meanwhile): only the addressed element is read, never a whole multi-frame object.
+    ds = pydicom.dcmread(stream, defer_size=BULK_THRESHOLD)
     elem = _walk(ds, parts)
     if elem.VR not in _BULK_VRS or not isinstance(elem.value, bytes | bytearray):
         raise NotFoundError(f"{path} is not bulk data")

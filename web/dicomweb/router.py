@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from typing import Annotated, Any, Final
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -56,6 +57,12 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(object_store)]
 
 
+def _header_text(text: str) -> str:
+    """``text`` for a quoted-string header value: printable ASCII as is, except the quote and
+    the backslash; anything else percent-encoded as UTF-8."""
+    return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
+
+
 def _base_url(request: Request) -> str:
     return f"{str(request.base_url).rstrip('/')}{router.prefix}"
 
@@ -80,7 +87,9 @@ def _search(
     if result.truncated:
         warnings.append('299 RDC "There are additional results that can be requested"')
     if result.unsupported:
-        names = ", ".join(result.unsupported)
+        # The names come from the query string: only printable ASCII goes into the header
+        # (a CR/LF would split it, a Chinese name is not Latin-1 and failed the response).
+        names = ", ".join(_header_text(name) for name in result.unsupported)
         warnings.append(f'299 RDC "The following query parameters are not supported: {names}"')
     headers = {"Warning": ", ".join(warnings)} if warnings else None
     return JSONResponse(result.items, media_type=DICOM_JSON, headers=headers)
@@ -269,13 +278,12 @@ def instance_metadata(
 # WADO-RS: frames, bulk data, rendered
 
 
-def _multipart_frames(parts: list[wado.FramePart]) -> Response:
+def _multipart_frames(content_type: str, frames: Iterator[bytes]) -> StreamingResponse:
+    # One part per frame, streamed: a request for many frames is never held in memory.
     boundary = new_boundary()
-    types = {content_type for content_type, _ in parts}
-    transfer_syntax = types.pop().rpartition("=")[2] if len(types) == 1 else None
-    body = b"".join(multipart_body(((t, [data]) for t, data in parts), boundary))
-    return Response(
-        body,
+    transfer_syntax = content_type.rpartition("=")[2]
+    return StreamingResponse(
+        multipart_body(((content_type, [data]) for data in frames), boundary),
         media_type=multipart_media_type("application/octet-stream", boundary, transfer_syntax),
     )
 
@@ -294,8 +302,9 @@ def frames(
     principal: CurrentPrincipal,
     store: StoreDep,
 ) -> Response:
-    """Frames ``n`` or ``n,m,...`` (from 1) as multipart/related application/octet-stream:
-    uncompressed little endian by default, as stored with ``transfer-syntax=*``."""
+    """Frames ``n`` or ``n,m,...`` (from 1, each at most once) as multipart/related
+    application/octet-stream: uncompressed little endian by default, as stored with
+    ``transfer-syntax=*``."""
     numbers = wado.parse_frame_numbers(frames)
     (ref,) = wado.resolve(
         principal=principal,
@@ -307,7 +316,8 @@ def frames(
         detail={"frames": numbers},
     )
     accept = parse_accept(request.headers.get("accept"))
-    return _multipart_frames(wado.frame_parts(store=store, ref=ref, numbers=numbers, accept=accept))
+    content_type, data = wado.frame_parts(store=store, ref=ref, numbers=numbers, accept=accept)
+    return _multipart_frames(content_type, data)
 
 
 @router.get(

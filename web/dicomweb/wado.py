@@ -18,6 +18,7 @@ from pydicom.uid import UID
 from sqlalchemy import select
 
 from dicom_gateway.pixels import (
+    FrameNotFoundError,
     RenderOptions,
     Window,
     encoded_frame,
@@ -36,7 +37,6 @@ from worklist.audit import record_access
 from worklist.models import Exam, Instance
 
 __all__ = [
-    "FramePart",
     "InstanceRef",
     "bulk_data",
     "check_dicom_accept",
@@ -220,10 +220,11 @@ def parse_frame_numbers(text: str) -> list[int]:
         raise InvalidInputError("frame numbers start at 1")
     if len(numbers) > _MAX_FRAMES_PER_REQUEST:
         raise InvalidInputError(f"at most {_MAX_FRAMES_PER_REQUEST} frames per request")
+    if len(set(numbers)) != len(numbers):
+        # PS3.18 frame-list: "one or more non-duplicate frame numbers". Repeats would
+        # let a short URL ask for the same large frame thousands of times.
+        raise InvalidInputError("each frame may be asked for once")
     return numbers
-
-
-FramePart = tuple[str, bytes]
 
 
 def _frame_encoding(accept: Sequence[MediaRange], stored_ts: str) -> Literal["raw", "encoded"]:
@@ -268,11 +269,27 @@ def _frame_bytes(store: ObjectStore, ref: InstanceRef, number: int, content_type
 
 def frame_parts(
     *, store: ObjectStore, ref: InstanceRef, numbers: Sequence[int], accept: Sequence[MediaRange]
-) -> list[FramePart]:
-    """The requested frames as (part content type, bytes), decoded before the response
-    starts so that a bad frame number is a proper error, not a broken stream."""
+) -> tuple[str, Iterator[bytes]]:
+    """The part content type of the requested frames and their bytes, one frame at a time.
+
+    Every frame number is checked against the object's Number of Frames, and the first frame
+    is decoded, before this returns, so that a bad frame number or undecodable pixel data is
+    a proper error, not a broken stream; the other frames are decoded while the response is
+    sent, so a request for many frames never holds them all in memory.
+    """
     content_type = _frame_content_type(_frame_encoding(accept, ref.transfer_syntax_uid), ref)
-    return [(content_type, _frame_bytes(store, ref, n, content_type)) for n in numbers]
+    count = number_of_frames(read_instance_header(store, ref.storage_key))
+    missing = [n for n in numbers if n > count]
+    if missing:
+        raise FrameNotFoundError(f"frame {missing[0]} does not exist; the object has {count}")
+    first = _frame_bytes(store, ref, numbers[0], content_type)
+
+    def frames() -> Iterator[bytes]:
+        yield first
+        for number in numbers[1:]:
+            yield _frame_bytes(store, ref, number, content_type)
+
+    return content_type, frames()
 
 
 # ---------------------------------------------------------------------------------------
