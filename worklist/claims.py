@@ -175,7 +175,14 @@ def list_worklist(
         raise InvalidInputError(f"limit must be 1..{MAX_PAGE} and offset not negative")
     flt = filters or WorklistFilter()
     taken = _taken(now)
-    scope = and_(WorkItem.state.in_(ACTIVE_STATES), _visibility(session, principal))
+    visible = _visibility(session, principal)
+    scope = and_(WorkItem.state.in_(ACTIVE_STATES), visible)
+    # The page names only the states it shows: "IN (both) AND = OPEN" misleads the
+    # planner's row estimate into joining the whole backlog before sorting.
+    page_states = {
+        "open": (WorkItemState.OPEN,),
+        "awaiting_verification": (WorkItemState.AWAITING_VERIFICATION,),
+    }.get(flt.state or "", ACTIVE_STATES)
     is_open = and_(WorkItem.state == WorkItemState.OPEN, ~taken)
     is_awaiting = WorkItem.state == WorkItemState.AWAITING_VERIFICATION
     counted = _filtered(
@@ -237,7 +244,7 @@ def list_worklist(
         .join(Organization, Organization.id == Exam.org_id)
         .outerjoin(holder, holder.id == WorkItem.claimed_by)
         .outerjoin(Report, and_(Report.exam_id == Exam.id, Report.version == 1))
-        .where(scope),
+        .where(WorkItem.state.in_(page_states), visible),
         flt,
         principal,
     )
