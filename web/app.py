@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from web.api import auth, exams, health, reports, worklist
+from web.api import (
+    auth,
+    critical_values,
+    deliveries,
+    exams,
+    health,
+    recognition,
+    reports,
+    worklist,
+)
 from web.dicomweb import router as dicomweb_router
 from web.problems import install_problem_handlers
 from web.ui import STATIC_DIR
@@ -22,7 +31,16 @@ def create_app() -> FastAPI:
         description="Imaging, ECG and lab intake for a medical alliance; one reading worklist.",
     )
     install_problem_handlers(app)
-    for module in (health, auth, exams, worklist, reports):
+    for module in (
+        health,
+        auth,
+        exams,
+        worklist,
+        reports,
+        deliveries,
+        recognition,
+        critical_values,
+    ):
         app.include_router(module.router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

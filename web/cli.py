@@ -15,6 +15,10 @@ from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings
 from rdc_core.tasks import TaskRunner
+from web.cli_critical import critical_app
+from web.cli_delivery import delivery_app
+from web.cli_recognition import accreditation_app, catalog_app
+from web.cli_signing import ca_app
 
 __all__ = ["main"]
 
@@ -31,6 +35,11 @@ app.add_typer(db_app, name="db")
 app.add_typer(clinic_app, name="clinic")
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
+app.add_typer(ca_app, name="ca")
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(accreditation_app, name="accreditation")
+app.add_typer(critical_app, name="critical")
+app.add_typer(delivery_app, name="delivery")
 
 console = Console(stderr=True)
 log = logging.getLogger("rdc")
@@ -283,9 +292,16 @@ def serve(
         runner.stop()
 
 
+def _register_tasks() -> None:
+    """Import every module that declares tasks (the push senders register their channels)."""
+    import dicom_gateway.report_push  # noqa: F401
+    import lab_results.report_push  # noqa: F401
+    import worklist.tasks  # noqa: F401
+
+
 def _task_runner(settings: Settings) -> TaskRunner:
     """In-process worker and scheduler (embedded), or the Celery client (production)."""
-    import worklist.tasks  # noqa: F401  (registers the tasks)
+    _register_tasks()
 
     if settings.task_backend == "celery":
         from rdc_core.celery_runner import CeleryTaskRunner, make_celery_app
@@ -297,7 +313,7 @@ def _task_runner(settings: Settings) -> TaskRunner:
 
 
 def _celery_app() -> Any:
-    import worklist.tasks  # noqa: F401  (registers the tasks)
+    _register_tasks()
     from rdc_core.celery_runner import make_celery_app
     from rdc_core.migrate import upgrade_database
 

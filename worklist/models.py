@@ -25,6 +25,7 @@ from rdc_core.db import Base, utcnow
 
 __all__ = [
     "AETitle",
+    "AmendmentKind",
     "Discipline",
     "Exam",
     "ExamState",
@@ -112,6 +113,15 @@ class ReportStatus(enum.StrEnum):
     DRAFT = "draft"
     PRELIMINARY = "preliminary"
     FINAL = "final"
+
+
+class AmendmentKind(enum.StrEnum):
+    """Why a signed report has a later version: its content changed (amended), an error was
+    fixed (corrected), or something was added without changing what was said (appended)."""
+
+    AMENDED = "amended"
+    CORRECTED = "corrected"
+    APPENDED = "appended"
 
 
 class QualityGrade(enum.StrEnum):
@@ -246,6 +256,10 @@ class Exam(Base):
     rescan_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
     rescan_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # First fetch of the final report by the clinic (or first acknowledged push), and the
+    # clinic's acknowledgement of it: the last two turnaround stages.
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     patient: Mapped[Patient] = relationship(lazy="joined")
@@ -402,7 +416,8 @@ class WorkItem(Base):
 
 class Report(Base):
     """A reader's report on an exam. Version 1 is the first report; later versions
-    (amendments) are linked by ``previous_id``. A final report is locked against edits."""
+    (amended / corrected / appended) are linked by ``previous_id``. A final report is signed
+    and locked; the highest version of an exam is its current report."""
 
     __tablename__ = "reports"
     __table_args__ = (UniqueConstraint("exam_id", "version"),)
@@ -422,6 +437,13 @@ class Report(Base):
     )
     quality_reason: Mapped[str] = mapped_column(Text, default="")
     critical: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Images the reader marked for the printed report: [{"sop_instance_uid": ..., "frame": 1}].
+    key_images: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # Set on versions after the first: what kind of change, and why.
+    amendment_kind: Mapped[AmendmentKind | None] = mapped_column(
+        _enum(AmendmentKind, "amendment_kind"), nullable=True
+    )
+    amendment_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     author_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
     author_level: Mapped[ReaderLevel | None] = mapped_column(
         _enum(ReaderLevel, "reader_level"), nullable=True

@@ -19,6 +19,7 @@ from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, Per
 from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
 from worklist.claims import can_verify, readable_by
+from worklist.finalization import finalize_report
 from worklist.models import (
     Exam,
     ExamState,
@@ -210,6 +211,8 @@ def submit_report(
         report.final_at = now
         exam.final_at = now
         _set_state(session, exam, item, ExamState.FINAL, WorkItemState.DONE)
+        session.flush()
+        finalize_report(session, report=report, exam=exam, signer=principal, now=now)
         action = "sign"
     else:
         report.status = ReportStatus.PRELIMINARY
@@ -268,6 +271,7 @@ def verify_report(
     item.updated_at = now
     session.flush()
     session.refresh(report)
+    finalize_report(session, report=report, exam=exam, signer=principal, now=now)
     record_access(session, principal, action="verify", object_type="report", object_id=report.id)
     return report_out(report)
 

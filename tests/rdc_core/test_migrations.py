@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 import worklist.audit
-import worklist.models  # registers the tables
+import worklist.tables  # registers every table
 from rdc_core.db import Base, get_engine
 from rdc_core.migrate import upgrade_database
 

@@ -1,0 +1,28 @@
+"""mutual recognition: catalogue of recognised items, accreditations, decisions, declines
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01 21:50:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa  # noqa: F401
+from alembic import op  # noqa: F401
+
+import rdc_core.db  # noqa: F401
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,3 @@
+"""Tables of critical values."""
+
+from __future__ import annotations

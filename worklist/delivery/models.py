@@ -1,0 +1,3 @@
+"""Tables of report delivery."""
+
+from __future__ import annotations

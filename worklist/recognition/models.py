@@ -1,0 +1,3 @@
+"""Tables of mutual recognition."""
+
+from __future__ import annotations

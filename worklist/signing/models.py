@@ -1,0 +1,3 @@
+"""Tables of report signing."""
+
+from __future__ import annotations

@@ -1,0 +1,11 @@
+"""Imports every module that declares tables, so that ``Base.metadata`` is complete
+(Alembic's autogenerate and the schema test rely on it)."""
+
+from __future__ import annotations
+
+import worklist.audit
+import worklist.critical_values.models
+import worklist.delivery.models
+import worklist.models
+import worklist.recognition.models
+import worklist.signing.models  # noqa: F401
