@@ -71,6 +71,28 @@ class Settings(BaseSettings):
         default=900, ge=30, description="How long a claim holds an exam without renewal"
     )
     timezone: str = "Asia/Shanghai"
+
+    alliance_name: str = Field(
+        default="医联体远程诊断中心 Remote Diagnostic Centre",
+        description="Printed at the top of reports and in the CA's name",
+    )
+    signing_key_passphrase: SecretStr | None = Field(
+        default=None,
+        description="Encrypts the CA's and readers' private keys at rest; "
+        "default: derived from the secret key",
+    )
+    critical_escalation_minutes: float = Field(
+        default=10.0, gt=0, description="Unacknowledged critical-value alerts escalate after this"
+    )
+    critical_scan_interval_seconds: float = Field(
+        default=30.0, gt=0, description="How often overdue critical-value alerts are escalated"
+    )
+    delivery_scan_interval_seconds: float = Field(
+        default=5.0, gt=0, description="How often pending report push-backs are attempted"
+    )
+    delivery_max_backoff_seconds: float = Field(
+        default=600.0, gt=0, description="Longest wait between two attempts of one push-back"
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
