@@ -18,7 +18,7 @@ from rdc_core.tasks import TaskRunner
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
-from web.cli_signing import ca_app
+from web.cli_signing import ca_app, verify_command
 
 __all__ = ["main"]
 
@@ -40,6 +40,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(accreditation_app, name="accreditation")
 app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
+app.command("verify")(verify_command)
 
 console = Console(stderr=True)
 log = logging.getLogger("rdc")

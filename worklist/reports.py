@@ -2,8 +2,9 @@
 senior verification, and sending an exam back to the clinic for a re-scan.
 
 Every change needs the caller's live lease on the exam's work item, so two readers never
-write the same report. A final report is locked; later changes are new versions (signing
-and amendments live in their own module).
+write the same report. A submitted report is signed (:mod:`worklist.signing`) and a final
+one is locked: a later change is a new version (amended / corrected / appended), linked to
+its predecessor and signed again; every version stays readable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rdc_core.db import stable_id
@@ -21,8 +23,10 @@ from worklist.audit import record_access
 from worklist.claims import can_verify, readable_by
 from worklist.finalization import finalize_report
 from worklist.models import (
+    AmendmentKind,
     Exam,
     ExamState,
+    Instance,
     QualityGrade,
     Report,
     ReportStatus,
@@ -30,20 +34,35 @@ from worklist.models import (
     WorkItemState,
 )
 from worklist.queries import get_exam, visible_exam
+from worklist.recognition.service import recognition_for_report
 from worklist.report_templates import template_by_code
-from worklist.schemas import ExamSummary, ReportIn, ReportOut
+from worklist.schemas import (
+    ExamSummary,
+    KeyImageRef,
+    ReportAmendIn,
+    ReportDetailOut,
+    ReportIn,
+    ReportOut,
+    ReportVersionOut,
+)
+from worklist.signing.service import (
+    PRELIMINARY_NOTICE,
+    sign_preliminary_report,
+    signature_summary,
+)
 
 __all__ = [
     "PRELIMINARY_NOTICE",
     "ReportLockedError",
+    "amend_report",
     "get_report",
+    "get_report_version",
     "request_rescan",
     "save_draft",
     "submit_report",
     "verify_report",
 ]
 
-PRELIMINARY_NOTICE = "以正式报告为准 / Subject to the final report"
 # Grades that need a reason: the clinic must learn what to fix.
 _GRADES_NEEDING_REASON = (QualityGrade.C, QualityGrade.REJECT)
 
@@ -86,6 +105,10 @@ def report_out(report: Report) -> ReportOut:
         revision=report.revision,
         locked=report.status is ReportStatus.FINAL,
         notice=PRELIMINARY_NOTICE if report.status is ReportStatus.PRELIMINARY else None,
+        key_images=[KeyImageRef(**k) for k in report.key_images or []],
+        previous_id=report.previous_id,
+        amendment_kind=report.amendment_kind,
+        amendment_reason=report.amendment_reason,
     )
 
 
@@ -133,6 +156,8 @@ def save_draft(
     _leased_item(session, principal, exam, now)
     if data.template_code and template_by_code(data.template_code) is None:
         raise InvalidInputError(f"no report template {data.template_code!r}")
+    if data.key_images:
+        _check_key_images(session, exam, data.key_images)
     report = _current(session, exam.id)
     if report is None:
         report = Report(
@@ -157,6 +182,8 @@ def save_draft(
             f"the report changed meanwhile (revision {report.revision}, you had {data.revision})"
         )
     changes = data.model_dump(exclude_unset=True, exclude={"revision"})
+    if data.key_images is not None:  # whole references, defaults included
+        changes["key_images"] = [k.model_dump() for k in data.key_images]
     for name, value in changes.items():
         if value is not None or name in ("quality_grade", "template_code"):
             setattr(report, name, value)
@@ -165,6 +192,25 @@ def save_draft(
     session.flush()
     record_access(session, principal, action="edit", object_type="report", object_id=report.id)
     return report_out(report)
+
+
+def _check_key_images(session: Session, exam: Exam, marked: list[KeyImageRef]) -> None:
+    frames = dict(
+        session.execute(
+            select(Instance.sop_instance_uid, Instance.frame_count).where(
+                Instance.exam_id == exam.id,
+                Instance.sop_instance_uid.in_({m.sop_instance_uid for m in marked}),
+            )
+        ).all()
+    )
+    for mark in marked:
+        count = frames.get(mark.sop_instance_uid)
+        if count is None:
+            raise InvalidInputError(f"key image {mark.sop_instance_uid} is not part of this exam")
+        if mark.frame > max(1, count):
+            raise InvalidInputError(
+                f"key image {mark.sop_instance_uid} has {count} frame(s), not {mark.frame}"
+            )
 
 
 def _check_complete(report: Report) -> None:
@@ -218,6 +264,9 @@ def submit_report(
         report.status = ReportStatus.PRELIMINARY
         exam.preliminary_at = now
         _set_state(session, exam, item, ExamState.PRELIMINARY, WorkItemState.AWAITING_VERIFICATION)
+        session.flush()
+        # The resident signs what they submit; the clinic may see it (marked 以正式报告为准).
+        sign_preliminary_report(session, report=report, exam=exam, signer=principal, now=now)
         action = "submit_preliminary"
     item.updated_at = now
     session.flush()
@@ -301,3 +350,147 @@ def request_rescan(
         detail={"reason": exam.rescan_reason},
     )
     return get_exam(session, principal=principal, exam_id=exam.id)
+
+
+_ADDENDUM = "【补充 Addendum】"
+
+
+def _amended_text(kind: AmendmentKind, old: str, new: str | None) -> str:
+    if new is None:
+        return old
+    if kind is AmendmentKind.APPENDED:
+        # An addendum never changes what was said: the old text stays, the new follows.
+        return f"{old}\n\n{_ADDENDUM}\n{new}" if old.strip() else f"{_ADDENDUM}\n{new}"
+    return new
+
+
+def amend_report(
+    session: Session, *, principal: Principal, report_id: str, data: ReportAmendIn, now: datetime
+) -> ReportOut:
+    """A new signed version of the exam's current final report (amended, corrected or
+    appended), by an attending or chief reader of the lead hospital. Fields not given are
+    copied; for ``appended`` the given text is added after the old. The new version is final
+    at once and goes through :func:`finalize_report` (signature, recognition, critical
+    alert, delivery). Of two amendments racing on one version exactly one wins."""
+    require_roles(principal, READING_ROLES, lead_only=True)
+    if not can_verify(principal):
+        raise PermissionDeniedError("only attending or chief readers may amend signed reports")
+    report = session.get(Report, report_id)
+    if report is None:
+        raise NotFoundError(f"no report {report_id}")
+    exam = visible_exam(session, principal=principal, exam_id=report.exam_id)
+    # Lock the predecessor: a concurrent amendment waits here, then finds it superseded.
+    session.execute(select(Report.id).where(Report.id == report.id).with_for_update()).scalar_one()
+    session.refresh(report)
+    current = _current(session, exam.id)
+    if current is None or current.id != report.id:
+        raise ConflictError(
+            f"report {report_id} is version {report.version}, not the current one"
+            + (f" (version {current.version}, {current.id})" if current else "")
+        )
+    if report.status is not ReportStatus.FINAL:
+        raise ReportLockedError("only a signed final report can be amended")
+    given = data.model_dump(exclude_unset=True, exclude={"kind", "reason"})
+    if not any(v is not None for v in given.values()):
+        raise InvalidInputError("an amendment changes or adds something")
+    if data.key_images:
+        _check_key_images(session, exam, data.key_images)
+    kind = data.kind
+    key_images = list(report.key_images or [])
+    if data.key_images is not None:
+        marked = [k.model_dump() for k in data.key_images]
+        key_images = (
+            key_images + [k for k in marked if k not in key_images]
+            if kind is AmendmentKind.APPENDED
+            else marked
+        )
+    structured = dict(report.structured or {})
+    if data.structured is not None:
+        structured = (
+            {**structured, **data.structured}
+            if kind is AmendmentKind.APPENDED
+            else dict(data.structured)
+        )
+    version = report.version + 1
+    new = Report(
+        id=stable_id("report", exam.id, str(version)),
+        exam_id=exam.id,
+        version=version,
+        previous_id=report.id,
+        status=ReportStatus.FINAL,
+        template_code=report.template_code,
+        findings=_amended_text(kind, report.findings, data.findings),
+        impression=_amended_text(kind, report.impression, data.impression),
+        recommendation=_amended_text(kind, report.recommendation, data.recommendation),
+        structured=structured,
+        quality_grade=report.quality_grade,
+        quality_reason=report.quality_reason,
+        critical=report.critical if data.critical is None else data.critical,
+        key_images=key_images,
+        amendment_kind=kind,
+        amendment_reason=data.reason.strip(),
+        author_id=principal.user_id,
+        author_level=principal.level,
+        created_at=now,
+        updated_at=now,
+        submitted_at=now,
+        final_at=now,
+        revision=1,
+    )
+    try:
+        with session.begin_nested():
+            session.add(new)
+            session.flush()
+    except IntegrityError as exc:
+        raise ConflictError(f"report {report_id} was amended by someone else just now") from exc
+    finalize_report(session, report=new, exam=exam, signer=principal, now=now)
+    record_access(
+        session,
+        principal,
+        action="amend",
+        object_type="report",
+        object_id=new.id,
+        detail={"kind": kind.value, "reason": new.amendment_reason, "previous_id": report.id},
+    )
+    return report_out(new)
+
+
+def get_report_version(
+    session: Session, *, principal: Principal, report_id: str
+) -> ReportDetailOut:
+    """One report version with every version of its exam, the current one marked, its
+    signature and recognition decision. Clinics see their own submitted reports only
+    (anything else is not found). Audited."""
+    report = session.get(Report, report_id)
+    if report is None:
+        raise NotFoundError(f"no report {report_id}")
+    exam = visible_exam(session, principal=principal, exam_id=report.exam_id)
+    if principal.is_clinic_user and report.status is ReportStatus.DRAFT:
+        raise NotFoundError(f"no report {report_id}")
+    versions = [
+        r
+        for r in session.execute(
+            select(Report).where(Report.exam_id == exam.id).order_by(Report.version)
+        ).scalars()
+        if not (principal.is_clinic_user and r.status is ReportStatus.DRAFT)
+    ]
+    current = versions[-1]
+    record_access(session, principal, action="view", object_type="report", object_id=report.id)
+    return ReportDetailOut(
+        **report_out(report).model_dump(),
+        versions=[
+            ReportVersionOut(
+                id=r.id,
+                version=r.version,
+                status=r.status,
+                kind=r.amendment_kind,
+                reason=r.amendment_reason,
+                final_at=r.final_at,
+                current=r.id == current.id,
+            )
+            for r in versions
+        ],
+        current_id=current.id,
+        signature=signature_summary(session, report_id=report.id),
+        recognition=recognition_for_report(session, report_id=report.id),
+    )

@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worklist.models import (
+    AmendmentKind,
     Discipline,
     ExamState,
     Priority,
@@ -23,13 +24,17 @@ __all__ = [
     "ExamDetail",
     "ExamSummary",
     "InstanceOut",
+    "KeyImageRef",
     "LeaseOut",
     "Me",
     "Page",
     "PatientOut",
     "ReaderOut",
+    "ReportAmendIn",
+    "ReportDetailOut",
     "ReportIn",
     "ReportOut",
+    "ReportVersionOut",
     "WorkItemOut",
     "WorklistCounts",
     "WorklistPage",
@@ -156,6 +161,16 @@ class LeaseOut(BaseModel):
     lease_seconds: int
 
 
+class KeyImageRef(BaseModel):
+    """A frame the reader marked for the printed report."""
+
+    sop_instance_uid: str = Field(min_length=1, max_length=64)
+    frame: int = Field(default=1, ge=1)
+
+
+MAX_KEY_IMAGES = 12
+
+
 class ReportIn(BaseModel):
     """A draft save: only the fields given change. ``revision``, when given, must match the
     stored one (two editors do not overwrite each other)."""
@@ -168,6 +183,7 @@ class ReportIn(BaseModel):
     quality_grade: QualityGrade | None = None
     quality_reason: str | None = Field(default=None, max_length=2_000)
     critical: bool | None = None
+    key_images: list[KeyImageRef] | None = Field(default=None, max_length=MAX_KEY_IMAGES)
     revision: int | None = None
 
     @field_validator("quality_grade", mode="before")
@@ -202,6 +218,45 @@ class ReportOut(_Out):
     revision: int
     locked: bool
     notice: str | None
+    key_images: list[KeyImageRef] = []
+    previous_id: str | None = None
+    amendment_kind: AmendmentKind | None = None
+    amendment_reason: str | None = None
+
+
+class ReportAmendIn(BaseModel):
+    """A new version of a signed final report: what kind of change, why, and the fields
+    that change (the others are copied; for ``appended`` the given text is added)."""
+
+    kind: AmendmentKind
+    reason: str = Field(min_length=1, max_length=2_000)
+    findings: str | None = Field(default=None, max_length=20_000)
+    impression: str | None = Field(default=None, max_length=10_000)
+    recommendation: str | None = Field(default=None, max_length=10_000)
+    structured: dict[str, Any] | None = None
+    critical: bool | None = None
+    key_images: list[KeyImageRef] | None = Field(default=None, max_length=MAX_KEY_IMAGES)
+
+
+class ReportVersionOut(BaseModel):
+    """One version in a report's history."""
+
+    id: str
+    version: int
+    status: ReportStatus
+    kind: AmendmentKind | None
+    reason: str | None
+    final_at: datetime | None
+    current: bool
+
+
+class ReportDetailOut(ReportOut):
+    """A report version with its history, signature and recognition decision."""
+
+    versions: list[ReportVersionOut]
+    current_id: str
+    signature: dict[str, Any] | None
+    recognition: dict[str, Any] | None
 
 
 class ReaderOut(BaseModel):

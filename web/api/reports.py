@@ -1,16 +1,29 @@
-"""Reports: the draft (autosaved), submission, senior verification, and the templates."""
+"""Reports: the draft (autosaved), submission, senior verification, versions (amend /
+correct / append), signature verification, and the templates."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
-from rdc_core.db import session_scope, utcnow
+from rdc_core.db import read_session, session_scope, utcnow
+from rdc_core.errors import InvalidInputError
 from web.security import CurrentPrincipal
 from worklist.report_templates import TEMPLATES, templates_for
-from worklist.reports import get_report, save_draft, submit_report, verify_report
-from worklist.schemas import ReportIn, ReportOut
+from worklist.reports import (
+    amend_report,
+    get_report,
+    get_report_version,
+    save_draft,
+    submit_report,
+    verify_report,
+)
+from worklist.schemas import ReportAmendIn, ReportDetailOut, ReportIn, ReportOut
+from worklist.signing.pdf import register_key_image_renderer
+from worklist.signing.verify import check_report, verify_file
 
 router = APIRouter(prefix="/api/v1", tags=["reports"])
 _NO_REPORT: dict[int | str, dict[str, Any]] = {
@@ -49,6 +62,78 @@ def verify(report_id: str, principal: CurrentPrincipal) -> ReportOut:
         return verify_report(session, principal=principal, report_id=report_id, now=utcnow())
 
 
+@router.get("/reports/{report_id}", response_model=ReportDetailOut, responses=_NO_REPORT)
+def report_version(report_id: str, principal: CurrentPrincipal) -> ReportDetailOut:
+    """One report version with all versions of its exam (``current`` marks the newest),
+    its signature and its mutual-recognition decision. Clinics: their own, submitted only."""
+    with session_scope() as session:
+        return get_report_version(session, principal=principal, report_id=report_id)
+
+
+@router.post("/reports/{report_id}/amend", response_model=ReportOut, responses=_CONFLICT)
+def amend(report_id: str, body: ReportAmendIn, principal: CurrentPrincipal) -> ReportOut:
+    """A new signed version (amended / corrected / appended) of the current final report;
+    409 when it is not the current version or another amendment won."""
+    with session_scope() as session:
+        return amend_report(
+            session, principal=principal, report_id=report_id, data=body, now=utcnow()
+        )
+
+
+@router.get("/reports/{report_id}/verify", responses=_NO_REPORT)
+def verify_signatures(report_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Verify the stored signed document and PDF of a report version:
+    ``{"valid": …, "document": …, "pdf": …, "signer": …, "reasons": […]}``."""
+    with session_scope() as session:
+        return check_report(session, principal=principal, report_id=report_id)
+
+
+MAX_VERIFY_BYTES = 32 * 1024 * 1024
+
+
+def _verify_bytes(data: bytes) -> dict[str, Any]:
+    with read_session() as session:
+        return verify_file(data, session=session).as_dict()
+
+
+@router.post(
+    "/verify",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/pdf": {},
+                "application/json": {},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                },
+            }
+        }
+    },
+)
+async def verify_upload(request: Request) -> dict[str, Any]:
+    """Anyone (no sign-in) can check a signed report PDF or JSON document against the
+    alliance CA: upload it as ``file`` (multipart) or send it as the raw body. The answer
+    holds only what the file itself says (signer, time, report version)."""
+    if int(request.headers.get("content-length") or 0) > MAX_VERIFY_BYTES:
+        raise InvalidInputError(f"files larger than {MAX_VERIFY_BYTES} bytes are not verified")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInputError("send the file as the multipart field 'file'")
+        data = await upload.read(MAX_VERIFY_BYTES + 1)
+    else:
+        data = await request.body()
+    if not data:
+        raise InvalidInputError("no file to verify")
+    if len(data) > MAX_VERIFY_BYTES:
+        raise InvalidInputError(f"files larger than {MAX_VERIFY_BYTES} bytes are not verified")
+    return await run_in_threadpool(_verify_bytes, data)
+
+
 @router.get("/report-templates")
 def report_templates(
     principal: CurrentPrincipal, modality: str = "", body_part: str = ""
@@ -56,3 +141,16 @@ def report_templates(
     """Templates for an exam's modality and body part, the most specific first."""
     chosen = templates_for(modality=modality, body_part=body_part) if modality else TEMPLATES
     return [t.as_dict() for t in chosen]
+
+
+def _render_key_image(storage_key: str, frame: int) -> bytes:
+    from dicom_gateway.pixels import RenderOptions, render_frame
+    from rdc_core.storage import get_object_store
+
+    options = RenderOptions(frame=frame, viewport=(480, 480), media_type="image/jpeg", quality=85)
+    return render_frame(store=get_object_store(), storage_key=storage_key, options=options).data
+
+
+# The signed PDF shows the reader's key images; worklist may not import the gateway's
+# renderer, so the web application (which serves every signing request) lends it.
+register_key_image_renderer(_render_key_image)

@@ -1,16 +1,305 @@
-"""Signing a final report (called from :mod:`worklist.finalization`)."""
+"""Signing a report version (called from :mod:`worklist.finalization` and, for a
+resident's preliminary report, from :func:`worklist.reports.submit_report`).
+
+Two artefacts are produced and stored before the transaction commits:
+
+- the **signed document**: the canonical JSON of everything the report states and covers
+  (content, version and amendment, exam and patient identifiers, the SHA-256 of every
+  object of the exam, the recognition decision, author, verifier, signer, time), signed
+  with the signer's key; the file is itself canonical JSON (sorted keys, no spaces,
+  UTF-8), so any changed byte is detected;
+- the **PDF**: the printable report rendered from that document and PAdES-signed with the
+  same key and certificate (the CA chain embedded).
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import json
+import logging
 from datetime import datetime
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rdc_core.db import on_rollback
+from rdc_core.errors import ConflictError, NotFoundError
+from rdc_core.settings import get_settings
+from rdc_core.storage import ObjectStore, get_object_store
 from worklist.access import Principal
-from worklist.models import Exam, Report
+from worklist.models import Exam, Instance, Organization, OrgKind, Report, ReportStatus, User
+from worklist.signing.models import SignedArtifact, SigningStage
+from worklist.signing.pdf import KeyImage, key_image_renderer, render_report_pdf
+from worklist.signing.pki import Signer, signature_algorithm, signer_for
 
-__all__ = ["get_signed_artifact", "sign_final_report", "signature_summary"]
+__all__ = [
+    "DOCUMENT_FORMAT",
+    "PRELIMINARY_NOTICE",
+    "SIGNED_FORMAT",
+    "build_document",
+    "canonical_bytes",
+    "get_signed_artifact",
+    "sign_final_report",
+    "sign_preliminary_report",
+    "sign_report",
+    "signature_summary",
+]
+
+log = logging.getLogger(__name__)
+
+DOCUMENT_FORMAT = "rdc-report/1"
+SIGNED_FORMAT = "rdc-signed-report/1"
+PRELIMINARY_NOTICE = "以正式报告为准 / Subject to the final report"
+_CMS_BYTES = 16 * 1024
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """JSON with sorted keys, no spaces, UTF-8: the bytes that are signed."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _person(user: User | None, **extra: Any) -> dict[str, Any] | None:
+    if user is None:
+        return None
+    return {
+        "username": user.username,
+        "name": user.display_name or user.username,
+        "level": user.level.value if user.level else None,
+        **extra,
+    }
+
+
+def build_document(
+    session: Session,
+    *,
+    report: Report,
+    exam: Exam,
+    signer_user: User,
+    signer: Signer,
+    recognition: dict[str, Any] | None,
+    stage: SigningStage,
+    now: datetime,
+) -> dict[str, Any]:
+    """The canonical content of a signature (plain JSON values only)."""
+    settings = get_settings()
+    objects = session.execute(
+        select(Instance.sop_instance_uid, Instance.sha256)
+        .where(Instance.exam_id == exam.id)
+        .order_by(Instance.sop_instance_uid)
+    ).all()
+    centre = session.execute(
+        select(Organization.name).where(Organization.kind == OrgKind.LEAD).limit(1)
+    ).scalar_one_or_none()
+    patient = exam.patient
+    cert = signer.certificate
+    document = {
+        "format": DOCUMENT_FORMAT,
+        "stage": stage.value,
+        "issuer": {"alliance": settings.alliance_name, "centre": centre},
+        "report": {
+            "id": report.id,
+            "exam_id": exam.id,
+            "version": report.version,
+            "status": report.status.value,
+            "template_code": report.template_code,
+            "findings": report.findings,
+            "impression": report.impression,
+            "recommendation": report.recommendation,
+            "structured": report.structured or {},
+            "quality_grade": report.quality_grade.value if report.quality_grade else None,
+            "quality_reason": report.quality_reason,
+            "critical": bool(report.critical),
+            "key_images": list(report.key_images or []),
+            "amendment": (
+                {
+                    "kind": report.amendment_kind.value,
+                    "reason": report.amendment_reason,
+                    "previous_id": report.previous_id,
+                }
+                if report.amendment_kind
+                else None
+            ),
+            "previous_id": report.previous_id,
+            "notice": PRELIMINARY_NOTICE if stage is SigningStage.PRELIMINARY else None,
+        },
+        "exam": {
+            "id": exam.id,
+            "study_instance_uid": exam.study_instance_uid,
+            "accession_number": exam.accession_number,
+            "discipline": exam.discipline.value,
+            "modality": exam.modality,
+            "modalities": exam.modalities,
+            "body_part": exam.body_part,
+            "description": exam.description,
+            "performed_at": _iso(exam.performed_at),
+            "clinic": {"code": exam.organization.code, "name": exam.organization.name},
+        },
+        "patient": {
+            "issuer": patient.issuer,
+            "patient_id": patient.patient_id,
+            "name": patient.name,
+            "sex": patient.sex,
+            "birth_date": patient.birth_date,
+        },
+        "objects": [{"sop_instance_uid": uid, "sha256": digest} for uid, digest in objects],
+        "recognition": recognition,
+        "author": _person(report.author, submitted_at=_iso(report.submitted_at)),
+        "verifier": _person(report.verifier, verified_at=_iso(report.verified_at)),
+        "signer": {
+            **(_person(signer_user) or {}),
+            "certificate_serial": format(cert.serial_number, "x"),
+            "certificate_issuer": cert.issuer.rfc4514_string(),
+        },
+        "signed_at": now.isoformat(),
+    }
+    # Through JSON once: dates and other values in the recognition dict become the strings
+    # a verifier will see, so the signed bytes re-compute exactly from the file.
+    result: dict[str, Any] = json.loads(json.dumps(document, default=str))
+    return result
+
+
+def _key_images(session: Session, store: ObjectStore, report: Report) -> list[KeyImage]:
+    marked = list(report.key_images or [])
+    if not marked:
+        return []
+    keys = dict(
+        session.execute(
+            select(Instance.sop_instance_uid, Instance.storage_key).where(
+                Instance.exam_id == report.exam_id,
+                Instance.sop_instance_uid.in_([m["sop_instance_uid"] for m in marked]),
+            )
+        ).all()
+    )
+    renderer = key_image_renderer()
+    images = []
+    for mark in marked:
+        uid, frame = str(mark["sop_instance_uid"]), int(mark.get("frame") or 1)
+        data = None
+        if renderer is not None and uid in keys:
+            try:
+                data = renderer(keys[uid], frame)
+            except Exception:  # a frame that cannot be drawn is printed as a reference
+                log.warning("key image %s frame %d could not be rendered", uid, frame)
+        images.append(KeyImage(uid, frame, data))
+    return images
+
+
+def _sign_pdf(pdf: bytes, signer: Signer, *, name: str, reason: str) -> bytes:
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.sign import signers
+    from pyhanko.sign.fields import SigSeedSubFilter
+
+    writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
+    meta = signers.PdfSignatureMetadata(
+        field_name="RDCSignature",
+        md_algorithm="sha256",
+        subfilter=SigSeedSubFilter.PADES,
+        reason=reason,
+        name=name,
+        location=get_settings().alliance_name,
+    )
+    # A fixed reservation for the CMS container (two certificates and one signature fit
+    # in well under 8 KiB): pyHanko otherwise signs twice, once only to measure the size.
+    out = signers.sign_pdf(writer, meta, signer=signer.pdf_signer(), bytes_reserved=_CMS_BYTES)
+    return bytes(out.getbuffer())
+
+
+def _signed_file(document: dict[str, Any], signer: Signer) -> bytes:
+    pem = serialization.Encoding.PEM
+    signature = signer.sign(canonical_bytes(document))
+    envelope = {
+        "format": SIGNED_FORMAT,
+        "document": document,
+        "signature": {
+            "algorithm": signature_algorithm(signer.certificate),
+            "value": base64.b64encode(signature).decode("ascii"),
+            "certificate": signer.certificate.public_bytes(pem).decode("ascii"),
+            "chain": [c.public_bytes(pem).decode("ascii") for c in signer.chain],
+        },
+    }
+    return canonical_bytes(envelope)
+
+
+def sign_report(
+    session: Session,
+    *,
+    report: Report,
+    exam: Exam,
+    signer: Principal,
+    recognition: dict[str, Any] | None,
+    stage: SigningStage,
+    now: datetime,
+) -> SignedArtifact:
+    """Build, sign and store both artefacts of ``report`` at ``stage``; the caller commits.
+    The objects are written first and removed again if the transaction rolls back."""
+    if session.get(SignedArtifact, (report.id, stage)) is not None:
+        raise ConflictError(f"report {report.id} is already signed ({stage.value})")
+    user = session.get(User, signer.user_id)
+    if user is None:
+        raise NotFoundError(f"no user {signer.username}")
+    key_signer = signer_for(session, user=user, now=now)
+    document = build_document(
+        session,
+        report=report,
+        exam=exam,
+        signer_user=user,
+        signer=key_signer,
+        recognition=recognition,
+        stage=stage,
+        now=now,
+    )
+    signed_json = _signed_file(document, key_signer)
+    store = get_object_store()
+    pdf = render_report_pdf(
+        document,
+        key_images=_key_images(session, store, report),
+        zone=get_settings().zone,
+        notice=PRELIMINARY_NOTICE if stage is SigningStage.PRELIMINARY else None,
+    )
+    signed_pdf = _sign_pdf(
+        pdf,
+        key_signer,
+        name=document["signer"]["name"],
+        reason=(
+            "初步报告 Preliminary report"
+            if stage is SigningStage.PRELIMINARY
+            else "正式报告 Final report"
+        ),
+    )
+    base = f"reports/{report.id}/{stage.value}"
+    json_key, pdf_key = f"{base}.json", f"{base}.pdf"
+    # Store first, then index; a rollback removes what was stored.
+    on_rollback(session, lambda: store.delete(json_key))
+    store.put_bytes(json_key, signed_json)
+    on_rollback(session, lambda: store.delete(pdf_key))
+    store.put_bytes(pdf_key, signed_pdf)
+    row = SignedArtifact(
+        report_id=report.id,
+        stage=stage,
+        document_key=json_key,
+        document_sha256=hashlib.sha256(signed_json).hexdigest(),
+        pdf_key=pdf_key,
+        pdf_sha256=hashlib.sha256(signed_pdf).hexdigest(),
+        signer_id=user.id,
+        signer_username=user.username,
+        signer_name=user.display_name or user.username,
+        certificate_serial=document["signer"]["certificate_serial"],
+        certificate_issuer=document["signer"]["certificate_issuer"][:500],
+        signed_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def sign_final_report(
@@ -22,16 +311,74 @@ def sign_final_report(
     recognition: dict[str, Any] | None,
     now: datetime,
 ) -> None:
-    """Sign ``report`` as ``signer``: canonical JSON document and PAdES PDF. Not built yet."""
+    """Sign ``report`` (just made final) as ``signer``: canonical JSON document and PAdES PDF."""
+    sign_report(
+        session,
+        report=report,
+        exam=exam,
+        signer=signer,
+        recognition=recognition,
+        stage=SigningStage.FINAL,
+        now=now,
+    )
+
+
+def sign_preliminary_report(
+    session: Session, *, report: Report, exam: Exam, signer: Principal, now: datetime
+) -> None:
+    """Sign a resident's preliminary report as the resident; its PDF carries the notice
+    以正式报告为准 and no recognition mark (recognition is decided on the final report)."""
+    sign_report(
+        session,
+        report=report,
+        exam=exam,
+        signer=signer,
+        recognition=None,
+        stage=SigningStage.PRELIMINARY,
+        now=now,
+    )
+
+
+def _latest_artifact(session: Session, report_id: str) -> SignedArtifact | None:
+    rows = {
+        row.stage: row
+        for row in session.execute(
+            select(SignedArtifact).where(SignedArtifact.report_id == report_id)
+        ).scalars()
+    }
+    return rows.get(SigningStage.FINAL) or rows.get(SigningStage.PRELIMINARY)
 
 
 def get_signed_artifact(
     session: Session, *, report_id: str, kind: Literal["pdf", "document"]
 ) -> bytes:
-    """The signed PDF or the signed JSON document of a report version. Not built yet."""
-    raise NotImplementedError
+    """The signed PDF or the signed JSON document of a report version (the final
+    signature when there is one, else the preliminary one). NotFoundError if unsigned.
+    The caller authorises and audits the access."""
+    row = _latest_artifact(session, report_id)
+    if row is None:
+        raise NotFoundError(f"report {report_id} is not signed")
+    key = row.pdf_key if kind == "pdf" else row.document_key
+    with get_object_store().open(key) as stream:
+        return stream.read()
 
 
 def signature_summary(session: Session, *, report_id: str) -> dict[str, Any] | None:
-    """Who signed the report version, when, with which certificate. Not built yet."""
-    return None
+    """Who signed the report version, when, with which certificate (None if unsigned)."""
+    row = _latest_artifact(session, report_id)
+    if row is None:
+        return None
+    report = session.get(Report, report_id)
+    return {
+        "stage": row.stage.value,
+        "signer": row.signer_username,
+        "signer_name": row.signer_name,
+        "signed_at": row.signed_at.isoformat(),
+        "certificate_serial": row.certificate_serial,
+        "certificate_issuer": row.certificate_issuer,
+        "document_sha256": row.document_sha256,
+        "pdf_sha256": row.pdf_sha256,
+        "final": row.stage is SigningStage.FINAL
+        and report is not None
+        and report.status is ReportStatus.FINAL,
+    }

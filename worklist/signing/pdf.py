@@ -1,0 +1,399 @@
+"""The printable report: an A4 PDF rendered with reportlab from the signed document.
+
+The PDF prints what the canonical document says, nothing else, so the two artefacts of a
+signature cannot disagree. The mutual-recognition mark (HR, scope, recognisable-until
+date) is printed inside the examination-data section, never beside the conclusion:
+recognition covers the data and images, not the reader's opinion.
+
+Key images are DICOM frames; decoding them is the gateway's business, which this package
+may not import. The application registers a renderer with
+:func:`register_key_image_renderer`; without one, the key images are listed by reference.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+from zoneinfo import ZoneInfo
+
+from rdc_core.errors import ConfigurationError
+
+__all__ = [
+    "CJK_FONT_CANDIDATES",
+    "KeyImage",
+    "KeyImageRenderer",
+    "key_image_renderer",
+    "register_key_image_renderer",
+    "render_report_pdf",
+]
+
+# TrueType outlines only: reportlab embeds TrueType, not the CFF outlines of Noto CJK OTFs.
+CJK_FONT_CANDIDATES: tuple[tuple[str, int], ...] = (
+    ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", 0),
+    ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", 0),
+    ("/usr/share/fonts/truetype/arphic/uming.ttc", 0),
+    ("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf", 0),
+    ("/usr/share/fonts/truetype/noto/NotoSansSC-Regular.ttf", 0),
+)
+_FONT = "RDC-CJK"
+_font_lock = threading.Lock()
+_font_ready: list[str] = []
+
+KeyImageRenderer = Callable[[str, int], bytes]
+"""(storage key of the DICOM object, frame number from 1) -> PNG or JPEG bytes."""
+
+_renderer: list[KeyImageRenderer | None] = [None]
+
+
+def register_key_image_renderer(renderer: KeyImageRenderer | None) -> None:
+    """Install the function that turns a stored DICOM frame into an image for the PDF
+    (``None`` removes it: key images are then printed as references)."""
+    _renderer[0] = renderer
+
+
+def key_image_renderer() -> KeyImageRenderer | None:
+    """The registered key-image renderer, if any."""
+    return _renderer[0]
+
+
+class KeyImage:
+    """A key image for the PDF: its reference and, when rendered, the image bytes."""
+
+    __slots__ = ("frame", "image", "sop_instance_uid")
+
+    def __init__(self, sop_instance_uid: str, frame: int, image: bytes | None) -> None:
+        self.sop_instance_uid = sop_instance_uid
+        self.frame = frame
+        self.image = image
+
+
+def _register_font() -> str:
+    if _font_ready:
+        return _font_ready[0]
+    with _font_lock:
+        if _font_ready:
+            return _font_ready[0]
+        from reportlab.pdfbase import pdfmetrics
+        from reportlab.pdfbase.ttfonts import TTFont
+
+        for path, index in CJK_FONT_CANDIDATES:
+            if Path(path).is_file():
+                pdfmetrics.registerFont(TTFont(_FONT, path, subfontIndex=index))
+                _font_ready.append(_FONT)
+                return _FONT
+        raise ConfigurationError(
+            "no CJK TrueType font for reports; install fonts-wqy-microhei "
+            "(looked for " + ", ".join(p for p, _ in CJK_FONT_CANDIDATES) + ")"
+        )
+
+
+def _local(iso: str | None, zone: ZoneInfo, *, with_time: bool = True) -> str:
+    if not iso:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is None:
+        return iso
+    local = moment.astimezone(zone)
+    return local.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d")
+
+
+def _birth(value: str | None) -> str:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or "—"
+
+
+def _person_name(value: str | None) -> str:
+    # DICOM person names separate their components with carets.
+    return " ".join(part for part in (value or "").split("^") if part) or "—"
+
+
+_SEX = {"M": "男 M", "F": "女 F", "O": "其他 O"}
+_LEVEL = {"resident": "住院医师", "attending": "主治医师", "chief": "主任医师"}
+_KIND = {"amended": "修订 Amended", "corrected": "更正 Corrected", "appended": "补充 Appended"}
+
+
+def _text(value: Any) -> str:
+    # User text goes into reportlab's mini-markup: escape it and keep its line breaks.
+    return escape(str(value or "")).replace("\n", "<br/>")
+
+
+def render_report_pdf(
+    document: dict[str, Any],
+    *,
+    key_images: list[KeyImage],
+    zone: ZoneInfo,
+    notice: str | None,
+) -> bytes:
+    """The A4 report of ``document`` (see ``service.build_document``) as PDF bytes."""
+    from reportlab.lib import colors
+    from reportlab.lib.enums import TA_CENTER
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.lib.units import mm
+    from reportlab.platypus import (
+        Image,
+        KeepTogether,
+        Paragraph,
+        SimpleDocTemplate,
+        Spacer,
+        Table,
+        TableStyle,
+    )
+
+    font = _register_font()
+    base = ParagraphStyle("base", fontName=font, fontSize=9.5, leading=13, wordWrap="CJK")
+    small = ParagraphStyle("small", parent=base, fontSize=8, leading=10.5, textColor="#444444")
+    title = ParagraphStyle("title", parent=base, fontSize=15, leading=20, alignment=TA_CENTER)
+    subtitle = ParagraphStyle("subtitle", parent=base, fontSize=11, leading=15, alignment=TA_CENTER)
+    heading = ParagraphStyle(
+        "heading", parent=base, fontSize=10.5, leading=15, spaceBefore=6, textColor="#1f3b63"
+    )
+    body = ParagraphStyle("body", parent=base, fontSize=10, leading=15)
+    mark_style = ParagraphStyle("mark", parent=base, fontSize=10, leading=14, textColor="#0b6b2e")
+    notice_style = ParagraphStyle(
+        "notice", parent=base, fontSize=11, leading=15, textColor="#b00020", alignment=TA_CENTER
+    )
+
+    report = document.get("report", {})
+    exam = document.get("exam", {})
+    patient = document.get("patient", {})
+    clinic = exam.get("clinic", {}) or {}
+    issuer = document.get("issuer", {}) or {}
+    recognition = document.get("recognition") or {}
+    width = A4[0] - 36 * mm
+    story: list[Any] = []
+
+    story.append(Paragraph(_text(issuer.get("alliance")), title))
+    centre = issuer.get("centre")
+    story.append(
+        Paragraph(
+            (_text(centre) + " · " if centre else "") + "医学影像诊断报告 Imaging Report",
+            subtitle,
+        )
+    )
+    story.append(Spacer(1, 3 * mm))
+    if notice:
+        story.append(Paragraph(_text(notice), notice_style))
+        story.append(Spacer(1, 2 * mm))
+
+    def grid(rows: list[list[str]], col: list[float]) -> Any:
+        cells = [[Paragraph(c, base) for c in row] for row in rows]
+        table = Table(cells, colWidths=[w * width for w in col])
+        table.setStyle(
+            TableStyle(
+                [
+                    ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                    ("LEFTPADDING", (0, 0), (-1, -1), 3),
+                    ("RIGHTPADDING", (0, 0), (-1, -1), 3),
+                    ("TOPPADDING", (0, 0), (-1, -1), 1.5),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
+                ]
+            )
+        )
+        return table
+
+    def label(zh: str, en: str) -> str:
+        return f'<font color="#555555">{zh} {en}:</font> '
+
+    story.append(
+        grid(
+            [
+                [
+                    label("送检机构", "Clinic")
+                    + _text(f"{clinic.get('name', '')} ({clinic.get('code', '')})"),
+                    label("报告编号", "Report")
+                    + _text(f"{report.get('id', '')[:8]} · v{report.get('version', 1)}"),
+                ],
+                [
+                    label("姓名", "Name") + _text(_person_name(patient.get("name"))),
+                    label("患者编号", "Patient ID")
+                    + _text(f"{patient.get('patient_id', '')} ({patient.get('issuer', '')})"),
+                ],
+                [
+                    label("性别", "Sex") + _text(_SEX.get(patient.get("sex") or "", "—")),
+                    label("出生日期", "Birth date") + _text(_birth(patient.get("birth_date"))),
+                ],
+            ],
+            [0.5, 0.5],
+        )
+    )
+    story.append(Spacer(1, 2 * mm))
+
+    # The examination-data section; the recognition mark belongs here and only here.
+    data_rows = [
+        [
+            label("检查类型", "Modality") + _text(exam.get("modality")),
+            label("检查部位", "Body part") + _text(exam.get("body_part") or "—"),
+        ],
+        [
+            label("检查时间", "Performed") + _text(_local(exam.get("performed_at"), zone)),
+            label("检查号", "Accession") + _text(exam.get("accession_number") or "—"),
+        ],
+        [
+            label("检查项目", "Description") + _text(exam.get("description") or "—"),
+            label("图像数", "Objects") + _text(len(document.get("objects") or [])),
+        ],
+        [
+            label("图像质量", "Image quality")
+            + _text(report.get("quality_grade") or "—")
+            + (
+                f" <font size=8>({_text(report.get('quality_reason'))})</font>"
+                if report.get("quality_reason")
+                else ""
+            ),
+            label("检查实例", "Study UID")
+            + f"<font size=7>{_text(exam.get('study_instance_uid'))}</font>",
+        ],
+    ]
+    data_table = grid(data_rows, [0.5, 0.5])
+    data_block: list[Any] = [Paragraph("检查资料 Examination data", heading), data_table]
+    if recognition.get("granted"):
+        mark = recognition.get("mark") or "HR"
+        scope = recognition.get("scope")
+        until = recognition.get("recognizable_until") or recognition.get("valid_until")
+        items = recognition.get("items") or []
+        item_names = ", ".join(
+            str(i.get("name") or i.get("code")) if isinstance(i, dict) else str(i) for i in items
+        )
+        text = (
+            f'<font size=13 color="#0b6b2e">[{_text(mark)}]</font> '
+            "检查资料互认 Examination data recognised"
+            + (f" · 范围 Scope: {_text(scope)}" if scope else "")
+            + (f" · 互认有效期至 Recognisable until: {_text(until)}" if until else "")
+            + (f"<br/>互认项目 Items: {_text(item_names)}" if item_names else "")
+        )
+        mark_table = Table([[Paragraph(text, mark_style)]], colWidths=[width - 6])
+        mark_table.setStyle(
+            TableStyle(
+                [
+                    ("BOX", (0, 0), (-1, -1), 0.8, colors.HexColor("#0b6b2e")),
+                    ("LEFTPADDING", (0, 0), (-1, -1), 4),
+                ]
+            )
+        )
+        data_block += [Spacer(1, 1.5 * mm), mark_table]
+    outer = Table([[data_block]], colWidths=[width])
+    outer.setStyle(
+        TableStyle(
+            [
+                ("BOX", (0, 0), (-1, -1), 0.6, colors.HexColor("#8899aa")),
+                ("LEFTPADDING", (0, 0), (-1, -1), 0),
+                ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+            ]
+        )
+    )
+    story.append(outer)
+
+    if key_images:
+        story.append(Paragraph("关键图像 Key images", heading))
+        cells: list[Any] = []
+        side = min(55 * mm, width / max(1, min(3, len(key_images))) - 4 * mm)
+        for ki in key_images:
+            caption = Paragraph(
+                f"<font size=6.5>{_text(ki.sop_instance_uid)} · 帧 frame {ki.frame}</font>", small
+            )
+            if ki.image is not None:
+                img = Image(io.BytesIO(ki.image))
+                scale = min(side / img.imageWidth, side / img.imageHeight)
+                img.drawWidth, img.drawHeight = img.imageWidth * scale, img.imageHeight * scale
+                cells.append([img, caption])
+            else:
+                cells.append([caption])
+        rows = [cells[i : i + 3] for i in range(0, len(cells), 3)]
+        rows[-1] += [""] * (3 - len(rows[-1]))
+        story.append(Table(rows, colWidths=[width / 3] * 3))
+
+    story.append(Paragraph("影像所见 Findings", heading))
+    story.append(Paragraph(_text(report.get("findings")) or "—", body))
+    story.append(Paragraph("诊断意见 Impression", heading))
+    story.append(Paragraph(_text(report.get("impression")) or "—", body))
+    if report.get("recommendation"):
+        story.append(Paragraph("建议 Recommendation", heading))
+        story.append(Paragraph(_text(report.get("recommendation")), body))
+    if report.get("critical"):
+        story.append(Spacer(1, 2 * mm))
+        story.append(
+            Paragraph("危急值 Critical finding — 已通知送检机构 clinic notified", notice_style)
+        )
+
+    amendment = report.get("amendment") or {}
+    story.append(Spacer(1, 4 * mm))
+    version_line = label("版本", "Version") + _text(report.get("version", 1))
+    if amendment.get("kind"):
+        version_line += (
+            " · "
+            + _text(_KIND.get(amendment["kind"], amendment["kind"]))
+            + " · "
+            + label("原因", "Reason")
+            + _text(amendment.get("reason"))
+            + " · "
+            + label("替代", "Supersedes")
+            + _text((amendment.get("previous_id") or "")[:8])
+        )
+    author = document.get("author") or {}
+    verifier = document.get("verifier") or {}
+    signer = document.get("signer") or {}
+
+    def person(p: dict[str, Any]) -> str:
+        if not p:
+            return "—"
+        level = _LEVEL.get(p.get("level") or "", "")
+        return _text(f"{p.get('name') or p.get('username')} {level}".strip())
+
+    footer = [
+        [
+            label("报告医师", "Reported by") + person(author),
+            label("审核医师", "Verified by") + person(verifier),
+        ],
+        [
+            label("电子签名", "Signed by") + person(signer),
+            label("签名时间", "Signed at")
+            + _text(_local(document.get("signed_at"), zone))
+            + f" ({zone.key})",
+        ],
+        [
+            version_line,
+            label("证书", "Certificate") + _text(signer.get("certificate_serial", "")[:16]),
+        ],
+    ]
+    footer_table = grid(footer, [0.5, 0.5])
+    footer_table.setStyle(TableStyle([("LINEABOVE", (0, 0), (-1, 0), 0.6, colors.grey)]))
+    story.append(KeepTogether([footer_table]))
+    story.append(Spacer(1, 3 * mm))
+    story.append(
+        Paragraph(
+            "本报告经电子签名（PAdES），任何修改均可被检出；可用 rdc verify 或 "
+            "/api/v1/verify 验证。互认标识仅适用于检查资料，不适用于诊断意见。 "
+            "Digitally signed (PAdES): any change is detectable. The recognition mark covers "
+            "the examination data, never the conclusion.",
+            small,
+        )
+    )
+    if notice:
+        story.append(Spacer(1, 2 * mm))
+        story.append(Paragraph(_text(notice), notice_style))
+
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=18 * mm,
+        rightMargin=18 * mm,
+        topMargin=15 * mm,
+        bottomMargin=15 * mm,
+        title=f"Report {report.get('id', '')} v{report.get('version', 1)}",
+        author=str(signer.get("name") or signer.get("username") or ""),
+        creator="RDC",
+        invariant=1,
+    )
+    doc.build(story)
+    return buffer.getvalue()

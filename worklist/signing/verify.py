@@ -1,0 +1,364 @@
+"""Verifying a signed report file: the signed JSON document or the PAdES PDF.
+
+Anyone can verify: the only input besides the file is the alliance CA certificate (from
+the database, or a PEM a verifier was given). The answer says only what the file itself
+holds (who signed, when, which report version), so an outsider learns nothing more.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.orm import Session
+
+from rdc_core.errors import NotFoundError
+from worklist.access import Principal
+from worklist.audit import record_access
+from worklist.models import Report, ReportStatus
+from worklist.queries import visible_exam
+from worklist.signing.pki import ca_certificates, credential_by_serial, verify_signature
+from worklist.signing.service import (
+    SIGNED_FORMAT,
+    canonical_bytes,
+    get_signed_artifact,
+    signature_summary,
+)
+
+__all__ = ["VerificationResult", "check_report", "detect_kind", "load_ca_pems", "verify_file"]
+
+
+@dataclass
+class VerificationResult:
+    """The outcome of checking one file. ``valid`` only when every check passed;
+    ``reasons`` says what failed (or, when valid, what was checked)."""
+
+    kind: str
+    valid: bool = False
+    reasons: list[str] = field(default_factory=list)
+    signer: dict[str, Any] | None = None
+    signed_at: str | None = None
+    report: dict[str, Any] | None = None
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return asdict(self)
+
+
+def detect_kind(data: bytes) -> str:
+    """``pdf``, ``document`` (signed JSON) or ``unknown``, from the content."""
+    head = data[:1024].lstrip()
+    if head.startswith(b"%PDF-"):
+        return "pdf"
+    if head.startswith(b"{"):
+        return "document"
+    return "unknown"
+
+
+def load_ca_pems(data: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle."""
+    return x509.load_pem_x509_certificates(data)
+
+
+def _trust_roots(
+    session: Session | None, ca_certs: list[x509.Certificate] | None
+) -> list[x509.Certificate]:
+    roots = list(ca_certs or [])
+    if session is not None:
+        roots += ca_certificates(session)
+    return roots
+
+
+def _check_revocation(
+    session: Session | None, result: VerificationResult, serial: str, signed_at: datetime | None
+) -> None:
+    if session is None:
+        return
+    credential = credential_by_serial(session, serial)
+    if credential is None:
+        result.reasons.append(f"certificate {serial} was not issued by this alliance's CA")
+        result.checks["not_revoked"] = False
+        return
+    revoked = credential.revoked and (
+        credential.revoked_at is None or signed_at is None or credential.revoked_at <= signed_at
+    )
+    result.checks["not_revoked"] = not revoked
+    if revoked:
+        result.reasons.append(f"certificate {serial} was revoked when the report was signed")
+
+
+def _chains_to(cert: x509.Certificate, roots: list[x509.Certificate], at: datetime) -> str | None:
+    """None when ``cert`` was directly issued by one of ``roots`` and valid at ``at``;
+    otherwise why not. The alliance's hierarchy is one level deep by construction."""
+    if not roots:
+        return "no trusted CA certificate to check against (give --ca CA.pem)"
+    for root in roots:
+        if root.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if not (root.not_valid_before_utc <= at <= root.not_valid_after_utc):
+            return "the CA certificate was not valid at signing time"
+        if not (cert.not_valid_before_utc <= at <= cert.not_valid_after_utc):
+            return "the signer's certificate was not valid at signing time"
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            return "the signer's certificate has no key usage"
+        if not (usage.digital_signature and usage.content_commitment):
+            return "the signer's certificate is not for signing (key usage)"
+        return None
+    return "the signer's certificate does not chain to the alliance CA"
+
+
+def _verify_document(
+    data: bytes, session: Session | None, roots: list[x509.Certificate]
+) -> VerificationResult:
+    result = VerificationResult(kind="document")
+    try:
+        envelope = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        result.reasons.append(f"not a JSON document: {exc}")
+        return result
+    if not isinstance(envelope, dict) or envelope.get("format") != SIGNED_FORMAT:
+        result.reasons.append(f"not a signed report document ({SIGNED_FORMAT})")
+        return result
+    # The file is canonical JSON as written: any byte changed outside the signed document
+    # (spacing, the signature block) breaks this, inside it breaks the signature.
+    try:
+        canonical = canonical_bytes(envelope) == data
+    except ValueError:
+        canonical = False
+    result.checks["canonical"] = canonical
+    if not canonical:
+        result.reasons.append("the file is not in its signed canonical form (modified)")
+    document = envelope.get("document")
+    signature = envelope.get("signature") or {}
+    if not isinstance(document, dict) or not isinstance(signature, dict):
+        result.reasons.append("document or signature missing")
+        return result
+    result.signer = document.get("signer")
+    result.signed_at = document.get("signed_at")
+    report = document.get("report") or {}
+    result.report = {
+        "id": report.get("id"),
+        "version": report.get("version"),
+        "status": report.get("status"),
+        "stage": document.get("stage"),
+    }
+    try:
+        cert = x509.load_pem_x509_certificate(str(signature.get("certificate", "")).encode())
+        value = base64.b64decode(str(signature.get("value", "")), validate=True)
+    except ValueError as exc:
+        result.reasons.append(f"unreadable signature or certificate: {exc}")
+        return result
+    pem = serialization.Encoding.PEM
+    try:
+        chain = [x509.load_pem_x509_certificate(str(c).encode()) for c in signature["chain"]]
+    except (KeyError, TypeError, ValueError):
+        chain = None
+    roots_der = {r.public_bytes(serialization.Encoding.DER) for r in roots}
+    # The certificates travel outside the signed bytes: they must be exactly as written
+    # (the signer's own, and copies of the trusted CA), so no byte of them can change.
+    exact = (
+        chain is not None
+        and cert.public_bytes(pem).decode() == signature.get("certificate")
+        and [c.public_bytes(pem).decode() for c in chain] == signature.get("chain")
+        and all(c.public_bytes(serialization.Encoding.DER) in roots_der for c in chain)
+    )
+    result.checks["certificates"] = exact
+    if not exact:
+        result.reasons.append("the embedded certificates are not the signer's and the CA's")
+    try:
+        verify_signature(cert, value, canonical_bytes(document))
+        result.checks["signature"] = True
+    except (InvalidSignature, ValueError):
+        result.checks["signature"] = False
+        result.reasons.append("the signature does not match the document (modified)")
+    serial = format(cert.serial_number, "x")
+    claimed = (result.signer or {}).get("certificate_serial")
+    if claimed != serial:
+        result.reasons.append("the document names another certificate than the one it carries")
+    try:
+        signed_at = datetime.fromisoformat(str(result.signed_at))
+        if signed_at.tzinfo is None:
+            raise ValueError("naive time")
+    except ValueError:
+        result.reasons.append("no valid signing time")
+        return result
+    problem = _chains_to(cert, roots, signed_at)
+    result.checks["chain"] = problem is None
+    if problem:
+        result.reasons.append(problem)
+    _check_revocation(session, result, serial, signed_at)
+    result.valid = not result.reasons
+    return result
+
+
+def _contents_padding_clean(sig: Any) -> bool:
+    # /Contents is the CMS blob padded with zeros; pyHanko reads the blob and would not
+    # notice a change in the padding, which is inside no byte range either.
+    from asn1crypto import parser
+
+    contents = bytes(sig.sig_object["/Contents"])
+    _, _, _, header, body, trailer = parser.parse(contents)
+    used = len(header) + len(body) + len(trailer)
+    return not any(contents[used:])
+
+
+def _container_clean(sig: Any, roots_der: set[bytes]) -> bool:
+    # The CMS certificate set and unsigned attributes are outside the signed digest; only
+    # the signer's certificate and exact copies of the trusted CA may travel there, so a
+    # changed byte in them is noticed too.
+    signer_der = sig.signer_cert.dump()
+    for choice in sig.signed_data["certificates"] or []:
+        if choice.dump() != signer_der and choice.chosen.dump() not in roots_der | {signer_der}:
+            return False
+    return all(
+        not info["unsigned_attrs"] or not len(info["unsigned_attrs"])
+        for info in sig.signed_data["signer_infos"]
+    )
+
+
+def _verify_pdf(
+    data: bytes, session: Session | None, roots: list[x509.Certificate]
+) -> VerificationResult:
+    from asn1crypto import x509 as asn1_x509
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation import SignatureCoverageLevel, validate_pdf_signature
+    from pyhanko_certvalidator import ValidationContext
+
+    result = VerificationResult(kind="pdf")
+    try:
+        reader = PdfFileReader(io.BytesIO(data), strict=False)
+        signatures = reader.embedded_signatures
+    except Exception as exc:  # pyHanko raises many kinds on a damaged file
+        result.reasons.append(f"unreadable PDF: {exc}")
+        return result
+    if len(signatures) != 1:
+        result.reasons.append(f"expected one signature, found {len(signatures)}")
+        return result
+    sig = signatures[0]
+    if not roots:
+        result.reasons.append("no trusted CA certificate to check against (give --ca CA.pem)")
+        return result
+    der = serialization.Encoding.DER
+    context = ValidationContext(
+        trust_roots=[asn1_x509.Certificate.load(r.public_bytes(der)) for r in roots],
+        allow_fetching=False,
+        revocation_mode="soft-fail",
+    )
+    try:
+        status = validate_pdf_signature(sig, context)
+    except Exception as exc:
+        result.reasons.append(f"the signature cannot be validated: {exc}")
+        return result
+    cert = sig.signer_cert
+    result.signer = {
+        "name": cert.subject.native.get("common_name"),
+        "username": cert.subject.native.get("user_id"),
+        "certificate_serial": format(cert.serial_number, "x"),
+        "certificate_issuer": cert.issuer.human_friendly,
+    }
+    signed_at = status.signer_reported_dt
+    result.signed_at = signed_at.astimezone(UTC).isoformat() if signed_at else None
+    result.checks.update(
+        intact=bool(status.intact),
+        valid=bool(status.valid),
+        trusted=bool(status.trusted),
+        entire_file=status.coverage == SignatureCoverageLevel.ENTIRE_FILE,
+    )
+    try:
+        result.checks["padding"] = _contents_padding_clean(sig) and _container_clean(
+            sig, {r.public_bytes(der) for r in roots}
+        )
+    except (ValueError, KeyError, TypeError):
+        result.checks["padding"] = False
+    messages = {
+        "intact": "the signed bytes were changed (digest mismatch)",
+        "valid": "the signature value is not valid",
+        "trusted": "the signer's certificate does not chain to the alliance CA",
+        "entire_file": "the signature does not cover the whole file (bytes added or changed)",
+        "padding": "the signature container was modified",
+    }
+    result.reasons += [messages[name] for name, ok in result.checks.items() if not ok]
+    _check_revocation(session, result, format(cert.serial_number, "x"), signed_at)
+    result.valid = not result.reasons
+    return result
+
+
+def verify_file(
+    data: bytes,
+    *,
+    session: Session | None = None,
+    ca_certs: list[x509.Certificate] | None = None,
+) -> VerificationResult:
+    """Check a signed report file (PDF or JSON document, told apart by content) against the
+    alliance CA: from ``session``'s database and/or the given ``ca_certs``. With a session,
+    the signer's certificate must also not have been revoked at signing time."""
+    roots = _trust_roots(session, ca_certs)
+    kind = detect_kind(data)
+    if kind == "pdf":
+        return _verify_pdf(data, session, roots)
+    if kind == "document":
+        return _verify_document(data, session, roots)
+    return VerificationResult(kind="unknown", reasons=["neither a PDF nor a signed JSON document"])
+
+
+def check_report(session: Session, *, principal: Principal, report_id: str) -> dict[str, Any]:
+    """Verify the stored signed document and PDF of a report version the principal may
+    read (clinics: their own submitted reports; otherwise not found). Audited."""
+    import hashlib
+
+    report = session.get(Report, report_id)
+    if report is None:
+        raise NotFoundError(f"no report {report_id}")
+    visible_exam(session, principal=principal, exam_id=report.exam_id)
+    if principal.is_clinic_user and report.status is ReportStatus.DRAFT:
+        raise NotFoundError(f"no report {report_id}")
+    record_access(session, principal, action="verify", object_type="report", object_id=report_id)
+    summary = signature_summary(session, report_id=report_id)
+    if summary is None:
+        return {
+            "valid": False,
+            "report_id": report_id,
+            "stage": None,
+            "document": None,
+            "pdf": None,
+            "signer": None,
+            "reasons": ["the report version is not signed"],
+        }
+    answer: dict[str, Any] = {"report_id": report_id, "stage": summary["stage"]}
+    reasons: list[str] = []
+    for kind, digest_name in (("document", "document_sha256"), ("pdf", "pdf_sha256")):
+        try:
+            data = get_signed_artifact(session, report_id=report_id, kind=kind)  # type: ignore[arg-type]
+        except NotFoundError as exc:
+            answer[kind] = None
+            reasons.append(f"{kind}: {exc}")
+            continue
+        result = verify_file(data, session=session)
+        if hashlib.sha256(data).hexdigest() != summary[digest_name]:
+            result.valid = False
+            result.reasons.append("the stored file is not the one that was signed")
+        answer[kind] = result.as_dict()
+        reasons += [f"{kind}: {reason}" for reason in result.reasons]
+    answer["signer"] = {
+        "username": summary["signer"],
+        "name": summary["signer_name"],
+        "signed_at": summary["signed_at"],
+        "certificate_serial": summary["certificate_serial"],
+    }
+    answer["reasons"] = reasons
+    answer["valid"] = not reasons
+    return answer
