@@ -30,6 +30,7 @@ from worklist.directory import (
 )
 from worklist.models import OrgKind, QualityGrade, ReaderLevel, Role, User, WorkItem, WorkItemState
 from worklist.readiness import mark_stable_exams_ready
+from worklist.recognition.catalog import load_accreditations, load_catalog
 from worklist.reports import save_draft, submit_report
 from worklist.schemas import ReportIn
 
@@ -129,6 +130,27 @@ _PRIORS = [
     ),
 ]
 
+# The alliance's recognised items (a small part of a real 互认 catalogue) and the clinics'
+# accreditations: clinic A passed imaging QC this year, clinic B has not, so the demo shows
+# a result with the HR mark and one without.
+_CATALOG_CSV = """\
+code,discipline,name_zh,name_en,scope_mark,scope_note,valid_days,min_grade,modality,body_part
+CT-CHEST,imaging,胸部CT平扫,Chest CT,HR,,365,乙,CT,CHEST
+DR-CHEST,imaging,胸部X线摄影,Chest radiograph,HR,,180,乙,DX,CHEST
+MR-HEAD,imaging,头颅MR平扫,Brain MRI,皖HR,,365,乙,MR,HEAD
+US-ABD,imaging,腹部超声,Abdominal ultrasound,★,仅限同一医联体内互认,30,乙,US,ABDOMEN
+ECG-12,ecg,常规十二导联心电图,Resting 12-lead ECG,HR,,30,,,
+"""
+
+
+def _accreditations_csv(year: int) -> str:
+    return (
+        "org,discipline,item_code,valid_from,valid_to,note\n"
+        f"CLINIC_A,imaging,,{year - 1}-01-01,{year + 1}-12-31,省影像质控中心室间质评 EQA\n"
+        f"CLINIC_A,ecg,,{year}-01-01,{year}-12-31,心电质控 EQA\n"
+    )
+
+
 _SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
     "MR": "1.2.840.10008.5.1.4.1.1.4",
@@ -207,6 +229,12 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                 org_code=user.org,
                 level=user.level,
             )
+    with session_scope() as session:
+        now = utcnow()
+        load_catalog(session, text=_CATALOG_CSV, fmt="csv", source="demo", principal=None, now=now)
+        load_accreditations(
+            session, text=_accreditations_csv(now.year), fmt="csv", principal=None, now=now
+        )
     # Demo studies are presented as already complete, so the worklist fills at the first
     # stable-study scan instead of after the stable age.
     received_at = utcnow() - timedelta(seconds=settings.stable_age_seconds + 1)
