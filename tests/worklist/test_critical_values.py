@@ -1,0 +1,429 @@
+"""Critical values: an alert raised by signing a critical report, read-back acknowledgement
+exactly once, escalation exactly once per level, the register, notifications, contacts."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from rdc_core.db import session_scope, utcnow
+from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from tests.worklist.conftest import Reading
+from worklist.access import Principal
+from worklist.audit import AuditEvent, verify_chain
+from worklist.claims import claim_item
+from worklist.critical_values.contacts import add_duty, list_duty, remove_duty, set_contact
+from worklist.critical_values.models import CriticalAlert, CriticalEscalation, Notification
+from worklist.critical_values.notifications import (
+    list_notifications,
+    mark_notification_read,
+    notify,
+)
+from worklist.critical_values.schemas import AcknowledgementIn, AlertOut, ContactIn
+from worklist.critical_values.service import (
+    AlreadyAcknowledgedError,
+    acknowledge_alert,
+    escalate_overdue_alerts,
+    get_alert,
+    list_alerts,
+    raise_for_report,
+)
+from worklist.directory import add_user, principal_for_user
+from worklist.models import Exam, ReaderLevel, Report, Role, User
+from worklist.reports import save_draft, submit_report, verify_report
+from worklist.schemas import ReportIn
+
+CRITICAL = "1.2.9.2"
+ROUTINE = "1.2.9.1"
+IMPRESSION = "左侧大量气胸，纵隔右移。Large left pneumothorax with mediastinal shift."
+
+
+_EXTRA = {
+    "doc_a": (Role.CLINICIAN, "C1"),
+    "doc_b": (Role.TECHNICIAN, "C1"),
+    "tech_c2": (Role.TECHNICIAN, "C2"),
+    "admin": (Role.ADMIN, "LEAD"),
+}
+
+
+def _people(reading: Reading, *extra: str) -> dict[str, Principal]:
+    """The reading fixture's users and the ``extra`` ones of _EXTRA (doc_a: clinician of
+    C1; doc_b: technician of C1, its second contact; tech_c2; admin), and C1's contacts.
+    Only the users a test needs are made: each costs a bcrypt hash."""
+    with session_scope() as session:
+        for name in ("doc_b", *extra):
+            role, org = _EXTRA[name]
+            add_user(session, username=name, password="pw-123456", role=role, org_code=org)
+        set_contact(
+            session,
+            principal=None,
+            org_code="C1",
+            data=ContactIn(
+                primary_name="王医生",
+                primary_phone="0551-1111",
+                secondary_name="李主任",
+                secondary_phone="0551-2222",
+                secondary_username="doc_b",
+            ),
+            now=utcnow(),
+        )
+        users = session.execute(select(User)).scalars().all()
+        return {u.username: principal_for_user(u) for u in users}
+
+
+def _sign(reading: Reading, study: str, *, critical: bool, author: str = "attending") -> str:
+    """``author`` claims ``study``, writes and submits it: an attending reader signs it
+    final; a resident's preliminary report is verified (signed) by the chief. Returns the
+    report ID."""
+    who = reading.people[author]
+    with session_scope() as session:
+        claim_item(
+            session, principal=who, item_id=reading.items[study], now=utcnow(), lease_seconds=600
+        )
+    with session_scope() as session:
+        save_draft(
+            session,
+            principal=who,
+            exam_id=reading.exams[study],
+            data=ReportIn(
+                findings="左肺野透亮度增高，未见肺纹理。",
+                impression=IMPRESSION,
+                quality_grade="甲",  # type: ignore[arg-type]
+                critical=critical,
+            ),
+            now=utcnow(),
+        )
+    with session_scope() as session:
+        report = submit_report(session, principal=who, exam_id=reading.exams[study], now=utcnow())
+    if who.level is ReaderLevel.RESIDENT:
+        assert report.status == "preliminary"
+        with session_scope() as session:
+            report = verify_report(
+                session, principal=reading.people["chief"], report_id=report.id, now=utcnow()
+            )
+    assert report.status == "final"
+    return report.id
+
+
+def _alert(report_id: str) -> CriticalAlert:
+    with session_scope() as session:
+        alert = session.execute(
+            select(CriticalAlert).where(CriticalAlert.report_id == report_id)
+        ).scalar_one()
+        session.expunge(alert)
+        return alert
+
+
+def _notifications(alert_id: str) -> list[tuple[str | None, str | None, str | None]]:
+    """(username or None, recipient name, key text) of every notification of the alert."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(Notification, User.username)
+            .outerjoin(User, User.id == Notification.user_id)
+            .where(Notification.subject_id == alert_id)
+        ).all()
+        return sorted(
+            ((name, n.recipient_name, n.text_en.split(":")[0]) for n, name in rows),
+            key=str,
+        )
+
+
+def _ack(who: Principal, alert_id: str, data: AcknowledgementIn, now: datetime) -> AlertOut:
+    with session_scope() as session:
+        return acknowledge_alert(session, principal=who, alert_id=alert_id, data=data, now=now)
+
+
+def _escalate(now: datetime) -> list[str]:
+    with session_scope() as session:
+        return escalate_overdue_alerts(session, now=now)
+
+
+def test_signing_a_critical_report_raises_one_alert_to_the_clinic(reading: Reading) -> None:
+    people = _people(reading, "doc_a")
+    before = utcnow()
+    report_id = _sign(reading, CRITICAL, critical=True)
+    _sign(reading, ROUTINE, critical=False)
+    with session_scope() as session:
+        assert session.execute(select(func.count()).select_from(CriticalAlert)).scalar_one() == 1
+    alert = _alert(report_id)
+    assert alert.finding == IMPRESSION
+    assert alert.raised_by == people["attending"].user_id
+    assert alert.exam_id == reading.exams[CRITICAL] and alert.state == "open"
+    assert before <= alert.raised_at and alert.notified_at == alert.raised_at
+    assert alert.deadline_at - alert.raised_at == timedelta(minutes=10)
+    # The clinician in the portal, and the primary contact (no login) named to the clinic.
+    assert _notifications(alert.id) == [
+        ("doc_a", None, "Critical value"),
+        (None, "王医生", "Critical value"),
+    ]
+    # A retry of the finalization hook creates nothing twice.
+    with session_scope() as session:
+        report = session.get(Report, report_id)
+        exam = session.get(Exam, reading.exams[CRITICAL])
+        assert report is not None and exam is not None
+        again = raise_for_report(
+            session, report=report, exam=exam, signer=people["attending"], now=utcnow()
+        )
+    assert again == alert.id
+    assert len(_notifications(alert.id)) == 2
+    with session_scope() as session:
+        assert session.execute(select(func.count()).select_from(CriticalAlert)).scalar_one() == 1
+        raised = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "raise", AuditEvent.object_id == alert.id)
+        ).scalar_one()
+        assert raised.actor == "user:attending"
+    # The clinician sees it among their unread notifications: their own, and the clinic's
+    # row that names the primary contact to call.
+    with session_scope() as session:
+        page = list_notifications(session, principal=people["doc_a"], kind="critical_value")
+    assert [n.subject_id for n in page.items] == [alert.id, alert.id]
+    assert sorted(n.recipient_name or "" for n in page.items) == ["", "王医生"]
+    assert "危急值" in page.items[0].text_zh and "Critical value" in page.items[0].text_en
+
+
+def test_unacknowledged_alert_escalates_exactly_once_per_level(reading: Reading) -> None:
+    people = _people(reading, "admin")
+    now = utcnow()
+    with session_scope() as session:
+        add_duty(session, principal=None, username="chief", now=now)
+        add_duty(  # on duty yesterday only: not called
+            session,
+            principal=None,
+            username="resident2",
+            on_from=now - timedelta(days=2),
+            on_until=now - timedelta(days=1),
+            now=now,
+        )
+    alert = _alert(_sign(reading, CRITICAL, critical=True))
+    assert _escalate(alert.raised_at + timedelta(minutes=9)) == []  # still in time
+
+    overdue = alert.deadline_at + timedelta(minutes=1)
+    # Two scanners at once (two workers): the level fires once.
+    results: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: results.append(_escalate(overdue))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(len, results)) == [0, 1]
+    assert _escalate(overdue) == []  # and again: nothing
+    with session_scope() as session:
+        escalations = session.execute(select(CriticalEscalation)).scalars().all()
+        assert [(e.level, e.at) for e in escalations] == [(1, overdue)]
+        to = escalations[0].recipients
+    assert {(r["role"], r.get("username")) for r in to} == {
+        ("clinic_secondary", "doc_b"),
+        ("duty", "chief"),
+    }
+    level1 = [n for n in _notifications(alert.id) if "escalation level 1" in n[2]]
+    assert sorted(n[0] or "" for n in level1) == ["chief", "doc_b"]
+
+    # Twice the time: the lead hospital's QC and administrators.
+    later = alert.raised_at + timedelta(minutes=21)
+    assert _escalate(later) == [f"{alert.id}:2"]
+    assert _escalate(later + timedelta(hours=1)) == []  # the last level
+    level2 = [n for n in _notifications(alert.id) if "escalation level 2" in n[2]]
+    assert sorted(n[0] or "" for n in level2) == ["admin", "qc"]
+    with session_scope() as session:
+        row = get_alert(session, principal=people["qc"], alert_id=alert.id, now=later)
+    assert row.escalated and row.escalation_level == 2 and row.state == "open"
+    assert [(e.level, e.at) for e in row.escalations] == [(1, overdue), (2, later)]
+    assert row.within_deadline is False and row.acknowledged_at is None
+    # The clinic can still acknowledge afterwards; late is late.
+    done = _ack(people["tech"], alert.id, AcknowledgementIn(read_back="气胸，已知悉"), later)
+    assert done.state == "acknowledged" and done.within_deadline is False
+
+
+def test_acknowledged_alert_shows_both_sides_in_the_register(reading: Reading) -> None:
+    people = _people(reading, "doc_a")
+    alert = _alert(_sign(reading, CRITICAL, critical=True))
+    at = alert.raised_at + timedelta(minutes=4)
+    out = _ack(
+        people["doc_a"],
+        alert.id,
+        AcknowledgementIn(read_back="  左侧大量气胸，纵隔右移，已复述。 "),
+        at,
+    )
+    assert out.state == "acknowledged" and out.via == "portal"
+    assert _escalate(alert.deadline_at + timedelta(minutes=30)) == []  # acknowledged in time
+
+    with session_scope() as session:
+        register = list_alerts(session, principal=people["qc"], now=utcnow())
+    assert register.total == 1
+    row = register.items[0]
+    # The centre's side.
+    assert row.raised_by.username == "attending" and row.raised_at == alert.raised_at
+    assert row.finding == IMPRESSION and row.clinic_code == "C1"
+    assert row.patient["patient_id"] == "P2" and row.exam["modality"] == "CT"
+    assert row.notified_at == alert.raised_at and row.notified_within_deadline is True
+    assert row.minutes_to_notify == 0
+    # The clinic's side.
+    assert row.acknowledged_by is not None and row.acknowledged_by.username == "doc_a"
+    assert row.acknowledged_at == at and row.read_back == "左侧大量气胸，纵隔右移，已复述。"
+    assert row.via == "portal" and row.recorded_by is None
+    assert row.minutes_to_acknowledge == 4.0 and row.within_deadline is True
+    assert row.escalations == [] and not row.escalated
+    # The clinic's reminders are read now.
+    with session_scope() as session:
+        reminders = list_notifications(session, principal=people["doc_a"], kind="critical_value")
+        assert reminders.total == 0
+        actions = session.execute(
+            select(AuditEvent.action, AuditEvent.actor).where(AuditEvent.object_id == alert.id)
+        ).all()
+        assert ("acknowledge", "user:doc_a") in actions
+        assert verify_chain(session) == (True, None)
+
+
+def test_acknowledgement_rules(reading: Reading) -> None:
+    people = _people(reading, "tech_c2")
+    alert = _alert(_sign(reading, CRITICAL, critical=True))
+    now = utcnow()
+    with pytest.raises(InvalidInputError, match="read-back"):
+        _ack(people["tech"], alert.id, AcknowledgementIn(read_back="   "), now)
+    with pytest.raises(NotFoundError):  # another clinic cannot learn the alert exists
+        _ack(people["tech_c2"], alert.id, AcknowledgementIn(read_back="ok"), now)
+    with pytest.raises(NotFoundError), session_scope() as session:
+        get_alert(session, principal=people["tech_c2"], alert_id=alert.id, now=now)
+    with pytest.raises(InvalidInputError, match="portal"):
+        _ack(people["tech"], alert.id, AcknowledgementIn(read_back="ok", via="phone"), now)  # type: ignore[arg-type]
+    # Lead-hospital staff record telephone acknowledgements only, naming the receiver.
+    with pytest.raises(InvalidInputError, match="phone"):
+        _ack(people["qc"], alert.id, AcknowledgementIn(read_back="ok"), now)
+    phone = AcknowledgementIn(read_back="气胸，收到", via="phone")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="receiver"):
+        _ack(people["qc"], alert.id, phone, now)
+    phone.receiver_name = "王医生"
+    out = _ack(people["qc"], alert.id, phone, now)
+    assert out.via == "phone" and out.receiver_name == "王医生" and out.acknowledged_by is None
+    assert out.recorded_by is not None and out.recorded_by.username == "qc"
+    with pytest.raises(AlreadyAcknowledgedError):
+        _ack(people["tech"], alert.id, AcknowledgementIn(read_back="again"), now)
+
+
+def test_register_filters_and_scoping(reading: Reading) -> None:
+    people = _people(reading, "doc_a", "tech_c2")
+    first = _alert(_sign(reading, CRITICAL, critical=True))
+    # A resident's critical report: raised when the chief verifies it, by the chief.
+    second = _alert(_sign(reading, "1.2.9.4", critical=True, author="resident"))
+    assert second.raised_by == people["chief"].user_id
+    _ack(people["tech"], first.id, AcknowledgementIn(read_back="收到"), utcnow())
+    _escalate(second.deadline_at + timedelta(seconds=1))
+
+    def ids(who: str, **filters: object) -> list[str]:
+        with session_scope() as session:
+            page = list_alerts(session, principal=people[who], now=utcnow(), **filters)  # type: ignore[arg-type]
+        return [a.id for a in page.items]
+
+    assert ids("qc") == [second.id, first.id]  # newest first
+    assert ids("qc", state="acknowledged") == [first.id]
+    assert ids("qc", state="open") == [second.id]
+    assert ids("attending", state="escalated") == [second.id]
+    assert ids("qc", clinic="C2") == []
+    assert ids("qc", since=second.raised_at) == [second.id]
+    assert ids("qc", until=second.raised_at) == [first.id]
+    assert ids("doc_a", clinic="C1") == [second.id, first.id]
+    assert ids("tech_c2") == []
+    assert ids("qc", limit=1, offset=1) == [first.id]
+    with pytest.raises(InvalidInputError):
+        ids("qc", state="closed")
+
+
+def test_notifications_of_any_kind(reading: Reading) -> None:
+    people = _people(reading, "doc_a", "tech_c2")
+    c1 = people["tech"].org_id
+    now = utcnow()
+    with session_scope() as session:
+        created = notify(
+            session,
+            org_id=c1,
+            kind="report_version",
+            subject_type="report",
+            subject_id="r-1",
+            text=("报告有新版本", "A new report version is available"),
+            now=now,
+            key="2",
+        )
+        again = notify(
+            session,
+            org_id=c1,
+            kind="report_version",
+            subject_type="report",
+            subject_id="r-1",
+            text=("报告有新版本", "A new report version is available"),
+            now=now,
+            key="2",
+        )
+        for_doc = notify(
+            session,
+            org_id=c1,
+            user_ids=[people["doc_a"].user_id],
+            kind="report_version",
+            subject_type="report",
+            subject_id="r-1",
+            text="新版本 / new version",
+            now=now,
+        )
+    assert len(created) == 1 and again == [] and len(for_doc) == 1
+    with session_scope() as session:
+        tech = list_notifications(session, principal=people["tech"])
+        doc = list_notifications(session, principal=people["doc_a"])
+        other = list_notifications(session, principal=people["tech_c2"])
+    assert [n.id for n in tech.items] == created  # the organisation's row, not doc_a's
+    assert {n.id for n in doc.items} == {*created, *for_doc}
+    assert tech.items[0].text == "报告有新版本 / A new report version is available"
+    assert other.total == 0
+    with pytest.raises(NotFoundError), session_scope() as session:
+        mark_notification_read(
+            session, principal=people["tech"], notification_id=for_doc[0], now=now
+        )
+    with session_scope() as session:
+        read = mark_notification_read(
+            session, principal=people["tech"], notification_id=created[0], now=now
+        )
+    assert read.read_at == now
+    with session_scope() as session:
+        assert list_notifications(session, principal=people["tech"]).total == 0
+        assert list_notifications(session, principal=people["tech"], unread_only=False).total == 1
+
+
+def test_contacts_and_duty_list_rules(reading: Reading) -> None:
+    people = _people(reading, "admin", "tech_c2")
+    now = utcnow()
+    good = ContactIn(primary_name="A", primary_phone="1")
+    with pytest.raises(PermissionDeniedError), session_scope() as session:
+        set_contact(session, principal=people["qc"], org_code="C1", data=good, now=now)
+    with pytest.raises(InvalidInputError, match="not a clinic"), session_scope() as session:
+        set_contact(session, principal=people["admin"], org_code="LEAD", data=good, now=now)
+    for bad in (
+        ContactIn(primary_name="A", primary_phone=" "),
+        ContactIn(primary_name="A", primary_phone="1", secondary_name="B"),
+        ContactIn(primary_name="A", primary_phone="1", primary_username="tech_c2"),
+    ):
+        with pytest.raises(InvalidInputError), session_scope() as session:
+            set_contact(session, principal=people["admin"], org_code="C1", data=bad, now=now)
+    with session_scope() as session:
+        out = set_contact(session, principal=people["admin"], org_code="C1", data=good, now=now)
+    assert out.secondary_name is None and out.primary_name == "A"
+    with pytest.raises(InvalidInputError, match="lead-hospital"), session_scope() as session:
+        add_duty(session, principal=None, username="tech", now=now)
+    with pytest.raises(PermissionDeniedError), session_scope() as session:
+        add_duty(session, principal=people["qc"], username="qc", now=now)
+    with session_scope() as session:
+        add_duty(session, principal=people["admin"], username="qc", now=now)
+        add_duty(
+            session,
+            principal=people["admin"],
+            username="qc",
+            on_from=now + timedelta(hours=1),
+            now=now,
+        )  # again: the window is replaced
+    with session_scope() as session:
+        duty = list_duty(session, principal=people["qc"], now=now)
+    assert [(d.username, d.on_duty_now) for d in duty] == [("qc", False)]
+    with session_scope() as session:
+        remove_duty(session, principal=people["admin"], username="qc")
+    with pytest.raises(NotFoundError), session_scope() as session:
+        remove_duty(session, principal=people["admin"], username="qc")
