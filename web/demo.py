@@ -21,6 +21,8 @@ from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 from worklist.claims import claim_item
+from worklist.critical_values.contacts import add_duty, set_contact
+from worklist.critical_values.schemas import ContactIn
 from worklist.directory import (
     add_organization,
     add_user,
@@ -143,6 +145,18 @@ ECG-12,ecg,常规十二导联心电图,Resting 12-lead ECG,HR,,30,,,
 """
 
 
+_CRITICAL_CONTACTS = {
+    "CLINIC_A": ContactIn(
+        primary_name="张医生 Dr Zhang",
+        primary_phone="0551-0000001",
+        primary_username="doctor_a",
+        secondary_name="城东中心值班室 Duty office",
+        secondary_phone="0551-0000002",
+    ),
+    "CLINIC_B": ContactIn(primary_name="河口镇卫生院值班室 Duty office", primary_phone="0551-0000003"),
+}
+
+
 def _accreditations_csv(year: int) -> str:
     return (
         "org,discipline,item_code,valid_from,valid_to,note\n"
@@ -235,6 +249,10 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
         load_accreditations(
             session, text=_accreditations_csv(now.year), fmt="csv", principal=None, now=now
         )
+        # Who hears about critical values: each clinic's contacts, the centre's duty reader.
+        for code, contact in _CRITICAL_CONTACTS.items():
+            set_contact(session, principal=None, org_code=code, data=contact, now=now)
+        add_duty(session, principal=None, username="senior", now=now)
     # Demo studies are presented as already complete, so the worklist fills at the first
     # stable-study scan instead of after the stable age.
     received_at = utcnow() - timedelta(seconds=settings.stable_age_seconds + 1)
