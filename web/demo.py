@@ -153,7 +153,9 @@ _CRITICAL_CONTACTS = {
         secondary_name="城东中心值班室 Duty office",
         secondary_phone="0551-0000002",
     ),
-    "CLINIC_B": ContactIn(primary_name="河口镇卫生院值班室 Duty office", primary_phone="0551-0000003"),
+    "CLINIC_B": ContactIn(
+        primary_name="河口镇卫生院值班室 Duty office", primary_phone="0551-0000003"
+    ),
 }
 
 
