@@ -1,3 +1,197 @@
-"""Push of signed reports to a clinic's HIS as HL7 v2 ORU^R01 over MLLP."""
+"""Push of signed reports to a clinic's HIS as HL7 v2.5.1 ORU^R01 over MLLP.
+
+The message: MSH (UTF-8, MSH-18 ``UNICODE UTF-8``), PID (patient ID within its issuer),
+OBR (accession as placer, study as filler, discipline, result status), OBX TX lines for
+findings and conclusion, an OBX ST line with the HR mark when granted, and an OBX ED
+line carrying the signed PDF in Base64. Result status: F final, C a later version that
+replaces a final one (amended, corrected, appended), P preliminary.
+
+A retry sends the same message control ID (original-mode acknowledgement: the receiver
+can recognise a repeat). Only MSA-1 ``AA`` (or ``CA``) counts as delivered; ``AE``/``AR``
+and anything else are failures recorded with the MSA/ERR text and retried.
+"""
 
 from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import uuid
+from datetime import datetime
+from typing import Any
+
+import hl7
+
+from rdc_core.settings import get_settings
+from worklist.delivery.senders import (
+    DeliveryFailedError,
+    EndpointSpec,
+    ReportPush,
+    register_sender,
+)
+
+__all__ = ["build_oru", "escape", "parse_ack", "send_mllp", "send_oru"]
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\x0d"
+_ACCEPTED = ("AA", "CA")
+_SECTION = {"imaging": "RAD", "ecg": "EC", "lab": "LAB"}
+_MAX_ACK_BYTES = 1 << 20
+
+
+def escape(text: str) -> str:
+    """``text`` with HL7's delimiters escaped (default encoding characters) and line breaks
+    as ``\\.br\\``."""
+    out = text.replace("\\", "\\E\\")
+    for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
+        out = out.replace(char, seq)
+    out = out.replace("\r\n", "\n").replace("\r", "\n")
+    return out.replace("\n", "\\.br\\")
+
+
+def _ts(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return value.astimezone(get_settings().zone).strftime("%Y%m%d%H%M%S%z")
+
+
+def control_id(push: ReportPush) -> str:
+    """MSH-10: the same for every attempt of one delivery (at most 20 characters)."""
+    return uuid.UUID(push.delivery_id).hex[:20]
+
+
+def _segment(name: str, fields: dict[int, str]) -> str:
+    width = max(fields)
+    return "|".join([name, *(fields.get(i, "") for i in range(1, width + 1))])
+
+
+def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str:
+    """The ORU^R01 message of a report version, segments separated by CR."""
+    status = push.result_status
+    name = push.patient_name.split("=")[0] if push.patient_name else ""
+    # The name's components are already in XPN order (family^given); escape each.
+    xpn = "^".join(escape(part) for part in name.split("^"))
+    msh = "MSH|" + "|".join(
+        [
+            "^~\\&",
+            "RDC",
+            escape(push.sender_code),
+            escape(endpoint.receiving_application or ""),
+            escape(endpoint.receiving_facility or push.clinic_code),
+            _ts(now),
+            "",
+            "ORU^R01^ORU_R01",
+            control_id(push),
+            "P",
+            "2.5.1",
+            "",
+            "",
+            "",
+            "",
+            "CHN",
+            "UNICODE UTF-8",
+        ]
+    )
+    pid = _segment(
+        "PID",
+        {
+            1: "1",
+            3: f"{escape(push.patient_id)}^^^{escape(push.issuer)}^PI",
+            5: xpn,
+            7: push.birth_date or "",
+            8: push.sex or "",
+        },
+    )
+    service = f"{escape(push.modality or push.discipline.upper())}^{escape(push.description)}^L"
+    obr = _segment(
+        "OBR",
+        {
+            1: "1",
+            2: escape(push.accession_number or ""),
+            3: f"{escape(push.study_instance_uid)}^RDC",
+            4: service,
+            7: _ts(push.performed_at),
+            22: _ts(push.signed_at),
+            24: _SECTION.get(push.discipline, "OTH"),
+            25: status,
+            32: f"&{escape(push.signer)}",
+        },
+    )
+    segments = [msh, pid, obr]
+    observations: list[tuple[str, str, str]] = []
+    if push.findings.strip():
+        observations.append(("TX", "FINDINGS^所见 Findings^L", escape(push.findings.strip())))
+    conclusion = push.impression.strip()
+    if push.recommendation.strip():
+        conclusion = f"{conclusion}\n{push.recommendation.strip()}".strip()
+    if conclusion:
+        observations.append(("TX", "IMP^结论 Conclusion^L", escape(conclusion)))
+    hr = push.recognition or {}
+    if hr.get("granted"):
+        parts = [str(hr.get("mark") or "HR")]
+        if hr.get("scope_note"):
+            parts.append(str(hr["scope_note"]))
+        if hr.get("recognizable_until"):
+            parts.append(f"互认有效期至 valid until {str(hr['recognizable_until'])[:10]}")
+        observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts))))
+    pdf = base64.b64encode(push.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiters
+    observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}"))
+    for number, (kind, code, value) in enumerate(observations, start=1):
+        segments.append(_segment("OBX", {1: str(number), 2: kind, 3: code, 5: value, 11: status}))
+    return "\r".join(segments) + "\r"
+
+
+def parse_ack(raw: bytes) -> tuple[str, str, str]:
+    """(MSA-1 code, MSA-2 control ID, text from MSA-3 and ERR) of an ACK message."""
+    text = raw.decode("utf-8", errors="replace").strip("\x0b\x1c\r\n")
+    try:
+        message = hl7.parse(text)
+        msa = message.segment("MSA")
+    except (KeyError, ValueError, IndexError) as exc:
+        raise DeliveryFailedError(f"unreadable acknowledgement: {text[:200]!r}") from exc
+    code = str(msa[1]) if len(msa) > 1 else ""
+    acked = str(msa[2]) if len(msa) > 2 else ""
+    notes = [str(msa[3])] if len(msa) > 3 and str(msa[3]) else []
+    with contextlib.suppress(KeyError):
+        notes += [str(err) for err in message.segments("ERR")]
+    return code, acked, "; ".join(notes)
+
+
+def send_mllp(host: str, port: int, payload: bytes, *, timeout: float) -> bytes:
+    """Send one MLLP-framed message and return the framed answer's content."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        sock.sendall(START_BLOCK + payload + END_BLOCK)
+        buffer = b""
+        while END_BLOCK not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise DeliveryFailedError("the receiver closed the connection without an ACK")
+            buffer += chunk
+            if len(buffer) > _MAX_ACK_BYTES:
+                raise DeliveryFailedError("the acknowledgement is too large")
+    start = buffer.find(START_BLOCK)
+    return buffer[start + 1 if start >= 0 else 0 : buffer.find(END_BLOCK)]
+
+
+def send_oru(push: ReportPush, endpoint: EndpointSpec, timeout: float) -> dict[str, Any]:
+    """Send the report's ORU^R01 to ``endpoint`` over MLLP; returns the ACK's content.
+    Raises DeliveryFailedError unless MSA-1 is AA (or CA)."""
+    from rdc_core.db import utcnow
+
+    message = build_oru(push, endpoint, now=utcnow())
+    peer = f"{endpoint.host}:{endpoint.port}"
+    answer = send_mllp(endpoint.host, endpoint.port, message.encode("utf-8"), timeout=timeout)
+    code, acked, text = parse_ack(answer)
+    detail = {"peer": peer, "msa": code, "control_id": control_id(push), "text": text}
+    if acked and acked != control_id(push):
+        raise DeliveryFailedError(f"{peer} acknowledged another message ({acked})", detail)
+    if code not in _ACCEPTED:
+        raise DeliveryFailedError(
+            f"{peer} answered {code or 'no MSA code'}" + (f": {text}" if text else ""), detail
+        )
+    return detail
+
+
+register_sender("hl7", send_oru)

@@ -2,5 +2,8 @@
 the JSON API. ``router`` holds the page routes; ``STATIC_DIR`` is mounted at ``/static``."""
 
 from web.ui.pages import STATIC_DIR, TEMPLATE_DIR, router
+from web.ui.portal import router as portal_router
+
+router.include_router(portal_router)
 
 __all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]

@@ -1,0 +1,95 @@
+"""The clinic report portal in a real headless browser (Debian's Chromium driven by
+Playwright) against a running ``rdc serve``: the clinic sees its amended report with the
+current version marked and the earlier one listed, downloads the signed PDF through the
+page's link, and acknowledges receipt."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, expect, sync_playwright
+
+from tests.helpers import RdcServer
+from tests.web.test_deliveries_api import final_report
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_clinic_downloads_and_acknowledges_in_the_portal(
+    server: RdcServer,
+    alliance: dict[str, str],
+    testdata: Path,
+    dcmtk: Path,
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    first = final_report(server, alliance, testdata, dcmtk)
+    with server.client("senior", alliance["senior"]) as senior:
+        amended = senior.post(
+            f"/api/v1/reports/{first}/amend",
+            json={"kind": "corrected", "reason": "更正", "impression": "右肺小结节，建议复查"},
+        )
+        assert amended.status_code == 200, amended.text
+    current = amended.json()["id"]
+    with server.client("tech_a", alliance["tech_a"]) as api:
+        signed_pdf = api.get(f"/api/v1/reports/{current}/pdf").content
+
+    context = browser.new_context(
+        viewport={"width": 1500, "height": 700}, locale="zh-CN", accept_downloads=True
+    )
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{server.http}/ui/portal")
+    expect(page).to_have_url(re.compile(r"/login\?next="))
+    page.fill("#username", "tech_a")
+    page.fill("#password", alliance["tech_a"])
+    page.click("#login-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/ui/portal$"))
+
+    row = page.locator(f"tr.report-row[data-report-id='{current}']")
+    expect(row).to_be_visible()
+    expect(row.locator(".version")).to_contain_text("第2版")
+    expect(row.locator(".version")).to_contain_text("当前版本")
+    expect(row.locator(".version")).to_contain_text("更正")
+    expect(page.locator("tr.report-row")).to_have_count(1)  # the current version only
+    older = page.locator(f".older-version[data-report-id='{first}']")
+    expect(older).to_contain_text("第1版")
+    expect(row.locator(".ack-button")).to_be_visible()
+
+    with page.expect_download() as download_info:
+        row.locator("a.pdf-link").click()
+    download = download_info.value
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    assert saved.name.endswith("-v2.pdf") and saved.read_bytes() == signed_pdf
+
+    row.locator(".ack-button").click()
+    expect(row.locator(".ack")).to_contain_text("已签收")
+    expect(row.locator(".delivered")).not_to_contain_text("未下载")  # the download delivered it
+    expect(page.locator(f".older-version[data-report-id='{first}']")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "portal.png"), full_page=True)
+
+    page.check("input[name=all_versions]")
+    expect(page.locator("tr.report-row")).to_have_count(2)
+    expect(page.locator(f"tr.report-row[data-report-id='{first}'] .version")).to_contain_text(
+        "已被替代"
+    )
+    assert not errors, errors
+    context.close()
