@@ -113,4 +113,10 @@
     load();
   });
   load();
+
+  // The clinic's open critical values, on top of everything, until read back.
+  var user = R.config.user || {};
+  if (user.org_kind === "clinic") {
+    R.criticalAlerts(document.getElementById("critical-alerts"), { linkExams: true });
+  }
 })();

@@ -258,7 +258,166 @@
     return Object.prototype.hasOwnProperty.call(messages, key) ? messages[key] : String(value);
   }
 
+  // --- critical values: the clinic's open alerts, acknowledged with a read-back ---------------
+  /**
+   * Show the caller's clinic's OPEN critical-value alerts in `box` (a prominent banner, one
+   * card per alert: finding, patient, raised time, deadline countdown) with the read-back
+   * form; an acknowledged alert leaves the banner. Polls every `refreshMs` (30 s).
+   * Returns {reload: fn}.
+   */
+  function criticalAlerts(box, options) {
+    var opts = options || {};
+    var alerts = [];
+    var drafts = {}; // alert id -> {read_back, receiver_name} typed but not sent yet
+    var timer = null;
+
+    function countdown(alert) {
+      var left = new Date(alert.deadline_at).getTime() - Date.now();
+      return left < 0 ? t("dur.overdue", { t: duration(left) }) : t("cv.left", { t: duration(left) });
+    }
+
+    function tick() {
+      box.querySelectorAll("[data-deadline]").forEach(function (node) {
+        var left = new Date(node.dataset.deadline).getTime() - Date.now();
+        node.textContent = left < 0 ? t("dur.overdue", { t: duration(left) }) : t("cv.left", { t: duration(left) });
+        node.classList.toggle("overdue", left < 0);
+      });
+    }
+
+    function card(alert) {
+      var patient = alert.patient || {};
+      var exam = alert.exam || {};
+      var draft = drafts[alert.id] || {};
+      var readBack = el("textarea", {
+        name: "read_back",
+        rows: 2,
+        "aria-required": "true",
+        maxlength: 4000,
+        placeholder: t("cv.read_back_hint"),
+        "aria-label": t("cv.read_back"),
+        oninput: function () {
+          drafts[alert.id] = Object.assign(drafts[alert.id] || {}, { read_back: this.value });
+        },
+      });
+      readBack.value = draft.read_back || "";
+      var receiver = el("input", {
+        type: "text",
+        name: "receiver_name",
+        maxlength: 200,
+        placeholder: t("cv.receiver"),
+        "aria-label": t("cv.receiver"),
+        oninput: function () {
+          drafts[alert.id] = Object.assign(drafts[alert.id] || {}, { receiver_name: this.value });
+        },
+      });
+      receiver.value = draft.receiver_name || "";
+      var error = el("span", { class: "error-text", hidden: true });
+      var button = el("button", { type: "submit", class: "btn danger", text: t("cv.acknowledge") });
+      var form = el(
+        "form",
+        {
+          class: "cv-ack",
+          autocomplete: "off",
+          onsubmit: function (event) {
+            event.preventDefault();
+            var text = readBack.value.trim();
+            if (!text) {
+              error.textContent = t("cv.need_read_back");
+              error.hidden = false;
+              readBack.focus();
+              return;
+            }
+            button.disabled = true;
+            api("POST", "/api/v1/critical-alerts/" + encodeURIComponent(alert.id) + "/acknowledge", {
+              read_back: text,
+              receiver_name: receiver.value.trim() || null,
+            }).then(
+              function () {
+                delete drafts[alert.id];
+                toast(t("cv.acknowledged"), "ok");
+                load();
+              },
+              function (err) {
+                button.disabled = false;
+                if (err.status === 409) {
+                  delete drafts[alert.id];
+                  load();
+                  return;
+                }
+                error.textContent = t("err.failed", { detail: err.message });
+                error.hidden = false;
+              }
+            );
+          },
+        },
+        [
+          el("label", { class: "cv-field" }, [t("cv.read_back") + " *", readBack]),
+          el("div", { class: "cv-row" }, [receiver, button]),
+          error,
+        ]
+      );
+      var examLink = opts.linkExams
+        ? el("a", { href: "/ui/report/" + encodeURIComponent(alert.exam_id), text: t("cv.open_report") })
+        : null;
+      var left = new Date(alert.deadline_at).getTime() - Date.now();
+      return el("article", { class: "cv-card", dataset: { alertId: alert.id, examId: alert.exam_id } }, [
+        el("div", { class: "cv-top" }, [
+          el("strong", { class: "cv-label", text: "⚠ " + t("cv.banner") }),
+          el("span", {
+            class: "cv-countdown" + (left < 0 ? " overdue" : ""),
+            dataset: { deadline: alert.deadline_at },
+            text: countdown(alert),
+          }),
+        ]),
+        el("p", { class: "cv-finding", text: alert.finding }),
+        el("div", { class: "cv-meta" }, [
+          el("span", { text: personName(patient.name) + " · " + (patient.patient_id || "") }),
+          el("span", { text: [exam.modality, exam.description].filter(Boolean).join(" · ") }),
+          el("span", { text: t("cv.raised", { time: fmt(alert.raised_at), who: (alert.raised_by || {}).name || "" }) }),
+          el("span", { text: t("cv.deadline", { time: fmt(alert.deadline_at, "time") }) }),
+          examLink,
+        ]),
+        form,
+      ]);
+    }
+
+    function render() {
+      var shown = alerts.filter(function (alert) {
+        return !opts.examId || alert.exam_id === opts.examId || opts.allExams;
+      });
+      // Keep the card the user is typing in: re-render only when the set of alerts changed.
+      var ids = shown.map(function (a) { return a.id; }).join(",");
+      if (box.dataset.ids === ids && ids) { tick(); return; }
+      box.dataset.ids = ids;
+      box.textContent = "";
+      box.hidden = !shown.length;
+      if (!shown.length) return;
+      box.appendChild(el("h2", { class: "cv-title", text: t("cv.banner_title", { n: shown.length }) }));
+      shown.forEach(function (alert) {
+        box.appendChild(card(alert));
+      });
+    }
+
+    function load() {
+      clearTimeout(timer);
+      return api("GET", "/api/v1/critical-alerts" + query({ state: "open", limit: 100 }))
+        .then(function (page) {
+          alerts = (page && page.items) || [];
+          render();
+          if (opts.onchange) opts.onchange(alerts);
+        }, function () {})
+        .then(function () {
+          timer = setTimeout(load, opts.refreshMs || 30000);
+        });
+    }
+
+    setInterval(tick, 1000);
+    load();
+    return { reload: load };
+  }
+
   window.RDC = {
+    criticalAlerts: criticalAlerts,
     config: config,
     t: t,
     api: api,

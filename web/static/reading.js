@@ -15,6 +15,8 @@
   var examUrl = "/api/v1/exams/" + encodeURIComponent(examId);
   var reportUrl = examUrl + "/report";
   var PRESET_KEYS = { 1: "lung", 2: "mediastinum", 3: "bone", 4: "brain", 0: "default" };
+  var MAX_KEY_IMAGES = 12; // worklist.schemas.MAX_KEY_IMAGES
+  var clinicUser = user.org_kind === "clinic";
 
   var state = {
     exam: null,
@@ -26,6 +28,9 @@
     dirty: false,
     busy: false,
     closed: false, // submitted, released, re-scan requested or lost: no more lease renewals
+    keyImages: [], // [{sop_instance_uid, frame}] marked on the current exam, saved with the draft
+    detail: null, // GET /api/v1/reports/{id} of the version shown: versions, signature, HR
+    viewing: null, // an older version shown read-only (its detail), else null
   };
   var saveChain = Promise.resolve(null);
   var renewTimer = null;
@@ -50,10 +55,14 @@
     active = viewport;
     active.root.classList.add("active");
     syncToolbar();
+    syncKeyToggle();
     if (!$("header-panel").hidden) active.readHeader();
   }
   var viewportOptions = {
     onactivate: setActive,
+    onframe: function (viewport) {
+      if (viewport === viewports.main) syncKeyToggle();
+    },
     oncine: function (viewport) {
       if (viewport === active) syncToolbar();
     },
@@ -353,6 +362,9 @@
       quality_grade: grade ? grade.value : null,
       quality_reason: form.elements.quality_reason.value,
       critical: form.elements.critical.checked,
+      key_images: state.keyImages.map(function (k) {
+        return { sop_instance_uid: k.sop_instance_uid, frame: k.frame || 1 };
+      }),
     };
   }
 
@@ -375,7 +387,11 @@
     });
     form.elements.quality_reason.value = report.quality_reason || "";
     form.elements.critical.checked = !!report.critical;
+    state.keyImages = (report.key_images || []).map(function (k) {
+      return { sop_instance_uid: k.sop_instance_uid, frame: k.frame || 1 };
+    });
     renderStructured(report.structured || {});
+    renderKeyImages();
   }
 
   function applyEditable() {
@@ -391,6 +407,7 @@
     var rescan = $("rescan");
     if (rescan) rescan.hidden = !on;
     renderButtons();
+    renderKeyImages();
   }
 
   function setEditable(on) {
@@ -418,7 +435,7 @@
   }
 
   function renderReport() {
-    var report = state.report;
+    var report = state.viewing || state.report;
     var status = $("rp-status");
     status.className = "status-badge st-" + (report ? report.status : "none");
     status.textContent = report ? t("report_status." + report.status) : t("rp.none_yet");
@@ -521,6 +538,7 @@
         setLeaseText(t("ls.submitted"));
         R.toast(t("rp.submitted", { status: t("report_status." + report.status) }), "ok");
         refreshExam();
+        afterSigning(report);
       })
       .catch(fail)
       .then(function () {
@@ -547,6 +565,7 @@
         setLeaseText(t("rp.locked"));
         R.toast(t("rp.verified"), "ok");
         refreshExam();
+        afterSigning(verified);
       })
       .catch(fail)
       .then(function () {
@@ -578,6 +597,449 @@
       setLeaseText(t("rp.rescan_done"));
       R.toast(t("rp.rescan_done"), "ok");
     }, fail);
+  }
+
+  // --- key images -----------------------------------------------------------------------------
+  function keyIndex(sop, frame) {
+    for (var i = 0; i < state.keyImages.length; i++) {
+      var k = state.keyImages[i];
+      if (k.sop_instance_uid === sop && (k.frame || 1) === (frame || 1)) return i;
+    }
+    return -1;
+  }
+
+  /** `k`: mark or unmark the frame shown in the current exam's viewport as a key image. */
+  function toggleKeyImage() {
+    if (!reading || state.viewing) return;
+    if (!state.editable) {
+      R.toast(t("ki.locked"), "error");
+      return;
+    }
+    if (active !== viewports.main) {
+      R.toast(t("ki.current_only"), "error");
+      return;
+    }
+    var entry = viewports.main.current();
+    if (!entry) return;
+    var i = keyIndex(entry.sop, entry.frame);
+    if (i >= 0) state.keyImages.splice(i, 1);
+    else if (state.keyImages.length >= MAX_KEY_IMAGES) {
+      R.toast(t("ki.max", { n: MAX_KEY_IMAGES }), "error");
+      return;
+    } else state.keyImages.push({ sop_instance_uid: entry.sop, frame: entry.frame });
+    R.toast(t(i >= 0 ? "ki.removed" : "ki.added"), "info");
+    keyImagesChanged();
+  }
+
+  function keyImagesChanged() {
+    state.dirty = true;
+    setSaveState(t("rp.unsaved"));
+    saveSoon();
+    renderKeyImages();
+  }
+
+  function syncKeyToggle() {
+    var entry = viewports.main.current();
+    var on = !!(entry && keyIndex(entry.sop, entry.frame) >= 0);
+    var button = $("key-toggle");
+    button.hidden = !reading || !isReader;
+    button.disabled = !state.editable || active !== viewports.main;
+    button.classList.toggle("on", on);
+    button.setAttribute("aria-pressed", on ? "true" : "false");
+    $("vp-key").hidden = !on;
+  }
+
+  /** Where a marked frame sits in the viewer: series number and position in its stack. */
+  function keyPlace(mark) {
+    var entry = viewports.main.find(mark.sop_instance_uid, mark.frame);
+    if (!entry) return null;
+    var series = viewports.main.series.filter(function (s) {
+      return s.uid === entry.series;
+    })[0];
+    return {
+      entry: entry,
+      series: series && series.number !== null && series.number !== undefined ? series.number : "?",
+      index: series ? series.stack.indexOf(entry) + 1 : entry.frame,
+    };
+  }
+
+  function renderKeyImages() {
+    var list = $("ki-list");
+    if (!list) return;
+    list.textContent = "";
+    var removable = reading && state.editable && !state.viewing;
+    state.keyImages.forEach(function (mark, i) {
+      var place = keyPlace(mark);
+      var text = place
+        ? t("ki.label", { series: place.series, i: place.index })
+        : mark.sop_instance_uid.slice(-12) + " #" + mark.frame;
+      list.appendChild(
+        el("li", { class: "ki-item", dataset: { sop: mark.sop_instance_uid, frame: mark.frame } }, [
+          el(
+            "button",
+            {
+              type: "button",
+              class: "ki-thumb",
+              title: t("ki.jump"),
+              onclick: function () {
+                if (viewports.main.goTo(mark.sop_instance_uid, mark.frame)) setActive(viewports.main);
+                this.blur();
+              },
+            },
+            [
+              place
+                ? el("img", { src: V.frameUrl(place.entry, null, 96), alt: text, loading: "lazy", draggable: "false" })
+                : null,
+              el("span", { class: "ki-label", text: text }),
+            ]
+          ),
+          removable
+            ? el("button", {
+                type: "button",
+                class: "ki-remove",
+                title: t("ki.remove"),
+                "aria-label": t("ki.remove"),
+                text: "×",
+                onclick: function () {
+                  state.keyImages.splice(i, 1);
+                  keyImagesChanged();
+                },
+              })
+            : null,
+        ])
+      );
+    });
+    $("ki-empty").hidden = state.keyImages.length > 0;
+    $("ki-empty").textContent = reading && state.editable ? t("ki.empty") : t("ki.none");
+    $("ki-count").textContent = state.keyImages.length ? t("ki.count", { n: state.keyImages.length, max: MAX_KEY_IMAGES }) : "";
+    syncKeyToggle();
+  }
+
+  // --- signature, recognition (HR), versions ------------------------------------------------
+  function reportPath(id, action) {
+    return "/api/v1/reports/" + encodeURIComponent(id) + (action ? "/" + action : "");
+  }
+
+  /** The bilingual "中文 / English" text of the page's language. */
+  function inLang(text) {
+    if (!text) return "";
+    var halves = String(text).split(" / ");
+    if (halves.length !== 2) return String(text);
+    return cfg.lang === "en" ? halves[1] : halves[0];
+  }
+
+  function loadDetail(reportId) {
+    return R.api("GET", reportPath(reportId)).then(
+      function (detail) {
+        state.detail = detail;
+        renderDetail();
+        return detail;
+      },
+      function (err) {
+        if (err.status !== 404) fail(err);
+        return null;
+      }
+    );
+  }
+
+  function renderDetail() {
+    var d = state.detail;
+    if (!d) return;
+    renderSignature(d);
+    renderRecognition(d.recognition);
+    renderVersions(d);
+    var old = $("old-version");
+    old.hidden = !state.viewing;
+    if (state.viewing) $("old-version-text").textContent = t("vs.viewing_old", { n: d.version });
+    var reason = $("amend-reason");
+    reason.hidden = !d.amendment_kind;
+    if (d.amendment_kind) {
+      reason.textContent = t("vs.amendment", {
+        kind: t("am.kind." + d.amendment_kind),
+        reason: d.amendment_reason || "",
+      });
+    }
+    var amend = $("amend-btn");
+    amend.hidden = !(
+      isReader &&
+      canVerify &&
+      !clinicUser &&
+      !state.viewing &&
+      d.status === "final" &&
+      d.id === d.current_id
+    );
+    if (!clinicUser && d.critical && d.status === "final") loadAlertStatus(d);
+    else $("critical-sent").hidden = true;
+  }
+
+  function renderSignature(d) {
+    var sig = d.signature;
+    $("sig-panel").hidden = !sig;
+    $("sig-result").hidden = true;
+    if (!sig) return;
+    var who = sig.signer_name && sig.signer_name !== sig.signer ? sig.signer_name + " (" + sig.signer + ")" : sig.signer;
+    $("sig-signer").textContent = who + (sig.stage === "preliminary" ? " · " + t("sg.preliminary") : "");
+    $("sig-time").textContent = R.fmt(sig.signed_at) + ":" + R.fmt(sig.signed_at, "time").slice(-2);
+    $("sig-serial").textContent = sig.certificate_serial || t("common.none");
+    $("sig-serial").title = sig.certificate_serial || "";
+    $("sig-issuer").textContent = sig.certificate_issuer || t("common.none");
+    $("sig-issuer").title = sig.certificate_issuer || "";
+    $("sig-pdf").href = reportPath(d.id, "pdf");
+    $("sig-verify").disabled = false;
+  }
+
+  function verifySignature() {
+    var d = state.detail;
+    if (!d) return;
+    var box = $("sig-result");
+    $("sig-verify").disabled = true;
+    box.hidden = false;
+    box.className = "sig-result";
+    box.textContent = t("sg.verifying");
+    R.api("GET", reportPath(d.id, "verify"))
+      .then(function (result) {
+        box.textContent = "";
+        box.className = "sig-result " + (result.valid ? "ok" : "bad");
+        box.dataset.valid = result.valid ? "true" : "false";
+        box.appendChild(el("strong", { text: result.valid ? "✓ " + t("sg.valid") : "✗ " + t("sg.invalid") }));
+        if (result.valid) box.appendChild(el("span", { text: " " + t("sg.valid_detail") }));
+        var reasons = result.reasons || [];
+        if (reasons.length) {
+          box.appendChild(
+            el(
+              "ul",
+              {},
+              reasons.map(function (reason) {
+                return el("li", { text: reason });
+              })
+            )
+          );
+        }
+      }, function (err) {
+        box.className = "sig-result bad";
+        box.textContent = t("err.failed", { detail: err.message });
+      })
+      .then(function () {
+        $("sig-verify").disabled = false;
+      });
+  }
+
+  function renderRecognition(rec) {
+    var panel = $("hr-panel");
+    panel.hidden = !rec;
+    if (!rec) return;
+    panel.classList.toggle("granted", !!rec.granted);
+    panel.classList.toggle("refused", !rec.granted);
+    panel.dataset.granted = rec.granted ? "true" : "false";
+    var mark = $("hr-mark");
+    mark.textContent = rec.granted ? rec.mark || "HR" : "—";
+    var item = cfg.lang === "en" ? rec.item_name_en || rec.item_name : rec.item_name;
+    var reasons = $("hr-reasons");
+    reasons.textContent = "";
+    if (rec.granted) {
+      $("hr-title").textContent = t("hr.granted") + (item ? " · " + item : "");
+      $("hr-detail").textContent = "";
+      $("hr-detail").appendChild(el("div", { text: inLang(rec.scope) || rec.scope_note || "" }));
+      $("hr-detail").appendChild(
+        el("div", { class: "hr-until", text: t("hr.until", { date: rec.recognizable_until || t("common.none") }) })
+      );
+    } else {
+      $("hr-title").textContent = t("hr.not") + (item ? " · " + item : "");
+      $("hr-detail").textContent = "";
+      (rec.reasons || [])
+        .filter(function (reason) {
+          return !reason.passed;
+        })
+        .forEach(function (reason) {
+          var text = cfg.lang === "en" ? reason.text_en || reason.text : reason.text_zh || reason.text;
+          reasons.appendChild(el("li", { text: text }));
+        });
+    }
+  }
+
+  function renderVersions(d) {
+    var list = $("version-list");
+    list.textContent = "";
+    var versions = (d.versions || []).slice().reverse(); // newest first
+    $("versions").hidden = !versions.length;
+    versions.forEach(function (v) {
+      var bits = [
+        el("strong", { text: t("rp.version", { n: v.version }) }),
+        R.reportBadge(v.status),
+        v.kind ? el("span", { class: "vs-kind", text: t("am.kind." + v.kind) }) : null,
+        el("span", { class: "muted num", text: v.final_at ? R.fmt(v.final_at) : "" }),
+        v.current ? el("span", { class: "vs-current", text: t("vs.current") }) : null,
+      ];
+      var shown = v.id === d.id;
+      list.appendChild(
+        el(
+          "li",
+          {
+            class: "version" + (shown ? " shown" : "") + (v.current ? " current" : ""),
+            dataset: { version: v.version, reportId: v.id, current: v.current ? "true" : "false" },
+          },
+          [
+            shown
+              ? el("div", { class: "vs-line" }, bits)
+              : el(
+                  "button",
+                  {
+                    type: "button",
+                    class: "vs-line btn-link",
+                    title: t("vs.show"),
+                    onclick: function () {
+                      showVersion(v.id);
+                    },
+                  },
+                  bits
+                ),
+            v.reason ? el("div", { class: "muted vs-reason", text: v.reason }) : null,
+          ]
+        )
+      );
+    });
+  }
+
+  /** Show one version of the report (older ones read-only); the current one is the default. */
+  function showVersion(id) {
+    if (state.editable) return;
+    R.api("GET", reportPath(id)).then(function (detail) {
+      state.detail = detail;
+      state.viewing = detail.id === detail.current_id ? null : detail;
+      if (!state.viewing && state.report && state.report.id !== detail.id) state.report = detail;
+      fillForm(detail);
+      renderReport();
+      renderDetail();
+      renderKeyImages();
+    }, fail);
+  }
+
+  /** After signing: the signature, HR and versions; a critical report says its alert went out. */
+  function afterSigning(report) {
+    state.viewing = null;
+    loadDetail(report.id);
+    if (report.status === "final" && report.critical) R.toast(t("cv.sent"), "ok");
+  }
+
+  /** For lead staff: the critical-value alert of this report version, sent and (maybe) read back. */
+  function loadAlertStatus(d) {
+    var box = $("critical-sent");
+    box.hidden = false;
+    box.className = "critical-sent";
+    box.textContent = t("cv.sent");
+    var clinic = state.exam && state.exam.clinic_code;
+    R.api("GET", "/api/v1/critical-alerts" + R.query({ clinic: clinic, limit: 100 })).then(function (page) {
+      var alert = (page.items || []).filter(function (a) {
+        return a.report_id === d.id;
+      })[0];
+      if (!alert) return;
+      box.dataset.state = alert.state;
+      if (alert.state === "acknowledged") {
+        box.classList.add("acked");
+        var who = (alert.acknowledged_by && alert.acknowledged_by.name) || alert.receiver_name || "";
+        box.textContent = t("cv.sent_acked", { who: who, time: R.fmt(alert.acknowledged_at) });
+      } else {
+        box.textContent = t("cv.sent_open", {
+          clinic: alert.clinic_name || alert.clinic_code,
+          time: R.fmt(alert.notified_at || alert.raised_at),
+        });
+      }
+    }, function () {});
+  }
+
+  // --- amend (a new signed version) -----------------------------------------------------------
+  var amendPrefill = null;
+  function amendFields() {
+    return { findings: $("amend-findings"), impression: $("amend-impression"), recommendation: $("amend-recommendation") };
+  }
+
+  function openAmend() {
+    var report = state.report;
+    if (!report) return;
+    var f = $("amend-form");
+    f.reset();
+    amendPrefill = {
+      findings: report.findings || "",
+      impression: report.impression || "",
+      recommendation: report.recommendation || "",
+    };
+    var fields = amendFields();
+    Object.keys(fields).forEach(function (name) {
+      fields[name].value = amendPrefill[name];
+    });
+    $("amend-critical").checked = !!report.critical;
+    $("amend-error").hidden = true;
+    amendKindChanged();
+    $("amend-dialog").showModal();
+    $("amend-reason-input").focus();
+  }
+
+  function closeAmend() {
+    $("amend-dialog").close();
+  }
+
+  function amendKind() {
+    var checked = $("amend-form").querySelector("input[name=kind]:checked");
+    return checked ? checked.value : "amended";
+  }
+
+  /** An addendum only adds text: its fields start empty; the others start from the report. */
+  function amendKindChanged() {
+    var appended = amendKind() === "appended";
+    var fields = amendFields();
+    Object.keys(fields).forEach(function (name) {
+      var area = fields[name];
+      if (appended && area.value === amendPrefill[name]) area.value = "";
+      if (!appended && !area.value) area.value = amendPrefill[name];
+      area.placeholder = appended ? t("am.append_placeholder") : "";
+    });
+    $("amend-hint").textContent = t("am.hint." + amendKind());
+  }
+
+  function submitAmend(event) {
+    event.preventDefault();
+    var report = state.report;
+    var error = $("amend-error");
+    var kind = amendKind();
+    var reason = $("amend-reason-input").value.trim();
+    var body = { kind: kind, reason: reason };
+    var fields = amendFields();
+    var changed = false;
+    Object.keys(fields).forEach(function (name) {
+      var value = fields[name].value;
+      if (kind === "appended" ? value.trim() : value !== amendPrefill[name]) {
+        body[name] = value;
+        changed = true;
+      }
+    });
+    if ($("amend-critical").checked !== !!report.critical) {
+      body.critical = $("amend-critical").checked;
+      changed = true;
+    }
+    var problem = !reason ? "am.need_reason" : !changed ? "am.need_change" : null;
+    if (problem) {
+      error.textContent = t(problem);
+      error.hidden = false;
+      return;
+    }
+    $("amend-submit").disabled = true;
+    R.api("POST", reportPath(report.id, "amend"), body)
+      .then(function (amended) {
+        closeAmend();
+        state.report = amended;
+        state.viewing = null;
+        fillForm(amended);
+        renderReport();
+        R.toast(t("am.done", { n: amended.version }), "ok");
+        loadDetail(amended.id);
+        if (amended.critical) R.toast(t("cv.sent"), "ok");
+      }, function (err) {
+        error.textContent = t("err.failed", { detail: err.message });
+        error.hidden = false;
+      })
+      .then(function () {
+        $("amend-submit").disabled = false;
+      });
   }
 
   // --- lease --------------------------------------------------------------------------------
@@ -727,6 +1189,7 @@
     else if (key === "Home") active.first();
     else if (key === "End") active.last();
     else if (key === " ") toggleCine();
+    else if (key === "k" || key === "K") toggleKeyImage();
     else handled = false;
     if (handled) event.preventDefault();
   });
@@ -780,6 +1243,20 @@
   onClick("verify-btn", verify);
   onClick("release-btn", release);
   onClick("rescan-btn", rescan);
+  onClick("key-toggle", toggleKeyImage);
+  onClick("sig-verify", verifySignature);
+  onClick("amend-btn", openAmend);
+  onClick("amend-cancel", closeAmend);
+  onClick("back-to-current", function () {
+    if (state.detail) showVersion(state.detail.current_id);
+  });
+  $("amend-form").addEventListener("submit", submitAmend);
+  $("amend-form").addEventListener("input", function () {
+    $("amend-error").hidden = true;
+  });
+  $("amend-form").addEventListener("change", function (event) {
+    if (event.target.name === "kind") amendKindChanged();
+  });
   onClick("print-btn", function () {
     window.print();
   });
@@ -839,12 +1316,15 @@
         if (state.report) fillForm(state.report);
         else renderStructured({});
         renderReport();
+        renderKeyImages();
         if (reading) claimOnOpen();
+        if (state.report && state.report.status !== "draft") loadDetail(state.report.id);
       })
       .catch(function (err) {
         fail(err);
         setLeaseText(t("err.failed", { detail: err.message }), "lost");
       });
   }
+  if (clinicUser) R.criticalAlerts($("critical-alerts"), {});
   start();
 })();

@@ -292,6 +292,33 @@
     this.loadImage();
     this.readHeaderSoon();
     this.updateLabels();
+    if (this.options.onframe) this.options.onframe(this, this.current());
+  };
+
+  /** Show the frame of instance `sop` (1-based `frame`); false when it is not in any series. */
+  Viewport.prototype.goTo = function (sop, frame) {
+    for (var s = 0; s < this.series.length; s++) {
+      var stack = this.series[s].stack;
+      for (var i = 0; i < stack.length; i++) {
+        if (stack[i].sop === sop && stack[i].frame === (frame || 1)) {
+          if (s !== this.seriesIndex) this.setSeries(s);
+          this.setIndex(i);
+          return true;
+        }
+      }
+    }
+    return false;
+  };
+
+  /** The stack entry of instance `sop`, frame `frame` (for thumbnails), or null. */
+  Viewport.prototype.find = function (sop, frame) {
+    for (var s = 0; s < this.series.length; s++) {
+      var stack = this.series[s].stack;
+      for (var i = 0; i < stack.length; i++) {
+        if (stack[i].sop === sop && stack[i].frame === (frame || 1)) return stack[i];
+      }
+    }
+    return null;
   };
 
   Viewport.prototype.step = function (delta) {

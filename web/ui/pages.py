@@ -1,5 +1,5 @@
-"""Server-rendered pages: login/logout, the reading worklist, the reading page, the clinic view
-and the read-only report view.
+"""Server-rendered pages: login/logout, the reading worklist, the reading page, the clinic view,
+the read-only report view and the critical-value register.
 
 Pages carry layout, labels and the page's configuration; their scripts (web/static) fetch the
 data from the JSON API with the same session cookie, so every read goes through the API's
@@ -20,6 +20,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from sqlalchemy import select
 
 from rdc_core.db import session_scope
 from rdc_core.errors import AuthenticationError
@@ -30,7 +31,7 @@ from web.ui.i18n import LANG_COOKIE, LANGS, catalogue, pick_lang, translator
 from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.directory import authenticate
-from worklist.models import Discipline, Priority
+from worklist.models import Discipline, Organization, OrgKind, Priority, Role
 
 __all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]
 
@@ -43,6 +44,8 @@ router = APIRouter(include_in_schema=False)
 
 _EXAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+# Lead-hospital roles that see the critical-value register (the API enforces the same).
+_REGISTER_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
 _MODALITIES = ("CT", "MR", "DX", "CR", "US", "MG", "XA", "RF", "NM", "PT", "ECG", "LAB")
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -325,6 +328,24 @@ def clinic_page(request: Request) -> Response:
         priorities=[p.value for p in Priority],
         modalities=_MODALITIES,
     )
+
+
+@router.get("/ui/critical")
+def critical_register_page(request: Request) -> Response:
+    """The critical-value register (危急值登记) for lead-hospital staff: every alert with
+    who/what/when on both sides, escalations and whether it was acknowledged in time."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if principal.is_clinic_user or principal.role not in _REGISTER_ROLES:
+        return RedirectResponse(_home(principal), status_code=303)
+    with session_scope() as session:
+        clinics = session.execute(
+            select(Organization.code, Organization.name)
+            .where(Organization.kind == OrgKind.CLINIC)
+            .order_by(Organization.code)
+        ).all()
+    return _render(request, "critical.html", principal=principal, page="critical", clinics=clinics)
 
 
 @router.get("/ui/dicom-keywords")
