@@ -4,7 +4,10 @@ The instance is an Encapsulated PDF Storage object (PS3.3 A.45.1) holding the si
 byte for byte, filed in the exam's own study. Its Series and SOP Instance UIDs are derived
 from the report version's ID, so a retry re-sends the same instance (the clinic's PACS
 sees a duplicate, never a second document) and every version is its own instance.
-Only status Success (0x0000) counts as delivered; warnings and failures are retried.
+Success (0x0000) and the warnings (0x0001, 0xB000, 0xB006, 0xB007: the object was stored,
+perhaps with attributes coerced or discarded) count as delivered, the warning kept in the
+attempt's detail; failures are retried. The patient's name is sent as received, every
+component group (``Wang^Fang=王^芳``), in UTF-8 (Specific Character Set ``ISO_IR 192``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,21 @@ from worklist.delivery.senders import (
     register_sender,
 )
 
-__all__ = ["encapsulated_pdf", "report_instance_uids", "send_encapsulated_pdf"]
+__all__ = [
+    "STORED_WITH_WARNING",
+    "encapsulated_pdf",
+    "report_instance_uids",
+    "send_encapsulated_pdf",
+]
 
 _UID_NAMESPACE = uuid.UUID("0b8e4f6a-3c2d-5e1f-8a9b-7c6d5e4f3a2b")
+# C-STORE warnings (PS3.7 C.4.1, PS3.4 B.2.3): the instance was stored all the same.
+STORED_WITH_WARNING = {
+    0x0001: "requested optional attributes are not supported",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
 _CONCEPT = {
     "imaging": ("18748-4", "Diagnostic imaging study"),
     "ecg": ("11524-6", "EKG study"),
@@ -75,7 +90,9 @@ def encapsulated_pdf(push: ReportPush) -> Dataset:
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = content_date, content_time
     # Patient (the clinic's own identifiers, as received)
-    ds.PatientName = push.patient_name.split("=")[0] if push.patient_name else ""
+    # Every component group (alphabetic=ideographic=phonetic): Chinese names are often
+    # only ideographic ("=张三"), and a clinic's PACS matches on what it sent us.
+    ds.PatientName = push.patient_name or ""
     ds.PatientID = push.patient_id
     ds.IssuerOfPatientID = push.issuer
     ds.PatientBirthDate = push.birth_date or ""
@@ -135,7 +152,7 @@ def send_encapsulated_pdf(
     push: ReportPush, endpoint: EndpointSpec, timeout: float
 ) -> dict[str, Any]:
     """C-STORE the report's encapsulated PDF to ``endpoint``; returns the peer's answer.
-    Raises DeliveryFailedError unless the peer answered Success."""
+    Raises DeliveryFailedError unless the peer answered Success or a warning (stored)."""
     if not endpoint.ae_title:
         raise DeliveryFailedError(f"endpoint {endpoint.name} has no AE title")
     ds = encapsulated_pdf(push)
@@ -172,8 +189,12 @@ def send_encapsulated_pdf(
         "sop_instance_uid": ds.SOPInstanceUID,
         "series_instance_uid": ds.SeriesInstanceUID,
     }
-    if code != StoreStatus.SUCCESS:
-        comment = str(status.get("ErrorComment", "") or "")
+    comment = str(status.get("ErrorComment", "") or "")
+    if code in STORED_WITH_WARNING:
+        detail["warning"] = f"0x{code:04X} {STORED_WITH_WARNING[code]}" + (
+            f": {comment}" if comment else ""
+        )
+    elif code != StoreStatus.SUCCESS:
         raise DeliveryFailedError(
             f"C-STORE to {peer} answered 0x{code:04X}" + (f": {comment}" if comment else ""),
             detail,

@@ -1,6 +1,8 @@
 """Push of signed reports to a clinic's HIS as HL7 v2.5.1 ORU^R01 over MLLP.
 
-The message: MSH (UTF-8, MSH-18 ``UNICODE UTF-8``), PID (patient ID within its issuer),
+The message: MSH (UTF-8, MSH-18 ``UNICODE UTF-8``), PID (patient ID within its issuer; the
+name as one PID-5 repetition per DICOM component group: the alphabetic name first, then the
+ideographic (Chinese) one, told apart by XPN-8, table 4000),
 OBR (accession as placer, study as filler, discipline, result status), OBX TX lines for
 findings and conclusion, an OBX ST line with the HR mark when granted, and an OBX ED
 line carrying the signed PDF in Base64. Result status: F final, C a later version that
@@ -27,16 +29,20 @@ from worklist.delivery.senders import (
     DeliveryFailedError,
     EndpointSpec,
     ReportPush,
+    person_name_groups,
     register_sender,
 )
 
-__all__ = ["build_oru", "escape", "parse_ack", "send_mllp", "send_oru"]
+__all__ = ["build_oru", "escape", "parse_ack", "patient_xpn", "send_mllp", "send_oru"]
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
 _ACCEPTED = ("AA", "CA")
 _SECTION = {"imaging": "RAD", "ecg": "EC", "lab": "LAB"}
 _MAX_ACK_BYTES = 1 << 20
+# XPN-8 name representation code (HL7 table 4000) of each DICOM PN component group
+_REPRESENTATION = {"alphabetic": "A", "ideographic": "I", "phonetic": "P"}
+_LEGAL_NAME = "L"  # XPN-7 name type code (HL7 table 0200)
 
 
 def escape(text: str) -> str:
@@ -65,12 +71,23 @@ def _segment(name: str, fields: dict[int, str]) -> str:
     return "|".join([name, *(fields.get(i, "") for i in range(1, width + 1))])
 
 
+def patient_xpn(name: str) -> str:
+    """PID-5 of a DICOM PN value: one XPN repetition per component group, e.g.
+    ``Wang^Fang^^^^^L^A~王^芳^^^^^L^I`` for ``Wang^Fang=王^芳``."""
+    repetitions = []
+    for group in person_name_groups(name):
+        # DICOM orders family^given^middle^prefix^suffix; XPN has suffix (4) before
+        # prefix (5), then degree (6), name type (7) and representation (8).
+        components = [group.family, group.given, group.middle, group.suffix, group.prefix, ""]
+        components += [_LEGAL_NAME, _REPRESENTATION[group.representation]]
+        repetitions.append("^".join(escape(c) for c in components))
+    return "~".join(repetitions)
+
+
 def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str:
     """The ORU^R01 message of a report version, segments separated by CR."""
     status = push.result_status
-    name = push.patient_name.split("=")[0] if push.patient_name else ""
-    # The name's components are already in XPN order (family^given); escape each.
-    xpn = "^".join(escape(part) for part in name.split("^"))
+    xpn = patient_xpn(push.patient_name)
     msh = "MSH|" + "|".join(
         [
             "^~\\&",

@@ -1,6 +1,7 @@
 """Push of a signed report to the clinic's own AE: a pynetdicom Storage SCP plays the clinic's
 PACS and receives an Encapsulated PDF holding the signed PDF byte for byte, filed in the
-exam's study; a failure status is retried with the same instance."""
+exam's study, with the patient's full (Chinese) name; nothing is sent while the endpoint is
+disabled; a failure status is retried with the same instance; a warning status is delivered."""
 
 from __future__ import annotations
 
@@ -20,8 +21,15 @@ from dicom_gateway.report_push import report_instance_uids
 from dicom_gateway.statuses import StoreStatus
 from rdc_core.db import session_scope, utcnow
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
-from tests.worklist.test_delivery import STUDY, add_clinic_endpoint, finalize
+from tests.worklist.test_delivery import (
+    STUDY,
+    add_clinic_endpoint,
+    amend,
+    finalize,
+    set_patient_name,
+)
 from worklist.delivery.models import DeliveryAttempt, DeliveryState, ReportDelivery
+from worklist.delivery.service import set_endpoint_enabled
 from worklist.delivery.tasks import deliver_due_reports
 from worklist.models import Exam
 from worklist.signing.service import get_signed_artifact
@@ -69,9 +77,16 @@ def test_encapsulated_pdf_reaches_the_clinic_pacs_and_is_retried(
     reading: Reading,  # noqa: F811
     pacs: ClinicPacs,
 ) -> None:
-    add_clinic_endpoint(ae_title="CLINIC_PACS", port=pacs.port)
+    endpoint_id = add_clinic_endpoint(ae_title="CLINIC_PACS", port=pacs.port, enabled=False)
+    set_patient_name(reading, "Wang^Fang=王^芳")
     report_id = finalize(reading)
     t0 = utcnow()
+    assert deliver_due_reports(now=t0).attempted == 0  # disabled: the push waits
+    assert pacs.received == []
+    with session_scope() as session:
+        set_endpoint_enabled(
+            session, principal=None, endpoint=endpoint_id, enabled=True, now=utcnow()
+        )
 
     pacs.status = 0xA700  # out of resources: the clinic's PACS is full
     run = deliver_due_reports(now=t0)
@@ -85,7 +100,7 @@ def test_encapsulated_pdf_reaches_the_clinic_pacs_and_is_retried(
         assert "0xA700" in (delivery.last_error or "")
     assert deliver_due_reports(now=t0).attempted == 0  # not due yet
 
-    pacs.status = int(StoreStatus.SUCCESS)
+    pacs.status = 0xB000  # warning (coercion of data elements): stored, so delivered
     later = t0 + timedelta(hours=1)
     run = deliver_due_reports(now=later)
     assert run.delivered == [delivery.id]
@@ -114,5 +129,22 @@ def test_encapsulated_pdf_reaches_the_clinic_pacs_and_is_retried(
     assert "v1" in ds.DocumentTitle and ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     document = bytes(ds.EncapsulatedDocument)[: int(ds.EncapsulatedDocumentLength)]
     assert document == signed and signed.startswith(b"%PDF")
-    assert outcomes == [("failure", 0xA700), ("success", 0)]
+    assert outcomes == [("failure", 0xA700), ("success", 0xB000)]
     assert exam_delivered == later
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert str(ds.PatientName) == "Wang^Fang=王^芳"
+    assert ds.PatientName.family_name == "Wang" and ds.PatientName.ideographic == "王^芳"
+    with session_scope() as session:
+        kept = session.get(ReportDelivery, delivery.id)
+        assert kept is not None and kept.state is DeliveryState.DELIVERED
+        assert kept.detail["status"] == 0xB000 and "0xB000" in kept.detail["warning"]
+
+    # a name that is only ideographic survives too; 0x0001 is a warning as well
+    set_patient_name(reading, "=张三")
+    second = amend(reading, report_id, "右肺结节。Nodule, right lung.")
+    pacs.status = 0x0001
+    run = deliver_due_reports(now=later + timedelta(hours=2))
+    assert len(run.delivered) == 1 and not run.failed
+    ds = pacs.received[-1]
+    assert ds.SOPInstanceUID == report_instance_uids(second)[1]
+    assert str(ds.PatientName) == "=张三" and ds.PatientName.ideographic == "张三"

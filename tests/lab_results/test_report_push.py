@@ -19,7 +19,7 @@ import lab_results.report_push  # noqa: F401  (registers the "hl7" sender)
 from rdc_core.db import session_scope, utcnow
 from tests.helpers import free_port
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
-from tests.worklist.test_delivery import add_clinic_endpoint, amend, finalize
+from tests.worklist.test_delivery import add_clinic_endpoint, amend, finalize, set_patient_name
 from worklist.delivery.models import DeliveryAttempt, DeliveryState, ReportDelivery
 from worklist.delivery.tasks import deliver_due_reports
 from worklist.signing.service import get_signed_artifact
@@ -96,6 +96,7 @@ def test_oru_reaches_the_his_after_it_was_down(
     add_clinic_endpoint(
         channel="hl7", port=his_port, receiving_application="HIS", receiving_facility="C1"
     )
+    set_patient_name(reading, "Wang^Fang^^Dr^III=王^芳")
     report_id = finalize(reading)
     t0 = utcnow()
 
@@ -143,7 +144,12 @@ def test_oru_reaches_the_his_after_it_was_down(
     msh = his.messages[-1].split("\r")[0].split("|")
     assert msh[8] == "ORU^R01^ORU_R01" and msh[11] == "2.5.1" and msh[17] == "UNICODE UTF-8"
     assert msh[4] == "HIS" and msh[5] == "C1"
-    assert str(message.segment("PID")[3]) == "P1^^^C1^PI"
+    pid = message.segment("PID")
+    assert str(pid[3]) == "P1^^^C1^PI"
+    # XPN: family^given^middle^suffix^prefix^degree^type (0200: L legal)^representation
+    # (4000: A alphabetic, I ideographic); one repetition per PN component group
+    assert str(pid[5]) == "Wang^Fang^^III^Dr^^L^A~王^芳^^^^^L^I"
+    assert str(pid[5][1][0]) == "王" and str(pid[5][1][1]) == "芳"
     obr = message.segment("OBR")
     assert str(obr[25]) == "F" and str(obr[24]) == "RAD"
     obx = message.segments("OBX")
@@ -164,6 +170,7 @@ def test_corrected_version_is_status_c_and_concurrent_runs_send_once(
         add_clinic_endpoint(
             channel="hl7", port=his_port, receiving_application=app, name=f"hl7-{app}"
         )
+    set_patient_name(reading, "=张三")  # only the ideographic group
     first = finalize(reading)
     second = amend(reading, first, "右肺结节 | 需复查 ^ Nodule & follow-up")
     his = His(his_port, delay=0.2)
@@ -196,6 +203,7 @@ def test_corrected_version_is_status_c_and_concurrent_runs_send_once(
     assert len(corrected) == 3
     obr = corrected[0].segment("OBR")
     assert str(obr[25]) == "C"
+    assert str(corrected[0].segment("PID")[5]) == "张三^^^^^^L^I"
     text = next(m for m in his.messages if "Nodule" in m)
     assert "右肺结节 \\F\\ 需复查 \\S\\ Nodule \\T\\ follow-up" in text
     assert {d.report_id for d in _all_deliveries()} == {first, second}

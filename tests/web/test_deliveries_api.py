@@ -100,6 +100,10 @@ def test_clinic_fetches_acknowledges_and_gets_pushes(
     assert item["clinic_code"] == "CLINIC_A" and item["delivered_at"] is None
     assert item["links"]["pdf"] == f"/api/v1/reports/{report_id}/pdf"
     assert tech_b.get("/api/v1/reports").json()["total"] == 0
+    naive = tech_a.get("/api/v1/reports", params={"since": "2000-01-01T08:00:00"})
+    assert naive.status_code == 422, naive.text  # a time without zone is ambiguous
+    aware = tech_a.get("/api/v1/reports", params={"since": "2000-01-01T08:00:00+08:00"})
+    assert aware.status_code == 200 and aware.json()["total"] == 1
     for path in ("pdf", "document", "fhir"):
         assert tech_b.get(f"/api/v1/reports/{report_id}/{path}").status_code == 404
     assert tech_b.post(f"/api/v1/reports/{report_id}/acknowledge").status_code == 404

@@ -1,16 +1,18 @@
-"""Delivery services: scheduling on finalization (one pending push per enabled endpoint,
-idempotent, clinic notified), the lease on due pushes, backoff and the failing mark,
-portal fetches (first fetch sets delivered_at once), acknowledgement, scoping."""
+"""Delivery services: scheduling on finalization (one pending push per endpoint, a disabled
+endpoint's waiting until it is enabled; idempotent, clinic notified), the lease on due
+pushes, backoff and the failing mark, portal fetches (first fetch sets delivered_at once),
+the patient's full name in FHIR, acknowledgement, scoping."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from rdc_core.db import session_scope, utcnow
-from rdc_core.errors import NotFoundError, PermissionDeniedError
+from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from tests.worklist.conftest import Reading
 from worklist.claims import claim_item
 from worklist.critical_values.models import Notification
@@ -34,7 +36,7 @@ from worklist.delivery.service import (
     set_endpoint_enabled,
 )
 from worklist.directory import add_user, principal_for_user
-from worklist.models import AmendmentKind, Exam, Report, Role, User
+from worklist.models import AmendmentKind, Exam, Patient, Report, Role, User
 from worklist.reports import amend_report, save_draft, submit_report
 from worklist.schemas import ReportAmendIn, ReportIn
 from worklist.signing.service import get_signed_artifact
@@ -107,6 +109,16 @@ def clinic_user(reading: Reading, username: str, clinic: str) -> None:
         reading.people[username] = principal_for_user(user)
 
 
+def set_patient_name(reading: Reading, name: str, study: str = STUDY) -> None:
+    """Rename the patient of ``study`` (a DICOM PN value, e.g. ``Wang^Fang=王^芳``)."""
+    with session_scope() as session:
+        exam = session.get(Exam, reading.exams[study])
+        assert exam is not None
+        patient = session.get(Patient, exam.patient_ref)
+        assert patient is not None
+        patient.name = name
+
+
 def _deliveries(report_id: str) -> list[ReportDelivery]:
     with session_scope() as session:
         return list(
@@ -118,7 +130,9 @@ def _deliveries(report_id: str) -> list[ReportDelivery]:
         )
 
 
-def test_finalization_schedules_one_push_per_enabled_endpoint(reading: Reading) -> None:
+def test_finalization_schedules_one_push_per_endpoint_and_enabling_resumes(
+    reading: Reading,
+) -> None:
     add_clinic_endpoint(ae_title="PACS_A")
     add_clinic_endpoint(channel="hl7", receiving_application="HIS", receiving_facility="C1")
     off = add_clinic_endpoint(ae_title="OLD_PACS")
@@ -128,9 +142,10 @@ def test_finalization_schedules_one_push_per_enabled_endpoint(reading: Reading) 
 
     report_id = finalize(reading)
     pushes = _deliveries(report_id)
-    assert sorted(d.channel.value for d in pushes) == ["dicom", "hl7"]
+    # every endpoint of the clinic, the disabled one too (it waits until enabled)
+    assert sorted(d.channel.value for d in pushes) == ["dicom", "dicom", "hl7"]
     assert {d.state for d in pushes} == {DeliveryState.PENDING}
-    assert all(d.endpoint_id != off for d in pushes)
+    assert sum(d.endpoint_id == off for d in pushes) == 1
 
     with session_scope() as session:  # a second run (a retried hook) queues nothing new
         report = session.get(Report, report_id)
@@ -138,7 +153,7 @@ def test_finalization_schedules_one_push_per_enabled_endpoint(reading: Reading) 
         exam = session.get(Exam, report.exam_id)
         assert exam is not None
         schedule_report_delivery(session, report=report, exam=exam, now=utcnow())
-    assert len(_deliveries(report_id)) == 2
+    assert len(_deliveries(report_id)) == 3
 
     with session_scope() as session:
         notes = session.execute(
@@ -150,7 +165,7 @@ def test_finalization_schedules_one_push_per_enabled_endpoint(reading: Reading) 
     assert len(notes) == 1 and notes[0].text_zh and "version 1" in notes[0].text_en
 
     second = amend(reading, report_id, "右肺结节。Nodule, right lung.")
-    assert len(_deliveries(second)) == 2  # the new version is pushed too
+    assert len(_deliveries(second)) == 3  # the new version is pushed too
     with session_scope() as session:
         text = session.execute(
             select(Notification.text_en).where(
@@ -159,26 +174,37 @@ def test_finalization_schedules_one_push_per_enabled_endpoint(reading: Reading) 
         ).scalar_one()
     assert "replaces version 1" in text and "corrected" in text
 
-    # versions reach each endpoint in order: version 2 waits for version 1
-    v1 = {d.id for d in _deliveries(report_id)}
+    # versions reach each endpoint in order: version 2 waits for version 1; the disabled
+    # endpoint gets nothing
+    v1 = {d.endpoint_id: d.id for d in _deliveries(report_id)}
+    v2 = {d.endpoint_id: d.id for d in _deliveries(second)}
     now = utcnow()
-    with session_scope() as session:
-        claimed = claim_due_deliveries(session, now=now, worker="w", lease_seconds=60)
-    assert set(claimed) == v1
-    for delivery_id in claimed:
+
+    def deliver_claimed() -> set[str]:
         with session_scope() as session:
-            record_attempt(
-                session,
-                delivery_id=delivery_id,
-                worker="w",
-                now=now,
-                error=None,
-                detail={},
-                max_backoff=60,
-            )
-    with session_scope() as session:
-        claimed = claim_due_deliveries(session, now=now, worker="w", lease_seconds=60)
-    assert set(claimed) == {d.id for d in _deliveries(second)}
+            claimed = claim_due_deliveries(session, now=now, worker="w", lease_seconds=60)
+        for delivery_id in claimed:
+            with session_scope() as session:
+                record_attempt(
+                    session,
+                    delivery_id=delivery_id,
+                    worker="w",
+                    now=now,
+                    error=None,
+                    detail={},
+                    max_backoff=60,
+                )
+        return set(claimed)
+
+    assert deliver_claimed() == {i for e, i in v1.items() if e != off}
+    assert deliver_claimed() == {i for e, i in v2.items() if e != off}
+    assert deliver_claimed() == set()
+
+    with session_scope() as session:  # enabled again: its waiting pushes go out, in order
+        set_endpoint_enabled(session, principal=None, endpoint=off, enabled=True, now=utcnow())
+    assert deliver_claimed() == {v1[off]}
+    assert deliver_claimed() == {v2[off]}
+    assert {d.state for d in _deliveries(second)} == {DeliveryState.DELIVERED}
 
 
 def test_a_due_push_is_leased_then_backs_off_and_is_retried(reading: Reading) -> None:
@@ -254,6 +280,7 @@ def test_a_due_push_is_leased_then_backs_off_and_is_retried(reading: Reading) ->
 
 def test_first_clinic_fetch_sets_delivered_at_once(reading: Reading) -> None:
     report_id = finalize(reading)
+    set_patient_name(reading, "Wang^Fang^^Dr^III=王^芳")
     tech = reading.people["tech"]
     first, later = utcnow(), utcnow() + timedelta(minutes=5)
 
@@ -276,9 +303,23 @@ def test_first_clinic_fetch_sets_delivered_at_once(reading: Reading) -> None:
         fetch_report_artifact(
             session, principal=tech, report_id=report_id, kind="document", now=later
         )
-        fetch_report_fhir(
+        fhir = fetch_report_fhir(
             session, principal=tech, report_id=report_id, base_url="http://x", now=later
         )
+    _assert_fhir_names(
+        fhir,
+        "王芳 (Dr Wang Fang III)",
+        [
+            ("ABC", "Wang", ["Fang"], ["Dr"], ["III"]),
+            ("IDE", "王", ["芳"], [], []),
+        ],
+    )
+    set_patient_name(reading, "=张三")
+    with session_scope() as session:
+        fhir = fetch_report_fhir(
+            session, principal=tech, report_id=report_id, base_url="http://x", now=later
+        )
+    _assert_fhir_names(fhir, "张三", [("IDE", "张三", [], [], [])])
     with session_scope() as session:
         exam = session.get(Exam, reading.exams[STUDY])
         assert exam is not None and exam.delivered_at == first
@@ -294,7 +335,7 @@ def test_first_clinic_fetch_sets_delivered_at_once(reading: Reading) -> None:
                 AuditEvent.action == "download", AuditEvent.object_id == report_id
             )
         ).scalar_one()
-    assert downloads == 4  # every fetch is audited, the centre's too
+    assert downloads == 5  # every fetch is audited, the centre's too
 
     t1, t2 = utcnow(), utcnow() + timedelta(minutes=1)
     with session_scope() as session, pytest.raises(PermissionDeniedError):
@@ -309,6 +350,36 @@ def test_first_clinic_fetch_sets_delivered_at_once(reading: Reading) -> None:
             session, principal=reading.people["tech"], report_id=report_id, now=t2
         )
     assert again.acknowledged_at == t1
+
+
+def _assert_fhir_names(
+    resource: dict[str, Any],
+    display: str,
+    names: list[tuple[str, str, list[str], list[str], list[str]]],
+) -> None:
+    """The subject shows ``display``; the contained Patient has one HumanName per PN group
+    (representation, family, given, prefix, suffix); the resource is valid FHIR R4."""
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    DiagnosticReport.model_validate(resource)
+    assert resource["subject"]["display"] == display
+    (patient,) = resource["contained"]
+    assert resource["subject"]["reference"] == f"#{patient['id']}"
+    assert patient["resourceType"] == "Patient"
+    got = [
+        (
+            n["extension"][0]["valueCode"],
+            n["family"],
+            n.get("given", []),
+            n.get("prefix", []),
+            n.get("suffix", []),
+        )
+        for n in patient["name"]
+    ]
+    assert got == names
+    assert all(
+        n["extension"][0]["url"].endswith("iso21090-EN-representation") for n in patient["name"]
+    )
 
 
 def test_another_clinic_sees_nothing_and_the_list_marks_the_current_version(
@@ -345,6 +416,8 @@ def test_another_clinic_sees_nothing_and_the_list_marks_the_current_version(
         every, all_total = list_reports(session, principal=tech, current_only=False)
         only, _ = list_reports(session, principal=tech, exam_id=reading.exams[STUDY])
         since, _ = list_reports(session, principal=tech, since=datetime(2999, 1, 1).astimezone())
+        with pytest.raises(InvalidInputError):  # a time without zone is ambiguous
+            list_reports(session, principal=tech, since=datetime(2026, 1, 1))
     assert total == 2 and all_total == 3 and since == []
     assert [i.report_id for i in only] == [second]
     assert only[0].current and only[0].version == 2 and only[0].previous_id == first

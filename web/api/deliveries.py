@@ -43,13 +43,17 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _NO_STORE = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
 
 
-@router.get("/reports", response_model=Page[ReportVersionOut])
+@router.get(
+    "/reports",
+    response_model=Page[ReportVersionOut],
+    responses={422: {"description": "invalid parameter, e.g. a since without time zone"}},
+)
 def reports(
     principal: CurrentPrincipal,
     exam_id: str | None = None,
     clinic: Annotated[str | None, Query(description="clinic code")] = None,
     status: Annotated[ReportStatus | None, Query(description="final or preliminary")] = None,
-    since: Annotated[datetime | None, Query(description="issued at or after (ISO 8601)")] = None,
+    since: Annotated[datetime | None, Query(description="issued at or after, with zone")] = None,
     current_only: Annotated[bool, Query(description="only each exam's newest version")] = True,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,

@@ -3,7 +3,10 @@ small and fixed, and a FHIR model library would be a large dependency for one re
 
 Mapping: status final / amended / corrected / appended / preliminary from the version;
 category RAD / EC / LAB (HL7 v2 table 0074) by discipline; code a LOINC report code;
-subject the patient's identifier within its issuer; presentedForm the signed PDF (URL,
+subject the patient's identifier within its issuer and a contained Patient whose names are
+the DICOM name's component groups (alphabetic and ideographic, told apart by the
+iso21090-EN-representation extension; the display shows both, ``王芳 (Wang Fang)``);
+presentedForm the signed PDF (URL,
 SHA-1 base64 hash, size). Our own extensions carry the HR mark, the version number and
 the version it replaces (R4's DiagnosticReport has no ``relatesTo``).
 """
@@ -18,6 +21,7 @@ from datetime import date, datetime
 from typing import Any
 from urllib.parse import quote
 
+from worklist.delivery.senders import NameGroup, display_name, person_name_groups
 from worklist.models import Discipline, Exam, Report, ReportStatus
 
 __all__ = ["FHIR_EXTENSION_BASE", "diagnostic_report", "fhir_status"]
@@ -36,6 +40,9 @@ _CODE = {
     Discipline.LAB: ("11502-2", "Laboratory report"),
 }
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_EN_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+_REPRESENTATION = {"alphabetic": "ABC", "ideographic": "IDE", "phonetic": "SYL"}
+_GENDER = {"M": "male", "F": "female", "O": "other"}
 
 
 def fhir_status(report: Report) -> str:
@@ -62,6 +69,48 @@ def _when(value: datetime | date | str | None) -> str | None:
     if isinstance(value, date):
         return value.isoformat()
     return str(value)
+
+
+def _human_name(group: NameGroup) -> dict[str, Any]:
+    name: dict[str, Any] = {
+        "extension": [
+            {"url": _EN_REPRESENTATION, "valueCode": _REPRESENTATION[group.representation]}
+        ],
+        "use": "official",
+        "text": group.display,
+        "family": group.family,
+    }
+    for key, values in (
+        ("given", [group.given, group.middle]),
+        ("prefix", [group.prefix]),
+        ("suffix", [group.suffix]),
+    ):
+        if any(values):
+            name[key] = [v for v in values if v]
+    if not group.family:
+        del name["family"]
+    return name
+
+
+def _patient(exam: Exam) -> dict[str, Any]:
+    patient = exam.patient
+    resource: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": "patient",
+        "identifier": [{"system": issuer_system(patient.issuer), "value": patient.patient_id}],
+    }
+    names = [_human_name(g) for g in person_name_groups(patient.name or "")]
+    if names:
+        resource["name"] = names
+    if patient.sex in _GENDER:
+        resource["gender"] = _GENDER[patient.sex]
+    try:
+        born = datetime.strptime(patient.birth_date or "", "%Y%m%d").date()
+    except ValueError:
+        pass  # absent or not a full DICOM DA date
+    else:
+        resource["birthDate"] = born.isoformat()
+    return resource
 
 
 def _person(user: Any) -> dict[str, Any]:
@@ -148,9 +197,11 @@ def diagnostic_report(
                 "value": exam.accession_number,
             }
         )
-    name = (patient.name or "").split("=")[0].replace("^", " ").strip()
+    name = display_name(patient.name or "")
+    contained = _patient(exam)
     subject: dict[str, Any] = {
-        "identifier": {"system": issuer_system(patient.issuer), "value": patient.patient_id}
+        "reference": f"#{contained['id']}",
+        "identifier": {"system": issuer_system(patient.issuer), "value": patient.patient_id},
     }
     if name:
         subject["display"] = name
@@ -164,6 +215,7 @@ def diagnostic_report(
         "resourceType": "DiagnosticReport",
         "id": report.id,
         "text": {"status": "generated", "div": narrative},
+        "contained": [contained],
         "extension": extensions,
         "identifier": identifiers,
         "status": fhir_status(report),

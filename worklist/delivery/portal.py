@@ -228,7 +228,7 @@ def list_reports(
     """Submitted report versions the principal may see, newest first, with the total.
 
     ``current_only`` keeps each exam's newest submitted version; without it every version
-    is listed and ``current`` marks the newest one.
+    is listed and ``current`` marks the newest one. ``since`` must carry a time zone.
     """
     from worklist.recognition.service import recognition_for_report
 
@@ -238,6 +238,9 @@ def list_reports(
         raise InvalidInputError("offset must not be negative")
     if status is ReportStatus.DRAFT:
         raise InvalidInputError("drafts are not delivered; status is final or preliminary")
+    if since is not None and since.tzinfo is None:
+        # A time without zone is ambiguous (a clinic in UTC+8 means local time): refuse it.
+        raise InvalidInputError("since needs a time zone, e.g. 2026-01-01T08:00:00+08:00")
     issued = func.coalesce(Report.final_at, Report.submitted_at)
     stmt: Select[Report, Exam] = (
         select(Report, Exam)

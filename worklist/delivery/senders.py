@@ -20,12 +20,62 @@ from rdc_core.errors import ConfigurationError
 __all__ = [
     "DeliveryFailedError",
     "EndpointSpec",
+    "NameGroup",
     "ReportPush",
     "Sender",
+    "display_name",
     "get_sender",
+    "person_name_groups",
     "register_sender",
     "registered_channels",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class NameGroup:
+    """One component group of a DICOM person name (PS3.5 6.2.1): its representation
+    (``alphabetic``, ``ideographic`` or ``phonetic``) and its five components."""
+
+    representation: str
+    family: str
+    given: str = ""
+    middle: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+    @property
+    def display(self) -> str:
+        """Prefix, family, given, middle, suffix; ideographic names (Chinese) without
+        spaces, as they are written."""
+        parts = [self.prefix, self.family, self.given, self.middle, self.suffix]
+        glue = "" if self.representation == "ideographic" else " "
+        return glue.join(p for p in parts if p)
+
+
+_REPRESENTATIONS = ("alphabetic", "ideographic", "phonetic")
+
+
+def person_name_groups(value: str) -> list[NameGroup]:
+    """The non-empty component groups of a DICOM PN value such as ``Wang^Fang=王^芳``
+    (alphabetic, ideographic, phonetic), in that order."""
+    groups = []
+    for representation, group in zip(_REPRESENTATIONS, (value or "").split("="), strict=False):
+        parts = [p.strip() for p in group.split("^")][:5]
+        if not any(parts):
+            continue
+        family, given, middle, prefix, suffix = parts + [""] * (5 - len(parts))
+        groups.append(NameGroup(representation, family, given, middle, prefix, suffix))
+    return groups
+
+
+def display_name(value: str) -> str:
+    """A person name for people to read: the ideographic name with the alphabetic one in
+    parentheses (``王芳 (Wang Fang)``), or whichever the PN value has."""
+    by_kind = {g.representation: g.display for g in person_name_groups(value)}
+    ideographic, alphabetic = by_kind.get("ideographic"), by_kind.get("alphabetic")
+    if ideographic and alphabetic:
+        return f"{ideographic} ({alphabetic})"
+    return ideographic or alphabetic or by_kind.get("phonetic", "")
 
 
 class DeliveryFailedError(Exception):
@@ -71,7 +121,7 @@ class ReportPush:
     performed_at: datetime | None
     patient_id: str
     issuer: str
-    patient_name: str
+    patient_name: str  # the DICOM PN value, every component group
     birth_date: str | None
     sex: str | None
     clinic_code: str

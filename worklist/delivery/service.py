@@ -1,8 +1,9 @@
 """Push-back of signed reports to the clinics' own systems, and the clinics' endpoints.
 
 When a report version becomes final, :func:`schedule_report_delivery` (called from
-finalization, in the signer's transaction) creates one pending delivery per enabled
-endpoint of the exam's clinic and tells the clinic's users that a new version is there.
+finalization, in the signer's transaction) creates one pending delivery per endpoint of
+the exam's clinic, enabled or not (a disabled endpoint's deliveries wait for it), and
+tells the clinic's users that a new version is there.
 The delivery task then works the queue in three short steps, each its own transaction so
 no database lock is held while talking to a peer:
 
@@ -16,8 +17,9 @@ no database lock is held while talking to a peer:
 Policy: a push is retried until the peer acknowledges it, without a give-up limit; after
 :data:`FAILING_AFTER` failed attempts its state is ``failing`` so it stands out in
 ``GET /api/v1/deliveries?state=failing`` while retries go on. Disabling an endpoint pauses
-its deliveries; enabling it again resumes them. The versions of one exam reach an endpoint
-in order: a later version waits until the earlier one was delivered.
+its deliveries (versions signed meanwhile are queued too); enabling it again sends them.
+The versions of one exam reach an endpoint in order: a later version waits until the
+earlier one was delivered.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from worklist.delivery.schemas import (
     EndpointIn,
     EndpointOut,
 )
-from worklist.delivery.senders import EndpointSpec, ReportPush
+from worklist.delivery.senders import EndpointSpec, ReportPush, display_name
 from worklist.directory import get_organization
 from worklist.models import Exam, Organization, OrgKind, Report, ReportStatus, Role
 
@@ -84,17 +86,15 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]]{1,255}$")
 def schedule_report_delivery(
     session: Session, *, report: Report, exam: Exam, now: datetime
 ) -> None:
-    """Queue push-back of ``report`` to every enabled endpoint of the exam's clinic and tell
-    the clinic's users that a new version is available (and which version it replaces).
+    """Queue push-back of ``report`` to every endpoint of the exam's clinic and tell the
+    clinic's users that a new version is available (and which version it replaces).
 
+    A disabled endpoint's delivery is queued as well: the claim skips it until the endpoint
+    is enabled again, so a version signed during a PACS outage is not lost.
     Idempotent: (report, endpoint) is unique, so running twice queues nothing new.
     """
     endpoints = (
-        session.execute(
-            select(DeliveryEndpoint).where(
-                DeliveryEndpoint.org_id == exam.org_id, DeliveryEndpoint.enabled.is_(True)
-            )
-        )
+        session.execute(select(DeliveryEndpoint).where(DeliveryEndpoint.org_id == exam.org_id))
         .scalars()
         .all()
     )
@@ -137,7 +137,7 @@ def schedule_report_delivery(
 def _notify_new_version(session: Session, *, report: Report, exam: Exam, now: datetime) -> None:
     patient = exam.patient
     what = " ".join(p for p in (exam.modality, exam.body_part, exam.description) if p).strip()
-    who = (patient.name or "").split("=")[0].replace("^", " ").strip() or patient.patient_id
+    who = display_name(patient.name or "") or patient.patient_id
     zh = f"新报告可查看：{who} {what} 第{report.version}版"
     en = f"New report available: {who} {what} version {report.version}"
     if report.version > 1:
@@ -268,7 +268,10 @@ def set_endpoint_enabled(
     now: datetime,
     clinic: str | None = None,
 ) -> EndpointOut:
-    """Enable or disable an endpoint, named by ID or by name (with ``clinic``)."""
+    """Enable or disable an endpoint, named by ID or by name (with ``clinic``).
+
+    Enabling makes the deliveries that waited for the endpoint due at once (the versions
+    signed while it was disabled, and retries that were backing off)."""
     if principal is not None:
         require_roles(principal, _ADMIN_ROLES, lead_only=True)
     row = session.get(DeliveryEndpoint, endpoint)
@@ -286,6 +289,17 @@ def set_endpoint_enabled(
         raise NotFoundError(f"no delivery endpoint {endpoint!r}")
     row.enabled = enabled
     row.updated_at = now
+    if enabled:
+        session.execute(
+            update(ReportDelivery)
+            .where(
+                ReportDelivery.endpoint_id == row.id,
+                ReportDelivery.state != DeliveryState.DELIVERED,
+                ReportDelivery.next_attempt_at > now,
+            )
+            .values(next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
     session.flush()
     _audit_config(
         session,
