@@ -21,6 +21,7 @@ from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, Per
 from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
 from worklist.claims import can_verify, readable_by
+from worklist.critical_values.service import raise_for_report
 from worklist.finalization import finalize_report
 from worklist.models import (
     AmendmentKind,
@@ -267,6 +268,9 @@ def submit_report(
         session.flush()
         # The resident signs what they submit; the clinic may see it (marked 以正式报告为准).
         sign_preliminary_report(session, report=report, exam=exam, signer=principal, now=now)
+        # A critical finding cannot wait for the senior (DESIGN §5: the clinic within
+        # minutes); verification later finds the same alert (its ID is the report's).
+        raise_for_report(session, report=report, exam=exam, signer=principal, now=now)
         action = "submit_preliminary"
     item.updated_at = now
     session.flush()

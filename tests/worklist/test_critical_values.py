@@ -24,6 +24,7 @@ from worklist.critical_values.notifications import (
 )
 from worklist.critical_values.schemas import AcknowledgementIn, AlertOut, ContactIn
 from worklist.critical_values.service import (
+    AlertClosedError,
     AlreadyAcknowledgedError,
     acknowledge_alert,
     escalate_overdue_alerts,
@@ -33,8 +34,8 @@ from worklist.critical_values.service import (
 )
 from worklist.directory import add_user, principal_for_user
 from worklist.models import Exam, ReaderLevel, Report, Role, User
-from worklist.reports import save_draft, submit_report, verify_report
-from worklist.schemas import ReportIn
+from worklist.reports import amend_report, save_draft, submit_report, verify_report
+from worklist.schemas import ReportAmendIn, ReportIn
 
 CRITICAL = "1.2.9.2"
 ROUTINE = "1.2.9.1"
@@ -306,9 +307,9 @@ def test_acknowledgement_rules(reading: Reading) -> None:
 def test_register_filters_and_scoping(reading: Reading) -> None:
     people = _people(reading, "doc_a", "tech_c2")
     first = _alert(_sign(reading, CRITICAL, critical=True))
-    # A resident's critical report: raised when the chief verifies it, by the chief.
+    # A resident's critical report: raised when the resident submits it, by the resident.
     second = _alert(_sign(reading, "1.2.9.4", critical=True, author="resident"))
-    assert second.raised_by == people["chief"].user_id
+    assert second.raised_by == people["resident"].user_id
     _ack(people["tech"], first.id, AcknowledgementIn(read_back="收到"), utcnow())
     _escalate(second.deadline_at + timedelta(seconds=1))
 
@@ -427,3 +428,200 @@ def test_contacts_and_duty_list_rules(reading: Reading) -> None:
         remove_duty(session, principal=people["admin"], username="qc")
     with pytest.raises(NotFoundError), session_scope() as session:
         remove_duty(session, principal=people["admin"], username="qc")
+
+
+# --- Preliminary reports and report versions -------------------------------------------
+
+
+def _preliminary(reading: Reading, study: str, *, critical: bool) -> str:
+    """The resident claims, writes and submits ``study``: a preliminary report (signed by
+    the resident, not verified yet). Returns the report ID."""
+    who = reading.people["resident"]
+    with session_scope() as session:
+        claim_item(
+            session, principal=who, item_id=reading.items[study], now=utcnow(), lease_seconds=600
+        )
+    with session_scope() as session:
+        save_draft(
+            session,
+            principal=who,
+            exam_id=reading.exams[study],
+            data=ReportIn(
+                findings="左肺野透亮度增高。",
+                impression=IMPRESSION,
+                quality_grade="甲",  # type: ignore[arg-type]
+                critical=critical,
+            ),
+            now=utcnow(),
+        )
+    with session_scope() as session:
+        report = submit_report(session, principal=who, exam_id=reading.exams[study], now=utcnow())
+    assert report.status == "preliminary"
+    return report.id
+
+
+def _amend(reading: Reading, report_id: str, now: datetime, **change: object) -> str:
+    """The chief signs a new version of ``report_id`` (kind and fields in ``change``)."""
+    with session_scope() as session:
+        new = amend_report(
+            session,
+            principal=reading.people["chief"],
+            report_id=report_id,
+            data=ReportAmendIn(reason="复核 review", **change),  # type: ignore[arg-type]
+            now=now,
+        )
+    assert new.previous_id == report_id and new.status == "final"
+    return new.id
+
+
+def _alerts(exam_id: str | None = None) -> list[CriticalAlert]:
+    """Every alert (of ``exam_id``), oldest first."""
+    with session_scope() as session:
+        stmt = select(CriticalAlert).order_by(CriticalAlert.raised_at)
+        if exam_id is not None:
+            stmt = stmt.where(CriticalAlert.exam_id == exam_id)
+        alerts = list(session.execute(stmt).scalars())
+        session.expunge_all()
+        return alerts
+
+
+def _register(who: Principal, **filters: object) -> list[AlertOut]:
+    with session_scope() as session:
+        page = list_alerts(session, principal=who, now=utcnow(), **filters)  # type: ignore[arg-type]
+    return page.items
+
+
+def test_preliminary_critical_report_alerts_at_once_verified_or_withdrawn(
+    reading: Reading,
+) -> None:
+    people = _people(reading, "doc_a")
+    kept_id = _preliminary(reading, "1.2.9.4", critical=True)
+    # Before any senior looked at it, the clinic is alerted, by the resident.
+    [alert] = _alerts()
+    assert alert.report_id == kept_id and alert.state == "open"
+    assert alert.raised_by == people["resident"].user_id
+    assert alert.notified_at == alert.raised_at
+    sent = _notifications(alert.id)
+    assert ("doc_a", None, "Critical value") in sent
+    with session_scope() as session:
+        verify_report(session, principal=people["chief"], report_id=kept_id, now=utcnow())
+    # Verified (signed final by the chief): the same alert, nothing sent twice.
+    [after] = _alerts()
+    assert (after.id, after.raised_by, after.raised_at) == (
+        alert.id,
+        people["resident"].user_id,
+        alert.raised_at,
+    )
+    assert after.state == "open" and _notifications(alert.id) == sent
+    [row] = _register(people["qc"])
+    assert row.report_version == 1 and row.report_critical is True
+
+    # The senior un-ticks critical before verifying another one: withdrawn, by the chief.
+    withdrawn_id = _preliminary(reading, "1.2.9.3", critical=True)
+    [alert] = _alerts(reading.exams["1.2.9.3"])
+    chief = people["chief"]
+    now = utcnow()
+    with session_scope() as session:
+        claim_item(
+            session, principal=chief, item_id=reading.items["1.2.9.3"], now=now, lease_seconds=60
+        )
+    with session_scope() as session:
+        save_draft(
+            session,
+            principal=chief,
+            exam_id=reading.exams["1.2.9.3"],
+            data=ReportIn(critical=False),
+            now=now,
+        )
+    with session_scope() as session:
+        submit_report(session, principal=chief, exam_id=reading.exams["1.2.9.3"], now=now)
+    [closed] = _alerts(reading.exams["1.2.9.3"])
+    assert closed.id == alert.id and closed.state == "withdrawn"
+    assert closed.closed_by == chief.user_id and closed.closed_at == now
+    assert closed.next_escalation_at is None
+    # It stops escalating (the verified one still does), and cannot be read back.
+    late = alert.deadline_at + timedelta(hours=1)
+    assert _escalate(late) == [f"{after.id}:1"]
+    with pytest.raises(AlertClosedError):
+        _ack(people["doc_a"], alert.id, AcknowledgementIn(read_back="气胸"), now)
+    # The clinic is told, and its reminders of it are done with.
+    with session_scope() as session:
+        unread = list_notifications(session, principal=people["doc_a"], kind="critical_value")
+    mine = [n.text_en.split(":")[0] for n in unread.items if n.subject_id == alert.id]
+    assert mine == ["Critical value withdrawn"]
+    [row] = _register(people["doc_a"], state="withdrawn")
+    assert row.id == alert.id and row.report_id == withdrawn_id and row.report_critical is False
+    assert row.closed_by is not None and row.closed_by.username == "chief"
+    assert row.closed_at == now and row.superseded_by_report_id is None
+    assert [r.id for r in _register(people["qc"], state="open")] == [after.id]
+
+
+def test_new_version_supersedes_the_open_alert_and_moves_it_when_still_critical(
+    reading: Reading,
+) -> None:
+    people = _people(reading)
+    # Corrected to not critical: the open alert is superseded, no new alert.
+    v1 = _sign(reading, CRITICAL, critical=True)
+    [alert] = _alerts()
+    now = utcnow()
+    v2 = _amend(reading, v1, now, kind="corrected", critical=False)
+    [closed] = _alerts()
+    assert closed.state == "superseded" and closed.superseded_by_report_id == v2
+    assert closed.closed_at == now and closed.closed_by == people["chief"].user_id
+    assert _escalate(alert.deadline_at + timedelta(hours=1)) == []  # it stopped escalating
+    with pytest.raises(AlertClosedError):
+        _ack(people["tech"], alert.id, AcknowledgementIn(read_back="气胸"), now)
+    [row] = _register(people["qc"], state="superseded")
+    assert row.id == alert.id and row.superseded_by_report_id == v2
+    assert row.superseded_by_version == 2 and row.report_version == 1
+    assert row.superseded_by_alert_id is None and row.within_deadline is None
+    # The clinic learns the critical value was superseded.
+    with session_scope() as session:
+        unread = list_notifications(session, principal=people["tech"], kind="critical_value")
+    assert [n.text_en.split(":")[0] for n in unread.items] == ["Critical value superseded"]
+
+    # An addendum copies critical=True: the open alert moves to the new version, once.
+    u1 = _sign(reading, ROUTINE, critical=True)
+    u2 = _amend(reading, u1, utcnow(), kind="appended", recommendation="建议胸外科会诊")
+    first, second = _alerts(reading.exams[ROUTINE])
+    assert (first.report_id, first.state, first.superseded_by_report_id) == (u1, "superseded", u2)
+    assert (second.report_id, second.state, second.previous_alert_id) == (u2, "open", first.id)
+    assert [a.id for a in _register(people["qc"], state="open")] == [second.id]
+    old = [a for a in _register(people["qc"], state="superseded") if a.id == first.id]
+    assert old[0].superseded_by_alert_id == second.id
+    [new] = _register(people["tech"], state="open")
+    assert new.previous_alert_id == first.id and new.report_version == 2
+    with session_scope() as session:
+        unread = list_notifications(session, principal=people["tech"], kind="critical_value")
+    assert sorted(n.text_en.split(":")[0] for n in unread.items) == [
+        "Critical value (report version 2)",
+        "Critical value superseded",
+    ]
+    fired = _escalate(second.deadline_at + timedelta(seconds=1))
+    assert fired == [f"{second.id}:1"]
+
+
+def test_acknowledged_alert_stays_and_only_a_changed_finding_alerts_again(
+    reading: Reading,
+) -> None:
+    people = _people(reading)
+    v1 = _sign(reading, CRITICAL, critical=True)
+    [a1] = _alerts()
+    _ack(people["tech"], a1.id, AcknowledgementIn(read_back="气胸"), utcnow())
+    # Same finding (an addendum to the recommendation): read back already, nothing new.
+    v2 = _amend(reading, v1, utcnow(), kind="appended", recommendation="建议复查")
+    [kept] = _alerts()
+    assert kept.state == "acknowledged" and kept.superseded_by_report_id == v2
+    # A changed finding: the clinic must read back the new one.
+    v3 = _amend(reading, v2, utcnow(), kind="corrected", impression="右侧大量气胸 Right")
+    assert [(a.report_id, a.state) for a in _alerts()] == [(v1, "acknowledged"), (v3, "open")]
+    a3 = _alerts()[1]
+    assert a3.previous_alert_id == a1.id and a3.finding == "右侧大量气胸 Right"
+    _ack(people["tech"], a3.id, AcknowledgementIn(read_back="右侧气胸"), utcnow())
+    # Not critical any more, then critical again with the same text: that is news again.
+    v4 = _amend(reading, v3, utcnow(), kind="corrected", critical=False)
+    assert len(_alerts()) == 2
+    v5 = _amend(reading, v4, utcnow(), kind="corrected", critical=True)
+    states = [(a.report_id, a.state) for a in _alerts()]
+    assert states == [(v1, "acknowledged"), (v3, "acknowledged"), (v5, "open")]
+    assert _register(people["qc"], state="acknowledged")[0].superseded_by_report_id == v4

@@ -11,7 +11,7 @@ from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueCon
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from rdc_core.db import Base, utcnow
-from worklist.models import Exam, Organization, Patient, User, _enum
+from worklist.models import Exam, Organization, Patient, Report, User, _enum
 
 __all__ = [
     "AckChannel",
@@ -26,10 +26,14 @@ __all__ = [
 
 class AlertState(enum.StrEnum):
     """An alert is open until somebody at the clinic read it back; escalation is a level
-    beside the state, not a state of its own."""
+    beside the state, not a state of its own. An open alert is closed without a read-back
+    when the senior verifying a preliminary report un-ticks critical (withdrawn), or when a
+    newer version of the report is signed (superseded); neither escalates any more."""
 
     OPEN = "open"
     ACKNOWLEDGED = "acknowledged"
+    SUPERSEDED = "superseded"
+    WITHDRAWN = "withdrawn"
 
 
 class AckChannel(enum.StrEnum):
@@ -83,8 +87,29 @@ class CriticalAlert(Base):
         _enum(AckChannel, "critical_ack_channel"), nullable=True
     )
     recorded_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    # Closed without a read-back (withdrawn, superseded): when and by whom (the signer).
+    closed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    closed_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    # The links between report versions: the version signed after this alert's (set on
+    # open alerts it superseded and on acknowledged ones, which stay acknowledged), and
+    # the alert of an earlier version this one follows.
+    superseded_by_report_id: Mapped[str | None] = mapped_column(
+        ForeignKey("reports.id", ondelete="SET NULL"), nullable=True
+    )
+    previous_alert_id: Mapped[str | None] = mapped_column(
+        ForeignKey("critical_alerts.id", ondelete="SET NULL"), nullable=True
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    report: Mapped[Report] = relationship(foreign_keys=[report_id], lazy="joined")
+    superseding_report: Mapped[Report | None] = relationship(
+        foreign_keys=[superseded_by_report_id], lazy="joined"
+    )
+    closer: Mapped[User | None] = relationship(foreign_keys=[closed_by], lazy="joined")
+    # The alert(s) raised for a later version following this one (normally at most one).
+    successors: Mapped[list[CriticalAlert]] = relationship(
+        foreign_keys=[previous_alert_id], viewonly=True, lazy="selectin"
+    )
     exam: Mapped[Exam] = relationship(lazy="joined")
     organization: Mapped[Organization] = relationship(lazy="joined")
     patient: Mapped[Patient] = relationship(lazy="joined")

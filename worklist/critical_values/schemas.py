@@ -65,6 +65,20 @@ class AlertOut(BaseModel):
     minutes_to_acknowledge: float | None
     # True/False once decided: acknowledged in time, or late; None while still in time.
     within_deadline: bool | None
+    # The report version the alert belongs to, and whether it is (still) critical: a
+    # senior may un-tick a resident's critical flag when verifying (then withdrawn).
+    report_version: int
+    report_critical: bool
+    # Closed without a read-back (withdrawn or superseded): when, by whom.
+    closed_at: datetime | None = None
+    closed_by: PersonOut | None = None
+    # The links between versions: the version signed after this one (also on acknowledged
+    # alerts, which stay acknowledged), the alert raised for it if any, and the alert of an
+    # earlier version this one follows.
+    superseded_by_report_id: str | None = None
+    superseded_by_version: int | None = None
+    superseded_by_alert_id: str | None = None
+    previous_alert_id: str | None = None
 
 
 class AcknowledgementIn(BaseModel):

@@ -42,6 +42,7 @@ from worklist.schemas import Page
 __all__ = [
     "CRITICAL_VALUE",
     "LAST_LEVEL",
+    "AlertClosedError",
     "AlreadyAcknowledgedError",
     "acknowledge_alert",
     "alert_out",
@@ -60,13 +61,20 @@ FINDING_MAX = 500
 MAX_PAGE = 500
 _CLINIC_ROLES = frozenset({Role.CLINICIAN, Role.TECHNICIAN})
 _LEAD_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
-_REGISTER_STATES = ("open", "acknowledged", "escalated")
+_REGISTER_STATES = ("open", "acknowledged", "escalated", "superseded", "withdrawn")
 
 
 class AlreadyAcknowledgedError(ConflictError):
     """The alert was acknowledged already; an acknowledgement is recorded exactly once."""
 
     title = "Already acknowledged"
+
+
+class AlertClosedError(ConflictError):
+    """The alert was withdrawn or superseded by a newer report version: nothing to read
+    back any more (a newer version's alert, if any, is the one to acknowledge)."""
+
+    title = "Alert closed"
 
 
 def _finding(report: Report) -> str:
@@ -106,16 +114,37 @@ def raise_for_report(
     session: Session, *, report: Report, exam: Exam, signer: Principal, now: datetime
 ) -> str | None:
     """Open a critical-value alert to the exam's clinic when ``report.critical``; returns the
-    alert's ID (None for a report without a critical finding).
+    alert's ID (None when no alert stands for this version).
 
-    One alert per report version (its ID derives from the report's): a retry creates
-    nothing twice. The clinic's clinicians and its primary contact are notified in the
+    Called when a resident's preliminary report is signed and whenever a version becomes
+    final. One alert per report version (its ID derives from the report's): a retry, or the
+    senior's verification of a preliminary report, creates nothing twice; a senior who
+    un-ticked critical before verifying withdraws the open alert. A new version
+    (``report.previous_id``) closes the open alerts of earlier versions as superseded, and
+    raises a new alert only when it is critical and the clinic has not read back this very
+    finding already (an acknowledged alert of the previous, critical, version with the same
+    text stands). The clinic's clinicians and its primary contact are notified in the
     portal at once; a primary contact without a login gets a clinic-wide row naming them.
     """
+    alert_id = stable_id("critical_alert", report.id)
+    finding = _finding(report) or "危急值 / critical value"
+    existing = session.execute(
+        select(CriticalAlert).where(CriticalAlert.id == alert_id)
+    ).scalar_one_or_none()
+    if existing is not None:
+        return _reconsider(
+            session, existing, report=report, finding=finding, signer=signer, now=now
+        )
+    previous_alert_id = None
+    if report.previous_id is not None:
+        previous_alert_id, stands = _supersede_earlier(
+            session, report=report, exam=exam, finding=finding, signer=signer, now=now
+        )
+        if stands:
+            return None
     if not report.critical:
         return None
     settings = get_settings()
-    alert_id = stable_id("critical_alert", report.id)
     deadline = now + timedelta(minutes=settings.critical_escalation_minutes)
     inserted = insert_ignore(
         session,
@@ -126,13 +155,14 @@ def raise_for_report(
             "exam_id": exam.id,
             "org_id": exam.org_id,
             "patient_ref": exam.patient_ref,
-            "finding": _finding(report) or "危急值 / critical value",
+            "finding": finding,
             "raised_by": signer.user_id,
             "raised_at": now,
             "deadline_at": deadline,
             "state": AlertState.OPEN.value,
             "escalation_level": 0,
             "next_escalation_at": deadline,
+            "previous_alert_id": previous_alert_id,
             "created_at": now,
         },
         conflict=["id"],
@@ -143,9 +173,15 @@ def raise_for_report(
     assert alert is not None
     patient, what = _label(alert)
     minutes = f"{settings.critical_escalation_minutes:g}"
+    zh_head, en_head = "危急值", "Critical value"
+    if previous_alert_id is not None:
+        zh_head, en_head = (
+            f"危急值（第{report.version}版报告）",
+            (f"Critical value (report version {report.version})"),
+        )
     text = (
-        f"危急值：{patient}，{what}：{_short(alert.finding)}。请在{minutes}分钟内复述确认。",
-        f"Critical value: {patient}, {what}: {_short(alert.finding)}. "
+        f"{zh_head}：{patient}，{what}：{_short(alert.finding)}。请在{minutes}分钟内复述确认。",
+        f"{en_head}: {patient}, {what}: {_short(alert.finding)}. "
         f"Read back and acknowledge within {minutes} minutes.",
     )
     contact = contact_for(session, org_id=exam.org_id)
@@ -179,9 +215,195 @@ def raise_for_report(
         action="raise",
         object_type=SUBJECT,
         object_id=alert_id,
-        detail={"report_id": report.id, "exam_id": exam.id, "clinic": exam.org_id},
+        detail={
+            "report_id": report.id,
+            "exam_id": exam.id,
+            "clinic": exam.org_id,
+            "previous_alert_id": previous_alert_id,
+        },
     )
     return alert_id
+
+
+def _reconsider(
+    session: Session,
+    alert: CriticalAlert,
+    *,
+    report: Report,
+    finding: str,
+    signer: Principal,
+    now: datetime,
+) -> str | None:
+    """The version's alert exists (raised at preliminary signing, or a retry): withdraw it
+    when the verifier un-ticked critical, follow an edited finding while it is open."""
+    if not report.critical:
+        if _close(session, alert, AlertState.WITHDRAWN, signer=signer, now=now):
+            patient, what = _label(alert)
+            _notify(
+                session,
+                alert,
+                user_id=None,
+                org_id=alert.org_id,
+                now=now,
+                key="withdrawn",
+                text=(
+                    f"危急值已撤回：{patient}，{what}：上级医师审核后的正式报告不再报告危急值"
+                    f"（原为：{_short(alert.finding)}）。",
+                    f"Critical value withdrawn: {patient}, {what}: the senior reader's "
+                    f"verified report no longer reports a critical value "
+                    f"(was: {_short(alert.finding)}).",
+                ),
+            )
+        return None
+    if alert.state is AlertState.OPEN and alert.finding != finding:
+        # The verifier reworded the finding: the clinic reads back the final text.
+        session.execute(
+            update(CriticalAlert)
+            .where(CriticalAlert.id == alert.id, CriticalAlert.state == AlertState.OPEN)
+            .values(finding=finding)
+            .execution_options(synchronize_session=False)
+        )
+        session.expire(alert)
+        patient, what = _label(alert)
+        _notify(
+            session,
+            alert,
+            user_id=None,
+            org_id=alert.org_id,
+            now=now,
+            key="verified",
+            text=(
+                f"危急值（审核后更新）：{patient}，{what}：{_short(finding)}",
+                f"Critical value (updated on verification): {patient}, {what}: {_short(finding)}",
+            ),
+        )
+    return alert.id
+
+
+def _close(
+    session: Session,
+    alert: CriticalAlert,
+    state: AlertState,
+    *,
+    signer: Principal,
+    now: datetime,
+    superseded_by: str | None = None,
+) -> bool:
+    """Close an open alert without a read-back; False when it was not open (acknowledged
+    meanwhile, or closed already). The clinic's reminders of it are done with."""
+    values: dict[str, Any] = {
+        "state": state,
+        "closed_at": now,
+        "closed_by": signer.user_id,
+        "next_escalation_at": None,
+    }
+    if superseded_by is not None:
+        values["superseded_by_report_id"] = superseded_by
+    result = session.execute(
+        update(CriticalAlert)
+        .where(CriticalAlert.id == alert.id, CriticalAlert.state == AlertState.OPEN)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if not cast(CursorResult[Any], result).rowcount:
+        return False
+    _mark_clinic_read(session, alert, now)
+    session.expire(alert)
+    record_access(
+        session,
+        signer,
+        action="withdraw" if state is AlertState.WITHDRAWN else "supersede",
+        object_type=SUBJECT,
+        object_id=alert.id,
+        detail={"report_id": alert.report_id, "superseded_by_report_id": superseded_by},
+    )
+    return True
+
+
+def _supersede_earlier(
+    session: Session,
+    *,
+    report: Report,
+    exam: Exam,
+    finding: str,
+    signer: Principal,
+    now: datetime,
+) -> tuple[str | None, bool]:
+    """Close the open alerts of the exam's earlier versions as superseded by ``report`` and
+    link every earlier alert to it. Returns the latest earlier alert's ID (the one a new
+    alert follows) and whether an acknowledgement already covers ``report``: the previous
+    version was critical too and the clinic read back this very finding."""
+    earlier = (
+        session.execute(
+            select(CriticalAlert)
+            .join(Report, Report.id == CriticalAlert.report_id)
+            .where(CriticalAlert.exam_id == exam.id, Report.version < report.version)
+            .order_by(Report.version.desc())
+            .execution_options(populate_existing=True)
+        )
+        .scalars()
+        .all()
+    )
+    latest = earlier[0] if earlier else None
+    previous = session.get(Report, report.previous_id)
+    stands = bool(
+        report.critical
+        and previous is not None
+        and previous.critical
+        and latest is not None
+        and latest.state is AlertState.ACKNOWLEDGED
+        and latest.finding == finding
+    )
+    closed = []
+    for alert in earlier:
+        if alert.state is AlertState.OPEN and _close(
+            session, alert, AlertState.SUPERSEDED, signer=signer, now=now, superseded_by=report.id
+        ):
+            closed.append(alert)
+    # Acknowledged (and withdrawn) alerts keep their state; they learn their successor.
+    session.execute(
+        update(CriticalAlert)
+        .where(
+            CriticalAlert.id.in_([a.id for a in earlier]),
+            CriticalAlert.superseded_by_report_id.is_(None),
+        )
+        .values(superseded_by_report_id=report.id)
+        .execution_options(synchronize_session=False)
+    )
+    if not report.critical:
+        for alert in closed:
+            patient, what = _label(alert)
+            _notify(
+                session,
+                alert,
+                user_id=None,
+                org_id=alert.org_id,
+                now=now,
+                key=f"superseded:{report.id}",
+                text=(
+                    f"危急值已被取代：{patient}，{what}：第{report.version}版报告不再报告危急值"
+                    f"（原为：{_short(alert.finding)}）。",
+                    f"Critical value superseded: {patient}, {what}: report version "
+                    f"{report.version} no longer reports a critical value "
+                    f"(was: {_short(alert.finding)}).",
+                ),
+            )
+    return (latest.id if latest else None), stands
+
+
+def _mark_clinic_read(session: Session, alert: CriticalAlert, now: datetime) -> None:
+    # The clinic's reminders are done with; the centre's escalation notices stay unread.
+    session.execute(
+        update(Notification)
+        .where(
+            Notification.subject_type == SUBJECT,
+            Notification.subject_id == alert.id,
+            Notification.org_id == alert.org_id,
+            Notification.read_at.is_(None),
+        )
+        .values(read_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _notify(
@@ -240,7 +462,9 @@ def alert_out(alert: CriticalAlert, *, now: datetime) -> AlertOut:
     if alert.acknowledged_at is not None:
         within: bool | None = alert.acknowledged_at <= alert.deadline_at
     else:
-        within = False if now > alert.deadline_at else None
+        # A closed alert stopped the clock: late only if it was overdue when closed.
+        until = alert.closed_at or now
+        within = False if until > alert.deadline_at else None
     raiser = _person(alert.raiser)
     assert raiser is not None
     return AlertOut(
@@ -284,6 +508,18 @@ def alert_out(alert: CriticalAlert, *, now: datetime) -> AlertOut:
         recorded_by=_person(alert.recorder),
         minutes_to_acknowledge=_minutes(alert.acknowledged_at, alert.raised_at),
         within_deadline=within,
+        report_version=alert.report.version,
+        report_critical=alert.report.critical,
+        closed_at=alert.closed_at,
+        closed_by=_person(alert.closer),
+        superseded_by_report_id=alert.superseded_by_report_id,
+        superseded_by_version=(
+            alert.superseding_report.version if alert.superseding_report else None
+        ),
+        superseded_by_alert_id=(
+            max(alert.successors, key=lambda a: a.raised_at).id if alert.successors else None
+        ),
+        previous_alert_id=alert.previous_alert_id,
     )
 
 
@@ -308,7 +544,9 @@ def list_alerts(
 ) -> Page[AlertOut]:
     """The critical-value register, newest first: lead-hospital staff see every clinic's
     alerts, a clinic its own. ``state`` is open, acknowledged or escalated (escalated at
-    least once, whatever happened after); ``since``/``until`` bound the time raised."""
+    least once, whatever happened after), superseded (a newer report version was signed
+    before anybody read it back) or withdrawn (the verifying senior un-ticked critical);
+    ``since``/``until`` bound the time raised."""
     if principal.is_clinic_user:
         require_roles(principal, _CLINIC_ROLES)
     else:
@@ -401,19 +639,15 @@ def acknowledge_alert(
         .execution_options(synchronize_session=False)
     )
     if not cast(CursorResult[Any], result).rowcount:
+        state = session.execute(
+            select(CriticalAlert.state).where(CriticalAlert.id == alert.id)
+        ).scalar_one()
+        if state in (AlertState.SUPERSEDED, AlertState.WITHDRAWN):
+            raise AlertClosedError(
+                f"critical-value alert {alert.id} was {state.value}; see the current report"
+            )
         raise AlreadyAcknowledgedError(f"critical-value alert {alert.id} is already acknowledged")
-    # The clinic's reminders are done with; the centre's escalation notices stay unread.
-    session.execute(
-        update(Notification)
-        .where(
-            Notification.subject_type == SUBJECT,
-            Notification.subject_id == alert.id,
-            Notification.org_id == alert.org_id,
-            Notification.read_at.is_(None),
-        )
-        .values(read_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    _mark_clinic_read(session, alert, now)
     record_access(
         session,
         principal,

@@ -107,7 +107,13 @@ def upgrade() -> None:
         sa.Column(
             "state",
             sa.Enum(
-                "open", "acknowledged", name="critical_alert_state", native_enum=False, length=32
+                "open",
+                "acknowledged",
+                "superseded",
+                "withdrawn",
+                name="critical_alert_state",
+                native_enum=False,
+                length=32,
             ),
             nullable=False,
         ),
@@ -124,9 +130,28 @@ def upgrade() -> None:
             nullable=True,
         ),
         sa.Column("recorded_by", sa.String(length=36), nullable=True),
+        sa.Column("closed_at", _UTC(timezone=True), nullable=True),
+        sa.Column("closed_by", sa.String(length=36), nullable=True),
+        sa.Column("superseded_by_report_id", sa.String(length=36), nullable=True),
+        sa.Column("previous_alert_id", sa.String(length=36), nullable=True),
         sa.Column("created_at", _UTC(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["acknowledged_by"], ["users.id"], name=op.f("fk_critical_alerts_acknowledged_by_users")
+        ),
+        sa.ForeignKeyConstraint(
+            ["closed_by"], ["users.id"], name=op.f("fk_critical_alerts_closed_by_users")
+        ),
+        sa.ForeignKeyConstraint(
+            ["superseded_by_report_id"],
+            ["reports.id"],
+            name=op.f("fk_critical_alerts_superseded_by_report_id_reports"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["previous_alert_id"],
+            ["critical_alerts.id"],
+            name=op.f("fk_critical_alerts_previous_alert_id_critical_alerts"),
+            ondelete="SET NULL",
         ),
         sa.ForeignKeyConstraint(
             ["exam_id"],
