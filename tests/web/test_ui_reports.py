@@ -130,24 +130,24 @@ def test_sign_verify_amend_and_critical_value(demo: RdcServer, browser: Browser)
         expect(page.locator("#impression")).to_have_value(CORRECTED)
         expect(page.locator("#amend-btn")).to_be_visible()
 
-        # The clinic: the critical banner (one alert per signed critical version), read back.
+        # The clinic: the critical banner, read back. The correction superseded version 1's
+        # alert (never read back) and raised one for version 2: one card.
         clinic = _login(clinic_ctx, demo, "doctor_a")
         expect(clinic).to_have_url(re.compile(r"/ui/clinic$"))
         banner = clinic.locator("#critical-alerts")
         expect(banner).to_be_visible()
         cards = banner.locator(".cv-card")
-        expect(cards).to_have_count(2)
+        expect(cards).to_have_count(1)
         expect(banner).to_contain_text(CORRECTED)
         expect(cards.first.locator(".cv-countdown")).to_have_text(re.compile(r"\d+:\d\d:\d\d"))
         _shot(clinic, "clinic-critical")
         cards.first.get_by_role("button", name="确认收到").click()
         expect(cards.first.locator(".error-text")).to_contain_text("请先复述")
-        for left in (1, 0):
-            card = cards.first
-            card.locator("textarea[name=read_back]").fill(READ_BACK)
-            card.locator("input[name=receiver_name]").fill("李医生")
-            card.get_by_role("button", name="确认收到").click()
-            expect(cards).to_have_count(left)
+        card = cards.first
+        card.locator("textarea[name=read_back]").fill(READ_BACK)
+        card.locator("input[name=receiver_name]").fill("李医生")
+        card.get_by_role("button", name="确认收到").click()
+        expect(cards).to_have_count(0)
         expect(banner).to_be_hidden()
 
         # The clinic's report page: signature, HR, both versions, the current one marked.
@@ -173,14 +173,17 @@ def test_sign_verify_amend_and_critical_value(demo: RdcServer, browser: Browser)
         expect(page.locator("#critical-sent")).to_contain_text("复述确认")
         expect(page.locator("#critical-sent")).to_have_attribute("data-state", "acknowledged")
 
-        # QC: the register shows both sides with the read-back.
+        # QC: the register shows both sides with the read-back, and the superseded alert.
         qc = _login(qc_ctx, demo, "qc")
         qc.click("#nav-critical")
         expect(qc).to_have_url(re.compile(r"/ui/critical$"))
         register = qc.locator("#alerts-body tr[data-alert-id]")
         expect(register).to_have_count(2)
+        qc.select_option("#filters select[name=state]", "superseded")
+        expect(register).to_have_count(1)
+        expect(register.first).to_contain_text("由第 2 版报告取代")
         qc.select_option("#filters select[name=state]", "acknowledged")
-        expect(register).to_have_count(2)
+        expect(register).to_have_count(1)
         first = register.first
         expect(first).to_have_attribute("data-state", "acknowledged")
         expect(first.locator(".read-back")).to_have_text(READ_BACK)

@@ -38,7 +38,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 _ACK: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND,
-    409: {"description": "the alert was acknowledged already"},
+    409: {"description": "acknowledged already, or withdrawn / superseded"},
     422: {"description": "empty read-back, or the wrong channel for the caller"},
 }
 
@@ -52,7 +52,9 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
 @router.get("/critical-alerts", response_model=Page[AlertOut])
 def critical_alerts(
     principal: CurrentPrincipal,
-    state: Annotated[str | None, Query(description="open | acknowledged | escalated")] = None,
+    state: Annotated[
+        str | None, Query(description="open | acknowledged | escalated | superseded | withdrawn")
+    ] = None,
     clinic: Annotated[str | None, Query(description="clinic code")] = None,
     since: Annotated[datetime | None, Query(description="raised at or after")] = None,
     until: Annotated[datetime | None, Query(description="raised before")] = None,

@@ -118,7 +118,10 @@
             a.recorded_by ? t("cr.recorded_by", { name: person(a.recorded_by) }) : null,
             el("div", { class: "num muted", text: R.fmt(a.acknowledged_at) }),
           ])
-        : [el("span", { class: "muted", text: t("common.none") }), phoneForm(a)];
+        : [
+            el("span", { class: "muted", text: t("common.none") }),
+            a.state === "open" ? phoneForm(a) : null,
+          ];
       body.appendChild(
         el(
           "tr",
@@ -145,6 +148,9 @@
             el("td", {}, [
               el("span", { class: "cv-state st-" + a.state, text: t("cr.state." + a.state) }),
               a.escalated ? el("div", { class: "cv-escalated", text: t("cr.level", { n: a.escalation_level }) }) : null,
+              a.superseded_by_version
+                ? el("div", { class: "muted", text: t("cr.superseded_by", { n: a.superseded_by_version }) })
+                : null,
             ]),
             el(
               "td",

@@ -36,6 +36,7 @@ from worklist.critical_values.schemas import (
     EscalationOut,
     PersonOut,
 )
+from worklist.delivery.senders import display_name
 from worklist.models import Exam, Organization, OrgKind, Report, Role, User
 from worklist.schemas import Page
 
@@ -96,8 +97,7 @@ def _short(text: str, limit: int = 120) -> str:
 def _label(alert: CriticalAlert) -> tuple[str, str]:
     exam = alert.exam
     what = " ".join(p for p in (exam.modality, exam.body_part, exam.description) if p)
-    # DICOM person names: family^given, with ideographic/phonetic forms after "=".
-    name = (alert.patient.name or "").split("=")[0].replace("^", " ").strip()
+    name = display_name(alert.patient.name or "")
     patient = f"{name or alert.patient.patient_id} ({alert.patient.patient_id})"
     return patient, what or exam.accession_number or exam.id
 
