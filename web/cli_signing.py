@@ -108,7 +108,8 @@ def verify_command(
         typer.Option(help="the alliance CA certificate (PEM); default: this deployment's"),
     ] = None,
 ) -> None:
-    """Verify a signed report PDF or JSON document; exit 0 only when it is valid."""
+    """Verify a signed report PDF or JSON document; exit 0 only when it is valid. With
+    ``--ca`` (no database) revocation cannot be checked: a warning says so."""
     from worklist.signing.verify import load_ca_pems, verify_file
 
     try:
@@ -134,6 +135,11 @@ def verify_command(
             f"[green]valid[/green] {result.kind}: signed by {who} "
             f"(certificate {signer.get('certificate_serial')}) at {result.signed_at}"
         )
+        if not result.revocation_checked:
+            console.print(
+                "[yellow]warning:[/yellow] revocation not checked (no database; only the CA "
+                "certificate) / 未检查证书吊销：请向签发机构核实"
+            )
         return
     console.print(f"[red]NOT valid[/red] {result.kind}:")
     for reason in result.reasons:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worklist.models import (
@@ -19,6 +20,23 @@ from worklist.models import (
 )
 
 T = TypeVar("T")
+
+
+def _signable_structured(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The structured fields are signed as RFC 8785 canonical JSON, whose numbers are IEEE
+    # doubles: NaN, infinities and integers beyond 2^53 have no canonical form (and would
+    # otherwise fail at signing, after the reader pressed submit).
+    if value is None:
+        return None
+    try:
+        rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError as exc:
+        raise ValueError(
+            "structured: numbers must be finite and integers within ±(2^53-1), text valid "
+            f"Unicode (RFC 8785 JSON) / 结构化字段含无法签名的数值或字符: {exc}"
+        ) from exc
+    return value
+
 
 __all__ = [
     "ExamDetail",
@@ -186,6 +204,8 @@ class ReportIn(BaseModel):
     key_images: list[KeyImageRef] | None = Field(default=None, max_length=MAX_KEY_IMAGES)
     revision: int | None = None
 
+    _structured = field_validator("structured")(_signable_structured)
+
     @field_validator("quality_grade", mode="before")
     @classmethod
     def _grade_alias(cls, value: Any) -> Any:
@@ -236,6 +256,8 @@ class ReportAmendIn(BaseModel):
     structured: dict[str, Any] | None = None
     critical: bool | None = None
     key_images: list[KeyImageRef] | None = Field(default=None, max_length=MAX_KEY_IMAGES)
+
+    _structured = field_validator("structured")(_signable_structured)
 
 
 class ReportVersionOut(BaseModel):

@@ -68,6 +68,14 @@ def test_sign_verify_amend_over_http(
         f"/api/v1/exams/{exam_id}/report", json={"key_images": [{"sop_instance_uid": "1.2.3"}]}
     )
     assert bad.status_code == 422
+    # Numbers JSON (RFC 8785) cannot carry are refused, not a 500 at signing.
+    for number in ("NaN", "Infinity", "9007199254740993"):
+        refused = reader.put(
+            f"/api/v1/exams/{exam_id}/report",
+            content=f'{{"structured": {{"size": {number}}}}}',
+            headers={"content-type": "application/json"},
+        )
+        assert refused.status_code == 422, (number, refused.text)
     v1 = reader.post(f"/api/v1/exams/{exam_id}/report/submit").json()
     assert v1["status"] == "preliminary"
     detail = reader.get(f"/api/v1/reports/{v1['id']}").json()
@@ -100,6 +108,33 @@ def test_sign_verify_amend_over_http(
     upload = public.post("/api/v1/verify", files={"file": ("r.json", document)}).json()
     assert upload["valid"] is True and upload["kind"] == "document"
     assert upload["report"]["id"] == v1["id"]
+    # Chunked bodies (no content-length) are capped as they stream: 413, raw or multipart.
+    limit = 32 * 1024 * 1024
+
+    def chunks(total: int, head: bytes = b"%PDF-", tail: bytes = b"") -> Any:
+        yield head
+        sent = len(head) + len(tail)
+        block = b"0" * (1024 * 1024)
+        while sent < total:
+            piece = block[: total - sent]
+            sent += len(piece)
+            yield piece
+        yield tail
+
+    too_big = public.post("/api/v1/verify", content=chunks(limit + 1))
+    assert too_big.status_code == 413, too_big.text
+    assert too_big.headers["content-type"].startswith("application/problem+json")
+    boundary = "rdcboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="r.pdf"\r\n'
+        "Content-Type: application/pdf\r\n\r\n%PDF-"
+    ).encode()
+    too_big = public.post(
+        "/api/v1/verify",
+        content=chunks(limit + len(head) + 64, head, f"\r\n--{boundary}--\r\n".encode()),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert too_big.status_code == 413, too_big.text
     for data in (pdf, document):
         for offset in (len(data) // 3, len(data) // 2, len(data) - 10):
             answer = public.post("/api/v1/verify", content=_flip(data, offset)).json()

@@ -4,20 +4,26 @@ without a certificate."""
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import re
 import subprocess
 import threading
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
+from cryptography import x509
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from rdc_core.db import session_scope, utcnow
 from rdc_core.errors import ConflictError, InvalidInputError
 from rdc_core.settings import get_settings, reset_settings
+from rdc_core.storage import get_object_store
 from tests.worklist.conftest import Reading
 from worklist.claims import claim_item
-from worklist.models import Exam, Report, ReportStatus
+from worklist.models import Exam, Report, ReportStatus, User
 from worklist.reports import amend_report, save_draft, submit_report, verify_report
 from worklist.schemas import ReportAmendIn, ReportIn
 from worklist.signing.models import SignedArtifact, SigningCredential, SigningStage
@@ -27,9 +33,16 @@ from worklist.signing.pki import (
     init_ca,
     issue_certificate,
     revoke_certificate,
+    signer_for,
 )
-from worklist.signing.service import get_signed_artifact, sign_final_report, signature_summary
-from worklist.signing.verify import verify_file
+from worklist.signing.service import (
+    canonical_bytes,
+    get_signed_artifact,
+    sign_final_report,
+    sign_report,
+    signature_summary,
+)
+from worklist.signing.verify import check_report, verify_file
 
 CT = "1.2.9.1"
 
@@ -138,6 +151,33 @@ def test_any_changed_byte_fails_verification(reading: Reading) -> None:
             result = _verify(bytes(changed))
             assert not result.valid, f"byte {offset} of {len(original)} changed, still valid"  # type: ignore[attr-defined]
             assert result.reasons  # type: ignore[attr-defined]
+    # Changes that decode to the same values: another base64 spelling of the signature
+    # (unused padding bits), hex digits in the other case inside /Contents, and fields
+    # outside the signed document (the algorithm name, an added key).
+    value = json.loads(document)["signature"]["value"]
+    raw = base64.b64decode(value)
+    body = value.rstrip("=")
+    spellings = [
+        body[:-1] + c + value[len(body) :]
+        for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        if c != body[-1]
+    ]
+    # A 70- or 71-byte ECDSA signature has unused bits (a 72-byte one none).
+    same = [v for v in spellings if base64.b64decode(v) == raw]
+    assert len(raw) % 3 == 0 or same
+    variants = [document.replace(value.encode(), v.encode()) for v in same]
+    variants.append(document.replace(b'"algorithm":"ecdsa-with-SHA256"', b'"algorithm":"x"'))
+    variants.append(document.replace(b'{"document":', b'{"comment":"x","document":', 1))
+    contents = re.search(rb"/Contents\s*<([0-9a-fA-F]+)>", pdf)
+    assert contents is not None
+    at = contents.start(1) + next(
+        i for i, b in enumerate(contents.group(1)) if b in b"abcdefABCDEF"
+    )
+    variants.append(pdf[:at] + bytes([pdf[at] ^ 0x20]) + pdf[at + 1 :])
+    for variant in variants:
+        assert variant not in (pdf, document)
+        result = _verify(variant)
+        assert not result.valid and result.reasons  # type: ignore[attr-defined]
 
 
 def test_key_images_and_hr_mark_on_the_data_section(reading: Reading) -> None:
@@ -203,11 +243,37 @@ def test_ca_init_issue_renew_revoke(reading: Reading) -> None:
         assert (
             signature_summary(session, report_id=report_id)["certificate_serial"] == second.serial
         )  # type: ignore[index]
-    pdf, _ = _artifacts(report_id)
+    pdf, document = _artifacts(report_id)
     with session_scope() as session:
-        revoke_certificate(session, serial=second.serial, now=utcnow())
-    # Revoked after signing: the report stays valid.
-    assert _verify(pdf).valid  # type: ignore[attr-defined]
+        user = session.execute(select(User).where(User.username == "attending")).scalar_one()
+        stolen = signer_for(session, user=user, now=utcnow())  # the key, as a thief has it
+    with session_scope() as session:
+        revoked_at = revoke_certificate(session, serial=second.serial, now=utcnow()).revoked_at
+    assert revoked_at is not None
+    # Revoked after signing: the report stays valid (its signing time is the database's).
+    assert _verify(pdf).valid and _verify(document).valid  # type: ignore[attr-defined]
+    # Signed after revocation with a back-dated claim: the claim is not believed.
+    forged = json.loads(document)["document"]
+    forged["report"]["impression"] = "伪造 forged"
+    forged["signed_at"] = (revoked_at - timedelta(seconds=1)).isoformat()
+    envelope = json.loads(document)
+    envelope["document"] = forged
+    envelope["signature"]["value"] = base64.b64encode(stolen.sign(canonical_bytes(forged))).decode()
+    result = _verify(canonical_bytes(envelope))
+    assert not result.valid and result.checks["signature"]  # type: ignore[attr-defined]
+    assert result.checks["not_revoked"] is False  # type: ignore[attr-defined]
+    # Offline (a CA PEM, no database): valid, but it says revocation was not checked.
+    ca_cert = x509.load_pem_x509_certificate(ca.certificate_pem.encode())
+    offline = verify_file(pdf, ca_certs=[ca_cert])
+    assert offline.valid and offline.revocation_checked is False
+    assert _verify(pdf).revocation_checked is True  # type: ignore[attr-defined]
+    # A revoked CA is no trust root: nothing it issued verifies against the database.
+    with session_scope() as session:
+        revoke_certificate(session, serial=ca.serial, now=utcnow())
+    for data in (pdf, document):
+        result = _verify(data)
+        assert not result.valid, result.kind  # type: ignore[attr-defined]
+        assert any("alliance CA" in r for r in result.reasons)  # type: ignore[attr-defined]
 
 
 def test_production_refuses_to_sign_without_certificate(
@@ -299,3 +365,92 @@ def test_amend_creates_linked_signed_versions_and_one_racer_wins(reading: Readin
     _, document = _artifacts(v2.id)
     amendment = json.loads(document)["document"]["report"]["amendment"]
     assert amendment == {"kind": "appended", "reason": "补充随访建议", "previous_id": v1}
+
+
+def _stored(report_id: str, stage: SigningStage) -> tuple[bytes, bytes]:
+    with session_scope() as session:
+        row = session.get(SignedArtifact, (report_id, stage))
+        assert row is not None
+        keys = row.pdf_key, row.document_key
+    store = get_object_store()
+    with store.open(keys[0]) as pdf, store.open(keys[1]) as document:
+        return pdf.read(), document.read()
+
+
+def test_old_signatures_verify_at_their_signing_time(reading: Reading) -> None:
+    # A CA and a reader's certificate from three years ago: the certificate expired a
+    # year ago, and what it signed while valid must still verify (PDF and JSON alike).
+    past = utcnow() - timedelta(days=3 * 365)
+    with session_scope() as session:
+        ca = init_ca(session, now=past - timedelta(days=1))
+        issue_certificate(session, username="attending", now=past)
+    report_id = _draft(reading, "attending")
+    with session_scope() as session:
+        report = session.get(Report, report_id)
+        assert report is not None
+        report.status, report.final_at = ReportStatus.FINAL, past + timedelta(days=10)
+        session.flush()
+        exam = session.get(Exam, report.exam_id)
+        for stage, at in (
+            (SigningStage.FINAL, past + timedelta(days=10)),
+            # Before the certificate's validity: neither file may verify.
+            (SigningStage.PRELIMINARY, past - timedelta(hours=1)),
+        ):
+            sign_report(
+                session,
+                report=report,
+                exam=exam,
+                signer=reading.people["attending"],
+                recognition=None,
+                stage=stage,
+                now=at,
+            )
+    pdf, document = _stored(report_id, SigningStage.FINAL)
+    for data in (pdf, document):
+        result = _verify(data)
+        assert result.valid, result.reasons  # type: ignore[attr-defined]
+    with session_scope() as session:
+        checked = check_report(session, principal=reading.people["chief"], report_id=report_id)
+    assert checked["valid"] is True, checked["reasons"]
+    # An uploaded file without a database record: the signed attributes' time is used.
+    ca_cert = x509.load_pem_x509_certificate(ca.certificate_pem.encode())
+    assert verify_file(pdf, ca_certs=[ca_cert]).valid
+    early_pdf, early_document = _stored(report_id, SigningStage.PRELIMINARY)
+    for data in (early_pdf, early_document):
+        result = verify_file(data, ca_certs=[ca_cert])
+        assert not result.valid
+        assert "the signer's certificate was not valid at signing time" in result.reasons
+
+
+def test_canonical_json_is_rfc8785(reading: Reading) -> None:
+    for bad in (math.nan, math.inf, -math.inf, 2**53, [{"deep": math.nan}]):
+        with pytest.raises(ValidationError, match="structured"):
+            ReportIn(structured={"x": bad})
+        with pytest.raises(ValidationError, match="structured"):
+            ReportAmendIn(kind="corrected", reason="r", structured={"x": {"y": bad}})
+    structured = {"big": 1e16, "sum": 0.1 + 0.2, "neg": -0.0, "\U0001f600": 1, "\uff01": 2}
+    _draft(reading, "attending", structured=structured)
+    report_id = _submit(reading, "attending")
+    pdf, document = _artifacts(report_id)
+    assert _verify(document).valid and _verify(pdf).valid  # type: ignore[attr-defined]
+    envelope = json.loads(document)
+    assert envelope["format"] == "rdc-signed-report/2"
+    # ECMAScript number forms and keys in UTF-16 order (U+1F600 is D83D DE00 < FF01).
+    expected = '"structured":{"big":10000000000000000,"neg":0,"sum":0.30000000000000004,'
+    assert (expected + '"\U0001f600":1,"\uff01":2}').encode() in document
+    # A document of the first format (Python's sorted JSON) still verifies.
+    with session_scope() as session:
+        user = session.execute(select(User).where(User.username == "attending")).scalar_one()
+        key = signer_for(session, user=user, now=utcnow())
+
+    def legacy(value: object) -> bytes:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    old = json.loads(document)
+    del old["document"]["report"]["structured"]["big"]  # 10^16: an int JCS cannot take
+    old["format"] = "rdc-signed-report/1"
+    old["document"]["structured_note"] = "旧格式"
+    old["signature"]["value"] = base64.b64encode(key.sign(legacy(old["document"]))).decode()
+    result = _verify(legacy(old))
+    assert result.valid, result.reasons  # type: ignore[attr-defined]
+    assert not _verify(canonical_bytes(old)).valid  # type: ignore[attr-defined]

@@ -206,9 +206,12 @@ def ca_certificate(session: Session) -> SigningCredential:
 
 
 def ca_certificates(session: Session) -> list[x509.Certificate]:
-    """Every CA certificate the alliance has had (old reports chain to an old CA)."""
+    """Every CA certificate the alliance has had and not revoked (old reports chain to an
+    old CA); these are the verifiers' trust roots, so a revoked CA is never one."""
     rows = session.execute(
-        select(SigningCredential.certificate_pem).where(SigningCredential.kind == CredentialKind.CA)
+        select(SigningCredential.certificate_pem).where(
+            SigningCredential.kind == CredentialKind.CA, SigningCredential.revoked.is_(False)
+        )
     ).scalars()
     return [x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in rows]
 
@@ -320,8 +323,9 @@ def issue_certificate(
 
 
 def revoke_certificate(session: Session, *, serial: str, now: datetime) -> SigningCredential:
-    """Mark a certificate revoked from ``now``: signatures made before stay valid, later
-    ones do not verify."""
+    """Mark a certificate revoked from ``now``: a reader's signatures recorded before stay
+    valid, later ones do not verify. A revoked CA is no longer a trust root: nothing it
+    issued verifies any more."""
     row = credential_by_serial(session, serial)
     if row is None:
         raise NotFoundError(f"no certificate with serial {serial}")

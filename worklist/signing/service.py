@@ -6,10 +6,12 @@ Two artefacts are produced and stored before the transaction commits:
 - the **signed document**: the canonical JSON of everything the report states and covers
   (content, version and amendment, exam and patient identifiers, the SHA-256 of every
   object of the exam, the recognition decision, author, verifier, signer, time), signed
-  with the signer's key; the file is itself canonical JSON (sorted keys, no spaces,
-  UTF-8), so any changed byte is detected;
+  with the signer's key; the file is itself canonical JSON, so any changed byte is
+  detected. Canonical means RFC 8785 (JCS) since format ``rdc-signed-report/2``, which
+  any language's JCS library reproduces; ``/1`` used Python's sorted ``json.dumps`` and
+  is still verified;
 - the **PDF**: the printable report rendered from that document and PAdES-signed with the
-  same key and certificate (the CA chain embedded).
+  same key and certificate (the CA chain embedded) and the same signing time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 from datetime import datetime
 from typing import Any, Literal
 
+import rfc8785
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,11 +41,13 @@ from worklist.signing.pki import Signer, signature_algorithm, signer_for
 
 __all__ = [
     "DOCUMENT_FORMAT",
+    "LEGACY_SIGNED_FORMAT",
     "PRELIMINARY_NOTICE",
     "SIGNED_FORMAT",
     "build_document",
     "canonical_bytes",
     "get_signed_artifact",
+    "legacy_canonical_bytes",
     "sign_final_report",
     "sign_preliminary_report",
     "sign_report",
@@ -52,13 +57,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DOCUMENT_FORMAT = "rdc-report/1"
-SIGNED_FORMAT = "rdc-signed-report/1"
+SIGNED_FORMAT = "rdc-signed-report/2"
+# The first format's canonical form was Python-specific; its files still verify.
+LEGACY_SIGNED_FORMAT = "rdc-signed-report/1"
 PRELIMINARY_NOTICE = "以正式报告为准 / Subject to the final report"
 _CMS_BYTES = 16 * 1024
 
 
 def canonical_bytes(value: Any) -> bytes:
-    """JSON with sorted keys, no spaces, UTF-8: the bytes that are signed."""
+    """RFC 8785 (JSON Canonicalization Scheme) UTF-8 bytes: what is signed. ValueError
+    for what JCS cannot express (NaN, infinities, integers beyond ±(2^53-1))."""
+    return bytes(rfc8785.dumps(value))
+
+
+def legacy_canonical_bytes(value: Any) -> bytes:
+    """The canonical form of ``rdc-signed-report/1`` (sorted keys, no spaces, UTF-8, as
+    Python's json writes them); only for verifying documents signed in that format."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -194,10 +208,20 @@ def _key_images(session: Session, store: ObjectStore, report: Report) -> list[Ke
     return images
 
 
-def _sign_pdf(pdf: bytes, signer: Signer, *, name: str, reason: str) -> bytes:
+def _sign_pdf(pdf: bytes, signer: Signer, *, name: str, reason: str, at: datetime) -> bytes:
     from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
     from pyhanko.sign import signers
     from pyhanko.sign.fields import SigSeedSubFilter
+
+    class _SignerAt(signers.PdfSigner):
+        # pyHanko stamps its own clock into the signingTime attribute; the PDF must carry
+        # the same signing time as the JSON document (verifiers validate at that time).
+        def init_signing_session(self, pdf_out: Any, existing_fields_only: bool = False) -> Any:
+            session = super().init_signing_session(
+                pdf_out, existing_fields_only=existing_fields_only
+            )
+            session.system_time = at
+            return session
 
     writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
     meta = signers.PdfSignatureMetadata(
@@ -210,7 +234,7 @@ def _sign_pdf(pdf: bytes, signer: Signer, *, name: str, reason: str) -> bytes:
     )
     # A fixed reservation for the CMS container (two certificates and one signature fit
     # in well under 8 KiB): pyHanko otherwise signs twice, once only to measure the size.
-    out = signers.sign_pdf(writer, meta, signer=signer.pdf_signer(), bytes_reserved=_CMS_BYTES)
+    out = _SignerAt(meta, signer.pdf_signer()).sign_pdf(writer, bytes_reserved=_CMS_BYTES)
     return bytes(out.getbuffer())
 
 
@@ -275,6 +299,7 @@ def sign_report(
             if stage is SigningStage.PRELIMINARY
             else "正式报告 Final report"
         ),
+        at=now,
     )
     base = f"reports/{report.id}/{stage.value}"
     json_key, pdf_key = f"{base}.json", f"{base}.pdf"

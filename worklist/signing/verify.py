@@ -3,11 +3,20 @@
 Anyone can verify: the only input besides the file is the alliance CA certificate (from
 the database, or a PEM a verifier was given). The answer says only what the file itself
 holds (who signed, when, which report version), so an outsider learns nothing more.
+
+Certificates are checked at the signing time, so a report stays valid after its signer's
+certificate expires. That time is the alliance's own record (``signed_artifacts``) when
+the file is one the alliance stored; otherwise the time the file claims. Revocation needs
+the database: a revoked certificate's signature is accepted only when the recorded signing
+time precedes the revocation (a claimed time can be back-dated by whoever holds the key).
+Without the database (``rdc verify --ca``) revocation is not checked, and the result says so.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -17,6 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from rdc_core.errors import NotFoundError
@@ -24,11 +34,19 @@ from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.models import Report, ReportStatus
 from worklist.queries import visible_exam
-from worklist.signing.pki import ca_certificates, credential_by_serial, verify_signature
+from worklist.signing.models import SignedArtifact
+from worklist.signing.pki import (
+    ca_certificates,
+    credential_by_serial,
+    signature_algorithm,
+    verify_signature,
+)
 from worklist.signing.service import (
+    LEGACY_SIGNED_FORMAT,
     SIGNED_FORMAT,
     canonical_bytes,
     get_signed_artifact,
+    legacy_canonical_bytes,
     signature_summary,
 )
 
@@ -47,6 +65,9 @@ class VerificationResult:
     signed_at: str | None = None
     report: dict[str, Any] | None = None
     checks: dict[str, bool] = field(default_factory=dict)
+    # False when no database was at hand (a CA PEM only): "valid" then says nothing
+    # about revocation.
+    revocation_checked: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -73,25 +94,53 @@ def _trust_roots(
 ) -> list[x509.Certificate]:
     roots = list(ca_certs or [])
     if session is not None:
-        roots += ca_certificates(session)
+        roots += ca_certificates(session)  # never a revoked CA
     return roots
 
 
+def _recorded_signing_time(session: Session | None, data: bytes) -> datetime | None:
+    # The alliance's own record of when this exact file was signed (None for a file it
+    # did not store).
+    if session is None:
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    return session.execute(
+        select(SignedArtifact.signed_at)
+        .where(or_(SignedArtifact.document_sha256 == digest, SignedArtifact.pdf_sha256 == digest))
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def _check_revocation(
-    session: Session | None, result: VerificationResult, serial: str, signed_at: datetime | None
+    session: Session | None, result: VerificationResult, serial: str, recorded: datetime | None
 ) -> None:
     if session is None:
         return
+    result.revocation_checked = True
     credential = credential_by_serial(session, serial)
     if credential is None:
         result.reasons.append(f"certificate {serial} was not issued by this alliance's CA")
         result.checks["not_revoked"] = False
         return
-    revoked = credential.revoked and (
-        credential.revoked_at is None or signed_at is None or credential.revoked_at <= signed_at
+    if not credential.revoked:
+        result.checks["not_revoked"] = True
+        return
+    # Only a signing time from the alliance's records can show the signature predates
+    # the revocation; the file's own claim is the key holder's word.
+    before = (
+        recorded is not None
+        and credential.revoked_at is not None
+        and recorded < credential.revoked_at
     )
-    result.checks["not_revoked"] = not revoked
-    if revoked:
+    result.checks["not_revoked"] = before
+    if before:
+        return
+    if recorded is None:
+        result.reasons.append(
+            f"certificate {serial} is revoked and this file is not in the alliance's records, "
+            "so its claimed signing time cannot show it was signed before the revocation"
+        )
+    else:
         result.reasons.append(f"certificate {serial} was revoked when the report was signed")
 
 
@@ -99,7 +148,7 @@ def _chains_to(cert: x509.Certificate, roots: list[x509.Certificate], at: dateti
     """None when ``cert`` was directly issued by one of ``roots`` and valid at ``at``;
     otherwise why not. The alliance's hierarchy is one level deep by construction."""
     if not roots:
-        return "no trusted CA certificate to check against (give --ca CA.pem)"
+        return "no trusted alliance CA certificate to check against (give --ca CA.pem)"
     for root in roots:
         if root.subject != cert.issuer:
             continue
@@ -121,22 +170,37 @@ def _chains_to(cert: x509.Certificate, roots: list[x509.Certificate], at: dateti
     return "the signer's certificate does not chain to the alliance CA"
 
 
+def _jcs_int(text: str) -> int | float:
+    # RFC 8785 numbers are doubles: a double such as 1e16 is written as an integer that
+    # Python would otherwise read as an int too large for JCS.
+    value = int(text)
+    return value if abs(value) < 2**53 else float(value)
+
+
+_ENVELOPE_KEYS = {"format", "document", "signature"}
+_SIGNATURE_KEYS = {"algorithm", "value", "certificate", "chain"}
+
+
 def _verify_document(
-    data: bytes, session: Session | None, roots: list[x509.Certificate]
+    data: bytes, session: Session | None, roots: list[x509.Certificate], recorded: datetime | None
 ) -> VerificationResult:
     result = VerificationResult(kind="document")
     try:
         envelope = json.loads(data.decode("utf-8"))
+        fmt = envelope.get("format") if isinstance(envelope, dict) else None
+        if fmt == SIGNED_FORMAT:
+            envelope = json.loads(data.decode("utf-8"), parse_int=_jcs_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         result.reasons.append(f"not a JSON document: {exc}")
         return result
-    if not isinstance(envelope, dict) or envelope.get("format") != SIGNED_FORMAT:
+    if fmt not in (SIGNED_FORMAT, LEGACY_SIGNED_FORMAT):
         result.reasons.append(f"not a signed report document ({SIGNED_FORMAT})")
         return result
+    canonical_form = canonical_bytes if fmt == SIGNED_FORMAT else legacy_canonical_bytes
     # The file is canonical JSON as written: any byte changed outside the signed document
     # (spacing, the signature block) breaks this, inside it breaks the signature.
     try:
-        canonical = canonical_bytes(envelope) == data
+        canonical = canonical_form(envelope) == data
     except ValueError:
         canonical = False
     result.checks["canonical"] = canonical
@@ -147,6 +211,9 @@ def _verify_document(
     if not isinstance(document, dict) or not isinstance(signature, dict):
         result.reasons.append("document or signature missing")
         return result
+    # Nothing unsigned may travel along: only the keys the signer writes.
+    if set(envelope) != _ENVELOPE_KEYS or set(signature) != _SIGNATURE_KEYS:
+        result.reasons.append("the file holds fields the signer did not write (modified)")
     result.signer = document.get("signer")
     result.signed_at = document.get("signed_at")
     report = document.get("report") or {}
@@ -162,6 +229,15 @@ def _verify_document(
     except ValueError as exc:
         result.reasons.append(f"unreadable signature or certificate: {exc}")
         return result
+    # Base64 decoding ignores unused bits: only the one spelling the signer wrote counts.
+    if base64.b64encode(value).decode("ascii") != signature.get("value"):
+        result.reasons.append("the signature value is not written as signed (modified)")
+    try:
+        algorithm: str | None = signature_algorithm(cert)
+    except ValueError:  # a damaged certificate's key
+        algorithm = None
+    if algorithm is None or signature.get("algorithm") != algorithm:
+        result.reasons.append("the signature algorithm does not match the certificate's key")
     pem = serialization.Encoding.PEM
     try:
         chain = [x509.load_pem_x509_certificate(str(c).encode()) for c in signature["chain"]]
@@ -180,7 +256,7 @@ def _verify_document(
     if not exact:
         result.reasons.append("the embedded certificates are not the signer's and the CA's")
     try:
-        verify_signature(cert, value, canonical_bytes(document))
+        verify_signature(cert, value, canonical_form(document))
         result.checks["signature"] = True
     except (InvalidSignature, ValueError):
         result.checks["signature"] = False
@@ -196,11 +272,11 @@ def _verify_document(
     except ValueError:
         result.reasons.append("no valid signing time")
         return result
-    problem = _chains_to(cert, roots, signed_at)
+    problem = _chains_to(cert, roots, recorded or signed_at)
     result.checks["chain"] = problem is None
     if problem:
         result.reasons.append(problem)
-    _check_revocation(session, result, serial, signed_at)
+    _check_revocation(session, result, serial, recorded)
     result.valid = not result.reasons
     return result
 
@@ -214,6 +290,15 @@ def _contents_padding_clean(sig: Any) -> bool:
     _, _, _, header, body, trailer = parser.parse(contents)
     used = len(header) + len(body) + len(trailer)
     return not any(contents[used:])
+
+
+def _contents_as_written(sig: Any, data: bytes) -> bool:
+    # The /Contents hex string is outside the byte range, and hex digits read the same
+    # in either case: the gap must hold exactly what pyHanko writes (upper-case hex).
+    start, _, end, _ = (int(n) for n in sig.sig_object["/ByteRange"])
+    gap_start = start + int(sig.sig_object["/ByteRange"][1])
+    contents = bytes(sig.sig_object["/Contents"])
+    return data[gap_start:end] == b"<" + binascii.hexlify(contents).upper() + b">"
 
 
 def _container_clean(sig: Any, roots_der: set[bytes]) -> bool:
@@ -231,7 +316,7 @@ def _container_clean(sig: Any, roots_der: set[bytes]) -> bool:
 
 
 def _verify_pdf(
-    data: bytes, session: Session | None, roots: list[x509.Certificate]
+    data: bytes, session: Session | None, roots: list[x509.Certificate], recorded: datetime | None
 ) -> VerificationResult:
     from asn1crypto import x509 as asn1_x509
     from pyhanko.pdf_utils.reader import PdfFileReader
@@ -250,13 +335,23 @@ def _verify_pdf(
         return result
     sig = signatures[0]
     if not roots:
-        result.reasons.append("no trusted CA certificate to check against (give --ca CA.pem)")
+        result.reasons.append(
+            "no trusted alliance CA certificate to check against (give --ca CA.pem)"
+        )
+        return result
+    claimed = sig.self_reported_timestamp
+    moment = recorded or claimed
+    if moment is None:
+        result.reasons.append("no signing time in the signature")
         return result
     der = serialization.Encoding.DER
+    # Validated as of the signing time: an expired certificate does not void what it
+    # signed while valid.
     context = ValidationContext(
         trust_roots=[asn1_x509.Certificate.load(r.public_bytes(der)) for r in roots],
         allow_fetching=False,
         revocation_mode="soft-fail",
+        moment=moment,
     )
     try:
         status = validate_pdf_signature(sig, context)
@@ -270,7 +365,7 @@ def _verify_pdf(
         "certificate_serial": format(cert.serial_number, "x"),
         "certificate_issuer": cert.issuer.human_friendly,
     }
-    signed_at = status.signer_reported_dt
+    signed_at = status.signer_reported_dt or claimed
     result.signed_at = signed_at.astimezone(UTC).isoformat() if signed_at else None
     result.checks.update(
         intact=bool(status.intact),
@@ -279,22 +374,36 @@ def _verify_pdf(
         entire_file=status.coverage == SignatureCoverageLevel.ENTIRE_FILE,
     )
     try:
-        result.checks["padding"] = _contents_padding_clean(sig) and _container_clean(
-            sig, {r.public_bytes(der) for r in roots}
+        result.checks["padding"] = (
+            _contents_as_written(sig, data)
+            and _contents_padding_clean(sig)
+            and _container_clean(sig, {r.public_bytes(der) for r in roots})
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, IndexError):
         result.checks["padding"] = False
     messages = {
         "intact": "the signed bytes were changed (digest mismatch)",
         "valid": "the signature value is not valid",
-        "trusted": "the signer's certificate does not chain to the alliance CA",
+        "trusted": _untrusted_reason(cert, roots, moment, status),
         "entire_file": "the signature does not cover the whole file (bytes added or changed)",
         "padding": "the signature container was modified",
     }
     result.reasons += [messages[name] for name, ok in result.checks.items() if not ok]
-    _check_revocation(session, result, format(cert.serial_number, "x"), signed_at)
+    _check_revocation(session, result, format(cert.serial_number, "x"), recorded)
     result.valid = not result.reasons
     return result
+
+
+def _untrusted_reason(
+    cert: Any, roots: list[x509.Certificate], moment: datetime, status: Any
+) -> str:
+    # Say what failed (no chain, not valid then, key usage), not only that trust failed.
+    problem = _chains_to(x509.load_der_x509_certificate(cert.dump()), roots, moment)
+    if problem:
+        return problem
+    indication = getattr(status, "trust_problem_indic", None)
+    name = getattr(indication, "name", None) or "unknown"
+    return f"the signer's certificate could not be validated at signing time ({name})"
 
 
 def verify_file(
@@ -302,24 +411,28 @@ def verify_file(
     *,
     session: Session | None = None,
     ca_certs: list[x509.Certificate] | None = None,
+    signed_at: datetime | None = None,
 ) -> VerificationResult:
     """Check a signed report file (PDF or JSON document, told apart by content) against the
-    alliance CA: from ``session``'s database and/or the given ``ca_certs``. With a session,
-    the signer's certificate must also not have been revoked at signing time."""
+    alliance CA: from ``session``'s database and/or the given ``ca_certs``. Certificates
+    are checked at the signing time: ``signed_at`` when given (the caller's trusted record),
+    else the alliance's record of this file, else the time the file claims. With a session
+    the signer's certificate must not have been revoked before that recorded time
+    (``revocation_checked``); without one revocation is not checked."""
     roots = _trust_roots(session, ca_certs)
+    recorded = signed_at or _recorded_signing_time(session, data)
     kind = detect_kind(data)
     if kind == "pdf":
-        return _verify_pdf(data, session, roots)
+        return _verify_pdf(data, session, roots, recorded)
     if kind == "document":
-        return _verify_document(data, session, roots)
+        return _verify_document(data, session, roots, recorded)
     return VerificationResult(kind="unknown", reasons=["neither a PDF nor a signed JSON document"])
 
 
 def check_report(session: Session, *, principal: Principal, report_id: str) -> dict[str, Any]:
     """Verify the stored signed document and PDF of a report version the principal may
-    read (clinics: their own submitted reports; otherwise not found). Audited."""
-    import hashlib
-
+    read (clinics: their own submitted reports; otherwise not found), as of the signing
+    time the database recorded. Audited."""
     report = session.get(Report, report_id)
     if report is None:
         raise NotFoundError(f"no report {report_id}")
@@ -339,6 +452,7 @@ def check_report(session: Session, *, principal: Principal, report_id: str) -> d
             "reasons": ["the report version is not signed"],
         }
     answer: dict[str, Any] = {"report_id": report_id, "stage": summary["stage"]}
+    signed_at = datetime.fromisoformat(summary["signed_at"])
     reasons: list[str] = []
     for kind, digest_name in (("document", "document_sha256"), ("pdf", "pdf_sha256")):
         try:
@@ -347,7 +461,8 @@ def check_report(session: Session, *, principal: Principal, report_id: str) -> d
             answer[kind] = None
             reasons.append(f"{kind}: {exc}")
             continue
-        result = verify_file(data, session=session)
+        # The database's signing time, not the file's claim.
+        result = verify_file(data, session=session, signed_at=signed_at)
         if hashlib.sha256(data).hexdigest() != summary[digest_name]:
             result.valid = False
             result.reasons.append("the stored file is not the one that was signed")
