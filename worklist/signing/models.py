@@ -73,9 +73,10 @@ class SignedArtifact(Base):
         _enum(SigningStage, "signing_stage"), primary_key=True
     )
     document_key: Mapped[str] = mapped_column(String(300))
-    document_sha256: Mapped[str] = mapped_column(String(64))
+    # Indexed: a file uploaded for verification is matched to its record by its hash.
+    document_sha256: Mapped[str] = mapped_column(String(64), index=True)
     pdf_key: Mapped[str] = mapped_column(String(300))
-    pdf_sha256: Mapped[str] = mapped_column(String(64))
+    pdf_sha256: Mapped[str] = mapped_column(String(64), index=True)
     signer_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
     signer_username: Mapped[str] = mapped_column(String(64))
     signer_name: Mapped[str] = mapped_column(String(200), default="")

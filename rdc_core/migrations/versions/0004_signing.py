@@ -83,6 +83,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("report_id", "stage", name=op.f("pk_signed_artifacts")),
     )
+    with op.batch_alter_table("signed_artifacts", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_signed_artifacts_document_sha256", ["document_sha256"], unique=False
+        )
+        batch_op.create_index("ix_signed_artifacts_pdf_sha256", ["pdf_sha256"], unique=False)
 
 
 def downgrade() -> None:
