@@ -5,6 +5,7 @@ from __future__ import annotations
 import bcrypt
 
 from rdc_core.errors import InvalidInputError
+from rdc_core.settings import get_settings
 
 __all__ = ["hash_password", "verify_password"]
 
@@ -14,13 +15,14 @@ _MAX_PASSWORD_BYTES = 72
 
 
 def hash_password(password: str) -> str:
-    """A salted bcrypt hash of ``password``."""
+    """A salted bcrypt hash of ``password`` at the configured cost (RDC_PASSWORD_HASH_ROUNDS)."""
     raw = password.encode("utf-8")
     if not raw:
         raise InvalidInputError("password must not be empty")
     if len(raw) > _MAX_PASSWORD_BYTES:
         raise InvalidInputError(f"password longer than {_MAX_PASSWORD_BYTES} bytes")
-    return bcrypt.hashpw(raw, bcrypt.gensalt()).decode("ascii")
+    rounds = get_settings().password_hash_rounds
+    return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
 def verify_password(password: str, hashed: str) -> bool:

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(
         default=None, description="Token signing key; required in production"
     )
+    password_hash_rounds: int = Field(
+        default=12, ge=4, le=16, description="bcrypt cost; production refuses less than 12"
+    )
     access_token_minutes: int = 8 * 60
     claim_lease_seconds: int = Field(
         default=900, ge=30, description="How long a claim holds an exam without renewal"
@@ -100,6 +103,8 @@ class Settings(BaseSettings):
     def _check_production(self) -> Settings:
         if self.env == "production" and self.secret_key is None:
             raise ConfigurationError("RDC_SECRET_KEY must be set when RDC_ENV=production")
+        if self.env == "production" and self.password_hash_rounds < 12:
+            raise ConfigurationError("RDC_PASSWORD_HASH_ROUNDS below 12 is refused in production")
         if self.env == "production" and self.database_url is None:
             raise ConfigurationError("RDC_DATABASE_URL must be set when RDC_ENV=production")
         if self.storage_backend == "s3" and not (

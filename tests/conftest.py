@@ -78,6 +78,8 @@ def rdc_env(tmp_path: Path, database_url: str | None) -> dict[str, str]:
         RDC_DICOM_AE_TITLE="RDC",
         RDC_STABLE_AGE_SECONDS="2",
         RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
+        # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.
+        RDC_PASSWORD_HASH_ROUNDS="4",
     )
     return env
 
@@ -118,6 +120,7 @@ def database(
     for key in [k for k in os.environ if k.startswith("RDC_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("RDC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "4")
     if database_url:
         monkeypatch.setenv("RDC_DATABASE_URL", database_url)
     reset_settings()

@@ -37,3 +37,27 @@ def test_development_secret_is_generated_once(tmp_path: Path) -> None:
     assert len(first) >= 32
     assert Settings(data_dir=tmp_path).token_secret() == first
     assert (tmp_path / ".secret_key").stat().st_mode & 0o077 == 0
+
+
+def test_password_hash_cost_is_configurable_but_not_weak_in_production(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rdc_core.security import hash_password, verify_password
+    from rdc_core.settings import reset_settings
+
+    monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "5")
+    reset_settings()
+    try:
+        hashed = hash_password("s3cret-pw")
+        assert hashed.startswith("$2b$05$")
+        assert verify_password("s3cret-pw", hashed)
+    finally:
+        reset_settings()
+    monkeypatch.delenv("RDC_PASSWORD_HASH_ROUNDS")
+    assert Settings().password_hash_rounds == 12
+    monkeypatch.setenv("RDC_ENV", "production")
+    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("RDC_DATABASE_URL", "postgresql+psycopg://db/rdc")
+    monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "10")
+    with pytest.raises(ConfigurationError, match="RDC_PASSWORD_HASH_ROUNDS"):
+        Settings()
