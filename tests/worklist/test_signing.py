@@ -454,3 +454,31 @@ def test_canonical_json_is_rfc8785(reading: Reading) -> None:
     result = _verify(legacy(old))
     assert result.valid, result.reasons  # type: ignore[attr-defined]
     assert not _verify(canonical_bytes(old)).valid  # type: ignore[attr-defined]
+
+
+def test_without_a_cjk_font_file_development_falls_back_and_production_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from zoneinfo import ZoneInfo
+
+    from rdc_core.errors import ConfigurationError
+    from rdc_core.settings import reset_settings
+    from worklist.signing import pdf
+
+    monkeypatch.setattr(pdf, "CJK_FONT_CANDIDATES", (("/nonexistent/cjk.ttc", 0),))
+    monkeypatch.setattr(pdf, "_font_ready", [])
+    monkeypatch.setenv("RDC_ENV", "production")
+    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("RDC_DATABASE_URL", "sqlite://")
+    reset_settings()
+    try:
+        with pytest.raises(ConfigurationError, match="fonts-wqy-microhei"):
+            pdf.render_report_pdf({}, key_images=[], zone=ZoneInfo("UTC"), notice=None)
+        monkeypatch.setenv("RDC_ENV", "development")
+        reset_settings()
+        rendered = pdf.render_report_pdf(
+            {}, key_images=[], zone=ZoneInfo("UTC"), notice="以正式报告为准"
+        )
+    finally:
+        reset_settings()
+    assert "以正式报告为准" in _pdf_text(rendered)

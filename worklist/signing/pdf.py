@@ -13,6 +13,7 @@ may not import. The application registers a renderer with
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +23,7 @@ from xml.sax.saxutils import escape
 from zoneinfo import ZoneInfo
 
 from rdc_core.errors import ConfigurationError
+from rdc_core.settings import get_settings
 
 __all__ = [
     "CJK_FONT_CANDIDATES",
@@ -40,7 +42,10 @@ CJK_FONT_CANDIDATES: tuple[tuple[str, int], ...] = (
     ("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf", 0),
     ("/usr/share/fonts/truetype/noto/NotoSansSC-Regular.ttf", 0),
 )
+log = logging.getLogger(__name__)
+
 _FONT = "RDC-CJK"
+_CID_FALLBACK = "STSong-Light"
 _font_lock = threading.Lock()
 _font_ready: list[str] = []
 
@@ -86,10 +91,20 @@ def _register_font() -> str:
                 pdfmetrics.registerFont(TTFont(_FONT, path, subfontIndex=index))
                 _font_ready.append(_FONT)
                 return _FONT
-        raise ConfigurationError(
+        missing = (
             "no CJK TrueType font for reports; install fonts-wqy-microhei "
             "(looked for " + ", ".join(p for p, _ in CJK_FONT_CANDIDATES) + ")"
         )
+        if get_settings().env == "production":
+            raise ConfigurationError(missing)
+        # A first run on a bare machine (the quick start) still signs readable reports:
+        # reportlab's built-in Adobe CID font, which PDF viewers supply instead of the file.
+        from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+
+        log.warning("%s; using the non-embedded font %s", missing, _CID_FALLBACK)
+        pdfmetrics.registerFont(UnicodeCIDFont(_CID_FALLBACK))
+        _font_ready.append(_CID_FALLBACK)
+        return _CID_FALLBACK
 
 
 def _local(iso: str | None, zone: ZoneInfo, *, with_time: bool = True) -> str:
