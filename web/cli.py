@@ -42,7 +42,7 @@ app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
 app.command("verify")(verify_command)
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 log = logging.getLogger("rdc")
 
 

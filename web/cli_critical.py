@@ -21,7 +21,7 @@ duty_app = typer.Typer(help="The centre's critical-value duty list.", no_args_is
 critical_app.add_typer(contact_app, name="contact")
 critical_app.add_typer(duty_app, name="duty")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 
 
 def _fail(message: str) -> NoReturn:

@@ -19,7 +19,7 @@ endpoint_app = typer.Typer(
 )
 delivery_app.add_typer(endpoint_app, name="endpoint")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 out = Console()
 
 

@@ -20,7 +20,7 @@ catalog_app = typer.Typer(
 accreditation_app = typer.Typer(
     help="Institutions' QC accreditations (质控合格).", no_args_is_help=True
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 out = Console()
 
 FormatOption = Annotated[

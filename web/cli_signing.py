@@ -16,7 +16,7 @@ __all__ = ["ca_app", "verify_command"]
 ca_app = typer.Typer(
     help="The alliance CA and readers' signing certificates.", no_args_is_help=True
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -283,6 +283,7 @@ def test_production_refuses_to_sign_without_certificate(
     monkeypatch.setenv("RDC_ENV", "production")
     monkeypatch.setenv("RDC_SECRET_KEY", "production-secret-for-the-test-000000000")
     monkeypatch.setenv("RDC_DATABASE_URL", get_settings().resolved_database_url)
+    monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "12")
     reset_settings()
     objects = get_settings().objects_dir
     with pytest.raises(NoCertificateError, match="no signing certificate for attending"):
@@ -470,6 +471,7 @@ def test_without_a_cjk_font_file_development_falls_back_and_production_refuses(
     monkeypatch.setenv("RDC_ENV", "production")
     monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
     monkeypatch.setenv("RDC_DATABASE_URL", "sqlite://")
+    monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "12")
     reset_settings()
     try:
         with pytest.raises(ConfigurationError, match="fonts-wqy-microhei"):
