@@ -226,6 +226,36 @@ def wait_for(
         time.sleep(interval)
 
 
+def worklist_items(
+    client: httpx.Client, *, count: int = 1, timeout: float = 60
+) -> list[dict[str, Any]]:
+    """Wait until ``client``'s worklist shows at least ``count`` items; returns them."""
+
+    def listed() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = client.get("/api/v1/worklist").json()["items"]
+        return items if len(items) >= count else None
+
+    result: list[dict[str, Any]] = wait_for(
+        listed, timeout=timeout, what=f"{count} exam(s) on the worklist"
+    )
+    return result
+
+
+def report_exam(
+    client: httpx.Client, *, exam_id: str, item_id: str, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Claim the work item, save ``report`` as the exam's draft and submit it, as the reading
+    page does; returns the submitted report."""
+    claimed = client.post(f"/api/v1/worklist/{item_id}/claim")
+    assert claimed.status_code == 200, claimed.text
+    draft = client.put(f"/api/v1/exams/{exam_id}/report", json=report)
+    assert draft.status_code == 200, draft.text
+    submitted = client.post(f"/api/v1/exams/{exam_id}/report/submit")
+    assert submitted.status_code == 200, submitted.text
+    result: dict[str, Any] = submitted.json()
+    return result
+
+
 class RdcServer:
     """``rdc serve`` in a subprocess, on the ports given in its environment."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import RdcServer, rdc_cli, storescu, wait_for
+from tests.helpers import RdcServer, rdc_cli, report_exam, storescu, wait_for, worklist_items
 
 
 @pytest.fixture
@@ -41,28 +41,20 @@ def _sign_critical(server: RdcServer, senior: httpx.Client, testdata: Path, dcmt
         calling_ae="CLINIC_A_CT",
     )
     assert all(r.returncode == 0 for r in sent)
-    items: list[dict[str, Any]] = []
-
-    def listed() -> bool:
-        items[:] = senior.get("/api/v1/worklist").json()["items"]
-        return bool(items)
-
-    wait_for(listed, timeout=60, what="the exam on the worklist")
-    exam_id = items[0]["exam_id"]
-    assert senior.post(f"/api/v1/worklist/{items[0]['id']}/claim").status_code == 200
-    draft = senior.put(
-        f"/api/v1/exams/{exam_id}/report",
-        json={
+    item = worklist_items(senior)[0]
+    exam_id = str(item["exam_id"])
+    signed = report_exam(
+        senior,
+        exam_id=exam_id,
+        item_id=item["id"],
+        report={
             "findings": "右侧大量气胸",
             "impression": "右侧张力性气胸 Right tension pneumothorax",
             "quality_grade": "甲",
             "critical": True,
         },
     )
-    assert draft.status_code == 200, draft.text
-    signed = senior.post(f"/api/v1/exams/{exam_id}/report/submit")
-    assert signed.status_code == 200, signed.text
-    assert signed.json()["status"] == "final"
+    assert signed["status"] == "final"
     return exam_id
 
 

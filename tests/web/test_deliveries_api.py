@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import RdcServer, free_port, rdc_cli, storescu, wait_for
+from tests.helpers import (
+    RdcServer,
+    free_port,
+    rdc_cli,
+    report_exam,
+    storescu,
+    wait_for,
+    worklist_items,
+)
 from tests.lab_results.test_report_push import His
 
 
@@ -42,25 +50,18 @@ def final_report(server: RdcServer, alliance: dict[str, str], testdata: Path, dc
     )
     assert all(r.returncode == 0 for r in sent)
     with server.client("reader", alliance["reader"]) as reader:
-        items = wait_for(
-            lambda: reader.get("/api/v1/worklist").json()["items"],
-            timeout=60,
-            what="the exam on the worklist",
-        )
-        exam_id = items[0]["exam_id"]
-        assert reader.post(f"/api/v1/worklist/{items[0]['id']}/claim").status_code == 200
-        draft = reader.put(
-            f"/api/v1/exams/{exam_id}/report",
-            json={
+        item = worklist_items(reader)[0]
+        submitted = report_exam(
+            reader,
+            exam_id=item["exam_id"],
+            item_id=item["id"],
+            report={
                 "findings": "两肺纹理清晰",
                 "impression": "未见异常 Normal",
                 "quality_grade": "甲",
             },
         )
-        assert draft.status_code == 200, draft.text
-        submitted = reader.post(f"/api/v1/exams/{exam_id}/report/submit")
-        assert submitted.status_code == 200, submitted.text
-    report_id = str(submitted.json()["id"])
+    report_id = str(submitted["id"])
     with server.client("senior", alliance["senior"]) as senior:
         verified = senior.post(f"/api/v1/reports/{report_id}/verify-by-senior")
         assert verified.status_code == 200, verified.text

@@ -14,7 +14,7 @@ import httpx
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.helpers import RdcServer, storescu, wait_for
+from tests.helpers import RdcServer, report_exam, storescu, worklist_items
 
 CATALOG = """\
 code,discipline,name_zh,name_en,scope_mark,valid_days,min_grade,modality
@@ -38,16 +38,14 @@ with session_scope() as s:
 
 
 def _sign(reader: httpx.Client, exam_id: str, item_id: str) -> str:
-    assert reader.post(f"/api/v1/worklist/{item_id}/claim").status_code == 200
-    draft = reader.put(
-        f"/api/v1/exams/{exam_id}/report",
-        json={"findings": "两肺纹理清晰", "impression": "未见异常", "quality_grade": "甲"},
+    signed = report_exam(
+        reader,
+        exam_id=exam_id,
+        item_id=item_id,
+        report={"findings": "两肺纹理清晰", "impression": "未见异常", "quality_grade": "甲"},
     )
-    assert draft.status_code == 200, draft.text
-    signed = reader.post(f"/api/v1/exams/{exam_id}/report/submit")
-    assert signed.status_code == 200, signed.text
-    assert signed.json()["status"] == "final"
-    return str(signed.json()["id"])
+    assert signed["status"] == "final"
+    return str(signed["id"])
 
 
 def test_recognition_over_http(
@@ -103,13 +101,7 @@ def test_recognition_over_http(
     ds.save_as(recent, enforce_file_format=True)
     sent = storescu(dcmtk, [original, recent], port=server.dicom_port, calling_ae="CLINIC_A_CT")
     assert all(r.returncode == 0 for r in sent), [r.stderr for r in sent]
-    items = wait_for(
-        lambda: (
-            (found := senior.get("/api/v1/worklist").json()["items"]) and len(found) == 2 and found
-        ),
-        timeout=60,
-        what="both exams on the worklist",
-    )
+    items = worklist_items(senior, count=2)
     reports = {}
     for item in items:
         uid = item["study_instance_uid"]

@@ -15,18 +15,7 @@ from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from tests.helpers import RdcServer, rdc_cli, storescu, wait_for
-
-
-def _ready_item(reader: httpx.Client) -> dict[str, Any]:
-    items: list[dict[str, Any]] = []
-
-    def listed() -> bool:
-        items[:] = reader.get("/api/v1/worklist").json()["items"]
-        return bool(items)
-
-    wait_for(listed, timeout=60, what="the exam on the worklist")
-    return items[0]
+from tests.helpers import RdcServer, rdc_cli, storescu, worklist_items
 
 
 def _flip(data: bytes, offset: int) -> bytes:
@@ -49,7 +38,7 @@ def test_sign_verify_amend_over_http(
     senior = server.client("senior", alliance["senior"])
     tech_a = server.client("tech_a", alliance["tech_a"])
     tech_b = server.client("tech_b", alliance["tech_b"])
-    item = _ready_item(reader)
+    item = worklist_items(reader)[0]
     exam_id = item["exam_id"]
     assert reader.post(f"/api/v1/worklist/{item['id']}/claim").status_code == 200
     sop = reader.get(f"/api/v1/exams/{exam_id}").json()["instances"][0]["sop_instance_uid"]
