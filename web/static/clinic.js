@@ -10,7 +10,7 @@
   var form = document.getElementById("filters");
   var body = document.getElementById("exams-body");
   var message = document.getElementById("message");
-  var offset = 0;
+  var paging = null; // set by R.pager below, before the first load
   var total = 0;
   var timer = null;
 
@@ -19,7 +19,7 @@
       modality: form.elements.modality.value,
       priority: form.elements.priority.value,
       limit: PAGE,
-      offset: offset,
+      offset: paging.offset,
     };
   }
 
@@ -88,30 +88,10 @@
         )
       );
     });
-    var from = total ? offset + 1 : 0;
-    var to = Math.min(offset + PAGE, total);
-    document.getElementById("total").textContent = t("pg.range", { from: from, to: to, total: total });
-    document.getElementById("prev-page").disabled = offset === 0;
-    document.getElementById("next-page").disabled = offset + PAGE >= total;
+    paging.show(total);
   }
 
-  form.addEventListener("change", function () {
-    offset = 0;
-    load();
-  });
-  form.addEventListener("reset", function () {
-    offset = 0;
-    setTimeout(load, 0);
-  });
-  document.getElementById("refresh").addEventListener("click", load);
-  document.getElementById("prev-page").addEventListener("click", function () {
-    offset = Math.max(0, offset - PAGE);
-    load();
-  });
-  document.getElementById("next-page").addEventListener("click", function () {
-    offset += PAGE;
-    load();
-  });
+  paging = R.pager(form, PAGE, load);
   load();
 
   // The clinic's open critical values, on top of everything, until read back.

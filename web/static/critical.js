@@ -10,13 +10,13 @@
   var form = document.getElementById("filters");
   var body = document.getElementById("alerts-body");
   var message = document.getElementById("message");
-  var offset = 0;
+  var paging = null; // set by R.pager below, before the first load
   var total = 0;
   var timer = null;
   var latest = 0;
 
   function params() {
-    return { state: form.elements.state.value, clinic: form.elements.clinic.value, limit: PAGE, offset: offset };
+    return { state: form.elements.state.value, clinic: form.elements.clinic.value, limit: PAGE, offset: paging.offset };
   }
 
   function load() {
@@ -174,29 +174,9 @@
         )
       );
     });
-    var from = total ? offset + 1 : 0;
-    var to = Math.min(offset + PAGE, total);
-    document.getElementById("total").textContent = t("pg.range", { from: from, to: to, total: total });
-    document.getElementById("prev-page").disabled = offset === 0;
-    document.getElementById("next-page").disabled = offset + PAGE >= total;
+    paging.show(total);
   }
 
-  form.addEventListener("change", function () {
-    offset = 0;
-    load();
-  });
-  form.addEventListener("reset", function () {
-    offset = 0;
-    setTimeout(load, 0);
-  });
-  document.getElementById("refresh").addEventListener("click", load);
-  document.getElementById("prev-page").addEventListener("click", function () {
-    offset = Math.max(0, offset - PAGE);
-    load();
-  });
-  document.getElementById("next-page").addEventListener("click", function () {
-    offset += PAGE;
-    load();
-  });
+  paging = R.pager(form, PAGE, load);
   load();
 })();

@@ -13,7 +13,7 @@
   var form = document.getElementById("filters");
   var body = document.getElementById("reports-body");
   var message = document.getElementById("message");
-  var offset = 0;
+  var paging = null; // set by R.pager below, before the first load
   var total = 0;
   var timer = null;
   var latest = 0;
@@ -23,7 +23,7 @@
       status: form.elements.status.value,
       current_only: form.elements.all_versions.checked ? "false" : "true",
       limit: PAGE,
-      offset: offset,
+      offset: paging.offset,
     };
   }
 
@@ -183,29 +183,9 @@
       body.appendChild(row(item));
       if (showOlder && item.version > 1) body.appendChild(olderRow(item));
     });
-    var from = total ? offset + 1 : 0;
-    var to = Math.min(offset + PAGE, total);
-    document.getElementById("total").textContent = t("pg.range", { from: from, to: to, total: total });
-    document.getElementById("prev-page").disabled = offset === 0;
-    document.getElementById("next-page").disabled = offset + PAGE >= total;
+    paging.show(total);
   }
 
-  form.addEventListener("change", function () {
-    offset = 0;
-    load();
-  });
-  form.addEventListener("reset", function () {
-    offset = 0;
-    setTimeout(load, 0);
-  });
-  document.getElementById("refresh").addEventListener("click", load);
-  document.getElementById("prev-page").addEventListener("click", function () {
-    offset = Math.max(0, offset - PAGE);
-    load();
-  });
-  document.getElementById("next-page").addEventListener("click", function () {
-    offset += PAGE;
-    load();
-  });
+  paging = R.pager(form, PAGE, load);
   load();
 })();

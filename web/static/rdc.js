@@ -416,6 +416,44 @@
     return { reload: load };
   }
 
+  /**
+   * Paging of a list page: the filter form (a change or reset goes back to the first page),
+   * the refresh, previous and next buttons, and the "from–to of total" footer. `load` asks
+   * for `pager.offset` and calls `pager.show(total)` once the page is drawn.
+   */
+  function pager(form, size, load) {
+    var prev = document.getElementById("prev-page");
+    var next = document.getElementById("next-page");
+    var state = {
+      offset: 0,
+      show: function (total) {
+        var from = total ? state.offset + 1 : 0;
+        var to = Math.min(state.offset + size, total);
+        document.getElementById("total").textContent = t("pg.range", { from: from, to: to, total: total });
+        prev.disabled = state.offset === 0;
+        next.disabled = state.offset + size >= total;
+      },
+    };
+    form.addEventListener("change", function () {
+      state.offset = 0;
+      load();
+    });
+    form.addEventListener("reset", function () {
+      state.offset = 0;
+      setTimeout(load, 0);
+    });
+    document.getElementById("refresh").addEventListener("click", load);
+    prev.addEventListener("click", function () {
+      state.offset = Math.max(0, state.offset - size);
+      load();
+    });
+    next.addEventListener("click", function () {
+      state.offset += size;
+      load();
+    });
+    return state;
+  }
+
   window.RDC = {
     criticalAlerts: criticalAlerts,
     config: config,
@@ -435,5 +473,6 @@
     priorityBadge: priorityBadge,
     reportBadge: reportBadge,
     label: label,
+    pager: pager,
   };
 })();
