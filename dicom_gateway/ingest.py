@@ -8,23 +8,25 @@ call wrote is removed again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
+import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache, lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from zoneinfo import ZoneInfo
 
 import pydicom
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy.orm import Session
@@ -37,6 +39,7 @@ from worklist.intake import (
     InstanceHeader,
     RecordOutcome,
     find_instance,
+    object_referenced,
     record_conflict,
     record_instance,
     record_quarantine,
@@ -51,6 +54,7 @@ __all__ = [
     "index_dicom_file",
     "ingest_dicom_file",
     "instance_key",
+    "object_digest",
     "prepare_dicom_file",
     "quarantine_file",
     "read_header",
@@ -87,68 +91,115 @@ class IngestResult:
     size_bytes: int  # of the object as received
 
 
-# Value representations that are plain ASCII whatever the character set. Their values are
-# read straight from the raw bytes: pydicom's per-element conversion was 40 % of the CPU
-# time of indexing a small object, and the header needs some 25 values.
+# Value representations that are plain ASCII whatever the character set, and the text ones
+# decoded with the data set's character set. Values are decoded straight from the raw bytes:
+# pydicom's per-element conversion was most of the CPU time of reading a header, and the
+# index needs some 25 values of every object received.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_TEXT_VRS = frozenset({"LO", "SH"})
+_BACKSLASH = {0x5C}
 
 
 @cache
-def _tag_and_vr(keyword: str) -> tuple[int, str]:
+def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(keyword)
-    return tag, dictionary_VR(tag)
+    return BaseTag(tag), dictionary_VR(tag)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    tag, vr = _tag_and_vr(keyword)
-    elem = ds._dict.get(BaseTag(tag))
-    if elem is None:
-        return ""
-    if isinstance(elem, RawDataElement) and vr in _ASCII_VRS and elem.VR in (None, vr):
-        if not elem.value:
+class _Fields:
+    """The values of one data set (read with deferred bulk data) that the index needs."""
+
+    __slots__ = ("_encodings", "ds")
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self._encodings: list[str] | None = None
+
+    def has(self, keyword: str) -> bool:
+        return _tag_and_vr(keyword)[0] in self.ds._dict
+
+    def text(self, keyword: str) -> str:
+        tag, vr = _tag_and_vr(keyword)
+        elem = self.ds._dict.get(tag)
+        if elem is None:
             return ""
-        parts = elem.value.decode("ascii", "replace").split("\\")
-        return "\\".join(part.strip(" \x00") for part in parts).strip()
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+        if isinstance(elem, RawDataElement) and elem.VR in (None, vr):
+            if not elem.value:
+                return ""
+            if vr in _ASCII_VRS:
+                parts = elem.value.decode("ascii", "replace").split("\\")
+                return "\\".join(part.strip(" \x00") for part in parts).strip()
+            if vr in _TEXT_VRS:
+                decoded = decode_bytes(elem.value, self._charsets(), _BACKSLASH)
+                return "\\".join(part.rstrip(" \x00") for part in decoded.split("\\")).strip()
+        value = self.ds.get(keyword)
+        if value is None:
+            return ""
+        if isinstance(value, pydicom.multival.MultiValue):
+            return "\\".join(str(v) for v in value)
+        return str(value).strip()
 
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = _text(ds, keyword)
-        return int(value) if value else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _performed_at(ds: Dataset, zone: ZoneInfo) -> datetime | None:
-    # Study date/time are the clinic's local time; stored in UTC.
-    date = _text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "AcquisitionDate")
-    if len(date) != 8 or not date.isdigit():
-        return None
-    time = (_text(ds, "StudyTime") or "000000").split(".")[0].ljust(6, "0")[:6]
-    try:
-        local = datetime.strptime(date + time, "%Y%m%d%H%M%S")
-    except ValueError:
+    def int(self, keyword: str) -> int | None:
         try:
-            local = datetime.strptime(date, "%Y%m%d")
-        except ValueError:
+            value = self.text(keyword)
+            return int(value) if value else None
+        except (TypeError, ValueError):
             return None
-    return local.replace(tzinfo=zone).astimezone(ZoneInfo("UTC"))
+
+    def _charsets(self) -> list[str]:
+        if self._encodings is None:
+            declared = [t for t in self.text("SpecificCharacterSet").split("\\")]
+            self._encodings = convert_encodings(declared if any(declared) else None)
+        return self._encodings
+
+    def uid(self, keyword: str) -> str:
+        value = self.text(keyword)
+        if not value:
+            raise InvalidDicomError(f"required {keyword} is missing")
+        if not UID(value).is_valid:
+            raise InvalidDicomError(f"{keyword} {value!r} is not a valid UID")
+        return value
+
+    def grouping_uid(self, keyword: str, sop_instance_uid: str, coerced: dict[str, str]) -> str:
+        # A missing Study/Series UID must not lose the object: index it under a UID derived
+        # from its SOP Instance UID (so a re-send lands in the same place) and record that.
+        if self.text(keyword):
+            return self.uid(keyword)
+        name = f"rdc:{keyword}:{sop_instance_uid}"
+        derived = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+        coerced[keyword] = derived
+        return derived
+
+    def performed_at(self, zone: ZoneInfo) -> datetime | None:
+        # Study date/time are the clinic's local time; stored in UTC.
+        date = self.text("StudyDate") or self.text("SeriesDate") or self.text("AcquisitionDate")
+        if len(date) != 8 or not date.isdigit():
+            return None
+        time = (self.text("StudyTime") or "000000").split(".")[0].ljust(6, "0")[:6]
+        try:
+            local = datetime(
+                int(date[:4]),
+                int(date[4:6]),
+                int(date[6:]),
+                int(time[:2]),
+                int(time[2:4]),
+                int(time[4:]),
+            )
+        except ValueError:
+            try:
+                local = datetime(int(date[:4]), int(date[4:6]), int(date[6:]))
+            except ValueError:
+                return None
+        return local.replace(tzinfo=zone).astimezone(UTC)
 
 
-def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+def _check_complete(ds: Dataset, size: int, transfer_syntax: str) -> None:
     # With deferred reading pydicom seeks past large values without reading them, so a
     # file cut short inside Pixel Data parses "fine"; compare where values end with the size.
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         return  # inflated in memory; zlib already failed on a truncated stream
-    size = path.stat().st_size
     for elem in ds._dict.values():
         if (
             isinstance(elem, RawDataElement)
@@ -162,49 +213,64 @@ def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
             )
 
 
-def _uid(ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
-    if not value:
-        raise InvalidDicomError(f"required {keyword} is missing")
-    if not UID(value).is_valid:
-        raise InvalidDicomError(f"{keyword} {value!r} is not a valid UID")
-    return value
+@dataclass(frozen=True, slots=True)
+class _Part10:
+    """A Part-10 file opened for indexing: the data set (bulk data deferred), the file meta."""
+
+    ds: Dataset
+    file_meta: bytes  # preamble, prefix and File Meta Information as stored
+    transfer_syntax: str
+    media_sop_instance_uid: str
+    size: int
 
 
-def _grouping_uid(ds: Dataset, keyword: str, sop_instance_uid: str, coerced: dict[str, str]) -> str:
-    # A missing Study/Series UID must not lose the object: index it under a UID derived
-    # from its SOP Instance UID (so a re-send lands in the same place) and record that.
-    if _text(ds, keyword):
-        return _uid(ds, keyword)
-    derived = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'rdc:{keyword}:{sop_instance_uid}').int}"
-    coerced[keyword] = derived
-    return derived
+def _meta_text(values: dict[int, bytes], element: int) -> str:
+    return values.get(element, b"").decode("ascii", "replace").strip(" \x00")
+
+
+def _open_part10(path: Path) -> _Part10:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset, meta = _read_file_meta(f)
+        transfer_syntax = _meta_text(meta, 0x0010)
+        if not transfer_syntax:
+            raise InvalidDicomError("file meta has no Transfer Syntax UID")
+        f.seek(0)
+        file_meta = f.read(offset)
+        ts = UID(transfer_syntax)
+        if ts.is_transfer_syntax and not ts.is_deflated:
+            ds = read_dataset(f, ts.is_implicit_VR, ts.is_little_endian, defer_size=1024)
+        else:
+            # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
+            ds = pydicom.dcmread(path, defer_size=1024)
+    return _Part10(ds, file_meta, transfer_syntax, _meta_text(meta, 0x0003), size)
 
 
 def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
     """Parse and validate the header of the Part-10 file at ``path`` without loading bulk data."""
+    return _read_header(path, zone=zone)[0]
+
+
+def _read_header(path: Path, *, zone: ZoneInfo) -> tuple[InstanceHeader, _Part10]:
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
-        meta = ds.file_meta
-        transfer_syntax = _text(meta, "TransferSyntaxUID")
-        if not transfer_syntax:
-            raise InvalidDicomError("file meta has no Transfer Syntax UID")
-        _check_complete(ds, path, transfer_syntax)
-        sop_instance_uid = _uid(ds, "SOPInstanceUID")
-        sop_class_uid = _uid(ds, "SOPClassUID")
-        media_uid = _text(meta, "MediaStorageSOPInstanceUID") or sop_instance_uid
+        part10 = _open_part10(path)
+        ds, values = part10.ds, _Fields(part10.ds)
+        _check_complete(ds, part10.size, part10.transfer_syntax)
+        sop_instance_uid = values.uid("SOPInstanceUID")
+        sop_class_uid = values.uid("SOPClassUID")
+        media_uid = part10.media_sop_instance_uid or sop_instance_uid
         if media_uid != sop_instance_uid:
             raise InvalidDicomError(
                 f"SOP Instance UID {sop_instance_uid} differs from the announced {media_uid}"
             )
         coerced: dict[str, str] = {}
-        study_instance_uid = _grouping_uid(ds, "StudyInstanceUID", sop_instance_uid, coerced)
-        series_instance_uid = _grouping_uid(ds, "SeriesInstanceUID", sop_instance_uid, coerced)
-        modality = _text(ds, "Modality").upper()
-        patient_id = _text(ds, "PatientID")
+        study_instance_uid = values.grouping_uid("StudyInstanceUID", sop_instance_uid, coerced)
+        series_instance_uid = values.grouping_uid("SeriesInstanceUID", sop_instance_uid, coerced)
+        modality = values.text("Modality").upper()
+        patient_id = values.text("PatientID")
         name_elem = ds.get("PatientName")
         original: dict[str, Any] = {
-            kw: _text(ds, kw)
+            kw: values.text(kw)
             for kw in (
                 "PatientID",
                 "IssuerOfPatientID",
@@ -213,7 +279,7 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
                 "SpecificCharacterSet",
                 "OtherPatientIDs",
             )
-            if kw in ds
+            if values.has(kw)
         }
         if name_elem is not None:
             original["PatientName"] = str(name_elem)
@@ -230,25 +296,25 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
             study_instance_uid=study_instance_uid,
             series_instance_uid=series_instance_uid,
             coerced=coerced,
-            transfer_syntax_uid=transfer_syntax,
+            transfer_syntax_uid=part10.transfer_syntax,
             patient_id=patient_id[:64],
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID")[:64] or None,
+            issuer_of_patient_id=values.text("IssuerOfPatientID")[:64] or None,
             patient_name=str(name_elem or "")[:200],
-            patient_birth_date=_text(ds, "PatientBirthDate")[:8] or None,
-            patient_sex=_text(ds, "PatientSex")[:16] or None,
+            patient_birth_date=values.text("PatientBirthDate")[:8] or None,
+            patient_sex=values.text("PatientSex")[:16] or None,
             patient_original=original,
-            accession_number=_text(ds, "AccessionNumber")[:64] or None,
+            accession_number=values.text("AccessionNumber")[:64] or None,
             discipline=Discipline.ECG
             if (modality == "ECG" or sop_class_uid in _ECG_SOP_CLASSES)
             else Discipline.IMAGING,
             modality=modality[:16],
-            body_part=_text(ds, "BodyPartExamined").upper()[:64],
-            study_description=_text(ds, "StudyDescription")[:200],
-            performed_at=_performed_at(ds, zone),
-            series_number=_int(ds, "SeriesNumber"),
-            instance_number=_int(ds, "InstanceNumber"),
-            frame_count=max(1, _int(ds, "NumberOfFrames") or 1),
-            priority=_PRIORITY_MAP.get(_text(ds, "RequestedProcedurePriority").upper()),
+            body_part=values.text("BodyPartExamined").upper()[:64],
+            study_description=values.text("StudyDescription")[:200],
+            performed_at=values.performed_at(zone),
+            series_number=values.int("SeriesNumber"),
+            instance_number=values.int("InstanceNumber"),
+            frame_count=max(1, values.int("NumberOfFrames") or 1),
+            priority=_PRIORITY_MAP.get(values.text("RequestedProcedurePriority").upper()),
         )
     except InvalidDicomError:
         raise
@@ -256,7 +322,7 @@ def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
         raise InvalidDicomError(f"not a DICOM file: {exc}") from exc
     except Exception as exc:  # pydicom raises many kinds of error on corrupt input
         raise InvalidDicomError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
-    return header
+    return header, part10
 
 
 def _sha256(path: Path, offset: int = 0) -> str:
@@ -285,24 +351,35 @@ _LONG_LENGTH_VRS = {
 }
 
 
+def _read_file_meta(f: BinaryIO) -> tuple[int, dict[int, bytes]]:
+    """Where the data set starts and the raw values of the File Meta Information elements.
+
+    File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after the
+    128-byte preamble and "DICM"; the data set starts at the first other group. Read here,
+    not with pydicom: eight short elements, read for every object received.
+    """
+    f.seek(128)
+    if f.read(4) != b"DICM":
+        raise InvalidDicomError("not a DICOM file: no 'DICM' prefix after the preamble")
+    offset, values = 132, dict[int, bytes]()
+    while True:
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head[0:2], "little") != 0x0002:
+            return offset, values
+        element = int.from_bytes(head[2:4], "little")
+        if head[4:6] in _LONG_LENGTH_VRS:
+            length = int.from_bytes(f.read(4), "little")
+            offset += 12 + length
+        else:
+            length = int.from_bytes(head[6:8], "little")
+            offset += 8 + length
+        values[element] = f.read(min(length, 1024))
+        f.seek(offset)
+
+
 def _data_set_offset(path: Path) -> int:
-    # File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after
-    # the 128-byte preamble and "DICM"; the data set starts at the first other group.
     with open(path, "rb") as f:
-        f.seek(132)
-        offset = 132
-        while True:
-            head = f.read(8)
-            if len(head) < 8 or int.from_bytes(head[0:2], "little") != 0x0002:
-                return offset
-            vr = head[4:6]
-            if vr in _LONG_LENGTH_VRS:
-                length = int.from_bytes(f.read(4), "little")
-                offset += 12 + length
-            else:
-                length = int.from_bytes(head[6:8], "little")
-                offset += 8 + length
-            f.seek(offset)
+        return _read_file_meta(f)[0]
 
 
 def dataset_sha256(path: Path) -> str:
@@ -314,11 +391,27 @@ def dataset_sha256(path: Path) -> str:
     return _sha256(path, _data_set_offset(path))
 
 
-def instance_key(header: InstanceHeader, sha256: str) -> str:
-    """Object key: the UIDs plus a content prefix, so a differing copy never overwrites."""
+def object_digest(path: Path, dataset_sha256: str) -> str:
+    """Identity of a Part-10 file's bytes: its file meta as written plus its data set's hash.
+
+    Copies of one data set that differ only in file meta (another sender's AE title, another
+    writer) get different digests, so storing one never replaces another's bytes.
+    """
+    with open(path, "rb") as f:
+        meta = f.read(_data_set_offset(path))
+    return _object_digest(meta, dataset_sha256)
+
+
+def _object_digest(file_meta: bytes, dataset_sha256: str) -> str:
+    return hashlib.sha256(file_meta + dataset_sha256.encode("ascii")).hexdigest()
+
+
+def instance_key(header: InstanceHeader, digest: str) -> str:
+    """Object key: the UIDs plus a prefix of :func:`object_digest`, so the bytes under a key
+    never change: a differing copy gets a key of its own."""
     return (
         f"dicom/{header.study_instance_uid}/{header.series_instance_uid}/"
-        f"{header.sop_instance_uid}.{sha256[:16]}.dcm"
+        f"{header.sop_instance_uid}.{digest[:16]}.dcm"
     )
 
 
@@ -339,11 +432,29 @@ class PreparedInstance:
         """Return once the object is durable in the store; raises StorageError otherwise."""
         self.writing.result()
 
-    def undo(self, store: ObjectStore) -> None:
-        """Remove the object again if this ingest created it (after a rollback)."""
-        with contextlib.suppress(Exception):
-            if self.writing.result():
-                store.delete(self.stored.key)
+    def undo(self, store: ObjectStore, session: Session) -> None:
+        """After a rollback: remove the object again if this ingest may have created it
+        and no index row refers to it (kept when that cannot be checked)."""
+        try:
+            if not self.writing.result():
+                return
+        except Exception:
+            return  # nothing was stored
+        _remove_unreferenced(
+            session, store, self.stored.key, sop_instance_uid=self.header.sop_instance_uid
+        )
+
+
+def _remove_unreferenced(
+    session: Session, store: ObjectStore, key: str, *, sop_instance_uid: str | None
+) -> None:
+    try:
+        if object_referenced(session, storage_key=key, sop_instance_uid=sop_instance_uid):
+            return
+        store.delete(key)
+    except Exception as exc:
+        # An orphan object costs space; deleting an object an index row refers to loses data.
+        log.warning("unreferenced object %s was kept: %s", key, exc)
 
 
 def prepare_dicom_file(
@@ -358,10 +469,10 @@ def prepare_dicom_file(
     background (moving ``source`` with ``move_source``: the DICOM listener spools into the
     store). No database work: this runs before the index transaction, so the disk syncs do
     not happen while the database write lock is held. Raises InvalidDicomError."""
-    header = read_header(source, zone=zone)
-    sha256 = source_sha256 or dataset_sha256(source)
-    key = instance_key(header, sha256)
-    stored = StoredObject(key=key, size=source.stat().st_size, sha256=sha256)
+    header, part10 = _read_header(source, zone=zone)
+    sha256 = source_sha256 or _sha256(source, len(part10.file_meta))
+    key = instance_key(header, _object_digest(part10.file_meta, sha256))
+    stored = StoredObject(key=key, size=part10.size, sha256=sha256)
     writing = _store_io().submit(store.put_once, key, source, move=move_source)
     return PreparedInstance(header, stored, writing)
 
@@ -387,7 +498,7 @@ def index_dicom_file(
     DatabaseUnavailableError (answer "retry").
     """
     header, stored, org = prepared.header, prepared.stored, organization
-    on_rollback(session, partial(prepared.undo, store))
+    on_rollback(session, partial(prepared.undo, store, session))
     now = received_at or utcnow()
     existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
     if existing is None:
@@ -419,6 +530,11 @@ def index_dicom_file(
     if existing.org_id != org.id:
         raise PermissionDeniedError("this SOP instance belongs to another organisation")
     if existing.sha256 == stored.sha256:
+        if existing.storage_key != stored.key:
+            # The same data set in another file meta: the copy of record stays, this goes.
+            _remove_unreferenced(
+                session, store, stored.key, sop_instance_uid=header.sop_instance_uid
+            )
         return IngestResult(
             RecordOutcome.DUPLICATE,
             existing.exam_id,
@@ -500,7 +616,9 @@ def quarantine_file(
     sha256 = _sha256(source)
     key = f"quarantine/{sha256[:2]}/{sha256}.bin"
     if store.put_once(key, source):
-        on_rollback(session, lambda: store.delete(key))
+        on_rollback(
+            session, partial(_remove_unreferenced, session, store, key, sop_instance_uid=None)
+        )
     return record_quarantine(
         session,
         storage_key=key,

@@ -159,15 +159,18 @@ class S3ObjectStore:
 
     def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
         # S3 acknowledges a PUT only once the object is stored, so success here means the
-        # object survives what the server promises to survive.
-        if self.exists(key):
-            created = False
-        else:
-            self.put_file(key, source)
-            created = True
+        # object survives what the server promises to survive. Keys are derived from the
+        # content, so a PUT over an existing object writes the same bytes: asking first
+        # (a HEAD) would cost a round trip per object on the C-STORE path and still race
+        # with other writers. Hence "may have created" (see ObjectStore.put_once).
+        self._ensure_bucket()
+        self._call(
+            f"put {key}",
+            lambda: self._client.fput_object(self.bucket, key, str(source), part_size=_PART_SIZE),
+        )
         if move:
             source.unlink(missing_ok=True)
-        return created
+        return True
 
     def open(self, key: str) -> BinaryIO:
         self._ensure_bucket()

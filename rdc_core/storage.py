@@ -58,8 +58,12 @@ class ObjectStore(Protocol):
         """Store the file at ``source`` under ``key`` durably unless ``key`` already exists.
 
         For keys derived from the content: an existing object is the same object and
-        stays. With ``move`` the file (ours, in :attr:`spool_dir`) is moved, not copied,
-        and is gone afterwards either way. Returns whether this call created the object.
+        stays (or is written again with the same bytes). With ``move`` the file (ours, in
+        :attr:`spool_dir`) is moved, not copied, and is gone afterwards either way.
+        Returns False when the object certainly existed before this call, True when this
+        call may have created it: a store that cannot tell without another round trip
+        (S3) returns True, so callers that undo a write must first check that nothing
+        else refers to the object.
         """
         ...
 

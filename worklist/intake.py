@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, session_connection, stable_id, upsert
@@ -33,6 +33,7 @@ __all__ = [
     "RecordOutcome",
     "exam_id_for",
     "find_instance",
+    "object_referenced",
     "record_conflict",
     "record_instance",
     "record_quarantine",
@@ -95,15 +96,33 @@ _FIND_INSTANCE = (
     .join(_exams, _exams.c.id == _instances.c.exam_id)
     .where(_instances.c.sop_instance_uid == bindparam("sop"))
 )
-_COUNT_INSTANCE = (
+# A new instance of a study already known (the common case): one statement counts it,
+# moves the last-received time and reads what the checks below need.
+_TOUCH_EXAM = (
     update(_exams)
     .where(_exams.c.id == bindparam("exam"))
     .values(
         instance_count=_exams.c.instance_count + 1,
+        last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
+    )
+    .returning(
+        _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority
+    )
+)
+_AMEND_EXAM = (
+    update(_exams)
+    .where(_exams.c.id == bindparam("exam"))
+    .values(
+        instance_count=_exams.c.instance_count + bindparam("added"),
         modalities=bindparam("new_modalities"),
         body_part=bindparam("new_body_part"),
         priority=bindparam("new_priority"),
     )
+)
+_UNCOUNT_INSTANCE = (
+    update(_exams)
+    .where(_exams.c.id == bindparam("exam"))
+    .values(instance_count=_exams.c.instance_count - 1)
 )
 
 
@@ -113,6 +132,33 @@ def find_instance(session: Session, *, sop_instance_uid: str) -> KnownInstance |
         session_connection(session).execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).one_or_none()
     )
     return KnownInstance(*row) if row else None
+
+
+def object_referenced(session: Session, *, storage_key: str, sop_instance_uid: str | None) -> bool:
+    """Whether an index row (an instance, a kept conflicting copy or a quarantine record)
+    refers to the stored object ``storage_key``.
+
+    Asked before removing an object after a rollback: a content-addressed key may have been
+    written before by another ingest of the same data, whose row must keep its object.
+    """
+    conflicts, quarantine = (
+        cast(Table, InstanceConflict.__table__),
+        cast(Table, QuarantineItem.__table__),
+    )
+    candidates = [exists().where(quarantine.c.storage_key == storage_key)]
+    if sop_instance_uid:
+        # By SOP Instance UID first: those columns are indexed, storage_key is not.
+        candidates += [
+            exists().where(
+                _instances.c.sop_instance_uid == sop_instance_uid,
+                _instances.c.storage_key == storage_key,
+            ),
+            exists().where(
+                conflicts.c.sop_instance_uid == sop_instance_uid,
+                conflicts.c.storage_key == storage_key,
+            ),
+        ]
+    return bool(session_connection(session).execute(select(or_(*candidates))).scalar())
 
 
 def _upsert_patient(
@@ -203,10 +249,20 @@ def record_instance(
     """Index a stored object: upsert patient and exam, insert the instance.
 
     Idempotent: the same SOP Instance UID is inserted once; racing writers are settled by
-    the unique constraint, not by a read-then-write.
+    the unique constraint, not by a read-then-write. For a study already indexed only the
+    exam moves (count, last-received time); the patient row is upserted with the exam.
     """
-    patient_ref = _upsert_patient(session, header, org_id, org_code, now)
-    exam = _upsert_exam(session, header, org_id, patient_ref, now)
+    conn = session_connection(session)
+    exam_id = exam_id_for(header.study_instance_uid)
+    exam = conn.execute(_TOUCH_EXAM, {"exam": exam_id, "now": now}).one_or_none()
+    counted = exam is not None
+    if exam is None:
+        patient_ref = _upsert_patient(session, header, org_id, org_code, now)
+        exam = _upsert_exam(session, header, org_id, patient_ref, now)
+    elif exam.org_id != org_id:
+        raise PermissionDeniedError(
+            f"study {header.study_instance_uid} belongs to another organisation"
+        )
     inserted = insert_ignore(
         session,
         Instance.__table__,
@@ -232,6 +288,8 @@ def record_instance(
         conflict=["sop_instance_uid"],
     )
     if not inserted:
+        if counted:  # another writer indexed this SOP instance meanwhile
+            conn.execute(_UNCOUNT_INSTANCE, {"exam": exam.id})
         return RecordOutcome.DUPLICATE, exam.id
     modalities = [m for m in exam.modalities.split("\\") if m]
     if header.modality and header.modality not in modalities:
@@ -239,15 +297,24 @@ def record_instance(
     priority = Priority(exam.priority)
     if header.priority is not None and header.priority.rank < priority.rank:
         priority = header.priority
-    session_connection(session).execute(
-        _COUNT_INSTANCE,
-        {
-            "exam": exam.id,
-            "new_modalities": "\\".join(modalities),
-            "new_body_part": exam.body_part or header.body_part,
-            "new_priority": priority.value,
-        },
-    )
+    body_part = exam.body_part or header.body_part
+    new_modalities = "\\".join(modalities)
+    if (
+        not counted
+        or new_modalities != exam.modalities
+        or body_part != exam.body_part
+        or priority.value != exam.priority
+    ):
+        conn.execute(
+            _AMEND_EXAM,
+            {
+                "exam": exam.id,
+                "added": 0 if counted else 1,
+                "new_modalities": new_modalities,
+                "new_body_part": body_part,
+                "new_priority": priority.value,
+            },
+        )
     return RecordOutcome.STORED, exam.id
 
 
