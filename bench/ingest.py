@@ -27,6 +27,7 @@ import abc
 import argparse
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -530,8 +531,17 @@ class RdcS3Receiver(RdcReceiver):
         self.bucket = f"bench-{workdir.name}"  # work directories are unique within a run
 
     def environment(self) -> dict[str, str]:
-        """The local receiver's environment plus the S3 settings (rdc creates the bucket)."""
+        """The local receiver's environment plus the S3 settings."""
         return super().environment() | self.s3.settings(self.bucket)
+
+    def prepare(self) -> None:
+        """Register the calling AE title; create the bucket and write one object outside
+        ``dicom/``: SeaweedFS allocates a bucket's volume on its first write, which a
+        deployment's long-lived bucket has behind it, so it stays out of the timed transfer."""
+        super().prepare()
+        self.s3.client.make_bucket(self.bucket)
+        warm_up = b"bench warm-up"
+        self.s3.client.put_object(self.bucket, "bench-warmup/0", io.BytesIO(warm_up), len(warm_up))
 
     def stored(self) -> int:
         """Objects under ``dicom/`` in the bucket."""

@@ -1,4 +1,10 @@
-"""Fixtures shared by every test: sample data, free ports, dcmtk tools, a running ``rdc serve``."""
+"""Fixtures shared by every test: sample data, free ports, dcmtk tools, a running ``rdc serve``.
+
+The production pass (RDC_TEST_DATABASE=postgresql) runs every deployment on the production
+stack: a fresh PostgreSQL database, its own bucket on one SeaweedFS S3 server for the session,
+and the Celery backend on Redis with real ``rdc worker`` and ``rdc beat`` processes beside
+``rdc serve``. The embedded pass runs them on SQLite, local files and in-process tasks.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RdcServer, S3Server, free_port, seed_alliance
+from tests.helpers import (
+    RdcServer,
+    S3Server,
+    Stack,
+    free_port,
+    production_pass,
+    redis_broker_url,
+    seed_alliance,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,10 +76,19 @@ def database_url(tmp_path: Path) -> Iterator[str | None]:
     admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The storage and task backends of this pass's deployments: none to set on the embedded
+    pass; the session's S3 server and Redis on the production pass."""
+    if not production_pass():
+        return Stack()
+    return Stack(request.getfixturevalue("s3_server"), redis_broker_url())
+
+
 @pytest.fixture
-def rdc_env(tmp_path: Path, database_url: str | None) -> dict[str, str]:
-    """Environment for a fresh deployment: a temporary data directory and, on a PostgreSQL
-    run, a fresh database."""
+def rdc_env(tmp_path: Path, database_url: str | None, stack: Stack) -> Iterator[dict[str, str]]:
+    """Environment for a fresh deployment: a temporary data directory and, on the production
+    pass, a fresh database, its own S3 bucket and Celery queue on Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
     if database_url:
         env["RDC_DATABASE_URL"] = database_url
@@ -81,7 +104,9 @@ def rdc_env(tmp_path: Path, database_url: str | None) -> dict[str, str]:
         # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.
         RDC_PASSWORD_HASH_ROUNDS="4",
     )
-    return env
+    with stack.deployment() as backends:
+        env.update(backends)
+        yield env
 
 
 @pytest.fixture
@@ -98,7 +123,8 @@ def alliance(rdc_env: dict[str, str]) -> dict[str, str]:
 def server(
     rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
 ) -> Iterator[RdcServer]:
-    """A running ``rdc serve`` (web + DICOM + worker) on free ports, stopped after the test."""
+    """A running ``rdc serve`` (web + DICOM + worker; on the production pass with ``rdc worker``
+    and ``rdc beat`` beside it) on free ports, stopped after the test."""
     srv = RdcServer(rdc_env, tmp_path / "serve.log")
     srv.start()
     try:
@@ -109,10 +135,11 @@ def server(
 
 @pytest.fixture
 def database(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None, stack: Stack
 ) -> Iterator[str]:
     """A fresh, migrated database (SQLite, or PostgreSQL on a PostgreSQL run) for in-process
-    service tests; yields its URL."""
+    service tests, with the pass's object store (a fresh S3 bucket on the production pass;
+    tasks stay in-process); yields its URL."""
     from rdc_core.db import dispose_engines
     from rdc_core.migrate import upgrade_database
     from rdc_core.settings import reset_settings
@@ -123,14 +150,17 @@ def database(
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "4")
     if database_url:
         monkeypatch.setenv("RDC_DATABASE_URL", database_url)
-    reset_settings()
-    dispose_engines()
-    upgrade_database()
-    from rdc_core.settings import get_settings
+    with stack.deployment(tasks=False) as backends:
+        for key, value in backends.items():
+            monkeypatch.setenv(key, value)
+        reset_settings()
+        dispose_engines()
+        upgrade_database()
+        from rdc_core.settings import get_settings
 
-    yield get_settings().resolved_database_url
-    dispose_engines()
-    reset_settings()
+        yield get_settings().resolved_database_url
+        dispose_engines()
+        reset_settings()
 
 
 @pytest.fixture(scope="session")
@@ -145,11 +175,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
-def s3_bucket() -> str:
-    """A bucket name no other test uses."""
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A bucket name no other test uses; the bucket is removed afterwards."""
     import uuid
 
-    return f"rdc-test-{uuid.uuid4().hex[:12]}"
+    bucket = f"rdc-test-{uuid.uuid4().hex[:12]}"
+    yield bucket
+    s3_server.remove_bucket(bucket)
 
 
 # --- RDC_REQUIRE_SERVICES ---------------------------------------------------------------------

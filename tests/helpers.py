@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,18 @@ _STORESCU_FLAG = {
     "1.2.840.10008.1.2.4.90": ["-xv"],
     "1.2.840.10008.1.2.4.91": ["-xw"],
 }
+
+
+def production_pass() -> bool:
+    """Whether this is the production pass (RDC_TEST_DATABASE=postgresql): every deployment the
+    tests start runs on PostgreSQL, S3 and Celery on Redis, not only the tests marked
+    ``production``."""
+    return os.environ.get("RDC_TEST_DATABASE", "sqlite") == "postgresql"
+
+
+def redis_broker_url() -> str:
+    """The Redis the production pass's deployments queue their tasks on."""
+    return os.environ.get("RDC_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 
 
 def free_port() -> int:
@@ -256,36 +273,112 @@ def report_exam(
     return result
 
 
-class RdcServer:
-    """``rdc serve`` in a subprocess, on the ports given in its environment."""
+def object_store(env: dict[str, str]) -> Any:
+    """The object store (local directory or S3 bucket) of the deployment with ``env``, built
+    by the product from the deployment's RDC_ settings, for reading what it stored."""
+    from rdc_core.settings import Settings
+    from rdc_core.storage import get_object_store
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+    fields = {k.removeprefix("RDC_").lower(): v for k, v in env.items() if k.startswith("RDC_")}
+    return get_object_store(Settings(**fields))
+
+
+def read_object(env: dict[str, str], key: str) -> bytes:
+    """The bytes of the stored object ``key`` of the deployment with ``env``."""
+    with object_store(env).open(key) as stored:
+        data: bytes = stored.read()
+    return data
+
+
+# A deployment on the Celery backend runs its tasks in `rdc worker` and `rdc beat`; these
+# lines in their logs say they are up.
+_WORKER_READY = b" ready."
+_BEAT_READY = b"beat: Starting..."
+
+
+class RdcServer:
+    """``rdc serve`` in a subprocess, on the ports given in its environment.
+
+    On the Celery task backend (the production pass) a whole deployment (``--role all``,
+    the default) also runs an ``rdc worker`` and an ``rdc beat`` for its tasks, as the
+    embedded ``rdc serve`` runs them in-process; ``workers=False`` starts ``rdc serve`` alone.
+    The three start, stop (with the same signal) and restart together.
+    """
+
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *args: str, workers: bool | None = None
+    ) -> None:
         self.env = env
         self.log_path = log_path
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
+        # rdc worker and rdc beat: the process, its log, where this run's output starts.
+        self.helpers: list[tuple[subprocess.Popen[bytes], Path, int]] = []
         self.http = f"http://127.0.0.1:{env['RDC_HTTP_PORT']}"
         self.dicom_port = int(env["RDC_DICOM_PORT"])
         self.data_dir = Path(env["RDC_DATA_DIR"])
+        role = args[args.index("--role") + 1] if "--role" in args else "all"
+        if workers is None:
+            workers = role == "all" and env.get("RDC_TASK_BACKEND") == "celery"
+        self.workers = workers
+        # The worker serves its task metrics (run times, failures) on a port of its own.
+        self.worker_metrics = f"http://127.0.0.1:{free_port()}" if workers else None
+
+    def _log(self, name: str) -> Path:
+        return self.log_path.with_name(f"{self.log_path.stem}.{name}{self.log_path.suffix}")
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "web.cli", "serve", *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
         try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "web.cli", "serve", *self.args],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
+            if self.workers:
+                # Worker and beat start once rdc serve has migrated a fresh database: they
+                # migrate at start-up too, and first migrations of one PostgreSQL database
+                # running at once collide (alembic_version is created twice).
+                # A thread pool: the cheapest real worker; tests/web/test_celery_backend.py
+                # runs production's prefork pool.
+                self._start_helper("worker", "worker", "--pool", "threads", "--concurrency", "4")
+                self._start_helper("beat", "beat")
+                logs = self._log("*")
+                wait_for(self._ready, timeout=60, what=f"rdc worker and beat (logs: {logs})")
         except BaseException:
             self.stop(signal.SIGKILL)  # never leave a server behind
             raise
+
+    def _start_helper(self, name: str, *args: str) -> None:
+        env = self.env
+        if name == "worker" and self.worker_metrics:
+            env = {**env, "RDC_METRICS_PORT": self.worker_metrics.rsplit(":", 1)[1]}
+        log_path = self._log(name)
+        # Restarts append to the log: only what is written from here on says "ready".
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "web.cli", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.helpers.append((proc, log_path, offset))
 
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"rdc serve exited:\n{self.log_path.read_text()}")
+        for proc, log_path, offset in self.helpers:
+            if proc.poll() is not None:
+                raise AssertionError(f"rdc exited (log {log_path}):\n{log_path.read_text()}")
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read()
+            if _WORKER_READY not in text and _BEAT_READY not in text:
+                return False
         role = self.args[self.args.index("--role") + 1] if "--role" in self.args else "all"
         try:
             web = role in ("all", "web")
@@ -299,16 +392,18 @@ class RdcServer:
             return False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        procs = [p for p in [self.proc, *(h[0] for h in self.helpers)] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        for proc in procs:
             try:
-                self.proc.wait(timeout=20)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                proc.kill()
+                proc.wait(timeout=10)
         self.proc = None
+        self.helpers = []
 
     def token(self, username: str, password: str) -> str:
         response = httpx.post(
@@ -331,9 +426,19 @@ class RdcServer:
         """A connection to the server's index (SQLite or PostgreSQL) for checking what is stored."""
         return index_db(self.env)
 
-    def objects(self, prefix: str = "") -> list[Path]:
-        root = self.data_dir / "objects" / prefix
-        return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    def objects(self, prefix: str = "") -> list[str]:
+        """The keys of the stored objects below ``prefix`` (a folder, e.g. "dicom"), read
+        through the deployment's store (local directory or S3 bucket)."""
+        folder = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        return list(object_store(self.env).iter_keys(folder))
+
+    def object_file(self, key: str) -> Path:
+        """A local copy of the stored object ``key``, read through the deployment's store."""
+        copy = self.log_path.parent / "read-objects" / key
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with object_store(self.env).open(key) as stored, open(copy, "wb") as out:
+            shutil.copyfileobj(stored, out)
+        return copy
 
 
 def transfer_syntax(path: Path) -> str:
@@ -498,6 +603,16 @@ class S3Server:
             "RDC_S3_SECURE": "false",
         }
 
+    def remove_bucket(self, bucket: str) -> None:
+        """Delete ``bucket`` and what it holds (each bucket takes a volume of the server's
+        limited number), if it exists."""
+        client = self.client()
+        if not client.bucket_exists(bucket):
+            return
+        for obj in client.list_objects(bucket, recursive=True):
+            client.remove_object(bucket, obj.object_name)
+        client.remove_bucket(bucket)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -507,3 +622,156 @@ class S3Server:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+
+
+def delete_queue(broker_url: str, queue: str) -> None:
+    """Remove a Celery queue from Redis, with the exchange bindings kombu keeps beside it."""
+    import redis
+
+    redis.Redis.from_url(broker_url).delete(
+        queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
+    )
+
+
+class Stack:
+    """What a test's deployments run on besides their database.
+
+    Embedded (``s3`` None): local files below the data directory, tasks in-process: nothing
+    to set. Production pass: each deployment gets its own bucket on the session's S3 server
+    and the Celery backend with its own queue on Redis, so that no worker consumes what
+    another test's deployment queued (the two passes run side by side, and a killed
+    deployment leaves its messages behind).
+    """
+
+    def __init__(self, s3: S3Server | None = None, broker_url: str | None = None) -> None:
+        self.s3 = s3
+        self.broker_url = broker_url
+
+    @contextmanager
+    def deployment(self, *, tasks: bool = True) -> Iterator[dict[str, str]]:
+        """RDC_ settings for one fresh deployment (``tasks=False``: storage only, for tests
+        that run the tasks in-process); its bucket and queue are removed afterwards."""
+        if self.s3 is None:
+            yield {}
+            return
+        bucket = f"rdc-test-{uuid.uuid4().hex[:12]}"
+        env = self.s3.env(bucket)
+        queue = None
+        if tasks and self.broker_url:
+            queue = f"rdc-test-{uuid.uuid4().hex[:12]}"
+            env.update(
+                RDC_TASK_BACKEND="celery", RDC_BROKER_URL=self.broker_url, RDC_TASK_QUEUE=queue
+            )
+        try:
+            yield env
+        finally:
+            if queue is not None and self.broker_url:
+                delete_queue(self.broker_url, queue)
+            self.s3.remove_bucket(bucket)
+
+
+class TcpGate:
+    """A TCP relay to ``target`` (host:port) that can be shut: while shut, connections are
+    cut as soon as they open and open ones are cut, as when the server goes away."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.is_open = True
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if not self.is_open:
+                _cut(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _cut(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with self._lock:
+                    self._sockets.discard(s)
+                _cut(s)
+
+    def shut(self) -> None:
+        """Cut every connection and every new one until :meth:`reopen`."""
+        self.is_open = False
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for s in sockets:
+            _cut(s)
+
+    def reopen(self) -> None:
+        self.is_open = True
+
+    def close(self) -> None:
+        self.shut()
+        self.listener.close()
+
+
+def _cut(s: socket.socket) -> None:
+    # A reset, not an orderly close: the peer sees the connection fail at once.
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        s.close()
+
+
+class StoreFault:
+    """Makes every write to a deployment's object store fail while :meth:`failing` lasts.
+
+    Local store: a file stands where the store needs its "dicom" folder. S3: the deployment
+    (start it with :attr:`env`) reaches the S3 server through a :class:`TcpGate`, shut
+    meanwhile.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = dict(env)
+        self.gate: TcpGate | None = None
+        if env.get("RDC_STORAGE_BACKEND") == "s3":
+            self.gate = TcpGate(env["RDC_S3_ENDPOINT"])
+            self.env["RDC_S3_ENDPOINT"] = self.gate.endpoint
+
+    @contextmanager
+    def failing(self) -> Iterator[None]:
+        if self.gate is not None:
+            self.gate.shut()
+            try:
+                yield
+            finally:
+                self.gate.reopen()
+            return
+        blocker = Path(self.env["RDC_DATA_DIR"]) / "objects" / "dicom"
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("a file where the store needs a directory: every write fails")
+        try:
+            yield
+        finally:
+            blocker.unlink()
+
+    def close(self) -> None:
+        if self.gate is not None:
+            self.gate.close()

@@ -7,6 +7,7 @@ from alembic import context
 from rdc_core.db import Base, get_engine
 
 config = context.config
+_MIGRATION_LOCK = 726_380  # pg_advisory_xact_lock key; worklist.audit uses 726_381
 url = config.get_main_option("sqlalchemy.url")
 
 
@@ -25,6 +26,11 @@ def run_migrations_online() -> None:
             connection=connection, target_metadata=Base.metadata, render_as_batch=True
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Every replica migrates on start (rdc serve, worker, beat): one at a time,
+                # so the others find the schema current instead of racing to create it.
+                # Released when the migration transaction ends.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             context.run_migrations()
 
 

@@ -32,7 +32,8 @@ def all_ok(results: list[subprocess.CompletedProcess[str]]) -> None:
 
 
 def stored_copies(server: RdcServer, sop_uid: str) -> list[Path]:
-    """Every stored object for this SOP instance: the instance of record and kept conflicts."""
+    """Every stored object for this SOP instance (the instance of record and kept conflicts),
+    read through the deployment's store into local files."""
     with server.db() as db:
         keys = [
             r[0]
@@ -42,7 +43,7 @@ def stored_copies(server: RdcServer, sop_uid: str) -> list[Path]:
                 (sop_uid, sop_uid),
             )
         ]
-    return [server.data_dir / "objects" / k for k in keys]
+    return [server.object_file(k) for k in keys]
 
 
 def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
@@ -186,7 +187,7 @@ def test_malformed_dataset_fails_is_quarantined_and_service_goes_on(
     assert len(rows) == 1
     assert "truncated" in rows[0]["reason"]
     assert rows[0]["calling_ae"] == "CLINIC_A_CT"
-    kept = server.data_dir / "objects" / rows[0]["storage_key"]
+    kept = server.object_file(rows[0]["storage_key"])
     assert kept.read_bytes()[132:].endswith(path.read_bytes()[-200:])
     assert server.objects("dicom") == []
 

@@ -9,7 +9,7 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.helpers import RdcServer, wait_for
+from tests.helpers import RdcServer, StoreFault, wait_for
 
 
 def _send(server: RdcServer, ds: pydicom.Dataset, calling_ae: str = "CLINIC_A_CT") -> int:
@@ -31,19 +31,23 @@ def _counts(server: RdcServer) -> tuple[int, int, int]:
 
 
 def test_store_failure_answers_out_of_resources_and_leaves_no_rows(
-    server: RdcServer, testdata: Path
+    rdc_env: dict[str, str], alliance: dict[str, str], testdata: Path, tmp_path: Path
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
-    blocker = server.data_dir / "objects" / "dicom"
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_text("a file where the store needs a directory: every write fails")
+    fault = StoreFault(rdc_env)
+    server = RdcServer(fault.env, tmp_path / "serve.log")
+    server.start()
+    try:
+        with fault.failing():
+            assert _send(server, ds) == 0xA700  # Refused: Out of Resources
+            assert _counts(server) == (0, 0, 0)
 
-    assert _send(server, ds) == 0xA700  # Refused: Out of Resources
-    assert _counts(server) == (0, 0, 0)
-
-    blocker.unlink()
-    assert _send(server, ds) == 0x0000  # the modality's retry succeeds
-    assert _counts(server) == (1, 1, 1)
+        assert _send(server, ds) == 0x0000  # the modality's retry succeeds
+        assert _counts(server) == (1, 1, 1)
+        assert len(server.objects("dicom")) == 1
+    finally:
+        server.stop()
+        fault.close()
 
 
 def test_database_failure_answers_failure_and_removes_the_object(

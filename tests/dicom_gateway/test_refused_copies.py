@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -60,10 +59,10 @@ def server(
     tmp_path: Path,
 ) -> Iterator[RdcServer]:
     """``rdc serve`` on the local store and (production pass) on S3."""
-    env = dict(rdc_env)
+    env = {**rdc_env, "RDC_STORAGE_BACKEND": "local"}
     if request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
-        env.update(s3.env(f"rdc-test-{uuid.uuid4().hex[:12]}"))
+        env.update(s3.env(request.getfixturevalue("s3_bucket")))
     srv = RdcServer(env, tmp_path / "serve.log")
     srv.start()
     try:
@@ -104,7 +103,7 @@ def object_store(request: pytest.FixtureRequest, database: str, tmp_path: Path) 
         endpoint=s3.endpoint,
         access_key=s3.access_key,
         secret_key=s3.secret_key,
-        bucket=f"rdc-test-{uuid.uuid4().hex[:12]}",
+        bucket=request.getfixturevalue("s3_bucket"),
         secure=False,
         region="us-east-1",
         spool_dir=tmp_path / "spool",

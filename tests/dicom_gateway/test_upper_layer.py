@@ -133,7 +133,7 @@ def test_large_instance_is_streamed_and_stored_intact(server: RdcServer, tmp_pat
     assoc.release()
     with server.db() as db:
         key, size = db.execute("SELECT storage_key, size_bytes FROM instances").fetchone()
-    stored = server.data_dir / "objects" / key
+    stored = server.object_file(key)
     assert stored.stat().st_size == size
     assert same_dataset(path, stored)
     assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "CLINIC_A_CT"

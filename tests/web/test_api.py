@@ -157,7 +157,7 @@ def test_readiness_and_metrics(
         "RDC_HTTP_PORT": str(free_port()),
         "RDC_DICOM_PORT": str(free_port()),
     }
-    broken = RdcServer(env, tmp_path / "broken.log")
+    broken = RdcServer(env, tmp_path / "broken.log", workers=False)  # they could not connect
     broken.start()
     try:
         response = httpx.get(f"{broken.http}/readyz", timeout=30)

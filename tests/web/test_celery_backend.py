@@ -71,7 +71,7 @@ def test_beat_and_worker_make_exams_ready(
 ) -> None:
     from celery import Celery
 
-    server = RdcServer(celery_env, tmp_path / "serve.log")
+    server = RdcServer(celery_env, tmp_path / "serve.log", workers=False)  # started below
     server.start()
     processes: list[subprocess.Popen[bytes]] = []
     queue = celery_env["RDC_TASK_QUEUE"]

@@ -80,8 +80,9 @@ def test_ca_commands_and_verify_exit_codes(
     finally:
         server.stop()
 
-    folder = server.data_dir / "objects" / "reports" / report["id"]
-    pdf, document = folder / "final.pdf", folder / "final.json"
+    # The signed files, read through the deployment's store.
+    pdf = server.object_file(f"reports/{report['id']}/final.pdf")
+    document = server.object_file(f"reports/{report['id']}/final.json")
     # Each rdc run costs a process start: the cases are spread over the two kinds of file.
     online = rdc_cli(rdc_env, "verify", str(pdf), check=False)
     assert online.returncode == 0 and "revocation not checked" not in online.stderr

@@ -29,7 +29,7 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.valuerep import BYTES_VR
 
-from tests.helpers import RdcServer, free_port, same_dataset, seed_alliance, storescu
+from tests.helpers import RdcServer, Stack, free_port, same_dataset, seed_alliance, storescu
 
 DICOM_JSON = "application/dicom+json"
 OCTET_FRAMES = 'multipart/related; type="application/octet-stream"'
@@ -102,10 +102,11 @@ def _clinic_a_files(testdata: Path, workdir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    tmp_path_factory: pytest.TempPathFactory, testdata: Path, dcmtk: Path
-) -> Iterator[Deployment]:
-    """One ``rdc serve`` for the module, with both clinics' sample studies received."""
+def deployment_env(
+    tmp_path_factory: pytest.TempPathFactory, stack: Stack
+) -> Iterator[tuple[dict[str, str], Path]]:
+    """Environment of the module's deployment (a fresh database, and on the production pass
+    its own bucket and Celery queue) and its working directory."""
     workdir = tmp_path_factory.mktemp("dicomweb")
     database = _postgres_database()
     database_url = next(database)
@@ -122,6 +123,20 @@ def deployment(
         RDC_STABLE_AGE_SECONDS="2",
         RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
     )
+    try:
+        with stack.deployment() as backends:
+            yield {**env, **backends}, workdir
+    finally:
+        for _ in database:
+            pass
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    deployment_env: tuple[dict[str, str], Path], testdata: Path, dcmtk: Path
+) -> Iterator[Deployment]:
+    """One ``rdc serve`` for the module, with both clinics' sample studies received."""
+    env, workdir = deployment_env
     passwords = seed_alliance(env)
     server = RdcServer(env, workdir / "serve.log")
     server.start()
@@ -145,8 +160,6 @@ def deployment(
         yield Deployment(server, passwords, clinic_a, clinic_b, workdir)
     finally:
         server.stop()
-        for _ in database:
-            pass
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from tests.helpers import RdcServer, rdc_cli, storescu, worklist_items
+from tests.helpers import RdcServer, rdc_cli, read_object, storescu, worklist_items
 
 
 def _flip(data: bytes, offset: int) -> bytes:
@@ -82,8 +82,8 @@ def test_sign_verify_amend_over_http(
     # The PDF, validated by pyHanko itself against the exported alliance CA.
     ca_pem = rdc_cli(server.env, "ca", "export").stdout.encode()
     _, _, ca_der = asn1_pem.unarmor(ca_pem)
-    pdf = (server.data_dir / "objects" / "reports" / v1["id"] / "final.pdf").read_bytes()
-    document = (server.data_dir / "objects" / "reports" / v1["id"] / "final.json").read_bytes()
+    pdf = read_object(server.env, f"reports/{v1['id']}/final.pdf")
+    document = read_object(server.env, f"reports/{v1['id']}/final.json")
     signature = PdfFileReader(io.BytesIO(pdf)).embedded_signatures[0]
     status = validate_pdf_signature(
         signature, ValidationContext(trust_roots=[asn1_x509.Certificate.load(ca_der)])

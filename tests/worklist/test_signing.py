@@ -285,13 +285,12 @@ def test_production_refuses_to_sign_without_certificate(
     monkeypatch.setenv("RDC_DATABASE_URL", get_settings().resolved_database_url)
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "12")
     reset_settings()
-    objects = get_settings().objects_dir
     with pytest.raises(NoCertificateError, match="no signing certificate for attending"):
         _submit(reading, "attending")
     with session_scope() as session:
         report = session.execute(select(Report)).scalar_one()
         assert report.status is ReportStatus.DRAFT  # rolled back: nothing final unsigned
-    assert not (objects / "reports").exists() or not any((objects / "reports").rglob("*.pdf"))
+    assert not [k for k in get_object_store().iter_keys("reports/") if k.endswith(".pdf")]
     with session_scope() as session:
         init_ca(session, now=utcnow())
         issue_certificate(session, username="attending", now=utcnow())
