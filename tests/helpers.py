@@ -441,6 +441,20 @@ class RdcServer:
         return copy
 
 
+def c_store(port: int, ds: Dataset, *, calling_ae: str, called_ae: str = "RDC") -> int:
+    """Send ``ds`` in its own transfer syntax with a pynetdicom SCU over one association;
+    returns the C-STORE status."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established, f"association from {calling_ae} refused"
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    return int(status.Status)
+
+
 def transfer_syntax(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 

@@ -6,20 +6,12 @@ import signal
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
-from tests.helpers import RdcServer, StoreFault, wait_for
+from tests.helpers import RdcServer, StoreFault, c_store, wait_for
 
 
 def _send(server: RdcServer, ds: pydicom.Dataset, calling_ae: str = "CLINIC_A_CT") -> int:
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
-    assert assoc.is_established
-    status = assoc.send_c_store(ds)
-    assoc.release()
-    return int(status.Status)
+    return c_store(server.dicom_port, ds, calling_ae=calling_ae)
 
 
 def _counts(server: RdcServer) -> tuple[int, int, int]:

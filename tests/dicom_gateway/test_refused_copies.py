@@ -8,7 +8,6 @@ the store cannot tell whether its PUT created the object, so the index decides.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,39 +15,15 @@ from zoneinfo import ZoneInfo
 
 import pydicom
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from dicom_gateway.ingest import ingest_dicom_file
 from rdc_core.db import session_scope
 from rdc_core.s3_storage import S3ObjectStore
-from rdc_core.settings import Settings
-from rdc_core.storage import LocalObjectStore, ObjectStore, get_object_store
-from tests.helpers import RdcServer, S3Server
+from rdc_core.storage import LocalObjectStore, ObjectStore
+from tests.helpers import RdcServer, S3Server, c_store, object_store
 from worklist.directory import add_organization, organization_for_ae
 from worklist.intake import RecordOutcome
 from worklist.models import OrgKind
-
-
-def _send(server: RdcServer, ds: pydicom.Dataset, calling_ae: str) -> int:
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
-    assert assoc.is_established
-    status = assoc.send_c_store(ds)
-    assoc.release()
-    return int(status.Status)
-
-
-def _store_of(env: dict[str, str]) -> ObjectStore:
-    """The object store the deployment with environment ``env`` uses (local or S3)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("RDC_")]:
-            mp.delenv(key)
-        for key, value in env.items():
-            if key.startswith("RDC_"):
-                mp.setenv(key, value)
-        return get_object_store(Settings())
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.production)])
@@ -75,16 +50,16 @@ def test_another_clinics_copy_is_refused_and_the_stored_object_stays(
     server: RdcServer, testdata: Path
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
-    assert _send(server, ds, "CLINIC_A_CT") == 0x0000
+    assert c_store(server.dicom_port, ds, calling_ae="CLINIC_A_CT") == 0x0000
     with server.db() as db:
         key, size = db.execute("SELECT storage_key, size_bytes FROM instances").fetchone()
-    store = _store_of(server.env)
+    store = object_store(server.env)
     with store.open(key) as f:
         original = f.read()
     assert len(original) == size
 
     # The same bytes from another clinic go to the same key, then the index refuses them.
-    assert _send(server, ds, "CLINIC_B_MR") == 0x0124
+    assert c_store(server.dicom_port, ds, calling_ae="CLINIC_B_MR") == 0x0124
     with store.open(key) as f:
         kept = f.read()
     assert hashlib.sha256(kept).digest() == hashlib.sha256(original).digest()
@@ -94,7 +69,7 @@ def test_another_clinics_copy_is_refused_and_the_stored_object_stays(
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.production)])
-def object_store(request: pytest.FixtureRequest, database: str, tmp_path: Path) -> ObjectStore:
+def empty_store(request: pytest.FixtureRequest, database: str, tmp_path: Path) -> ObjectStore:
     """An empty local store, or (production pass) a fresh bucket on the test S3 server."""
     if request.param == "local":
         return LocalObjectStore(tmp_path / "objects")
@@ -115,7 +90,7 @@ class _Failure(Exception):
 
 
 def test_a_resend_that_rolls_back_keeps_the_object_of_record(
-    object_store: ObjectStore, testdata: Path, tmp_path: Path
+    empty_store: ObjectStore, testdata: Path, tmp_path: Path
 ) -> None:
     source = tmp_path / "ct.dcm"
     shutil.copyfile(testdata / "dicom" / "CT_small.dcm", source)
@@ -129,7 +104,7 @@ def test_a_resend_that_rolls_back_keeps_the_object_of_record(
         assert org is not None
         first = ingest_dicom_file(
             session,
-            store=object_store,
+            store=empty_store,
             source=source,
             calling_ae="A_CT",
             zone=zone,
@@ -142,7 +117,7 @@ def test_a_resend_that_rolls_back_keeps_the_object_of_record(
     with pytest.raises(_Failure), session_scope() as session:
         again = ingest_dicom_file(
             session,
-            store=object_store,
+            store=empty_store,
             source=source,
             calling_ae="A_CT",
             zone=zone,
@@ -151,7 +126,7 @@ def test_a_resend_that_rolls_back_keeps_the_object_of_record(
         assert (again.outcome, again.storage_key) == (RecordOutcome.DUPLICATE, first.storage_key)
         raise _Failure
 
-    with object_store.open(first.storage_key) as stored:
+    with empty_store.open(first.storage_key) as stored:
         assert stored.read() == source.read_bytes()
 
     # A first copy that rolls back leaves nothing behind.
@@ -160,12 +135,12 @@ def test_a_resend_that_rolls_back_keeps_the_object_of_record(
     with pytest.raises(_Failure), session_scope() as session:
         lost = ingest_dicom_file(
             session,
-            store=object_store,
+            store=empty_store,
             source=other,
             calling_ae="A_CT",
             zone=zone,
             organization=org,
         )
         raise _Failure
-    assert not object_store.exists(lost.storage_key)
-    assert list(object_store.iter_keys("dicom")) == [first.storage_key]
+    assert not empty_store.exists(lost.storage_key)
+    assert list(empty_store.iter_keys("dicom")) == [first.storage_key]
