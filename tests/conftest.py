@@ -125,12 +125,8 @@ def server(
 ) -> Iterator[RdcServer]:
     """A running ``rdc serve`` (web + DICOM + worker; on the production pass with ``rdc worker``
     and ``rdc beat`` beside it) on free ports, stopped after the test."""
-    srv = RdcServer(rdc_env, tmp_path / "serve.log")
-    srv.start()
-    try:
+    with RdcServer(rdc_env, tmp_path / "serve.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

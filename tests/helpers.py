@@ -391,6 +391,14 @@ class RdcServer:
         except (OSError, httpx.HTTPError):
             return False
 
+    def __enter__(self) -> RdcServer:
+        """Start; leaving the block stops the server (a fixture yields inside it)."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         procs = [p for p in [self.proc, *(h[0] for h in self.helpers)] if p is not None]
         for proc in procs:

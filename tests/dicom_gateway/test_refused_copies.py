@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo
 
 import pydicom
 import pytest
+from sqlalchemy.orm import Session
 
-from dicom_gateway.ingest import ingest_dicom_file
+from dicom_gateway.ingest import IngestResult, ingest_dicom_file
 from rdc_core.db import session_scope
 from rdc_core.s3_storage import S3ObjectStore
 from rdc_core.storage import LocalObjectStore, ObjectStore
@@ -38,12 +39,8 @@ def server(
     if request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         env.update(s3.env(request.getfixturevalue("s3_bucket")))
-    srv = RdcServer(env, tmp_path / "serve.log")
-    srv.start()
-    try:
+    with RdcServer(env, tmp_path / "serve.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_another_clinics_copy_is_refused_and_the_stored_object_stays(
@@ -92,55 +89,42 @@ class _Failure(Exception):
 def test_a_resend_that_rolls_back_keeps_the_object_of_record(
     empty_store: ObjectStore, testdata: Path, tmp_path: Path
 ) -> None:
-    source = tmp_path / "ct.dcm"
-    shutil.copyfile(testdata / "dicom" / "CT_small.dcm", source)
-    zone = ZoneInfo("Asia/Shanghai")
     with session_scope() as session:
         add_organization(
             session, code="A", name="Clinic A", kind=OrgKind.CLINIC, ae_titles=["A_CT"]
         )
-    with session_scope() as session:
+
+    def ingest(session: Session, name: str) -> IngestResult:
+        source = tmp_path / name
+        shutil.copyfile(testdata / "dicom" / name, source)
         org = organization_for_ae(session, ae_title="A_CT")
         assert org is not None
-        first = ingest_dicom_file(
+        return ingest_dicom_file(
             session,
             store=empty_store,
             source=source,
             calling_ae="A_CT",
-            zone=zone,
+            zone=ZoneInfo("Asia/Shanghai"),
             organization=org,
         )
+
+    with session_scope() as session:
+        first = ingest(session, "CT_small.dcm")
     assert first.outcome is RecordOutcome.STORED
 
     # The same file again (same key: same bytes), then the transaction fails. S3 cannot
     # tell whether the PUT created the object; the index says the first copy refers to it.
     with pytest.raises(_Failure), session_scope() as session:
-        again = ingest_dicom_file(
-            session,
-            store=empty_store,
-            source=source,
-            calling_ae="A_CT",
-            zone=zone,
-            organization=org,
-        )
+        again = ingest(session, "CT_small.dcm")
         assert (again.outcome, again.storage_key) == (RecordOutcome.DUPLICATE, first.storage_key)
         raise _Failure
 
     with empty_store.open(first.storage_key) as stored:
-        assert stored.read() == source.read_bytes()
+        assert stored.read() == (testdata / "dicom" / "CT_small.dcm").read_bytes()
 
     # A first copy that rolls back leaves nothing behind.
-    other = tmp_path / "mr.dcm"
-    shutil.copyfile(testdata / "dicom" / "MR_small.dcm", other)
     with pytest.raises(_Failure), session_scope() as session:
-        lost = ingest_dicom_file(
-            session,
-            store=empty_store,
-            source=other,
-            calling_ae="A_CT",
-            zone=zone,
-            organization=org,
-        )
+        lost = ingest(session, "MR_small.dcm")
         raise _Failure
     assert not empty_store.exists(lost.storage_key)
     assert list(empty_store.iter_keys("dicom")) == [first.storage_key]

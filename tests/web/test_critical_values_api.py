@@ -25,12 +25,8 @@ def critical_server(
         "RDC_CRITICAL_ESCALATION_MINUTES": "0.02",
         "RDC_CRITICAL_SCAN_INTERVAL_SECONDS": "0.5",
     }
-    srv = RdcServer(env, tmp_path / "serve.log")
-    srv.start()
-    try:
+    with RdcServer(env, tmp_path / "serve.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _sign_critical(server: RdcServer, senior: httpx.Client, testdata: Path, dcmtk: Path) -> str:

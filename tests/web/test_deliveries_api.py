@@ -32,12 +32,8 @@ def server(
 ) -> Iterator[RdcServer]:
     """``rdc serve`` whose delivery task scans often (the test waits for a push)."""
     rdc_env["RDC_DELIVERY_SCAN_INTERVAL_SECONDS"] = "0.5"
-    srv = RdcServer(rdc_env, tmp_path / "serve.log")
-    srv.start()
-    try:
+    with RdcServer(rdc_env, tmp_path / "serve.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def final_report(server: RdcServer, alliance: dict[str, str], testdata: Path, dcmtk: Path) -> str:
