@@ -35,7 +35,7 @@ from worklist.critical_values.service import (
 from worklist.directory import add_user, principal_for_user
 from worklist.models import Exam, ReaderLevel, Report, Role, User
 from worklist.reports import amend_report, save_draft, submit_report, verify_report
-from worklist.schemas import ReportAmendIn, ReportIn
+from worklist.schemas import ReportAmendIn, ReportIn, ReportOut
 
 CRITICAL = "1.2.9.2"
 ROUTINE = "1.2.9.1"
@@ -75,11 +75,10 @@ def _people(reading: Reading, *extra: str) -> dict[str, Principal]:
         return {u.username: principal_for_user(u) for u in users}
 
 
-def _sign(reading: Reading, study: str, *, critical: bool, author: str = "attending") -> str:
-    """``author`` claims ``study``, writes and submits it: an attending reader signs it
-    final; a resident's preliminary report is verified (signed) by the chief. Returns the
-    report ID."""
-    who = reading.people[author]
+def _write_and_submit(
+    reading: Reading, study: str, who: Principal, findings: str, critical: bool
+) -> ReportOut:
+    """``who`` claims ``study``, saves a draft with ``findings`` and submits it; the report."""
     with session_scope() as session:
         claim_item(
             session, principal=who, item_id=reading.items[study], now=utcnow(), lease_seconds=600
@@ -90,7 +89,7 @@ def _sign(reading: Reading, study: str, *, critical: bool, author: str = "attend
             principal=who,
             exam_id=reading.exams[study],
             data=ReportIn(
-                findings="左肺野透亮度增高，未见肺纹理。",
+                findings=findings,
                 impression=IMPRESSION,
                 quality_grade="甲",  # type: ignore[arg-type]
                 critical=critical,
@@ -98,7 +97,15 @@ def _sign(reading: Reading, study: str, *, critical: bool, author: str = "attend
             now=utcnow(),
         )
     with session_scope() as session:
-        report = submit_report(session, principal=who, exam_id=reading.exams[study], now=utcnow())
+        return submit_report(session, principal=who, exam_id=reading.exams[study], now=utcnow())
+
+
+def _sign(reading: Reading, study: str, *, critical: bool, author: str = "attending") -> str:
+    """``author`` claims ``study``, writes and submits it: an attending reader signs it
+    final; a resident's preliminary report is verified (signed) by the chief. Returns the
+    report ID."""
+    who = reading.people[author]
+    report = _write_and_submit(reading, study, who, "左肺野透亮度增高，未见肺纹理。", critical)
     if who.level is ReaderLevel.RESIDENT:
         assert report.status == "preliminary"
         with session_scope() as session:
@@ -436,26 +443,9 @@ def test_contacts_and_duty_list_rules(reading: Reading) -> None:
 def _preliminary(reading: Reading, study: str, *, critical: bool) -> str:
     """The resident claims, writes and submits ``study``: a preliminary report (signed by
     the resident, not verified yet). Returns the report ID."""
-    who = reading.people["resident"]
-    with session_scope() as session:
-        claim_item(
-            session, principal=who, item_id=reading.items[study], now=utcnow(), lease_seconds=600
-        )
-    with session_scope() as session:
-        save_draft(
-            session,
-            principal=who,
-            exam_id=reading.exams[study],
-            data=ReportIn(
-                findings="左肺野透亮度增高。",
-                impression=IMPRESSION,
-                quality_grade="甲",  # type: ignore[arg-type]
-                critical=critical,
-            ),
-            now=utcnow(),
-        )
-    with session_scope() as session:
-        report = submit_report(session, principal=who, exam_id=reading.exams[study], now=utcnow())
+    report = _write_and_submit(
+        reading, study, reading.people["resident"], "左肺野透亮度增高。", critical
+    )
     assert report.status == "preliminary"
     return report.id
 

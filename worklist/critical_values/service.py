@@ -10,6 +10,7 @@ level twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -238,20 +239,16 @@ def _reconsider(
     when the verifier un-ticked critical, follow an edited finding while it is open."""
     if not report.critical:
         if _close(session, alert, AlertState.WITHDRAWN, signer=signer, now=now):
-            patient, what = _label(alert)
-            _notify(
+            _notify_clinic(
                 session,
                 alert,
-                user_id=None,
-                org_id=alert.org_id,
                 now=now,
                 key="withdrawn",
-                text=(
+                text=lambda patient, what, finding: (
                     f"危急值已撤回：{patient}，{what}：上级医师审核后的正式报告不再报告危急值"
-                    f"（原为：{_short(alert.finding)}）。",
+                    f"（原为：{finding}）。",
                     f"Critical value withdrawn: {patient}, {what}: the senior reader's "
-                    f"verified report no longer reports a critical value "
-                    f"(was: {_short(alert.finding)}).",
+                    f"verified report no longer reports a critical value (was: {finding}).",
                 ),
             )
         return None
@@ -264,17 +261,14 @@ def _reconsider(
             .execution_options(synchronize_session=False)
         )
         session.expire(alert)
-        patient, what = _label(alert)
-        _notify(
+        _notify_clinic(
             session,
             alert,
-            user_id=None,
-            org_id=alert.org_id,
             now=now,
             key="verified",
-            text=(
-                f"危急值（审核后更新）：{patient}，{what}：{_short(finding)}",
-                f"Critical value (updated on verification): {patient}, {what}: {_short(finding)}",
+            text=lambda patient, what, finding: (
+                f"危急值（审核后更新）：{patient}，{what}：{finding}",
+                f"Critical value (updated on verification): {patient}, {what}: {finding}",
             ),
         )
     return alert.id
@@ -372,20 +366,16 @@ def _supersede_earlier(
     )
     if not report.critical:
         for alert in closed:
-            patient, what = _label(alert)
-            _notify(
+            _notify_clinic(
                 session,
                 alert,
-                user_id=None,
-                org_id=alert.org_id,
                 now=now,
                 key=f"superseded:{report.id}",
-                text=(
+                text=lambda patient, what, finding: (
                     f"危急值已被取代：{patient}，{what}：第{report.version}版报告不再报告危急值"
-                    f"（原为：{_short(alert.finding)}）。",
+                    f"（原为：{finding}）。",
                     f"Critical value superseded: {patient}, {what}: report version "
-                    f"{report.version} no longer reports a critical value "
-                    f"(was: {_short(alert.finding)}).",
+                    f"{report.version} no longer reports a critical value (was: {finding}).",
                 ),
             )
     return (latest.id if latest else None), stands
@@ -430,6 +420,27 @@ def _notify(
         key=key,
         recipient_name=name,
         recipient_phone=phone,
+    )
+
+
+def _notify_clinic(
+    session: Session,
+    alert: CriticalAlert,
+    *,
+    now: datetime,
+    key: str,
+    text: Callable[[str, str, str], BilingualText],
+) -> None:
+    """Tell every user of the alert's clinic ``text(patient, what, finding)``: the alert's
+    labels and (shortened) finding as it stands."""
+    _notify(
+        session,
+        alert,
+        user_id=None,
+        org_id=alert.org_id,
+        now=now,
+        key=key,
+        text=text(*_label(alert), _short(alert.finding)),
     )
 
 
