@@ -150,7 +150,7 @@ class _Fields:
 
     def _charsets(self) -> list[str]:
         if self._encodings is None:
-            declared = [t for t in self.text("SpecificCharacterSet").split("\\")]
+            declared = self.text("SpecificCharacterSet").split("\\")
             self._encodings = convert_encodings(declared if any(declared) else None)
         return self._encodings
 
