@@ -377,32 +377,14 @@ def _read_file_meta(f: BinaryIO) -> tuple[int, dict[int, bytes]]:
         f.seek(offset)
 
 
-def _data_set_offset(path: Path) -> int:
-    with open(path, "rb") as f:
-        return _read_file_meta(f)[0]
-
-
-def dataset_sha256(path: Path) -> str:
-    """SHA-256 of the encoded data set of a Part-10 file, file meta excluded.
-
-    This is an instance's content identity: the same data set received over DICOM (where
-    we write the file meta) and imported from a file (with the modality's meta) matches.
-    """
-    return _sha256(path, _data_set_offset(path))
-
-
-def object_digest(path: Path, dataset_sha256: str) -> str:
+def object_digest(file_meta: bytes, dataset_sha256: str) -> str:
     """Identity of a Part-10 file's bytes: its file meta as written plus its data set's hash.
 
-    Copies of one data set that differ only in file meta (another sender's AE title, another
-    writer) get different digests, so storing one never replaces another's bytes.
+    The data set's hash (file meta excluded) is an instance's content identity: the same
+    data set received over DICOM and imported from a file matches. Copies of one data set
+    that differ only in file meta (another sender's AE title, another writer) get different
+    digests, so storing one never replaces another's bytes.
     """
-    with open(path, "rb") as f:
-        meta = f.read(_data_set_offset(path))
-    return _object_digest(meta, dataset_sha256)
-
-
-def _object_digest(file_meta: bytes, dataset_sha256: str) -> str:
     return hashlib.sha256(file_meta + dataset_sha256.encode("ascii")).hexdigest()
 
 
@@ -471,7 +453,7 @@ def prepare_dicom_file(
     not happen while the database write lock is held. Raises InvalidDicomError."""
     header, part10 = _read_header(source, zone=zone)
     sha256 = source_sha256 or _sha256(source, len(part10.file_meta))
-    key = instance_key(header, _object_digest(part10.file_meta, sha256))
+    key = instance_key(header, object_digest(part10.file_meta, sha256))
     stored = StoredObject(key=key, size=part10.size, sha256=sha256)
     writing = _store_io().submit(store.put_once, key, source, move=move_source)
     return PreparedInstance(header, stored, writing)
