@@ -244,13 +244,15 @@ class _Association:
         sock: socket.socket,
         config: AcceptorConfig,
         handler: StorageHandler,
-        admitted: bool,
+        admit: Callable[[], bool] = lambda: True,
         on_release: Callable[[], None] = lambda: None,
     ) -> None:
         self.sock = sock
         self.config = config
         self.handler = handler
-        self.admitted = admitted
+        # Takes an admission slot once an association is requested: a connection that never
+        # asks for one (a port probe, a scanner) never counts against the limit.
+        self.admit = admit
         # Frees this association's admission slot; called before the release answer goes out
         # so that a sender reconnecting at once finds the slot free.
         self.on_release = on_release
@@ -311,7 +313,7 @@ class _Association:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
 
-        if not self.admitted:
+        if not self.admit():
             self._reject(2, 3, 2)  # transient, presentation provider, local limit exceeded
             return False
         if str(request.application_context_name) != APPLICATION_CONTEXT:
@@ -530,16 +532,22 @@ class UpperLayerServer:
 
     def _handle_connection(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        admitted = self._slots.acquire(blocking=False)
-        released = threading.Event()
+        # Both run in this connection's thread: admitted needs no lock.
+        admitted = False
+
+        def admit() -> bool:
+            nonlocal admitted
+            admitted = self._slots.acquire(blocking=False)
+            return admitted
 
         def release_slot() -> None:
-            if admitted and not released.is_set():
-                released.set()
+            nonlocal admitted
+            if admitted:
+                admitted = False
                 self._slots.release()
 
         try:
-            _Association(sock, self.config, self.handler, admitted, release_slot).run()
+            _Association(sock, self.config, self.handler, admit, release_slot).run()
         finally:
             release_slot()
 

@@ -94,7 +94,9 @@ def test_association_limit_rejects_transiently(
     server = RdcServer(env, tmp_path / "serve.log")
     server.start()
     try:
-        first = _associate(server, [(Verification, None)])
+        # A connection that never asks for an association (a probe) takes no slot.
+        with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10):
+            first = _associate(server, [(Verification, None)])
         assert first.is_established
         second = _associate(server, [(Verification, None)])
         assert second.is_rejected
