@@ -3,8 +3,8 @@
 Why not pynetdicom's own acceptor: its association and DUL threads poll with 1 ms sleeps,
 which we measured at about 3.5 ms of idle latency per C-STORE (a no-op handler managed
 ~220 instances/s on loopback). Here each association is one thread that blocks on its
-socket and answers as soon as the handler returns. pynetdicom still supplies the parts where
-correctness is subtle: decoding A-ASSOCIATE-RQ and encoding A-ASSOCIATE-AC/RJ.
+socket and answers as soon as the handler returns. The association PDUs are decoded and
+encoded in :mod:`dicom_gateway.acse_pdus` (why there, not by pynetdicom: see that module).
 
 Scope: the acceptor side of association negotiation (PS3.8 9.3), P-DATA reassembly, C-ECHO
 and C-STORE (PS3.7 9.1.1, 9.3.1), release and abort. A C-STORE data set is streamed into a
@@ -14,6 +14,7 @@ Part-10 file as its fragments arrive, so memory use is bounded by the PDU size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -29,14 +30,15 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
+
+from dicom_gateway.acse_pdus import (
+    AcceptedContext,
+    PDUError,
+    ProposedContext,
+    decode_associate_rq,
+    encode_associate_ac,
+    encode_associate_rj,
 )
-from pynetdicom.presentation import PresentationContext
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -54,7 +56,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
 # PDU types (PS3.8 9.3.1)
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
+_ASSOCIATE_RQ = 0x01
 _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 # Command fields (PS3.7 E.1)
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
@@ -83,6 +85,7 @@ _NOT_STORAGE_WORDS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_storage_class(uid: str) -> bool:
     entry = UID_dictionary.get(uid)
     if entry is None:
@@ -305,18 +308,17 @@ class _Association:
         pdu_type, body = self._read_pdu(_MAX_ASSOCIATE_RQ)
         if pdu_type != _ASSOCIATE_RQ:
             raise _Abort(_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(_HEADER.pack(pdu_type, len(body)) + bytes(body))
-        request = rq.to_primitive()
-        self.calling_ae = str(request.calling_ae_title).strip()
-        for item in request.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                self.peer_max_pdu = int(item.maximum_length_received or 0)
+        try:
+            request = decode_associate_rq(body)
+        except PDUError as exc:
+            raise _Abort(_INVALID_PARAMETER, str(exc)) from exc
+        self.calling_ae = request.calling_ae_title
+        self.peer_max_pdu = request.max_pdu
 
         if not self.admit():
             self._reject(2, 3, 2)  # transient, presentation provider, local limit exceeded
             return False
-        if str(request.application_context_name) != APPLICATION_CONTEXT:
+        if request.application_context != APPLICATION_CONTEXT:
             self._reject(1, 1, 2)  # application context name not supported
             return False
         self.sender = self.handler.open_association(self.calling_ae)
@@ -325,57 +327,33 @@ class _Association:
             self._reject(1, 1, 3)  # calling AE title not recognised
             return False
 
-        results = [
-            self._negotiate_context(cx) for cx in request.presentation_context_definition_list
-        ]
-        response = A_ASSOCIATE()
-        response.application_context_name = UID(APPLICATION_CONTEXT)
-        response.calling_ae_title = request.calling_ae_title
-        response.called_ae_title = request.called_ae_title
-        response.result = 0x00
-        response.result_source = 0x01
-        response.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.config.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        response.user_information = [max_length, class_uid, version]
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(response)
-        self.sock.sendall(ac.encode())
+        results = [self._negotiate_context(context) for context in request.contexts]
+        self.sock.sendall(
+            encode_associate_ac(
+                request,
+                results,
+                max_pdu=self.config.max_pdu,
+                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version=IMPLEMENTATION_VERSION,
+            )
+        )
         return True
 
-    def _negotiate_context(self, proposed: PresentationContext) -> PresentationContext:
-        result = PresentationContext()
-        result.context_id = proposed.context_id
-        result.abstract_syntax = proposed.abstract_syntax
-        abstract = str(proposed.abstract_syntax)
+    def _negotiate_context(self, proposed: ProposedContext) -> AcceptedContext:
+        context_id, abstract = proposed.context_id, proposed.abstract_syntax
+        # A rejected context's transfer syntax is not significant (PS3.8 9.3.3.2).
+        fallback = proposed.transfer_syntaxes[0] if proposed.transfer_syntaxes else ""
         if abstract != VERIFICATION and not _is_storage_class(abstract):
-            result.result = 0x03  # abstract syntax not supported
-            result.transfer_syntax = [proposed.transfer_syntax[0]]
-            return result
-        context_id = int(proposed.context_id or 0)
-        for ts in proposed.transfer_syntax:
-            if _is_known_transfer_syntax(str(ts)):
-                result.result = 0x00
-                result.transfer_syntax = [ts]
-                self.contexts[context_id] = str(ts)
+            return AcceptedContext(context_id, 0x03, fallback)  # abstract syntax not supported
+        for syntax in proposed.transfer_syntaxes:
+            if _is_known_transfer_syntax(syntax):
+                self.contexts[context_id] = syntax
                 self.abstract[context_id] = abstract
-                return result
-        result.result = 0x04  # transfer syntaxes not supported
-        result.transfer_syntax = [proposed.transfer_syntax[0]]
-        return result
+                return AcceptedContext(context_id, 0x00, syntax)
+        return AcceptedContext(context_id, 0x04, fallback)  # transfer syntaxes not supported
 
     def _reject(self, result: int, source: int, diagnostic: int) -> None:
-        primitive = A_ASSOCIATE()
-        primitive.result = result
-        primitive.result_source = source
-        primitive.diagnostic = diagnostic
-        rj = A_ASSOCIATE_RJ()
-        rj.from_primitive(primitive)
-        self.sock.sendall(rj.encode())
+        self.sock.sendall(encode_associate_rj(result, source, diagnostic))
 
     # -- data transfer ---------------------------------------------------------------------
 
