@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, lru_cache, partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from zoneinfo import ZoneInfo
 
 import pydicom
@@ -228,21 +229,56 @@ def _meta_text(values: dict[int, bytes], element: int) -> str:
     return values.get(element, b"").decode("ascii", "replace").strip(" \x00")
 
 
+class _MappedFile:
+    """A read-only memory map read like a file: seeking past the end is allowed, reading
+    there returns nothing (a map's own seek refuses, and pydicom seeks past deferred
+    values of a truncated file)."""
+
+    __slots__ = ("_position", "_view")
+
+    def __init__(self, view: mmap.mmap) -> None:
+        self._view = view
+        self._position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._position
+        end = len(self._view) if size is None or size < 0 else start + size
+        data = self._view[start:end]
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = (0, self._position, len(self._view))[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
 def _open_part10(path: Path) -> _Part10:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        offset, meta = _read_file_meta(f)
-        transfer_syntax = _meta_text(meta, 0x0010)
-        if not transfer_syntax:
-            raise InvalidDicomError("file meta has no Transfer Syntax UID")
-        f.seek(0)
-        file_meta = f.read(offset)
-        ts = UID(transfer_syntax)
-        if ts.is_transfer_syntax and not ts.is_deflated:
-            ds = read_dataset(f, ts.is_implicit_VR, ts.is_little_endian, defer_size=1024)
-        else:
-            # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
-            ds = pydicom.dcmread(path, defer_size=1024)
+        if size == 0:
+            raise InvalidDicomError("not a DICOM file: it is empty")
+        # Parsed through a memory map, not the file object: pydicom asks for the position
+        # after nearly every element, and a file's tell() is an lseek that gives up the
+        # GIL, a hand-over between threads each time associations run side by side.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            mapped = _MappedFile(view)
+            source = cast(BinaryIO, mapped)  # read, seek and tell are all that is used
+            offset, meta = _read_file_meta(source)
+            transfer_syntax = _meta_text(meta, 0x0010)
+            if not transfer_syntax:
+                raise InvalidDicomError("file meta has no Transfer Syntax UID")
+            file_meta = view[:offset]
+            ts = UID(transfer_syntax)
+            if ts.is_transfer_syntax and not ts.is_deflated:
+                mapped.seek(offset)
+                ds = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, defer_size=1024)
+            else:
+                # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
+                ds = pydicom.dcmread(path, defer_size=1024)
     return _Part10(ds, file_meta, transfer_syntax, _meta_text(meta, 0x0003), size)
 
 
