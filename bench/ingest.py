@@ -1,7 +1,10 @@
 """C-STORE ingest benchmark: ``rdc serve --role dicom`` (disk or S3) side by side with Orthanc.
 
 Generates synthetic CT-like instances with pydicom, sends them with dcmtk's ``storescu`` over
-one association and over four concurrent associations to each target, and prints
+one association and over four concurrent associations to each target, and (``--single-count``
+instances) one association per instance, one after the other, as a CR or ECG cart that opens
+an association for every image does; that rate includes starting ``storescu`` each time,
+the same for every target. It prints
 instances/s, MB/s (10^6 bytes) and the ratios per association count, checked against the
 targets of the issue: rdc on disk at least 1x Orthanc on one association and 1.5x on four;
 rdc on S3 at least 0.7x rdc on disk. ``--backend`` picks the rdc object stores measured:
@@ -57,7 +60,8 @@ STORESCU = "/usr/bin/storescu"  # explicit: a Python `storescu` shadows dcmtk's 
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
 CALLING_AE = "BENCHSCU"
-ASSOCIATIONS = (1, 4)
+PER_INSTANCE = 0  # the "associations" of the mode that opens one association per instance
+ASSOCIATIONS = (1, 4, PER_INSTANCE)
 BACKENDS = ("local", "s3", "both")
 S3_REGION = "us-east-1"
 S3_DICOM_PREFIX = "dicom/"  # rdc's key prefix for received instances
@@ -132,6 +136,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=500, help="instances per run (default 500)")
     parser.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
     parser.add_argument("--studies", type=int, default=5, help="studies per run (default 5)")
+    parser.add_argument(
+        "--single-count",
+        type=int,
+        default=100,
+        help="instances sent one association each (default 100; 0 skips that mode)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; median")
     parser.add_argument(
         "--backend",
@@ -150,7 +160,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(
             f"need --count >= {max(ASSOCIATIONS)}, --studies >= 1, --repeat >= 1, --size >= 8"
         )
+    if args.single_count < 0:
+        parser.error("--single-count must not be negative")
     return args
+
+
+def modes(args: argparse.Namespace) -> list[int]:
+    """The association counts measured (PER_INSTANCE unless --single-count 0)."""
+    return [a for a in ASSOCIATIONS if a != PER_INSTANCE or args.single_count > 0]
+
+
+def mode_label(associations: int) -> str:
+    """How a mode is shown: the association count, or "each" for one per instance."""
+    return "each" if associations == PER_INSTANCE else str(associations)
 
 
 def reexec_in_private_netns(argv: list[str]) -> int:
@@ -269,8 +291,10 @@ def ct_header(study: int, series_uid: str, study_uid: str, number: int, size: in
     return ds
 
 
-def write_instances(dest: Path, args: argparse.Namespace, pixels: bytes) -> tuple[list[Path], int]:
-    """Write ``--count`` instances with fresh UIDs into one folder per association.
+def write_instances(
+    dest: Path, args: argparse.Namespace, pixels: bytes, count: int
+) -> tuple[list[Path], int]:
+    """Write ``count`` instances with fresh UIDs into one folder per association.
 
     Instances are spread evenly over ``--studies`` studies (one series each) and cut into
     ``max(ASSOCIATIONS)`` contiguous parts. Returns the part folders and the total bytes.
@@ -280,12 +304,12 @@ def write_instances(dest: Path, args: argparse.Namespace, pixels: bytes) -> tupl
         part.mkdir(parents=True)
     uids = [(generate_uid(), generate_uid()) for _ in range(args.studies)]
     total = 0
-    for i in range(args.count):
-        study = i * args.studies // args.count
+    for i in range(count):
+        study = i * args.studies // count
         study_uid, series_uid = uids[study]
         ds = ct_header(study, series_uid, study_uid, i + 1, args.size)
         ds.PixelData = pixels
-        path = parts[i * len(parts) // args.count] / f"{i:06d}.dcm"
+        path = parts[i * len(parts) // count] / f"{i:06d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         total += path.stat().st_size
     return parts, total
@@ -598,18 +622,38 @@ class OrthancReceiver(Receiver):
 
 
 def send(receiver: Receiver, parts: list[Path], associations: int, timeout: float) -> float:
-    """Send every part folder over ``associations`` concurrent storescu processes.
+    """Send every part folder over ``associations`` concurrent storescu processes, or
+    (PER_INSTANCE) every file with a storescu of its own, one after the other.
 
     Returns the seconds from starting the first process to the last one exiting.
     """
-    env = dict(os.environ, TCP_NODELAY="1")  # dcmtk sets TCP_NODELAY only when asked to
-    groups = [parts[k::associations] for k in range(associations)]
     base = [STORESCU, "-to", "10", "-ta", "30", "-td", "120", "+sd", "-aet", CALLING_AE]
     base += ["-aec", receiver.called_ae, "127.0.0.1", str(receiver.dicom_port)]
-    logs = [receiver.workdir / f"storescu-{associations}-{k}.log" for k in range(associations)]
+    if associations == PER_INSTANCE:
+        files = sorted(path for part in parts for path in part.iterdir())
+        start = time.perf_counter()
+        for path in files:
+            _send_groups(receiver, base, [[path]], "each", start + timeout)
+        return time.perf_counter() - start
+    start = time.perf_counter()
+    _send_groups(
+        receiver,
+        base,
+        [parts[k::associations] for k in range(associations)],
+        str(associations),
+        start + timeout,
+    )
+    return time.perf_counter() - start
+
+
+def _send_groups(
+    receiver: Receiver, base: list[str], groups: list[list[Path]], label: str, deadline: float
+) -> None:
+    """One storescu per group, all at once; returns when every one has exited."""
+    env = dict(os.environ, TCP_NODELAY="1")  # dcmtk sets TCP_NODELAY only when asked to
+    logs = [receiver.workdir / f"storescu-{label}-{k}.log" for k in range(len(groups))]
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        start = time.perf_counter()
         for group, log_path in zip(groups, logs, strict=True):
             with log_path.open("wb") as log:
                 processes.append(
@@ -621,12 +665,10 @@ def send(receiver: Receiver, parts: list[Path], associations: int, timeout: floa
                         stderr=subprocess.STDOUT,
                     )
                 )
-        deadline = start + timeout
         for process in processes:
             process.wait(timeout=max(0.0, deadline - time.perf_counter()))
-        seconds = time.perf_counter() - start
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"storescu to {receiver.name} took longer than {timeout:.0f} s") from exc
+        raise BenchError(f"storescu to {receiver.name} did not finish in time") from exc
     finally:
         for process in processes:
             if process.poll() is None:
@@ -638,7 +680,6 @@ def send(receiver: Receiver, parts: list[Path], associations: int, timeout: floa
                 f"storescu to {receiver.name} exited with {process.returncode}:\n"
                 f"{log_tail(log_path)}\n--- {receiver.name} log ---\n{log_tail(receiver.log)}"
             )
-    return seconds
 
 
 def wait_stored(receiver: Receiver, expected: int) -> int:
@@ -664,17 +705,19 @@ def measure(
     root: Path,
 ) -> Run:
     """Start one target on a fresh directory, send fresh instances to it, verify, stop it."""
-    workdir = root / f"{name.lower()}-{associations}-{repeat}"
+    label = mode_label(associations)
+    workdir = root / f"{name.lower()}-{label}-{repeat}"
     workdir.mkdir()
-    parts, total = write_instances(workdir / "files", args, pixels)
+    count = args.single_count if associations == PER_INSTANCE else args.count
+    parts, total = write_instances(workdir / "files", args, pixels, count)
     with factory(workdir) as receiver:
         seconds = send(receiver, parts, associations, args.timeout)
-        stored = wait_stored(receiver, args.count)
-    run = Run(name, associations, repeat, args.count, total, seconds, stored)
+        stored = wait_stored(receiver, count)
+    run = Run(name, associations, repeat, count, total, seconds, stored)
     print(
-        f"  {run.target:9} {associations} assoc  run {repeat + 1}: {seconds:7.2f} s "
-        f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{args.count}"
-        + ("" if stored == args.count else "  <-- MISMATCH"),
+        f"  {run.target:9} {label:>4} assoc  run {repeat + 1}: {seconds:7.2f} s "
+        f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{count}"
+        + ("" if stored == count else "  <-- MISMATCH"),
         flush=True,
     )
     if not args.keep:
@@ -688,6 +731,8 @@ def summarise(names: list[str], runs: list[Run]) -> list[Summary]:
     for name in names:
         for associations in ASSOCIATIONS:
             group = [r for r in runs if r.target == name and r.associations == associations]
+            if not group:
+                continue
             summaries.append(
                 Summary(
                     target=name,
@@ -711,7 +756,7 @@ def compare(summaries: list[Summary]) -> list[Comparison]:
             if (numerator, associations) not in rate or (denominator, associations) not in rate:
                 continue
             ratio = rate[numerator, associations] / rate[denominator, associations]
-            target = None if targets is None else targets[associations]
+            target = None if targets is None else targets.get(associations)
             met = None if target is None else ratio >= target
             rows.append(Comparison(numerator, denominator, associations, ratio, target, met))
     return rows
@@ -744,7 +789,7 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
         [
             [
                 s.target,
-                str(s.associations),
+                mode_label(s.associations),
                 str(s.instances),
                 f"{s.seconds:.2f}",
                 f"{s.rate:.1f}",
@@ -760,7 +805,7 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
         [
             [
                 f"{c.numerator} / {c.denominator}",
-                str(c.associations),
+                mode_label(c.associations),
                 f"{c.ratio:.2f}x",
                 "-" if c.target is None else f">= {c.target:.1f}x",
                 "-" if c.met is None else "yes" if c.met else "NO",
@@ -799,7 +844,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             for repeat in range(args.repeat):
                 shift = repeat % len(names)  # each target takes each position in turn
                 order = names[shift:] + names[:shift]
-                for associations in ASSOCIATIONS:
+                for associations in modes(args):
                     for name in order:
                         run = measure(name, targets[name], associations, repeat, args, pixels, root)
                         runs.append(run)
@@ -815,12 +860,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for r in incomplete:
         print(
             f"MISMATCH: {r.target} stored {r.stored} of {r.instances} instances "
-            f"({r.associations} associations, run {r.repeat + 1})",
+            f"({mode_label(r.associations)} associations, run {r.repeat + 1})",
             file=sys.stderr,
         )
     if args.json:
         results = {
             "count": args.count,
+            "single_count": args.single_count,
             "size": args.size,
             "studies": args.studies,
             "repeat": args.repeat,
