@@ -75,6 +75,7 @@ def test_protocol_violations_are_aborted_and_the_service_goes_on(server: RdcServ
         struct.pack(">BxI", 0x04, 6) + b"\x00" * 6,  # P-DATA before any association
         struct.pack(">BxI", 0x01, 50_000_000),  # an association request of 50 MB
         struct.pack(">BxI", 0x09, 4) + b"\x00" * 4,  # no such PDU type
+        struct.pack(">BxI", 0x01, 10) + b"\x00" * 10,  # an association request cut short
     ):
         with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10) as sock:
             sock.sendall(bad)
