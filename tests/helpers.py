@@ -336,17 +336,17 @@ class RdcServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-            wait_for(self._ready, timeout=60, what=f"rdc serve to answer (log: {self.log_path})")
             if self.workers:
-                # Worker and beat start once rdc serve has migrated a fresh database: they
-                # migrate at start-up too, and first migrations of one PostgreSQL database
-                # running at once collide (alembic_version is created twice).
+                # Started beside rdc serve, not after it: all three migrate at start-up, and
+                # migrations of one PostgreSQL database take an advisory lock, so replicas
+                # starting together migrate it once
+                # (tests/rdc_core/test_migrations.py::test_replicas_starting_together_...).
                 # A thread pool: the cheapest real worker; tests/web/test_celery_backend.py
                 # runs production's prefork pool.
                 self._start_helper("worker", "worker", "--pool", "threads", "--concurrency", "4")
                 self._start_helper("beat", "beat")
-                logs = self._log("*")
-                wait_for(self._ready, timeout=60, what=f"rdc worker and beat (logs: {logs})")
+            logs = self._log("*") if self.workers else self.log_path
+            wait_for(self._ready, timeout=120, what=f"rdc serve to answer (logs: {logs})")
         except BaseException:
             self.stop(signal.SIGKILL)  # never leave a server behind
             raise
