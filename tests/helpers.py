@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,11 +56,31 @@ def redis_broker_url() -> str:
     return os.environ.get("RDC_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that this test run has
+    not handed out before.
+
+    Between choosing a port and binding it another process may take it. So ports come from
+    below Linux's ephemeral range (32768-60999 by default), which outgoing connections
+    draw from, and the two
+    passes that scripts/test runs side by side draw from ranges of their own: 10000-19999
+    for the embedded pass, 20000-29999 for the production pass.
+    """
+    low = 20_000 if production_pass() else 10_000
+    while True:
+        port = random.randrange(low, low + 10_000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def rdc_cli(
