@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
+
 from alembic import context
+from sqlalchemy.engine import Engine
 
 from rdc_core.db import Base, get_engine
 
@@ -19,9 +24,22 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """On SQLite, one migrating process at a time: alembic runs SQLite's DDL outside one
+    transaction, so replicas starting together would race to alter the same tables."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def run_migrations_online() -> None:
     engine = get_engine(url)
-    with engine.connect() as connection:
+    with _sqlite_file_lock(engine), engine.connect() as connection:
         context.configure(
             connection=connection, target_metadata=Base.metadata, render_as_batch=True
         )
