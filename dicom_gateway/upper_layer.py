@@ -316,6 +316,7 @@ class _Association:
         self.peer_max_pdu = request.max_pdu
 
         if not self.admit():
+            log.warning("association from %s rejected: local limit exceeded", self.calling_ae)
             self._reject(2, 3, 2)  # transient, presentation provider, local limit exceeded
             return False
         if request.application_context != APPLICATION_CONTEXT:

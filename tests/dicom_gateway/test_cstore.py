@@ -143,22 +143,17 @@ def test_resending_a_study_duplicates_nothing(
     assert reader.get("/api/v1/worklist").json()["total"] == 1
 
 
-def _scu(server: RdcServer, calling_ae: str, contexts: list) -> tuple[AE, object]:
-    ae = AE(ae_title=calling_ae)
-    for cx in contexts:
-        ae.add_requested_context(cx)
-    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
-    return ae, assoc
-
-
 def test_unknown_calling_ae_is_rejected(server: RdcServer, dcmtk: Path) -> None:
-    _, assoc = _scu(server, "STRANGER", [Verification])
-    assert assoc.is_rejected
-    assert assoc.acceptor.primitive.result_source == 1  # service user
-    assert assoc.acceptor.primitive.diagnostic == 3  # calling AE title not recognised
+    # dcmtk asks: pynetdicom's requestor sometimes reports a quick rejection as an abort.
     echo = echoscu(dcmtk, server.dicom_port, "STRANGER")
     assert echo.returncode != 0
-    assert "Calling AE Title Not Recognized" in echo.stderr
+    for said in (
+        "Association Rejected",
+        "Result: Rejected Permanent, Source: Service User",
+        "Reason: Calling AE Title Not Recognized",
+    ):
+        assert said in echo.stderr, echo.stderr
+    assert echoscu(dcmtk, server.dicom_port, "CLINIC_A_CT").returncode == 0
 
 
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
