@@ -65,13 +65,17 @@ def free_port() -> int:
 
     Between choosing a port and binding it another process may take it. So ports come from
     below Linux's ephemeral range (32768-60999 by default), which outgoing connections
-    draw from, and the two
-    passes that scripts/test runs side by side draw from ranges of their own: 10000-19999
-    for the embedded pass, 20000-29999 for the production pass.
+    draw from, and every pytest process of a run draws from a range of its own: the two
+    passes that scripts/test runs side by side get 10000-19999 (embedded) and 20000-29999
+    (production), split again between a pass's xdist workers.
     """
-    low = 20_000 if production_pass() else 10_000
+    low, span = (20_000 if production_pass() else 10_000), 10_000
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...
+    span //= max(workers, 1)
+    low += int(worker.removeprefix("gw") or 0) * span
     while True:
-        port = random.randrange(low, low + 10_000)
+        port = random.randrange(low, low + span)
         if port in _handed_out:
             continue
         with socket.socket() as s:
