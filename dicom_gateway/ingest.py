@@ -518,33 +518,32 @@ def index_dicom_file(
     header, stored, org = prepared.header, prepared.stored, organization
     on_rollback(session, partial(prepared.undo, store, session))
     now = received_at or utcnow()
-    existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
-    if existing is None:
-        outcome, exam_id = record_instance(
-            session,
-            header=header,
-            org_id=org.id,
-            org_code=org.code,
-            storage_key=stored.key,
-            size_bytes=stored.size,
-            sha256=stored.sha256,
-            calling_ae=calling_ae,
-            now=now,
-        )
-        prepared.wait()
-        if outcome is RecordOutcome.STORED:
-            return IngestResult(
-                outcome,
-                exam_id,
-                header.study_instance_uid,
-                header.sop_instance_uid,
-                stored.key,
-                stored.size,
-            )
-        # Another association indexed the same SOP instance meanwhile: judge against it.
-        existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
-        assert existing is not None
+    # Recorded first, looked up only when it was indexed already: a new instance (nearly
+    # every one) costs no extra statement.
+    outcome, exam_id = record_instance(
+        session,
+        header=header,
+        org_id=org.id,
+        org_code=org.code,
+        storage_key=stored.key,
+        size_bytes=stored.size,
+        sha256=stored.sha256,
+        calling_ae=calling_ae,
+        now=now,
+    )
     prepared.wait()
+    if outcome is RecordOutcome.STORED:
+        return IngestResult(
+            outcome,
+            exam_id,
+            header.study_instance_uid,
+            header.sop_instance_uid,
+            stored.key,
+            stored.size,
+        )
+    # Indexed before, or by another association meanwhile: judge this copy against it.
+    existing = find_instance(session, sop_instance_uid=header.sop_instance_uid)
+    assert existing is not None
     if existing.org_id != org.id:
         raise PermissionDeniedError("this SOP instance belongs to another organisation")
     if existing.sha256 == stored.sha256:

@@ -97,10 +97,14 @@ _FIND_INSTANCE = (
     .where(_instances.c.sop_instance_uid == bindparam("sop"))
 )
 # A new instance of a study already known (the common case): one statement counts it,
-# moves the last-received time and reads what the checks below need.
+# moves the last-received time and reads what the checks below need. It touches nothing
+# when the instance is indexed already, so a re-sent copy leaves the exam as it was.
 _TOUCH_EXAM = (
     update(_exams)
-    .where(_exams.c.id == bindparam("exam"))
+    .where(
+        _exams.c.id == bindparam("exam"),
+        ~exists().where(_instances.c.sop_instance_uid == bindparam("sop")),
+    )
     .values(
         instance_count=_exams.c.instance_count + 1,
         last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
@@ -250,13 +254,20 @@ def record_instance(
 
     Idempotent: the same SOP Instance UID is inserted once; racing writers are settled by
     the unique constraint, not by a read-then-write. For a study already indexed only the
-    exam moves (count, last-received time); the patient row is upserted with the exam.
+    exam moves (count, last-received time); the patient row is upserted with the exam. An
+    instance indexed already changes nothing and comes back as DUPLICATE: the caller judges
+    the copy against :func:`find_instance`.
     """
     conn = session_connection(session)
     exam_id = exam_id_for(header.study_instance_uid)
-    exam = conn.execute(_TOUCH_EXAM, {"exam": exam_id, "now": now}).one_or_none()
+    exam = conn.execute(
+        _TOUCH_EXAM, {"exam": exam_id, "now": now, "sop": header.sop_instance_uid}
+    ).one_or_none()
     counted = exam is not None
     if exam is None:
+        known = find_instance(session, sop_instance_uid=header.sop_instance_uid)
+        if known is not None:
+            return RecordOutcome.DUPLICATE, known.exam_id
         patient_ref = _upsert_patient(session, header, org_id, org_code, now)
         exam = _upsert_exam(session, header, org_id, patient_ref, now)
     elif exam.org_id != org_id:

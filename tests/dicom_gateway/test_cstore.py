@@ -135,10 +135,18 @@ def test_resending_a_study_duplicates_nothing(
                 for t in ("instances", "exams", "work_items", "patients", "instance_conflicts")
             )
 
-    before = counts()
+    def exam_row() -> tuple[object, ...]:
+        with server.db() as db:
+            return tuple(
+                db.execute("SELECT instance_count, last_received_at, state FROM exams").fetchone()
+            )
+
+    before, exam_before = counts(), exam_row()
     objects_before = server.objects("dicom")
     all_ok(storescu(dcmtk, files, port=server.dicom_port, calling_ae="CLINIC_A_CT"))
     assert counts() == before == (len(files), 1, 1, 1, 0)
+    # A re-sent copy leaves the exam as it was: not counted, not "received" again.
+    assert exam_row() == exam_before
     assert server.objects("dicom") == objects_before
     assert reader.get("/api/v1/worklist").json()["total"] == 1
 
