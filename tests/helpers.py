@@ -536,6 +536,18 @@ def echoscu(dcmtk: Path, port: int, calling_ae: str) -> subprocess.CompletedProc
     )
 
 
+def echo_rejection(dcmtk: Path, port: int, calling_ae: str) -> list[str]:
+    """Ask for an association with dcmtk's echoscu, expecting A-ASSOCIATE-RJ; returns what
+    echoscu said of it (its "Result: ..." and "Reason: ..." lines).
+
+    dcmtk, not pynetdicom: pynetdicom's requestor sometimes reports a rejection that arrives
+    quickly as an abort (it finds the connection closed after sending its request).
+    """
+    echo = echoscu(dcmtk, port, calling_ae)
+    assert echo.returncode != 0 and "Association Rejected" in echo.stderr, echo.stderr
+    return [line.removeprefix("F: ") for line in echo.stderr.splitlines()[1:]]
+
+
 def comparable(ds: Dataset) -> dict[Any, Any]:
     """The dataset's elements as plain values (pixel data as decoded numbers where the
     byte order of the encoding may differ)."""
