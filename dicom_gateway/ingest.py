@@ -12,6 +12,7 @@ import hashlib
 import logging
 import mmap
 import os
+import struct
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,14 +25,16 @@ from zoneinfo import ZoneInfo
 import pydicom
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, UID, DeflatedExplicitVRLittleEndian
+from pydicom.values import convert_PN
 from sqlalchemy.orm import Session
 
+from dicom_gateway.element_scan import scan_top_level
 from rdc_core.db import on_rollback, utcnow
 from rdc_core.errors import InvalidInputError, PermissionDeniedError
 from rdc_core.storage import ObjectStore, StoredObject
@@ -99,6 +102,40 @@ class IngestResult:
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 _TEXT_VRS = frozenset({"LO", "SH"})
 _BACKSLASH = {0x5C}
+_PATIENT_NAME = BaseTag(0x00100010)
+
+
+# Every element _read_header reads: the only ones the fast walk keeps.
+_INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "StudyDescription",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDs",
+    "BodyPartExamined",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "NumberOfFrames",
+    "RequestedProcedurePriority",
+)
+
+
+@cache
+def _indexed_tags() -> dict[int, str]:
+    return {int(tag): vr for tag, vr in map(_tag_and_vr, _INDEXED_KEYWORDS)}
 
 
 @cache
@@ -149,6 +186,14 @@ class _Fields:
         except (TypeError, ValueError):
             return None
 
+    def person_name(self) -> Any:
+        """Patient's Name as pydicom reads it (None when absent), decoded straight from the
+        raw value where it is at hand."""
+        elem = self.ds._dict.get(_PATIENT_NAME)
+        if isinstance(elem, RawDataElement) and elem.VR in (None, "PN") and elem.value is not None:
+            return convert_PN(elem.value, self._charsets()) if elem.value else ""
+        return self.ds.get("PatientName")
+
     def _charsets(self) -> list[str]:
         if self._encodings is None:
             declared = self.text("SpecificCharacterSet").split("\\")
@@ -159,7 +204,7 @@ class _Fields:
         value = self.text(keyword)
         if not value:
             raise InvalidDicomError(f"required {keyword} is missing")
-        if not UID(value).is_valid:
+        if len(value) > 64 or not RE_VALID_UID.match(value):
             raise InvalidDicomError(f"{keyword} {value!r} is not a valid UID")
         return value
 
@@ -223,6 +268,7 @@ class _Part10:
     transfer_syntax: str
     media_sop_instance_uid: str
     size: int
+    complete: bool  # every value is known to lie within the file
 
 
 def _meta_text(values: dict[int, bytes], element: int) -> str:
@@ -265,21 +311,37 @@ def _open_part10(path: Path) -> _Part10:
         # after nearly every element, and a file's tell() is an lseek that gives up the
         # GIL, a hand-over between threads each time associations run side by side.
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            mapped = _MappedFile(view)
-            source = cast(BinaryIO, mapped)  # read, seek and tell are all that is used
-            offset, meta = _read_file_meta(source)
+            offset, meta = _read_file_meta(view)
             transfer_syntax = _meta_text(meta, 0x0010)
             if not transfer_syntax:
                 raise InvalidDicomError("file meta has no Transfer Syntax UID")
             file_meta = view[:offset]
             ts = UID(transfer_syntax)
-            if ts.is_transfer_syntax and not ts.is_deflated:
-                mapped.seek(offset)
-                ds = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, defer_size=1024)
+            known = ts.is_transfer_syntax and not ts.is_deflated
+            found = None
+            if known and ts.is_little_endian:
+                found = scan_top_level(
+                    view, offset, implicit_vr=ts.is_implicit_VR, wanted=_indexed_tags()
+                )
+            if found is not None:
+                elements: dict[BaseTag, DataElement | RawDataElement] = dict(found)
+                ds = Dataset(elements)
+                checked = True
+            elif known:
+                source = _MappedFile(view)
+                source.seek(offset)
+                ds = read_dataset(
+                    cast(BinaryIO, source),  # read, seek and tell are all that is used
+                    ts.is_implicit_VR,
+                    ts.is_little_endian,
+                    defer_size=1024,
+                )
+                checked = False
             else:
                 # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
                 ds = pydicom.dcmread(path, defer_size=1024)
-    return _Part10(ds, file_meta, transfer_syntax, _meta_text(meta, 0x0003), size)
+                checked = False
+    return _Part10(ds, file_meta, transfer_syntax, _meta_text(meta, 0x0003), size, checked)
 
 
 def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
@@ -291,7 +353,8 @@ def _read_header(path: Path, *, zone: ZoneInfo) -> tuple[InstanceHeader, _Part10
     try:
         part10 = _open_part10(path)
         ds, values = part10.ds, _Fields(part10.ds)
-        _check_complete(ds, part10.size, part10.transfer_syntax)
+        if not part10.complete:
+            _check_complete(ds, part10.size, part10.transfer_syntax)
         sop_instance_uid = values.uid("SOPInstanceUID")
         sop_class_uid = values.uid("SOPClassUID")
         media_uid = part10.media_sop_instance_uid or sop_instance_uid
@@ -304,7 +367,7 @@ def _read_header(path: Path, *, zone: ZoneInfo) -> tuple[InstanceHeader, _Part10
         series_instance_uid = values.grouping_uid("SeriesInstanceUID", sop_instance_uid, coerced)
         modality = values.text("Modality").upper()
         patient_id = values.text("PatientID")
-        name_elem = ds.get("PatientName")
+        name_elem = values.person_name()
         original: dict[str, Any] = {
             kw: values.text(kw)
             for kw in (
@@ -370,6 +433,7 @@ def _sha256(path: Path, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
+_META_ELEMENT = struct.Struct("<HH2sH")
 _LONG_LENGTH_VRS = {
     b"OB",
     b"OD",
@@ -387,30 +451,30 @@ _LONG_LENGTH_VRS = {
 }
 
 
-def _read_file_meta(f: BinaryIO) -> tuple[int, dict[int, bytes]]:
+def _read_file_meta(view: mmap.mmap) -> tuple[int, dict[int, bytes]]:
     """Where the data set starts and the raw values of the File Meta Information elements.
 
     File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after the
     128-byte preamble and "DICM"; the data set starts at the first other group. Read here,
     not with pydicom: eight short elements, read for every object received.
     """
-    f.seek(128)
-    if f.read(4) != b"DICM":
+    if view[128:132] != b"DICM":
         raise InvalidDicomError("not a DICOM file: no 'DICM' prefix after the preamble")
-    offset, values = 132, dict[int, bytes]()
-    while True:
-        head = f.read(8)
-        if len(head) < 8 or int.from_bytes(head[0:2], "little") != 0x0002:
-            return offset, values
-        element = int.from_bytes(head[2:4], "little")
-        if head[4:6] in _LONG_LENGTH_VRS:
-            length = int.from_bytes(f.read(4), "little")
-            offset += 12 + length
+    offset, end, values = 132, len(view), dict[int, bytes]()
+    while offset + 8 <= end:
+        group, element, vr, length = _META_ELEMENT.unpack_from(view, offset)
+        if group != 0x0002:
+            break
+        if vr in _LONG_LENGTH_VRS:
+            if offset + 12 > end:
+                break
+            length = int.from_bytes(view[offset + 8 : offset + 12], "little")
+            start = offset + 12
         else:
-            length = int.from_bytes(head[6:8], "little")
-            offset += 8 + length
-        values[element] = f.read(min(length, 1024))
-        f.seek(offset)
+            start = offset + 8
+        values[element] = view[start : start + min(length, 1024)]
+        offset = start + length
+    return offset, values
 
 
 def object_digest(file_meta: bytes, dataset_sha256: str) -> str:
@@ -487,12 +551,23 @@ def prepare_dicom_file(
     background (moving ``source`` with ``move_source``: the DICOM listener spools into the
     store). No database work: this runs before the index transaction, so the disk syncs do
     not happen while the database write lock is held. Raises InvalidDicomError."""
+    # A spooled file's bytes are synced while its header is read: the disk flush is then
+    # off the sender's wait, as far as it can be before the key is known.
+    syncing = _store_io().submit(store.sync_spooled, source) if move_source else None
     header, part10 = _read_header(source, zone=zone)
     sha256 = source_sha256 or _sha256(source, len(part10.file_meta))
     key = instance_key(header, object_digest(part10.file_meta, sha256))
     stored = StoredObject(key=key, size=part10.size, sha256=sha256)
-    writing = _store_io().submit(store.put_once, key, source, move=move_source)
+    writing = _store_io().submit(_put_once, store, key, source, move_source, syncing)
     return PreparedInstance(header, stored, writing)
+
+
+def _put_once(
+    store: ObjectStore, key: str, source: Path, move: bool, syncing: Future[bool] | None
+) -> bool:
+    # The sync was queued first on the same FIFO pool: it has started, so waiting is safe.
+    synced = syncing.result() if syncing is not None else False
+    return store.put_once(key, source, move=move, source_synced=synced)
 
 
 def index_dicom_file(

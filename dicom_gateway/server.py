@@ -125,6 +125,8 @@ class DicomGateway:
             ae_title=self.settings.dicom_ae_title,
             max_pdu=self.settings.dicom_max_pdu,
             max_associations=self.settings.dicom_max_associations,
+            acse_timeout=self.settings.dicom_acse_timeout_seconds,
+            network_timeout=self.settings.dicom_network_timeout_seconds,
             spool_dir=self.store.spool_dir,
         )
         service = _StorageService(store=self.store, settings=self.settings)

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "UTCDateTime",
     "after_commit",
     "dispose_engines",
+    "execute_direct",
     "get_engine",
     "insert_ignore",
     "new_session",
@@ -160,20 +162,31 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        # Pages read through a memory map: no read system call per page (costly in a VM).
+        cursor.execute("PRAGMA mmap_size=268435456")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get("rdc_readonly", False):
-            conn.exec_driver_sql("BEGIN")
-            return
+        # Straight on the driver connection: a BEGIN per transaction through
+        # exec_driver_sql cost about 40 us of SQLAlchemy's execution machinery.
         dbapi_connection = conn.connection.dbapi_connection
+        if conn.get_execution_options().get("rdc_readonly", False):
+            _begin(dbapi_connection, "BEGIN")
+            return
         dbapi_connection.enter_write()
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _begin(dbapi_connection, "BEGIN IMMEDIATE")
         except BaseException:
             dbapi_connection.leave_write()
             raise
+
+
+def _begin(dbapi_connection: sqlite3.Connection, statement: str) -> None:
+    try:
+        dbapi_connection.execute(statement).close()
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -203,6 +216,9 @@ def _make_engine(url: str) -> Engine:
             },
             pool_size=8,
             max_overflow=32,
+            # The connection used last has the freshest page cache: SQLite re-reads what
+            # other connections wrote since a connection's last transaction.
+            pool_use_lifo=True,
         )
         _configure_sqlite(engine)
         return engine
@@ -390,9 +406,82 @@ def insert_ignore(
     """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
     # RETURNING says for sure whether the row went in; rowcount is not reliable on every
     # driver for this statement (psycopg may report -1).
-    first = next(iter(values))
-    stmt = _insert_on_conflict(session, table, tuple(values), tuple(conflict), (), (first,))
-    return _core_execute(session, stmt, values).first() is not None
+    columns = tuple(values)
+    stmt = _insert_on_conflict(session, table, columns, tuple(conflict), (), (columns[0],))
+    return bool(execute_direct(session, stmt, values, column_keys=columns))
+
+
+@dataclass(frozen=True, slots=True)
+class _DirectPlan:
+    sql: str
+    positional: tuple[str, ...] | None  # bind names in order, or None for named parameters
+    processors: tuple[tuple[str, Callable[[Any], Any]], ...]
+    compiled: Any
+
+
+_direct_plans: dict[tuple[Any, str, tuple[str, ...] | None], _DirectPlan | None] = {}
+
+
+def execute_direct(
+    session: Session,
+    statement: Any,
+    params: Mapping[str, Any],
+    *,
+    column_keys: tuple[str, ...] | None = None,
+) -> list[tuple[Any, ...]]:
+    """Run a Core statement (built once and reused) in the session's transaction and return
+    its rows as plain tuples, skipping most of SQLAlchemy's per-execution work.
+
+    For the statements run for every object received. Measured on SQLite: an exam update
+    took 69 us through Connection.execute and 28 us this way. The statement is compiled
+    once per dialect (``column_keys``: the columns of an INSERT given at run time) and its
+    parameters are bound with the same type processors SQLAlchemy uses. A statement that
+    needs SQLAlchemy's execution (Python-side column defaults) runs through it instead.
+    Driver errors come back as SQLAlchemy's DBAPIError kinds, as from Connection.execute.
+    """
+    if session.new or session.dirty or session.deleted:
+        session.flush()
+    conn = session_connection(session)
+    dialect = conn.dialect
+    key = (statement, dialect.name, column_keys)
+    if key in _direct_plans:
+        plan = _direct_plans[key]
+    else:
+        plan = _direct_plans[key] = _plan_direct(statement, dialect, column_keys)
+    if plan is None:
+        return [tuple(row) for row in conn.execute(statement, dict(params))]
+    bound = plan.compiled.construct_params(dict(params))
+    for name, process in plan.processors:
+        bound[name] = process(bound[name])
+    args: Any = bound if plan.positional is None else [bound[n] for n in plan.positional]
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(plan.sql, args)
+        return list(cursor.fetchall()) if cursor.description else []
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(plan.sql, args, exc, dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def _plan_direct(
+    statement: Any, dialect: Any, column_keys: tuple[str, ...] | None
+) -> _DirectPlan | None:
+    compiled = statement.compile(
+        dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None
+    )
+    if compiled.insert_prefetch or compiled.update_prefetch or compiled.literal_execute_params:
+        return None
+    escaped = compiled.escaped_bind_names or {}
+    processors = []
+    for name, bind in compiled.binds.items():
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((escaped.get(name, name), process))
+    positional = None
+    if compiled.positional:
+        positional = tuple(escaped.get(name, name) for name in compiled.positiontup)
+    return _DirectPlan(compiled.string, positional, tuple(processors), compiled)
 
 
 def _core_execute(session: Session, stmt: Any, values: Mapping[str, Any]) -> Any:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     dicom_ae_title: str = "RDC"
     dicom_max_associations: int = 32
     dicom_max_pdu: int = 262_144
+    dicom_acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dicom_network_timeout_seconds: float = Field(default=60.0, gt=0)
 
     stable_age_seconds: float = 30.0
     stable_scan_interval_seconds: float | None = Field(

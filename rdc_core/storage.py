@@ -54,7 +54,16 @@ class ObjectStore(Protocol):
         """Write ``data`` to ``key`` durably (replacing any object there)."""
         ...
 
-    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
+    def sync_spooled(self, source: Path) -> bool:
+        """Make the bytes of ``source`` (a file in :attr:`spool_dir` that is about to be
+        moved in) durable while its key is still unknown, so that ``put_once(...,
+        move=True, source_synced=True)`` has less left to do. Returns False, having done
+        nothing, when the store does not keep the file itself (S3 uploads it)."""
+        ...
+
+    def put_once(
+        self, key: str, source: Path, *, move: bool = False, source_synced: bool = False
+    ) -> bool:
         """Store the file at ``source`` under ``key`` durably unless ``key`` already exists.
 
         For keys derived from the content: an existing object is the same object and
@@ -114,7 +123,20 @@ class LocalObjectStore:
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         return self._write(key, io.BytesIO(data))
 
-    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
+    def sync_spooled(self, source: Path) -> bool:
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot sync {source.name}: {exc.strerror or exc}") from exc
+        return True
+
+    def put_once(
+        self, key: str, source: Path, *, move: bool = False, source_synced: bool = False
+    ) -> bool:
         target = self._path(key)
         try:
             if target.exists():
@@ -124,11 +146,8 @@ class LocalObjectStore:
             if not move:
                 self.put_file(key, source)
                 return True
-            fd = os.open(source, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not source_synced:
+                self.sync_spooled(source)
             _make_dirs_durable(target.parent)
             os.replace(source, target)
             _fsync_dir(target.parent)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from rdc_core.db import insert_ignore, session_connection, stable_id, upsert
+from rdc_core.db import execute_direct, insert_ignore, session_connection, stable_id, upsert
 from rdc_core.errors import PermissionDeniedError
 from worklist.models import (
     Discipline,
@@ -113,6 +113,18 @@ _TOUCH_EXAM = (
         _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority
     )
 )
+
+
+class _TouchedExam(NamedTuple):
+    """What _TOUCH_EXAM returns, with the names of the exam columns."""
+
+    id: str
+    org_id: str
+    modalities: str
+    body_part: str
+    priority: str
+
+
 _AMEND_EXAM = (
     update(_exams)
     .where(_exams.c.id == bindparam("exam"))
@@ -260,9 +272,10 @@ def record_instance(
     """
     conn = session_connection(session)
     exam_id = exam_id_for(header.study_instance_uid)
-    exam = conn.execute(
-        _TOUCH_EXAM, {"exam": exam_id, "now": now, "sop": header.sop_instance_uid}
-    ).one_or_none()
+    touched = execute_direct(
+        session, _TOUCH_EXAM, {"exam": exam_id, "now": now, "sop": header.sop_instance_uid}
+    )
+    exam: Any = _TouchedExam(*touched[0]) if touched else None
     counted = exam is not None
     if exam is None:
         known = find_instance(session, sop_instance_uid=header.sop_instance_uid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,60 @@ def test_large_instance_is_streamed_and_stored_intact(server: RdcServer, tmp_pat
     assert stored.stat().st_size == size
     assert same_dataset(path, stored)
     assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "CLINIC_A_CT"
+
+
+def _store_command(context_id: int, sop_instance: str) -> bytes:
+    """A P-DATA PDU with a whole C-STORE-RQ command set (a data set to follow)."""
+
+    def element(tag: int, value: bytes) -> bytes:
+        value += b"\x00" * (len(value) % 2)
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+    command = b"".join(
+        (
+            element(0x00000002, CTImageStorage.encode()),
+            element(0x00000100, struct.pack("<H", 0x0001)),
+            element(0x00000110, struct.pack("<H", 1)),
+            element(0x00000700, struct.pack("<H", 0)),
+            element(0x00000800, struct.pack("<H", 0x0000)),
+            element(0x00001000, sop_instance.encode()),
+        )
+    )
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BxI", 0x04, len(pdv)) + pdv
+
+
+def test_silent_peers_are_dropped_after_the_timeouts(
+    rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **rdc_env,
+        "RDC_DICOM_ACSE_TIMEOUT_SECONDS": "1",
+        "RDC_DICOM_NETWORK_TIMEOUT_SECONDS": "1",
+    }
+    with RdcServer(env, tmp_path / "serve.log") as server:
+        # Connected, never asked for an association: closed after the ACSE timeout.
+        with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=15) as sock:
+            assert sock.recv(1) == b""
+
+        # An association that stops halfway through a C-STORE: closed after the network
+        # timeout, and the part received is not kept.
+        assoc = _associate(server, [(CTImageStorage, [ExplicitVRLittleEndian])])
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        assert raw is not None
+        context_id = assoc.accepted_contexts[0].context_id
+        raw.sendall(_store_command(context_id, generate_uid()))
+        fragment = b"\x08\x00\x16\x00UI\x1a\x00" + b"1" * 200  # first bytes, not the last
+        pdv = struct.pack(">IBB", len(fragment) + 2, context_id, 0x00) + fragment
+        raw.sendall(struct.pack(">BxI", 0x04, len(pdv)) + pdv)
+        deadline = time.monotonic() + 15
+        while assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not assoc.is_established
+        assert list(server.data_dir.rglob(".rx-*")) == []
+
+        # The service goes on.
+        again = _associate(server, [(Verification, None)])
+        assert again.send_c_echo().Status == 0x0000
+        again.release()

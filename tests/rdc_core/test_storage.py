@@ -65,6 +65,16 @@ def test_put_once_keeps_the_first_object_and_moves_when_asked(tmp_path: Path) ->
     assert not spooled.exists()
     assert list(store.iter_keys()) == ["dicom/a.dcm", "dicom/b.dcm"]
 
+    # Synced ahead (while the key was unknown), then moved in.
+    spooled.write_bytes(b"fourth")
+    assert store.sync_spooled(spooled) is True
+    assert store.put_once("dicom/c/d.dcm", spooled, move=True, source_synced=True) is True
+    assert not spooled.exists()
+    with store.open("dicom/c/d.dcm") as f:
+        assert f.read() == b"fourth"
+    with pytest.raises(StorageError):
+        store.sync_spooled(spooled)  # gone: named, not ignored
+
 
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", ""])
 def test_keys_cannot_escape_the_root(tmp_path: Path, key: str) -> None:
