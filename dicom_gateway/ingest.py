@@ -73,6 +73,7 @@ _ECG_SOP_CLASSES = {
 }
 _PRIORITY_MAP = {"STAT": Priority.EMERGENCY, "HIGH": Priority.URGENT}
 _HASH_CHUNK = 1 << 20
+_READ_WHOLE_BYTES = 2 << 20  # objects up to this size are read whole, larger ones mapped
 
 
 class InvalidDicomError(InvalidInputError):
@@ -276,13 +277,13 @@ def _meta_text(values: dict[int, bytes], element: int) -> str:
 
 
 class _MappedFile:
-    """A read-only memory map read like a file: seeking past the end is allowed, reading
-    there returns nothing (a map's own seek refuses, and pydicom seeks past deferred
-    values of a truncated file)."""
+    """A read-only memory map (or bytes) read like a file: seeking past the end is allowed,
+    reading there returns nothing (a map's own seek refuses, and pydicom seeks past
+    deferred values of a truncated file)."""
 
     __slots__ = ("_position", "_view")
 
-    def __init__(self, view: mmap.mmap) -> None:
+    def __init__(self, view: bytes | mmap.mmap) -> None:
         self._view = view
         self._position = 0
 
@@ -303,45 +304,54 @@ class _MappedFile:
 
 
 def _open_part10(path: Path) -> _Part10:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             raise InvalidDicomError("not a DICOM file: it is empty")
-        # Parsed through a memory map, not the file object: pydicom asks for the position
-        # after nearly every element, and a file's tell() is an lseek that gives up the
-        # GIL, a hand-over between threads each time associations run side by side.
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            offset, meta = _read_file_meta(view)
-            transfer_syntax = _meta_text(meta, 0x0010)
-            if not transfer_syntax:
-                raise InvalidDicomError("file meta has no Transfer Syntax UID")
-            file_meta = view[:offset]
-            ts = UID(transfer_syntax)
-            known = ts.is_transfer_syntax and not ts.is_deflated
-            found = None
-            if known and ts.is_little_endian:
-                found = scan_top_level(
-                    view, offset, implicit_vr=ts.is_implicit_VR, wanted=_indexed_tags()
-                )
-            if found is not None:
-                elements: dict[BaseTag, DataElement | RawDataElement] = dict(found)
-                ds = Dataset(elements)
-                checked = True
-            elif known:
-                source = _MappedFile(view)
-                source.seek(offset)
-                ds = read_dataset(
-                    cast(BinaryIO, source),  # read, seek and tell are all that is used
-                    ts.is_implicit_VR,
-                    ts.is_little_endian,
-                    defer_size=1024,
-                )
-                checked = False
-            else:
-                # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
-                ds = pydicom.dcmread(path, defer_size=1024)
-                checked = False
-    return _Part10(ds, file_meta, transfer_syntax, _meta_text(meta, 0x0003), size, checked)
+        if size <= _READ_WHOLE_BYTES:
+            # One read: cheaper than mapping a small file (mapping and unmapping it cost
+            # more than copying it, in a VM most of all).
+            data = os.read(fd, size)
+            if len(data) == size:
+                return _parse_part10(path, data)
+        # Large objects are parsed through a memory map: only the pages of the element
+        # headers are read. Not the file object: pydicom asks for the position after
+        # nearly every element, and a file's tell() is an lseek that gives up the GIL.
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
+            return _parse_part10(path, view)
+    finally:
+        os.close(fd)
+
+
+def _parse_part10(path: Path, view: bytes | mmap.mmap) -> _Part10:
+    offset, meta = _read_file_meta(view)
+    transfer_syntax = _meta_text(meta, 0x0010)
+    if not transfer_syntax:
+        raise InvalidDicomError("file meta has no Transfer Syntax UID")
+    file_meta = view[:offset]
+    ts = UID(transfer_syntax)
+    known = ts.is_transfer_syntax and not ts.is_deflated
+    found = None
+    if known and ts.is_little_endian:
+        found = scan_top_level(view, offset, implicit_vr=ts.is_implicit_VR, wanted=_indexed_tags())
+    if found is not None:
+        elements: dict[BaseTag, DataElement | RawDataElement] = dict(found)
+        ds = Dataset(elements)
+    elif known:
+        source = _MappedFile(view)
+        source.seek(offset)
+        ds = read_dataset(
+            cast(BinaryIO, source),  # read, seek and tell are all that is used
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            defer_size=1024,
+        )
+    else:
+        # Deflated or unknown (private) syntaxes: pydicom inflates or guesses the VRs.
+        ds = pydicom.dcmread(path, defer_size=1024)
+    media_uid = _meta_text(meta, 0x0003)
+    return _Part10(ds, file_meta, transfer_syntax, media_uid, len(view), found is not None)
 
 
 def read_header(path: Path, *, zone: ZoneInfo) -> InstanceHeader:
@@ -451,7 +461,7 @@ _LONG_LENGTH_VRS = {
 }
 
 
-def _read_file_meta(view: mmap.mmap) -> tuple[int, dict[int, bytes]]:
+def _read_file_meta(view: bytes | mmap.mmap) -> tuple[int, dict[int, bytes]]:
     """Where the data set starts and the raw values of the File Meta Information elements.
 
     File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after the

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -32,6 +32,7 @@ __all__ = [
     "Base",
     "UTCDateTime",
     "after_commit",
+    "direct_savepoint",
     "dispose_engines",
     "execute_direct",
     "get_engine",
@@ -409,6 +410,32 @@ def insert_ignore(
     columns = tuple(values)
     stmt = _insert_on_conflict(session, table, columns, tuple(conflict), (), (columns[0],))
     return bool(execute_direct(session, stmt, values, column_keys=columns))
+
+
+_SAVEPOINT = text("SAVEPOINT rdc_unit")
+_RELEASE_SAVEPOINT = text("RELEASE SAVEPOINT rdc_unit")
+_ROLLBACK_TO_SAVEPOINT = text("ROLLBACK TO SAVEPOINT rdc_unit")
+
+
+@contextmanager
+def direct_savepoint(session: Session) -> Iterator[None]:
+    """Run the block inside a savepoint of the session's transaction, issued straight on the
+    driver connection (see :func:`execute_direct`; Session.begin_nested costs two full
+    statement executions). If the block raises, its writes are rolled back to the savepoint
+    and the session's ORM objects are expunged, since the session does not know about this
+    savepoint: meant for blocks of Core statements, as the ingest units of group commit are.
+    Not nested."""
+    execute_direct(session, _SAVEPOINT, {})
+    try:
+        yield
+        if session.new or session.dirty or session.deleted:
+            session.flush()  # the block's own ORM changes belong inside its savepoint
+    except BaseException:
+        execute_direct(session, _ROLLBACK_TO_SAVEPOINT, {})
+        execute_direct(session, _RELEASE_SAVEPOINT, {})
+        session.expunge_all()
+        raise
+    execute_direct(session, _RELEASE_SAVEPOINT, {})
 
 
 @dataclass(frozen=True, slots=True)

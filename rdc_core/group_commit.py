@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from rdc_core.db import new_session, run_after_commit, run_rollback_undos
+from rdc_core.db import direct_savepoint, new_session, run_after_commit, run_rollback_undos
 from rdc_core.errors import DatabaseUnavailableError
 
 __all__ = ["GroupCommitter"]
@@ -109,12 +109,10 @@ class GroupCommitter:
                 return
             for job in batch:
                 mark = len(session.info.get("rdc_on_rollback", []))
-                savepoint = session.begin_nested()
                 try:
-                    job.result = job.work(session)
-                    savepoint.commit()
+                    with direct_savepoint(session):
+                        job.result = job.work(session)
                 except Exception as exc:
-                    savepoint.rollback()
                     run_rollback_undos(session, since=mark)
                     job.error = _domain_error(exc)
             session.commit()
