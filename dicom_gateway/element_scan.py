@@ -4,8 +4,8 @@ needs, for the common case only.
 Why not pydicom's reader: it builds an element for every element it meets and asks the file
 for its position after nearly each one. That was most of the CPU time of reading a header,
 and the DICOM listener reads one for every object received. This walk only unpacks element
-headers from a memory map and skips values by their length, checking on the way that every
-value lies within the file and every sequence and item is closed.
+headers from the file's bytes (or memory map) and skips values by their length, checking on
+the way that every value lies within the file and every sequence and item is closed.
 
 It accepts only data it fully understands: Little Endian, valid VRs, sequences and items
 that nest properly. Anything else (an unknown VR, a UN of undefined length, a value running

@@ -456,8 +456,10 @@ def execute_direct(
     *,
     column_keys: tuple[str, ...] | None = None,
 ) -> list[tuple[Any, ...]]:
-    """Run a Core statement (built once and reused) in the session's transaction and return
-    its rows as plain tuples, skipping most of SQLAlchemy's per-execution work.
+    """Run a Core statement in the session's transaction and return its rows as plain
+    tuples, skipping most of SQLAlchemy's per-execution work. The statement must be built
+    once and reused (a module constant or a cached statement): its compiled form is kept
+    per statement object.
 
     For the statements run for every object received. Measured on SQLite: an exam update
     took 69 us through Connection.execute and 28 us this way. The statement is compiled
