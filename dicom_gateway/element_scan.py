@@ -28,6 +28,7 @@ __all__ = ["scan_top_level"]
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHI")
 _UINT32 = struct.Struct("<I")
+_UINT16 = struct.Struct("<H")
 # VRs with a 4-byte length after two reserved bytes (PS3.5 7.1.2), and the other valid ones.
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -36,6 +37,8 @@ _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM U
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_DEFER_SIZE = 1024  # the ingest path's pydicom fallback reads with defer_size=1024
 
 
 class _Unusual(Exception):
@@ -53,7 +56,8 @@ def scan_top_level(
     Endian data set that starts at ``start`` of ``buffer`` (bytes or a memory map) and runs
     to its end, or None when the data set is not one this walk fully understands.
 
-    Fewer than eight bytes left at the end are ignored, as pydicom does.
+    As pydicom reads them: fewer than eight bytes left at the end are ignored, and values
+    longer than 1024 bytes (but Specific Character Set) are left unread (None).
     """
     found: dict[BaseTag, RawDataElement] = {}
     try:
@@ -63,6 +67,12 @@ def scan_top_level(
     return found
 
 
+def _looks_implicit(buffer: bytes, position: int) -> bool:
+    # pydicom's test on the first element of a data set: an explicit VR is two letters.
+    first, second = buffer[position + 4], buffer[position + 5]
+    return not (0x40 < first < 0x5B and 0x40 < second < 0x5B)
+
+
 def _walk(
     buffer: bytes,
     position: int,
@@ -70,10 +80,22 @@ def _walk(
     implicit_vr: bool,
     wanted: Mapping[int, str] | None,
     found: dict[BaseTag, RawDataElement] | None,
+    *,
+    delimited: bool = False,
 ) -> int:
-    """Walk elements from ``position``: the top level (``wanted`` given) to the end of the
-    buffer, an item of undefined length (``wanted`` None) to its delimiter. Returns where
-    the walk stopped."""
+    """Walk the elements of a data set from ``position``: the top level (``wanted`` given)
+    to the end of the buffer; an item of undefined length (``delimited``) to its delimiter;
+    an item of defined length exactly to ``end``. Returns where the walk stopped."""
+    # pydicom checks the first element of a data set (of an item too, in explicit VR) and
+    # reads on in the encoding it finds: where that is not the declared one, it reads
+    # differently from this walk.
+    if (
+        (wanted is not None or not implicit_vr)
+        and position + 8 <= end
+        and _UINT16.unpack_from(buffer, position)[0] != 0xFFFE
+        and _looks_implicit(buffer, position) != implicit_vr
+    ):
+        raise _Unusual
     while position + 8 <= end:
         if implicit_vr:
             group, element, length = _IMPLICIT.unpack_from(buffer, position)
@@ -92,7 +114,7 @@ def _walk(
         position += 8
         tag = group << 16 | element
         if group == 0xFFFE:
-            if tag == _ITEM_END and wanted is None:
+            if tag == _ITEM_END and delimited:
                 return position
             raise _Unusual
         if length == _UNDEFINED:
@@ -113,26 +135,31 @@ def _walk(
             if expected is not None:
                 if (vr and vr.decode("ascii") != expected) or tag in found:
                     raise _Unusual
-                vr_name = None if implicit_vr else expected
-                found[BaseTag(tag)] = RawDataElement(
-                    BaseTag(tag),
-                    vr_name,
-                    length,
-                    bytes(buffer[position:value_end])
-                    if length
-                    else cast(bytes | None, empty_value_for_VR(vr_name, raw=True)),  # as pydicom
-                    position,
-                    implicit_vr,
-                    True,
+                found[BaseTag(tag)] = _raw_element(
+                    buffer, tag, expected, implicit_vr, position, length
                 )
         position = value_end
-    if wanted is None:
-        raise _Unusual  # an item of undefined length without its delimiter
+    if delimited or (wanted is None and position != end):
+        raise _Unusual  # an item without its delimiter, or elements not filling its length
     return position
 
 
+def _raw_element(
+    buffer: bytes, tag: int, vr: str, implicit_vr: bool, position: int, length: int
+) -> RawDataElement:
+    vr_name = None if implicit_vr else vr
+    value: bytes | None
+    if length > _DEFER_SIZE and tag != _SPECIFIC_CHARACTER_SET:
+        value = None  # as pydicom with defer_size: not read
+    elif length:
+        value = bytes(buffer[position : position + length])
+    else:
+        value = cast(bytes | None, empty_value_for_VR(vr_name, raw=True))
+    return RawDataElement(BaseTag(tag), vr_name, length, value, position, implicit_vr, True)
+
+
 def _items(buffer: bytes, position: int, end: int, implicit_vr: bool, *, fragments: bool) -> int:
-    """Skip the items of a sequence (or the fragments of encapsulated pixel data) of
+    """Walk the items of a sequence (or skip the fragments of encapsulated pixel data) of
     undefined length; returns the position after its delimiter."""
     while position + 8 <= end:
         group, element, length = _IMPLICIT.unpack_from(buffer, position)
@@ -145,9 +172,15 @@ def _items(buffer: bytes, position: int, end: int, implicit_vr: bool, *, fragmen
         if length == _UNDEFINED:
             if fragments:
                 raise _Unusual
-            position = _walk(buffer, position, end, implicit_vr, None, None)
-        else:
+            position = _walk(buffer, position, end, implicit_vr, None, None, delimited=True)
+        elif fragments:
             position += length
-            if position > end:
+        else:
+            # pydicom reads an item's elements, not its length: they must fill it exactly.
+            item_end = position + length
+            if item_end > end:
                 raise _Unusual
+            position = _walk(buffer, position, item_end, implicit_vr, None, None)
+        if position > end:
+            raise _Unusual
     raise _Unusual  # no sequence delimiter before the end

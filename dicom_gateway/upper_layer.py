@@ -153,11 +153,14 @@ def _set_timeout(sock: socket.socket, seconds: float) -> None:
 
     Why not socket.settimeout: a Python-level timeout polls the socket before every receive
     and send, about seven extra system calls per C-STORE, which are costly in a virtual
-    machine. A receive that times out raises TimeoutError from :func:`_read_exact`.
+    machine. A receive that times out raises TimeoutError from :func:`_read_exact`. The
+    limit holds per system call: a send that keeps making progress is not cut off (our sends
+    are command sets and association PDUs of a few hundred bytes).
     """
     sock.settimeout(None)
     whole = int(seconds)
-    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    micros = max(int((seconds - whole) * 1_000_000), 0 if whole else 1)  # (0, 0): no limit
+    timeval = struct.pack("@ll", whole, micros)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 

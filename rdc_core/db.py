@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from rdc_core.errors import DatabaseUnavailableError
+from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 from rdc_core.settings import Settings, get_settings
 
 __all__ = [
@@ -424,15 +424,21 @@ def direct_savepoint(session: Session) -> Iterator[None]:
     statement executions). If the block raises, its writes are rolled back to the savepoint
     and the session's ORM objects are expunged, since the session does not know about this
     savepoint: meant for blocks of Core statements, as the ingest units of group commit are.
-    Not nested."""
+    Not nested. Raises TransactionLostError when the savepoint is gone with the whole
+    transaction (then nothing written in the transaction is kept, not only this block)."""
     execute_direct(session, _SAVEPOINT, {})
     try:
         yield
         if session.new or session.dirty or session.deleted:
             session.flush()  # the block's own ORM changes belong inside its savepoint
-    except BaseException:
-        execute_direct(session, _ROLLBACK_TO_SAVEPOINT, {})
-        execute_direct(session, _RELEASE_SAVEPOINT, {})
+    except BaseException as exc:
+        try:
+            execute_direct(session, _ROLLBACK_TO_SAVEPOINT, {})
+            execute_direct(session, _RELEASE_SAVEPOINT, {})
+        except Exception as lost:
+            # SQLite rolls the whole transaction back on some errors (disk full, I/O), and
+            # a lost connection takes it along: the savepoint went with everything before it.
+            raise TransactionLostError(f"transaction lost: {exc}; then: {lost}") from exc
         session.expunge_all()
         raise
     execute_direct(session, _RELEASE_SAVEPOINT, {})
@@ -499,8 +505,13 @@ def _plan_direct(
     compiled = statement.compile(
         dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None
     )
-    if compiled.insert_prefetch or compiled.update_prefetch or compiled.literal_execute_params:
-        return None
+    if (
+        compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+    ):
+        return None  # defaults to compute or parameters expanded at execution: SQLAlchemy's
     escaped = compiled.escaped_bind_names or {}
     processors = []
     for name, bind in compiled.binds.items():

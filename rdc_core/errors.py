@@ -71,3 +71,8 @@ class DatabaseUnavailableError(RDCError):
     """The database could not complete the transaction; the caller may retry later."""
 
     title = "Database unavailable"
+
+
+class TransactionLostError(DatabaseUnavailableError):
+    """The database ended the whole transaction (an error rolled it back, or the connection
+    was lost): everything written in it is gone, not only the last unit of work."""

@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from rdc_core.db import direct_savepoint, new_session, run_after_commit, run_rollback_undos
-from rdc_core.errors import DatabaseUnavailableError
+from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 
 __all__ = ["GroupCommitter"]
 
@@ -112,6 +112,8 @@ class GroupCommitter:
                 try:
                     with direct_savepoint(session):
                         job.result = job.work(session)
+                except TransactionLostError:
+                    raise  # every unit of the batch is lost: fail them all below
                 except Exception as exc:
                     run_rollback_undos(session, since=mark)
                     job.error = _domain_error(exc)

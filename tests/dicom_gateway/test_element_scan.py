@@ -4,6 +4,7 @@ reader, on every sample object and on data sets cut short at every byte."""
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,9 @@ def test_every_well_formed_sample_is_read_as_pydicom_reads_it(testdata: Path) ->
         assert name in scanned
 
 
-def _nested_object(syntax: UID) -> bytes:
+def _nested_object(syntax: UID, *, defined_item: bool = False) -> bytes:
     """Elements around a sequence of undefined length whose items (one of undefined
-    length) hold another such sequence."""
+    length, or of defined length with ``defined_item``) hold another such sequence."""
     inner_item = Dataset()
     inner_item.CodeValue = "T-04000"
     inner = Sequence([inner_item])
@@ -102,8 +103,8 @@ def _nested_object(syntax: UID) -> bytes:
     ds.InstanceNumber = "7"
     ds["ReferencedStudySequence"].is_undefined_length = True
     outer_item["ConceptNameCodeSequence"].is_undefined_length = True
-    for item in (outer_item, inner_item):
-        item.is_undefined_length_sequence_item = True
+    inner_item.is_undefined_length_sequence_item = True
+    outer_item.is_undefined_length_sequence_item = not defined_item
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -156,3 +157,99 @@ def test_what_the_walk_leaves_to_pydicom() -> None:
     # Not wanted, it is skipped whatever its VR says.
     at = raw.index(b"\x20\x00\x13\x00IS")
     assert scan_top_level(raw, start, implicit_vr=False, wanted={0x00100010: "PN"}) is not None
+
+
+def _saved(ds: Dataset, syntax: UID) -> bytes:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"SQ"):
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def test_an_item_whose_length_disagrees_with_its_elements_is_left_to_pydicom() -> None:
+    # An item that says 8 bytes but holds a longer element. Skipped by its length, the
+    # object would read Patient ID "GOOD"; pydicom reads the element and then "EVIL".
+    sequence_end = b"\xfe\xff\xdd\xe0" + b"\0" * 4
+    good = _explicit(0x00100020, b"LO", b"GOOD")
+    evil = _explicit(0x00100020, b"LO", b"EVIL")
+    private = struct.pack("<HH2sHI", 0x0011, 0x1010, b"OB", 0, len(sequence_end + evil))
+    element = struct.pack("<HH2sH", 0x0008, 0x1150, b"UI", len(sequence_end + good + private))
+    data = (
+        _explicit(0x00080018, b"UI", b"1.2.3.4\0")
+        + struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 8)
+        + element
+        + sequence_end
+        + good
+        + private
+        + sequence_end
+        + evil
+    )
+    raw = _saved(Dataset(), ExplicitVRLittleEndian)
+    start, _ = _data_set_start(raw)
+    raw = raw[:start] + data
+    assert read_dataset(io.BytesIO(data), False, True).PatientID == "EVIL"
+    assert scan_top_level(raw, start, implicit_vr=False, wanted=WANTED) is None
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_item_of_defined_length_is_read_by_its_elements_as_pydicom_does(syntax: UID) -> None:
+    raw = _nested_object(syntax, defined_item=True)
+    start, _ = _data_set_start(raw)
+    implicit = syntax.is_implicit_VR
+    found = scan_top_level(raw, start, implicit_vr=implicit, wanted=WANTED)
+    assert found is not None
+    assert found[0x00100010].value == b"Li^Lei"
+    # pydicom reads an item's elements, whatever its length says; where the two disagree the
+    # walk gives up rather than read something else than pydicom would.
+    at = raw.index(b"\xfe\xff\x00\xe0", raw.index(b"\x08\x00\x10\x11")) + 4
+    length = int.from_bytes(raw[at : at + 4], "little")
+    for wrong in (length - 2, length + 2):
+        patched = raw[:at] + wrong.to_bytes(4, "little") + raw[at + 4 :]
+        assert scan_top_level(patched, start, implicit_vr=implicit, wanted=WANTED) is None
+
+
+def test_a_data_set_in_another_encoding_than_declared_is_left_to_pydicom() -> None:
+    # Declared implicit, encoded explicit: pydicom notices and reads it as explicit. Read
+    # as implicit, "CS" and the length of the first element make a length of 676,675
+    # bytes, which this object is long enough to hold.
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.PatientID = "PID1"
+    ds.PixelData = b"\0" * 800_000
+    ds["PixelData"].VR = "OW"
+    raw = _saved(ds, ExplicitVRLittleEndian)
+    start, _ = _data_set_start(raw)
+    assert scan_top_level(raw, start, implicit_vr=False, wanted=WANTED) is not None
+    assert scan_top_level(raw, start, implicit_vr=True, wanted=WANTED) is None
+    raw = _nested_object(ImplicitVRLittleEndian)
+    start, _ = _data_set_start(raw)
+    assert scan_top_level(raw, start, implicit_vr=False, wanted=WANTED) is None
+
+
+def test_long_values_are_left_unread_as_pydicom_leaves_them() -> None:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100\\" + "\\".join(["ISO_IR 100"] * 120)  # > 1024 bytes
+    ds.SOPInstanceUID = "1.2.3.4"
+    with pytest.warns(UserWarning, match="PN component length"):
+        ds.PatientName = "Doe^" + "J" * 1500
+    ds.PatientID = "ID1"
+    raw = _saved(ds, ExplicitVRLittleEndian)
+    start, _ = _data_set_start(raw)
+    found = scan_top_level(raw, start, implicit_vr=False, wanted=WANTED)
+    assert found is not None
+    pydicom_ds = read_dataset(io.BytesIO(raw[start:]), False, True, defer_size=1024)
+    for tag in (0x00080005, 0x00100010, 0x00100020):
+        assert found[tag].value == pydicom_ds._dict[tag].value, hex(tag)
+    assert found[0x00100010].value is None  # deferred
+    assert found[0x00080005].value is not None  # the character set is always read
