@@ -4,8 +4,9 @@ needs, for the common case only.
 Why not pydicom's reader: it builds an element for every element it meets and asks the file
 for its position after nearly each one. That was most of the CPU time of reading a header,
 and the DICOM listener reads one for every object received. This walk only unpacks element
-headers from the file's bytes (or memory map) and skips values by their length, checking on
-the way that every value lies within the file and every sequence and item is closed.
+headers from the file's bytes (or memory map), skips values by their length and reads items
+by their elements, checking on the way that every value lies within the file and every
+sequence and item is closed; values over 1 KiB are left unread, as pydicom leaves them.
 
 It accepts only data it fully understands: Little Endian, valid VRs, sequences and items
 that nest properly. Anything else (an unknown VR, a UN of undefined length, a value running
@@ -16,6 +17,7 @@ the defect.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Mapping
 from typing import cast
@@ -23,8 +25,9 @@ from typing import cast
 from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.tag import BaseTag
 
-__all__ = ["scan_top_level"]
+__all__ = ["file_meta_elements", "scan_top_level"]
 
+_Buffer = bytes | mmap.mmap  # a Part-10 file read whole, or mapped
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHI")
 _UINT32 = struct.Struct("<I")
@@ -45,8 +48,33 @@ class _Unusual(Exception):
     """Structure this walk leaves to pydicom."""
 
 
+def file_meta_elements(buffer: _Buffer, start: int) -> tuple[int, dict[int, bytes]]:
+    """Where the data set starts and the raw values (up to 1 KiB each) of the File Meta
+    Information elements from ``start`` (after the preamble and "DICM").
+
+    File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian; the data set
+    starts at the first other group. Read here, not with pydicom: eight short elements, read
+    for every object received.
+    """
+    offset, end, values = start, len(buffer), dict[int, bytes]()
+    while offset + 8 <= end:
+        group, element, vr, length = _EXPLICIT.unpack_from(buffer, offset)
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            if offset + 12 > end:
+                break
+            length = _UINT32.unpack_from(buffer, offset + 8)[0]
+            offset += 12
+        else:
+            offset += 8
+        values[element] = bytes(buffer[offset : offset + min(length, 1024)])
+        offset += length
+    return offset, values
+
+
 def scan_top_level(
-    buffer: bytes | memoryview | object,
+    buffer: _Buffer,
     start: int,
     *,
     implicit_vr: bool,
@@ -61,20 +89,20 @@ def scan_top_level(
     """
     found: dict[BaseTag, RawDataElement] = {}
     try:
-        _walk(buffer, start, len(buffer), implicit_vr, wanted, found)  # type: ignore[arg-type]
+        _walk(buffer, start, len(buffer), implicit_vr, wanted, found)
     except (_Unusual, struct.error, RecursionError):
         return None
     return found
 
 
-def _looks_implicit(buffer: bytes, position: int) -> bool:
+def _looks_implicit(buffer: _Buffer, position: int) -> bool:
     # pydicom's test on the first element of a data set: an explicit VR is two letters.
     first, second = buffer[position + 4], buffer[position + 5]
     return not (0x40 < first < 0x5B and 0x40 < second < 0x5B)
 
 
 def _walk(
-    buffer: bytes,
+    buffer: _Buffer,
     position: int,
     end: int,
     implicit_vr: bool,
@@ -145,7 +173,7 @@ def _walk(
 
 
 def _raw_element(
-    buffer: bytes, tag: int, vr: str, implicit_vr: bool, position: int, length: int
+    buffer: _Buffer, tag: int, vr: str, implicit_vr: bool, position: int, length: int
 ) -> RawDataElement:
     vr_name = None if implicit_vr else vr
     value: bytes | None
@@ -158,7 +186,7 @@ def _raw_element(
     return RawDataElement(BaseTag(tag), vr_name, length, value, position, implicit_vr, True)
 
 
-def _items(buffer: bytes, position: int, end: int, implicit_vr: bool, *, fragments: bool) -> int:
+def _items(buffer: _Buffer, position: int, end: int, implicit_vr: bool, *, fragments: bool) -> int:
     """Walk the items of a sequence (or skip the fragments of encapsulated pixel data) of
     undefined length; returns the position after its delimiter."""
     while position + 8 <= end:

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import mmap
 import os
-import struct
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pydicom.uid import RE_VALID_UID, UID, DeflatedExplicitVRLittleEndian
 from pydicom.values import convert_PN
 from sqlalchemy.orm import Session
 
-from dicom_gateway.element_scan import scan_top_level
+from dicom_gateway.element_scan import file_meta_elements, scan_top_level
 from rdc_core.db import on_rollback, utcnow
 from rdc_core.errors import InvalidInputError, PermissionDeniedError
 from rdc_core.storage import ObjectStore, StoredObject
@@ -141,6 +140,9 @@ def _indexed_tags() -> dict[int, str]:
 
 @cache
 def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
+    # The fast walk keeps only _INDEXED_KEYWORDS: reading any other would quietly give "".
+    if keyword not in _INDEXED_KEYWORDS:
+        raise KeyError(f"{keyword} is read from headers but missing in _INDEXED_KEYWORDS")
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(keyword)
@@ -443,48 +445,12 @@ def _sha256(path: Path, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
-_META_ELEMENT = struct.Struct("<HH2sH")
-_LONG_LENGTH_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-
-
 def _read_file_meta(view: bytes | mmap.mmap) -> tuple[int, dict[int, bytes]]:
-    """Where the data set starts and the raw values of the File Meta Information elements.
-
-    File meta (PS3.10 7.1) is group 0002, always Explicit VR Little Endian, right after the
-    128-byte preamble and "DICM"; the data set starts at the first other group. Read here,
-    not with pydicom: eight short elements, read for every object received.
-    """
+    """Where the data set starts and the raw values of the File Meta Information elements
+    (see :func:`dicom_gateway.element_scan.file_meta_elements`)."""
     if view[128:132] != b"DICM":
         raise InvalidDicomError("not a DICOM file: no 'DICM' prefix after the preamble")
-    offset, end, values = 132, len(view), dict[int, bytes]()
-    while offset + 8 <= end:
-        group, element, vr, length = _META_ELEMENT.unpack_from(view, offset)
-        if group != 0x0002:
-            break
-        if vr in _LONG_LENGTH_VRS:
-            if offset + 12 > end:
-                break
-            length = int.from_bytes(view[offset + 8 : offset + 12], "little")
-            start = offset + 12
-        else:
-            start = offset + 8
-        values[element] = view[start : start + min(length, 1024)]
-        offset = start + length
-    return offset, values
+    return file_meta_elements(view, 132)
 
 
 def object_digest(file_meta: bytes, dataset_sha256: str) -> str:
