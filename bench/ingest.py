@@ -13,7 +13,10 @@ rdc on S3 at least 0.7x rdc on disk. ``--backend`` picks the rdc object stores m
 Every measurement starts its target on a fresh data directory (and, for S3, a fresh bucket)
 and sends freshly generated objects (new UIDs, same size and pixel data), so no target sees
 a duplicate. The clock runs from starting the first ``storescu`` to the last one exiting.
-Afterwards the script checks that the target stored every instance. Nagle's algorithm is
+Afterwards the script checks that the target stored every instance. Directories are removed
+only at the end (``--count`` 400: about 110 MB per measurement), because deleting files
+slows down creating new ones for the next 30 s on this VM's file system (see ``measure``);
+for the same reason, wait half a minute after deleting many files before a run. Nagle's algorithm is
 off on both ends for every target (``TCP_NODELAY=1`` for storescu and Orthanc, which are
 dcmtk; rdc sets the socket option itself).
 
@@ -148,6 +151,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=BACKENDS,
         default="both",
         help="rdc object store(s) to measure beside Orthanc (default both)",
+    )
+    parser.add_argument(
+        "--dicom-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="RDC_DICOM_PROCESSES of the rdc targets (default 1: one process)",
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed for one transfer"
@@ -501,6 +511,10 @@ class RdcReceiver(Receiver):
     name = "rdc-local"
     called_ae = "RDC"
 
+    def __init__(self, workdir: Path, *, processes: int = 1) -> None:
+        super().__init__(workdir)
+        self.processes = processes
+
     def command(self) -> list[str]:
         """The server command line."""
         return [self.rdc(), "serve", "--role", "dicom"]
@@ -523,6 +537,7 @@ class RdcReceiver(Receiver):
             RDC_HTTP_PORT=str(self.http_port),
             RDC_DICOM_AE_TITLE=self.called_ae,
             RDC_STABLE_AGE_SECONDS="3600",
+            RDC_DICOM_PROCESSES=str(self.processes),
         )
         return env
 
@@ -549,8 +564,8 @@ class RdcS3Receiver(RdcReceiver):
 
     name = "rdc-s3"
 
-    def __init__(self, workdir: Path, s3: S3Server) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, *, s3: S3Server, processes: int = 1) -> None:
+        super().__init__(workdir, processes=processes)
         self.s3 = s3
         self.bucket = f"bench-{workdir.name}"  # work directories are unique within a run
 
@@ -720,8 +735,10 @@ def measure(
         + ("" if stored == count else "  <-- MISMATCH"),
         flush=True,
     )
-    if not args.keep:
-        shutil.rmtree(workdir)
+    # The run's files stay until the end of the benchmark. On ext4 without a journal (this
+    # VM's root file system) creating a file skips every inode freed in the last 30 s, and
+    # checks each of them: deleting a run's thousand files here made the next target pay
+    # 1 ms of system time per instance, the more so with two processes creating at once.
     return run
 
 
@@ -815,15 +832,19 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
     )
 
 
-def start_targets(backend: str, root: Path, stack: contextlib.ExitStack) -> dict[str, Factory]:
+def start_targets(
+    backend: str, processes: int, root: Path, stack: contextlib.ExitStack
+) -> dict[str, Factory]:
     """The targets of ``--backend`` by name, starting the S3 server (stopped by ``stack``)."""
     targets: dict[str, Factory] = {}
     if backend in ("local", "both"):
-        targets[RdcReceiver.name] = RdcReceiver
+        targets[RdcReceiver.name] = functools.partial(RdcReceiver, processes=processes)
     if backend in ("s3", "both"):
         s3 = stack.enter_context(S3Server(root / "weed"))
         print(f"SeaweedFS S3 at {s3.endpoint}", flush=True)
-        targets[RdcS3Receiver.name] = functools.partial(RdcS3Receiver, s3=s3)
+        targets[RdcS3Receiver.name] = functools.partial(
+            RdcS3Receiver, s3=s3, processes=processes
+        )
     targets[OrthancReceiver.name] = OrthancReceiver
     return targets
 
@@ -839,7 +860,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     try:
         print(f"{args.count} instances of {args.size}x{args.size} 16-bit; work dir {root}")
         with contextlib.ExitStack() as stack:
-            targets = start_targets(args.backend, root, stack)
+            targets = start_targets(args.backend, args.dicom_processes, root, stack)
             names = list(targets)
             for repeat in range(args.repeat):
                 shift = repeat % len(names)  # each target takes each position in turn
@@ -871,6 +892,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "studies": args.studies,
             "repeat": args.repeat,
             "backend": args.backend,
+            "dicom_processes": args.dicom_processes,
             "runs": [asdict(r) | {"rate": r.rate, "mbps": r.mbps} for r in runs],
             "summary": [asdict(s) for s in summaries],
             "ratios": [asdict(c) for c in comparisons],

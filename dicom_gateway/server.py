@@ -4,39 +4,61 @@ Each C-STORE is received into a temporary Part-10 file (never held whole in memo
 stored and indexed in one transaction; Success is answered only after the commit. The
 association machinery is in :mod:`dicom_gateway.upper_layer`; this module binds it to the
 clinic directory and the ingest service.
+
+With ``RDC_DICOM_PROCESSES`` = 1 the associations are served by threads of the serving
+process. With more, the serving process accepts the connections and hands each to the
+least busy of that many listener processes (:mod:`dicom_gateway.listener_pool`), so that
+ingest is not bound to one core by the interpreter lock.
 """
 
 from __future__ import annotations
 
 import logging
 
+from dicom_gateway.counters import IngestCounters, PrometheusCounters
 from dicom_gateway.ingest import (
     InvalidDicomError,
     index_dicom_file,
     prepare_dicom_file,
     quarantine_file,
 )
+from dicom_gateway.listener_pool import ListenerPool
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
-from rdc_core.metrics import DICOM_BYTES, DICOM_FAILURES, DICOM_INSTANCES
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef, organization_for_ae
 
-__all__ = ["DicomGateway"]
+__all__ = ["DicomGateway", "StorageService", "acceptor_config"]
 
 log = logging.getLogger(__name__)
 
 
-class _StorageService:
+def acceptor_config(
+    settings: Settings, store: ObjectStore, *, spool_prefix: str = ".rx-"
+) -> AcceptorConfig:
+    """The association settings of the listener, from the service settings."""
+    return AcceptorConfig(
+        ae_title=settings.dicom_ae_title,
+        max_pdu=settings.dicom_max_pdu,
+        max_associations=settings.dicom_max_associations,
+        acse_timeout=settings.dicom_acse_timeout_seconds,
+        network_timeout=settings.dicom_network_timeout_seconds,
+        spool_dir=store.spool_dir,
+        spool_prefix=spool_prefix,
+    )
+
+
+class StorageService:
     """Binds the acceptor to the directory (who may send) and the ingest service."""
 
-    def __init__(self, *, store: ObjectStore, settings: Settings) -> None:
+    def __init__(self, *, store: ObjectStore, settings: Settings, counters: IngestCounters) -> None:
         self.objects = store
         self.settings = settings
+        self.counters = counters
         # Index writes of all associations share transactions (see rdc_core.group_commit).
         self.committer = GroupCommitter()
 
@@ -51,7 +73,7 @@ class _StorageService:
     def store(self, request: StoreRequest) -> tuple[int, str]:
         status, comment = self._store(request)
         if status != StoreStatus.SUCCESS:
-            DICOM_FAILURES.labels(status=StoreStatus(status).name).inc()
+            self.counters.failed(StoreStatus(status).name)
         return status, comment
 
     def _store(self, request: StoreRequest) -> tuple[int, str]:
@@ -89,8 +111,7 @@ class _StorageService:
         except Exception:
             log.exception("C-STORE from %s: unexpected failure", calling_ae)
             return StoreStatus.PROCESSING_FAILURE, "internal error"
-        DICOM_INSTANCES.labels(outcome=result.outcome.value).inc()
-        DICOM_BYTES.inc(result.size_bytes)
+        self.counters.stored(result.outcome.value, result.size_bytes)
         return StoreStatus.SUCCESS, ""
 
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
@@ -111,29 +132,33 @@ class _StorageService:
 
 
 class DicomGateway:
-    """The DICOM listener of one process: start it, read its address, stop it."""
+    """The DICOM listener of the service: start it, read its address, stop it."""
 
     def __init__(self, *, settings: Settings, store: ObjectStore) -> None:
         self.settings = settings
         self.store = store
-        self._server: UpperLayerServer | None = None
+        self._server: UpperLayerServer | ListenerPool | None = None
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
         self._clear_spool()
-        config = AcceptorConfig(
-            ae_title=self.settings.dicom_ae_title,
-            max_pdu=self.settings.dicom_max_pdu,
-            max_associations=self.settings.dicom_max_associations,
-            acse_timeout=self.settings.dicom_acse_timeout_seconds,
-            network_timeout=self.settings.dicom_network_timeout_seconds,
-            spool_dir=self.store.spool_dir,
-        )
-        service = _StorageService(store=self.store, settings=self.settings)
-        self._server = UpperLayerServer(
-            (self.settings.dicom_host, self.settings.dicom_port), config, service
-        )
-        self._server.start()
+        address = (self.settings.dicom_host, self.settings.dicom_port)
+        server: UpperLayerServer | ListenerPool
+        if self.settings.dicom_processes > 1:
+            server = ListenerPool(
+                address,
+                processes=self.settings.dicom_processes,
+                max_associations=self.settings.dicom_max_associations,
+                spool_dir=self.store.spool_dir,
+                counters=PrometheusCounters(),
+            )
+        else:
+            service = StorageService(
+                store=self.store, settings=self.settings, counters=PrometheusCounters()
+            )
+            server = UpperLayerServer(address, acceptor_config(self.settings, self.store), service)
+        server.start()
+        self._server = server
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *self.address)
 
     def _clear_spool(self) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "StorageHandler",
     "StoreRequest",
     "UpperLayerServer",
+    "serve_association",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class AcceptorConfig:
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
     spool_dir: Path | None = None
+    # Names of the files received into spool_dir start with this (see spool_prefix_of_process).
+    spool_prefix: str = ".rx-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +442,7 @@ class _Association:
         spool = self.config.spool_dir
         if spool is not None:
             spool.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".rx-", suffix=".dcm", dir=spool)
+        fd, name = tempfile.mkstemp(prefix=self.config.spool_prefix, suffix=".dcm", dir=spool)
         self._data_path = Path(name)
         self._data_file = os.fdopen(fd, "wb", buffering=1 << 20)
         header = _file_meta(
@@ -500,6 +503,24 @@ class _Association:
         self.sock.sendall(_HEADER.pack(_P_DATA, len(pdv)) + pdv)
 
 
+def serve_association(
+    sock: socket.socket,
+    config: AcceptorConfig,
+    handler: StorageHandler,
+    *,
+    admit: Callable[[], bool],
+    on_release: Callable[[], None],
+) -> None:
+    """Serve one accepted connection in the calling thread until it ends.
+
+    ``admit`` is asked once the peer requests an association (False: rejected as over the
+    local limit); ``on_release`` is called when an admitted association is released, before
+    the answer goes out. The socket is left open: its owner closes it.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _Association(sock, config, handler, admit, on_release).run()
+
+
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -530,7 +551,6 @@ class UpperLayerServer:
         return str(host), int(port)
 
     def _handle_connection(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Both run in this connection's thread: admitted needs no lock.
         admitted = False
 
@@ -546,7 +566,7 @@ class UpperLayerServer:
                 self._slots.release()
 
         try:
-            _Association(sock, self.config, self.handler, admit, release_slot).run()
+            serve_association(sock, self.config, self.handler, admit=admit, on_release=release_slot)
         finally:
             release_slot()
 

@@ -8,14 +8,18 @@ PostgreSQL is used as it is, by URL.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, text
@@ -111,13 +115,46 @@ _sessionmakers: dict[str, sessionmaker[Session]] = {}
 _lock = threading.Lock()
 
 
-def _gated_sqlite_connection(gate: threading.Lock) -> type[sqlite3.Connection]:
-    """A sqlite3 connection class that lets one writer of this process in at a time.
+class _WriterGate:
+    """One writer at a time: among this process's threads and, for a database file, among
+    every process that opens it (``rdc serve``, its DICOM listener processes, ``rdc import``).
 
     SQLite allows one writer per database. Left to itself, a blocked writer polls with
     sleeps of up to tens of milliseconds; queueing writers on a lock hands the database
-    over the moment the previous transaction ends. The gate is taken at BEGIN IMMEDIATE
-    and released after COMMIT or ROLLBACK has really run.
+    over the moment the previous transaction ends. Threads queue on a lock; processes on
+    ``flock`` of a lock file beside the database, which the kernel releases if its holder dies.
+    """
+
+    def __init__(self, lock_path: Path | None) -> None:
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        if lock_path is not None:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = fd
+            weakref.finalize(self, os.close, fd)
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        if self._fd is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+def _gated_sqlite_connection(gate: _WriterGate) -> type[sqlite3.Connection]:
+    """A sqlite3 connection class that takes the writer gate for its write transactions.
+
+    The gate is taken at BEGIN IMMEDIATE and released after COMMIT or ROLLBACK has really run.
     """
 
     class GatedConnection(sqlite3.Connection):
@@ -204,16 +241,16 @@ def get_engine(url: str | None = None) -> Engine:
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        lock_path = None
         if parsed.database and parsed.database != ":memory:":
-            from pathlib import Path
-
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            lock_path = Path(f"{parsed.database}.writer-lock")
         engine = create_engine(
             url,
             connect_args={
                 "check_same_thread": False,
                 "timeout": 30,
-                "factory": _gated_sqlite_connection(threading.Lock()),
+                "factory": _gated_sqlite_connection(_WriterGate(lock_path)),
             },
             pool_size=8,
             max_overflow=32,

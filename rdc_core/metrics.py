@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "DICOM_BYTES",
+    "DICOM_CONNECTIONS",
     "DICOM_FAILURES",
     "DICOM_INSTANCES",
     "FAILURE",
@@ -53,6 +54,11 @@ DICOM_INSTANCES = Counter(
 DICOM_BYTES = Counter("rdc_dicom_received_bytes_total", "Bytes of DICOM objects received")
 DICOM_FAILURES = Counter(
     "rdc_dicom_failures_total", "C-STORE requests answered with a failure, by status", ["status"]
+)
+DICOM_CONNECTIONS = Counter(
+    "rdc_dicom_connections_total",
+    "DICOM connections handed to each listener process (RDC_DICOM_PROCESSES > 1), by its index",
+    ["process"],
 )
 
 # Outcomes of one run of a background task.

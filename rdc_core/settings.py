@@ -46,7 +46,15 @@ class Settings(BaseSettings):
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
     dicom_ae_title: str = "RDC"
-    dicom_max_associations: int = 32
+    dicom_max_associations: int = Field(
+        default=32, ge=1, description="Associations served at once, by all listener processes"
+    )
+    dicom_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="DICOM listener processes; 1: threads of the serving process",
+    )
     dicom_max_pdu: int = 262_144
     dicom_acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dicom_network_timeout_seconds: float = Field(default=60.0, gt=0)

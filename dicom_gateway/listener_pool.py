@@ -1,0 +1,273 @@
+"""DICOM listener processes: one Python interpreter lock is one core, so ingest runs in several.
+
+With ``RDC_DICOM_PROCESSES`` = N > 1 the serving process keeps the listening socket, accepts
+each connection and passes it (``SCM_RIGHTS`` on a Unix socket pair) to the listener
+process serving the fewest connections; that process receives, stores and indexes, and
+answers the sender. Why the parent hands connections out rather than letting every process
+accept on a shared socket: whichever process wakes first would take the connection, so four
+modalities connecting at once often landed three on one process and one on the other.
+
+The parent keeps the count of connections of each process, so ``RDC_DICOM_MAX_ASSOCIATIONS``
+holds for the gateway as a whole: a connection over the limit is still handed to a process,
+with the order to reject its association as over the local limit. A connection counts from
+its acceptance to its release, or to its close.
+
+Each process reports over its channel: ``ready`` once it can serve, ``done`` when a connection
+ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
+parent adds to its own Prometheus counters. A process that dies is started again (after a
+pause growing to 30 s if it keeps dying young), its partial receptions are deleted, and its
+connections are no longer counted; senders whose objects were not answered send them again.
+Each process notices the parent's end (a closed channel) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicom_gateway.counters import IngestCounters, apply_report
+from rdc_core.metrics import DICOM_CONNECTIONS
+
+__all__ = ["ListenerPool", "ListenerStartError", "spool_prefix_of_process"]
+
+log = logging.getLogger(__name__)
+
+ADMIT, REJECT = b"A", b"R"  # what the parent sends with each connection
+READY, DONE = b"ready", b"done"  # what a listener process sends back besides its counts
+
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 10.0
+_YOUNG_DEATH = 10.0  # a process that dies sooner than this is restarted after a pause
+_MAX_RESTART_PAUSE = 30.0
+
+
+class ListenerStartError(RuntimeError):
+    """A listener process did not start (it exited, or did not report ready in time)."""
+
+
+def spool_prefix_of_process(pid: int) -> str:
+    """The prefix of the files that listener process ``pid`` receives into the spool."""
+    return f".rx-{pid}-"
+
+
+@dataclass(eq=False)
+class _Listener:
+    index: int
+    process: subprocess.Popen[bytes]
+    channel: socket.socket
+    started: float = field(default_factory=time.monotonic)
+    ready: threading.Event = field(default_factory=threading.Event)
+    alive: bool = True
+    connections: int = 0  # handed to it and not yet done
+    handed: int = 0  # in all; breaks ties between equally busy processes
+
+
+class _Acceptor(socketserver.TCPServer):
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], pool: ListenerPool) -> None:
+        super().__init__(address, socketserver.BaseRequestHandler)
+        self.pool = pool
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        # Only close: shutting the connection down would end it for the listener process too.
+        try:
+            self.pool.hand_over(request)
+        finally:
+            self.close_request(request)
+
+
+class ListenerPool:
+    """Accepts DICOM connections and hands them to ``processes`` listener processes."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        processes: int,
+        max_associations: int,
+        spool_dir: Path,
+        counters: IngestCounters,
+    ) -> None:
+        self.processes = processes
+        self.max_associations = max_associations
+        self.spool_dir = spool_dir
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._listeners: list[_Listener] = []
+        self._stopping = threading.Event()
+        self._young_deaths: dict[int, int] = {}  # by index: deaths in a row soon after start
+        self._threads: list[threading.Thread] = []
+        self._acceptor = _Acceptor(address, self)
+        self._accept_thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The host and port connections are accepted on."""
+        host, port = self._acceptor.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Start the listener processes, wait until each can serve, then accept connections."""
+        try:
+            for index in range(self.processes):
+                self._spawn(index)
+            deadline = time.monotonic() + _START_TIMEOUT
+            for listener in list(self._listeners):
+                if not listener.ready.wait(max(0.0, deadline - time.monotonic())):
+                    raise ListenerStartError(
+                        f"DICOM listener process {listener.index} did not start "
+                        f"(exit status {listener.process.poll()}); see its log above"
+                    )
+        except BaseException:
+            self.stop()
+            raise
+        self._accept_thread = threading.Thread(
+            target=self._acceptor.serve_forever, name="rdc-dicom-accept", daemon=True
+        )
+        self._accept_thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, end every listener process, and close the listening socket."""
+        with self._lock:
+            self._stopping.set()
+            listeners = list(self._listeners)
+        if self._accept_thread is not None:
+            self._acceptor.shutdown()
+            self._accept_thread.join(timeout=_STOP_TIMEOUT)
+            self._accept_thread = None
+        self._acceptor.server_close()
+        for listener in listeners:
+            # Wakes this side's reader and tells the process to exit.
+            with contextlib.suppress(OSError):
+                listener.channel.shutdown(socket.SHUT_RDWR)
+        for listener in listeners:
+            try:
+                listener.process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "DICOM listener process %d did not exit; killing it", listener.process.pid
+                )
+                listener.process.kill()
+                listener.process.wait()
+        for thread in list(self._threads):
+            thread.join(timeout=_STOP_TIMEOUT)
+
+    def listener_pids(self) -> list[int]:
+        """Process IDs of the listener processes alive now (for operators and tests)."""
+        with self._lock:
+            return [item.process.pid for item in self._listeners if item.alive]
+
+    # -- handing connections out ------------------------------------------------------------
+
+    def hand_over(self, connection: socket.socket) -> None:
+        """Pass ``connection`` to the least busy listener process (the caller closes its copy)."""
+        tried: set[int] = set()
+        while True:
+            with self._lock:
+                alive = [item for item in self._listeners if item.alive and item.index not in tried]
+                if not alive:
+                    break
+                listener = min(alive, key=lambda item: (item.connections, item.handed))
+                total = sum(item.connections for item in self._listeners if item.alive)
+                order = ADMIT if total < self.max_associations else REJECT
+                listener.connections += 1
+                listener.handed += 1
+            try:
+                socket.send_fds(listener.channel, [order], [connection.fileno()])
+                DICOM_CONNECTIONS.labels(process=str(listener.index)).inc()
+                return
+            except OSError as exc:
+                log.warning("DICOM listener process %d unreachable: %s", listener.process.pid, exc)
+                tried.add(listener.index)
+                with self._lock:
+                    listener.connections -= 1
+        log.error("no DICOM listener process is running; closing a connection unanswered")
+
+    # -- the processes ----------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_gateway.listener_process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        listener = _Listener(index=index, process=process, channel=ours)
+        with self._lock:
+            if self._stopping.is_set():  # stop() has already ended the others
+                ours.close()  # the process exits when its channel closes
+                process.wait()
+                return
+            self._listeners = [item for item in self._listeners if item.index != index]
+            self._listeners.append(listener)
+        thread = threading.Thread(
+            target=self._read, args=(listener,), name=f"rdc-dicom-listener-{index}", daemon=True
+        )
+        self._threads = [item for item in self._threads if item.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        log.info("DICOM listener process %d started (pid %d)", index, process.pid)
+
+    def _read(self, listener: _Listener) -> None:
+        while True:
+            try:
+                message = listener.channel.recv(256)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            if message == DONE:
+                with self._lock:
+                    listener.connections -= 1
+            elif message == READY:
+                listener.ready.set()
+            elif not apply_report(self.counters, message):
+                log.warning("DICOM listener process sent %r", message[:64])
+        self._ended(listener)
+
+    def _ended(self, listener: _Listener) -> None:
+        with self._lock:
+            listener.alive = False
+            listener.connections = 0
+        status = listener.process.wait()
+        listener.channel.close()
+        self._remove_partial_files(listener.process.pid)
+        if self._stopping.is_set():
+            return
+        lived = time.monotonic() - listener.started
+        log.error(
+            "DICOM listener process %d (pid %d) exited with status %s after %.0f s; restarting it",
+            listener.index,
+            listener.process.pid,
+            status,
+            lived,
+        )
+        young = self._young_deaths.get(listener.index, 0) + 1 if lived < _YOUNG_DEATH else 0
+        self._young_deaths[listener.index] = young
+        if young and self._stopping.wait(min(_MAX_RESTART_PAUSE, 2.0 ** (young - 1))):
+            return
+        try:
+            self._spawn(listener.index)
+        except Exception:
+            log.exception("could not restart DICOM listener process %d", listener.index)
+
+    def _remove_partial_files(self, pid: int) -> None:
+        if self.spool_dir.is_dir():
+            for leftover in self.spool_dir.glob(f"{spool_prefix_of_process(pid)}*"):
+                leftover.unlink(missing_ok=True)

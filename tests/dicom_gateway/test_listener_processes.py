@@ -1,0 +1,190 @@
+"""RDC_DICOM_PROCESSES > 1: ``rdc serve`` hands connections to listener processes.
+
+The processes must store and index exactly as one process does, share one association
+limit, report their counts to the serving process's ``/metrics``, be replaced when one dies,
+and never outlive the server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.dicom_gateway.test_cstore import all_ok, stored_copies, valid_files
+from tests.helpers import (
+    RdcServer,
+    c_store,
+    echo_rejection,
+    object_store,
+    same_dataset,
+    storescu,
+    wait_for,
+)
+from tests.rdc_core.test_metrics import scrape, value
+
+PROCESSES = 2
+
+
+def _listener_pids(server: RdcServer) -> set[int]:
+    assert server.proc is not None
+    found = subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid), "-f", "dicom_gateway.listener_process"],
+        capture_output=True,
+        text=True,
+    )
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose (its parent has not reaped it yet).
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def processes_env(rdc_env: dict[str, str], alliance: dict[str, str]) -> dict[str, str]:
+    return {**rdc_env, "RDC_DICOM_PROCESSES": str(PROCESSES)}
+
+
+@pytest.fixture
+def pooled_server(processes_env: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
+    with RdcServer(processes_env, tmp_path / "serve.log") as server:
+        wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")
+        yield server
+
+
+def test_every_sample_file_is_stored_through_both_processes_and_counted(
+    pooled_server: RdcServer, dcmtk: Path, testdata: Path
+) -> None:
+    files = valid_files(testdata)
+    # Two senders at once, each with one association per transfer syntax.
+    halves = [files[0::2], files[1::2]]
+    results: list[list[subprocess.CompletedProcess[str]]] = [[], []]
+
+    def send(k: int) -> None:
+        results[k] = storescu(
+            dcmtk, halves[k], port=pooled_server.dicom_port, calling_ae="CLINIC_A_CT"
+        )
+
+    senders = [threading.Thread(target=send, args=(k,)) for k in range(2)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    all_ok(results[0] + results[1])
+
+    for path in files:
+        sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        copies = stored_copies(pooled_server, sop_uid)
+        assert any(same_dataset(path, copy) for copy in copies), f"{path.name} not stored as sent"
+
+    samples = scrape(pooled_server.http)
+    answered = sum(
+        value(samples, "rdc_dicom_instances_total", outcome=outcome) or 0.0
+        for outcome in ("stored", "duplicate", "conflict")
+    )
+    assert answered == len(files)
+    assert (value(samples, "rdc_dicom_received_bytes_total") or 0) > 0
+    handed = [
+        value(samples, "rdc_dicom_connections_total", process=str(k)) or 0.0
+        for k in range(PROCESSES)
+    ]
+    assert all(count > 0 for count in handed), handed
+    spool = object_store(pooled_server.env).spool_dir
+    assert list(spool.glob(".rx-*")) == []  # every received file became an object
+    with pooled_server.db() as db:
+        assert db.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
+
+
+def _associate(port: int) -> object:
+    ae = AE(ae_title="CLINIC_A_CT")
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="RDC")
+
+
+def test_the_association_limit_holds_for_all_processes_together(
+    processes_env: dict[str, str], tmp_path: Path, dcmtk: Path
+) -> None:
+    env = {**processes_env, "RDC_DICOM_MAX_ASSOCIATIONS": "2"}
+    with RdcServer(env, tmp_path / "serve.log") as server:
+        held = [_associate(server.dicom_port) for _ in range(2)]
+        assert all(assoc.is_established for assoc in held)  # type: ignore[attr-defined]
+        assert echo_rejection(dcmtk, server.dicom_port, "CLINIC_A_CT") == [
+            "Result: Rejected Transient, Source: Service Provider (Presentation Related)",
+            "Reason: Local Limit Exceeded",
+        ]
+        held[0].release()  # type: ignore[attr-defined]
+
+        # The freed slot is counted back by the serving process as the release goes out;
+        # a modality that retries at once may need a second try, as after any rejection.
+        def admitted() -> object | None:
+            assoc = _associate(server.dicom_port)
+            return assoc if assoc.is_established else None  # type: ignore[attr-defined]
+
+        again = wait_for(admitted, timeout=10, what="an association in the freed slot")
+        assert again.send_c_echo().Status == 0x0000  # type: ignore[attr-defined]
+        again.release()  # type: ignore[attr-defined]
+        held[1].release()  # type: ignore[attr-defined]
+
+
+def test_a_killed_listener_process_is_replaced_and_its_partial_files_removed(
+    pooled_server: RdcServer, testdata: Path
+) -> None:
+    victim, survivor = sorted(_listener_pids(pooled_server))
+    spool = object_store(pooled_server.env).spool_dir
+    spool.mkdir(parents=True, exist_ok=True)
+    # What a transfer cut off by the death leaves behind, and one still in progress elsewhere.
+    cut_off = spool / f".rx-{victim}-cutoff.dcm"
+    in_progress = spool / f".rx-{survivor}-receiving.dcm"
+    cut_off.write_bytes(b"partial")
+    in_progress.write_bytes(b"partial")
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(pids := _listener_pids(pooled_server)) == PROCESSES and victim not in pids,
+        timeout=30,
+        what="a new listener process in place of the killed one",
+    )
+    assert survivor in _listener_pids(pooled_server)
+    assert not cut_off.exists()
+    assert in_progress.exists()
+
+    # Both processes serve: one association after another alternates between them.
+    ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+    for _ in range(4):
+        assert c_store(pooled_server.dicom_port, ds, calling_ae="CLINIC_A_CT") == 0x0000
+    with pooled_server.db() as db:
+        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
+
+
+def test_listener_processes_end_with_the_server(
+    processes_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RdcServer(processes_env, tmp_path / "serve.log")
+    server.start()
+    try:
+        wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")
+        stopped = _listener_pids(server)
+        server.stop()  # SIGTERM: the server stops them
+        wait_for(lambda: not any(map(_alive, stopped)), timeout=30, what="listeners to exit")
+
+        server.start()
+        wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")
+        orphaned = _listener_pids(server)
+        server.stop(signal.SIGKILL)  # no chance to stop them: they notice and exit
+        wait_for(lambda: not any(map(_alive, orphaned)), timeout=30, what="orphans to exit")
+    finally:
+        server.stop(signal.SIGKILL)

@@ -1,0 +1,68 @@
+"""The SQLite writer gate: one writer at a time across processes, readers never held up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import text
+
+from rdc_core.db import dispose_engines, new_session, session_scope
+
+_PROBE = """
+import fcntl, sys
+from sqlalchemy import text
+from rdc_core.db import read_session
+url, lock_path = sys.argv[1], sys.argv[2]
+with read_session(url) as session:  # a reader goes ahead while a writer holds the gate
+    rows = session.execute(text("SELECT count(*) FROM t")).scalar_one()
+with open(lock_path, "a") as lock:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"held {rows}")
+    else:
+        print(f"free {rows}")
+"""
+
+
+def _probe(url: str, lock_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, url, str(lock_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_write_transaction_holds_the_writer_lock_for_other_processes(tmp_path: Path) -> None:
+    database = tmp_path / "gate.sqlite3"
+    url = f"sqlite:///{database}"
+    lock_path = Path(f"{database}.writer-lock")
+    try:
+        with session_scope(url) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+            session.execute(text("INSERT INTO t VALUES (1)"))
+        assert _probe(url, lock_path) == "free 1"
+
+        writer = new_session(url)
+        try:
+            writer.execute(text("INSERT INTO t VALUES (2)"))  # BEGIN IMMEDIATE: gate taken
+            assert _probe(url, lock_path) == "held 1"  # uncommitted row not seen, lock held
+            writer.commit()
+        finally:
+            writer.close()
+        assert _probe(url, lock_path) == "free 2"
+
+        failed = new_session(url)
+        try:
+            failed.execute(text("INSERT INTO t VALUES (3)"))
+            failed.rollback()  # a rollback gives the gate back as well
+        finally:
+            failed.close()
+        assert _probe(url, lock_path) == "free 2"
+    finally:
+        dispose_engines()
