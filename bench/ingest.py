@@ -13,10 +13,14 @@ rdc on S3 at least 0.7x rdc on disk. ``--backend`` picks the rdc object stores m
 Every measurement starts its target on a fresh data directory (and, for S3, a fresh bucket)
 and sends freshly generated objects (new UIDs, same size and pixel data), so no target sees
 a duplicate. The clock runs from starting the first ``storescu`` to the last one exiting.
-Afterwards the script checks that the target stored every instance. Directories are removed
-only at the end (``--count`` 400: about 110 MB per measurement), because deleting files
+Afterwards the script checks that the target stored every instance, and writes everything
+to disk (``sync``) before the next. Directories are removed only at the end (``--count``
+400: about 110 MB per measurement), because deleting files
 slows down creating new ones for the next 30 s on this VM's file system (see ``measure``);
-for the same reason, wait half a minute after deleting many files before a run. Nagle's algorithm is
+for the same reason, wait half a minute after deleting many files before a run. Where the
+files are matters too: in this VM, creating a file below /tmp, where the tests and earlier
+runs created and deleted many, cost 110-140 us of CPU against 20-30 us below /work or
+/var/tmp (``--workdir`` chooses). Nagle's algorithm is
 off on both ends for every target (``TCP_NODELAY=1`` for storescu and Orthanc, which are
 dcmtk; rdc sets the socket option itself).
 
@@ -164,6 +168,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="where the run's temporary directory is made (default: the system's, /tmp)",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count < max(ASSOCIATIONS) or args.studies < 1 or args.repeat < 1 or args.size < 8:
@@ -739,6 +749,8 @@ def measure(
     # VM's root file system) creating a file skips every inode freed in the last 30 s, and
     # checks each of them: deleting a run's thousand files here made the next target pay
     # 1 ms of system time per instance, the more so with two processes creating at once.
+    # Written out now, so that the next target's fsyncs do not queue behind them.
+    os.sync()
     return run
 
 
@@ -855,7 +867,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         if not os.access(tool, os.X_OK):
             raise BenchError(f"{tool} is not installed")
     pixels = phantom_pixels(args.size)
-    root = Path(tempfile.mkdtemp(prefix="rdc-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="rdc-bench-", dir=args.workdir))
     runs: list[Run] = []
     try:
         print(f"{args.count} instances of {args.size}x{args.size} 16-bit; work dir {root}")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -36,7 +38,12 @@ from pathlib import Path
 from dicom_gateway.counters import IngestCounters, apply_report
 from rdc_core.metrics import DICOM_CONNECTIONS
 
-__all__ = ["ListenerPool", "ListenerStartError", "spool_prefix_of_process"]
+__all__ = [
+    "LISTENER_SPOOL_PREFIX",
+    "ListenerPool",
+    "ListenerStartError",
+    "listener_spool_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,12 @@ class ListenerStartError(RuntimeError):
     """A listener process did not start (it exited, or did not report ready in time)."""
 
 
-def spool_prefix_of_process(pid: int) -> str:
-    """The prefix of the files that listener process ``pid`` receives into the spool."""
-    return f".rx-{pid}-"
+LISTENER_SPOOL_PREFIX = "listener-"
+
+
+def listener_spool_dir(spool_dir: Path, pid: int) -> Path:
+    """The directory below the store's ``spool_dir`` that process ``pid`` receives into."""
+    return spool_dir / f"{LISTENER_SPOOL_PREFIX}{pid}"
 
 
 @dataclass(eq=False)
@@ -105,6 +115,7 @@ class ListenerPool:
         self._lock = threading.Lock()
         self._listeners: list[_Listener] = []
         self._stopping = threading.Event()
+        self._serving = False  # set once every process has started; then the dead are replaced
         self._young_deaths: dict[int, int] = {}  # by index: deaths in a row soon after start
         self._threads: list[threading.Thread] = []
         self._acceptor = _Acceptor(address, self)
@@ -123,11 +134,15 @@ class ListenerPool:
                 self._spawn(index)
             deadline = time.monotonic() + _START_TIMEOUT
             for listener in list(self._listeners):
-                if not listener.ready.wait(max(0.0, deadline - time.monotonic())):
-                    raise ListenerStartError(
-                        f"DICOM listener process {listener.index} did not start "
-                        f"(exit status {listener.process.poll()}); see its log above"
-                    )
+                while not listener.ready.wait(0.1):
+                    status = listener.process.poll()
+                    if status is not None or time.monotonic() > deadline:
+                        raise ListenerStartError(
+                            f"DICOM listener process {listener.index} did not start "
+                            f"(exit status {status}); see its log above"
+                        )
+            with self._lock:
+                self._serving = True
         except BaseException:
             self.stop()
             raise
@@ -197,6 +212,8 @@ class ListenerPool:
 
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A process too busy to take a connection within this is passed over (sends only).
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_gateway.listener_process", str(theirs.fileno())],
@@ -248,8 +265,9 @@ class ListenerPool:
         status = listener.process.wait()
         listener.channel.close()
         self._remove_partial_files(listener.process.pid)
-        if self._stopping.is_set():
-            return
+        with self._lock:
+            if self._stopping.is_set() or not self._serving:
+                return  # stopping, or start() reports the failure
         lived = time.monotonic() - listener.started
         log.error(
             "DICOM listener process %d (pid %d) exited with status %s after %.0f s; restarting it",
@@ -268,6 +286,4 @@ class ListenerPool:
             log.exception("could not restart DICOM listener process %d", listener.index)
 
     def _remove_partial_files(self, pid: int) -> None:
-        if self.spool_dir.is_dir():
-            for leftover in self.spool_dir.glob(f"{spool_prefix_of_process(pid)}*"):
-                leftover.unlink(missing_ok=True)
+        shutil.rmtree(listener_spool_dir(self.spool_dir, pid), ignore_errors=True)

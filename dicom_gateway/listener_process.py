@@ -18,7 +18,7 @@ import sys
 import threading
 
 from dicom_gateway.counters import ChannelCounters
-from dicom_gateway.listener_pool import ADMIT, DONE, READY, spool_prefix_of_process
+from dicom_gateway.listener_pool import ADMIT, DONE, READY
 from dicom_gateway.server import StorageService, acceptor_config
 from dicom_gateway.upper_layer import AcceptorConfig, serve_association
 from rdc_core.logging import configure_logging
@@ -62,7 +62,7 @@ def serve(channel: socket.socket) -> None:
     """Serve connections received on ``channel`` until it closes."""
     settings = get_settings()
     store = get_object_store(settings)
-    config = acceptor_config(settings, store, spool_prefix=spool_prefix_of_process(os.getpid()))
+    config = acceptor_config(settings, store)
     service = StorageService(store=store, settings=settings, counters=ChannelCounters(channel))
     channel.send(READY)
     while True:

@@ -14,6 +14,8 @@ ingest is not bound to one core by the interpreter lock.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
 from dicom_gateway.ingest import (
@@ -22,7 +24,7 @@ from dicom_gateway.ingest import (
     prepare_dicom_file,
     quarantine_file,
 )
-from dicom_gateway.listener_pool import ListenerPool
+from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
@@ -37,18 +39,22 @@ __all__ = ["DicomGateway", "StorageService", "acceptor_config"]
 log = logging.getLogger(__name__)
 
 
-def acceptor_config(
-    settings: Settings, store: ObjectStore, *, spool_prefix: str = ".rx-"
-) -> AcceptorConfig:
-    """The association settings of the listener, from the service settings."""
+def acceptor_config(settings: Settings, store: ObjectStore) -> AcceptorConfig:
+    """The association settings of this process's listener, from the service settings.
+
+    Each listening process receives into a spool directory of its own, made here: processes
+    do not queue on one directory's lock to create their files, and the files a dead process
+    left behind are found by its process ID.
+    """
+    spool_dir = listener_spool_dir(store.spool_dir, os.getpid())
+    spool_dir.mkdir(parents=True, exist_ok=True)
     return AcceptorConfig(
         ae_title=settings.dicom_ae_title,
         max_pdu=settings.dicom_max_pdu,
         max_associations=settings.dicom_max_associations,
         acse_timeout=settings.dicom_acse_timeout_seconds,
         network_timeout=settings.dicom_network_timeout_seconds,
-        spool_dir=store.spool_dir,
-        spool_prefix=spool_prefix,
+        spool_dir=spool_dir,
     )
 
 
@@ -166,8 +172,10 @@ class DicomGateway:
         # answered and will send again.
         spool = self.store.spool_dir
         if spool.is_dir():
-            for leftover in spool.glob(".rx-*"):
+            for leftover in spool.glob(".rx-*"):  # received before per-process directories
                 leftover.unlink(missing_ok=True)
+            for directory in spool.glob(f"{LISTENER_SPOOL_PREFIX}*"):
+                shutil.rmtree(directory, ignore_errors=True)
 
     @property
     def address(self) -> tuple[str, int]:

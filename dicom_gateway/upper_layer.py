@@ -115,8 +115,6 @@ class AcceptorConfig:
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
     spool_dir: Path | None = None
-    # Names of the files received into spool_dir start with this (see spool_prefix_of_process).
-    spool_prefix: str = ".rx-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,9 +438,13 @@ class _Association:
         if _us(values, 0x00000100) != _C_STORE_RQ:
             raise _Abort(_UNEXPECTED_PDU, "only C-STORE requests carry a data set here")
         spool = self.config.spool_dir
-        if spool is not None:
-            spool.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=self.config.spool_prefix, suffix=".dcm", dir=spool)
+        try:
+            fd, name = tempfile.mkstemp(prefix=".rx-", suffix=".dcm", dir=spool)
+        except FileNotFoundError:
+            if spool is None:
+                raise
+            spool.mkdir(parents=True, exist_ok=True)  # made at start; removed since?
+            fd, name = tempfile.mkstemp(prefix=".rx-", suffix=".dcm", dir=spool)
         self._data_path = Path(name)
         self._data_file = os.fdopen(fd, "wb", buffering=1 << 20)
         header = _file_meta(

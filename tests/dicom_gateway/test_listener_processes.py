@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -104,7 +105,7 @@ def test_every_sample_file_is_stored_through_both_processes_and_counted(
     ]
     assert all(count > 0 for count in handed), handed
     spool = object_store(pooled_server.env).spool_dir
-    assert list(spool.glob(".rx-*")) == []  # every received file became an object
+    assert list(spool.rglob(".rx-*")) == []  # every received file became an object
     with pooled_server.db() as db:
         assert db.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
 
@@ -145,10 +146,9 @@ def test_a_killed_listener_process_is_replaced_and_its_partial_files_removed(
 ) -> None:
     victim, survivor = sorted(_listener_pids(pooled_server))
     spool = object_store(pooled_server.env).spool_dir
-    spool.mkdir(parents=True, exist_ok=True)
     # What a transfer cut off by the death leaves behind, and one still in progress elsewhere.
-    cut_off = spool / f".rx-{victim}-cutoff.dcm"
-    in_progress = spool / f".rx-{survivor}-receiving.dcm"
+    cut_off = spool / f"listener-{victim}" / ".rx-cutoff.dcm"
+    in_progress = spool / f"listener-{survivor}" / ".rx-receiving.dcm"
     cut_off.write_bytes(b"partial")
     in_progress.write_bytes(b"partial")
 
@@ -188,3 +188,29 @@ def test_listener_processes_end_with_the_server(
         wait_for(lambda: not any(map(_alive, orphaned)), timeout=30, what="orphans to exit")
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_listener_process_that_cannot_start_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_gateway.counters import PrometheusCounters
+    from dicom_gateway.listener_pool import ListenerPool, ListenerStartError
+
+    for key in [k for k in os.environ if k.startswith("RDC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RDC_DATA_DIR", str(tmp_path / "data"))
+    # The processes read these settings; with no S3 server named they cannot open the store.
+    monkeypatch.setenv("RDC_STORAGE_BACKEND", "s3")
+    pool = ListenerPool(
+        ("127.0.0.1", 0),
+        processes=PROCESSES,
+        max_associations=4,
+        spool_dir=tmp_path / "spool",
+        counters=PrometheusCounters(),
+    )
+    address = pool.address
+    with pytest.raises(ListenerStartError, match="did not start"):
+        pool.start()
+    assert pool.listener_pids() == []
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5)
