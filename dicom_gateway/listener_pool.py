@@ -7,17 +7,20 @@ answers the sender. Why the parent hands connections out rather than letting eve
 accept on a shared socket: whichever process wakes first would take the connection, so four
 modalities connecting at once often landed three on one process and one on the other.
 
-The parent keeps the count of connections of each process, so ``RDC_DICOM_MAX_ASSOCIATIONS``
-holds for the gateway as a whole: a connection over the limit is still handed to a process,
-with the order to reject its association as over the local limit. A connection counts from
-its acceptance to its release, or to its close.
+``RDC_DICOM_MAX_ASSOCIATIONS`` holds for the gateway as a whole, as in one process: when a
+peer requests an association, its listener process asks the parent for a slot (``admit N``)
+and waits for the answer (``admitted N`` or ``refused N``), and gives the slot back at
+release (``release``). A connection that never requests an association takes no slot.
 
-Each process reports over its channel: ``ready`` once it can serve, ``done`` when a connection
+A listener process also reports ``ready`` once it can serve, ``done`` when a connection
 ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
 parent adds to its own Prometheus counters. A process that dies is started again (after a
 pause growing to 30 s if it keeps dying young), its partial receptions are deleted, and its
-connections are no longer counted; senders whose objects were not answered send them again.
-Each process notices the parent's end (a closed channel) and exits.
+connections and slots are no longer counted; senders whose objects were not answered send
+them again. Connections go only to processes that have reported ready. Each process runs in
+a session of its own, so a signal to the serving process's group (Ctrl-C) reaches only the
+serving process, which stops them; they also exit when their channel closes because the
+serving process died.
 """
 
 from __future__ import annotations
@@ -47,20 +50,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ADMIT, REJECT = b"A", b"R"  # what the parent sends with each connection
-READY, DONE = b"ready", b"done"  # what a listener process sends back besides its counts
+# What the parent sends: a connection (with its descriptor), and answers to admission requests.
+CONNECTION = b"connection"
+ADMITTED, REFUSED = "admitted", "refused"
+# What a listener process sends besides its counts.
+READY, DONE, RELEASE = b"ready", b"done", b"release"
+ADMIT = "admit"
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 _YOUNG_DEATH = 10.0  # a process that dies sooner than this is restarted after a pause
 _MAX_RESTART_PAUSE = 30.0
 
+LISTENER_SPOOL_PREFIX = "listener-"
+
 
 class ListenerStartError(RuntimeError):
     """A listener process did not start (it exited, or did not report ready in time)."""
-
-
-LISTENER_SPOOL_PREFIX = "listener-"
 
 
 def listener_spool_dir(spool_dir: Path, pid: int) -> Path:
@@ -77,7 +83,7 @@ class _Listener:
     ready: threading.Event = field(default_factory=threading.Event)
     alive: bool = True
     connections: int = 0  # handed to it and not yet done
-    handed: int = 0  # in all; breaks ties between equally busy processes
+    associations: int = 0  # admitted and not yet released
 
 
 class _Acceptor(socketserver.TCPServer):
@@ -114,6 +120,7 @@ class ListenerPool:
         self.counters = counters
         self._lock = threading.Lock()
         self._listeners: list[_Listener] = []
+        self._next = 0  # where the search for the least busy process starts (round robin)
         self._stopping = threading.Event()
         self._serving = False  # set once every process has started; then the dead are replaced
         self._young_deaths: dict[int, int] = {}  # by index: deaths in a row soon after start
@@ -143,6 +150,9 @@ class ListenerPool:
                         )
             with self._lock:
                 self._serving = True
+                dead = [item.index for item in self._listeners if not item.alive]
+            if dead:  # ready, then gone before the pool was up: _ended did not replace it
+                raise ListenerStartError(f"DICOM listener process {dead[0]} exited at start")
         except BaseException:
             self.stop()
             raise
@@ -169,9 +179,8 @@ class ListenerPool:
             try:
                 listener.process.wait(timeout=_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                log.warning(
-                    "DICOM listener process %d did not exit; killing it", listener.process.pid
-                )
+                pid = listener.process.pid
+                log.warning("DICOM listener process %d did not exit; killing it", pid)
                 listener.process.kill()
                 listener.process.wait()
         for thread in list(self._threads):
@@ -189,16 +198,22 @@ class ListenerPool:
         tried: set[int] = set()
         while True:
             with self._lock:
-                alive = [item for item in self._listeners if item.alive and item.index not in tried]
-                if not alive:
+                candidates = [
+                    item
+                    for item in self._listeners
+                    if item.alive and item.ready.is_set() and item.index not in tried
+                ]
+                if not candidates:
                     break
-                listener = min(alive, key=lambda item: (item.connections, item.handed))
-                total = sum(item.connections for item in self._listeners if item.alive)
-                order = ADMIT if total < self.max_associations else REJECT
+                fewest = min(item.connections for item in candidates)
+                listener = min(
+                    (item for item in candidates if item.connections == fewest),
+                    key=lambda item: (item.index - self._next) % self.processes,
+                )
+                self._next = listener.index + 1
                 listener.connections += 1
-                listener.handed += 1
             try:
-                socket.send_fds(listener.channel, [order], [connection.fileno()])
+                socket.send_fds(listener.channel, [CONNECTION], [connection.fileno()])
                 DICOM_CONNECTIONS.labels(process=str(listener.index)).inc()
                 return
             except OSError as exc:
@@ -206,7 +221,17 @@ class ListenerPool:
                 tried.add(listener.index)
                 with self._lock:
                     listener.connections -= 1
-        log.error("no DICOM listener process is running; closing a connection unanswered")
+        log.error("no DICOM listener process can take a connection; closing it unanswered")
+
+    def _admit(self, listener: _Listener, request: str) -> None:
+        with self._lock:
+            total = sum(item.associations for item in self._listeners if item.alive)
+            granted = listener.alive and total < self.max_associations
+            if granted:
+                listener.associations += 1
+        answer = ADMITTED if granted else REFUSED
+        with contextlib.suppress(OSError):  # a process that went away needs no answer
+            listener.channel.send(f"{answer} {request}".encode())
 
     # -- the processes ----------------------------------------------------------------------
 
@@ -219,6 +244,7 @@ class ListenerPool:
                 [sys.executable, "-m", "dicom_gateway.listener_process", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except BaseException:
             ours.close()
@@ -227,12 +253,14 @@ class ListenerPool:
             theirs.close()
         listener = _Listener(index=index, process=process, channel=ours)
         with self._lock:
-            if self._stopping.is_set():  # stop() has already ended the others
-                ours.close()  # the process exits when its channel closes
-                process.wait()
-                return
-            self._listeners = [item for item in self._listeners if item.index != index]
-            self._listeners.append(listener)
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._listeners = [item for item in self._listeners if item.index != index]
+                self._listeners.append(listener)
+        if stopping:  # stop() has already ended the others; this one exits as its channel closes
+            ours.close()
+            process.wait()
+            return
         thread = threading.Thread(
             target=self._read, args=(listener,), name=f"rdc-dicom-listener-{index}", daemon=True
         )
@@ -242,26 +270,53 @@ class ListenerPool:
         log.info("DICOM listener process %d started (pid %d)", index, process.pid)
 
     def _read(self, listener: _Listener) -> None:
-        while True:
-            try:
-                message = listener.channel.recv(256)
-            except OSError:
-                message = b""
-            if not message:
-                break
-            if message == DONE:
-                with self._lock:
-                    listener.connections -= 1
-            elif message == READY:
-                listener.ready.set()
-            elif not apply_report(self.counters, message):
-                log.warning("DICOM listener process sent %r", message[:64])
-        self._ended(listener)
+        try:
+            deadline = listener.started + _START_TIMEOUT
+            listener.channel.settimeout(_START_TIMEOUT)
+            while True:
+                try:
+                    message = listener.channel.recv(256)
+                except TimeoutError:
+                    if listener.ready.is_set():
+                        continue
+                    if time.monotonic() < deadline:
+                        continue
+                    log.error("DICOM listener process %d did not start; killing it", listener.index)
+                    listener.process.kill()
+                    continue
+                except OSError:
+                    return
+                if not message:
+                    return
+                try:
+                    self._handle(listener, message)
+                except Exception:
+                    log.exception("DICOM listener process %d sent %r", listener.index, message[:64])
+        finally:
+            self._ended(listener)
+
+    def _handle(self, listener: _Listener, message: bytes) -> None:
+        if message == DONE:
+            with self._lock:
+                listener.connections -= 1
+        elif message == RELEASE:
+            with self._lock:
+                listener.associations -= 1
+        elif message.startswith(ADMIT.encode() + b" "):
+            self._admit(listener, message.decode().split(" ", 1)[1])
+        elif message == READY:
+            listener.channel.settimeout(None)
+            listener.ready.set()
+            log.info(
+                "DICOM listener process %d ready (pid %d)", listener.index, listener.process.pid
+            )
+        elif not apply_report(self.counters, message):
+            log.warning("DICOM listener process %d sent %r", listener.index, message[:64])
 
     def _ended(self, listener: _Listener) -> None:
         with self._lock:
             listener.alive = False
-            listener.connections = 0
+            listener.connections = listener.associations = 0
         status = listener.process.wait()
         listener.channel.close()
         self._remove_partial_files(listener.process.pid)
@@ -278,12 +333,14 @@ class ListenerPool:
         )
         young = self._young_deaths.get(listener.index, 0) + 1 if lived < _YOUNG_DEATH else 0
         self._young_deaths[listener.index] = young
-        if young and self._stopping.wait(min(_MAX_RESTART_PAUSE, 2.0 ** (young - 1))):
-            return
-        try:
-            self._spawn(listener.index)
-        except Exception:
-            log.exception("could not restart DICOM listener process %d", listener.index)
+        pause = min(_MAX_RESTART_PAUSE, 2.0 ** (young - 1)) if young else 0.0
+        while not self._stopping.wait(pause):
+            try:
+                self._spawn(listener.index)
+                return
+            except Exception:
+                log.exception("could not restart DICOM listener process %d", listener.index)
+                pause = min(_MAX_RESTART_PAUSE, max(1.0, pause * 2))
 
     def _remove_partial_files(self, pid: int) -> None:
         shutil.rmtree(listener_spool_dir(self.spool_dir, pid), ignore_errors=True)

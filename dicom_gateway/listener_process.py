@@ -2,14 +2,15 @@
 
 Started by :class:`~dicom_gateway.listener_pool.ListenerPool` as
 ``python -m dicom_gateway.listener_process CHANNEL_FD``; it reads the same ``RDC_`` settings
-as its parent, which has already brought the database up to date. Each message on the
-channel carries one connection and the parent's order to admit or reject its association.
-The process exits when the channel closes: its parent stopped or died.
+as its parent, which has already brought the database up to date. The channel brings
+connections and the answers to this process's requests for association slots. The process
+exits when the channel closes: its parent stopped or died.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -18,66 +19,122 @@ import sys
 import threading
 
 from dicom_gateway.counters import ChannelCounters
-from dicom_gateway.listener_pool import ADMIT, DONE, READY
+from dicom_gateway.listener_pool import ADMIT, ADMITTED, CONNECTION, DONE, READY, RELEASE
 from dicom_gateway.server import StorageService, acceptor_config
 from dicom_gateway.upper_layer import AcceptorConfig, serve_association
 from rdc_core.logging import configure_logging
 from rdc_core.settings import get_settings
 from rdc_core.storage import get_object_store
 
-__all__ = ["main"]
+__all__ = ["main", "serve"]
 
 log = logging.getLogger(__name__)
+
+_ADMISSION_TIMEOUT = 10.0  # no answer from the parent by then: the association is refused
+
+
+class _Channel:
+    """This process's end of the channel: sends messages, asks for association slots."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[threading.Event, list[bool]]] = {}
+
+    def send(self, message: bytes) -> None:
+        with contextlib.suppress(OSError):  # a parent that went away needs no report
+            self.sock.send(message)
+
+    def ask_admission(self) -> bool:
+        """Ask the parent for an association slot; True if granted."""
+        number = str(next(self._numbers))
+        answered, result = threading.Event(), [False]
+        with self._lock:
+            self._waiting[number] = (answered, result)
+        try:
+            self.send(f"{ADMIT} {number}".encode())
+            if not answered.wait(_ADMISSION_TIMEOUT):
+                log.error("no answer from the serving process about an association slot")
+        finally:
+            with self._lock:
+                self._waiting.pop(number, None)
+        return result[0]
+
+    def answer(self, message: bytes) -> None:
+        """Deliver the parent's answer to an admission request."""
+        verdict, _, number = message.decode(errors="replace").partition(" ")
+        with self._lock:
+            waiting = self._waiting.get(number)
+        if waiting is not None:
+            waiting[1][0] = verdict == ADMITTED
+            waiting[0].set()
 
 
 def _serve_connection(
     connection: socket.socket,
-    admit: bool,
     *,
-    channel: socket.socket,
+    channel: _Channel,
     config: AcceptorConfig,
     service: StorageService,
 ) -> None:
-    reported = False
+    admitted = False
 
-    def report_done() -> None:
-        # Sent at release, before the answer goes out, so a sender that reconnects at once
-        # is not refused for its own finished association.
-        nonlocal reported
-        if not reported:
-            reported = True
-            with contextlib.suppress(OSError):
-                channel.send(DONE)
+    def admit() -> bool:
+        nonlocal admitted
+        admitted = channel.ask_admission()
+        return admitted
+
+    def release() -> None:
+        # At release, before the answer goes out, so a sender that reconnects at once finds
+        # its slot free.
+        nonlocal admitted
+        if admitted:
+            admitted = False
+            channel.send(RELEASE)
 
     try:
-        serve_association(connection, config, service, admit=lambda: admit, on_release=report_done)
+        serve_association(connection, config, service, admit=admit, on_release=release)
     except Exception:
         log.exception("DICOM connection failed")
     finally:
         connection.close()
-        report_done()
+        release()
+        channel.send(DONE)
 
 
-def serve(channel: socket.socket) -> None:
-    """Serve connections received on ``channel`` until it closes."""
+def serve(sock: socket.socket) -> None:
+    """Serve connections received on ``sock`` until it closes."""
     settings = get_settings()
     store = get_object_store(settings)
     config = acceptor_config(settings, store)
-    service = StorageService(store=store, settings=settings, counters=ChannelCounters(channel))
-    channel.send(READY)
+    channel = _Channel(sock)
+    service = StorageService(store=store, settings=settings, counters=ChannelCounters(sock))
+    sock.send(READY)
     while True:
-        message, fds, _flags, _address = socket.recv_fds(channel, 16, 1)
+        message, fds, _flags, _address = socket.recv_fds(sock, 256, 1)
         if not message:
             return
-        for fd in fds:
-            connection = socket.socket(fileno=fd)
+        if message != CONNECTION:
+            channel.answer(message)
+            continue
+        if not fds:  # the descriptor did not arrive (out of descriptors here)
+            log.error("a connection arrived without its descriptor")
+            channel.send(DONE)
+            continue
+        connection = socket.socket(fileno=fds[0])
+        try:
             threading.Thread(
                 target=_serve_connection,
-                args=(connection, message == ADMIT),
+                args=(connection,),
                 kwargs={"channel": channel, "config": config, "service": service},
                 name="rdc-dicom-association",
                 daemon=True,
             ).start()
+        except RuntimeError:  # cannot start a thread: drop this connection, not the process
+            log.exception("cannot serve a connection")
+            connection.close()
+            channel.send(DONE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m dicom_gateway.listener_process CHANNEL_FD", file=sys.stderr)
         return 2
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
+    # The parent decides when this process stops (it runs in a session of its own, so this
+    # is for a stray Ctrl-C sent to it directly).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    channel = socket.socket(fileno=int(args[0]))
+    sock = socket.socket(fileno=int(args[0]))
     try:
-        serve(channel)
+        serve(sock)
     except OSError as exc:
         log.info("DICOM listener process %d: channel closed (%s)", os.getpid(), exc)
     log.info("DICOM listener process %d: parent gone or stopping; exiting", os.getpid())

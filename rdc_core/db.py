@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -120,28 +121,67 @@ class _WriterGate:
     every process that opens it (``rdc serve``, its DICOM listener processes, ``rdc import``).
 
     SQLite allows one writer per database. Left to itself, a blocked writer polls with
-    sleeps of up to tens of milliseconds; queueing writers on a lock hands the database
-    over the moment the previous transaction ends. Threads queue on a lock; processes on
-    ``flock`` of a lock file beside the database, which the kernel releases if its holder dies.
+    sleeps of up to 100 ms; queueing writers on a lock hands the database over the moment the
+    previous transaction ends. Threads queue on a lock. Processes take ``flock`` of a lock file
+    beside the database, which the kernel releases if its holder dies: at once when it is
+    free, else polled at intervals of 0.1 ms growing to 2 ms, for up to SQLite's busy timeout,
+    after which the write fails as "database is locked" (a holder that hangs must not hang
+    every writer). Polled rather than blocking because a blocking ``flock`` cannot time out.
     """
 
     def __init__(self, lock_path: Path | None) -> None:
         self._threads = threading.Lock()
+        self._lock_path = lock_path
         self._fd: int | None = None
-        if lock_path is not None:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fd = fd
-            weakref.finalize(self, os.close, fd)
+        self._open()
+        _gates.add(self)
+
+    def _open(self) -> None:
+        if self._lock_path is None:
+            return
+        try:
+            # Read-only is enough for flock, and lets other users' processes share the lock.
+            fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log.warning("no writer lock shared between processes (%s): %s", self._lock_path, exc)
+            return
+        self._fd = fd
+        # Not at interpreter exit: daemon threads may still be committing through this gate.
+        weakref.finalize(self, os.close, fd).atexit = False
+
+    def reopen_after_fork(self) -> None:
+        """A forked child shares the parent's open lock file, and so its lock: open its own."""
+        self._threads = threading.Lock()
+        self._fd = None
+        self._open()
 
     def acquire(self) -> None:
         self._threads.acquire()
         if self._fd is None:
             return
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._lock_file(self._fd)
         except BaseException:
             self._threads.release()
             raise
+
+    @staticmethod
+    def _lock_file(fd: int) -> None:
+        deadline = None
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + _BUSY_TIMEOUT_SECONDS
+            elif now > deadline:
+                raise sqlite3.OperationalError("database is locked (by another process)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
 
     def release(self) -> None:
         try:
@@ -149,6 +189,18 @@ class _WriterGate:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
+
+
+_BUSY_TIMEOUT_SECONDS = 30
+_gates: weakref.WeakSet[_WriterGate] = weakref.WeakSet()
+
+
+def _reopen_gates_after_fork() -> None:
+    for gate in list(_gates):
+        gate.reopen_after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_gates_after_fork)
 
 
 def _gated_sqlite_connection(gate: _WriterGate) -> type[sqlite3.Connection]:
@@ -199,7 +251,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_SECONDS * 1000}")
         # Pages read through a memory map: no read system call per page (costly in a VM).
         cursor.execute("PRAGMA mmap_size=268435456")
         cursor.close()
@@ -212,7 +264,10 @@ def _configure_sqlite(engine: Engine) -> None:
         if conn.get_execution_options().get("rdc_readonly", False):
             _begin(dbapi_connection, "BEGIN")
             return
-        dbapi_connection.enter_write()
+        try:
+            dbapi_connection.enter_write()
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
         try:
             _begin(dbapi_connection, "BEGIN IMMEDIATE")
         except BaseException:

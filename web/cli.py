@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -274,6 +275,10 @@ def serve(
             console.print(f"DICOM listener: AE {settings.dicom_ae_title} on {host}:{port}")
         if role in ("all", "web"):
             console.print(f"web: http://{settings.http_host}:{settings.http_port}")
+            # After its graceful shutdown uvicorn raises the signal again, with the handler it
+            # found: this one turns SIGTERM into an exit that runs the stops below (the
+            # default handler would end the process before the listener and worker stop).
+            signal.signal(signal.SIGTERM, _exit_on_signal)
             uvicorn.run(
                 create_app(),
                 host=settings.http_host,
@@ -344,8 +349,11 @@ def beat() -> None:
     _celery_app().start(["beat", "--loglevel=INFO", f"--schedule={schedule}"])
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _wait_for_signal() -> None:
-    import signal
     import threading
 
     stop = threading.Event()

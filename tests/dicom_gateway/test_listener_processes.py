@@ -30,7 +30,7 @@ from tests.helpers import (
     storescu,
     wait_for,
 )
-from tests.rdc_core.test_metrics import scrape, value
+from tests.rdc_core.test_metrics import Samples, scrape, value
 
 PROCESSES = 2
 
@@ -92,12 +92,16 @@ def test_every_sample_file_is_stored_through_both_processes_and_counted(
         copies = stored_copies(pooled_server, sop_uid)
         assert any(same_dataset(path, copy) for copy in copies), f"{path.name} not stored as sent"
 
-    samples = scrape(pooled_server.http)
-    answered = sum(
-        value(samples, "rdc_dicom_instances_total", outcome=outcome) or 0.0
-        for outcome in ("stored", "duplicate", "conflict")
-    )
-    assert answered == len(files)
+    def answered() -> Samples | None:
+        # The processes' counts reach the serving process a moment after their answers.
+        samples = scrape(pooled_server.http)
+        total = sum(
+            value(samples, "rdc_dicom_instances_total", outcome=outcome) or 0.0
+            for outcome in ("stored", "duplicate", "conflict")
+        )
+        return samples if total == len(files) else None
+
+    samples = wait_for(answered, timeout=10, what="every C-STORE counted in /metrics")
     assert (value(samples, "rdc_dicom_received_bytes_total") or 0) > 0
     handed = [
         value(samples, "rdc_dicom_connections_total", process=str(k)) or 0.0
@@ -120,7 +124,11 @@ def test_the_association_limit_holds_for_all_processes_together(
     processes_env: dict[str, str], tmp_path: Path, dcmtk: Path
 ) -> None:
     env = {**processes_env, "RDC_DICOM_MAX_ASSOCIATIONS": "2"}
-    with RdcServer(env, tmp_path / "serve.log") as server:
+    with (
+        RdcServer(env, tmp_path / "serve.log") as server,
+        # A connection that never asks for an association (a probe) takes no slot.
+        socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10),
+    ):
         held = [_associate(server.dicom_port) for _ in range(2)]
         assert all(assoc.is_established for assoc in held)  # type: ignore[attr-defined]
         assert echo_rejection(dcmtk, server.dicom_port, "CLINIC_A_CT") == [
@@ -129,8 +137,9 @@ def test_the_association_limit_holds_for_all_processes_together(
         ]
         held[0].release()  # type: ignore[attr-defined]
 
-        # The freed slot is counted back by the serving process as the release goes out;
-        # a modality that retries at once may need a second try, as after any rejection.
+        # The slot is given back to the serving process as the release goes out; a request
+        # arriving through the other process in that instant may still be refused, and a
+        # modality tries again, as after any transient rejection.
         def admitted() -> object | None:
             assoc = _associate(server.dicom_port)
             return assoc if assoc.is_established else None  # type: ignore[attr-defined]
@@ -152,20 +161,36 @@ def test_a_killed_listener_process_is_replaced_and_its_partial_files_removed(
     cut_off.write_bytes(b"partial")
     in_progress.write_bytes(b"partial")
 
+    def handed(samples: Samples) -> list[float]:
+        return [
+            value(samples, "rdc_dicom_connections_total", process=str(k)) or 0.0
+            for k in range(PROCESSES)
+        ]
+
+    before = handed(scrape(pooled_server.http))
     os.kill(victim, signal.SIGKILL)
-    wait_for(
-        lambda: len(pids := _listener_pids(pooled_server)) == PROCESSES and victim not in pids,
+    replaced = wait_for(
+        lambda: (
+            len(pids := _listener_pids(pooled_server)) == PROCESSES and victim not in pids and pids
+        ),
         timeout=30,
         what="a new listener process in place of the killed one",
+    )
+    (new,) = replaced - {survivor}
+    wait_for(
+        lambda: f"ready (pid {new})" in pooled_server.log_path.read_text(),
+        what="the new listener process to be ready",
     )
     assert survivor in _listener_pids(pooled_server)
     assert not cut_off.exists()
     assert in_progress.exists()
 
-    # Both processes serve: one association after another alternates between them.
+    # Both processes serve, the new one included: associations one after another alternate.
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     for _ in range(4):
         assert c_store(pooled_server.dicom_port, ds, calling_ae="CLINIC_A_CT") == 0x0000
+    after = handed(scrape(pooled_server.http))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [2.0, 2.0]
     with pooled_server.db() as db:
         assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
 
@@ -178,8 +203,8 @@ def test_listener_processes_end_with_the_server(
     try:
         wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")
         stopped = _listener_pids(server)
-        server.stop()  # SIGTERM: the server stops them
-        wait_for(lambda: not any(map(_alive, stopped)), timeout=30, what="listeners to exit")
+        server.stop()  # SIGTERM: the server stops them, and waits for them, before it exits
+        assert not any(map(_alive, stopped))
 
         server.start()
         wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from rdc_core.db import dispose_engines, new_session, session_scope
+from rdc_core.errors import DatabaseUnavailableError
 
 _PROBE = """
 import fcntl, sys
@@ -64,5 +66,50 @@ def test_a_write_transaction_holds_the_writer_lock_for_other_processes(tmp_path:
         finally:
             failed.close()
         assert _probe(url, lock_path) == "free 2"
+    finally:
+        dispose_engines()
+
+
+_HOLDER = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("holding", flush=True)
+    sys.stdin.readline()  # until the test lets go
+"""
+
+
+def test_a_writer_held_up_by_another_process_fails_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rdc_core.db
+
+    database = tmp_path / "held.sqlite3"
+    url = f"sqlite:///{database}"
+    monkeypatch.setattr(rdc_core.db, "_BUSY_TIMEOUT_SECONDS", 0.5)
+    try:
+        with session_scope(url) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, f"{database}.writer-lock"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+            with (
+                pytest.raises(DatabaseUnavailableError, match="locked"),
+                session_scope(url) as session,
+            ):
+                session.execute(text("INSERT INTO t VALUES (1)"))
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        with session_scope(url) as session:  # the holder is gone: writes go through again
+            session.execute(text("INSERT INTO t VALUES (2)"))
+        with session_scope(url) as session:
+            assert session.execute(text("SELECT n FROM t")).scalars().all() == [2]
     finally:
         dispose_engines()
