@@ -230,8 +230,12 @@ class ListenerPool:
             if granted:
                 listener.associations += 1
         answer = ADMITTED if granted else REFUSED
-        with contextlib.suppress(OSError):  # a process that went away needs no answer
+        try:
             listener.channel.send(f"{answer} {request}".encode())
+        except OSError:  # not told, so it will not give the slot back
+            if granted:
+                with self._lock:
+                    listener.associations -= 1
 
     # -- the processes ----------------------------------------------------------------------
 
@@ -259,7 +263,11 @@ class ListenerPool:
                 self._listeners.append(listener)
         if stopping:  # stop() has already ended the others; this one exits as its channel closes
             ours.close()
-            process.wait()
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             return
         thread = threading.Thread(
             target=self._read, args=(listener,), name=f"rdc-dicom-listener-{index}", daemon=True
@@ -331,7 +339,8 @@ class ListenerPool:
             status,
             lived,
         )
-        young = self._young_deaths.get(listener.index, 0) + 1 if lived < _YOUNG_DEATH else 0
+        died_young = lived < _YOUNG_DEATH or not listener.ready.is_set()
+        young = self._young_deaths.get(listener.index, 0) + 1 if died_young else 0
         self._young_deaths[listener.index] = young
         pause = min(_MAX_RESTART_PAUSE, 2.0 ** (young - 1)) if young else 0.0
         while not self._stopping.wait(pause):

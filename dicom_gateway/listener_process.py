@@ -65,10 +65,12 @@ class _Channel:
         """Deliver the parent's answer to an admission request."""
         verdict, _, number = message.decode(errors="replace").partition(" ")
         with self._lock:
-            waiting = self._waiting.get(number)
+            waiting = self._waiting.pop(number, None)
         if waiting is not None:
             waiting[1][0] = verdict == ADMITTED
             waiting[0].set()
+        elif verdict == ADMITTED:  # too late: the association was refused; give the slot back
+            self.send(RELEASE)
 
 
 def _serve_connection(

@@ -124,7 +124,7 @@ class _WriterGate:
     sleeps of up to 100 ms; queueing writers on a lock hands the database over the moment the
     previous transaction ends. Threads queue on a lock. Processes take ``flock`` of a lock file
     beside the database, which the kernel releases if its holder dies: at once when it is
-    free, else polled at intervals of 0.1 ms growing to 2 ms, for up to SQLite's busy timeout,
+    free, else polled at intervals of 0.1 ms growing to 1 ms, for up to SQLite's busy timeout,
     after which the write fails as "database is locked" (a holder that hangs must not hang
     every writer). Polled rather than blocking because a blocking ``flock`` cannot time out.
     """
@@ -147,16 +147,20 @@ class _WriterGate:
             return
         self._fd = fd
         # Not at interpreter exit: daemon threads may still be committing through this gate.
-        weakref.finalize(self, os.close, fd).atexit = False
+        self._closer = weakref.finalize(self, os.close, fd)
+        self._closer.atexit = False
 
     def reopen_after_fork(self) -> None:
         """A forked child shares the parent's open lock file, and so its lock: open its own."""
         self._threads = threading.Lock()
-        self._fd = None
+        if self._fd is not None:
+            self._closer()  # closes the inherited descriptor, once
+            self._fd = None
         self._open()
 
     def acquire(self) -> None:
-        self._threads.acquire()
+        if not self._threads.acquire(timeout=_BUSY_TIMEOUT_SECONDS):
+            raise sqlite3.OperationalError("database is locked (by another thread)")
         if self._fd is None:
             return
         try:
@@ -181,7 +185,9 @@ class _WriterGate:
             elif now > deadline:
                 raise sqlite3.OperationalError("database is locked (by another process)")
             time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            # Short: the holder's process takes the lock again at once when it has more to
+            # write, so a long pause would let one process keep it.
+            pause = min(pause * 2, 0.001)
 
     def release(self) -> None:
         try:

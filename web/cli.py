@@ -265,6 +265,9 @@ def serve(
         )
 
     runner = _task_runner(settings)
+    # SIGTERM ends the process through the stops in `finally`, not by the default action;
+    # uvicorn, after its own graceful shutdown, raises the signal again with this handler.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     runner.start()
     gateway: DicomGateway | None = None
     try:
@@ -275,10 +278,6 @@ def serve(
             console.print(f"DICOM listener: AE {settings.dicom_ae_title} on {host}:{port}")
         if role in ("all", "web"):
             console.print(f"web: http://{settings.http_host}:{settings.http_port}")
-            # After its graceful shutdown uvicorn raises the signal again, with the handler it
-            # found: this one turns SIGTERM into an exit that runs the stops below (the
-            # default handler would end the process before the listener and worker stop).
-            signal.signal(signal.SIGTERM, _exit_on_signal)
             uvicorn.run(
                 create_app(),
                 host=settings.http_host,
@@ -293,6 +292,7 @@ def serve(
             start_http_server(settings.http_port, addr=settings.http_host)
             _wait_for_signal()
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping
         if gateway is not None:
             gateway.stop()
         runner.stop()
@@ -349,8 +349,9 @@ def beat() -> None:
     _celery_app().start(["beat", "--loglevel=INFO", f"--schedule={schedule}"])
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _exit_on_signal(_signum: int, _frame: object) -> None:
+    # A requested stop is a clean exit (status 0), once the stops have run.
+    raise SystemExit(0)
 
 
 def _wait_for_signal() -> None:

@@ -113,3 +113,41 @@ def test_a_writer_held_up_by_another_process_fails_after_the_busy_timeout(
             assert session.execute(text("SELECT n FROM t")).scalars().all() == [2]
     finally:
         dispose_engines()
+
+
+def test_a_writer_thread_held_up_by_another_fails_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import rdc_core.db
+
+    url = f"sqlite:///{tmp_path / 'threads.sqlite3'}"
+    monkeypatch.setattr(rdc_core.db, "_BUSY_TIMEOUT_SECONDS", 0.5)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with session_scope(url) as session:
+                session.execute(text("INSERT INTO t VALUES (2)"))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        with session_scope(url) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+        holder = new_session(url)
+        try:
+            holder.execute(text("INSERT INTO t VALUES (1)"))  # holds the writer gate
+            other = threading.Thread(target=write)
+            other.start()
+            other.join(timeout=30)
+            assert isinstance(outcome[0], DatabaseUnavailableError)
+            holder.commit()
+        finally:
+            holder.close()
+        write()  # the gate is free again
+        assert outcome[1] is None
+    finally:
+        dispose_engines()
