@@ -156,8 +156,8 @@ class ListenerPool:
         except BaseException:
             self.stop()
             raise
-        self._accept_thread = threading.Thread(
-            target=self._acceptor.serve_forever, name="rdc-dicom-accept", daemon=True
+        self._accept_thread = threading.Thread(  # short poll: stop() waits for it to notice
+            target=self._acceptor.serve_forever, args=(0.05,), name="rdc-dicom-accept", daemon=True
         )
         self._accept_thread.start()
 

@@ -24,6 +24,7 @@ from dicom_gateway.server import StorageService, acceptor_config
 from dicom_gateway.upper_layer import AcceptorConfig, serve_association
 from rdc_core.logging import configure_logging
 from rdc_core.settings import get_settings
+from rdc_core.shutdown import exit_now
 from rdc_core.storage import get_object_store
 
 __all__ = ["main", "serve"]
@@ -139,7 +140,7 @@ def serve(sock: socket.socket) -> None:
             channel.send(DONE)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # exits with 0 when its work is done
     """Entry point of a listener process: ``python -m dicom_gateway.listener_process FD``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.info("DICOM listener process %d: channel closed (%s)", os.getpid(), exc)
     log.info("DICOM listener process %d: parent gone or stopping; exiting", os.getpid())
-    return 0
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -574,8 +574,9 @@ class UpperLayerServer:
 
     def start(self) -> None:
         """Serve in a background thread."""
+        # A short poll: stop() waits for the loop to notice, up to this long.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="rdc-dicom", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name="rdc-dicom", daemon=True
         )
         self._thread.start()
 

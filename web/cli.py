@@ -270,6 +270,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     runner.start()
     gateway: DicomGateway | None = None
+    stop_requested = False
     try:
         if role in ("all", "dicom"):
             gateway = DicomGateway(settings=settings, store=store)
@@ -291,11 +292,18 @@ def serve(
 
             start_http_server(settings.http_port, addr=settings.http_host)
             _wait_for_signal()
+            stop_requested = True
+    except _StopRequested:
+        stop_requested = True
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping
         if gateway is not None:
             gateway.stop()
         runner.stop()
+    if stop_requested:
+        from rdc_core.shutdown import exit_now
+
+        exit_now(0)
 
 
 def _register_tasks() -> None:
@@ -349,9 +357,12 @@ def beat() -> None:
     _celery_app().start(["beat", "--loglevel=INFO", f"--schedule={schedule}"])
 
 
+class _StopRequested(SystemExit):
+    """SIGTERM: stop everything, then exit with status 0."""
+
+
 def _exit_on_signal(_signum: int, _frame: object) -> None:
-    # A requested stop is a clean exit (status 0), once the stops have run.
-    raise SystemExit(0)
+    raise _StopRequested(0)
 
 
 def _wait_for_signal() -> None:
