@@ -7,8 +7,7 @@ over its channel instead, so ``/metrics`` there shows the whole gateway.
 
 from __future__ import annotations
 
-import contextlib
-import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from rdc_core.metrics import DICOM_BYTES, DICOM_FAILURES, DICOM_INSTANCES
@@ -42,8 +41,8 @@ class PrometheusCounters:
 class ChannelCounters:
     """Sends each count as one message on a listener process's channel to its parent."""
 
-    def __init__(self, channel: socket.socket) -> None:
-        self._channel = channel
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send_message = send
 
     def stored(self, outcome: str, size_bytes: int) -> None:
         """Report one stored object."""
@@ -54,9 +53,7 @@ class ChannelCounters:
         self._send(f"failed {status}")
 
     def _send(self, message: str) -> None:
-        # A parent that went away cannot count any more; the store itself has succeeded.
-        with contextlib.suppress(OSError):
-            self._channel.send(message.encode())
+        self._send_message(message.encode())
 
 
 def apply_report(counters: IngestCounters, message: bytes) -> bool:

@@ -112,7 +112,7 @@ def serve(sock: socket.socket) -> None:
     store = get_object_store(settings)
     config = acceptor_config(settings, store)
     channel = _Channel(sock)
-    service = StorageService(store=store, settings=settings, counters=ChannelCounters(sock))
+    service = StorageService(store=store, settings=settings, counters=ChannelCounters(channel.send))
     sock.send(READY)
     while True:
         message, fds, _flags, _address = socket.recv_fds(sock, 256, 1)

@@ -171,19 +171,17 @@ class _WriterGate:
 
     @staticmethod
     def _lock_file(fd: int) -> None:
-        deadline = None
+        deadline = time.monotonic() + _BUSY_TIMEOUT_SECONDS
         pause = 0.0001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                pass
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + _BUSY_TIMEOUT_SECONDS
-            elif now > deadline:
-                raise sqlite3.OperationalError("database is locked (by another process)")
+                if time.monotonic() > deadline:
+                    raise sqlite3.OperationalError(
+                        "database is locked (by another process)"
+                    ) from None
             time.sleep(pause)
             # Short: the holder's process takes the lock again at once when it has more to
             # write, so a long pause would let one process keep it.
@@ -310,7 +308,7 @@ def _make_engine(url: str) -> Engine:
             url,
             connect_args={
                 "check_same_thread": False,
-                "timeout": 30,
+                "timeout": _BUSY_TIMEOUT_SECONDS,
                 "factory": _gated_sqlite_connection(_WriterGate(lock_path)),
             },
             pool_size=8,
