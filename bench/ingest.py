@@ -10,6 +10,10 @@ targets of the issue: rdc on disk at least 1x Orthanc on one association and 1.5
 rdc on S3 at least 0.7x rdc on disk. ``--backend`` picks the rdc object stores measured:
 ``local`` (a directory), ``s3`` (a SeaweedFS server started for the run) or ``both``.
 
+With every run it also prints the CPU time spent per instance by the receiver (with its
+descendants), the S3 server and the senders, and how busy the machine was (``CpuMeter``):
+on two cores, that says whether a run was short of CPU and what a target asks of it.
+
 Every measurement starts its target on a fresh data directory (and, for S3, a fresh bucket)
 and sends freshly generated objects (new UIDs, same size and pixel data), so no target sees
 a duplicate. The clock runs from starting the first ``storescu`` to the last one exiting.
@@ -41,6 +45,7 @@ import io
 import json
 import math
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -100,6 +105,7 @@ class Run:
     total_bytes: int
     seconds: float
     stored: int
+    cpu: CpuUse
 
     @property
     def rate(self) -> float:
@@ -123,6 +129,89 @@ class Summary:
     rate: float
     mbps: float
     complete: bool
+    cpu: CpuUse
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU spent during one timed transfer: ms per instance by party, and how busy the
+    machine was (busy CPU time over the transfer's time on all cores, in %)."""
+
+    receiver_ms: float
+    s3_server_ms: float | None
+    senders_ms: float
+    machine_busy_percent: float
+
+
+class CpuMeter:
+    """Measures :class:`CpuUse` over a block: the receiver's and the S3 server's processes
+    with all their descendants from ``/proc`` (rdc's listener processes run in sessions of
+    their own, so a process group would miss them), the senders as the finished child
+    processes (``storescu``) of this script, the machine from ``/proc/stat``.
+
+    Why: a ratio alone does not say whether a run was bound by CPU on this 2-core machine.
+    """
+
+    _TICKS = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, receiver_pid: int, s3_pid: int | None) -> None:
+        self._roots = (receiver_pid, s3_pid)
+        self._start = self._sample()
+
+    @staticmethod
+    def _processes() -> dict[int, tuple[int, int]]:
+        """Parent PID and CPU ticks (user + system) of every process."""
+        processes = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError):
+                # The command may hold spaces and parentheses: fields follow the last ")".
+                fields = stat.read_text().rpartition(")")[2].split()
+                parent, user, system = int(fields[1]), int(fields[11]), int(fields[12])
+                processes[int(stat.parent.name)] = (parent, user + system)
+        return processes
+
+    @staticmethod
+    def _tree_seconds(root: int | None, processes: dict[int, tuple[int, int]]) -> float:
+        if root is None:
+            return 0.0
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _ticks) in processes.items():
+            children.setdefault(parent, []).append(pid)
+        ticks, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            ticks += processes.get(pid, (0, 0))[1]
+            todo.extend(children.get(pid, ()))
+        return ticks / CpuMeter._TICKS
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+        idle = jiffies[3] + jiffies[4]  # idle, iowait
+        return sum(jiffies) - idle, sum(jiffies)
+
+    def _sample(self) -> tuple[float, float, float, tuple[int, int]]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        processes = self._processes()
+        return (
+            self._tree_seconds(self._roots[0], processes),
+            self._tree_seconds(self._roots[1], processes),
+            children.ru_utime + children.ru_stime,
+            self._machine(),
+        )
+
+    def use(self, instances: int) -> CpuUse:
+        """What was spent since the meter was made, per instance."""
+        end = self._sample()
+        per = 1000.0 / instances
+        (busy0, total0), (busy1, total1) = self._start[3], end[3]
+        return CpuUse(
+            receiver_ms=(end[0] - self._start[0]) * per,
+            s3_server_ms=None if self._roots[1] is None else (end[1] - self._start[1]) * per,
+            senders_ms=(end[2] - self._start[2]) * per,
+            machine_busy_percent=100.0 * (busy1 - busy0) / max(total1 - total0, 1),
+        )
 
 
 @dataclass(frozen=True)
@@ -415,6 +504,15 @@ class Receiver(abc.ABC):
         """Terminate the server's process group; kill it if it does not exit in time."""
         stop_process_group(self.process)
 
+    def server_pid(self) -> int:
+        """The server's process ID."""
+        assert self.process is not None
+        return self.process.pid
+
+    def s3_server_pid(self) -> int | None:
+        """The S3 server's process ID, when this target stores into one."""
+        return None
+
 
 class S3Server:
     """SeaweedFS (``weed mini``) on 127.0.0.1 with fresh storage and throwaway credentials.
@@ -596,6 +694,11 @@ class RdcS3Receiver(RdcReceiver):
         """Objects under ``dicom/`` in the bucket."""
         return self.s3.count(self.bucket, S3_DICOM_PREFIX)
 
+    def s3_server_pid(self) -> int | None:
+        """SeaweedFS's process ID."""
+        assert self.s3.process is not None
+        return self.s3.process.pid
+
 
 class OrthancReceiver(Receiver):
     """Orthanc from Debian with a private configuration file and no plugins."""
@@ -736,12 +839,17 @@ def measure(
     count = args.single_count if associations == PER_INSTANCE else args.count
     parts, total = write_instances(workdir / "files", args, pixels, count)
     with factory(workdir) as receiver:
+        meter = CpuMeter(receiver.server_pid(), receiver.s3_server_pid())
         seconds = send(receiver, parts, associations, args.timeout)
+        cpu = meter.use(count)
         stored = wait_stored(receiver, count)
-    run = Run(name, associations, repeat, count, total, seconds, stored)
+    run = Run(name, associations, repeat, count, total, seconds, stored, cpu)
     print(
         f"  {run.target:9} {label:>4} assoc  run {repeat + 1}: {seconds:7.2f} s "
         f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{count}"
+        f"  cpu ms/inst {cpu.receiver_ms:.2f}"
+        + ("" if cpu.s3_server_ms is None else f" +S3 {cpu.s3_server_ms:.2f}")
+        + f" +senders {cpu.senders_ms:.2f}, machine {cpu.machine_busy_percent:.0f}% busy"
         + ("" if stored == count else "  <-- MISMATCH"),
         flush=True,
     )
@@ -771,9 +879,20 @@ def summarise(names: list[str], runs: list[Run]) -> list[Summary]:
                     rate=statistics.median(r.rate for r in group),
                     mbps=statistics.median(r.mbps for r in group),
                     complete=all(r.stored == r.instances for r in group),
+                    cpu=_median_cpu([r.cpu for r in group]),
                 )
             )
     return summaries
+
+
+def _median_cpu(uses: list[CpuUse]) -> CpuUse:
+    s3 = [u.s3_server_ms for u in uses if u.s3_server_ms is not None]
+    return CpuUse(
+        receiver_ms=statistics.median(u.receiver_ms for u in uses),
+        s3_server_ms=statistics.median(s3) if s3 else None,
+        senders_ms=statistics.median(u.senders_ms for u in uses),
+        machine_busy_percent=statistics.median(u.machine_busy_percent for u in uses),
+    )
 
 
 def compare(summaries: list[Summary]) -> list[Comparison]:
@@ -829,6 +948,22 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
         ],
     )
     print_table(
+        "CPU per instance, ms (median of repeats), and how busy the machine was",
+        ["target", "associations", "receiver", "S3 server", "senders", "all", "machine busy"],
+        [
+            [
+                s.target,
+                mode_label(s.associations),
+                f"{s.cpu.receiver_ms:.2f}",
+                "-" if s.cpu.s3_server_ms is None else f"{s.cpu.s3_server_ms:.2f}",
+                f"{s.cpu.senders_ms:.2f}",
+                f"{s.cpu.receiver_ms + (s.cpu.s3_server_ms or 0) + s.cpu.senders_ms:.2f}",
+                f"{s.cpu.machine_busy_percent:.0f}% of {os.cpu_count()} cores",
+            ]
+            for s in summaries
+        ],
+    )
+    print_table(
         "Ratios of instances/s",
         ["ratio", "associations", "value", "target", "met"],
         [
@@ -854,9 +989,7 @@ def start_targets(
     if backend in ("s3", "both"):
         s3 = stack.enter_context(S3Server(root / "weed"))
         print(f"SeaweedFS S3 at {s3.endpoint}", flush=True)
-        targets[RdcS3Receiver.name] = functools.partial(
-            RdcS3Receiver, s3=s3, processes=processes
-        )
+        targets[RdcS3Receiver.name] = functools.partial(RdcS3Receiver, s3=s3, processes=processes)
     targets[OrthancReceiver.name] = OrthancReceiver
     return targets
 
