@@ -171,17 +171,18 @@ class CpuMeter:
         return processes
 
     @staticmethod
-    def _tree_seconds(root: int | None, processes: dict[int, tuple[int, int]]) -> float:
+    def _tree_seconds(
+        root: int | None,
+        processes: dict[int, tuple[int, int]],
+        child_pids: dict[int, list[int]],
+    ) -> float:
         if root is None:
             return 0.0
-        children: dict[int, list[int]] = {}
-        for pid, (parent, _ticks) in processes.items():
-            children.setdefault(parent, []).append(pid)
         ticks, todo = 0, [root]
         while todo:
             pid = todo.pop()
             ticks += processes.get(pid, (0, 0))[1]
-            todo.extend(children.get(pid, ()))
+            todo.extend(child_pids.get(pid, ()))
         return ticks / CpuMeter._TICKS
 
     @staticmethod
@@ -194,9 +195,12 @@ class CpuMeter:
     def _sample(self) -> tuple[float, float, float, tuple[int, int]]:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         processes = self._processes()
+        child_pids: dict[int, list[int]] = {}
+        for pid, (parent, _ticks) in processes.items():
+            child_pids.setdefault(parent, []).append(pid)
         return (
-            self._tree_seconds(self._roots[0], processes),
-            self._tree_seconds(self._roots[1], processes),
+            self._tree_seconds(self._roots[0], processes, child_pids),
+            self._tree_seconds(self._roots[1], processes, child_pids),
             children.ru_utime + children.ru_stime,
             self._machine(),
         )
