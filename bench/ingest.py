@@ -138,9 +138,13 @@ class CpuUse:
     machine was (busy CPU time over the transfer's time on all cores, in %)."""
 
     receiver_ms: float
+    receiver_kernel_ms: float  # the part of receiver_ms spent in the kernel (system time)
     s3_server_ms: float | None
     senders_ms: float
     machine_busy_percent: float
+    # Context switches on the whole machine per instance: every hand-over between
+    # threads or processes (and every wait for the disk) costs one or two.
+    switches: float
 
 
 class CpuMeter:
@@ -159,48 +163,54 @@ class CpuMeter:
         self._start = self._sample()
 
     @staticmethod
-    def _processes() -> dict[int, tuple[int, int]]:
-        """Parent PID and CPU ticks (user + system) of every process."""
+    def _processes() -> dict[int, tuple[int, int, int]]:
+        """Parent PID, CPU ticks (user + system) and system ticks of every process."""
         processes = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError):
                 # The command may hold spaces and parentheses: fields follow the last ")".
                 fields = stat.read_text().rpartition(")")[2].split()
                 parent, user, system = int(fields[1]), int(fields[11]), int(fields[12])
-                processes[int(stat.parent.name)] = (parent, user + system)
+                processes[int(stat.parent.name)] = (parent, user + system, system)
         return processes
 
     @staticmethod
     def _tree_seconds(
         root: int | None,
-        processes: dict[int, tuple[int, int]],
+        processes: dict[int, tuple[int, int, int]],
         child_pids: dict[int, list[int]],
-    ) -> float:
+    ) -> tuple[float, float]:
+        """CPU seconds of ``root`` and its descendants: in all, and in the kernel."""
         if root is None:
-            return 0.0
-        ticks, todo = 0, [root]
+            return 0.0, 0.0
+        ticks, kernel_ticks, todo = 0, 0, [root]
         while todo:
             pid = todo.pop()
-            ticks += processes.get(pid, (0, 0))[1]
+            _parent, all_ticks, system_ticks = processes.get(pid, (0, 0, 0))
+            ticks += all_ticks
+            kernel_ticks += system_ticks
             todo.extend(child_pids.get(pid, ()))
-        return ticks / CpuMeter._TICKS
+        return ticks / CpuMeter._TICKS, kernel_ticks / CpuMeter._TICKS
 
     @staticmethod
-    def _machine() -> tuple[int, int]:
+    def _machine() -> tuple[int, int, int]:
+        """Busy and all jiffies of all cores, and context switches so far."""
         with open("/proc/stat") as f:
-            jiffies = [int(v) for v in f.readline().split()[1:]]
+            lines = f.read().splitlines()
+        jiffies = [int(v) for v in lines[0].split()[1:]]
         idle = jiffies[3] + jiffies[4]  # idle, iowait
-        return sum(jiffies) - idle, sum(jiffies)
+        switches = next(int(line.split()[1]) for line in lines if line.startswith("ctxt "))
+        return sum(jiffies) - idle, sum(jiffies), switches
 
-    def _sample(self) -> tuple[float, float, float, tuple[int, int]]:
+    def _sample(self) -> tuple[tuple[float, float], float, float, tuple[int, int, int]]:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         processes = self._processes()
         child_pids: dict[int, list[int]] = {}
-        for pid, (parent, _ticks) in processes.items():
+        for pid, (parent, _ticks, _system) in processes.items():
             child_pids.setdefault(parent, []).append(pid)
         return (
             self._tree_seconds(self._roots[0], processes, child_pids),
-            self._tree_seconds(self._roots[1], processes, child_pids),
+            self._tree_seconds(self._roots[1], processes, child_pids)[0],
             children.ru_utime + children.ru_stime,
             self._machine(),
         )
@@ -209,12 +219,14 @@ class CpuMeter:
         """What was spent since the meter was made, per instance."""
         end = self._sample()
         per = 1000.0 / instances
-        (busy0, total0), (busy1, total1) = self._start[3], end[3]
+        (busy0, total0, switches0), (busy1, total1, switches1) = self._start[3], end[3]
         return CpuUse(
-            receiver_ms=(end[0] - self._start[0]) * per,
+            receiver_ms=(end[0][0] - self._start[0][0]) * per,
+            receiver_kernel_ms=(end[0][1] - self._start[0][1]) * per,
             s3_server_ms=None if self._roots[1] is None else (end[1] - self._start[1]) * per,
             senders_ms=(end[2] - self._start[2]) * per,
             machine_busy_percent=100.0 * (busy1 - busy0) / max(total1 - total0, 1),
+            switches=(switches1 - switches0) / instances,
         )
 
 
@@ -851,9 +863,10 @@ def measure(
     print(
         f"  {run.target:9} {label:>4} assoc  run {repeat + 1}: {seconds:7.2f} s "
         f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{count}"
-        f"  cpu ms/inst {cpu.receiver_ms:.2f}"
+        f"  cpu ms/inst {cpu.receiver_ms:.2f} (kernel {cpu.receiver_kernel_ms:.2f})"
         + ("" if cpu.s3_server_ms is None else f" +S3 {cpu.s3_server_ms:.2f}")
         + f" +senders {cpu.senders_ms:.2f}, machine {cpu.machine_busy_percent:.0f}% busy"
+        + f", {cpu.switches:.0f} switches/inst"
         + ("" if stored == count else "  <-- MISMATCH"),
         flush=True,
     )
@@ -893,9 +906,11 @@ def _median_cpu(uses: list[CpuUse]) -> CpuUse:
     s3 = [u.s3_server_ms for u in uses if u.s3_server_ms is not None]
     return CpuUse(
         receiver_ms=statistics.median(u.receiver_ms for u in uses),
+        receiver_kernel_ms=statistics.median(u.receiver_kernel_ms for u in uses),
         s3_server_ms=statistics.median(s3) if s3 else None,
         senders_ms=statistics.median(u.senders_ms for u in uses),
         machine_busy_percent=statistics.median(u.machine_busy_percent for u in uses),
+        switches=statistics.median(u.switches for u in uses),
     )
 
 
@@ -930,7 +945,7 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 100).print(table)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
@@ -952,17 +967,30 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
         ],
     )
     print_table(
-        "CPU per instance, ms (median of repeats), and how busy the machine was",
-        ["target", "associations", "receiver", "S3 server", "senders", "all", "machine busy"],
+        "CPU per instance, ms (median of repeats); how busy the machine was (% of its cores);"
+        " context switches per instance on the whole machine",
+        [
+            "target",
+            "associations",
+            "receiver",
+            "in kernel",
+            "S3 server",
+            "senders",
+            "all",
+            "machine busy",
+            "switches",
+        ],
         [
             [
                 s.target,
                 mode_label(s.associations),
                 f"{s.cpu.receiver_ms:.2f}",
+                f"{s.cpu.receiver_kernel_ms:.2f}",
                 "-" if s.cpu.s3_server_ms is None else f"{s.cpu.s3_server_ms:.2f}",
                 f"{s.cpu.senders_ms:.2f}",
                 f"{s.cpu.receiver_ms + (s.cpu.s3_server_ms or 0) + s.cpu.senders_ms:.2f}",
-                f"{s.cpu.machine_busy_percent:.0f}% of {os.cpu_count()} cores",
+                f"{s.cpu.machine_busy_percent:.0f}% of {os.cpu_count()}",
+                f"{s.cpu.switches:.0f}",
             ]
             for s in summaries
         ],

@@ -157,12 +157,7 @@ class S3ObjectStore:
         )
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    def sync_spooled(self, source: Path) -> bool:
-        return False  # the file is uploaded, not kept
-
-    def put_once(
-        self, key: str, source: Path, *, move: bool = False, source_synced: bool = False
-    ) -> bool:
+    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
         # S3 acknowledges a PUT only once the object is stored, so success here means the
         # object survives what the server promises to survive. Keys are derived from the
         # content, so a PUT over an existing object writes the same bytes: asking first

@@ -54,16 +54,7 @@ class ObjectStore(Protocol):
         """Write ``data`` to ``key`` durably (replacing any object there)."""
         ...
 
-    def sync_spooled(self, source: Path) -> bool:
-        """Make the bytes of ``source`` (a file in :attr:`spool_dir` that is about to be
-        moved in) durable while its key is still unknown, so that ``put_once(...,
-        move=True, source_synced=True)`` has less left to do. Returns False, having done
-        nothing, when the store does not keep the file itself (S3 uploads it)."""
-        ...
-
-    def put_once(
-        self, key: str, source: Path, *, move: bool = False, source_synced: bool = False
-    ) -> bool:
+    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
         """Store the file at ``source`` under ``key`` durably unless ``key`` already exists.
 
         For keys derived from the content: an existing object is the same object and
@@ -123,20 +114,7 @@ class LocalObjectStore:
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         return self._write(key, io.BytesIO(data))
 
-    def sync_spooled(self, source: Path) -> bool:
-        try:
-            fd = os.open(source, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StorageError(f"cannot sync {source.name}: {exc.strerror or exc}") from exc
-        return True
-
-    def put_once(
-        self, key: str, source: Path, *, move: bool = False, source_synced: bool = False
-    ) -> bool:
+    def put_once(self, key: str, source: Path, *, move: bool = False) -> bool:
         target = self._path(key)
         try:
             if target.exists():
@@ -146,8 +124,7 @@ class LocalObjectStore:
             if not move:
                 self.put_file(key, source)
                 return True
-            if not source_synced:
-                self.sync_spooled(source)
+            _fsync_file(source)
             _make_dirs_durable(target.parent)
             os.replace(source, target)
             _fsync_dir(target.parent)
@@ -230,6 +207,14 @@ def _make_dirs_durable(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for created in sorted(missing, key=lambda p: len(p.parts)):
         _fsync_dir(created.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -39,7 +39,6 @@ def test_put_once_open_list_delete(s3_server: S3Server, s3_bucket: str, tmp_path
     # say whether the object existed without another round trip, so "may have created".
     spooled = tmp_path / "b.dcm"
     spooled.write_bytes(b"DICM" * 1000)
-    assert store.sync_spooled(spooled) is False  # uploaded, not kept: nothing to sync
     assert store.put_once("dicom/1/2/3.dcm", spooled, move=True) is True
     assert not spooled.exists()
     with store.open("dicom/1/2/3.dcm") as f:

@@ -65,15 +65,15 @@ def test_put_once_keeps_the_first_object_and_moves_when_asked(tmp_path: Path) ->
     assert not spooled.exists()
     assert list(store.iter_keys()) == ["dicom/a.dcm", "dicom/b.dcm"]
 
-    # Synced ahead (while the key was unknown), then moved in.
+    # Moved into a directory that does not exist yet; a spooled file that is gone is an
+    # error with its name, not a silent success.
     spooled.write_bytes(b"fourth")
-    assert store.sync_spooled(spooled) is True
-    assert store.put_once("dicom/c/d.dcm", spooled, move=True, source_synced=True) is True
+    assert store.put_once("dicom/c/d.dcm", spooled, move=True) is True
     assert not spooled.exists()
     with store.open("dicom/c/d.dcm") as f:
         assert f.read() == b"fourth"
-    with pytest.raises(StorageError):
-        store.sync_spooled(spooled)  # gone: named, not ignored
+    with pytest.raises(StorageError, match=r"dicom/c/e\.dcm"):
+        store.put_once("dicom/c/e.dcm", spooled, move=True)
 
 
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", ""])
