@@ -124,10 +124,10 @@ class LocalObjectStore:
             if not move:
                 self.put_file(key, source)
                 return True
-            _fsync_file(source)
+            _fsync_path(source)
             _make_dirs_durable(target.parent)
             os.replace(source, target)
-            _fsync_dir(target.parent)
+            _fsync_path(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
         return True
@@ -152,7 +152,7 @@ class LocalObjectStore:
             _make_dirs_durable(target.parent)
             os.replace(tmp_name, target)
             tmp_name = None
-            _fsync_dir(target.parent)
+            _fsync_path(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot write object {key}: {exc.strerror or exc}") from exc
         finally:
@@ -206,18 +206,11 @@ def _make_dirs_durable(path: Path) -> None:
     missing = [path, *(p for p in path.parents if not p.exists())]
     path.mkdir(parents=True, exist_ok=True)
     for created in sorted(missing, key=lambda p: len(p.parts)):
-        _fsync_dir(created.parent)
+        _fsync_path(created.parent)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync the file or directory at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
