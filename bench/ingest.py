@@ -147,6 +147,19 @@ class CpuUse:
     switches: float
 
 
+@dataclass(frozen=True)
+class _CpuSample:
+    """Cumulative counters at one moment (seconds, jiffies, switches)."""
+
+    receiver_s: float
+    receiver_kernel_s: float
+    s3_server_s: float
+    senders_s: float
+    machine_busy: int
+    machine_all: int
+    switches: int
+
+
 class CpuMeter:
     """Measures :class:`CpuUse` over a block: the receiver's and the S3 server's processes
     with all their descendants from ``/proc`` (rdc's listener processes run in sessions of
@@ -202,31 +215,38 @@ class CpuMeter:
         switches = next(int(line.split()[1]) for line in lines if line.startswith("ctxt "))
         return sum(jiffies) - idle, sum(jiffies), switches
 
-    def _sample(self) -> tuple[tuple[float, float], float, float, tuple[int, int, int]]:
+    def _sample(self) -> _CpuSample:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         processes = self._processes()
         child_pids: dict[int, list[int]] = {}
         for pid, (parent, _ticks, _system) in processes.items():
             child_pids.setdefault(parent, []).append(pid)
-        return (
-            self._tree_seconds(self._roots[0], processes, child_pids),
-            self._tree_seconds(self._roots[1], processes, child_pids)[0],
-            children.ru_utime + children.ru_stime,
-            self._machine(),
+        receiver, receiver_kernel = self._tree_seconds(self._roots[0], processes, child_pids)
+        busy, total, switches = self._machine()
+        return _CpuSample(
+            receiver_s=receiver,
+            receiver_kernel_s=receiver_kernel,
+            s3_server_s=self._tree_seconds(self._roots[1], processes, child_pids)[0],
+            senders_s=children.ru_utime + children.ru_stime,
+            machine_busy=busy,
+            machine_all=total,
+            switches=switches,
         )
 
     def use(self, instances: int) -> CpuUse:
         """What was spent since the meter was made, per instance."""
-        end = self._sample()
+        start, end = self._start, self._sample()
         per = 1000.0 / instances
-        (busy0, total0, switches0), (busy1, total1, switches1) = self._start[3], end[3]
+        busy = end.machine_busy - start.machine_busy
         return CpuUse(
-            receiver_ms=(end[0][0] - self._start[0][0]) * per,
-            receiver_kernel_ms=(end[0][1] - self._start[0][1]) * per,
-            s3_server_ms=None if self._roots[1] is None else (end[1] - self._start[1]) * per,
-            senders_ms=(end[2] - self._start[2]) * per,
-            machine_busy_percent=100.0 * (busy1 - busy0) / max(total1 - total0, 1),
-            switches=(switches1 - switches0) / instances,
+            receiver_ms=(end.receiver_s - start.receiver_s) * per,
+            receiver_kernel_ms=(end.receiver_kernel_s - start.receiver_kernel_s) * per,
+            s3_server_ms=None
+            if self._roots[1] is None
+            else (end.s3_server_s - start.s3_server_s) * per,
+            senders_ms=(end.senders_s - start.senders_s) * per,
+            machine_busy_percent=100.0 * busy / max(end.machine_all - start.machine_all, 1),
+            switches=(end.switches - start.switches) / instances,
         )
 
 
