@@ -719,6 +719,7 @@ def parse_message(
         reader,
         specimen_first=kind == ("OUL", "R22"),
         orc_after_obr=kind[0] == "OUL",
+        results_after_spm=kind == ("OUL", "R24"),
     )
 
 
@@ -729,10 +730,12 @@ def _walk(
     *,
     specimen_first: bool,
     orc_after_obr: bool,
+    results_after_spm: bool,
 ) -> LabMessage:
     """The segment groups: ORU^R01 and OUL^R24 are order-first (OBR, OBX…, SPM, OBX…);
     OUL^R22 is specimen-first (SPM, OBX…, OBR, ORC, OBX…). OBX after an SPM describe the
-    specimen; OBX outside any group are kept as unattached."""
+    specimen, except in OUL^R24, where the specimen group comes before the order's results.
+    OBX outside any group are kept as unattached."""
     patient: Patient | None = None
     orders: list[Order] = []
     unattached: list[Observation] = []
@@ -785,13 +788,13 @@ def _walk(
         elif seg.id == "OBX":
             obs = reader.observation(seg)
             letter = reader.hil_letter(obs)
-            if letter and context == "specimen" and specimen is not None:
+            if letter and context == "specimen" and specimen is not None and not results_after_spm:
                 specimen.hil = _with_hil(specimen.hil, letter, obs.numeric)
             elif letter and order is not None:
                 order.hil = _with_hil(order.hil, letter, obs.numeric)
-            elif context == "specimen" and specimen is not None:
+            elif context == "specimen" and specimen is not None and not results_after_spm:
                 specimen.observations.append(obs)
-            elif context == "order" and order is not None:
+            elif order is not None and (results_after_spm or context == "order"):
                 order.observations.append(obs)
             else:
                 unattached.append(obs)
