@@ -1,11 +1,37 @@
 """HL7 v2 lab result intake and auto-verification: the lab centre's domain core.
 
 Parse ER7 (:func:`parse_message`, :func:`parse_messages`) into typed models, map
-observations to the alliance test catalogue (:func:`map_observation`), auto-verify an order
+observations to the alliance test catalogue (:func:`map_order`), auto-verify an order
 (:func:`autoverify`) and version corrected results (:func:`apply_correction`). Pure code:
-the intake service supplies the database look-ups (catalogue, local mappings, priors).
+the intake service supplies the database look-ups (local-code table, priors).
 """
 
+from lab_results.autoverify import (
+    AUTOVERIFIED_MARK,
+    AutoverificationResult,
+    CriticalFinding,
+    PriorResult,
+    RuleOutcome,
+    RuleSet,
+    autoverify,
+    load_critical_limits,
+    load_rules,
+    reference_change_value,
+)
+from lab_results.corrections import OrderVersion, ResultChange, apply_correction
+from lab_results.mapping import (
+    CatalogueEntry,
+    LocalCodeMapping,
+    Mapped,
+    MappedOrder,
+    TestCatalogue,
+    Unmapped,
+    load_catalogue,
+    load_local_mappings,
+    loinc_notice,
+    map_observation,
+    map_order,
+)
 from lab_results.parse import (
     LabMessage,
     LabParseError,
@@ -22,16 +48,40 @@ from lab_results.parse import (
 )
 
 __all__ = [
+    "AUTOVERIFIED_MARK",
+    "AutoverificationResult",
+    "CatalogueEntry",
+    "CriticalFinding",
     "LabMessage",
     "LabParseError",
+    "LocalCodeMapping",
     "MalformedMessageError",
+    "Mapped",
+    "MappedOrder",
     "Observation",
     "Order",
+    "OrderVersion",
     "Patient",
+    "PriorResult",
+    "ResultChange",
+    "RuleOutcome",
+    "RuleSet",
     "Specimen",
+    "TestCatalogue",
+    "Unmapped",
     "UnsupportedMessageTypeError",
+    "apply_correction",
+    "autoverify",
+    "load_catalogue",
+    "load_critical_limits",
+    "load_local_mappings",
+    "load_rules",
+    "loinc_notice",
+    "map_observation",
+    "map_order",
     "parse_hl7_timestamp",
     "parse_message",
     "parse_messages",
+    "reference_change_value",
     "split_messages",
 ]
