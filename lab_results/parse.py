@@ -78,14 +78,20 @@ _RANGE_SEPARATORS = (" to ", "_", " - ", "-", "～", "~", "—")
 
 class LabParseError(Exception):
     """A message the lab intake cannot accept. ``ack_code`` is the HL7 acknowledgement code
-    the listener answers (AE or AR); ``reason`` is the text for MSA-3/ERR."""
+    the listener answers (AE or AR); ``reason`` is the text for MSA-3/ERR-8;
+    ``error_code`` the ERR-3 code (HL7 table 0357: 100 segment sequence error, 101 required
+    field missing, 102 data type error, 200 unsupported message type); ``control_id`` the
+    MSH-10 to echo in MSA-2 when it could be read."""
 
     ack_code: Literal["AE", "AR"] = "AE"
 
-    def __init__(self, reason: str, *, control_id: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, control_id: str | None = None, error_code: str = "100"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.control_id = control_id
+        self.error_code = error_code
 
 
 class MalformedMessageError(LabParseError):
@@ -100,7 +106,9 @@ class UnsupportedMessageTypeError(LabParseError):
     ack_code: Literal["AE", "AR"] = "AR"
 
     def __init__(self, message_type: str, *, control_id: str | None = None) -> None:
-        super().__init__(f"unsupported message type {message_type}", control_id=control_id)
+        super().__init__(
+            f"unsupported message type {message_type}", control_id=control_id, error_code="200"
+        )
         self.message_type = message_type
 
 
@@ -356,25 +364,67 @@ def _parse_date(value: str) -> date:
 # --- splitting -------------------------------------------------------------------------
 
 
-def _normalise(data: bytes | str) -> list[str]:
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedMessageError(f"message is not valid UTF-8: {exc}") from exc
-    else:
-        text = data
+#: HL7 table 0211 character sets (MSH-18) → Python codecs.
+_CHARSETS = {
+    "": None,
+    "ASCII": "ascii",
+    "ISO IR6": "ascii",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
+    "8859/1": "latin-1",
+    "ISO IR100": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/5": "iso8859-5",
+    "8859/7": "iso8859-7",
+    "8859/15": "iso8859-15",
+    "GB 18030-2000": "gb18030",
+    "GB18030": "gb18030",
+    "BIG-5": "big5",
+    "KS X 1001": "euc-kr",
+}
+
+
+def _declared_charset(data: bytes) -> str:
+    """MSH-18 of the first MSH in ``data`` (read before decoding; its fields are ASCII)."""
+    start = data.find(b"MSH")
+    if start < 0 or len(data) < start + 4:
+        return ""
+    line = re.split(rb"[\r\n]", data[start:], maxsplit=1)[0]
+    fields = line.split(data[start + 3 : start + 4])
+    return fields[17].split(b"^")[0].decode("ascii", "replace").strip() if len(fields) > 17 else ""
+
+
+def _decode(data: bytes | str, encoding: str | None) -> str:
+    if isinstance(data, str):
+        return data
+    declared = _declared_charset(data)
+    if declared.upper() not in _CHARSETS:
+        raise MalformedMessageError(
+            f"MSH-18 character set {declared!r} is not supported", error_code="102"
+        )
+    codec = _CHARSETS[declared.upper()] or encoding or "utf-8"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        source = f"MSH-18 {declared}" if declared else f"the sender's default {codec}"
+        raise MalformedMessageError(
+            f"message is not valid {codec} ({source}): byte {exc.start}", error_code="102"
+        ) from exc
+
+
+def _normalise(data: bytes | str, encoding: str | None = None) -> list[str]:
+    text = _decode(data, encoding)
     text = text.lstrip("\ufeff\x0b").rstrip("\x1c\r\n\x00 ")
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     return [seg for seg in (s.lstrip("\ufeff") for s in text.split("\r")) if seg.strip()]
 
 
-def split_messages(data: bytes | str) -> list[str]:
+def split_messages(data: bytes | str, *, encoding: str | None = None) -> list[str]:
     """The messages of ``data`` (one message or an FHS/BHS batch), each as CR-separated
     ER7 without the batch envelope. Raises :class:`MalformedMessageError` when there is no
     MSH or text comes before the first MSH."""
     messages: list[list[str]] = []
-    for seg in _normalise(data):
+    for seg in _normalise(data, encoding):
         seg_id = seg[:3]
         if seg_id in _BATCH_SEGMENTS:
             continue
@@ -390,10 +440,19 @@ def split_messages(data: bytes | str) -> list[str]:
 
 
 def parse_messages(
-    data: bytes | str, *, tz: tzinfo, hil_codes: Mapping[str, str] = DEFAULT_HIL_CODES
+    data: bytes | str,
+    *,
+    tz: tzinfo,
+    hil_codes: Mapping[str, str] = DEFAULT_HIL_CODES,
+    encoding: str | None = None,
 ) -> list[LabMessage]:
-    """Every message of a single message or a batch; the first bad one raises."""
-    return [parse_message(m, tz=tz, hil_codes=hil_codes) for m in split_messages(data)]
+    """Every message of a single message or a batch; the first bad one raises. To answer
+    each message of a batch on its own, use :func:`split_messages` and
+    :func:`parse_message`."""
+    return [
+        parse_message(m, tz=tz, hil_codes=hil_codes)
+        for m in split_messages(data, encoding=encoding)
+    ]
 
 
 # --- field access ----------------------------------------------------------------------
@@ -488,8 +547,10 @@ class _Reader:
         self.control_id = control_id
         self.warnings: list[str] = []
 
-    def fail(self, reason: str) -> MalformedMessageError:
-        return MalformedMessageError(reason, control_id=self.control_id or None)
+    def fail(self, reason: str, error_code: str = "101") -> MalformedMessageError:
+        return MalformedMessageError(
+            reason, control_id=self.control_id or None, error_code=error_code
+        )
 
     def ts(self, seg: _Seg, n: int, comp: int = 1) -> datetime | None:
         raw = seg.get(n, comp)
@@ -674,14 +735,22 @@ def _with_hil(hil: HilIndices, letter: str, value: float | None) -> HilIndices:
 
 
 def parse_message(
-    data: bytes | str, *, tz: tzinfo, hil_codes: Mapping[str, str] = DEFAULT_HIL_CODES
+    data: bytes | str,
+    *,
+    tz: tzinfo,
+    hil_codes: Mapping[str, str] = DEFAULT_HIL_CODES,
+    encoding: str | None = None,
 ) -> LabMessage:
     """One ER7 message → :class:`LabMessage`.
+
+    Bytes are decoded in MSH-18's character set (``UNICODE UTF-8``, ``GB 18030-2000``,
+    ``8859/1``…), else in ``encoding`` (a sender's configured default, e.g. ``gb18030`` for
+    an LIS that sends GB 18030 without saying so), else UTF-8.
 
     Raises :class:`UnsupportedMessageTypeError` (AR) for a type other than ORU^R01,
     OUL^R22, OUL^R24 and :class:`MalformedMessageError` (AE) with the reason otherwise.
     """
-    segments = _normalise(data)
+    segments = _normalise(data, encoding)
     if any(s[:3] in _BATCH_SEGMENTS for s in segments):
         raise MalformedMessageError("a batch (FHS/BHS) where one message was expected")
     if not segments or not segments[0].startswith("MSH"):
@@ -699,7 +768,9 @@ def parse_message(
     msh = segs[0]
     control_id = msh.get(10)
     if not msh.get(9, 1):
-        raise MalformedMessageError("MSH-9 (message type) is empty", control_id=control_id or None)
+        raise MalformedMessageError(
+            "MSH-9 (message type) is empty", control_id=control_id or None, error_code="101"
+        )
     kind = (msh.get(9, 1).upper(), msh.get(9, 2).upper())
     if kind not in ACCEPTED_MESSAGE_TYPES:
         raise UnsupportedMessageTypeError("^".join(kind), control_id=control_id or None)
@@ -750,7 +821,7 @@ def _walk(
     for seg in segs:
         if seg.id == "PID":
             if patient is not None:
-                raise reader.fail("more than one PID (patient) in one message")
+                raise reader.fail("more than one PID (patient) in one message", "100")
             patient = reader.patient(seg)
             context, last_obs = "none", None
         elif seg.id == "ORC":
@@ -808,9 +879,9 @@ def _walk(
             else:
                 message_notes.append(text)
     if patient is None:
-        raise reader.fail("no PID segment (patient)")
+        raise reader.fail("no PID segment (patient)", "100")
     if not orders:
-        raise reader.fail("no OBR segment (order)")
+        raise reader.fail("no OBR segment (order)", "100")
     for o in orders:
         if o.received_at is None:
             o.received_at = next((s.received_at for s in o.specimens if s.received_at), None)

@@ -42,17 +42,21 @@ def test_every_sample_file_is_either_parsed_or_refused_with_a_reason(hl7_dir: Pa
         "reportstream_elims_1_72_3029202646_5532_NoPII.hl7": 1,
         "reportstream_sample_oru_CDPH_NBS_20241021-001.hl7": 1,
         "reportstream_single_message.hl7": 1,
-        "non_oru/msfhirconv_ADT-A01-02.hl7": ("AR", "unsupported message type ADT^A01"),
+        "non_oru/msfhirconv_ADT-A01-02.hl7": ("AR", "200", "unsupported message type ADT^A01"),
+        # OUL^R22 is accepted like ORU, but this synthetic sample has an OBX without OBX-3
         "non_oru/msfhirconv_OUL-R22-01.hl7": (
             "AE",
+            "101",
             "OBX-3 (observation identifier) is empty in segment 18",
         ),
         "malformed/reportstream_fail_onboarding_pass_prod.hl7": (
             "AE",
+            "101",
             "PID-5 (patient name) is empty",
         ),
         "malformed/reportstream_output-invalid.hl7": (
             "AE",
+            "101",
             "MSH-3/MSH-4 (sending application and facility) are empty",
         ),
     }
@@ -65,7 +69,8 @@ def test_every_sample_file_is_either_parsed_or_refused_with_a_reason(hl7_dir: Pa
         else:
             with pytest.raises(LabParseError) as info:
                 parse_messages(data, tz=SHANGHAI)
-            assert (info.value.ack_code, info.value.reason) == outcome, name
+            error = info.value
+            assert (error.ack_code, error.error_code, error.reason) == outcome, name
 
 
 def test_adt_is_an_unsupported_type_with_its_control_id(hl7_dir: Path) -> None:
@@ -293,7 +298,7 @@ def test_malformed_messages_name_their_reason(text: str, reason: str) -> None:
 
 
 def test_invalid_utf8_is_malformed() -> None:
-    with pytest.raises(MalformedMessageError, match="UTF-8"):
+    with pytest.raises(MalformedMessageError, match="utf-8"):
         parse_message(b"MSH|^~\\&|A|B|||2026||ORU^R01|1|P|2.5\rPID|1||\xff\r", tz=SHANGHAI)
 
 
@@ -325,3 +330,34 @@ def test_hl7_timestamps(value: str, expected: datetime | None) -> None:
 def test_bad_hl7_timestamps(value: str) -> None:
     with pytest.raises(ValueError):
         parse_hl7_timestamp(value, SHANGHAI)
+
+
+GB_MESSAGE = (
+    "MSH|^~\\&|LIS|CLINIC_A|RDC|LEAD|20260301083000||ORU^R01|G-1|P|2.5.1|||||CHN|{charset}\r"
+    "PID|1||P9^^^CLINIC_A^MR||李^四^^^^^L^I||19800101|F\r"
+    "OBR|1|PL|FL|GLU^葡萄糖^L\r"
+    "OBX|1|NM|GLU^葡萄糖^L||5.0|mmol/L|3.9-6.1|N|||F\r"
+)
+
+
+def test_gb18030_declared_in_msh18() -> None:
+    data = GB_MESSAGE.format(charset="GB 18030-2000").encode("gb18030")
+    msg = parse_message(data, tz=SHANGHAI)
+    assert msg.patient.names[0].family == "李"
+    assert msg.orders[0].observations[0].code.text == "葡萄糖"
+
+
+def test_gb18030_without_msh18_needs_the_senders_default() -> None:
+    data = GB_MESSAGE.format(charset="").encode("gb18030")
+    with pytest.raises(MalformedMessageError) as info:
+        parse_message(data, tz=SHANGHAI)
+    assert info.value.error_code == "102"
+    assert info.value.reason.startswith("message is not valid utf-8")
+    msg = parse_message(data, tz=SHANGHAI, encoding="gb18030")
+    assert msg.patient.names[0].given == "四"
+
+
+def test_unknown_character_set_is_refused() -> None:
+    data = GB_MESSAGE.format(charset="EBCDIC").encode("ascii", "replace")
+    with pytest.raises(MalformedMessageError, match="MSH-18 character set 'EBCDIC'"):
+        parse_message(data, tz=SHANGHAI)
