@@ -171,6 +171,7 @@ def test_reportstream_samples(hl7_dir: Path) -> None:
     single = parse_message(_read(hl7_dir, "reportstream_single_message.hl7"), tz=SHANGHAI)
     assert single.header.sending_facility.universal_id == "10D0876999"
     assert single.header.sending_facility.matches("Avante at Ormond Beach")
+    assert single.header.facility_names == ["Avante at Ormond Beach", "10D0876999"]
     obs = single.orders[0].observations[0]
     assert obs.value_coded is not None and obs.value_coded.text == "Not detected"
     assert obs.flags == ["N"]
