@@ -362,3 +362,26 @@ def test_unknown_character_set_is_refused() -> None:
     data = GB_MESSAGE.format(charset="EBCDIC").encode("ascii", "replace")
     with pytest.raises(MalformedMessageError, match="MSH-18 character set 'EBCDIC'"):
         parse_message(data, tz=SHANGHAI)
+
+
+def test_escape_sequences_and_other_delimiters() -> None:
+    text = (
+        "MSH|$~\\&|LIS|CLINIC_A|RDC|LEAD|20260301083000||ORU$R01|E-1|P|2.5.1\r"
+        "PID|1||P1$$$CLINIC_A$MR~ID2||WANG$WU\r"
+        "OBR|1|PL|FL|U$Urine$L\r"
+        "OBX|1|ST|NOTE$Comment$L||A\\T\\B \\F\\ C\\S\\D \\E\\ x\\.br\\y||||||F\r"
+        "NTE|1||see \\T\\ note\r"
+    )
+    msg = parse_message(text, tz=SHANGHAI)
+    assert msg.header.message_type == "ORU^R01"
+    assert [i.value for i in msg.patient.identifiers] == ["P1", "ID2"]
+    assert msg.patient.identifiers[0].type_code == "MR"
+    (obs,) = msg.orders[0].observations
+    assert obs.code.text == "Comment"
+    assert obs.value.startswith("A&B | C$D \\ x")
+    assert obs.notes == ["see & note"]
+
+
+def test_delimiters_must_be_distinct() -> None:
+    with pytest.raises(MalformedMessageError, match="not distinct"):
+        parse_message("MSH|^^\\&|A|B|||2026||ORU^R01|1|P|2.5\r", tz=SHANGHAI)
