@@ -411,3 +411,21 @@ def test_an_order_without_results_is_held() -> None:
     result = autoverify(mapped(), [], RULES)
     assert result.verdict == "hold"
     assert result.order_trace[0].reason == "the order has no results"
+
+
+@pytest.mark.parametrize(
+    ("value", "verdict"), [("NEG", "pass"), ("阴性", "pass"), ("2+", "hold"), ("+-", "hold")]
+)
+def test_qualitative_results_release_only_when_normal(value: str, verdict: str) -> None:
+    result = autoverify(mapped(obx("20454-5", value, value_type="ST")), [], RULES)
+    assert outcome(result, "qualitative_value")[0] == verdict
+    assert result.verdict == ("release" if verdict == "pass" else "hold")
+
+
+def test_unrecognised_blood_culture_text_is_held_not_guessed() -> None:
+    result = autoverify(mapped(obx(BCX, "pending review", value_type="ST")), [], RULES)
+    assert outcome(result, "critical_qualitative") == (
+        "hold",
+        "result 'pending review' not recognised",
+    )
+    assert result.critical_findings == []
