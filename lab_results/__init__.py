@@ -2,7 +2,8 @@
 
 Parse ER7 (:func:`parse_message`, :func:`parse_messages`) into typed models, map
 observations to the alliance test catalogue (:func:`map_order`), auto-verify an order
-(:func:`autoverify`) and version corrected results (:func:`apply_correction`). Pure code:
+(:func:`autoverify`) and version corrected results (:func:`apply_correction`);
+:func:`evaluate_order` does the three for one order of a received message. Pure code:
 the intake service supplies the database look-ups (local-code table, priors).
 """
 
@@ -20,6 +21,7 @@ from lab_results.autoverify import (
     reference_change_value,
 )
 from lab_results.corrections import OrderVersion, ResultChange, apply_correction
+from lab_results.evaluate import OrderEvaluation, evaluate_order
 from lab_results.mapping import (
     CatalogueEntry,
     LocalCodeMapping,
@@ -63,6 +65,7 @@ __all__ = [
     "MappedResult",
     "Observation",
     "Order",
+    "OrderEvaluation",
     "OrderVersion",
     "Patient",
     "PriorResult",
@@ -76,6 +79,7 @@ __all__ = [
     "UnsupportedMessageTypeError",
     "apply_correction",
     "autoverify",
+    "evaluate_order",
     "load_catalogue",
     "load_critical_limits",
     "load_local_mappings",
