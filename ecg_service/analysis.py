@@ -9,12 +9,13 @@ tangent method (end of T) are faster and met the accuracy bars on the synthetic 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d, percentile_filter, uniform_filter1d
+from scipy.ndimage import maximum_filter1d, uniform_filter1d
 from scipy.signal import butter, find_peaks, savgol_filter, sosfiltfilt
 
 from ecg_service.record import DeviceMeasurement, EcgRecord, RecordedBeat
@@ -152,13 +153,19 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
     bp = _bandpass(x, fs, 5.0, 18.0, order=2)
     slope = np.gradient(bp, axis=1) * fs / 1000.0
     energy = np.sqrt(uniform_filter1d((slope**2).sum(axis=0), max(1, int(0.1 * fs))))
-    cand, props = find_peaks(energy, distance=max(1, int(0.2 * fs)))
+    cand, _props = find_peaks(energy, distance=max(1, int(0.2 * fs)))
     if cand.size == 0:
         return cand.astype(np.int64)
     h = energy[cand]
-    # Local reference: 90th percentile of the heights of the 31 nearest candidates (about
-    # +-3 to +-6 s: candidates are QRS complexes and, between them, T and P waves or noise).
-    ref = percentile_filter(h, 90, size=min(31, h.size), mode="nearest")
+    # Local reference: the second-largest candidate within +-3 s (one artefact spike does not
+    # raise it; a 3.5 s pause or 30/min still has QRS complexes in the window).
+    t = cand / fs
+    lo_i = np.searchsorted(t, t - 3.0)
+    hi_i = np.searchsorted(t, t + 3.0)
+    ref = np.empty_like(h)
+    for k in range(cand.size):
+        win = h[lo_i[k] : hi_i[k]]
+        ref[k] = win[0] if win.size == 1 else -np.partition(-win, 1)[1]
     floor = 0.03 * float(np.percentile(h, 90))  # nothing below this is a QRS
     accepted = h >= np.maximum(0.3 * ref, floor)
     keep = list(cand[accepted])
@@ -168,13 +175,14 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
         rr = np.diff(keep)
         med = float(np.median(rr))
         extra: list[int] = []
-        for a, b in zip(keep[:-1], keep[1:], strict=False):
+        for a, b in itertools.pairwise(keep):
             if b - a > 1.66 * med:
-                inside = (cand > a + 0.2 * fs) & (cand < b - 0.2 * fs) & ~accepted
+                # Not in the T wave of the beat before (360 ms), nor just before the next.
+                inside = (cand > a + 0.36 * fs) & (cand < b - 0.25 * fs) & ~accepted
                 if inside.any():
                     idx = np.flatnonzero(inside)
                     best = idx[np.argmax(h[idx])]
-                    if h[best] >= max(0.15 * ref[best], floor):
+                    if h[best] >= max(0.2 * ref[best], floor):
                         extra.append(int(cand[best]))
         keep = sorted(keep + extra)
     peaks = np.asarray(keep, dtype=np.int64)
@@ -276,13 +284,13 @@ def _robust_extreme(values: list[float], *, earliest: bool, spread: float) -> fl
 def _delineate(m: np.ndarray, fs: float, r: int, rr_s: float, leads: tuple[str, ...], good):
     """Global fiducials (sample indices in ``m``) and per-lead baseline levels."""
     n = m.shape[1]
-    win = max(5, int(round(DERIV_WIN_S * fs)) | 1)
-    slow_win = max(7, int(round(SLOW_DERIV_WIN_S * fs)) | 1)
+    win = max(5, round(DERIV_WIN_S * fs) | 1)
+    slow_win = max(7, round(SLOW_DERIV_WIN_S * fs) | 1)
     # µV per sample: a short window for the QRS, a longer one for the slow P and T waves.
     dq = savgol_filter(m, win, 2, deriv=1, axis=1)
     d = savgol_filter(m, slow_win, 2, deriv=1, axis=1)
     # Derivative noise: the derivative of what a 24 ms quadratic fit leaves over.
-    resid = m - savgol_filter(m, max(5, int(round(0.024 * fs)) | 1), 2, axis=1)
+    resid = m - savgol_filter(m, max(5, round(0.024 * fs) | 1), 2, axis=1)
     noise_q = 1.4826 * np.median(np.abs(savgol_filter(resid, win, 2, deriv=1, axis=1)), axis=1)
     noise_d = 1.4826 * np.median(np.abs(savgol_filter(resid, slow_win, 2, deriv=1, axis=1)), axis=1)
     amp = np.ptp(m[:, max(0, r - int(0.08 * fs)) : r + int(0.08 * fs)], axis=1)
@@ -317,7 +325,7 @@ def _delineate(m: np.ndarray, fs: float, r: int, rr_s: float, leads: tuple[str, 
     base = np.zeros(m.shape[0])
     if q_on is None or q_off is None:
         return res, base, d
-    i_on = int(math.floor(q_on))
+    i_on = math.floor(q_on)
     b0, b1 = max(0, i_on - int(0.02 * fs)), max(1, i_on - int(0.004 * fs))
     base = np.median(m[:, b0:b1], axis=1)
     # T wave: tangent at the steepest descent after the peak, meets the baseline.
@@ -468,7 +476,7 @@ def analyse(record: EcgRecord) -> EcgAnalysis:
         inside = peaks[(peaks - pre >= 0) & (peaks + post < x.shape[1])]
         if inside.size >= 3:
             band = _bandpass(hp, fs, None, MEDIAN_LP_HZ, order=3)
-            m, used = _median_beat(band, inside, fs, pre, post)
+            m, _used = _median_beat(band, inside, fs, pre, post)
             median = RecordedBeat(sampling_rate_hz=fs, leads=record.leads, signals_uv=m)
             res, base, _ = _delineate(m, fs, pre, rr_s, record.leads, good)
 
@@ -538,7 +546,7 @@ def _fill(meas, missing, fid: Fiducials, m, base, pre, fs, leads, good, rhythm: 
             missing.setdefault(key, "no QT interval")
 
     def idx(ms_value: float) -> int:
-        return int(round(pre + ms_value * fs / 1000.0))
+        return round(pre + ms_value * fs / 1000.0)
 
     y = m - base[:, None]
     if fid.qrs_on_ms is not None and fid.qrs_off_ms is not None:

@@ -365,7 +365,7 @@ def _dicom_age(value: str | None) -> int | None:
 def _parse_wfdb(header: tuple[str, bytes], files: list[tuple[str, bytes]]) -> EcgRecord:
     import wfdb
 
-    header_name, header_bytes = header
+    _, header_bytes = header
     match = _wfdb_header_line(header_bytes)
     assert match is not None
     record_name = match.group(1).decode("ascii", "replace")
@@ -437,7 +437,9 @@ def _parse_wfdb(header: tuple[str, bytes], files: list[tuple[str, bytes]]) -> Ec
 def _wfdb_patient(comments: list[str]) -> PatientIdentity:
     sex = age = None
     for comment in comments:
-        for key, value in re.findall(r"(\w+)\s*[:=]\s*([^,:]+?)(?=\s*(?:,|$|\s\w+\s*[:=]))", comment):
+        for key, value in re.findall(
+            r"(\w+)\s*[:=]\s*([^,:]+?)(?=\s*(?:,|$|\s\w+\s*[:=]))", comment
+        ):
             k = key.lower()
             if k in {"sex", "gender"}:
                 sex = _sex(value)
@@ -503,6 +505,7 @@ def _parse_aecg(data: bytes) -> EcgRecord:
             median = RecordedBeat(sampling_rate_hz=mfs, leads=tuple(mleads), signals_uv=msig)
             break
     device = _aecg_device(rhythm)
+    doc_id = root.find(f"{_V3}id")
     measurements: list[DeviceMeasurement] = []
     statements: list[str] = []
     for container in [rhythm, *rhythm.iter(f"{_V3}derivedSeries")]:
@@ -542,7 +545,7 @@ def _parse_aecg(data: bytes) -> EcgRecord:
         device_measurements=tuple(measurements),
         device_statements=tuple(dict.fromkeys(statements)),
         median_beat=median,
-        natural_key=(root.find(f"{_V3}id").get("root") if root.find(f"{_V3}id") is not None else None),  # type: ignore[union-attr]
+        natural_key=doc_id.get("root") if doc_id is not None else None,
     )
 
 

@@ -145,7 +145,7 @@ def _layout_page(
     with_rhythm = layout == "3x4"
     fs = record.sampling_rate_hz
     seconds = PAPER_MM / speed
-    x = record.signals_uv[:, : int(round((seconds + 1.0) * fs))]  # filter only what is shown
+    x = record.signals_uv[:, : round((seconds + 1.0) * fs)]  # filter only what is shown
     if x.shape[1] > 3 * fs:
         x = _bandpass(x, fs, highpass_hz, 150.0, order=2)
     pulse_w = 0.2 * speed
@@ -178,8 +178,8 @@ def _layout_page(
             if name not in record.leads:
                 traces.append(_Trace(f"{name} —", x0, baseline, np.zeros((0, 2)), False))
                 continue
-            i0 = int(round(c * col_s * fs))
-            i1 = min(x.shape[1], int(round((c + 1) * col_s * fs)))
+            i0 = round(c * col_s * fs)
+            i1 = min(x.shape[1], round((c + 1) * col_s * fs))
             if i1 - i0 < 2:
                 traces.append(_Trace(name, x0, baseline, np.zeros((0, 2)), False))
                 continue
@@ -227,24 +227,24 @@ def _grid(w: int, h: int, top: int, ppm: float) -> Image.Image:
         colour = _MAJOR_I if major else _MINOR_I
         for k in range(n_x):
             if (k % 5 == 0) == major:
-                xp = int(round(k * ppm))
+                xp = round(k * ppm)
                 draw.line([(xp, top), (xp, h)], fill=colour, width=1)
         for k in range(n_y):
             if (k % 5 == 0) == major:
-                yp = top + int(round(k * ppm))
+                yp = top + round(k * ppm)
                 draw.line([(0, yp), (w, yp)], fill=colour, width=1)
     return img
 
 
 def _png(page: _Page, ppm: float) -> bytes:
-    w, h = int(round(page.width * ppm)), int(round(page.height * ppm))
-    top = int(round(page.grid_top * ppm))
+    w, h = round(page.width * ppm), round(page.height * ppm)
+    top = round(page.grid_top * ppm)
     img = _grid(w, h, top, ppm).copy()
     draw = ImageDraw.Draw(img)
-    line_w = max(1, int(round(ppm * 0.3)))
+    line_w = max(1, round(ppm * 0.3))
     for pulse in page.pulses:
         draw.line([(px * ppm, py * ppm) for px, py in pulse], fill=_INK_I, width=line_w)
-    font_label = _font(max(10, int(round(3.2 * ppm))))
+    font_label = _font(max(10, round(3.2 * ppm)))
     for tr in page.traces:
         if tr.points.shape[0] >= 2:
             pts = (tr.points * ppm).ravel().tolist()
@@ -262,7 +262,7 @@ def _png(page: _Page, ppm: float) -> bytes:
                 fill=_INK_I,
                 width=line_w,
             )
-    font_head = _font(max(10, int(round(3.4 * ppm))))
+    font_head = _font(max(10, round(3.4 * ppm)))
     for k, (text, warn) in enumerate(page.header):
         draw.text(
             (2 * ppm, (1.0 + 4.8 * k) * ppm),
