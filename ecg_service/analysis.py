@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -121,17 +122,26 @@ class EcgAnalysis:
 # --- filtering -------------------------------------------------------------------------------
 
 
-def _bandpass(x: np.ndarray, fs: float, lo: float | None, hi: float | None, order: int = 2):
+@lru_cache(maxsize=64)
+def _sos(fs: float, lo: float | None, hi: float | None, order: int) -> np.ndarray | None:
     nyq = fs / 2
     if hi is not None and hi >= nyq * 0.95:
         hi = None
     if lo and hi:
-        sos = butter(order, [lo / nyq, hi / nyq], btype="band", output="sos")
-    elif lo:
-        sos = butter(order, lo / nyq, btype="high", output="sos")
-    elif hi:
-        sos = butter(order, hi / nyq, btype="low", output="sos")
-    else:
+        return butter(order, [lo / nyq, hi / nyq], btype="band", output="sos")
+    if lo:
+        return butter(order, lo / nyq, btype="high", output="sos")
+    if hi:
+        return butter(order, hi / nyq, btype="low", output="sos")
+    return None
+
+
+def _bandpass(
+    x: np.ndarray, fs: float, lo: float | None, hi: float | None, order: int = 2
+) -> np.ndarray:
+    """Zero-phase Butterworth filter along the last axis (``None`` leaves that edge open)."""
+    sos = _sos(float(fs), lo, hi, order)
+    if sos is None:
         return x
     padlen = min(x.shape[-1] - 1, int(3 * fs))
     return sosfiltfilt(sos, x, axis=-1, padlen=padlen)
@@ -160,12 +170,14 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
     # Local reference: the second-largest candidate within +-3 s (one artefact spike does not
     # raise it; a 3.5 s pause or 30/min still has QRS complexes in the window).
     t = cand / fs
-    lo_i = np.searchsorted(t, t - 3.0)
-    hi_i = np.searchsorted(t, t + 3.0)
-    ref = np.empty_like(h)
-    for k in range(cand.size):
-        win = h[lo_i[k] : hi_i[k]]
-        ref[k] = win[0] if win.size == 1 else -np.partition(-win, 1)[1]
+    span = 31  # candidates are >= 200 ms apart: at most 31 within +-3 s
+    nb = np.arange(cand.size)[:, None] + np.arange(-(span // 2), span // 2 + 1)[None, :]
+    valid = (nb >= 0) & (nb < cand.size)
+    nb_c = np.clip(nb, 0, cand.size - 1)
+    valid &= np.abs(t[nb_c] - t[:, None]) <= 3.0
+    heights = np.where(valid, h[nb_c], -np.inf)
+    top2 = -np.partition(-heights, 1, axis=1)[:, :2]
+    ref = np.where(np.isfinite(top2[:, 1]), top2[:, 1], top2[:, 0])
     floor = 0.03 * float(np.percentile(h, 90))  # nothing below this is a QRS
     accepted = h >= np.maximum(0.3 * ref, floor)
     keep = list(cand[accepted])
@@ -208,26 +220,33 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
 
 def _quality(record: EcgRecord, hp: np.ndarray, fs: float) -> tuple[LeadQuality, ...]:
     out = []
+    raw = record.signals_uv
     lp = _bandpass(hp, fs, None, 40.0, order=4)
+    const = (np.diff(raw, axis=1) == 0).mean(axis=1) if raw.shape[1] > 1 else np.ones(len(raw))
+    lo_hi = np.percentile(hp, [0.5, 99.5], axis=1)
+    amp = lo_hi[1] - lo_hi[0]
+    resid = hp - lp
+    noise = 1.4826 * np.median(np.abs(resid - np.median(resid, axis=1, keepdims=True)), axis=1)
+    if raw.shape[1] > 3 * fs:
+        wander = uniform_filter1d(raw, size=int(fs), axis=1, mode="nearest")
+        w_lo_hi = np.percentile(wander, [1, 99], axis=1)
+        wander_pp = w_lo_hi[1] - w_lo_hi[0]
+    else:
+        wander_pp = np.zeros(len(raw))
     for i, lead in enumerate(record.leads):
-        raw = record.signals_uv[i]
-        const = float(np.mean(np.diff(raw) == 0)) if raw.size > 1 else 1.0
-        amp = float(np.percentile(hp[i], 99.5) - np.percentile(hp[i], 0.5))
-        resid = hp[i] - lp[i]
-        noise = float(1.4826 * np.median(np.abs(resid - np.median(resid))))
-        wander = _bandpass(raw, fs, None, 0.7, order=2) if raw.size > 3 * fs else raw * 0
-        wander_pp = float(np.percentile(wander, 99) - np.percentile(wander, 1))
         status: QualityStatus = "ok"
         reason = None
-        if const >= 0.5:
-            status, reason = "lead_off", f"signal constant for {const:.0%} of the record"
-        elif amp < 80.0:
-            status, reason = "flat", f"amplitude {amp:.0f} µV (< 80 µV)"
-        elif noise > 50.0:
-            status, reason = "noisy", f"high-frequency noise {noise:.0f} µV RMS (> 50 µV)"
-        elif wander_pp > 3000.0:
-            status, reason = "noisy", f"baseline wander {wander_pp:.0f} µV (> 3 mV)"
-        out.append(LeadQuality(lead, status, round(amp, 1), round(noise, 1), reason))
+        if const[i] >= 0.5:
+            status, reason = "lead_off", f"signal constant for {const[i]:.0%} of the record"
+        elif amp[i] < 80.0:
+            status, reason = "flat", f"amplitude {amp[i]:.0f} µV (< 80 µV)"
+        elif noise[i] > 50.0:
+            status, reason = "noisy", f"high-frequency noise {noise[i]:.0f} µV RMS (> 50 µV)"
+        elif wander_pp[i] > 3000.0:
+            status, reason = "noisy", f"baseline wander {wander_pp[i]:.0f} µV (> 3 mV)"
+        out.append(
+            LeadQuality(lead, status, round(float(amp[i]), 1), round(float(noise[i]), 1), reason)
+        )
     return tuple(out)
 
 
@@ -287,12 +306,16 @@ def _delineate(m: np.ndarray, fs: float, r: int, rr_s: float, leads: tuple[str, 
     win = max(5, round(DERIV_WIN_S * fs) | 1)
     slow_win = max(7, round(SLOW_DERIV_WIN_S * fs) | 1)
     # µV per sample: a short window for the QRS, a longer one for the slow P and T waves.
-    dq = savgol_filter(m, win, 2, deriv=1, axis=1)
-    d = savgol_filter(m, slow_win, 2, deriv=1, axis=1)
+    dq = savgol_filter(m, win, 2, deriv=1, axis=1, mode="nearest")
+    d = savgol_filter(m, slow_win, 2, deriv=1, axis=1, mode="nearest")
     # Derivative noise: the derivative of what a 24 ms quadratic fit leaves over.
-    resid = m - savgol_filter(m, max(5, round(0.024 * fs) | 1), 2, axis=1)
-    noise_q = 1.4826 * np.median(np.abs(savgol_filter(resid, win, 2, deriv=1, axis=1)), axis=1)
-    noise_d = 1.4826 * np.median(np.abs(savgol_filter(resid, slow_win, 2, deriv=1, axis=1)), axis=1)
+    resid = m - savgol_filter(m, max(5, round(0.024 * fs) | 1), 2, axis=1, mode="nearest")
+    noise_q = 1.4826 * np.median(
+        np.abs(savgol_filter(resid, win, 2, deriv=1, axis=1, mode="nearest")), axis=1
+    )
+    noise_d = 1.4826 * np.median(
+        np.abs(savgol_filter(resid, slow_win, 2, deriv=1, axis=1, mode="nearest")), axis=1
+    )
     amp = np.ptp(m[:, max(0, r - int(0.08 * fs)) : r + int(0.08 * fs)], axis=1)
     ms = fs / 1000.0
     res: dict[str, float | None] = {}
@@ -475,8 +498,8 @@ def analyse(record: EcgRecord) -> EcgAnalysis:
         post = int(min(0.8, max(0.4, 0.95 * rr_s)) * fs)
         inside = peaks[(peaks - pre >= 0) & (peaks + post < x.shape[1])]
         if inside.size >= 3:
-            band = _bandpass(hp, fs, None, MEDIAN_LP_HZ, order=3)
-            m, _used = _median_beat(band, inside, fs, pre, post)
+            m, _used = _median_beat(hp, inside, fs, pre, post)
+            m = _bandpass(m, fs, None, MEDIAN_LP_HZ, order=3)
             median = RecordedBeat(sampling_rate_hz=fs, leads=record.leads, signals_uv=m)
             res, base, _ = _delineate(m, fs, pre, rr_s, record.leads, good)
 
