@@ -242,6 +242,22 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
 # --- quality ---------------------------------------------------------------------------------
 
 
+def _constant_fraction(raw: np.ndarray, fs: float) -> np.ndarray:
+    """Per lead, the fraction of the record inside runs of identical samples lasting 200 ms
+    or more (an electrode off; coarse 8-bit data repeats samples too, but briefly)."""
+    if raw.shape[1] < 2:
+        return np.ones(raw.shape[0])
+    min_run = max(2, int(0.2 * fs))
+    out = np.zeros(raw.shape[0])
+    same = np.diff(raw, axis=1) == 0
+    for i, row in enumerate(same):
+        edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        lengths = ends - starts + 1
+        out[i] = lengths[lengths >= min_run].sum() / raw.shape[1]
+    return out
+
+
 def _quality(
     leads: tuple[str, ...], raw: np.ndarray, raw_fs: float, hp: np.ndarray, fs: float
 ) -> tuple[LeadQuality, ...]:
@@ -249,7 +265,7 @@ def _quality(
     wander from ``hp`` (high-passed, at ``fs``)."""
     out = []
     lp = _bandpass(hp, fs, None, 40.0, order=4)
-    const = (np.diff(raw, axis=1) == 0).mean(axis=1) if raw.shape[1] > 1 else np.ones(len(raw))
+    const = _constant_fraction(raw, raw_fs)
     lo_hi = np.percentile(hp, [0.5, 99.5], axis=1)
     amp = lo_hi[1] - lo_hi[0]
     resid = hp - lp
@@ -507,6 +523,9 @@ def analyse(record: EcgRecord) -> EcgAnalysis:
     use = [i for i, ok in enumerate(clean) if ok] or [i for i, ok in enumerate(good) if ok]
     if not use:
         flags.append("no usable lead: every lead is flat or off")
+    elif not any(clean):
+        reliable = False
+        flags.append(f"{UNRELIABLE}: no clean lead (every lead is noisy, flat or off)")
     peaks = detect_r_peaks(hp[use], fs) if use else np.zeros(0, dtype=np.int64)
     rr = np.diff(peaks) / fs * 1000.0
     rhythm = Rhythm(

@@ -84,3 +84,19 @@ def test_device_measurements_kept_beside_ours(testdata: Path) -> None:
     assert a.device_measurements == rec.device_measurements
     assert {m.key for m in a.device_measurements} >= {"pr_ms", "qrs_ms", "qt_ms"}
     assert a.measurements["heart_rate_bpm"] == 61.0
+
+
+def test_coarse_8_bit_samples_are_not_lead_off(testdata: Path) -> None:
+    """MIMIC's 125 Hz 8-bit record repeats samples often, but never for 200 ms."""
+    base = testdata / "ecg" / "wfdb"
+    a = analyse(read_ecg(base / "3000003_0003.hea", base / "3000003_0003.dat"))
+    assert [q.status for q in a.quality] == ["ok", "ok"]
+    assert a.rhythm.beat_count >= 9
+
+
+def test_noise_only_is_flagged_unreliable() -> None:
+    rec, _ = synthesize_ecg()
+    noise = np.random.default_rng(0).normal(0, 500, rec.signals_uv.shape)
+    a = analyse(replace(rec, signals_uv=noise))
+    assert not a.reliable
+    assert any("no clean lead" in f for f in a.flags)

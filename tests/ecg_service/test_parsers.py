@@ -232,3 +232,66 @@ def test_several_files_without_header(ecg_dir: Path) -> None:
     dat = (ecg_dir / "wfdb" / "100.dat").read_bytes()[:5000]
     with pytest.raises(EcgFormatError, match="none is a WFDB header"):
         parse_ecg([("a.dat", dat), ("b.dat", dat)])
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "unit"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.9.1.2", "uV"),  # General ECG
+        ("1.2.840.10008.5.1.4.1.1.9.1.3", "mV"),  # Ambulatory ECG, sensitivity in mV
+    ],
+)
+def test_dicom_general_and_ambulatory(ecg_dir: Path, sop_class, unit) -> None:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(ecg_dir / "dicom" / "waveform_ecg.dcm")
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    for group in ds.WaveformSequence:
+        for ch in group.ChannelDefinitionSequence:
+            ch.ChannelSensitivityUnitsSequence[0].CodeValue = unit
+            if unit == "mV":
+                ch.ChannelSensitivity = "0.00125"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    rec = parse_ecg(buf.getvalue())
+    assert rec.leads == STANDARD_LEADS
+    # 80 units x 1.25 µV, or x 0.00125 mV = 100 µV either way.
+    assert rec.lead("I")[0] == pytest.approx(100.0)
+
+
+def test_dicom_unknown_unit_is_refused(ecg_dir: Path) -> None:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(ecg_dir / "dicom" / "waveform_ecg.dcm")
+    ds.WaveformSequence[0].ChannelDefinitionSequence[3].ChannelSensitivityUnitsSequence[
+        0
+    ].CodeValue = "mmHg"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(EcgFormatError, match=r"^DICOM: unknown signal unit 'mmHg' for lead aVR$"):
+        parse_ecg(buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("Lead I (Einthoven)", "I"),
+        ("Lead aVR", "aVR"),
+        ("MDC_ECG_LEAD_AVF", "aVF"),
+        ("avl", "aVL"),
+        ("v1", "V1"),
+        ("Lead V6", "V6"),
+        ("MLII", "II"),
+        ("ECG 1", "ECG 1"),
+        ("vx", "vx"),
+    ],
+)
+def test_lead_names_normalised(raw: str, name: str) -> None:
+    from ecg_service import normalise_lead_name
+
+    assert normalise_lead_name(raw) == name
