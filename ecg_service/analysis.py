@@ -128,6 +128,55 @@ class EcgAnalysis:
     def value(self, key: str) -> float | None:
         return self.measurements.get(key)
 
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready summary (no signals): what ``GET /api/v1/ecg/{exam_id}`` will show."""
+        return {
+            "sampling_rate_hz": self.sampling_rate_hz,
+            "leads": list(self.leads),
+            "duration_s": self.duration_s,
+            "reliable": self.reliable,
+            "flags": list(self.flags),
+            "quality": [
+                {
+                    "lead": q.lead,
+                    "status": q.status,
+                    "reason": q.reason,
+                    "amplitude_uv": q.amplitude_uv,
+                    "noise_uv": q.noise_uv,
+                }
+                for q in self.quality
+            ],
+            "measurements": dict(self.measurements),
+            "missing": dict(self.missing),
+            "source": self.source,
+            "device_measurements": [
+                {
+                    "key": m.key,
+                    "label": m.label,
+                    "value": m.value,
+                    "unit": m.unit,
+                    "source": m.source,
+                }
+                for m in self.device_measurements
+            ],
+            "rhythm": {
+                "beat_count": self.rhythm.beat_count,
+                "mean_rate_bpm": self.rhythm.mean_rate_bpm,
+                "mean_rr_ms": self.rhythm.mean_rr_ms,
+                "min_rr_ms": self.rhythm.min_rr_ms,
+                "max_rr_ms": self.rhythm.max_rr_ms,
+                "rr_cv": self.rhythm.rr_cv,
+                "irregular": self.rhythm.irregular,
+            },
+            "fiducials_ms": {
+                "p_on": self.fiducials.p_on_ms,
+                "p_off": self.fiducials.p_off_ms,
+                "qrs_on": self.fiducials.qrs_on_ms,
+                "qrs_off": self.fiducials.qrs_off_ms,
+                "t_end": self.fiducials.t_end_ms,
+            },
+        }
+
 
 # --- filtering -------------------------------------------------------------------------------
 

@@ -100,3 +100,15 @@ def test_noise_only_is_flagged_unreliable() -> None:
     a = analyse(replace(rec, signals_uv=noise))
     assert not a.reliable
     assert any("no clean lead" in f for f in a.flags)
+
+
+def test_as_dict_is_json(testdata: Path) -> None:
+    import json
+
+    a = analyse(read_ecg(testdata / "ecg" / "dicom" / "waveform_ecg.dcm"))
+    data = json.loads(json.dumps(a.as_dict()))
+    assert list(data["measurements"]) == list(MEASUREMENT_KEYS)
+    assert data["sampling_rate_hz"] == 1000.0
+    assert {d["key"] for d in data["device_measurements"]} >= {"pr_ms", "qrs_ms"}
+    assert all(d["source"] for d in data["device_measurements"])
+    assert len(data["quality"]) == 12
