@@ -15,7 +15,7 @@ from ecg_service.analysis import (
     analyse,
     detect_r_peaks,
 )
-from ecg_service.parsers import EcgFiles, detect_format, parse_ecg, read_ecg
+from ecg_service.parsers import EcgFiles, detect_format, parse_ecg, read_ecg, record_from_dicom
 from ecg_service.prescreen import PrescreenMatch, PrescreenRule, RuleTable, load_rules, prescreen
 from ecg_service.record import (
     STANDARD_LEADS,
@@ -66,6 +66,7 @@ __all__ = [
     "parse_ecg",
     "prescreen",
     "read_ecg",
+    "record_from_dicom",
     "render_trace",
     "search_statements",
     "statement_library",

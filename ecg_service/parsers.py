@@ -36,7 +36,7 @@ from ecg_service.record import (
     normalise_lead_name,
 )
 
-__all__ = ["EcgFiles", "detect_format", "parse_ecg", "read_ecg"]
+__all__ = ["EcgFiles", "detect_format", "parse_ecg", "read_ecg", "record_from_dicom"]
 
 EcgFiles = bytes | Mapping[str, bytes] | Sequence[tuple[str, bytes]]
 """One file's bytes, or named files (a WFDB header and its signal files)."""
@@ -207,6 +207,12 @@ def _parse_dicom(data: bytes) -> EcgRecord:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, struct.error, OSError) as exc:
         raise EcgFormatError(f"DICOM: unreadable data set ({exc})", fmt=EcgFormat.DICOM) from exc
+    return record_from_dicom(ds)
+
+
+def record_from_dicom(ds: Any) -> EcgRecord:
+    """An :class:`EcgRecord` from a pydicom ``Dataset`` already in memory (the C-STORE
+    path), with the same checks and errors as :func:`parse_ecg`."""
     groups = ds.get("WaveformSequence")
     if not groups:
         raise EcgFormatError(

@@ -295,3 +295,16 @@ def test_lead_names_normalised(raw: str, name: str) -> None:
     from ecg_service import normalise_lead_name
 
     assert normalise_lead_name(raw) == name
+
+
+def test_record_from_dataset_in_memory(ecg_dir: Path) -> None:
+    import pydicom
+
+    from ecg_service import record_from_dicom
+
+    ds = pydicom.dcmread(ecg_dir / "dicom" / "waveform_ecg.dcm")
+    rec = record_from_dicom(ds)
+    assert rec.leads == STANDARD_LEADS and rec.natural_key == ds.SOPInstanceUID
+    del ds.WaveformSequence
+    with pytest.raises(EcgFormatError, match="no Waveform Sequence"):
+        record_from_dicom(ds)
