@@ -136,6 +136,9 @@ def test_out_of_range_values_answer_problems(live: _Live) -> None:
             response = client.get(query)
             assert response.status_code == 422, (query, response.status_code, response.text)
             assert response.headers["content-type"].startswith("application/problem+json")
+        # A NUL character (PostgreSQL's text cannot hold one) is refused, never a crash.
+        nul = client.get("/api/v1/recognized-results?issuer=A%00&patient_id=%00")
+        assert nul.status_code < 500, nul.text
         # Times within range in UTC still work, whatever their offset.
         fine = client.get("/api/v1/critical-alerts?since=0001-01-01T00:00:00-05:00")
         assert fine.status_code == 200, fine.text
