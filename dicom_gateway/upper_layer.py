@@ -571,6 +571,9 @@ class _Association:
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         # One PDV, command, last fragment; responses are far below any peer's maximum PDU.
+        if self._armed < self.config.network_timeout - self._slack:
+            # Tightened to the end of a slow PDU: the answer gets the whole timeout.
+            self._arm(self.config.network_timeout)
         pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
         self.sock.sendall(_HEADER.pack(_P_DATA, len(pdv)) + pdv)
 
