@@ -7,10 +7,12 @@ answers the sender. Why the parent hands connections out rather than letting eve
 accept on a shared socket: whichever process wakes first would take the connection, so four
 modalities connecting at once often landed three on one process and one on the other.
 
-``RDC_DICOM_MAX_ASSOCIATIONS`` holds for the gateway as a whole, as in one process: when a
-peer requests an association, its listener process asks the parent for a slot (``admit N``)
-and waits for the answer (``admitted N`` or ``refused N``), and gives the slot back at
-release (``release``). A connection that never requests an association takes no slot.
+The association limits (``RDC_DICOM_MAX_ASSOCIATIONS``, and per calling AE title and per
+clinic, :mod:`dicom_gateway.admission`) hold for the gateway as a whole, as in one process:
+when a peer requests an association, its listener process asks the parent for a slot (``admit
+N AE CLINIC``, both hex-encoded) and waits for the answer (``admitted N`` or ``refused N``),
+and gives the slot back at release (``release N``). A connection that never requests an
+association takes no slot.
 
 A listener process also reports ``ready`` once it can serve, ``done`` when a connection
 ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
@@ -38,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_gateway.admission import Applicant, AssociationLimits, SlotBook
 from dicom_gateway.counters import IngestCounters, apply_report
 from rdc_core.metrics import DICOM_CONNECTIONS
 
@@ -54,8 +57,8 @@ log = logging.getLogger(__name__)
 CONNECTION = b"connection"
 ADMITTED, REFUSED = "admitted", "refused"
 # What a listener process sends besides its counts.
-READY, DONE, RELEASE = b"ready", b"done", b"release"
-ADMIT = "admit"
+READY, DONE = b"ready", b"done"
+ADMIT, RELEASE = "admit", "release"
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
@@ -83,7 +86,8 @@ class _Listener:
     ready: threading.Event = field(default_factory=threading.Event)
     alive: bool = True
     connections: int = 0  # handed to it and not yet done
-    associations: int = 0  # admitted and not yet released
+    # Admitted and not yet released, by the process's request number.
+    associations: dict[str, Applicant] = field(default_factory=dict)
 
 
 class _Acceptor(socketserver.TCPServer):
@@ -110,12 +114,12 @@ class ListenerPool:
         address: tuple[str, int],
         *,
         processes: int,
-        max_associations: int,
+        limits: AssociationLimits,
         spool_dir: Path,
         counters: IngestCounters,
     ) -> None:
         self.processes = processes
-        self.max_associations = max_associations
+        self.slots = SlotBook(limits)
         self.spool_dir = spool_dir
         self.counters = counters
         self._lock = threading.Lock()
@@ -224,18 +228,27 @@ class ListenerPool:
         log.error("no DICOM listener process can take a connection; closing it unanswered")
 
     def _admit(self, listener: _Listener, request: str) -> None:
+        number, ae_hex, clinic_hex = request.split(" ")
+        applicant = Applicant(
+            bytes.fromhex(ae_hex).decode("utf-8", "replace"),
+            bytes.fromhex(clinic_hex).decode("utf-8", "replace"),
+        )
         with self._lock:
-            total = sum(item.associations for item in self._listeners if item.alive)
-            granted = listener.alive and total < self.max_associations
+            granted = listener.alive and self.slots.take(applicant)
             if granted:
-                listener.associations += 1
+                listener.associations[number] = applicant
         answer = ADMITTED if granted else REFUSED
         try:
-            listener.channel.send(f"{answer} {request}".encode())
+            listener.channel.send(f"{answer} {number}".encode())
         except OSError:  # not told, so it will not give the slot back
             if granted:
-                with self._lock:
-                    listener.associations -= 1
+                self._release(listener, number)
+
+    def _release(self, listener: _Listener, number: str) -> None:
+        with self._lock:
+            applicant = listener.associations.pop(number, None)
+            if applicant is not None:
+                self.slots.give_back(applicant)
 
     # -- the processes ----------------------------------------------------------------------
 
@@ -307,9 +320,8 @@ class ListenerPool:
         if message == DONE:
             with self._lock:
                 listener.connections -= 1
-        elif message == RELEASE:
-            with self._lock:
-                listener.associations -= 1
+        elif message.startswith(RELEASE.encode() + b" "):
+            self._release(listener, message.decode().split(" ", 1)[1])
         elif message.startswith(ADMIT.encode() + b" "):
             self._admit(listener, message.decode().split(" ", 1)[1])
         elif message == READY:
@@ -324,7 +336,10 @@ class ListenerPool:
     def _ended(self, listener: _Listener) -> None:
         with self._lock:
             listener.alive = False
-            listener.connections = listener.associations = 0
+            listener.connections = 0
+            for applicant in listener.associations.values():
+                self.slots.give_back(applicant)
+            listener.associations.clear()
         status = listener.process.wait()
         listener.channel.close()
         self._remove_partial_files(listener.process.pid)

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 
+from dicom_gateway.admission import Applicant
 from dicom_gateway.counters import ChannelCounters
 from dicom_gateway.listener_pool import ADMIT, ADMITTED, CONNECTION, DONE, READY, RELEASE
 from dicom_gateway.server import StorageService, acceptor_config
@@ -47,20 +48,27 @@ class _Channel:
         with contextlib.suppress(OSError):  # a parent that went away needs no report
             self.sock.send(message)
 
-    def ask_admission(self) -> bool:
-        """Ask the parent for an association slot; True if granted."""
+    def ask_admission(self, applicant: Applicant) -> str | None:
+        """Ask the parent for an association slot; the request's number if granted (to give
+        the slot back with), else None."""
         number = str(next(self._numbers))
         answered, result = threading.Event(), [False]
         with self._lock:
             self._waiting[number] = (answered, result)
+        ae = applicant.calling_ae.encode().hex()
+        clinic = applicant.clinic.encode().hex()
         try:
-            self.send(f"{ADMIT} {number}".encode())
+            self.send(f"{ADMIT} {number} {ae} {clinic}".encode())
             if not answered.wait(_ADMISSION_TIMEOUT):
                 log.error("no answer from the serving process about an association slot")
         finally:
             with self._lock:
                 self._waiting.pop(number, None)
-        return result[0]
+        return number if result[0] else None
+
+    def release(self, number: str) -> None:
+        """Give the slot granted to request ``number`` back."""
+        self.send(f"{RELEASE} {number}".encode())
 
     def answer(self, message: bytes) -> None:
         """Deliver the parent's answer to an admission request."""
@@ -71,7 +79,7 @@ class _Channel:
             waiting[1][0] = verdict == ADMITTED
             waiting[0].set()
         elif verdict == ADMITTED:  # too late: the association was refused; give the slot back
-            self.send(RELEASE)
+            self.release(number)
 
 
 def _serve_connection(
@@ -81,20 +89,20 @@ def _serve_connection(
     config: AcceptorConfig,
     service: StorageService,
 ) -> None:
-    admitted = False
+    admitted: str | None = None  # the number of the granted request
 
-    def admit() -> bool:
+    def admit(applicant: Applicant) -> bool:
         nonlocal admitted
-        admitted = channel.ask_admission()
-        return admitted
+        admitted = channel.ask_admission(applicant)
+        return admitted is not None
 
     def release() -> None:
         # At release, before the answer goes out, so a sender that reconnects at once finds
         # its slot free.
         nonlocal admitted
-        if admitted:
-            admitted = False
-            channel.send(RELEASE)
+        if admitted is not None:
+            channel.release(admitted)
+            admitted = None
 
     try:
         serve_association(connection, config, service, admit=admit, on_release=release)

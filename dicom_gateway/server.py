@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 
+from dicom_gateway.admission import AssociationLimits
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
 from dicom_gateway.ingest import (
     InvalidDicomError,
@@ -52,9 +53,20 @@ def acceptor_config(settings: Settings, store: ObjectStore) -> AcceptorConfig:
         ae_title=settings.dicom_ae_title,
         max_pdu=settings.dicom_max_pdu,
         max_associations=settings.dicom_max_associations,
+        max_associations_per_ae=settings.dicom_max_associations_per_ae,
+        max_associations_per_clinic=settings.dicom_max_associations_per_clinic,
         acse_timeout=settings.dicom_acse_timeout_seconds,
         network_timeout=settings.dicom_network_timeout_seconds,
         spool_dir=spool_dir,
+    )
+
+
+def association_limits(settings: Settings) -> AssociationLimits:
+    """How many associations the gateway serves at once: in all, per AE title, per clinic."""
+    return AssociationLimits(
+        total=settings.dicom_max_associations,
+        per_ae=settings.dicom_max_associations_per_ae,
+        per_clinic=settings.dicom_max_associations_per_clinic,
     )
 
 
@@ -75,6 +87,9 @@ class StorageService:
         except DatabaseUnavailableError:
             log.error("cannot read the AE title registry; refusing %s", calling_ae)
             return None
+
+    def clinic_of(self, sender: OrgRef) -> str:
+        return sender.id
 
     def store(self, request: StoreRequest) -> tuple[int, str]:
         status, comment = self._store(request)
@@ -154,7 +169,7 @@ class DicomGateway:
             server = ListenerPool(
                 address,
                 processes=self.settings.dicom_processes,
-                max_associations=self.settings.dicom_max_associations,
+                limits=association_limits(self.settings),
                 spool_dir=self.store.spool_dir,
                 counters=PrometheusCounters(),
             )

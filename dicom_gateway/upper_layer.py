@@ -23,6 +23,7 @@ import socketserver
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from dicom_gateway.acse_pdus import (
     encode_associate_ac,
     encode_associate_rj,
 )
+from dicom_gateway.admission import Applicant, AssociationLimits, SlotBook
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -63,7 +65,13 @@ _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 _NO_DATA_SET = 0x0101
 # A-ABORT provider reasons (PS3.8 9.3.8)
-_UNRECOGNISED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x01, 0x02, 0x06
+_NOT_SPECIFIED, _UNRECOGNISED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0x01, 0x02, 0x06
+
+# A DIMSE message (command and data set) must arrive at this average pace at least: it is
+# given one network timeout, and one more for every this many bytes received. A sender that
+# keeps an association busy with a trickle of tiny PDUs is cut off like one that keeps a PDU
+# incomplete (at 60 s that is about 270 bytes per second; a PDU must come whole in one timeout).
+_PACE_BYTES = 16_384
 
 _MAX_ASSOCIATE_RQ = 1 << 16
 _HEADER = struct.Struct(">BxI")
@@ -112,9 +120,20 @@ class AcceptorConfig:
     ae_title: str
     max_pdu: int = 262_144
     max_associations: int = 32
+    max_associations_per_ae: int = 8
+    max_associations_per_clinic: int = 16
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
     spool_dir: Path | None = None
+
+    @property
+    def limits(self) -> AssociationLimits:
+        """The association limits: in all, per calling AE title, per clinic."""
+        return AssociationLimits(
+            total=self.max_associations,
+            per_ae=self.max_associations_per_ae,
+            per_clinic=self.max_associations_per_clinic,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +157,10 @@ class StorageHandler(Protocol):
         """The sender behind ``calling_ae``, or None to reject the association."""
         ...
 
+    def clinic_of(self, sender: Any) -> str:
+        """The clinic ``sender`` belongs to: its associations share one limit."""
+        ...
+
     def store(self, request: StoreRequest) -> tuple[int, str]:
         """Store the object; return (DIMSE status, error comment for failures)."""
         ...
@@ -147,6 +170,10 @@ class _Abort(Exception):
     def __init__(self, reason: int, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _DeadlinePassed(TimeoutError):
+    """A PDU (or a DIMSE message) did not arrive whole in time, however many bytes came."""
 
 
 def _set_timeout(sock: socket.socket, seconds: float) -> None:
@@ -164,17 +191,6 @@ def _set_timeout(sock: socket.socket, seconds: float) -> None:
     timeval = struct.pack("@ll", whole, micros)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-def _read_exact(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        try:
-            count = sock.recv_into(view)
-        except BlockingIOError as exc:  # SO_RCVTIMEO expired
-            raise TimeoutError("no data from the peer in time") from exc
-        if not count:
-            raise ConnectionError("peer closed the connection")
-        view = view[count:]
 
 
 def _decode_command(data: bytes) -> dict[int, bytes]:
@@ -268,7 +284,7 @@ class _Association:
         sock: socket.socket,
         config: AcceptorConfig,
         handler: StorageHandler,
-        admit: Callable[[], bool] = lambda: True,
+        admit: Callable[[Applicant], bool] = lambda applicant: True,
         on_release: Callable[[], None] = lambda: None,
     ) -> None:
         self.sock = sock
@@ -289,34 +305,74 @@ class _Association:
         self._data_file: BinaryIO | None = None
         self._data_path: Path | None = None
         self._data_hash: Any = None
+        # The receive limit set on the socket now (seconds), and how far it may be from the
+        # time left to a deadline before it is set again (one system call each time).
+        self._armed = 0.0
+        self._slack = 0.0
 
     def run(self) -> None:
+        associated = False
         try:
-            _set_timeout(self.sock, self.config.acse_timeout)
-            if not self._negotiate():
+            # The whole A-ASSOCIATE-RQ must arrive within the ACSE timeout of the connection.
+            self._arm(self.config.acse_timeout)
+            if not self._negotiate(time.monotonic() + self.config.acse_timeout):
                 return
-            _set_timeout(self.sock, self.config.network_timeout)
+            associated = True
+            self._arm(self.config.network_timeout)
             self._serve()
         except _Abort as exc:
             log.warning("aborting association from %s: %s", self.calling_ae or "?", exc)
             self._send_abort(exc.reason)
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except TimeoutError as exc:
+            log.warning("association from %s cut off: %s", self.calling_ae or "?", exc)
+            if associated:  # before association the connection is only closed (PS3.8 9.1.5)
+                self._send_abort(_NOT_SPECIFIED)
+        except (ConnectionError, OSError) as exc:
             log.info("association from %s ended: %s", self.calling_ae or "?", exc)
         finally:
             self._discard_data_file()
 
     # -- PDUs ------------------------------------------------------------------------------
 
-    def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
+    def _arm(self, seconds: float) -> None:
+        _set_timeout(self.sock, seconds)
+        self._armed = seconds
+        self._slack = max(self._slack, seconds / 16)
+
+    def _fit(self, deadline: float) -> None:
+        """Make the socket's receive limit end near ``deadline`` (at most ``_slack`` later);
+        past it, raise. Most calls change nothing: a fast sender's PDU arrives long before."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed("the peer did not complete the PDU in time")
+        if remaining < self._armed - self._slack or remaining > self._armed + self._slack:
+            self._arm(remaining)
+
+    def _read_exact(self, view: memoryview, deadline: float) -> None:
+        # The deadline holds for the whole PDU, not for each receive: a peer that sends a
+        # byte now and then is cut off like a silent one.
+        while view:
+            try:
+                count = self.sock.recv_into(view)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise TimeoutError("no data from the peer in time") from exc
+            if not count:
+                raise ConnectionError("peer closed the connection")
+            view = view[count:]
+            if view:
+                self._fit(deadline)
+
+    def _read_pdu(self, limit: int, deadline: float) -> tuple[int, memoryview]:
+        self._fit(deadline)
         header = bytearray(6)
-        _read_exact(self.sock, memoryview(header))
+        self._read_exact(memoryview(header), deadline)
         pdu_type, length = _HEADER.unpack(header)
         if length > limit:
             raise _Abort(_INVALID_PARAMETER, f"PDU of {length} bytes exceeds {limit}")
         if len(self.buffer) < length:
             self.buffer = bytearray(length)
         body = memoryview(self.buffer)[:length]
-        _read_exact(self.sock, body)
+        self._read_exact(body, deadline)
         return pdu_type, body
 
     def _send_abort(self, reason: int) -> None:
@@ -325,8 +381,8 @@ class _Association:
 
     # -- negotiation -----------------------------------------------------------------------
 
-    def _negotiate(self) -> bool:
-        pdu_type, body = self._read_pdu(_MAX_ASSOCIATE_RQ)
+    def _negotiate(self, deadline: float) -> bool:
+        pdu_type, body = self._read_pdu(_MAX_ASSOCIATE_RQ, deadline)
         if pdu_type != _ASSOCIATE_RQ:
             raise _Abort(_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
         try:
@@ -336,10 +392,6 @@ class _Association:
         self.calling_ae = request.calling_ae_title
         self.peer_max_pdu = request.max_pdu
 
-        if not self.admit():
-            log.warning("association from %s rejected: local limit exceeded", self.calling_ae)
-            self._reject(2, 3, 2)  # transient, presentation provider, local limit exceeded
-            return False
         if request.application_context != APPLICATION_CONTEXT:
             self._reject(1, 1, 2)  # application context name not supported
             return False
@@ -347,6 +399,11 @@ class _Association:
         if self.sender is None:
             log.warning("association from unknown calling AE %r rejected", self.calling_ae)
             self._reject(1, 1, 3)  # calling AE title not recognised
+            return False
+        # The limits are per calling AE and per clinic too, so the sender must be known first.
+        if not self.admit(Applicant(self.calling_ae, self.handler.clinic_of(self.sender))):
+            log.warning("association from %s rejected: local limit exceeded", self.calling_ae)
+            self._reject(2, 3, 2)  # transient, presentation provider, local limit exceeded
             return False
 
         results = [self._negotiate_context(context) for context in request.contexts]
@@ -384,8 +441,16 @@ class _Association:
         values: dict[int, bytes] | None = None
         context_id = 0
         limit = max(self.config.max_pdu, 16_384) * 4
+        timeout = self.config.network_timeout
+        message_start = 0.0  # when the first fragment of the message in progress came
+        message_bytes = -1  # received of the message in progress (-1: none in progress)
         while True:
-            pdu_type, body = self._read_pdu(limit)
+            deadline = time.monotonic() + timeout
+            if message_bytes >= 0:
+                deadline = min(
+                    deadline, message_start + timeout * (1 + message_bytes // _PACE_BYTES)
+                )
+            pdu_type, body = self._read_pdu(limit, deadline)
             if pdu_type == _RELEASE_RQ:
                 self.on_release()
                 self.sock.sendall(bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
@@ -410,6 +475,9 @@ class _Association:
                 if pc_id not in self.contexts:
                     raise _Abort(_INVALID_PARAMETER, f"presentation context {pc_id} not accepted")
                 fragment = body[start:end]
+                if message_bytes < 0:
+                    message_start, message_bytes = time.monotonic(), 0
+                message_bytes += len(fragment)
                 last = bool(control & 0x02)
                 if control & 0x01:  # command fragment
                     if values is not None:
@@ -422,6 +490,7 @@ class _Association:
                         if _us(values, 0x00000800) == _NO_DATA_SET:
                             self._dispatch(values, context_id)
                             values = None
+                            message_bytes = -1
                         else:
                             self._open_data_file(values, context_id)
                 else:  # data set fragment
@@ -433,6 +502,7 @@ class _Association:
                         self._data_file.close()
                         self._dispatch(values, context_id)
                         values = None
+                        message_bytes = -1
 
     def _open_data_file(self, values: dict[int, bytes], context_id: int) -> None:
         if _us(values, 0x00000100) != _C_STORE_RQ:
@@ -501,6 +571,9 @@ class _Association:
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         # One PDV, command, last fragment; responses are far below any peer's maximum PDU.
+        if self._armed < self.config.network_timeout - self._slack:
+            # Tightened to the end of a slow PDU: the answer gets the whole timeout.
+            self._arm(self.config.network_timeout)
         pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
         self.sock.sendall(_HEADER.pack(_P_DATA, len(pdv)) + pdv)
 
@@ -510,14 +583,15 @@ def serve_association(
     config: AcceptorConfig,
     handler: StorageHandler,
     *,
-    admit: Callable[[], bool],
+    admit: Callable[[Applicant], bool],
     on_release: Callable[[], None],
 ) -> None:
     """Serve one accepted connection in the calling thread until it ends.
 
-    ``admit`` is asked once the peer requests an association (False: rejected as over the
-    local limit); ``on_release`` is called when an admitted association is released, before
-    the answer goes out. The socket is left open: its owner closes it.
+    ``admit`` is asked once the peer has requested an association and its calling AE title
+    is known (False: rejected as over the local limit); ``on_release`` is called when an
+    admitted association is released, before the answer goes out. The socket is left open:
+    its owner closes it.
     """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _Association(sock, config, handler, admit, on_release).run()
@@ -537,7 +611,7 @@ class UpperLayerServer:
     ) -> None:
         self.config = config
         self.handler = handler
-        self._slots = threading.BoundedSemaphore(config.max_associations)
+        self._slots = SlotBook(config.limits)
         outer = self
 
         class RequestHandler(socketserver.BaseRequestHandler):
@@ -554,18 +628,19 @@ class UpperLayerServer:
 
     def _handle_connection(self, sock: socket.socket) -> None:
         # Both run in this connection's thread: admitted needs no lock.
-        admitted = False
+        admitted: Applicant | None = None
 
-        def admit() -> bool:
+        def admit(applicant: Applicant) -> bool:
             nonlocal admitted
-            admitted = self._slots.acquire(blocking=False)
-            return admitted
+            if self._slots.take(applicant):
+                admitted = applicant
+            return admitted is not None
 
         def release_slot() -> None:
             nonlocal admitted
-            if admitted:
-                admitted = False
-                self._slots.release()
+            if admitted is not None:
+                self._slots.give_back(admitted)
+                admitted = None
 
         try:
             serve_association(sock, self.config, self.handler, admit=admit, on_release=release_slot)

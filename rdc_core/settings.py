@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(
         default=32, ge=1, description="Associations served at once, by all listener processes"
     )
+    dicom_max_associations_per_ae: int = Field(
+        default=8, ge=1, description="Associations served at once from one calling AE title"
+    )
+    dicom_max_associations_per_clinic: int = Field(
+        default=16, ge=1, description="Associations served at once from one clinic's AE titles"
+    )
     dicom_processes: int = Field(
         default=1,
         ge=1,

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdc_core.errors import (
@@ -88,6 +89,19 @@ def install_problem_handlers(app: FastAPI) -> None:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return problem(
             422, "request parameters are invalid", instance=request.url.path, errors=errors
+        )
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request brought (PostgreSQL: a NUL character in
+        # text, a number beyond its column's range). Input, not a fault of the service.
+        path = request.url.path
+        log.warning("%s %s: the database refused a value: %s", request.method, path, exc.orig)
+        return problem(
+            422,
+            "a value in the request cannot be stored or compared "
+            "(a NUL character, or a number out of range)",
+            instance=request.url.path,
         )
 
     @app.exception_handler(Exception)

@@ -218,6 +218,7 @@ def test_listener_processes_end_with_the_server(
 def test_a_listener_process_that_cannot_start_fails_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from dicom_gateway.admission import AssociationLimits
     from dicom_gateway.counters import PrometheusCounters
     from dicom_gateway.listener_pool import ListenerPool, ListenerStartError
 
@@ -229,7 +230,7 @@ def test_a_listener_process_that_cannot_start_fails_the_start(
     pool = ListenerPool(
         ("127.0.0.1", 0),
         processes=PROCESSES,
-        max_associations=4,
+        limits=AssociationLimits(total=4, per_ae=2, per_clinic=3),
         spool_dir=tmp_path / "spool",
         counters=PrometheusCounters(),
     )

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.helpers import RdcServer, rdc_cli, storescu, wait_for
+from tests.worklist import cms_tamper
 
 
 def _foreign_ca(path: Path) -> Path:
@@ -101,6 +102,14 @@ def test_ca_commands_and_verify_exit_codes(
         tampered.write_bytes(bytes(data))
         bad = rdc_cli(rdc_env, "verify", str(tampered), *ca_args, check=False)
         assert bad.returncode == 1 and "NOT valid" in bad.stderr
+    # Bytes of the signature container no signature covers: the SignedData version and an
+    # algorithm identifier's tag.
+    offsets = cms_tamper.named_offsets(pdf.read_bytes())
+    for name in ("SignedData version", "digest algorithm parameters (NULL) tag"):
+        tampered = tmp_path / "container.pdf"
+        tampered.write_bytes(cms_tamper.change_byte(pdf.read_bytes(), offsets[name], 0x01))
+        bad = rdc_cli(rdc_env, "verify", str(tampered), check=False)
+        assert bad.returncode == 1 and "container was modified" in bad.stderr, (name, bad.stderr)
     junk = tmp_path / "junk.txt"
     junk.write_text("hello")
     assert rdc_cli(rdc_env, "verify", str(junk), check=False).returncode == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import re
 import subprocess
 import threading
@@ -21,6 +22,7 @@ from rdc_core.db import session_scope, utcnow
 from rdc_core.errors import ConflictError, InvalidInputError
 from rdc_core.settings import get_settings, reset_settings
 from rdc_core.storage import get_object_store
+from tests.worklist import cms_tamper
 from tests.worklist.conftest import Reading
 from worklist.claims import claim_item
 from worklist.models import Exam, Report, ReportStatus, User
@@ -178,6 +180,30 @@ def test_any_changed_byte_fails_verification(reading: Reading) -> None:
         assert variant not in (pdf, document)
         result = _verify(variant)
         assert not result.valid and result.reasons  # type: ignore[attr-defined]
+
+
+def test_any_changed_byte_of_the_cms_container_fails(reading: Reading) -> None:
+    # The bytes of the signature container that no signature check reads (versions, the
+    # digest algorithm set, algorithm identifier tags) and bytes anywhere in it, including
+    # its zero padding: each change must fail verification.
+    _draft(reading, "attending")
+    pdf = _artifacts(_submit(reading, "attending"))[0]
+    assert _verify(pdf).valid  # type: ignore[attr-defined]
+    length = cms_tamper.container_length(pdf)
+    cases = [
+        (name, offset, xor)
+        for name, offset in cms_tamper.named_offsets(pdf).items()
+        for xor in (0x01, 0x02)
+    ]
+    pick = random.Random(16)
+    cases += [
+        ("random byte", offset, pick.randrange(1, 256)) for offset in pick.sample(range(length), 16)
+    ]
+    cases.append(("padding", length + 100, 0x01))
+    for name, offset, xor in cases:
+        result = _verify(cms_tamper.change_byte(pdf, offset, xor))
+        assert not result.valid, f"{name} (byte {offset} ^ {xor:#x}) changed, still valid"  # type: ignore[attr-defined]
+        assert result.reasons  # type: ignore[attr-defined]
 
 
 def test_key_images_and_hr_mark_on_the_data_section(reading: Reading) -> None:

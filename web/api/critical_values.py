@@ -3,14 +3,13 @@ and the portal notifications of every kind."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from rdc_core.db import session_scope, utcnow
-from rdc_core.errors import InvalidInputError
+from web.params import Offset, UtcDateTime
 from web.security import CurrentPrincipal
 from worklist.critical_values.contacts import (
     add_duty,
@@ -43,12 +42,6 @@ _ACK: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _aware(value: datetime | None, name: str) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        raise InvalidInputError(f"{name} needs a time zone, e.g. 2026-01-01T08:00:00+08:00")
-    return value
-
-
 @router.get("/critical-alerts", response_model=Page[AlertOut])
 def critical_alerts(
     principal: CurrentPrincipal,
@@ -56,10 +49,10 @@ def critical_alerts(
         str | None, Query(description="open | acknowledged | escalated | superseded | withdrawn")
     ] = None,
     clinic: Annotated[str | None, Query(description="clinic code")] = None,
-    since: Annotated[datetime | None, Query(description="raised at or after")] = None,
-    until: Annotated[datetime | None, Query(description="raised before")] = None,
+    since: Annotated[UtcDateTime | None, Query(description="raised at or after, with zone")] = None,
+    until: Annotated[UtcDateTime | None, Query(description="raised before, with zone")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[AlertOut]:
     """The critical-value register, newest first: who raised what when, when the clinic was
     notified, who read it back when and how, escalations. A clinic sees its own alerts."""
@@ -70,8 +63,8 @@ def critical_alerts(
             now=utcnow(),
             state=state,
             clinic=clinic,
-            since=_aware(since, "since"),
-            until=_aware(until, "until"),
+            since=since,
+            until=until,
             limit=limit,
             offset=offset,
         )
@@ -145,7 +138,7 @@ def notifications(
     unread: Annotated[bool, Query(description="only unread ones")] = True,
     kind: Annotated[str | None, Query(description="e.g. critical_value, report_version")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[NotificationOut]:
     """My notifications (to me, or to my whole organisation), newest first."""
     with session_scope() as session:

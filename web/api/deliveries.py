@@ -4,13 +4,13 @@ push-back endpoints and watch the delivery queue."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from rdc_core.db import session_scope, utcnow
+from web.params import Offset, UtcDateTime
 from web.security import CurrentPrincipal
 from worklist.delivery.models import DeliveryChannel, DeliveryState
 from worklist.delivery.portal import (
@@ -53,10 +53,10 @@ def reports(
     exam_id: str | None = None,
     clinic: Annotated[str | None, Query(description="clinic code")] = None,
     status: Annotated[ReportStatus | None, Query(description="final or preliminary")] = None,
-    since: Annotated[datetime | None, Query(description="issued at or after, with zone")] = None,
+    since: Annotated[UtcDateTime | None, Query(description="issued at or after, with zone")] = None,
     current_only: Annotated[bool, Query(description="only each exam's newest version")] = True,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[ReportVersionOut]:
     """Submitted report versions the caller may see (a clinic: its own), newest first."""
     with session_scope() as session:
@@ -153,7 +153,7 @@ def deliveries(
     clinic: Annotated[str | None, Query(description="clinic code")] = None,
     channel: DeliveryChannel | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[DeliveryOut]:
     """The delivery queue (administrators and QC), e.g. ``state=failing``."""
     with session_scope() as session:

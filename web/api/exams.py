@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from rdc_core.db import session_scope, utcnow
+from web.params import Offset
 from web.security import CurrentPrincipal
 from worklist.models import ExamState, Priority
 from worklist.queries import get_exam, list_exams, list_priors
@@ -25,7 +26,7 @@ def exams(
     modality: str | None = None,
     priority: Priority | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[ExamSummary]:
     """Exams the caller may see (a clinic sees only its own), newest first."""
     with session_scope() as session:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.errors import InvalidInputError, NotFoundError
 from rdc_core.settings import get_settings
+from web.params import MAX_VERSION, Offset
 from web.security import CurrentPrincipal
 from worklist.access import Principal, require_roles
 from worklist.models import Role
@@ -83,7 +84,9 @@ async def _upload(request: Request, fmt: str | None) -> tuple[str, str]:
 @router.get("/recognition/catalog")
 def get_catalog(
     principal: CurrentPrincipal,
-    version: Annotated[int | None, Query(ge=1, description="default: the current one")] = None,
+    version: Annotated[
+        int | None, Query(ge=1, le=MAX_VERSION, description="default: the current one")
+    ] = None,
 ) -> dict[str, Any]:
     """The current (or a given) catalogue version's recognised items and the version list."""
     with read_session() as session:
@@ -205,7 +208,7 @@ def post_decline(decision_id: str, body: DeclineIn, principal: CurrentPrincipal)
 def get_declines(
     principal: CurrentPrincipal,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """Recorded declines: QC and administrators see all, clinics their own."""
     with session_scope() as session:

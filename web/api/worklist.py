@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.settings import Settings, get_settings
+from web.params import Offset
 from web.security import CurrentPrincipal
 from worklist.claims import (
     WorklistFilter,
@@ -55,7 +56,7 @@ def worklist(
     ] = None,
     mine: bool = False,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> WorklistPage:
     """The reading queue of the lead hospital: most urgent, then earliest due, first."""
     filters = WorklistFilter(

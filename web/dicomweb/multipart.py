@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -199,7 +199,26 @@ async def receive_parts(
     if not boundary:
         raise InvalidInputError("the multipart Content-Type has no boundary")
     spooler = _Spooler(directory)
-    parser = MultipartParser(
+    try:
+        parser = _parser(boundary, spooler)
+    except FormParserError as exc:  # e.g. a boundary longer than the parser takes
+        raise InvalidInputError(f"unusable multipart boundary: {exc}") from exc
+    try:
+        async for chunk in body:
+            # File writes happen in the callbacks: keep them off the event loop.
+            await run_in_threadpool(parser.write, chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise InvalidInputError(f"malformed multipart body: {exc}") from exc
+    finally:
+        spooler.close()
+    if not spooler.ended:
+        raise InvalidInputError("the multipart body ends before its closing boundary")
+    return spooler.parts
+
+
+def _parser(boundary: bytes, spooler: _Spooler) -> MultipartParser:
+    return MultipartParser(
         boundary,
         {
             "on_part_begin": spooler.on_part_begin,
@@ -212,18 +231,6 @@ async def receive_parts(
             "on_end": spooler.on_end,
         },
     )
-    try:
-        async for chunk in body:
-            # File writes happen in the callbacks: keep them off the event loop.
-            await run_in_threadpool(parser.write, chunk)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise InvalidInputError(f"malformed multipart body: {exc}") from exc
-    finally:
-        spooler.close()
-    if not spooler.ended:
-        raise InvalidInputError("the multipart body ends before its closing boundary")
-    return spooler.parts
 
 
 class UnsupportedMediaType(HTTPException):

@@ -301,6 +301,72 @@ def _contents_as_written(sig: Any, data: bytes) -> bool:
     return data[gap_start:end] == b"<" + binascii.hexlify(contents).upper() + b">"
 
 
+def _algorithm_as_written(value: Any, cls: Any) -> Any:
+    # An algorithm identifier rebuilt from its OID, its parameters NULL when there were
+    # any (the DER forms signers write): anything else in them was changed.
+    from asn1crypto import core
+
+    fields: dict[str, Any] = {"algorithm": value["algorithm"].dotted}
+    if value["parameters"].dump():
+        fields["parameters"] = core.Null()
+    return cls(fields)
+
+
+def _container_canonical(sig: Any) -> bool:
+    """The CMS container is exactly the one its parts define, in DER.
+
+    pyHanko checks only what it needs (the digest, the signed attributes, the signature
+    value, the certificates): the SignedData and SignerInfo versions, the digest algorithm
+    set, the encapsulated content type and an algorithm identifier's parameters are read
+    by no one, so a changed byte there would go unnoticed. The container is rebuilt from
+    its meaningful parts, the versions derived as RFC 5652 prescribes, encoded in DER, and
+    must equal the bytes in the file.
+    """
+    from asn1crypto import algos, cms, parser
+
+    contents = bytes(sig.sig_object["/Contents"])
+    _, _, _, header, body, trailer = parser.parse(contents)
+    blob = contents[: len(header) + len(body) + len(trailer)]
+    info = cms.ContentInfo.load(blob, strict=True)
+    signed = info["content"]
+    if info["content_type"].native != "signed_data" or len(signed["signer_infos"]) != 1:
+        return False
+    signer = signed["signer_infos"][0]
+    sid_kind = signer["sid"].name
+    # RFC 5652 5.1 and 5.3: v1 with issuerAndSerialNumber, v3 with subjectKeyIdentifier;
+    # the SignedData takes 3 when a signer info does, otherwise 1 (plain X.509
+    # certificates, no CRLs, id-data content).
+    version = "v1" if sid_kind == "issuer_and_serial_number" else "v3"
+    digest = _algorithm_as_written(signer["digest_algorithm"], algos.DigestAlgorithm)
+    rebuilt_signer = cms.SignerInfo(
+        {
+            "version": version,
+            "sid": signer["sid"].copy(),
+            "digest_algorithm": digest,
+            "signed_attrs": signer["signed_attrs"].copy(),
+            "signature_algorithm": _algorithm_as_written(
+                signer["signature_algorithm"], algos.SignedDigestAlgorithm
+            ),
+            "signature": signer["signature"].native,
+        }
+    )
+    rebuilt = cms.ContentInfo(
+        {
+            "content_type": "signed_data",
+            "content": cms.SignedData(
+                {
+                    "version": version,
+                    "digest_algorithms": [digest.copy()],
+                    "encap_content_info": {"content_type": "data"},
+                    "certificates": [choice.copy() for choice in signed["certificates"] or []],
+                    "signer_infos": [rebuilt_signer],
+                }
+            ),
+        }
+    )
+    return bool(rebuilt.dump(force=True) == blob)
+
+
 def _container_clean(sig: Any, roots_der: set[bytes]) -> bool:
     # The CMS certificate set and unsigned attributes are outside the signed digest; only
     # the signer's certificate and exact copies of the trusted CA may travel there, so a
@@ -316,6 +382,15 @@ def _container_clean(sig: Any, roots_der: set[bytes]) -> bool:
 
 
 def _verify_pdf(
+    data: bytes, session: Session | None, roots: list[x509.Certificate], recorded: datetime | None
+) -> VerificationResult:
+    try:
+        return _check_pdf(data, session, roots, recorded)
+    except Exception as exc:  # pyHanko and asn1crypto parse lazily: a damaged part raises late
+        return VerificationResult(kind="pdf", reasons=[f"the signature cannot be read: {exc}"])
+
+
+def _check_pdf(
     data: bytes, session: Session | None, roots: list[x509.Certificate], recorded: datetime | None
 ) -> VerificationResult:
     from asn1crypto import x509 as asn1_x509
@@ -378,8 +453,9 @@ def _verify_pdf(
             _contents_as_written(sig, data)
             and _contents_padding_clean(sig)
             and _container_clean(sig, {r.public_bytes(der) for r in roots})
+            and _container_canonical(sig)
         )
-    except (ValueError, KeyError, TypeError, IndexError):
+    except Exception:  # asn1crypto raises many kinds on a damaged container
         result.checks["padding"] = False
     messages = {
         "intact": "the signed bytes were changed (digest mismatch)",

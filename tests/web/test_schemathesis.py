@@ -1,0 +1,158 @@
+"""No input answers 500: the live app against its own OpenAPI description.
+
+Schemathesis generates requests for every operation of ``/openapi.json`` (valid and invalid
+ones: parameters out of range, wrong types, odd strings), each sent with an administrator's
+and a clinic user's token, and checks only that no answer is a server error. Bounded: a
+few examples per operation, so the module runs in a couple of minutes on two cores.
+
+The values that did answer 500 (integers beyond SQLite's range, times whose zone offset
+pushes them off the calendar in UTC, a STOW boundary longer than the parser takes) are also
+sent by hand, so that they are tried on every run, not only when generated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu
+from tests.web.test_dicomweb import _postgres_database
+
+MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "8"))
+
+
+class _Live:
+    def __init__(self, server: RdcServer, tokens: dict[str, str]) -> None:
+        self.server = server
+        self.tokens = tokens
+
+
+@pytest.fixture(scope="module")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+) -> Iterator[_Live]:
+    """One ``rdc serve`` for the module, with a study received, and tokens of an
+    administrator and a clinic technician."""
+    workdir = tmp_path_factory.mktemp("schemathesis")
+    database = _postgres_database()
+    database_url = next(database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
+    env.update(
+        RDC_DATA_DIR=str(workdir / "data"),
+        RDC_HTTP_HOST="127.0.0.1",
+        RDC_HTTP_PORT=str(free_port()),
+        RDC_DICOM_HOST="127.0.0.1",
+        RDC_DICOM_PORT=str(free_port()),
+        RDC_DICOM_AE_TITLE="RDC",
+        RDC_STABLE_AGE_SECONDS="2",
+        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
+        RDC_PASSWORD_HASH_ROUNDS="4",
+    )
+    try:
+        with stack.deployment() as backends:
+            env.update(backends)
+            passwords = seed_alliance(env)
+            with RdcServer(env, workdir / "serve.log") as server:
+                for result in storescu(
+                    dcmtk,
+                    [testdata / "dicom" / "CT_small.dcm"],
+                    port=server.dicom_port,
+                    calling_ae="CLINIC_A_CT",
+                ):
+                    assert result.returncode == 0, result.stderr
+                tokens = {who: server.token(who, passwords[who]) for who in ("admin", "tech_a")}
+                yield _Live(server, tokens)
+    finally:
+        for _ in database:
+            pass
+
+
+@pytest.fixture(scope="module")
+def api_schema(live: _Live) -> schemathesis.BaseSchema:
+    schema = schemathesis.openapi.from_url(f"{live.server.http}/openapi.json")
+    schema.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES
+    )
+    return schema
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
+def test_no_input_answers_a_server_error(case: schemathesis.Case, live: _Live) -> None:
+    for token in live.tokens.values():
+        case.call_and_validate(
+            headers={"Authorization": f"Bearer {token}"},
+            checks=[not_a_server_error],
+            timeout=60,
+        )
+
+
+_BIG = str(2**63)
+_QUERIES = [
+    f"/api/v1/exams?offset={_BIG}",
+    f"/api/v1/worklist?offset={_BIG}",
+    f"/api/v1/reports?offset={_BIG}",
+    f"/api/v1/deliveries?offset={_BIG}",
+    f"/api/v1/critical-alerts?offset={_BIG}",
+    f"/api/v1/notifications?offset={_BIG}",
+    f"/api/v1/recognition/declines?offset={_BIG}",
+    f"/api/v1/recognition/catalog?version={_BIG}",
+    f"/api/v1/recognition/catalog?version={2**31}",
+    "/api/v1/critical-alerts?since=0001-01-01T00:00:00%2B23:59",
+    "/api/v1/critical-alerts?until=9999-12-31T23:59:59-23:59",
+    "/api/v1/reports?since=0001-01-01T00:00:00%2B14:00",
+    "/api/v1/reports?since=9999-12-31T23:00:00-14:00",
+    "/api/v1/critical-alerts?since=2026-01-01T08:00:00",  # no zone
+]
+
+
+def test_out_of_range_values_answer_problems(live: _Live) -> None:
+    with httpx.Client(
+        base_url=live.server.http,
+        headers={"Authorization": f"Bearer {live.tokens['admin']}"},
+        timeout=30,
+    ) as client:
+        for query in _QUERIES:
+            response = client.get(query)
+            assert response.status_code == 422, (query, response.status_code, response.text)
+            assert response.headers["content-type"].startswith("application/problem+json")
+        # A NUL character (PostgreSQL's text cannot hold one) is refused, never a crash.
+        nul = client.get("/api/v1/recognized-results?issuer=A%00&patient_id=%00")
+        assert nul.status_code < 500, nul.text
+        # Times within range in UTC still work, whatever their offset.
+        fine = client.get("/api/v1/critical-alerts?since=0001-01-01T00:00:00-05:00")
+        assert fine.status_code == 200, fine.text
+        assert client.get(f"/api/v1/exams?offset={10**9}").status_code == 200
+
+        boundary = "b" * 300
+        part = "Content-Type: application/dicom\r\n\r\nnot dicom\r\n"
+        body = f"--{boundary}\r\n{part}--{boundary}--\r\n"
+        stow = client.post(
+            "/dicomweb/studies",
+            content=body.encode(),
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+            },
+        )
+        assert stow.status_code in (400, 422), stow.text
+        assert stow.headers["content-type"].startswith("application/problem+json")
