@@ -121,9 +121,7 @@ def test_gaps_wait_for_open_transactions_then_seal_as_rolled_back(database: str)
     assert (done.sealed, done.rolled_back, done.head_seq) == (1, 2, 5)
     with read_session() as session:
         kinds = session.execute(select(AuditSeal.seq, AuditSeal.kind)).all()
-        assert [k for _, k in sorted(kinds)] == ["event", "event"] + ["rolled_back"] * 2 + [
-            "event"
-        ]
+        assert [k for _, k in sorted(kinds)] == ["event", "event"] + ["rolled_back"] * 2 + ["event"]
         assert verify_chain(session) == (True, None)
 
     # A record slipped in later under a number sealed as unused is found.
@@ -149,9 +147,7 @@ def test_record_rolls_back_with_its_transaction(database: str) -> None:
     _record(1)
     try:
         with session_scope() as session:
-            record_event(
-                session, actor="user:a", action="change", object_type="org", object_id="x"
-            )
+            record_event(session, actor="user:a", action="change", object_type="org", object_id="x")
             raise RuntimeError("the change failed")
     except RuntimeError:
         pass
@@ -207,9 +203,7 @@ def _legacy_database(url: str, *, tamper: int | None) -> None:
     engine.dispose()
 
 
-def test_earlier_chain_is_sealed_by_the_migration(
-    database_url: str | None, tmp_path: Path
-) -> None:
+def test_earlier_chain_is_sealed_by_the_migration(database_url: str | None, tmp_path: Path) -> None:
     for tamper in (None, 4):
         url = database_url or f"sqlite:///{tmp_path / f'legacy-{tamper}.db'}"
         if database_url and tamper:
