@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Integer, String, func, insert, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from rdc_core.db import Base, utcnow
+from rdc_core.db import Base, get_engine, session_scope, utcnow
+from rdc_core.errors import DatabaseUnavailableError
+from rdc_core.group_commit import GroupCommitter
 from worklist.access import Principal
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "ChainReport",
     "CheckpointRef",
     "SealResult",
+    "audited_read",
     "check_chain",
     "record_access",
     "record_event",
@@ -124,19 +129,61 @@ def record_event(
     org_id: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append an audit record in the caller's transaction (no lock; sealed later)."""
-    event = AuditEvent(
-        at=utcnow(),
-        actor=actor,
-        org_id=org_id,
-        action=action,
-        object_type=object_type,
-        object_id=object_id,
-        detail=detail or {},
-    )
+    """Append an audit record in the caller's transaction (no lock; sealed later). In an
+    :func:`audited_read` on SQLite, the record is appended when the read ends."""
+    values = {
+        "at": utcnow(),
+        "actor": actor,
+        "org_id": org_id,
+        "action": action,
+        "object_type": object_type,
+        "object_id": object_id,
+        "detail": detail or {},
+    }
+    deferred: list[dict[str, Any]] | None = session.info.get(_DEFERRED)
+    if deferred is not None:
+        deferred.append(values)
+        return AuditEvent(**values)
+    event = AuditEvent(**values)
     session.add(event)
     session.flush()
     return event
+
+
+_DEFERRED = "rdc_audit_deferred"
+_appender = GroupCommitter()
+
+
+@contextmanager
+def audited_read() -> Iterator[Session]:
+    """A session for a request that only reads and records its access.
+
+    On PostgreSQL this is one ordinary transaction (appending takes no lock). On SQLite,
+    where a write transaction holds the one writer lock from its start, the reading runs in
+    a read transaction (no lock), and the audit records are appended when the block ends,
+    in one short write shared with the records of concurrent reads (group commit); they are
+    committed before the block is left, so nothing is returned unaudited, and a failed
+    append raises. The block must not write anything else (the read transaction is rolled
+    back)."""
+    engine = get_engine()
+    if engine.dialect.name != "sqlite":
+        with session_scope() as session:
+            yield session
+        return
+    deferred: list[dict[str, Any]] = []
+    session = Session(bind=engine.execution_options(rdc_readonly=True), expire_on_commit=False)
+    session.info[_DEFERRED] = deferred
+    try:
+        yield session
+        if session.new or session.dirty or session.deleted:
+            raise RuntimeError("an audited read changed something; use session_scope")
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(str(exc.orig or exc)) from exc
+    finally:
+        session.rollback()
+        session.close()
+    if deferred:
+        _appender.run(lambda s: s.execute(insert(AuditEvent), deferred))
 
 
 def record_access(

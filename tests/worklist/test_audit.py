@@ -21,6 +21,7 @@ from rdc_core.migrate import alembic_config, upgrade_database
 from worklist.audit import (
     AuditEvent,
     AuditSeal,
+    audited_read,
     check_chain,
     record_event,
     seal_pending,
@@ -230,3 +231,26 @@ def test_earlier_chain_is_sealed_by_the_migration(database_url: str | None, tmp_
             assert (report.intact, report.first_bad_seq) == (False, 4)
             assert "before migration 0008" in (report.reason or "")
         get_engine(url).dispose()
+
+
+def test_audited_read_records_once_the_read_succeeded(database: str) -> None:
+    """A read's record is committed before the block is left, and not when it fails."""
+
+    def count() -> int:
+        with read_session() as session:
+            return len(session.scalars(select(AuditEvent.seq)).all())
+
+    with audited_read() as session:
+        record_event(session, actor="user:a", action="list", object_type="exam", object_id="*")
+        assert count() == 0  # not committed while the read runs
+    assert count() == 1
+    try:
+        with audited_read() as session:
+            record_event(session, actor="user:a", action="view", object_type="exam", object_id="x")
+            raise LookupError("no such exam")
+    except LookupError:
+        pass
+    assert count() == 1
+    _seal()
+    with read_session() as session:
+        assert verify_chain(session) == (True, None)

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.settings import Settings, get_settings
 from web.security import CurrentPrincipal
+from worklist.audit import audited_read
 from worklist.claims import (
     WorklistFilter,
     claim_item,
@@ -66,7 +67,7 @@ def worklist(
         state=state,
         mine=mine,
     )
-    with session_scope() as session:
+    with audited_read() as session:
         return list_worklist(
             session,
             principal=principal,
