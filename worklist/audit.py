@@ -44,6 +44,7 @@ __all__ = [
     "SealResult",
     "audited_read",
     "check_chain",
+    "has_unsealed",
     "record_access",
     "record_event",
     "seal_pending",
@@ -273,6 +274,12 @@ def seal_pending(
         count=count,
         waiting=waiting,
     )
+
+
+def has_unsealed(session: Session) -> bool:
+    """Whether records were appended after the chain's head."""
+    head = select(func.coalesce(func.max(AuditSeal.seq), 0)).scalar_subquery()
+    return session.scalar(select(AuditEvent.seq).where(AuditEvent.seq > head).limit(1)) is not None
 
 
 def _seal_row(seq: int, kind: str, digest: str, count: int, now: datetime) -> dict[str, Any]:
