@@ -110,6 +110,14 @@ GAUGES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "rdc_exams_receiving": ("Exams still receiving instances (not READY yet)", ()),
     "rdc_work_items_open": ("Open work items (exams to be read), by priority", ("priority",)),
     "rdc_work_items_overdue": ("Open work items past their due time, by priority", ("priority",)),
+    "rdc_audit_chain_intact": (
+        "1 when the last verification found the audit trail intact, 0 when it did not",
+        (),
+    ),
+    "rdc_audit_chain_verified_timestamp_seconds": (
+        "When the audit trail was last verified (Unix time)",
+        (),
+    ),
 }
 SOURCE_UP = "rdc_metrics_source_up"
 

@@ -112,6 +112,25 @@ class Settings(BaseSettings):
     delivery_max_backoff_seconds: float = Field(
         default=600.0, gt=0, description="Longest wait between two attempts of one push-back"
     )
+    audit_seal_interval_seconds: float = Field(
+        default=10.0, gt=0, description="How often new audit records are chained (sealed)"
+    )
+    audit_seal_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="A gap in the audit sequence older than this is sealed as rolled back",
+    )
+    audit_checkpoint_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often a signed audit checkpoint is written"
+    )
+    audit_verify_interval_seconds: float = Field(
+        default=86400.0, gt=0, description="How often the audit chain is verified"
+    )
+    audit_checkpoint_key_file: Path | None = Field(
+        default=None,
+        description="PEM Ed25519 private key for audit checkpoints; "
+        "default: derived from the secret key",
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

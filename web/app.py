@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from web.api import (
+    audit,
     auth,
     critical_values,
     deliveries,
@@ -34,6 +35,7 @@ def create_app() -> FastAPI:
     for module in (
         health,
         auth,
+        audit,
         exams,
         worklist,
         reports,

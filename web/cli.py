@@ -16,6 +16,7 @@ from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings
 from rdc_core.tasks import TaskRunner
+from web.cli_audit import audit_app
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
@@ -41,6 +42,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(accreditation_app, name="accreditation")
 app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
+app.add_typer(audit_app, name="audit")
 app.command("verify")(verify_command)
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line

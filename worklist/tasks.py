@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 # The domain packages' task modules register their tasks on import.
+import worklist.audit_tasks
 import worklist.critical_values.tasks
 import worklist.delivery.tasks  # noqa: F401
 from rdc_core.db import session_scope, utcnow

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from rdc_core.db import session_scope, utcnow
 from web.params import Offset
 from web.security import CurrentPrincipal
+from worklist.audit import audited_read
 from worklist.models import ExamState, Priority
 from worklist.queries import get_exam, list_exams, list_priors
 from worklist.reports import request_rescan
@@ -29,7 +30,7 @@ def exams(
     offset: Offset = 0,
 ) -> Page[ExamSummary]:
     """Exams the caller may see (a clinic sees only its own), newest first."""
-    with session_scope() as session:
+    with audited_read() as session:
         return list_exams(
             session,
             principal=principal,
@@ -49,7 +50,7 @@ def exams(
 )
 def exam(exam_id: str, principal: CurrentPrincipal) -> ExamDetail:
     """One exam with its instances. Another clinic's exam answers 404, never 403."""
-    with session_scope() as session:
+    with audited_read() as session:
         return get_exam(session, principal=principal, exam_id=exam_id)
 
 
@@ -60,7 +61,7 @@ class RescanRequest(BaseModel):
 @router.get("/{exam_id}/priors", response_model=list[ExamSummary], responses={404: {}})
 def priors(exam_id: str, principal: CurrentPrincipal) -> list[ExamSummary]:
     """The same patient's other exams, newest first."""
-    with session_scope() as session:
+    with audited_read() as session:
         return list_priors(session, principal=principal, exam_id=exam_id)
 
 

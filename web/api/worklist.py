@@ -11,6 +11,7 @@ from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.settings import Settings, get_settings
 from web.params import Offset
 from web.security import CurrentPrincipal
+from worklist.audit import audited_read
 from worklist.claims import (
     WorklistFilter,
     claim_item,
@@ -67,7 +68,7 @@ def worklist(
         state=state,
         mine=mine,
     )
-    with session_scope() as session:
+    with audited_read() as session:
         return list_worklist(
             session,
             principal=principal,
