@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
-from rdc_core.settings import Settings, get_settings
+from rdc_core.settings import Settings, get_settings, private_directory
 from rdc_core.tasks import TaskRunner
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
@@ -71,7 +71,12 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
     try:
         with session_scope() as session:
             org = add_organization(
-                session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae
+                session,
+                code=code,
+                name=name,
+                kind=OrgKind(kind_value),
+                ae_titles=ae,
+                actor=_cli_actor(),
             )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
     except RDCError as exc:
@@ -157,6 +162,7 @@ def user_add(
                 level=level_value,
                 display_name=name,
                 pools=pool,
+                actor=_cli_actor(),
                 qualifications=[
                     dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
                     for q in qualify
@@ -167,6 +173,32 @@ def user_add(
     except RDCError as exc:
         _fail(str(exc))
     console.print(f"user {username}: {role_value.value} at {org}")
+
+
+@user_app.command("disable")
+def user_disable(username: Annotated[str, typer.Argument(help="the user to disable")]) -> None:
+    """Disable a user: no more logins, and every token they hold fails at once."""
+    from rdc_core.db import session_scope
+    from rdc_core.migrate import upgrade_database
+    from worklist.accounts import disable_user
+
+    upgrade_database()
+    try:
+        with session_scope() as session:
+            disable_user(session, username=username, principal=None, actor=_cli_actor())
+    except RDCError as exc:
+        _fail(str(exc))
+    console.print(f"user {username}: disabled; every token of theirs is revoked")
+
+
+def _cli_actor() -> str:
+    """Who ran an administrative command, for the audit trail."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:100]
+    except Exception:  # no login name (container without passwd entry)
+        return "cli"
 
 
 @app.command("demo")
@@ -252,6 +284,8 @@ def serve(
     if role not in ("all", "web", "dicom"):
         _fail("--role must be all, web or dicom")
     settings = get_settings()
+    if settings.storage_backend == "local":
+        private_directory(settings.data_dir)  # 0700: the objects are patient data
     upgrade_database()
     store = get_object_store(settings)
     store.check()
@@ -283,6 +317,9 @@ def serve(
                 create_app(),
                 host=settings.http_host,
                 port=settings.http_port,
+                # X-Forwarded-For/-Proto are believed only from these (the TLS ingress).
+                proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips,
                 log_level="warning",
                 access_log=False,
             )
@@ -334,6 +371,8 @@ def _celery_app() -> Any:
     settings = get_settings()
     if settings.task_backend != "celery":
         _fail("set RDC_TASK_BACKEND=celery and RDC_BROKER_URL to run Celery workers")
+    if settings.storage_backend == "local":
+        private_directory(settings.data_dir)
     upgrade_database()
     return make_celery_app(settings)
 

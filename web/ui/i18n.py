@@ -57,6 +57,10 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "login.failed": ("用户名或密码错误", "Wrong username or password"),
     "login.missing": ("请输入用户名和密码", "Enter your username and password"),
     "login.cross_site": ("请求来源无效，请重试", "The request came from another site; try again"),
+    "login.locked": (
+        "登录失败次数过多，请稍后再试",
+        "Too many failed logins; try again later",
+    ),
     # vocabularies
     "priority.emergency": ("急诊", "Emergency"),
     "priority.urgent": ("加急", "Urgent"),
