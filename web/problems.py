@@ -99,8 +99,9 @@ def install_problem_handlers(app: FastAPI) -> None:
             log.error("%s %s: %s", request.method, request.url.path, exc)
         if status in (401, 403) and not getattr(exc, "audited", False):
             await run_in_threadpool(_audit_refusal, request, status, exc)
+        extra = {"retry_after": exc.retry_after} if isinstance(exc, TooManyAttemptsError) else {}
         return problem(
-            status, str(exc), title=exc.title, instance=request.url.path, headers=headers
+            status, str(exc), title=exc.title, instance=request.url.path, headers=headers, **extra
         )
 
     @app.exception_handler(StarletteHTTPException)

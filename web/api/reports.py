@@ -4,7 +4,7 @@ correct / append), signature verification, and the templates."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
@@ -21,10 +21,17 @@ from worklist.reports import (
     get_report,
     get_report_version,
     save_draft,
+    signing_preview,
     submit_report,
     verify_report,
 )
-from worklist.schemas import ReportAmendIn, ReportDetailOut, ReportIn, ReportOut
+from worklist.schemas import (
+    ReportAmendIn,
+    ReportDetailOut,
+    ReportIn,
+    ReportOut,
+    SigningPreviewOut,
+)
 from worklist.signing.pdf import register_key_image_renderer
 from worklist.signing.verify import check_report, verify_file
 
@@ -87,6 +94,20 @@ def verify(report_id: str, principal: CurrentPrincipal, body: SigningIn | None =
     confirm_signing(principal, password, action="verify", object_type="report", object_id=report_id)
     with session_scope() as session:
         return verify_report(session, principal=principal, report_id=report_id, now=utcnow())
+
+
+@router.get(
+    "/reports/{report_id}/signing-preview", response_model=SigningPreviewOut, responses=_NO_REPORT
+)
+def preview_signing(
+    report_id: str, principal: CurrentPrincipal, action: Literal["submit", "verify", "amend"]
+) -> SigningPreviewOut:
+    """What a signature would sign (for the signing dialog): final or preliminary, and the
+    mutual-recognition decision a final report would get now."""
+    with session_scope() as session:
+        return signing_preview(
+            session, principal=principal, report_id=report_id, action=action, now=utcnow()
+        )
 
 
 @router.get("/reports/{report_id}", response_model=ReportDetailOut, responses=_NO_REPORT)
