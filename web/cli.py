@@ -19,7 +19,7 @@ from rdc_core.tasks import TaskRunner
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
-from web.cli_signing import ca_app, verify_command
+from web.cli_signing import ca_app, cli_actor, verify_command
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
                 name=name,
                 kind=OrgKind(kind_value),
                 ae_titles=ae,
-                actor=_cli_actor(),
+                actor=cli_actor(),
             )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
     except RDCError as exc:
@@ -162,7 +162,7 @@ def user_add(
                 level=level_value,
                 display_name=name,
                 pools=pool,
-                actor=_cli_actor(),
+                actor=cli_actor(),
                 qualifications=[
                     dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
                     for q in qualify
@@ -185,20 +185,10 @@ def user_disable(username: Annotated[str, typer.Argument(help="the user to disab
     upgrade_database()
     try:
         with session_scope() as session:
-            disable_user(session, username=username, principal=None, actor=_cli_actor())
+            disable_user(session, username=username, principal=None, actor=cli_actor())
     except RDCError as exc:
         _fail(str(exc))
     console.print(f"user {username}: disabled; every token of theirs is revoked")
-
-
-def _cli_actor() -> str:
-    """Who ran an administrative command, for the audit trail."""
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"[:100]
-    except Exception:  # no login name (container without passwd entry)
-        return "cli"
 
 
 @app.command("demo")

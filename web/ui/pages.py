@@ -271,7 +271,12 @@ def switch_language(code: str, request: Request, next: str | None = None) -> Res
     """Remember the UI language in the ``lang`` cookie and go back to the page."""
     response = RedirectResponse(_safe_next(next) or "/", status_code=303)
     response.set_cookie(
-        LANG_COOKIE, pick_lang(code), max_age=365 * 24 * 3600, path="/", samesite="lax"
+        LANG_COOKIE,
+        pick_lang(code),
+        max_age=365 * 24 * 3600,
+        path="/",
+        samesite="lax",
+        secure=request.url.scheme == "https" or get_settings().env == "production",
     )
     return response
 
