@@ -132,7 +132,17 @@ def refuse_foreign_origin(request: Request) -> None:
     if origin is None:
         return
     if origin == "null" or urlsplit(origin).netloc != request.headers.get("host"):
-        raise audited(PermissionDeniedError(f"login from origin {origin!r} is refused"))
+        address = client_address(request)
+        with session_scope() as session:
+            record_event(
+                session,
+                actor=f"anonymous@{address}"[:100],
+                action="access_denied",
+                object_type="route",
+                object_id=f"{request.method} {request.url.path}"[:100],
+                detail={"status": 403, "reason": "login from another origin", "origin": origin},
+            )
+        raise audited(PermissionDeniedError(f"login from origin {origin[:100]!r} is refused"))
 
 
 def audited(exc: RDCError) -> RDCError:

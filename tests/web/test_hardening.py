@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.helpers import (
     RdcClient,
@@ -205,6 +204,10 @@ def test_login_throttling_revocation_origin_and_audit(
             headers={"Origin": origin},
         )
         assert page.status_code == 403 and "rdc_session" not in page.headers.get("set-cookie", "")
+    refused_origins = [
+        d["detail"]["origin"] for d in _audit(server, "access_denied") if "origin" in d["detail"]
+    ]
+    assert refused_origins == ["null", "null", "https://evil.example", "https://evil.example"]
 
     # Revocation: logout (API) ends every token of the user at once.
     first, second = (
@@ -380,12 +383,12 @@ def test_production_rules_and_files_at_rest(rdc_env: dict[str, str], tmp_path: P
 
 
 def test_development_data_directory_is_private(rdc_env: dict[str, str]) -> None:
-    """The first command on a fresh deployment creates the data directory 0700 and the
-    SQLite database 0600, whatever the umask (the test process's is 022)."""
-    rdc_cli(rdc_env, "org", "add", "--code", "LEAD", "--name", "Lead", "--kind", "lead")
-    if "RDC_DATABASE_URL" in rdc_env:
-        pytest.skip("the database is PostgreSQL: no database file")  # checked embedded
-    data_dir = Path(rdc_env["RDC_DATA_DIR"])
+    """The first command on a fresh embedded deployment creates the data directory 0700 and
+    the SQLite database 0600, whatever the umask (the test process's is 022). On every pass:
+    the files under test are the embedded stack's."""
+    env = {k: v for k, v in rdc_env.items() if k != "RDC_DATABASE_URL"}
+    rdc_cli(env, "org", "add", "--code", "LEAD", "--name", "Lead", "--kind", "lead")
+    data_dir = Path(env["RDC_DATA_DIR"])
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     files = [p for p in data_dir.glob("rdc.sqlite3*") if "lock" not in p.name]
     assert files
