@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,10 @@ def test_signing_needs_the_signers_own_password(
 
 def _login(http: str, username: str, password: str, **headers: str) -> httpx.Response:
     return httpx.post(
-        http + _LOGIN, data={"username": username, "password": password}, headers=headers
+        http + _LOGIN,
+        data={"username": username, "password": password},
+        headers=headers,
+        timeout=60,
     )
 
 
@@ -170,6 +175,20 @@ def test_login_throttling_revocation_origin_and_audit(
     failed = _audit(server, "login_failed")
     assert len(failed) == 5 and failed[0]["detail"]["username"] == "reader"
     assert _audit(server, "login_locked")
+
+    # Guesses sent at once cannot all slip past the count: each is recorded before its
+    # password is checked, so of 12 parallel guesses at most 5 are checked at all.
+    barrier = threading.Barrier(12)
+
+    def guess(n: int) -> int:
+        barrier.wait()
+        forwarded = {"X-Forwarded-For": f"192.0.2.{n}"}
+        return _login(http, "ghost", f"guess-{n}", **forwarded).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(pool.map(guess, range(12)))
+    assert codes == [401] * 5 + [429] * 7, codes
+    assert _login(http, "ghost", "guess-99").status_code == 429
 
     # Per client address (behind the ingress: X-Forwarded-For from a trusted proxy, here
     # the default RDC_FORWARDED_ALLOW_IPS=127.0.0.1): five failures with different usernames
