@@ -8,6 +8,7 @@ PostgreSQL is used as it is, by URL.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -31,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
-from rdc_core.settings import Settings, get_settings
+from rdc_core.settings import Settings, get_settings, private_directory
 
 __all__ = [
     "Base",
@@ -302,7 +303,7 @@ def _make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         lock_path = None
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_database(Path(parsed.database))
             lock_path = Path(f"{parsed.database}.writer-lock")
         engine = create_engine(
             url,
@@ -320,6 +321,14 @@ def _make_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _create_private_database(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by the owner only, 0600 / 0700:
+    it holds patient data. SQLite gives its -wal and -shm files the database file's mode."""
+    private_directory(path.parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def dispose_engines() -> None:

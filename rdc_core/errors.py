@@ -12,6 +12,7 @@ __all__ = [
     "PermissionDeniedError",
     "RDCError",
     "StorageError",
+    "TooManyAttemptsError",
 ]
 
 
@@ -53,6 +54,17 @@ class AuthenticationError(RDCError):
     """The caller could not be identified (bad credentials or token)."""
 
     title = "Authentication failed"
+
+
+class TooManyAttemptsError(RDCError):
+    """Too many failed attempts (login, signing password): refused until ``retry_after``
+    seconds have passed, whatever is sent meanwhile."""
+
+    title = "Too many attempts"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
 
 
 class ConflictError(RDCError):

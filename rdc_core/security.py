@@ -21,7 +21,13 @@ def hash_password(password: str) -> str:
         raise InvalidInputError("password must not be empty")
     if len(raw) > _MAX_PASSWORD_BYTES:
         raise InvalidInputError(f"password longer than {_MAX_PASSWORD_BYTES} bytes")
-    rounds = get_settings().password_hash_rounds
+    settings = get_settings()
+    if settings.env == "production" and len(password) < settings.password_min_length:
+        raise InvalidInputError(
+            f"password shorter than {settings.password_min_length} characters "
+            "(RDC_PASSWORD_MIN_LENGTH)"
+        )
+    rounds = settings.password_hash_rounds
     return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 

@@ -6,6 +6,8 @@ and the CLI can point a process at another database or data directory before fir
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rdc_core.errors import ConfigurationError
 
-__all__ = ["Settings", "get_settings", "reset_settings"]
+__all__ = ["Settings", "get_settings", "private_directory", "reset_settings"]
 
 
 class Settings(BaseSettings):
@@ -86,6 +88,22 @@ class Settings(BaseSettings):
         default=12, ge=4, le=16, description="bcrypt cost; production refuses less than 12"
     )
     access_token_minutes: int = 8 * 60
+    password_min_length: int = Field(
+        default=10,
+        ge=10,
+        le=72,
+        description="Shortest password accepted in production (configurable upward)",
+    )
+    auth_max_failures: int = Field(
+        default=5, ge=1, description="Failed logins (per user, per address) or signing passwords"
+    )
+    auth_lockout_seconds: int = Field(
+        default=900, ge=1, description="Window the failures are counted in; also the lock-out"
+    )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Proxies whose X-Forwarded-For/-Proto uvicorn trusts (comma-separated, *)",
+    )
     claim_lease_seconds: int = Field(
         default=900, ge=30, description="How long a claim holds an exam without renewal"
     )
@@ -138,6 +156,8 @@ class Settings(BaseSettings):
     def _check_production(self) -> Settings:
         if self.env == "production" and self.secret_key is None:
             raise ConfigurationError("RDC_SECRET_KEY must be set when RDC_ENV=production")
+        if self.env == "production" and self.secret_key is not None:
+            _check_production_secret(self.secret_key.get_secret_value())
         if self.env == "production" and self.password_hash_rounds < 12:
             raise ConfigurationError("RDC_PASSWORD_HASH_ROUNDS below 12 is refused in production")
         if self.env == "production" and self.database_url is None:
@@ -186,10 +206,48 @@ class Settings(BaseSettings):
             return self.secret_key.get_secret_value()
         key_file = self.data_dir / ".secret_key"
         if not key_file.exists():
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(secrets.token_urlsafe(48))
-            key_file.chmod(0o600)
+            private_directory(key_file.parent)
+            try:
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first
+                pass
+            else:
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(48))
         return key_file.read_text().strip()
+
+
+def private_directory(path: Path) -> Path:
+    """Create ``path`` (and missing parents) readable by the owner only (0700): the data
+    directory holds the database, the objects and the development secret."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for created in missing:  # parents=True creates parents with the umask's mode
+        with contextlib.suppress(OSError):
+            created.chmod(0o700)
+    return path
+
+
+# A production key must be at least 32 bytes of random material: 43 characters of
+# ``secrets.token_urlsafe(32)``, 44 of ``openssl rand -base64 32`` or 64 hex digits.
+_MIN_SECRET_BYTES = 32
+_MIN_SECRET_DISTINCT = 12
+
+
+def _check_production_secret(key: str) -> None:
+    """Refuse keys that can be guessed or brute-forced offline (a token signed with ``x``
+    was forged and accepted): too short, or too few different characters to be random."""
+    if len(key.encode("utf-8")) < _MIN_SECRET_BYTES or len(set(key)) < _MIN_SECRET_DISTINCT:
+        raise ConfigurationError(
+            f"RDC_SECRET_KEY must be at least {_MIN_SECRET_BYTES} random bytes in production "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
 
 
 @lru_cache(maxsize=1)

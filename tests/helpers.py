@@ -283,16 +283,29 @@ def worklist_items(
     return result
 
 
+class RdcClient(httpx.Client):
+    """An authorised client of ``RdcServer.client``: ``password`` signs (``signing``)."""
+
+    def __init__(self, password: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.password = password
+
+    @property
+    def signing(self) -> dict[str, str]:
+        """The JSON body of a signing request (submit, verify-by-senior)."""
+        return {"signing_password": self.password}
+
+
 def report_exam(
-    client: httpx.Client, *, exam_id: str, item_id: str, report: dict[str, Any]
+    client: RdcClient, *, exam_id: str, item_id: str, report: dict[str, Any]
 ) -> dict[str, Any]:
-    """Claim the work item, save ``report`` as the exam's draft and submit it, as the reading
-    page does; returns the submitted report."""
+    """Claim the work item, save ``report`` as the exam's draft and submit it with the
+    reader's signing password, as the reading page does; returns the submitted report."""
     claimed = client.post(f"/api/v1/worklist/{item_id}/claim")
     assert claimed.status_code == 200, claimed.text
     draft = client.put(f"/api/v1/exams/{exam_id}/report", json=report)
     assert draft.status_code == 200, draft.text
-    submitted = client.post(f"/api/v1/exams/{exam_id}/report/submit")
+    submitted = client.post(f"/api/v1/exams/{exam_id}/report/submit", json=client.signing)
     assert submitted.status_code == 200, submitted.text
     result: dict[str, Any] = submitted.json()
     return result
@@ -447,9 +460,11 @@ class RdcServer:
         assert response.status_code == 200, response.text
         return str(response.json()["access_token"])
 
-    def client(self, username: str, password: str) -> httpx.Client:
-        """An HTTP client authorised as ``username``."""
-        return httpx.Client(
+    def client(self, username: str, password: str) -> RdcClient:
+        """An HTTP client authorised as ``username``; it knows the password, which signing
+        requests carry as ``signing_password``."""
+        return RdcClient(
+            password,
             base_url=self.http,
             timeout=30,
             headers={"Authorization": f"Bearer {self.token(username, password)}"},

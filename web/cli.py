@@ -14,13 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
-from rdc_core.settings import Settings, get_settings
+from rdc_core.settings import Settings, get_settings, private_directory
 from rdc_core.tasks import TaskRunner
 from web.cli_audit import audit_app
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
-from web.cli_signing import ca_app, verify_command
+from web.cli_signing import ca_app, cli_actor, verify_command
 
 __all__ = ["main"]
 
@@ -73,7 +73,12 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
     try:
         with session_scope() as session:
             org = add_organization(
-                session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae
+                session,
+                code=code,
+                name=name,
+                kind=OrgKind(kind_value),
+                ae_titles=ae,
+                actor=cli_actor(),
             )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
     except RDCError as exc:
@@ -159,6 +164,7 @@ def user_add(
                 level=level_value,
                 display_name=name,
                 pools=pool,
+                actor=cli_actor(),
                 qualifications=[
                     dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
                     for q in qualify
@@ -169,6 +175,22 @@ def user_add(
     except RDCError as exc:
         _fail(str(exc))
     console.print(f"user {username}: {role_value.value} at {org}")
+
+
+@user_app.command("disable")
+def user_disable(username: Annotated[str, typer.Argument(help="the user to disable")]) -> None:
+    """Disable a user: no more logins, and every token they hold fails at once."""
+    from rdc_core.db import session_scope
+    from rdc_core.migrate import upgrade_database
+    from worklist.accounts import disable_user
+
+    upgrade_database()
+    try:
+        with session_scope() as session:
+            disable_user(session, username=username, principal=None, actor=cli_actor())
+    except RDCError as exc:
+        _fail(str(exc))
+    console.print(f"user {username}: disabled; every token of theirs is revoked")
 
 
 @app.command("demo")
@@ -254,6 +276,8 @@ def serve(
     if role not in ("all", "web", "dicom"):
         _fail("--role must be all, web or dicom")
     settings = get_settings()
+    if settings.storage_backend == "local":
+        private_directory(settings.data_dir)  # 0700: the objects are patient data
     upgrade_database()
     store = get_object_store(settings)
     store.check()
@@ -285,6 +309,9 @@ def serve(
                 create_app(),
                 host=settings.http_host,
                 port=settings.http_port,
+                # X-Forwarded-For/-Proto are believed only from these (the TLS ingress).
+                proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips,
                 log_level="warning",
                 access_log=False,
             )
@@ -336,6 +363,8 @@ def _celery_app() -> Any:
     settings = get_settings()
     if settings.task_backend != "celery":
         _fail("set RDC_TASK_BACKEND=celery and RDC_BROKER_URL to run Celery workers")
+    if settings.storage_backend == "local":
+        private_directory(settings.data_dir)
     upgrade_database()
     return make_celery_app(settings)
 

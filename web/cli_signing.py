@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from rdc_core.errors import RDCError
 
-__all__ = ["ca_app", "verify_command"]
+__all__ = ["ca_app", "cli_actor", "verify_command"]
 
 ca_app = typer.Typer(
     help="The alliance CA and readers' signing certificates.", no_args_is_help=True
 )
 console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
+
+
+def cli_actor() -> str:
+    """Who ran an administrative command, for the audit trail (``cli:<login name>``)."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:100]
+    except Exception:  # no login name (a container without a passwd entry)
+        return "cli"
+
+
+def _audit(session: Any, action: str, object_id: str, detail: dict[str, Any]) -> None:
+    from worklist.audit import record_event
+
+    record_event(
+        session,
+        actor=cli_actor(),
+        action=action,
+        object_type="certificate",
+        object_id=object_id,
+        detail=detail,
+    )
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -35,6 +58,7 @@ def ca_init() -> None:
     try:
         with session_scope() as session:
             row = init_ca(session, now=utcnow())
+            _audit(session, "ca_init", row.serial, {"subject": row.subject})
             console.print(f"alliance CA created: {row.subject} (serial {row.serial})")
     except CaExistsError:
         with session_scope() as session:
@@ -60,6 +84,12 @@ def ca_issue(
     try:
         with session_scope() as session:
             row = issue_certificate(session, username=username, now=utcnow(), renew=renew)
+            _audit(
+                session,
+                "issue_certificate",
+                row.serial,
+                {"username": username, "subject": row.subject, "renew": renew},
+            )
             console.print(
                 f"certificate for {username}: {row.subject}, serial {row.serial}, "
                 f"valid until {row.not_after:%Y-%m-%d}"
@@ -96,6 +126,7 @@ def ca_revoke(
     try:
         with session_scope() as session:
             row = revoke_certificate(session, serial=serial, now=utcnow())
+            _audit(session, "revoke_certificate", row.serial, {"subject": row.subject})
             console.print(f"revoked {row.subject} (serial {row.serial})")
     except RDCError as exc:
         _fail(str(exc))

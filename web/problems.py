@@ -10,8 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rdc_core.db import session_scope
 from rdc_core.errors import (
     AuthenticationError,
     ConflictError,
@@ -21,7 +23,9 @@ from rdc_core.errors import (
     PermissionDeniedError,
     RDCError,
     StorageError,
+    TooManyAttemptsError,
 )
+from worklist.audit import record_event
 
 __all__ = ["install_problem_handlers", "problem"]
 
@@ -33,6 +37,7 @@ _STATUS_FOR: list[tuple[type[RDCError], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidInputError, 422),
+    (TooManyAttemptsError, 429),
     (StorageError, 503),
     (DatabaseUnavailableError, 503),
 ]
@@ -62,6 +67,26 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def _audit_refusal(request: Request, status: int, exc: RDCError) -> None:
+    """Every 401 and 403 of the authorisation layer goes to the audit trail, with whoever
+    was refused (anonymous for a missing or bad token) and the route."""
+    principal = getattr(request.state, "principal", None)
+    client = request.client.host if request.client else "unknown"
+    try:
+        with session_scope() as session:
+            record_event(
+                session,
+                actor=principal.actor if principal else f"anonymous@{client}"[:100],
+                org_id=principal.org_id if principal else None,
+                action="access_denied" if status == 403 else "authentication_failed",
+                object_type="route",
+                object_id=f"{request.method} {request.url.path}"[:100],
+                detail={"status": status, "reason": str(exc)[:500], "address": client},
+            )
+    except Exception:  # the refusal stands even when the audit cannot be written
+        log.exception("could not audit the refusal of %s %s", request.method, request.url.path)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Map domain errors, HTTP errors and validation errors to problem responses."""
 
@@ -69,10 +94,15 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _domain_error(request: Request, exc: RDCError) -> JSONResponse:
         status = next((code for cls, code in _STATUS_FOR if isinstance(exc, cls)), 500)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, TooManyAttemptsError):
+            headers = {"Retry-After": str(exc.retry_after)}
         if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
+        if status in (401, 403) and not getattr(exc, "audited", False):
+            await run_in_threadpool(_audit_refusal, request, status, exc)
+        extra = {"retry_after": exc.retry_after} if isinstance(exc, TooManyAttemptsError) else {}
         return problem(
-            status, str(exc), title=exc.title, instance=request.url.path, headers=headers
+            status, str(exc), title=exc.title, instance=request.url.path, headers=headers, **extra
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -22,6 +22,8 @@ class Principal:
     org_id: str
     org_kind: OrgKind
     level: ReaderLevel | None = None
+    # Tokens carry it; revoking a user's tokens raises the stored one (worklist.accounts).
+    token_generation: int = 0
 
     @property
     def is_clinic_user(self) -> bool:

@@ -12,6 +12,8 @@ from rdc_core.db import insert_ignore, stable_id, upsert, utcnow
 from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError
 from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
+from worklist.accounts import revoke_tokens
+from worklist.audit import record_event
 from worklist.models import AETitle, Discipline, Organization, OrgKind, ReaderLevel, Role, User
 from worklist.schemas import Me
 
@@ -56,7 +58,13 @@ def _normalise_ae(ae_title: str) -> str:
 
 
 def add_organization(
-    session: Session, *, code: str, name: str, kind: OrgKind, ae_titles: list[str] | None = None
+    session: Session,
+    *,
+    code: str,
+    name: str,
+    kind: OrgKind,
+    ae_titles: list[str] | None = None,
+    actor: str = "cli",
 ) -> Organization:
     """Create or update the organisation ``code`` and register its AE titles.
 
@@ -97,6 +105,15 @@ def add_organization(
         add_ae_title(session, org_code=code, ae_title=ae)
     org = session.get(Organization, org_id, populate_existing=True)
     assert org is not None
+    record_event(
+        session,
+        actor=actor,
+        action="configure",
+        object_type="organization",
+        object_id=org_id,
+        org_id=org_id,
+        detail={"code": code, "name": org.name, "kind": kind.value, "ae_titles": ae_titles or []},
+    )
     return org
 
 
@@ -155,6 +172,7 @@ def add_user(
     display_name: str = "",
     pools: list[str] | None = None,
     qualifications: list[dict[str, str]] | None = None,
+    actor: str = "cli",
 ) -> User:
     """Create the user, or reset password/role/level of an existing one (idempotent).
 
@@ -187,6 +205,8 @@ def add_user(
     existing = session.get(User, values["id"])
     if existing is not None and existing.org_id != org.id:
         raise ConflictError(f"user {username} belongs to another organisation")
+    # A password reset ends every session of the old password.
+    reset = existing is not None and not verify_password(password, existing.password_hash)
     upsert(
         session,
         User.__table__,
@@ -209,6 +229,24 @@ def add_user(
     if (pools or qualifications) and role not in {Role.READER, Role.SENIOR_READER}:
         raise InvalidInputError("pools and qualifications apply to readers only")
     session.flush()
+    if reset:
+        revoke_tokens(session, user_id=user.id)
+        session.refresh(user)
+    record_event(
+        session,
+        actor=actor,
+        action="reset_password" if reset else ("update_user" if existing else "add_user"),
+        object_type="user",
+        object_id=user.id,
+        org_id=org.id,
+        detail={
+            "username": username,
+            "role": role.value,
+            "level": level.value if level else None,
+            "pools": user.pools,
+            "qualifications": user.qualifications,
+        },
+    )
     return user
 
 
@@ -221,6 +259,7 @@ def principal_for_user(user: User) -> Principal:
         org_id=user.org_id,
         org_kind=user.organization.kind,
         level=user.level,
+        token_generation=user.token_generation or 0,
     )
 
 

@@ -26,6 +26,7 @@ from rdc_core.db import Base, utcnow
 __all__ = [
     "AETitle",
     "AmendmentKind",
+    "AuthFailure",
     "Discipline",
     "Exam",
     "ExamState",
@@ -193,8 +194,26 @@ class User(Base):
     qualifications: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Every token carries the generation it was issued in; logout, a password reset and
+    # disabling the user raise it, so every earlier token fails at once.
+    token_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     organization: Mapped[Organization] = relationship(lazy="joined")
+
+
+class AuthFailure(Base):
+    """One failed login (counted per username and per client address) or wrong signing
+    password (per user). Kept in the database so that every replica counts the same."""
+
+    __tablename__ = "auth_failures"
+    __table_args__ = (Index("ix_auth_failures_scope_key_at", "scope", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    scope: Mapped[str] = mapped_column(String(16))  # login_user, login_address, signing
+    key: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Patient(Base):

@@ -35,7 +35,7 @@ from worklist.models import (
     WorkItemState,
 )
 from worklist.queries import get_exam, visible_exam
-from worklist.recognition.service import recognition_for_report
+from worklist.recognition.service import evaluate_report, recognition_for_report
 from worklist.report_templates import template_by_code
 from worklist.schemas import (
     ExamSummary,
@@ -45,6 +45,7 @@ from worklist.schemas import (
     ReportIn,
     ReportOut,
     ReportVersionOut,
+    SigningPreviewOut,
 )
 from worklist.signing.service import (
     PRELIMINARY_NOTICE,
@@ -60,6 +61,7 @@ __all__ = [
     "get_report_version",
     "request_rescan",
     "save_draft",
+    "signing_preview",
     "submit_report",
     "verify_report",
 ]
@@ -146,6 +148,46 @@ def get_report(session: Session, *, principal: Principal, exam_id: str) -> Repor
         raise NotFoundError(f"exam {exam_id} has no report yet")
     record_access(session, principal, action="view", object_type="report", object_id=report.id)
     return report_out(report)
+
+
+def signing_preview(
+    session: Session, *, principal: Principal, report_id: str, action: str, now: datetime
+) -> SigningPreviewOut:
+    """What ``principal`` would sign with ``action`` (submit, verify, amend) on the report:
+    whether it becomes final or preliminary and, when final, the recognition decision as it
+    stands now (recorded only by the signature itself)."""
+    require_roles(principal, READING_ROLES, lead_only=True)
+    if action not in ("submit", "verify", "amend"):
+        raise InvalidInputError("action: submit, verify or amend")
+    report = session.get(Report, report_id)
+    if report is None:
+        raise NotFoundError(f"no report {report_id}")
+    exam = visible_exam(session, principal=principal, exam_id=report.exam_id)
+    # Residents submit preliminary reports; whoever may verify makes a report final (a senior
+    # submitting a preliminary report verifies it). Only they may verify or amend.
+    final = can_verify(principal)
+    recognition = (
+        evaluate_report(session, report=report, exam=exam, signer=principal, now=now, preview=True)
+        if final
+        else None
+    )
+    record_access(
+        session,
+        principal,
+        action="view_signing",
+        object_type="report",
+        object_id=report.id,
+        detail={"signing_action": action},
+    )
+    return SigningPreviewOut(
+        report_id=report.id,
+        exam_id=exam.id,
+        action=action,
+        outcome=ReportStatus.FINAL if final else ReportStatus.PRELIMINARY,
+        impression=report.impression,
+        critical=report.critical,
+        recognition=recognition,
+    )
 
 
 def save_draft(

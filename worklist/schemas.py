@@ -244,6 +244,19 @@ class ReportOut(_Out):
     amendment_reason: str | None = None
 
 
+class SigningPreviewOut(BaseModel):
+    """What a signature would sign, for the signing dialog: the outcome (``final`` or
+    ``preliminary``) and, for a final report, the mutual-recognition decision it would get."""
+
+    report_id: str
+    exam_id: str
+    action: str
+    outcome: ReportStatus
+    impression: str
+    critical: bool
+    recognition: dict[str, Any] | None = None
+
+
 class ReportAmendIn(BaseModel):
     """A new version of a signed final report: what kind of change, why, and the fields
     that change (the others are copied; for ``appended`` the given text is added)."""

@@ -24,7 +24,7 @@ def test_production_requires_secret_and_database(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("RDC_ENV", "production")
     with pytest.raises(ConfigurationError, match="RDC_SECRET_KEY"):
         Settings()
-    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("RDC_SECRET_KEY", "kq3ZQ7v0mB1n-PfW8xYtL2cR5sJ9hD4aE6gU_oViTwN")
     with pytest.raises(ConfigurationError, match="RDC_DATABASE_URL"):
         Settings()
     monkeypatch.setenv("RDC_DATABASE_URL", "postgresql+psycopg://db/rdc")
@@ -56,7 +56,7 @@ def test_password_hash_cost_is_configurable_but_not_weak_in_production(
     monkeypatch.delenv("RDC_PASSWORD_HASH_ROUNDS")
     assert Settings().password_hash_rounds == 12
     monkeypatch.setenv("RDC_ENV", "production")
-    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("RDC_SECRET_KEY", "kq3ZQ7v0mB1n-PfW8xYtL2cR5sJ9hD4aE6gU_oViTwN")
     monkeypatch.setenv("RDC_DATABASE_URL", "postgresql+psycopg://db/rdc")
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "10")
     with pytest.raises(ConfigurationError, match="RDC_PASSWORD_HASH_ROUNDS"):

@@ -74,7 +74,7 @@ def test_ca_commands_and_verify_exit_codes(
             f"/api/v1/exams/{exam_id}/report",
             json={"findings": "未见异常", "impression": "正常", "quality_grade": "甲"},
         )
-        report = senior.post(f"/api/v1/exams/{exam_id}/report/submit").json()
+        report = senior.post(f"/api/v1/exams/{exam_id}/report/submit", json=senior.signing).json()
         assert report["status"] == "final"
         signature = senior.get(f"/api/v1/reports/{report['id']}").json()["signature"]
         assert signature["certificate_serial"] == serial  # the certificate the CLI issued

@@ -59,7 +59,7 @@ def final_report(server: RdcServer, alliance: dict[str, str], testdata: Path, dc
         )
     report_id = str(submitted["id"])
     with server.client("senior", alliance["senior"]) as senior:
-        verified = senior.post(f"/api/v1/reports/{report_id}/verify-by-senior")
+        verified = senior.post(f"/api/v1/reports/{report_id}/verify-by-senior", json=senior.signing)
         assert verified.status_code == 200, verified.text
     return report_id
 
@@ -182,7 +182,12 @@ def test_clinic_fetches_acknowledges_and_gets_pushes(
         with server.client("senior", alliance["senior"]) as senior:
             amended = senior.post(
                 f"/api/v1/reports/{report_id}/amend",
-                json={"kind": "corrected", "reason": "更正 / fix", "impression": "右肺结节 Nodule"},
+                json={
+                    "kind": "corrected",
+                    "reason": "更正 / fix",
+                    "impression": "右肺结节 Nodule",
+                    **senior.signing,
+                },
             )
             assert amended.status_code == 200, amended.text
         new_id = amended.json()["id"]

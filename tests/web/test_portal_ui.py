@@ -42,7 +42,12 @@ def test_clinic_downloads_and_acknowledges_in_the_portal(
     with server.client("senior", alliance["senior"]) as senior:
         amended = senior.post(
             f"/api/v1/reports/{first}/amend",
-            json={"kind": "corrected", "reason": "更正", "impression": "右肺小结节，建议复查"},
+            json={
+                "kind": "corrected",
+                "reason": "更正",
+                "impression": "右肺小结节，建议复查",
+                **senior.signing,
+            },
         )
         assert amended.status_code == 200, amended.text
     current = amended.json()["id"]

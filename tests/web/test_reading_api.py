@@ -61,7 +61,7 @@ def test_claim_write_submit_verify_over_http(
     assert senior.put(f"/api/v1/exams/{exam_id}/report", json={"findings": "x"}).status_code == 409
     assert tech_a.get(f"/api/v1/exams/{exam_id}/report").status_code == 404  # drafts stay in
 
-    submitted = reader.post(f"/api/v1/exams/{exam_id}/report/submit")
+    submitted = reader.post(f"/api/v1/exams/{exam_id}/report/submit", json=reader.signing)
     assert submitted.status_code == 200, submitted.text
     report = submitted.json()
     assert report["status"] == "preliminary" and "以正式报告为准" in report["notice"]
@@ -71,8 +71,13 @@ def test_claim_write_submit_verify_over_http(
     awaiting = senior.get("/api/v1/worklist", params={"state": "awaiting_verification"}).json()
     assert [i["exam_id"] for i in awaiting["items"]] == [exam_id]
 
-    assert reader.post(f"/api/v1/reports/{report['id']}/verify-by-senior").status_code == 403
-    verified = senior.post(f"/api/v1/reports/{report['id']}/verify-by-senior")
+    assert (
+        reader.post(
+            f"/api/v1/reports/{report['id']}/verify-by-senior", json=reader.signing
+        ).status_code
+        == 403
+    )
+    verified = senior.post(f"/api/v1/reports/{report['id']}/verify-by-senior", json=senior.signing)
     assert verified.status_code == 200, verified.text
     assert verified.json()["status"] == "final" and verified.json()["locked"] is True
     assert senior.put(f"/api/v1/exams/{exam_id}/report", json={"findings": "x"}).status_code == 409

@@ -65,14 +65,14 @@ def test_sign_verify_amend_over_http(
             headers={"content-type": "application/json"},
         )
         assert refused.status_code == 422, (number, refused.text)
-    v1 = reader.post(f"/api/v1/exams/{exam_id}/report/submit").json()
+    v1 = reader.post(f"/api/v1/exams/{exam_id}/report/submit", json=reader.signing).json()
     assert v1["status"] == "preliminary"
     detail = reader.get(f"/api/v1/reports/{v1['id']}").json()
     assert (
         detail["signature"]["stage"] == "preliminary" and detail["signature"]["signer"] == "reader"
     )
 
-    verified = senior.post(f"/api/v1/reports/{v1['id']}/verify-by-senior")
+    verified = senior.post(f"/api/v1/reports/{v1['id']}/verify-by-senior", json=senior.signing)
     assert verified.status_code == 200, verified.text
     check = senior.get(f"/api/v1/reports/{v1['id']}/verify").json()
     assert check["valid"] is True, check["reasons"]
@@ -133,7 +133,7 @@ def test_sign_verify_amend_over_http(
     assert (
         reader.post(
             f"/api/v1/reports/{v1['id']}/amend",
-            json={"kind": "corrected", "reason": "x", "impression": "y"},
+            json={"kind": "corrected", "reason": "x", "impression": "y", **reader.signing},
         ).status_code
         == 403
     )
@@ -143,6 +143,7 @@ def test_sign_verify_amend_over_http(
             "kind": "corrected",
             "reason": "左肺下叶小结节漏报",
             "impression": "左肺下叶小结节，建议随访",
+            **senior.signing,
         },
     )
     assert amended.status_code == 200, amended.text
@@ -168,7 +169,12 @@ def test_sign_verify_amend_over_http(
         codes.append(
             senior.post(
                 f"/api/v1/reports/{v2['id']}/amend",
-                json={"kind": "appended", "reason": f"补充 {n}", "recommendation": f"随访 {n}"},
+                json={
+                    "kind": "appended",
+                    "reason": f"补充 {n}",
+                    "recommendation": f"随访 {n}",
+                    **senior.signing,
+                },
             ).status_code
         )
 

@@ -494,7 +494,7 @@ def test_without_a_cjk_font_file_development_falls_back_and_production_refuses(
     monkeypatch.setattr(pdf, "CJK_FONT_CANDIDATES", (("/nonexistent/cjk.ttc", 0),))
     monkeypatch.setattr(pdf, "_font_ready", [])
     monkeypatch.setenv("RDC_ENV", "production")
-    monkeypatch.setenv("RDC_SECRET_KEY", "x" * 40)
+    monkeypatch.setenv("RDC_SECRET_KEY", "kq3ZQ7v0mB1n-PfW8xYtL2cR5sJ9hD4aE6gU_oViTwN")
     monkeypatch.setenv("RDC_DATABASE_URL", "sqlite://")
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "12")
     reset_settings()

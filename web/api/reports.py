@@ -4,26 +4,34 @@ correct / append), signature verification, and the templates."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.errors import InvalidInputError
-from web.security import CurrentPrincipal
+from web.security import CurrentPrincipal, confirm_signing
 from worklist.report_templates import TEMPLATES, templates_for
 from worklist.reports import (
     amend_report,
     get_report,
     get_report_version,
     save_draft,
+    signing_preview,
     submit_report,
     verify_report,
 )
-from worklist.schemas import ReportAmendIn, ReportDetailOut, ReportIn, ReportOut
+from worklist.schemas import (
+    ReportAmendIn,
+    ReportDetailOut,
+    ReportIn,
+    ReportOut,
+    SigningPreviewOut,
+)
 from worklist.signing.pdf import register_key_image_renderer
 from worklist.signing.verify import check_report, verify_file
 
@@ -50,18 +58,56 @@ def save(exam_id: str, body: ReportIn, principal: CurrentPrincipal) -> ReportOut
         return save_draft(session, principal=principal, exam_id=exam_id, data=body, now=utcnow())
 
 
-@router.post("/exams/{exam_id}/report/submit", response_model=ReportOut, responses=_CONFLICT)
-def submit(exam_id: str, principal: CurrentPrincipal) -> ReportOut:
-    """Submit: final for attending and chief readers, preliminary for residents."""
+class SigningIn(BaseModel):
+    """What every signing request carries: the signer's own password (a signature is a
+    deliberate act of its signer, 电子签名法 Art. 13)."""
+
+    signing_password: str | None = Field(default=None, max_length=256)
+
+
+class AmendIn(ReportAmendIn):
+    signing_password: str | None = Field(default=None, max_length=256)
+
+
+_SIGNING: dict[int | str, dict[str, Any]] = {
+    **_CONFLICT,
+    403: {"description": "signing_password missing or wrong (nothing was signed), or not allowed"},
+    429: {"description": "signing locked after too many wrong passwords (Retry-After)"},
+}
+
+
+@router.post("/exams/{exam_id}/report/submit", response_model=ReportOut, responses=_SIGNING)
+def submit(exam_id: str, principal: CurrentPrincipal, body: SigningIn | None = None) -> ReportOut:
+    """Sign and submit: final for attending and chief readers, preliminary for residents.
+    Needs ``{"signing_password": …}``."""
+    password = body.signing_password if body else None
+    confirm_signing(principal, password, action="submit", object_type="exam", object_id=exam_id)
     with session_scope() as session:
         return submit_report(session, principal=principal, exam_id=exam_id, now=utcnow())
 
 
-@router.post("/reports/{report_id}/verify-by-senior", response_model=ReportOut, responses=_CONFLICT)
-def verify(report_id: str, principal: CurrentPrincipal) -> ReportOut:
-    """A senior verifies (co-signs) a resident's preliminary report, making it final."""
+@router.post("/reports/{report_id}/verify-by-senior", response_model=ReportOut, responses=_SIGNING)
+def verify(report_id: str, principal: CurrentPrincipal, body: SigningIn | None = None) -> ReportOut:
+    """A senior verifies (co-signs) a resident's preliminary report, making it final.
+    Needs ``{"signing_password": …}``."""
+    password = body.signing_password if body else None
+    confirm_signing(principal, password, action="verify", object_type="report", object_id=report_id)
     with session_scope() as session:
         return verify_report(session, principal=principal, report_id=report_id, now=utcnow())
+
+
+@router.get(
+    "/reports/{report_id}/signing-preview", response_model=SigningPreviewOut, responses=_NO_REPORT
+)
+def preview_signing(
+    report_id: str, principal: CurrentPrincipal, action: Literal["submit", "verify", "amend"]
+) -> SigningPreviewOut:
+    """What a signature would sign (for the signing dialog): final or preliminary, and the
+    mutual-recognition decision a final report would get now."""
+    with session_scope() as session:
+        return signing_preview(
+            session, principal=principal, report_id=report_id, action=action, now=utcnow()
+        )
 
 
 @router.get("/reports/{report_id}", response_model=ReportDetailOut, responses=_NO_REPORT)
@@ -72,13 +118,20 @@ def report_version(report_id: str, principal: CurrentPrincipal) -> ReportDetailO
         return get_report_version(session, principal=principal, report_id=report_id)
 
 
-@router.post("/reports/{report_id}/amend", response_model=ReportOut, responses=_CONFLICT)
-def amend(report_id: str, body: ReportAmendIn, principal: CurrentPrincipal) -> ReportOut:
+@router.post("/reports/{report_id}/amend", response_model=ReportOut, responses=_SIGNING)
+def amend(report_id: str, body: AmendIn, principal: CurrentPrincipal) -> ReportOut:
     """A new signed version (amended / corrected / appended) of the current final report;
-    409 when it is not the current version or another amendment won."""
+    409 when it is not the current version or another amendment won. Needs
+    ``signing_password``."""
+    confirm_signing(
+        principal, body.signing_password, action="amend", object_type="report", object_id=report_id
+    )
+    data = ReportAmendIn.model_validate(
+        body.model_dump(exclude_unset=True, exclude={"signing_password"})
+    )
     with session_scope() as session:
         return amend_report(
-            session, principal=principal, report_id=report_id, data=body, now=utcnow()
+            session, principal=principal, report_id=report_id, data=data, now=utcnow()
         )
 
 

@@ -527,23 +527,27 @@
     state.dirty = true;
     renderButtons();
     save()
-      .then(function () {
-        return R.api("POST", reportUrl + "/submit");
-      })
-      .then(function (report) {
-        state.report = report;
-        state.closed = true;
-        stopRenewing();
-        setEditable(false);
-        setLeaseText(t("ls.submitted"));
-        R.toast(t("rp.submitted", { status: t("report_status." + report.status) }), "ok");
-        refreshExam();
-        afterSigning(report);
-      })
-      .catch(fail)
-      .then(function () {
+      .then(function (saved) {
         state.busy = false;
         renderReport();
+        openSigning("submit", saved, function (password) {
+          return R.api("POST", reportUrl + "/submit", { signing_password: password }).then(function (report) {
+            state.report = report;
+            state.closed = true;
+            stopRenewing();
+            setEditable(false);
+            setLeaseText(t("ls.submitted"));
+            R.toast(t("rp.submitted", { status: t("report_status." + report.status) }), "ok");
+            refreshExam();
+            afterSigning(report);
+            renderReport();
+          });
+        });
+      })
+      .catch(function (err) {
+        state.busy = false;
+        renderReport();
+        fail(err);
       });
   }
 
@@ -554,21 +558,136 @@
     renderButtons();
     (state.dirty && state.editable ? save() : Promise.resolve(report))
       .then(function (saved) {
-        return R.api("POST", "/api/v1/reports/" + encodeURIComponent((saved || report).id) + "/verify-by-senior");
+        state.busy = false;
+        renderReport();
+        var target = saved || report;
+        openSigning("verify", target, function (password) {
+          return R.api("POST", "/api/v1/reports/" + encodeURIComponent(target.id) + "/verify-by-senior", {
+            signing_password: password,
+          }).then(function (verified) {
+            state.report = verified;
+            state.closed = true;
+            stopRenewing();
+            setEditable(false);
+            fillForm(verified);
+            setLeaseText(t("rp.locked"));
+            R.toast(t("rp.verified"), "ok");
+            refreshExam();
+            afterSigning(verified);
+            renderReport();
+          });
+        });
       })
-      .then(function (verified) {
-        state.report = verified;
-        state.closed = true;
-        stopRenewing();
-        setEditable(false);
-        fillForm(verified);
-        setLeaseText(t("rp.locked"));
-        R.toast(t("rp.verified"), "ok");
-        refreshExam();
-        afterSigning(verified);
-      })
-      .catch(fail)
+      .catch(function (err) {
+        state.busy = false;
+        renderReport();
+        fail(err);
+      });
+  }
+
+  // --- the signing dialog -------------------------------------------------------------------
+  // Every signature (submit, verify, amend) goes through this dialog: it shows what is signed
+  // and needs the signer's password. Keyboard shortcuts open it; only its Sign button signs.
+  var signing = null;
+
+  function openSigning(action, report, run, shown) {
+    if (!report || $("sign-dialog").open) return;
+    shown = shown || {};
+    signing = { run: run };
+    var exam = state.exam || {};
+    var patient = exam.patient || {};
+    $("sd-title").textContent = t("sd.title") + " · " + t("sd.action." + action);
+    $("sd-patient").textContent = [R.personName(patient.name) || "", patient.patient_id || ""].filter(Boolean).join(" · ");
+    $("sd-exam").textContent = [
+      [exam.modality, exam.body_part, exam.description].filter(Boolean).join(" · "),
+      exam.accession_number,
+      exam.clinic_name || exam.clinic_code,
+    ]
+      .filter(Boolean)
+      .join(" — ");
+    var impression = shown.impression !== undefined ? shown.impression : report.impression;
+    $("sd-impression").textContent = impression || t("common.none");
+    var critical = shown.critical !== undefined ? shown.critical : report.critical;
+    var crit = $("sd-critical");
+    crit.textContent = critical ? t("sd.critical_yes") : t("sd.critical_no");
+    crit.className = critical ? "sd-critical-yes" : "";
+    $("sd-outcome").textContent = t("sd.loading");
+    $("sd-hr").textContent = t("sd.loading");
+    $("sd-error").hidden = true;
+    $("sd-password").value = "";
+    $("sd-sign").disabled = false;
+    $("sign-dialog").showModal();
+    $("sd-password").focus();
+    R.api("GET", "/api/v1/reports/" + encodeURIComponent(report.id) + "/signing-preview" + R.query({ action: action })).then(
+      function (preview) {
+        var outcome = $("sd-outcome");
+        outcome.textContent = t(preview.outcome === "final" ? "sd.final" : "sd.preliminary");
+        outcome.dataset.outcome = preview.outcome;
+        var rec = preview.recognition;
+        var hr = $("sd-hr");
+        if (!rec) hr.textContent = t("sd.hr_pending");
+        else if (rec.granted) {
+          hr.textContent = (rec.mark || "HR") + " · " + t("hr.until", { date: rec.recognizable_until || t("common.none") });
+        } else {
+          hr.textContent =
+            t("hr.not") +
+            ": " +
+            (rec.reasons || [])
+              .filter(function (reason) {
+                return !reason.passed;
+              })
+              .map(function (reason) {
+                return cfg.lang === "en" ? reason.text_en || reason.text : reason.text_zh || reason.text;
+              })
+              .join("; ");
+        }
+        hr.dataset.granted = rec ? String(!!rec.granted) : "";
+      },
+      function (err) {
+        $("sd-outcome").textContent = t("err.failed", { detail: err.message });
+        $("sd-hr").textContent = "";
+      }
+    );
+  }
+
+  function closeSigning() {
+    signing = null;
+    $("sd-password").value = "";
+    if ($("sign-dialog").open) $("sign-dialog").close();
+  }
+
+  function sign(event) {
+    event.preventDefault();
+    if (!signing) return;
+    var password = $("sd-password").value;
+    var error = $("sd-error");
+    if (!password) {
+      error.textContent = t("sd.need_password");
+      error.hidden = false;
+      $("sd-password").focus();
+      return;
+    }
+    var current = signing;
+    $("sd-sign").disabled = true;
+    state.busy = true;
+    renderButtons();
+    current
+      .run(password)
+      .then(
+        function () {
+          closeSigning();
+        },
+        function (err) {
+          $("sd-password").value = "";
+          if (err.status === 429) error.textContent = t("sd.locked", { n: (err.problem && err.problem.retry_after) || "" });
+          else if (err.status === 403 && err.problem && err.problem.title === "Signature refused") error.textContent = t("sd.wrong");
+          else error.textContent = t("err.failed", { detail: err.message });
+          error.hidden = false;
+          $("sd-password").focus();
+        }
+      )
       .then(function () {
+        $("sd-sign").disabled = false;
         state.busy = false;
         renderReport();
       });
@@ -1022,24 +1141,30 @@
       error.hidden = false;
       return;
     }
-    $("amend-submit").disabled = true;
-    R.api("POST", reportPath(report.id, "amend"), body)
-      .then(function (amended) {
-        closeAmend();
-        state.report = amended;
-        state.viewing = null;
-        fillForm(amended);
-        renderReport();
-        R.toast(t("am.done", { n: amended.version }), "ok");
-        loadDetail(amended.id);
-        if (amended.critical) R.toast(t("cv.sent"), "ok");
-      }, function (err) {
-        error.textContent = t("err.failed", { detail: err.message });
-        error.hidden = false;
-      })
-      .then(function () {
-        $("amend-submit").disabled = false;
-      });
+    var shown = {
+      impression: body.impression === undefined ? report.impression : kind === "appended" ? report.impression + "\n" + body.impression : body.impression,
+      critical: body.critical === undefined ? report.critical : body.critical,
+    };
+    error.hidden = true;
+    openSigning(
+      "amend",
+      report,
+      function (password) {
+        return R.api("POST", reportPath(report.id, "amend"), Object.assign({}, body, { signing_password: password })).then(
+          function (amended) {
+            closeAmend();
+            state.report = amended;
+            state.viewing = null;
+            fillForm(amended);
+            renderReport();
+            R.toast(t("am.done", { n: amended.version }), "ok");
+            loadDetail(amended.id);
+            if (amended.critical) R.toast(t("cv.sent"), "ok");
+          }
+        );
+      },
+      shown
+    );
   }
 
   // --- lease --------------------------------------------------------------------------------
@@ -1241,6 +1366,17 @@
   });
   onClick("submit-btn", submit);
   onClick("verify-btn", verify);
+  if ($("sign-form")) {
+    $("sign-form").addEventListener("submit", sign);
+    $("sd-password").addEventListener("input", function () {
+      $("sd-error").hidden = true;
+    });
+    onClick("sd-cancel", closeSigning);
+    $("sign-dialog").addEventListener("close", function () {
+      signing = null;
+      $("sd-password").value = "";
+    });
+  }
   onClick("release-btn", release);
   onClick("rescan-btn", rescan);
   onClick("key-toggle", toggleKeyImage);

@@ -23,14 +23,21 @@ from markupsafe import Markup
 from sqlalchemy import select
 
 from rdc_core.db import session_scope
-from rdc_core.errors import AuthenticationError
+from rdc_core.errors import AuthenticationError, PermissionDeniedError, TooManyAttemptsError
 from rdc_core.settings import get_settings
 from web.problems import problem
-from web.security import SESSION_COOKIE, issue_token, principal_from_request
+from web.security import (
+    SESSION_COOKIE,
+    client_address,
+    issue_token,
+    password_login,
+    principal_from_request,
+    refuse_foreign_origin,
+)
 from web.ui.i18n import LANG_COOKIE, LANGS, catalogue, pick_lang, translator
 from worklist.access import Principal
+from worklist.accounts import revoke_tokens
 from worklist.audit import record_access
-from worklist.directory import authenticate
 from worklist.models import Discipline, Organization, OrgKind, Priority, Role
 
 __all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]
@@ -200,17 +207,20 @@ def login(
             error=error,
         )
 
-    origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+    try:
+        refuse_foreign_origin(request)
+    except PermissionDeniedError:
         return again("login.cross_site", 403)
     if not username or not password:
         return again("login.missing", 400)
     try:
-        with session_scope() as session:
-            principal = authenticate(session, username=username, password=password)
-            record_access(
-                session, principal, action="login", object_type="user", object_id=principal.user_id
-            )
+        principal = password_login(
+            username=username, password=password, address=client_address(request)
+        )
+    except TooManyAttemptsError as exc:
+        locked = again("login.locked", 429)
+        locked.headers["Retry-After"] = str(exc.retry_after)
+        return locked
     except AuthenticationError:
         return again("login.failed", 401)
     token, expires_in = issue_token(principal, get_settings())
@@ -222,7 +232,9 @@ def login(
         path="/",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        # Behind the TLS ingress the scheme is https once the proxy is trusted
+        # (RDC_FORWARDED_ALLOW_IPS); production always marks the cookie Secure.
+        secure=request.url.scheme == "https" or get_settings().env == "production",
     )
     return response
 
@@ -231,6 +243,7 @@ def _logout(request: Request) -> Response:
     principal = _current(request)
     if principal is not None:
         with session_scope() as session:
+            revoke_tokens(session, user_id=principal.user_id)  # every session of this user ends
             record_access(
                 session,
                 principal,
@@ -258,7 +271,12 @@ def switch_language(code: str, request: Request, next: str | None = None) -> Res
     """Remember the UI language in the ``lang`` cookie and go back to the page."""
     response = RedirectResponse(_safe_next(next) or "/", status_code=303)
     response.set_cookie(
-        LANG_COOKIE, pick_lang(code), max_age=365 * 24 * 3600, path="/", samesite="lax"
+        LANG_COOKIE,
+        pick_lang(code),
+        max_age=365 * 24 * 3600,
+        path="/",
+        samesite="lax",
+        secure=request.url.scheme == "https" or get_settings().env == "production",
     )
     return response
 

@@ -252,7 +252,13 @@ def _reader_reason(session: Session, signer: Principal, exam: Exam) -> dict[str,
 
 
 def evaluate_report(
-    session: Session, *, report: Report, exam: Exam, signer: Principal, now: datetime
+    session: Session,
+    *,
+    report: Report,
+    exam: Exam,
+    signer: Principal,
+    now: datetime,
+    preview: bool = False,
 ) -> dict[str, Any] | None:
     """Decide and record whether the final report version's result carries the mark.
 
@@ -260,6 +266,9 @@ def evaluate_report(
     dict (a result outside the catalogue is a recorded "not_in_catalogue" decision), with
     ``granted``, the item, ``mark`` (None unless granted), ``scope``, ``catalog_version``,
     ``recognizable_until`` (exam date + validity days) and the ``reasons`` it rests on.
+
+    ``preview``: the decision ``signer`` would get by making the report final now, for the
+    signing dialog; nothing is recorded.
     """
     exam_date = exam_local_date(exam)
     catalog = current_catalog(session)
@@ -295,7 +304,7 @@ def evaluate_report(
         if grade is not None:
             reasons.append(grade)
     reasons.append(_reader_reason(session, signer, exam))
-    if report.status is not ReportStatus.FINAL:
+    if report.status is not ReportStatus.FINAL and not preview:
         reasons.append(
             _reason("report_not_final", False, "报告尚未签发", "the report is not final")
         )
@@ -329,6 +338,8 @@ def evaluate_report(
         "reasons": reasons,
         "decided_at": now.isoformat(),
     }
+    if preview:
+        return result
     decision = session.get(RecognitionDecision, decision_id)
     if decision is None:
         decision = RecognitionDecision(id=decision_id, report_id=report.id)
