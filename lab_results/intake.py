@@ -1,0 +1,344 @@
+"""Durable intake of HL7 v2 lab messages, shared by the MLLP listener and the HTTP route.
+
+For each message: read its envelope and check it is a lab result we accept; write the bytes
+as received to the object store (fsynced); in one transaction find the clinic that
+registered the sending facility and insert the index row, keyed by (MSH-3, MSH-4, MSH-10),
+with the acknowledgement it will get; and only once that transaction has committed answer
+AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Index writes of
+concurrent messages share one transaction (:mod:`rdc_core.group_commit`).
+
+Failures (original mode / enhanced mode):
+
+- AR / CR: the message cannot be accepted as it is (not HL7, unsupported type, missing
+  MSH-10, patient or order number, unknown sender). Sending it again will not help.
+- AE / CE: the object store or the database failed (the sender should retry), or the
+  control ID was already used for a different message ("control ID reused").
+
+A message whose key is already stored with the same content (segments compared after
+normalising the BOM and segment terminators) gets the stored acknowledgement again, byte
+for byte, and is not stored twice. Rejected messages are not kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Final
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lab_results.envelope import (
+    Envelope,
+    ErrorCode,
+    MessageRejected,
+    ack_message,
+    batch_ack,
+    check_acceptable,
+    new_control_id,
+    read_envelope,
+    split_batch,
+)
+from lab_results.models import LabMessage, LabMessageStatus
+from rdc_core.db import insert_ignore, on_rollback, utcnow
+from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
+from rdc_core.group_commit import GroupCommitter
+from rdc_core.metrics import LAB_MESSAGES
+from rdc_core.storage import ObjectStore
+from worklist.access import Principal
+from worklist.directory import organization_for_hl7_facility
+from worklist.models import OrgKind, Role
+
+__all__ = [
+    "Acknowledgement",
+    "IndexedMessage",
+    "LabIntake",
+    "http_intake_scope",
+    "index_message",
+]
+
+log = logging.getLogger(__name__)
+
+ACCEPTED: Final = "accepted"
+DUPLICATE: Final = "duplicate"
+REJECTED: Final = "rejected"
+FAILED: Final = "failed"  # store or database outage: the sender should retry
+
+_KEY_COLUMNS = ("sending_application", "sending_facility", "control_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    """The answer to one message: the ACK bytes and what happened."""
+
+    ack: bytes
+    code: str  # MSA-1: AA, AE, AR (original mode) or CA, CE, CR (enhanced mode)
+    outcome: str  # accepted, duplicate, rejected or failed
+    reason: str = ""
+    control_id: str = ""  # MSH-10 of the message
+
+    @property
+    def positive(self) -> bool:
+        return self.code in ("AA", "CA")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedMessage:
+    """What :func:`index_message` did: ``duplicate`` with the acknowledgement stored for the
+    earlier copy, or a new row."""
+
+    duplicate: bool
+    ack: bytes
+    message_id: str | None = None
+
+
+def index_message(
+    session: Session,
+    *,
+    envelope: Envelope,
+    object_key: str,
+    size_bytes: int,
+    channel: str,
+    ack: bytes,
+    ack_code: str,
+    now: datetime,
+    store: ObjectStore,
+    restrict_to_org: str | None = None,
+) -> IndexedMessage:
+    """Insert the index row of a stored message (the caller commits).
+
+    Raises MessageRejected when the sender is not a registered facility (of
+    ``restrict_to_org``, when given) or the control ID was used for another message.
+    """
+    org = organization_for_hl7_facility(session, names=envelope.facility_names)
+    names = " / ".join(envelope.facility_names)
+    if org is None:
+        raise MessageRejected(
+            f"sending facility {names} is not registered (rdc clinic add --hl7-facility)",
+            code=ErrorCode.UNKNOWN_KEY,
+            location="MSH^1^4",
+        )
+    if restrict_to_org is not None and org.id != restrict_to_org:
+        raise MessageRejected(
+            f"sending facility {names} is not one of your clinic's facilities",
+            code=ErrorCode.UNKNOWN_KEY,
+            location="MSH^1^4",
+        )
+    key = {
+        "sending_application": envelope.sending_application[:255],
+        "sending_facility": envelope.sending_facility[:255],
+        "control_id": envelope.control_id[:199],
+    }
+    message_id = str(uuid.uuid4())
+    values = {
+        "id": message_id,
+        **key,
+        "org_id": org.id,
+        "message_type": envelope.message_type[:64],
+        "version": envelope.version[:32],
+        "channel": channel,
+        "content_sha256": envelope.content_sha256,
+        "object_key": object_key,
+        "size_bytes": size_bytes,
+        "ack_code": ack_code,
+        "ack": ack,
+        "status": LabMessageStatus.RECEIVED.value,
+        "exam_id": None,
+        "received_at": now,
+    }
+    if insert_ignore(session, LabMessage.__table__, values, conflict=_KEY_COLUMNS):
+        # The row refers to the object: should the transaction roll back, remove it.
+        on_rollback(session, lambda: store.delete(object_key))
+        return IndexedMessage(duplicate=False, ack=ack, message_id=message_id)
+    existing = session.execute(
+        select(LabMessage.content_sha256, LabMessage.ack).where(
+            LabMessage.sending_application == key["sending_application"],
+            LabMessage.sending_facility == key["sending_facility"],
+            LabMessage.control_id == key["control_id"],
+        )
+    ).one()
+    if existing.content_sha256 != envelope.content_sha256:
+        raise MessageRejected(
+            f"control ID reused: MSH-10 {envelope.control_id} of {names} was already "
+            "accepted for a different message",
+            code=ErrorCode.DUPLICATE_KEY,
+            reject=False,
+            location="MSH^1^10",
+        )
+    return IndexedMessage(duplicate=True, ack=bytes(existing.ack))
+
+
+def http_intake_scope(principal: Principal) -> str | None:
+    """Who may send lab messages over HTTP, and as whom: a clinic's technicians and
+    clinicians for their own clinic's sending facilities (returns the clinic's ID), the lead
+    hospital's administrators for any registered facility (returns None)."""
+    if principal.org_kind is OrgKind.CLINIC and principal.role in (
+        Role.TECHNICIAN,
+        Role.CLINICIAN,
+    ):
+        return principal.org_id
+    if principal.org_kind is OrgKind.LEAD and principal.role is Role.ADMIN:
+        return None
+    raise PermissionDeniedError(f"role {principal.role.value} may not send lab messages")
+
+
+class LabIntake:
+    """Stores, indexes and acknowledges HL7 v2 lab messages (one instance per process and
+    channel kind; safe to call from many threads)."""
+
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        zone: tzinfo,
+        committer: GroupCommitter | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.zone = zone
+        self.committer = committer or GroupCommitter()
+        self.clock = clock
+
+    def receive_body(
+        self, raw: bytes, *, channel: str, restrict_to_org: str | None = None
+    ) -> tuple[bytes, list[Acknowledgement]]:
+        """Acknowledge one message or an HL7 batch (FHS/BHS ... BTS/FTS); returns the
+        answer (one ACK, or a batch of ACKs) and each message's acknowledgement."""
+        batch = split_batch(raw)
+        if not batch.is_batch:
+            answer = self.receive(raw, channel=channel, restrict_to_org=restrict_to_org)
+            return answer.ack, [answer]
+        answers = [
+            self.receive(message, channel=channel, restrict_to_org=restrict_to_org)
+            for message in batch.messages
+        ]
+        body = batch_ack(
+            batch,
+            [a.ack.decode("utf-8", "replace") for a in answers],
+            now=self.clock().astimezone(self.zone),
+            control_id=new_control_id(),
+        )
+        return body.encode("utf-8"), answers
+
+    def receive(
+        self, raw: bytes, *, channel: str, restrict_to_org: str | None = None
+    ) -> Acknowledgement:
+        """Store, index and acknowledge one message."""
+        answer = self._receive(raw, channel=channel, restrict_to_org=restrict_to_org)
+        LAB_MESSAGES.labels(channel=channel, code=answer.code).inc()
+        return answer
+
+    def _receive(self, raw: bytes, *, channel: str, restrict_to_org: str | None) -> Acknowledgement:
+        now = self.clock()
+        envelope: Envelope | None = None
+        try:
+            envelope = read_envelope(raw)
+            check_acceptable(envelope)
+        except MessageRejected as exc:
+            return self._failure(envelope, exc, now)
+        code = "CA" if envelope.enhanced_mode else "AA"
+        ack = self._encode(
+            ack_message(
+                envelope, code=code, now=now.astimezone(self.zone), control_id=new_control_id()
+            ),
+            envelope,
+        )
+        object_key = f"hl7/{now:%Y/%m/%d}/{uuid.uuid4().hex}.hl7"
+        try:
+            self.store.put_bytes(object_key, raw)
+        except StorageError as exc:
+            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
+            return self._failure(envelope, _outage("object store unavailable"), now)
+        try:
+            indexed = self.committer.run(
+                lambda session: index_message(
+                    session,
+                    envelope=envelope,
+                    object_key=object_key,
+                    size_bytes=len(raw),
+                    channel=channel,
+                    ack=ack,
+                    ack_code=code,
+                    now=now,
+                    store=self.store,
+                    restrict_to_org=restrict_to_org,
+                )
+            )
+        except MessageRejected as exc:
+            self._discard(object_key)
+            return self._failure(envelope, exc, now)
+        except DatabaseUnavailableError as exc:
+            log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, exc)
+            self._discard(object_key)
+            return self._failure(envelope, _outage("index unavailable"), now)
+        except Exception:
+            log.exception("HL7 %s from %s: unexpected failure", envelope.control_id, channel)
+            self._discard(object_key)
+            return self._failure(envelope, _outage("internal error"), now)
+        if indexed.duplicate:
+            self._discard(object_key)  # the first copy's object is the one of record
+            return Acknowledgement(
+                ack=indexed.ack,
+                code=_ack_code(indexed.ack, envelope) or code,
+                outcome=DUPLICATE,
+                control_id=envelope.control_id,
+            )
+        return Acknowledgement(ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id)
+
+    def _discard(self, object_key: str) -> None:
+        # Only this call's object, which no index row refers to.
+        try:
+            self.store.delete(object_key)
+        except StorageError as exc:
+            log.warning("could not remove unreferenced object %s: %s", object_key, exc)
+
+    def _failure(
+        self, envelope: Envelope | None, exc: MessageRejected, now: datetime
+    ) -> Acknowledgement:
+        enhanced = envelope is not None and envelope.enhanced_mode
+        # Table 0008: AR/CR the message is refused, AE/CE an error (send again)
+        code = {(True, False): "AR", (True, True): "CR", (False, False): "AE"}.get(
+            (exc.reject, enhanced), "CE"
+        )
+        text = ack_message(
+            envelope,
+            code=code,
+            now=now.astimezone(self.zone),
+            control_id=new_control_id(),
+            reason=exc.reason,
+            error=exc.code,
+            location=exc.location,
+        )
+        outcome = FAILED if exc.code == ErrorCode.INTERNAL else REJECTED
+        return Acknowledgement(
+            ack=self._encode(text, envelope),
+            code=code,
+            outcome=outcome,
+            reason=exc.reason,
+            control_id=envelope.control_id if envelope else "",
+        )
+
+    @staticmethod
+    def _encode(text: str, envelope: Envelope | None) -> bytes:
+        codec = envelope.codec if envelope else "utf-8"
+        return text.encode(codec, "replace")
+
+
+def _outage(reason: str) -> MessageRejected:
+    return MessageRejected(
+        f"{reason}; the message was not accepted, send it again later",
+        code=ErrorCode.INTERNAL,
+        reject=False,
+    )
+
+
+def _ack_code(ack: bytes, envelope: Envelope) -> str:
+    """MSA-1 of a stored acknowledgement."""
+    for segment in ack.replace(b"\n", b"\r").split(b"\r"):
+        if segment.startswith(b"MSA"):
+            fields = segment.decode("ascii", "replace").split(envelope.field_separator)
+            return fields[1] if len(fields) > 1 else ""
+    return ""
