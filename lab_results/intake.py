@@ -29,6 +29,7 @@ from datetime import datetime, tzinfo
 from typing import Final
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lab_results.envelope import (
@@ -270,7 +271,9 @@ class LabIntake:
         except MessageRejected as exc:
             self._discard(object_key)
             return self._failure(envelope, exc, now)
-        except DatabaseUnavailableError as exc:
+        except (DatabaseUnavailableError, SQLAlchemyError) as exc:
+            # Whatever the database answered (unreachable, I/O error, a failing trigger),
+            # nothing was committed: the sender should send again.
             log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, exc)
             self._discard(object_key)
             return self._failure(envelope, _outage("index unavailable"), now)
