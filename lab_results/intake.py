@@ -22,6 +22,8 @@ for byte, and is not stored twice. Rejected messages are not kept.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,13 +46,13 @@ from lab_results.envelope import (
     split_batch,
 )
 from lab_results.models import LabMessage, LabMessageStatus
-from rdc_core.db import insert_ignore, on_rollback, utcnow
+from rdc_core.db import insert_ignore, on_rollback, read_session, utcnow
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.metrics import LAB_MESSAGES
 from rdc_core.storage import ObjectStore
 from worklist.access import Principal
-from worklist.directory import organization_for_hl7_facility
+from worklist.directory import OrgRef, organization_for_hl7_facility
 from worklist.models import OrgKind, Role
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "IndexedMessage",
     "LabIntake",
     "http_intake_scope",
+    "identify_sender",
     "index_message",
 ]
 
@@ -68,6 +71,7 @@ DUPLICATE: Final = "duplicate"
 REJECTED: Final = "rejected"
 FAILED: Final = "failed"  # store or database outage: the sender should retry
 
+_SENDER_CACHE_SECONDS: Final = 60.0
 _KEY_COLUMNS = ("sending_application", "sending_facility", "control_id")
 
 
@@ -96,10 +100,44 @@ class IndexedMessage:
     message_id: str | None = None
 
 
+def identify_sender(
+    session: Session, *, envelope: Envelope, restrict_to_org: str | None = None
+) -> OrgRef:
+    """The clinic that registered the message's sending facility (MSH-4, else MSH-3).
+
+    Raises MessageRejected when no clinic did, or (``restrict_to_org``) another one did.
+    """
+    org = organization_for_hl7_facility(session, names=envelope.facility_names)
+    if org is None:
+        raise _unknown_sender(envelope)
+    _check_restriction(envelope, org, restrict_to_org)
+    return org
+
+
+def _unknown_sender(envelope: Envelope) -> MessageRejected:
+    names = " / ".join(envelope.facility_names)
+    return MessageRejected(
+        f"sending facility {names} is not registered (rdc clinic add --hl7-facility)",
+        code=ErrorCode.UNKNOWN_KEY,
+        location="MSH^1^4",
+    )
+
+
+def _check_restriction(envelope: Envelope, org: OrgRef, restrict_to_org: str | None) -> None:
+    if restrict_to_org is not None and org.id != restrict_to_org:
+        names = " / ".join(envelope.facility_names)
+        raise MessageRejected(
+            f"sending facility {names} is not one of your clinic's facilities",
+            code=ErrorCode.UNKNOWN_KEY,
+            location="MSH^1^4",
+        )
+
+
 def index_message(
     session: Session,
     *,
     envelope: Envelope,
+    sender: OrgRef,
     object_key: str,
     size_bytes: int,
     channel: str,
@@ -107,27 +145,12 @@ def index_message(
     ack_code: str,
     now: datetime,
     store: ObjectStore,
-    restrict_to_org: str | None = None,
 ) -> IndexedMessage:
-    """Insert the index row of a stored message (the caller commits).
+    """Insert the index row of a stored message from ``sender`` (the caller commits).
 
-    Raises MessageRejected when the sender is not a registered facility (of
-    ``restrict_to_org``, when given) or the control ID was used for another message.
+    Raises MessageRejected when the control ID was used for another message.
     """
-    org = organization_for_hl7_facility(session, names=envelope.facility_names)
     names = " / ".join(envelope.facility_names)
-    if org is None:
-        raise MessageRejected(
-            f"sending facility {names} is not registered (rdc clinic add --hl7-facility)",
-            code=ErrorCode.UNKNOWN_KEY,
-            location="MSH^1^4",
-        )
-    if restrict_to_org is not None and org.id != restrict_to_org:
-        raise MessageRejected(
-            f"sending facility {names} is not one of your clinic's facilities",
-            code=ErrorCode.UNKNOWN_KEY,
-            location="MSH^1^4",
-        )
     key = {
         "sending_application": envelope.sending_application[:255],
         "sending_facility": envelope.sending_facility[:255],
@@ -137,7 +160,7 @@ def index_message(
     values = {
         "id": message_id,
         **key,
-        "org_id": org.id,
+        "org_id": sender.id,
         "message_type": envelope.message_type[:64],
         "version": envelope.version[:32],
         "channel": channel,
@@ -202,6 +225,27 @@ class LabIntake:
         self.zone = zone
         self.committer = committer or GroupCommitter()
         self.clock = clock
+        # Registered senders, by MSH-4's names: facilities are only ever added, so a
+        # clinic found stays right; unknown names are looked up again every time.
+        self._senders: dict[tuple[str, ...], tuple[OrgRef, float]] = {}
+        self._senders_lock = threading.Lock()
+
+    def _sender(self, envelope: Envelope, restrict_to_org: str | None) -> OrgRef:
+        names = envelope.facility_names
+        now = time.monotonic()
+        with self._senders_lock:
+            cached = self._senders.get(names)
+        if cached is not None and cached[1] > now:
+            _check_restriction(envelope, cached[0], restrict_to_org)
+            return cached[0]
+        with read_session() as session:
+            org = identify_sender(session, envelope=envelope)
+        with self._senders_lock:
+            if len(self._senders) > 10_000:
+                self._senders.clear()
+            self._senders[names] = (org, now + _SENDER_CACHE_SECONDS)
+        _check_restriction(envelope, org, restrict_to_org)
+        return org
 
     def receive_body(
         self, raw: bytes, *, channel: str, restrict_to_org: str | None = None
@@ -240,6 +284,13 @@ class LabIntake:
             check_acceptable(envelope)
         except MessageRejected as exc:
             return self._failure(envelope, exc, now)
+        try:
+            sender = self._sender(envelope, restrict_to_org)
+        except MessageRejected as exc:
+            return self._failure(envelope, exc, now)
+        except (DatabaseUnavailableError, SQLAlchemyError) as exc:
+            log.error("HL7 %s from %s: sender lookup failed: %s", envelope.control_id, channel, exc)
+            return self._failure(envelope, _outage("index unavailable"), now)
         code = "CA" if envelope.enhanced_mode else "AA"
         ack = self._encode(
             ack_message(
@@ -258,6 +309,7 @@ class LabIntake:
                 lambda session: index_message(
                     session,
                     envelope=envelope,
+                    sender=sender,
                     object_key=object_key,
                     size_bytes=len(raw),
                     channel=channel,
@@ -265,7 +317,6 @@ class LabIntake:
                     ack_code=code,
                     now=now,
                     store=self.store,
-                    restrict_to_org=restrict_to_org,
                 )
             )
         except MessageRejected as exc:
