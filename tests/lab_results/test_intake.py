@@ -300,3 +300,22 @@ def test_facility_belongs_to_one_clinic(lab: LabDeployment) -> None:
         lab.env, "clinic", "add", "--code", "NOPE", "--update", "--hl7-facility", "X", check=False
     )
     assert missing.returncode == 1 and "no organisation with code 'NOPE'" in missing.stderr
+
+
+def test_chinese_lis_message_in_gb18030_with_crlf(lab: LabDeployment) -> None:
+    """A county LIS sending GB 18030 (named in MSH-18) with CRLF segment terminators."""
+    text = (
+        "MSH|^~\\&|LIS|ELAB-3|RDC|RDC|20260101083000||ORU^R01|GB-1|P|2.5.1"
+        "|||||CHN|GB 18030-2000\r\n"
+        "PID|1||A123^^^ELAB-3^PI||张^三||19600101|M\r\n"
+        "OBR|1|PL-1|FL-1|2345-7^血糖^LN|||20260101080000\r\n"
+        "OBX|1|NM|2345-7^血糖^LN||6.1|mmol/L|3.9-6.1|N|||F\r\n"
+    )
+    raw = text.encode("gb18030")
+    with socket.create_connection(("127.0.0.1", lab.server.mllp_port), timeout=30) as sock:
+        answer = mllp_exchange(sock, raw)
+    fields = ack_fields(answer)
+    assert fields["MSA"][1:3] == ["AA", "GB-1"]
+    assert fields["MSH"][17] == "GB 18030-2000"  # the ACK names the same character set
+    key = message_rows(lab)["GB-1"][0]
+    assert read_object(lab.env, key) == raw
