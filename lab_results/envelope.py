@@ -47,7 +47,6 @@ _CHARSETS = {
     "ASCII": "ascii",
     "UNICODE UTF-8": "utf-8",
     "UTF-8": "utf-8",
-    "UNICODE": "utf-8",
     "8859/1": "latin-1",
     "8859/15": "iso8859-15",
     "GB 18030-2000": "gb18030",
@@ -249,6 +248,13 @@ def check_acceptable(env: Envelope) -> None:
             "HL7 v2.x is accepted",
             code=ErrorCode.UNSUPPORTED_VERSION,
             location="MSH^1^12",
+        )
+    extra = next((i for i, seg in enumerate(env.segments[1:], 2) if seg[:3] == "MSH"), None)
+    if extra is not None:
+        raise MessageRejected(
+            f"segment {extra} is a second MSH: send one message, or a batch (BHS ... BTS)",
+            code=ErrorCode.SEGMENT_SEQUENCE,
+            location="MSH^2",
         )
     if not env.facility_names:
         raise MessageRejected(

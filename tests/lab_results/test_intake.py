@@ -209,6 +209,11 @@ def test_framing_error_closes_only_that_connection(lab: LabDeployment, testdata:
         answer = ack_fields(mllp_exchange(good, b"hello"))
         assert answer["MSA"][1] == "AR" and "does not begin with an MSH" in answer["MSA"][3]
         assert ack_fields(mllp_exchange(good, raw))["MSA"][1] == "AA"
+        # two messages in one frame without a batch header: refused, not merged
+        twice = raw.replace(b"CNTRL-3456", b"TWICE-1") + raw.replace(b"CNTRL-3456", b"TWICE-2")
+        answer = ack_fields(mllp_exchange(good, twice))
+        assert answer["MSA"][1:3] == ["AR", "TWICE-1"] and "second MSH" in answer["MSA"][3]
+    assert "TWICE-1" not in message_rows(lab)
 
 
 def test_http_intake_answers_like_mllp(
