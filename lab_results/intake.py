@@ -5,7 +5,9 @@ as received to the object store (fsynced); in one transaction find the clinic th
 registered the sending facility and insert the index row, keyed by (MSH-3, MSH-4, MSH-10),
 with the acknowledgement it will get; and only once that transaction has committed answer
 AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Index writes of
-concurrent messages share one transaction (:mod:`rdc_core.group_commit`).
+concurrent messages share one transaction (:mod:`rdc_core.group_commit`), and the object's
+syncs run while its row is written (the unit of work waits for them, so no transaction
+commits a row before its object is durable).
 
 Failures (original mode / enhanced mode):
 
@@ -21,14 +23,16 @@ for byte, and is not stored twice. Rejected messages are not kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -220,6 +224,7 @@ class LabIntake:
         zone: tzinfo,
         committer: GroupCommitter | None = None,
         clock: Callable[[], datetime] = utcnow,
+        writer_threads: int = 32,
     ) -> None:
         self.store = store
         self.zone = zone
@@ -229,6 +234,10 @@ class LabIntake:
         # clinic found stays right; unknown names are looked up again every time.
         self._senders: dict[tuple[str, ...], tuple[OrgRef, float]] = {}
         self._senders_lock = threading.Lock()
+        # Object writes of the messages being indexed (their fsyncs block a thread each).
+        self._writer = ThreadPoolExecutor(
+            max_workers=writer_threads, thread_name_prefix="hl7-store"
+        )
 
     def _sender(self, envelope: Envelope, restrict_to_org: str | None) -> OrgRef:
         names = envelope.facility_names
@@ -299,41 +308,47 @@ class LabIntake:
             envelope,
         )
         object_key = f"hl7/{now:%Y/%m/%d}/{uuid.uuid4().hex}.hl7"
+        # The object's syncs run while the index row is written; the unit of work waits for
+        # them before it ends, so the transaction never commits ahead of the object.
+        writing = self._writer.submit(self.store.put_bytes, object_key, raw)
+
+        def work(session: Session) -> IndexedMessage:
+            indexed = index_message(
+                session,
+                envelope=envelope,
+                sender=sender,
+                object_key=object_key,
+                size_bytes=len(raw),
+                channel=channel,
+                ack=ack,
+                ack_code=code,
+                now=now,
+                store=self.store,
+            )
+            writing.result()  # raises StorageError
+            return indexed
+
         try:
-            self.store.put_bytes(object_key, raw)
+            indexed = self.committer.run(work)
         except StorageError as exc:
             log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
+            self._discard(object_key, writing)
             return self._failure(envelope, _outage("object store unavailable"), now)
-        try:
-            indexed = self.committer.run(
-                lambda session: index_message(
-                    session,
-                    envelope=envelope,
-                    sender=sender,
-                    object_key=object_key,
-                    size_bytes=len(raw),
-                    channel=channel,
-                    ack=ack,
-                    ack_code=code,
-                    now=now,
-                    store=self.store,
-                )
-            )
         except MessageRejected as exc:
-            self._discard(object_key)
+            self._discard(object_key, writing)
             return self._failure(envelope, exc, now)
         except (DatabaseUnavailableError, SQLAlchemyError) as exc:
             # Whatever the database answered (unreachable, I/O error, a failing trigger),
             # nothing was committed: the sender should send again.
             log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, exc)
-            self._discard(object_key)
+            self._discard(object_key, writing)
             return self._failure(envelope, _outage("index unavailable"), now)
         except Exception:
             log.exception("HL7 %s from %s: unexpected failure", envelope.control_id, channel)
-            self._discard(object_key)
+            self._discard(object_key, writing)
             return self._failure(envelope, _outage("internal error"), now)
         if indexed.duplicate:
-            self._discard(object_key)  # the first copy's object is the one of record
+            self._discard(object_key, writing)  # the first copy's object is the one of record
             return Acknowledgement(
                 ack=indexed.ack,
                 code=_ack_code(indexed.ack, envelope) or code,
@@ -342,8 +357,10 @@ class LabIntake:
             )
         return Acknowledgement(ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id)
 
-    def _discard(self, object_key: str) -> None:
-        # Only this call's object, which no index row refers to.
+    def _discard(self, object_key: str, writing: Future[Any]) -> None:
+        # Only this call's object, which no index row refers to, once its write has ended.
+        with contextlib.suppress(Exception):
+            writing.result()
         try:
             self.store.delete(object_key)
         except StorageError as exc:
