@@ -1,5 +1,7 @@
-"""HL7 v2 lab result intake and auto-verification: the lab centre's domain core.
+"""HL7 v2 lab result intake and auto-verification: the lab centre.
 
+Messages arrive over MLLP (:class:`MllpListener`) or HTTP and are stored durably and
+acknowledged (:class:`LabIntake`).
 Parse ER7 (:func:`parse_message`, :func:`parse_messages`) into typed models, map
 observations to the alliance test catalogue (:func:`map_order`), auto-verify an order
 (:func:`autoverify`) and version corrected results (:func:`apply_correction`);
@@ -21,6 +23,7 @@ from lab_results.autoverify import (
     reference_change_value,
 )
 from lab_results.corrections import OrderVersion, ResultChange, apply_correction
+from lab_results.intake import Acknowledgement, LabIntake, http_intake_scope
 from lab_results.evaluate import OrderEvaluation, evaluate_order
 from lab_results.mapping import (
     CatalogueEntry,
@@ -36,6 +39,7 @@ from lab_results.mapping import (
     map_observation,
     map_order,
 )
+from lab_results.mllp import MllpListener
 from lab_results.parse import (
     LabMessage,
     LabParseError,
@@ -52,6 +56,10 @@ from lab_results.parse import (
 )
 
 __all__ = [
+    "Acknowledgement",
+    "LabIntake",
+    "MllpListener",
+    "http_intake_scope",
     "AUTOVERIFIED_MARK",
     "AutoverificationResult",
     "CatalogueEntry",

@@ -34,6 +34,7 @@ __all__ = [
     "DICOM_INSTANCES",
     "FAILURE",
     "GAUGES",
+    "LAB_MESSAGES",
     "RETRY",
     "SUCCESS",
     "TASK_FAILURES",
@@ -59,6 +60,11 @@ DICOM_CONNECTIONS = Counter(
     "rdc_dicom_connections_total",
     "DICOM connections handed to each listener process (RDC_DICOM_PROCESSES > 1), by its index",
     ["process"],
+)
+LAB_MESSAGES = Counter(
+    "rdc_lab_messages_total",
+    "HL7 v2 lab messages answered, by channel (mllp, http) and acknowledgement code",
+    ["channel", "code"],
 )
 
 # Outcomes of one run of a background task.

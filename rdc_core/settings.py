@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     dicom_max_pdu: int = 262_144
     dicom_acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dicom_network_timeout_seconds: float = Field(default=60.0, gt=0)
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 2575
+    mllp_network_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="An MLLP connection idle this long is closed"
+    )
+    mllp_max_message_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Longest MLLP frame or HTTP body"
+    )
 
     stable_age_seconds: float = 30.0
     stable_scan_interval_seconds: float | None = Field(

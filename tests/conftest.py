@@ -99,6 +99,8 @@ def rdc_env(tmp_path: Path, database_url: str | None, stack: Stack) -> Iterator[
         RDC_DICOM_HOST="127.0.0.1",
         RDC_DICOM_PORT=str(free_port()),
         RDC_DICOM_AE_TITLE="RDC",
+        RDC_MLLP_HOST="127.0.0.1",
+        RDC_MLLP_PORT=str(free_port()),
         RDC_STABLE_AGE_SECONDS="2",
         RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
         # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.

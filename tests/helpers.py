@@ -346,6 +346,8 @@ class RdcServer:
     def __init__(
         self, env: dict[str, str], log_path: Path, *args: str, workers: bool | None = None
     ) -> None:
+        if "RDC_MLLP_PORT" not in env:  # never the default 2575: tests run side by side
+            env = {**env, "RDC_MLLP_PORT": str(free_port())}
         self.env = env
         self.log_path = log_path
         self.args = args
@@ -354,6 +356,7 @@ class RdcServer:
         self.helpers: list[tuple[subprocess.Popen[bytes], Path, int]] = []
         self.http = f"http://127.0.0.1:{env['RDC_HTTP_PORT']}"
         self.dicom_port = int(env["RDC_DICOM_PORT"])
+        self.mllp_port = int(self.env["RDC_MLLP_PORT"])
         self.data_dir = Path(env["RDC_DATA_DIR"])
         role = args[args.index("--role") + 1] if "--role" in args else "all"
         if workers is None:
@@ -424,6 +427,9 @@ class RdcServer:
                 return False
             if role in ("all", "dicom"):
                 with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
+                    pass
+            if role in ("all", "mllp"):
+                with socket.create_connection(("127.0.0.1", self.mllp_port), timeout=2):
                     pass
             return True
         except (OSError, httpx.HTTPError):
@@ -817,13 +823,14 @@ def _cut(s: socket.socket) -> None:
 class StoreFault:
     """Makes every write to a deployment's object store fail while :meth:`failing` lasts.
 
-    Local store: a file stands where the store needs its "dicom" folder. S3: the deployment
+    Local store: a file stands where the store needs its ``folder`` ("dicom"). S3: the deployment
     (start it with :attr:`env`) reaches the S3 server through a :class:`TcpGate`, shut
     meanwhile.
     """
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], folder: str = "dicom") -> None:
         self.env = dict(env)
+        self.folder = folder
         self.gate: TcpGate | None = None
         if env.get("RDC_STORAGE_BACKEND") == "s3":
             self.gate = TcpGate(env["RDC_S3_ENDPOINT"])
@@ -838,7 +845,7 @@ class StoreFault:
             finally:
                 self.gate.reopen()
             return
-        blocker = Path(self.env["RDC_DATA_DIR"]) / "objects" / "dicom"
+        blocker = Path(self.env["RDC_DATA_DIR"]) / "objects" / self.folder
         blocker.parent.mkdir(parents=True, exist_ok=True)
         blocker.write_text("a file where the store needs a directory: every write fails")
         try:
@@ -849,3 +856,26 @@ class StoreFault:
     def close(self) -> None:
         if self.gate is not None:
             self.gate.close()
+
+
+def mllp_exchange(sock: socket.socket, message: bytes, *, timeout: float = 30) -> bytes:
+    """Send one MLLP-framed ``message`` on ``sock`` and return the framed answer's content."""
+    sock.settimeout(timeout)
+    sock.sendall(b"\x0b" + message + b"\x1c\x0d")
+    answer = bytearray()
+    while not answer.endswith(b"\x1c\x0d"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed; received {bytes(answer)!r}")
+        answer += chunk
+    assert answer.startswith(b"\x0b"), answer
+    return bytes(answer[1:-2])
+
+
+def ack_fields(ack: bytes) -> dict[str, list[str]]:
+    """The segments of an acknowledgement by name (MSH, MSA, ERR), each split into fields."""
+    segments: dict[str, list[str]] = {}
+    for segment in ack.decode("utf-8").replace("\n", "\r").split("\r"):
+        if segment:
+            segments.setdefault(segment[:3], segment.split("|"))
+    return segments

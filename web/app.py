@@ -12,6 +12,7 @@ from web.api import (
     deliveries,
     exams,
     health,
+    lab_messages,
     recognition,
     reports,
     worklist,
@@ -42,6 +43,7 @@ def create_app() -> FastAPI:
         deliveries,
         recognition,
         critical_values,
+        lab_messages,
     ):
         app.include_router(module.router)
     app.include_router(ui_router)

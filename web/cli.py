@@ -63,39 +63,73 @@ def db_upgrade() -> None:
     console.print("database is at the latest schema")
 
 
-def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
+def _add_org(
+    code: str,
+    name: str | None,
+    kind_value: str,
+    ae: list[str],
+    hl7_facilities: list[str] | None = None,
+    *,
+    update: bool = False,
+) -> None:
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.directory import add_organization
+    from worklist.audit import record_event
+    from worklist.directory import add_organization, get_organization
     from worklist.models import OrgKind
 
     upgrade_database()
     try:
         with session_scope() as session:
+            if update:
+                existing = get_organization(session, code=code)  # must exist
+                if existing.kind is not OrgKind(kind_value):
+                    _fail(f"organisation {code} is a {existing.kind.value}, not a {kind_value}")
+                name = name or existing.name
+            elif not name:
+                _fail("--name is required (or give --update to change an existing clinic)")
+            assert name is not None
             org = add_organization(
                 session,
                 code=code,
                 name=name,
                 kind=OrgKind(kind_value),
                 ae_titles=ae,
+                hl7_facilities=hl7_facilities,
                 actor=cli_actor(),
             )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
+            facilities = ", ".join(f.name for f in org.hl7_facilities) or "none"
     except RDCError as exc:
         _fail(str(exc))
-    console.print(f"{kind_value} {code} ({name}); AE titles: {titles}")
+    console.print(
+        f"{kind_value} {code} ({name}); AE titles: {titles}; HL7 facilities: {facilities}"
+    )
 
 
 @clinic_app.command("add")
 def clinic_add(
     code: Annotated[str, typer.Option(help="short code, e.g. CLINIC_A")],
-    name: Annotated[str, typer.Option(help="display name")],
+    name: Annotated[str | None, typer.Option(help="display name")] = None,
     ae: Annotated[
         list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")
     ] = None,
+    hl7_facility: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hl7-facility",
+            help="HL7 sending facility (MSH-4 namespace ID or universal ID) of the clinic's "
+            "LIS or analysers (repeatable)",
+        ),
+    ] = None,
+    update: Annotated[
+        bool,
+        typer.Option("--update", help="add AE titles / HL7 facilities to an existing clinic"),
+    ] = False,
 ) -> None:
-    """Register a member clinic and the AE titles its modalities call with."""
-    _add_org(code, name, "clinic", ae or [])
+    """Register a member clinic, the AE titles its modalities call with and the HL7 sending
+    facilities of its lab systems."""
+    _add_org(code, name, "clinic", ae or [], hl7_facility or [], update=update)
 
 
 @org_app.command("add")
@@ -262,19 +296,20 @@ def import_(
 
 @app.command("serve")
 def serve(
-    role: Annotated[str, typer.Option(help="all, web or dicom")] = "all",
+    role: Annotated[str, typer.Option(help="all, web, dicom or mllp")] = "all",
     demo_data: Annotated[bool, typer.Option("--demo", help="seed the demo alliance first")] = False,
 ) -> None:
-    """Run the service: web API, DICOM listener and background worker in one process."""
+    """Run the service: web API, DICOM and MLLP listeners and background worker in one process."""
     import uvicorn
 
     from dicom_gateway.server import DicomGateway
+    from lab_results.mllp import MllpListener
     from rdc_core.migrate import upgrade_database
     from rdc_core.storage import get_object_store
     from web.app import create_app
 
-    if role not in ("all", "web", "dicom"):
-        _fail("--role must be all, web or dicom")
+    if role not in ("all", "web", "dicom", "mllp"):
+        _fail("--role must be all, web, dicom or mllp")
     settings = get_settings()
     if settings.storage_backend == "local":
         private_directory(settings.data_dir)  # 0700: the objects are patient data
@@ -296,6 +331,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     runner.start()
     gateway: DicomGateway | None = None
+    mllp: MllpListener | None = None
     stop_requested = False
     try:
         if role in ("all", "dicom"):
@@ -303,6 +339,11 @@ def serve(
             gateway.start()
             host, port = gateway.address
             console.print(f"DICOM listener: AE {settings.dicom_ae_title} on {host}:{port}")
+        if role in ("all", "mllp"):
+            mllp = MllpListener(settings=settings, store=store)
+            mllp.start()
+            host, port = mllp.address
+            console.print(f"MLLP listener (HL7 v2 lab results) on {host}:{port}")
         if role in ("all", "web"):
             console.print(f"web: http://{settings.http_host}:{settings.http_port}")
             uvicorn.run(
@@ -315,8 +356,8 @@ def serve(
                 log_level="warning",
                 access_log=False,
             )
-        elif gateway is not None:
-            # A DICOM-only replica still exposes its metrics (on RDC_HTTP_PORT).
+        else:
+            # A DICOM-only or MLLP-only replica still exposes its metrics (on RDC_HTTP_PORT).
             from prometheus_client import start_http_server
 
             start_http_server(settings.http_port, addr=settings.http_host)
@@ -328,6 +369,8 @@ def serve(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping
         if gateway is not None:
             gateway.stop()
+        if mllp is not None:
+            mllp.stop()
         runner.stop()
     if stop_requested:
         from rdc_core.shutdown import exit_now

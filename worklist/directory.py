@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -14,12 +15,22 @@ from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
 from worklist.accounts import revoke_tokens
 from worklist.audit import record_event
-from worklist.models import AETitle, Discipline, Organization, OrgKind, ReaderLevel, Role, User
+from worklist.models import (
+    AETitle,
+    Discipline,
+    HL7Facility,
+    Organization,
+    OrgKind,
+    ReaderLevel,
+    Role,
+    User,
+)
 from worklist.schemas import Me
 
 __all__ = [
     "OrgRef",
     "add_ae_title",
+    "add_hl7_facility",
     "add_organization",
     "add_user",
     "authenticate",
@@ -27,6 +38,7 @@ __all__ = [
     "get_organization",
     "org_ref",
     "organization_for_ae",
+    "organization_for_hl7_facility",
     "principal_for_user",
 ]
 
@@ -64,9 +76,11 @@ def add_organization(
     name: str,
     kind: OrgKind,
     ae_titles: list[str] | None = None,
+    hl7_facilities: list[str] | None = None,
     actor: str = "cli",
 ) -> Organization:
-    """Create or update the organisation ``code`` and register its AE titles.
+    """Create or update the organisation ``code`` and register its AE titles and HL7 sending
+    facilities.
 
     Only one lead hospital may exist; re-running with the same code updates the name.
     """
@@ -103,6 +117,8 @@ def add_organization(
     )
     for ae in ae_titles or []:
         add_ae_title(session, org_code=code, ae_title=ae)
+    for facility in hl7_facilities or []:
+        add_hl7_facility(session, org_code=code, name=facility)
     org = session.get(Organization, org_id, populate_existing=True)
     assert org is not None
     record_event(
@@ -112,7 +128,13 @@ def add_organization(
         object_type="organization",
         object_id=org_id,
         org_id=org_id,
-        detail={"code": code, "name": org.name, "kind": kind.value, "ae_titles": ae_titles or []},
+        detail={
+            "code": code,
+            "name": org.name,
+            "kind": kind.value,
+            "ae_titles": ae_titles or [],
+            "hl7_facilities": hl7_facilities or [],
+        },
     )
     return org
 
@@ -133,6 +155,61 @@ def add_ae_title(session: Session, *, org_code: str, ae_title: str) -> None:
         ).scalar_one()
         if owner != org.id:
             raise ConflictError(f"AE title {value} already belongs to another organisation")
+
+
+def _normalise_facility(name: str) -> str:
+    value = name.strip()
+    if not value or len(value) > 255 or any(ord(c) < 0x20 for c in value):
+        raise InvalidInputError(
+            f"invalid HL7 sending facility {name!r}: 1-255 characters, no control characters"
+        )
+    if any(c in value for c in "|^~\\&"):
+        raise InvalidInputError(
+            f"invalid HL7 sending facility {name!r}: give one component (the namespace ID or "
+            "the universal ID of MSH-4), without HL7 delimiters"
+        )
+    return value
+
+
+def add_hl7_facility(session: Session, *, org_code: str, name: str) -> None:
+    """Register ``name`` as an HL7 sending facility of the clinic ``org_code``: messages whose
+    MSH-4 namespace ID or universal ID is ``name`` come from that clinic. A name belongs to
+    one organisation only."""
+    org = get_organization(session, code=org_code)
+    if org.kind is not OrgKind.CLINIC:
+        raise InvalidInputError("HL7 sending facilities belong to member clinics")
+    value = _normalise_facility(name)
+    inserted = insert_ignore(
+        session,
+        HL7Facility.__table__,
+        {"name": value, "org_id": org.id, "created_at": utcnow()},
+        conflict=["name"],
+    )
+    if not inserted:
+        owner = session.execute(
+            select(HL7Facility.org_id).where(HL7Facility.name == value)
+        ).scalar_one()
+        if owner != org.id:
+            raise ConflictError(f"HL7 facility {value} already belongs to another organisation")
+
+
+def organization_for_hl7_facility(session: Session, *, names: Sequence[str]) -> OrgRef | None:
+    """The clinic that registered one of ``names`` (MSH-4's namespace ID and universal ID), or
+    None. Should two names belong to different clinics, the first given wins."""
+    wanted = [n.strip() for n in names if n and n.strip()]
+    if not wanted:
+        return None
+    stmt = (
+        select(Organization.id, Organization.code, Organization.kind, HL7Facility.name)
+        .join(HL7Facility, HL7Facility.org_id == Organization.id)
+        .where(HL7Facility.name.in_(wanted), Organization.kind == OrgKind.CLINIC)
+    )
+    rows = {row.name: row for row in session.execute(stmt)}
+    for name in wanted:
+        row = rows.get(name)
+        if row is not None:
+            return OrgRef(id=row.id, code=row.code, kind=OrgKind(row.kind))
+    return None
 
 
 def get_organization(session: Session, *, code: str) -> Organization:

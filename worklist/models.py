@@ -30,6 +30,7 @@ __all__ = [
     "Discipline",
     "Exam",
     "ExamState",
+    "HL7Facility",
     "Instance",
     "InstanceConflict",
     "OrgKind",
@@ -158,6 +159,7 @@ class Organization(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ae_titles: Mapped[list[AETitle]] = relationship(back_populates="organization")
+    hl7_facilities: Mapped[list[HL7Facility]] = relationship(back_populates="organization")
 
 
 class AETitle(Base):
@@ -172,6 +174,21 @@ class AETitle(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     organization: Mapped[Organization] = relationship(back_populates="ae_titles")
+
+
+class HL7Facility(Base):
+    """A sending facility (MSH-4) a clinic's LIS or analysers send HL7 v2 messages as; the
+    name matches MSH-4's namespace ID or its universal ID. Unknown senders are rejected."""
+
+    __tablename__ = "hl7_facilities"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    org_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    organization: Mapped[Organization] = relationship(back_populates="hl7_facilities")
 
 
 class User(Base):

@@ -156,6 +156,7 @@ def test_readiness_and_metrics(
         "RDC_BROKER_URL": "redis://127.0.0.1:9/0",
         "RDC_HTTP_PORT": str(free_port()),
         "RDC_DICOM_PORT": str(free_port()),
+        "RDC_MLLP_PORT": str(free_port()),
     }
     broken = RdcServer(env, tmp_path / "broken.log", workers=False)  # they could not connect
     broken.start()

@@ -1,0 +1,367 @@
+"""MLLP intake benchmark: ``rdc serve --role mllp`` side by side with a minimal baseline.
+
+The baseline is the least a receiver that keeps its promise must do: a thread per
+connection reads each MLLP frame, appends the message to one journal file, fsyncs it, and
+answers AA with MSA-2 = MSH-10 (no index, no checks, no file per message). rdc does what
+it always does: checks the envelope, stores the bytes as an object (fsynced, and its
+directory), commits the index row (SQLite, group commit), then answers. Both run on the
+same file system (``--workdir``).
+
+Every measurement starts its target on a fresh data directory; senders are threads of this
+process, one connection each, sending an ORU^R01 (the python-hl7 glucose sample, a new
+MSH-10 each time) and waiting for the answer before the next, for ``--seconds``. The runs
+alternate (baseline 1, rdc 1, baseline 4, rdc 4, ... ``--repeat`` times) so that a change
+in the machine's load hits both; the median of the repeats is reported: messages/s, ACK
+latency p50/p99 and the ratio rdc / baseline. Afterwards rdc's index is checked to hold
+every message it acknowledged.
+
+    python3 bench/mllp.py --seconds 10 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FACILITY = "BENCHLAB"
+TEMPLATE = (
+    "MSH|^~\\&|GHH LAB|{facility}|GHH OE|BLDG4|200202150930||ORU^R01|{control_id}|P|2.4\r"
+    "PID|||555-44-4444||EVERYWOMAN^EVE^E^^^^L|JONES|19620320|F|||153 FERNWOOD DR.^"
+    "^STATESVILLE^OH^35292||(206)3345232|(206)752-121||||AC555444444||67-A4335^OH^20030520\r"
+    "OBR|1|845439^GHH OE|1045813^GHH LAB|15545^GLUCOSE|||200202150730|||||||||"
+    "555-55-5555^PRIMARY^PATRICIA P^^^^MD^^|||||||||F||||||444-44-4444^HIPPOCRATES^HOWARD H^^^^MD\r"
+    "OBX|1|SN|1554-5^GLUCOSE^POST 12H CFST:MCNC:PT:SER/PLAS:QN||^182|mg/dl|70_105|H|||F\r"
+)
+
+
+def message(control_id: str) -> bytes:
+    return TEMPLATE.format(facility=FACILITY, control_id=control_id).encode()
+
+
+# --------------------------------------------------------------------------------------
+# The baseline receiver (run as: bench/mllp.py --baseline-server PORT DIRECTORY)
+
+
+def baseline_server(port: int, directory: Path) -> None:
+    """Thread per connection; each message appended to one journal file and fsynced, then AA.
+
+    One file, not a file per message: a new file is durable only once its directory is
+    fsynced too, which would be a second sync; appending and fsyncing is the least a
+    receiver that keeps what it acknowledged can do. Concurrent fsyncs share the
+    file system's journal commits.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    listener = socket.create_server(("127.0.0.1", port), backlog=64)
+    journal = os.open(directory / "journal.hl7", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(directory, os.O_RDONLY)
+    os.fsync(fd)  # the journal file's directory entry, once
+    os.close(fd)
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = b""
+        with conn:
+            while True:
+                end = buffer.find(b"\x1c\x0d")
+                if end < 0:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    continue
+                frame, buffer = buffer[1:end], buffer[end + 2 :]
+                os.write(journal, frame + b"\x1c\x0d")  # O_APPEND: one write, not interleaved
+                os.fsync(journal)
+                msh = frame.split(b"\r", 1)[0].split(b"|")
+                ack = b"MSH|^~\\&|RDC|RDC|" + msh[2] + b"|" + msh[3] + b"|||ACK|" + msh[9]
+                ack += b"|P|2.4\rMSA|AA|" + msh[9] + b"\r"
+                conn.sendall(b"\x0b" + ack + b"\x1c\x0d")
+
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+# --------------------------------------------------------------------------------------
+# Targets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"target exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("target did not listen in time")
+
+
+class Target:
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def check(self, acknowledged: set[str]) -> None:
+        """Raise unless every acknowledged control ID was kept."""
+
+
+class Baseline(Target):
+    name = "baseline (fsync, AA)"
+
+    def start(self) -> None:
+        self.data = self.workdir / "baseline"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--baseline-server", str(self.port), str(self.data)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_listening(self.port, self.proc)
+
+    def check(self, acknowledged: set[str]) -> None:
+        stored = (self.data / "journal.hl7").read_bytes().count(b"\x1c\x0d")
+        if stored < len(acknowledged):
+            raise RuntimeError(f"baseline kept {stored} of {len(acknowledged)} messages")
+
+
+class Rdc(Target):
+    name = "rdc serve --role mllp"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+        env.update(
+            RDC_DATA_DIR=str(self.data),
+            RDC_MLLP_HOST="127.0.0.1",
+            RDC_MLLP_PORT=str(self.port),
+            RDC_HTTP_HOST="127.0.0.1",
+            RDC_HTTP_PORT=str(free_port()),
+            RDC_LOG_LEVEL="WARNING",
+        )
+        return env
+
+    def start(self) -> None:
+        self.data = self.workdir / "rdc"
+        env = self.environment()
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "web.cli", "clinic", "add", "--code", "BENCH"),
+                *("--name", "Bench", "--hl7-facility", FACILITY),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        log = open(self.workdir / "rdc.log", "ab")  # noqa: SIM115 (kept open while it runs)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "web.cli", "serve", "--role", "mllp"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_listening(self.port, self.proc)
+
+    def check(self, acknowledged: set[str]) -> None:
+        with sqlite3.connect(self.data / "rdc.sqlite3") as db:
+            ids = {row[0] for row in db.execute("SELECT control_id FROM lab_messages")}
+        missing = acknowledged - ids
+        if missing:
+            raise RuntimeError(f"rdc acknowledged {len(missing)} messages it did not index")
+
+
+# --------------------------------------------------------------------------------------
+# Senders
+
+
+@dataclass
+class Result:
+    target: str
+    connections: int
+    messages: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+def exchange(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(b"\x0b" + data + b"\x1c\x0d")
+    answer = b""
+    while not answer.endswith(b"\x1c\x0d"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        answer += chunk
+    return answer
+
+
+def measure(target: Target, connections: int, seconds: float, tag: str) -> Result:
+    acknowledged: set[str] = set()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start_gate = threading.Barrier(connections + 1)
+    stop_at = [0.0]
+
+    def sender(index: int) -> None:
+        own: list[float] = []
+        ids: list[str] = []
+        with socket.create_connection(("127.0.0.1", target.port), timeout=60) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            exchange(sock, message(f"W{tag}{index}-0"))  # warm-up: connection, caches
+            ids.append(f"W{tag}{index}-0")
+            start_gate.wait()
+            n = 0
+            while time.perf_counter() < stop_at[0]:
+                n += 1
+                control_id = f"{tag}{index}-{n}"
+                began = time.perf_counter()
+                answer = exchange(sock, message(control_id))
+                own.append(time.perf_counter() - began)
+                if b"MSA|AA|" + control_id.encode() + b"\r" not in answer:
+                    raise RuntimeError(f"not AA: {answer!r}")
+                ids.append(control_id)
+        with lock:
+            latencies.extend(own)
+            acknowledged.update(ids)
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + 3600
+    start_gate.wait()
+    began = time.perf_counter()
+    stop_at[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    target.check(acknowledged)
+    latencies.sort()
+    return Result(
+        target=target.name,
+        connections=connections,
+        messages=len(latencies),
+        seconds=elapsed,
+        p50_ms=1000 * latencies[len(latencies) // 2],
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(tempfile.mkdtemp(prefix="rdc-bench-mllp-", dir=args.workdir))
+    results: dict[tuple[str, int], list[Result]] = {}
+    try:
+        for repeat in range(args.repeat):
+            for connections in args.connections:
+                for cls in (Baseline, Rdc):
+                    workdir = root / f"{cls.__name__.lower()}-{connections}-{repeat}"
+                    workdir.mkdir()
+                    target = cls(workdir)
+                    target.start()
+                    try:
+                        result = measure(target, connections, args.seconds, f"R{repeat}C")
+                    finally:
+                        target.stop()
+                    subprocess.run(["sync"], check=False)
+                    results.setdefault((cls.name, connections), []).append(result)
+                    print(
+                        f"  {result.target:24} {connections} conn: {result.rate:7.1f} msg/s "
+                        f"p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms",
+                        flush=True,
+                    )
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print()
+    print("| connections | target | messages/s | ACK p50 ms | ACK p99 ms | rdc / baseline |")
+    print("|---:|---|---:|---:|---:|---:|")
+    summary = []
+    for connections in args.connections:
+        base = statistics.median(r.rate for r in results[(Baseline.name, connections)])
+        for cls in (Baseline, Rdc):
+            runs = results[(cls.name, connections)]
+            rate = statistics.median(r.rate for r in runs)
+            p50 = statistics.median(r.p50_ms for r in runs)
+            p99 = statistics.median(r.p99_ms for r in runs)
+            ratio = rate / base
+            print(
+                f"| {connections} | {cls.name} | {rate:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} |"
+            )
+            summary.append(
+                {
+                    "connections": connections,
+                    "target": cls.name,
+                    "messages_per_second": rate,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "ratio_to_baseline": ratio,
+                }
+            )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    four = [s for s in summary if s["connections"] == 4 and s["target"] == Rdc.name]
+    if four:
+        ok = four[0]["ratio_to_baseline"] >= 0.8 and four[0]["messages_per_second"] >= 500
+        verdict = "met" if ok else "NOT met"
+        print(f"\ntarget (4 connections: >= 0.8x baseline and >= 500 msg/s): {verdict}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration; median")
+    parser.add_argument(
+        "--connections", type=int, nargs="+", default=[1, 4], help="connection counts"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/var/tmp"), help="where the targets write"
+    )
+    parser.add_argument("--json", type=Path, help="also write the summary as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the data directories")
+    parser.add_argument("--baseline-server", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        baseline_server(int(args.baseline_server[0]), Path(args.baseline_server[1]))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

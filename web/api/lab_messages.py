@@ -1,0 +1,105 @@
+"""HL7 v2 lab messages over HTTP, for laboratory systems without MLLP.
+
+``POST /api/v1/lab/messages`` takes one ER7-encoded message, or an HL7 batch (FHS/BHS ...
+BTS/FTS), and answers with the acknowledgement(s) the MLLP listener would send: the same
+intake service, the same durability (AA/CA only after the message is stored and indexed).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from lab_results.intake import LabIntake, http_intake_scope
+from rdc_core.db import session_scope
+from rdc_core.errors import InvalidInputError
+from rdc_core.settings import Settings, get_settings
+from rdc_core.storage import get_object_store
+from web.problems import problem
+from web.security import CurrentPrincipal
+from worklist.audit import record_event
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1", tags=["lab"])
+
+ER7: Final = "x-application/hl7-v2+er7"
+_ACCEPTED_TYPES: Final = frozenset(
+    {ER7, "application/hl7-v2", "application/hl7-v2+er7", "text/plain", "application/edi-hl7"}
+)
+
+_intakes: dict[int, tuple[Settings, LabIntake]] = {}
+_intakes_lock = threading.Lock()
+
+
+def lab_intake(settings: Annotated[Settings, Depends(get_settings)]) -> LabIntake:
+    """The intake service of this process (one group committer for all requests)."""
+    with _intakes_lock:
+        entry = _intakes.get(id(settings))
+        if entry is None or entry[0] is not settings:
+            intake = LabIntake(store=get_object_store(settings), zone=settings.zone)
+            entry = _intakes[id(settings)] = (settings, intake)
+        return entry[1]
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the acknowledgement (or a batch of them): AA/CA accepted, AR/CR "
+        "refused, AE/CE error (MSA-1; the reason in ERR and MSA-3)",
+        "content": {ER7: {}, "text/plain": {}},
+    },
+    403: {"description": "not a clinic technician/clinician or a lead-hospital administrator"},
+    413: {"description": "body longer than RDC_MLLP_MAX_MESSAGE_BYTES"},
+    415: {"description": "not an ER7 content type"},
+    503: {"description": "store or database unavailable: the ACKs say AE/CE; send again"},
+}
+
+
+@router.post("/lab/messages", responses=_RESPONSES, response_class=Response)
+async def post_lab_messages(
+    request: Request,
+    principal: CurrentPrincipal,
+    intake: Annotated[LabIntake, Depends(lab_intake)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Response:
+    """Receive one HL7 v2 message or a batch; the response body is the acknowledgement(s)."""
+    restrict_to_org = http_intake_scope(principal)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in _ACCEPTED_TYPES:
+        return problem(
+            415,
+            f"send ER7-encoded HL7 v2 as {ER7} or text/plain, not {media or 'no content type'}",
+            instance=request.url.path,
+        )
+    limit = settings.mllp_max_message_bytes
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return problem(413, f"body longer than {limit} bytes", instance=request.url.path)
+    if not body.strip():
+        raise InvalidInputError("empty body: send one HL7 v2 message or a batch")
+    answer, acks = await run_in_threadpool(
+        intake.receive_body, bytes(body), channel="http", restrict_to_org=restrict_to_org
+    )
+    with session_scope() as session:
+        record_event(
+            session,
+            actor=principal.actor,
+            action="lab.messages.receive",
+            object_type="lab_message",
+            object_id=",".join(a.control_id for a in acks)[:100],
+            org_id=principal.org_id,
+            detail={"acks": [{"control_id": a.control_id, "code": a.code} for a in acks]},
+        )
+    outage = any(a.outcome == "failed" for a in acks)
+    return Response(
+        content=answer,
+        status_code=503 if outage else 200,
+        media_type=ER7 if media == ER7 else "text/plain; charset=utf-8",
+        headers={"Retry-After": "30"} if outage else None,
+    )
