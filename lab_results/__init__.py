@@ -23,8 +23,8 @@ from lab_results.autoverify import (
     reference_change_value,
 )
 from lab_results.corrections import OrderVersion, ResultChange, apply_correction
-from lab_results.intake import Acknowledgement, LabIntake, http_intake_scope
 from lab_results.evaluate import OrderEvaluation, evaluate_order
+from lab_results.intake import Acknowledgement, LabIntake, http_intake_scope
 from lab_results.mapping import (
     CatalogueEntry,
     LocalCodeMapping,
@@ -56,14 +56,12 @@ from lab_results.parse import (
 )
 
 __all__ = [
-    "Acknowledgement",
-    "LabIntake",
-    "MllpListener",
-    "http_intake_scope",
     "AUTOVERIFIED_MARK",
+    "Acknowledgement",
     "AutoverificationResult",
     "CatalogueEntry",
     "CriticalFinding",
+    "LabIntake",
     "LabMessage",
     "LabParseError",
     "LocalCodeMapping",
@@ -71,6 +69,7 @@ __all__ = [
     "Mapped",
     "MappedOrder",
     "MappedResult",
+    "MllpListener",
     "Observation",
     "Order",
     "OrderEvaluation",
@@ -88,6 +87,7 @@ __all__ = [
     "apply_correction",
     "autoverify",
     "evaluate_order",
+    "http_intake_scope",
     "load_catalogue",
     "load_critical_limits",
     "load_local_mappings",

@@ -74,7 +74,6 @@ def _add_org(
 ) -> None:
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.audit import record_event
     from worklist.directory import add_organization, get_organization
     from worklist.models import OrgKind
 
