@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from web.api import (
+    admin,
     auth,
     critical_values,
     deliveries,
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
         deliveries,
         recognition,
         critical_values,
+        admin,
     ):
         app.include_router(module.router)
     app.include_router(ui_router)

@@ -16,6 +16,7 @@ from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings
 from rdc_core.tasks import TaskRunner
+from web.cli_admin import register_admin_commands, routing_app, sla_app
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
@@ -41,7 +42,10 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(accreditation_app, name="accreditation")
 app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
+app.add_typer(routing_app, name="routing")
+app.add_typer(sla_app, name="sla")
 app.command("verify")(verify_command)
+register_admin_commands(clinic_app, user_app)
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 log = logging.getLogger("rdc")
@@ -61,21 +65,27 @@ def db_upgrade() -> None:
     console.print("database is at the latest schema")
 
 
-def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
+def _add_org(code: str, name: str, kind_value: str, ae: list[str], *, update: bool = True) -> None:
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.directory import add_organization
+    from worklist.admin import save_organization
     from worklist.models import OrgKind
 
     upgrade_database()
     try:
         with session_scope() as session:
-            org = add_organization(
-                session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae
+            org = save_organization(
+                session,
+                principal=None,
+                code=code,
+                name=name,
+                kind=OrgKind(kind_value),
+                ae_titles=ae,
+                update=update,
             )
-            titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
     except RDCError as exc:
         _fail(str(exc))
+    titles = ", ".join(org.ae_titles) or "none"
     console.print(f"{kind_value} {code} ({name}); AE titles: {titles}")
 
 
@@ -86,9 +96,13 @@ def clinic_add(
     ae: Annotated[
         list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")
     ] = None,
+    update: Annotated[
+        bool, typer.Option("--update", help="rename an existing clinic, add AE titles")
+    ] = False,
 ) -> None:
-    """Register a member clinic and the AE titles its modalities call with."""
-    _add_org(code, name, "clinic", ae or [])
+    """Register a member clinic and the AE titles its modalities call with. An existing code
+    is refused unless --update."""
+    _add_org(code, name, "clinic", ae or [], update=update)
 
 
 @org_app.command("add")

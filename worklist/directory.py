@@ -9,9 +9,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, stable_id, upsert, utcnow
-from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError
+from rdc_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
+from worklist.audit import record_event
 from worklist.models import AETitle, Discipline, Organization, OrgKind, ReaderLevel, Role, User
 from worklist.schemas import Me
 
@@ -21,7 +28,9 @@ __all__ = [
     "add_organization",
     "add_user",
     "authenticate",
+    "check_role",
     "describe_principal",
+    "disable_user",
     "get_organization",
     "org_ref",
     "organization_for_ae",
@@ -56,11 +65,18 @@ def _normalise_ae(ae_title: str) -> str:
 
 
 def add_organization(
-    session: Session, *, code: str, name: str, kind: OrgKind, ae_titles: list[str] | None = None
+    session: Session,
+    *,
+    code: str,
+    name: str,
+    kind: OrgKind,
+    ae_titles: list[str] | None = None,
+    update_existing: bool = True,
 ) -> Organization:
     """Create or update the organisation ``code`` and register its AE titles.
 
-    Only one lead hospital may exist; re-running with the same code updates the name.
+    Only one lead hospital may exist; re-running with the same code updates the name, unless
+    ``update_existing`` is false: then an existing code is a ConflictError.
     """
     if not _CODE_RE.match(code):
         raise InvalidInputError(f"invalid organisation code {code!r}: letters, digits, - and _")
@@ -68,6 +84,10 @@ def add_organization(
         raise InvalidInputError("organisation name must not be empty")
     org_id = stable_id("org", code)
     existing = session.get(Organization, org_id)
+    if existing is not None and not update_existing:
+        raise ConflictError(
+            f"organisation {code} exists already ({existing.name}); use --update to change it"
+        )
     if existing is not None and existing.kind is not kind:
         raise ConflictError(f"organisation {code} exists as a {existing.kind.value}")
     if kind is OrgKind.LEAD:
@@ -133,7 +153,11 @@ def organization_for_ae(session: Session, *, ae_title: str) -> OrgRef | None:
     stmt = (
         select(Organization.id, Organization.code, Organization.kind)
         .join(AETitle, AETitle.org_id == Organization.id)
-        .where(AETitle.ae_title == ae_title.strip(), Organization.kind == OrgKind.CLINIC)
+        .where(
+            AETitle.ae_title == ae_title.strip(),
+            Organization.kind == OrgKind.CLINIC,
+            Organization.active.is_(True),
+        )
     )
     row = session.execute(stmt).one_or_none()
     return OrgRef(id=row.id, code=row.code, kind=row.kind) if row else None
@@ -164,15 +188,7 @@ def add_user(
     if not re.match(r"^[A-Za-z0-9._@-]{2,64}$", username):
         raise InvalidInputError("username: 2-64 letters, digits, . _ @ -")
     org = get_organization(session, code=org_code)
-    lead_roles = {Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN}
-    if role in lead_roles and org.kind is not OrgKind.LEAD:
-        raise InvalidInputError(f"role {role.value} belongs to the lead hospital, not to a clinic")
-    if role not in lead_roles and org.kind is OrgKind.LEAD:
-        raise InvalidInputError(f"role {role.value} belongs to a clinic, not to the lead hospital")
-    if level is not None and role not in {Role.READER, Role.SENIOR_READER}:
-        raise InvalidInputError("--level applies to readers only")
-    if role in {Role.READER, Role.SENIOR_READER} and level is None:
-        level = ReaderLevel.ATTENDING if role is Role.SENIOR_READER else ReaderLevel.RESIDENT
+    level = check_role(org, role, level)
     values = {
         "id": stable_id("user", username),
         "username": username,
@@ -212,6 +228,50 @@ def add_user(
     return user
 
 
+_LEAD_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
+_READERS = frozenset({Role.READER, Role.SENIOR_READER})
+
+
+def check_role(org: Organization, role: Role, level: ReaderLevel | None) -> ReaderLevel | None:
+    """Check that ``role`` (and ``level``) fit a user of ``org``; returns the reader level to
+    store (a reader without one is a resident, a senior reader an attending)."""
+    if role in _LEAD_ROLES and org.kind is not OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to the lead hospital, not to a clinic")
+    if role not in _LEAD_ROLES and org.kind is OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to a clinic, not to the lead hospital")
+    if level is not None and role not in _READERS:
+        raise InvalidInputError("--level applies to readers only")
+    if role in _READERS and level is None:
+        level = ReaderLevel.ATTENDING if role is Role.SENIOR_READER else ReaderLevel.RESIDENT
+    return level
+
+
+def disable_user(session: Session, *, username: str, actor: Principal | None) -> User:
+    """Disable ``username``: they can no longer sign in and their tokens stop working at once
+    (every request reloads the user). Audited with before/after; ``actor`` None is the CLI.
+    Disabling a disabled user changes nothing and records nothing."""
+    if actor is not None and (actor.role is not Role.ADMIN or actor.org_kind is not OrgKind.LEAD):
+        raise PermissionDeniedError(f"role {actor.role.value} may not do this")
+    user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    if user is None:
+        raise NotFoundError(f"no user {username!r}")
+    if actor is not None and actor.user_id == user.id:
+        raise ConflictError("administrators cannot disable themselves")
+    if user.active:
+        user.active = False
+        session.flush()
+        record_event(
+            session,
+            actor=actor.actor if actor else "cli",
+            org_id=actor.org_id if actor else None,
+            action="user.disable",
+            object_type="user",
+            object_id=user.username,
+            detail={"before": {"active": True}, "after": {"active": False}},
+        )
+    return user
+
+
 def principal_for_user(user: User) -> Principal:
     """The service-level identity of ``user``."""
     return Principal(
@@ -244,6 +304,11 @@ def authenticate(session: Session, *, username: str, password: str) -> Principal
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
     # Check a password even for unknown users, so response time does not reveal usernames.
     hashed = user.password_hash if user is not None else _UNKNOWN_USER_HASH
-    if not verify_password(password, hashed) or user is None or not user.active:
+    if (
+        not verify_password(password, hashed)
+        or user is None
+        or not user.active
+        or not user.organization.active
+    ):
         raise AuthenticationError("unknown user or wrong password")
     return principal_for_user(user)
