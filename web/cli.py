@@ -145,9 +145,12 @@ def user_add(
     ] = False,
 ) -> None:
     """Create a user (or reset their password and role)."""
+    from pydantic import ValidationError
+
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.directory import add_user
+    from worklist.admin import create_user
+    from worklist.admin.schemas import UserIn
     from worklist.models import ReaderLevel, Role
 
     try:
@@ -162,24 +165,32 @@ def user_add(
     upgrade_database()
     try:
         with session_scope() as session:
-            add_user(
+            create_user(
                 session,
-                username=username,
-                password=password,
-                role=role_value,
-                org_code=org,
-                level=level_value,
-                display_name=name,
-                pools=pool,
-                qualifications=[
-                    dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
-                    for q in qualify
-                ]
-                if qualify
-                else None,
+                principal=None,
+                replace=True,
+                data=UserIn.model_validate(
+                    {
+                        "username": username,
+                        "password": password,
+                        "role": role_value,
+                        "org_code": org,
+                        "level": level_value,
+                        "display_name": name,
+                        "pools": pool,
+                        "qualifications": [
+                            dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
+                            for q in qualify
+                        ]
+                        if qualify
+                        else None,
+                    }
+                ),
             )
     except RDCError as exc:
         _fail(str(exc))
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     console.print(f"user {username}: {role_value.value} at {org}")
 
 

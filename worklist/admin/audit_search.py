@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, String, cast, func, or_, select
+from sqlalchemy import Select, String, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from rdc_core.db import utcnow
@@ -73,8 +73,15 @@ def _mentions(ids: list[str]) -> list[Any]:
     """Events about these objects, or listing them in their detail (e.g. a worklist page)."""
     if not ids:
         return []
-    detail = cast(AuditEvent.detail, String)
-    return [AuditEvent.object_id.in_(ids), *(detail.contains(f'"{i}"') for i in ids[:50])]
+    return [AuditEvent.object_id.in_(ids), *(_detail_names(i) for i in ids[:50])]
+
+
+def _detail_names(value: str) -> Any:
+    # Audit searches name what they searched for: they are not events about it.
+    return and_(
+        AuditEvent.object_type != "audit_events",
+        cast(AuditEvent.detail, String).contains(f'"{value}"'),
+    )
 
 
 def _exam_related(session: Session, exam_ids: list[str]) -> list[str]:
@@ -132,7 +139,7 @@ def _query(session: Session, f: AuditFilter) -> Select[Any]:
         ids = [*patients, *_exam_related(session, exam_ids)]
         conditions = _mentions(ids)
         # Look-ups name the patient by their ID within the issuer.
-        conditions.append(cast(AuditEvent.detail, String).contains(f'"{f.patient}"'))
+        conditions.append(_detail_names(f.patient))
         stmt = stmt.where(or_(*conditions))
     return stmt
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worklist.models import Discipline, Priority, ReaderLevel, Role
 
@@ -59,6 +59,13 @@ class ClinicPatch(_In):
 class Qualification(_In):
     discipline: Discipline
     modality: str | None = Field(default=None, max_length=16)
+
+    @field_validator("discipline", mode="before")
+    @classmethod
+    def _known(cls, value: object) -> object:
+        if value not in {d.value for d in Discipline} and not isinstance(value, Discipline):
+            raise ValueError(f"unknown discipline {value!r} (imaging, ecg or lab)")
+        return value
 
 
 class UserOut(BaseModel):

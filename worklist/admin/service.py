@@ -260,11 +260,18 @@ def list_users(
     return [_user_out(u) for u in session.execute(stmt).scalars()]
 
 
-def create_user(session: Session, *, principal: Principal | None, data: UserIn) -> UserOut:
-    """Create a user; an existing username is a ConflictError (edit it instead)."""
+def create_user(
+    session: Session, *, principal: Principal | None, data: UserIn, replace: bool = False
+) -> UserOut:
+    """Create a user; an existing username is a ConflictError unless ``replace`` (the CLI's
+    ``rdc user add``: then the password, role, level and what is given are reset)."""
     _require(principal, _ADMIN)
-    if session.execute(select(User.id).where(User.username == data.username)).first():
+    existing = session.execute(
+        select(User).where(User.username == data.username)
+    ).scalar_one_or_none()
+    if existing is not None and not replace:
         raise ConflictError(f"user {data.username} exists already")
+    before = _user_out(existing).model_dump(mode="json") if existing else None
     user = add_user(
         session,
         username=data.username,
@@ -280,11 +287,11 @@ def create_user(session: Session, *, principal: Principal | None, data: UserIn) 
     _audit(
         session,
         principal,
-        action="user.create",
+        action="user.create" if before is None else "user.update",
         object_type="user",
         object_id=user.username,
-        before=None,
-        after=out.model_dump(mode="json"),
+        before=before,
+        after={**out.model_dump(mode="json"), **({"password": "(reset)"} if before else {})},
     )
     return out
 
