@@ -16,7 +16,7 @@ from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings
 from rdc_core.tasks import TaskRunner
-from web.cli_admin import register_admin_commands, routing_app, sla_app
+from web.cli_admin import audit_app, register_admin_commands, routing_app, sla_app
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
 from web.cli_recognition import accreditation_app, catalog_app
@@ -44,6 +44,7 @@ app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
 app.add_typer(routing_app, name="routing")
 app.add_typer(sla_app, name="sla")
+app.add_typer(audit_app, name="audit")
 app.command("verify")(verify_command)
 register_admin_commands(clinic_app, user_app)
 

@@ -16,10 +16,11 @@ from rich.table import Table
 
 from rdc_core.errors import RDCError
 
-__all__ = ["register_admin_commands", "routing_app", "sla_app"]
+__all__ = ["audit_app", "register_admin_commands", "routing_app", "sla_app"]
 
 routing_app = typer.Typer(help="Routing rules (exam → reader pool).", no_args_is_help=True)
 sla_app = typer.Typer(help="Turnaround targets per discipline and priority.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail: search, export, chain check.", no_args_is_help=True)
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -302,3 +303,78 @@ def sla_set(
     console.print(
         f"{discipline}/{priority}: {minutes} min; {result.rescheduled} READY exam(s) rescheduled"
     )
+
+
+# --- audit trail ---------------------------------------------------------------------------
+
+
+@audit_app.command("search")
+def audit_search(
+    user: Annotated[str | None, typer.Option(help="username")] = None,
+    patient: Annotated[str | None, typer.Option(help="patient ID")] = None,
+    exam: Annotated[str | None, typer.Option(help="exam id, Study Instance UID, accession")] = None,
+    action: Annotated[str | None, typer.Option(help="action; * matches any text")] = None,
+    since: Annotated[
+        str | None, typer.Option("--from", help="ISO time with zone, e.g. 2026-01-01T08:00+08:00")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--to", help="ISO time with zone")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="every match as CSV on stdout")] = False,
+    limit: Annotated[int, typer.Option(help="newest N (without --csv)")] = 100,
+) -> None:
+    """Search the audit trail (as JSON lines, newest first, or every match as CSV)."""
+    import csv
+    from datetime import datetime
+
+    from worklist.admin import AuditFilter, audit_events, iter_audit_events
+
+    try:
+        criteria = AuditFilter(
+            user=user,
+            patient=patient,
+            exam=exam,
+            action=action,
+            since=datetime.fromisoformat(since) if since else None,
+            until=datetime.fromisoformat(until) if until else None,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    except RDCError as exc:
+        _fail(str(exc))
+    if as_csv:
+
+        def export(session: Any) -> None:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(
+                ["seq", "at", "actor", "org_id", "action", "object_type", "object_id", "detail"]
+            )
+            for e in iter_audit_events(session, principal=None, criteria=criteria):
+                writer.writerow(
+                    [
+                        e.seq,
+                        e.at.isoformat(),
+                        e.actor,
+                        e.org_id or "",
+                        e.action,
+                        e.object_type,
+                        e.object_id,
+                        json.dumps(e.detail, ensure_ascii=False, sort_keys=True),
+                    ]
+                )
+
+        _run(export)
+        return
+    items, total = _run(lambda s: audit_events(s, principal=None, criteria=criteria, limit=limit))
+    for e in items:
+        sys.stdout.write(json.dumps(e.model_dump(mode="json"), ensure_ascii=False) + "\n")
+    console.print(f"{len(items)} of {total} event(s)")
+
+
+@audit_app.command("check")
+def audit_check() -> None:
+    """Recompute the hash chain; exit 1 when a record was changed or removed."""
+    from worklist.admin import verify_audit_chain
+
+    result = _run(lambda s: verify_audit_chain(s, principal=None))
+    if not result.intact:
+        _fail(f"the audit chain is broken at event {result.first_bad_seq}")
+    console.print(f"audit chain intact ({result.events} events)")

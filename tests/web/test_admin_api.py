@@ -382,3 +382,18 @@ def test_admin_console_api_and_cli(
         "routing_rules.update",
         "sla_targets.update",
     } <= {e["action"] for e in cli_events}
+    found = rdc_cli(env, "audit", "search", "--user", "admin", "--action", "user.*")
+    lines = [json.loads(line) for line in found.stdout.splitlines()]
+    assert {e["action"] for e in lines} == {
+        "user.create",
+        "user.update",
+        "user.reset_password",
+        "user.disable",
+    }
+    assert all(e["actor"] == "user:admin" for e in lines)
+    exported_cli = rdc_cli(env, "audit", "search", "--action", "routing_rules.update", "--csv")
+    cli_rows = list(csv.DictReader(io.StringIO(exported_cli.stdout)))
+    assert [r["actor"] for r in cli_rows] == ["user:admin", "cli"]
+    naive_cli = rdc_cli(env, "audit", "search", "--from", "2026-01-01T08:00", check=False)
+    assert naive_cli.returncode != 0 and "time zone" in naive_cli.stderr
+    assert "intact" in rdc_cli(env, "audit", "check").stderr

@@ -14,7 +14,7 @@ from rdc_core.db import utcnow
 from rdc_core.errors import InvalidInputError
 from worklist.access import Principal, require_roles
 from worklist.admin.schemas import AuditEventOut, AuditVerifyOut
-from worklist.audit import AuditEvent, record_access, verify_chain
+from worklist.audit import AuditEvent, record_access, record_event, verify_chain
 from worklist.models import Exam, Patient, Report, Role, WorkItem
 
 __all__ = [
@@ -144,50 +144,56 @@ def _query(session: Session, f: AuditFilter) -> Select[Any]:
     return stmt
 
 
-def require_audit_access(principal: Principal) -> None:
-    """QC staff and administrators of the lead hospital read the audit trail."""
-    require_roles(principal, _AUDIT_ROLES, lead_only=True)
+def require_audit_access(principal: Principal | None) -> None:
+    """QC staff and administrators of the lead hospital read the audit trail (``None``: the
+    command line, a local operator)."""
+    if principal is not None:
+        require_roles(principal, _AUDIT_ROLES, lead_only=True)
+
+
+def _record(session: Session, principal: Principal | None, action: str, f: AuditFilter) -> None:
+    if principal is None:
+        record_event(
+            session,
+            actor="cli",
+            action=action,
+            object_type="audit_events",
+            object_id="*",
+            detail=f.as_detail(),
+        )
+    else:
+        record_access(
+            session, principal, action=action, object_type="audit_events", detail=f.as_detail()
+        )
 
 
 def audit_events(
     session: Session,
     *,
-    principal: Principal,
+    principal: Principal | None,
     criteria: AuditFilter,
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[AuditEventOut], int]:
     """One page of matching events, newest first, and their total. The search is audited."""
-    require_roles(principal, _AUDIT_ROLES, lead_only=True)
+    require_audit_access(principal)
     stmt = _query(session, criteria)
     total = session.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
     rows = session.execute(
         stmt.order_by(AuditEvent.seq.desc()).limit(limit).offset(offset)
     ).scalars()
     items = [AuditEventOut.model_validate(r, from_attributes=True) for r in rows]
-    record_access(
-        session,
-        principal,
-        action="audit.search",
-        object_type="audit_events",
-        detail=criteria.as_detail(),
-    )
+    _record(session, principal, "audit.search", criteria)
     return items, total
 
 
 def iter_audit_events(
-    session: Session, *, principal: Principal, criteria: AuditFilter
+    session: Session, *, principal: Principal | None, criteria: AuditFilter
 ) -> Iterator[AuditEventOut]:
     """Every matching event, oldest first, fetched in batches (for the CSV export). The
     export is audited before the first row."""
-    require_roles(principal, _AUDIT_ROLES, lead_only=True)
-    record_access(
-        session,
-        principal,
-        action="audit.export",
-        object_type="audit_events",
-        detail=criteria.as_detail(),
-    )
+    require_audit_access(principal)
+    _record(session, principal, "audit.export", criteria)
     stmt = _query(session, criteria).order_by(AuditEvent.seq)
     last = 0
     while True:
@@ -199,9 +205,9 @@ def iter_audit_events(
         last = batch[-1].seq
 
 
-def verify_audit_chain(session: Session, *, principal: Principal) -> AuditVerifyOut:
+def verify_audit_chain(session: Session, *, principal: Principal | None) -> AuditVerifyOut:
     """Recompute the hash chain: intact, or the first record that was changed or removed."""
-    require_roles(principal, _AUDIT_ROLES, lead_only=True)
+    require_audit_access(principal)
     intact, bad = verify_chain(session)
     count = session.execute(select(func.count()).select_from(AuditEvent)).scalar_one()
     return AuditVerifyOut(intact=intact, first_bad_seq=bad, events=count, checked_at=utcnow())
