@@ -179,7 +179,9 @@
                 }
                 patch(data);
               }, "primary save"),
-              u.active
+              u.username === cfg.me
+                ? null
+                : u.active
                 ? button(t("ad.disable"), function () {
                     if (!window.confirm(t("ad.confirm_disable", { name: u.username }))) return;
                     R.api("POST", "/api/v1/users/" + encodeURIComponent(u.username) + "/disable").then(function () {
