@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from web.api import (
+    admin,
     audit,
     auth,
     critical_values,
@@ -44,6 +45,7 @@ def create_app() -> FastAPI:
         recognition,
         critical_values,
         lab_messages,
+        admin,
     ):
         app.include_router(module.router)
     app.include_router(ui_router)

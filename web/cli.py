@@ -16,6 +16,7 @@ from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings, private_directory
 from rdc_core.tasks import TaskRunner
+from web.cli_admin import register_admin_commands, routing_app, sla_app
 from web.cli_audit import audit_app
 from web.cli_critical import critical_app
 from web.cli_delivery import delivery_app
@@ -42,8 +43,11 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(accreditation_app, name="accreditation")
 app.add_typer(critical_app, name="critical")
 app.add_typer(delivery_app, name="delivery")
+app.add_typer(routing_app, name="routing")
+app.add_typer(sla_app, name="sla")
 app.add_typer(audit_app, name="audit")
 app.command("verify")(verify_command)
+register_admin_commands(clinic_app, user_app)
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped mid-line
 log = logging.getLogger("rdc")
@@ -74,7 +78,8 @@ def _add_org(
 ) -> None:
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.directory import add_organization, get_organization
+    from worklist.admin import save_organization
+    from worklist.directory import get_organization
     from worklist.models import OrgKind
 
     upgrade_database()
@@ -88,19 +93,20 @@ def _add_org(
             elif not name:
                 _fail("--name is required (or give --update to change an existing clinic)")
             assert name is not None
-            org = add_organization(
+            org = save_organization(
                 session,
+                principal=None,
                 code=code,
                 name=name,
                 kind=OrgKind(kind_value),
                 ae_titles=ae,
                 hl7_facilities=hl7_facilities,
-                actor=cli_actor(),
+                update=update,
             )
-            titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
-            facilities = ", ".join(f.name for f in org.hl7_facilities) or "none"
     except RDCError as exc:
         _fail(str(exc))
+    titles = ", ".join(org.ae_titles) or "none"
+    facilities = ", ".join(org.hl7_facilities) or "none"
     console.print(
         f"{kind_value} {code} ({name}); AE titles: {titles}; HL7 facilities: {facilities}"
     )
@@ -123,11 +129,13 @@ def clinic_add(
     ] = None,
     update: Annotated[
         bool,
-        typer.Option("--update", help="add AE titles / HL7 facilities to an existing clinic"),
+        typer.Option(
+            "--update", help="change an existing clinic: rename, add AE titles / HL7 facilities"
+        ),
     ] = False,
 ) -> None:
     """Register a member clinic, the AE titles its modalities call with and the HL7 sending
-    facilities of its lab systems."""
+    facilities of its lab systems. An existing code is refused unless --update."""
     _add_org(code, name, "clinic", ae or [], hl7_facility or [], update=update)
 
 
@@ -141,7 +149,7 @@ def org_add(
     """Register an organisation; ``--kind lead`` creates the lead hospital (one per deployment)."""
     if kind not in ("lead", "clinic"):
         _fail("--kind must be lead or clinic")
-    _add_org(code, name, kind, ae or [])
+    _add_org(code, name, kind, ae or [], update=True)
 
 
 @user_app.command("add")
@@ -171,9 +179,12 @@ def user_add(
     ] = False,
 ) -> None:
     """Create a user (or reset their password and role)."""
+    from pydantic import ValidationError
+
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
-    from worklist.directory import add_user
+    from worklist.admin import create_user
+    from worklist.admin.schemas import UserIn
     from worklist.models import ReaderLevel, Role
 
     try:
@@ -188,25 +199,32 @@ def user_add(
     upgrade_database()
     try:
         with session_scope() as session:
-            add_user(
+            create_user(
                 session,
-                username=username,
-                password=password,
-                role=role_value,
-                org_code=org,
-                level=level_value,
-                display_name=name,
-                pools=pool,
-                actor=cli_actor(),
-                qualifications=[
-                    dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
-                    for q in qualify
-                ]
-                if qualify
-                else None,
+                principal=None,
+                replace=True,
+                data=UserIn.model_validate(
+                    {
+                        "username": username,
+                        "password": password,
+                        "role": role_value,
+                        "org_code": org,
+                        "level": level_value,
+                        "display_name": name,
+                        "pools": pool,
+                        "qualifications": [
+                            dict(zip(("discipline", "modality"), q.split(":", 1), strict=False))
+                            for q in qualify
+                        ]
+                        if qualify
+                        else None,
+                    }
+                ),
             )
     except RDCError as exc:
         _fail(str(exc))
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     console.print(f"user {username}: {role_value.value} at {org}")
 
 

@@ -98,7 +98,7 @@ def _principal(
         raise AuthenticationError(f"invalid token: {exc}") from exc
     with read_session() as session:
         user = session.execute(select(User).where(User.id == claims["sub"])).scalar_one_or_none()
-        if user is None or not user.active:
+        if user is None or not user.active or not user.organization.active:
             raise AuthenticationError("the token's user no longer exists or is disabled")
         if claims.get("gen", 0) != (user.token_generation or 0):
             raise AuthenticationError(

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from rdc_core.errors import NotFoundError
+from rdc_core.errors import ConflictError, NotFoundError
 from rdc_core.security import verify_password
 from rdc_core.settings import get_settings
 from worklist.access import Principal, require_roles
@@ -141,6 +141,9 @@ def disable_user(
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
     if user is None:
         raise NotFoundError(f"no user {username!r}")
+    if principal is not None and principal.user_id == user.id:
+        raise ConflictError("administrators cannot disable themselves")
+    was_active = user.active
     user.active = False
     session.flush()
     revoke_tokens(session, user_id=user.id)
@@ -148,10 +151,10 @@ def disable_user(
         session,
         actor=principal.actor if principal else actor,
         org_id=principal.org_id if principal else None,
-        action="disable_user",
+        action="user.disable",
         object_type="user",
-        object_id=user.id,
-        detail={"username": username},
+        object_id=user.username,
+        detail={"username": username, "before": {"active": was_active}, "after": {"active": False}},
     )
     session.refresh(user)
     return user

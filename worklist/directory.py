@@ -10,7 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, stable_id, upsert, utcnow
-from rdc_core.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError
+from rdc_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+)
 from rdc_core.security import hash_password, verify_password
 from worklist.access import Principal
 from worklist.accounts import revoke_tokens
@@ -34,6 +39,7 @@ __all__ = [
     "add_organization",
     "add_user",
     "authenticate",
+    "check_role",
     "describe_principal",
     "get_organization",
     "org_ref",
@@ -78,11 +84,13 @@ def add_organization(
     ae_titles: list[str] | None = None,
     hl7_facilities: list[str] | None = None,
     actor: str = "cli",
+    update_existing: bool = True,
 ) -> Organization:
     """Create or update the organisation ``code`` and register its AE titles and HL7 sending
     facilities.
 
-    Only one lead hospital may exist; re-running with the same code updates the name.
+    Only one lead hospital may exist; re-running with the same code updates the name, unless
+    ``update_existing`` is false: then an existing code is a ConflictError.
     """
     if not _CODE_RE.match(code):
         raise InvalidInputError(f"invalid organisation code {code!r}: letters, digits, - and _")
@@ -90,6 +98,10 @@ def add_organization(
         raise InvalidInputError("organisation name must not be empty")
     org_id = stable_id("org", code)
     existing = session.get(Organization, org_id)
+    if existing is not None and not update_existing:
+        raise ConflictError(
+            f"organisation {code} exists already ({existing.name}); use --update to change it"
+        )
     if existing is not None and existing.kind is not kind:
         raise ConflictError(f"organisation {code} exists as a {existing.kind.value}")
     if kind is OrgKind.LEAD:
@@ -227,7 +239,11 @@ def organization_for_ae(session: Session, *, ae_title: str) -> OrgRef | None:
     stmt = (
         select(Organization.id, Organization.code, Organization.kind)
         .join(AETitle, AETitle.org_id == Organization.id)
-        .where(AETitle.ae_title == ae_title.strip(), Organization.kind == OrgKind.CLINIC)
+        .where(
+            AETitle.ae_title == ae_title.strip(),
+            Organization.kind == OrgKind.CLINIC,
+            Organization.active.is_(True),
+        )
     )
     row = session.execute(stmt).one_or_none()
     return OrgRef(id=row.id, code=row.code, kind=row.kind) if row else None
@@ -259,15 +275,7 @@ def add_user(
     if not re.match(r"^[A-Za-z0-9._@-]{2,64}$", username):
         raise InvalidInputError("username: 2-64 letters, digits, . _ @ -")
     org = get_organization(session, code=org_code)
-    lead_roles = {Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN}
-    if role in lead_roles and org.kind is not OrgKind.LEAD:
-        raise InvalidInputError(f"role {role.value} belongs to the lead hospital, not to a clinic")
-    if role not in lead_roles and org.kind is OrgKind.LEAD:
-        raise InvalidInputError(f"role {role.value} belongs to a clinic, not to the lead hospital")
-    if level is not None and role not in {Role.READER, Role.SENIOR_READER}:
-        raise InvalidInputError("--level applies to readers only")
-    if role in {Role.READER, Role.SENIOR_READER} and level is None:
-        level = ReaderLevel.ATTENDING if role is Role.SENIOR_READER else ReaderLevel.RESIDENT
+    level = check_role(org, role, level)
     values = {
         "id": stable_id("user", username),
         "username": username,
@@ -327,6 +335,24 @@ def add_user(
     return user
 
 
+_LEAD_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
+_READERS = frozenset({Role.READER, Role.SENIOR_READER})
+
+
+def check_role(org: Organization, role: Role, level: ReaderLevel | None) -> ReaderLevel | None:
+    """Check that ``role`` (and ``level``) fit a user of ``org``; returns the reader level to
+    store (a reader without one is a resident, a senior reader an attending)."""
+    if role in _LEAD_ROLES and org.kind is not OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to the lead hospital, not to a clinic")
+    if role not in _LEAD_ROLES and org.kind is OrgKind.LEAD:
+        raise InvalidInputError(f"role {role.value} belongs to a clinic, not to the lead hospital")
+    if level is not None and role not in _READERS:
+        raise InvalidInputError("--level applies to readers only")
+    if role in _READERS and level is None:
+        level = ReaderLevel.ATTENDING if role is Role.SENIOR_READER else ReaderLevel.RESIDENT
+    return level
+
+
 def principal_for_user(user: User) -> Principal:
     """The service-level identity of ``user``."""
     return Principal(
@@ -360,6 +386,11 @@ def authenticate(session: Session, *, username: str, password: str) -> Principal
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
     # Check a password even for unknown users, so response time does not reveal usernames.
     hashed = user.password_hash if user is not None else _UNKNOWN_USER_HASH
-    if not verify_password(password, hashed) or user is None or not user.active:
+    if (
+        not verify_password(password, hashed)
+        or user is None
+        or not user.active
+        or not user.organization.active
+    ):
         raise AuthenticationError("unknown user or wrong password")
     return principal_for_user(user)

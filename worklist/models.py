@@ -156,6 +156,9 @@ class Organization(Base):
     code: Mapped[str] = mapped_column(String(32), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[OrgKind] = mapped_column(_enum(OrgKind, "org_kind"))
+    # A disabled clinic's modalities are refused (its AE titles no longer match) and its
+    # users cannot sign in; its data stays.
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ae_titles: Mapped[list[AETitle]] = relationship(back_populates="organization")

@@ -289,7 +289,7 @@ def test_login_throttling_revocation_origin_and_audit(
         == 401
     )
     assert admin.post("/api/v1/users/nobody/disable").status_code == 404
-    disabled_by = [r["actor"] for r in _audit(server, "disable_user")]
+    disabled_by = [r["actor"] for r in _audit(server, "user.disable")]
     assert len(disabled_by) == 2 and disabled_by[0].startswith("cli")
     assert disabled_by[1] == "user:admin"
 

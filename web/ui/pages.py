@@ -380,3 +380,40 @@ def dicom_keywords(
         if _TAG.match(tag):
             names[tag.upper()] = keyword_for_tag(int(tag, 16)) or ""
     return JSONResponse(names, headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/ui/admin")
+def admin_page(request: Request) -> Response:
+    """The administration console (administrators of the lead hospital only): clinics and
+    AE titles, users, routing rules, SLA targets, recognition, critical-value contacts and
+    duty list, delivery endpoints. The page's script calls the same API as the CLI."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if principal.is_clinic_user or principal.role is not Role.ADMIN:
+        return RedirectResponse(_home(principal), status_code=303)
+    return _render(
+        request,
+        "admin.html",
+        principal=principal,
+        page="admin",
+        config={
+            "roles": [r.value for r in Role],
+            "levels": ["resident", "attending", "chief"],
+            "disciplines": [d.value for d in Discipline],
+            "priorities": [p.value for p in Priority],
+            "modalities": _MODALITIES,
+            "me": principal.username,
+        },
+    )
+
+
+@router.get("/ui/audit")
+def audit_page(request: Request) -> Response:
+    """The audit trail for QC staff and administrators: search, chain status, CSV export."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if principal.is_clinic_user or principal.role not in (Role.QC, Role.ADMIN):
+        return RedirectResponse(_home(principal), status_code=303)
+    return _render(request, "audit.html", principal=principal, page="audit")
