@@ -347,6 +347,11 @@ def _undo_store(session: Session, artifact: ArtifactIn, also: References | None)
         )
 
 
+def _elsewhere(exam: ExamIn) -> PermissionDeniedError:
+    what = "study" if exam.key_kind is ExamKeyKind.STUDY_UID else f"{exam.discipline} exam"
+    return PermissionDeniedError(f"{what} {exam.natural_key} belongs to another organisation")
+
+
 def _upsert_patient(session: Session, patient: PatientIn, org: OrgRef, now: datetime) -> str:
     issuer = patient.issuer or org.code
     patient_ref = stable_id("patient", org.id, issuer, patient.patient_id)
@@ -407,7 +412,7 @@ def _upsert_exam(
         returning=["id", "org_id", "modalities", "body_part", "priority"],
     )
     if row.org_id != org.id:
-        raise PermissionDeniedError(f"exam {exam.natural_key} belongs to another organisation")
+        raise _elsewhere(exam)
     return row
 
 
@@ -473,7 +478,7 @@ def _index(
         patient_ref = _upsert_patient(session, patient, org, now)
         row = _upsert_exam(session, exam, exam_id, org, patient_ref, now)
     elif row.org_id != org.id:
-        raise PermissionDeniedError(f"exam {exam.natural_key} belongs to another organisation")
+        raise _elsewhere(exam)
     stored = artifact.object.stored
     inserted = insert_ignore(
         session,
