@@ -16,7 +16,24 @@ An ingester parses and validates its own format, then:
    the reason.
 
 The caller (the edge) commits, then acknowledges. The hub never sees the format: no header
-type of any ingester is named here.
+type of any ingester is named here. A lab result, for example::
+
+    pending = store_object(store=store, key=f"lab/{sha[:2]}/{sha}.hl7", source=path,
+                           size=size, sha256=sha)
+    registration = register_artifact(
+        session,
+        org=org,  # worklist.directory.OrgRef of the sending clinic
+        patient=PatientIn(patient_id="12345", issuer="CLINIC_A", name="Wang^Fang"),
+        exam=ExamIn(discipline=Discipline.LAB, natural_key=filler_number,
+                    key_kind=ExamKeyKind.ORDER, modality="LAB"),
+        artifact=ArtifactIn(kind="oru", ref=message_control_id, object=pending,
+                            source=peer),
+        detail=write_lab_message,  # (session, exam_id, artifact_id): the detail row
+    )
+    if registration.outcome is RecordOutcome.DUPLICATE:
+        known = find_artifact(session, artifact_id=registration.artifact_id)  # judge it
+
+DICOM goes the same way (``dicom_gateway.records.register_instance``).
 """
 
 from __future__ import annotations
