@@ -37,10 +37,10 @@ def main() -> int:
         del os.environ[key]
     os.environ["RDC_DATA_DIR"] = str(data_dir)
 
+    from dicom_gateway.records import InstanceHeader, record_instance
     from rdc_core.db import session_scope, utcnow
     from rdc_core.migrate import upgrade_database
     from worklist.directory import add_organization, add_user, principal_for_user
-    from worklist.intake import InstanceHeader, record_instance
     from worklist.models import (
         Exam,
         OrgKind,

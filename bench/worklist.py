@@ -454,7 +454,7 @@ INSERT INTO exams
     (id, study_instance_uid, org_id, patient_ref, accession_number, discipline, modality,
      modalities, body_part, description, priority, state, instance_count, has_conflicts,
      performed_at, first_received_at, last_received_at, ready_at, cancelled_at, created_at,
-     claimed_at, preliminary_at, final_at, rescan_requested_at, rescan_reason)
+     claimed_at, preliminary_at, final_at, rescan_requested_at, rescan_reason /*columns*/)
 SELECT exam_id,
        '1.2.826.0.1.3680043.10.543.' || i,
        (CAST(:orgs AS text[]))[clinic_no],
@@ -474,6 +474,7 @@ SELECT exam_id,
        CASE WHEN state = 'FINAL' THEN done_at END,
        CASE WHEN state = 'RESCAN_REQUESTED' THEN done_at END,
        CASE WHEN state = 'RESCAN_REQUESTED' THEN 'motion artefacts' END
+       /*values*/
 FROM bench_gen
 ORDER BY received
 """
@@ -496,7 +497,13 @@ ORDER BY ready_at
 """
 
 # Columns that only some revisions of the schema have: filled when the migrations made them.
-OPTIONAL_COLUMNS = {"work_items": {"org_id": "(CAST(:orgs AS text[]))[clinic_no]"}}
+OPTIONAL_COLUMNS = {
+    "work_items": {"org_id": "(CAST(:orgs AS text[]))[clinic_no]"},
+    "exams": {
+        "natural_key": "'1.2.826.0.1.3680043.10.543.' || i",
+        "key_kind": "'study_uid'",
+    },
+}
 
 INSERT_REPORTS = """
 INSERT INTO reports

@@ -3,7 +3,9 @@
 Order of work, as in Orthanc: read and validate the header, write the object to the store
 under a key derived from its UIDs (and content), index it in the caller's transaction; the
 caller commits and only then acknowledges. If the transaction rolls back, the object this
-call wrote is removed again.
+call wrote is removed again. The steps every intake shares (store first, index, remove on
+rollback, quarantine) are the hub's intake contract (``worklist.intake``); this module reads
+DICOM and keeps its own policies (duplicates, conflicting copies).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import logging
 import mmap
 import os
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache, lru_cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from zoneinfo import ZoneInfo
@@ -34,18 +35,25 @@ from pydicom.values import convert_PN
 from sqlalchemy.orm import Session
 
 from dicom_gateway.element_scan import file_meta_elements, scan_top_level
-from rdc_core.db import on_rollback, utcnow
+from dicom_gateway.records import (
+    INSTANCE_KIND,
+    InstanceHeader,
+    conflict_references,
+    find_instance,
+    record_conflict,
+    register_instance,
+)
+from rdc_core.db import utcnow
 from rdc_core.errors import InvalidInputError, PermissionDeniedError
-from rdc_core.storage import ObjectStore, StoredObject
+from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef, organization_for_ae
 from worklist.intake import (
-    InstanceHeader,
+    PendingObject,
     RecordOutcome,
-    find_instance,
-    object_referenced,
-    record_conflict,
-    record_instance,
-    record_quarantine,
+    artifact_id_for,
+    quarantine_object,
+    remove_unreferenced,
+    store_object,
 )
 from worklist.models import Discipline, Priority
 
@@ -473,46 +481,16 @@ def instance_key(header: InstanceHeader, digest: str) -> str:
     )
 
 
-@lru_cache(maxsize=1)
-def _store_io() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdc-store-io")
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedInstance:
     """A validated object with its header read, on its way into the store."""
 
     header: InstanceHeader
-    stored: StoredObject
-    writing: Future[bool]
+    pending: PendingObject
 
     def wait(self) -> None:
         """Return once the object is durable in the store; raises StorageError otherwise."""
-        self.writing.result()
-
-    def undo(self, store: ObjectStore, session: Session) -> None:
-        """After a rollback: remove the object again if this ingest may have created it
-        and no index row refers to it (kept when that cannot be checked)."""
-        try:
-            if not self.writing.result():
-                return
-        except Exception:
-            return  # nothing was stored
-        _remove_unreferenced(
-            session, store, self.stored.key, sop_instance_uid=self.header.sop_instance_uid
-        )
-
-
-def _remove_unreferenced(
-    session: Session, store: ObjectStore, key: str, *, sop_instance_uid: str | None
-) -> None:
-    try:
-        if object_referenced(session, storage_key=key, sop_instance_uid=sop_instance_uid):
-            return
-        store.delete(key)
-    except Exception as exc:
-        # An orphan object costs space; deleting an object an index row refers to loses data.
-        log.warning("unreferenced object %s was kept: %s", key, exc)
+        self.pending.wait()
 
 
 def prepare_dicom_file(
@@ -533,9 +511,10 @@ def prepare_dicom_file(
     header, part10 = _read_header(source, zone=zone)
     sha256 = source_sha256 or _sha256(source, len(part10.file_meta))
     key = instance_key(header, object_digest(part10.file_meta, sha256))
-    stored = StoredObject(key=key, size=part10.size, sha256=sha256)
-    writing = _store_io().submit(partial(store.put_once, key, source, move=move_source))
-    return PreparedInstance(header, stored, writing)
+    pending = store_object(
+        store=store, key=key, source=source, size=part10.size, sha256=sha256, move=move_source
+    )
+    return PreparedInstance(header, pending)
 
 
 def index_dicom_file(
@@ -558,23 +537,20 @@ def index_dicom_file(
     Raises PermissionDeniedError (study or instance of another clinic), StorageError and
     DatabaseUnavailableError (answer "retry").
     """
-    header, stored, org = prepared.header, prepared.stored, organization
-    on_rollback(session, partial(prepared.undo, store, session))
+    header, stored, org = prepared.header, prepared.pending.stored, organization
     now = received_at or utcnow()
     # Recorded first, looked up only when it was indexed already: a new instance (nearly
-    # every one) costs no extra statement.
-    outcome, exam_id = record_instance(
+    # every one) costs no extra statement. Returns once the object is durable; a rollback
+    # removes an object this ingest created.
+    registration = register_instance(
         session,
         header=header,
-        org_id=org.id,
-        org_code=org.code,
-        storage_key=stored.key,
-        size_bytes=stored.size,
-        sha256=stored.sha256,
+        org=org,
+        pending=prepared.pending,
         calling_ae=calling_ae,
         now=now,
     )
-    prepared.wait()
+    outcome, exam_id = registration.outcome, registration.exam_id
     if outcome is RecordOutcome.STORED:
         return IngestResult(
             outcome,
@@ -592,8 +568,12 @@ def index_dicom_file(
     if existing.sha256 == stored.sha256:
         if existing.storage_key != stored.key:
             # The same data set in another file meta: the copy of record stays, this goes.
-            _remove_unreferenced(
-                session, store, stored.key, sop_instance_uid=header.sop_instance_uid
+            remove_unreferenced(
+                session,
+                store,
+                stored.key,
+                artifact_id=artifact_id_for(INSTANCE_KIND, header.sop_instance_uid),
+                also=conflict_references(stored.key, header.sop_instance_uid),
             )
         return IngestResult(
             RecordOutcome.DUPLICATE,
@@ -669,25 +649,15 @@ def quarantine_file(
     organization: OrgRef | None = None,
     sop_instance_uid: str | None = None,
 ) -> str:
-    """Keep rejected input byte for byte under ``quarantine/`` with the reason.
-
-    Returns the quarantine record's ID.
-    """
-    sha256 = _sha256(source)
-    key = f"quarantine/{sha256[:2]}/{sha256}.bin"
-    if store.put_once(key, source):
-        on_rollback(
-            session, partial(_remove_unreferenced, session, store, key, sop_instance_uid=None)
-        )
-    return record_quarantine(
+    """Keep rejected input byte for byte under ``quarantine/`` with the reason (the hub's
+    :func:`worklist.intake.quarantine_object`). Returns the quarantine record's ID."""
+    return quarantine_object(
         session,
-        storage_key=key,
+        store=store,
+        source=source,
         reason=reason,
-        source=origin,
-        size_bytes=source.stat().st_size,
-        sha256=sha256,
-        calling_ae=calling_ae,
+        origin=origin,
+        sender=calling_ae,
         org_id=organization.id if organization else None,
-        sop_instance_uid=sop_instance_uid,
-        now=utcnow(),
+        artifact_ref=sop_instance_uid,
     )

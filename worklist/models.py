@@ -26,9 +26,11 @@ from rdc_core.db import Base, utcnow
 __all__ = [
     "AETitle",
     "AmendmentKind",
+    "Artifact",
     "AuthFailure",
     "Discipline",
     "Exam",
+    "ExamKeyKind",
     "ExamState",
     "HL7Facility",
     "Instance",
@@ -87,6 +89,22 @@ class Priority(enum.StrEnum):
     @property
     def rank(self) -> int:
         return {"emergency": 0, "urgent": 1, "routine": 2}[self.value]
+
+
+class ExamKeyKind(enum.StrEnum):
+    """What an exam's natural key is.
+
+    STUDY_UID: a DICOM Study Instance UID (imaging, DICOM ECG). Globally unique on its own,
+    so the exam ID is derived from the key alone: the objects of one study share an exam
+    whatever their discipline, and IDs made before the intake contract stay the same.
+    ORDER: a lab order, accession or filler number. FILE: a key derived from an uploaded
+    file (e.g. an ECG record without an order). The ID of those is derived from discipline,
+    kind and key.
+    """
+
+    STUDY_UID = "study_uid"
+    ORDER = "order"
+    FILE = "file"
 
 
 class ExamState(enum.StrEnum):
@@ -259,16 +277,22 @@ class Patient(Base):
 
 
 class Exam(Base):
-    """One examination (a DICOM study for imaging) sent by a clinic, with its stage times."""
+    """One examination sent by a clinic, keyed by (discipline, natural key), with its stage
+    times. The natural key is the Study Instance UID for DICOM (then also kept in
+    ``study_instance_uid``), the order or filler number for lab, a derived key for an
+    uploaded file; see :class:`ExamKeyKind`."""
 
     __tablename__ = "exams"
     __table_args__ = (
         Index("ix_exams_state_last_received", "state", "last_received_at"),
         Index("ix_exams_org_state", "org_id", "state"),
+        UniqueConstraint("discipline", "natural_key"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    natural_key: Mapped[str] = mapped_column(String(128))
+    key_kind: Mapped[ExamKeyKind] = mapped_column(_enum(ExamKeyKind, "exam_key_kind"))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
     patient_ref: Mapped[str] = mapped_column(ForeignKey("patients.id"), index=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
@@ -309,8 +333,33 @@ class Exam(Base):
     work_item: Mapped[WorkItem | None] = relationship(back_populates="exam", uselist=False)
 
 
+class Artifact(Base):
+    """One stored object of an exam, whatever its format: the generic row every intake
+    writes through :func:`worklist.intake.register_artifact`.
+
+    ``kind`` names the ingester's detail table (``instance``: a DICOM SOP instance in
+    ``instances``); ``ref`` is the artifact's own key within its kind (SOP Instance UID,
+    message control ID, file hash). The ID is derived from both, so a re-sent artifact is
+    recognised, and the detail row shares it.
+    """
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    ref: Mapped[str] = mapped_column(String(128))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Who sent it: the calling AE title, the MLLP peer, the uploading user.
+    source: Mapped[str] = mapped_column(String(64), default="")
+
+
 class Instance(Base):
-    """One stored DICOM object (SOP instance)."""
+    """One stored DICOM object (SOP instance): the DICOM detail of an :class:`Artifact` of
+    kind ``instance`` (same ID). Written by ``dicom_gateway``."""
 
     __tablename__ = "instances"
 
@@ -369,7 +418,8 @@ class QuarantineItem(Base):
     source: Mapped[str] = mapped_column(String(32))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"), nullable=True)
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The artifact's own key when the input got that far (a DICOM SOP Instance UID).
+    artifact_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

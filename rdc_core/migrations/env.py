@@ -7,7 +7,7 @@ import fcntl
 from collections.abc import Iterator
 
 from alembic import context
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from rdc_core.db import Base, get_engine
 
@@ -37,9 +37,32 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """On SQLite, foreign keys off while migrating. A batch migration re-creates a table
+    (copy, DROP, rename), and with foreign keys on, dropping a parent table deletes its
+    children's rows through their ON DELETE CASCADE. The pragma works only outside a
+    transaction, so it is set on the driver connection before the migration begins; the
+    migration checks the keys itself (see run_migrations_online)."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    driver = connection.connection.dbapi_connection
+    assert driver is not None
+    driver.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        driver.execute("PRAGMA foreign_keys=ON")  # the pooled connection is used again
+
+
 def run_migrations_online() -> None:
     engine = get_engine(url)
-    with _sqlite_file_lock(engine), engine.connect() as connection:
+    with (
+        _sqlite_file_lock(engine),
+        engine.connect() as connection,
+        _sqlite_foreign_keys_off(connection),
+    ):
         context.configure(
             connection=connection, target_metadata=Base.metadata, render_as_batch=True
         )
@@ -50,6 +73,10 @@ def run_migrations_online() -> None:
                 # Released when the migration transaction ends.
                 connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             context.run_migrations()
+            if connection.dialect.name == "sqlite":
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:  # rolls the migration back
+                    raise RuntimeError(f"migration broke foreign keys: {broken[:10]}")
 
 
 if context.is_offline_mode():

@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from dicom_gateway.records import InstanceHeader, record_instance
 from rdc_core.db import session_scope, utcnow
 from worklist.access import Principal
 from worklist.directory import add_organization, add_user, principal_for_user
-from worklist.intake import InstanceHeader, record_instance
 from worklist.models import OrgKind, Priority, ReaderLevel, Role, User, WorkItem
 from worklist.readiness import mark_stable_exams_ready
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
+from dicom_gateway.records import InstanceHeader, record_instance
 from rdc_core.db import session_scope, utcnow
 from worklist.directory import add_organization
-from worklist.intake import InstanceHeader, record_instance
 from worklist.models import Exam, ExamState, OrgKind, Priority, RoutingRule, WorkItem
 from worklist.readiness import mark_stable_exams_ready
 

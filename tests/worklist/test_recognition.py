@@ -17,6 +17,7 @@ import sqlalchemy
 import sqlalchemy.pool
 from sqlalchemy import func, select
 
+from dicom_gateway.records import InstanceHeader, record_instance
 from rdc_core.db import dispose_engines, session_scope, stable_id, utcnow
 from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from rdc_core.migrate import upgrade_database
@@ -24,7 +25,6 @@ from rdc_core.settings import reset_settings
 from tests.worklist.conftest import STUDIES, Reading
 from worklist.access import Principal
 from worklist.directory import add_organization, add_user, get_organization, principal_for_user
-from worklist.intake import InstanceHeader, record_instance
 from worklist.models import (
     Discipline,
     Exam,

@@ -272,7 +272,8 @@ def _modality_in(column: Any, modality: str) -> Any:
 
 def _study_filters(query: QidoQuery, zone: ZoneInfo) -> list[Any]:
     m = query.match
-    filters: list[Any] = []
+    # DICOM studies only: exams of other intakes (lab orders, uploaded files) have no UID.
+    filters: list[Any] = [Exam.study_instance_uid.is_not(None)]
     studies = _split(m.get("StudyInstanceUID", []))
     if query.study_uid:
         if studies and query.study_uid not in studies:
@@ -355,7 +356,7 @@ class _Study:
     def of(cls, exam: Exam, patient: Patient) -> _Study:
         return cls(
             exam_id=exam.id,
-            study_instance_uid=exam.study_instance_uid,
+            study_instance_uid=exam.study_instance_uid or "",
             accession_number=exam.accession_number,
             modalities=exam.modalities,
             description=exam.description,

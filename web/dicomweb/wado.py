@@ -107,7 +107,7 @@ def resolve(
         refs = [
             InstanceRef(
                 exam_id=instance.exam_id,
-                study_instance_uid=study,
+                study_instance_uid=study or study_uid,
                 series_instance_uid=instance.series_instance_uid,
                 sop_instance_uid=instance.sop_instance_uid,
                 sop_class_uid=instance.sop_class_uid,

@@ -109,7 +109,7 @@ class ReportVersionOut(BaseModel):
     signer: str
     impression: str
     critical: bool
-    study_instance_uid: str
+    study_instance_uid: str | None  # DICOM exams only
     accession_number: str | None
     discipline: Discipline
     modality: str

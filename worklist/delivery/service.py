@@ -417,7 +417,8 @@ def prepare_push(
         amendment_kind=report.amendment_kind.value if report.amendment_kind else None,
         previous_report_id=report.previous_id,
         exam_id=exam.id,
-        study_instance_uid=exam.study_instance_uid,
+        # Exams of other intakes have no Study Instance UID: their natural key stands in.
+        study_instance_uid=exam.study_instance_uid or exam.natural_key,
         accession_number=exam.accession_number,
         discipline=exam.discipline.value,
         modality=exam.modality,
