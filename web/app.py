@@ -11,6 +11,7 @@ from web.api import (
     deliveries,
     exams,
     health,
+    patients,
     recognition,
     reports,
     worklist,
@@ -38,6 +39,7 @@ def create_app() -> FastAPI:
         worklist,
         reports,
         deliveries,
+        patients,
         recognition,
         critical_values,
     ):

@@ -26,6 +26,7 @@ from worklist.models import (
     Priority,
     QuarantineItem,
 )
+from worklist.patients import OtherIdentifier, link_identifiers_from_intake
 
 __all__ = [
     "InstanceHeader",
@@ -55,6 +56,8 @@ class InstanceHeader:
     patient_birth_date: str | None = None
     patient_sex: str | None = None
     patient_original: dict[str, Any] = field(default_factory=dict)
+    # Other Patient IDs Sequence items: where a national ID (居民身份证号) arrives.
+    other_patient_ids: tuple[OtherIdentifier, ...] = ()
     coerced: dict[str, str] = field(default_factory=dict)
     accession_number: str | None = None
     discipline: Discipline = Discipline.IMAGING
@@ -207,6 +210,14 @@ def _upsert_patient(
         conflict=["id"],
         # The first values stay (reports cite them); only the last-seen time moves.
         update=["updated_at"],
+    )
+    link_identifiers_from_intake(
+        session,
+        patient_ref=patient_ref,
+        issuer=issuer,
+        patient_id=header.patient_id,
+        other_ids=header.other_patient_ids,
+        now=now,
     )
     return patient_ref
 
