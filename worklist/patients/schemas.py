@@ -85,7 +85,7 @@ class Candidate(BaseModel):
     proposed for an administrator to link, never linked automatically."""
 
     persons: list[str]
-    identifiers: list[list[str]]
+    identifiers: list[str]  # the matching identifier of each person
     name: str
     birth_date: str
     sex: str

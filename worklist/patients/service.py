@@ -596,8 +596,8 @@ def match_candidates(
                 Candidate(
                     persons=[a, b],
                     identifiers=[
-                        [_shown_identifier(pa.issuer, pa.patient_id)],
-                        [_shown_identifier(pb.issuer, pb.patient_id)],
+                        _shown_identifier(pa.issuer, pa.patient_id),
+                        _shown_identifier(pb.issuer, pb.patient_id),
                     ],
                     name=pa.name,
                     birth_date=birth_date,
