@@ -288,6 +288,12 @@ def test_patient_index_over_http(
                 "CLINIC_B|B-777"
             )
             assert NID not in page.content()
+            # From the reading page: the patient ID links to the same person's page.
+            page.goto(f"{server.http}/ui/read/{exam_a1}")
+            page.click("#ei-pid a.patient-link")
+            expect(page).to_have_url(re.compile(r"/ui/patients\?identifier="))
+            expect(page.locator("#national-id")).to_have_text(MASKED)
+            expect(page.locator("tr.identifier-row")).to_have_count(2)
             assert errors == []
         finally:
             browser.close()

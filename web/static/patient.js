@@ -55,7 +55,10 @@
     });
   }
 
-  R.api("GET", "/api/v1/patients/" + encodeURIComponent(personId))
+  var url = personId
+    ? "/api/v1/patients/" + encodeURIComponent(personId)
+    : "/api/v1/patients" + R.query({ identifier: R.config.identifier });
+  R.api("GET", url)
     .then(function (person) {
       document.getElementById("national-id").textContent = person.national_id || t("common.none");
       fill("identifiers-body", person.identifiers.map(identifierRow), t("common.none"));

@@ -294,6 +294,7 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "pt.version": ("第{n}版", "v{n}"),
     "pt.older": ("历史版本", "Earlier versions"),
     "pp.title": ("患者主索引", "Patient across the alliance"),
+    "pp.open": ("查看患者主索引", "Patient across the alliance"),
     "pp.national_id": ("身份证号", "National ID"),
     "pp.identifiers": ("各机构患者标识", "Identifiers at the clinics"),
     "pp.exams": ("各机构检查", "Exams at every clinic"),

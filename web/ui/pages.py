@@ -348,6 +348,24 @@ def patient_page(person_id: str, request: Request) -> Response:
     )
 
 
+@router.get("/ui/patients")
+def patient_lookup_page(
+    request: Request, identifier: Annotated[str, Query(max_length=200)] = ""
+) -> Response:
+    """The patient page of the person an identifier ``ISSUER|ID`` belongs to (the reading
+    page links here)."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    return _render(
+        request,
+        "patient.html",
+        principal=principal,
+        page="patient",
+        config={"identifier": identifier, "clinicUser": principal.is_clinic_user},
+    )
+
+
 @router.get("/ui/critical")
 def critical_register_page(request: Request) -> Response:
     """The critical-value register (危急值登记) for lead-hospital staff: every alert with
