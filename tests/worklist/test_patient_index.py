@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -310,3 +311,54 @@ def test_a_clinic_sees_its_own_identifiers_only(alliance: Alliance) -> None:
         assert get_person(session, principal=alliance.people["tech1"], person_id=str(shared["id"]))
         with pytest.raises(NotFoundError):
             get_person(session, principal=alliance.people["tech1"], person_id=str(only_b["id"]))
+
+
+def test_two_clinics_sending_the_same_national_id_at_once_meet_in_one_person(
+    alliance: Alliance,
+) -> None:
+    """Intake in concurrent transactions (one per clinic, on PostgreSQL truly in parallel):
+    the national ID's person has an ID derived from its keyed hash, so both land in it."""
+    third = "32010219800101123"
+    ids = [NID, NID2, third + validate_national_id_check(third)]
+    errors: list[BaseException] = []
+    for round_, national_id in enumerate(ids):
+        barrier = threading.Barrier(2)
+
+        def send(
+            clinic: str,
+            nid: str = national_id,
+            r: int = round_,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
+            try:
+                barrier.wait(timeout=30)
+                receive(clinic, f"{clinic}-{r}", other=(OtherIdentifier(NATIONAL, nid),))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in ("C1", "C2")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert errors == []
+    for round_, national_id in enumerate(ids):
+        found = person(alliance, f"{NATIONAL}|{national_id}")
+        assert _ids(found) == {f"C1|C1-{round_}", f"C2|C2-{round_}"}
+    with session_scope() as session:
+        assert (
+            len(
+                session.execute(select(Person.id).where(Person.national_id_hash.is_not(None))).all()
+            )
+            == 3
+        )
+
+
+def validate_national_id_check(first17: str) -> str:
+    """The GB 11643 check character of 17 digits (to build valid test IDs)."""
+    for candidate in "0123456789X":
+        try:
+            return validate_national_id(first17 + candidate)[-1]
+        except InvalidNationalIdError:
+            continue
+    raise AssertionError("no check character")

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, distinct, func, select, update
 from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, stable_id
@@ -570,11 +570,29 @@ def match_candidates(
     require_roles(principal, {Role.ADMIN}, lead_only=True)
     if not 1 <= limit <= 1000:
         raise InvalidInputError("limit must be between 1 and 1000")
+    known = (Patient.birth_date.is_not(None), Patient.sex.is_not(None), Patient.name != "")
+    # Only birth date and sex shared by two persons or more can hold a match: the database
+    # narrows the rows, names are compared here (either script of a DICOM name).
+    shared = (
+        select(Patient.birth_date, func.upper(Patient.sex).label("sex"))
+        .join(PersonLink, PersonLink.patient_ref == Patient.id)
+        .where(*known)
+        .group_by(Patient.birth_date, func.upper(Patient.sex))
+        .having(func.count(distinct(PersonLink.person_id)) > 1)
+        .subquery()
+    )
     rows = session.execute(
         select(Patient, PersonLink.person_id, Person.national_id_hash)
         .join(PersonLink, PersonLink.patient_ref == Patient.id)
         .join(Person, Person.id == PersonLink.person_id)
-        .where(Patient.birth_date.is_not(None), Patient.sex.is_not(None), Patient.name != "")
+        .join(
+            shared,
+            and_(
+                shared.c.birth_date == Patient.birth_date,
+                shared.c.sex == func.upper(Patient.sex),
+            ),
+        )
+        .where(*known)
         .order_by(Patient.birth_date, Patient.id)
     ).all()
     buckets: dict[tuple[str, str, str], list[tuple[Patient, str, str | None]]] = {}
