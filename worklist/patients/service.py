@@ -96,7 +96,7 @@ def ensure_person(session: Session, *, patient_ref: str, now: datetime) -> str:
         {"id": person_id, "created_at": now, "updated_at": now},
         conflict=["id"],
     )
-    insert_ignore(
+    if insert_ignore(
         session,
         PersonLink.__table__,
         {
@@ -107,8 +107,9 @@ def ensure_person(session: Session, *, patient_ref: str, now: datetime) -> str:
             "linked_at": now,
         },
         conflict=["patient_ref"],
-    )
-    return _person_of(session, patient_ref) or person_id
+    ):
+        return person_id
+    return _person_of(session, patient_ref) or person_id  # another writer linked it first
 
 
 def _national_person(session: Session, national_id: str, now: datetime) -> tuple[str, str]:
