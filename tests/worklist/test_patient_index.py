@@ -11,12 +11,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from rdc_core.db import session_scope, utcnow
+from rdc_core.db import get_engine, session_scope, stable_id, utcnow
 from rdc_core.errors import ConflictError, NotFoundError, PermissionDeniedError
+from rdc_core.migrate import upgrade_database
 from rdc_core.settings import reset_settings
 from worklist.access import Principal
 from worklist.audit import AuditEvent, verify_chain
@@ -362,3 +364,40 @@ def validate_national_id_check(first17: str) -> str:
         except InvalidNationalIdError:
             continue
     raise AssertionError("no check character")
+
+
+def test_the_migration_gives_every_patient_held_a_person(
+    database_url: str | None, tmp_path: Path
+) -> None:
+    """Patients indexed before the index existed each become a person of their own, with the
+    ID intake derives for them (so intake finds it)."""
+    url = database_url or f"sqlite:///{tmp_path / 'rdc.db'}"
+    upgrade_database(url, "0007")
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO organizations (id, code, name, kind, created_at) "
+                "VALUES ('o1', 'C1', 'Clinic 1', 'clinic', :now)"
+            ),
+            {"now": utcnow()},
+        )
+        for n in range(3):
+            connection.execute(
+                text(
+                    "INSERT INTO patients (id, org_id, issuer, patient_id, name, original, "
+                    "created_at, updated_at) VALUES (:id, 'o1', 'C1', :pid, '', '{}', :now, :now)"
+                ),
+                {"id": f"p{n}", "pid": f"P{n}", "now": utcnow()},
+            )
+    upgrade_database(url)
+    with engine.connect() as connection:
+        links = connection.execute(
+            text("SELECT patient_ref, person_id, source FROM person_links ORDER BY patient_ref")
+        ).all()
+        persons = connection.execute(text("SELECT COUNT(*) FROM persons")).scalar_one()
+    engine.dispose()
+    assert [(ref, person, source) for ref, person, source in links] == [
+        (f"p{n}", stable_id("person", f"p{n}"), "intake") for n in range(3)
+    ]
+    assert persons == 3
