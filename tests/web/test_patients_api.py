@@ -208,6 +208,16 @@ def test_patient_index_over_http(
         return [r["institution"]["code"] for r in response.json()["results"]]
 
     assert recognised("B-777") == ["CLINIC_A"]
+    by_national_id = tech_b.get(
+        "/api/v1/recognized-results", params={"issuer": NATIONAL, "patient_id": NID}
+    )
+    assert [r["institution"]["code"] for r in by_national_id.json()["results"]] == ["CLINIC_A"]
+    assert (
+        tech_b.get(
+            "/api/v1/recognized-results", params={"issuer": NATIONAL, "patient_id": BAD_NID}
+        ).status_code
+        == 422
+    )
     # ... and not for a look-alike, which is only proposed to the administrator.
     assert recognised("B-888") == []
     assert tech_a.get("/api/v1/patients/candidates").status_code == 403

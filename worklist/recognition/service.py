@@ -33,6 +33,7 @@ from worklist.models import (
     User,
 )
 from worklist.patients.links import same_person_clause
+from worklist.patients.national_id import mask_national_id
 from worklist.patients.service import resolve_patient_refs
 from worklist.queries import visible_exam
 from worklist.recognition.catalog import catalog_items, current_catalog
@@ -465,7 +466,10 @@ def recognized_results(
         object_type="recognized_result",
         detail={
             "issuer": issuer,
-            "patient_id": patient_id,
+            # A national ID is personal information: the audit trail keeps it masked.
+            "patient_id": mask_national_id(patient_id)
+            if issuer == get_settings().national_id_issuer
+            else patient_id,
             "item": item,
             "decision_ids": [r["decision_id"] for r in out],
         },
