@@ -105,7 +105,7 @@ _TEXT_VRS = frozenset({"LO", "SH"})
 _BACKSLASH = {0x5C}
 _PATIENT_NAME = BaseTag(0x00100010)
 _OTHER_PATIENT_IDS_SEQUENCE = BaseTag(0x00101002)
-_MAX_OTHER_PATIENT_IDS = 16
+_MAX_OTHER_PATIENT_IDS = 64
 
 
 # Every element _read_header reads: the only ones the fast walk keeps.
@@ -251,16 +251,16 @@ class _Fields:
 def _other_patient_ids(ds: Dataset, path: Path) -> tuple[OtherIdentifier, ...]:
     """The items of the Other Patient IDs Sequence (where a national ID arrives), or none
     when the sequence is absent or unreadable: it never stops an object being stored."""
-    if _OTHER_PATIENT_IDS_SEQUENCE not in ds._dict:
+    elem = ds._dict.get(_OTHER_PATIENT_IDS_SEQUENCE)
+    if elem is None:
         return ()
     try:
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            # Over 1 KiB, the value was left unread (deferred): read that element alone.
+            ds = pydicom.dcmread(path, specific_tags=[_OTHER_PATIENT_IDS_SEQUENCE])
         items = ds.get("OtherPatientIDsSequence") or []
-    except Exception:  # a sequence over 1 KiB is deferred: read it alone
-        try:
-            read = pydicom.dcmread(path, specific_tags=[_OTHER_PATIENT_IDS_SEQUENCE])
-            items = read.get("OtherPatientIDsSequence") or []
-        except Exception:
-            return ()
+    except Exception:
+        return ()
     found = []
     for item in list(items)[:_MAX_OTHER_PATIENT_IDS]:
         try:

@@ -55,6 +55,7 @@ def _ct(
     birth_date: str,
     sex: str,
     national_id: str | None = None,
+    filler: int = 0,
 ) -> Dataset:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -70,7 +71,12 @@ def _ct(
             NATIONAL,
             "TEXT",
         )
-        ds.OtherPatientIDsSequence = Sequence([item])
+        others = []
+        for n in range(filler):  # other issuers' IDs before the national one
+            other = Dataset()
+            other.PatientID, other.IssuerOfPatientID = f"H{n:020d}", f"HOSPITAL-{n:03d}"
+            others.append(other)
+        ds.OtherPatientIDsSequence = Sequence([*others, item])
     ds.save_as(path, enforce_file_format=True)
     return ds
 
@@ -94,8 +100,8 @@ def test_patient_index_over_http(
         "/api/v1/recognition/accreditations", content=ACCREDITATIONS, headers=yaml
     ).is_success
 
-    # Clinic A sends with dcmtk (one file rewritten with explicit lengths: the fast header
-    # walk reads its sequence; the other keeps pydicom's undefined lengths).
+    # Clinic A sends with dcmtk, the national ID's file rewritten with undefined lengths
+    # (the header is then read by pydicom, not by the fast walk).
     a1 = _ct(
         testdata,
         tmp_path / "a1.dcm",
@@ -105,9 +111,9 @@ def test_patient_index_over_http(
         sex="M",
         national_id=NID,
     )
-    explicit = tmp_path / "a1e.dcm"
+    undefined = tmp_path / "a1u.dcm"
     subprocess.run(
-        [str(dcmtk / "dcmconv"), "+e", str(tmp_path / "a1.dcm"), str(explicit)], check=True
+        [str(dcmtk / "dcmconv"), "-e", str(tmp_path / "a1.dcm"), str(undefined)], check=True
     )
     a2 = _ct(
         testdata,
@@ -118,10 +124,11 @@ def test_patient_index_over_http(
         sex="F",
     )
     sent = storescu(
-        dcmtk, [explicit, tmp_path / "a2.dcm"], port=server.dicom_port, calling_ae="CLINIC_A_CT"
+        dcmtk, [undefined, tmp_path / "a2.dcm"], port=server.dicom_port, calling_ae="CLINIC_A_CT"
     )
     assert all(r.returncode == 0 for r in sent), [r.stderr for r in sent]
-    # Clinic B sends with pynetdicom: the same national ID (lower-case x), a look-alike of
+    # Clinic B sends with pynetdicom: the same national ID (lower-case x, after 30 other
+    # issuers' IDs: a sequence over 1 KiB, which the header walk defers), a look-alike of
     # A-200 without one, and a national ID with a bad check digit.
     b1 = _ct(
         testdata,
@@ -131,6 +138,7 @@ def test_patient_index_over_http(
         birth_date="19491231",
         sex="M",
         national_id=NID.lower(),
+        filler=30,
     )
     b2 = _ct(
         testdata,
