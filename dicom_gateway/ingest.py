@@ -56,6 +56,7 @@ from worklist.intake import (
     store_object,
 )
 from worklist.models import Discipline, Priority
+from worklist.patients import OtherIdentifier
 
 __all__ = [
     "IngestResult",
@@ -111,6 +112,8 @@ _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 _TEXT_VRS = frozenset({"LO", "SH"})
 _BACKSLASH = {0x5C}
 _PATIENT_NAME = BaseTag(0x00100010)
+_OTHER_PATIENT_IDS_SEQUENCE = BaseTag(0x00101002)
+_MAX_OTHER_PATIENT_IDS = 64
 
 
 # Every element _read_header reads: the only ones the fast walk keeps.
@@ -131,6 +134,7 @@ _INDEXED_KEYWORDS = (
     "PatientBirthDate",
     "PatientSex",
     "OtherPatientIDs",
+    "OtherPatientIDsSequence",
     "BodyPartExamined",
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -250,6 +254,32 @@ class _Fields:
             except ValueError:
                 return None
         return local.replace(tzinfo=zone).astimezone(UTC)
+
+
+def _other_patient_ids(ds: Dataset, path: Path) -> tuple[OtherIdentifier, ...]:
+    """The items of the Other Patient IDs Sequence (where a national ID arrives), or none
+    when the sequence is absent or unreadable: it never stops an object being stored."""
+    elem = ds._dict.get(_OTHER_PATIENT_IDS_SEQUENCE)
+    if elem is None:
+        return ()
+    try:
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            # Over 1 KiB, the value was left unread (deferred): read that element alone.
+            ds = pydicom.dcmread(path, specific_tags=[_OTHER_PATIENT_IDS_SEQUENCE])
+        items = ds.get("OtherPatientIDsSequence") or []
+    except Exception:
+        return ()
+    found = []
+    for item in list(items)[:_MAX_OTHER_PATIENT_IDS]:
+        try:
+            value = str(item.get("PatientID") or "").strip()
+            issuer = str(item.get("IssuerOfPatientID") or "").strip()
+            type_code = str(item.get("TypeOfPatientID") or "").strip()
+        except Exception:
+            continue
+        if value:
+            found.append(OtherIdentifier(issuer=issuer[:64], value=value[:64], type_code=type_code))
+    return tuple(found)
 
 
 def _check_complete(ds: Dataset, size: int, transfer_syntax: str) -> None:
@@ -422,6 +452,7 @@ def _read_header(path: Path, *, zone: ZoneInfo) -> tuple[InstanceHeader, _Part10
             patient_birth_date=values.text("PatientBirthDate")[:8] or None,
             patient_sex=values.text("PatientSex")[:16] or None,
             patient_original=original,
+            other_patient_ids=_other_patient_ids(ds, path),
             accession_number=values.text("AccessionNumber")[:64] or None,
             discipline=Discipline.ECG
             if (modality == "ECG" or sop_class_uid in _ECG_SOP_CLASSES)

@@ -28,6 +28,7 @@ from worklist.intake import (
     register_artifact,
 )
 from worklist.models import Discipline, Exam, Instance, InstanceConflict, OrgKind, Priority
+from worklist.patients import OtherIdentifier
 
 __all__ = [
     "INSTANCE_KIND",
@@ -61,6 +62,8 @@ class InstanceHeader:
     patient_birth_date: str | None = None
     patient_sex: str | None = None
     patient_original: dict[str, Any] = field(default_factory=dict)
+    # Other Patient IDs Sequence items: where a national ID (居民身份证号) arrives.
+    other_patient_ids: tuple[OtherIdentifier, ...] = ()
     coerced: dict[str, str] = field(default_factory=dict)
     accession_number: str | None = None
     discipline: Discipline = Discipline.IMAGING
@@ -129,6 +132,7 @@ def _contract(header: InstanceHeader) -> tuple[PatientIn, ExamIn]:
         name=header.patient_name,
         birth_date=header.patient_birth_date,
         sex=header.patient_sex,
+        other_ids=header.other_patient_ids,
         original={
             **header.patient_original,
             **(

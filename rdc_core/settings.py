@@ -126,6 +126,15 @@ class Settings(BaseSettings):
         description="Encrypts the CA's and readers' private keys at rest; "
         "default: derived from the secret key",
     )
+    national_id_issuer: str | None = Field(
+        default=None,
+        description="Issuer of Patient ID whose patient IDs are national IDs (居民身份证号)",
+    )
+    patient_index_key: SecretStr | None = Field(
+        default=None,
+        description="Encrypts and hashes national IDs in the patient index; "
+        "default: derived from the secret key",
+    )
     critical_escalation_minutes: float = Field(
         default=10.0, gt=0, description="Unacknowledged critical-value alerts escalate after this"
     )

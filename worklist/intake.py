@@ -74,6 +74,7 @@ from worklist.models import (
     Priority,
     QuarantineItem,
 )
+from worklist.patients import OtherIdentifier, link_identifiers_from_intake
 
 __all__ = [
     "ArtifactIn",
@@ -123,6 +124,9 @@ class PatientIn:
     birth_date: str | None = None  # YYYYMMDD
     sex: str | None = None
     original: Mapping[str, Any] = field(default_factory=dict)
+    # Further identifiers the message carries (DICOM Other Patient IDs Sequence, HL7 PID-3
+    # repetitions): where a national ID (居民身份证号) arrives for the alliance patient index.
+    other_ids: tuple[OtherIdentifier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +394,14 @@ def _upsert_patient(session: Session, patient: PatientIn, org: OrgRef, now: date
         conflict=["id"],
         # The first values stay (reports cite them); only the last-seen time moves.
         update=["updated_at"],
+    )
+    link_identifiers_from_intake(
+        session,
+        patient_ref=patient_ref,
+        issuer=issuer,
+        patient_id=patient.patient_id,
+        other_ids=patient.other_ids,
+        now=now,
     )
     return patient_ref
 

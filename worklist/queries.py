@@ -9,6 +9,7 @@ from rdc_core.errors import InvalidInputError, NotFoundError
 from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.models import Exam, ExamState, Organization, Priority, Report, ReportStatus
+from worklist.patients.links import same_person_clause
 from worklist.schemas import ExamDetail, ExamSummary, Page
 
 __all__ = ["get_exam", "list_exams", "list_priors", "visible_exam"]
@@ -135,12 +136,16 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
 
 
 def list_priors(session: Session, *, principal: Principal, exam_id: str) -> list[ExamSummary]:
-    """The same patient's other exams, newest first (audited)."""
+    """The same person's other exams of every discipline, from every clinic the principal
+    may see (the alliance patient index links the clinics' identifiers), newest first
+    (audited)."""
     exam = visible_exam(session, principal=principal, exam_id=exam_id)
     priors = (
         session.execute(
             _scoped(
-                select(Exam).where(Exam.patient_ref == exam.patient_ref, Exam.id != exam.id),
+                select(Exam).where(
+                    same_person_clause(Exam.patient_ref, [exam.patient_ref]), Exam.id != exam.id
+                ),
                 principal,
             )
             .order_by(Exam.first_received_at.desc())

@@ -243,7 +243,17 @@
     if (patient.sex) demo.push(R.label("sex", patient.sex));
     if (patient.birth_date) demo.push(R.dicomDate(patient.birth_date));
     $("ei-demo").textContent = demo.join(" · ");
-    $("ei-pid").textContent = patient.patient_id || "";
+    var pid = $("ei-pid");
+    pid.textContent = patient.patient_id || "";
+    if (patient.patient_id && patient.issuer) {
+      // The person across the alliance: identifiers at every clinic and their exams.
+      pid.appendChild(document.createTextNode(" "));
+      pid.appendChild(el("a", {
+        class: "patient-link",
+        href: "/ui/patients?identifier=" + encodeURIComponent(patient.issuer + "|" + patient.patient_id),
+        text: t("pp.open"),
+      }));
+    }
     $("ei-accession").textContent = exam.accession_number || t("common.none");
     $("ei-clinic").textContent = exam.clinic_name || exam.clinic_code;
     $("ei-desc").textContent = [exam.modality, exam.body_part, exam.description].filter(Boolean).join(" · ");

@@ -348,6 +348,42 @@ def clinic_page(request: Request) -> Response:
     )
 
 
+@router.get("/ui/patients/{person_id}")
+def patient_page(person_id: str, request: Request) -> Response:
+    """One person of the alliance patient index: identifiers at every clinic (national ID
+    masked) and the exams the caller may see; the data comes from /api/v1/patients."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if not _EXAM_ID.match(person_id):
+        return RedirectResponse(_home(principal), status_code=303)
+    return _render(
+        request,
+        "patient.html",
+        principal=principal,
+        page="patient",
+        config={"personId": person_id, "clinicUser": principal.is_clinic_user},
+    )
+
+
+@router.get("/ui/patients")
+def patient_lookup_page(
+    request: Request, identifier: Annotated[str, Query(max_length=200)] = ""
+) -> Response:
+    """The patient page of the person an identifier ``ISSUER|ID`` belongs to (the reading
+    page links here)."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    return _render(
+        request,
+        "patient.html",
+        principal=principal,
+        page="patient",
+        config={"identifier": identifier, "clinicUser": principal.is_clinic_user},
+    )
+
+
 @router.get("/ui/critical")
 def critical_register_page(request: Request) -> Response:
     """The critical-value register (危急值登记) for lead-hospital staff: every alert with

@@ -25,7 +25,6 @@ from worklist.audit import record_access
 from worklist.models import (
     Exam,
     Organization,
-    Patient,
     QualityGrade,
     ReaderLevel,
     Report,
@@ -33,6 +32,9 @@ from worklist.models import (
     Role,
     User,
 )
+from worklist.patients.links import same_person_clause
+from worklist.patients.national_id import mask_national_id
+from worklist.patients.service import resolve_patient_refs
 from worklist.queries import visible_exam
 from worklist.recognition.catalog import catalog_items, current_catalog
 from worklist.recognition.models import (
@@ -400,8 +402,9 @@ def recognized_results(
     today: date,
 ) -> dict[str, Any]:
     """The patient's recognised results still valid on ``today``, from any institution of
-    the alliance: the patient is matched by (issuer, patient ID) across clinics. Only the
-    current final version of each exam counts. Audited.
+    the alliance: the patient is matched by (issuer, patient ID) and by every identifier the
+    alliance patient index links to the same person. Only the current final version of
+    each exam counts. Audited.
 
     Without ``issuer``, a clinic user means their own clinic's patient IDs: intake records
     the clinic's code as the issuer when the modality sends none.
@@ -414,6 +417,9 @@ def recognized_results(
         if not principal.is_clinic_user or org is None:
             raise InvalidInputError("give the issuer of the patient ID")
         issuer = org.code
+    # The patient's rows at every clinic: the identifier's own, and those the alliance
+    # patient index links to the same person.
+    patient_refs = resolve_patient_refs(session, issuer=issuer, patient_id=patient_id)
     current = (
         select(Report.exam_id, func.max(Report.version).label("version"))
         .where(Report.status == ReportStatus.FINAL)
@@ -427,11 +433,9 @@ def recognized_results(
             current, and_(current.c.exam_id == Report.exam_id, current.c.version == Report.version)
         )
         .join(Exam, Exam.id == RecognitionDecision.exam_id)
-        .join(Patient, Patient.id == RecognitionDecision.patient_ref)
         .join(Organization, Organization.id == RecognitionDecision.org_id)
         .where(
-            Patient.issuer == issuer,
-            Patient.patient_id == patient_id,
+            same_person_clause(RecognitionDecision.patient_ref, patient_refs),
             RecognitionDecision.granted.is_(True),
             RecognitionDecision.valid_until >= today,
         )
@@ -473,7 +477,10 @@ def recognized_results(
         object_type="recognized_result",
         detail={
             "issuer": issuer,
-            "patient_id": patient_id,
+            # A national ID is personal information: the audit trail keeps it masked.
+            "patient_id": mask_national_id(patient_id)
+            if issuer == get_settings().national_id_issuer
+            else patient_id,
             "item": item,
             "decision_ids": [r["decision_id"] for r in out],
         },
