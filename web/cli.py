@@ -79,18 +79,18 @@ def _add_org(
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
     from worklist.admin import save_organization
-    from worklist.directory import get_organization
+    from worklist.directory import find_organization
     from worklist.models import OrgKind
 
     upgrade_database()
     try:
         with session_scope() as session:
-            if update:
-                existing = get_organization(session, code=code)  # must exist
+            existing = find_organization(session, code=code)
+            if update and existing is not None:
                 if existing.kind is not OrgKind(kind_value):
                     _fail(f"organisation {code} is a {existing.kind.value}, not a {kind_value}")
                 name = name or existing.name
-            elif not name:
+            if not name:
                 _fail("--name is required (or give --update to change an existing clinic)")
             assert name is not None
             org = save_organization(

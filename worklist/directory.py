@@ -41,6 +41,7 @@ __all__ = [
     "authenticate",
     "check_role",
     "describe_principal",
+    "find_organization",
     "get_organization",
     "org_ref",
     "organization_for_ae",
@@ -222,6 +223,13 @@ def organization_for_hl7_facility(session: Session, *, names: Sequence[str]) -> 
         if row is not None:
             return OrgRef(id=row.id, code=row.code, kind=OrgKind(row.kind))
     return None
+
+
+def find_organization(session: Session, *, code: str) -> Organization | None:
+    """The organisation ``code``, or None."""
+    return session.execute(
+        select(Organization).where(Organization.code == code)
+    ).scalar_one_or_none()
 
 
 def get_organization(session: Session, *, code: str) -> Organization:
