@@ -16,6 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from typing import BinaryIO
+from zoneinfo import ZoneInfo
+
+from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
 from dicom_gateway.admission import AssociationLimits
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
@@ -26,6 +31,8 @@ from dicom_gateway.ingest import (
     quarantine_file,
 )
 from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
+from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
+from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
@@ -33,7 +40,9 @@ from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, Sto
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
+from worklist.audit import record_event
 from worklist.directory import OrgRef, organization_for_ae
+from worklist.move_destinations import move_destination_for
 
 __all__ = ["DicomGateway", "StorageService", "acceptor_config"]
 
@@ -134,6 +143,54 @@ class StorageService:
             return StoreStatus.PROCESSING_FAILURE, "internal error"
         self.counters.stored(result.outcome.value, result.size_bytes)
         return StoreStatus.SUCCESS, ""
+
+    # -- query/retrieve: always within the calling clinic's own data ---------------------
+
+    def find(self, sender: OrgRef, sop_class: str, identifier: Dataset) -> list[Dataset]:
+        zone = ZoneInfo(self.settings.timezone)
+        with session_scope() as session:
+            matches = find(
+                session, org_id=sender.id, sop_class=sop_class, identifier=identifier, zone=zone
+            )
+            self._audit(session, sender, "dicom.c_find", identifier, len(matches))
+        return matches
+
+    def retrieve(self, sender: OrgRef, sop_class: str, identifier: Dataset) -> list[RetrieveItem]:
+        zone = ZoneInfo(self.settings.timezone)
+        with session_scope() as session:
+            items = instances_to_retrieve(
+                session, org_id=sender.id, sop_class=sop_class, identifier=identifier, zone=zone
+            )
+            self._audit(session, sender, "dicom.retrieve", identifier, len(items))
+        return items
+
+    def _audit(
+        self, session: Session, sender: OrgRef, action: str, identifier: Dataset, count: int
+    ) -> None:
+        keys = {
+            e.keyword: str(e.value)[:64]
+            for e in identifier
+            if e.keyword and e.VR != "SQ" and e.value not in (None, "")
+        }
+        record_event(
+            session,
+            actor=f"dicom:{sender.code}",
+            action=action,
+            object_type="organization",
+            object_id=sender.id,
+            org_id=sender.id,
+            detail={"keys": keys, "matches": count},
+        )
+
+    def open_object(self, key: str) -> BinaryIO:
+        return self.objects.open(key)
+
+    def move_destination(self, sender: OrgRef, ae_title: str) -> MoveDestination | None:
+        with read_session() as session:
+            found = move_destination_for(session, org_id=sender.id, ae_title=ae_title)
+        if found is None:
+            return None
+        return MoveDestination(found.ae_title, found.host, found.port)
 
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
         try:

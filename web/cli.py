@@ -61,11 +61,14 @@ def db_upgrade() -> None:
     console.print("database is at the latest schema")
 
 
-def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
+def _add_org(
+    code: str, name: str, kind_value: str, ae: list[str], destinations: list[str] | None = None
+) -> None:
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
     from worklist.directory import add_organization
     from worklist.models import OrgKind
+    from worklist.move_destinations import add_move_destination
 
     upgrade_database()
     try:
@@ -74,6 +77,8 @@ def _add_org(code: str, name: str, kind_value: str, ae: list[str]) -> None:
                 session, code=code, name=name, kind=OrgKind(kind_value), ae_titles=ae
             )
             titles = ", ".join(a.ae_title for a in org.ae_titles) or "none"
+            for spec in destinations or []:
+                add_move_destination(session, org_code=code, spec=spec)
     except RDCError as exc:
         _fail(str(exc))
     console.print(f"{kind_value} {code} ({name}); AE titles: {titles}")
@@ -86,9 +91,13 @@ def clinic_add(
     ae: Annotated[
         list[str] | None, typer.Option(help="calling AE title of a modality (repeatable)")
     ] = None,
+    dicom_destination: Annotated[
+        list[str] | None,
+        typer.Option(help="C-MOVE destination of the clinic, AE@host:port (repeatable)"),
+    ] = None,
 ) -> None:
     """Register a member clinic and the AE titles its modalities call with."""
-    _add_org(code, name, "clinic", ae or [])
+    _add_org(code, name, "clinic", ae or [], dicom_destination)
 
 
 @org_app.command("add")
