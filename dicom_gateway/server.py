@@ -34,6 +34,7 @@ from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, lis
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
 from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.statuses import StoreStatus
+from dicom_gateway.tls import server_context
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
@@ -99,6 +100,9 @@ class StorageService:
 
     def clinic_of(self, sender: OrgRef) -> str:
         return sender.id
+
+    def clinic_code(self, sender: OrgRef) -> str:
+        return sender.code
 
     def store(self, request: StoreRequest) -> tuple[int, str]:
         status, comment = self._store(request)
@@ -216,12 +220,14 @@ class DicomGateway:
         self.settings = settings
         self.store = store
         self._server: UpperLayerServer | ListenerPool | None = None
+        self._tls_server: UpperLayerServer | None = None
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
         self._clear_spool()
         address = (self.settings.dicom_host, self.settings.dicom_port)
         server: UpperLayerServer | ListenerPool
+        service: StorageService | None = None
         if self.settings.dicom_processes > 1:
             server = ListenerPool(
                 address,
@@ -238,6 +244,25 @@ class DicomGateway:
         server.start()
         self._server = server
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *self.address)
+        if self.settings.dicom_tls_port is not None:
+            # TLS connections are served in threads of this process (a TLS session cannot be
+            # handed to another process); with one process they share the plain listener's
+            # association limits.
+            if service is None:
+                service = StorageService(
+                    store=self.store, settings=self.settings, counters=PrometheusCounters()
+                )
+            slots = server.slots if isinstance(server, UpperLayerServer) else None
+            tls_server = UpperLayerServer(
+                (self.settings.dicom_host, self.settings.dicom_tls_port),
+                acceptor_config(self.settings, self.store),
+                service,
+                tls=server_context(self.settings),
+                slots=slots,
+            )
+            tls_server.start()
+            self._tls_server = tls_server
+            log.info("DICOM TLS listener on %s:%d", *tls_server.address)
 
     def _clear_spool(self) -> None:
         # Transfers cut off by a crash leave partial files; their senders were never
@@ -256,6 +281,9 @@ class DicomGateway:
 
     def stop(self) -> None:
         """Stop accepting associations and close the listener."""
+        if self._tls_server is not None:
+            self._tls_server.stop()
+            self._tls_server = None
         if self._server is not None:
             self._server.stop()
             self._server = None

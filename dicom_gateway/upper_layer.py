@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import struct
 import tempfile
 import threading
@@ -69,6 +70,7 @@ from dicom_gateway.retrieve import (
     data_set_offset,
     send_to_destination,
 )
+from dicom_gateway.tls import clinic_of_certificate
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -193,6 +195,10 @@ class StorageHandler(Protocol):
 
     def clinic_of(self, sender: Any) -> str:
         """The clinic ``sender`` belongs to: its associations share one limit."""
+        ...
+
+    def clinic_code(self, sender: Any) -> str:
+        """The code of the clinic ``sender`` belongs to (a TLS client certificate names it)."""
         ...
 
     def store(self, request: StoreRequest) -> tuple[int, str]:
@@ -336,8 +342,12 @@ class _Association:
         handler: StorageHandler,
         admit: Callable[[Applicant], bool] = lambda applicant: True,
         on_release: Callable[[], None] = lambda: None,
+        certified_clinic: str | None = None,
     ) -> None:
         self.sock = sock
+        # The clinic the peer's verified TLS client certificate stands for (None: no
+        # certificate required); the calling AE title must belong to it.
+        self.certified_clinic = certified_clinic
         self.config = config
         self.handler = handler
         # Takes an admission slot once an association is requested: a connection that never
@@ -407,7 +417,7 @@ class _Association:
         while view:
             try:
                 count = self.sock.recv_into(view)
-            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+            except (BlockingIOError, ssl.SSLWantReadError) as exc:  # SO_RCVTIMEO expired
                 raise TimeoutError("no data from the peer in time") from exc
             if not count:
                 raise ConnectionError("peer closed the connection")
@@ -452,6 +462,17 @@ class _Association:
         if self.sender is None:
             log.warning("association from unknown calling AE %r rejected", self.calling_ae)
             self._reject(1, 1, 3)  # calling AE title not recognised
+            return False
+        if (
+            self.certified_clinic is not None
+            and self.handler.clinic_code(self.sender) != self.certified_clinic
+        ):
+            log.warning(
+                "association from %s rejected: its TLS certificate is %s's",
+                self.calling_ae,
+                self.certified_clinic,
+            )
+            self._reject(1, 1, 3)  # calling AE title not recognised (for this certificate)
             return False
         # The limits are per calling AE and per clinic too, so the sender must be known first.
         if not self.admit(Applicant(self.calling_ae, self.handler.clinic_of(self.sender))):
@@ -886,6 +907,7 @@ def serve_association(
     *,
     admit: Callable[[Applicant], bool],
     on_release: Callable[[], None],
+    certified_clinic: str | None = None,
 ) -> None:
     """Serve one accepted connection in the calling thread until it ends.
 
@@ -895,7 +917,7 @@ def serve_association(
     its owner closes it.
     """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _Association(sock, config, handler, admit, on_release).run()
+    _Association(sock, config, handler, admit, on_release, certified_clinic).run()
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -905,14 +927,23 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 class UpperLayerServer:
-    """Listens for associations and serves each in its own thread."""
+    """Listens for associations and serves each in its own thread; with ``tls`` (a server
+    context) each connection is a TLS connection (DICOM TLS, PS3.15 Annex B). Listeners
+    given the same ``slots`` count their associations together."""
 
     def __init__(
-        self, address: tuple[str, int], config: AcceptorConfig, handler: StorageHandler
+        self,
+        address: tuple[str, int],
+        config: AcceptorConfig,
+        handler: StorageHandler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        slots: SlotBook | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
-        self._slots = SlotBook(config.limits)
+        self.tls = tls
+        self.slots = self._slots = slots or SlotBook(config.limits)
         outer = self
 
         class RequestHandler(socketserver.BaseRequestHandler):
@@ -943,10 +974,36 @@ class UpperLayerServer:
                 self._slots.give_back(admitted)
                 admitted = None
 
+        certified_clinic: str | None = None
+        if self.tls is not None:
+            # The handshake belongs to the association request's deadline.
+            sock.settimeout(self.config.acse_timeout)
+            try:
+                tls_sock = self.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake failed: %s", exc)
+                return
+            if self.tls.verify_mode == ssl.CERT_REQUIRED:
+                certified_clinic = clinic_of_certificate(tls_sock.getpeercert())
+                if not certified_clinic:
+                    log.warning("TLS client certificate without a clinic code; closed")
+                    tls_sock.close()
+                    return
+            sock = tls_sock
         try:
-            serve_association(sock, self.config, self.handler, admit=admit, on_release=release_slot)
+            serve_association(
+                sock,
+                self.config,
+                self.handler,
+                admit=admit,
+                on_release=release_slot,
+                certified_clinic=certified_clinic,
+            )
         finally:
             release_slot()
+            if self.tls is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     def start(self) -> None:
         """Serve in a background thread."""
