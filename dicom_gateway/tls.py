@@ -16,16 +16,9 @@ from typing import Any
 
 from rdc_core.errors import ConfigurationError
 from rdc_core.settings import Settings
+from rdc_core.tls import CIPHERS, client_context, harden
 
 __all__ = ["CIPHERS", "client_context", "clinic_of_certificate", "server_context"]
-
-CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-def _harden(context: ssl.SSLContext) -> None:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION
 
 
 def _file(path: Path | None, name: str) -> str:
@@ -38,7 +31,7 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     """The TLS listener's context; with ``RDC_DICOM_TLS_CA`` client certificates are
     required and verified against it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(context)
+    harden(context)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         context.load_cert_chain(
@@ -50,18 +43,6 @@ def server_context(settings: Settings) -> ssl.SSLContext:
             context.verify_mode = ssl.CERT_REQUIRED
     except ssl.SSLError as exc:
         raise ConfigurationError(f"DICOM TLS certificate or key unusable: {exc}") from exc
-    return context
-
-
-def client_context(settings: Settings) -> ssl.SSLContext:
-    """The context of a TLS push-back: the peer is verified (against ``RDC_DICOM_TLS_CA``,
-    else the system's trust store, and its host name); our certificate is presented when
-    ``RDC_DICOM_TLS_CERT``/``_KEY`` are set."""
-    cafile = str(settings.dicom_tls_ca) if settings.dicom_tls_ca else None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-    _harden(context)
-    if settings.dicom_tls_cert and settings.dicom_tls_key:
-        context.load_cert_chain(str(settings.dicom_tls_cert), str(settings.dicom_tls_key))
     return context
 
 

@@ -10,8 +10,10 @@ import datetime
 import ipaddress
 import os
 import socket
+import socketserver
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +24,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicom_gateway.report_push import report_instance_uids
+from rdc_core.db import utcnow
 from tests.helpers import RdcServer, Stack, echoscu, free_port, seed_alliance
 from tests.web.test_dicomweb import _postgres_database
+from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
+from tests.worklist.test_delivery import add_clinic_endpoint, finalize
+from worklist.delivery.tasks import deliver_due_reports
 
 
 @dataclass(frozen=True)
@@ -268,3 +276,102 @@ def test_find_over_tls(deployment: TlsDeployment) -> None:
     results = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
     assoc.release()
     assert int(results[-1][0].Status) == 0x0000
+
+
+# ---------------------------------------------------------------------------------------
+# Push-backs over TLS: an endpoint added with tls=True (``rdc delivery endpoint add --tls``)
+
+
+class TlsMllpReceiver:
+    """An HIS answering AA over MLLP inside TLS; keeps the messages."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.messages: list[str] = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with context.wrap_socket(self.request, server_side=True) as tls:
+                    buffer = b""
+                    while b"\x1c\x0d" not in buffer:
+                        chunk = tls.recv(65536)
+                        if not chunk:
+                            return
+                        buffer += chunk
+                    text = buffer[buffer.index(b"\x0b") + 1 : buffer.index(b"\x1c")].decode()
+                    outer.messages.append(text)
+                    control = text.split("\r")[0].split("|")[9]
+                    ack = f"MSH|^~\\&|HIS|C1|RDC|LEAD|20261201120000||ACK|A{control}|P|2.5.1\r"
+                    ack += f"MSA|AA|{control}"
+                    tls.sendall(b"\x0b" + ack.encode() + b"\r\x1c\x0d")
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_report_push_backs_over_tls(
+    reading: Reading,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dicom_gateway.report_push
+    import lab_results.report_push
+    from rdc_core.settings import reset_settings
+
+    ca = CA(tmp_path, "PUSH_CA")
+    peer = ca.issue("clinic-systems", server=True)
+    centre = ca.issue("rdc-centre")
+    monkeypatch.setenv("RDC_DICOM_TLS_CA", str(ca.issued.cert))
+    monkeypatch.setenv("RDC_DICOM_TLS_CERT", str(centre.cert))
+    monkeypatch.setenv("RDC_DICOM_TLS_KEY", str(centre.key))
+    reset_settings()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.minimum_version = ssl.TLSVersion.TLSv1_2
+    server_context.load_cert_chain(str(peer.cert), str(peer.key))
+    # Both receivers require the centre's client certificate from the same CA.
+    server_context.load_verify_locations(str(ca.issued.cert))
+    server_context.verify_mode = ssl.CERT_REQUIRED
+
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    scp = AE(ae_title="CLINIC_PACS")
+    scp.add_supported_context(EncapsulatedPDFStorage, [ExplicitVRLittleEndian])
+    pacs = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        ssl_context=server_context,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    his = TlsMllpReceiver(server_context)
+    try:
+        pacs_port = int(pacs.server_address[1])
+        add_clinic_endpoint(ae_title="CLINIC_PACS", port=pacs_port, tls=True)
+        add_clinic_endpoint(
+            channel="hl7", port=his.port, receiving_application="HIS", tls=True, name="his"
+        )
+        report_id = finalize(reading)
+        run = deliver_due_reports(now=utcnow())
+        assert len(run.delivered) == 2 and not run.failed, run
+        assert len(received) == 1
+        assert received[0].SOPInstanceUID == report_instance_uids(report_id)[1]
+        assert len(his.messages) == 1 and "ORU^R01" in his.messages[0]
+    finally:
+        pacs.shutdown()
+        his.stop()
+        reset_settings()
+    assert dicom_gateway.report_push and lab_results.report_push

@@ -1,4 +1,5 @@
-"""dicom move destinations: the AE titles a clinic's C-MOVE may send its own studies to
+"""dicom move destinations (the AE titles a clinic's C-MOVE may send its own studies to);
+delivery endpoints: tls
 
 Revision ID: 0017
 Revises: 0007
@@ -35,7 +36,13 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("org_id", "ae_title", name=op.f("pk_dicom_move_destinations")),
     )
+    with op.batch_alter_table("delivery_endpoints", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("tls", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("delivery_endpoints", schema=None) as batch_op:
+        batch_op.drop_column("tls")
     op.drop_table("dicom_move_destinations")
