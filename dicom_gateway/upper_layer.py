@@ -274,7 +274,10 @@ def _us(values: dict[int, bytes], tag: int) -> int:
 
 
 def _ui(values: dict[int, bytes], tag: int) -> str:
-    return values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    # Bytes outside ASCII (never valid in a UID or AE title) become "?": the value is still
+    # echoed and written to the file meta, and the data set's own UIDs are checked at ingest.
+    raw = values.get(tag, b"").rstrip(b"\x00 ")
+    return raw.decode("ascii", "replace").replace("\ufffd", "?")
 
 
 def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\x00") -> bytes:
@@ -392,6 +395,10 @@ class _Association:
                 self._send_abort(_NOT_SPECIFIED)
         except (ConnectionError, OSError) as exc:
             log.info("association from %s ended: %s", self.calling_ae or "?", exc)
+        except Exception:
+            # A defect of ours, not the peer's: this association ends, the listener goes on.
+            log.exception("association from %s failed", self.calling_ae or "?")
+            self._send_abort(_NOT_SPECIFIED)
         finally:
             self._discard_data_file()
 
