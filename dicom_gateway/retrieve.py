@@ -8,9 +8,11 @@ memory at a time, never the whole study).
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import ssl
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -20,7 +22,7 @@ from pynetdicom import AE, evt
 
 from dicom_gateway.query import RetrieveItem
 
-__all__ = ["MoveDestination", "SubOperations", "data_set_offset", "send_to_destination"]
+__all__ = ["MoveDestination", "SubOperations", "data_set_chunks", "send_to_destination"]
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +66,44 @@ class SubOperations:
             self.comment = "one or more sub-operations failed"
 
 
-def data_set_offset(source: BinaryIO) -> int:
-    """Where the data set of a Part-10 file starts (after preamble and file meta)."""
-    source.seek(0)
-    head = source.read(132)
-    if head[128:132] != b"DICM":
-        return 0
-    offset = 132
+def _fill(source: BinaryIO, buffer: bytearray, size: int) -> None:
+    while len(buffer) < size:
+        chunk = source.read(max(size - len(buffer), 65_536))
+        if not chunk:
+            return
+        buffer += chunk
+
+
+def data_set_chunks(source: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    """The data set of a stored Part-10 object (preamble and file meta skipped) in chunks of
+    at most ``chunk_size`` bytes, reading forward only: object stores' streams do not seek."""
+    buffer = bytearray()
+    _fill(source, buffer, 132)
+    offset = 0
+    if buffer[128:132] == b"DICM":
+        offset = 132
+        while True:
+            _fill(source, buffer, offset + 12)
+            element = bytes(buffer[offset : offset + 8])
+            if len(element) < 8 or int.from_bytes(element[:2], "little") != 0x0002:
+                break
+            if element[4:6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+                offset += 12 + int.from_bytes(buffer[offset + 8 : offset + 12], "little")
+            else:
+                offset += 8 + int.from_bytes(element[6:8], "little")
+        _fill(source, buffer, offset)
+    pending = bytes(buffer[offset:])
     while True:
-        source.seek(offset)
-        element = source.read(8)
-        if len(element) < 8 or int.from_bytes(element[:2], "little") != 0x0002:
-            return offset
-        vr = element[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length = int.from_bytes(source.read(4), "little")
-            offset += 12 + length
-        else:
-            offset += 8 + int.from_bytes(element[6:8], "little")
+        while len(pending) < chunk_size:
+            more = source.read(chunk_size)
+            if not more:
+                break
+            pending += more
+        if len(pending) <= chunk_size:
+            yield pending
+            return
+        yield pending[:chunk_size]
+        pending = pending[chunk_size:]
 
 
 def _no_delay(event: Any) -> None:
@@ -130,8 +152,15 @@ def send_to_destination(
             status: int | None = None
             if assoc.is_established:
                 try:
-                    with open_object(item.storage_key) as source:
-                        ds = dcmread(source)
+                    # One instance at a time, spooled to disk past 16 MiB: pydicom seeks,
+                    # object stores' streams do not.
+                    with (
+                        open_object(item.storage_key) as source,
+                        tempfile.SpooledTemporaryFile(max_size=16 << 20) as local,
+                    ):
+                        shutil.copyfileobj(source, local, 1 << 20)
+                        local.seek(0)
+                        ds = dcmread(local)
                     answer = assoc.send_c_store(
                         ds,
                         originator_aet=originator_ae,

@@ -67,7 +67,7 @@ from dicom_gateway.query import (
 from dicom_gateway.retrieve import (
     MoveDestination,
     SubOperations,
-    data_set_offset,
+    data_set_chunks,
     send_to_destination,
 )
 from dicom_gateway.tls import clinic_of_certificate
@@ -853,16 +853,14 @@ class _Association:
             log.exception("cannot open %s for C-GET", item.storage_key)
             return None
         with source:
-            source.seek(data_set_offset(source))
             self._send_message(message, context_id)
             chunk_size = (self.peer_max_pdu or 1 << 20) - 12
-            chunk = source.read(chunk_size)
-            while True:
-                following = source.read(chunk_size)
-                self._send_pdvs([(context_id, (b"\x02" if not following else b"\x00") + chunk)])
-                if not following:
-                    break
+            chunks = data_set_chunks(source, chunk_size)
+            chunk = next(chunks)
+            for following in chunks:
+                self._send_pdvs([(context_id, b"\x00" + chunk)])
                 chunk = following
+            self._send_pdvs([(context_id, b"\x02" + chunk)])  # the last fragment
         return self._await_store_response(store_id)
 
     def _await_store_response(self, store_id: int) -> int:
