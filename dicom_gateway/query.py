@@ -4,6 +4,9 @@ Answered from the index tables (patients, exams, instances), always scoped to th
 clinic's own data, as DICOMweb is. Matching (PS3.4 C.2.2.2): single values, wildcards
 (``*``, ``?``), date ranges, UID lists and person names matched per component group
 (alphabetic, ideographic, phonetic). Attributes the index does not hold are returned empty.
+
+Signed reports are findable too: each final report version is the encapsulated-PDF series
+(modality DOC, one instance) that the push-back sends to the clinic, with the same UIDs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pydicom.multival import MultiValue
 from sqlalchemy import and_, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
-from worklist.models import Exam, Instance, Patient
+from dicom_gateway.report_push import report_instance_uids
+from worklist.models import Exam, Instance, Patient, Report, ReportStatus
 
 __all__ = [
     "GET_CLASSES",
@@ -46,6 +50,7 @@ _PATIENT_ROOT: Final = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_
 
 MAX_MATCHES: Final = 5000
 _LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+ENCAPSULATED_PDF: Final = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 class QueryError(Exception):
@@ -375,6 +380,65 @@ def find(
         out.append(_answer(identifier, level, known))
         if len(out) >= MAX_MATCHES:
             break
+    for known in _report_matches(
+        session, org_id=org_id, identifier=identifier, level=level, zone=zone
+    ):
+        if len(out) >= MAX_MATCHES:
+            break
+        out.append(_answer(identifier, level, known))
+    return out
+
+
+def _wanted(identifier: Dataset, keyword: str, value: str) -> bool:
+    values = _values(identifier, keyword)
+    return not values or any(fnmatch.fnmatchcase(value, v) for v in values)
+
+
+def _report_matches(
+    session: Session, *, org_id: str, identifier: Dataset, level: str, zone: ZoneInfo
+) -> list[dict[str, Any]]:
+    """The final report versions matching a SERIES or IMAGE query, as their PDF series."""
+    if any(_values(identifier, k) for k in ("SeriesNumber", "InstanceNumber")):
+        return []
+    study_keys = Dataset()
+    for element in identifier:
+        if element.keyword not in ("Modality", "SeriesInstanceUID", "SOPInstanceUID"):
+            study_keys.add(element)
+    filters, names = _filters(study_keys, "STUDY", zone)
+    rows = session.execute(
+        select(Report, Exam, Patient)
+        .join(Exam, Exam.id == Report.exam_id)
+        .join(Patient, Patient.id == Exam.patient_ref)
+        .where(Exam.org_id == org_id, Report.status == ReportStatus.FINAL, *filters)
+        .order_by(Exam.study_instance_uid, Report.version)
+    )
+    out: list[dict[str, Any]] = []
+    for report, exam, patient in rows:
+        series_uid, sop_uid = report_instance_uids(report.id)
+        if not all(pn_matches(n, patient.name) for n in names):
+            continue
+        if not (
+            _wanted(identifier, "Modality", "DOC")
+            and _wanted(identifier, "SeriesInstanceUID", series_uid)
+        ):
+            continue
+        if level == "IMAGE" and not (
+            _wanted(identifier, "SOPInstanceUID", sop_uid)
+            and _wanted(identifier, "SOPClassUID", ENCAPSULATED_PDF)
+        ):
+            continue
+        known = _patient_values(patient) | _study_values(exam, zone)
+        known |= {
+            "SeriesInstanceUID": series_uid,
+            "Modality": "DOC",
+            "SeriesDescription": f"Report v{report.version}",
+            "NumberOfSeriesRelatedInstances": 1,
+            "SOPInstanceUID": sop_uid,
+            "SOPClassUID": ENCAPSULATED_PDF,
+            "InstanceNumber": 1,
+            "NumberOfFrames": None,
+        }
+        out.append(known)
     return out
 
 

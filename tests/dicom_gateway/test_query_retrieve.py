@@ -28,6 +28,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests.helpers import RdcServer, Stack, c_store, free_port, rdc_cli, seed_alliance
 from tests.web.test_dicomweb import _postgres_database
+from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
+from tests.worklist.test_delivery import STUDY, finalize
 
 _A_PATIENT = "DOE^JOHN=山田^太郎"
 
@@ -501,3 +503,44 @@ def test_pynetdicom_find_and_listener_keeps_serving(deployment: Deployment) -> N
     assoc.release()
     assert statuses[-1] == 0x0000
     assert found == set(d.a_studies[0].series)
+
+
+def test_signed_reports_are_found_as_their_pdf_series(reading: Reading) -> None:  # noqa: F811
+    """A final report version is the encapsulated-PDF series the push-back sends (same UIDs),
+    found at SERIES and IMAGE level by the exam's clinic only."""
+    from zoneinfo import ZoneInfo
+
+    from dicom_gateway.query import STUDY_ROOT_FIND, find
+    from dicom_gateway.report_push import report_instance_uids
+    from rdc_core.db import session_scope
+    from worklist.directory import get_organization
+
+    report_id = finalize(reading)
+    series_uid, sop_uid = report_instance_uids(report_id)
+    zone = ZoneInfo("Asia/Shanghai")
+
+    def query(org: str, level: str, **keys: str) -> list[Dataset]:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        identifier.StudyInstanceUID = STUDY
+        identifier.SeriesInstanceUID = ""
+        identifier.Modality = ""
+        if level == "IMAGE":
+            identifier.SOPInstanceUID = ""
+            identifier.SOPClassUID = ""
+        for keyword, value in keys.items():
+            setattr(identifier, keyword, value)
+        with session_scope() as session:
+            org_id = get_organization(session, code=org).id
+            return find(
+                session, org_id=org_id, sop_class=STUDY_ROOT_FIND, identifier=identifier, zone=zone
+            )
+
+    docs = query("C1", "SERIES", Modality="DOC")
+    assert [(d.SeriesInstanceUID, d.Modality) for d in docs] == [(series_uid, "DOC")]
+    images = query("C1", "IMAGE", SeriesInstanceUID=series_uid)
+    assert [(i.SOPInstanceUID, i.SOPClassUID) for i in images] == [
+        (sop_uid, "1.2.840.10008.5.1.4.1.1.104.1")
+    ]
+    assert all(d.Modality != "DOC" for d in query("C1", "SERIES", Modality="MR"))
+    assert query("C2", "SERIES", Modality="DOC") == []  # another clinic finds nothing
