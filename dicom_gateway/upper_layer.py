@@ -228,6 +228,10 @@ class _Abort(Exception):
         self.reason = reason
 
 
+class _PlainPortTLS(ConnectionError):
+    """A TLS client on the plain port: closed at once, without reading its hello as a PDU."""
+
+
 class _DeadlinePassed(TimeoutError):
     """A PDU (or a DIMSE message) did not arrive whole in time, however many bytes came."""
 
@@ -393,6 +397,8 @@ class _Association:
             log.warning("association from %s cut off: %s", self.calling_ae or "?", exc)
             if associated:  # before association the connection is only closed (PS3.8 9.1.5)
                 self._send_abort(_NOT_SPECIFIED)
+        except _PlainPortTLS as exc:
+            log.warning("connection closed: %s", exc)
         except (ConnectionError, OSError) as exc:
             log.info("association from %s ended: %s", self.calling_ae or "?", exc)
         except Exception:
@@ -452,6 +458,16 @@ class _Association:
     # -- negotiation -----------------------------------------------------------------------
 
     def _negotiate(self, deadline: float) -> bool:
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self._fit(deadline)
+            try:
+                first = self.sock.recv(2, socket.MSG_PEEK)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise TimeoutError("no association request in time") from exc
+            if first == b"\x16\x03":  # a TLS handshake record, not a DICOM PDU
+                raise _PlainPortTLS(
+                    "TLS handshake on the plain DICOM port (see RDC_DICOM_TLS_PORT)"
+                )
         pdu_type, body = self._read_pdu(_MAX_ASSOCIATE_RQ, deadline)
         if pdu_type != _ASSOCIATE_RQ:
             raise _Abort(_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")

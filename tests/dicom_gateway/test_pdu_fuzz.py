@@ -321,3 +321,25 @@ def test_c_get_streams_the_stored_object_on_the_association(
     assert int(answers[-1].NumberOfCompletedSuboperations) == 1
     assert [ds.SOPInstanceUID for ds in received] == ["1.2.3.4"]
     assert received[0].PatientID == "P"
+
+
+def test_a_tls_client_on_the_plain_port_is_closed_at_once(
+    listener: UpperLayerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its hello is not read as a 16 MB PDU: the connection is closed, the reason logged."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(listener.address, timeout=10) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError, OSError)),
+    ):
+        context.wrap_socket(raw, server_hostname="127.0.0.1")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(
+        "TLS handshake on the plain DICOM port" in r.getMessage() for r in caplog.records
+    ):
+        time.sleep(0.05)
+    assert any("TLS handshake on the plain DICOM port" in r.getMessage() for r in caplog.records)
