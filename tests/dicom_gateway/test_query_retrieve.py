@@ -428,6 +428,26 @@ def test_move_to_registered_destination_and_refusals(deployment: Deployment) -> 
     assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in output, output
 
 
+def test_a_malformed_move_destination_is_refused_by_the_cli(deployment: Deployment) -> None:
+    result = rdc_cli(
+        deployment.server.env,
+        "clinic",
+        "add",
+        "--code",
+        "CLINIC_A",
+        "--name",
+        "Clinic A",
+        "--dicom-destination",
+        "NO_PORT@127.0.0.1",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "is not AE@host:port" in result.stdout + result.stderr
+    with deployment.server.db() as db:
+        rows = db.execute("SELECT ae_title FROM dicom_move_destinations ORDER BY ae_title")
+        assert [r[0] for r in rows] == ["A_PACS", "A_VIEWER"]
+
+
 def test_get_on_the_same_association(deployment: Deployment) -> None:
     d = deployment
     a1, a2 = d.a_studies
