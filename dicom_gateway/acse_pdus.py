@@ -19,6 +19,7 @@ __all__ = [
     "AssociateRequest",
     "PDUError",
     "ProposedContext",
+    "RoleSelection",
     "decode_associate_rq",
     "encode_associate_ac",
     "encode_associate_rj",
@@ -31,6 +32,7 @@ _PRESENTATION_CONTEXT_RQ, _PRESENTATION_CONTEXT_AC = 0x20, 0x21
 _ABSTRACT_SYNTAX, _TRANSFER_SYNTAX = 0x30, 0x40
 _USER_INFORMATION = 0x50
 _MAXIMUM_LENGTH, _IMPLEMENTATION_CLASS_UID, _IMPLEMENTATION_VERSION = 0x51, 0x52, 0x55
+_ROLE_SELECTION = 0x54
 
 _FIXED = struct.Struct(">HH16s16s32x")  # protocol version, reserved, called AE, calling AE
 _ITEM = struct.Struct(">BxH")
@@ -60,6 +62,16 @@ class AcceptedContext:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleSelection:
+    """An SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4): the roles the requestor proposes
+    for itself on one SOP class (a C-GET SCU asks for the SCP role of storage classes)."""
+
+    sop_class_uid: str
+    scu_role: bool
+    scp_role: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AssociateRequest:
     """What an acceptor needs from an A-ASSOCIATE-RQ."""
 
@@ -68,6 +80,7 @@ class AssociateRequest:
     application_context: str
     contexts: tuple[ProposedContext, ...]
     max_pdu: int  # the requestor's maximum PDU length; 0: not given or unlimited
+    roles: tuple[RoleSelection, ...] = ()
 
     @property
     def calling_ae_title(self) -> str:
@@ -116,9 +129,9 @@ def _presentation_context(value: memoryview) -> ProposedContext:
 def decode_associate_rq(body: bytes | memoryview) -> AssociateRequest:
     """Decode the body (everything after the 6-byte PDU header) of an A-ASSOCIATE-RQ.
 
-    Items an acceptor of storage does not answer (role selection, extended negotiation,
-    asynchronous operations, user identity) are skipped, which PS3.7 D.3.3 allows: the
-    defaults then apply. Raises PDUError for a malformed request.
+    Role selection sub-items are read (C-GET needs them). Items the acceptor does not answer
+    (extended negotiation, asynchronous operations, user identity) are skipped, which
+    PS3.7 D.3.3 allows: the defaults then apply. Raises PDUError for a malformed request.
     """
     data = memoryview(body)
     if len(data) < _FIXED.size:
@@ -127,6 +140,7 @@ def decode_associate_rq(body: bytes | memoryview) -> AssociateRequest:
     application_context = ""
     contexts: list[ProposedContext] = []
     max_pdu = 0
+    roles: list[RoleSelection] = []
     for item_type, value in _items(data[_FIXED.size :], "the A-ASSOCIATE-RQ"):
         if item_type == _APPLICATION_CONTEXT:
             application_context = _uid(value)
@@ -138,7 +152,21 @@ def decode_associate_rq(body: bytes | memoryview) -> AssociateRequest:
                     if len(sub_value) != 4:
                         raise PDUError("maximum length sub-item is not 4 bytes")
                     max_pdu = int.from_bytes(sub_value, "big")
-    return AssociateRequest(called, calling, application_context, tuple(contexts), max_pdu)
+                elif sub_type == _ROLE_SELECTION:
+                    roles.append(_role_selection(sub_value))
+    return AssociateRequest(
+        called, calling, application_context, tuple(contexts), max_pdu, tuple(roles)
+    )
+
+
+def _role_selection(value: memoryview) -> RoleSelection:
+    if len(value) < 2:
+        raise PDUError("role selection sub-item shorter than 2 bytes")
+    length = int.from_bytes(value[:2], "big")
+    if len(value) != 2 + length + 2:
+        raise PDUError("role selection sub-item length is inconsistent")
+    uid = _uid(value[2 : 2 + length])
+    return RoleSelection(uid, bool(value[2 + length]), bool(value[3 + length]))
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -152,8 +180,10 @@ def encode_associate_ac(
     max_pdu: int,
     implementation_class_uid: str,
     implementation_version: str,
+    roles: tuple[RoleSelection, ...] = (),
 ) -> bytes:
-    """The A-ASSOCIATE-AC PDU answering ``request`` with one result per proposed context."""
+    """The A-ASSOCIATE-AC PDU answering ``request`` with one result per proposed context
+    and the role selections accepted (``roles``)."""
     items = [_item(_APPLICATION_CONTEXT, request.application_context.encode("ascii"))]
     for context in contexts:
         syntax = _item(_TRANSFER_SYNTAX, context.transfer_syntax.encode("ascii"))
@@ -164,11 +194,18 @@ def encode_associate_ac(
             _item(_MAXIMUM_LENGTH, max_pdu.to_bytes(4, "big")),
             _item(_IMPLEMENTATION_CLASS_UID, implementation_class_uid.encode("ascii")),
             _item(_IMPLEMENTATION_VERSION, implementation_version.encode("ascii")),
+            *(_role_item(role) for role in roles),
         )
     )
     items.append(_item(_USER_INFORMATION, user_information))
     body = _FIXED.pack(1, 0, request.called_ae, request.calling_ae) + b"".join(items)
     return _PDU.pack(_ASSOCIATE_AC, len(body)) + body
+
+
+def _role_item(role: RoleSelection) -> bytes:
+    uid = role.sop_class_uid.encode("ascii")
+    value = len(uid).to_bytes(2, "big") + uid + bytes((role.scu_role, role.scp_role))
+    return _item(_ROLE_SELECTION, value)
 
 
 def encode_associate_rj(result: int, source: int, reason: int) -> bytes:

@@ -29,6 +29,7 @@ from pynetdicom import AE, evt
 
 from dicom_gateway.statuses import StoreStatus
 from rdc_core.settings import get_settings
+from rdc_core.tls import client_context
 from worklist.delivery.senders import (
     DeliveryFailedError,
     EndpointSpec,
@@ -165,10 +166,12 @@ def send_encapsulated_pdf(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     peer = f"{endpoint.ae_title}@{endpoint.host}:{endpoint.port}"
+    tls_args = (client_context(get_settings()), endpoint.host) if endpoint.tls else None
     assoc = ae.associate(
         endpoint.host,
         endpoint.port,
         ae_title=endpoint.ae_title,
+        tls_args=tls_args,
         evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
     )
     if not assoc.is_established:

@@ -16,6 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from typing import BinaryIO
+from zoneinfo import ZoneInfo
+
+from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
 from dicom_gateway.admission import AssociationLimits
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
@@ -26,14 +31,19 @@ from dicom_gateway.ingest import (
     quarantine_file,
 )
 from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
+from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
+from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.statuses import StoreStatus
+from dicom_gateway.tls import server_context
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
+from worklist.audit import record_event
 from worklist.directory import OrgRef, organization_for_ae
+from worklist.move_destinations import move_destination_for
 
 __all__ = ["DicomGateway", "StorageService", "acceptor_config"]
 
@@ -91,6 +101,9 @@ class StorageService:
     def clinic_of(self, sender: OrgRef) -> str:
         return sender.id
 
+    def clinic_code(self, sender: OrgRef) -> str:
+        return sender.code
+
     def store(self, request: StoreRequest) -> tuple[int, str]:
         status, comment = self._store(request)
         if status != StoreStatus.SUCCESS:
@@ -135,6 +148,54 @@ class StorageService:
         self.counters.stored(result.outcome.value, result.size_bytes)
         return StoreStatus.SUCCESS, ""
 
+    # -- query/retrieve: always within the calling clinic's own data ---------------------
+
+    def find(self, sender: OrgRef, sop_class: str, identifier: Dataset) -> list[Dataset]:
+        zone = ZoneInfo(self.settings.timezone)
+        with session_scope() as session:
+            matches = find(
+                session, org_id=sender.id, sop_class=sop_class, identifier=identifier, zone=zone
+            )
+            self._audit(session, sender, "dicom.c_find", identifier, len(matches))
+        return matches
+
+    def retrieve(self, sender: OrgRef, sop_class: str, identifier: Dataset) -> list[RetrieveItem]:
+        zone = ZoneInfo(self.settings.timezone)
+        with session_scope() as session:
+            items = instances_to_retrieve(
+                session, org_id=sender.id, sop_class=sop_class, identifier=identifier, zone=zone
+            )
+            self._audit(session, sender, "dicom.retrieve", identifier, len(items))
+        return items
+
+    def _audit(
+        self, session: Session, sender: OrgRef, action: str, identifier: Dataset, count: int
+    ) -> None:
+        keys = {
+            e.keyword: str(e.value)[:64]
+            for e in identifier
+            if e.keyword and e.VR != "SQ" and e.value not in (None, "")
+        }
+        record_event(
+            session,
+            actor=f"dicom:{sender.code}",
+            action=action,
+            object_type="organization",
+            object_id=sender.id,
+            org_id=sender.id,
+            detail={"keys": keys, "matches": count},
+        )
+
+    def open_object(self, key: str) -> BinaryIO:
+        return self.objects.open(key)
+
+    def move_destination(self, sender: OrgRef, ae_title: str) -> MoveDestination | None:
+        with read_session() as session:
+            found = move_destination_for(session, org_id=sender.id, ae_title=ae_title)
+        if found is None:
+            return None
+        return MoveDestination(found.ae_title, found.host, found.port)
+
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
         try:
             with session_scope() as session:
@@ -159,12 +220,14 @@ class DicomGateway:
         self.settings = settings
         self.store = store
         self._server: UpperLayerServer | ListenerPool | None = None
+        self._tls_server: UpperLayerServer | None = None
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
         self._clear_spool()
         address = (self.settings.dicom_host, self.settings.dicom_port)
         server: UpperLayerServer | ListenerPool
+        service: StorageService | None = None
         if self.settings.dicom_processes > 1:
             server = ListenerPool(
                 address,
@@ -181,6 +244,25 @@ class DicomGateway:
         server.start()
         self._server = server
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *self.address)
+        if self.settings.dicom_tls_port is not None:
+            # TLS connections are served in threads of this process (a TLS session cannot be
+            # handed to another process); with one process they share the plain listener's
+            # association limits.
+            if service is None:
+                service = StorageService(
+                    store=self.store, settings=self.settings, counters=PrometheusCounters()
+                )
+            slots = server.slots if isinstance(server, UpperLayerServer) else None
+            tls_server = UpperLayerServer(
+                (self.settings.dicom_host, self.settings.dicom_tls_port),
+                acceptor_config(self.settings, self.store),
+                service,
+                tls=server_context(self.settings),
+                slots=slots,
+            )
+            tls_server.start()
+            self._tls_server = tls_server
+            log.info("DICOM TLS listener on %s:%d", *tls_server.address)
 
     def _clear_spool(self) -> None:
         # Transfers cut off by a crash leave partial files; their senders were never
@@ -199,6 +281,9 @@ class DicomGateway:
 
     def stop(self) -> None:
         """Stop accepting associations and close the listener."""
+        if self._tls_server is not None:
+            self._tls_server.stop()
+            self._tls_server = None
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -9,6 +9,13 @@ encoded in :mod:`dicom_gateway.acse_pdus` (why there, not by pynetdicom: see tha
 Scope: the acceptor side of association negotiation (PS3.8 9.3), P-DATA reassembly, C-ECHO
 and C-STORE (PS3.7 9.1.1, 9.3.1), release and abort. A C-STORE data set is streamed into a
 Part-10 file as its fragments arrive, so memory use is bounded by the PDU size.
+
+Query/Retrieve (C-FIND, C-GET, C-MOVE; PS3.4 C) is served on the same associations. Their
+messages are encoded and their identifiers decoded by pynetdicom's DIMSE message classes
+and dataset utilities (not a second codec); only the PDU framing is ours. C-GET sends its
+C-STORE sub-operations on this association (the peer has taken the SCP role for their SOP
+classes by role selection), streaming each object's data set from the store; C-MOVE hands
+the instances to :func:`dicom_gateway.retrieve.send_to_destination` (pynetdicom as SCU).
 """
 
 from __future__ import annotations
@@ -20,27 +27,50 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import struct
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.uid import UID
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dsutils import decode as decode_dataset
+from pynetdicom.dsutils import encode as encode_dataset
 
 from dicom_gateway.acse_pdus import (
     AcceptedContext,
     PDUError,
     ProposedContext,
+    RoleSelection,
     decode_associate_rq,
     encode_associate_ac,
     encode_associate_rj,
 )
 from dicom_gateway.admission import Applicant, AssociationLimits, SlotBook
+from dicom_gateway.query import (
+    FIND_CLASSES,
+    GET_CLASSES,
+    MOVE_CLASSES,
+    QR_CLASSES,
+    QueryError,
+    RetrieveItem,
+)
+from dicom_gateway.retrieve import (
+    MoveDestination,
+    SubOperations,
+    data_set_chunks,
+    send_to_destination,
+)
+from dicom_gateway.tls import clinic_of_certificate
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -64,6 +94,12 @@ _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 # Command fields (PS3.7 E.1)
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 _NO_DATA_SET = 0x0101
+_C_GET_RQ, _C_FIND_RQ, _C_MOVE_RQ, _C_CANCEL_RQ = 0x0010, 0x0020, 0x0021, 0x0FFF
+_QR_REQUESTS = frozenset({_C_GET_RQ, _C_FIND_RQ, _C_MOVE_RQ})
+_MAX_IDENTIFIER = 1 << 20
+_PENDING, _SUCCESS, _SUB_OPERATION_FAILURES = 0xFF00, 0x0000, 0xB000
+_UNABLE_TO_PROCESS, _MOVE_DESTINATION_UNKNOWN = 0xC000, 0xA801
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # A-ABORT provider reasons (PS3.8 9.3.8)
 _NOT_SPECIFIED, _UNRECOGNISED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0x01, 0x02, 0x06
 
@@ -161,8 +197,28 @@ class StorageHandler(Protocol):
         """The clinic ``sender`` belongs to: its associations share one limit."""
         ...
 
+    def clinic_code(self, sender: Any) -> str:
+        """The code of the clinic ``sender`` belongs to (a TLS client certificate names it)."""
+        ...
+
     def store(self, request: StoreRequest) -> tuple[int, str]:
         """Store the object; return (DIMSE status, error comment for failures)."""
+        ...
+
+    def find(self, sender: Any, sop_class: str, identifier: Dataset) -> list[Dataset]:
+        """C-FIND matches of ``identifier`` in the sender's data; raises QueryError."""
+        ...
+
+    def retrieve(self, sender: Any, sop_class: str, identifier: Dataset) -> list[RetrieveItem]:
+        """The instances a C-GET/C-MOVE of ``identifier`` sends; raises QueryError."""
+        ...
+
+    def open_object(self, key: str) -> BinaryIO:
+        """Open a stored object (a Part-10 file) for reading."""
+        ...
+
+    def move_destination(self, sender: Any, ae_title: str) -> MoveDestination | None:
+        """The sender's clinic's registered move destination ``ae_title``, or None."""
         ...
 
 
@@ -170,6 +226,10 @@ class _Abort(Exception):
     def __init__(self, reason: int, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _PlainPortTLS(ConnectionError):
+    """A TLS client on the plain port: closed at once, without reading its hello as a PDU."""
 
 
 class _DeadlinePassed(TimeoutError):
@@ -218,7 +278,10 @@ def _us(values: dict[int, bytes], tag: int) -> int:
 
 
 def _ui(values: dict[int, bytes], tag: int) -> str:
-    return values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    # Bytes outside ASCII (never valid in a UID or AE title) become "?": the value is still
+    # echoed and written to the file meta, and the data set's own UIDs are checked at ingest.
+    raw = values.get(tag, b"").rstrip(b"\x00 ")
+    return raw.decode("ascii", "replace").replace("\ufffd", "?")
 
 
 def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\x00") -> bytes:
@@ -286,8 +349,12 @@ class _Association:
         handler: StorageHandler,
         admit: Callable[[Applicant], bool] = lambda applicant: True,
         on_release: Callable[[], None] = lambda: None,
+        certified_clinic: str | None = None,
     ) -> None:
         self.sock = sock
+        # The clinic the peer's verified TLS client certificate stands for (None: no
+        # certificate required); the calling AE title must belong to it.
+        self.certified_clinic = certified_clinic
         self.config = config
         self.handler = handler
         # Takes an admission slot once an association is requested: a connection that never
@@ -305,6 +372,9 @@ class _Association:
         self._data_file: BinaryIO | None = None
         self._data_path: Path | None = None
         self._data_hash: Any = None
+        self._identifier: bytearray | None = None  # a Q/R request's identifier, as it arrives
+        self.peer_scp: set[str] = set()  # SOP classes the peer takes the SCP role for
+        self.cancelled: set[int] = set()  # message IDs the peer sent C-CANCEL for
         # The receive limit set on the socket now (seconds), and how far it may be from the
         # time left to a deadline before it is set again (one system call each time).
         self._armed = 0.0
@@ -327,8 +397,14 @@ class _Association:
             log.warning("association from %s cut off: %s", self.calling_ae or "?", exc)
             if associated:  # before association the connection is only closed (PS3.8 9.1.5)
                 self._send_abort(_NOT_SPECIFIED)
+        except _PlainPortTLS as exc:
+            log.warning("connection closed: %s", exc)
         except (ConnectionError, OSError) as exc:
             log.info("association from %s ended: %s", self.calling_ae or "?", exc)
+        except Exception:
+            # A defect of ours, not the peer's: this association ends, the listener goes on.
+            log.exception("association from %s failed", self.calling_ae or "?")
+            self._send_abort(_NOT_SPECIFIED)
         finally:
             self._discard_data_file()
 
@@ -354,7 +430,7 @@ class _Association:
         while view:
             try:
                 count = self.sock.recv_into(view)
-            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+            except (BlockingIOError, ssl.SSLWantReadError) as exc:  # SO_RCVTIMEO expired
                 raise TimeoutError("no data from the peer in time") from exc
             if not count:
                 raise ConnectionError("peer closed the connection")
@@ -382,6 +458,16 @@ class _Association:
     # -- negotiation -----------------------------------------------------------------------
 
     def _negotiate(self, deadline: float) -> bool:
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self._fit(deadline)
+            try:
+                first = self.sock.recv(2, socket.MSG_PEEK)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise TimeoutError("no association request in time") from exc
+            if first == b"\x16\x03":  # a TLS handshake record, not a DICOM PDU
+                raise _PlainPortTLS(
+                    "TLS handshake on the plain DICOM port (see RDC_DICOM_TLS_PORT)"
+                )
         pdu_type, body = self._read_pdu(_MAX_ASSOCIATE_RQ, deadline)
         if pdu_type != _ASSOCIATE_RQ:
             raise _Abort(_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
@@ -400,6 +486,17 @@ class _Association:
             log.warning("association from unknown calling AE %r rejected", self.calling_ae)
             self._reject(1, 1, 3)  # calling AE title not recognised
             return False
+        if (
+            self.certified_clinic is not None
+            and self.handler.clinic_code(self.sender) != self.certified_clinic
+        ):
+            log.warning(
+                "association from %s rejected: its TLS certificate is %s's",
+                self.calling_ae,
+                self.certified_clinic,
+            )
+            self._reject(1, 1, 3)  # calling AE title not recognised (for this certificate)
+            return False
         # The limits are per calling AE and per clinic too, so the sender must be known first.
         if not self.admit(Applicant(self.calling_ae, self.handler.clinic_of(self.sender))):
             log.warning("association from %s rejected: local limit exceeded", self.calling_ae)
@@ -407,6 +504,14 @@ class _Association:
             return False
 
         results = [self._negotiate_context(context) for context in request.contexts]
+        accepted = set(self.abstract.values())
+        # The peer may act as Storage SCP on this association (for C-GET sub-operations).
+        roles = tuple(
+            RoleSelection(role.sop_class_uid, role.scu_role, role.scp_role)
+            for role in request.roles
+            if role.sop_class_uid in accepted
+        )
+        self.peer_scp = {role.sop_class_uid for role in roles if role.scp_role}
         self.sock.sendall(
             encode_associate_ac(
                 request,
@@ -414,6 +519,7 @@ class _Association:
                 max_pdu=self.config.max_pdu,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version=IMPLEMENTATION_VERSION,
+                roles=roles,
             )
         )
         return True
@@ -422,10 +528,11 @@ class _Association:
         context_id, abstract = proposed.context_id, proposed.abstract_syntax
         # A rejected context's transfer syntax is not significant (PS3.8 9.3.3.2).
         fallback = proposed.transfer_syntaxes[0] if proposed.transfer_syntaxes else ""
-        if abstract != VERIFICATION and not _is_storage_class(abstract):
+        query = abstract in QR_CLASSES
+        if abstract != VERIFICATION and not query and not _is_storage_class(abstract):
             return AcceptedContext(context_id, 0x03, fallback)  # abstract syntax not supported
         for syntax in proposed.transfer_syntaxes:
-            if _is_known_transfer_syntax(syntax):
+            if syntax in _UNCOMPRESSED if query else _is_known_transfer_syntax(syntax):
                 self.contexts[context_id] = syntax
                 self.abstract[context_id] = abstract
                 return AcceptedContext(context_id, 0x00, syntax)
@@ -493,6 +600,16 @@ class _Association:
                             message_bytes = -1
                         else:
                             self._open_data_file(values, context_id)
+                elif self._identifier is not None:  # a Q/R request's identifier
+                    if values is None or pc_id != context_id:
+                        raise _Abort(_UNEXPECTED_PDU, "data set fragment without its command")
+                    self._identifier += fragment
+                    if len(self._identifier) > _MAX_IDENTIFIER:
+                        raise _Abort(_INVALID_PARAMETER, "query identifier too large")
+                    if last:
+                        self._dispatch(values, context_id)
+                        values = None
+                        message_bytes = -1
                 else:  # data set fragment
                     if values is None or self._data_file is None or pc_id != context_id:
                         raise _Abort(_UNEXPECTED_PDU, "data set fragment without its command")
@@ -505,6 +622,9 @@ class _Association:
                         message_bytes = -1
 
     def _open_data_file(self, values: dict[int, bytes], context_id: int) -> None:
+        if _us(values, 0x00000100) in _QR_REQUESTS:
+            self._identifier = bytearray()
+            return
         if _us(values, 0x00000100) != _C_STORE_RQ:
             raise _Abort(_UNEXPECTED_PDU, "only C-STORE requests carry a data set here")
         spool = self.config.spool_dir
@@ -539,7 +659,17 @@ class _Association:
 
     def _dispatch(self, values: dict[int, bytes], context_id: int) -> None:
         field = _us(values, 0x00000100)
+        if field == _C_CANCEL_RQ:
+            # Our answers are sent before the next request is read: nothing is in progress.
+            return
         message_id = _us(values, 0x00000110)
+        if field in _QR_REQUESTS:
+            identifier, self._identifier = self._identifier, None
+            if identifier is None:
+                raise _Abort(_UNEXPECTED_PDU, "query/retrieve request without an identifier")
+            destination = _ui(values, 0x00000600)  # Move Destination
+            self._query_retrieve(field, message_id, context_id, bytes(identifier), destination)
+            return
         sop_class = _ui(values, 0x00000002) or self.abstract[context_id]
         if field == _C_ECHO_RQ:
             self._send_command(
@@ -569,6 +699,219 @@ class _Association:
             _encode_response(_C_STORE_RSP, message_id, status, sop_class, sop_instance, comment),
         )
 
+    # -- query/retrieve --------------------------------------------------------------------
+
+    def _query_retrieve(
+        self, field: int, message_id: int, context_id: int, identifier: bytes, destination: str
+    ) -> None:
+        sop_class = self.abstract[context_id]
+        kinds = {_C_FIND_RQ: FIND_CLASSES, _C_GET_RQ: GET_CLASSES, _C_MOVE_RQ: MOVE_CLASSES}
+        response = {_C_FIND_RQ: C_FIND, _C_GET_RQ: C_GET, _C_MOVE_RQ: C_MOVE}[field]
+        if sop_class not in kinds[field]:
+            self._respond(response, context_id, message_id, sop_class, 0x0122, "SOP class")
+            return
+        implicit = self.contexts[context_id] == ImplicitVRLittleEndian
+        try:
+            query = decode_dataset(BytesIO(identifier), implicit, True)
+            if field == _C_FIND_RQ:
+                self._find(context_id, message_id, sop_class, query)
+            elif field == _C_GET_RQ:
+                self._get(context_id, message_id, sop_class, query)
+            else:
+                self._move(context_id, message_id, sop_class, query, destination)
+        except QueryError as exc:
+            self._respond(response, context_id, message_id, sop_class, exc.status, exc.comment)
+        except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
+            log.warning("query from %s cannot be read: %s", self.calling_ae, exc)
+            comment = "identifier cannot be read"
+            self._respond(response, context_id, message_id, sop_class, 0xA900, comment)
+
+    def _find(self, context_id: int, message_id: int, sop_class: str, query: Dataset) -> None:
+        matches = self.handler.find(self.sender, sop_class, query)
+        implicit = self.contexts[context_id] == ImplicitVRLittleEndian
+        for match in matches:
+            encoded = encode_dataset(match, implicit, True)
+            if encoded is None:
+                continue
+            self._respond(C_FIND, context_id, message_id, sop_class, _PENDING, identifier=encoded)
+        self._respond(C_FIND, context_id, message_id, sop_class, _SUCCESS)
+
+    def _get(self, context_id: int, message_id: int, sop_class: str, query: Dataset) -> None:
+        items = self.handler.retrieve(self.sender, sop_class, query)
+        counts = SubOperations(remaining=len(items))
+        store_id = 0
+        for item in items:
+            if message_id in self.cancelled:
+                self.cancelled.discard(message_id)
+                self._respond(C_GET, context_id, message_id, sop_class, 0xFE00, counts=counts)
+                return
+            self._respond(C_GET, context_id, message_id, sop_class, _PENDING, counts=counts)
+            store_id = (store_id + 1) & 0xFFFF or 1
+            status = self._send_sub_store(item, store_id)
+            counts.count(item.sop_instance_uid, status)
+        self._final(C_GET, context_id, message_id, sop_class, counts)
+
+    def _move(
+        self, context_id: int, message_id: int, sop_class: str, query: Dataset, ae: str
+    ) -> None:
+        destination = self.handler.move_destination(self.sender, ae)
+        if destination is None:
+            log.warning("C-MOVE from %s to unknown destination %r", self.calling_ae, ae)
+            comment = "Move destination unknown"
+            self._respond(C_MOVE, context_id, message_id, sop_class, 0xA801, comment)
+            return
+        items = self.handler.retrieve(self.sender, sop_class, query)
+
+        def progress(counts: SubOperations) -> None:
+            self._respond(C_MOVE, context_id, message_id, sop_class, _PENDING, counts=counts)
+
+        counts = send_to_destination(
+            destination,
+            items,
+            open_object=self.handler.open_object,
+            our_ae=self.config.ae_title,
+            originator_ae=self.calling_ae,
+            originator_message_id=message_id,
+            timeout=self.config.network_timeout,
+            progress=progress,
+        )
+        self._final(C_MOVE, context_id, message_id, sop_class, counts)
+
+    def _final(
+        self, kind: Any, context_id: int, message_id: int, sop_class: str, counts: SubOperations
+    ) -> None:
+        identifier = None
+        status = _SUCCESS
+        comment = ""
+        if counts.failed or counts.warning:
+            status = _SUB_OPERATION_FAILURES
+            comment = counts.comment
+            if counts.failed_uids:
+                failed = Dataset()
+                failed.FailedSOPInstanceUIDList = counts.failed_uids
+                implicit = self.contexts[context_id] == ImplicitVRLittleEndian
+                identifier = encode_dataset(failed, implicit, True)
+        if counts.refused:
+            status, comment = 0xA702, counts.refused
+        self._respond(
+            kind, context_id, message_id, sop_class, status, comment, identifier, counts, final=True
+        )
+
+    def _respond(
+        self,
+        kind: Any,
+        context_id: int,
+        message_id: int,
+        sop_class: str,
+        status: int,
+        comment: str = "",
+        identifier: bytes | None = None,
+        counts: SubOperations | None = None,
+        *,
+        final: bool = False,
+    ) -> None:
+        primitive = kind()
+        primitive.MessageIDBeingRespondedTo = message_id
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.Status = status
+        if identifier is not None:
+            primitive.Identifier = BytesIO(identifier)
+        if counts is not None and kind is not C_FIND:
+            primitive.NumberOfRemainingSuboperations = 0 if final else counts.remaining
+            primitive.NumberOfCompletedSuboperations = counts.completed
+            primitive.NumberOfFailedSuboperations = counts.failed
+            primitive.NumberOfWarningSuboperations = counts.warning
+        message = {C_FIND: C_FIND_RSP, C_GET: C_GET_RSP, C_MOVE: C_MOVE_RSP}[kind]()
+        message.primitive_to_message(primitive)
+        if comment and status not in (_SUCCESS, _PENDING):
+            message.command_set.ErrorComment = comment[:64]
+        self._send_message(message, context_id)
+
+    def _send_message(self, message: Any, context_id: int) -> None:
+        if self._armed < self.config.network_timeout - self._slack:
+            self._arm(self.config.network_timeout)
+        for pdata in message.encode_msg(context_id, self.peer_max_pdu):
+            self._send_pdvs(pdata.presentation_data_value_list)
+
+    def _send_pdvs(self, pdvs: list[tuple[int, bytes]]) -> None:
+        items = b"".join(struct.pack(">IB", len(v) + 1, cid) + v for cid, v in pdvs)
+        self.sock.sendall(_HEADER.pack(_P_DATA, len(items)) + items)
+
+    def _store_context(self, item: RetrieveItem) -> int | None:
+        if item.sop_class_uid not in self.peer_scp:
+            return None
+        for context_id, abstract in self.abstract.items():
+            if (
+                abstract == item.sop_class_uid
+                and self.contexts[context_id] == item.transfer_syntax_uid
+            ):
+                return context_id
+        return None
+
+    def _send_sub_store(self, item: RetrieveItem, store_id: int) -> int | None:
+        """C-STORE one instance to the peer on this association; its status (None: not
+        sent, no presentation context for its SOP class and transfer syntax)."""
+        context_id = self._store_context(item)
+        if context_id is None:
+            return None
+        primitive = C_STORE()
+        primitive.MessageID = store_id
+        primitive.AffectedSOPClassUID = item.sop_class_uid
+        primitive.AffectedSOPInstanceUID = item.sop_instance_uid
+        primitive.Priority = 0x0002
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        message.command_set.CommandDataSetType = 0x0001
+        message.data_set = None
+        try:
+            source = self.handler.open_object(item.storage_key)
+        except Exception:
+            log.exception("cannot open %s for C-GET", item.storage_key)
+            return None
+        with source:
+            self._send_message(message, context_id)
+            chunk_size = (self.peer_max_pdu or 1 << 20) - 12
+            chunks = data_set_chunks(source, chunk_size)
+            chunk = next(chunks)
+            for following in chunks:
+                self._send_pdvs([(context_id, b"\x00" + chunk)])
+                chunk = following
+            self._send_pdvs([(context_id, b"\x02" + chunk)])  # the last fragment
+        return self._await_store_response(store_id)
+
+    def _await_store_response(self, store_id: int) -> int:
+        """Read PDUs until the C-STORE-RSP for ``store_id``; a C-CANCEL is noted."""
+        command = bytearray()
+        limit = max(self.config.max_pdu, 16_384) * 4
+        while True:
+            deadline = time.monotonic() + self.config.network_timeout
+            pdu_type, body = self._read_pdu(limit, deadline)
+            if pdu_type == _ABORT:
+                raise ConnectionError("the peer aborted during a C-GET")
+            if pdu_type != _P_DATA:
+                raise _Abort(_UNEXPECTED_PDU, f"PDU type {pdu_type} while awaiting C-STORE-RSP")
+            offset = 0
+            while offset < len(body):
+                item_length, _context, control = _PDV_HEADER.unpack_from(body, offset)
+                if item_length < 2 or offset + 4 + item_length > len(body):
+                    raise _Abort(_INVALID_PARAMETER, "PDV item length is inconsistent")
+                fragment = body[offset + 6 : offset + 4 + item_length]
+                offset += 4 + item_length
+                if not control & 0x01:
+                    continue  # a data set is not expected here; skipped
+                command += fragment
+                if not control & 0x02:
+                    continue
+                values = _decode_command(bytes(command))
+                command.clear()
+                field = _us(values, 0x00000100)
+                if field == _C_CANCEL_RQ:
+                    self.cancelled.add(_us(values, 0x00000120))
+                    continue
+                if field == 0x8001 and _us(values, 0x00000120) == store_id:
+                    return _us(values, 0x00000900)
+                raise _Abort(_UNEXPECTED_PDU, f"DIMSE 0x{field:04X} while awaiting C-STORE-RSP")
+
     def _send_command(self, context_id: int, command: bytes) -> None:
         # One PDV, command, last fragment; responses are far below any peer's maximum PDU.
         if self._armed < self.config.network_timeout - self._slack:
@@ -585,6 +928,7 @@ def serve_association(
     *,
     admit: Callable[[Applicant], bool],
     on_release: Callable[[], None],
+    certified_clinic: str | None = None,
 ) -> None:
     """Serve one accepted connection in the calling thread until it ends.
 
@@ -594,7 +938,7 @@ def serve_association(
     its owner closes it.
     """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _Association(sock, config, handler, admit, on_release).run()
+    _Association(sock, config, handler, admit, on_release, certified_clinic).run()
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -604,14 +948,23 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 class UpperLayerServer:
-    """Listens for associations and serves each in its own thread."""
+    """Listens for associations and serves each in its own thread; with ``tls`` (a server
+    context) each connection is a TLS connection (DICOM TLS, PS3.15 Annex B). Listeners
+    given the same ``slots`` count their associations together."""
 
     def __init__(
-        self, address: tuple[str, int], config: AcceptorConfig, handler: StorageHandler
+        self,
+        address: tuple[str, int],
+        config: AcceptorConfig,
+        handler: StorageHandler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        slots: SlotBook | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
-        self._slots = SlotBook(config.limits)
+        self.tls = tls
+        self.slots = self._slots = slots or SlotBook(config.limits)
         outer = self
 
         class RequestHandler(socketserver.BaseRequestHandler):
@@ -642,10 +995,36 @@ class UpperLayerServer:
                 self._slots.give_back(admitted)
                 admitted = None
 
+        certified_clinic: str | None = None
+        if self.tls is not None:
+            # The handshake belongs to the association request's deadline.
+            sock.settimeout(self.config.acse_timeout)
+            try:
+                tls_sock = self.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake failed: %s", exc)
+                return
+            if self.tls.verify_mode == ssl.CERT_REQUIRED:
+                certified_clinic = clinic_of_certificate(tls_sock.getpeercert())
+                if not certified_clinic:
+                    log.warning("TLS client certificate without a clinic code; closed")
+                    tls_sock.close()
+                    return
+            sock = tls_sock
         try:
-            serve_association(sock, self.config, self.handler, admit=admit, on_release=release_slot)
+            serve_association(
+                sock,
+                self.config,
+                self.handler,
+                admit=admit,
+                on_release=release_slot,
+                certified_clinic=certified_clinic,
+            )
         finally:
             release_slot()
+            if self.tls is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     def start(self) -> None:
         """Serve in a background thread."""

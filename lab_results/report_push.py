@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import socket
+import ssl
 import uuid
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import hl7
 
 from rdc_core.settings import get_settings
+from rdc_core.tls import client_context
 from worklist.delivery.senders import (
     DeliveryFailedError,
     EndpointSpec,
@@ -174,10 +176,16 @@ def parse_ack(raw: bytes) -> tuple[str, str, str]:
     return code, acked, "; ".join(notes)
 
 
-def send_mllp(host: str, port: int, payload: bytes, *, timeout: float) -> bytes:
-    """Send one MLLP-framed message and return the framed answer's content."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def send_mllp(
+    host: str, port: int, payload: bytes, *, timeout: float, tls: ssl.SSLContext | None = None
+) -> bytes:
+    """Send one MLLP-framed message and return the framed answer's content; with ``tls``
+    over TLS (the peer's certificate and host name verified)."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
         sock.settimeout(timeout)
         sock.sendall(START_BLOCK + payload + END_BLOCK)
         buffer = b""
@@ -199,7 +207,10 @@ def send_oru(push: ReportPush, endpoint: EndpointSpec, timeout: float) -> dict[s
 
     message = build_oru(push, endpoint, now=utcnow())
     peer = f"{endpoint.host}:{endpoint.port}"
-    answer = send_mllp(endpoint.host, endpoint.port, message.encode("utf-8"), timeout=timeout)
+    tls = client_context(get_settings()) if endpoint.tls else None
+    answer = send_mllp(
+        endpoint.host, endpoint.port, message.encode("utf-8"), timeout=timeout, tls=tls
+    )
     code, acked, text = parse_ack(answer)
     detail = {"peer": peer, "msa": code, "control_id": control_id(push), "text": text}
     if acked and acked != control_id(push):

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     mllp_max_message_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Longest MLLP frame or HTTP body"
     )
+    dicom_tls_port: int | None = Field(
+        default=None, description="DICOM TLS listener port (PS3.15 Annex B); unset: none"
+    )
+    dicom_tls_cert: Path | None = None
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = Field(
+        default=None,
+        description="CA bundle: client certificates required on the TLS listener; also "
+        "verifies the peers of TLS push-backs",
+    )
 
     stable_age_seconds: float = 30.0
     stable_scan_interval_seconds: float | None = Field(
@@ -189,6 +199,8 @@ class Settings(BaseSettings):
         if self.task_backend == "celery" and not self.broker_url:
             raise ConfigurationError("RDC_TASK_BACKEND=celery needs RDC_BROKER_URL")
         ZoneInfo(self.timezone)  # fail at start-up, not at the first report
+        if self.dicom_tls_port is not None and not (self.dicom_tls_cert and self.dicom_tls_key):
+            raise ConfigurationError("RDC_DICOM_TLS_PORT needs RDC_DICOM_TLS_CERT and _KEY")
         return self
 
     @property

@@ -73,6 +73,7 @@ def _add_org(
     kind_value: str,
     ae: list[str],
     hl7_facilities: list[str] | None = None,
+    destinations: list[str] | None = None,
     *,
     update: bool = False,
 ) -> None:
@@ -81,6 +82,7 @@ def _add_org(
     from worklist.admin import save_organization
     from worklist.directory import find_organization
     from worklist.models import OrgKind
+    from worklist.move_destinations import add_move_destination
 
     upgrade_database()
     try:
@@ -103,6 +105,8 @@ def _add_org(
                 hl7_facilities=hl7_facilities,
                 update=update,
             )
+            for spec in destinations or []:
+                add_move_destination(session, org_code=code, spec=spec)
     except RDCError as exc:
         _fail(str(exc))
     titles = ", ".join(org.ae_titles) or "none"
@@ -127,6 +131,10 @@ def clinic_add(
             "LIS or analysers (repeatable)",
         ),
     ] = None,
+    dicom_destination: Annotated[
+        list[str] | None,
+        typer.Option(help="C-MOVE destination of the clinic, AE@host:port (repeatable)"),
+    ] = None,
     update: Annotated[
         bool,
         typer.Option(
@@ -136,7 +144,7 @@ def clinic_add(
 ) -> None:
     """Register a member clinic, the AE titles its modalities call with and the HL7 sending
     facilities of its lab systems. An existing code is refused unless --update."""
-    _add_org(code, name, "clinic", ae or [], hl7_facility or [], update=update)
+    _add_org(code, name, "clinic", ae or [], hl7_facility or [], dicom_destination, update=update)
 
 
 @org_app.command("add")

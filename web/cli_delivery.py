@@ -39,6 +39,7 @@ def endpoint_add(
     facility: Annotated[str | None, typer.Option(help="HL7: receiving facility (MSH-6)")] = None,
     name: Annotated[str | None, typer.Option(help="name (default: channel:AE@host:port)")] = None,
     disabled: Annotated[bool, typer.Option("--disabled", help="add it disabled")] = False,
+    tls: Annotated[bool, typer.Option("--tls", help="push over TLS")] = False,
 ) -> None:
     """Add (or update) a clinic's endpoint for push-back of signed reports."""
     from pydantic import ValidationError
@@ -59,6 +60,7 @@ def endpoint_add(
             receiving_facility=facility,
             name=name,
             enabled=not disabled,
+            tls=tls,
         )
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))

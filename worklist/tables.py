@@ -7,6 +7,7 @@ import worklist.audit
 import worklist.critical_values.models
 import worklist.delivery.models
 import worklist.models
+import worklist.move_destinations
 import worklist.patients.models
 import worklist.recognition.models
 import worklist.signing.models  # noqa: F401

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_gateway.acse_pdus import (
     AcceptedContext,
     PDUError,
+    RoleSelection,
     decode_associate_rq,
     encode_associate_ac,
     encode_associate_rj,
@@ -128,6 +129,39 @@ def test_an_answer_decodes_in_pynetdicom_to_what_was_encoded() -> None:
         == "1.2.826.0.1.3680043.10.1450.1"
     )
     assert info["ImplementationVersionNameNotification"].implementation_version_name == "RDC_0_1"
+
+
+def test_role_selection_is_read_and_answered_as_pynetdicom_expects() -> None:
+    request = decode_associate_rq(_request_pdu()[6:])
+    assert request.roles == (RoleSelection(CTImageStorage, True, False),)
+    answer = encode_associate_ac(
+        request,
+        [AcceptedContext(1, 0x00, ExplicitVRLittleEndian)],
+        max_pdu=16_384,
+        implementation_class_uid="1.2.826.0.1.3680043.10.1450.1",
+        implementation_version="RDC_0_1",
+        roles=(RoleSelection(CTImageStorage, False, True),),  # a C-GET SCU's Storage SCP role
+    )
+    pdu = A_ASSOCIATE_AC()
+    pdu.decode(answer)
+    assert len(answer) == pdu.pdu_length + 6
+    roles = [
+        item
+        for item in pdu.to_primitive().user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+    ]
+    assert [(r.sop_class_uid, r.scu_role, r.scp_role) for r in roles] == [
+        (CTImageStorage, False, True)
+    ]
+
+
+def test_a_malformed_role_selection_is_a_named_error() -> None:
+    pdu = _request_pdu()
+    start = pdu.index(b"\x54\x00")  # the role selection sub-item
+    length = struct.unpack(">H", pdu[start + 2 : start + 4])[0]
+    broken = pdu[: start + 4] + struct.pack(">H", length + 7) + pdu[start + 6 :]
+    with pytest.raises(PDUError, match="role selection"):
+        decode_associate_rq(broken[6:])
 
 
 def test_an_answer_to_a_minimal_request_round_trips() -> None:

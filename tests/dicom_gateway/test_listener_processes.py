@@ -17,8 +17,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from tests.dicom_gateway.test_cstore import all_ok, stored_copies, valid_files
 from tests.helpers import (
@@ -112,6 +116,25 @@ def test_every_sample_file_is_stored_through_both_processes_and_counted(
     assert list(spool.rglob(".rx-*")) == []  # every received file became an object
     with pooled_server.db() as db:
         assert db.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
+        studies = {row[0] for row in db.execute("SELECT study_instance_uid FROM exams")}
+
+    # C-FIND is answered by the listener processes too.
+    ae = AE(ae_title="CLINIC_A_CT")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", pooled_server.dicom_port, ae_title="RDC")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    found = {
+        str(identifier.StudyInstanceUID)
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        )
+        if int(status.Status) == 0xFF00
+    }
+    assoc.release()
+    assert found == studies
 
 
 def _associate(port: int) -> object:

@@ -33,12 +33,16 @@ def _associate(
     return ae.associate("127.0.0.1", server.dicom_port, ae_title="RDC")
 
 
-def test_negotiation_accepts_storage_and_verification_only(server: RdcServer) -> None:
+_MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
+
+def test_negotiation_accepts_storage_verification_and_query_retrieve(server: RdcServer) -> None:
     assoc = _associate(
         server,
         [
             (CTImageStorage, None),
             (PatientRootQueryRetrieveInformationModelFind, None),
+            (_MODALITY_WORKLIST_FIND, None),
             ("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.5.6"]),  # MR storage in an unknown syntax
             (Verification, None),
             ("1.2.826.0.1.3680043.10.999.1", [ExplicitVRLittleEndian]),  # a private SOP class
@@ -47,9 +51,14 @@ def test_negotiation_accepts_storage_and_verification_only(server: RdcServer) ->
     assert assoc.is_established
     results = {str(cx.abstract_syntax): cx.result for cx in assoc.accepted_contexts}
     rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
-    assert set(results) == {CTImageStorage, Verification, "1.2.826.0.1.3680043.10.999.1"}
+    assert set(results) == {
+        CTImageStorage,
+        Verification,
+        "1.2.826.0.1.3680043.10.999.1",
+        PatientRootQueryRetrieveInformationModelFind,
+    }
     assert rejected == {
-        PatientRootQueryRetrieveInformationModelFind: 0x03,  # abstract syntax not supported
+        _MODALITY_WORKLIST_FIND: 0x03,  # abstract syntax not supported
         "1.2.840.10008.5.1.4.1.1.4": 0x04,  # transfer syntaxes not supported
     }
     assert assoc.send_c_echo().Status == 0x0000

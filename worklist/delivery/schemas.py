@@ -37,6 +37,7 @@ class EndpointIn(BaseModel):
     receiving_facility: str | None = Field(default=None, max_length=100)
     name: str | None = Field(default=None, max_length=100, description="default: derived")
     enabled: bool = True
+    tls: bool = Field(default=False, description="push over TLS (DICOM TLS, MLLP over TLS)")
 
 
 class EndpointOut(_Out):
@@ -50,6 +51,7 @@ class EndpointOut(_Out):
     receiving_application: str | None
     receiving_facility: str | None
     enabled: bool
+    tls: bool
     created_at: datetime
     updated_at: datetime
 

@@ -98,6 +98,7 @@ class EndpointSpec:
     ae_title: str | None = None
     receiving_application: str | None = None
     receiving_facility: str | None = None
+    tls: bool = False  # connect with TLS (client context: rdc_core.tls.client_context)
 
 
 @dataclass(frozen=True, slots=True)

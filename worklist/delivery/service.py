@@ -233,6 +233,7 @@ def add_endpoint(
     endpoint.receiving_application = data.receiving_application
     endpoint.receiving_facility = data.receiving_facility
     endpoint.enabled = data.enabled
+    endpoint.tls = data.tls
     endpoint.updated_at = now
     session.flush()
     session.refresh(endpoint)
@@ -451,6 +452,7 @@ def prepare_push(
         ae_title=endpoint.ae_title,
         receiving_application=endpoint.receiving_application,
         receiving_facility=endpoint.receiving_facility,
+        tls=endpoint.tls,
     )
     return push, spec
 
