@@ -100,6 +100,7 @@
           .then(function () {
             R.toast(t("pt.ack_done"), "ok");
             load();
+            if (R.notifications) R.notifications.reload();
           })
           .catch(function (err) {
             button.disabled = false;
@@ -188,4 +189,10 @@
 
   paging = R.pager(form, PAGE, load);
   load();
+
+  // The clinic's open critical values, on every clinic page until read back.
+  var user = R.config.user || {};
+  if (user.org_kind === "clinic") {
+    R.criticalAlerts(document.getElementById("critical-alerts"), { linkExams: true });
+  }
 })();

@@ -276,6 +276,12 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "rv.title": ("检查报告", "Exam report"),
     # clinic report portal (delivery)
     "nav.portal": ("报告下载", "Report downloads"),
+    "nt.title": ("通知", "Notifications"),
+    "nt.empty": ("没有未读通知", "No unread notifications"),
+    "nt.kind.report_version": ("新报告版本", "New report version"),
+    "nt.kind.critical_value": ("危急值", "Critical value"),
+    "nt.kind.rescan_requested": ("退回重扫", "Re-scan requested"),
+    "nt.kind.rescan_declined": ("重扫被拒", "Re-scan declined"),
     "pt.title": ("报告下载与签收", "Report downloads and receipt"),
     "pt.filter.status": ("报告状态", "Report status"),
     "pt.filter.all_versions": ("显示历史版本", "Show earlier versions"),

@@ -132,7 +132,10 @@ class ReportVersionOut(BaseModel):
 
 
 class AcknowledgementOut(BaseModel):
+    """The acknowledged version's own delivered and acknowledged times."""
+
     report_id: str
     exam_id: str
+    version: int = 1
     delivered_at: datetime | None
     acknowledged_at: datetime

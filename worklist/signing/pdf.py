@@ -133,6 +133,11 @@ def _person_name(value: str | None) -> str:
 
 _SEX = {"M": "男 M", "F": "女 F", "O": "其他 O"}
 _LEVEL = {"resident": "住院医师", "attending": "主治医师", "chief": "主任医师"}
+_BANNER = {
+    "amended": "修订版 Amended",
+    "corrected": "更正版 Corrected",
+    "appended": "补充版 Appended",
+}
 _KIND = {"amended": "修订 Amended", "corrected": "更正 Corrected", "appended": "补充 Appended"}
 
 
@@ -178,6 +183,13 @@ def render_report_pdf(
         "notice", parent=base, fontSize=11, leading=15, textColor="#b00020", alignment=TA_CENTER
     )
 
+    banner_style = ParagraphStyle(
+        "banner", parent=base, fontSize=13, leading=17, textColor="#b00020"
+    )
+
+    def label(zh: str, en: str) -> str:
+        return f'<font color="#555555">{zh} {en}:</font> '
+
     report = document.get("report", {})
     exam = document.get("exam", {})
     patient = document.get("patient", {})
@@ -196,6 +208,38 @@ def render_report_pdf(
         )
     )
     story.append(Spacer(1, 3 * mm))
+    amended = report.get("amendment") or {}
+    if amended.get("kind"):
+        # An amended version says so at the top, where a reader cannot miss it.
+        replaced = int(report.get("version", 2) or 2) - 1
+        kind = amended["kind"]
+        banner = Table(
+            [
+                [
+                    Paragraph(
+                        _text(f"{_BANNER.get(kind, _BANNER['amended'])}")
+                        + " · "
+                        + _text(f"替代第 {replaced} 版 / replaces v{replaced}"),
+                        banner_style,
+                    )
+                ],
+                [Paragraph(label("原因", "Reason") + _text(amended.get("reason")), base)],
+            ],
+            colWidths=[width],
+        )
+        banner.setStyle(
+            TableStyle(
+                [
+                    ("BOX", (0, 0), (-1, -1), 1.4, colors.HexColor("#b00020")),
+                    ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff1f1")),
+                    ("LEFTPADDING", (0, 0), (-1, -1), 6),
+                    ("TOPPADDING", (0, 0), (-1, -1), 3),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), 3),
+                ]
+            )
+        )
+        story.append(banner)
+        story.append(Spacer(1, 3 * mm))
     if notice:
         story.append(Paragraph(_text(notice), notice_style))
         story.append(Spacer(1, 2 * mm))
@@ -215,9 +259,6 @@ def render_report_pdf(
             )
         )
         return table
-
-    def label(zh: str, en: str) -> str:
-        return f'<font color="#555555">{zh} {en}:</font> '
 
     story.append(
         grid(
