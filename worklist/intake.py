@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, bindparam, exists, or_, select, update
+from sqlalchemy import Table, bindparam, case, exists, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from rdc_core.db import execute_direct, insert_ignore, session_connection, stable_id, upsert
@@ -108,6 +108,17 @@ _TOUCH_EXAM = (
     .values(
         instance_count=_exams.c.instance_count + 1,
         last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
+        # New images for an exam sent back for a re-scan: it is received again, and the
+        # readiness check puts it back on the reading queue.
+        state=case(
+            # Literal SQL, not bound values: this statement is compiled once with its
+            # named parameters only (see rdc_core.db.execute_direct).
+            (
+                _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
+                literal_column(f"'{ExamState.RECEIVING.value}'"),
+            ),
+            else_=_exams.c.state,
+        ),
     )
     .returning(
         _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority

@@ -255,6 +255,12 @@ class Exam(Base):
     final_at: Mapped[datetime | None] = mapped_column(nullable=True)
     rescan_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
     rescan_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rescan_requested_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    # The clinic's answer when it cannot repeat the exam: the exam is read as it is.
+    rescan_declined_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_decline_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Why the urgency was set by hand (DICOM priority absent or wrong); audited.
+    priority_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # First fetch of the final report by the clinic (or first acknowledged push), and the
     # clinic's acknowledgement of it: the last two turnaround stages.
@@ -268,6 +274,9 @@ class Exam(Base):
         back_populates="exam", order_by="(Instance.series_instance_uid, Instance.instance_number)"
     )
     work_item: Mapped[WorkItem | None] = relationship(back_populates="exam", uselist=False)
+    rescan_requester: Mapped[User | None] = relationship(
+        foreign_keys=[rescan_requested_by], lazy="select"
+    )
 
 
 class Instance(Base):
