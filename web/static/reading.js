@@ -244,6 +244,7 @@
     if (patient.birth_date) demo.push(R.dicomDate(patient.birth_date));
     $("ei-demo").textContent = demo.join(" · ");
     $("ei-pid").textContent = patient.patient_id || "";
+    $("ei-pid").title = patient.patient_id || ""; // a long ID is cut with an ellipsis
     $("ei-accession").textContent = exam.accession_number || t("common.none");
     $("ei-clinic").textContent = exam.clinic_name || exam.clinic_code;
     $("ei-desc").textContent = [exam.modality, exam.body_part, exam.description].filter(Boolean).join(" · ");
@@ -392,6 +393,20 @@
     });
     renderStructured(report.structured || {});
     renderKeyImages();
+    if (!reading) renderReportView(report);
+  }
+
+  /** The report page shows the report as text, the way it was signed, not the edit form. */
+  function renderReportView(report) {
+    var view = $("report-view");
+    if (!view) return;
+    view.hidden = false;
+    $("rv-findings").textContent = report.findings || t("common.none");
+    $("rv-impression").textContent = report.impression || t("common.none");
+    $("rv-recommendation").textContent = report.recommendation || "";
+    $("rv-recommendation-head").hidden = !report.recommendation;
+    $("rv-quality").textContent = report.quality_grade ? t("rp.quality") + ": " + t("quality." + report.quality_grade) : "";
+    $("rv-critical").hidden = !report.critical;
   }
 
   function applyEditable() {
@@ -1258,7 +1273,24 @@
     if (event.target.name === "kind") amendKindChanged();
   });
   onClick("print-btn", function () {
-    window.print();
+    // Print the signed PDF (what the clinic files), not the web page.
+    var pdf = $("sig-pdf").getAttribute("href");
+    if (!pdf || pdf === "#") {
+      window.print();
+      return;
+    }
+    var frame = $("print-frame");
+    if (frame) frame.remove();
+    frame = el("iframe", { id: "print-frame", class: "print-frame", src: pdf, title: "PDF" });
+    frame.addEventListener("load", function () {
+      try {
+        frame.contentWindow.focus();
+        frame.contentWindow.print();
+      } catch (e) {
+        window.open(pdf, "_blank", "noopener");
+      }
+    });
+    document.body.appendChild(frame);
   });
   $("fps").addEventListener("change", function () {
     if (active.playing()) active.play(parseInt($("fps").value, 10) || 8);
@@ -1307,7 +1339,9 @@
         ).catch(function () {
           return [];
         });
-        return Promise.all([optional(R.api("GET", reportUrl)), templates]);
+        // No report yet: nothing to ask for (a 404 per exam only fills the console).
+        var report = exam.report_status ? optional(R.api("GET", reportUrl)) : Promise.resolve(null);
+        return Promise.all([report, templates]);
       })
       .then(function (results) {
         state.report = results[0];
