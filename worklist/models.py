@@ -435,6 +435,9 @@ class Report(Base):
     exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     previous_id: Mapped[str | None] = mapped_column(ForeignKey("reports.id"), nullable=True)
+    # The number people quote (RDC-2026-000123): drawn from the year's counter when the
+    # exam's report is first signed; later versions keep it.
+    report_number: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     status: Mapped[ReportStatus] = mapped_column(_enum(ReportStatus, "report_status"))
     template_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     findings: Mapped[str] = mapped_column(Text, default="")
@@ -469,3 +472,13 @@ class Report(Base):
 
     author: Mapped[User] = relationship(foreign_keys=[author_id], lazy="joined")
     verifier: Mapped[User | None] = relationship(foreign_keys=[verified_by], lazy="joined")
+
+
+class ReportCounter(Base):
+    """The last report number handed out in a year: one row per year, advanced by an
+    atomic UPDATE in the signer's transaction, so numbers are unique across replicas."""
+
+    __tablename__ = "report_counters"
+
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last: Mapped[int] = mapped_column(Integer, default=0)

@@ -73,6 +73,13 @@ def test_clinic_downloads_and_acknowledges_in_the_portal(
     ).stdout
     head = text[: text.index("Name")] if "Name" in text else text[:600]
     assert "更正版 Corrected" in head and "replaces v1" in head and "更正" in head
+    # a human report number, the same for both versions, and the patient as people read it
+    number = by_id[current]["report_number"]
+    assert re.fullmatch(r"RDC-20\d\d-\d{6}", number or "")
+    assert by_id[first]["report_number"] == number
+    assert f"{number} · v2" in text
+    assert "CompressedSamples CT1" in text and "^" not in text.split("Patient ID")[0]
+    assert "Age at exam" in text
     subprocess.run(
         [
             "pdftoppm",

@@ -7,6 +7,7 @@ formatted report with Print giving the signed PDF. Screenshots go to tests/artif
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,11 +62,13 @@ def _fits(page: Page, selector: str) -> bool:
 
 
 def test_ui_defects_at_1366(
-    server: RdcServer, alliance: dict[str, str], testdata: Path, browser: Browser
+    server: RdcServer, alliance: dict[str, str], testdata: Path, browser: Browser, tmp_path: Path
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientID = LONG_ID
+    ds.PatientName = "Wang^Fang=王^芳"
+    ds.PatientBirthDate = "19800315"
     ds.StudyDescription = "胸部CT平扫 Chest CT without contrast, low dose screening protocol"
     assert c_store(server.dicom_port, ds, calling_ae="CLINIC_A_CT") == 0
     reader_api = server.client("reader", alliance["reader"])
@@ -129,5 +132,37 @@ def test_ui_defects_at_1366(
     frame = clinic.page.locator("iframe#print-frame")
     expect(frame).to_have_attribute("src", f"/api/v1/reports/{submitted['id']}/pdf")
     assert not clinic.errors and not admin.errors and not reader.errors
+
+    # the signed PDF names the patient as people read it, with the age at the exam and
+    # the human report number
+    with server.client("tech_a", alliance["tech_a"]) as tech:
+        pdf = tech.get(f"/api/v1/reports/{submitted['id']}/pdf")
+        listed = tech.get("/api/v1/reports").json()["items"]
+    assert pdf.status_code == 200
+    saved = tmp_path / "report.pdf"
+    saved.write_bytes(pdf.content)
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(saved), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "王芳 / Wang Fang" in text and "Wang^Fang" not in text and "=王" not in text
+    assert "Age at exam: 23岁 / 23 y" in " ".join(text.split())  # performed 2004-01-19
+    number = listed[0]["report_number"]
+    assert re.fullmatch(r"RDC-\d{4}-\d{6}", number) and f"{number} · v1" in text
+    subprocess.run(
+        [
+            "pdftoppm",
+            "-png",
+            "-r",
+            "70",
+            "-f",
+            "1",
+            "-l",
+            "1",
+            "-singlefile",
+            str(saved),
+            str(ARTIFACTS / "report_pdf_patient_name"),
+        ],
+        check=True,
+    )
     clinic.context.close()
     reader_api.close()

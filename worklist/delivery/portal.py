@@ -374,6 +374,7 @@ def list_reports(
                 delivered_at=per_version.get(report.id, (None, None))[0],
                 acknowledged_at=per_version.get(report.id, (None, None))[1],
                 version_fetched_at=fetched.get(report.id),
+                report_number=report.report_number,
                 links={
                     "pdf": f"/api/v1/reports/{report.id}/pdf",
                     "document": f"/api/v1/reports/{report.id}/document",

@@ -128,6 +128,7 @@ class ReportVersionOut(BaseModel):
     delivered_at: datetime | None
     acknowledged_at: datetime | None
     version_fetched_at: datetime | None
+    report_number: str | None = None  # RDC-2026-000123, the same for every version
     links: dict[str, str]
 
 
