@@ -123,6 +123,7 @@ def test_clinic_downloads_and_acknowledges_in_the_portal(
     page.click("#notif-toggle")
     expect(page.locator("#critical-alerts")).to_have_count(1)  # the banner is on this page too
     expect(row.locator(".version")).to_contain_text("第2版")
+    expect(row.locator(".report-number")).to_have_text(re.compile(r"^RDC-\d{4}-\d{6}$"))
     expect(row.locator(".version")).to_contain_text("当前版本")
     expect(row.locator(".version")).to_contain_text("更正")
     expect(page.locator("tr.report-row")).to_have_count(1)  # the current version only
@@ -145,6 +146,12 @@ def test_clinic_downloads_and_acknowledges_in_the_portal(
     expect(row.locator(".delivered")).not_to_contain_text("未下载")  # the download delivered it
     expect(page.locator(f".older-version[data-report-id='{first}']")).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "portal_amended_acknowledged.png"), full_page=True)
+    # on the clinic's 1366x768 laptop every column, downloads included, stays on screen
+    page.set_viewport_size({"width": 1366, "height": 768})
+    assert page.eval_on_selector(".table-wrap", "n => n.scrollWidth <= n.clientWidth + 1")
+    box = row.locator("a.fhir-link").bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 1366
+    page.screenshot(path=str(ARTIFACTS / "portal_1366.png"))
 
     page.check("input[name=all_versions]")
     expect(page.locator("tr.report-row")).to_have_count(2)

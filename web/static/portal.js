@@ -61,6 +61,7 @@
 
   function versionCell(item) {
     var kids = [el("strong", { text: t("pt.version", { n: item.version }) })];
+    if (item.report_number) kids.unshift(el("span", { class: "muted report-number", text: item.report_number }), " ");
     if (item.amendment_kind) {
       kids.push(" ", el("span", { class: "muted", text: t("pt.kind." + item.amendment_kind) }));
     }
