@@ -288,15 +288,21 @@ def import_(
         files = list(iter_dicom_files(paths))
     except (FileNotFoundError, OSError) as exc:
         _fail(str(exc))
-    counts = {"stored": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
-    rejected: list[str] = []
+    try:
+        with session_scope() as session:
+            org = org_ref(get_organization(session, code=clinic))
+    except RDCError as exc:
+        _fail(str(exc))
+    # A refused file (unreadable, inconsistent, another clinic's study ...) is skipped with
+    # its reason; the import goes on and ends with the summary, exit 1 if any was refused.
+    counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0}
+    refused: list[str] = []
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("import", total=len(files))
         for path in files:
             try:
                 with session_scope() as session:
-                    org = org_ref(get_organization(session, code=clinic))
                     result = ingest_dicom_file(
                         session,
                         store=store,
@@ -306,16 +312,14 @@ def import_(
                         organization=org,
                     )
                 counts[result.outcome.value] += 1
-            except InvalidDicomError as exc:
-                counts["rejected"] += 1
-                rejected.append(f"{path}: {exc}")
-            except RDCError as exc:
-                _fail(f"{path}: {exc}")
+            except (InvalidDicomError, RDCError, OSError) as exc:
+                counts["refused"] += 1
+                refused.append(f"{path}: {exc}")
             progress.advance(bar)
-    for line in rejected:
-        console.print(f"[yellow]skipped[/yellow] {line}")
+    for line in refused:
+        console.print(f"[yellow]refused[/yellow] {line}", markup=True, highlight=False)
     console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    if rejected and not (counts["stored"] or counts["duplicate"] or counts["conflict"]):
+    if refused:
         raise typer.Exit(1)
 
 

@@ -235,7 +235,8 @@ def list_worklist(
             Organization.name.label("clinic_name"),
             Patient.name.label("patient_name"),
             Patient.patient_id,
-            holder.username.label("holder"),
+            # People, not logins: the holder's display name (the login when none is set).
+            func.coalesce(func.nullif(holder.display_name, ""), holder.username).label("holder"),
             Report.status.label("report_status"),
         )
         .select_from(WorkItem)

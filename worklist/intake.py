@@ -49,7 +49,17 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, exists, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    case,
+    exists,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from rdc_core.db import (
@@ -267,6 +277,17 @@ _TOUCH_EXAM = (
     .values(
         instance_count=_exams.c.instance_count + 1,
         last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
+        # New images for an exam sent back for a re-scan: it is received again, and the
+        # readiness check puts it back on the reading queue.
+        state=case(
+            # Literal SQL, not bound values: this statement is compiled once with its
+            # named parameters only (see rdc_core.db.execute_direct).
+            (
+                _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
+                literal_column(f"'{ExamState.RECEIVING.value}'"),
+            ),
+            else_=_exams.c.state,
+        ),
     )
     .returning(
         _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority

@@ -318,6 +318,12 @@ class Exam(Base):
     final_at: Mapped[datetime | None] = mapped_column(nullable=True)
     rescan_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
     rescan_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rescan_requested_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    # The clinic's answer when it cannot repeat the exam: the exam is read as it is.
+    rescan_declined_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_decline_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Why the urgency was set by hand (DICOM priority absent or wrong); audited.
+    priority_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # First fetch of the final report by the clinic (or first acknowledged push), and the
     # clinic's acknowledgement of it: the last two turnaround stages.
@@ -331,6 +337,9 @@ class Exam(Base):
         back_populates="exam", order_by="(Instance.series_instance_uid, Instance.instance_number)"
     )
     work_item: Mapped[WorkItem | None] = relationship(back_populates="exam", uselist=False)
+    rescan_requester: Mapped[User | None] = relationship(
+        foreign_keys=[rescan_requested_by], lazy="select"
+    )
 
 
 class Artifact(Base):
@@ -515,6 +524,9 @@ class Report(Base):
     exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     previous_id: Mapped[str | None] = mapped_column(ForeignKey("reports.id"), nullable=True)
+    # The number people quote (RDC-2026-000123): drawn from the year's counter when the
+    # exam's report is first signed; later versions keep it.
+    report_number: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     status: Mapped[ReportStatus] = mapped_column(_enum(ReportStatus, "report_status"))
     template_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     findings: Mapped[str] = mapped_column(Text, default="")
@@ -549,3 +561,13 @@ class Report(Base):
 
     author: Mapped[User] = relationship(foreign_keys=[author_id], lazy="joined")
     verifier: Mapped[User | None] = relationship(foreign_keys=[verified_by], lazy="joined")
+
+
+class ReportCounter(Base):
+    """The last report number handed out in a year: one row per year, advanced by an
+    atomic UPDATE in the signer's transaction, so numbers are unique across replicas."""
+
+    __tablename__ = "report_counters"
+
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last: Mapped[int] = mapped_column(Integer, default=0)

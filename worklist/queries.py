@@ -10,6 +10,7 @@ from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.models import Exam, ExamState, Organization, Priority, Report, ReportStatus
 from worklist.patients.links import same_person_clause
+from worklist.people import person_name
 from worklist.schemas import ExamDetail, ExamSummary, Page
 
 __all__ = ["get_exam", "list_exams", "list_priors", "visible_exam"]
@@ -53,6 +54,9 @@ def _summary(
             "clinic_name": exam.organization.name,
             "patient": exam.patient,
             "report_status": report_status,
+            "rescan_requested_by": person_name(exam.rescan_requester) or None
+            if exam.rescan_requested_by
+            else None,
             **({"instances": exam.instances} if "instances" in model.model_fields else {}),
             **(
                 {

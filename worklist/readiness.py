@@ -32,6 +32,7 @@ __all__ = [
     "ReadyExam",
     "due_time",
     "mark_stable_exams_ready",
+    "requeue_exam",
     "route_exam",
 ]
 
@@ -80,9 +81,9 @@ def route_exam(session: Session, *, exam: Exam) -> str:
     return exam.discipline.value
 
 
-def due_time(session: Session, *, exam: Exam) -> datetime:
-    """When the final report is due: first arrival plus the SLA target for the exam's
-    discipline and priority."""
+def due_time(session: Session, *, exam: Exam, since: datetime | None = None) -> datetime:
+    """When the final report is due: first arrival (or ``since``, for an exam back in the
+    queue after a re-scan) plus the SLA target for the exam's discipline and priority."""
     minutes = session.execute(
         select(SlaTarget.minutes).where(
             SlaTarget.discipline == exam.discipline, SlaTarget.priority == exam.priority
@@ -90,7 +91,35 @@ def due_time(session: Session, *, exam: Exam) -> datetime:
     ).scalar_one_or_none()
     if minutes is None:
         minutes = DEFAULT_SLA_MINUTES[(exam.discipline, exam.priority)]
-    return exam.first_received_at + timedelta(minutes=minutes)
+    return (since or exam.first_received_at) + timedelta(minutes=minutes)
+
+
+def requeue_exam(session: Session, *, exam: Exam, now: datetime) -> ReadyExam:
+    """Put an exam that left the queue (sent back for a re-scan) back on it: its work item
+    opens again, unclaimed, in the pool its routing gives now, due by the SLA counted from
+    ``now``. The exam is READY."""
+    pool = route_exam(session, exam=exam)
+    due_at = due_time(session, exam=exam, since=now)
+    exam.state = ExamState.READY
+    exam.ready_at = now
+    session.execute(
+        update(WorkItem)
+        .where(WorkItem.exam_id == exam.id)
+        .values(
+            state=WorkItemState.OPEN,
+            pool=pool,
+            priority=exam.priority,
+            priority_rank=exam.priority.rank,
+            due_at=due_at,
+            claimed_by=None,
+            claimed_at=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return ReadyExam(exam_id=exam.id, pool=pool, due_at=due_at)
 
 
 def mark_stable_exams_ready(
@@ -124,6 +153,10 @@ def mark_stable_exams_ready(
             continue  # another worker got there first, or an instance just arrived
         exam = session.get(Exam, exam_id, populate_existing=True)
         assert exam is not None
+        if exam.rescan_requested_at is not None and exam.work_item is not None:
+            # New images after a re-scan request: the exam goes back to the queue.
+            made_ready.append(requeue_exam(session, exam=exam, now=now))
+            continue
         pool = route_exam(session, exam=exam)
         due_at = due_time(session, exam=exam)
         insert_ignore(

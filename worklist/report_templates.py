@@ -27,7 +27,8 @@ class TemplateField:
 
 @dataclass(frozen=True, slots=True)
 class ReportTemplate:
-    """Default findings / impression / recommendation text for one kind of exam.
+    """Default findings / impression / recommendation text for one kind of exam, in one
+    language (``lang``).
 
     An empty ``modality`` or ``body_part`` matches any value.
     """
@@ -35,6 +36,7 @@ class ReportTemplate:
     code: str
     name_zh: str
     name_en: str
+    lang: Literal["zh", "en"] = "zh"  # the language of the report text it starts
     modality: str = ""
     body_part: str = ""
     findings: str = ""
@@ -59,79 +61,112 @@ _NODULE = TemplateField(
 _NODULE_SIZE = TemplateField("nodule_size_mm", "结节大小 (mm)", "Nodule size (mm)", "number")
 _EFFUSION = TemplateField("effusion", "胸腔积液", "Pleural effusion", "bool")
 
+
+def _pair(
+    code: str,
+    name: tuple[str, str],
+    modality: str,
+    body_part: str,
+    findings: tuple[str, str],
+    impression: tuple[str, str],
+    fields: tuple[TemplateField, ...] = (),
+) -> tuple[ReportTemplate, ReportTemplate]:
+    """The Chinese template (``code``) and the English one (``code_EN``): a report body is
+    written in one language, the one the reader chooses, never both at once."""
+    zh_name, en_name = name
+    return (
+        ReportTemplate(
+            code=code,
+            name_zh=f"{zh_name}（中文）",
+            name_en=f"{en_name} (Chinese)",
+            lang="zh",
+            modality=modality,
+            body_part=body_part,
+            findings=findings[0],
+            impression=impression[0],
+            fields=fields,
+        ),
+        ReportTemplate(
+            code=f"{code}_EN",
+            name_zh=f"{zh_name}（英文）",
+            name_en=f"{en_name} (English)",
+            lang="en",
+            modality=modality,
+            body_part=body_part,
+            findings=findings[1],
+            impression=impression[1],
+            fields=fields,
+        ),
+    )
+
+
 TEMPLATES: tuple[ReportTemplate, ...] = (
-    ReportTemplate(
-        code="CT_CHEST",
-        name_zh="胸部CT",
-        name_en="Chest CT",
-        modality="CT",
-        body_part="CHEST",
-        findings=(
+    *_pair(
+        "CT_CHEST",
+        ("胸部CT", "Chest CT"),
+        "CT",
+        "CHEST",
+        (
             "两肺纹理清晰，肺野内未见明确实质性病变。气管及主要支气管通畅。纵隔内未见肿大淋巴结。"
-            "心脏大小形态未见异常。双侧胸腔未见积液。\n"
+            "心脏大小形态未见异常。双侧胸腔未见积液。",
             "Lungs clear; airways patent; no mediastinal lymphadenopathy; heart normal in size; "
-            "no pleural effusion."
+            "no pleural effusion.",
         ),
-        impression="胸部CT平扫未见明显异常。\nNo acute abnormality on non-contrast chest CT.",
-        fields=(_NODULE, _NODULE_SIZE, _EFFUSION),
+        ("胸部CT平扫未见明显异常。", "No acute abnormality on non-contrast chest CT."),
+        (_NODULE, _NODULE_SIZE, _EFFUSION),
     ),
-    ReportTemplate(
-        code="CT_HEAD",
-        name_zh="头颅CT",
-        name_en="Head CT",
-        modality="CT",
-        body_part="HEAD",
-        findings=(
-            "脑实质内未见异常密度影，脑室系统大小形态正常，中线结构居中，颅骨未见骨折。\n"
+    *_pair(
+        "CT_HEAD",
+        ("头颅CT", "Head CT"),
+        "CT",
+        "HEAD",
+        (
+            "脑实质内未见异常密度影，脑室系统大小形态正常，中线结构居中，颅骨未见骨折。",
             "No intracranial haemorrhage or mass; ventricles normal; midline preserved; "
-            "no fracture."
+            "no fracture.",
         ),
-        impression="头颅CT平扫未见明显异常。\nNo acute intracranial abnormality.",
-        fields=(
+        ("头颅CT平扫未见明显异常。", "No acute intracranial abnormality."),
+        (
             TemplateField("haemorrhage", "颅内出血", "Intracranial haemorrhage", "bool"),
             TemplateField("midline_shift_mm", "中线移位 (mm)", "Midline shift (mm)", "number"),
         ),
     ),
-    ReportTemplate(
-        code="DX_CHEST",
-        name_zh="胸部X线",
-        name_en="Chest radiograph",
-        modality="DX",
-        body_part="CHEST",
-        findings=(
-            "两肺野清晰，心影大小形态正常，双膈面光整，肋膈角锐利。\n"
-            "Lungs clear; cardiac silhouette normal; diaphragms smooth; costophrenic angles "
-            "sharp."
+    *_pair(
+        "DX_CHEST",
+        ("胸部X线", "Chest radiograph"),
+        "DX",
+        "CHEST",
+        (
+            "两肺野清晰，心影大小形态正常，双膈面光整，肋膈角锐利。",
+            "Lungs clear; cardiac silhouette normal; diaphragms smooth; costophrenic angles sharp.",
         ),
-        impression="心肺膈未见明显异常。\nNo active cardiopulmonary disease.",
-        fields=(_EFFUSION,),
+        ("心肺膈未见明显异常。", "No active cardiopulmonary disease."),
+        (_EFFUSION,),
     ),
-    ReportTemplate(
-        code="MR_HEAD",
-        name_zh="头颅MR",
-        name_en="Brain MRI",
-        modality="MR",
-        body_part="HEAD",
-        findings=(
-            "脑实质内未见异常信号，DWI未见弥散受限，脑室系统未见扩张，中线结构居中。\n"
-            "No abnormal signal; no restricted diffusion; ventricles normal; midline preserved."
+    *_pair(
+        "MR_HEAD",
+        ("头颅MR", "Brain MRI"),
+        "MR",
+        "HEAD",
+        (
+            "脑实质内未见异常信号，DWI未见弥散受限，脑室系统未见扩张，中线结构居中。",
+            "No abnormal signal; no restricted diffusion; ventricles normal; midline preserved.",
         ),
-        impression="头颅MR平扫未见明显异常。\nUnremarkable brain MRI.",
-        fields=(TemplateField("infarct", "急性梗死", "Acute infarct", "bool"),),
+        ("头颅MR平扫未见明显异常。", "Unremarkable brain MRI."),
+        (TemplateField("infarct", "急性梗死", "Acute infarct", "bool"),),
     ),
-    ReportTemplate(
-        code="US_ABDOMEN",
-        name_zh="腹部超声",
-        name_en="Abdominal ultrasound",
-        modality="US",
-        body_part="ABDOMEN",
-        findings=(
-            "肝脏大小形态正常，实质回声均匀；胆囊、胰腺、脾脏、双肾未见明显异常。\n"
+    *_pair(
+        "US_ABDOMEN",
+        ("腹部超声", "Abdominal ultrasound"),
+        "US",
+        "ABDOMEN",
+        (
+            "肝脏大小形态正常，实质回声均匀；胆囊、胰腺、脾脏、双肾未见明显异常。",
             "Liver normal in size with homogeneous echotexture; gallbladder, pancreas, spleen "
-            "and kidneys unremarkable."
+            "and kidneys unremarkable.",
         ),
-        impression="腹部超声未见明显异常。\nUnremarkable abdominal ultrasound.",
-        fields=(
+        ("腹部超声未见明显异常。", "Unremarkable abdominal ultrasound."),
+        (
             TemplateField("gallstones", "胆囊结石", "Gallstones", "bool"),
             TemplateField(
                 "fatty_liver",
@@ -142,12 +177,8 @@ TEMPLATES: tuple[ReportTemplate, ...] = (
             ),
         ),
     ),
-    ReportTemplate(
-        code="IMAGING_GENERAL",
-        name_zh="通用影像报告",
-        name_en="General imaging report",
-        findings="",
-        impression="",
+    *_pair(
+        "IMAGING_GENERAL", ("通用影像报告", "General imaging report"), "", "", ("", ""), ("", "")
     ),
 )
 

@@ -22,6 +22,7 @@ from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
 from worklist.claims import can_verify, readable_by
 from worklist.critical_values.service import raise_for_report
+from worklist.exam_actions import notify_rescan_requested
 from worklist.finalization import finalize_report
 from worklist.models import (
     AmendmentKind,
@@ -384,9 +385,13 @@ def request_rescan(
         raise ReportLockedError("the exam already has a submitted report")
     exam.rescan_requested_at = now
     exam.rescan_reason = reason.strip()[:2000]
+    exam.rescan_requested_by = principal.user_id
+    exam.rescan_declined_at = None
+    exam.rescan_decline_reason = None
     _set_state(session, exam, item, ExamState.RESCAN_REQUESTED, WorkItemState.DONE)
     item.updated_at = now
     session.flush()
+    notify_rescan_requested(session, exam=exam, now=now)
     record_access(
         session,
         principal,

@@ -98,6 +98,10 @@ class ExamSummary(_Out):
     final_at: datetime | None = None
     rescan_requested_at: datetime | None = None
     rescan_reason: str | None = None
+    rescan_requested_by: str | None = None  # the reader's name, as people read it
+    rescan_declined_at: datetime | None = None
+    rescan_decline_reason: str | None = None
+    priority_reason: str | None = None
     report_status: ReportStatus | None = None
 
 

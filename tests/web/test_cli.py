@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.helpers import IndexConnection, RdcServer, index_db, rdc_cli, wait_for
@@ -131,15 +132,39 @@ def test_import_dicomdir_through_the_ingest_service(
         "CLINIC_B",
         str(testdata / "dicom" / "malformed"),
         str(testdata / "dicom" / "CT_small.dcm"),
+        check=False,
     )
     # JPEG-lossy.dcm is a readable object with a bad codestream: kept (readers decide);
-    # the seven unreadable, truncated or inconsistent files are refused with a reason each.
-    assert "2 stored" in mixed.stderr and "7 rejected" in mixed.stderr
-    assert "truncated" in mixed.stderr
+    # the seven unreadable, truncated or inconsistent files are refused with a reason each,
+    # the import goes on past them and exits 1.
+    assert mixed.returncode == 1, mixed.stderr
+    assert "2 stored, 0 duplicate, 0 conflict, 7 refused" in mixed.stderr
+    assert "truncated" in mixed.stderr and mixed.stderr.count("refused ") == 7
+
+    # another clinic's study is refused with its reason; the files after it still import
+    fresh = tmp_path / "fresh.dcm"
+    ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(fresh, enforce_file_format=True)
+    other = rdc_cli(
+        rdc_env,
+        "import",
+        "--clinic",
+        "CLINIC_A",
+        str(testdata / "dicom" / "CT_small.dcm"),
+        str(fresh),
+        check=False,
+    )
+    assert other.returncode == 1, other.stderr
+    assert "1 stored, 0 duplicate, 0 conflict, 1 refused" in other.stderr
+    assert "another organisation" in " ".join(other.stderr.split())
+    unknown = rdc_cli(rdc_env, "import", "--clinic", "NOPE", str(fresh), check=False)
+    assert unknown.returncode != 0 and "NOPE" in unknown.stderr
 
     with _db(rdc_env) as db:
-        assert db.execute("SELECT count(*) FROM exams").fetchone()[0] == 8
-        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 33
+        assert db.execute("SELECT count(*) FROM exams").fetchone()[0] == 9
+        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 34
 
     server = RdcServer(rdc_env, tmp_path / "serve.log")
     server.start()
@@ -158,12 +183,12 @@ def test_import_dicomdir_through_the_ingest_service(
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
         with _db(rdc_env) as db:
-            assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 33
+            assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 34
             assert db.execute("SELECT count(*) FROM instance_conflicts").fetchone()[0] == 0
 
         reader = server.client("reader", alliance["reader"])
         wait_for(
-            lambda: reader.get("/api/v1/worklist").json()["total"] == 8,
+            lambda: reader.get("/api/v1/worklist").json()["total"] == 9,
             what="imported exams queued",
         )
     finally:
@@ -195,3 +220,33 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
         assert {e["clinic_code"] for e in clinic["items"]} == {"CLINIC_B"}
     finally:
         server.stop()
+
+
+def test_readme_storescu_line_sends_a_study(
+    server: RdcServer, alliance: dict[str, str], testdata: Path, dcmtk: Path, tmp_path: Path
+) -> None:
+    """The README's ready dcmtk lines (C-ECHO, then a folder sent recursively with the demo's
+    AE titles) work as printed, with only the port and the folder filled in."""
+    import shlex
+    import shutil
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    lines = [
+        line.split("#")[0].strip()
+        for line in readme.splitlines()
+        if line.startswith(("echoscu -aet", "storescu -aet"))
+    ]
+    assert [line.split()[0] for line in lines] == ["echoscu", "storescu"], lines
+    study = tmp_path / "study" / "series"
+    study.mkdir(parents=True)
+    shutil.copy(testdata / "dicom" / "CT_small.dcm", study / "image.dcm")
+    for line in lines:
+        args = shlex.split(line.replace("11112", str(server.dicom_port)))
+        args = [str(tmp_path / "study") if a == "path/to/study/" else a for a in args]
+        args[0] = str(dcmtk / args[0])
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (line, result.stderr)
+    with server.client("tech_a", alliance["tech_a"]) as tech:
+        exams = tech.get("/api/v1/exams").json()
+    assert exams["total"] == 1 and exams["items"][0]["instance_count"] == 1

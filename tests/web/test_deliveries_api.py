@@ -211,11 +211,16 @@ def test_clinic_fetches_acknowledges_and_gets_pushes(
     assert [(i["report_id"], i["version"], i["current"]) for i in current] == [(new_id, 2, True)]
     every = tech_a.get("/api/v1/reports", params={"current_only": "false"}).json()["items"]
     assert {(i["version"], i["current"]) for i in every} == {(1, False), (2, True)}
-    notes = tech_a.get("/api/v1/notifications").json()["items"]
+    notes = tech_a.get("/api/v1/notifications", params={"unread": "false"}).json()["items"]
     assert {n["subject_id"] for n in notes if n["kind"] == "report_version"} >= {
         report_id,
         new_id,
     }
+    # version 1 was acknowledged (its notice is read); version 2 waits for its own receipt
+    unread = tech_a.get("/api/v1/notifications").json()["items"]
+    assert {n["subject_id"] for n in unread if n["kind"] == "report_version"} == {new_id}
+    v2 = next(i for i in every if i["version"] == 2)
+    assert v2["acknowledged_at"] is None
     new_fhir = tech_a.get(f"/api/v1/reports/{new_id}/fhir").json()
     _validate_fhir(new_fhir)
     assert new_fhir["status"] == "corrected"

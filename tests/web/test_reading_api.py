@@ -94,7 +94,14 @@ def test_me_templates_and_priors(server: RdcServer, alliance: dict[str, str]) ->
     templates = reader.get(
         "/api/v1/report-templates", params={"modality": "CT", "body_part": "CHEST"}
     ).json()
-    assert templates[0]["code"] == "CT_CHEST" and templates[-1]["code"] == "IMAGING_GENERAL"
+    assert templates[0]["code"] == "CT_CHEST" and templates[-1]["code"] == "IMAGING_GENERAL_EN"
+    # one language per template: the reader picks the Chinese or the English one
+    by_code = {t["code"]: t for t in templates}
+    assert by_code["CT_CHEST"]["lang"] == "zh" and by_code["CT_CHEST_EN"]["lang"] == "en"
+    for tpl in templates:
+        text = tpl["findings"] + tpl["impression"]
+        has_cjk = any("\u4e00" <= ch <= "\u9fff" for ch in text)
+        assert has_cjk == (tpl["lang"] == "zh" and bool(text)), tpl["code"]
     assert reader.get("/api/v1/exams/nope/priors").status_code == 404
 
 

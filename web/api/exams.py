@@ -11,6 +11,7 @@ from rdc_core.db import session_scope, utcnow
 from web.params import Offset
 from web.security import CurrentPrincipal
 from worklist.audit import audited_read
+from worklist.exam_actions import decline_rescan, set_priority
 from worklist.models import ExamState, Priority
 from worklist.queries import get_exam, list_exams, list_priors
 from worklist.reports import request_rescan
@@ -75,4 +76,54 @@ def rescan(exam_id: str, body: RescanRequest, principal: CurrentPrincipal) -> Ex
     with session_scope() as session:
         return request_rescan(
             session, principal=principal, exam_id=exam_id, reason=body.reason, now=utcnow()
+        )
+
+
+class RescanDecline(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, description="why it cannot be repeated")
+
+
+@router.post(
+    "/{exam_id}/rescan/decline",
+    response_model=ExamDetail,
+    responses={
+        403: {"description": "not the exam's clinic"},
+        404: {},
+        409: {"description": "no re-scan request waits for an answer"},
+    },
+)
+def rescan_decline(exam_id: str, body: RescanDecline, principal: CurrentPrincipal) -> ExamDetail:
+    """The clinic cannot repeat the exam: it goes back to the reading queue as it is, with
+    the reason (sending new images instead puts it back by itself)."""
+    with session_scope() as session:
+        return decline_rescan(
+            session, principal=principal, exam_id=exam_id, reason=body.reason, now=utcnow()
+        )
+
+
+class PriorityChange(BaseModel):
+    priority: Priority
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+@router.post(
+    "/{exam_id}/priority",
+    response_model=ExamDetail,
+    responses={
+        403: {"description": "role may not set the urgency"},
+        404: {},
+        409: {"description": "the exam is reported already"},
+    },
+)
+def priority_change(exam_id: str, body: PriorityChange, principal: CurrentPrincipal) -> ExamDetail:
+    """Mark the exam's urgency (emergency, urgent, routine) with the reason, audited; the
+    reading queue's due time follows."""
+    with session_scope() as session:
+        return set_priority(
+            session,
+            principal=principal,
+            exam_id=exam_id,
+            priority=body.priority,
+            reason=body.reason,
+            now=utcnow(),
         )

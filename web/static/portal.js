@@ -61,6 +61,7 @@
 
   function versionCell(item) {
     var kids = [el("strong", { text: t("pt.version", { n: item.version }) })];
+    if (item.report_number) kids.unshift(el("span", { class: "muted report-number", text: item.report_number }), " ");
     if (item.amendment_kind) {
       kids.push(" ", el("span", { class: "muted", text: t("pt.kind." + item.amendment_kind) }));
     }
@@ -100,6 +101,7 @@
           .then(function () {
             R.toast(t("pt.ack_done"), "ok");
             load();
+            if (R.notifications) R.notifications.reload();
           })
           .catch(function (err) {
             button.disabled = false;
@@ -188,4 +190,10 @@
 
   paging = R.pager(form, PAGE, load);
   load();
+
+  // The clinic's open critical values, on every clinic page until read back.
+  var user = R.config.user || {};
+  if (user.org_kind === "clinic") {
+    R.criticalAlerts(document.getElementById("critical-alerts"), { linkExams: true });
+  }
 })();

@@ -454,7 +454,87 @@
     return state;
   }
 
+  // --- notifications: the header's unread count and list (new report versions, critical
+  // values, re-scan requests), each marked read when opened ---------------------------------
+  var NOTIFY_LINKS = {
+    report_version: "/ui/portal",
+    critical_value: "/ui/clinic",
+    rescan_requested: "/ui/clinic",
+    rescan_declined: "/ui/worklist",
+  };
+
+  function notifications() {
+    var toggle = document.getElementById("notif-toggle");
+    var list = document.getElementById("notif-list");
+    var count = document.getElementById("notif-count");
+    if (!toggle || !list || !count) return;
+    var timer = null;
+
+    function text(n) {
+      return config.lang === "en" ? n.text_en || n.text : n.text_zh || n.text;
+    }
+
+    function render(items, total) {
+      count.textContent = String(total);
+      count.classList.toggle("zero", !total);
+      list.textContent = "";
+      if (!items.length) {
+        list.appendChild(el("p", { class: "muted notif-empty", text: t("nt.empty") }));
+        return;
+      }
+      items.forEach(function (n) {
+        var href = NOTIFY_LINKS[n.kind] || "#";
+        list.appendChild(
+          el("a", {
+            class: "notif-item kind-" + n.kind,
+            href: href,
+            dataset: { id: n.id, kind: n.kind, subject: n.subject_id },
+            onclick: function (event) {
+              event.preventDefault();
+              api("POST", "/api/v1/notifications/" + encodeURIComponent(n.id) + "/read")
+                .catch(function () {})
+                .then(function () {
+                  if (href === "#" || location.pathname === href) load();
+                  else location.href = href;
+                });
+            },
+          }, [
+            el("span", { class: "notif-kind", text: t("nt.kind." + n.kind) }),
+            el("span", { class: "notif-text", text: text(n) }),
+            el("span", { class: "notif-time muted", text: fmt(n.created_at) }),
+          ])
+        );
+      });
+    }
+
+    function load() {
+      clearTimeout(timer);
+      api("GET", "/api/v1/notifications" + query({ unread: "true", limit: 20 }))
+        .then(function (page) {
+          render(page.items || [], page.total || 0);
+        })
+        .catch(function () {})
+        .then(function () {
+          timer = setTimeout(load, 60000);
+        });
+    }
+
+    toggle.addEventListener("click", function () {
+      list.hidden = !list.hidden;
+      toggle.setAttribute("aria-expanded", list.hidden ? "false" : "true");
+    });
+    document.addEventListener("click", function (event) {
+      if (!list.hidden && !event.target.closest("#notif")) {
+        list.hidden = true;
+        toggle.setAttribute("aria-expanded", "false");
+      }
+    });
+    load();
+    return { reload: load };
+  }
+
   window.RDC = {
+    notifications: null,
     criticalAlerts: criticalAlerts,
     config: config,
     t: t,
@@ -475,4 +555,5 @@
     label: label,
     pager: pager,
   };
+  window.RDC.notifications = notifications();
 })();

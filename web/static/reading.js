@@ -245,6 +245,7 @@
     $("ei-demo").textContent = demo.join(" · ");
     var pid = $("ei-pid");
     pid.textContent = patient.patient_id || "";
+    pid.title = patient.patient_id || ""; // a long ID is cut with an ellipsis
     if (patient.patient_id && patient.issuer) {
       // The person across the alliance: identifiers at every clinic and their exams.
       pid.appendChild(document.createTextNode(" "));
@@ -402,6 +403,20 @@
     });
     renderStructured(report.structured || {});
     renderKeyImages();
+    if (!reading) renderReportView(report);
+  }
+
+  /** The report page shows the report as text, the way it was signed, not the edit form. */
+  function renderReportView(report) {
+    var view = $("report-view");
+    if (!view) return;
+    view.hidden = false;
+    $("rv-findings").textContent = report.findings || t("common.none");
+    $("rv-impression").textContent = report.impression || t("common.none");
+    $("rv-recommendation").textContent = report.recommendation || "";
+    $("rv-recommendation-head").hidden = !report.recommendation;
+    $("rv-quality").textContent = report.quality_grade ? t("rp.quality") + ": " + t("quality." + report.quality_grade) : "";
+    $("rv-critical").hidden = !report.critical;
   }
 
   function applyEditable() {
@@ -1404,7 +1419,24 @@
     if (event.target.name === "kind") amendKindChanged();
   });
   onClick("print-btn", function () {
-    window.print();
+    // Print the signed PDF (what the clinic files), not the web page.
+    var pdf = $("sig-pdf").getAttribute("href");
+    if (!pdf || pdf === "#") {
+      window.print();
+      return;
+    }
+    var frame = $("print-frame");
+    if (frame) frame.remove();
+    frame = el("iframe", { id: "print-frame", class: "print-frame", src: pdf, title: "PDF" });
+    frame.addEventListener("load", function () {
+      try {
+        frame.contentWindow.focus();
+        frame.contentWindow.print();
+      } catch (e) {
+        window.open(pdf, "_blank", "noopener");
+      }
+    });
+    document.body.appendChild(frame);
   });
   $("fps").addEventListener("change", function () {
     if (active.playing()) active.play(parseInt($("fps").value, 10) || 8);
@@ -1453,7 +1485,9 @@
         ).catch(function () {
           return [];
         });
-        return Promise.all([optional(R.api("GET", reportUrl)), templates]);
+        // No report yet: nothing to ask for (a 404 per exam only fills the console).
+        var report = exam.report_status ? optional(R.api("GET", reportUrl)) : Promise.resolve(null);
+        return Promise.all([report, templates]);
       })
       .then(function (results) {
         state.report = results[0];

@@ -120,9 +120,11 @@
     if (awaiting) {
       stateText = t("state.awaiting_verification");
       stateClass = "st-awaiting";
-    } else if (item.taken || !isReader) {
+    } else if (item.taken && item.claimed_by) {
       stateText = t("wl.taken_by", { user: item.claimed_by });
       stateClass = "st-taken";
+    } else if (!isReader) {
+      stateText = t("state.open"); // QC and admins see the queue; nobody holds this one
     } else if (item.mine) {
       stateText = t("wl.claimed_by_me");
       stateClass = "st-mine";
@@ -173,7 +175,7 @@
         el("td", { class: "num", text: R.fmt(item.due_at, "short"), title: R.fmt(item.due_at) }),
         el("td", { class: "patient" }, [
           el("a", { href: readUrl, text: patient || item.patient_id }),
-          el("span", { class: "muted pid", text: item.patient_id }),
+          el("span", { class: "muted pid", text: item.patient_id, title: item.patient_id }),
         ]),
         el("td", {
           class: "clinic",

@@ -38,6 +38,7 @@ from web.ui.i18n import LANG_COOKIE, LANGS, catalogue, pick_lang, translator
 from worklist.access import Principal
 from worklist.accounts import revoke_tokens
 from worklist.audit import record_access
+from worklist.exam_actions import CLINIC_ANSWER_ROLES, PRIORITY_ROLES
 from worklist.models import Discipline, Organization, OrgKind, Priority, Role
 
 __all__ = ["STATIC_DIR", "TEMPLATE_DIR", "router"]
@@ -345,6 +346,10 @@ def clinic_page(request: Request) -> Response:
         page="clinic",
         priorities=[p.value for p in Priority],
         modalities=_MODALITIES,
+        config={
+            "canSetPriority": principal.role in PRIORITY_ROLES,
+            "canAnswerRescan": principal.is_clinic_user and principal.role in CLINIC_ANSWER_ROLES,
+        },
     )
 
 

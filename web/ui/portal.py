@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from web.ui.pages import _current, _render, _to_login
-from worklist.models import ReportStatus
+from worklist.models import ReportStatus, Role
 
 __all__ = ["router"]
 
@@ -32,4 +32,20 @@ def portal_page(request: Request) -> Response:
         page="portal",
         statuses=[s.value for s in ReportStatus if s is not ReportStatus.DRAFT],
         config={"clinicUser": principal.is_clinic_user},
+    )
+
+
+@router.get("/ui/recognized")
+def recognized_page(request: Request) -> Response:
+    """Recognised results: look up a patient's results still valid today; clinicians
+    decline one with a standard reason and the patient told."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    return _render(
+        request,
+        "recognized.html",
+        principal=principal,
+        page="recognized",
+        config={"canDecline": principal.is_clinic_user and principal.role is Role.CLINICIAN},
     )

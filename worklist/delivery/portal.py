@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, exists, func, select, update
+from sqlalchemy import Select, and_, case, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from rdc_core.db import insert_ignore, stable_id
 from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from worklist.access import Principal
 from worklist.audit import record_access
+from worklist.critical_values.models import Notification
 from worklist.delivery.fhir import diagnostic_report
 from worklist.delivery.models import DeliveryChannel, DeliveryState, ReportDelivery
 from worklist.delivery.schemas import AcknowledgementOut, RecognitionOut, ReportVersionOut
@@ -89,6 +90,14 @@ def _fetched(
     )
     if not principal.is_clinic_user or report.status is not ReportStatus.FINAL:
         return
+    _portal_delivery(session, principal=principal, report=report, exam=exam, fmt=fmt, now=now)
+
+
+def _portal_delivery(
+    session: Session, *, principal: Principal, report: Report, exam: Exam, fmt: str, now: datetime
+) -> None:
+    """The version's portal delivery row (created once, by its first fetch or its
+    acknowledgement) and the exam's first delivery stage."""
     insert_ignore(
         session,
         ReportDelivery.__table__,
@@ -160,14 +169,16 @@ def fetch_report_fhir(
 def acknowledge_report(
     session: Session, *, principal: Principal, report_id: str, now: datetime
 ) -> AcknowledgementOut:
-    """The clinic confirms it received the final report: sets the exam's ``acknowledged``
-    stage once (and ``delivered`` if no fetch recorded it yet). Clinic users only."""
+    """The clinic confirms it received this final version: the version's own portal
+    delivery gets its acknowledged time once (and its delivered time, if no fetch recorded
+    it yet); the exam's ``acknowledged`` stage is set by the first acknowledgement of any
+    version. The version's report-version notifications are marked read. Clinic users only."""
     if not principal.is_clinic_user:
         raise PermissionDeniedError("only the clinic acknowledges its reports")
     report, exam = visible_report(session, principal=principal, report_id=report_id)
     if report.status is not ReportStatus.FINAL:
         raise InvalidInputError("only a final report can be acknowledged")
-    mark_exam_delivered(session, exam_id=exam.id, now=now)
+    _portal_delivery(session, principal=principal, report=report, exam=exam, fmt="ack", now=now)
     session.execute(
         update(Exam)
         .where(Exam.id == exam.id, Exam.acknowledged_at.is_(None))
@@ -184,7 +195,22 @@ def acknowledge_report(
         .values(acknowledged_at=now)
         .execution_options(synchronize_session=False)
     )
-    session.refresh(exam)
+    session.execute(
+        update(Notification)
+        .where(
+            Notification.org_id == exam.org_id,
+            Notification.subject_type == "report",
+            Notification.subject_id == report.id,
+            Notification.read_at.is_(None),
+        )
+        .values(read_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    delivered_at, acknowledged_at = session.execute(
+        select(ReportDelivery.delivered_at, ReportDelivery.acknowledged_at).where(
+            ReportDelivery.report_id == report.id, ReportDelivery.target == PORTAL_TARGET
+        )
+    ).one()
     record_access(
         session,
         principal,
@@ -193,12 +219,13 @@ def acknowledge_report(
         object_id=report.id,
         detail={"exam_id": exam.id, "version": report.version},
     )
-    assert exam.acknowledged_at is not None
+    assert acknowledged_at is not None
     return AcknowledgementOut(
         report_id=report.id,
         exam_id=exam.id,
-        delivered_at=exam.delivered_at,
-        acknowledged_at=exam.acknowledged_at,
+        version=report.version,
+        delivered_at=delivered_at,
+        acknowledged_at=acknowledged_at,
     )
 
 
@@ -283,6 +310,29 @@ def list_reports(
             )
         ).all()
     )
+    # Each version has its own delivered / acknowledged times: the first delivery of that
+    # version (portal fetch or accepted push) and the clinic's own receipt of it (a HIS
+    # accepting a push is delivery, not a person acknowledging the report).
+    per_version = {
+        rid: (delivered, acknowledged)
+        for rid, delivered, acknowledged in session.execute(
+            select(
+                ReportDelivery.report_id,
+                func.min(ReportDelivery.delivered_at),
+                func.min(
+                    case(
+                        (
+                            ReportDelivery.target == PORTAL_TARGET,
+                            ReportDelivery.acknowledged_at,
+                        ),
+                        else_=None,
+                    )
+                ),
+            )
+            .where(ReportDelivery.report_id.in_([r.id for r, _ in rows]))
+            .group_by(ReportDelivery.report_id)
+        ).all()
+    }
     items = []
     for report, exam in rows:
         patient: Patient = exam.patient
@@ -321,9 +371,10 @@ def list_reports(
                 hr=RecognitionOut.model_validate(
                     {k: hr.get(k) for k in RecognitionOut.model_fields if hr.get(k) is not None}
                 ),
-                delivered_at=exam.delivered_at,
-                acknowledged_at=exam.acknowledged_at,
+                delivered_at=per_version.get(report.id, (None, None))[0],
+                acknowledged_at=per_version.get(report.id, (None, None))[1],
                 version_fetched_at=fetched.get(report.id),
+                report_number=report.report_number,
                 links={
                     "pdf": f"/api/v1/reports/{report.id}/pdf",
                     "document": f"/api/v1/reports/{report.id}/document",

@@ -130,11 +130,15 @@ class ReportVersionOut(BaseModel):
     delivered_at: datetime | None
     acknowledged_at: datetime | None
     version_fetched_at: datetime | None
+    report_number: str | None = None  # RDC-2026-000123, the same for every version
     links: dict[str, str]
 
 
 class AcknowledgementOut(BaseModel):
+    """The acknowledged version's own delivered and acknowledged times."""
+
     report_id: str
     exam_id: str
+    version: int = 1
     delivered_at: datetime | None
     acknowledged_at: datetime

@@ -127,12 +127,44 @@ def _birth(value: str | None) -> str:
 
 
 def _person_name(value: str | None) -> str:
-    # DICOM person names separate their components with carets.
-    return " ".join(part for part in (value or "").split("^") if part) or "—"
+    """A DICOM person name as people read it: ``Wang^Fang=王^芳`` -> ``王芳 / Wang Fang``
+    (the ideographic group, then the alphabetic one), never the raw value."""
+    from worklist.delivery.senders import person_name_groups
+
+    by_kind = {g.representation: g.display for g in person_name_groups(value or "")}
+    shown = [by_kind.get("ideographic"), by_kind.get("alphabetic")]
+    names = [n for n in shown if n] or [by_kind.get("phonetic") or ""]
+    return " / ".join(n for n in names if n) or "—"
+
+
+def _age(birth: str | None, performed: str | None) -> str:
+    """Age at the exam: ``45岁 / 45 y`` (months or days for infants), or ``—``."""
+    if not (birth and len(birth) == 8 and birth.isdigit() and performed):
+        return "—"
+    try:
+        born = datetime.strptime(birth, "%Y%m%d").date()
+        on = datetime.fromisoformat(performed).date()
+    except ValueError:
+        return "—"
+    if on < born:
+        return "—"
+    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    if years >= 1:
+        return f"{years}岁 / {years} y"
+    months = (on.year - born.year) * 12 + on.month - born.month - (on.day < born.day)
+    if months >= 1:
+        return f"{months}月 / {months} mo"
+    days = (on - born).days
+    return f"{days}天 / {days} d"
 
 
 _SEX = {"M": "男 M", "F": "女 F", "O": "其他 O"}
 _LEVEL = {"resident": "住院医师", "attending": "主治医师", "chief": "主任医师"}
+_BANNER = {
+    "amended": "修订版 Amended",
+    "corrected": "更正版 Corrected",
+    "appended": "补充版 Appended",
+}
 _KIND = {"amended": "修订 Amended", "corrected": "更正 Corrected", "appended": "补充 Appended"}
 
 
@@ -178,6 +210,13 @@ def render_report_pdf(
         "notice", parent=base, fontSize=11, leading=15, textColor="#b00020", alignment=TA_CENTER
     )
 
+    banner_style = ParagraphStyle(
+        "banner", parent=base, fontSize=13, leading=17, textColor="#b00020"
+    )
+
+    def label(zh: str, en: str) -> str:
+        return f'<font color="#555555">{zh} {en}:</font> '
+
     report = document.get("report", {})
     exam = document.get("exam", {})
     patient = document.get("patient", {})
@@ -196,6 +235,38 @@ def render_report_pdf(
         )
     )
     story.append(Spacer(1, 3 * mm))
+    amended = report.get("amendment") or {}
+    if amended.get("kind"):
+        # An amended version says so at the top, where a reader cannot miss it.
+        replaced = int(report.get("version", 2) or 2) - 1
+        kind = amended["kind"]
+        banner = Table(
+            [
+                [
+                    Paragraph(
+                        _text(f"{_BANNER.get(kind, _BANNER['amended'])}")
+                        + " · "
+                        + _text(f"替代第 {replaced} 版 / replaces v{replaced}"),
+                        banner_style,
+                    )
+                ],
+                [Paragraph(label("原因", "Reason") + _text(amended.get("reason")), base)],
+            ],
+            colWidths=[width],
+        )
+        banner.setStyle(
+            TableStyle(
+                [
+                    ("BOX", (0, 0), (-1, -1), 1.4, colors.HexColor("#b00020")),
+                    ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fff1f1")),
+                    ("LEFTPADDING", (0, 0), (-1, -1), 6),
+                    ("TOPPADDING", (0, 0), (-1, -1), 3),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), 3),
+                ]
+            )
+        )
+        story.append(banner)
+        story.append(Spacer(1, 3 * mm))
     if notice:
         story.append(Paragraph(_text(notice), notice_style))
         story.append(Spacer(1, 2 * mm))
@@ -216,17 +287,17 @@ def render_report_pdf(
         )
         return table
 
-    def label(zh: str, en: str) -> str:
-        return f'<font color="#555555">{zh} {en}:</font> '
-
     story.append(
         grid(
             [
                 [
                     label("送检机构", "Clinic")
                     + _text(f"{clinic.get('name', '')} ({clinic.get('code', '')})"),
-                    label("报告编号", "Report")
-                    + _text(f"{report.get('id', '')[:8]} · v{report.get('version', 1)}"),
+                    label("报告编号", "Report No.")
+                    + _text(
+                        f"{report.get('number') or report.get('id', '')[:8]}"
+                        f" · v{report.get('version', 1)}"
+                    ),
                 ],
                 [
                     label("姓名", "Name") + _text(_person_name(patient.get("name"))),
@@ -235,7 +306,11 @@ def render_report_pdf(
                 ],
                 [
                     label("性别", "Sex") + _text(_SEX.get(patient.get("sex") or "", "—")),
-                    label("出生日期", "Birth date") + _text(_birth(patient.get("birth_date"))),
+                    label("出生日期", "Birth date")
+                    + _text(_birth(patient.get("birth_date")))
+                    + " · "
+                    + label("检查时年龄", "Age at exam")
+                    + _text(_age(patient.get("birth_date"), exam.get("performed_at"))),
                 ],
             ],
             [0.5, 0.5],
@@ -352,7 +427,7 @@ def render_report_pdf(
             + _text(amendment.get("reason"))
             + " · "
             + label("替代", "Supersedes")
-            + _text((amendment.get("previous_id") or "")[:8])
+            + _text(f"v{int(report.get('version', 2) or 2) - 1}")
         )
     author = document.get("author") or {}
     verifier = document.get("verifier") or {}

@@ -26,15 +26,24 @@ from typing import Any, Literal
 
 import rfc8785
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from rdc_core.db import on_rollback
+from rdc_core.db import insert_ignore, on_rollback
 from rdc_core.errors import ConflictError, NotFoundError
 from rdc_core.settings import get_settings
 from rdc_core.storage import ObjectStore, get_object_store
 from worklist.access import Principal
-from worklist.models import Exam, Instance, Organization, OrgKind, Report, ReportStatus, User
+from worklist.models import (
+    Exam,
+    Instance,
+    Organization,
+    OrgKind,
+    Report,
+    ReportCounter,
+    ReportStatus,
+    User,
+)
 from worklist.signing.models import SignedArtifact, SigningStage
 from worklist.signing.pdf import KeyImage, key_image_renderer, render_report_pdf
 from worklist.signing.pki import Signer, signature_algorithm, signer_for
@@ -93,6 +102,25 @@ def _person(user: User | None, **extra: Any) -> dict[str, Any] | None:
     }
 
 
+def _report_number(session: Session, *, report: Report, now: datetime) -> str:
+    """The exam's report number: an earlier version's, else the next of the year (in the
+    configured zone). The counter row is advanced by one UPDATE ... RETURNING, which holds
+    the row until the signer's transaction ends, so two replicas never hand out one number."""
+    if report.previous_id:
+        previous = session.get(Report, report.previous_id)
+        if previous is not None and previous.report_number:
+            return previous.report_number
+    year = now.astimezone(get_settings().zone).year
+    insert_ignore(session, ReportCounter.__table__, {"year": year, "last": 0}, conflict=["year"])
+    value = session.execute(
+        update(ReportCounter)
+        .where(ReportCounter.year == year)
+        .values(last=ReportCounter.last + 1)
+        .returning(ReportCounter.last)
+    ).scalar_one()
+    return f"RDC-{year}-{value:06d}"
+
+
 def build_document(
     session: Session,
     *,
@@ -122,6 +150,7 @@ def build_document(
         "issuer": {"alliance": settings.alliance_name, "centre": centre},
         "report": {
             "id": report.id,
+            "number": report.report_number,
             "exam_id": exam.id,
             "version": report.version,
             "status": report.status.value,
@@ -268,6 +297,8 @@ def sign_report(
     The objects are written first and removed again if the transaction rolls back."""
     if session.get(SignedArtifact, (report.id, stage)) is not None:
         raise ConflictError(f"report {report.id} is already signed ({stage.value})")
+    if not report.report_number:
+        report.report_number = _report_number(session, report=report, now=now)
     user = session.get(User, signer.user_id)
     if user is None:
         raise NotFoundError(f"no user {signer.username}")
