@@ -11,6 +11,7 @@ from web.api import (
     deliveries,
     exams,
     health,
+    qc,
     recognition,
     reports,
     worklist,
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
         deliveries,
         recognition,
         critical_values,
+        qc,
     ):
         app.include_router(module.router)
     app.include_router(ui_router)

@@ -7,5 +7,6 @@ import worklist.audit
 import worklist.critical_values.models
 import worklist.delivery.models
 import worklist.models
+import worklist.qc.models
 import worklist.recognition.models
 import worklist.signing.models  # noqa: F401

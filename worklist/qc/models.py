@@ -1,0 +1,29 @@
+"""The QC target table: one row per change, so every target has its full history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from rdc_core.db import Base, utcnow
+
+__all__ = ["QcTarget"]
+
+
+class QcTarget(Base):
+    """Version ``version`` of the target of indicator ``code``; the highest version is in
+    force. ``target`` None means "no target" (the indicator is shown without a status)."""
+
+    __tablename__ = "qc_targets"
+    __table_args__ = (UniqueConstraint("code", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(32), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    target: Mapped[float | None] = mapped_column(Float, nullable=True)
+    warn_margin: Mapped[float] = mapped_column(Float, default=0.0)
+    note: Mapped[str] = mapped_column(Text, default="")
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
