@@ -84,6 +84,9 @@ def build(session: Session, *, with_orgs: bool = True) -> dict[str, str]:
                 session, username=name, password=PASSWORD, role=role, org_code=org, level=level
             )
         session.flush()
+    else:  # the alliance of tests/helpers.py: add a QC user
+        add_user(session, username="qc", password=PASSWORD, role=Role.QC, org_code="LEAD")
+        session.flush()
     from sqlalchemy import select
 
     from worklist.models import Organization, User
@@ -355,7 +358,7 @@ def build(session: Session, *, with_orgs: bool = True) -> dict[str, str]:
     )
     session.add_all([granted, refused])
     session.flush()
-    tech = users.get("tech") or users["doctor_a"]
+    tech = users.get("tech") or users["tech_b"]
     session.add(
         RecognitionDecline(
             id="x-1",

@@ -90,7 +90,8 @@ def test_no_data_is_never_zero(qc: dict[str, Principal]) -> None:
         ind = got[code]
         assert ind.status == "no_data", code
         assert ind.value is None and ind.rate is None, code
-    assert got["ECG-03"].numerator is None and got["ECG-03"].note
+        assert ind.numerator is None and ind.denominator is None, code
+    assert got["ECG-03"].note
     # An empty period: rates have no data, counts are a real zero.
     empty = _indicators(
         qc, filters=period_filters(start=date(2025, 1, 1), end=date(2025, 1, 31), tz=TZ)
@@ -257,3 +258,21 @@ def test_report_writing_rules(findings: str, impression: str, expected: list[str
         )
         == expected
     )
+
+
+def test_the_monthly_report_is_stored_once(qc: dict[str, Principal]) -> None:
+    from rdc_core.settings import get_settings
+    from rdc_core.storage import get_object_store
+    from rdc_core.tasks import registered_periodic_tasks
+    from worklist.qc.monthly import report_key, store_last_month
+    from worklist.qc.tasks import STORE_MONTHLY_QC_REPORT
+
+    assert STORE_MONTHLY_QC_REPORT in {p.name for p in registered_periodic_tasks()}
+    store = get_object_store(get_settings())
+    april_first = datetime(2026, 3, 31, 16, 30, tzinfo=UTC)  # 00:30 on 1 April in Shanghai
+    with read_session() as session:
+        key = store_last_month(session, store=store, tz=TZ, now=april_first, alliance="RDC")
+        again = store_last_month(session, store=store, tz=TZ, now=april_first, alliance="RDC")
+    assert key == report_key("2026-03") and again is None
+    with store.open(key) as f:
+        assert f.read(5) == b"%PDF-"

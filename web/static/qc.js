@@ -73,7 +73,7 @@
       el("strong", { class: "qc-value", text: fmtValue(ind.value, ind.unit) }),
       el("span", { class: "qc-status", text: t("qc.status." + ind.status) }),
       el("span", { class: "qc-meta muted", text:
-        (ind.denominator !== null && ind.denominator !== undefined ? ind.numerator + " / " + ind.denominator + " · " : ind.numerator !== null ? t("qc.n", { n: ind.numerator }) + " · " : "") +
+        (ind.status === "no_data" ? "" : ind.denominator !== null && ind.denominator !== undefined ? ind.numerator + " / " + ind.denominator + " · " : ind.numerator !== null ? t("qc.n", { n: ind.numerator }) + " · " : "") +
         t("qc.target") + " " + (ind.target === null || ind.target === undefined ? "—" : ind.target + (ind.unit === "%" ? " %" : "")) +
         (change ? " · " + t("qc.change") + " " + change : "") }),
     ]);
@@ -113,9 +113,9 @@
           for (var i = 0; i < h.counts.length; i++) if (x < h.edges[i + 1]) return labels[i];
           return labels[labels.length - 1];
         }
-        if (h.p50 !== null) lines.push({ xAxis: at(h.p50), name: "P50 " + h.p50, lineStyle: { color: "#2e7d32" }, label: { formatter: "P50 " + h.p50 } });
-        if (h.p90 !== null) lines.push({ xAxis: at(h.p90), name: "P90 " + h.p90, lineStyle: { color: "#ef6c00" }, label: { formatter: "P90 " + h.p90 } });
-        if (h.threshold !== null && h.counts.length) lines.push({ xAxis: at(h.threshold - 1e-9), lineStyle: { color: "#c62828", type: "dashed" }, label: { formatter: t("qc.limit", { n: h.threshold }) } });
+        if (h.p50 !== null) lines.push({ xAxis: at(h.p50), name: "P50 " + h.p50, lineStyle: { color: "#2e7d32" }, label: { position: "insideEndTop", formatter: "P50 " + h.p50 } });
+        if (h.p90 !== null) lines.push({ xAxis: at(h.p90), name: "P90 " + h.p90, lineStyle: { color: "#ef6c00" }, label: { position: "insideMiddleTop", formatter: "P90 " + h.p90 } });
+        if (h.threshold !== null && h.counts.length) lines.push({ xAxis: at(h.threshold - 1e-9), lineStyle: { color: "#c62828", type: "dashed" }, label: { position: "insideStartTop", formatter: t("qc.limit", { n: h.threshold }) } });
         c.setOption({
           animation: false,
           title: h.n ? undefined : { text: t("qc.no_data"), left: "center", top: "middle", textStyle: { color: "#888", fontSize: 13 } },
@@ -169,7 +169,7 @@
       }
       chart("trend").setOption({
         animation: false,
-        grid: { left: 48, right: 24, top: 24, bottom: 32 },
+        grid: { left: 48, right: 72, top: 24, bottom: 32 },
         tooltip: { trigger: "axis" },
         xAxis: { type: "category", data: months },
         yAxis: { type: "value", name: ind.unit, max: ind.unit === "%" ? 100 : null },

@@ -836,6 +836,8 @@ def compute_indicators(
         rate, value = _value(ind, total)
         if source is None:
             value = None
+        # Nothing to measure: the figure is "no data", never 0 / 0.
+        empty = source is None or (ind.kind != "count" and (total is None or not total.denominator))
         status = _status(ind, value, target, margin)
         out.append(
             IndicatorOut(
@@ -847,13 +849,9 @@ def compute_indicators(
                 kind=ind.kind,
                 unit=ind.unit,
                 direction=ind.direction,
-                numerator=None
-                if total is None and source is None
-                else (total.numerator if total else 0),
+                numerator=None if empty else (total.numerator if total else 0),
                 denominator=(
-                    None
-                    if ind.kind == "count" or source is None
-                    else (total.denominator if total else 0)
+                    None if empty or ind.kind == "count" else (total.denominator if total else 0)
                 ),
                 rate=rate,
                 value=value,
