@@ -88,6 +88,13 @@ def test_qc_page_cards_charts_and_drill_down(
     )
     assert drawn > 1000
     _shot(page, "qc-drill-down")
+    # QC staff change the target: a new version, and the card's status follows.
+    expect(page.locator("#target-value")).to_have_value("95")
+    page.fill("#target-value", "70")
+    page.fill("#target-note", "2026 county agreement")
+    page.click("#target-save")
+    expect(card.locator(".qc-status")).to_have_text("达标")
+    expect(page.locator("#target-version")).to_contain_text("qc")
     # A reader is sent back to the worklist; the API refuses them too (tests/web/test_qc_api).
     assert not errors, errors
     assert not external, external  # nothing from a CDN

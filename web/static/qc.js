@@ -141,6 +141,7 @@
     current = ind;
     detail.hidden = false;
     document.getElementById("detail-title").textContent = ind.code + " · " + name(ind) + " — " + fmtValue(ind.value, ind.unit);
+    targetForm(ind);
     trend(ind);
     breakdown(ind);
     var box = document.getElementById("hist-box");
@@ -148,6 +149,37 @@
     if (!box.hidden) histogram("hist", ind.code);
     cases(ind);
     detail.scrollIntoView({ block: "start" });
+  }
+
+  function targetForm(ind) {
+    var form = document.getElementById("target-form");
+    form.hidden = !!ind.note; // no data of this kind yet: nothing to target
+    document.getElementById("target-value").value = ind.target === null || ind.target === undefined ? "" : ind.target;
+    document.getElementById("target-margin").value = ind.warn_margin || 0;
+    document.getElementById("target-note").value = "";
+    R.api("GET", "/api/v1/qc/targets/" + ind.code).then(function (versions) {
+      var v = versions[0];
+      document.getElementById("target-version").textContent = v
+        ? t("qc.target_version", { v: v.version, who: v.changed_by, at: R.fmt(v.changed_at) })
+        : t("qc.target_default");
+    }).catch(showError);
+  }
+
+  function saveTarget(ev) {
+    ev.preventDefault();
+    if (!current) return;
+    var raw = document.getElementById("target-value").value;
+    var body = {
+      target: raw === "" ? null : Number(raw),
+      warn_margin: Number(document.getElementById("target-margin").value || 0),
+      note: document.getElementById("target-note").value,
+    };
+    R.api("PUT", "/api/v1/qc/targets/" + current.code, body)
+      .then(function () {
+        R.toast(t("qc.target_saved"), "ok");
+        load();
+      })
+      .catch(showError);
   }
 
   function trend(ind) {
@@ -243,6 +275,7 @@
     if (params.get(k)) form.elements[k].value = params.get(k);
   });
   form.addEventListener("submit", function (ev) { ev.preventDefault(); load(); });
+  document.getElementById("target-form").addEventListener("submit", saveTarget);
   subset.addEventListener("change", function () { if (current) cases(current); });
   document.getElementById("report-month").addEventListener("change", updateLinks);
   document.getElementById("detail-close").addEventListener("click", function () { detail.hidden = true; current = null; });

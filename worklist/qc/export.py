@@ -151,15 +151,35 @@ def csv_chunks(header: list[str], rows: Iterable[list[Any]], *, batch: int = 500
 
 
 def write_xlsx(path: Path, sheet: str, header: list[str], rows: Iterable[list[Any]]) -> int:
-    """Write the table to ``path`` row by row; returns the number of data rows."""
-    workbook = xlsxwriter.Workbook(str(path), {"constant_memory": True, "in_memory": False})
+    """Write the table to ``path`` row by row; returns the number of data rows. Cells are
+    written by type (strings stay strings: no URL, formula or number guessing), empty cells
+    not at all."""
+    workbook = xlsxwriter.Workbook(
+        str(path),
+        {
+            "constant_memory": True,
+            "in_memory": False,
+            "strings_to_urls": False,
+            "strings_to_formulas": False,
+            "strings_to_numbers": False,
+        },
+    )
     try:
         ws = workbook.add_worksheet(sheet[:31])
         bold = workbook.add_format({"bold": True})
         ws.write_row(0, 0, header, bold)
+        write_string, write_number = ws.write_string, ws.write_number
         n = 0
         for n, row in enumerate(rows, start=1):
-            ws.write_row(n, 0, ["" if v is None else v for v in row])
+            for col, value in enumerate(row):
+                if value is None or value == "":
+                    continue
+                if isinstance(value, bool):
+                    write_number(n, col, int(value))
+                elif isinstance(value, int | float):
+                    write_number(n, col, value)
+                else:
+                    write_string(n, col, str(value))
         ws.freeze_panes(1, 0)
     finally:
         workbook.close()

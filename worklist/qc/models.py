@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rdc_core.db import Base, utcnow
+from worklist.models import Exam, Report
 
-__all__ = ["QcTarget"]
+__all__ = ["QC_INDEXES", "QcTarget"]
+
+# The times that place cases in a period: a quarter's indicators read an index range
+# instead of every exam and report (bench/qc.py).
+QC_INDEXES = (
+    Index("ix_exams_first_received_at", Exam.first_received_at),
+    Index("ix_reports_final_at", Report.final_at),
+)
 
 
 class QcTarget(Base):

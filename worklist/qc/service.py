@@ -693,51 +693,112 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q * 100))
 
 
+@dataclass(slots=True)
+class _Figures:
+    """One indicator's aggregates: the period's groups and total, the previous total."""
+
+    groups: list[_Agg]
+    total: _Agg | None
+    previous: _Agg | None
+
+
+def _sum(aggs: list[_Agg], key: str | None) -> _Agg | None:
+    if not aggs:
+        return None
+    return _Agg(key, sum(a.denominator for a in aggs), sum(a.numerator for a in aggs))
+
+
 def _aggregate(
-    session: Session, ind: Indicator, source: _Source, filters: QcFilters, group_by: str | None
-) -> list[_Agg]:
-    sub, conditions = _filtered(source, filters)
+    session: Session,
+    ind: Indicator,
+    source: _Source,
+    filters: QcFilters,
+    group_by: str | None,
+    *,
+    previous: bool,
+) -> _Figures:
+    """Groups and totals of the period (and the previous period's total) in one pass over
+    the cases: GROUP BY (period, key); totals are the groups' sums, except percentiles,
+    which PostgreSQL computes in a second statement grouped by period only."""
+    wide = filters.previous() if previous else filters
+    sub, conditions = _filtered(
+        source,
+        QcFilters(
+            start=wide.start,
+            end=filters.end,
+            tz=filters.tz,
+            discipline=filters.discipline,
+            clinic=filters.clinic,
+            modality=filters.modality,
+            reader=filters.reader,
+            priority=filters.priority,
+        ),
+    )
+    period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev")).label(
+        "period"
+    )
     key = _group_key(session, sub, group_by, filters.tz)
+    cur: dict[str | None, _Agg] = {}
+    prev: dict[str | None, _Agg] = {}
     if source.evaluate is not None:
-        groups: dict[str | None, _Agg] = {}
-        rows = session.execute(select(key, *sub.c).where(*conditions))
-        for row in rows:
+        for row in session.execute(select(period, key, *sub.c).where(*conditions)):
             num, reason = source.evaluate(row)
-            if group_by == "reason":
-                k: str | None = reason
-            else:
-                k = row.key
-            agg = groups.setdefault(k, _Agg(k, 0, 0))
+            k = reason if group_by == "reason" else row.key
+            bucket = cur if row.period == "cur" else prev
+            agg = bucket.setdefault(k, _Agg(k, 0, 0))
             agg.denominator += 1
             agg.numerator += num
-        return sorted(groups.values(), key=lambda a: (a.key is None, a.key or ""))
+        groups = sorted(cur.values(), key=lambda a: (a.key is None, a.key or ""))
+        return _Figures(groups, _sum(groups, "all"), _sum(list(prev.values()), "all"))
     pg = _dialect(session) == "postgresql"
-    columns: list[Any] = [key, func.count().label("n"), func.coalesce(func.sum(sub.c.num), 0)]
-    if ind.kind == "duration" and pg:
+    duration = ind.kind == "duration"
+    columns: list[Any] = [period, key, func.count(), func.coalesce(func.sum(sub.c.num), 0)]
+    if duration and pg:
         columns += [
             func.percentile_cont(0.5).within_group(sub.c.dur),
             func.percentile_cont(0.9).within_group(sub.c.dur),
         ]
-    query = select(*columns).where(*conditions).group_by(key).order_by(key)
-    out = [
-        _Agg(
-            None if row[0] is None else str(row[0]),
-            int(row[1]),
-            int(row[2]),
-            *(float(v) if v is not None else None for v in row[3:5]),
-        )
-        for row in session.execute(query)
-    ]
-    if ind.kind == "duration" and not pg:
-        durations: dict[str | None, list[float]] = {}
-        for k, dur in session.execute(
-            select(key, sub.c.dur).where(*conditions, sub.c.dur.is_not(None))
-        ):
-            durations.setdefault(None if k is None else str(k), []).append(float(dur))
-        for agg in out:
-            values = durations.get(agg.key, [])
-            agg.p50, agg.p90 = _percentile(values, 0.5), _percentile(values, 0.9)
-    return out
+    for row in session.execute(select(*columns).where(*conditions).group_by(period, key)):
+        k = None if row[1] is None else str(row[1])
+        agg = _Agg(k, int(row[2]), int(row[3]))
+        if duration and pg:
+            agg.p50, agg.p90 = (None if v is None else float(v) for v in row[4:6])
+        (cur if row[0] == "cur" else prev)[k] = agg
+    groups = sorted(cur.values(), key=lambda a: (a.key is None, a.key or ""))
+    total, before = _sum(groups, "all"), _sum(list(prev.values()), "all")
+    if duration:
+        if pg and group_by is not None:
+            query = (
+                select(
+                    period,
+                    func.percentile_cont(0.5).within_group(sub.c.dur),
+                    func.percentile_cont(0.9).within_group(sub.c.dur),
+                )
+                .where(*conditions)
+                .group_by(period)
+            )
+            for name, p50, p90 in session.execute(query):
+                target = total if name == "cur" else before
+                if target is not None:
+                    target.p50 = None if p50 is None else float(p50)
+                    target.p90 = None if p90 is None else float(p90)
+        elif pg:
+            for whole, one in ((total, cur.get("all")), (before, prev.get("all"))):
+                if whole is not None and one is not None:
+                    whole.p50, whole.p90 = one.p50, one.p90
+        else:
+            values: dict[tuple[str, str | None], list[float]] = {}
+            query = select(period, key, sub.c.dur).where(*conditions, sub.c.dur.is_not(None))
+            for name, k, dur in session.execute(query):
+                values.setdefault((name, None if k is None else str(k)), []).append(float(dur))
+            for agg in groups:
+                durations = values.get(("cur", agg.key), [])
+                agg.p50, agg.p90 = _percentile(durations, 0.5), _percentile(durations, 0.9)
+            for whole, name in ((total, "cur"), (before, "prev")):
+                if whole is not None:
+                    merged = [v for (n, _), vs in values.items() if n == name for v in vs]
+                    whole.p50, whole.p90 = _percentile(merged, 0.5), _percentile(merged, 0.9)
+    return _Figures(groups, total, before)
 
 
 def _value(ind: Indicator, agg: _Agg | None) -> tuple[float | None, float | None]:
@@ -782,14 +843,6 @@ def _group_out(ind: Indicator, agg: _Agg, target: float | None, margin: float) -
     )
 
 
-def _total(aggs: list[_Agg]) -> _Agg | None:
-    if not aggs:
-        return None
-    if len(aggs) == 1:
-        return aggs[0]
-    return _Agg("all", sum(a.denominator for a in aggs), sum(a.numerator for a in aggs))
-
-
 def compute_indicators(
     session: Session,
     *,
@@ -825,14 +878,12 @@ def compute_indicators(
         total: _Agg | None = None
         prev_value: float | None = None
         if source is not None:
-            whole = _aggregate(session, ind, source, filters, None)
-            total = whole[0] if whole else None
+            figures = _aggregate(session, ind, source, filters, group_by, previous=previous)
+            total = figures.total
             if group_by is not None:
-                aggs = _aggregate(session, ind, source, filters, group_by)
-                groups = [_group_out(ind, a, target, margin) for a in aggs]
+                groups = [_group_out(ind, a, target, margin) for a in figures.groups]
             if previous:
-                before = _aggregate(session, ind, source, filters.previous(), None)
-                prev_value = _value(ind, before[0] if before else None)[1]
+                prev_value = _value(ind, figures.previous)[1]
         rate, value = _value(ind, total)
         if source is None:
             value = None

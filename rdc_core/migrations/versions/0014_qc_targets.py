@@ -1,4 +1,4 @@
-"""qc: versioned targets of the QC indicators
+"""qc: versioned targets of the QC indicators; indexes on the times of the periods
 
 Revision ID: 0014
 Revises: 0007
@@ -35,8 +35,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("code", "version", name=op.f("uq_qc_targets_code_version")),
     )
     op.create_index(op.f("ix_qc_targets_code"), "qc_targets", ["code"], unique=False)
+    op.create_index("ix_exams_first_received_at", "exams", ["first_received_at"], unique=False)
+    op.create_index("ix_reports_final_at", "reports", ["final_at"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_reports_final_at", table_name="reports")
+    op.drop_index("ix_exams_first_received_at", table_name="exams")
     op.drop_index(op.f("ix_qc_targets_code"), table_name="qc_targets")
     op.drop_table("qc_targets")
