@@ -276,3 +276,39 @@ def test_the_monthly_report_is_stored_once(qc: dict[str, Principal]) -> None:
     assert key == report_key("2026-03") and again is None
     with store.open(key) as f:
         assert f.read(5) == b"%PDF-"
+
+
+def test_stored_report_checks_give_the_same_figures(qc: dict[str, Principal]) -> None:
+    from worklist.models import Report
+    from worklist.qc.models import QcReportCheck
+    from worklist.qc.service import check_reports
+
+    with session_scope() as session:
+        assert check_reports(session, now=NOW) == 7  # E8 (February) too
+    with session_scope() as session:
+        assert check_reports(session, now=NOW) == 0  # each report is checked once
+        stored = {
+            c.report_id: (c.compliant, c.reasons)
+            for c in session.execute(select(QcReportCheck)).scalars()
+        }
+    assert stored["r-E5-1"] == (False, "laterality_left")
+    assert stored["r-E1-1"] == (True, None)
+    ind = _indicators(qc, codes=["RWS-03"], group_by="reason")["RWS-03"]
+    assert (ind.numerator, ind.denominator, ind.rate) == qc_dataset.EXPECTED["RWS-03"]
+    assert {g.key for g in ind.groups} == {None, "placeholder", "unsigned", "laterality_left"}
+    # The stored result is what counts (a signed report never changes; this one is forced).
+    with session_scope() as session:
+        report = session.get(Report, "r-E1-1")
+        assert report is not None
+        report.findings = "结节大小约 xx mm。"
+    assert _indicators(qc, codes=["RWS-03"])["RWS-03"].numerator == 3
+    with session_scope() as session:
+        failing = list_cases(
+            session,
+            principal=qc["qc"],
+            code="RWS-03",
+            filters=_march(),
+            now=NOW,
+            subset="failing",
+        )
+    assert {c.case_id for c in failing.items} == {"r-E3-1", "r-E4-1", "r-E5-1"}

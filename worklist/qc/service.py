@@ -58,7 +58,7 @@ from worklist.models import (
     WorkItem,
 )
 from worklist.qc.definitions import INDICATORS, Indicator, indicator
-from worklist.qc.models import QcTarget
+from worklist.qc.models import QcReportCheck, QcTarget
 from worklist.qc.schemas import (
     CaseOut,
     CasePage,
@@ -71,10 +71,12 @@ from worklist.recognition.models import RecognitionDecision, RecognitionDecline
 from worklist.signing.models import SignedArtifact, SigningStage
 
 __all__ = [
+    "CHECK_BATCH",
     "GROUPS",
     "QC_ROLES",
     "QcFilters",
     "Subset",
+    "check_reports",
     "compute_indicators",
     "histogram",
     "iter_cases",
@@ -214,6 +216,9 @@ class _Source:
 
     query: Any  # a Select of the standard case columns
     evaluate: Callable[[Any], tuple[int, str | None]] | None = None
+    # The query also has ``checked_compliant`` / ``checked_reasons``: cases with a stored
+    # result are aggregated in SQL, only the others are evaluated in Python.
+    stored: bool = False
 
 
 def _exam_columns(exam: Any, org: Any, reader: Any) -> list[ColumnElement[Any]]:
@@ -572,14 +577,21 @@ def report_writing_failures(
     return failures
 
 
+def _signed(report: Any) -> Any:
+    return exists().where(
+        SignedArtifact.report_id == report.id, SignedArtifact.stage == SigningStage.FINAL
+    )
+
+
 def _writing(d: str) -> _Source:
+    """RWS-03 over every signed imaging report version; the stored check of a report
+    (``qc_report_checks``) is used when there is one, otherwise its text is checked now."""
     r = aliased(Report, name="r")
     e = aliased(Exam, name="e")
     o = aliased(Organization, name="o")
     u = aliased(User, name="u")
-    signed = exists().where(
-        SignedArtifact.report_id == r.id, SignedArtifact.stage == SigningStage.FINAL
-    )
+    k = aliased(QcReportCheck, name="k")
+    unchecked = k.report_id.is_(None)
     query = (
         select(
             r.id.label("case_id"),
@@ -591,15 +603,19 @@ def _writing(d: str) -> _Source:
             cast(null(), Float).label("dur"),
             literal(1).label("num"),
             cast(null(), String).label("reason"),
-            signed.label("signed"),
-            r.findings.label("findings"),
-            r.impression.label("impression"),
+            k.compliant.label("checked_compliant"),
+            k.reasons.label("checked_reasons"),
+            # The text only of reports not checked yet.
+            case((unchecked, _signed(r)), else_=None).label("signed"),
+            case((unchecked, r.findings), else_=None).label("findings"),
+            case((unchecked, r.impression), else_=None).label("impression"),
             cast(r.quality_grade, String).label("grade"),
         )
         .select_from(r)
         .join(e, e.id == r.exam_id)
         .join(o, o.id == e.org_id)
         .join(u, u.id == r.author_id)
+        .outerjoin(k, k.report_id == r.id)
         .where(
             r.status == ReportStatus.FINAL,
             r.final_at.is_not(None),
@@ -608,6 +624,8 @@ def _writing(d: str) -> _Source:
     )
 
     def evaluate(row: Any) -> tuple[int, str | None]:
+        if row.checked_compliant is not None:
+            return (1, None) if row.checked_compliant else (0, row.checked_reasons)
         failures = report_writing_failures(
             signed=bool(row.signed),
             findings=row.findings or "",
@@ -617,7 +635,53 @@ def _writing(d: str) -> _Source:
         )
         return (0, ",".join(failures)) if failures else (1, None)
 
-    return _Source(query, evaluate)
+    return _Source(query, evaluate, stored=True)
+
+
+CHECK_BATCH = 2000
+
+
+def check_reports(session: Session, *, now: datetime, limit: int = CHECK_BATCH) -> int:
+    """Store the RWS-03 check of up to ``limit`` signed imaging reports not checked yet;
+    returns how many. Idempotent: a report is checked once (its primary key)."""
+    r = aliased(Report, name="r")
+    e = aliased(Exam, name="e")
+    rows = session.execute(
+        select(
+            r.id,
+            _signed(r).label("signed"),
+            r.findings,
+            r.impression,
+            cast(r.quality_grade, String).label("grade"),
+            cast(e.discipline, String).label("discipline"),
+        )
+        .join(e, e.id == r.exam_id)
+        .where(
+            r.status == ReportStatus.FINAL,
+            r.final_at.is_not(None),
+            e.discipline == Discipline.IMAGING,
+            ~exists().where(QcReportCheck.report_id == r.id),
+        )
+        .limit(limit)
+    ).all()
+    for row in rows:
+        failures = report_writing_failures(
+            signed=bool(row.signed),
+            findings=row.findings or "",
+            impression=row.impression or "",
+            grade=row.grade,
+            discipline=row.discipline,
+        )
+        session.add(
+            QcReportCheck(
+                report_id=row.id,
+                compliant=not failures,
+                reasons=",".join(failures)[:200] or None,
+                checked_at=now,
+            )
+        )
+    session.flush()
+    return len(rows)
 
 
 def _source(session: Session, ind: Indicator, now: datetime) -> _Source | None:
@@ -741,7 +805,21 @@ def _aggregate(
     cur: dict[str | None, _Agg] = {}
     prev: dict[str | None, _Agg] = {}
     if source.evaluate is not None:
-        for row in session.execute(select(period, key, *sub.c).where(*conditions)):
+        pending = list(conditions)
+        if source.stored:
+            done = sub.c.checked_compliant
+            stored_key = sub.c.checked_reasons if group_by == "reason" else key
+            query = (
+                select(period, stored_key, func.count(), func.sum(case((done, 1), else_=0)))
+                .where(*conditions, done.is_not(None))
+                .group_by(period, stored_key)
+            )
+            for name, k, n, num in session.execute(query):
+                bucket = cur if name == "cur" else prev
+                k = None if k is None else str(k)
+                bucket[k] = _Agg(k, int(n), int(num or 0))
+            pending.append(done.is_(None))
+        for row in session.execute(select(period, key, *sub.c).where(*pending)):
             num, reason = source.evaluate(row)
             k = reason if group_by == "reason" else row.key
             bucket = cur if row.period == "cur" else prev

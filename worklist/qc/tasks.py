@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-from rdc_core.db import read_session, utcnow
+from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.settings import get_settings
 from rdc_core.storage import get_object_store
 from rdc_core.tasks import periodic, task
 from worklist.qc.monthly import store_last_month
+from worklist.qc.service import CHECK_BATCH, check_reports
 
-__all__ = ["STORE_MONTHLY_QC_REPORT", "store_monthly_qc_report"]
+__all__ = [
+    "CHECK_REPORTS",
+    "STORE_MONTHLY_QC_REPORT",
+    "check_reports_task",
+    "store_monthly_qc_report",
+]
 
 STORE_MONTHLY_QC_REPORT = "worklist.qc.store_monthly_report"
+CHECK_REPORTS = "worklist.qc.check_reports"
+
+
+@task(CHECK_REPORTS)
+def check_reports_task() -> int:
+    """Store the report-writing check of signed reports not checked yet (batches of
+    CHECK_BATCH, one transaction each); returns how many."""
+    total = 0
+    while True:
+        with session_scope() as session:
+            done = check_reports(session, now=utcnow())
+        total += done
+        if done < CHECK_BATCH:
+            return total
+
+
+periodic(CHECK_REPORTS, interval=lambda: 60.0)
 
 
 @task(STORE_MONTHLY_QC_REPORT)

@@ -35,6 +35,20 @@ def upgrade() -> None:
         sa.UniqueConstraint("code", "version", name=op.f("uq_qc_targets_code_version")),
     )
     op.create_index(op.f("ix_qc_targets_code"), "qc_targets", ["code"], unique=False)
+    op.create_table(
+        "qc_report_checks",
+        sa.Column("report_id", sa.String(length=36), nullable=False),
+        sa.Column("compliant", sa.Boolean(), nullable=False),
+        sa.Column("reasons", sa.String(length=200), nullable=True),
+        sa.Column("checked_at", rdc_core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["report_id"],
+            ["reports.id"],
+            name=op.f("fk_qc_report_checks_report_id_reports"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("report_id", name=op.f("pk_qc_report_checks")),
+    )
     op.create_index("ix_exams_first_received_at", "exams", ["first_received_at"], unique=False)
     op.create_index("ix_reports_final_at", "reports", ["final_at"], unique=False)
 
@@ -42,5 +56,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_reports_final_at", table_name="reports")
     op.drop_index("ix_exams_first_received_at", table_name="exams")
+    op.drop_table("qc_report_checks")
     op.drop_index(op.f("ix_qc_targets_code"), table_name="qc_targets")
     op.drop_table("qc_targets")
