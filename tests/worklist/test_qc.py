@@ -312,3 +312,14 @@ def test_stored_report_checks_give_the_same_figures(qc: dict[str, Principal]) ->
             subset="failing",
         )
     assert {c.case_id for c in failing.items} == {"r-E3-1", "r-E4-1", "r-E5-1"}
+
+
+@pytest.mark.parametrize("group_by", [None, "clinic", "month"])
+def test_turnaround_in_one_pass_equals_one_by_one(
+    qc: dict[str, Principal], group_by: str | None
+) -> None:
+    together = _indicators(qc, group_by=group_by, family="turnaround")
+    for code in ("TAT-01", "TAT-03", "TAT-04", "TAT-07"):
+        alone = _indicators(qc, group_by=group_by, codes=[code])[code]
+        assert together[code].model_dump() == alone.model_dump(), code
+    assert together["TAT-07"].p90 == 223.4

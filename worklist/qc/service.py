@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -277,6 +278,22 @@ def _exam_source(
     if due:
         query = query.join(w, w.exam_id == e.id)
     return _Source(query)
+
+
+Stage = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
+# The turnaround stages (exam ``e``, first report ``r1``): start and end of each.
+TAT_STAGES: dict[str, Stage] = {
+    "TAT-01": (lambda e, r1: e.first_received_at, lambda e, r1: e.ready_at),
+    "TAT-02": (lambda e, r1: e.ready_at, lambda e, r1: e.claimed_at),
+    "TAT-03": (
+        lambda e, r1: e.claimed_at,
+        lambda e, r1: func.coalesce(e.preliminary_at, r1.final_at),
+    ),
+    "TAT-04": (lambda e, r1: e.preliminary_at, lambda e, r1: r1.final_at),
+    "TAT-05": (lambda e, r1: r1.final_at, lambda e, r1: e.delivered_at),
+    "TAT-06": (lambda e, r1: e.delivered_at, lambda e, r1: e.acknowledged_at),
+    "TAT-07": (lambda e, r1: e.first_received_at, lambda e, r1: r1.final_at),
+}
 
 
 def _tat(d: str, start: Callable[[Any, Any], Any], end: Callable[[Any, Any], Any]) -> _Source:
@@ -687,17 +704,7 @@ def check_reports(session: Session, *, now: datetime, limit: int = CHECK_BATCH) 
 def _source(session: Session, ind: Indicator, now: datetime) -> _Source | None:
     d = _dialect(session)
     builders: dict[str, Callable[[], _Source]] = {
-        "TAT-01": lambda: _tat(d, lambda e, r1: e.first_received_at, lambda e, r1: e.ready_at),
-        "TAT-02": lambda: _tat(d, lambda e, r1: e.ready_at, lambda e, r1: e.claimed_at),
-        "TAT-03": lambda: _tat(
-            d,
-            lambda e, r1: e.claimed_at,
-            lambda e, r1: func.coalesce(e.preliminary_at, r1.final_at),
-        ),
-        "TAT-04": lambda: _tat(d, lambda e, r1: e.preliminary_at, lambda e, r1: r1.final_at),
-        "TAT-05": lambda: _tat(d, lambda e, r1: r1.final_at, lambda e, r1: e.delivered_at),
-        "TAT-06": lambda: _tat(d, lambda e, r1: e.delivered_at, lambda e, r1: e.acknowledged_at),
-        "TAT-07": lambda: _tat(d, lambda e, r1: e.first_received_at, lambda e, r1: r1.final_at),
+        **{code: partial(_tat, d, *stage) for code, stage in TAT_STAGES.items()},
         "SLA-01": lambda: _sla(d, now),
         "RRC-02": lambda: _emergency_report(d),
         "RCV-04": lambda: _alerts(d, Discipline.IMAGING, timely=True),
@@ -879,6 +886,102 @@ def _aggregate(
     return _Figures(groups, total, before)
 
 
+def _turnaround_family(
+    session: Session, codes: list[str], filters: QcFilters, group_by: str | None, *, previous: bool
+) -> dict[str, _Figures]:
+    """The figures of several TAT-* indicators in one pass: they share their cases (every
+    exam that arrived) and differ only in the stage measured, so one statement carries one
+    duration column per stage (percentile_cont ignores NULLs; on SQLite the durations are
+    fetched and the percentiles computed here). Same definitions as the per-indicator case
+    queries (``TAT_STAGES``), which the case lists and histograms use."""
+    d = _dialect(session)
+    e = aliased(Exam, name="e")
+    r1 = aliased(Report, name="r1")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    durations = [
+        _seconds(d, TAT_STAGES[c][1](e, r1), TAT_STAGES[c][0](e, r1)).label(f"d{i}")
+        for i, c in enumerate(codes)
+    ]
+    query = (
+        select(*_exam_columns(e, o, u), e.first_received_at.label("at"), *durations)
+        .select_from(e)
+        .join(o, o.id == e.org_id)
+        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
+        .outerjoin(u, u.id == r1.author_id)
+        .where(e.state != ExamState.CANCELLED)
+    )
+    wide = filters.previous() if previous else filters
+    sub, conditions = _filtered(_Source(query), replace(filters, start=wide.start))
+    period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev")).label(
+        "period"
+    )
+    key = _group_key(session, sub, group_by, filters.tz)
+    cols = [sub.c[f"d{i}"] for i in range(len(codes))]
+    cur: dict[str, dict[str | None, _Agg]] = {c: {} for c in codes}
+    prev: dict[str, dict[str | None, _Agg]] = {c: {} for c in codes}
+    totals: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+    if d == "postgresql":
+        aggregates: list[Any] = [func.count()]
+        for col in cols:
+            aggregates += [
+                func.count(col),
+                func.percentile_cont(0.5).within_group(col),
+                func.percentile_cont(0.9).within_group(col),
+            ]
+
+        def figures(row: Any, i: int) -> tuple[int, float | None, float | None]:
+            n, p50, p90 = row[3 + 3 * i : 6 + 3 * i]
+            return int(n), None if p50 is None else float(p50), None if p90 is None else float(p90)
+
+        query = select(period, key, *aggregates).where(*conditions).group_by(period, key)
+        for row in session.execute(query):
+            k = None if row[1] is None else str(row[1])
+            for i, code in enumerate(codes):
+                n, p50, p90 = figures(row, i)
+                (cur if row[0] == "cur" else prev)[code][k] = _Agg(k, int(row[2]), n, p50, p90)
+        if group_by is not None:
+            query = select(period, literal("all"), *aggregates).where(*conditions).group_by(period)
+            for row in session.execute(query):
+                for i, code in enumerate(codes):
+                    _, p50, p90 = figures(row, i)
+                    totals[(code, row[0])] = (p50, p90)
+    else:
+        values: dict[tuple[str, str, str | None], list[float]] = {}
+        counts: dict[tuple[str, str | None], int] = {}
+        for row in session.execute(select(period, key, *cols).where(*conditions)):
+            k = None if row[1] is None else str(row[1])
+            counts[(row[0], k)] = counts.get((row[0], k), 0) + 1
+            for i, code in enumerate(codes):
+                if row[2 + i] is not None:
+                    values.setdefault((code, row[0], k), []).append(float(row[2 + i]))
+        for (name, k), n in counts.items():
+            for code in codes:
+                vs = values.get((code, name, k), [])
+                agg = _Agg(k, n, len(vs), _percentile(vs, 0.5), _percentile(vs, 0.9))
+                (cur if name == "cur" else prev)[code][k] = agg
+        for code in codes:
+            for name in ("cur", "prev"):
+                merged = [
+                    v for (c, n, _), vs in values.items() if c == code and n == name for v in vs
+                ]
+                totals[(code, name)] = (_percentile(merged, 0.5), _percentile(merged, 0.9))
+    out: dict[str, _Figures] = {}
+    for code in codes:
+        groups = sorted(cur[code].values(), key=lambda a: (a.key is None, a.key or ""))
+        total, before = _sum(groups, "all"), _sum(list(prev[code].values()), "all")
+        for whole, name, bucket in ((total, "cur", cur[code]), (before, "prev", prev[code])):
+            if whole is None:
+                continue
+            if (code, name) in totals:
+                whole.p50, whole.p90 = totals[(code, name)]
+            elif len(bucket) == 1:
+                only = next(iter(bucket.values()))
+                whole.p50, whole.p90 = only.p50, only.p90
+        out[code] = _Figures(groups, total, before)
+    return out
+
+
 def _value(ind: Indicator, agg: _Agg | None) -> tuple[float | None, float | None]:
     """(rate, value): rate in % for rates; value is the figure a card shows."""
     if agg is None:
@@ -944,6 +1047,18 @@ def compute_indicators(
         if unknown:
             raise NotFoundError(f"no indicator {', '.join(sorted(unknown))}")
     targets = _current_targets(session)
+    family_codes = [
+        i.code
+        for i in INDICATORS
+        if i.code in TAT_STAGES
+        and (wanted is None or i.code in wanted)
+        and (family is None or i.family == family)
+    ]
+    tat = (
+        _turnaround_family(session, family_codes, filters, group_by, previous=previous)
+        if len(family_codes) > 1
+        else {}
+    )
     out: list[IndicatorOut] = []
     for ind in INDICATORS:
         if wanted is not None and ind.code not in wanted:
@@ -956,7 +1071,9 @@ def compute_indicators(
         total: _Agg | None = None
         prev_value: float | None = None
         if source is not None:
-            figures = _aggregate(session, ind, source, filters, group_by, previous=previous)
+            figures = tat.get(ind.code) or _aggregate(
+                session, ind, source, filters, group_by, previous=previous
+            )
             total = figures.total
             if group_by is not None:
                 groups = [_group_out(ind, a, target, margin) for a in figures.groups]
