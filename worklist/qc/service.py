@@ -658,9 +658,13 @@ def _writing(d: str) -> _Source:
 CHECK_BATCH = 2000
 
 
-def check_reports(session: Session, *, now: datetime, limit: int = CHECK_BATCH) -> int:
-    """Store the RWS-03 check of up to ``limit`` signed imaging reports not checked yet;
-    returns how many. Idempotent: a report is checked once (its primary key)."""
+def check_reports(
+    session: Session, *, now: datetime, limit: int = CHECK_BATCH, after: str | None = None
+) -> tuple[int, str | None]:
+    """Store the RWS-03 check of up to ``limit`` signed imaging reports not checked yet, in
+    report ID order after ``after`` (a caller going through a backlog passes the last ID it
+    got, so each batch starts where the last ended); returns how many and the last ID.
+    Idempotent: a report is checked once (its primary key)."""
     r = aliased(Report, name="r")
     e = aliased(Exam, name="e")
     rows = session.execute(
@@ -678,7 +682,9 @@ def check_reports(session: Session, *, now: datetime, limit: int = CHECK_BATCH) 
             r.final_at.is_not(None),
             e.discipline == Discipline.IMAGING,
             ~exists().where(QcReportCheck.report_id == r.id),
+            *([r.id > after] if after is not None else []),
         )
+        .order_by(r.id)
         .limit(limit)
     ).all()
     for row in rows:
@@ -698,7 +704,7 @@ def check_reports(session: Session, *, now: datetime, limit: int = CHECK_BATCH) 
             )
         )
     session.flush()
-    return len(rows)
+    return len(rows), rows[-1].id if rows else after
 
 
 def _source(session: Session, ind: Indicator, now: datetime) -> _Source | None:

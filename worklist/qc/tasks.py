@@ -25,9 +25,10 @@ def check_reports_task() -> int:
     """Store the report-writing check of signed reports not checked yet (batches of
     CHECK_BATCH, one transaction each); returns how many."""
     total = 0
+    last: str | None = None
     while True:
         with session_scope() as session:
-            done = check_reports(session, now=utcnow())
+            done, last = check_reports(session, now=utcnow(), after=last)
         total += done
         if done < CHECK_BATCH:
             return total
