@@ -15,6 +15,7 @@ from web.api import (
     health,
     lab_messages,
     patients,
+    qc,
     recognition,
     reports,
     worklist,
@@ -48,6 +49,7 @@ def create_app() -> FastAPI:
         critical_values,
         lab_messages,
         admin,
+        qc,
     ):
         app.include_router(module.router)
     app.include_router(ui_router)

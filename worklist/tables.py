@@ -9,5 +9,6 @@ import worklist.delivery.models
 import worklist.models
 import worklist.move_destinations
 import worklist.patients.models
+import worklist.qc.models
 import worklist.recognition.models
 import worklist.signing.models  # noqa: F401

@@ -7,7 +7,8 @@ import logging
 # The domain packages' task modules register their tasks on import.
 import worklist.audit_tasks
 import worklist.critical_values.tasks
-import worklist.delivery.tasks  # noqa: F401
+import worklist.delivery.tasks
+import worklist.qc.tasks  # noqa: F401
 from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import get_settings
 from rdc_core.tasks import periodic, task

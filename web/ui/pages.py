@@ -54,6 +54,7 @@ _EXAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 # Lead-hospital roles that see the critical-value register (the API enforces the same).
 _REGISTER_ROLES = frozenset({Role.READER, Role.SENIOR_READER, Role.QC, Role.ADMIN})
+_QC_ROLES = frozenset({Role.QC, Role.ADMIN})
 _MODALITIES = ("CT", "MR", "DX", "CR", "US", "MG", "XA", "RF", "NM", "PT", "ECG", "LAB")
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -81,7 +82,9 @@ def _current(request: Request) -> Principal | None:
 
 
 def _home(principal: Principal) -> str:
-    return "/ui/clinic" if principal.is_clinic_user else "/ui/worklist"
+    if principal.is_clinic_user:
+        return "/ui/clinic"
+    return "/ui/qc" if principal.role is Role.QC else "/ui/worklist"
 
 
 def _safe_next(value: str | None) -> str | None:
@@ -405,6 +408,34 @@ def critical_register_page(request: Request) -> Response:
             .order_by(Organization.code)
         ).all()
     return _render(request, "critical.html", principal=principal, page="critical", clinics=clinics)
+
+
+@router.get("/ui/qc")
+def qc_page(request: Request) -> Response:
+    """Quality control (质控), the landing page of QC staff: indicator cards, trends,
+    breakdowns, histograms and the cases behind each figure (QC staff and administrators)."""
+    principal = _current(request)
+    if principal is None:
+        return _to_login(request)
+    if principal.is_clinic_user or principal.role not in _QC_ROLES:
+        return RedirectResponse(_home(principal), status_code=303)
+    with session_scope() as session:
+        clinics = session.execute(
+            select(Organization.code, Organization.name)
+            .where(Organization.kind == OrgKind.CLINIC)
+            .order_by(Organization.code)
+        ).all()
+    return _render(
+        request,
+        "qc.html",
+        principal=principal,
+        page="qc",
+        clinics=clinics,
+        disciplines=[d.value for d in Discipline],
+        priorities=[p.value for p in Priority],
+        modalities=_MODALITIES,
+        groups=("clinic", "modality", "reader", "priority", "discipline", "month", "reason"),
+    )
 
 
 @router.get("/ui/dicom-keywords")

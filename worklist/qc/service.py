@@ -1,0 +1,1446 @@
+"""QC indicators: each indicator is a *case query* (one row per exam, report, alert, look-up
+or decline, with the standard columns below) that the same aggregate, case list, histogram
+and export run over, so a figure and its drill-down can never disagree.
+
+Standard case columns: ``case_id, exam_id, accession, clinic, discipline, modality,
+priority, reader, at`` (the time that places the case in a period), ``start_at, end_at,
+due_at, dur`` (seconds from start to end), ``num`` (1 when the case is in the numerator)
+and ``reason`` (comma-separated reason codes of a failing or notable case).
+
+Counts and sums are SQL aggregates on both databases; percentiles are ``percentile_cont``
+on PostgreSQL and computed over the selected durations on SQLite. Report-writing compliance
+(RWS-03) needs the report text, so it is evaluated in Python per report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+from sqlalchemy import (
+    Float,
+    Numeric,
+    String,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
+
+from rdc_core.errors import InvalidInputError, NotFoundError
+from worklist.access import Principal, require_roles
+from worklist.audit import AuditEvent, record_access, record_event
+from worklist.critical_values.models import AlertState, CriticalAlert
+from worklist.models import (
+    Discipline,
+    Exam,
+    ExamState,
+    Organization,
+    OrgKind,
+    Priority,
+    QualityGrade,
+    Report,
+    ReportStatus,
+    Role,
+    User,
+    WorkItem,
+)
+from worklist.qc.definitions import INDICATORS, Indicator, indicator
+from worklist.qc.models import QcReportCheck, QcTarget
+from worklist.qc.schemas import (
+    CaseOut,
+    CasePage,
+    GroupOut,
+    HistogramOut,
+    IndicatorOut,
+    TargetOut,
+)
+from worklist.recognition.models import RecognitionDecision, RecognitionDecline
+from worklist.signing.models import SignedArtifact, SigningStage
+
+__all__ = [
+    "CHECK_BATCH",
+    "GROUPS",
+    "QC_ROLES",
+    "QcFilters",
+    "Subset",
+    "check_reports",
+    "compute_indicators",
+    "histogram",
+    "iter_cases",
+    "list_cases",
+    "list_targets",
+    "month_period",
+    "period_filters",
+    "record_export",
+    "require_qc",
+    "set_target",
+    "target_history",
+]
+
+QC_ROLES = frozenset({Role.QC, Role.ADMIN})
+GROUPS = ("discipline", "clinic", "modality", "reader", "priority", "month", "reason")
+Subset = Literal["all", "numerator", "failing"]
+
+# Minutes: the national 2-hour emergency report and the 10-minute critical-value limits.
+EMERGENCY_REPORT_SECONDS = 120 * 60
+CRITICAL_NOTIFY_SECONDS = 10 * 60
+
+
+@dataclass(frozen=True, slots=True)
+class QcFilters:
+    """The period [start, end) in UTC and the optional dimension filters."""
+
+    start: datetime
+    end: datetime
+    tz: str = "UTC"
+    discipline: str | None = None
+    clinic: str | None = None
+    modality: str | None = None
+    reader: str | None = None
+    priority: str | None = None
+
+    def previous(self) -> QcFilters:
+        """The period of the same length just before this one."""
+        span = self.end - self.start
+        return QcFilters(
+            start=self.start - span,
+            end=self.start,
+            tz=self.tz,
+            discipline=self.discipline,
+            clinic=self.clinic,
+            modality=self.modality,
+            reader=self.reader,
+            priority=self.priority,
+        )
+
+
+def period_filters(
+    *,
+    start: date,
+    end: date,
+    tz: str,
+    discipline: str | None = None,
+    clinic: str | None = None,
+    modality: str | None = None,
+    reader: str | None = None,
+    priority: str | None = None,
+) -> QcFilters:
+    """Filters for the local calendar days ``start`` .. ``end`` (both included) in ``tz``."""
+    if end < start:
+        raise InvalidInputError("'to' is before 'from'")
+    if discipline is not None and discipline not in {d.value for d in Discipline}:
+        raise InvalidInputError(f"unknown discipline {discipline!r}")
+    if priority is not None and priority not in {p.value for p in Priority}:
+        raise InvalidInputError(f"unknown priority {priority!r}")
+    zone = ZoneInfo(tz)
+    return QcFilters(
+        start=datetime.combine(start, time(), zone).astimezone(UTC),
+        end=datetime.combine(end + timedelta(days=1), time(), zone).astimezone(UTC),
+        tz=tz,
+        discipline=discipline,
+        clinic=clinic or None,
+        modality=modality or None,
+        reader=reader or None,
+        priority=priority,
+    )
+
+
+def month_period(month: str) -> tuple[date, date]:
+    """First and last day of ``YYYY-MM``."""
+    match = re.fullmatch(r"(\d{4})-(\d{2})", month)
+    if not match or not 1 <= int(match.group(2)) <= 12:
+        raise InvalidInputError("month must be YYYY-MM")
+    first = date(int(match.group(1)), int(match.group(2)), 1)
+    nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return first, nxt - timedelta(days=1)
+
+
+def require_qc(principal: Principal) -> None:
+    """QC staff and administrators of the lead hospital; everyone else gets 403."""
+    require_roles(principal, QC_ROLES, lead_only=True)
+
+
+# --- SQL helpers ---------------------------------------------------------------------------
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _seconds(dialect: str, end: Any, start: Any) -> ColumnElement[Any]:
+    """Seconds from ``start`` to ``end`` (NULL when either is NULL), to the millisecond."""
+    if dialect == "postgresql":
+        return cast(func.round(cast(func.extract("epoch", end - start), Numeric), 3), Float)
+    return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+
+
+def _month(dialect: str, at: Any, tz: str) -> ColumnElement[Any]:
+    """``YYYY-MM`` of ``at`` in the local time zone."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone(tz, at), "YYYY-MM")
+    # SQLite has no time zones: shift by the zone's offset (fixed for Asia/Shanghai).
+    offset = int(datetime.now(ZoneInfo(tz)).utcoffset().total_seconds())  # type: ignore[union-attr]
+    return func.strftime("%Y-%m", at, f"{offset:+d} seconds")
+
+
+_NULL_TIME = cast(null(), Exam.first_received_at.type)
+
+
+def _reasons(*pairs: tuple[ColumnElement[bool], str]) -> ColumnElement[Any]:
+    """Comma-joined codes of the conditions that hold (NULL when none does)."""
+    parts: list[ColumnElement[Any]] = [
+        case((cond, literal(code + ",")), else_=literal("")) for cond, code in pairs
+    ]
+    joined: ColumnElement[Any] = parts[0]
+    for part in parts[1:]:
+        joined = joined + part
+    return func.nullif(joined, "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A case query, plus a Python evaluator for indicators SQL cannot decide."""
+
+    query: Any  # a Select of the standard case columns
+    evaluate: Callable[[Any], tuple[int, str | None]] | None = None
+    # The query also has ``checked_compliant`` / ``checked_reasons``: cases with a stored
+    # result are aggregated in SQL, only the others are evaluated in Python.
+    stored: bool = False
+
+
+def _exam_columns(exam: Any, org: Any, reader: Any) -> list[ColumnElement[Any]]:
+    return [
+        exam.id.label("exam_id"),
+        exam.accession_number.label("accession"),
+        org.code.label("clinic"),
+        cast(exam.discipline, String).label("discipline"),
+        exam.modality.label("modality"),
+        cast(exam.priority, String).label("priority"),
+        reader.username.label("reader"),
+    ]
+
+
+def _exam_source(
+    d: str,
+    *,
+    at: Callable[[Any, Any], Any],
+    start: Callable[[Any, Any], Any],
+    end: Callable[[Any, Any], Any],
+    num: Callable[[Any, Any, Any], ColumnElement[Any]] | None,
+    reason: Callable[[Any, Any, Any], ColumnElement[Any]] | None,
+    where: Callable[[Any, Any, Any], list[ColumnElement[bool]]],
+    due: bool = False,
+) -> _Source:
+    """Cases that are exams: ``E`` the exam, ``R1`` its first report (version 1, whose
+    ``final_at`` is the first final signing even when the report was amended later),
+    ``W`` its work item."""
+    e = aliased(Exam, name="e")
+    r1 = aliased(Report, name="r1")
+    w = aliased(WorkItem, name="w")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    start_col, end_col = start(e, r1), end(e, r1)
+    dur = _seconds(d, end_col, start_col)
+    query = (
+        select(
+            e.id.label("case_id"),
+            *_exam_columns(e, o, u),
+            at(e, r1).label("at"),
+            start_col.label("start_at"),
+            end_col.label("end_at"),
+            (w.due_at if due else _NULL_TIME).label("due_at"),
+            dur.label("dur"),
+            (num(e, r1, w) if num is not None else case((dur.is_not(None), 1), else_=0)).label(
+                "num"
+            ),
+            (reason(e, r1, w) if reason is not None else cast(null(), String)).label("reason"),
+        )
+        .select_from(e)
+        .join(o, o.id == e.org_id)
+        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
+        .outerjoin(u, u.id == r1.author_id)
+        .where(*where(e, r1, w))
+    )
+    if due:
+        query = query.join(w, w.exam_id == e.id)
+    return _Source(query)
+
+
+Stage = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
+# The turnaround stages (exam ``e``, first report ``r1``): start and end of each.
+TAT_STAGES: dict[str, Stage] = {
+    "TAT-01": (lambda e, r1: e.first_received_at, lambda e, r1: e.ready_at),
+    "TAT-02": (lambda e, r1: e.ready_at, lambda e, r1: e.claimed_at),
+    "TAT-03": (
+        lambda e, r1: e.claimed_at,
+        lambda e, r1: func.coalesce(e.preliminary_at, r1.final_at),
+    ),
+    "TAT-04": (lambda e, r1: e.preliminary_at, lambda e, r1: r1.final_at),
+    "TAT-05": (lambda e, r1: r1.final_at, lambda e, r1: e.delivered_at),
+    "TAT-06": (lambda e, r1: e.delivered_at, lambda e, r1: e.acknowledged_at),
+    "TAT-07": (lambda e, r1: e.first_received_at, lambda e, r1: r1.final_at),
+}
+
+
+def _tat(d: str, start: Callable[[Any, Any], Any], end: Callable[[Any, Any], Any]) -> _Source:
+    return _exam_source(
+        d,
+        at=lambda e, r1: e.first_received_at,
+        start=start,
+        end=end,
+        num=None,
+        reason=lambda e, r1, w: _reasons(
+            (start(e, r1).is_(None), "no_start_time"), (end(e, r1).is_(None), "not_reached")
+        ),
+        where=lambda e, r1, w: [e.state != ExamState.CANCELLED],
+    )
+
+
+def _sla(d: str, now: datetime) -> _Source:
+    def where(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
+        return [
+            e.state != ExamState.CANCELLED,
+            or_(r1.final_at.is_not(None), and_(w.due_at < now, e.rescan_requested_at.is_(None))),
+        ]
+
+    return _exam_source(
+        d,
+        at=lambda e, r1: e.first_received_at,
+        start=lambda e, r1: e.ready_at,
+        end=lambda e, r1: r1.final_at,
+        num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
+        reason=lambda e, r1, w: _reasons(
+            (r1.final_at.is_(None), "overdue_unreported"), (r1.final_at > w.due_at, "late")
+        ),
+        where=where,
+        due=True,
+    )
+
+
+def _exam_start(e: Any) -> Any:
+    return func.coalesce(e.performed_at, e.first_received_at)
+
+
+def _emergency_report(d: str) -> _Source:
+    """RRC-02: from exam start (performed; missing: arrival, flagged) to the first final."""
+
+    def late(e: Any, r1: Any) -> ColumnElement[bool]:
+        return _seconds(d, r1.final_at, _exam_start(e)) > EMERGENCY_REPORT_SECONDS
+
+    return _exam_source(
+        d,
+        at=lambda e, r1: r1.final_at,
+        start=lambda e, r1: _exam_start(e),
+        end=lambda e, r1: r1.final_at,
+        num=lambda e, r1, w: case((late(e, r1), 0), else_=1),
+        reason=lambda e, r1, w: _reasons(
+            (late(e, r1), "over_120_min"), (e.performed_at.is_(None), "no_start_time")
+        ),
+        where=lambda e, r1, w: [
+            e.discipline == Discipline.IMAGING,
+            e.priority == Priority.EMERGENCY,
+            r1.final_at.is_not(None),
+        ],
+    )
+
+
+def _emergency_ecg(d: str) -> _Source:
+    return _exam_source(
+        d,
+        at=lambda e, r1: r1.final_at,
+        start=lambda e, r1: _exam_start(e),
+        end=lambda e, r1: r1.final_at,
+        num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
+        reason=lambda e, r1, w: _reasons((r1.final_at > w.due_at, "late")),
+        where=lambda e, r1, w: [
+            e.discipline == Discipline.ECG,
+            e.priority == Priority.EMERGENCY,
+            r1.final_at.is_not(None),
+        ],
+        due=True,
+    )
+
+
+def _grades(d: str, grade: QualityGrade) -> _Source:
+    return _exam_source(
+        d,
+        at=lambda e, r1: r1.final_at,
+        start=lambda e, r1: _NULL_TIME,
+        end=lambda e, r1: _NULL_TIME,
+        num=lambda e, r1, w: case((r1.quality_grade == grade, 1), else_=0),
+        reason=lambda e, r1, w: func.trim(
+            cast(r1.quality_grade, String) + literal(" ") + func.coalesce(r1.quality_reason, "")
+        ),
+        where=lambda e, r1, w: [
+            e.discipline == Discipline.IMAGING,
+            r1.final_at.is_not(None),
+            r1.quality_grade.is_not(None),
+        ],
+    )
+
+
+def _remote(d: str) -> _Source:
+    return _exam_source(
+        d,
+        at=lambda e, r1: r1.final_at,
+        start=lambda e, r1: e.first_received_at,
+        end=lambda e, r1: r1.final_at,
+        num=lambda e, r1, w: literal(1),
+        reason=None,
+        where=lambda e, r1, w: [r1.final_at.is_not(None)],
+    )
+
+
+def _lead_share(d: str) -> _Source:
+    def where(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
+        clinic_orgs = select(Organization.id).where(Organization.kind == OrgKind.CLINIC)
+        return [e.state != ExamState.CANCELLED, e.org_id.in_(clinic_orgs)]
+
+    return _exam_source(
+        d,
+        at=lambda e, r1: e.first_received_at,
+        start=lambda e, r1: e.first_received_at,
+        end=lambda e, r1: r1.final_at,
+        num=lambda e, r1, w: case((r1.final_at.is_not(None), 1), else_=0),
+        reason=lambda e, r1, w: _reasons((r1.final_at.is_(None), "not_reported")),
+        where=where,
+    )
+
+
+def _rescans(d: str) -> _Source:
+    return _exam_source(
+        d,
+        at=lambda e, r1: e.rescan_requested_at,
+        start=lambda e, r1: e.ready_at,
+        end=lambda e, r1: e.rescan_requested_at,
+        num=lambda e, r1, w: literal(1),
+        reason=lambda e, r1, w: e.rescan_reason,
+        where=lambda e, r1, w: [e.rescan_requested_at.is_not(None)],
+    )
+
+
+def _alerts(d: str, discipline: Discipline, *, timely: bool) -> _Source:
+    """Critical values of ``discipline``: notified = read back by the clinic (the moment the
+    clinical side received it, DOMAIN §B5). Withdrawn and superseded alerts are not counted
+    (the successor alert of an amended report is)."""
+    a = aliased(CriticalAlert, name="a")
+    e = aliased(Exam, name="e")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    dur = _seconds(d, a.acknowledged_at, a.raised_at)
+    late = dur > CRITICAL_NOTIFY_SECONDS
+    if timely:
+        num = case((a.acknowledged_at.is_(None), 0), (late, 0), else_=1)
+    else:
+        num = case((a.acknowledged_at.is_(None), 0), else_=1)
+    query = (
+        select(
+            a.id.label("case_id"),
+            *_exam_columns(e, o, u),
+            a.raised_at.label("at"),
+            a.raised_at.label("start_at"),
+            a.acknowledged_at.label("end_at"),
+            a.deadline_at.label("due_at"),
+            dur.label("dur"),
+            num.label("num"),
+            _reasons(
+                (a.acknowledged_at.is_(None), "not_acknowledged"), (late, "over_10_min")
+            ).label("reason"),
+        )
+        .select_from(a)
+        .join(e, e.id == a.exam_id)
+        .join(o, o.id == a.org_id)
+        .join(u, u.id == a.raised_by)
+        .where(
+            e.discipline == discipline,
+            a.state.not_in([AlertState.WITHDRAWN, AlertState.SUPERSEDED]),
+        )
+    )
+    return _Source(query)
+
+
+def _recognition(d: str) -> _Source:
+    x = aliased(RecognitionDecision, name="x")
+    e = aliased(Exam, name="e")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    query = (
+        select(
+            x.report_id.label("case_id"),
+            *_exam_columns(e, o, u),
+            x.decided_at.label("at"),
+            x.decided_at.label("start_at"),
+            x.valid_until.label("end_at"),
+            _NULL_TIME.label("due_at"),
+            cast(null(), Float).label("dur"),
+            case((x.granted, 1), else_=0).label("num"),
+            func.coalesce(x.mark, "not_granted").label("reason"),
+        )
+        .select_from(x)
+        .join(e, e.id == x.exam_id)
+        .join(o, o.id == x.org_id)
+        .join(u, u.id == x.signer_id)
+    )
+    return _Source(query)
+
+
+def _lookups(d: str) -> _Source:
+    v = aliased(AuditEvent, name="v")
+    o = aliased(Organization, name="o")
+    query = (
+        select(
+            cast(v.seq, String).label("case_id"),
+            cast(null(), String).label("exam_id"),
+            cast(null(), String).label("accession"),
+            o.code.label("clinic"),
+            cast(null(), String).label("discipline"),
+            cast(null(), String).label("modality"),
+            cast(null(), String).label("priority"),
+            v.actor.label("reader"),
+            v.at.label("at"),
+            v.at.label("start_at"),
+            _NULL_TIME.label("end_at"),
+            _NULL_TIME.label("due_at"),
+            cast(null(), Float).label("dur"),
+            literal(1).label("num"),
+            cast(null(), String).label("reason"),
+        )
+        .select_from(v)
+        .outerjoin(o, o.id == v.org_id)
+        .where(v.action == "lookup", v.object_type == "recognized_result")
+    )
+    return _Source(query)
+
+
+def _declines(d: str) -> _Source:
+    x = aliased(RecognitionDecline, name="x")
+    r = aliased(RecognitionDecision, name="r")
+    e = aliased(Exam, name="e")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    query = (
+        select(
+            x.id.label("case_id"),
+            *_exam_columns(e, o, u),
+            x.declined_at.label("at"),
+            x.declined_at.label("start_at"),
+            _NULL_TIME.label("end_at"),
+            _NULL_TIME.label("due_at"),
+            cast(null(), Float).label("dur"),
+            literal(1).label("num"),
+            cast(x.reason, String).label("reason"),
+        )
+        .select_from(x)
+        .join(r, r.id == x.decision_id)
+        .join(e, e.id == r.exam_id)
+        .join(o, o.id == x.org_id)
+        .join(u, u.id == x.user_id)
+    )
+    return _Source(query)
+
+
+# RWS-03 ------------------------------------------------------------------------------------
+
+# Text a template or an editor leaves for the reader to fill in.
+_PLACEHOLDER = re.compile(
+    r"\[[^\]\n]{0,40}\]|【[^】\n]{0,40}】|_{3,}|＿{2,}|\{\{|\}\}|<[^<>\n]{1,20}>|"
+    r"(?<![0-9A-Za-z])(?:xx|XX|××)(?![0-9A-Za-z])|待填|请填写|TODO",
+)
+_SIDES = {
+    "left": re.compile(r"左|\bleft\b|\bsinistr", re.IGNORECASE),
+    "right": re.compile(r"右|\bright\b|\bdextr", re.IGNORECASE),
+}
+_BOTH = re.compile(r"双侧|两侧|双肺|两肺|\bbilateral", re.IGNORECASE)
+
+
+def report_writing_failures(
+    *, signed: bool, findings: str, impression: str, grade: str | None, discipline: str
+) -> list[str]:
+    """Why a signed report is not compliant (empty: compliant).
+
+    Codes: ``unsigned`` (no stored signature), ``placeholder`` (template text left to fill
+    in), ``laterality`` (the impression names a side the findings never mention),
+    ``missing_findings`` / ``missing_impression`` / ``missing_grade`` (imaging reports carry
+    an image-quality grade)."""
+    failures: list[str] = []
+    if not signed:
+        failures.append("unsigned")
+    if _PLACEHOLDER.search(findings) or _PLACEHOLDER.search(impression):
+        failures.append("placeholder")
+    both = bool(_BOTH.search(findings))
+    for side, pattern in _SIDES.items():
+        if pattern.search(impression) and not (both or pattern.search(findings)):
+            failures.append(f"laterality_{side}")
+    if not findings.strip():
+        failures.append("missing_findings")
+    if not impression.strip():
+        failures.append("missing_impression")
+    if discipline == Discipline.IMAGING.value and not grade:
+        failures.append("missing_grade")
+    return failures
+
+
+def _signed(report: Any) -> Any:
+    return exists().where(
+        SignedArtifact.report_id == report.id, SignedArtifact.stage == SigningStage.FINAL
+    )
+
+
+def _writing(d: str) -> _Source:
+    """RWS-03 over every signed imaging report version; the stored check of a report
+    (``qc_report_checks``) is used when there is one, otherwise its text is checked now."""
+    r = aliased(Report, name="r")
+    e = aliased(Exam, name="e")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    k = aliased(QcReportCheck, name="k")
+    unchecked = k.report_id.is_(None)
+    query = (
+        select(
+            r.id.label("case_id"),
+            *_exam_columns(e, o, u),
+            r.final_at.label("at"),
+            r.created_at.label("start_at"),
+            r.final_at.label("end_at"),
+            _NULL_TIME.label("due_at"),
+            cast(null(), Float).label("dur"),
+            literal(1).label("num"),
+            cast(null(), String).label("reason"),
+            k.compliant.label("checked_compliant"),
+            k.reasons.label("checked_reasons"),
+            # The text only of reports not checked yet.
+            case((unchecked, _signed(r)), else_=None).label("signed"),
+            case((unchecked, r.findings), else_=None).label("findings"),
+            case((unchecked, r.impression), else_=None).label("impression"),
+            cast(r.quality_grade, String).label("grade"),
+        )
+        .select_from(r)
+        .join(e, e.id == r.exam_id)
+        .join(o, o.id == e.org_id)
+        .join(u, u.id == r.author_id)
+        .outerjoin(k, k.report_id == r.id)
+        .where(
+            r.status == ReportStatus.FINAL,
+            r.final_at.is_not(None),
+            e.discipline == Discipline.IMAGING,
+        )
+    )
+
+    def evaluate(row: Any) -> tuple[int, str | None]:
+        if row.checked_compliant is not None:
+            return (1, None) if row.checked_compliant else (0, row.checked_reasons)
+        failures = report_writing_failures(
+            signed=bool(row.signed),
+            findings=row.findings or "",
+            impression=row.impression or "",
+            grade=row.grade,
+            discipline=row.discipline,
+        )
+        return (0, ",".join(failures)) if failures else (1, None)
+
+    return _Source(query, evaluate, stored=True)
+
+
+CHECK_BATCH = 2000
+
+
+def check_reports(
+    session: Session, *, now: datetime, limit: int = CHECK_BATCH, after: str | None = None
+) -> tuple[int, str | None]:
+    """Store the RWS-03 check of up to ``limit`` signed imaging reports not checked yet, in
+    report ID order after ``after`` (a caller going through a backlog passes the last ID it
+    got, so each batch starts where the last ended); returns how many and the last ID.
+    Idempotent: a report is checked once (its primary key)."""
+    r = aliased(Report, name="r")
+    e = aliased(Exam, name="e")
+    rows = session.execute(
+        select(
+            r.id,
+            _signed(r).label("signed"),
+            r.findings,
+            r.impression,
+            cast(r.quality_grade, String).label("grade"),
+            cast(e.discipline, String).label("discipline"),
+        )
+        .join(e, e.id == r.exam_id)
+        .where(
+            r.status == ReportStatus.FINAL,
+            r.final_at.is_not(None),
+            e.discipline == Discipline.IMAGING,
+            ~exists().where(QcReportCheck.report_id == r.id),
+            *([r.id > after] if after is not None else []),
+        )
+        .order_by(r.id)
+        .limit(limit)
+    ).all()
+    for row in rows:
+        failures = report_writing_failures(
+            signed=bool(row.signed),
+            findings=row.findings or "",
+            impression=row.impression or "",
+            grade=row.grade,
+            discipline=row.discipline,
+        )
+        session.add(
+            QcReportCheck(
+                report_id=row.id,
+                compliant=not failures,
+                reasons=",".join(failures)[:200] or None,
+                checked_at=now,
+            )
+        )
+    session.flush()
+    return len(rows), rows[-1].id if rows else after
+
+
+def _source(session: Session, ind: Indicator, now: datetime) -> _Source | None:
+    d = _dialect(session)
+    builders: dict[str, Callable[[], _Source]] = {
+        **{code: partial(_tat, d, *stage) for code, stage in TAT_STAGES.items()},
+        "SLA-01": lambda: _sla(d, now),
+        "RRC-02": lambda: _emergency_report(d),
+        "RCV-04": lambda: _alerts(d, Discipline.IMAGING, timely=True),
+        "RWS-03": lambda: _writing(d),
+        "IQ-01": lambda: _grades(d, QualityGrade.A),
+        "IQ-02": lambda: _grades(d, QualityGrade.REJECT),
+        "ECG-01": lambda: _emergency_ecg(d),
+        "ECG-02": lambda: _alerts(d, Discipline.ECG, timely=True),
+        "CL-14": lambda: _alerts(d, Discipline.LAB, timely=False),
+        "CL-15": lambda: _alerts(d, Discipline.LAB, timely=True),
+        "ALL-01": lambda: _remote(d),
+        "ALL-02": lambda: _lead_share(d),
+        "ALL-03": lambda: _recognition(d),
+        "ALL-04": lambda: _lookups(d),
+        "ALL-05": lambda: _declines(d),
+        "ALL-06": lambda: _rescans(d),
+    }
+    build = builders.get(ind.code)
+    return None if build is None or ind.unavailable else build()
+
+
+def _filtered(source: _Source, filters: QcFilters) -> Any:
+    """The case query restricted to the period and filters, as a subquery."""
+    sub = source.query.subquery("cases")
+    conditions: list[ColumnElement[bool]] = [sub.c.at >= filters.start, sub.c.at < filters.end]
+    for name in ("discipline", "clinic", "modality", "reader", "priority"):
+        value = getattr(filters, name)
+        if value is not None:
+            conditions.append(sub.c[name] == value)
+    return sub, conditions
+
+
+def _group_key(session: Session, sub: Any, group_by: str | None, tz: str) -> ColumnElement[Any]:
+    if group_by is None:
+        return literal("all").label("key")
+    if group_by == "month":
+        return _month(_dialect(session), sub.c.at, tz).label("key")
+    return sub.c[group_by].label("key")
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Agg:
+    key: str | None
+    denominator: int
+    numerator: int
+    p50: float | None = None
+    p90: float | None = None
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (PostgreSQL's percentile_cont)."""
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=float), q * 100))
+
+
+@dataclass(slots=True)
+class _Figures:
+    """One indicator's aggregates: the period's groups and total, the previous total."""
+
+    groups: list[_Agg]
+    total: _Agg | None
+    previous: _Agg | None
+
+
+def _sum(aggs: list[_Agg], key: str | None) -> _Agg | None:
+    if not aggs:
+        return None
+    return _Agg(key, sum(a.denominator for a in aggs), sum(a.numerator for a in aggs))
+
+
+def _aggregate(
+    session: Session,
+    ind: Indicator,
+    source: _Source,
+    filters: QcFilters,
+    group_by: str | None,
+    *,
+    previous: bool,
+) -> _Figures:
+    """Groups and totals of the period (and the previous period's total) in one pass over
+    the cases: GROUP BY (period, key); totals are the groups' sums, except percentiles,
+    which PostgreSQL computes in a second statement grouped by period only."""
+    wide = filters.previous() if previous else filters
+    sub, conditions = _filtered(
+        source,
+        QcFilters(
+            start=wide.start,
+            end=filters.end,
+            tz=filters.tz,
+            discipline=filters.discipline,
+            clinic=filters.clinic,
+            modality=filters.modality,
+            reader=filters.reader,
+            priority=filters.priority,
+        ),
+    )
+    period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev")).label(
+        "period"
+    )
+    key = _group_key(session, sub, group_by, filters.tz)
+    cur: dict[str | None, _Agg] = {}
+    prev: dict[str | None, _Agg] = {}
+    if source.evaluate is not None:
+        pending = list(conditions)
+        if source.stored:
+            done = sub.c.checked_compliant
+            stored_key = sub.c.checked_reasons if group_by == "reason" else key
+            query = (
+                select(period, stored_key, func.count(), func.sum(case((done, 1), else_=0)))
+                .where(*conditions, done.is_not(None))
+                .group_by(period, stored_key)
+            )
+            for name, k, n, num in session.execute(query):
+                bucket = cur if name == "cur" else prev
+                k = None if k is None else str(k)
+                bucket[k] = _Agg(k, int(n), int(num or 0))
+            pending.append(done.is_(None))
+        for row in session.execute(select(period, key, *sub.c).where(*pending)):
+            num, reason = source.evaluate(row)
+            k = reason if group_by == "reason" else row.key
+            bucket = cur if row.period == "cur" else prev
+            agg = bucket.setdefault(k, _Agg(k, 0, 0))
+            agg.denominator += 1
+            agg.numerator += num
+        groups = sorted(cur.values(), key=lambda a: (a.key is None, a.key or ""))
+        return _Figures(groups, _sum(groups, "all"), _sum(list(prev.values()), "all"))
+    pg = _dialect(session) == "postgresql"
+    duration = ind.kind == "duration"
+    columns: list[Any] = [period, key, func.count(), func.coalesce(func.sum(sub.c.num), 0)]
+    if duration and pg:
+        columns += [
+            func.percentile_cont(0.5).within_group(sub.c.dur),
+            func.percentile_cont(0.9).within_group(sub.c.dur),
+        ]
+    for row in session.execute(select(*columns).where(*conditions).group_by(period, key)):
+        k = None if row[1] is None else str(row[1])
+        agg = _Agg(k, int(row[2]), int(row[3]))
+        if duration and pg:
+            agg.p50, agg.p90 = (None if v is None else float(v) for v in row[4:6])
+        (cur if row[0] == "cur" else prev)[k] = agg
+    groups = sorted(cur.values(), key=lambda a: (a.key is None, a.key or ""))
+    total, before = _sum(groups, "all"), _sum(list(prev.values()), "all")
+    if duration:
+        if pg and group_by is not None:
+            query = (
+                select(
+                    period,
+                    func.percentile_cont(0.5).within_group(sub.c.dur),
+                    func.percentile_cont(0.9).within_group(sub.c.dur),
+                )
+                .where(*conditions)
+                .group_by(period)
+            )
+            for name, p50, p90 in session.execute(query):
+                target = total if name == "cur" else before
+                if target is not None:
+                    target.p50 = None if p50 is None else float(p50)
+                    target.p90 = None if p90 is None else float(p90)
+        elif pg:
+            for whole, one in ((total, cur.get("all")), (before, prev.get("all"))):
+                if whole is not None and one is not None:
+                    whole.p50, whole.p90 = one.p50, one.p90
+        else:
+            values: dict[tuple[str, str | None], list[float]] = {}
+            query = select(period, key, sub.c.dur).where(*conditions, sub.c.dur.is_not(None))
+            for name, k, dur in session.execute(query):
+                values.setdefault((name, None if k is None else str(k)), []).append(float(dur))
+            for agg in groups:
+                durations = values.get(("cur", agg.key), [])
+                agg.p50, agg.p90 = _percentile(durations, 0.5), _percentile(durations, 0.9)
+            for whole, name in ((total, "cur"), (before, "prev")):
+                if whole is not None:
+                    merged = [v for (n, _), vs in values.items() if n == name for v in vs]
+                    whole.p50, whole.p90 = _percentile(merged, 0.5), _percentile(merged, 0.9)
+    return _Figures(groups, total, before)
+
+
+def _turnaround_family(
+    session: Session, codes: list[str], filters: QcFilters, group_by: str | None, *, previous: bool
+) -> dict[str, _Figures]:
+    """The figures of several TAT-* indicators in one pass: they share their cases (every
+    exam that arrived) and differ only in the stage measured, so one statement carries one
+    duration column per stage (percentile_cont ignores NULLs; on SQLite the durations are
+    fetched and the percentiles computed here). Same definitions as the per-indicator case
+    queries (``TAT_STAGES``), which the case lists and histograms use."""
+    d = _dialect(session)
+    e = aliased(Exam, name="e")
+    r1 = aliased(Report, name="r1")
+    o = aliased(Organization, name="o")
+    u = aliased(User, name="u")
+    durations = [
+        _seconds(d, TAT_STAGES[c][1](e, r1), TAT_STAGES[c][0](e, r1)).label(f"d{i}")
+        for i, c in enumerate(codes)
+    ]
+    query = (
+        select(*_exam_columns(e, o, u), e.first_received_at.label("at"), *durations)
+        .select_from(e)
+        .join(o, o.id == e.org_id)
+        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
+        .outerjoin(u, u.id == r1.author_id)
+        .where(e.state != ExamState.CANCELLED)
+    )
+    wide = filters.previous() if previous else filters
+    sub, conditions = _filtered(_Source(query), replace(filters, start=wide.start))
+    period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev")).label(
+        "period"
+    )
+    key = _group_key(session, sub, group_by, filters.tz)
+    cols = [sub.c[f"d{i}"] for i in range(len(codes))]
+    cur: dict[str, dict[str | None, _Agg]] = {c: {} for c in codes}
+    prev: dict[str, dict[str | None, _Agg]] = {c: {} for c in codes}
+    totals: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+    if d == "postgresql":
+        aggregates: list[Any] = [func.count()]
+        for col in cols:
+            aggregates += [
+                func.count(col),
+                func.percentile_cont(0.5).within_group(col),
+                func.percentile_cont(0.9).within_group(col),
+            ]
+
+        def figures(row: Any, i: int) -> tuple[int, float | None, float | None]:
+            n, p50, p90 = row[3 + 3 * i : 6 + 3 * i]
+            return int(n), None if p50 is None else float(p50), None if p90 is None else float(p90)
+
+        query = select(period, key, *aggregates).where(*conditions).group_by(period, key)
+        for row in session.execute(query):
+            k = None if row[1] is None else str(row[1])
+            for i, code in enumerate(codes):
+                n, p50, p90 = figures(row, i)
+                (cur if row[0] == "cur" else prev)[code][k] = _Agg(k, int(row[2]), n, p50, p90)
+        if group_by is not None:
+            query = select(period, literal("all"), *aggregates).where(*conditions).group_by(period)
+            for row in session.execute(query):
+                for i, code in enumerate(codes):
+                    _, p50, p90 = figures(row, i)
+                    totals[(code, row[0])] = (p50, p90)
+    else:
+        values: dict[tuple[str, str, str | None], list[float]] = {}
+        counts: dict[tuple[str, str | None], int] = {}
+        for row in session.execute(select(period, key, *cols).where(*conditions)):
+            k = None if row[1] is None else str(row[1])
+            counts[(row[0], k)] = counts.get((row[0], k), 0) + 1
+            for i, code in enumerate(codes):
+                if row[2 + i] is not None:
+                    values.setdefault((code, row[0], k), []).append(float(row[2 + i]))
+        for (name, k), n in counts.items():
+            for code in codes:
+                vs = values.get((code, name, k), [])
+                agg = _Agg(k, n, len(vs), _percentile(vs, 0.5), _percentile(vs, 0.9))
+                (cur if name == "cur" else prev)[code][k] = agg
+        for code in codes:
+            for name in ("cur", "prev"):
+                merged = [
+                    v for (c, n, _), vs in values.items() if c == code and n == name for v in vs
+                ]
+                totals[(code, name)] = (_percentile(merged, 0.5), _percentile(merged, 0.9))
+    out: dict[str, _Figures] = {}
+    for code in codes:
+        groups = sorted(cur[code].values(), key=lambda a: (a.key is None, a.key or ""))
+        total, before = _sum(groups, "all"), _sum(list(prev[code].values()), "all")
+        for whole, name, bucket in ((total, "cur", cur[code]), (before, "prev", prev[code])):
+            if whole is None:
+                continue
+            if (code, name) in totals:
+                whole.p50, whole.p90 = totals[(code, name)]
+            elif len(bucket) == 1:
+                only = next(iter(bucket.values()))
+                whole.p50, whole.p90 = only.p50, only.p90
+        out[code] = _Figures(groups, total, before)
+    return out
+
+
+def _value(ind: Indicator, agg: _Agg | None) -> tuple[float | None, float | None]:
+    """(rate, value): rate in % for rates; value is the figure a card shows."""
+    if agg is None:
+        return None, 0.0 if ind.kind == "count" and not ind.unavailable else None
+    if ind.kind == "count":
+        return None, float(agg.numerator)
+    if ind.kind == "duration":
+        return None, None if agg.p90 is None else round(agg.p90 / 60.0, 1)
+    if agg.denominator == 0:
+        return None, None
+    rate = round(agg.numerator * 100.0 / agg.denominator, 2)
+    return rate, rate
+
+
+def _status(ind: Indicator, value: float | None, target: float | None, margin: float) -> str:
+    if ind.unavailable or (value is None and ind.kind != "count"):
+        return "no_data"
+    if target is None or value is None:
+        return "no_target"
+    if ind.direction == "higher":
+        if value >= target:
+            return "met"
+        return "warning" if value >= target - margin else "not_met"
+    if value <= target:
+        return "met"
+    return "warning" if value <= target + margin else "not_met"
+
+
+def _group_out(ind: Indicator, agg: _Agg, target: float | None, margin: float) -> GroupOut:
+    rate, value = _value(ind, agg)
+    return GroupOut(
+        key=agg.key,
+        numerator=agg.numerator,
+        denominator=agg.denominator if ind.kind != "count" else None,
+        rate=rate,
+        value=value,
+        p50=None if agg.p50 is None else round(agg.p50 / 60.0, 1),
+        p90=None if agg.p90 is None else round(agg.p90 / 60.0, 1),
+        status=_status(ind, value, target, margin),
+    )
+
+
+def compute_indicators(
+    session: Session,
+    *,
+    principal: Principal,
+    filters: QcFilters,
+    now: datetime,
+    group_by: str | None = None,
+    codes: Sequence[str] | None = None,
+    family: str | None = None,
+    previous: bool = True,
+) -> list[IndicatorOut]:
+    """Every indicator (or ``codes`` / one ``family``) over ``filters``; with ``group_by``,
+    each indicator also carries its breakdown. ``change`` is the difference from the
+    period of the same length just before."""
+    require_qc(principal)
+    if group_by is not None and group_by not in GROUPS:
+        raise InvalidInputError(f"group_by must be one of {', '.join(GROUPS)}")
+    wanted = {c.upper() for c in codes} if codes else None
+    if wanted:
+        unknown = wanted - {i.code for i in INDICATORS}
+        if unknown:
+            raise NotFoundError(f"no indicator {', '.join(sorted(unknown))}")
+    targets = _current_targets(session)
+    family_codes = [
+        i.code
+        for i in INDICATORS
+        if i.code in TAT_STAGES
+        and (wanted is None or i.code in wanted)
+        and (family is None or i.family == family)
+    ]
+    tat = (
+        _turnaround_family(session, family_codes, filters, group_by, previous=previous)
+        if len(family_codes) > 1
+        else {}
+    )
+    out: list[IndicatorOut] = []
+    for ind in INDICATORS:
+        if wanted is not None and ind.code not in wanted:
+            continue
+        if family is not None and ind.family != family:
+            continue
+        target, margin, _ = targets.get(ind.code, (ind.target, ind.warn_margin, 0))
+        source = _source(session, ind, now)
+        groups: list[GroupOut] | None = None
+        total: _Agg | None = None
+        prev_value: float | None = None
+        if source is not None:
+            figures = tat.get(ind.code) or _aggregate(
+                session, ind, source, filters, group_by, previous=previous
+            )
+            total = figures.total
+            if group_by is not None:
+                groups = [_group_out(ind, a, target, margin) for a in figures.groups]
+            if previous:
+                prev_value = _value(ind, figures.previous)[1]
+        rate, value = _value(ind, total)
+        if source is None:
+            value = None
+        # Nothing to measure: the figure is "no data", never 0 / 0.
+        empty = source is None or (ind.kind != "count" and (total is None or not total.denominator))
+        status = _status(ind, value, target, margin)
+        out.append(
+            IndicatorOut(
+                code=ind.code,
+                family=ind.family,
+                name_zh=ind.name_zh,
+                name_en=ind.name_en,
+                source=ind.source,
+                kind=ind.kind,
+                unit=ind.unit,
+                direction=ind.direction,
+                numerator=None if empty else (total.numerator if total else 0),
+                denominator=(
+                    None if empty or ind.kind == "count" else (total.denominator if total else 0)
+                ),
+                rate=rate,
+                value=value,
+                p50=None if total is None or total.p50 is None else round(total.p50 / 60.0, 1),
+                p90=None if total is None or total.p90 is None else round(total.p90 / 60.0, 1),
+                target=target,
+                warn_margin=margin,
+                status=status,
+                previous_value=prev_value,
+                change=None
+                if value is None or prev_value is None
+                else round(value - prev_value, 2),
+                numerator_label_zh=ind.numerator_zh,
+                numerator_label_en=ind.numerator_en,
+                denominator_label_zh=ind.denominator_zh,
+                denominator_label_en=ind.denominator_en,
+                note=ind.unavailable or None,
+                groups=groups,
+            )
+        )
+    return out
+
+
+# --- cases ---------------------------------------------------------------------------------
+
+
+def _indicator(code: str) -> Indicator:
+    ind = indicator(code)
+    if ind is None:
+        raise NotFoundError(f"no indicator {code}")
+    return ind
+
+
+def _case(row: Any, num: int, reason: str | None) -> CaseOut:
+    dur = row.dur
+    return CaseOut.model_construct(  # values straight from the database: no validation
+        case_id=str(row.case_id),
+        exam_id=row.exam_id,
+        accession=row.accession,
+        clinic=row.clinic,
+        discipline=row.discipline,
+        modality=row.modality,
+        priority=row.priority,
+        reader=row.reader,
+        at=row.at,
+        start_at=row.start_at,
+        end_at=row.end_at,
+        due_at=row.due_at,
+        minutes=None if dur is None else round(float(dur) / 60.0, 2),
+        in_numerator=bool(num),
+        reason=reason,
+    )
+
+
+def _case_rows(
+    session: Session,
+    source: _Source,
+    filters: QcFilters,
+    subset: Subset,
+    *,
+    stream: bool = False,
+) -> Iterator[CaseOut]:
+    sub, conditions = _filtered(source, filters)
+    query = select(*sub.c).where(*conditions)
+    if source.evaluate is None and subset != "all":
+        query = query.where(sub.c.num == (1 if subset == "numerator" else 0))
+    query = query.order_by(sub.c.at, sub.c.case_id)
+    if stream:
+        query = query.execution_options(stream_results=True, yield_per=2000)
+    for row in session.execute(query):
+        if source.evaluate is not None:
+            num, reason = source.evaluate(row)
+            if (subset == "numerator" and not num) or (subset == "failing" and num):
+                continue
+        else:
+            num, reason = int(row.num or 0), row.reason
+        yield _case(row, num, reason.rstrip(",") if reason else None)
+
+
+def list_cases(
+    session: Session,
+    *,
+    principal: Principal,
+    code: str,
+    filters: QcFilters,
+    now: datetime,
+    subset: Subset = "all",
+    limit: int = 100,
+    offset: int = 0,
+) -> CasePage:
+    """The cases behind one indicator: ``all`` (the denominator; for counts, every case),
+    ``numerator``, or ``failing`` (denominator cases outside the numerator: breaches)."""
+    require_qc(principal)
+    ind = _indicator(code)
+    source = _source(session, ind, now)
+    record_access(
+        session,
+        principal,
+        action="view",
+        object_type="qc_cases",
+        object_id=ind.code,
+        detail={"subset": subset, "from": filters.start.isoformat(), "to": filters.end.isoformat()},
+    )
+    if source is None:
+        return CasePage(code=ind.code, subset=subset, total=0, items=[], note=ind.unavailable)
+    if source.evaluate is None:
+        sub, conditions = _filtered(source, filters)
+        count = select(func.count()).where(*conditions)
+        if subset != "all":
+            count = count.where(sub.c.num == (1 if subset == "numerator" else 0))
+        total = int(session.execute(count).scalar_one())
+        items = _page(session, source, filters, subset, limit, offset)
+    else:
+        everything = list(_case_rows(session, source, filters, subset))
+        total = len(everything)
+        items = everything[offset : offset + limit]
+    return CasePage(code=ind.code, subset=subset, total=total, items=items)
+
+
+def _page(
+    session: Session, source: _Source, filters: QcFilters, subset: Subset, limit: int, offset: int
+) -> list[CaseOut]:
+    sub, conditions = _filtered(source, filters)
+    query = select(*sub.c).where(*conditions)
+    if subset != "all":
+        query = query.where(sub.c.num == (1 if subset == "numerator" else 0))
+    query = query.order_by(sub.c.at, sub.c.case_id).limit(limit).offset(offset)
+    return [
+        _case(row, int(row.num or 0), row.reason.rstrip(",") if row.reason else None)
+        for row in session.execute(query)
+    ]
+
+
+def iter_cases(
+    session: Session,
+    *,
+    principal: Principal,
+    code: str,
+    filters: QcFilters,
+    now: datetime,
+    subset: Subset = "all",
+) -> Iterator[CaseOut]:
+    """Every case of one indicator, streamed (server-side cursor on PostgreSQL), for exports
+    (the edge records the export with :func:`record_export` first)."""
+    require_qc(principal)
+    ind = _indicator(code)
+    source = _source(session, ind, now)
+    if source is None:
+        return iter(())
+    return _case_rows(session, source, filters, subset, stream=True)
+
+
+def record_export(
+    session: Session, *, principal: Principal, what: str, filters: QcFilters, detail: dict[str, Any]
+) -> None:
+    """Audit an export (``what``: the indicator table or the case list of a code)."""
+    require_qc(principal)
+    record_access(
+        session,
+        principal,
+        action="export",
+        object_type="qc_export",
+        object_id=what,
+        detail={**detail, "from": filters.start.isoformat(), "to": filters.end.isoformat()},
+    )
+
+
+_THRESHOLDS = {"RRC-02": 120.0, "RCV-04": 10.0, "ECG-02": 10.0, "CL-15": 10.0}
+
+
+def histogram(
+    session: Session,
+    *,
+    principal: Principal,
+    code: str,
+    filters: QcFilters,
+    now: datetime,
+    bins: int = 20,
+) -> HistogramOut:
+    """Distribution of the cases' minutes with P50, P90 and the indicator's limit line."""
+    require_qc(principal)
+    ind = _indicator(code)
+    source = _source(session, ind, now)
+    minutes: list[float] = []
+    if source is not None:
+        sub, conditions = _filtered(source, filters)
+        minutes = [
+            float(v) / 60.0
+            for (v,) in session.execute(
+                select(sub.c.dur).where(*conditions, sub.c.dur.is_not(None))
+            )
+        ]
+    if not minutes:
+        return HistogramOut(
+            code=ind.code,
+            edges=[],
+            counts=[],
+            p50=None,
+            p90=None,
+            n=0,
+            threshold=_THRESHOLDS.get(ind.code),
+            note=ind.unavailable or None,
+        )
+    values = np.asarray(minutes)
+    top = float(np.percentile(values, 99)) if len(values) > 20 else float(values.max())
+    limit = _THRESHOLDS.get(ind.code)
+    top = max(top, (limit or 0) * 1.5, 1.0)
+    counts, edges = np.histogram(np.clip(values, 0, top), bins=bins, range=(0, top))
+    return HistogramOut(
+        code=ind.code,
+        edges=[round(float(x), 2) for x in edges],
+        counts=[int(c) for c in counts],
+        p50=round(float(np.percentile(values, 50)), 1),
+        p90=round(float(np.percentile(values, 90)), 1),
+        n=len(minutes),
+        threshold=limit,
+    )
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def _current_targets(session: Session) -> dict[str, tuple[float | None, float, int]]:
+    return {t.code: (t.target, t.warn_margin, t.version) for t in _latest_rows(session)}
+
+
+def list_targets(session: Session, *, principal: Principal) -> list[TargetOut]:
+    """The target in force for every indicator (version 0: the shipped default)."""
+    require_qc(principal)
+    current = {t.code: t for t in _latest_rows(session)}
+    out = []
+    for ind in INDICATORS:
+        row = current.get(ind.code)
+        out.append(
+            TargetOut(
+                code=ind.code,
+                name_zh=ind.name_zh,
+                name_en=ind.name_en,
+                direction=ind.direction,
+                unit=ind.unit,
+                target=row.target if row else ind.target,
+                warn_margin=row.warn_margin if row else ind.warn_margin,
+                version=row.version if row else 0,
+                changed_by=row.changed_by if row else None,
+                changed_at=row.changed_at if row else None,
+                note=row.note if row else "",
+            )
+        )
+    return out
+
+
+def _latest_rows(session: Session) -> list[QcTarget]:
+    latest = (
+        select(QcTarget.code, func.max(QcTarget.version).label("version"))
+        .group_by(QcTarget.code)
+        .subquery()
+    )
+    return list(
+        session.execute(
+            select(QcTarget).join(
+                latest,
+                and_(QcTarget.code == latest.c.code, QcTarget.version == latest.c.version),
+            )
+        ).scalars()
+    )
+
+
+def target_history(session: Session, *, principal: Principal, code: str) -> list[TargetOut]:
+    """Every version of one indicator's target, newest first."""
+    require_qc(principal)
+    ind = _indicator(code)
+    rows = session.execute(
+        select(QcTarget).where(QcTarget.code == ind.code).order_by(QcTarget.version.desc())
+    ).scalars()
+    return [
+        TargetOut(
+            code=ind.code,
+            name_zh=ind.name_zh,
+            name_en=ind.name_en,
+            direction=ind.direction,
+            unit=ind.unit,
+            target=t.target,
+            warn_margin=t.warn_margin,
+            version=t.version,
+            changed_by=t.changed_by,
+            changed_at=t.changed_at,
+            note=t.note,
+        )
+        for t in rows
+    ]
+
+
+def set_target(
+    session: Session,
+    *,
+    principal: Principal,
+    code: str,
+    target: float | None,
+    warn_margin: float,
+    note: str,
+    now: datetime,
+) -> TargetOut:
+    """A new version of ``code``'s target (QC staff or administrators), audited with the
+    values before and after. Two racing changes: one gets a unique-constraint conflict."""
+    require_qc(principal)
+    ind = _indicator(code)
+    if ind.unavailable:
+        raise InvalidInputError(f"{ind.code} has no data yet; it takes no target")
+    for name, value in (("target", target), ("warn_margin", warn_margin)):
+        if value is not None and (not np.isfinite(value) or value < 0):
+            raise InvalidInputError(f"{name} must be a finite number ≥ 0")
+    if ind.unit == "%" and target is not None and target > 100:
+        raise InvalidInputError("a rate's target is at most 100 (%)")
+    before = _current_targets(session).get(ind.code, (ind.target, ind.warn_margin, 0))
+    row = QcTarget(
+        code=ind.code,
+        version=before[2] + 1,
+        target=target,
+        warn_margin=warn_margin,
+        note=note,
+        changed_by=principal.username,
+        changed_at=now,
+    )
+    session.add(row)
+    session.flush()
+    record_event(
+        session,
+        actor=principal.actor,
+        org_id=principal.org_id,
+        action="set_qc_target",
+        object_type="qc_target",
+        object_id=ind.code,
+        detail={
+            "version": row.version,
+            "before": {"target": before[0], "warn_margin": before[1]},
+            "after": {"target": target, "warn_margin": warn_margin},
+            "note": note,
+        },
+    )
+    return target_history(session, principal=principal, code=ind.code)[0]
