@@ -64,7 +64,14 @@ def _header_text(text: str) -> str:
 
 
 def _base_url(request: Request) -> str:
-    return f"{str(request.base_url).rstrip('/')}{router.prefix}"
+    """The DICOMweb root that links in responses start with: ``RDC_PUBLIC_URL`` when set,
+    else a path relative to this server (``/dicomweb``, after any ASGI root path). Never
+    the Host header: clients leave the port out of it (dicomweb-client sends
+    ``Host: 127.0.0.1``), and a link built from it could not be fetched."""
+    public = get_settings().public_url
+    if public:
+        return f"{public.rstrip('/')}{router.prefix}"
+    return f"{request.scope.get('root_path', '').rstrip('/')}{router.prefix}"
 
 
 # ---------------------------------------------------------------------------------------
