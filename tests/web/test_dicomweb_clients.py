@@ -2,13 +2,15 @@
 a running ``rdc serve`` with ``RDC_PUBLIC_URL`` set.
 
 Clinic A sends CT_small, an object without Modality (JPEGLSNearLossless_16), MR_small in
-JPEG 2000 and JPEG-LS, JPEG2000.dcm, the overlay example, and CT_small under a Chinese
-name (``Wang^Fang=王^芳``).
+JPEG 2000, JPEG2000.dcm, the overlay example, CT_small under Chinese names
+(``Wang^Fang=王^芳=ワン^ファン``, ...) and emri_small in Deflated Image Frame Compression
+(by STOW-RS).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
+from requests import HTTPError
 
 from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu, wait_for
 
@@ -27,11 +31,12 @@ SENT = (
     "CT_small.dcm",
     "JPEGLSNearLossless_16.dcm",
     "MR_small_jp2klossless.dcm",
-    "MR_small_jpeg_ls_lossless.dcm",
     "JPEG2000.dcm",
     "examples_overlay.dcm",
 )
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+DEFLATED_FRAMES = "1.2.840.10008.1.2.8.1"
 # Chinese names: (PatientName as sent, PatientID).
 NAMES = (("Wang^Fang=王^芳=ワン^ファン", "CN-1"), ("Li^Wei=李^伟", "CN-2"), ("Wang^Lei", "CN-3"))
 
@@ -97,6 +102,24 @@ class Deployment:
         return self.server.client(username, self.passwords[username])
 
 
+def _deflated_frames(source: Path, target: Path) -> Path:
+    """``source`` (multi-frame, native) re-encoded in Deflated Image Frame Compression:
+    each frame deflated on its own (RFC 1951), encapsulated."""
+    ds = pydicom.dcmread(source)
+    frames = []
+    for frame in ds.pixel_array:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        frames.append(packer.compress(frame.astype("<u2").tobytes()) + packer.flush())
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = DEFLATED_FRAMES
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    # pydicom 3.0 does not know the syntax: the data set is written Explicit VR Little Endian.
+    pydicom.dcmwrite(target, ds, implicit_vr=False, little_endian=True, force_encoding=True)
+    return target
+
+
 def _chinese_copies(source: Path, workdir: Path) -> list[Path]:
     copies = []
     for index, (name, patient_id) in enumerate(NAMES):
@@ -144,6 +167,15 @@ def deployment(
                 dcmtk, files.values(), port=server.dicom_port, calling_ae="CLINIC_A_CT"
             ):
                 assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
+            deflated = _deflated_frames(testdata / "dicom" / "emri_small.dcm", workdir / "dfl.dcm")
+            with server.client("tech_a", passwords["tech_a"]) as http:
+                stored = http.post(
+                    "/dicomweb/studies",
+                    content=deflated.read_bytes(),
+                    headers={"Content-Type": "application/dicom"},
+                )
+                assert stored.status_code == 200, stored.text
+            files["deflated_frames.dcm"] = deflated
             yield Deployment(server, passwords, files, public_url)
         finally:
             server.stop()
@@ -268,3 +300,85 @@ def test_person_names_match_each_group(deployment: Deployment) -> None:
                 return ids if ids >= expected else None
 
             assert wait_for(listed, timeout=60) == expected, name
+
+
+# ---------------------------------------------------------------------------------------
+# Item 11: the transfer syntax asked for on retrieve
+
+
+def _uids(path: Path) -> tuple[str, str, str]:
+    ds = header(path)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+
+def _status(call: Any) -> int:
+    with pytest.raises(HTTPError) as info:
+        call()
+    return int(info.value.response.status_code)
+
+
+def test_retrieve_in_the_transfer_syntax_asked_for(deployment: Deployment) -> None:
+    client = deployment.dicomweb()
+    j2k = deployment.files["JPEG2000.dcm"]
+    original = pydicom.dcmread(j2k)
+
+    # No transfer syntax: the DICOMweb default, Explicit VR Little Endian, decoded.
+    ds = client.retrieve_instance(*_uids(j2k), media_types=(("application/dicom",),))
+    assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert ds.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(ds.pixel_array, original.pixel_array)
+    # Explicitly, and for the whole study (every instance of it, each decoded).
+    ds = client.retrieve_instance(*_uids(j2k), media_types=(("application/dicom", EXPLICIT_LE),))
+    assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    study = client.retrieve_study(
+        header(j2k).StudyInstanceUID, media_types=(("application/dicom",),)
+    )
+    assert {str(d.file_meta.TransferSyntaxUID) for d in study} == {EXPLICIT_LE}
+    # "*" (dicomweb-client's default): as stored, byte for byte.
+    ds = client.retrieve_instance(*_uids(j2k))
+    assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert ds.PixelData == original.PixelData
+
+    # Native to JPEG 2000 lossless: transcoded, pixel for pixel.
+    ct = deployment.files["CT_small.dcm"]
+    ds = client.retrieve_instance(*_uids(ct), media_types=(("application/dicom", J2K_LOSSLESS),))
+    assert ds.file_meta.TransferSyntaxUID == J2K_LOSSLESS
+    assert np.array_equal(ds.pixel_array, pydicom.dcmread(ct).pixel_array)
+    # A syntax nothing here encodes: 406, nothing sent.
+    jpeg_ls = "1.2.840.10008.1.2.4.80"
+    assert (
+        _status(
+            lambda: client.retrieve_instance(
+                *_uids(ct), media_types=(("application/dicom", jpeg_ls),)
+            )
+        )
+        == 406
+    )
+
+    # Frames as images of their kind, as stored; another kind is 406.
+    mr = deployment.files["MR_small_jp2klossless.dcm"]
+    (frame,) = client.retrieve_instance_frames(*_uids(mr), [1], media_types=(("image/jp2",),))
+    assert frame == next(generate_frames(pydicom.dcmread(mr).PixelData, number_of_frames=1))
+    assert (
+        _status(
+            lambda: client.retrieve_instance_frames(*_uids(mr), [1], media_types=(("image/jpeg",),))
+        )
+        == 406
+    )
+
+
+def test_deflated_image_frames_are_decoded(deployment: Deployment, testdata: Path) -> None:
+    client = deployment.dicomweb()
+    deflated = deployment.files["deflated_frames.dcm"]
+    expected = pydicom.dcmread(testdata / "dicom" / "emri_small.dcm").pixel_array
+    frames = client.retrieve_instance_frames(*_uids(deflated), [1, 10])
+    assert frames == [expected[0].astype("<u2").tobytes(), expected[9].astype("<u2").tobytes()]
+    ds = client.retrieve_instance(*_uids(deflated), media_types=(("application/dicom",),))
+    assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert np.array_equal(ds.pixel_array, expected)
+    with deployment.client() as http:
+        study, series, sop = _uids(deflated)
+        rendered = http.get(
+            f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/3/rendered"
+        )
+        assert rendered.status_code == 200 and rendered.headers["content-type"] == "image/png"

@@ -163,7 +163,7 @@ def _retrieve(
     series: str | None = None,
     sop: str | None = None,
 ) -> StreamingResponse:
-    wado.check_dicom_accept(parse_accept(request.headers.get("accept")))
+    accept = parse_accept(request.headers.get("accept"))
     refs = wado.resolve(
         principal=principal,
         study_uid=study,
@@ -172,14 +172,9 @@ def _retrieve(
         action="download",
         resource="instances",
     )
+    syntaxes = wado.dicom_transfer_syntaxes(accept, refs)
+    parts = wado.instance_parts(store=store, refs=refs, transfer_syntaxes=syntaxes)
     boundary = new_boundary()
-    parts = (
-        (
-            f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}",
-            wado.object_chunks(store, ref),
-        )
-        for ref in refs
-    )
     return StreamingResponse(
         multipart_body(parts, boundary),
         media_type=multipart_media_type("application/dicom", boundary),
