@@ -98,6 +98,7 @@ class EndpointSpec:
     ae_title: str | None = None
     receiving_application: str | None = None
     receiving_facility: str | None = None
+    pdf_mode: str = "embed"  # HL7: "embed" the PDF, or "link" to it
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,6 +232,7 @@ def add_endpoint(
     endpoint.ae_title = data.ae_title.strip() if data.ae_title else None
     endpoint.receiving_application = data.receiving_application
     endpoint.receiving_facility = data.receiving_facility
+    endpoint.pdf_mode = data.pdf_mode
     endpoint.enabled = data.enabled
     endpoint.updated_at = now
     session.flush()
@@ -450,6 +451,7 @@ def prepare_push(
         ae_title=endpoint.ae_title,
         receiving_application=endpoint.receiving_application,
         receiving_facility=endpoint.receiving_facility,
+        pdf_mode=endpoint.pdf_mode,
     )
     return push, spec
 
