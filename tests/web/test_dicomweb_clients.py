@@ -240,6 +240,14 @@ def test_bulk_data_links_are_fetchable_with_dicomweb_client(deployment: Deployme
     little = expected.astype(expected.dtype.newbyteorder("<"))
     assert pixels[0] == np.ascontiguousarray(little).tobytes()
 
+    # Without RDC_CORS_ORIGINS, no origin is allowed: no CORS headers, preflight refused.
+    preflight = httpx.options(
+        f"{deployment.public_url}/dicomweb/studies",
+        headers={"Origin": "http://127.0.0.1:1", "Access-Control-Request-Method": "GET"},
+    )
+    assert preflight.status_code == 405
+    assert "access-control-allow-origin" not in preflight.headers
+
     # A client that leaves the port out of Host still gets links it can follow.
     with deployment.client() as http:
         response = http.get(
