@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from requests import HTTPError
 
 from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu, wait_for
+from tests.web.test_dicomweb import _postgres_database
 
 SENT = (
     "CT_small.dcm",
@@ -143,7 +144,11 @@ def deployment(
     workdir = tmp_path_factory.mktemp("dicomweb_clients")
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
+    database = _postgres_database()  # the production pass: a database of its own
+    database_url = next(database)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
     env.update(
         RDC_DATA_DIR=str(workdir / "data"),
         RDC_HTTP_HOST="127.0.0.1",
@@ -179,6 +184,8 @@ def deployment(
             yield Deployment(server, passwords, files, public_url)
         finally:
             server.stop()
+            for _ in database:
+                pass
 
 
 def header(path: Path) -> pydicom.Dataset:

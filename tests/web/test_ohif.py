@@ -26,6 +26,7 @@ import pydicom
 import pytest
 
 from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu
+from tests.web.test_dicomweb import _postgres_database
 
 OHIF_VERSION = "3.13.2"
 CHROMIUM = "/usr/bin/chromium"
@@ -121,7 +122,11 @@ def deployment(
     workdir = tmp_path_factory.mktemp("ohif")
     ohif_port = free_port()
     ohif = f"http://127.0.0.1:{ohif_port}"
+    database = _postgres_database()  # the production pass: a database of its own
+    database_url = next(database)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
     env.update(
         RDC_DATA_DIR=str(workdir / "data"),
         RDC_HTTP_HOST="127.0.0.1",
@@ -167,6 +172,8 @@ def deployment(
             yield Deployment(server, passwords, ohif, study, len(series_files), description)
         finally:
             server.stop()
+            for _ in database:
+                pass
             static.shutdown()
             static.server_close()
 
