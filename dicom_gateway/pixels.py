@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,13 +39,15 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
     apply_voi,
     apply_windowing,
     convert_color_space,
+    get_decoder,
+    get_encoder,
     pack_bits,
     pixel_array,
 )
@@ -55,6 +58,7 @@ from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 
 __all__ = [
+    "DEFLATED_IMAGE_FRAME_COMPRESSION",
     "FRAME_CACHE_MAX_BYTES",
     "MAX_ENLARGED_SIDE",
     "EncodedFrame",
@@ -65,20 +69,29 @@ __all__ = [
     "RawFrame",
     "RenderOptions",
     "RenderedFrame",
+    "TranscodeError",
     "Window",
+    "can_transcode",
     "clear_memory_caches",
     "decode_frame",
     "encoded_frame",
     "frame_cache",
+    "is_compressed",
+    "is_encapsulated",
     "number_of_frames",
     "open_instance",
     "raw_frame",
     "read_instance_header",
     "render_frame",
     "render_pixels",
+    "transcode_instance",
 ]
 
 log = logging.getLogger(__name__)
+
+DEFLATED_IMAGE_FRAME_COMPRESSION: Final = UID("1.2.840.10008.1.2.8.1")
+"""Deflated Image Frame Compression (PS3.5 A.4.11, 2023): each frame deflated (RFC 1951) on
+its own, in encapsulated Pixel Data. pydicom 3.0 does not know it; frames are inflated here."""
 
 FRAME_CACHE_MAX_BYTES: Final = 512 * 1024 * 1024
 """Upper bound of the on-disk cache of rendered frames (per data directory)."""
@@ -112,6 +125,12 @@ class FrameNotFoundError(NotFoundError):
     """The requested frame number is outside 1..Number of Frames."""
 
     title = "No such frame"
+
+
+class TranscodeError(InvalidInputError):
+    """The object cannot be delivered in the transfer syntax asked for."""
+
+    title = "Cannot transcode"
 
 
 class NoPixelDataError(NotFoundError):
@@ -330,6 +349,51 @@ def _transfer_syntax(header: Dataset) -> UID:
     return UID(str(ts))
 
 
+def is_compressed(transfer_syntax: str) -> bool:
+    """A transfer syntax whose frames are compressed (JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K,
+    deflated frames, ...); False for native and for syntaxes nobody knows."""
+    ts = UID(transfer_syntax)
+    if ts == DEFLATED_IMAGE_FRAME_COMPRESSION:
+        return True
+    return bool(ts.is_transfer_syntax and ts.is_compressed)
+
+
+def is_encapsulated(transfer_syntax: str) -> bool:
+    """Pixel data in fragments, one frame each (or more): every compressed syntax."""
+    return is_compressed(transfer_syntax)
+
+
+def _decoded_by_pydicom(ts: UID) -> bool:
+    # Compressed syntaxes whose decoders deliver colour as RGB, colour-by-pixel.
+    return ts != DEFLATED_IMAGE_FRAME_COMPRESSION and is_compressed(ts)
+
+
+def _inflate_frame(header: Dataset, data: bytes) -> np.ndarray:
+    """A Deflated Image Frame Compression frame as the native frame it deflates: little
+    endian, laid out as the header says; returned colour-by-pixel like pydicom's native
+    reader."""
+    try:
+        native = zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error:
+        native = zlib.decompress(data)  # a zlib-wrapped stream, as some writers produce
+    rows, columns = int(header.Rows), int(header.Columns)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    bits = int(header.BitsAllocated)
+    if bits not in (8, 16, 32):
+        raise PixelDecodeError(f"deflated frames of {bits}-bit samples are not supported")
+    kind = "i" if int(header.get("PixelRepresentation", 0) or 0) else "u"
+    dtype = np.dtype(f"<{kind}{bits // 8}")
+    expected = rows * columns * samples * dtype.itemsize
+    if len(native) < expected:
+        raise PixelDecodeError(f"a deflated frame holds {len(native)} bytes, {expected} expected")
+    arr = np.frombuffer(native[:expected], dtype=dtype)
+    if samples == 1:
+        return arr.reshape(rows, columns)
+    if int(header.get("PlanarConfiguration", 0) or 0) == 1:
+        return np.transpose(arr.reshape(samples, rows, columns), (1, 2, 0))
+    return arr.reshape(rows, columns, samples)
+
+
 def _check_frame(header: Dataset, frame: int) -> int:
     count = number_of_frames(header)
     if not 1 <= frame <= count:
@@ -358,7 +422,19 @@ def decode_frame(*, store: ObjectStore, storage_key: str, frame: int) -> np.ndar
     if isinstance(cached, np.ndarray):
         return cached
     ts = _transfer_syntax(header)
-    native = not ts.is_compressed
+    if ts == DEFLATED_IMAGE_FRAME_COMPRESSION:
+        encoded = encoded_frame(store=store, storage_key=storage_key, frame=frame)
+        assert encoded is not None
+        try:
+            arr = _inflate_frame(header, encoded.data)
+        except PixelDecodeError:
+            raise
+        except Exception as exc:
+            raise _decode_error(header, exc) from exc
+        arr.flags.writeable = False
+        _decoded.put((storage_key, index), arr, max(int(arr.nbytes), 1))
+        return arr
+    native = not is_compressed(ts)
     with open_instance(store, storage_key) as stream:
         try:
             if ts == DeflatedExplicitVRLittleEndian:
@@ -391,7 +467,7 @@ def raw_frame(*, store: ObjectStore, storage_key: str, frame: int) -> RawFrame:
     samples = int(header.get("SamplesPerPixel", 1) or 1)
     planar = int(header.get("PlanarConfiguration", 0) or 0) if samples > 1 else 0
     photometric = str(header.get("PhotometricInterpretation", "") or "")
-    if ts.is_compressed:
+    if _decoded_by_pydicom(ts):
         # The decoders deliver colour-by-pixel and convert YBR to RGB.
         planar = 0
         if samples == 3 and photometric.startswith("YBR"):
@@ -424,7 +500,7 @@ def encoded_frame(*, store: ObjectStore, storage_key: str, frame: int) -> Encode
     header = read_instance_header(store, storage_key)
     index = _check_frame(header, frame)
     ts = _transfer_syntax(header)
-    if not ts.is_compressed:
+    if not is_encapsulated(ts):
         return None
     count = number_of_frames(header)
     with open_instance(store, storage_key) as stream:
@@ -445,6 +521,128 @@ def encoded_frame(*, store: ObjectStore, storage_key: str, frame: int) -> Encode
         except Exception as exc:
             raise _decode_error(header, exc) from exc
     return EncodedFrame(data=data, transfer_syntax_uid=str(ts))
+
+
+# ---------------------------------------------------------------------------------------
+# Transcoding whole objects (WADO-RS retrieve in another transfer syntax)
+
+_WORD_SIZES: Final = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+# Compressed syntaxes objects are re-encoded in (lossless; pixel-exact in the tests).
+_ENCODED_TARGETS: Final = frozenset({UID("1.2.840.10008.1.2.4.90")})  # JPEG 2000 lossless
+
+
+def _decodable(ts: UID) -> bool:
+    if ts == DEFLATED_IMAGE_FRAME_COMPRESSION:
+        return True
+    if not ts.is_transfer_syntax:
+        return False
+    if not ts.is_compressed:
+        return True
+    try:
+        return bool(get_decoder(ts).is_available)
+    except NotImplementedError:
+        return False
+
+
+def can_transcode(source: str, target: str, *, has_pixels: bool = True) -> bool:
+    """Whether an object stored in ``source`` can be sent in ``target``: the same syntax,
+    Explicit VR Little Endian from anything pydicom reads and decodes, or a compressed syntax
+    whose encoder is installed (from data that can be decoded)."""
+    src, dst = UID(source), UID(target)
+    if src == dst:
+        return True
+    if not dst.is_transfer_syntax or dst.is_deflated:
+        return False
+    if not has_pixels:
+        return not dst.is_compressed
+    if not _decodable(src):
+        return False
+    if dst == ExplicitVRLittleEndian:
+        return True
+    if dst not in _ENCODED_TARGETS:
+        return False
+    try:
+        return bool(get_encoder(dst).is_available)
+    except NotImplementedError:
+        return False
+
+
+def _swap_words(ds: Dataset) -> None:
+    # Binary values of a big-endian object, brought to little endian (the writer does not).
+    for elem in ds.iterall():
+        size = _WORD_SIZES.get(str(elem.VR))
+        if size and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            if elem.tag == 0x7FE00010:
+                continue
+            elem.value = np.frombuffer(elem.value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+
+
+def _native_little_endian(ds: Dataset, source: UID, header: Dataset) -> None:
+    """Replace the Pixel Data of ``ds`` by its native little-endian encoding."""
+    if "PixelData" not in ds:
+        return
+    if source == DEFLATED_IMAGE_FRAME_COMPRESSION:
+        count = number_of_frames(header)
+        frames = [
+            np.ascontiguousarray(_inflate_frame(header, frame)).tobytes()
+            for frame in generate_frames(ds.PixelData, number_of_frames=count)
+        ]
+        ds.PixelData = b"".join(frames)
+        ds["PixelData"].VR = "OB" if int(header.BitsAllocated) <= 8 else "OW"
+        ds["PixelData"].is_undefined_length = False
+        if int(header.get("SamplesPerPixel", 1) or 1) > 1:
+            ds.PlanarConfiguration = 0
+    elif source.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    elif not source.is_little_endian:
+        arr = ds.pixel_array
+        if int(ds.get("BitsAllocated", 8) or 8) == 1:
+            raise TranscodeError("big-endian 1-bit pixel data cannot be transcoded")
+        ds.PixelData = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"))).tobytes()
+        ds["PixelData"].VR = "OB" if arr.dtype.itemsize == 1 else "OW"
+        if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+            ds.PlanarConfiguration = 0
+
+
+def transcode_instance(*, store: ObjectStore, storage_key: str, transfer_syntax: str) -> bytes:
+    """The stored object as a Part-10 file in ``transfer_syntax`` (see :func:`can_transcode`),
+    with the same SOP Instance UID. The object is read whole: it is meant for the single
+    objects of a WADO-RS retrieve. Raises TranscodeError."""
+    header = read_instance_header(store, storage_key)
+    source = _transfer_syntax(header)
+    target = UID(transfer_syntax)
+    if not can_transcode(source, target, has_pixels=True):
+        raise TranscodeError(f"cannot transcode {source.name or source} to {target.name or target}")
+    with open_instance(store, storage_key) as stream:
+        try:
+            ds = pydicom.dcmread(stream)
+            ds.file_meta.TransferSyntaxUID = source  # as stored (pydicom may guess otherwise)
+            big_endian = source.is_transfer_syntax and not source.is_little_endian
+            _native_little_endian(ds, source, header)
+            if big_endian:
+                _swap_words(ds)
+                # Every value is little endian now; the writer may encode it as such.
+                ds.set_original_encoding(ds.original_encoding[0], True, ds.original_character_set)
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            if target != ExplicitVRLittleEndian and "PixelData" in ds:
+                ds.compress(target, generate_instance_uid=False)
+            ds.file_meta.TransferSyntaxUID = target
+            out = io.BytesIO()
+            pydicom.dcmwrite(
+                out,
+                ds,
+                implicit_vr=target.is_implicit_VR,
+                little_endian=True,
+                enforce_file_format=True,
+            )
+        except TranscodeError:
+            raise
+        except Exception as exc:  # decoders and encoders raise many kinds of error
+            raise TranscodeError(
+                f"cannot transcode {source.name or source} to {target.name or target}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------
@@ -577,9 +775,8 @@ def render_pixels(
         lut_bits = 16 if rgb.dtype == np.uint16 else 8
         return _scale_to_eight_bits(rgb, lut_bits)
     if arr.ndim == 3:
-        if (
-            photometric in ("YBR_FULL", "YBR_FULL_422")
-            and not _transfer_syntax(header).is_compressed
+        if photometric in ("YBR_FULL", "YBR_FULL_422") and not _decoded_by_pydicom(
+            _transfer_syntax(header)
         ):
             # Natively stored YBR is decoded as stored (raw); the decoders of compressed
             # data already deliver RGB.

@@ -5,8 +5,10 @@ name as one PID-5 repetition per DICOM component group: the alphabetic name firs
 ideographic (Chinese) one, told apart by XPN-8, table 4000),
 OBR (accession as placer, study as filler, discipline, result status), OBX TX lines for
 findings and conclusion, an OBX ST line with the HR mark when granted, and an OBX ED
-line carrying the signed PDF in Base64. Result status: F final, C a later version that
-replaces a final one (amended, corrected, appended), P preliminary.
+line carrying the signed PDF in Base64 (endpoints with ``pdf_mode`` ``link``: an OBX RP
+line with the PDF's URL and an OBX ST line with its SHA-256 instead). Result status:
+F final, C a later version that replaces a final one (amended, corrected, appended),
+P preliminary.
 
 A retry sends the same message control ID (original-mode acknowledgement: the receiver
 can recognise a repeat). Only MSA-1 ``AA`` (or ``CA``) counts as delivered; ``AE``/``AR``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import socket
 import ssl
 import uuid
@@ -35,7 +38,15 @@ from worklist.delivery.senders import (
     register_sender,
 )
 
-__all__ = ["build_oru", "escape", "parse_ack", "patient_xpn", "send_mllp", "send_oru"]
+__all__ = [
+    "build_oru",
+    "escape",
+    "parse_ack",
+    "patient_xpn",
+    "pdf_url",
+    "send_mllp",
+    "send_oru",
+]
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
@@ -84,6 +95,14 @@ def patient_xpn(name: str) -> str:
         components += [_LEGAL_NAME, _REPRESENTATION[group.representation]]
         repetitions.append("^".join(escape(c) for c in components))
     return "~".join(repetitions)
+
+
+def pdf_url(push: ReportPush) -> str:
+    """Where the receiver fetches the signed PDF of a linked push: the API's PDF route under
+    ``RDC_PUBLIC_URL`` (else this server's own address)."""
+    settings = get_settings()
+    base = settings.public_url or f"http://{settings.http_host}:{settings.http_port}"
+    return f"{base.rstrip('/')}/api/v1/reports/{push.report_id}/pdf"
 
 
 def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str:
@@ -153,8 +172,17 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         if hr.get("recognizable_until"):
             parts.append(f"互认有效期至 valid until {str(hr['recognizable_until'])[:10]}")
         observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts))))
-    pdf = base64.b64encode(push.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiters
-    observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}"))
+    if endpoint.pdf_mode == "link":
+        # A reference pointer (RP) to the PDF and the PDF's SHA-256 instead of the PDF: a
+        # Base64 PDF of 75 KB is over python-hl7's 64 KiB frame and hl7apy's strict
+        # field lengths.
+        url = pdf_url(push)
+        observations.append(("RP", "PDF^签名报告 Signed report^L", f"{escape(url)}^RDC^AP^PDF"))
+        digest = hashlib.sha256(push.pdf).hexdigest()
+        observations.append(("ST", "PDFSHA256^签名报告 SHA-256 Signed report SHA-256^L", digest))
+    else:
+        pdf = base64.b64encode(push.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiters
+        observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}"))
     for number, (kind, code, value) in enumerate(observations, start=1):
         segments.append(_segment("OBX", {1: str(number), 2: kind, 3: code, 5: value, 11: status}))
     return "\r".join(segments) + "\r"

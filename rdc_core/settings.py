@@ -45,6 +45,16 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    public_url: str | None = Field(
+        default=None,
+        description="External base URL (scheme://host[:port][/prefix]) for links in DICOMweb "
+        "responses (BulkDataURI, RetrieveURL); unset: links relative to the DICOMweb root",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins (https://viewer.example:3000) allowed to call "
+        "the API and DICOMweb from a browser (e.g. OHIF); empty: none",
+    )
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
     dicom_ae_title: str = "RDC"
@@ -201,7 +211,13 @@ class Settings(BaseSettings):
         ZoneInfo(self.timezone)  # fail at start-up, not at the first report
         if self.dicom_tls_port is not None and not (self.dicom_tls_cert and self.dicom_tls_key):
             raise ConfigurationError("RDC_DICOM_TLS_PORT needs RDC_DICOM_TLS_CERT and _KEY")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigurationError("RDC_PUBLIC_URL must start with http:// or https://")
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def resolved_database_url(self) -> str:

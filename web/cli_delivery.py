@@ -38,6 +38,9 @@ def endpoint_add(
     app: Annotated[str | None, typer.Option(help="HL7: receiving application (MSH-5)")] = None,
     facility: Annotated[str | None, typer.Option(help="HL7: receiving facility (MSH-6)")] = None,
     name: Annotated[str | None, typer.Option(help="name (default: channel:AE@host:port)")] = None,
+    pdf: Annotated[
+        str, typer.Option(help="HL7: embed the signed PDF, or link it (URL and SHA-256)")
+    ] = "embed",
     disabled: Annotated[bool, typer.Option("--disabled", help="add it disabled")] = False,
     tls: Annotated[bool, typer.Option("--tls", help="push over TLS")] = False,
 ) -> None:
@@ -59,6 +62,7 @@ def endpoint_add(
             receiving_application=app,
             receiving_facility=facility,
             name=name,
+            pdf_mode=pdf,  # type: ignore[arg-type]
             enabled=not disabled,
             tls=tls,
         )

@@ -42,6 +42,7 @@ from worklist.models import (
     WorkItem,
     WorkItemState,
 )
+from worklist.person_names import person_name_matches
 from worklist.schemas import LeaseOut, ReaderOut, WorkItemOut, WorklistCounts, WorklistPage
 
 __all__ = [
@@ -92,6 +93,7 @@ class WorklistFilter:
         priority: Priority | None = None,
         state: str | None = None,
         mine: bool = False,
+        patient_name: str | None = None,
     ) -> None:
         if state is not None and state not in STATE_FILTERS:
             raise InvalidInputError(f"state must be one of {', '.join(STATE_FILTERS)}")
@@ -101,6 +103,7 @@ class WorklistFilter:
         self.priority = priority
         self.state = state
         self.mine = mine
+        self.patient_name = patient_name.strip() if patient_name else None
 
 
 def _taken(now: datetime) -> ColumnElement[bool]:
@@ -152,6 +155,13 @@ def _filtered(stmt: _S, flt: WorklistFilter, principal: Principal) -> _S:
         stmt = stmt.where(WorkItem.org_id == clinic_id.scalar_subquery())
     if flt.mine:
         stmt = stmt.where(WorkItem.claimed_by == principal.user_id)
+    if flt.patient_name:
+        named = (
+            select(Exam.id)
+            .join(Patient, Patient.id == Exam.patient_ref)
+            .where(person_name_matches(Patient.name, [flt.patient_name]))
+        )
+        stmt = stmt.where(WorkItem.exam_id.in_(named))
     return stmt
 
 

@@ -8,9 +8,18 @@ from sqlalchemy.orm import Session, selectinload
 from rdc_core.errors import InvalidInputError, NotFoundError
 from worklist.access import Principal
 from worklist.audit import record_access
-from worklist.models import Exam, ExamState, Organization, Priority, Report, ReportStatus
+from worklist.models import (
+    Exam,
+    ExamState,
+    Organization,
+    Patient,
+    Priority,
+    Report,
+    ReportStatus,
+)
 from worklist.patients.links import same_person_clause
 from worklist.people import person_name
+from worklist.person_names import person_name_matches
 from worklist.schemas import ExamDetail, ExamSummary, Page
 
 __all__ = ["get_exam", "list_exams", "list_priors", "visible_exam"]
@@ -78,6 +87,7 @@ def list_exams(
     state: ExamState | None = None,
     modality: str | None = None,
     priority: Priority | None = None,
+    patient_name: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> Page[ExamSummary]:
@@ -94,6 +104,12 @@ def list_exams(
         stmt = stmt.where(Exam.modalities.contains(modality.upper()))
     if priority:
         stmt = stmt.where(Exam.priority == priority)
+    if patient_name:
+        stmt = stmt.where(
+            Exam.patient_ref.in_(
+                select(Patient.id).where(person_name_matches(Patient.name, [patient_name]))
+            )
+        )
     stmt = _scoped(stmt, principal)
     total = session.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
     exams = (

@@ -5,6 +5,7 @@ failure, and two concurrent delivery runs never send one delivery twice."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import socketserver
 import threading
 import time
@@ -25,13 +26,29 @@ from worklist.delivery.tasks import deliver_due_reports
 from worklist.signing.service import get_signed_artifact
 
 
+def strict_hl7apy_problem(message: str) -> str:
+    """Why hl7apy, validating strictly against HL7 v2.5.1, refuses ``message`` ("" if not)."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    try:
+        parsed = parse_message(message, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        parsed.validate()
+    except Exception as exc:  # hl7apy raises a class per rule broken
+        return f"{type(exc).__name__}: {str(exc)[:60]}"
+    return ""
+
+
 class His:
     """An MLLP listener that keeps each message and answers ``code`` (AA, AE, AR)."""
 
-    def __init__(self, port: int, *, code: str = "AA", delay: float = 0.0) -> None:
+    def __init__(
+        self, port: int, *, code: str = "AA", delay: float = 0.0, strict: bool = False
+    ) -> None:
         self.messages: list[str] = []
         self.code = code
         self.delay = delay
+        self.strict = strict  # validate with hl7apy in strict mode; AE with the reason
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -46,11 +63,15 @@ class His:
                 outer.messages.append(text)
                 time.sleep(outer.delay)
                 control = text.split("\r")[0].split("|")[9]
+                code, reason = outer.code, "patient unknown" if outer.code != "AA" else ""
+                if outer.strict:
+                    reason = strict_hl7apy_problem(text)
+                    code = "AE" if reason else code
                 ack = [
                     f"MSH|^~\\&|HIS|C1|RDC|LEAD|20261201120000||ACK^R01^ACK|A{control}|P|2.5.1",
-                    f"MSA|{outer.code}|{control}|{'patient unknown' if outer.code != 'AA' else ''}",
+                    f"MSA|{code}|{control}|{reason[:80].replace('|', ' ')}",
                 ]
-                if outer.code != "AA":
+                if code != "AA":
                     ack.append("ERR|||204^Unknown key identifier^HL70357|E")
                 self.request.sendall(b"\x0b" + "\r".join(ack).encode() + b"\r\x1c\x0d")
 
@@ -207,3 +228,47 @@ def test_corrected_version_is_status_c_and_concurrent_runs_send_once(
     text = next(m for m in his.messages if "Nodule" in m)
     assert "右肺结节 \\F\\ 需复查 \\S\\ Nodule \\T\\ follow-up" in text
     assert {d.report_id for d in _all_deliveries()} == {first, second}
+
+
+def test_a_linked_pdf_passes_a_strict_receiver_the_embedded_one_does_not(
+    reading: Reading,  # noqa: F811
+    his_port: int,
+) -> None:
+    embedded = add_clinic_endpoint(
+        channel="hl7", port=his_port, receiving_application="HIS", name="hl7-embed"
+    )
+    linked = add_clinic_endpoint(
+        channel="hl7",
+        port=his_port,
+        receiving_application="HIS",
+        name="hl7-link",
+        pdf_mode="link",
+    )
+    set_patient_name(reading, "Wang^Fang=王^芳")
+    report_id = finalize(reading)
+    his = His(his_port, strict=True)
+    try:
+        run = deliver_due_reports(now=utcnow(), timeout=5)
+    finally:
+        his.stop()
+    with session_scope() as session:
+        signed = get_signed_artifact(session, report_id=report_id, kind="pdf")
+        by_target = {
+            d.target: d
+            for d in session.execute(
+                select(ReportDelivery).where(ReportDelivery.report_id == report_id)
+            ).scalars()
+        }
+    # The embedded PDF (Base64 in OBX-5) is longer than hl7apy's strict field lengths.
+    assert by_target[embedded].state is not DeliveryState.DELIVERED
+    assert "MaxLength" in (by_target[embedded].last_error or "")
+    assert by_target[linked].state is DeliveryState.DELIVERED and len(run.delivered) == 1
+    (message,) = [m for m in his.messages if "|RP|" in m]
+    assert not strict_hl7apy_problem(message)
+    obx = hl7.parse(message).segments("OBX")
+    assert [str(o[2]) for o in obx] == ["TX", "TX", "RP", "ST"]
+    pointer = obx[2][5][0]
+    assert str(pointer[0]).endswith(f"/api/v1/reports/{report_id}/pdf")
+    assert [str(pointer[i]) for i in (1, 2, 3)] == ["RDC", "AP", "PDF"]
+    assert str(obx[3][5]) == hashlib.sha256(signed).hexdigest()
+    assert len(signed) > 1000 and "Base64" not in message

@@ -241,7 +241,15 @@ def test_endpoint_cli(rdc_env: dict[str, str], alliance: dict[str, str]) -> None
         rdc_env,
         "delivery", "endpoint", "add", "--clinic", "CLINIC_A", "--channel", "hl7",
         "--host", "10.1.2.4", "--port", "2575", "--app", "HIS", "--facility", "CLINIC_A",
+        "--pdf", "link",
     )  # fmt: skip
+    odd = rdc_cli(
+        rdc_env,
+        "delivery", "endpoint", "add", "--clinic", "CLINIC_A", "--channel", "hl7",
+        "--host", "10.1.2.5", "--port", "2575", "--pdf", "attach",
+        check=False,
+    )  # fmt: skip
+    assert odd.returncode == 1 and "pdf_mode" in odd.stdout + odd.stderr
     bad = rdc_cli(
         rdc_env,
         "delivery", "endpoint", "add", "--clinic", "CLINIC_A", "--channel", "dicom",
@@ -263,5 +271,6 @@ def test_endpoint_cli(rdc_env: dict[str, str], alliance: dict[str, str]) -> None
         ("hl7", "10.1.2.4", 2575, True),
     }
     assert next(e for e in listed if e["channel"] == "dicom")["ae_title"] == "CLINIC_PACS"
+    assert {e["channel"]: e["pdf_mode"] for e in listed} == {"dicom": "embed", "hl7": "link"}
     queue = rdc_cli(rdc_env, "delivery", "run")
     assert "0 delivered, 0 failed" in queue.stdout

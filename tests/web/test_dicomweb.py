@@ -440,7 +440,9 @@ def test_metadata_matches_the_stored_datasets(deployment: Deployment) -> None:
         # Data Set Trailing Padding carries no data; dcmtk drops it when sending.
         original.pop("FFFCFFFC", None)
         if "PixelData" in ds:
-            assert ours["7FE00010"]["BulkDataURI"].endswith(f"{url}/bulkdata/7FE00010")
+            # Without RDC_PUBLIC_URL, links are relative to the server (never built from
+            # the Host header, which clients send without the port).
+            assert ours["7FE00010"]["BulkDataURI"] == f"{url}/bulkdata/7FE00010"
         for elem in ours.values():
             if "BulkDataURI" in elem:
                 assert elem["vr"] in BULK_VRS
@@ -581,7 +583,8 @@ def test_retrieve_instances_as_stored(deployment: Deployment) -> None:
     for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm"):
         path = next(p for p in deployment.clinic_a if p.name == name)
         response = reader.get(
-            instance_path(path), headers={"Accept": 'multipart/related; type="application/dicom"'}
+            instance_path(path),
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
         )
         assert response.status_code == 200, response.text
         ((part_headers, data),) = multipart(response)
@@ -590,6 +593,15 @@ def test_retrieve_instances_as_stored(deployment: Deployment) -> None:
         received = deployment.workdir / f"received-{name}"
         received.write_bytes(data)
         assert same_dataset(path, received), name
+        # Without a transfer syntax: the DICOMweb default, Explicit VR Little Endian.
+        response = reader.get(
+            instance_path(path), headers={"Accept": 'multipart/related; type="application/dicom"'}
+        )
+        ((part_headers, data),) = multipart(response)
+        assert part_headers["content-type"] == f"application/dicom; transfer-syntax={LITTLE_ENDIAN}"
+        decoded = pydicom.dcmread(io.BytesIO(data))
+        assert decoded.file_meta.TransferSyntaxUID == LITTLE_ENDIAN
+        assert np.array_equal(decoded.pixel_array, pydicom.dcmread(path).pixel_array), name
 
     mr = header(deployment.clinic_a[[p.name for p in deployment.clinic_a].index("MR_small.dcm")])
     parts = multipart(reader.get(f"/dicomweb/studies/{mr.StudyInstanceUID}"))

@@ -27,6 +27,14 @@ def exams(
     state: ExamState | None = None,
     modality: str | None = None,
     priority: Priority | None = None,
+    patient_name: Annotated[
+        str | None,
+        Query(
+            max_length=320,
+            description="DICOM name match: * and ? wildcards, each name group "
+            "(alphabetic, case-insensitive; ideographic; phonetic), e.g. 王* or =王^芳",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Offset = 0,
 ) -> Page[ExamSummary]:
@@ -39,6 +47,7 @@ def exams(
             state=state,
             modality=modality,
             priority=priority,
+            patient_name=patient_name,
             limit=limit,
             offset=offset,
         )

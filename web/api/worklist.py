@@ -56,6 +56,14 @@ def worklist(
         str | None, Query(description="open | claimed | awaiting_verification")
     ] = None,
     mine: bool = False,
+    patient_name: Annotated[
+        str | None,
+        Query(
+            max_length=320,
+            description="DICOM name match: * and ? wildcards, each name group "
+            "(alphabetic, case-insensitive; ideographic; phonetic), e.g. 王* or =王^芳",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Offset = 0,
 ) -> WorklistPage:
@@ -67,6 +75,7 @@ def worklist(
         priority=priority,
         state=state,
         mine=mine,
+        patient_name=patient_name,
     )
     with audited_read() as session:
         return list_worklist(

@@ -30,6 +30,7 @@ from web.dicomweb.dicomjson import element, parse_tag
 from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.models import Exam, Instance, Patient
+from worklist.person_names import person_name_matches
 
 __all__ = ["Level", "QidoQuery", "QidoResult", "parse_qido_query", "search"]
 
@@ -74,6 +75,7 @@ SERIES_TAGS: Final = (
     0x00201209,  # NumberOfSeriesRelatedInstances
     0x00400244,  # PerformedProcedureStepStartDate
     0x00400245,  # PerformedProcedureStepStartTime
+    0x00400275,  # RequestAttributesSequence
 )
 INSTANCE_TAGS: Final = (
     0x00080016,  # SOPClassUID
@@ -90,6 +92,10 @@ INSTANCE_TAGS: Final = (
     0x00280100,  # BitsAllocated
 )
 _RETRIEVE_URL = 0x00081190
+_TIMEZONE_OFFSET = 0x00080201  # returned when the object has it (PS3.18 Table 10.6.3-3)
+# Lists that viewers index into (OHIF's study list failed on an empty Modalities in Study):
+# left out when no value is known, instead of being sent empty.
+_OMITTED_WHEN_EMPTY: Final = frozenset({0x00080061, 0x00080060})
 _AVAILABILITY = 0x00080056
 _BULK_VRS: Final = frozenset(str(vr) for vr in BYTES_VR)
 
@@ -282,7 +288,7 @@ def _study_filters(query: QidoQuery, zone: ZoneInfo) -> list[Any]:
     if studies:
         filters.append(Exam.study_instance_uid.in_(studies))
     if "PatientName" in m:
-        filters.append(_text_match(Patient.name, m["PatientName"], ignore_case=True))
+        filters.append(person_name_matches(Patient.name, m["PatientName"]))
     if "PatientID" in m:
         filters.append(_text_match(Patient.patient_id, m["PatientID"]))
     if "AccessionNumber" in m:
@@ -395,14 +401,26 @@ def _find_studies(session: Session, principal: Principal, query: QidoQuery) -> l
             .group_by(Instance.exam_id)
         )
     }
+    # Modalities in Study from the series as well: the exam's list is kept at intake, the
+    # series' Modality is what the instances say.
+    modalities: dict[str, list[str]] = {}
+    for exam_id, modality in session.execute(
+        select(Instance.exam_id, Instance.modality)
+        .where(Instance.exam_id.in_(ids), Instance.modality != "")
+        .distinct()
+    ):
+        modalities.setdefault(exam_id, []).append(modality)
     rows = []
     for exam, patient in page:
         count = counts.get(exam.id)
+        listed = [m for m in exam.modalities.split("\\") if m]
+        listed += sorted(set(modalities.get(exam.id, [])) - set(listed))
         rows.append(
             _Row(
                 _Study.of(exam, patient),
                 count.key if count else None,
                 {
+                    0x00080061: listed or None,
                     0x00201206: count.series if count else 0,
                     0x00201208: count.instances if count else 0,
                 },
@@ -451,7 +469,7 @@ def _find_series(session: Session, principal: Principal, query: QidoQuery) -> li
             {
                 0x0020000E: row.series_instance_uid,
                 0x00200011: row.number,
-                0x00080060: row.modality,
+                0x00080060: row.modality or None,
                 0x00201209: row.instances,
             },
         )
@@ -482,7 +500,7 @@ def _find_instances(session: Session, principal: Principal, query: QidoQuery) ->
             {
                 0x0020000E: instance.series_instance_uid,
                 0x00200011: instance.series_number,
-                0x00080060: instance.modality,
+                0x00080060: instance.modality or None,
                 0x00080016: instance.sop_class_uid,
                 0x00080018: instance.sop_instance_uid,
                 0x00200013: instance.instance_number,
@@ -526,7 +544,7 @@ def _result(
         tags += SERIES_TAGS
     if level == "instance":
         tags += INSTANCE_TAGS
-    wanted = list(dict.fromkeys([*tags, *sorted(query.include)]))
+    wanted = list(dict.fromkeys([*tags, _TIMEZONE_OFFSET, *sorted(query.include)]))
     ds = Dataset()
     if header is not None:
         # Descriptive attributes as written in the object (names in every script, the
@@ -571,11 +589,14 @@ def _result(
         if tag in wanted or query.include_all:
             ds.add(element(tag, value))
     for tag in wanted:
-        if tag not in ds:
+        if tag not in ds and tag != _TIMEZONE_OFFSET:
             try:
                 ds.add(element(tag))
             except KeyError:
                 continue  # a private or unknown tag asked for by includefield
+    for tag in _OMITTED_WHEN_EMPTY:
+        if tag in ds and ds[tag].is_empty:
+            del ds[tag]
     return ds.to_json_dict()
 
 

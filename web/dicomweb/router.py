@@ -64,7 +64,14 @@ def _header_text(text: str) -> str:
 
 
 def _base_url(request: Request) -> str:
-    return f"{str(request.base_url).rstrip('/')}{router.prefix}"
+    """The DICOMweb root that links in responses start with: ``RDC_PUBLIC_URL`` when set,
+    else a path relative to this server (``/dicomweb``, after any ASGI root path). Never
+    the Host header: clients leave the port out of it (dicomweb-client sends
+    ``Host: 127.0.0.1``), and a link built from it could not be fetched."""
+    public = get_settings().public_url
+    if public:
+        return f"{public.rstrip('/')}{router.prefix}"
+    return f"{request.scope.get('root_path', '').rstrip('/')}{router.prefix}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,7 +163,7 @@ def _retrieve(
     series: str | None = None,
     sop: str | None = None,
 ) -> StreamingResponse:
-    wado.check_dicom_accept(parse_accept(request.headers.get("accept")))
+    accept = parse_accept(request.headers.get("accept"))
     refs = wado.resolve(
         principal=principal,
         study_uid=study,
@@ -165,14 +172,9 @@ def _retrieve(
         action="download",
         resource="instances",
     )
+    syntaxes = wado.dicom_transfer_syntaxes(accept, refs)
+    parts = wado.instance_parts(store=store, refs=refs, transfer_syntaxes=syntaxes)
     boundary = new_boundary()
-    parts = (
-        (
-            f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}",
-            wado.object_chunks(store, ref),
-        )
-        for ref in refs
-    )
     return StreamingResponse(
         multipart_body(parts, boundary),
         media_type=multipart_media_type("application/dicom", boundary),

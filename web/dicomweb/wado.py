@@ -14,18 +14,21 @@ from typing import Any, Final, Literal
 
 import pydicom
 from fastapi import HTTPException
-from pydicom.uid import UID
 from sqlalchemy import select
 
 from dicom_gateway.pixels import (
     FrameNotFoundError,
     RenderOptions,
+    TranscodeError,
     Window,
+    can_transcode,
     encoded_frame,
+    is_compressed,
     number_of_frames,
     open_instance,
     raw_frame,
     read_instance_header,
+    transcode_instance,
 )
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import InvalidInputError, NotFoundError
@@ -39,9 +42,10 @@ from worklist.models import Exam, Instance
 __all__ = [
     "InstanceRef",
     "bulk_data",
-    "check_dicom_accept",
+    "dicom_transfer_syntaxes",
     "frame_parts",
     "instance_metadata",
+    "instance_parts",
     "instance_url",
     "metadata_chunks",
     "object_chunks",
@@ -227,43 +231,65 @@ def parse_frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _frame_encoding(accept: Sequence[MediaRange], stored_ts: str) -> Literal["raw", "encoded"]:
-    """Which form of the frames the Accept header asks for (PS3.18 8.7.3.5).
+# Frames as images (PS3.18 Table 8.7.3-5): the media type and the stored syntaxes whose
+# frames are that kind of image, sent as stored.
+_FRAME_IMAGE_TYPES: Final[dict[str, frozenset[str]]] = {
+    "image/jpeg": frozenset(
+        {
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.51",
+            "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70",
+        }
+    ),
+    "image/jls": frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}),
+    "image/jp2": frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}),
+}
 
-    Uncompressed little endian is the default and always offered. ``transfer-syntax=*``
-    (what OHIF asks for) or the stored syntax gets the frames as stored when they are
-    compressed, so the viewer decodes them itself and nothing is transcoded.
+
+def _frame_content_type_for(accept: Sequence[MediaRange], ref: InstanceRef) -> str:
+    """The part content type of the frames, from the Accept header (PS3.18 8.7.3.5).
+
+    Uncompressed little endian is the default and always offered.
+    ``application/octet-stream; transfer-syntax=*`` (what OHIF asks for) or the stored
+    syntax gets compressed frames as stored, so the viewer decodes them itself;
+    ``image/jpeg``, ``image/jls`` and ``image/jp2`` get them as stored when they are of that
+    kind. Anything else is 406.
     """
+    stored = ref.transfer_syntax_uid
+    compressed = is_compressed(stored)
+    raw = f"{_OCTET_STREAM}; transfer-syntax={_LITTLE_ENDIAN}"
     for media in accept:
         if media.media_type in ("*/*", "multipart/*"):
-            return "raw"
+            return raw
         if media.media_type != "multipart/related":
             continue
-        if (media.part_type or _OCTET_STREAM) not in (_OCTET_STREAM, "*/*", "application/*"):
-            continue
+        part = media.part_type or _OCTET_STREAM
         ts = media.transfer_syntax
+        if part in _FRAME_IMAGE_TYPES:
+            if stored in _FRAME_IMAGE_TYPES[part] and ts in (None, "*", stored):
+                return f"{part}; transfer-syntax={stored}"
+            continue
+        if part not in (_OCTET_STREAM, "*/*", "application/*"):
+            continue
         if ts in (None, _LITTLE_ENDIAN):
-            return "raw"
-        if ts == "*" or ts == stored_ts:
-            return "encoded"
+            return raw
+        if ts == "*" or ts == stored:
+            return f"{_OCTET_STREAM}; transfer-syntax={stored}" if compressed else raw
+    kinds = [kind for kind, syntaxes in _FRAME_IMAGE_TYPES.items() if stored in syntaxes]
+    also = f" or {kinds[0]}" if kinds else ""
     raise HTTPException(
         status_code=406,
         detail='frames are available as multipart/related; type="application/octet-stream" '
-        f"in transfer syntax {_LITTLE_ENDIAN} or as stored ({stored_ts})",
+        f"in transfer syntax {_LITTLE_ENDIAN} or as stored ({stored}){also}",
     )
-
-
-def _frame_content_type(mode: Literal["raw", "encoded"], ref: InstanceRef) -> str:
-    if mode == "encoded" and UID(ref.transfer_syntax_uid).is_compressed:
-        return f"{_OCTET_STREAM}; transfer-syntax={ref.transfer_syntax_uid}"
-    return f"{_OCTET_STREAM}; transfer-syntax={_LITTLE_ENDIAN}"
 
 
 def _frame_bytes(store: ObjectStore, ref: InstanceRef, number: int, content_type: str) -> bytes:
     if content_type.endswith(_LITTLE_ENDIAN):
         return raw_frame(store=store, storage_key=ref.storage_key, frame=number).data
     encoded = encoded_frame(store=store, storage_key=ref.storage_key, frame=number)
-    assert encoded is not None  # the stored syntax is compressed (see _frame_content_type)
+    assert encoded is not None  # the stored syntax is compressed (see _frame_content_type_for)
     return encoded.data
 
 
@@ -277,7 +303,7 @@ def frame_parts(
     a proper error, not a broken stream; the other frames are decoded while the response is
     sent, so a request for many frames never holds them all in memory.
     """
-    content_type = _frame_content_type(_frame_encoding(accept, ref.transfer_syntax_uid), ref)
+    content_type = _frame_content_type_for(accept, ref)
     count = number_of_frames(read_instance_header(store, ref.storage_key))
     missing = [n for n in numbers if n > count]
     if missing:
@@ -351,25 +377,72 @@ def render_options(
     )
 
 
-def check_dicom_accept(accept: Sequence[MediaRange]) -> None:
-    """Raise 406 unless the Accept header allows multipart/related application/dicom.
+def dicom_transfer_syntaxes(accept: Sequence[MediaRange], refs: Sequence[InstanceRef]) -> list[str]:
+    """The transfer syntax each instance is sent in, from the Accept header (PS3.18 8.7.3.5).
 
-    Objects are sent as stored, each part labelled with its transfer syntax: the centre
-    keeps what the clinic sent and does not transcode.
+    ``transfer-syntax=*`` or the stored syntax: as stored. No transfer syntax (or ``*/*``):
+    Explicit VR Little Endian, the DICOMweb default, transcoded when stored otherwise.
+    Another syntax: transcoded when that is possible (JPEG 2000 lossless). Raises 406 when
+    no acceptable syntax works for some instance, before anything is sent.
     """
+    ranges: list[str | None] = []
     for media in accept:
         if media.media_type in ("*/*", "multipart/*"):
-            return
-        if media.media_type == "multipart/related" and (media.part_type or _DICOM) in (
+            ranges.append(None)
+        elif media.media_type == "multipart/related" and (media.part_type or _DICOM) in (
             _DICOM,
             "application/*",
             "*/*",
         ):
-            return
-    raise HTTPException(
-        status_code=406,
-        detail='instances are available as multipart/related; type="application/dicom"',
-    )
+            ranges.append(media.transfer_syntax)
+    if not ranges:
+        raise HTTPException(
+            status_code=406,
+            detail='instances are available as multipart/related; type="application/dicom"',
+        )
+    chosen = []
+    for ref in refs:
+        stored = ref.transfer_syntax_uid
+        for ts in ranges:
+            wanted = stored if ts == "*" else (ts or _LITTLE_ENDIAN)
+            if wanted == stored or can_transcode(stored, wanted):
+                chosen.append(wanted)
+                break
+        else:
+            asked = ", ".join(ts or _LITTLE_ENDIAN for ts in ranges)
+            raise HTTPException(
+                status_code=406,
+                detail=f"instance {ref.sop_instance_uid} is stored as {stored} and cannot be "
+                f"sent as {asked}; ask for transfer-syntax=* to get it as stored",
+            )
+    return chosen
+
+
+def instance_parts(
+    *, store: ObjectStore, refs: Sequence[InstanceRef], transfer_syntaxes: Sequence[str]
+) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """The multipart parts of a retrieve: each object as stored or transcoded. The first
+    object is transcoded before this returns, so its failure is a 406, not a broken stream;
+    later ones while the response is sent."""
+    pairs = list(zip(refs, transfer_syntaxes, strict=True))
+
+    def body(ref: InstanceRef, ts: str) -> Iterator[bytes]:
+        if ts == ref.transfer_syntax_uid:
+            return object_chunks(store, ref)
+        try:
+            data = transcode_instance(store=store, storage_key=ref.storage_key, transfer_syntax=ts)
+        except TranscodeError as exc:
+            raise HTTPException(status_code=406, detail=str(exc)) from exc
+        return iter([data])
+
+    first = body(*pairs[0]) if pairs else iter(())
+
+    def parts() -> Iterator[tuple[str, Iterator[bytes]]]:
+        for index, (ref, ts) in enumerate(pairs):
+            chunks = first if index == 0 else body(ref, ts)
+            yield f"{_DICOM}; transfer-syntax={ts}", chunks
+
+    return parts()
 
 
 def pixel_data_parts(
@@ -378,7 +451,7 @@ def pixel_data_parts(
     """Every frame of the instance as multipart parts, decoded one at a time while the
     response is sent (what the Pixel Data BulkDataURI of the metadata points to)."""
     count = number_of_frames(read_instance_header(store, ref.storage_key))
-    content_type = _frame_content_type(_frame_encoding(accept, ref.transfer_syntax_uid), ref)
+    content_type = _frame_content_type_for(accept, ref)
 
     def one(number: int) -> Iterator[bytes]:
         yield _frame_bytes(store, ref, number, content_type)

@@ -68,6 +68,9 @@ class DeliveryEndpoint(Base):
     ae_title: Mapped[str | None] = mapped_column(String(16), nullable=True)
     receiving_application: Mapped[str | None] = mapped_column(String(100), nullable=True)
     receiving_facility: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # HL7: "embed" the signed PDF (OBX ED, Base64) or "link" it (OBX RP with its URL and an
+    # OBX ST with its SHA-256), for receivers that refuse large messages.
+    pdf_mode: Mapped[str] = mapped_column(String(8), default="embed", server_default="embed")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

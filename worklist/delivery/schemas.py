@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,11 @@ class EndpointIn(BaseModel):
     receiving_application: str | None = Field(default=None, max_length=100)
     receiving_facility: str | None = Field(default=None, max_length=100)
     name: str | None = Field(default=None, max_length=100, description="default: derived")
+    pdf_mode: Literal["embed", "link"] = Field(
+        default="embed",
+        description="HL7: embed the signed PDF (OBX ED, Base64) or link it (OBX RP URL and "
+        "SHA-256), for receivers that refuse large messages",
+    )
     enabled: bool = True
     tls: bool = Field(default=False, description="push over TLS (DICOM TLS, MLLP over TLS)")
 
@@ -50,6 +55,7 @@ class EndpointOut(_Out):
     ae_title: str | None
     receiving_application: str | None
     receiving_facility: str | None
+    pdf_mode: str
     enabled: bool
     tls: bool
     created_at: datetime

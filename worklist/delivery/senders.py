@@ -99,6 +99,7 @@ class EndpointSpec:
     receiving_application: str | None = None
     receiving_facility: str | None = None
     tls: bool = False  # connect with TLS (client context: rdc_core.tls.client_context)
+    pdf_mode: str = "embed"  # HL7: "embed" the PDF, or "link" to it
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,6 +232,7 @@ def add_endpoint(
     endpoint.ae_title = data.ae_title.strip() if data.ae_title else None
     endpoint.receiving_application = data.receiving_application
     endpoint.receiving_facility = data.receiving_facility
+    endpoint.pdf_mode = data.pdf_mode
     endpoint.enabled = data.enabled
     endpoint.tls = data.tls
     endpoint.updated_at = now
@@ -453,6 +454,7 @@ def prepare_push(
         receiving_application=endpoint.receiving_application,
         receiving_facility=endpoint.receiving_facility,
         tls=endpoint.tls,
+        pdf_mode=endpoint.pdf_mode,
     )
     return push, spec
 
