@@ -20,9 +20,11 @@ from typing import Any
 
 import pydicom
 import pytest
+from alembic.script import ScriptDirectory
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, _config
 
+from rdc_core.migrate import alembic_config
 from tests.helpers import (
     RdcServer,
     free_port,
@@ -175,7 +177,8 @@ def test_migration_keeps_every_id_object_and_signature(
 
     with RdcServer(new_env, tmp_path / "new.log") as new:  # migrates at start
         with new.db() as db:
-            assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0010"
+            head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == head
             exams = db.execute(
                 "SELECT id, natural_key, key_kind, study_instance_uid FROM exams"
             ).fetchall()

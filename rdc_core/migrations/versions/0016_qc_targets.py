@@ -1,7 +1,7 @@
 """qc: versioned targets of the QC indicators; indexes on the times of the periods
 
-Revision ID: 0014
-Revises: 0007
+Revision ID: 0016
+Revises: 0015
 Create Date: 2026-12-04 18:40:00
 """
 
@@ -14,8 +14,8 @@ from alembic import op
 
 import rdc_core.db
 
-revision: str = "0014"
-down_revision: str | None = "0018"
+revision: str = "0016"
+down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

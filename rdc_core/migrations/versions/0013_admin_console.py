@@ -1,7 +1,7 @@
 """admin console: clinics can be disabled
 
-Revision ID: 0015
-Revises: 0007
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-04 19:00:00
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0015"
+revision: str = "0013"
 down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

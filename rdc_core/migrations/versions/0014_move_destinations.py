@@ -1,8 +1,8 @@
 """dicom move destinations (the AE titles a clinic's C-MOVE may send its own studies to);
 delivery endpoints: tls
 
-Revision ID: 0017
-Revises: 0007
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-04 19:20:00
 """
 
@@ -15,8 +15,8 @@ from alembic import op
 
 import rdc_core.db
 
-revision: str = "0017"
-down_revision: str | None = "0015"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

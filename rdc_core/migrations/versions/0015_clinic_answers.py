@@ -1,8 +1,8 @@
 """exams: who asked for a re-scan, the clinic's decline, the reason for a hand-set urgency;
 reports: the human report number, drawn from the per-year counters in report_counters
 
-Revision ID: 0018
-Revises: 0008
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-04 19:30:00
 """
 
@@ -15,8 +15,8 @@ from alembic import op
 
 import rdc_core.db
 
-revision: str = "0018"
-down_revision: str | None = "0017"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
