@@ -76,7 +76,10 @@ def _add_org(
     destinations: list[str] | None = None,
     *,
     update: bool = False,
+    create: bool = True,
 ) -> None:
+    """Create or (``update``) change an organisation; ``clinic add --update`` needs the
+    clinic to exist (``create`` False), ``org add`` creates or renames."""
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
     from worklist.admin import save_organization
@@ -88,6 +91,8 @@ def _add_org(
     try:
         with session_scope() as session:
             existing = find_organization(session, code=code)
+            if update and existing is None and not create:
+                _fail(f"no organisation with code {code!r}")
             if update and existing is not None:
                 if existing.kind is not OrgKind(kind_value):
                     _fail(f"organisation {code} is a {existing.kind.value}, not a {kind_value}")
@@ -144,7 +149,16 @@ def clinic_add(
 ) -> None:
     """Register a member clinic, the AE titles its modalities call with and the HL7 sending
     facilities of its lab systems. An existing code is refused unless --update."""
-    _add_org(code, name, "clinic", ae or [], hl7_facility or [], dicom_destination, update=update)
+    _add_org(
+        code,
+        name,
+        "clinic",
+        ae or [],
+        hl7_facility or [],
+        dicom_destination,
+        update=update,
+        create=not update,
+    )
 
 
 @org_app.command("add")
