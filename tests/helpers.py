@@ -344,7 +344,12 @@ class RdcServer:
     """
 
     def __init__(
-        self, env: dict[str, str], log_path: Path, *args: str, workers: bool | None = None
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        *args: str,
+        workers: bool | None = None,
+        mllp: bool = True,
     ) -> None:
         if "RDC_MLLP_PORT" not in env:  # never the default 2575: tests run side by side
             env = {**env, "RDC_MLLP_PORT": str(free_port())}
@@ -357,6 +362,7 @@ class RdcServer:
         self.http = f"http://127.0.0.1:{env['RDC_HTTP_PORT']}"
         self.dicom_port = int(env["RDC_DICOM_PORT"])
         self.mllp_port = int(self.env["RDC_MLLP_PORT"])
+        self.mllp = mllp  # False: a build from before the MLLP listener (migration tests)
         self.data_dir = Path(env["RDC_DATA_DIR"])
         role = args[args.index("--role") + 1] if "--role" in args else "all"
         if workers is None:
@@ -428,7 +434,7 @@ class RdcServer:
             if role in ("all", "dicom"):
                 with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
                     pass
-            if role in ("all", "mllp"):
+            if self.mllp and role in ("all", "mllp"):
                 with socket.create_connection(("127.0.0.1", self.mllp_port), timeout=2):
                     pass
             return True

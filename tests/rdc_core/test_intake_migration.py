@@ -170,7 +170,7 @@ def test_migration_keeps_every_id_object_and_signature(
 ) -> None:
     old_env, new_env = envs
     seed_alliance(old_env)
-    with RdcServer(old_env, tmp_path / "old.log") as old:
+    with RdcServer(old_env, tmp_path / "old.log", mllp=False) as old:
         with old.db() as db:
             assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0007"
         held = _build_old_deployment(old, testdata, dcmtk)
