@@ -308,7 +308,7 @@ def test_patient_index_over_http(
             assert NID not in page.content()
             # From the reading page: the patient ID links to the same person's page.
             page.goto(f"{server.http}/ui/read/{exam_a1}")
-            page.click("#ei-pid a.patient-link")
+            page.click("#ei-person a.patient-link")
             expect(page).to_have_url(re.compile(r"/ui/patients\?identifier="))
             expect(page.locator("#national-id")).to_have_text(MASKED)
             expect(page.locator("tr.identifier-row")).to_have_count(2)

@@ -30,9 +30,12 @@ MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "8"))
 
 
 class _Live:
-    def __init__(self, server: RdcServer, tokens: dict[str, str]) -> None:
+    def __init__(
+        self, server: RdcServer, tokens: dict[str, str], passwords: dict[str, str]
+    ) -> None:
         self.server = server
         self.tokens = tokens
+        self.passwords = passwords
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def live(
                 ):
                     assert result.returncode == 0, result.stderr
                 tokens = {who: server.token(who, passwords[who]) for who in ("admin", "tech_a")}
-                yield _Live(server, tokens)
+                yield _Live(server, tokens, passwords)
     finally:
         for _ in database:
             pass
@@ -129,7 +132,10 @@ _QUERIES = [
 def test_out_of_range_values_answer_problems(live: _Live) -> None:
     with httpx.Client(
         base_url=live.server.http,
-        headers={"Authorization": f"Bearer {live.tokens['admin']}"},
+        # A fresh token: the fuzzing may have logged the first one out.
+        headers={
+            "Authorization": f"Bearer {live.server.token('admin', live.passwords['admin'])}"
+        },
         timeout=30,
     ) as client:
         for query in _QUERIES:

@@ -246,10 +246,12 @@
     var pid = $("ei-pid");
     pid.textContent = patient.patient_id || "";
     pid.title = patient.patient_id || ""; // a long ID is cut with an ellipsis
+    var person = $("ei-person");
+    person.textContent = "";
     if (patient.patient_id && patient.issuer) {
       // The person across the alliance: identifiers at every clinic and their exams.
-      pid.appendChild(document.createTextNode(" "));
-      pid.appendChild(el("a", {
+      person.appendChild(document.createTextNode(" "));
+      person.appendChild(el("a", {
         class: "patient-link",
         href: "/ui/patients?identifier=" + encodeURIComponent(patient.issuer + "|" + patient.patient_id),
         text: t("pp.open"),
