@@ -117,7 +117,9 @@ def test_ui_defects_at_1366(
         report={"findings": "两肺纹理清晰", "impression": "未见异常", "quality_grade": "甲"},
     )
     with server.client("senior", alliance["senior"]) as senior:
-        verified = senior.post(f"/api/v1/reports/{submitted['id']}/verify-by-senior")
+        verified = senior.post(
+            f"/api/v1/reports/{submitted['id']}/verify-by-senior", json=senior.signing
+        )
         assert verified.status_code == 200, verified.text
     clinic = _Session(browser, server, "tech_a", alliance["tech_a"])
     clinic.page.goto(f"{server.http}/ui/report/{exam_id}")
