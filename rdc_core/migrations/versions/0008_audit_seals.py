@@ -169,8 +169,14 @@ def upgrade() -> None:
     )
     bind = op.get_bind()
     _seal_existing(bind)
+    # SQLite rebuilds the table (AUTOINCREMENT: sequence numbers are never reused).
+    # PostgreSQL drops the columns in place: a rebuilt table would restart its sequence at 1
+    # below the rows it copied.
+    sqlite = bind.dialect.name == "sqlite"
     with op.batch_alter_table(
-        "audit_events", recreate="always", table_kwargs={"sqlite_autoincrement": True}
+        "audit_events",
+        recreate="always" if sqlite else "auto",
+        table_kwargs={"sqlite_autoincrement": True} if sqlite else {},
     ) as batch_op:
         batch_op.drop_column("hash")
         batch_op.drop_column("prev_hash")
