@@ -37,7 +37,7 @@ def browser() -> Iterator[Browser]:
 
 def _login(browser: Browser, server: RdcServer, username: str, password: str, path: str) -> Page:
     context = browser.new_context(viewport={"width": 1600, "height": 900}, locale="zh-CN")
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(60_000)  # a loaded 2-core CI machine
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
