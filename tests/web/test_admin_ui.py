@@ -111,7 +111,11 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     user_row = page.locator("#users tbody tr[data-username='reader']")
     user_row.locator("[name=display_name]").fill("李医生")
     user_row.locator("[name=level]").select_option("attending")
-    user_row.locator("button.save").click()
+    with page.expect_response(
+        lambda r: r.request.method == "PATCH" and r.url.endswith("/api/v1/users/reader")
+    ) as saved:
+        user_row.locator("button.save").click()
+    assert saved.value.status == 200, saved.value.text()
     expect(
         page.locator("#users tbody tr[data-username='reader'] [name=display_name]")
     ).to_have_value("李医生")
