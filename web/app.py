@@ -17,6 +17,7 @@ from web.api import (
     critical_values,
     deliveries,
     ecg,
+    ecg_reading,
     exams,
     health,
     lab_messages,
@@ -71,6 +72,7 @@ def create_app() -> FastAPI:
         audit,
         exams,
         ecg,
+        ecg_reading,
         worklist,
         reports,
         deliveries,
@@ -82,6 +84,7 @@ def create_app() -> FastAPI:
         qc,
     ):
         app.include_router(module.router)
+    app.include_router(ecg_reading.statements_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(dicomweb_router)

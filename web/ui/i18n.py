@@ -798,7 +798,10 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     "ecg.unreliable": ("采样率低于500 Hz：测量不可靠", "Below 500 Hz: measurement unreliable"),
     "ecg.statements": ("诊断语句", "Statements"),
-    "ecg.statement_search": ("搜索诊断语句（中文/English/代码）", "Search statements (中文/English/code)"),
+    "ecg.statement_search": (
+        "搜索诊断语句（中文/English/代码）",
+        "Search statements (中文/English/code)",
+    ),
     "ecg.statement_none": ("未选择诊断语句", "No statement chosen"),
     "ecg.statement_add": ("加入报告", "Add to report"),
     "ecg.statement_remove": ("移除", "Remove"),

@@ -318,7 +318,9 @@ def _is_ecg(exam_id: str) -> bool:
     return discipline is Discipline.ECG
 
 
-def _exam_page(request: Request, exam_id: str, *, mode: str, template: str = "read.html") -> Response:
+def _exam_page(
+    request: Request, exam_id: str, *, mode: str, template: str = "read.html"
+) -> Response:
     principal = _current(request)
     if principal is None:
         return _to_login(request)
