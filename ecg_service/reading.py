@@ -117,12 +117,24 @@ def validate_reader_measurements(values: Mapping[str, float | None]) -> ReaderMe
 def reported_measurements(
     machine: Mapping[str, float | None], reader: Mapping[str, float | None] | None
 ) -> dict[str, float | None]:
-    """What the report states: the reader's value where edited, else the machine's."""
-    reader = reader or {}
-    return {
-        key: (reader[key] if reader.get(key) is not None else machine.get(key))
-        for key in MEASUREMENT_KEYS
-    }
+    """What the report states: the reader's value where edited, else the machine's. When
+    the reader changed QT, RR or the rate but not a QTc, that QTc is recomputed from the
+    reported QT and RR (Bazett QT/√RR, Fridericia QT/∛RR), never left inconsistent."""
+    edits = {k: v for k, v in (reader or {}).items() if v is not None}
+    out = {key: edits.get(key, machine.get(key)) for key in MEASUREMENT_KEYS}
+    if {"qt_ms", "rr_ms", "heart_rate_bpm"} & edits.keys():
+        qt = out["qt_ms"]
+        rr = out["rr_ms"] if "rr_ms" in edits or "heart_rate_bpm" not in edits else None
+        if rr is None and out["heart_rate_bpm"]:
+            rr = 60000.0 / float(out["heart_rate_bpm"])
+        for key, power in (("qtc_bazett_ms", 0.5), ("qtc_fridericia_ms", 1.0 / 3.0)):
+            if key in edits:
+                continue
+            if qt is None or rr is None or rr <= 0:
+                out[key] = None
+            else:
+                out[key] = round(float(qt) / (float(rr) / 1000.0) ** power, 0)
+    return out
 
 
 def _ints(x: np.ndarray) -> list[list[int]]:

@@ -331,6 +331,19 @@
     return v === null || v === undefined ? "" : String(Math.round(v));
   }
 
+  /** QTc recomputed from the reader's QT/RR/rate, as the report will state it
+      (ecg_service.reading.reported_measurements). */
+  function reportedQtc(machine) {
+    var r = state.reader, out = {};
+    if (r.qt_ms === undefined && r.rr_ms === undefined && r.heart_rate_bpm === undefined) return out;
+    var qt = r.qt_ms !== undefined ? r.qt_ms : machine.qt_ms;
+    var rr = r.rr_ms !== undefined || r.heart_rate_bpm === undefined ? (r.rr_ms !== undefined ? r.rr_ms : machine.rr_ms) : 60000 / r.heart_rate_bpm;
+    if (qt === null || qt === undefined || !rr) return out;
+    out.qtc_bazett_ms = qt / Math.pow(rr / 1000, 0.5);
+    out.qtc_fridericia_ms = qt / Math.pow(rr / 1000, 1 / 3);
+    return out;
+  }
+
   function deviceValues(study) {
     var out = {};
     (study.device_measurements || []).forEach(function (d) {
@@ -366,6 +379,8 @@
         dataset: { key: key },
       });
       input.value = num(state.reader[key]);
+      var derived = reportedQtc(machine)[key];
+      if (derived !== undefined && state.reader[key] === undefined) input.placeholder = num(derived);
       input.readOnly = !state.editable;
       input.addEventListener("change", readerChanged);
       var d = deltas[key];
@@ -417,6 +432,11 @@
     if (raw === "") delete state.reader[key];
     else state.reader[key] = Number(raw);
     saveReader();
+    var derived = reportedQtc((state.study && state.study.measurements) || {});
+    document.querySelectorAll("#ecg-meas .ecg-reader-input").forEach(function (input) {
+      var k = input.dataset.key;
+      input.placeholder = derived[k] !== undefined && state.reader[k] === undefined ? num(derived[k]) : "";
+    });
   }
 
   function renderFlags() {
