@@ -22,7 +22,8 @@ from ecg_service.reading import (
     signal_payload,
     validate_reader_measurements,
 )
-from worklist.delivery.senders import ReportPush
+from lab_results.report_push import build_oru
+from worklist.delivery.senders import EndpointSpec, ReportPush
 from worklist.signing.pdf import render_report_pdf
 from worklist.signing.sections import (
     ReportSection,
@@ -122,10 +123,10 @@ def test_section_provider_registry() -> None:
     assert section_provider("lab") is None
 
 
-def test_dicom_push_of_an_uploaded_ecg_has_a_valid_study_uid() -> None:
+def _push(**extra: object) -> ReportPush:
     now = datetime(2026, 12, 4, 8, 30, tzinfo=UTC)
-    push = ReportPush(
-        delivery_id="d1",
+    return ReportPush(
+        delivery_id="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
         attempt=1,
         report_id="r1",
         version=1,
@@ -155,7 +156,30 @@ def test_dicom_push_of_an_uploaded_ecg_has_a_valid_study_uid() -> None:
         signer="senior",
         signed_at=now,
         pdf=b"%PDF-1.4 test",
+        extra=dict(extra),
     )
+
+
+def test_dicom_push_of_an_uploaded_ecg_has_a_valid_study_uid() -> None:
+    push = _push()
     ds = encapsulated_pdf(push)
     assert UID(ds.StudyInstanceUID).is_valid and ds.StudyInstanceUID.startswith("2.25.")
     assert encapsulated_pdf(push).StudyInstanceUID == ds.StudyInstanceUID  # stable
+
+
+def test_hl7_push_carries_the_measurements() -> None:
+    observations = [
+        {"key": "heart_rate_bpm", "system": "http://loinc.org", "code": "8867-4",
+         "display": "Heart rate", "value": 61.0, "unit": "/min"},
+        {"key": "qt_ms", "system": "http://loinc.org", "code": "8634-0",
+         "display": "Q-T Interval", "value": 400.0, "unit": "ms"},
+    ]  # fmt: skip
+    endpoint = EndpointSpec(id="e", name="his", channel="hl7", host="127.0.0.1", port=1)
+    message = build_oru(_push(observations=observations), endpoint, now=datetime.now(UTC))
+    obx = [seg.split("|") for seg in message.split("\r") if seg.startswith("OBX")]
+    nm = [seg for seg in obx if seg[2] == "NM"]
+    assert [(seg[3], seg[5], seg[6]) for seg in nm] == [
+        ("8867-4^Heart rate^LN", "61", "/min^^UCUM"),
+        ("8634-0^Q-T Interval^LN", "400", "ms^^UCUM"),
+    ]
+    assert [int(seg[1]) for seg in obx] == list(range(1, len(obx) + 1))
