@@ -290,6 +290,13 @@ def triage_reason(matches: Sequence[PrescreenMatch]) -> str | None:
     )
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """A time the file wrote without a zone is the centre's local time (RDC_TIMEZONE)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=get_settings().zone)
+
+
 def _unreliable(analysis: EcgAnalysis) -> str | None:
     if analysis.reliable:
         return None
@@ -329,7 +336,7 @@ def analysis_values(
         "fiducials": summary["fiducials_ms"],
         "device": (record.device or None) and str(record.device)[:200],
         "device_statements": list(record.device_statements),
-        "acquired_at": record.acquired_at,
+        "acquired_at": _aware(record.acquired_at),
         "analysis_error": None,
         "analysis_version": ANALYSIS_VERSION,
         "analysed_at": now,
@@ -436,11 +443,17 @@ def _form_sex(value: str | None) -> str | None:
     return mapped[v]
 
 
-def _patient(record: EcgRecord, form: EcgForm) -> PatientIn:
+def _patient(record: EcgRecord, form: EcgForm, *, anonymous_id: str | None) -> PatientIn:
     p = record.patient
     patient_id = (p.patient_id or "").strip() or (form.patient_id or "").strip()
+    coerced = False
     if not patient_id:
-        raise EcgInputError("the ECG file names no patient ID: give the form field 'patient_id'")
+        if anonymous_id is None:
+            raise EcgInputError(
+                "the ECG file names no patient ID: give the form field 'patient_id'"
+            )
+        # As for DICOM: an empty ID must not merge every anonymous patient into one.
+        patient_id, coerced = anonymous_id, True
     form_birth = _birth_date(form.birth_date)
     form_sex = _form_sex(form.sex)
     file_birth = p.birth_date.strftime("%Y%m%d") if isinstance(p.birth_date, date) else None
@@ -462,6 +475,7 @@ def _patient(record: EcgRecord, form: EcgForm) -> PatientIn:
             }.items()
             if v
         },
+        **({"_coerced": {"patient_id": patient_id}} if coerced else {}),
     }
     return PatientIn(
         patient_id=patient_id[:64],
@@ -533,17 +547,22 @@ def ingest_ecg(
     form: EcgForm,
     source: str,
     principal: Principal | None = None,
+    allow_anonymous: bool = False,
     now: datetime | None = None,
 ) -> EcgIngestResult:
     """Store and register a prepared upload for clinic ``org`` (see the module's
     docstring); returns once its objects are durable: the caller commits.
+
+    ``allow_anonymous`` (bulk import): a record naming no patient gets the ID
+    ``NOID-<record hash>`` instead of being refused.
 
     Raises EcgInputError (no patient ID...), PermissionDeniedError (the record belongs to
     another clinic), StorageError and DatabaseUnavailableError.
     """
     now = now or utcnow()
     record = prepared.record
-    patient = _patient(record, form)
+    anonymous = f"NOID-{prepared.record_sha256[:32]}" if allow_anonymous else None
+    patient = _patient(record, form, anonymous_id=anonymous)
     artifact_id = artifact_id_for(ECG_FILE_KIND, prepared.natural_key)
     known = find_artifact(session, artifact_id=artifact_id)
     if known is not None:
@@ -582,7 +601,7 @@ def ingest_ecg(
                 key_kind=ExamKeyKind.FILE,
                 modality="ECG",
                 description=_description(record),
-                performed_at=record.acquired_at,
+                performed_at=_aware(record.acquired_at),
             ),
             artifact=ArtifactIn(
                 kind=ECG_FILE_KIND, ref=prepared.natural_key, object=primary, source=source[:64]

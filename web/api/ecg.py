@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import replace
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -11,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ecg_service import EcgRecord, analyse, render_trace
+from ecg_service import EcgRecord, PatientIdentity, analyse, render_trace
 from ecg_service.record import EcgFormatError
 from ecg_service.schemas import EcgIngested, EcgOut
 from ecg_service.service import (
@@ -173,8 +175,20 @@ def _trace(
 ) -> bytes:
     store = get_object_store()
     with audited_read() as session:
-        visible_exam(session, principal=principal, exam_id=exam_id)
+        exam = visible_exam(session, principal=principal, exam_id=exam_id)
         record = _record(session, store, exam_id)
+        # The header names the patient as the index knows them (a WFDB file names nobody).
+        patient = exam.patient
+        record = replace(
+            record,
+            patient=PatientIdentity(
+                patient_id=patient.patient_id,
+                name=patient.name or record.patient.name,
+                sex=patient.sex or record.patient.sex,
+                birth_date=_date(patient.birth_date) or record.patient.birth_date,
+                age_years=record.patient.age_years,
+            ),
+        )
         record_access(
             session,
             principal,
@@ -184,6 +198,13 @@ def _trace(
             detail={"format": fmt, **options},
         )
     return render_trace(record, analyse(record), fmt=fmt, **options)
+
+
+def _date(value: str | None) -> date | None:
+    try:
+        return datetime.strptime(value or "", "%Y%m%d").date()
+    except ValueError:
+        return None
 
 
 def _record(session: Any, store: Any, exam_id: str) -> EcgRecord:
@@ -197,8 +218,18 @@ _TRACE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND,
     409: {"description": "the stored waveform cannot be read"},
 }
-_SPEED = Annotated[Literal[25, 50], Query(description="paper speed, mm/s")]
-_GAIN = Annotated[Literal[5, 10, 20], Query(description="gain, mm/mV")]
+_SPEED = Annotated[int, Query(description="paper speed, mm/s: 25 or 50")]
+_GAIN = Annotated[int, Query(description="gain, mm/mV: 5, 10 or 20")]
+
+
+def _options(layout: str, speed: int, gain: int) -> dict[str, Any]:
+    if speed not in (25, 50):
+        raise InvalidInputError("speed must be 25 or 50 (mm/s)")
+    if gain not in (5, 10, 20):
+        raise InvalidInputError("gain must be 5, 10 or 20 (mm/mV)")
+    return {"layout": layout, "speed": float(speed), "gain": float(gain)}
+
+
 _LAYOUT = Annotated[Layout, Query(description="3x4 (+ lead II rhythm strip), 6x2 or 12x1")]
 
 
@@ -215,7 +246,7 @@ def trace_png(
     gain: _GAIN = 10,
 ) -> Response:
     """The 12 leads on standard ECG paper (1 mm / 5 mm grid, calibration pulse), as PNG."""
-    options = {"layout": layout, "speed": float(speed), "gain": float(gain)}
+    options = _options(layout, speed, gain)
     data = _trace(exam_id, principal, "png", options)
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
@@ -233,7 +264,7 @@ def trace_svg(
     gain: _GAIN = 10,
 ) -> Response:
     """The trace as SVG (vector, for reports and printing)."""
-    options = {"layout": layout, "speed": float(speed), "gain": float(gain)}
+    options = _options(layout, speed, gain)
     data = _trace(exam_id, principal, "svg", options)
     return Response(
         data, media_type="image/svg+xml", headers={"Cache-Control": "private, no-cache"}
