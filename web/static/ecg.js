@@ -476,7 +476,7 @@
           state.editable
             ? el("button", {
                 type: "button",
-                class: "ki-remove",
+                class: "stmt-remove",
                 title: t("ecg.statement_remove"),
                 "aria-label": t("ecg.statement_remove"),
                 text: "×",
