@@ -168,6 +168,15 @@ def test_ecg_console_reads_and_signs(
         expect(page.locator("#rp-status")).to_have_text("正式报告")
         expect(page.locator("#hr-mark")).to_have_text("HR")
         expect(qt).not_to_be_editable()
+
+        # The read-only report view of an ECG shows the report beside the trace.
+        page.goto(f"{demo.http}/ui/report/{current_id}")
+        expect(page.locator("#report-view")).to_be_visible()
+        expect(page.locator("#rv-impression")).to_contain_text("窦性心律")
+        expect(page.locator("#stmt-picked")).to_contain_text("Sinus rhythm")
+        view_canvas = page.locator("#ecg-current canvas")
+        wait_for(lambda: view_canvas.evaluate("c => c.width") > 600, what="the trace")
+        _shot(page, "ecg-report-view")
         assert not errors, errors
     finally:
         ctx.close()

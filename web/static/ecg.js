@@ -15,18 +15,6 @@
     "heart_rate_bpm", "rr_ms", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms",
     "p_axis_deg", "qrs_axis_deg", "t_axis_deg",
   ];
-  var LABELS = {
-    heart_rate_bpm: ["心率 HR", "/min"],
-    rr_ms: ["RR", "ms"],
-    pr_ms: ["PR", "ms"],
-    qrs_ms: ["QRS", "ms"],
-    qt_ms: ["QT", "ms"],
-    qtc_bazett_ms: ["QTc Bazett", "ms"],
-    qtc_fridericia_ms: ["QTc Fridericia", "ms"],
-    p_axis_deg: ["P axis", "°"],
-    qrs_axis_deg: ["QRS axis", "°"],
-    t_axis_deg: ["T axis", "°"],
-  };
   var LAYOUTS = {
     "3x4": [["I", "aVR", "V1", "V4"], ["II", "aVL", "V2", "V5"], ["III", "aVF", "V3", "V6"]],
     "6x2": [["I", "V1"], ["II", "V2"], ["III", "V3"], ["aVR", "V4"], ["aVL", "V5"], ["aVF", "V6"]],
@@ -370,12 +358,12 @@
       th.hidden = !state.prior;
     });
     KEYS.forEach(function (key) {
-      var label = LABELS[key];
+      var label = t("ecg.m." + key);
       var input = el("input", {
         type: "number",
         step: "1",
         class: "ecg-reader-input",
-        "aria-label": label[0] + " " + t("ecg.col.reader"),
+        "aria-label": label + " " + t("ecg.col.reader"),
         dataset: { key: key },
       });
       input.value = num(state.reader[key]);
@@ -387,7 +375,7 @@
       var dev = device[key];
       body.appendChild(
         el("tr", { dataset: { key: key } }, [
-          el("th", { text: label[0] + " (" + label[1] + ")" }),
+          el("th", { text: label }),
           el("td", {
             class: "num machine",
             text: machine[key] === null || machine[key] === undefined ? "—" : num(machine[key]),
@@ -491,9 +479,9 @@
       );
     });
     $("stmt-none").hidden = state.picked.length > 0;
-    var search = $("stmt-search");
-    search.disabled = !state.editable;
+    $("stmt-search").disabled = !state.editable;
     $("stmt-category").disabled = !state.editable;
+    document.querySelector(".ecg-stmt-search").hidden = cfg.mode !== "read";
   }
 
   function pick(st) {
@@ -508,6 +496,14 @@
       if (lines.indexOf(text) < 0) {
         lines.push(text);
         impression.value = lines.join("\n").replace(/^\n+/, "");
+      }
+    }
+    if (st.maps_to_critical) {
+      // A confirmed critical statement goes through the critical-value loop.
+      var critical = document.getElementById("critical");
+      if (critical && !critical.checked) {
+        critical.checked = true;
+        R.toast(t("ecg.critical_statement"), "error");
       }
     }
     renderPicked();

@@ -823,6 +823,20 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "ecg.serial": ("系列对比", "Serial comparison"),
     "ecg.flags": ("提示", "Flags"),
     "ecg.prescreen": ("机器预筛", "Machine pre-screen"),
+    "ecg.m.heart_rate_bpm": ("心率 (次/分)", "Heart rate (/min)"),
+    "ecg.m.rr_ms": ("RR间期 (ms)", "RR (ms)"),
+    "ecg.m.pr_ms": ("PR间期 (ms)", "PR (ms)"),
+    "ecg.m.qrs_ms": ("QRS时限 (ms)", "QRS (ms)"),
+    "ecg.m.qt_ms": ("QT间期 (ms)", "QT (ms)"),
+    "ecg.m.qtc_bazett_ms": ("QTc Bazett (ms)", "QTc Bazett (ms)"),
+    "ecg.m.qtc_fridericia_ms": ("QTc Fridericia (ms)", "QTc Fridericia (ms)"),
+    "ecg.m.p_axis_deg": ("P电轴 (°)", "P axis (°)"),
+    "ecg.m.qrs_axis_deg": ("QRS电轴 (°)", "QRS axis (°)"),
+    "ecg.m.t_axis_deg": ("T电轴 (°)", "T axis (°)"),
+    "ecg.critical_statement": (
+        "该诊断语句属于心电图危急值，已勾选危急值",
+        "This statement is an ECG critical value: the critical box is ticked",
+    ),
 }
 
 MESSAGES: dict[str, dict[str, str]] = {

@@ -328,8 +328,10 @@ def _exam_page(
         return RedirectResponse(_home(principal), status_code=303)
     if mode == "read" and principal.is_clinic_user:
         return RedirectResponse(f"/ui/report/{exam_id}", status_code=303)
-    if mode == "read" and template == "read.html" and _is_ecg(exam_id):
-        return RedirectResponse(f"/ui/ecg/{exam_id}", status_code=303)
+    if template == "read.html" and _is_ecg(exam_id):
+        if mode == "read":
+            return RedirectResponse(f"/ui/ecg/{exam_id}", status_code=303)
+        template = "ecg.html"  # the report beside the trace, read-only
     return _render(
         request,
         template,
