@@ -187,6 +187,9 @@ def test_ecg_console_reads_and_signs(
         assert pdf.status_code == 200
         fhir = api.get(f"/api/v1/reports/{report['id']}/fhir").json()
         document = api.get(f"/api/v1/reports/{report['id']}/document").json()
+        check = api.get(f"/api/v1/reports/{report['id']}/verify").json()
+        assert check["valid"] is True, check["reasons"]
+        assert check["document"]["valid"] and check["pdf"]["valid"]
         # Signed: the reader's QT is final now.
         refused = api.put(
             f"/api/v1/ecg/{current_id}/reader-measurements",
