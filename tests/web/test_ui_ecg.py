@@ -177,6 +177,13 @@ def test_ecg_console_reads_and_signs(
         view_canvas = page.locator("#ecg-current canvas")
         wait_for(lambda: view_canvas.evaluate("c => c.width") > 600, what="the trace")
         _shot(page, "ecg-report-view")
+        # The same page in English.
+        page.click("#lang-switch")
+        expect(page.locator(".ecg-median-box h3")).to_have_text("Median beats")
+        expect(page.locator("#ecg-meas tr[data-key='qt_ms'] th")).to_have_text("QT (ms)")
+        wait_for(lambda: view_canvas.evaluate("c => c.width") > 600, what="the trace")
+        _shot(page, "ecg-report-view-en")
+        page.click("#lang-switch")
         assert not errors, errors
     finally:
         ctx.close()
