@@ -11,18 +11,38 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 from playwright.sync_api import Browser, expect
 
 from tests.helpers import RdcServer, wait_for
-from tests.web.test_ui import ARTIFACTS, PASSWORD, _context, _login, _row, _shot, browser, demo
+from tests.web.test_ui import ARTIFACTS, PASSWORD, _context, _login, _row, _shot, browser
 
-__all__ = ["browser", "demo"]  # the fixtures, shared with test_ui
+__all__ = ["browser"]  # the fixture, shared with test_ui
+
+
+@pytest.fixture
+def demo(rdc_env: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
+    """``rdc serve --demo`` once its studies (and any demo ECGs) are on the worklist."""
+    srv = RdcServer(rdc_env, tmp_path / "serve.log", "--demo")
+    srv.start()
+    try:
+        with srv.client("reader", PASSWORD) as reader:
+            wait_for(
+                lambda: reader.get("/api/v1/worklist").json()["total"] >= 4,
+                timeout=60,
+                what="the demo studies on the worklist",
+            )
+        yield srv
+    finally:
+        srv.stop()
+
 
 FINDINGS = "窦性心律，心率约61次/分，各间期正常。"
 
