@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from dicom_gateway.element_scan import file_meta_elements, scan_top_level
 from dicom_gateway.records import (
+    ECG_WAVEFORM_SOP_CLASSES,
     INSTANCE_KIND,
     InstanceHeader,
     conflict_references,
@@ -74,11 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ECG_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform
-    "1.2.840.10008.5.1.4.1.1.9.1.2",  # General ECG Waveform
-    "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG Waveform
-}
+_ECG_SOP_CLASSES = ECG_WAVEFORM_SOP_CLASSES
 _PRIORITY_MAP = {"STAT": Priority.EMERGENCY, "HIGH": Priority.URGENT}
 _HASH_CHUNK = 1 << 20
 _READ_WHOLE_BYTES = 2 << 20  # objects up to this size are read whole, larger ones mapped

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from rdc_core.db import insert_ignore, session_connection, stable_id
 from rdc_core.storage import StoredObject
+from rdc_core.tasks import submit_after_commit
 from worklist.directory import OrgRef
 from worklist.intake import (
     ArtifactIn,
@@ -31,6 +32,8 @@ from worklist.models import Discipline, Exam, Instance, InstanceConflict, OrgKin
 from worklist.patients import OtherIdentifier
 
 __all__ = [
+    "ANALYSE_ECG_TASK",
+    "ECG_WAVEFORM_SOP_CLASSES",
     "INSTANCE_KIND",
     "InstanceHeader",
     "KnownInstance",
@@ -45,6 +48,16 @@ __all__ = [
 # The artifact kind of a DICOM SOP instance: its artifact ID is stable_id("instance", SOP
 # Instance UID), the ID instances always had.
 INSTANCE_KIND = "instance"
+ECG_WAVEFORM_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform
+        "1.2.840.10008.5.1.4.1.1.9.1.2",  # General ECG Waveform
+        "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG Waveform
+    }
+)
+# The ECG centre measures a received ECG waveform in this task (registered by
+# ecg_service.tasks, which this package may not import; tasks are called by name).
+ANALYSE_ECG_TASK = "ecg.analyse_exam"
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +209,7 @@ def register_instance(
             conflict=["sop_instance_uid"],
         )
 
-    return register_artifact(
+    registration = register_artifact(
         session,
         org=org,
         patient=patient,
@@ -208,6 +221,14 @@ def register_instance(
         also_referenced=partial(conflict_references, stored.key, header.sop_instance_uid),
         now=now,
     )
+    if (
+        registration.outcome is RecordOutcome.STORED
+        and header.sop_class_uid in ECG_WAVEFORM_SOP_CLASSES
+    ):
+        # A new ECG waveform: measured once the transaction committed (C-STORE, STOW and
+        # import alike); the ECG centre's periodic sweep catches a lost task.
+        submit_after_commit(session, ANALYSE_ECG_TASK, exam_id=registration.exam_id)
+    return registration
 
 
 def record_instance(

@@ -12,6 +12,7 @@ component group (``Wang^Fang=王^芳``), in UTF-8 (Specific Character Set ``ISO_
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,9 @@ _CONCEPT = {
 }
 
 
+_VALID_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
 def _uid(*parts: str) -> str:
     # 2.25 + the decimal of a name-based UUID (PS3.5 B.2): no registered root needed, and
     # the same report always gives the same UID.
@@ -98,8 +102,12 @@ def encapsulated_pdf(push: ReportPush) -> Dataset:
     ds.IssuerOfPatientID = push.issuer
     ds.PatientBirthDate = push.birth_date or ""
     ds.PatientSex = push.sex if push.sex in ("M", "F", "O") else ""
-    # General Study: the exam's own study
-    ds.StudyInstanceUID = push.study_instance_uid
+    # General Study: the exam's own study. An exam of another intake (an uploaded WFDB or
+    # aECG file) has no Study Instance UID; its natural key stands in, made a UID here.
+    study_uid = push.study_instance_uid
+    if len(study_uid or "") > 64 or not _VALID_UID.match(study_uid or ""):
+        study_uid = _uid("study", study_uid or push.exam_id)
+    ds.StudyInstanceUID = study_uid
     ds.StudyDate, ds.StudyTime = study_date, study_time
     ds.ReferringPhysicianName = ""
     ds.StudyID = ""

@@ -172,6 +172,14 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         if hr.get("recognizable_until"):
             parts.append(f"互认有效期至 valid until {str(hr['recognizable_until'])[:10]}")
         observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts))))
+    units: dict[int, str] = {}
+    for item in push.extra.get("observations") or []:
+        # The signed report's coded results (an ECG's intervals and axes): OBX NM lines
+        # with their LOINC (LN) or local (L) code and UCUM units in OBX-6.
+        system = "LN" if item.get("system") == "http://loinc.org" else "L"
+        code = f"{escape(str(item['code']))}^{escape(str(item.get('display') or ''))}^{system}"
+        observations.append(("NM", code, f"{float(item['value']):g}"))
+        units[len(observations)] = f"{escape(str(item.get('unit') or ''))}^^UCUM"
     if endpoint.pdf_mode == "link":
         # A reference pointer (RP) to the PDF and the PDF's SHA-256 instead of the PDF: a
         # Base64 PDF of 75 KB is over python-hl7's 64 KiB frame and hl7apy's strict
@@ -184,7 +192,10 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         pdf = base64.b64encode(push.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiters
         observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}"))
     for number, (kind, code, value) in enumerate(observations, start=1):
-        segments.append(_segment("OBX", {1: str(number), 2: kind, 3: code, 5: value, 11: status}))
+        fields = {1: str(number), 2: kind, 3: code, 5: value, 11: status}
+        if number in units:
+            fields[6] = units[number]
+        segments.append(_segment("OBX", fields))
     return "\r".join(segments) + "\r"
 
 

@@ -43,7 +43,12 @@ from rdc_core.metrics import (
     register_gauge_source,
 )
 from rdc_core.settings import Settings
-from rdc_core.tasks import registered_periodic_tasks, registered_tasks
+from rdc_core.tasks import (
+    active_runner,
+    registered_periodic_tasks,
+    registered_tasks,
+    set_active_runner,
+)
 
 __all__ = ["CeleryTaskRunner", "MeasuredRequest", "broker_queue_depth", "make_celery_app"]
 
@@ -107,10 +112,15 @@ class CeleryTaskRunner:
         self.app.send_task(name, kwargs=kwargs)
 
     def start(self) -> None:
-        """Nothing to start here: ``rdc worker`` and ``rdc beat`` run the tasks."""
+        """Nothing to start here: ``rdc worker`` and ``rdc beat`` run the tasks. Tasks
+        enqueued after a commit (:func:`rdc_core.tasks.submit_after_commit`) go to the
+        broker from now on."""
+        set_active_runner(self)
 
     def stop(self) -> None:
-        """Nothing to stop."""
+        """Tasks enqueued after a commit are no longer sent from this process."""
+        if active_runner() is self:
+            set_active_runner(None)
 
 
 # --- queue depth ------------------------------------------------------------------------

@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         default=None, description="How often READY detection runs; default: stable age / 4"
     )
     worker_threads: int = 4
+    ecg_prescreen_rules: Path | None = Field(
+        default=None,
+        description="ECG pre-screen (triage) rule table, YAML; default: the 2017 Chinese "
+        "consensus set shipped in ecg_service/data/prescreen_rules.yaml",
+    )
+    ecg_max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest ECG upload (all its files)"
+    )
     task_backend: Literal["inprocess", "celery"] = "inprocess"
     broker_url: str | None = Field(
         default=None, description="Celery broker, e.g. redis://host:6379/0 or amqp://..."

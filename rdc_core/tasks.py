@@ -2,8 +2,10 @@
 
 A task is a plain function registered under a stable dotted name with :func:`task`.
 Edges enqueue work by name with :meth:`TaskRunner.submit` *after* their transaction
-committed; periodic tasks are declared with :func:`periodic`. The embedded runner below uses
-a thread pool and a scheduler thread; a Celery runner can implement the same interface.
+committed (:func:`submit_after_commit` does both: the task goes to the process's running
+runner once the transaction commits); periodic tasks are declared with :func:`periodic`.
+The embedded runner below uses a thread pool and a scheduler thread; a Celery runner
+implements the same interface.
 Tasks must be idempotent: a retry or a second replica running the same task changes nothing.
 
 Both runners record every run in :mod:`rdc_core.metrics` (run time by task and outcome,
@@ -18,7 +20,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rdc_core.metrics import (
     FAILURE,
@@ -29,13 +32,19 @@ from rdc_core.metrics import (
     register_gauge_source,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 __all__ = [
     "InProcessTaskRunner",
     "PeriodicTask",
     "TaskRunner",
+    "active_runner",
     "periodic",
     "registered_periodic_tasks",
     "registered_tasks",
+    "set_active_runner",
+    "submit_after_commit",
     "task",
 ]
 
@@ -100,6 +109,42 @@ class TaskRunner(Protocol):
         ...
 
 
+_active: TaskRunner | None = None
+
+
+def set_active_runner(runner: TaskRunner | None) -> None:
+    """Make ``runner`` the one :func:`submit_after_commit` hands tasks to in this process
+    (runners call this when they start; ``None`` when the last one stops)."""
+    global _active
+    _active = runner
+
+
+def active_runner() -> TaskRunner | None:
+    """The task runner started in this process, if any."""
+    return _active
+
+
+def submit_after_commit(session: Session, name: str, /, **kwargs: Any) -> None:
+    """Enqueue task ``name`` with ``kwargs`` once the transaction of ``session`` commits
+    (nothing is enqueued if it rolls back). A process without a running runner (a DICOM
+    listener process, a CLI command) enqueues nothing: such tasks must also be reached by a
+    periodic sweep. Never raises: a failed enqueue is logged and left to the sweep."""
+    from rdc_core.db import after_commit
+
+    after_commit(session, partial(_submit_quietly, name, kwargs))
+
+
+def _submit_quietly(name: str, kwargs: dict[str, Any]) -> None:
+    runner = _active
+    if runner is None:
+        log.debug("task %s not enqueued: no task runner in this process", name)
+        return
+    try:
+        runner.submit(name, **kwargs)
+    except Exception as exc:  # the commit stands; the periodic sweep catches up
+        log.warning("task %s could not be enqueued: %s", name, exc)
+
+
 class _Load:
     """Tasks submitted to in-process runners and not started yet, and tasks running."""
 
@@ -158,6 +203,7 @@ class InProcessTaskRunner:
         declare_tasks(_tasks)
         register_gauge_source("inprocess", _load.samples, ttl=0.0, blocking=False)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="rdc-task")
+        set_active_runner(self)
         if self._run_periodic:
             self._scheduler = threading.Thread(
                 target=self._schedule_loop, name="rdc-scheduler", daemon=True
@@ -166,6 +212,8 @@ class InProcessTaskRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        if _active is self:
+            set_active_runner(None)
         if self._scheduler is not None:
             self._scheduler.join(timeout=10)
             self._scheduler = None

@@ -16,6 +16,8 @@ from web.api import (
     auth,
     critical_values,
     deliveries,
+    ecg,
+    ecg_reading,
     exams,
     health,
     lab_messages,
@@ -69,6 +71,8 @@ def create_app() -> FastAPI:
         auth,
         audit,
         exams,
+        ecg,
+        ecg_reading,
         worklist,
         reports,
         deliveries,
@@ -80,6 +84,7 @@ def create_app() -> FastAPI:
         qc,
     ):
         app.include_router(module.router)
+    app.include_router(ecg_reading.statements_router)
     app.include_router(ui_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(dicomweb_router)

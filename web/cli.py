@@ -287,12 +287,15 @@ def import_(
     paths: Annotated[list[Path], typer.Argument(help="files, folders or DICOMDIR")],
     clinic: Annotated[str, typer.Option(help="code of the clinic the data comes from")],
 ) -> None:
-    """Bulk-import DICOM files through the same ingest service as C-STORE."""
+    """Bulk-import DICOM files through the same ingest service as C-STORE, and ECG records
+    (a WFDB header with its signal files, HL7 aECG) through the ECG upload's intake."""
     from dicom_gateway.bulk_import import iter_dicom_files
     from dicom_gateway.ingest import InvalidDicomError, ingest_dicom_file
+    from ecg_service.files import group_ecg_files
     from rdc_core.db import session_scope
     from rdc_core.migrate import upgrade_database
     from rdc_core.storage import get_object_store
+    from rdc_core.tasks import InProcessTaskRunner
     from worklist.directory import get_organization, org_ref
 
     settings = get_settings()
@@ -307,34 +310,80 @@ def import_(
             org = org_ref(get_organization(session, code=clinic))
     except RDCError as exc:
         _fail(str(exc))
+    dicom_files: list[Path] = []
+    other: list[Path] = []
+    for path in files:
+        (dicom_files if _is_part10(path) else other).append(path)
+    ecg = group_ecg_files(other)
     # A refused file (unreadable, inconsistent, another clinic's study ...) is skipped with
     # its reason; the import goes on and ends with the summary, exit 1 if any was refused.
-    counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": 0}
-    refused: list[str] = []
+    counts = {"stored": 0, "duplicate": 0, "conflict": 0, "refused": len(ecg.refused)}
+    refused: list[str] = [f"{path}: {reason}" for path, reason in ecg.refused]
+    # DICOM ECG waveforms are measured by a task enqueued after their commit: run it here.
+    _register_tasks()
+    runner = InProcessTaskRunner(threads=1, run_periodic=False)
+    runner.start()
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("import", total=len(files))
-        for path in files:
-            try:
-                with session_scope() as session:
-                    result = ingest_dicom_file(
-                        session,
-                        store=store,
-                        source=path,
-                        calling_ae=f"import:{clinic}"[:16],
-                        zone=settings.zone,
-                        organization=org,
-                    )
-                counts[result.outcome.value] += 1
-            except (InvalidDicomError, RDCError, OSError) as exc:
-                counts["refused"] += 1
-                refused.append(f"{path}: {exc}")
-            progress.advance(bar)
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("import", total=len(dicom_files) + len(ecg.records))
+            for path in dicom_files:
+                try:
+                    with session_scope() as session:
+                        result = ingest_dicom_file(
+                            session,
+                            store=store,
+                            source=path,
+                            calling_ae=f"import:{clinic}"[:16],
+                            zone=settings.zone,
+                            organization=org,
+                        )
+                    counts[result.outcome.value] += 1
+                except (InvalidDicomError, RDCError, OSError) as exc:
+                    counts["refused"] += 1
+                    refused.append(f"{path}: {exc}")
+                progress.advance(bar)
+            for record in ecg.records:
+                try:
+                    counts[_import_ecg(record, store=store, org=org, clinic=clinic)] += 1
+                except (RDCError, OSError) as exc:
+                    counts["refused"] += 1
+                    refused.append(f"{record[0]}: {exc}")
+                progress.advance(bar)
+    finally:
+        runner.stop()
     for line in refused:
         console.print(f"[yellow]refused[/yellow] {line}", markup=True, highlight=False)
     console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
     if refused:
         raise typer.Exit(1)
+
+
+def _is_part10(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return True  # the DICOM ingest reports why it cannot be read
+
+
+def _import_ecg(files: list[Path], *, store: Any, org: Any, clinic: str) -> str:
+    """Import one ECG record (a WFDB header with its signal files, or one file)."""
+    from ecg_service.service import EcgForm, ingest_ecg, prepare_ecg
+    from rdc_core.db import session_scope
+
+    prepared = prepare_ecg([(p.name, p.read_bytes()) for p in files])
+    with session_scope() as session:
+        result = ingest_ecg(
+            session,
+            store=store,
+            prepared=prepared,
+            org=org,
+            form=EcgForm(),
+            source=f"import:{clinic}",
+            allow_anonymous=True,
+        )
+    return "duplicate" if result.duplicate else "stored"
 
 
 @app.command("serve")
@@ -424,6 +473,7 @@ def serve(
 def _register_tasks() -> None:
     """Import every module that declares tasks (the push senders register their channels)."""
     import dicom_gateway.report_push  # noqa: F401
+    import ecg_service.tasks  # noqa: F401
     import lab_results.report_push  # noqa: F401
     import worklist.tasks  # noqa: F401
 

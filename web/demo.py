@@ -7,7 +7,7 @@ Everything is derived from fixed names, so running the demo twice changes nothin
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -119,6 +119,16 @@ _STUDIES = [
         "ROUTINE",
         1,
     ),
+]
+
+# ECGs from the clinics' carts, synthetic 12-lead records uploaded through the ECG intake:
+# the patient and the synthesis parameters below. The long QTc pre-screens as
+# a suspected critical ECG and tops the worklist with its reason.
+_ECGS: list[tuple[str, str, str, str, str, float, float | None, float, int]] = [
+    # (clinic, patient id, name, sex, birth, heart rate, QT ms (None: normal), PR ms, seed)
+    ("CLINIC_A", "A0003", "Zhou^Li=周^丽", "F", "1971-04-18", 68, None, 160, 101),
+    ("CLINIC_B", "B0003", "Sun^Wei=孙^伟", "M", "1949-11-02", 64, 560, 160, 102),
+    ("CLINIC_A", "A0004", "Wu^Gang=吴^刚", "M", "1958-08-09", 58, None, 240, 103),
 ]
 
 # Earlier exams of demo patients, already reported, so the reading page has priors to show:
@@ -282,7 +292,34 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                 prior = next(p for p in _PRIORS if p[1] == days_ago)
                 prior_exams.append((result.exam_id, prior[2], prior[3]))
     _report_priors(prior_exams)
+    _upload_ecgs(store)
     return stored
+
+
+def _upload_ecgs(store: ObjectStore) -> int:
+    """The demo ECGs, through the ECG upload's intake (measured, pre-screened, queued);
+    returns how many were new."""
+    from ecg_service import PatientIdentity, synthesize_ecg
+    from ecg_service.service import EcgForm, ingest_ecg, prepare_ecg
+    from ecg_service.writers import wfdb_files
+
+    new = 0
+    for clinic, patient_id, name, sex, birth, rate, qt_ms, pr_ms, seed in _ECGS:
+        record, _ = synthesize_ecg(heart_rate_bpm=rate, qt_ms=qt_ms, pr_ms=pr_ms, seed=seed)
+        # The cart wrote the patient's sex in the header; the rest comes with the upload.
+        record = replace(record, patient=PatientIdentity(sex=sex))
+        prepared = prepare_ecg(wfdb_files(record, name=f"demo-{patient_id}"))
+        with session_scope() as session:
+            result = ingest_ecg(
+                session,
+                store=store,
+                prepared=prepared,
+                org=org_ref(get_organization(session, code=clinic)),
+                form=EcgForm(patient_id=patient_id, patient_name=name, sex=sex, birth_date=birth),
+                source="demo",
+            )
+        new += not result.duplicate
+    return new
 
 
 def _report_priors(priors: list[tuple[str, str, str]]) -> None:

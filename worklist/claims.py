@@ -241,6 +241,7 @@ def list_worklist(
             Exam.body_part,
             Exam.description,
             Exam.state.label("exam_state"),
+            Exam.triage_reason,
             Organization.code.label("clinic_code"),
             Organization.name.label("clinic_name"),
             Patient.name.label("patient_name"),
@@ -305,6 +306,7 @@ def _item_out(row: Any, *, principal: Principal, now: datetime) -> WorkItemOut:
         mine=live and row.claimed_by == principal.user_id,
         overdue=row.due_at < now,
         report_status=row.report_status,
+        triage_reason=row.triage_reason,
     )
 
 

@@ -324,6 +324,9 @@ class Exam(Base):
     rescan_decline_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Why the urgency was set by hand (DICOM priority absent or wrong); audited.
     priority_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Why a machine pre-screen put the exam at the top of the reading queue (e.g. an ECG
+    # whose QTc is >= 550 ms): a suspicion for the reader to confirm, never a finding.
+    triage_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # First fetch of the final report by the clinic (or first acknowledged push), and the
     # clinic's acknowledgement of it: the last two turnaround stages.

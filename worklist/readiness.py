@@ -29,11 +29,15 @@ from worklist.models import (
 __all__ = [
     "BATCH_SIZE",
     "DEFAULT_SLA_MINUTES",
+    "TRIAGE_RANK",
     "ReadyExam",
     "due_time",
+    "mark_exam_ready",
     "mark_stable_exams_ready",
+    "queue_rank",
     "requeue_exam",
     "route_exam",
+    "triage_exam",
 ]
 
 # Defaults shipped with the product (DESIGN.md §5); the sla_targets table overrides them.
@@ -50,6 +54,15 @@ DEFAULT_SLA_MINUTES: dict[tuple[Discipline, Priority], int] = {
 }
 
 BATCH_SIZE = 200  # exams made READY per transaction
+# The queue rank of an exam a machine pre-screen suspects is critical (an ECG whose QTc is
+# >= 550 ms...): above every emergency (rank 0), so the reader sees it first.
+TRIAGE_RANK = -1
+
+
+def queue_rank(exam: Exam) -> int:
+    """Where the exam sorts in the reading queue: its priority's rank, or
+    :data:`TRIAGE_RANK` when a pre-screen flagged it (``exam.triage_reason``)."""
+    return TRIAGE_RANK if exam.triage_reason else exam.priority.rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +122,7 @@ def requeue_exam(session: Session, *, exam: Exam, now: datetime) -> ReadyExam:
             state=WorkItemState.OPEN,
             pool=pool,
             priority=exam.priority,
-            priority_rank=exam.priority.rank,
+            priority_rank=queue_rank(exam),
             due_at=due_at,
             claimed_by=None,
             claimed_at=None,
@@ -151,31 +164,78 @@ def mark_stable_exams_ready(
         )
         if not cast(CursorResult[Any], result).rowcount:
             continue  # another worker got there first, or an instance just arrived
-        exam = session.get(Exam, exam_id, populate_existing=True)
-        assert exam is not None
-        if exam.rescan_requested_at is not None and exam.work_item is not None:
-            # New images after a re-scan request: the exam goes back to the queue.
-            made_ready.append(requeue_exam(session, exam=exam, now=now))
-            continue
-        pool = route_exam(session, exam=exam)
-        due_at = due_time(session, exam=exam)
-        insert_ignore(
-            session,
-            WorkItem.__table__,
-            {
-                "id": stable_id("work_item", exam_id),
-                "exam_id": exam_id,
-                "state": WorkItemState.OPEN.value,
-                "pool": pool,
-                "priority": exam.priority.value,
-                "priority_rank": exam.priority.rank,
-                "due_at": due_at,
-                "org_id": exam.org_id,
-                "discipline": exam.discipline.value,
-                "modality": exam.modality,
-                "created_at": now,
-            },
-            conflict=["exam_id"],
-        )
-        made_ready.append(ReadyExam(exam_id=exam_id, pool=pool, due_at=due_at))
+        made_ready.append(_queue(session, exam_id=exam_id, now=now))
     return made_ready
+
+
+def _queue(session: Session, *, exam_id: str, now: datetime) -> ReadyExam:
+    # The exam was just made READY: create its work item (or reopen it after a re-scan).
+    exam = session.get(Exam, exam_id, populate_existing=True)
+    assert exam is not None
+    if exam.rescan_requested_at is not None and exam.work_item is not None:
+        # New images after a re-scan request: the exam goes back to the queue.
+        return requeue_exam(session, exam=exam, now=now)
+    pool = route_exam(session, exam=exam)
+    due_at = due_time(session, exam=exam)
+    insert_ignore(
+        session,
+        WorkItem.__table__,
+        {
+            "id": stable_id("work_item", exam_id),
+            "exam_id": exam_id,
+            "state": WorkItemState.OPEN.value,
+            "pool": pool,
+            "priority": exam.priority.value,
+            "priority_rank": queue_rank(exam),
+            "due_at": due_at,
+            "org_id": exam.org_id,
+            "discipline": exam.discipline.value,
+            "modality": exam.modality,
+            "created_at": now,
+        },
+        conflict=["exam_id"],
+    )
+    return ReadyExam(exam_id=exam_id, pool=pool, due_at=due_at)
+
+
+def mark_exam_ready(session: Session, *, exam_id: str, now: datetime) -> ReadyExam | None:
+    """Make one RECEIVING exam READY and queue it now, without waiting for the stable age:
+    for intakes whose one artifact is the whole exam (an uploaded ECG record). None when
+    the exam is not RECEIVING (READY already, reported, cancelled)."""
+    result = session.execute(
+        update(Exam)
+        .where(Exam.id == exam_id, Exam.state == ExamState.RECEIVING)
+        .values(state=ExamState.READY, ready_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if not cast(CursorResult[Any], result).rowcount:
+        return None
+    return _queue(session, exam_id=exam_id, now=now)
+
+
+def triage_exam(session: Session, *, exam_id: str, reason: str, now: datetime) -> bool:
+    """A machine pre-screen suspects the exam is critical: it becomes an emergency with the
+    reason, and its work item (now, or when it is created) sorts above every other
+    (:data:`TRIAGE_RANK`), due by the emergency target. Nothing is signed or released: the
+    reader confirms. Returns False when the exam is reported or cancelled already (it is
+    left as it is)."""
+    exam = session.get(Exam, exam_id, populate_existing=True)
+    if exam is None or exam.state not in (
+        ExamState.RECEIVING,
+        ExamState.READY,
+        ExamState.RESCAN_REQUESTED,
+    ):
+        return False
+    exam.triage_reason = reason[:4000]
+    exam.priority = Priority.EMERGENCY
+    item = exam.work_item
+    if item is not None and item.state in (WorkItemState.OPEN, WorkItemState.AWAITING_VERIFICATION):
+        item.priority = Priority.EMERGENCY
+        item.priority_rank = TRIAGE_RANK
+        requeued = exam.rescan_requested_at is not None
+        item.due_at = min(
+            item.due_at, due_time(session, exam=exam, since=exam.ready_at if requeued else None)
+        )
+        item.updated_at = now
+    session.flush()
+    return True

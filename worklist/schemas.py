@@ -74,7 +74,7 @@ class PatientOut(_Out):
 
 class ExamSummary(_Out):
     id: str
-    study_instance_uid: str
+    study_instance_uid: str | None = None  # DICOM exams; None for an uploaded ECG file
     org_id: str
     clinic_code: str
     clinic_name: str = ""
@@ -102,6 +102,8 @@ class ExamSummary(_Out):
     rescan_declined_at: datetime | None = None
     rescan_decline_reason: str | None = None
     priority_reason: str | None = None
+    # Why a machine pre-screen put the exam first in the queue (a suspicion to confirm).
+    triage_reason: str | None = None
     report_status: ReportStatus | None = None
 
 
@@ -133,7 +135,7 @@ class WorkItemOut(_Out):
     due_at: datetime
     created_at: datetime
     exam_id: str
-    study_instance_uid: str
+    study_instance_uid: str | None
     clinic_code: str
     discipline: Discipline
     modality: str
@@ -149,6 +151,9 @@ class WorkItemOut(_Out):
     mine: bool = False
     overdue: bool = False
     report_status: ReportStatus | None = None
+    # A machine pre-screen's reason for putting the exam first (e.g. "QTc ≥550 ms"): a
+    # suspicion the reader confirms; nothing is signed or released by it.
+    triage_reason: str | None = None
 
 
 class WorklistCounts(BaseModel):

@@ -9,6 +9,7 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import ecg_service.models  # noqa: F401  (the ECG intake's table)
 import lab_results.models  # noqa: F401  (the lab intake's tables)
 import worklist.audit
 import worklist.tables  # registers every table

@@ -206,13 +206,18 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
     try:
         reader = server.client("reader", "rdc-demo")
         page = wait_for(
-            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 4 and p,
+            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 7 and p,
             what="demo worklist",
         )
-        assert page["items"][0]["priority"] == "emergency"
-        assert "王" in page["items"][0]["patient_name"]
+        # 4 imaging exams and 3 ECGs; the ECG with a long QTc is first, with the reason.
+        first, second = page["items"][:2]
+        assert first["discipline"] == "ecg" and "QTc" in first["triage_reason"]
+        assert "孙" in first["patient_name"]
+        assert sum(i["discipline"] == "ecg" for i in page["items"]) == 3
+        assert second["priority"] == "emergency" and second["triage_reason"] is None
+        assert "王" in second["patient_name"]
         # The patient's earlier exam is already signed and shows as a prior.
-        priors = reader.get(f"/api/v1/exams/{page['items'][0]['exam_id']}/priors").json()
+        priors = reader.get(f"/api/v1/exams/{second['exam_id']}/priors").json()
         assert [p["report_status"] for p in priors] == ["final"]
         report = reader.get(f"/api/v1/exams/{priors[0]['id']}/report").json()
         assert report["status"] == "final" and "nodule" in report["impression"]

@@ -131,7 +131,7 @@
     } else {
       stateText = t("state.open");
     }
-    var readUrl = "/ui/read/" + encodeURIComponent(item.exam_id);
+    var readUrl = (item.discipline === "ecg" ? "/ui/ecg/" : "/ui/read/") + encodeURIComponent(item.exam_id);
     var action;
     if (awaiting) {
       action = el("a", {

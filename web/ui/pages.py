@@ -306,7 +306,21 @@ def worklist_page(request: Request) -> Response:
     )
 
 
-def _exam_page(request: Request, exam_id: str, *, mode: str) -> Response:
+def _is_ecg(exam_id: str) -> bool:
+    """Whether the exam is an ECG (read in the ECG console); the page shows no data, the
+    console's API calls apply the access rules."""
+    from worklist.models import Exam
+
+    with session_scope() as session:
+        discipline = session.execute(
+            select(Exam.discipline).where(Exam.id == exam_id)
+        ).scalar_one_or_none()
+    return discipline is Discipline.ECG
+
+
+def _exam_page(
+    request: Request, exam_id: str, *, mode: str, template: str = "read.html"
+) -> Response:
     principal = _current(request)
     if principal is None:
         return _to_login(request)
@@ -314,9 +328,13 @@ def _exam_page(request: Request, exam_id: str, *, mode: str) -> Response:
         return RedirectResponse(_home(principal), status_code=303)
     if mode == "read" and principal.is_clinic_user:
         return RedirectResponse(f"/ui/report/{exam_id}", status_code=303)
+    if template == "read.html" and _is_ecg(exam_id):
+        if mode == "read":
+            return RedirectResponse(f"/ui/ecg/{exam_id}", status_code=303)
+        template = "ecg.html"  # the report beside the trace, read-only
     return _render(
         request,
-        "read.html",
+        template,
         principal=principal,
         page=mode,
         mode=mode,
@@ -329,6 +347,13 @@ def _exam_page(request: Request, exam_id: str, *, mode: str) -> Response:
 def reading_page(exam_id: str, request: Request) -> Response:
     """Viewer and report side by side; claims the exam's work item when it is free."""
     return _exam_page(request, exam_id, mode="read")
+
+
+@router.get("/ui/ecg/{exam_id}")
+def ecg_reading_page(exam_id: str, request: Request) -> Response:
+    """The ECG reading console: the 12 leads on the grid, calipers, median beats, the
+    measurements by source, statements and the prior ECG, beside the report."""
+    return _exam_page(request, exam_id, mode="read", template="ecg.html")
 
 
 @router.get("/ui/report/{exam_id}")
