@@ -101,7 +101,7 @@ def encapsulated_pdf(push: ReportPush) -> Dataset:
     # General Study: the exam's own study
     ds.StudyInstanceUID = push.study_instance_uid
     ds.StudyDate, ds.StudyTime = study_date, study_time
-    ds.ReferringPhysicianName = ""
+    ds.ReferringPhysicianName = push.referring_physician
     ds.StudyID = ""
     ds.AccessionNumber = push.accession_number or ""
     ds.StudyDescription = push.description[:64]
