@@ -76,6 +76,7 @@ __all__ = [
     "decode_frame",
     "encoded_frame",
     "frame_cache",
+    "frame_transcodable",
     "is_compressed",
     "is_encapsulated",
     "number_of_frames",
@@ -85,6 +86,7 @@ __all__ = [
     "render_frame",
     "render_pixels",
     "transcode_instance",
+    "transcoded_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -521,6 +523,84 @@ def encoded_frame(*, store: ObjectStore, storage_key: str, frame: int) -> Encode
         except Exception as exc:
             raise _decode_error(header, exc) from exc
     return EncodedFrame(data=data, transfer_syntax_uid=str(ts))
+
+
+# ---------------------------------------------------------------------------------------
+# Frames in another (compressed) transfer syntax: one frame decoded and encoded at a time
+
+JPEG_BASELINE: Final = UID("1.2.840.10008.1.2.4.50")
+JPEG_2000_LOSSLESS: Final = UID("1.2.840.10008.1.2.4.90")
+_FRAME_QUALITY: Final = 95
+
+
+def _eight_bit(header: Dataset) -> bool:
+    return (
+        int(header.get("BitsStored", 8) or 8) <= 8
+        and int(header.get("PixelRepresentation", 0) or 0) == 0
+        and int(header.get("SamplesPerPixel", 1) or 1) in (1, 3)
+    )
+
+
+def frame_transcodable(header: Dataset, target: str) -> bool:
+    """Whether frames of an object with ``header`` can be sent encoded in ``target``: JPEG
+    2000 lossless from any decodable pixel data (not 1-bit), JPEG baseline (lossy) from
+    8-bit unsigned grey or colour data."""
+    target_uid = UID(target)
+    if int(header.get("BitsAllocated", 8) or 8) == 1 or not _decodable(_transfer_syntax(header)):
+        return False
+    if target_uid == JPEG_2000_LOSSLESS:
+        try:
+            return bool(get_encoder(target_uid).is_available)
+        except NotImplementedError:
+            return False
+    return target_uid == JPEG_BASELINE and _eight_bit(header)
+
+
+def transcoded_frame(
+    *, store: ObjectStore, storage_key: str, frame: int, transfer_syntax: str
+) -> EncodedFrame:
+    """Frame ``frame`` (1-based) encoded in ``transfer_syntax`` (see
+    :func:`frame_transcodable`): only that frame is read and decoded, so a large multi-frame
+    object is never held whole. Raises TranscodeError (and what :func:`decode_frame` raises)."""
+    header = read_instance_header(store, storage_key)
+    target = UID(transfer_syntax)
+    if not frame_transcodable(header, target):
+        ts = _transfer_syntax(header)
+        raise TranscodeError(f"frames of {ts.name or ts} cannot be sent as {target.name or target}")
+    from PIL import Image
+
+    arr = decode_frame(store=store, storage_key=storage_key, frame=frame)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    photometric = str(header.get("PhotometricInterpretation", "") or "MONOCHROME2")
+    try:
+        native = not _decoded_by_pydicom(_transfer_syntax(header))
+        if samples == 3 and native and photometric.startswith("YBR"):
+            arr = convert_color_space(arr, photometric, "RGB")  # encoders are given RGB
+        if target == JPEG_BASELINE:
+            image = Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8, copy=False)))
+            out = io.BytesIO()
+            # 4:4:4: no chroma subsampling (small images and fine colour detail survive).
+            image.save(out, format="JPEG", quality=_FRAME_QUALITY, subsampling=0)
+            data = out.getvalue()
+        else:
+            bits_allocated = arr.dtype.itemsize * 8
+            data = get_encoder(target).encode(
+                np.ascontiguousarray(arr),
+                rows=int(arr.shape[0]),
+                columns=int(arr.shape[1]),
+                samples_per_pixel=samples,
+                number_of_frames=1,
+                bits_allocated=bits_allocated,
+                bits_stored=min(int(header.get("BitsStored", bits_allocated)), bits_allocated),
+                pixel_representation=int(header.get("PixelRepresentation", 0) or 0),
+                photometric_interpretation=photometric if samples == 1 else "RGB",
+                planar_configuration=0,
+            )
+    except Exception as exc:  # encoders raise many kinds of error
+        raise TranscodeError(
+            f"cannot encode frame {frame} as {target.name or target}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return EncodedFrame(data=data, transfer_syntax_uid=str(target))
 
 
 # ---------------------------------------------------------------------------------------
