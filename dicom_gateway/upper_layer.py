@@ -94,6 +94,7 @@ _ASSOCIATE_RQ = 0x01
 _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 # Command fields (PS3.7 E.1)
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+_C_FIND_RSP = 0x8020
 _NO_DATA_SET = 0x0101
 _C_GET_RQ, _C_FIND_RQ, _C_MOVE_RQ, _C_CANCEL_RQ = 0x0010, 0x0020, 0x0021, 0x0FFF
 _QR_REQUESTS = frozenset({_C_GET_RQ, _C_FIND_RQ, _C_MOVE_RQ})
@@ -328,11 +329,16 @@ def _encode_response(
     sop_class: str,
     sop_instance: str | None,
     comment: str,
+    *,
+    data_set: bool = False,
 ) -> bytes:
+    """A response's command set (Implicit VR Little Endian); ``data_set``: an identifier
+    follows (Command Data Set Type 0x0001)."""
+    present = 0x0001 if data_set else _NO_DATA_SET
     body = _element(0x00000002, sop_class.encode("ascii"))
     body += _element(0x00000100, command.to_bytes(2, "little"))
     body += _element(0x00000120, message_id.to_bytes(2, "little"))
-    body += _element(0x00000800, _NO_DATA_SET.to_bytes(2, "little"))
+    body += _element(0x00000800, present.to_bytes(2, "little"))
     body += _element(0x00000900, status.to_bytes(2, "little"))
     if comment and status not in (0x0000,):
         body += _element(0x00000902, comment.encode("ascii", "replace")[:64])
@@ -739,7 +745,12 @@ class _Association:
             encoded = encode_dataset(match, implicit, True)
             if encoded is None:
                 continue
-            self._respond(C_FIND, context_id, message_id, sop_class, _PENDING, identifier=encoded)
+            # The pending responses are the bulk of a C-FIND: their command is written here
+            # (pynetdicom's message classes took about 1 ms each, ten times the rest).
+            command = _encode_response(
+                _C_FIND_RSP, message_id, _PENDING, sop_class, None, "", data_set=True
+            )
+            self._send_command_and_data(context_id, command, encoded)
         self._respond(C_FIND, context_id, message_id, sop_class, _SUCCESS)
 
     def _get(self, context_id: int, message_id: int, sop_class: str, query: Dataset) -> None:
@@ -951,6 +962,24 @@ class _Association:
             else:
                 commands.append(values)
         return commands
+
+    def _send_command_and_data(self, context_id: int, command: bytes, data: bytes) -> None:
+        """A command and its data set, in one send: the command's PDV, then the data set's
+        fragments within the peer's maximum PDU length."""
+        if self._armed < self.config.network_timeout - self._slack:
+            self._arm(self.config.network_timeout)
+        pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
+        out = [_HEADER.pack(_P_DATA, len(pdv)), pdv]
+        size = (self.peer_max_pdu or 1 << 20) - 12
+        for start in range(0, max(len(data), 1), size):
+            fragment = data[start : start + size]
+            control = 0x02 if start + size >= len(data) else 0x00
+            out += [
+                _HEADER.pack(_P_DATA, len(fragment) + 6),
+                _PDV_HEADER.pack(len(fragment) + 2, context_id, control),
+                fragment,
+            ]
+        self.sock.sendall(b"".join(out))
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         # One PDV, command, last fragment; responses are far below any peer's maximum PDU.
