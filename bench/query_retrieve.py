@@ -13,7 +13,13 @@ release:
 - ``get-study``: C-GET of one study on the same association.
 
 It prints the median and the 90th percentile (ms) per operation and target and the ratio of
-the medians (rdc / Orthanc: below 1 is faster). Orthanc listens on every interface, so the
+the medians (rdc / Orthanc: below 1 is faster).
+
+Then Orthanc is used as a clinic PACS would use it against rdc (``--interop``, on by
+default): ``POST /modalities/rdc/query`` at study and instance level and
+``POST /modalities/rdc/move`` of one study to Orthanc itself (registered at rdc as the
+clinic's AE title and move destination); it checks the answers and the instances Orthanc
+stored, and prints the times. Orthanc listens on every interface, so the
 script re-runs itself inside a private network namespace (``unshare -n``) with only
 loopback; needs root, dcmtk, Orthanc from Debian and ``rdc`` on PATH.
 
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,6 +106,111 @@ class OrthancQR(OrthancReceiver):
             "destination": [DESTINATION_AE, "127.0.0.1", self.destination_port],
         }
         self.config_path().write_text(json.dumps(config, indent=2))
+
+
+INTEROP_AE = "ORTHANC_C"
+
+
+class RdcForOrthanc(RdcReceiver):
+    """rdc with Orthanc's AE title as one of the clinic's, and Orthanc as its destination."""
+
+    def __init__(self, workdir: Path, orthanc_port: int) -> None:
+        super().__init__(workdir)
+        self.orthanc_port = orthanc_port
+
+    def prepare(self) -> None:
+        spec = f"{INTEROP_AE}@127.0.0.1:{self.orthanc_port}"
+        options = ["--code", "BENCH", "--name", "Bench", "--ae", CALLING_AE, "--ae", INTEROP_AE]
+        done = subprocess.run(
+            [self.rdc(), "clinic", "add", *options, "--dicom-destination", spec],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"rdc clinic add failed:\n{done.stderr.strip()}")
+
+
+class OrthancClient(OrthancReceiver):
+    """Orthanc as a clinic's PACS, with rdc as its remote modality ``rdc``."""
+
+    called_ae = INTEROP_AE
+
+    def __init__(self, workdir: Path, dicom_port: int, rdc_port: int) -> None:
+        super().__init__(workdir)
+        self.dicom_port = dicom_port
+        self.rdc_port = rdc_port
+
+    def prepare(self) -> None:
+        super().prepare()
+        config = json.loads(self.config_path().read_text())
+        config["DicomModalities"] = {"rdc": ["RDC", "127.0.0.1", self.rdc_port]}
+        self.config_path().write_text(json.dumps(config, indent=2))
+
+    def rest(self, method: str, path: str, body: object | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+
+
+def interop(args: argparse.Namespace, parts: list[Path], workdir: Path) -> dict[str, Any]:
+    """Orthanc querying and moving from rdc through its REST API; checks and times it."""
+    (orthanc_dicom,) = free_ports(1)
+    count = args.studies * args.per_study
+    rdc_dir, orthanc_dir = workdir / "interop-rdc", workdir / "interop-orthanc"
+    rdc_dir.mkdir()
+    orthanc_dir.mkdir()
+    with RdcForOrthanc(rdc_dir, orthanc_dicom) as rdc:
+        send(rdc, parts, 1, timeout=600)
+        if wait_stored(rdc, count) != count:
+            raise BenchError(f"rdc stored {rdc.stored()} of {count}")
+        with OrthancClient(orthanc_dir, orthanc_dicom, rdc.dicom_port) as orthanc:
+            start = time.perf_counter()
+            query = orthanc.rest(
+                "POST", "/modalities/rdc/query", {"Level": "Study", "Query": {"PatientID": "*"}}
+            )
+            answers = orthanc.rest("GET", f"/queries/{query['ID']}/answers")
+            study_ms = (time.perf_counter() - start) * 1000
+            if len(answers) != args.studies:
+                raise BenchError(f"Orthanc found {len(answers)} studies at rdc")
+            first = orthanc.rest("GET", f"/queries/{query['ID']}/answers/0/content?simplify")
+            study = first["StudyInstanceUID"]
+            start = time.perf_counter()
+            query = orthanc.rest(
+                "POST",
+                "/modalities/rdc/query",
+                {"Level": "Instance", "Query": {"StudyInstanceUID": study, "SOPInstanceUID": ""}},
+            )
+            instances = orthanc.rest("GET", f"/queries/{query['ID']}/answers")
+            instance_ms = (time.perf_counter() - start) * 1000
+            if len(instances) != args.per_study:
+                raise BenchError(f"Orthanc found {len(instances)} instances of a study")
+            start = time.perf_counter()
+            orthanc.rest(
+                "POST",
+                "/modalities/rdc/move",
+                {
+                    "Level": "Study",
+                    "Resources": [{"StudyInstanceUID": study}],
+                    "TargetAet": INTEROP_AE,
+                },
+            )
+            move_ms = (time.perf_counter() - start) * 1000
+            stored = wait_stored(orthanc, args.per_study)
+            if stored != args.per_study:
+                raise BenchError(f"Orthanc stored {stored} of the {args.per_study} moved")
+    return {
+        "query_study_ms": study_ms,
+        "query_instance_ms": instance_ms,
+        "move_study_ms": move_ms,
+        "studies_found": len(answers),
+        "instances_found": len(instances),
+        "instances_moved": stored,
+    }
 
 
 class Destination:
@@ -243,6 +355,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             with factory(target_dir, destination_port) as receiver:
                 results[receiver.name] = measure(receiver, args, parts)
         moved = destination.received
+        checked = interop(args, parts, workdir) if args.interop else None
     finally:
         destination.stop()
         if not args.keep:
@@ -257,8 +370,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
             f" {b['median_ms']:>11.1f} / {b['p90_ms']:<8.1f} {ratio:>7.2f}"
         )
     print(f"(instances received by the move destination: {moved}; ratio = rdc / Orthanc)")
+    if checked is not None:
+        print(
+            f"\nOrthanc as a client of rdc: study query {checked['studies_found']} answers in "
+            f"{checked['query_study_ms']:.0f} ms, instance query {checked['instances_found']} "
+            f"in {checked['query_instance_ms']:.0f} ms, move of a study "
+            f"({checked['instances_moved']} instances stored by Orthanc) in "
+            f"{checked['move_study_ms']:.0f} ms"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        everything = {"args": vars(args), "results": results, "interop": checked}
+        Path(args.json).write_text(json.dumps(everything, indent=2))
     return 0
 
 
@@ -271,6 +393,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--no-interop", dest="interop", action="store_false", help="skip Orthanc as a client"
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
