@@ -30,7 +30,7 @@ from dicom_gateway.pixels import (
     open_instance,
     raw_frame,
     read_instance_header,
-    transcode_instance,
+    transcode_instance_chunks,
     transcoded_frame,
 )
 from rdc_core.db import read_session, session_scope
@@ -451,18 +451,22 @@ def instance_parts(
     *, store: ObjectStore, refs: Sequence[InstanceRef], transfer_syntaxes: Sequence[str]
 ) -> Iterator[tuple[str, Iterator[bytes]]]:
     """The multipart parts of a retrieve: each object as stored or transcoded. The first
-    object is transcoded before this returns, so its failure is a 406, not a broken stream;
-    later ones while the response is sent."""
+    object's transcoding starts before this returns (a single-frame object whole, a
+    multi-frame one up to its header and first frame), so that its failure is a 406, not a
+    broken stream; the rest while the response is sent, a multi-frame object one frame at a
+    time."""
     pairs = list(zip(refs, transfer_syntaxes, strict=True))
 
     def body(ref: InstanceRef, ts: str) -> Iterator[bytes]:
         if ts == ref.transfer_syntax_uid:
             return object_chunks(store, ref)
         try:
-            data = transcode_instance(store=store, storage_key=ref.storage_key, transfer_syntax=ts)
+            # Multi-frame objects frame by frame, as the response is sent.
+            return transcode_instance_chunks(
+                store=store, storage_key=ref.storage_key, transfer_syntax=ts
+            )
         except TranscodeError as exc:
             raise HTTPException(status_code=406, detail=str(exc)) from exc
-        return iter([data])
 
     first = body(*pairs[0]) if pairs else iter(())
 
