@@ -970,7 +970,8 @@ class _Association:
             self._arm(self.config.network_timeout)
         pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
         out = [_HEADER.pack(_P_DATA, len(pdv)), pdv]
-        size = (self.peer_max_pdu or 1 << 20) - 12
+        # Below a few hundred bytes a maximum PDU length is nonsense (fuzzed, broken).
+        size = max((self.peer_max_pdu or 1 << 20) - 12, 256)
         for start in range(0, max(len(data), 1), size):
             fragment = data[start : start + size]
             control = 0x02 if start + size >= len(data) else 0x00
