@@ -414,7 +414,13 @@ def _final_reports(
         select(Report, Exam, Patient)
         .join(Exam, Exam.id == Report.exam_id)
         .join(Patient, Patient.id == Exam.patient_ref)
-        .where(Exam.org_id == org_id, Report.status == ReportStatus.FINAL, *filters)
+        .where(
+            Exam.org_id == org_id,
+            Report.status == ReportStatus.FINAL,
+            # Exams of other intakes (lab orders) have no study to file a PDF series in.
+            Exam.study_instance_uid.is_not(None),
+            *filters,
+        )
         .order_by(Exam.study_instance_uid, Report.version)
     )
     out: list[tuple[Report, Exam, Patient, str, str]] = []
