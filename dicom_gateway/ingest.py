@@ -109,6 +109,7 @@ _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 _TEXT_VRS = frozenset({"LO", "SH"})
 _BACKSLASH = {0x5C}
 _PATIENT_NAME = BaseTag(0x00100010)
+_REFERRING_PHYSICIAN_NAME = BaseTag(0x00080090)
 _OTHER_PATIENT_IDS_SEQUENCE = BaseTag(0x00101002)
 _MAX_OTHER_PATIENT_IDS = 64
 
@@ -139,6 +140,7 @@ _INDEXED_KEYWORDS = (
     "InstanceNumber",
     "NumberOfFrames",
     "RequestedProcedurePriority",
+    "ReferringPhysicianName",
 )
 
 
@@ -198,13 +200,13 @@ class _Fields:
         except (TypeError, ValueError):
             return None
 
-    def person_name(self) -> Any:
-        """Patient's Name as pydicom reads it (None when absent), decoded straight from the
-        raw value where it is at hand."""
-        elem = self.ds._dict.get(_PATIENT_NAME)
+    def person_name(self, tag: BaseTag = _PATIENT_NAME) -> Any:
+        """A person name (Patient's Name unless ``tag`` says) as pydicom reads it (None when
+        absent), decoded straight from the raw value where it is at hand."""
+        elem = self.ds._dict.get(tag)
         if isinstance(elem, RawDataElement) and elem.VR in (None, "PN") and elem.value is not None:
             return convert_PN(elem.value, self._charsets()) if elem.value else ""
-        return self.ds.get("PatientName")
+        return self.ds.get(tag).value if tag in self.ds else None
 
     def _charsets(self) -> list[str]:
         if self._encodings is None:
@@ -457,6 +459,8 @@ def _read_header(path: Path, *, zone: ZoneInfo) -> tuple[InstanceHeader, _Part10
             modality=modality[:16],
             body_part=values.text("BodyPartExamined").upper()[:64],
             study_description=values.text("StudyDescription")[:200],
+            referring_physician=str(values.person_name(_REFERRING_PHYSICIAN_NAME) or "")[:200]
+            or None,
             performed_at=values.performed_at(zone),
             series_number=values.int("SeriesNumber"),
             instance_number=values.int("InstanceNumber"),

@@ -76,6 +76,7 @@ __all__ = [
     "decode_frame",
     "encoded_frame",
     "frame_cache",
+    "frame_transcodable",
     "is_compressed",
     "is_encapsulated",
     "number_of_frames",
@@ -85,6 +86,8 @@ __all__ = [
     "render_frame",
     "render_pixels",
     "transcode_instance",
+    "transcode_instance_chunks",
+    "transcoded_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -524,6 +527,84 @@ def encoded_frame(*, store: ObjectStore, storage_key: str, frame: int) -> Encode
 
 
 # ---------------------------------------------------------------------------------------
+# Frames in another (compressed) transfer syntax: one frame decoded and encoded at a time
+
+JPEG_BASELINE: Final = UID("1.2.840.10008.1.2.4.50")
+JPEG_2000_LOSSLESS: Final = UID("1.2.840.10008.1.2.4.90")
+_FRAME_QUALITY: Final = 95
+
+
+def _eight_bit(header: Dataset) -> bool:
+    return (
+        int(header.get("BitsStored", 8) or 8) <= 8
+        and int(header.get("PixelRepresentation", 0) or 0) == 0
+        and int(header.get("SamplesPerPixel", 1) or 1) in (1, 3)
+    )
+
+
+def frame_transcodable(header: Dataset, target: str) -> bool:
+    """Whether frames of an object with ``header`` can be sent encoded in ``target``: JPEG
+    2000 lossless from any decodable pixel data (not 1-bit), JPEG baseline (lossy) from
+    8-bit unsigned grey or colour data."""
+    target_uid = UID(target)
+    if int(header.get("BitsAllocated", 8) or 8) == 1 or not _decodable(_transfer_syntax(header)):
+        return False
+    if target_uid == JPEG_2000_LOSSLESS:
+        try:
+            return bool(get_encoder(target_uid).is_available)
+        except NotImplementedError:
+            return False
+    return target_uid == JPEG_BASELINE and _eight_bit(header)
+
+
+def transcoded_frame(
+    *, store: ObjectStore, storage_key: str, frame: int, transfer_syntax: str
+) -> EncodedFrame:
+    """Frame ``frame`` (1-based) encoded in ``transfer_syntax`` (see
+    :func:`frame_transcodable`): only that frame is read and decoded, so a large multi-frame
+    object is never held whole. Raises TranscodeError (and what :func:`decode_frame` raises)."""
+    header = read_instance_header(store, storage_key)
+    target = UID(transfer_syntax)
+    if not frame_transcodable(header, target):
+        ts = _transfer_syntax(header)
+        raise TranscodeError(f"frames of {ts.name or ts} cannot be sent as {target.name or target}")
+    from PIL import Image
+
+    arr = decode_frame(store=store, storage_key=storage_key, frame=frame)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    photometric = str(header.get("PhotometricInterpretation", "") or "MONOCHROME2")
+    try:
+        native = not _decoded_by_pydicom(_transfer_syntax(header))
+        if samples == 3 and native and photometric.startswith("YBR"):
+            arr = convert_color_space(arr, photometric, "RGB")  # encoders are given RGB
+        if target == JPEG_BASELINE:
+            image = Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8, copy=False)))
+            out = io.BytesIO()
+            # 4:4:4: no chroma subsampling (small images and fine colour detail survive).
+            image.save(out, format="JPEG", quality=_FRAME_QUALITY, subsampling=0)
+            data = out.getvalue()
+        else:
+            bits_allocated = arr.dtype.itemsize * 8
+            data = get_encoder(target).encode(
+                np.ascontiguousarray(arr),
+                rows=int(arr.shape[0]),
+                columns=int(arr.shape[1]),
+                samples_per_pixel=samples,
+                number_of_frames=1,
+                bits_allocated=bits_allocated,
+                bits_stored=min(int(header.get("BitsStored", bits_allocated)), bits_allocated),
+                pixel_representation=int(header.get("PixelRepresentation", 0) or 0),
+                photometric_interpretation=photometric if samples == 1 else "RGB",
+                planar_configuration=0,
+            )
+    except Exception as exc:  # encoders raise many kinds of error
+        raise TranscodeError(
+            f"cannot encode frame {frame} as {target.name or target}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return EncodedFrame(data=data, transfer_syntax_uid=str(target))
+
+
+# ---------------------------------------------------------------------------------------
 # Transcoding whole objects (WADO-RS retrieve in another transfer syntax)
 
 _WORD_SIZES: Final = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
@@ -643,6 +724,97 @@ def transcode_instance(*, store: ObjectStore, storage_key: str, transfer_syntax:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     return out.getvalue()
+
+
+def _frame_by_frame(header: Dataset, source: UID, target: UID) -> bool:
+    """Whether a multi-frame object is transcoded frame by frame (see
+    :func:`transcode_instance_chunks`): little-endian or encapsulated sources, to Explicit
+    VR Little Endian, or (grey data) to JPEG 2000 lossless; not 1-bit data."""
+    if number_of_frames(header) < 2 or int(header.get("BitsAllocated", 8) or 8) == 1:
+        return False
+    if not source.is_transfer_syntax or not source.is_little_endian or source.is_deflated:
+        return False
+    if target == ExplicitVRLittleEndian:
+        return True
+    return target == JPEG_2000_LOSSLESS and int(header.get("SamplesPerPixel", 1) or 1) == 1
+
+
+def _pixel_data_header(vr: bytes, length: int) -> bytes:
+    return b"\xe0\x7f\x10\x00" + vr + b"\x00\x00" + length.to_bytes(4, "little")
+
+
+def _item(data: bytes, tag: bytes = b"\xfe\xff\x00\xe0") -> bytes:
+    return tag + len(data).to_bytes(4, "little") + data
+
+
+def transcode_instance_chunks(
+    *, store: ObjectStore, storage_key: str, transfer_syntax: str
+) -> Iterator[bytes]:
+    """The stored object as a Part-10 file in ``transfer_syntax``, in chunks. A multi-frame
+    object is transcoded one frame at a time (its header first, then each frame decoded and
+    written, or encoded, as the response is sent), so it is never held whole; other objects
+    go through :func:`transcode_instance`. The header is read (and errors raised as
+    TranscodeError) before this returns."""
+    header = read_instance_header(store, storage_key)
+    source = _transfer_syntax(header)
+    target = UID(transfer_syntax)
+    if not can_transcode(source, target, has_pixels=True):
+        raise TranscodeError(f"cannot transcode {source.name or source} to {target.name or target}")
+    if not _frame_by_frame(header, source, target):
+        return iter(
+            [transcode_instance(store=store, storage_key=storage_key, transfer_syntax=target)]
+        )
+    count = number_of_frames(header)
+    try:
+        first = raw_frame(store=store, storage_key=storage_key, frame=1)
+        with open_instance(store, storage_key) as stream:
+            ds = pydicom.dcmread(stream, stop_before_pixels=True)
+        ds.file_meta.TransferSyntaxUID = target
+        # The frames as they are written: what decoding made of colour and planes.
+        ds.PhotometricInterpretation = first.photometric_interpretation
+        if first.samples_per_pixel > 1:
+            ds.PlanarConfiguration = first.planar_configuration
+        for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        if target != ExplicitVRLittleEndian:
+            ds.LossyImageCompression = ds.get("LossyImageCompression", "00") or "00"
+        out = io.BytesIO()
+        pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    except (TranscodeError, NotFoundError):
+        raise
+    except Exception as exc:
+        raise TranscodeError(
+            f"cannot transcode {source.name or source} to {target.name or target}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    head = out.getvalue()
+
+    def chunks() -> Iterator[bytes]:
+        if target == ExplicitVRLittleEndian:
+            frame_size = len(first.data)
+            total = frame_size * count
+            vr = b"OB" if first.bits_allocated <= 8 else b"OW"
+            yield head + _pixel_data_header(vr, total + total % 2)
+            yield first.data
+            for number in range(2, count + 1):
+                data = raw_frame(store=store, storage_key=storage_key, frame=number).data
+                if len(data) != frame_size:
+                    raise TranscodeError(f"frame {number} is not the size of frame 1")
+                yield data
+            if total % 2:
+                yield b"\x00"
+            return
+        # Encapsulated: an empty Basic Offset Table, one item per frame, the delimiter.
+        yield head + _pixel_data_header(b"OB", 0xFFFFFFFF) + _item(b"")
+        for number in range(1, count + 1):
+            encoded = transcoded_frame(
+                store=store, storage_key=storage_key, frame=number, transfer_syntax=target
+            ).data
+            yield _item(encoded + b"\x00" * (len(encoded) % 2))
+        yield b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+    return chunks()
 
 
 # ---------------------------------------------------------------------------------------

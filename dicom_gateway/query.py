@@ -5,8 +5,9 @@ clinic's own data, as DICOMweb is. Matching (PS3.4 C.2.2.2): single values, wild
 (``*``, ``?``), date ranges, UID lists and person names matched per component group
 (alphabetic, ideographic, phonetic). Attributes the index does not hold are returned empty.
 
-Signed reports are findable too: each final report version is the encapsulated-PDF series
-(modality DOC, one instance) that the push-back sends to the clinic, with the same UIDs.
+Signed reports are findable and retrievable too: each final report version is the
+encapsulated-PDF series (modality DOC, one instance) that the push-back sends to the clinic,
+with the same UIDs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ _PATIENT_ROOT: Final = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_
 MAX_MATCHES: Final = 5000
 _LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 ENCAPSULATED_PDF: Final = "1.2.840.10008.5.1.4.1.1.104.1"
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
 
 
 class QueryError(Exception):
@@ -64,12 +66,14 @@ class QueryError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RetrieveItem:
-    """One stored instance a C-GET or C-MOVE sends."""
+    """One instance a C-GET or C-MOVE sends: a stored object (``storage_key``), or a signed
+    report version's encapsulated PDF (``report_id``), made as the push-back makes it."""
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
     storage_key: str
+    report_id: str = ""
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
@@ -394,10 +398,11 @@ def _wanted(identifier: Dataset, keyword: str, value: str) -> bool:
     return not values or any(fnmatch.fnmatchcase(value, v) for v in values)
 
 
-def _report_matches(
+def _final_reports(
     session: Session, *, org_id: str, identifier: Dataset, level: str, zone: ZoneInfo
-) -> list[dict[str, Any]]:
-    """The final report versions matching a SERIES or IMAGE query, as their PDF series."""
+) -> list[tuple[Report, Exam, Patient, str, str]]:
+    """The final report versions matching ``identifier`` at SERIES or IMAGE level (the study
+    keys, then the PDF series' own): (report, exam, patient, series UID, SOP instance UID)."""
     if any(_values(identifier, k) for k in ("SeriesNumber", "InstanceNumber")):
         return []
     study_keys = Dataset()
@@ -409,10 +414,16 @@ def _report_matches(
         select(Report, Exam, Patient)
         .join(Exam, Exam.id == Report.exam_id)
         .join(Patient, Patient.id == Exam.patient_ref)
-        .where(Exam.org_id == org_id, Report.status == ReportStatus.FINAL, *filters)
+        .where(
+            Exam.org_id == org_id,
+            Report.status == ReportStatus.FINAL,
+            # Exams of other intakes (lab orders) have no study to file a PDF series in.
+            Exam.study_instance_uid.is_not(None),
+            *filters,
+        )
         .order_by(Exam.study_instance_uid, Report.version)
     )
-    out: list[dict[str, Any]] = []
+    out: list[tuple[Report, Exam, Patient, str, str]] = []
     for report, exam, patient in rows:
         series_uid, sop_uid = report_instance_uids(report.id)
         if not all(pn_matches(n, patient.name) for n in names):
@@ -427,6 +438,18 @@ def _report_matches(
             and _wanted(identifier, "SOPClassUID", ENCAPSULATED_PDF)
         ):
             continue
+        out.append((report, exam, patient, series_uid, sop_uid))
+    return out
+
+
+def _report_matches(
+    session: Session, *, org_id: str, identifier: Dataset, level: str, zone: ZoneInfo
+) -> list[dict[str, Any]]:
+    """The final report versions matching a SERIES or IMAGE query, as their PDF series."""
+    out: list[dict[str, Any]] = []
+    for report, exam, patient, series_uid, sop_uid in _final_reports(
+        session, org_id=org_id, identifier=identifier, level=level, zone=zone
+    ):
         known = _patient_values(patient) | _study_values(exam, zone)
         known |= {
             "SeriesInstanceUID": series_uid,
@@ -464,7 +487,7 @@ def instances_to_retrieve(
         .where(Exam.org_id == org_id, *filters)
         .order_by(Instance.series_instance_uid, Instance.instance_number)
     )
-    return [
+    items = [
         RetrieveItem(
             instance.sop_class_uid,
             instance.sop_instance_uid,
@@ -474,3 +497,10 @@ def instances_to_retrieve(
         for instance, name in rows
         if all(pn_matches(n, name) for n in names)
     ]
+    # The signed reports of the matched studies (or the report series/instance named).
+    reports = _final_reports(
+        session, org_id=org_id, identifier=identifier, level="IMAGE", zone=zone
+    )
+    for report, _exam, _patient, _series_uid, sop_uid in reports:
+        items.append(RetrieveItem(ENCAPSULATED_PDF, sop_uid, EXPLICIT_VR_LE, "", report.id))
+    return items

@@ -83,6 +83,7 @@ class InstanceHeader:
     modality: str = ""
     body_part: str = ""
     study_description: str = ""
+    referring_physician: str | None = None  # Referring Physician's Name (DICOM PN)
     performed_at: datetime | None = None
     series_number: int | None = None
     instance_number: int | None = None
@@ -163,6 +164,7 @@ def _contract(header: InstanceHeader) -> tuple[PatientIn, ExamIn]:
         modality=header.modality,
         body_part=header.body_part,
         description=header.study_description,
+        referring_physician=header.referring_physician,
         performed_at=header.performed_at,
         priority=header.priority,
     )

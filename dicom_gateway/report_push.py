@@ -109,7 +109,7 @@ def encapsulated_pdf(push: ReportPush) -> Dataset:
         study_uid = _uid("study", study_uid or push.exam_id)
     ds.StudyInstanceUID = study_uid
     ds.StudyDate, ds.StudyTime = study_date, study_time
-    ds.ReferringPhysicianName = ""
+    ds.ReferringPhysicianName = push.referring_physician
     ds.StudyID = ""
     ds.AccessionNumber = push.accession_number or ""
     ds.StudyDescription = push.description[:64]

@@ -51,6 +51,7 @@ class SubOperations:
     failed_uids: list[str] = field(default_factory=list)
     refused: str = ""  # the whole retrieve could not start (association refused)
     comment: str = ""
+    cancelled: bool = False  # the originator cancelled: the remaining ones were not sent
 
     def count(self, sop_instance_uid: str, status: int | None) -> None:
         """Count one finished sub-operation (status None: it could not be sent)."""
@@ -116,15 +117,16 @@ def send_to_destination(
     destination: MoveDestination,
     items: list[RetrieveItem],
     *,
-    open_object: Callable[[str], BinaryIO],
+    open_item: Callable[[RetrieveItem], BinaryIO],
     our_ae: str,
     originator_ae: str,
     originator_message_id: int,
     timeout: float,
-    progress: Callable[[SubOperations], None],
+    progress: Callable[[SubOperations], bool],
 ) -> SubOperations:
     """C-STORE ``items`` to ``destination`` on one new association; ``progress`` is called
-    before each sub-operation (for the pending C-MOVE responses)."""
+    before each sub-operation (for the pending C-MOVE responses) and answers False when the
+    move is cancelled: no further sub-operation is started."""
     counts = SubOperations(remaining=len(items))
     if not items:
         return counts
@@ -148,14 +150,16 @@ def send_to_destination(
         return counts
     try:
         for item in items:
-            progress(counts)
+            if not progress(counts):
+                counts.cancelled = True
+                break
             status: int | None = None
             if assoc.is_established:
                 try:
                     # One instance at a time, spooled to disk past 16 MiB: pydicom seeks,
                     # object stores' streams do not.
                     with (
-                        open_object(item.storage_key) as source,
+                        open_item(item) as source,
                         tempfile.SpooledTemporaryFile(max_size=16 << 20) as local,
                     ):
                         shutil.copyfileobj(source, local, 1 << 20)

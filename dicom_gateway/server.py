@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from io import BytesIO
 from typing import BinaryIO
 from zoneinfo import ZoneInfo
 
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
 from sqlalchemy.orm import Session
 
 from dicom_gateway.admission import AssociationLimits
@@ -32,9 +34,10 @@ from dicom_gateway.ingest import (
 )
 from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
+from dicom_gateway.report_push import encapsulated_pdf
 from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.statuses import StoreStatus
-from dicom_gateway.tls import server_context
+from dicom_gateway.tls import client_context, server_context
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
@@ -42,7 +45,9 @@ from rdc_core.group_commit import GroupCommitter
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 from worklist.audit import record_event
+from worklist.delivery.service import report_push
 from worklist.directory import OrgRef, organization_for_ae
+from worklist.models import Exam, Report
 from worklist.move_destinations import move_destination_for
 
 __all__ = ["DicomGateway", "StorageService", "acceptor_config"]
@@ -186,15 +191,30 @@ class StorageService:
             detail={"keys": keys, "matches": count},
         )
 
-    def open_object(self, key: str) -> BinaryIO:
-        return self.objects.open(key)
+    def open_item(self, item: RetrieveItem) -> BinaryIO:
+        if not item.report_id:
+            return self.objects.open(item.storage_key)
+        # A signed report: the encapsulated-PDF instance the DICOM push-back sends, made
+        # from the signed PDF as it is stored (one report in memory, as a push holds it).
+        with read_session() as session:
+            report = session.get(Report, item.report_id)
+            exam = session.get(Exam, report.exam_id) if report is not None else None
+            if report is None or exam is None:
+                raise LookupError(f"report {item.report_id} is gone")
+            push = report_push(session, report=report, exam=exam)
+        out = BytesIO()
+        dcmwrite(out, encapsulated_pdf(push), enforce_file_format=True)
+        out.seek(0)
+        return out
 
     def move_destination(self, sender: OrgRef, ae_title: str) -> MoveDestination | None:
         with read_session() as session:
             found = move_destination_for(session, org_id=sender.id, ae_title=ae_title)
         if found is None:
             return None
-        return MoveDestination(found.ae_title, found.host, found.port)
+        # Reached over DICOM TLS with the push-backs' client context when flagged so.
+        tls = client_context(self.settings) if found.tls else None
+        return MoveDestination(found.ae_title, found.host, found.port, tls)
 
     def _quarantine(self, request: StoreRequest, reason: str) -> None:
         try:
@@ -246,19 +266,19 @@ class DicomGateway:
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *self.address)
         if self.settings.dicom_tls_port is not None:
             # TLS connections are served in threads of this process (a TLS session cannot be
-            # handed to another process); with one process they share the plain listener's
-            # association limits.
+            # handed to another process). They take their slots from the same book as the
+            # plain listener's associations: the threads' own with one process, the pool's
+            # (counted here for all listener processes) with more.
             if service is None:
                 service = StorageService(
                     store=self.store, settings=self.settings, counters=PrometheusCounters()
                 )
-            slots = server.slots if isinstance(server, UpperLayerServer) else None
             tls_server = UpperLayerServer(
                 (self.settings.dicom_host, self.settings.dicom_tls_port),
                 acceptor_config(self.settings, self.store),
                 service,
                 tls=server_context(self.settings),
-                slots=slots,
+                slots=server.slots,
             )
             tls_server.start()
             self._tls_server = tls_server

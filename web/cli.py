@@ -74,6 +74,7 @@ def _add_org(
     ae: list[str],
     hl7_facilities: list[str] | None = None,
     destinations: list[str] | None = None,
+    tls_destinations: list[str] | None = None,
     *,
     update: bool = False,
     create: bool = True,
@@ -112,6 +113,8 @@ def _add_org(
             )
             for spec in destinations or []:
                 add_move_destination(session, org_code=code, spec=spec)
+            for spec in tls_destinations or []:
+                add_move_destination(session, org_code=code, spec=spec, tls=True)
     except RDCError as exc:
         _fail(str(exc))
     titles = ", ".join(org.ae_titles) or "none"
@@ -140,6 +143,13 @@ def clinic_add(
         list[str] | None,
         typer.Option(help="C-MOVE destination of the clinic, AE@host:port (repeatable)"),
     ] = None,
+    dicom_tls_destination: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="C-MOVE destination reached over DICOM TLS, AE@host:port (repeatable); "
+            "the centre's RDC_DICOM_TLS_CERT/_KEY is presented, RDC_DICOM_TLS_CA verifies it"
+        ),
+    ] = None,
     update: Annotated[
         bool,
         typer.Option(
@@ -156,6 +166,7 @@ def clinic_add(
         ae or [],
         hl7_facility or [],
         dicom_destination,
+        dicom_tls_destination,
         update=update,
         create=not update,
     )

@@ -152,6 +152,7 @@ class ExamIn:
     modality: str = ""
     body_part: str = ""
     description: str = ""
+    referring_physician: str | None = None  # as received (DICOM PN value); None: unknown
     performed_at: datetime | None = None
     priority: Priority | None = None
 
@@ -448,6 +449,7 @@ def _upsert_exam(
             "modalities": exam.modality,
             "body_part": exam.body_part,
             "description": exam.description,
+            "referring_physician": exam.referring_physician,
             "priority": (exam.priority or Priority.ROUTINE).value,
             "state": ExamState.RECEIVING.value,
             "instance_count": 0,

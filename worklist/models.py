@@ -301,6 +301,8 @@ class Exam(Base):
     modalities: Mapped[str] = mapped_column(String(200), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
     description: Mapped[str] = mapped_column(String(200), default="")
+    # Referring Physician's Name as received (DICOM PN, every component group); None: unknown.
+    referring_physician: Mapped[str | None] = mapped_column(String(200), nullable=True)
     priority: Mapped[Priority] = mapped_column(
         _enum(Priority, "priority"), default=Priority.ROUTINE
     )

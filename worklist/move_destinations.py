@@ -1,5 +1,6 @@
 """A clinic's C-MOVE destinations: the AE titles (its PACS, its workstations) the centre may
-send the clinic's own studies to when the clinic asks by C-MOVE."""
+send the clinic's own studies to when the clinic asks by C-MOVE. A destination flagged TLS
+is reached over DICOM TLS with the push-backs' client context."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, select
+from sqlalchemy import Boolean, ForeignKey, Integer, String, false, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rdc_core.db import Base, upsert, utcnow
@@ -35,19 +36,21 @@ class MoveDestinationRecord(Base):
     ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 @dataclass(frozen=True, slots=True)
 class MoveDestinationRef:
-    """A move destination: AE title, host and port."""
+    """A move destination: AE title, host and port; ``tls``: reached over DICOM TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
 
-def parse_move_destination(spec: str) -> MoveDestinationRef:
+def parse_move_destination(spec: str, *, tls: bool = False) -> MoveDestinationRef:
     """``AE@host:port`` -> MoveDestinationRef; raises InvalidInputError."""
     match = _SPEC.match(spec.strip())
     if match is None:
@@ -58,14 +61,15 @@ def parse_move_destination(spec: str) -> MoveDestinationRef:
     ae = match["ae"].strip()
     if not ae or not ae.isascii() or "\\" in ae:
         raise InvalidInputError(f"move destination {spec!r}: invalid AE title")
-    return MoveDestinationRef(ae.upper(), match["host"].strip("[]"), port)
+    return MoveDestinationRef(ae.upper(), match["host"].strip("[]"), port, tls)
 
 
 def add_move_destination(
-    session: Session, *, org_code: str, spec: str, actor: str = "cli"
+    session: Session, *, org_code: str, spec: str, tls: bool = False, actor: str = "cli"
 ) -> MoveDestinationRef:
-    """Register (or re-point) a move destination of the clinic ``org_code``."""
-    destination = parse_move_destination(spec)
+    """Register (or re-point) a move destination of the clinic ``org_code``; ``tls``: it
+    is reached over DICOM TLS."""
+    destination = parse_move_destination(spec, tls=tls)
     org = get_organization(session, code=org_code)
     upsert(
         session,
@@ -75,10 +79,11 @@ def add_move_destination(
             "ae_title": destination.ae_title,
             "host": destination.host,
             "port": destination.port,
+            "tls": destination.tls,
             "created_at": utcnow(),
         },
         conflict=["org_id", "ae_title"],
-        update=["host", "port"],
+        update=["host", "port", "tls"],
     )
     record_event(
         session,
@@ -91,6 +96,7 @@ def add_move_destination(
             "ae_title": destination.ae_title,
             "host": destination.host,
             "port": destination.port,
+            "tls": destination.tls,
         },
     )
     return destination
@@ -108,4 +114,4 @@ def move_destination_for(
     ).scalar_one_or_none()
     if row is None:
         return None
-    return MoveDestinationRef(row.ae_title, row.host, row.port)
+    return MoveDestinationRef(row.ae_title, row.host, row.port, row.tls)

@@ -89,7 +89,7 @@ class Application:
     def retrieve(self, sender: Any, sop_class: str, identifier: Dataset) -> list[RetrieveItem]:
         return [RetrieveItem(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "k")]
 
-    def open_object(self, key: str) -> BinaryIO:
+    def open_item(self, item: RetrieveItem) -> BinaryIO:
         return io.BytesIO(self.stored)
 
     def move_destination(self, sender: Any, ae_title: str) -> MoveDestination | None:

@@ -353,3 +353,135 @@ def test_frame_cache_per_data_directory(tmp_path: Path) -> None:
     assert cache.root == (tmp_path / "data" / "cache" / "frames").resolve()
     assert cache.max_bytes == pixels.FRAME_CACHE_MAX_BYTES
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+def test_frames_are_transcoded_one_at_a_time(
+    tmp_path: Path, testdata: Path, store: LocalObjectStore
+) -> None:
+    """Frames of a multi-frame object in another syntax (JPEG 2000 lossless; JPEG baseline
+    for 8-bit data): pixel-exact (lossless) or close (baseline), and only the one frame is
+    read and decoded: the memory used stays far below the object's pixel data."""
+    import tracemalloc
+
+    import openjpeg
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(22)
+    frames, rows, columns = 48, 256, 256
+    volume = rng.integers(0, 4096, size=(frames, rows, columns), dtype=np.uint16)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = volume.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "multiframe.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    key = put(store, path)
+
+    tracemalloc.start()
+    try:
+        encoded = pixels.transcoded_frame(
+            store=store, storage_key=key, frame=31, transfer_syntax=pixels.JPEG_2000_LOSSLESS
+        )
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(openjpeg.decode(encoded.data), volume[30])
+    assert encoded.transfer_syntax_uid == pixels.JPEG_2000_LOSSLESS
+    assert peak < volume.nbytes // 8, f"{peak} bytes for one frame of {volume.nbytes}"
+    # 12-bit data has no JPEG baseline form.
+    header = pixels.read_instance_header(store, key)
+    assert not pixels.frame_transcodable(header, pixels.JPEG_BASELINE)
+    with pytest.raises(pixels.TranscodeError):
+        pixels.transcoded_frame(
+            store=store, storage_key=key, frame=1, transfer_syntax=pixels.JPEG_BASELINE
+        )
+
+    # 8-bit colour, stored natively: JPEG baseline (lossy, close to the original).
+    colour = put(store, sample(testdata, "SC_rgb_small_odd.dcm"))
+    jpeg = pixels.transcoded_frame(
+        store=store, storage_key=colour, frame=1, transfer_syntax=pixels.JPEG_BASELINE
+    )
+    original = pydicom.dcmread(sample(testdata, "SC_rgb_small_odd.dcm")).pixel_array
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg.data)).convert("RGB"))
+    assert decoded.shape == original.shape
+    assert float(np.abs(decoded.astype(int) - original.astype(int)).mean()) < 12
+
+
+@pytest.mark.parametrize("name", ["emri_small.dcm", "examples_ybr_color.dcm"])
+def test_multiframe_objects_are_transcoded_frame_by_frame(
+    testdata: Path, store: LocalObjectStore, name: str
+) -> None:
+    """A multi-frame object to Explicit VR Little Endian in chunks: the same pixels and
+    attributes as the whole-object transcoding."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    key = put(store, sample(testdata, name))
+    chunks = list(
+        pixels.transcode_instance_chunks(
+            store=store, storage_key=key, transfer_syntax=ExplicitVRLittleEndian
+        )
+    )
+    assert len(chunks) > 3  # header, then frame by frame
+    streamed = pydicom.dcmread(io.BytesIO(b"".join(chunks)))
+    whole = pydicom.dcmread(
+        io.BytesIO(
+            pixels.transcode_instance(
+                store=store, storage_key=key, transfer_syntax=ExplicitVRLittleEndian
+            )
+        )
+    )
+    assert streamed.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(streamed.pixel_array, whole.pixel_array)
+    for keyword in ("SOPInstanceUID", "NumberOfFrames", "PhotometricInterpretation", "Rows"):
+        assert streamed.get(keyword) == whole.get(keyword), keyword
+
+
+def test_a_large_multiframe_object_is_never_held_whole(
+    tmp_path: Path, store: LocalObjectStore
+) -> None:
+    """48 frames of 256 x 256 x 16 bits to JPEG 2000 lossless, read while the chunks are
+    consumed: pixel-exact, and the memory used stays far below the pixel data's size."""
+    import tracemalloc
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    volume = np.random.default_rng(7).integers(0, 4096, size=(48, 256, 256), dtype=np.uint16)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 256, 256, 48
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = volume.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "volume.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    key = put(store, path)
+    pixels.clear_memory_caches()  # the decoded-frame cache would count as held frames
+    out = tmp_path / "volume-j2k.dcm"
+    tracemalloc.start()
+    try:
+        with out.open("wb") as sink:
+            for chunk in pixels.transcode_instance_chunks(
+                store=store, storage_key=key, transfer_syntax=pixels.JPEG_2000_LOSSLESS
+            ):
+                sink.write(chunk)
+                pixels.clear_memory_caches()
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One frame is 128 KiB; with the encoder's buffers about 0.9 MB, against 6.3 MB whole.
+    assert peak < volume.nbytes // 4, f"{peak} bytes while transcoding {volume.nbytes}"
+    result = pydicom.dcmread(out)
+    assert result.file_meta.TransferSyntaxUID == pixels.JPEG_2000_LOSSLESS
+    assert np.array_equal(result.pixel_array, volume)

@@ -2,36 +2,56 @@
 movescu and getscu and a pynetdicom Storage SCP as the move destination.
 
 Clinic A has one patient with two studies (three series); clinic B has a patient of its
-own. Every query and retrieve is scoped to the calling clinic: B never finds or moves A's
-data, even by its UIDs.
+own, whose study has a signed report (retrieved as the push-back's encapsulated PDF).
+Every query and retrieve is scoped to the calling clinic: B never finds or moves A's
+data, even by its UIDs. C-CANCEL stops a C-FIND and a C-MOVE with status Cancel.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import struct
 import subprocess
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ
+from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from tests.helpers import RdcServer, Stack, c_store, free_port, rdc_cli, seed_alliance
+from dicom_gateway.report_push import report_instance_uids
+from tests.dicom_gateway.test_pdu_fuzz import _associate_rq, _p_data
+from tests.helpers import (
+    RdcServer,
+    Stack,
+    c_store,
+    free_port,
+    rdc_cli,
+    report_exam,
+    seed_alliance,
+    worklist_items,
+)
 from tests.web.test_dicomweb import _postgres_database
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
 from tests.worklist.test_delivery import STUDY, finalize
 
 _A_PATIENT = "DOE^JOHN=山田^太郎"
+_B_REFERRING = "Li^Ming=李^明"
 
 
 @dataclass
@@ -50,6 +70,10 @@ class Deployment:
     b_study: Study
     received: list[Dataset]  # what the move destination received
     destination_port: int
+    b_report_id: str  # the signed report of clinic B's study
+    b_report_pdf: bytes  # its signed PDF as the API serves it
+    # Set by a test: the move destination holds its first C-STORE until this is set.
+    hold: list[threading.Event] = field(default_factory=list)
 
 
 def _make(
@@ -102,23 +126,38 @@ def deployment(
         RDC_DICOM_AE_TITLE="RDC",
         RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
         RDC_PASSWORD_HASH_ROUNDS="4",
+        RDC_STABLE_AGE_SECONDS="2",
     )
     received: list[Dataset] = []
     destination_port = free_port()
+    hold: list[threading.Event] = []
 
     def on_store(event: evt.Event) -> int:
+        if hold:
+            assert hold.pop().wait(60), "the test never let the held C-STORE go"
         received.append(event.dataset)
         return 0x0000
 
     scp = AE(ae_title="A_PACS")
     scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    scp.add_supported_context(EncapsulatedPDFStorage, [ExplicitVRLittleEndian])
     server_scp = scp.start_server(
         ("127.0.0.1", destination_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     try:
         with stack.deployment() as backends:
             env.update(backends)
-            seed_alliance(env)
+            passwords = seed_alliance(env)
+            rdc_cli(
+                env,
+                "clinic",
+                "add",
+                "--code",
+                "CLINIC_B",
+                "--update",
+                "--dicom-destination",
+                f"B_PACS@127.0.0.1:{destination_port}",
+            )
             rdc_cli(
                 env,
                 "clinic",
@@ -155,9 +194,21 @@ def deployment(
                                     sop=sop,
                                     n=n,
                                 )
+                                if pid == "PB1":
+                                    ds.ReferringPhysicianName = _B_REFERRING
                                 assert c_store(server.dicom_port, ds, calling_ae=ae) == 0
+                report_id, pdf = _sign_b_study(server, passwords, b_study)
                 yield Deployment(
-                    server, dcmtk, workdir, a_studies, b_study, received, destination_port
+                    server,
+                    dcmtk,
+                    workdir,
+                    a_studies,
+                    b_study,
+                    received,
+                    destination_port,
+                    report_id,
+                    pdf,
+                    hold,
                 )
             finally:
                 server.stop()
@@ -165,6 +216,25 @@ def deployment(
         server_scp.shutdown()
         for _ in database:
             pass
+
+
+def _sign_b_study(
+    server: RdcServer, passwords: dict[str, str], b_study: Study
+) -> tuple[str, bytes]:
+    """Sign clinic B's study as the senior reader; its report ID and signed PDF."""
+    senior = server.client("senior", passwords["senior"])
+    items = worklist_items(senior, count=3)
+    item = next(i for i in items if i["study_instance_uid"] == b_study.uid)
+    signed = report_exam(
+        senior,
+        exam_id=str(item["exam_id"]),
+        item_id=item["id"],
+        report={"findings": "双肺纹理清晰", "impression": "未见异常", "quality_grade": "甲"},
+    )
+    assert signed["status"] == "final", signed
+    pdf = senior.get(f"/api/v1/reports/{signed['id']}/pdf")
+    assert pdf.status_code == 200, pdf.text
+    return str(signed["id"]), pdf.content
 
 
 def _run(tool: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -447,7 +517,7 @@ def test_a_malformed_move_destination_is_refused_by_the_cli(deployment: Deployme
     assert "is not AE@host:port" in result.stdout + result.stderr
     with deployment.server.db() as db:
         rows = db.execute("SELECT ae_title FROM dicom_move_destinations ORDER BY ae_title")
-        assert [r[0] for r in rows] == ["A_PACS", "A_VIEWER"]
+        assert [r[0] for r in rows] == ["A_PACS", "A_VIEWER", "B_PACS"]
 
 
 def test_get_on_the_same_association(deployment: Deployment) -> None:
@@ -566,3 +636,249 @@ def test_signed_reports_are_found_as_their_pdf_series(reading: Reading) -> None:
     ]
     assert all(d.Modality != "DOC" for d in query("C1", "SERIES", Modality="MR"))
     assert query("C2", "SERIES", Modality="DOC") == []  # another clinic finds nothing
+
+
+def _getscu(d: Deployment, ae: str, out: Path, *keys: str) -> list[Dataset]:
+    out.mkdir()
+    args = ["-S", "-v", "-aet", ae, "-aec", "RDC", "-od", str(out)]
+    for key in keys:
+        args += ["-k", key]
+    result = _run(d.dcmtk / "getscu", *args, "127.0.0.1", str(d.server.dicom_port))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+
+
+def test_signed_report_is_found_and_retrieved_as_its_encapsulated_pdf(
+    deployment: Deployment,
+) -> None:
+    """The report's PDF series is found at SERIES and IMAGE level and retrieved by C-GET and
+    C-MOVE as the instance the DICOM push-back sends: same UIDs, the signed PDF byte for
+    byte, the referring clinician; another clinic neither finds nor retrieves it."""
+    d = deployment
+    series_uid, sop_uid = report_instance_uids(d.b_report_id)
+    series = findscu(
+        d,
+        "CLINIC_B_MR",
+        "-S",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={d.b_study.uid}",
+        "SeriesInstanceUID",
+        "Modality",
+    )
+    assert {(m["SeriesInstanceUID"], m["Modality"]) for m in series} == {
+        (next(iter(d.b_study.series)), "CT"),
+        (series_uid, "DOC"),
+    }
+    images = findscu(
+        d,
+        "CLINIC_B_MR",
+        "-S",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={d.b_study.uid}",
+        f"SeriesInstanceUID={series_uid}",
+        "SOPInstanceUID",
+        "SOPClassUID",
+    )
+    assert [m["SOPInstanceUID"] for m in images] == [sop_uid]
+
+    # C-GET of the whole study: the CT instance and the report.
+    got = _getscu(
+        d,
+        "CLINIC_B_MR",
+        d.workdir / "get-report",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={d.b_study.uid}",
+    )
+    assert {ds.SOPInstanceUID for ds in got} == _instances(d.b_study) | {sop_uid}
+    pdf = next(ds for ds in got if ds.SOPInstanceUID == sop_uid)
+    assert pdf.SOPClassUID == EncapsulatedPDFStorage
+    assert pdf.SeriesInstanceUID == series_uid and pdf.Modality == "DOC"
+    assert pdf.StudyInstanceUID == d.b_study.uid and pdf.PatientID == "PB1"
+    length = int(pdf.EncapsulatedDocumentLength)
+    assert bytes(pdf.EncapsulatedDocument)[:length] == d.b_report_pdf
+    assert str(pdf.ReferringPhysicianName) == _B_REFERRING
+    # The signed PDF names the referring clinician as a person reads the name.
+    pdf_path = d.workdir / "report.pdf"
+    pdf_path.write_bytes(d.b_report_pdf)
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(pdf_path), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "李明 / Li Ming" in text, text
+
+    # C-MOVE of the report instance alone to clinic B's destination.
+    d.received.clear()
+    result = _run(
+        d.dcmtk / "movescu",
+        "-S",
+        "-v",
+        "-aet",
+        "CLINIC_B_MR",
+        "-aec",
+        "RDC",
+        "-aem",
+        "B_PACS",
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={d.b_study.uid}",
+        "-k",
+        f"SeriesInstanceUID={series_uid}",
+        "-k",
+        f"SOPInstanceUID={sop_uid}",
+        "127.0.0.1",
+        str(d.server.dicom_port),
+    )
+    output = result.stdout + result.stderr
+    assert "Received Final Move Response (Success)" in output, output
+    assert [ds.SOPInstanceUID for ds in d.received] == [sop_uid]
+    moved = d.received[0]
+    assert bytes(moved.EncapsulatedDocument)[:length] == d.b_report_pdf
+
+    # Clinic A, naming B's report by its UIDs, finds and gets nothing.
+    assert (
+        findscu(
+            d,
+            "CLINIC_A_CT",
+            "-S",
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={d.b_study.uid}",
+            f"SeriesInstanceUID={series_uid}",
+            "SOPInstanceUID",
+        )
+        == []
+    )
+    assert (
+        _getscu(
+            d,
+            "CLINIC_A_CT",
+            d.workdir / "get-report-a",
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={d.b_study.uid}",
+            f"SeriesInstanceUID={series_uid}",
+            f"SOPInstanceUID={sop_uid}",
+        )
+        == []
+    )
+
+
+def _responses(sock: socket.socket) -> list[Dataset]:
+    """Read DIMSE responses until a final (not Pending) one; their command sets."""
+    commands: list[Dataset] = []
+    command = b""
+    while True:
+        header = _recv_exact(sock, 6)
+        pdu_type, length = struct.unpack(">BxI", header)
+        body = _recv_exact(sock, length)
+        assert pdu_type == 0x04, f"PDU type {pdu_type} instead of P-DATA"
+        offset = 0
+        while offset < len(body):
+            item_length, _context, control = struct.unpack_from(">IBB", body, offset)
+            fragment = body[offset + 6 : offset + 4 + item_length]
+            offset += 4 + item_length
+            if not control & 0x01:
+                continue  # an identifier
+            command += fragment
+            if control & 0x02:
+                values = decode(BytesIO(command), True, True)
+                command = b""
+                commands.append(values)
+                if int(values.Status) not in (0xFF00, 0xFF01):
+                    return commands
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the listener closed the connection"
+        data += chunk
+    return data
+
+
+def _encoded(message: object, context_id: int) -> bytes:
+    out = b""
+    for pdata in message.encode_msg(context_id, 16_384):  # type: ignore[attr-defined]
+        for pc_id, value in pdata.presentation_data_value_list:
+            out += _p_data(pc_id, value[0], value[1:])
+    return out
+
+
+def _find_request(message_id: int, *, cancel: bool) -> bytes:
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.PatientID = "PA1"
+    query.SOPInstanceUID = ""
+    primitive = C_FIND()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    primitive.Priority = 0
+    primitive.Identifier = BytesIO(encode(query, False, True) or b"")
+    request = C_FIND_RQ()
+    request.primitive_to_message(primitive)
+    data = _encoded(request, 3)
+    if cancel:
+        cancelling = C_CANCEL()
+        cancelling.MessageIDBeingRespondedTo = message_id
+        message = C_CANCEL_RQ()
+        message.primitive_to_message(cancelling)
+        data += _encoded(message, 3)
+    return data
+
+
+def test_c_cancel_stops_a_find(deployment: Deployment) -> None:
+    """A C-CANCEL sent with the C-FIND (one write, so it is there before the first answer):
+    matching stops with status Cancel (0xFE00) and the association goes on serving."""
+    d = deployment
+    total = sum(len(_instances(s)) for s in d.a_studies)
+    with socket.create_connection(("127.0.0.1", d.server.dicom_port), timeout=60) as sock:
+        sock.sendall(_associate_rq("CLINIC_A_CT"))
+        header = _recv_exact(sock, 6)
+        assert header[0] == 0x02, "association not accepted"
+        _recv_exact(sock, struct.unpack(">BxI", header)[1])
+        sock.sendall(_find_request(41, cancel=True))
+        cancelled = _responses(sock)
+        assert int(cancelled[-1].Status) == 0xFE00
+        assert int(cancelled[-1].MessageIDBeingRespondedTo) == 41
+        assert len(cancelled) - 1 < total  # not every match was sent
+        sock.sendall(_find_request(42, cancel=False))
+        whole = _responses(sock)
+        assert [int(r.Status) for r in whole] == [0xFF00] * total + [0x0000]
+        sock.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+        assert _recv_exact(sock, 1) == b"\x06"
+
+
+def test_c_cancel_stops_a_move(deployment: Deployment) -> None:
+    """C-CANCEL during a C-MOVE: the sub-operation in progress finishes, no further one is
+    started, and the final response is Cancel with the counts."""
+    d = deployment
+    a1 = d.a_studies[0]
+    d.received.clear()
+    release = threading.Event()
+    d.hold.append(release)  # the destination holds the first C-STORE
+    ae = AE(ae_title="CLINIC_A_CT")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", d.server.dicom_port, ae_title="RDC")
+    assert assoc.is_established
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = a1.uid
+        responses = []
+        for status, _identifier in assoc.send_c_move(
+            query, "A_PACS", StudyRootQueryRetrieveInformationModelMove, msg_id=77
+        ):
+            responses.append(status)
+            if len(responses) == 1:
+                context_id = assoc.accepted_contexts[0].context_id
+                assoc.send_c_cancel(77, context_id)
+                release.set()  # the cancel is sent: let the first C-STORE finish
+    finally:
+        release.set()
+        assoc.release()
+    total = len(_instances(a1))
+    assert [int(r.Status) for r in responses] == [0xFF00, 0xFE00]
+    final = responses[-1]
+    assert int(final.NumberOfCompletedSuboperations) == 1
+    assert int(final.NumberOfRemainingSuboperations) == total - 1
+    assert int(final.NumberOfFailedSuboperations) == 0
+    assert len(d.received) == 1

@@ -1,7 +1,10 @@
 """DICOM TLS on the listener (RDC_DICOM_TLS_PORT): dcmtk's ``storescu +tls`` with a client
 certificate of the calling AE's clinic is served; one of another clinic, one from another
 CA, or none at all are refused; TLS 1.1 is refused; the plain port keeps working, and
-C-FIND works over TLS (pynetdicom). Certificates are made here with ``cryptography``.
+C-FIND works over TLS (pynetdicom). A C-MOVE to a destination registered as TLS
+(``--dicom-tls-destination``) reaches it over TLS with the centre's certificate. The
+deployment runs two listener processes: TLS associations count in the same per-AE limit
+as the plain ones. Certificates are made here with ``cryptography``.
 """
 
 from __future__ import annotations
@@ -18,21 +21,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydicom.dataset import Dataset
-from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    Verification,
 )
 
 from dicom_gateway.report_push import report_instance_uids
 from rdc_core.db import utcnow
-from tests.helpers import RdcServer, Stack, echoscu, free_port, seed_alliance
+from tests.helpers import (
+    RdcServer,
+    Stack,
+    c_store,
+    echoscu,
+    free_port,
+    rdc_cli,
+    seed_alliance,
+    wait_for,
+)
 from tests.web.test_dicomweb import _postgres_database
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
 from tests.worklist.test_delivery import add_clinic_endpoint, finalize
@@ -96,7 +111,9 @@ class CA:
         )
         self.issued = _write(folder, name, self.key, self.cert)
 
-    def issue(self, cn: str, *, server: bool = False) -> Issued:
+    def issue(self, cn: str, *, server: bool = False, client: bool | None = None) -> Issued:
+        """A leaf certificate; ``server`` adds the SAN and serverAuth, ``client`` (default:
+        not ``server``) clientAuth."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -116,12 +133,12 @@ class CA:
                 ),
                 critical=False,
             )
-        usage = (
-            x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
-            if server
-            else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
-        )
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        usages = []
+        if server:
+            usages.append(x509.oid.ExtendedKeyUsageOID.SERVER_AUTH)
+        if client if client is not None else not server:
+            usages.append(x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return _write(self.folder, cn, key, cert)
 
@@ -140,7 +157,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterat
     ca = CA(workdir, "RDC_TEST_CA")
     other_ca = CA(workdir, "OTHER_CA")
     certs = {
-        "server": ca.issue("rdc-centre", server=True),
+        # The centre's certificate serves the TLS port and is presented to TLS move
+        # destinations and push-back peers.
+        "server": ca.issue("rdc-centre", server=True, client=True),
         "CLINIC_A": ca.issue("CLINIC_A"),
         "CLINIC_B": ca.issue("CLINIC_B"),
         "forged_A": other_ca.issue("FORGED_CLINIC_A"),
@@ -164,6 +183,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterat
         RDC_DICOM_TLS_CERT=str(certs["server"].cert),
         RDC_DICOM_TLS_KEY=str(certs["server"].key),
         RDC_DICOM_TLS_CA=str(ca.issued.cert),
+        RDC_DICOM_PROCESSES="2",
+        RDC_DICOM_MAX_ASSOCIATIONS_PER_AE="2",
     )
     try:
         with stack.deployment() as backends:
@@ -375,3 +396,126 @@ def test_report_push_backs_over_tls(
         his.stop()
         reset_settings()
     assert dicom_gateway.report_push and lab_results.report_push
+
+
+def _tls_client(d: TlsDeployment, clinic: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(d.ca.issued.cert))
+    context.load_cert_chain(str(d.certs[clinic].cert), str(d.certs[clinic].key))
+    return context
+
+
+def test_move_to_a_tls_destination(deployment: TlsDeployment, dcmtk: Path, testdata: Path) -> None:
+    """A destination registered with --dicom-tls-destination is reached over TLS (the
+    destination requires the centre's certificate); the same peer registered as plain is
+    not reached."""
+    d = deployment
+    peer = d.ca.issue("clinic-pacs", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(peer.cert), str(peer.key))
+    context.load_verify_locations(str(d.ca.issued.cert))
+    context.verify_mode = ssl.CERT_REQUIRED
+    received: list[Dataset] = []
+    presented: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        sock = event.assoc.dul.socket.socket
+        presented.append(str(dict(x[0] for x in sock.getpeercert()["subject"])["commonName"]))
+        received.append(event.dataset)
+        return 0x0000
+
+    scp = AE(ae_title="A_TLS")
+    scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    pacs = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        ssl_context=context,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        port = int(pacs.server_address[1])
+        rdc_cli(
+            d.server.env,
+            "clinic",
+            "add",
+            "--code",
+            "CLINIC_A",
+            "--update",
+            "--dicom-tls-destination",
+            f"A_TLS@127.0.0.1:{port}",
+            "--dicom-destination",
+            f"A_PLAIN@127.0.0.1:{port}",
+        )
+        ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        assert c_store(d.server.dicom_port, ds, calling_ae="CLINIC_A_CT") == 0
+
+        def move(destination: str) -> str:
+            result = subprocess.run(
+                [
+                    str(dcmtk / "movescu"),
+                    "-S",
+                    "-v",
+                    "-aet",
+                    "CLINIC_A_CT",
+                    "-aec",
+                    "RDC",
+                    "-aem",
+                    destination,
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={ds.StudyInstanceUID}",
+                    "127.0.0.1",
+                    str(d.server.dicom_port),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            return result.stdout + result.stderr
+
+        output = move("A_TLS")
+        assert "Received Final Move Response (Success)" in output, output
+        assert [r.SOPInstanceUID for r in received] == [ds.SOPInstanceUID]
+        assert presented == ["rdc-centre"]
+        received.clear()
+        output = move("A_PLAIN")
+        assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in output, output
+        assert received == []
+    finally:
+        pacs.shutdown()
+
+
+def test_tls_associations_count_in_the_per_ae_limit(deployment: TlsDeployment) -> None:
+    """Two listener processes, at most 2 associations per AE title: TLS associations (served
+    in the parent) and plain ones (in the listener processes) share one count."""
+    d = deployment
+    ae = AE(ae_title="CLINIC_A_DR")
+    ae.add_requested_context(Verification)
+    tls_args = (_tls_client(d, "CLINIC_A"), "127.0.0.1")
+    held = [ae.associate("127.0.0.1", d.server.dicom_port, ae_title="RDC") for _ in range(2)]
+    tls = None
+    try:
+        assert all(a.is_established for a in held)
+        over = ae.associate("127.0.0.1", d.tls_port, ae_title="RDC", tls_args=tls_args)
+        assert over.is_rejected, "a third association of the AE title over TLS was accepted"
+        held.pop().release()
+
+        def tls_accepted() -> bool:
+            nonlocal tls
+            tls = ae.associate("127.0.0.1", d.tls_port, ae_title="RDC", tls_args=tls_args)
+            return tls.is_established
+
+        # The slot comes back when the listener process has told the parent.
+        wait_for(tls_accepted, timeout=30, what="a TLS association once a slot is free")
+        plain = ae.associate("127.0.0.1", d.server.dicom_port, ae_title="RDC")
+        assert plain.is_rejected, "a plain association over the limit beside a TLS one"
+        assert tls is not None and tls.send_c_echo().Status == 0x0000
+    finally:
+        for assoc in [*held, tls]:
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+        ae.shutdown()

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openjpeg
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -380,6 +381,11 @@ def test_retrieve_in_the_transfer_syntax_asked_for(deployment: Deployment) -> No
         )
         == 406
     )
+    # Frames of a native object as image/jp2: encoded (JPEG 2000 lossless) frame by frame.
+    (frame,) = client.retrieve_instance_frames(*_uids(ct), [1], media_types=(("image/jp2",),))
+    assert frame[:4] == b"\xffO\xffQ"  # a JPEG 2000 codestream
+    expected = pydicom.dcmread(ct).pixel_array
+    assert np.array_equal(openjpeg.decode(frame).reshape(expected.shape), expected)
 
 
 def test_deflated_image_frames_are_decoded(deployment: Deployment, testdata: Path) -> None:

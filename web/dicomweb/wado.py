@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 
 import pydicom
 from fastapi import HTTPException
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_gateway.pixels import (
@@ -23,12 +24,14 @@ from dicom_gateway.pixels import (
     Window,
     can_transcode,
     encoded_frame,
+    frame_transcodable,
     is_compressed,
     number_of_frames,
     open_instance,
     raw_frame,
     read_instance_header,
-    transcode_instance,
+    transcode_instance_chunks,
+    transcoded_frame,
 )
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import InvalidInputError, NotFoundError
@@ -247,14 +250,25 @@ _FRAME_IMAGE_TYPES: Final[dict[str, frozenset[str]]] = {
 }
 
 
-def _frame_content_type_for(accept: Sequence[MediaRange], ref: InstanceRef) -> str:
+# Frames as images in a syntax they are not stored in: encoded one frame at a time.
+_FRAME_TRANSCODE_TARGETS: Final[dict[str, str]] = {
+    "image/jp2": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless, from any pixel data
+    "image/jpeg": "1.2.840.10008.1.2.4.50",  # JPEG baseline (lossy), from 8-bit data
+}
+
+
+def _frame_content_type_for(
+    accept: Sequence[MediaRange], ref: InstanceRef, header: Dataset | None = None
+) -> str:
     """The part content type of the frames, from the Accept header (PS3.18 8.7.3.5).
 
     Uncompressed little endian is the default and always offered.
     ``application/octet-stream; transfer-syntax=*`` (what OHIF asks for) or the stored
     syntax gets compressed frames as stored, so the viewer decodes them itself;
     ``image/jpeg``, ``image/jls`` and ``image/jp2`` get them as stored when they are of that
-    kind. Anything else is 406.
+    kind; otherwise ``image/jp2`` gets them encoded in JPEG 2000 lossless and ``image/jpeg``
+    (8-bit data) in JPEG baseline, one frame at a time (with ``header``, the object's).
+    Anything else is 406.
     """
     stored = ref.transfer_syntax_uid
     compressed = is_compressed(stored)
@@ -269,6 +283,14 @@ def _frame_content_type_for(accept: Sequence[MediaRange], ref: InstanceRef) -> s
         if part in _FRAME_IMAGE_TYPES:
             if stored in _FRAME_IMAGE_TYPES[part] and ts in (None, "*", stored):
                 return f"{part}; transfer-syntax={stored}"
+            target = _FRAME_TRANSCODE_TARGETS.get(part)
+            if (
+                target is not None
+                and ts in (None, target)
+                and header is not None
+                and frame_transcodable(header, target)
+            ):
+                return f"{part}; transfer-syntax={target}"
             continue
         if part not in (_OCTET_STREAM, "*/*", "application/*"):
             continue
@@ -288,6 +310,12 @@ def _frame_content_type_for(accept: Sequence[MediaRange], ref: InstanceRef) -> s
 def _frame_bytes(store: ObjectStore, ref: InstanceRef, number: int, content_type: str) -> bytes:
     if content_type.endswith(_LITTLE_ENDIAN):
         return raw_frame(store=store, storage_key=ref.storage_key, frame=number).data
+    syntax = content_type.rsplit("transfer-syntax=", 1)[-1]
+    if syntax != ref.transfer_syntax_uid:  # encoded here, frame by frame
+        key = ref.storage_key
+        return transcoded_frame(
+            store=store, storage_key=key, frame=number, transfer_syntax=syntax
+        ).data
     encoded = encoded_frame(store=store, storage_key=ref.storage_key, frame=number)
     assert encoded is not None  # the stored syntax is compressed (see _frame_content_type_for)
     return encoded.data
@@ -303,8 +331,9 @@ def frame_parts(
     a proper error, not a broken stream; the other frames are decoded while the response is
     sent, so a request for many frames never holds them all in memory.
     """
-    content_type = _frame_content_type_for(accept, ref)
-    count = number_of_frames(read_instance_header(store, ref.storage_key))
+    header = read_instance_header(store, ref.storage_key)
+    content_type = _frame_content_type_for(accept, ref, header)
+    count = number_of_frames(header)
     missing = [n for n in numbers if n > count]
     if missing:
         raise FrameNotFoundError(f"frame {missing[0]} does not exist; the object has {count}")
@@ -422,18 +451,22 @@ def instance_parts(
     *, store: ObjectStore, refs: Sequence[InstanceRef], transfer_syntaxes: Sequence[str]
 ) -> Iterator[tuple[str, Iterator[bytes]]]:
     """The multipart parts of a retrieve: each object as stored or transcoded. The first
-    object is transcoded before this returns, so its failure is a 406, not a broken stream;
-    later ones while the response is sent."""
+    object's transcoding starts before this returns (a single-frame object whole, a
+    multi-frame one up to its header and first frame), so that its failure is a 406, not a
+    broken stream; the rest while the response is sent, a multi-frame object one frame at a
+    time."""
     pairs = list(zip(refs, transfer_syntaxes, strict=True))
 
     def body(ref: InstanceRef, ts: str) -> Iterator[bytes]:
         if ts == ref.transfer_syntax_uid:
             return object_chunks(store, ref)
         try:
-            data = transcode_instance(store=store, storage_key=ref.storage_key, transfer_syntax=ts)
+            # Multi-frame objects frame by frame, as the response is sent.
+            return transcode_instance_chunks(
+                store=store, storage_key=ref.storage_key, transfer_syntax=ts
+            )
         except TranscodeError as exc:
             raise HTTPException(status_code=406, detail=str(exc)) from exc
-        return iter([data])
 
     first = body(*pairs[0]) if pairs else iter(())
 
@@ -450,8 +483,9 @@ def pixel_data_parts(
 ) -> Iterator[tuple[str, Iterator[bytes]]]:
     """Every frame of the instance as multipart parts, decoded one at a time while the
     response is sent (what the Pixel Data BulkDataURI of the metadata points to)."""
-    count = number_of_frames(read_instance_header(store, ref.storage_key))
-    content_type = _frame_content_type_for(accept, ref)
+    header = read_instance_header(store, ref.storage_key)
+    count = number_of_frames(header)
+    content_type = _frame_content_type_for(accept, ref, header)
 
     def one(number: int) -> Iterator[bytes]:
         yield _frame_bytes(store, ref, number, content_type)

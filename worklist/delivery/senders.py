@@ -138,6 +138,7 @@ class ReportPush:
     pdf: bytes
     recognition: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    referring_physician: str = ""  # the DICOM PN value as received ("" unknown)
 
     @property
     def result_status(self) -> str:

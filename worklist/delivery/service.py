@@ -68,6 +68,7 @@ __all__ = [
     "mark_exam_delivered",
     "prepare_push",
     "record_attempt",
+    "report_push",
     "schedule_report_delivery",
     "set_endpoint_enabled",
 ]
@@ -376,35 +377,14 @@ class LeaseLostError(NotFoundError):
     title = "Lease lost"
 
 
-def prepare_push(
-    session: Session, *, delivery_id: str, worker: str, now: datetime, lease_seconds: float
-) -> tuple[ReportPush, EndpointSpec]:
-    """Everything a sender needs for a delivery ``worker`` holds: the report version, its
-    exam and patient, the signed PDF and the endpoint. Renews the lease for the send
-    (a batch's later deliveries wait for the earlier sends); raises LeaseLostError when
-    another worker holds the delivery now."""
+def report_push(
+    session: Session, *, report: Report, exam: Exam, delivery_id: str = "", attempt: int = 0
+) -> ReportPush:
+    """Everything a sender puts into its message for the signed report version ``report``
+    of ``exam`` (also what a C-GET/C-MOVE of the report's encapsulated PDF sends)."""
     from worklist.recognition.service import recognition_for_report
     from worklist.signing.service import get_signed_artifact
 
-    renewed = session.execute(
-        update(ReportDelivery)
-        .where(
-            ReportDelivery.id == delivery_id,
-            ReportDelivery.lease_owner == worker,
-            ReportDelivery.state != DeliveryState.DELIVERED,
-        )
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    if not cast(CursorResult[Any], renewed).rowcount:
-        raise LeaseLostError(f"delivery {delivery_id} is not leased to {worker}")
-    delivery = session.get(ReportDelivery, delivery_id, populate_existing=True)
-    if delivery is None or delivery.endpoint is None:
-        raise NotFoundError(f"delivery {delivery_id} has no endpoint")
-    report = session.get(Report, delivery.report_id)
-    exam = session.get(Exam, delivery.exam_id)
-    if report is None or exam is None:
-        raise NotFoundError(f"the report of delivery {delivery_id} is gone")
     pdf = get_signed_artifact(session, report_id=report.id, kind="pdf")
     # The coded results of the signed document's discipline sections (an ECG's
     # measurements), for senders that carry them (HL7 OBX NM lines).
@@ -418,10 +398,9 @@ def prepare_push(
         select(Organization).where(Organization.kind == OrgKind.LEAD).limit(1)
     ).scalar_one_or_none()
     signer = report.verifier or report.author
-    endpoint = delivery.endpoint
-    push = ReportPush(
-        delivery_id=delivery.id,
-        attempt=delivery.attempts + 1,
+    return ReportPush(
+        delivery_id=delivery_id,
+        attempt=attempt,
         report_id=report.id,
         version=report.version,
         status=report.status.value,
@@ -453,7 +432,40 @@ def prepare_push(
         pdf=pdf,
         recognition=recognition_for_report(session, report_id=report.id),
         extra={"observations": observations} if observations else {},
+        referring_physician=exam.referring_physician or "",
     )
+
+
+def prepare_push(
+    session: Session, *, delivery_id: str, worker: str, now: datetime, lease_seconds: float
+) -> tuple[ReportPush, EndpointSpec]:
+    """Everything a sender needs for a delivery ``worker`` holds: the report version, its
+    exam and patient, the signed PDF and the endpoint. Renews the lease for the send
+    (a batch's later deliveries wait for the earlier sends); raises LeaseLostError when
+    another worker holds the delivery now."""
+    renewed = session.execute(
+        update(ReportDelivery)
+        .where(
+            ReportDelivery.id == delivery_id,
+            ReportDelivery.lease_owner == worker,
+            ReportDelivery.state != DeliveryState.DELIVERED,
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    if not cast(CursorResult[Any], renewed).rowcount:
+        raise LeaseLostError(f"delivery {delivery_id} is not leased to {worker}")
+    delivery = session.get(ReportDelivery, delivery_id, populate_existing=True)
+    if delivery is None or delivery.endpoint is None:
+        raise NotFoundError(f"delivery {delivery_id} has no endpoint")
+    report = session.get(Report, delivery.report_id)
+    exam = session.get(Exam, delivery.exam_id)
+    if report is None or exam is None:
+        raise NotFoundError(f"the report of delivery {delivery_id} is gone")
+    push = report_push(
+        session, report=report, exam=exam, delivery_id=delivery.id, attempt=delivery.attempts + 1
+    )
+    endpoint = delivery.endpoint
     spec = EndpointSpec(
         id=endpoint.id,
         name=endpoint.name,

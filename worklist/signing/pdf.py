@@ -350,6 +350,11 @@ def render_report_pdf(
             label("图像数", "Objects") + _text(len(document.get("objects") or [])),
         ],
         [
+            # The referring clinician as a person reads the name (never the raw PN value).
+            label("申请医生", "Referring") + _text(_person_name(exam.get("referring_physician"))),
+            "",
+        ],
+        [
             label("图像质量", "Image quality")
             + _text(report.get("quality_grade") or "—")
             + (

@@ -190,6 +190,7 @@ def build_document(
             "body_part": exam.body_part,
             "description": exam.description,
             "performed_at": _iso(exam.performed_at),
+            "referring_physician": exam.referring_physician,
             "clinic": {"code": exam.organization.code, "name": exam.organization.name},
         },
         "patient": {

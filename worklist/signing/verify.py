@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -234,7 +234,7 @@ def _verify_document(
         result.reasons.append("the signature value is not written as signed (modified)")
     try:
         algorithm: str | None = signature_algorithm(cert)
-    except ValueError:  # a damaged certificate's key
+    except (ValueError, UnsupportedAlgorithm):  # a damaged certificate's key (or its curve)
         algorithm = None
     if algorithm is None or signature.get("algorithm") != algorithm:
         result.reasons.append("the signature algorithm does not match the certificate's key")
@@ -258,7 +258,7 @@ def _verify_document(
     try:
         verify_signature(cert, value, canonical_form(document))
         result.checks["signature"] = True
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, UnsupportedAlgorithm):
         result.checks["signature"] = False
         result.reasons.append("the signature does not match the document (modified)")
     serial = format(cert.serial_number, "x")
