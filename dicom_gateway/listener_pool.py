@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import socket
 import socketserver
 import struct
@@ -42,14 +41,10 @@ from pathlib import Path
 
 from dicom_gateway.admission import Applicant, AssociationLimits, SlotBook
 from dicom_gateway.counters import IngestCounters, apply_report
+from dicom_gateway.spool import remove_abandoned_spools
 from rdc_core.metrics import DICOM_CONNECTIONS
 
-__all__ = [
-    "LISTENER_SPOOL_PREFIX",
-    "ListenerPool",
-    "ListenerStartError",
-    "listener_spool_dir",
-]
+__all__ = ["ListenerPool", "ListenerStartError"]
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +60,9 @@ _STOP_TIMEOUT = 10.0
 _YOUNG_DEATH = 10.0  # a process that dies sooner than this is restarted after a pause
 _MAX_RESTART_PAUSE = 30.0
 
-LISTENER_SPOOL_PREFIX = "listener-"
-
 
 class ListenerStartError(RuntimeError):
     """A listener process did not start (it exited, or did not report ready in time)."""
-
-
-def listener_spool_dir(spool_dir: Path, pid: int) -> Path:
-    """The directory below the store's ``spool_dir`` that process ``pid`` receives into."""
-    return spool_dir / f"{LISTENER_SPOOL_PREFIX}{pid}"
 
 
 @dataclass(eq=False)
@@ -367,4 +355,4 @@ class ListenerPool:
                 pause = min(_MAX_RESTART_PAUSE, max(1.0, pause * 2))
 
     def _remove_partial_files(self, pid: int) -> None:
-        shutil.rmtree(listener_spool_dir(self.spool_dir, pid), ignore_errors=True)
+        remove_abandoned_spools(self.spool_dir, pid=pid)

@@ -14,8 +14,6 @@ ingest is not bound to one core by the interpreter lock.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import BinaryIO
 from zoneinfo import ZoneInfo
 
@@ -30,9 +28,10 @@ from dicom_gateway.ingest import (
     prepare_dicom_file,
     quarantine_file,
 )
-from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
+from dicom_gateway.listener_pool import ListenerPool
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
 from dicom_gateway.retrieve import MoveDestination
+from dicom_gateway.spool import claim_spool_dir, remove_abandoned_spools
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.tls import server_context
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
@@ -53,12 +52,11 @@ log = logging.getLogger(__name__)
 def acceptor_config(settings: Settings, store: ObjectStore) -> AcceptorConfig:
     """The association settings of this process's listener, from the service settings.
 
-    Each listening process receives into a spool directory of its own, made here: processes
-    do not queue on one directory's lock to create their files, and the files a dead process
-    left behind are found by its process ID.
+    Each listening process receives into a spool directory of its own, made and locked here
+    (:mod:`dicom_gateway.spool`): processes do not queue on one directory's lock to create
+    their files, and the files a dead process left behind are found by its lock.
     """
-    spool_dir = listener_spool_dir(store.spool_dir, os.getpid())
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    spool_dir = claim_spool_dir(store.spool_dir)
     return AcceptorConfig(
         ae_title=settings.dicom_ae_title,
         max_pdu=settings.dicom_max_pdu,
@@ -120,6 +118,9 @@ class StorageService:
                 source_sha256=request.sha256,
                 move_source=True,
             )
+            # Durable before it queues for the index transaction: the object's disk sync
+            # (or upload) is not waited for inside the serial section of the write lock.
+            prepared.wait()
             result = self.committer.run(
                 lambda session: index_dicom_file(
                     session,
@@ -266,13 +267,13 @@ class DicomGateway:
 
     def _clear_spool(self) -> None:
         # Transfers cut off by a crash leave partial files; their senders were never
-        # answered and will send again.
+        # answered and will send again. Only those of dead processes: another gateway on
+        # the same data directory may be receiving into its own spool directory now.
         spool = self.store.spool_dir
         if spool.is_dir():
             for leftover in spool.glob(".rx-*"):  # received before per-process directories
                 leftover.unlink(missing_ok=True)
-            for directory in spool.glob(f"{LISTENER_SPOOL_PREFIX}*"):
-                shutil.rmtree(directory, ignore_errors=True)
+            remove_abandoned_spools(spool)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -29,6 +29,7 @@ from tests.helpers import (
     RdcServer,
     c_store,
     echo_rejection,
+    free_port,
     object_store,
     same_dataset,
     storescu,
@@ -263,3 +264,43 @@ def test_a_listener_process_that_cannot_start_fails_the_start(
     assert pool.listener_pids() == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=5)
+
+
+def test_a_second_gateway_on_the_same_data_directory_keeps_the_first_ones_spools(
+    pooled_server: RdcServer, processes_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Spool directories belong to the processes that made them: a gateway starting on a
+    data directory another gateway serves from removes only what dead processes left."""
+    spool = object_store(pooled_server.env).spool_dir
+    owners = _listener_pids(pooled_server)
+    in_flight = [spool / f"listener-{pid}" / ".rx-receiving.dcm" for pid in owners]
+    for path in in_flight:
+        path.write_bytes(b"partial")
+    # What a killed gateway left: a directory whose owner lock nobody holds, and one of an
+    # older version (no owner file) whose process is gone.
+    orphan = spool / "listener-999999999"
+    orphan.mkdir()
+    (orphan / ".owner").touch()
+    (orphan / ".rx-cutoff.dcm").write_bytes(b"partial")
+
+    second_env = {
+        **processes_env,
+        "RDC_HTTP_PORT": str(free_port()),
+        "RDC_DICOM_PORT": str(free_port()),
+        "RDC_MLLP_PORT": str(free_port()),
+    }
+
+    def _echo(port: int) -> int:
+        assoc = _associate(port)
+        assert assoc.is_established  # type: ignore[attr-defined]
+        status = assoc.send_c_echo().Status  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        return int(status)
+
+    with RdcServer(second_env, tmp_path / "second.log", "--role", "dicom") as second:
+        assert _echo(second.dicom_port) == 0x0000
+        assert all(path.exists() for path in in_flight)
+        assert not orphan.exists()
+        # The first gateway still receives into its own directories.
+        assert _echo(pooled_server.dicom_port) == 0x0000
+    assert all(path.exists() for path in in_flight)  # nor at the second one's stop
