@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,14 @@ ADMITTED, REFUSED = "admitted", "refused"
 # What a listener process sends besides its counts.
 READY, DONE = b"ready", b"done"
 ADMIT, RELEASE = "admit", "release"
+# Index requests of listener processes to the serving process's one index writer, and its
+# answers: ``index N PAYLOAD`` and ``indexed N PAYLOAD`` (see dicom_gateway.server.IndexWriter).
+INDEX, INDEXED = b"index", b"indexed"
+REMOTE_INDEX_ARG = "remote-index"  # the listener process's argument: index through the parent
+# The largest message on a channel (an index request carries one object's header).
+MAX_MESSAGE = 256 * 1024
+# Answers an index request (the payload) by calling ``reply`` with the answer's payload.
+IndexHandler = Callable[[bytes, Callable[[bytes], None]], None]
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
@@ -105,8 +114,12 @@ class ListenerPool:
         limits: AssociationLimits,
         spool_dir: Path,
         counters: IngestCounters,
+        on_index: IndexHandler | None = None,
     ) -> None:
         self.processes = processes
+        # The serving process's index writer: the listener processes send it their index
+        # work (one writer batching every process's instances) instead of writing themselves.
+        self.on_index = on_index
         self.slots = SlotBook(limits)
         self.spool_dir = spool_dir
         self.counters = counters
@@ -244,9 +257,18 @@ class ListenerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A process too busy to take a connection within this is passed over (sends only).
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
+        for end in (ours, theirs):  # room for index requests and answers
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_gateway.listener_process", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_gateway.listener_process",
+                    str(theirs.fileno()),
+                    *([REMOTE_INDEX_ARG] if self.on_index is not None else []),
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -284,7 +306,7 @@ class ListenerPool:
             listener.channel.settimeout(_START_TIMEOUT)
             while True:
                 try:
-                    message = listener.channel.recv(256)
+                    message = listener.channel.recv(MAX_MESSAGE)
                 except TimeoutError:
                     if listener.ready.is_set():
                         continue
@@ -305,7 +327,16 @@ class ListenerPool:
             self._ended(listener)
 
     def _handle(self, listener: _Listener, message: bytes) -> None:
-        if message == DONE:
+        if message.startswith(INDEX + b" ") and self.on_index is not None:
+            number, _, payload = message[len(INDEX) + 1 :].partition(b" ")
+            channel = listener.channel
+
+            def reply(answer: bytes) -> None:
+                with contextlib.suppress(OSError):  # gone: its sender was never answered
+                    channel.send(b"%s %s %s" % (INDEXED, number, answer))
+
+            self.on_index(payload, reply)
+        elif message == DONE:
             with self._lock:
                 listener.connections -= 1
         elif message.startswith(RELEASE.encode() + b" "):

@@ -42,6 +42,17 @@ class _Job(Generic[T]):
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
+    # For a unit queued with submit(): called with (result, error) once it is decided.
+    done: Callable[[Any, BaseException | None], None] | None = None
+
+    def finish(self) -> None:
+        self.finished = True
+        self.wake.set()
+        if self.done is not None:
+            try:
+                self.done(self.result, self.error)
+            except Exception:
+                log.exception("the callback of a group-commit unit failed")
 
 
 def _domain_error(exc: Exception) -> Exception:
@@ -68,6 +79,36 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._pending: list[_Job[Any]] = []
         self._leading = False
+        self._writer: threading.Thread | None = None  # leads for submit(), made on first use
+        self._wanted = threading.Event()
+
+    def submit(
+        self, work: Callable[[Session], T], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Queue ``work(session)`` without waiting for it: ``done(result, error)`` is called
+        (in the committer's writer thread) once it is committed or has failed. For a thread
+        that must go on reading requests, e.g. one serving many senders' requests."""
+        job: _Job[T] = _Job(work, done=done)
+        with self._lock:
+            self._pending.append(job)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_forever, name="rdc-group-commit", daemon=True
+                )
+                self._writer.start()
+            if self._leading:
+                return  # the transaction in progress hands on to the next leader
+            self._leading = True
+        self._wanted.set()
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                self._lead()
+            except Exception:  # _lead fails units, never itself; keep the writer alive
+                log.exception("group commit writer")
 
     def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)``; return its result once it is committed, or raise its error
@@ -96,10 +137,13 @@ class GroupCommitter:
                 self._run_batch(session, self._take())
         finally:
             with self._lock:
-                if self._pending:
-                    self._pending[0].wake.set()
-                else:
+                following = self._pending[0] if self._pending else None
+                if following is None:
                     self._leading = False
+                elif following.done is None:
+                    following.wake.set()  # a caller of run(): it leads the next transaction
+            if following is not None and following.done is not None:
+                self._wanted.set()  # a submitted unit: the writer thread leads
 
     @staticmethod
     def _run_alone(session: Session, job: _Job[Any]) -> None:
@@ -131,8 +175,7 @@ class GroupCommitter:
             failure = DatabaseUnavailableError(f"index transaction failed: {exc}")
         for job in batch:
             job.error = failure
-            job.finished = True
-            job.wake.set()
+            job.finish()
 
     def _run_batch(self, session: Session, batch: list[_Job[Any]]) -> None:
         try:
@@ -164,5 +207,4 @@ class GroupCommitter:
         finally:
             session.close()
             for job in batch:
-                job.finished = True
-                job.wake.set()
+                job.finish()

@@ -75,6 +75,11 @@ def pooled_server(processes_env: dict[str, str], tmp_path: Path) -> Iterator[Rdc
 def test_every_sample_file_is_stored_through_both_processes_and_counted(
     pooled_server: RdcServer, dcmtk: Path, testdata: Path
 ) -> None:
+    # On SQLite the listener processes index through the serving process's one writer.
+    sqlite = "RDC_DATABASE_URL" not in pooled_server.env
+    for pid in _listener_pids(pooled_server):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert cmdline.read().split(b"\0")[-2].endswith(b"remote-index") == sqlite
     files = valid_files(testdata)
     # Two senders at once, each with one association per transfer syntax.
     halves = [files[0::2], files[1::2]]

@@ -316,3 +316,46 @@ def test_processes_writing_at_once_lose_nothing_acknowledged_when_one_is_killed(
     for _, _, transaction in acks:
         by_transaction[transaction] = by_transaction.get(transaction, 0) + 1
     assert max(by_transaction.values()) > 1
+
+
+def test_submitted_units_are_committed_together_by_the_writer_thread(database: str) -> None:
+    """submit() returns at once; the committer's writer thread runs every unit waiting into
+    one transaction and calls back each unit with its own result or error."""
+    _setup(database)
+    committer = GroupCommitter()
+    decided: dict[int, tuple[object, BaseException | None]] = {}
+    all_decided = threading.Event()
+    units = 32
+
+    def work_for(k: int):  # type: ignore[no-untyped-def]
+        def work(session):  # type: ignore[no-untyped-def]
+            session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+            if k == 7:
+                raise ValueError("unit 7 fails")
+            return session.info.setdefault("transaction", object())
+
+        return work
+
+    def done_for(k: int):  # type: ignore[no-untyped-def]
+        def done(result: object, error: BaseException | None) -> None:
+            decided[k] = (result, error)
+            if len(decided) == units:
+                all_decided.set()
+
+        return done
+
+    let_go = _hold_the_writer(database)
+    try:
+        for k in range(units):
+            committer.submit(work_for(k), done_for(k))
+        assert not all_decided.is_set()  # nothing is decided while the writer is held
+    finally:
+        let_go()
+    assert all_decided.wait(60)
+    assert isinstance(decided[7][1], ValueError)
+    transactions = [result for k, (result, _) in decided.items() if k != 7]
+    assert all(error is None for k, (_, error) in decided.items() if k != 7)
+    assert max(transactions.count(t) for t in transactions) > 1
+    with read_session() as session:
+        stored = {row[0] for row in session.execute(text("SELECT k FROM t"))}
+    assert stored == set(range(units)) - {7}
