@@ -12,8 +12,9 @@ monkeypatching, the functions that bound a serial section:
 - ``object wait under lock``: ``worklist.intake.PendingObject.wait`` while this thread holds
   the writer lock (the object's disk sync paid inside the serial section);
 - ``group commit``: ``GroupCommitter._run_batch``, one process's leader running a batch,
-  less any writer-lock wait inside it; its batch sizes; ``GroupCommitter.run`` from submit
-  to result is each instance's commit wait;
+  less any writer-lock wait inside it; its batch sizes; ``StorageService._index`` (or,
+  where there is none, ``GroupCommitter.run``) from submit to result is each instance's
+  commit wait;
 - ``connection hand-over``: ``ListenerPool.hand_over`` in the serving process;
 - ``accept loop``: ``socketserver.BaseServer._handle_request_noblock`` (accept and hand
   the connection on), the serving process's listening thread.
@@ -160,7 +161,21 @@ def _patch() -> None:
             _stats.add(_stats.commit_wait, time.perf_counter() - start)
 
     committer._run_batch = timed_run_batch  # type: ignore[assignment]
-    committer.run = timed_run  # type: ignore[method-assign]
+    try:  # submit to result of one instance's index work, wherever it is written
+        from dicom_gateway import server
+
+        index = server.StorageService._index
+
+        def timed_index(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return index(self, *args, **kwargs)
+            finally:
+                _stats.add(_stats.commit_wait, time.perf_counter() - start)
+
+        server.StorageService._index = timed_index  # type: ignore[method-assign]
+    except (ImportError, AttributeError):  # before StorageService._index
+        committer.run = timed_run  # type: ignore[method-assign]
 
     with contextlib.suppress(ImportError, AttributeError):
         from worklist import intake

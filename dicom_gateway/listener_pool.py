@@ -14,6 +14,12 @@ N AE CLINIC``, both hex-encoded) and waits for the answer (``admitted N`` or ``r
 and gives the slot back at release (``release N``). A connection that never requests an
 association takes no slot.
 
+On SQLite (one writer per database) the listener processes do not write the index
+themselves: each sends its prepared instances (``index N PAYLOAD``) to the serving process's
+one index writer (:class:`dicom_gateway.server.IndexWriter`), which batches the instances of
+every process into one transaction and answers each (``indexed N PAYLOAD``) once committed.
+On PostgreSQL each process writes, and the database takes the writers side by side.
+
 A listener process also reports ``ready`` once it can serve, ``done`` when a connection
 ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
 parent adds to its own Prometheus counters. A process that dies is started again (after a
