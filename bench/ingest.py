@@ -1021,14 +1021,17 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         "runs": len(runs),
         "processes": max(s["processes"] for s in runs),
         "held": {},
+        "held_cpu": {},
         "gate_wait": [0, 0.0, 0.0],
         "commit_wait": [0, 0.0, 0.0],
         "batches": {},
     }
     for stages in runs:
-        for name, (count, total, peak) in stages["held"].items():
-            entry = pooled["held"].setdefault(name, [0, 0.0, 0.0])
-            entry[0], entry[1], entry[2] = entry[0] + count, entry[1] + total, max(entry[2], peak)
+        for key in ("held", "held_cpu"):
+            for name, (count, total, peak) in stages.get(key, {}).items():
+                entry = pooled[key].setdefault(name, [0, 0.0, 0.0])
+                entry[0], entry[1] = entry[0] + count, entry[1] + total
+                entry[2] = max(entry[2], peak)
         for key in ("gate_wait", "commit_wait"):
             entry, theirs = pooled[key], stages[key]
             entry[0], entry[1], entry[2] = (
@@ -1053,8 +1056,9 @@ def report_stages(summaries: list[Summary]) -> None:
         processes = max(1, st["processes"] - 1) if st["processes"] > 1 else 1
         for name, scope in stage_timers.STAGES.items():
             count, total, peak = st["held"].get(name, [0, 0.0, 0.0])
-            per = 1000.0 * total / instances
-            bound = (processes if scope == "process" else 1) * 1000.0 / per if per else math.inf
+            cpu = st["held_cpu"].get(name, [0, 0.0, 0.0])[1]
+            per, per_cpu = 1000.0 * total / instances, 1000.0 * cpu / instances
+            times = processes if scope == "process" else 1
             rows.append(
                 [
                     s.target,
@@ -1062,7 +1066,9 @@ def report_stages(summaries: list[Summary]) -> None:
                     name,
                     scope,
                     f"{per:.3f}",
-                    "-" if math.isinf(bound) else f"{bound:,.0f}",
+                    f"{times * 1000.0 / per:,.0f}" if per else "-",
+                    f"{per_cpu:.3f}" if cpu else "-",
+                    f"{times * 1000.0 / per_cpu:,.0f}" if cpu else "-",
                     str(count),
                     f"{peak * 1000:.1f}",
                 ]
@@ -1086,9 +1092,21 @@ def report_stages(summaries: list[Summary]) -> None:
     if not rows:
         return
     print_table(
-        "Serial stages (bench/stage_timers.py): ms held per instance, the rate it bounds"
-        " (1000/ms; x listener processes for a per-process stage), times held, longest hold",
-        ["target", "assoc", "stage", "scope", "ms/inst", "bound inst/s", "holds", "max ms"],
+        "Serial stages (bench/stage_timers.py): ms held per instance (wall clock; and the"
+        " holder thread's CPU time), the rate each bounds (1000/ms; x listener processes for a"
+        " per-process stage), times held, longest hold",
+        [
+            "target",
+            "assoc",
+            "stage",
+            "scope",
+            "ms/inst",
+            "bound inst/s",
+            "cpu ms/inst",
+            "cpu bound",
+            "holds",
+            "max ms",
+        ],
         rows,
     )
     print_table(
