@@ -61,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import urllib3
 from minio import Minio
@@ -68,12 +69,17 @@ from minio.error import MinioException, S3Error
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stage_timers  # bench/stage_timers.py, beside this file
+
+del sys.path[0]
+
 STORESCU = "/usr/bin/storescu"  # explicit: a Python `storescu` shadows dcmtk's on PATH
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
 CALLING_AE = "BENCHSCU"
 PER_INSTANCE = 0  # the "associations" of the mode that opens one association per instance
-ASSOCIATIONS = (1, 4, PER_INSTANCE)
+ASSOCIATIONS = (1, 4, 16, PER_INSTANCE)
 BACKENDS = ("local", "s3", "both")
 S3_REGION = "us-east-1"
 S3_DICOM_PREFIX = "dicom/"  # rdc's key prefix for received instances
@@ -83,6 +89,7 @@ RATIOS: tuple[tuple[str, str, dict[int, float] | None], ...] = (
     ("rdc-local", "Orthanc", {1: 1.0, 4: 1.5}),
     ("rdc-s3", "Orthanc", None),
     ("rdc-s3", "rdc-local", {1: 0.7, 4: 0.7}),
+    ("rdc-local", "rdc-base", None),
 )
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -106,6 +113,7 @@ class Run:
     seconds: float
     stored: int
     cpu: CpuUse
+    stages: dict[str, Any] | None = None  # stage_timers.collect() of an rdc target
 
     @property
     def rate(self) -> float:
@@ -130,6 +138,7 @@ class Summary:
     mbps: float
     complete: bool
     cpu: CpuUse
+    stages: dict[str, Any] | None = None  # the repeats' stage timers, pooled
 
 
 @dataclass(frozen=True)
@@ -299,6 +308,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="DIR",
         help="where the run's temporary directory is made (default: the system's, /tmp)",
     )
+    parser.add_argument(
+        "--associations",
+        type=lambda text: [int(n) for n in text.split(",")],
+        metavar="N,N",
+        help="the association counts to measure, of 1, 4 and 16 (default all)",
+    )
+    parser.add_argument(
+        "--no-orthanc", action="store_true", help="measure rdc only (Orthanc not installed)"
+    )
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        metavar="DIR",
+        help="also measure the rdc source tree DIR (e.g. a checkout before a change) as"
+        " target rdc-base, interleaved with rdc-local; it runs first on PYTHONPATH",
+    )
+    parser.add_argument(
+        "--no-stages",
+        action="store_true",
+        help="do not time the serial stages of the rdc targets (bench/stage_timers.py)",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count < max(ASSOCIATIONS) or args.studies < 1 or args.repeat < 1 or args.size < 8:
@@ -312,7 +342,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def modes(args: argparse.Namespace) -> list[int]:
     """The association counts measured (PER_INSTANCE unless --single-count 0)."""
-    return [a for a in ASSOCIATIONS if a != PER_INSTANCE or args.single_count > 0]
+    chosen = ASSOCIATIONS if args.associations is None else args.associations
+    return [a for a in ASSOCIATIONS if a in chosen and (a != PER_INSTANCE or args.single_count)]
 
 
 def mode_label(associations: int) -> str:
@@ -484,6 +515,14 @@ class Receiver(abc.ABC):
     def prepare(self) -> None:
         """Anything needed before the server starts."""
 
+    def command_environment(self) -> dict[str, str]:
+        """The environment the server itself starts with."""
+        return self.environment()
+
+    def stages(self) -> dict[str, Any] | None:
+        """Per-stage timings of the server (rdc only)."""
+        return None
+
     @abc.abstractmethod
     def stored(self) -> int:
         """How many instances the server has stored."""
@@ -493,7 +532,7 @@ class Receiver(abc.ABC):
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 self.command(),
-                env=self.environment(),
+                env=self.command_environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -655,9 +694,18 @@ class RdcReceiver(Receiver):
     name = "rdc-local"
     called_ae = "RDC"
 
-    def __init__(self, workdir: Path, *, processes: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        processes: int = 1,
+        tree: Path | None = None,
+        stages: bool = True,
+    ) -> None:
         super().__init__(workdir)
         self.processes = processes
+        self.tree = tree  # an rdc source tree put first on PYTHONPATH (None: as installed)
+        self.stages_dir = workdir / "stages" if stages else None
 
     def command(self) -> list[str]:
         """The server command line."""
@@ -682,8 +730,33 @@ class RdcReceiver(Receiver):
             RDC_DICOM_AE_TITLE=self.called_ae,
             RDC_STABLE_AGE_SECONDS="3600",
             RDC_DICOM_PROCESSES=str(self.processes),
+            # One calling AE title sends on every association (default limits: 8 per AE
+            # title, 16 per clinic).
+            RDC_DICOM_MAX_ASSOCIATIONS_PER_AE=str(max(ASSOCIATIONS)),
+            RDC_DICOM_MAX_ASSOCIATIONS_PER_CLINIC=str(max(ASSOCIATIONS)),
         )
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if self.tree is not None:
+            path.insert(0, str(self.tree.resolve()))
+        if self.stages_dir is not None:
+            path.insert(0, str(stage_timers.write_sitecustomize(self.workdir / "site")))
+        if path:
+            env["PYTHONPATH"] = os.pathsep.join(path)
         return env
+
+    def command_environment(self) -> dict[str, str]:
+        """The server's environment: stage timers on (the setup commands run without)."""
+        env = self.environment()
+        if self.stages_dir is not None:
+            self.stages_dir.mkdir(exist_ok=True)
+            env[stage_timers.ENV] = str(self.stages_dir)
+        return env
+
+    def stages(self) -> dict[str, Any] | None:
+        """The stage timers' totals of every process of the server."""
+        if self.stages_dir is None:
+            return None
+        return stage_timers.collect(self.stages_dir)
 
     def prepare(self) -> None:
         """Register the benchmark's calling AE title as a clinic."""
@@ -708,8 +781,10 @@ class RdcS3Receiver(RdcReceiver):
 
     name = "rdc-s3"
 
-    def __init__(self, workdir: Path, *, s3: S3Server, processes: int = 1) -> None:
-        super().__init__(workdir, processes=processes)
+    def __init__(
+        self, workdir: Path, *, s3: S3Server, processes: int = 1, stages: bool = True
+    ) -> None:
+        super().__init__(workdir, processes=processes, stages=stages)
         self.s3 = s3
         self.bucket = f"bench-{workdir.name}"  # work directories are unique within a run
 
@@ -879,7 +954,9 @@ def measure(
         seconds = send(receiver, parts, associations, args.timeout)
         cpu = meter.use(count)
         stored = wait_stored(receiver, count)
-    run = Run(name, associations, repeat, count, total, seconds, stored, cpu)
+        time.sleep(0.5)  # the processes write their stage timers every 0.2 s
+        stages = receiver.stages()
+    run = Run(name, associations, repeat, count, total, seconds, stored, cpu, stages)
     print(
         f"  {run.target:9} {label:>4} assoc  run {repeat + 1}: {seconds:7.2f} s "
         f"{run.rate:8.1f} inst/s {run.mbps:7.1f} MB/s  stored {stored}/{count}"
@@ -917,6 +994,7 @@ def summarise(names: list[str], runs: list[Run]) -> list[Summary]:
                     mbps=statistics.median(r.mbps for r in group),
                     complete=all(r.stored == r.instances for r in group),
                     cpu=_median_cpu([r.cpu for r in group]),
+                    stages=_pooled_stages([r.stages for r in group]),
                 )
             )
     return summaries
@@ -931,6 +1009,122 @@ def _median_cpu(uses: list[CpuUse]) -> CpuUse:
         senders_ms=statistics.median(u.senders_ms for u in uses),
         machine_busy_percent=statistics.median(u.machine_busy_percent for u in uses),
         switches=statistics.median(u.switches for u in uses),
+    )
+
+
+def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The stage timers of several runs added up (with the instances they served)."""
+    runs = [s for s in found if s is not None]
+    if not runs:
+        return None
+    pooled: dict[str, Any] = {
+        "runs": len(runs),
+        "processes": max(s["processes"] for s in runs),
+        "held": {},
+        "held_cpu": {},
+        "gate_wait": [0, 0.0, 0.0],
+        "commit_wait": [0, 0.0, 0.0],
+        "batches": {},
+    }
+    for stages in runs:
+        for key in ("held", "held_cpu"):
+            for name, (count, total, peak) in stages.get(key, {}).items():
+                entry = pooled[key].setdefault(name, [0, 0.0, 0.0])
+                entry[0], entry[1] = entry[0] + count, entry[1] + total
+                entry[2] = max(entry[2], peak)
+        for key in ("gate_wait", "commit_wait"):
+            entry, theirs = pooled[key], stages[key]
+            entry[0], entry[1], entry[2] = (
+                entry[0] + theirs[0],
+                entry[1] + theirs[1],
+                max(entry[2], theirs[2]),
+            )
+        for size, count in stages["batches"].items():
+            pooled["batches"][int(size)] = pooled["batches"].get(int(size), 0) + count
+    return pooled
+
+
+def report_stages(summaries: list[Summary]) -> None:
+    """Per serial stage: ms held per instance and the rate that bounds (1000 / ms; for a
+    stage of each listener process, times the processes); batch sizes and waits."""
+    rows, waits = [], []
+    for s in summaries:
+        if s.stages is None:
+            continue
+        st, label = s.stages, mode_label(s.associations)
+        instances = s.instances * st["runs"]
+        processes = max(1, st["processes"] - 1) if st["processes"] > 1 else 1
+        for name, scope in stage_timers.STAGES.items():
+            count, total, peak = st["held"].get(name, [0, 0.0, 0.0])
+            cpu = st["held_cpu"].get(name, [0, 0.0, 0.0])[1]
+            per, per_cpu = 1000.0 * total / instances, 1000.0 * cpu / instances
+            times = processes if scope == "process" else 1
+            rows.append(
+                [
+                    s.target,
+                    label,
+                    name,
+                    scope,
+                    f"{per:.3f}",
+                    f"{times * 1000.0 / per:,.0f}" if per else "-",
+                    f"{per_cpu:.3f}" if cpu else "-",
+                    f"{times * 1000.0 / per_cpu:,.0f}" if cpu else "-",
+                    str(count),
+                    f"{peak * 1000:.1f}",
+                ]
+            )
+        n, mean, median, largest = stage_timers.batch_summary(st["batches"])
+        gate, commit = st["gate_wait"], st["commit_wait"]
+        waits.append(
+            [
+                s.target,
+                label,
+                str(n),
+                f"{mean:.1f}",
+                str(median),
+                str(largest),
+                f"{1000.0 * gate[1] / instances:.2f}",
+                f"{1000.0 * gate[2]:.1f}",
+                f"{1000.0 * commit[1] / max(commit[0], 1):.2f}",
+                f"{1000.0 * commit[2]:.1f}",
+            ]
+        )
+    if not rows:
+        return
+    print_table(
+        "Serial stages (bench/stage_timers.py): ms held per instance (wall clock; and the"
+        " holder thread's CPU time), the rate each bounds (1000/ms; x listener processes for a"
+        " per-process stage), times held, longest hold",
+        [
+            "target",
+            "assoc",
+            "stage",
+            "scope",
+            "ms/inst",
+            "bound inst/s",
+            "cpu ms/inst",
+            "cpu bound",
+            "holds",
+            "max ms",
+        ],
+        rows,
+    )
+    print_table(
+        "Group commit batches and waits: batches, mean/median/largest size; writer-lock wait"
+        " (ms per instance, longest); commit wait per instance (submit to result, mean, longest)",
+        [
+            "target",
+            "assoc",
+            "batches",
+            "mean",
+            "median",
+            "max",
+            "lock wait ms/inst",
+            "max",
+            "commit wait ms",
+            "max",
+        ],
+        waits,
     )
 
 
@@ -1015,6 +1209,7 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
             for s in summaries
         ],
     )
+    report_stages(summaries)
     print_table(
         "Ratios of instances/s",
         ["ratio", "associations", "value", "target", "met"],
@@ -1031,24 +1226,40 @@ def report(summaries: list[Summary], comparisons: list[Comparison]) -> None:
     )
 
 
+class RdcBaseReceiver(RdcReceiver):
+    """``rdc serve --role dicom`` from another source tree (``--base-tree``)."""
+
+    name = "rdc-base"
+
+
 def start_targets(
-    backend: str, processes: int, root: Path, stack: contextlib.ExitStack
+    args: argparse.Namespace, root: Path, stack: contextlib.ExitStack
 ) -> dict[str, Factory]:
-    """The targets of ``--backend`` by name, starting the S3 server (stopped by ``stack``)."""
+    """The targets of the options by name, starting the S3 server (stopped by ``stack``)."""
     targets: dict[str, Factory] = {}
-    if backend in ("local", "both"):
-        targets[RdcReceiver.name] = functools.partial(RdcReceiver, processes=processes)
-    if backend in ("s3", "both"):
+    processes, stages = args.dicom_processes, not args.no_stages
+    if args.backend in ("local", "both"):
+        targets[RdcReceiver.name] = functools.partial(
+            RdcReceiver, processes=processes, stages=stages
+        )
+        if args.base_tree is not None:
+            targets[RdcBaseReceiver.name] = functools.partial(
+                RdcBaseReceiver, processes=processes, tree=args.base_tree, stages=stages
+            )
+    if args.backend in ("s3", "both"):
         s3 = stack.enter_context(S3Server(root / "weed"))
         print(f"SeaweedFS S3 at {s3.endpoint}", flush=True)
-        targets[RdcS3Receiver.name] = functools.partial(RdcS3Receiver, s3=s3, processes=processes)
-    targets[OrthancReceiver.name] = OrthancReceiver
+        targets[RdcS3Receiver.name] = functools.partial(
+            RdcS3Receiver, s3=s3, processes=processes, stages=stages
+        )
+    if not args.no_orthanc:
+        targets[OrthancReceiver.name] = OrthancReceiver
     return targets
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Measure every target and association count ``--repeat`` times and report."""
-    for tool in (STORESCU, ECHOSCU, ORTHANC):
+    for tool in (STORESCU, ECHOSCU) if args.no_orthanc else (STORESCU, ECHOSCU, ORTHANC):
         if not os.access(tool, os.X_OK):
             raise BenchError(f"{tool} is not installed")
     pixels = phantom_pixels(args.size)
@@ -1057,7 +1268,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     try:
         print(f"{args.count} instances of {args.size}x{args.size} 16-bit; work dir {root}")
         with contextlib.ExitStack() as stack:
-            targets = start_targets(args.backend, args.dicom_processes, root, stack)
+            targets = start_targets(args, root, stack)
             names = list(targets)
             for repeat in range(args.repeat):
                 shift = repeat % len(names)  # each target takes each position in turn

@@ -14,6 +14,12 @@ N AE CLINIC``, both hex-encoded) and waits for the answer (``admitted N`` or ``r
 and gives the slot back at release (``release N``). A connection that never requests an
 association takes no slot.
 
+On SQLite (one writer per database) the listener processes do not write the index
+themselves: each sends its prepared instances (``index N PAYLOAD``) to the serving process's
+one index writer (:class:`dicom_gateway.server.IndexWriter`), which batches the instances of
+every process into one transaction and answers each (``indexed N PAYLOAD``) once committed.
+On PostgreSQL each process writes, and the database takes the writers side by side.
+
 A listener process also reports ``ready`` once it can serve, ``done`` when a connection
 ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
 parent adds to its own Prometheus counters. A process that dies is started again (after a
@@ -29,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import socket
 import socketserver
 import struct
@@ -37,19 +42,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_gateway.admission import Applicant, AssociationLimits, SlotBook
 from dicom_gateway.counters import IngestCounters, apply_report
+from dicom_gateway.spool import remove_abandoned_spools
 from rdc_core.metrics import DICOM_CONNECTIONS
 
-__all__ = [
-    "LISTENER_SPOOL_PREFIX",
-    "ListenerPool",
-    "ListenerStartError",
-    "listener_spool_dir",
-]
+__all__ = ["ListenerPool", "ListenerStartError"]
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +61,23 @@ ADMITTED, REFUSED = "admitted", "refused"
 # What a listener process sends besides its counts.
 READY, DONE = b"ready", b"done"
 ADMIT, RELEASE = "admit", "release"
+# Index requests of listener processes to the serving process's one index writer, and its
+# answers: ``index N PAYLOAD`` and ``indexed N PAYLOAD`` (see dicom_gateway.server.IndexWriter).
+INDEX, INDEXED = b"index", b"indexed"
+REMOTE_INDEX_ARG = "remote-index"  # the listener process's argument: index through the parent
+# The largest message on a channel (an index request carries one object's header).
+MAX_MESSAGE = 256 * 1024
+# Answers an index request (the payload) by calling ``reply`` with the answer's payload.
+IndexHandler = Callable[[bytes, Callable[[bytes], None]], None]
 
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 _YOUNG_DEATH = 10.0  # a process that dies sooner than this is restarted after a pause
 _MAX_RESTART_PAUSE = 30.0
 
-LISTENER_SPOOL_PREFIX = "listener-"
-
 
 class ListenerStartError(RuntimeError):
     """A listener process did not start (it exited, or did not report ready in time)."""
-
-
-def listener_spool_dir(spool_dir: Path, pid: int) -> Path:
-    """The directory below the store's ``spool_dir`` that process ``pid`` receives into."""
-    return spool_dir / f"{LISTENER_SPOOL_PREFIX}{pid}"
 
 
 @dataclass(eq=False)
@@ -117,8 +120,12 @@ class ListenerPool:
         limits: AssociationLimits,
         spool_dir: Path,
         counters: IngestCounters,
+        on_index: IndexHandler | None = None,
     ) -> None:
         self.processes = processes
+        # The serving process's index writer: the listener processes send it their index
+        # work (one writer batching every process's instances) instead of writing themselves.
+        self.on_index = on_index
         self.slots = SlotBook(limits)
         self.spool_dir = spool_dir
         self.counters = counters
@@ -256,9 +263,18 @@ class ListenerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A process too busy to take a connection within this is passed over (sends only).
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
+        for end in (ours, theirs):  # room for index requests and answers
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_gateway.listener_process", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_gateway.listener_process",
+                    str(theirs.fileno()),
+                    *([REMOTE_INDEX_ARG] if self.on_index is not None else []),
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -296,7 +312,7 @@ class ListenerPool:
             listener.channel.settimeout(_START_TIMEOUT)
             while True:
                 try:
-                    message = listener.channel.recv(256)
+                    message = listener.channel.recv(MAX_MESSAGE)
                 except TimeoutError:
                     if listener.ready.is_set():
                         continue
@@ -317,7 +333,16 @@ class ListenerPool:
             self._ended(listener)
 
     def _handle(self, listener: _Listener, message: bytes) -> None:
-        if message == DONE:
+        if message.startswith(INDEX + b" ") and self.on_index is not None:
+            number, _, payload = message[len(INDEX) + 1 :].partition(b" ")
+            channel = listener.channel
+
+            def reply(answer: bytes) -> None:
+                with contextlib.suppress(OSError):  # gone: its sender was never answered
+                    channel.send(b"%s %s %s" % (INDEXED, number, answer))
+
+            self.on_index(payload, reply)
+        elif message == DONE:
             with self._lock:
                 listener.connections -= 1
         elif message.startswith(RELEASE.encode() + b" "):
@@ -367,4 +392,4 @@ class ListenerPool:
                 pause = min(_MAX_RESTART_PAUSE, max(1.0, pause * 2))
 
     def _remove_partial_files(self, pid: int) -> None:
-        shutil.rmtree(listener_spool_dir(self.spool_dir, pid), ignore_errors=True)
+        remove_abandoned_spools(self.spool_dir, pid=pid)

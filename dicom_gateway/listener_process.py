@@ -20,9 +20,21 @@ import threading
 
 from dicom_gateway.admission import Applicant
 from dicom_gateway.counters import ChannelCounters
-from dicom_gateway.listener_pool import ADMIT, ADMITTED, CONNECTION, DONE, READY, RELEASE
+from dicom_gateway.listener_pool import (
+    ADMIT,
+    ADMITTED,
+    CONNECTION,
+    DONE,
+    INDEX,
+    INDEXED,
+    MAX_MESSAGE,
+    READY,
+    RELEASE,
+    REMOTE_INDEX_ARG,
+)
 from dicom_gateway.server import StorageService, acceptor_config
 from dicom_gateway.upper_layer import AcceptorConfig, serve_association
+from rdc_core.errors import DatabaseUnavailableError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import get_settings
 from rdc_core.shutdown import exit_now
@@ -33,6 +45,9 @@ __all__ = ["main", "serve"]
 log = logging.getLogger(__name__)
 
 _ADMISSION_TIMEOUT = 10.0  # no answer from the parent by then: the association is refused
+# No answer to an index request by then: the sender is told to retry (longer than SQLite's
+# busy timeout, after which the writer answers itself).
+_INDEX_TIMEOUT = 120.0
 
 
 class _Channel:
@@ -43,6 +58,8 @@ class _Channel:
         self._numbers = itertools.count()
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[threading.Event, list[bool]]] = {}
+        self._indexing: dict[bytes, tuple[threading.Event, list[bytes]]] = {}
+        self._closed = False
 
     def send(self, message: bytes) -> None:
         with contextlib.suppress(OSError):  # a parent that went away needs no report
@@ -70,8 +87,44 @@ class _Channel:
         """Give the slot granted to request ``number`` back."""
         self.send(f"{RELEASE} {number}".encode())
 
+    def index(self, payload: bytes) -> bytes:
+        """Send an index request to the serving process's index writer; its answer."""
+        number = str(next(self._numbers)).encode()
+        answered, answer = threading.Event(), list[bytes]()
+        with self._lock:
+            if self._closed:
+                raise DatabaseUnavailableError("the serving process is gone")
+            self._indexing[number] = (answered, answer)
+        try:
+            try:
+                self.sock.send(b"%s %s %s" % (INDEX, number, payload))
+            except OSError as exc:
+                raise DatabaseUnavailableError(f"cannot reach the index writer: {exc}") from exc
+            if not answered.wait(_INDEX_TIMEOUT) or not answer:
+                raise DatabaseUnavailableError("no answer from the index writer")
+            return answer[0]
+        finally:
+            with self._lock:
+                self._indexing.pop(number, None)
+
+    def close(self) -> None:
+        """The channel closed: index requests waiting get no answer."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._indexing.values())
+        for answered, _answer in waiting:
+            answered.set()
+
     def answer(self, message: bytes) -> None:
-        """Deliver the parent's answer to an admission request."""
+        """Deliver the parent's answer to an admission or index request."""
+        if message.startswith(INDEXED + b" "):
+            index_number, _, payload = message[len(INDEXED) + 1 :].partition(b" ")
+            with self._lock:
+                indexing = self._indexing.get(index_number)
+            if indexing is not None:
+                indexing[1].append(payload)
+                indexing[0].set()
+            return
         verdict, _, number = message.decode(errors="replace").partition(" ")
         with self._lock:
             waiting = self._waiting.pop(number, None)
@@ -114,16 +167,31 @@ def _serve_connection(
         channel.send(DONE)
 
 
-def serve(sock: socket.socket) -> None:
-    """Serve connections received on ``sock`` until it closes."""
+def serve(sock: socket.socket, *, remote_index: bool = False) -> None:
+    """Serve connections received on ``sock`` until it closes; with ``remote_index``, index
+    through the serving process's index writer."""
     settings = get_settings()
     store = get_object_store(settings)
     config = acceptor_config(settings, store)
     channel = _Channel(sock)
-    service = StorageService(store=store, settings=settings, counters=ChannelCounters(channel.send))
+    service = StorageService(
+        store=store,
+        settings=settings,
+        counters=ChannelCounters(channel.send),
+        remote_index=channel.index if remote_index else None,
+    )
     sock.send(READY)
+    try:
+        _receive(sock, channel, config, service)
+    finally:
+        channel.close()
+
+
+def _receive(
+    sock: socket.socket, channel: _Channel, config: AcceptorConfig, service: StorageService
+) -> None:
     while True:
-        message, fds, _flags, _address = socket.recv_fds(sock, 256, 1)
+        message, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
         if not message:
             return
         if message != CONNECTION:
@@ -151,8 +219,11 @@ def serve(sock: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> int:  # exits with 0 when its work is done
     """Entry point of a listener process: ``python -m dicom_gateway.listener_process FD``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m dicom_gateway.listener_process CHANNEL_FD", file=sys.stderr)
+    if not 1 <= len(args) <= 2 or not args[0].isdigit() or args[1:] not in ([], [REMOTE_INDEX_ARG]):
+        print(
+            f"usage: python -m dicom_gateway.listener_process CHANNEL_FD [{REMOTE_INDEX_ARG}]",
+            file=sys.stderr,
+        )
         return 2
     # The parent decides when this process stops (it runs in a session of its own, so this
     # is for a stray Ctrl-C sent to it directly).
@@ -161,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:  # exits with 0 when its work is
     configure_logging(settings.log_level, settings.log_format)
     sock = socket.socket(fileno=int(args[0]))
     try:
-        serve(sock)
+        serve(sock, remote_index=args[1:] == [REMOTE_INDEX_ARG])
     except OSError as exc:
         log.info("DICOM listener process %d: channel closed (%s)", os.getpid(), exc)
     log.info("DICOM listener process %d: parent gone or stopping; exiting", os.getpid())

@@ -14,10 +14,11 @@ ingest is not bound to one core by the interpreter lock.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import pickle
+from collections.abc import Callable
+from concurrent.futures import Future
 from io import BytesIO
-from typing import BinaryIO
+from typing import BinaryIO, cast
 from zoneinfo import ZoneInfo
 
 from pydicom.dataset import Dataset
@@ -27,15 +28,18 @@ from sqlalchemy.orm import Session
 from dicom_gateway.admission import AssociationLimits
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
 from dicom_gateway.ingest import (
+    IngestResult,
     InvalidDicomError,
+    PreparedInstance,
     index_dicom_file,
     prepare_dicom_file,
     quarantine_file,
 )
-from dicom_gateway.listener_pool import LISTENER_SPOOL_PREFIX, ListenerPool, listener_spool_dir
+from dicom_gateway.listener_pool import MAX_MESSAGE, ListenerPool
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
 from dicom_gateway.report_push import encapsulated_pdf
 from dicom_gateway.retrieve import MoveDestination
+from dicom_gateway.spool import claim_spool_dir, remove_abandoned_spools
 from dicom_gateway.statuses import StoreStatus
 from dicom_gateway.tls import client_context, server_context
 from dicom_gateway.upper_layer import AcceptorConfig, StoreRequest, UpperLayerServer
@@ -47,10 +51,11 @@ from rdc_core.storage import ObjectStore
 from worklist.audit import record_event
 from worklist.delivery.service import report_push
 from worklist.directory import OrgRef, organization_for_ae
+from worklist.intake import PendingObject
 from worklist.models import Exam, Report
 from worklist.move_destinations import move_destination_for
 
-__all__ = ["DicomGateway", "StorageService", "acceptor_config"]
+__all__ = ["DicomGateway", "IndexWriter", "StorageService", "acceptor_config"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +63,11 @@ log = logging.getLogger(__name__)
 def acceptor_config(settings: Settings, store: ObjectStore) -> AcceptorConfig:
     """The association settings of this process's listener, from the service settings.
 
-    Each listening process receives into a spool directory of its own, made here: processes
-    do not queue on one directory's lock to create their files, and the files a dead process
-    left behind are found by its process ID.
+    Each listening process receives into a spool directory of its own, made and locked here
+    (:mod:`dicom_gateway.spool`): processes do not queue on one directory's lock to create
+    their files, and the files a dead process left behind are found by its lock.
     """
-    spool_dir = listener_spool_dir(store.spool_dir, os.getpid())
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    spool_dir = claim_spool_dir(store.spool_dir)
     return AcceptorConfig(
         ae_title=settings.dicom_ae_title,
         max_pdu=settings.dicom_max_pdu,
@@ -88,12 +92,23 @@ def association_limits(settings: Settings) -> AssociationLimits:
 class StorageService:
     """Binds the acceptor to the directory (who may send) and the ingest service."""
 
-    def __init__(self, *, store: ObjectStore, settings: Settings, counters: IngestCounters) -> None:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        settings: Settings,
+        counters: IngestCounters,
+        committer: GroupCommitter | None = None,
+        remote_index: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.objects = store
         self.settings = settings
         self.counters = counters
         # Index writes of all associations share transactions (see rdc_core.group_commit).
-        self.committer = GroupCommitter()
+        self.committer = committer or GroupCommitter()
+        # In a listener process on SQLite: the serving process's IndexWriter, which batches
+        # the instances of every listener process into one transaction.
+        self.remote_index = remote_index
 
     def open_association(self, calling_ae: str) -> OrgRef | None:
         try:
@@ -125,15 +140,10 @@ class StorageService:
                 source_sha256=request.sha256,
                 move_source=True,
             )
-            result = self.committer.run(
-                lambda session: index_dicom_file(
-                    session,
-                    store=self.objects,
-                    prepared=prepared,
-                    organization=request.sender,
-                    calling_ae=calling_ae,
-                )
-            )
+            # Durable before it queues for the index transaction: the object's disk sync
+            # (or upload) is not waited for inside the serial section of the write lock.
+            prepared.wait()
+            result = self._index(prepared, request)
         except InvalidDicomError as exc:
             log.warning("C-STORE from %s: %s; quarantined", calling_ae, exc)
             self._quarantine(request, str(exc))
@@ -152,6 +162,21 @@ class StorageService:
             return StoreStatus.PROCESSING_FAILURE, "internal error"
         self.counters.stored(result.outcome.value, result.size_bytes)
         return StoreStatus.SUCCESS, ""
+
+    def _index(self, prepared: PreparedInstance, request: StoreRequest) -> IngestResult:
+        if self.remote_index is not None:
+            payload = IndexWriter.request(prepared, request.sender, request.calling_ae)
+            if len(payload) < MAX_MESSAGE - 64:  # else (a huge header) written here
+                return IndexWriter.outcome(self.remote_index(payload))
+        return self.committer.run(
+            lambda session: index_dicom_file(
+                session,
+                store=self.objects,
+                prepared=prepared,
+                organization=request.sender,
+                calling_ae=request.calling_ae,
+            )
+        )
 
     # -- query/retrieve: always within the calling clinic's own data ---------------------
 
@@ -233,6 +258,67 @@ class StorageService:
             log.exception("could not quarantine input from %s", request.calling_ae)
 
 
+class IndexWriter:
+    """The one writer of the DICOM index for every listener process, in the serving process.
+
+    On SQLite (one writer per database) the listener processes do not write the index
+    themselves, each taking the database's writer lock in turn for its own few instances:
+    each sends its prepared instances here (header and stored object, once durable), and
+    this writer runs every request waiting into one transaction (group commit in a thread of
+    its own), so a batch takes whatever all processes received meanwhile and the commit's
+    disk sync is shared by all of them. The answer goes back once the transaction committed.
+    """
+
+    def __init__(self, *, store: ObjectStore, committer: GroupCommitter | None = None) -> None:
+        self.store = store
+        self.committer = committer or GroupCommitter()
+
+    @staticmethod
+    def request(prepared: PreparedInstance, organization: OrgRef, calling_ae: str) -> bytes:
+        """The request for a prepared instance whose object is durable."""
+        pending = prepared.pending
+        return pickle.dumps(
+            (prepared.header, pending.stored, pending.created(), organization, calling_ae),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+
+    @staticmethod
+    def outcome(answer: bytes) -> IngestResult:
+        """The result in an answer, or its error raised."""
+        result, error = pickle.loads(answer)
+        if error is not None:
+            raise error
+        return cast(IngestResult, result)
+
+    def submit(self, payload: bytes, reply: Callable[[bytes], None]) -> None:
+        """Queue one request; ``reply`` gets the answer once it is decided."""
+        try:
+            header, stored, created, organization, calling_ae = pickle.loads(payload)
+        except Exception as exc:
+            reply(self._answer(None, exc))
+            return
+        written: Future[bool] = Future()
+        written.set_result(created)  # durable: the listener process waited for it
+        prepared = PreparedInstance(header, PendingObject(stored, written, self.store))
+        self.committer.submit(
+            lambda session: index_dicom_file(
+                session,
+                store=self.store,
+                prepared=prepared,
+                organization=organization,
+                calling_ae=calling_ae,
+            ),
+            lambda result, error: reply(self._answer(result, error)),
+        )
+
+    @staticmethod
+    def _answer(result: object, error: BaseException | None) -> bytes:
+        try:
+            return pickle.dumps((result, error), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an error that does not pickle: its message does
+            return pickle.dumps((None, RuntimeError(f"{type(error).__name__}: {error}")))
+
+
 class DicomGateway:
     """The DICOM listener of the service: start it, read its address, stop it."""
 
@@ -248,13 +334,17 @@ class DicomGateway:
         address = (self.settings.dicom_host, self.settings.dicom_port)
         server: UpperLayerServer | ListenerPool
         service: StorageService | None = None
+        writer: IndexWriter | None = None
         if self.settings.dicom_processes > 1:
+            if self.settings.resolved_database_url.startswith("sqlite"):
+                writer = IndexWriter(store=self.store)  # one writer (PostgreSQL: many)
             server = ListenerPool(
                 address,
                 processes=self.settings.dicom_processes,
                 limits=association_limits(self.settings),
                 spool_dir=self.store.spool_dir,
                 counters=PrometheusCounters(),
+                on_index=writer.submit if writer is not None else None,
             )
         else:
             service = StorageService(
@@ -271,7 +361,10 @@ class DicomGateway:
             # (counted here for all listener processes) with more.
             if service is None:
                 service = StorageService(
-                    store=self.store, settings=self.settings, counters=PrometheusCounters()
+                    store=self.store,
+                    settings=self.settings,
+                    counters=PrometheusCounters(),
+                    committer=writer.committer if writer is not None else None,
                 )
             tls_server = UpperLayerServer(
                 (self.settings.dicom_host, self.settings.dicom_tls_port),
@@ -286,13 +379,13 @@ class DicomGateway:
 
     def _clear_spool(self) -> None:
         # Transfers cut off by a crash leave partial files; their senders were never
-        # answered and will send again.
+        # answered and will send again. Only those of dead processes: another gateway on
+        # the same data directory may be receiving into its own spool directory now.
         spool = self.store.spool_dir
         if spool.is_dir():
             for leftover in spool.glob(".rx-*"):  # received before per-process directories
                 leftover.unlink(missing_ok=True)
-            for directory in spool.glob(f"{LISTENER_SPOOL_PREFIX}*"):
-                shutil.rmtree(directory, ignore_errors=True)
+            remove_abandoned_spools(spool)
 
     @property
     def address(self) -> tuple[str, int]:

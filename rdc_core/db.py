@@ -14,7 +14,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -124,16 +123,18 @@ class _WriterGate:
     SQLite allows one writer per database. Left to itself, a blocked writer polls with
     sleeps of up to 100 ms; queueing writers on a lock hands the database over the moment the
     previous transaction ends. Threads queue on a lock. Processes take ``flock`` of a lock file
-    beside the database, which the kernel releases if its holder dies: at once when it is
-    free, else polled at intervals of 0.1 ms growing to 1 ms, for up to SQLite's busy timeout,
-    after which the write fails as "database is locked" (a holder that hangs must not hang
-    every writer). Polled rather than blocking because a blocking ``flock`` cannot time out.
+    beside the database, which the kernel releases if its holder dies. A free file lock is
+    taken at once; a held one is waited for in a blocking ``flock`` (the kernel wakes the
+    waiter when the holder lets go: no polling), run by a thread of the gate's own so that
+    the writer can give up after SQLite's busy timeout and fail as "database is locked" (a
+    holder that hangs must not hang every writer; a blocking ``flock`` cannot time out).
     """
 
     def __init__(self, lock_path: Path | None) -> None:
         self._threads = threading.Lock()
         self._lock_path = lock_path
         self._fd: int | None = None
+        self._waiter: _FileLockWaiter | None = None
         self._open()
         _gates.add(self)
 
@@ -147,6 +148,7 @@ class _WriterGate:
             log.warning("no writer lock shared between processes (%s): %s", self._lock_path, exc)
             return
         self._fd = fd
+        self._waiter = _FileLockWaiter(fd)
         # Not at interpreter exit: daemon threads may still be committing through this gate.
         self._closer = weakref.finalize(self, os.close, fd)
         self._closer.atexit = False
@@ -157,43 +159,89 @@ class _WriterGate:
         if self._fd is not None:
             self._closer()  # closes the inherited descriptor, once
             self._fd = None
+            self._waiter = None
         self._open()
 
     def acquire(self) -> None:
         if not self._threads.acquire(timeout=_BUSY_TIMEOUT_SECONDS):
             raise sqlite3.OperationalError("database is locked (by another thread)")
-        if self._fd is None:
+        if self._waiter is None:
             return
         try:
-            self._lock_file(self._fd)
+            self._waiter.lock(_BUSY_TIMEOUT_SECONDS)
         except BaseException:
             self._threads.release()
             raise
 
-    @staticmethod
-    def _lock_file(fd: int) -> None:
-        deadline = time.monotonic() + _BUSY_TIMEOUT_SECONDS
-        pause = 0.0001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise sqlite3.OperationalError(
-                        "database is locked (by another process)"
-                    ) from None
-            time.sleep(pause)
-            # Short: the holder's process takes the lock again at once when it has more to
-            # write, so a long pause would let one process keep it.
-            pause = min(pause * 2, 0.001)
-
     def release(self) -> None:
         try:
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._waiter is not None:
+                self._waiter.unlock()
         finally:
             self._threads.release()
+
+
+class _FileLockWaiter:
+    """The exclusive ``flock`` of one descriptor, with a timeout and without polling.
+
+    Taken at once when it is free. Otherwise a thread of this waiter (started on first need)
+    blocks in ``flock`` and hands the lock over when the kernel grants it; the writer waits
+    for that on a condition with a timeout. A writer that gave up leaves the request
+    *abandoned*: the thread then lets the lock go as soon as it has it, unless a later
+    writer asked again meanwhile (then that writer gets it). Callers are serialised by the
+    gate's thread lock, so there is at most one request at a time.
+    """
+
+    _FREE, _WANTED, _GRANTED, _ABANDONED = range(4)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._cond = threading.Condition(threading.Lock())
+        self._state = self._FREE
+        self._thread: threading.Thread | None = None
+
+    def lock(self, timeout: float) -> None:
+        with self._cond:
+            if self._state == self._FREE:  # no blocked flock of ours in flight
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+            self._state = self._WANTED
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._wait_forever, name="rdc-writer-lock", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+            if self._cond.wait_for(lambda: self._state == self._GRANTED, timeout):
+                self._state = self._FREE
+                return
+            self._state = self._ABANDONED
+        raise sqlite3.OperationalError("database is locked (by another process)")
+
+    def unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _wait_forever(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._state == self._WANTED)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks, without the interpreter lock
+            except OSError as exc:  # e.g. the descriptor closed: the writer times out
+                log.error("waiting for the writer lock failed: %s", exc)
+                return
+            with self._cond:
+                if self._state == self._WANTED:
+                    self._state = self._GRANTED
+                    self._cond.notify_all()
+                    continue
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # the writer gave up meanwhile
+            with self._cond:
+                if self._state == self._ABANDONED:
+                    self._state = self._FREE
 
 
 _BUSY_TIMEOUT_SECONDS = 30

@@ -19,7 +19,13 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from rdc_core.db import direct_savepoint, new_session, run_after_commit, run_rollback_undos
+from rdc_core.db import (
+    direct_savepoint,
+    new_session,
+    run_after_commit,
+    run_rollback_undos,
+    session_connection,
+)
 from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 
 __all__ = ["GroupCommitter"]
@@ -36,6 +42,17 @@ class _Job(Generic[T]):
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
+    # For a unit queued with submit(): called with (result, error) once it is decided.
+    done: Callable[[Any, BaseException | None], None] | None = None
+
+    def finish(self) -> None:
+        self.finished = True
+        self.wake.set()
+        if self.done is not None:
+            try:
+                self.done(self.result, self.error)
+            except Exception:
+                log.exception("the callback of a group-commit unit failed")
 
 
 def _domain_error(exc: Exception) -> Exception:
@@ -50,13 +67,48 @@ class GroupCommitter:
     Leader/follower: a caller that finds no transaction in progress runs the queued units
     itself (so a lone caller pays no hand-over); callers arriving meanwhile queue up and the
     next transaction, run by the first of them, takes them all.
+
+    The leader begins its transaction first (on SQLite that waits, blocked, for the writer
+    lock that every process opening the database shares) and only then takes the queued
+    units: every unit that arrived while it waited goes into that one transaction, so
+    batches grow with the load instead of the lock being taken once per few units.
     """
 
-    def __init__(self, *, max_batch: int = 64) -> None:
+    def __init__(self, *, max_batch: int = 512) -> None:
         self._max_batch = max_batch
         self._lock = threading.Lock()
         self._pending: list[_Job[Any]] = []
         self._leading = False
+        self._writer: threading.Thread | None = None  # leads for submit(), made on first use
+        self._wanted = threading.Event()
+
+    def submit(
+        self, work: Callable[[Session], T], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Queue ``work(session)`` without waiting for it: ``done(result, error)`` is called
+        (in the committer's writer thread) once it is committed or has failed. For a thread
+        that must go on reading requests, e.g. one serving many senders' requests."""
+        job: _Job[T] = _Job(work, done=done)
+        with self._lock:
+            self._pending.append(job)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_forever, name="rdc-group-commit", daemon=True
+                )
+                self._writer.start()
+            if self._leading:
+                return  # the transaction in progress hands on to the next leader
+            self._leading = True
+        self._wanted.set()
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                self._lead()
+            except Exception:  # _lead fails units, never itself; keep the writer alive
+                log.exception("group commit writer")
 
     def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)``; return its result once it is committed, or raise its error
@@ -75,17 +127,23 @@ class GroupCommitter:
         return job.result
 
     def _lead(self) -> None:
-        with self._lock:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
         try:
-            self._run_batch(batch)
+            session = new_session()
+            try:
+                session_connection(session)  # BEGIN; on SQLite: the writer lock is ours
+            except Exception as exc:
+                self._fail(session, self._take(), exc)
+            else:
+                self._run_batch(session, self._take())
         finally:
             with self._lock:
-                if self._pending:
-                    self._pending[0].wake.set()
-                else:
+                following = self._pending[0] if self._pending else None
+                if following is None:
                     self._leading = False
+                elif following.done is None:
+                    following.wake.set()  # a caller of run(): it leads the next transaction
+            if following is not None and following.done is not None:
+                self._wanted.set()  # a submitted unit: the writer thread leads
 
     @staticmethod
     def _run_alone(session: Session, job: _Job[Any]) -> None:
@@ -101,8 +159,25 @@ class GroupCommitter:
         else:
             run_after_commit(session)
 
-    def _run_batch(self, batch: list[_Job[Any]]) -> None:
-        session = new_session()
+    def _take(self) -> list[_Job[Any]]:
+        with self._lock:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+        return batch
+
+    @staticmethod
+    def _fail(session: Session, batch: list[_Job[Any]], exc: Exception) -> None:
+        log.error("group commit of %d units could not begin: %s", len(batch), exc)
+        with contextlib.suppress(Exception):
+            session.close()
+        failure = _domain_error(exc)
+        if not isinstance(failure, DatabaseUnavailableError):
+            failure = DatabaseUnavailableError(f"index transaction failed: {exc}")
+        for job in batch:
+            job.error = failure
+            job.finish()
+
+    def _run_batch(self, session: Session, batch: list[_Job[Any]]) -> None:
         try:
             if len(batch) == 1:
                 self._run_alone(session, batch[0])
@@ -132,5 +207,4 @@ class GroupCommitter:
         finally:
             session.close()
             for job in batch:
-                job.finished = True
-                job.wake.set()
+                job.finish()

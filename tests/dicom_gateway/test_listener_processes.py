@@ -29,6 +29,7 @@ from tests.helpers import (
     RdcServer,
     c_store,
     echo_rejection,
+    free_port,
     object_store,
     same_dataset,
     storescu,
@@ -74,6 +75,11 @@ def pooled_server(processes_env: dict[str, str], tmp_path: Path) -> Iterator[Rdc
 def test_every_sample_file_is_stored_through_both_processes_and_counted(
     pooled_server: RdcServer, dcmtk: Path, testdata: Path
 ) -> None:
+    # On SQLite the listener processes index through the serving process's one writer.
+    sqlite = "RDC_DATABASE_URL" not in pooled_server.env
+    for pid in _listener_pids(pooled_server):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert cmdline.read().split(b"\0")[-2].endswith(b"remote-index") == sqlite
     files = valid_files(testdata)
     # Two senders at once, each with one association per transfer syntax.
     halves = [files[0::2], files[1::2]]
@@ -263,3 +269,43 @@ def test_a_listener_process_that_cannot_start_fails_the_start(
     assert pool.listener_pids() == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=5)
+
+
+def test_a_second_gateway_on_the_same_data_directory_keeps_the_first_ones_spools(
+    pooled_server: RdcServer, processes_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Spool directories belong to the processes that made them: a gateway starting on a
+    data directory another gateway serves from removes only what dead processes left."""
+    spool = object_store(pooled_server.env).spool_dir
+    owners = _listener_pids(pooled_server)
+    in_flight = [spool / f"listener-{pid}" / ".rx-receiving.dcm" for pid in owners]
+    for path in in_flight:
+        path.write_bytes(b"partial")
+    # What a killed gateway left: a directory whose owner lock nobody holds, and one of an
+    # older version (no owner file) whose process is gone.
+    orphan = spool / "listener-999999999"
+    orphan.mkdir()
+    (orphan / ".owner").touch()
+    (orphan / ".rx-cutoff.dcm").write_bytes(b"partial")
+
+    second_env = {
+        **processes_env,
+        "RDC_HTTP_PORT": str(free_port()),
+        "RDC_DICOM_PORT": str(free_port()),
+        "RDC_MLLP_PORT": str(free_port()),
+    }
+
+    def _echo(port: int) -> int:
+        assoc = _associate(port)
+        assert assoc.is_established  # type: ignore[attr-defined]
+        status = assoc.send_c_echo().Status  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        return int(status)
+
+    with RdcServer(second_env, tmp_path / "second.log", "--role", "dicom") as second:
+        assert _echo(second.dicom_port) == 0x0000
+        assert all(path.exists() for path in in_flight)
+        assert not orphan.exists()
+        # The first gateway still receives into its own directories.
+        assert _echo(pooled_server.dicom_port) == 0x0000
+    assert all(path.exists() for path in in_flight)  # nor at the second one's stop

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from rdc_core.db import on_rollback, read_session
 from rdc_core.errors import DatabaseUnavailableError
@@ -120,3 +123,239 @@ def test_a_lost_transaction_fails_every_unit_of_its_batch(database: str) -> None
         return 4
 
     assert committer.run(after) == 4  # the committer goes on
+
+
+# --- the writer under load: blocked waits, batches that grow, nothing acknowledged lost ------
+
+
+def _hold_the_writer(database: str):  # type: ignore[no-untyped-def]
+    """Take the database's writer from outside the committer: the SQLite writer lock file (as
+    another process's transaction would), or on PostgreSQL an exclusive lock of table t.
+    Returns the function that lets it go."""
+    from rdc_core.db import get_engine
+
+    if database.startswith("sqlite"):
+        import fcntl
+        import os
+
+        fd = os.open(f"{get_engine(database).url.database}.writer-lock", os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def let_go() -> None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+        return let_go
+    conn = get_engine(database).connect()
+    conn.execute(text("LOCK TABLE t IN EXCLUSIVE MODE"))
+
+    def let_go_pg() -> None:
+        conn.rollback()
+        conn.close()
+
+    return let_go_pg
+
+
+def test_writers_waiting_for_the_lock_share_one_transaction(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Units queued while the writer is held elsewhere go into one transaction; a failure of
+    that transaction's commit fails every unit of it (none is told it was stored) and undoes
+    each; then the committer goes on."""
+    _setup(database)
+    commit = Session.commit
+
+    def commit_or_fail(self: Session) -> None:
+        # The injected failure: the COMMIT of a transaction a unit marked fails (as a full
+        # disk or an I/O error would), after every unit of it ran.
+        if self.info.get("fail_commit"):
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error (injected)"))
+        commit(self)
+
+    monkeypatch.setattr(Session, "commit", commit_or_fail)
+    committer = GroupCommitter()
+    writers = 16
+
+    def run_all(fail_commit: bool) -> dict[int, object]:
+        outcomes: dict[int, object] = {}
+        undone: list[int] = []
+        entered: list[int] = []
+
+        def unit(k: int) -> None:
+            def work(session):  # type: ignore[no-untyped-def]
+                entered.append(k)
+                on_rollback(session, lambda: undone.append(k))
+                session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+                if fail_commit and k % 100 in (0, 5):  # the first unit, and one queued
+                    session.info["fail_commit"] = True
+                return session.info.setdefault("transaction", object())
+
+            try:
+                outcomes[k] = committer.run(work)
+            except Exception as exc:
+                outcomes[k] = exc
+
+        let_go = _hold_the_writer(database)
+        base = 100 if fail_commit else 0
+        threads = [threading.Thread(target=unit, args=(base + k,)) for k in range(writers)]
+        deadline = time.monotonic() + 60
+
+        def wait_until(condition) -> None:  # type: ignore[no-untyped-def]
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert condition()
+
+        try:
+            if database.startswith("sqlite"):
+                # The leader waits (blocked) for the lock before it takes any unit: all queue.
+                for t in threads:
+                    t.start()
+                wait_until(lambda: len(committer._pending) == writers)
+            else:
+                # The first unit goes alone and waits on the locked table; the rest queue.
+                threads[0].start()
+                wait_until(lambda: len(entered) == 1)
+                for t in threads[1:]:
+                    t.start()
+                wait_until(lambda: len(committer._pending) == writers - 1)
+        finally:
+            let_go()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == writers
+        if fail_commit:
+            assert all(isinstance(o, DatabaseUnavailableError) for o in outcomes.values()), outcomes
+            assert sorted(undone) == sorted(outcomes)
+        return outcomes
+
+    outcomes = run_all(fail_commit=False)
+    transactions = [o for o in outcomes.values() if not isinstance(o, Exception)]
+    assert len(transactions) == writers
+    # On SQLite the leader took the lock first and then all 16 units; on PostgreSQL the
+    # first unit went alone and the 15 queued behind it shared the next transaction.
+    shared = writers if database.startswith("sqlite") else writers - 1
+    assert max(transactions.count(t) for t in transactions) == shared
+
+    run_all(fail_commit=True)
+    with read_session() as session:
+        stored = {row[0] for row in session.execute(text("SELECT k FROM t"))}
+    assert stored == set(range(writers))
+
+
+_WRITER = """
+import os, sys, threading
+from sqlalchemy import text
+from rdc_core.group_commit import GroupCommitter
+
+base, per_thread, threads = map(int, sys.argv[1:4])
+committer = GroupCommitter()
+out = threading.Lock()
+
+def work_for(k):
+    def work(session):
+        session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+        return session.info.setdefault("transaction", os.urandom(8).hex())
+    return work
+
+def writer(n):
+    for i in range(per_thread):
+        k = base + n * per_thread + i
+        transaction = committer.run(work_for(k))
+        with out:  # acknowledged: printed only after the commit returned
+            print(f"ack {k} {transaction}", flush=True)
+
+pool = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+for t in pool:
+    t.start()
+for t in pool:
+    t.join()
+"""
+
+
+def test_processes_writing_at_once_lose_nothing_acknowledged_when_one_is_killed(
+    database: str,
+) -> None:
+    """Two processes of eight writer threads each commit through their group committers at
+    once (on SQLite they share the writer lock); one is killed with SIGKILL mid-stream. Every
+    unit either process acknowledged is in the database, the survivor finishes (the dead
+    process's lock went with it), and under this load transactions carry several units."""
+    import signal
+    import subprocess
+    import sys
+
+    _setup(database)
+    per_thread, threads = 40, 8
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(base), str(per_thread), str(threads)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for base in (0, 100_000)
+    ]
+    victim, survivor = started
+    assert victim.stdout is not None and survivor.stdout is not None
+    acked: list[str] = []
+    for line in victim.stdout:
+        acked.append(line)
+        if len(acked) == 30:
+            victim.send_signal(signal.SIGKILL)
+            break
+    acked += victim.stdout.readlines()
+    victim.wait(60)
+    survived = survivor.stdout.readlines()
+    assert survivor.wait(120) == 0
+    assert len(survived) == per_thread * threads
+
+    acks = [line.split() for line in acked + survived]
+    with read_session() as session:
+        stored = {row[0] for row in session.execute(text("SELECT k FROM t"))}
+    assert {int(k) for _, k, _ in acks} <= stored
+    assert len(stored) < 2 * per_thread * threads  # the victim really died mid-stream
+    by_transaction: dict[str, int] = {}
+    for _, _, transaction in acks:
+        by_transaction[transaction] = by_transaction.get(transaction, 0) + 1
+    assert max(by_transaction.values()) > 1
+
+
+def test_submitted_units_are_committed_together_by_the_writer_thread(database: str) -> None:
+    """submit() returns at once; the committer's writer thread runs every unit waiting into
+    one transaction and calls back each unit with its own result or error."""
+    _setup(database)
+    committer = GroupCommitter()
+    decided: dict[int, tuple[object, BaseException | None]] = {}
+    all_decided = threading.Event()
+    units = 32
+
+    def work_for(k: int):  # type: ignore[no-untyped-def]
+        def work(session):  # type: ignore[no-untyped-def]
+            session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+            if k == 7:
+                raise ValueError("unit 7 fails")
+            return session.info.setdefault("transaction", object())
+
+        return work
+
+    def done_for(k: int):  # type: ignore[no-untyped-def]
+        def done(result: object, error: BaseException | None) -> None:
+            decided[k] = (result, error)
+            if len(decided) == units:
+                all_decided.set()
+
+        return done
+
+    let_go = _hold_the_writer(database)
+    try:
+        for k in range(units):
+            committer.submit(work_for(k), done_for(k))
+        assert not all_decided.is_set()  # nothing is decided while the writer is held
+    finally:
+        let_go()
+    assert all_decided.wait(60)
+    assert isinstance(decided[7][1], ValueError)
+    transactions = [result for k, (result, _) in decided.items() if k != 7]
+    assert all(error is None for k, (_, error) in decided.items() if k != 7)
+    assert max(transactions.count(t) for t in transactions) > 1
+    with read_session() as session:
+        stored = {row[0] for row in session.execute(text("SELECT k FROM t"))}
+    assert stored == set(range(units)) - {7}
