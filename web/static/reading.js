@@ -77,8 +77,31 @@
       }
     },
   };
-  viewports.main = new V.Viewport($("vp-main"), viewportOptions);
-  viewports.prior = new V.Viewport($("vp-prior"), viewportOptions);
+  // A page without the imaging viewer (the ECG console, web/static/ecg.js) keeps the report
+  // flow and gets inert viewports; it hooks in through window.RDCReadingExtension:
+  // {keys: [structured keys it owns], structured(): {...}, fill(report), editable(on)}.
+  var imaging = !!$("vp-main");
+  var extension = window.RDCReadingExtension || null;
+  function InertViewport() {
+    this.series = [];
+    this.zoom = 1;
+  }
+  ["load", "stop", "play", "step", "first", "last", "readHeader", "setZoom", "resetView", "applyPreset", "setSeries"].forEach(
+    function (name) {
+      InertViewport.prototype[name] = function () {};
+    }
+  );
+  InertViewport.prototype.playing = function () {
+    return false;
+  };
+  InertViewport.prototype.current = InertViewport.prototype.find = function () {
+    return null;
+  };
+  InertViewport.prototype.goTo = function () {
+    return false;
+  };
+  viewports.main = imaging ? new V.Viewport($("vp-main"), viewportOptions) : new InertViewport();
+  viewports.prior = imaging ? new V.Viewport($("vp-prior"), viewportOptions) : new InertViewport();
   active = viewports.main;
 
   function syncToolbar() {
@@ -89,12 +112,14 @@
       button.classList.toggle("on", button.dataset.tool === active.tool);
     });
     var cine = $("cine");
+    if (!cine) return;
     cine.textContent = active.playing() ? cine.dataset.pause : cine.dataset.play;
     cine.classList.toggle("on", active.playing());
   }
 
   function renderSeriesList(viewport) {
     var list = $("series-list");
+    if (!list) return;
     list.textContent = "";
     viewport.series.forEach(function (series, i) {
       var entry = series.stack[0];
@@ -149,6 +174,7 @@
 
   function toggleHeader(force) {
     var panel = $("header-panel");
+    if (!panel) return;
     var open = force === undefined ? panel.hidden : force;
     panel.hidden = !open;
     $("header-toggle").classList.toggle("on", open);
@@ -181,6 +207,7 @@
   }
 
   function loadPriors() {
+    if (!imaging) return;
     R.api("GET", examUrl + "/priors").then(
       function (priors) {
         var select = $("prior-select");
@@ -302,7 +329,7 @@
   }
 
   function structuredValues() {
-    var values = {};
+    var values = extension && extension.structured ? extension.structured() : {};
     document.querySelectorAll("#structured-fields [data-key]").forEach(function (input) {
       var key = input.dataset.key;
       if (input.type === "checkbox") values[key] = input.checked;
@@ -318,7 +345,9 @@
     box.textContent = "";
     var fields = state.template
       ? state.template.fields || []
-      : Object.keys(values || {}).map(function (key) {
+      : Object.keys(values || {}).filter(function (key) {
+          return !(extension && extension.keys && extension.keys.indexOf(key) >= 0);
+        }).map(function (key) {
           return { key: key, label_zh: key, label_en: key, type: "text" };
         });
     $("structured").hidden = !fields.length;
@@ -405,6 +434,7 @@
     });
     renderStructured(report.structured || {});
     renderKeyImages();
+    if (extension && extension.fill) extension.fill(report);
     if (!reading) renderReportView(report);
   }
 
@@ -433,6 +463,7 @@
     });
     var rescan = $("rescan");
     if (rescan) rescan.hidden = !on;
+    if (extension && extension.editable) extension.editable(on);
     renderButtons();
     renderKeyImages();
   }
@@ -521,6 +552,22 @@
   var saveSoon = R.debounce(function () {
     save().catch(function () {});
   }, 1000);
+
+  /** For a page extension: its own inputs changed the report (saved like a form edit). */
+  window.RDCReading = {
+    changed: function () {
+      if (!state.editable) return;
+      state.dirty = true;
+      setSaveState(t("rp.unsaved"));
+      saveSoon();
+    },
+    editable: function () {
+      return state.editable;
+    },
+    exam: function () {
+      return state.exam;
+    },
+  };
 
   function onEdit(event) {
     if (!state.editable) return;
@@ -788,6 +835,7 @@
     var entry = viewports.main.current();
     var on = !!(entry && keyIndex(entry.sop, entry.frame) >= 0);
     var button = $("key-toggle");
+    if (!button) return;
     button.hidden = !reading || !isReader;
     button.disabled = !state.editable || active !== viewports.main;
     button.classList.toggle("on", on);
@@ -1316,6 +1364,7 @@
   // --- keyboard -----------------------------------------------------------------------------
   function toggleHelp(force) {
     var help = $("help");
+    if (!help) return;
     help.hidden = force === undefined ? !help.hidden : !force;
   }
 
@@ -1328,7 +1377,7 @@
     }
     if (R.typingIn(event.target) || event.ctrlKey || event.metaKey || event.altKey) return;
     var handled = true;
-    if (!$("help").hidden && (key === "Escape" || key === "?")) toggleHelp(false);
+    if ($("help") && !$("help").hidden && (key === "Escape" || key === "?")) toggleHelp(false);
     else if (key === "?") toggleHelp(true);
     else if (key === "Escape") toggleHeader(false);
     else if (key === "n") next();
@@ -1440,17 +1489,20 @@
     });
     document.body.appendChild(frame);
   });
-  $("fps").addEventListener("change", function () {
-    if (active.playing()) active.play(parseInt($("fps").value, 10) || 8);
-  });
-  $("prior-select").addEventListener("change", function () {
-    showPrior(this.value);
-    this.blur();
-  });
-  $("header-filter").addEventListener("input", filterHeader);
-  $("help").addEventListener("click", function (event) {
-    if (event.target === this) toggleHelp(false);
-  });
+  if (imaging) {
+    $("fps").addEventListener("change", function () {
+      if (active.playing()) active.play(parseInt($("fps").value, 10) || 8);
+    });
+    $("prior-select").addEventListener("change", function () {
+      showPrior(this.value);
+      this.blur();
+    });
+    $("header-filter").addEventListener("input", filterHeader);
+  }
+  if ($("help"))
+    $("help").addEventListener("click", function (event) {
+      if (event.target === this) toggleHelp(false);
+    });
   window.addEventListener("beforeunload", function () {
     if (state.dirty && state.editable) {
       R.api("PUT", reportUrl, formBody(), { keepalive: true }).catch(function () {});

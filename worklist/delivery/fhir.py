@@ -17,6 +17,7 @@ import base64
 import hashlib
 import html
 import re
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 from urllib.parse import quote
@@ -140,6 +141,66 @@ def _recognition_extension(recognition: dict[str, Any]) -> dict[str, Any]:
     return {"url": f"{FHIR_EXTENSION_BASE}/mutual-recognition", "extension": parts}
 
 
+_UCUM = "http://unitsofmeasure.org"
+
+
+def _observations(
+    sections: Sequence[Mapping[str, Any]],
+    *,
+    report: Report,
+    exam: Exam,
+    contained: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Contained Observations of the sections' coded results (``obs-<section>-<key>``)."""
+    status = "preliminary" if report.status is ReportStatus.PRELIMINARY else "final"
+    if report.version > 1 and status == "final":
+        status = "amended"
+    category_code, category_display = _CATEGORY[exam.discipline]
+    out: list[dict[str, Any]] = []
+    for section in sections:
+        for item in section.get("observations") or []:
+            obs_id = re.sub(r"[^A-Za-z0-9\-.]", "-", f"obs-{section.get('key')}-{item['key']}")
+            display = str(item.get("display") or item["code"])
+            out.append(
+                {
+                    "resourceType": "Observation",
+                    "id": obs_id[:64],
+                    "status": status,
+                    "category": [
+                        {
+                            "coding": [
+                                {
+                                    "system": _V2_0074,
+                                    "code": category_code,
+                                    "display": category_display,
+                                }
+                            ]
+                        }
+                    ],
+                    "code": {
+                        "coding": [
+                            {
+                                "system": str(item["system"]),
+                                "code": str(item["code"]),
+                                "display": display,
+                            }
+                        ],
+                        "text": display,
+                    },
+                    "subject": {"reference": f"#{contained['id']}"},
+                    "effectiveDateTime": _when(exam.performed_at or exam.first_received_at),
+                    "valueQuantity": {
+                        "value": item["value"],
+                        "unit": str(item["unit"]),
+                        "system": _UCUM,
+                        "code": str(item["unit"]),
+                    },
+                    **({"method": {"text": str(item["source"])}} if item.get("source") else {}),
+                }
+            )
+    return out
+
+
 def diagnostic_report(
     *,
     report: Report,
@@ -149,8 +210,11 @@ def diagnostic_report(
     pdf_url: str,
     pdf_title: str,
     recognition: dict[str, Any] | None,
+    sections: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The FHIR R4 DiagnosticReport resource of a submitted report version."""
+    """The FHIR R4 DiagnosticReport resource of a submitted report version. ``sections``:
+    the signed document's discipline sections (:mod:`worklist.signing.sections`); their
+    observations become contained Observations referenced from ``result``."""
     patient = exam.patient
     category_code, category_display = _CATEGORY[exam.discipline]
     code, code_display = _CODE[exam.discipline]
@@ -241,6 +305,12 @@ def diagnostic_report(
                 },
                 "display": exam.description or exam.modality,
             }
+        ]
+    observations = _observations(sections, report=report, exam=exam, contained=contained)
+    if observations:
+        resource["contained"] += observations
+        resource["result"] = [
+            {"reference": f"#{o['id']}", "display": o["code"]["text"]} for o in observations
         ]
     if conclusion:
         resource["conclusion"] = conclusion

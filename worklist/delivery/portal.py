@@ -9,6 +9,7 @@ of a final version by a clinic user is recorded as a portal delivery and sets th
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -153,6 +154,11 @@ def fetch_report_fhir(
     except NotFoundError:
         pdf = None
     previous = session.get(Report, report.previous_id) if report.previous_id else None
+    sections: list[dict[str, Any]] = []
+    if pdf is not None:
+        # What the signature covers: the discipline sections of the signed document.
+        signed = json.loads(get_signed_artifact(session, report_id=report.id, kind="document"))
+        sections = list((signed.get("document") or {}).get("sections") or [])
     resource = diagnostic_report(
         report=report,
         exam=exam,
@@ -161,6 +167,7 @@ def fetch_report_fhir(
         pdf_url=f"{base_url.rstrip('/')}/api/v1/reports/{report.id}/pdf",
         pdf_title=_filename(report, exam, "pdf"),
         recognition=recognition_for_report(session, report_id=report.id),
+        sections=sections,
     )
     _fetched(session, principal=principal, report=report, exam=exam, fmt="fhir", now=now)
     return resource

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,11 @@ _BANNER = {
     "corrected": "更正版 Corrected",
     "appended": "补充版 Appended",
 }
+_REPORT_KIND = {
+    "imaging": "医学影像诊断报告 Imaging Report",
+    "ecg": "心电图诊断报告 ECG Report",
+    "lab": "检验报告 Laboratory Report",
+}
 _KIND = {"amended": "修订 Amended", "corrected": "更正 Corrected", "appended": "补充 Appended"}
 
 
@@ -179,18 +184,28 @@ def render_report_pdf(
     key_images: list[KeyImage],
     zone: ZoneInfo,
     notice: str | None,
+    figures: Mapping[str, bytes] | None = None,
 ) -> bytes:
-    """The A4 report of ``document`` (see ``service.build_document``) as PDF bytes."""
+    """The A4 report of ``document`` (see ``service.build_document``) as PDF bytes.
+
+    The document's discipline ``sections`` (:mod:`worklist.signing.sections`) are printed
+    too: portrait ones after the examination data, each landscape one on its own A4
+    landscape page at the end. ``figures`` maps a section key to its PNG; a figure whose
+    bytes do not match the SHA-256 the document states is refused (ValueError)."""
     from reportlab.lib import colors
     from reportlab.lib.enums import TA_CENTER
-    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.pagesizes import A4, landscape
     from reportlab.lib.styles import ParagraphStyle
     from reportlab.lib.units import mm
     from reportlab.platypus import (
+        BaseDocTemplate,
+        Frame,
         Image,
         KeepTogether,
+        NextPageTemplate,
+        PageBreak,
+        PageTemplate,
         Paragraph,
-        SimpleDocTemplate,
         Spacer,
         Table,
         TableStyle,
@@ -230,7 +245,8 @@ def render_report_pdf(
     centre = issuer.get("centre")
     story.append(
         Paragraph(
-            (_text(centre) + " · " if centre else "") + "医学影像诊断报告 Imaging Report",
+            (_text(centre) + " · " if centre else "")
+            + _REPORT_KIND.get(str(exam.get("discipline") or ""), _REPORT_KIND["imaging"]),
             subtitle,
         )
     )
@@ -383,6 +399,12 @@ def render_report_pdf(
     )
     story.append(outer)
 
+    sections = [s for s in document.get("sections") or [] if isinstance(s, dict)]
+    figures = dict(figures or {})
+    for section in sections:
+        if not section.get("landscape"):
+            story += _section_flowables(section, figures, width, 240 * mm, heading, base, small)
+
     if key_images:
         story.append(Paragraph("关键图像 Key images", heading))
         cells: list[Any] = []
@@ -472,8 +494,38 @@ def render_report_pdf(
         story.append(Spacer(1, 2 * mm))
         story.append(Paragraph(_text(notice), notice_style))
 
+    wide = landscape(A4)
+    wide_margin = 6 * mm
+    wide_width = wide[0] - 2 * wide_margin
+    wide_height = wide[1] - 2 * wide_margin
+    for section in sections:
+        if section.get("landscape"):
+            story += [NextPageTemplate("landscape"), PageBreak()]
+            story += _section_flowables(
+                section,
+                figures,
+                wide_width,
+                wide_height,
+                heading,
+                base,
+                small,
+                compact=True,
+                context=" · ".join(
+                    v
+                    for v in (
+                        _person_name(patient.get("name")),
+                        str(patient.get("patient_id") or ""),
+                        _SEX.get(patient.get("sex") or "", ""),
+                        _age(patient.get("birth_date"), exam.get("performed_at")),
+                        _local(exam.get("performed_at"), zone),
+                        str(report.get("number") or ""),
+                    )
+                    if v and v != "—"
+                ),
+            )
+
     buffer = io.BytesIO()
-    doc = SimpleDocTemplate(
+    doc = BaseDocTemplate(
         buffer,
         pagesize=A4,
         leftMargin=18 * mm,
@@ -485,5 +537,116 @@ def render_report_pdf(
         creator="RDC",
         invariant=1,
     )
+    portrait_frame = Frame(doc.leftMargin, doc.bottomMargin, doc.width, doc.height, id="portrait")
+    landscape_frame = Frame(
+        wide_margin,
+        wide_margin,
+        wide_width,
+        wide_height,
+        id="landscape",
+        leftPadding=0,
+        rightPadding=0,
+        topPadding=0,
+        bottomPadding=0,
+    )
+    doc.addPageTemplates(
+        [
+            PageTemplate(id="portrait", frames=[portrait_frame], pagesize=A4),
+            PageTemplate(id="landscape", frames=[landscape_frame], pagesize=wide),
+        ]
+    )
     doc.build(story)
     return buffer.getvalue()
+
+
+def _section_flowables(
+    section: dict[str, Any],
+    figures: dict[str, bytes],
+    width: float,
+    height: float,
+    heading: Any,
+    base: Any,
+    small: Any,
+    *,
+    compact: bool = False,
+    context: str = "",
+) -> list[Any]:
+    """A discipline section (see :mod:`worklist.signing.sections`): heading, figure at its
+    physical size when it fits (else scaled to fit beside the table and paragraphs), table,
+    paragraphs."""
+    import hashlib
+
+    from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, Paragraph, Spacer, Table, TableStyle
+
+    cell = ParagraphStyle("cell", parent=base, fontSize=8 if compact else 9, leading=10)
+    line = ParagraphStyle("line", parent=base, fontSize=9 if compact else 10, leading=12.5)
+    table_spec = section.get("table") or None
+    paragraphs = [str(p) for p in section.get("paragraphs") or []]
+    spec = section.get("figure") or None
+    title = _text(section.get("title"))
+    if context:
+        title += f" <font size=9>· {_text(context)}</font>"
+    if compact and spec and spec.get("caption"):
+        # One line for heading and caption: a landscape page keeps its height for the figure.
+        title += f' <font size=8 color="#444444">· {_text(spec.get("caption"))}</font>'
+    out: list[Any] = [Paragraph(title, heading)]
+    # What the figure must leave room for (heading, table rows, paragraph lines), in points.
+    reserved = (heading.leading + heading.spaceBefore) + 2 * mm
+    if table_spec:
+        reserved += (len(table_spec.get("rows") or []) + 1) * 12.5 + 1 * mm
+        if section.get("table_title") and not compact:
+            reserved += small.leading
+    reserved += len(paragraphs) * line.leading + (1.5 * mm if paragraphs else 0)
+    if not compact and spec and spec.get("caption"):
+        reserved += small.leading
+    if spec:
+        png = figures.get(str(section.get("key")))
+        if png is None:
+            out.append(Paragraph(_text(spec.get("caption") or "—"), small))
+        else:
+            if hashlib.sha256(png).hexdigest() != spec.get("sha256"):
+                raise ValueError(f"section {section.get('key')}: figure does not match its hash")
+            img = Image(io.BytesIO(png))
+            w = float(spec.get("width_mm") or 0) * mm or width
+            h = float(spec.get("height_mm") or 0) * mm or w * img.imageHeight / img.imageWidth
+            scale = min(1.0, width / w, max(20 * mm, height - reserved) / h)
+            img.drawWidth, img.drawHeight = w * scale, h * scale
+            img.hAlign = "LEFT"
+            out.append(img)
+            caption = "" if compact else str(spec.get("caption") or "")
+            if scale < 0.999:
+                caption += f" (缩放 scaled {scale * 100:.0f}%)"
+            if caption.strip():
+                out.append(Paragraph(_text(caption.strip()), small))
+    if table_spec:
+        if section.get("table_title") and not compact:
+            out.append(Paragraph(_text(section.get("table_title")), small))
+        columns = [str(c) for c in table_spec.get("columns") or []]
+        rows = [[str(c) for c in row] for row in table_spec.get("rows") or []]
+        data = [[Paragraph(f"<b>{_text(c)}</b>", cell) for c in columns]] + [
+            [Paragraph(_text(c), cell) for c in row] for row in rows
+        ]
+        first = 0.16 if len(columns) > 4 else 0.3
+        rest = (1 - first) / max(1, len(columns) - 1)
+        table = Table(
+            data, colWidths=[width * first] + [width * rest] * (len(columns) - 1), repeatRows=1
+        )
+        table.setStyle(
+            TableStyle(
+                [
+                    ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#8899aa")),
+                    ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8eef5")),
+                    ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+                    ("TOPPADDING", (0, 0), (-1, -1), 1),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), 1),
+                ]
+            )
+        )
+        out += [Spacer(1, 1 * mm), table]
+    if paragraphs:
+        out.append(Spacer(1, 1.5 * mm))
+        out += [Paragraph(_text(p), line) for p in paragraphs]
+    return out

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ from worklist.models import (
 from worklist.signing.models import SignedArtifact, SigningStage
 from worklist.signing.pdf import KeyImage, key_image_renderer, render_report_pdf
 from worklist.signing.pki import Signer, signature_algorithm, signer_for
+from worklist.signing.sections import ReportSection, report_sections
 
 __all__ = [
     "DOCUMENT_FORMAT",
@@ -131,8 +133,11 @@ def build_document(
     recognition: dict[str, Any] | None,
     stage: SigningStage,
     now: datetime,
+    sections: Sequence[ReportSection] = (),
 ) -> dict[str, Any]:
-    """The canonical content of a signature (plain JSON values only)."""
+    """The canonical content of a signature (plain JSON values only). ``sections``: the
+    discipline's report sections (:mod:`worklist.signing.sections`), under ``"sections"``
+    when there are any."""
     settings = get_settings()
     objects = session.execute(
         select(Instance.sop_instance_uid, Instance.sha256)
@@ -205,6 +210,8 @@ def build_document(
         },
         "signed_at": now.isoformat(),
     }
+    if sections:
+        document["sections"] = [section.as_document() for section in sections]
     # Through JSON once: dates and other values in the recognition dict become the strings
     # a verifier will see, so the signed bytes re-compute exactly from the file.
     result: dict[str, Any] = json.loads(json.dumps(document, default=str))
@@ -303,6 +310,7 @@ def sign_report(
     if user is None:
         raise NotFoundError(f"no user {signer.username}")
     key_signer = signer_for(session, user=user, now=now)
+    sections = report_sections(session, exam=exam, report=report)
     document = build_document(
         session,
         report=report,
@@ -312,6 +320,7 @@ def sign_report(
         recognition=recognition,
         stage=stage,
         now=now,
+        sections=sections,
     )
     signed_json = _signed_file(document, key_signer)
     store = get_object_store()
@@ -320,6 +329,7 @@ def sign_report(
         key_images=_key_images(session, store, report),
         zone=get_settings().zone,
         notice=PRELIMINARY_NOTICE if stage is SigningStage.PRELIMINARY else None,
+        figures={s.key: s.figure.png for s in sections if s.figure is not None},
     )
     signed_pdf = _sign_pdf(
         pdf,
