@@ -69,7 +69,9 @@ __all__ = [
 
 REVIEW_KEY = "lab_review"
 MAX_PRIORS = 10
-_RANGE = re.compile(r"^\s*([<>≤≥]=?)?\s*([-+]?\d+(?:\.\d+)?)\s*(?:[-–~—]|to)?\s*([-+]?\d+(?:\.\d+)?)?\s*$")
+_RANGE = re.compile(
+    r"^\s*([<>≤≥]=?)?\s*([-+]?\d+(?:\.\d+)?)\s*(?:[-–~—]|to)?\s*([-+]?\d+(?:\.\d+)?)?\s*$"
+)
 _ARROW = {"H": "↑", "HH": "↑↑", "L": "↓", "LL": "↓↓", "A": "*", "AA": "**"}
 _FLAG_TEXT = {
     "H": "偏高 High",
@@ -317,8 +319,8 @@ def _specimen(order: LabOrderOut) -> str:
         text = kind.get("text") if isinstance(kind, dict) else kind
         condition = spm.get("condition") or []
         label = str(text or spm.get("specimen_id") or "")
-        if condition:
-            label += f" ({', '.join(str(c) for c in condition)})"  # type: ignore[union-attr]
+        if isinstance(condition, list) and condition:
+            label += f" ({', '.join(str(c) for c in condition)})"
         if label:
             parts.append(label)
     return "; ".join(parts)
@@ -361,7 +363,9 @@ def _reading(
         comment=review.comment,
         blocking=_blocking(results),
         report=report_out(visible_report) if visible_report is not None else None,
-        signature=signature_summary(session, report_id=report.id) if visible_report else None,
+        signature=(
+            signature_summary(session, report_id=visible_report.id) if visible_report else None
+        ),
     )
 
 
@@ -383,9 +387,11 @@ def _summary_line(result: LabResultOut, decision: Decision, reason: str) -> str:
     flags = [f for f in result.flags if f and f != "N"]
     flag_text = " ".join(f"{_ARROW.get(f, '')}{f}" for f in flags)
     range_text = f" [{result.reference_range}]" if result.reference_range else ""
-    return f"{_name(result)} {result.value} {result.unit}".strip() + (
-        f" {flag_text}" if flag_text else ""
-    ) + range_text
+    return (
+        f"{_name(result)} {result.value} {result.unit}".strip()
+        + (f" {flag_text}" if flag_text else "")
+        + range_text
+    )
 
 
 def _save(
@@ -404,7 +410,7 @@ def _save(
         raise ConflictError("the lab report is signed; it can no longer be reviewed")
     structured = dict(report.structured or {}) if report is not None else {}
     structured[REVIEW_KEY] = review.model_dump(mode="json")
-    codes = set()
+    codes: set[str] = set()
     for result in full.results:
         if _effective(result, review) == "rejected":
             continue
@@ -434,7 +440,9 @@ def _begin(
     return exam, order, LabReview.of(_current_report(session, exam.id))
 
 
-def _finish(session: Session, *, principal: Principal, exam: Exam, order: LabOrder) -> LabReadingOut:
+def _finish(
+    session: Session, *, principal: Principal, exam: Exam, order: LabOrder
+) -> LabReadingOut:
     session.flush()
     detail = get_exam(session, principal=principal, exam_id=exam.id)
     return _reading(session, principal=principal, exam=detail, order=order)
@@ -602,9 +610,7 @@ def row_recognition(
             granted=False, item_code=item.code, reason="机构未通过该项目质控 / not accredited"
         )
     if not exam_decision.get("granted"):
-        failed = [
-            r.get("text") for r in exam_decision.get("reasons") or [] if not r.get("passed")
-        ]
+        failed = [r.get("text") for r in exam_decision.get("reasons") or [] if not r.get("passed")]
         return RowRecognition(
             granted=False, item_code=item.code, reason="; ".join(str(f) for f in failed)[:200]
         )
@@ -704,6 +710,7 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
             notes.append(f"{name}: 已拒绝 Rejected — {stored.reason}")
         if stored.comment:
             notes.append(f"{name}: {stored.comment}")
+        low, high = parse_range(result.reference_range)
         if not rejected and result.numeric is not None and result.loinc:
             observations.append(
                 SectionObservation(
@@ -712,10 +719,13 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
                     display=f"{name} {result.name_en}".strip(),
                     value=float(result.numeric),
                     unit=result.unit,
-                    source="lab",
+                    source=result.performing_lab or result.method,
+                    reference_low=low,
+                    reference_high=high,
+                    reference_text=result.reference_range,
+                    interpretation=tuple(_interpretation(result)),
                 )
             )
-        low, high = parse_range(result.reference_range)
         data_rows.append(
             {
                 "key": result.key,
@@ -748,8 +758,6 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
         )
     if order.auto_released:
         notes.append("自动审核 Auto-verified (WS/T 616-2018)")
-    if review.comment:
-        notes.append(f"审核意见 Comment: {review.comment}")
     recognised = sum(1 for r in data_rows if r["recognition"]["granted"])
     notes.append(
         f"互认项目 {recognised}/{len(data_rows)} · 互认标识逐项标注，有效期自采样日起算 "

@@ -198,7 +198,18 @@ def test_review_sign_and_the_signed_lab_report(
     assert text.count(f"HR 至 {until_30}") == 1, text
     assert "血钾轻度升高" in text
     subprocess.run(
-        ["pdftoppm", "-png", "-r", "80", "-f", "1", "-l", "1", str(pdf_path), str(ARTIFACTS / "lab-report")],
+        [
+            "pdftoppm",
+            "-png",
+            "-r",
+            "80",
+            "-f",
+            "1",
+            "-l",
+            "1",
+            str(pdf_path),
+            str(ARTIFACTS / "lab-report"),
+        ],
         check=True,
     )
     assert any(Path(ARTIFACTS).glob("lab-report*.png"))

@@ -268,7 +268,8 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "lab.sex.O": ("其他", "other"),
     "lab.sex.U": ("未知", "unknown"),
     "lab.loinc_notice": (
-        "LOINC® 版权归 Regenstrief Institute, Inc. 及 LOINC 委员会所有，依 https://loinc.org/license 免费使用。",
+        "LOINC® 版权归 Regenstrief Institute, Inc. 及 LOINC 委员会所有，"
+        "依 https://loinc.org/license 免费使用。",
         "LOINC is copyright © Regenstrief Institute, Inc. and the LOINC Committee and is "
         "available at no cost under the license at https://loinc.org/license",
     ),

@@ -24,6 +24,7 @@ earlier one was delivered.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -405,6 +406,10 @@ def prepare_push(
     if report is None or exam is None:
         raise NotFoundError(f"the report of delivery {delivery_id} is gone")
     pdf = get_signed_artifact(session, report_id=report.id, kind="pdf")
+    # The discipline sections as signed (lab results, ECG measurements): senders put their
+    # coded results into the message.
+    signed = json.loads(get_signed_artifact(session, report_id=report.id, kind="document"))
+    sections = list((signed.get("document") or {}).get("sections") or [])
     lead = session.execute(
         select(Organization).where(Organization.kind == OrgKind.LEAD).limit(1)
     ).scalar_one_or_none()
@@ -443,6 +448,7 @@ def prepare_push(
         signed_at=report.final_at or report.submitted_at or report.updated_at,
         pdf=pdf,
         recognition=recognition_for_report(session, report_id=report.id),
+        extra={"sections": sections},
     )
     spec = EndpointSpec(
         id=endpoint.id,
