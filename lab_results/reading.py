@@ -539,7 +539,13 @@ def sign_lab_report(
     if not any(_effective(r, review) != "rejected" for r in full.results):
         raise InvalidInputError("every result is rejected: return the order to the clinic instead")
     _save(session, principal=principal, exam=exam, order=order, review=review, now=now)
-    submit_report(session, principal=principal, exam_id=exam.id, now=now)
+    signed = submit_report(session, principal=principal, exam_id=exam.id, now=now)
+    if signed.status is ReportStatus.FINAL:
+        # Released to the clinic by the lab physician's signature.
+        order.released_at = now
+        order.released_by = principal.user_id
+        order.report_id = signed.id
+        order.auto_released = False
     record_access(session, principal, action="sign", object_type="lab_order", object_id=order.id)
     return _finish(session, principal=principal, exam=exam, order=order)
 
@@ -692,7 +698,8 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
             collected=collected,
         )
         name = result.name_zh or result.code_text or result.code
-        label = f"{name} {result.name_en}".strip() if result.name_en else name
+        short_en = result.name_en.split(" [", 1)[0].strip()  # LOINC's component
+        label = f"{name} {short_en}".strip() if short_en and short_en != name else name
         if result.loinc:
             label += f" ({result.loinc})"
         rejected = decision == "rejected"

@@ -167,6 +167,7 @@ def test_review_sign_and_the_signed_lab_report(
         expect(page.locator("#sig-panel")).to_be_visible()
         expect(page.locator("#rp-status")).to_have_text("正式报告")
         expect(page.locator("#sign-btn")).to_be_hidden()
+        expect(page.locator("#lab-verdict")).to_have_text("已审核签发")
         _shot(page, "lab-reading-signed")
         pdf_href = page.locator("#sig-pdf").get_attribute("href")
         fhir_href = page.locator("#sig-fhir").get_attribute("href")

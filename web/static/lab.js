@@ -44,7 +44,9 @@
       .join(" · ");
     var prio = $("lab-priority");
     if (exam.priority) {
-      prio.replaceWith(R.priorityBadge(exam.priority));
+      prio.textContent = "";
+      prio.appendChild(R.priorityBadge(exam.priority));
+      prio.hidden = false;
     }
     $("lo-clinic").textContent = exam.clinic_name || exam.clinic_code || "—";
     $("lo-placer").textContent = order.placer_number || "—";
@@ -54,8 +56,10 @@
     $("lo-received").textContent = R.fmt(order.received_at);
     $("lo-reported").textContent = R.fmt(order.reported_at);
     var verdict = $("lab-verdict");
-    verdict.textContent = t("lab.verdict." + (order.verdict || "hold"));
-    verdict.dataset.verdict = order.verdict || "hold";
+    var shown = order.released_at ? (order.auto_released ? "released" : "signed") : order.verdict || "hold";
+    if (!order.released_at && order.critical) shown = "critical";
+    verdict.textContent = t("lab.verdict." + shown);
+    verdict.dataset.verdict = shown;
   }
 
   // --- the results table ------------------------------------------------------------------------
@@ -182,7 +186,7 @@
     var decision = result.decision || "pending";
     node.appendChild(el("span", { class: "rv rv-" + decision, text: t("lab.decision." + decision) }));
     if (result.decision_reason) node.appendChild(el("div", { class: "rv-reason", text: result.decision_reason }));
-    if (result.comment) node.appendChild(el("div", { class: "rv-comment", text: "💬 " + result.comment }));
+    if (result.comment) node.appendChild(el("div", { class: "rv-comment", text: t("lab.comment") + "：" + result.comment }));
     return node;
   }
 
@@ -266,7 +270,9 @@
               el("div", { class: "lab-name", text: resultName(result) }),
               el("div", {
                 class: "muted lab-code",
-                text: [result.code, result.loinc ? "LOINC " + result.loinc : ""].filter(Boolean).join(" · "),
+                text: [result.code !== result.loinc ? result.code : "", result.loinc ? "LOINC " + result.loinc : ""]
+                  .filter(Boolean)
+                  .join(" · "),
               }),
             ]),
             el("td", { class: "num lab-value", text: result.value === null || result.value === undefined ? "—" : String(result.value) }),

@@ -229,6 +229,8 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "lab.verdict.critical": ("含危急值，待人工审核", "Critical value: review"),
     "lab.verdict.pass": ("自动审核通过", "Auto-verification passed"),
     "lab.verdict.released": ("已自动审核发布", "Released by auto-verification"),
+    "lab.verdict.signed": ("已审核签发", "Reviewed and signed"),
+    "lab.verdict.release": ("自动审核通过", "Auto-verification passed"),
     "lab.decision.pending": ("待审核", "Pending"),
     "lab.decision.approved": ("已通过", "Approved"),
     "lab.decision.rejected": ("已拒绝", "Rejected"),
