@@ -33,9 +33,11 @@ __all__ = [
     "InProcessTaskRunner",
     "PeriodicTask",
     "TaskRunner",
+    "install_runner",
     "periodic",
     "registered_periodic_tasks",
     "registered_tasks",
+    "submit_task",
     "task",
 ]
 
@@ -72,6 +74,28 @@ def task(name: str) -> Callable[[TaskFunc], TaskFunc]:
 def periodic(name: str, *, interval: Callable[[], float]) -> None:
     """Declare that the registered task ``name`` runs every ``interval()`` seconds."""
     _periodic[name] = PeriodicTask(name=name, interval=interval)
+
+
+_installed: list[TaskRunner] = []
+
+
+def install_runner(runner: TaskRunner | None) -> None:
+    """Make ``runner`` the process's runner for :func:`submit_task` (None: none)."""
+    _installed[:] = [runner] if runner is not None else []
+
+
+def submit_task(name: str, /, **kwargs: Any) -> bool:
+    """Enqueue task ``name`` on the process's installed runner; False when none is
+    installed (a tool or test without a runner: a periodic sweep must pick the work up) or
+    the enqueue failed (logged)."""
+    if not _installed:
+        return False
+    try:
+        _installed[0].submit(name, **kwargs)
+    except Exception:
+        log.exception("task %s could not be enqueued", name)
+        return False
+    return True
 
 
 def registered_tasks() -> dict[str, TaskFunc]:

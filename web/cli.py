@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rdc_core.errors import RDCError
 from rdc_core.logging import configure_logging
 from rdc_core.settings import Settings, get_settings, private_directory
-from rdc_core.tasks import TaskRunner
+from rdc_core.tasks import TaskRunner, install_runner
 from web.cli_admin import register_admin_commands, routing_app, sla_app
 from web.cli_audit import audit_app
 from web.cli_critical import critical_app
@@ -369,6 +369,7 @@ def serve(
         )
 
     runner = _task_runner(settings)
+    install_runner(runner)  # the intakes enqueue their follow-up work on it
     # SIGTERM ends the process through the stops in `finally`, not by the default action;
     # uvicorn, after its own graceful shutdown, raises the signal again with this handler.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -424,7 +425,8 @@ def serve(
 def _register_tasks() -> None:
     """Import every module that declares tasks (the push senders register their channels)."""
     import dicom_gateway.report_push  # noqa: F401
-    import lab_results.report_push  # noqa: F401
+    import lab_results.report_push
+    import lab_results.tasks  # noqa: F401
     import worklist.tasks  # noqa: F401
 
 

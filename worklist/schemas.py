@@ -74,7 +74,7 @@ class PatientOut(_Out):
 
 class ExamSummary(_Out):
     id: str
-    study_instance_uid: str
+    study_instance_uid: str | None = None  # DICOM exams; None for an uploaded ECG file
     org_id: str
     clinic_code: str
     clinic_name: str = ""
@@ -133,7 +133,7 @@ class WorkItemOut(_Out):
     due_at: datetime
     created_at: datetime
     exam_id: str
-    study_instance_uid: str
+    study_instance_uid: str | None
     clinic_code: str
     discipline: Discipline
     modality: str

@@ -36,7 +36,7 @@ from rdc_core.storage import get_object_store
 from web.params import Offset
 from web.problems import problem
 from web.security import CurrentPrincipal
-from worklist.audit import record_event
+from worklist.audit import audited_read, record_event
 
 __all__ = ["router"]
 
@@ -137,7 +137,7 @@ def lab_orders(
     offset: Offset = 0,
 ) -> list[LabOrderSummary]:
     """Lab orders, newest first; a clinic sees only its own."""
-    with session_scope() as session:
+    with audited_read() as session:
         return list_orders(
             session,
             principal=principal,
@@ -153,7 +153,7 @@ def lab_orders(
 def lab_order(order_id: str, principal: CurrentPrincipal) -> LabOrderOut:
     """One order (its ID is its exam's ID) with its results: code, LOINC, value, unit,
     reference range, flags, status, the auto-verification trace and earlier versions."""
-    with session_scope() as session:
+    with audited_read() as session:
         return get_order(session, principal=principal, order_id=order_id)
 
 
@@ -163,14 +163,14 @@ def lab_mapping_queue(
     include_resolved: Annotated[bool, Query(description="also the resolved codes")] = False,
 ) -> list[MappingQueueEntryOut]:
     """Observation codes no mapping covers (administrators): never guessed, held here."""
-    with session_scope() as session:
+    with audited_read() as session:
         return list_mapping_queue(session, principal=principal, include_resolved=include_resolved)
 
 
 @router.get("/lab/autorelease", response_model=AutoreleaseSwitchOut)
 def lab_autorelease(principal: CurrentPrincipal) -> AutoreleaseSwitchOut:
     """Whether orders that pass auto-verification are released automatically now."""
-    with session_scope() as session:
+    with audited_read() as session:
         return autorelease_switch(session, principal=principal)
 
 
