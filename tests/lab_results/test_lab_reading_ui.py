@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests.helpers import mllp_exchange, rdc_cli, wait_for
+from tests.helpers import free_port, mllp_exchange, rdc_cli, wait_for
 from tests.lab_results.conftest import LabDeployment
+from tests.lab_results.test_report_push import His, strict_hl7apy_problem
 from tests.web.test_ui import ARTIFACTS, _context, _shot, browser
 
 __all__ = ["browser"]
@@ -62,7 +63,23 @@ def _send(lab: LabDeployment, message: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def order(lab: LabDeployment) -> Iterator[str]:
+def his(lab: LabDeployment) -> Iterator[His]:
+    """Clinic A's HIS: an HL7 endpoint that validates every ORU strictly (hl7apy, v2.5.1)."""
+    port = free_port()
+    receiver = His(port, strict=True)
+    rdc_cli(
+        lab.env, "delivery", "endpoint", "add", "--clinic", "CLINIC_A", "--channel", "hl7",
+        "--host", "127.0.0.1", "--port", str(port), "--app", "HIS", "--facility", "CLINIC_A",
+        "--pdf", "link",
+    )  # fmt: skip
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def order(lab: LabDeployment, his: His) -> Iterator[str]:
     """The recognition catalogue and clinic A's lab accreditation, two earlier orders and
     the held one; yields the held order's exam ID."""
     workdir = lab.workdir
@@ -111,7 +128,7 @@ def _login(context: BrowserContext, lab: LabDeployment, username: str) -> Page:
 
 
 def test_review_sign_and_the_signed_lab_report(
-    lab: LabDeployment, order: str, browser: Browser
+    lab: LabDeployment, order: str, his: His, browser: Browser
 ) -> None:
     context = _context(browser)
     try:
@@ -236,3 +253,17 @@ def test_review_sign_and_the_signed_lab_report(
     assert potassium["referenceRange"][0]["low"]["value"] == 3.5
     assert potassium["referenceRange"][0]["high"]["value"] == 5.3
     assert potassium["interpretation"][0]["coding"][0]["code"] == "H"
+
+    # The HIS got the ORU^R01 push-back: one OBX per result, LOINC, UCUM, range, flag.
+    def pushed() -> str | None:
+        found = [m for m in his.messages if "PL-F-LR-3" in m]
+        return found[-1] if found else None
+
+    oru = wait_for(pushed, timeout=90, what="the ORU of the signed lab report at the HIS")
+    segments = [segment.split("|") for segment in oru.split("\r")]
+    obx = {f[3].split("^")[0]: f for f in segments if f[0] == "OBX"}
+    assert obx["2823-3"][2] == "NM" and obx["2823-3"][5] == "5.9"
+    assert obx["2823-3"][6:9] == ["mmol/L", "3.5-5.3", "H"]
+    assert obx["2951-2"][5] == "141" and obx["14749-6"][5] == "5.2"
+    assert all(obx[code][11] == "F" for code in ("2823-3", "2951-2", "14749-6"))
+    assert strict_hl7apy_problem(oru) == ""
