@@ -98,20 +98,29 @@ def order(lab: LabDeployment, his: His) -> Iterator[str]:
         encoding="utf-8",
     )
     rdc_cli(lab.env, "accreditation", "load", str(accreditation))
-    _send(lab, _oru("LR-1", "F-LR-1", TODAY - timedelta(days=20), _k("4.1"), _na("141")))
-    _send(lab, _oru("LR-2", "F-LR-2", TODAY - timedelta(days=5), _k("4.4"), _na("140")))
-    _send(lab, _oru("LR-3", "F-LR-3", TODAY, _k("5.9", "H"), _na("141"), _glu("5.2")))
+    messages = [
+        _oru("LR-1", "F-LR-1", TODAY - timedelta(days=20), _k("4.1"), _na("141")),
+        _oru("LR-2", "F-LR-2", TODAY - timedelta(days=5), _k("4.4"), _na("140")),
+        _oru("LR-3", "F-LR-3", TODAY, _k("5.9", "H"), _na("141"), _glu("5.2")),
+    ]
     with lab.client("senior") as api:
 
-        def held() -> str | None:
+        def processed(filler: str) -> str | None:
             orders = api.get(
                 "/api/v1/lab/orders", params={"patient_id": PATIENT, "issuer": "CLINIC_A"}
             )
             assert orders.status_code == 200, orders.text
-            rows = [o for o in orders.json() if o["filler_number"] == "F-LR-3"]
-            return rows[0]["exam_id"] if rows and len(orders.json()) == 3 else None
+            rows = [o for o in orders.json() if o["filler_number"] == filler]
+            return rows[0]["exam_id"] if rows else None
 
-        yield wait_for(held, timeout=90, what="the three lab orders processed")
+        # One after the other: each order's delta check sees the ones before it.
+        exam_id = ""
+        for n, message in enumerate(messages, start=1):
+            _send(lab, message)
+            exam_id = wait_for(
+                lambda n=n: processed(f"F-LR-{n}"), timeout=90, what=f"lab order {n} processed"
+            )
+        yield exam_id
 
 
 def _login(context: BrowserContext, lab: LabDeployment, username: str) -> Page:
