@@ -82,6 +82,10 @@ _FLAG_TEXT = {
     "AA": "危急异常 Critically abnormal",
 }
 _RELEASED_STATUSES = ("F", "C")
+# Reasons of the report-level recognition decision that each row decides for itself.
+_PER_ROW_REASONS = frozenset(
+    {"not_in_catalogue", "not_accredited", "accreditation_expired", "accreditation_not_yet_valid"}
+)
 
 Decision = Literal["pending", "approved", "rejected", "auto"]
 
@@ -596,10 +600,10 @@ def row_recognition(
     tests: TestCatalogue,
     collected: date,
 ) -> RowRecognition:
-    """The 互认 mark of one result of a final report: the report's own decision must be
-    granted (a qualified signer, the clinic accredited), the result approved and final with
-    a value, and its analyte in a lab item of the catalogue for which the clinic is
-    accredited. The window is the analyte's 互认时限 from the test catalogue (else the
+    """The 互认 mark of one result of a final report: the report's own decision must not
+    fail on the signer, the result must be approved and final with a value, and its analyte
+    in a lab item of the catalogue for which the clinic is accredited on the collection
+    date. The window is the analyte's 互认时限 from the test catalogue (else the
     item's validity), counted from the collection date."""
     if exam_decision is None:
         return RowRecognition(granted=False, reason="报告未终审 / not a final report")
@@ -615,11 +619,15 @@ def row_recognition(
         return RowRecognition(
             granted=False, item_code=item.code, reason="机构未通过该项目质控 / not accredited"
         )
-    if not exam_decision.get("granted"):
-        failed = [r.get("text") for r in exam_decision.get("reasons") or [] if not r.get("passed")]
-        return RowRecognition(
-            granted=False, item_code=item.code, reason="; ".join(str(f) for f in failed)[:200]
-        )
+    # The report's own decision matched one catalogue item for the whole order; here each
+    # row has its item and accreditation, so only the rest (signer, final) must hold.
+    failed = [
+        str(r.get("text"))
+        for r in exam_decision.get("reasons") or []
+        if not r.get("passed") and r.get("code") not in _PER_ROW_REASONS
+    ]
+    if failed:
+        return RowRecognition(granted=False, item_code=item.code, reason="; ".join(failed)[:200])
     entry = tests.by_loinc(result.loinc or "") or tests.by_analyte(result.analyte or "")
     window = entry.recognition_window_days if entry and entry.recognition_window_days else None
     days = window or item.valid_days
@@ -763,7 +771,7 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
                 "recognition": mark.model_dump(mode="json"),
             }
         )
-    if order.auto_released:
+    if order.auto_released or (report.structured or {}).get("autoverified"):
         notes.append("自动审核 Auto-verified (WS/T 616-2018)")
     recognised = sum(1 for r in data_rows if r["recognition"]["granted"])
     notes.append(

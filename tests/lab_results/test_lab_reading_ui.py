@@ -208,6 +208,15 @@ def test_review_sign_and_the_signed_lab_report(
         assert fhir.status_code == 200, fhir.text
         resource = fhir.json()
 
+    # The clinic's portal lists the signed lab report; the clinic reads the same FHIR.
+    with lab.client("tech_a") as clinic:
+        listed = clinic.get("/api/v1/reports", params={"exam_id": order})
+        assert listed.status_code == 200, listed.text
+        (item,) = listed.json()["items"]
+        assert item["discipline"] == "lab" and item["status"] == "final"
+        assert pdf_href == f"/api/v1/reports/{item['report_id']}/pdf"
+        assert clinic.get(fhir_href).json()["result"] == resource["result"]
+
     # The PDF: every analyte with its value, unit and range; the 互认 mark on each row.
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     pdf_path = ARTIFACTS / "lab-report.pdf"
