@@ -195,6 +195,13 @@ def test_review_sign_and_the_signed_lab_report(
         expect(page.locator("#sign-btn")).to_be_hidden()
         expect(page.locator("#lab-verdict")).to_have_text("已审核签发")
         _shot(page, "lab-reading-signed")
+        # The same page in English (read-only now: the report is signed).
+        context.add_cookies([{"name": "lang", "value": "en", "url": lab.server.http}])
+        page.reload()
+        expect(page.locator("#lab-verdict")).to_have_text("Reviewed and signed")
+        expect(k.locator(".rv")).to_have_text("Approved")
+        expect(k.locator("button")).to_have_count(0)
+        _shot(page, "lab-reading-signed-en")
         pdf_href = page.locator("#sig-pdf").get_attribute("href")
         fhir_href = page.locator("#sig-fhir").get_attribute("href")
     finally:

@@ -186,7 +186,7 @@
     var decision = result.decision || "pending";
     node.appendChild(el("span", { class: "rv rv-" + decision, text: t("lab.decision." + decision) }));
     if (result.decision_reason) node.appendChild(el("div", { class: "rv-reason", text: result.decision_reason }));
-    if (result.comment) node.appendChild(el("div", { class: "rv-comment", text: t("lab.comment") + "：" + result.comment }));
+    if (result.comment) node.appendChild(el("div", { class: "rv-comment", text: t("lab.comment_prefix") + result.comment }));
     return node;
   }
 

@@ -238,6 +238,7 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "lab.approve": ("通过", "Approve"),
     "lab.reject": ("拒绝", "Reject"),
     "lab.comment": ("备注", "Comment"),
+    "lab.comment_prefix": ("备注：", "Comment: "),
     "lab.comment_title": ("结果备注", "Comment on the result"),
     "lab.reject_title": ("拒绝此结果", "Reject this result"),
     "lab.reject_reason": ("拒绝原因", "Reason"),

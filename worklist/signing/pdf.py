@@ -379,25 +379,9 @@ def render_report_pdf(
         Paragraph("检验资料 Order data" if lab else "检查资料 Examination data", heading),
         data_table,
     ]
-    if recognition.get("granted") and lab:
-        # Lab results are recognised test by test, each with its own window (互认时限):
-        # the marks are in the results table's 互认 column.
-        text = (
-            f'<font size=13 color="#0b6b2e">[{_text(recognition.get("mark") or "HR")}]</font> '
-            "检验结果逐项互认，见结果表“互认”列及有效期 "
-            "Recognised test by test: see the 互认 column and its dates"
-        )
-        mark_table = Table([[Paragraph(text, mark_style)]], colWidths=[width - 6])
-        mark_table.setStyle(
-            TableStyle(
-                [
-                    ("BOX", (0, 0), (-1, -1), 0.8, colors.HexColor("#0b6b2e")),
-                    ("LEFTPADDING", (0, 0), (-1, -1), 4),
-                ]
-            )
-        )
-        data_block += [Spacer(1, 1.5 * mm), mark_table]
-    elif recognition.get("granted"):
+    # Lab results are recognised test by test, each with its own window (互认时限): the
+    # marks are the results table's 互认 column, not one mark for the order.
+    if recognition.get("granted") and not lab:
         mark = recognition.get("mark") or "HR"
         scope = recognition.get("scope")
         until = recognition.get("recognizable_until") or recognition.get("valid_until")
