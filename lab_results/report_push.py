@@ -156,14 +156,14 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         },
     )
     segments = [msh, pid, obr]
-    observations: list[tuple[str, str, str, dict[int, str]]] = []
-    if push.findings.strip() and push.discipline != "lab":  # lab: one OBX per result
-        observations.append(("TX", "FINDINGS^所见 Findings^L", escape(push.findings.strip()), {}))
+    observations: list[tuple[str, str, str]] = []
+    if push.findings.strip() and push.discipline != "lab":  # lab: one OBX per result below
+        observations.append(("TX", "FINDINGS^所见 Findings^L", escape(push.findings.strip())))
     conclusion = push.impression.strip()
     if push.recommendation.strip():
         conclusion = f"{conclusion}\n{push.recommendation.strip()}".strip()
     if conclusion:
-        observations.append(("TX", "IMP^结论 Conclusion^L", escape(conclusion), {}))
+        observations.append(("TX", "IMP^结论 Conclusion^L", escape(conclusion)))
     hr = push.recognition or {}
     if hr.get("granted"):
         parts = [str(hr.get("mark") or "HR")]
@@ -171,57 +171,43 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
             parts.append(str(hr["scope_note"]))
         if hr.get("recognizable_until"):
             parts.append(f"互认有效期至 valid until {str(hr['recognizable_until'])[:10]}")
-        observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts)), {}))
-    observations += _lab_results(push, status)
+        observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts))))
+    units: dict[int, str] = {}
+    ranges: dict[int, str] = {}
+    flags: dict[int, str] = {}
+    for item in push.extra.get("observations") or []:
+        # The signed report's coded results (an ECG's intervals and axes): OBX NM lines
+        # with their LOINC (LN) or local (L) code and UCUM units in OBX-6.
+        system = "LN" if item.get("system") == "http://loinc.org" else "L"
+        code = f"{escape(str(item['code']))}^{escape(str(item.get('display') or ''))}^{system}"
+        observations.append(("NM", code, f"{float(item['value']):g}"))
+        units[len(observations)] = f"{escape(str(item.get('unit') or ''))}^^UCUM"
+        # Lab results also carry their reference range (OBX-7) and flags (OBX-8).
+        if item.get("reference_text"):
+            ranges[len(observations)] = escape(str(item["reference_text"]))
+        if item.get("interpretation"):
+            flags[len(observations)] = "~".join(escape(str(f)) for f in item["interpretation"])
     if endpoint.pdf_mode == "link":
         # A reference pointer (RP) to the PDF and the PDF's SHA-256 instead of the PDF: a
         # Base64 PDF of 75 KB is over python-hl7's 64 KiB frame and hl7apy's strict
         # field lengths.
         url = pdf_url(push)
-        observations.append(("RP", "PDF^签名报告 Signed report^L", f"{escape(url)}^RDC^AP^PDF", {}))
+        observations.append(("RP", "PDF^签名报告 Signed report^L", f"{escape(url)}^RDC^AP^PDF"))
         digest = hashlib.sha256(push.pdf).hexdigest()
-        observations.append(
-            ("ST", "PDFSHA256^签名报告 SHA-256 Signed report SHA-256^L", digest, {})
-        )
+        observations.append(("ST", "PDFSHA256^签名报告 SHA-256 Signed report SHA-256^L", digest))
     else:
         pdf = base64.b64encode(push.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiters
-        observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}", {}))
-    for number, (kind, code, value, extra) in enumerate(observations, start=1):
+        observations.append(("ED", "PDF^签名报告 Signed report^L", f"RDC^AP^PDF^Base64^{pdf}"))
+    for number, (kind, code, value) in enumerate(observations, start=1):
         fields = {1: str(number), 2: kind, 3: code, 5: value, 11: status}
-        fields.update(extra)
+        if number in units:
+            fields[6] = units[number]
+        if number in ranges:
+            fields[7] = ranges[number]
+        if number in flags:
+            fields[8] = flags[number]
         segments.append(_segment("OBX", fields))
     return "\r".join(segments) + "\r"
-
-
-def _lab_results(push: ReportPush, status: str) -> list[tuple[str, str, str, dict[int, str]]]:
-    """One OBX per result of a signed lab report (its ``lab`` section as signed): NM or ST,
-    LOINC (else the sender's code), value, UCUM unit, reference range, OBX-8 flags and the
-    result status (X for a result the lab physician rejected)."""
-    if push.discipline != "lab":
-        return []
-    out: list[tuple[str, str, str, dict[int, str]]] = []
-    for section in push.extra.get("sections") or []:
-        if not isinstance(section, dict) or section.get("key") != "lab":
-            continue
-        for row in (section.get("data") or {}).get("results") or []:
-            name = str(row.get("name_zh") or row.get("name_en") or row.get("code") or "")
-            if row.get("loinc"):
-                code = f"{escape(str(row['loinc']))}^{escape(name)}^LN"
-            else:
-                code = f"{escape(str(row.get('code') or ''))}^{escape(name)}^L"
-            rejected = row.get("decision") == "rejected"
-            numeric = row.get("numeric") is not None and not row.get("comparator")
-            kind = "NM" if numeric and not rejected else "ST"
-            value = "" if rejected else escape(str(row.get("value") or ""))
-            flags = [str(f) for f in row.get("flags") or [] if f]
-            fields = {
-                6: escape(str(row.get("unit") or "")),
-                7: escape(str(row.get("reference_range") or "")),
-                8: "~".join(escape(f) for f in flags) if not rejected else "",
-                11: "X" if rejected else status,
-            }
-            out.append((kind, code, value, fields))
-    return out
 
 
 def parse_ack(raw: bytes) -> tuple[str, str, str]:

@@ -288,7 +288,7 @@ def test_review_sign_and_the_signed_lab_report(
     segments = [segment.split("|") for segment in oru.split("\r")]
     obx = {f[3].split("^")[0]: f for f in segments if f[0] == "OBX"}
     assert obx["2823-3"][2] == "NM" and obx["2823-3"][5] == "5.9"
-    assert obx["2823-3"][6:9] == ["mmol/L", "3.5-5.3", "H"]
+    assert obx["2823-3"][6:9] == ["mmol/L^^UCUM", "3.5-5.3", "H"]
     assert obx["2951-2"][5] == "141" and obx["14749-6"][5] == "5.2"
     assert all(obx[code][11] == "F" for code in ("2823-3", "2951-2", "14749-6"))
     assert strict_hl7apy_problem(oru) == ""

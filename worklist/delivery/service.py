@@ -406,10 +406,14 @@ def prepare_push(
     if report is None or exam is None:
         raise NotFoundError(f"the report of delivery {delivery_id} is gone")
     pdf = get_signed_artifact(session, report_id=report.id, kind="pdf")
-    # The discipline sections as signed (lab results, ECG measurements): senders put their
-    # coded results into the message.
+    # The coded results of the signed document's discipline sections (an ECG's
+    # measurements), for senders that carry them (HL7 OBX NM lines).
     signed = json.loads(get_signed_artifact(session, report_id=report.id, kind="document"))
-    sections = list((signed.get("document") or {}).get("sections") or [])
+    observations = [
+        dict(item, section=section.get("key"))
+        for section in (signed.get("document") or {}).get("sections") or []
+        for item in section.get("observations") or []
+    ]
     lead = session.execute(
         select(Organization).where(Organization.kind == OrgKind.LEAD).limit(1)
     ).scalar_one_or_none()
@@ -448,7 +452,7 @@ def prepare_push(
         signed_at=report.final_at or report.submitted_at or report.updated_at,
         pdf=pdf,
         recognition=recognition_for_report(session, report_id=report.id),
-        extra={"sections": sections},
+        extra={"observations": observations} if observations else {},
     )
     spec = EndpointSpec(
         id=endpoint.id,
