@@ -170,6 +170,7 @@ _REPORT_KIND = {
     "ecg": "心电图诊断报告 ECG Report",
     "lab": "检验报告 Laboratory Report",
 }
+_FINDINGS_HEADING = {"ecg": "心电图所见 Findings", "lab": "检验所见 Findings"}
 _KIND = {"amended": "修订 Amended", "corrected": "更正 Corrected", "appended": "补充 Appended"}
 
 
@@ -423,6 +424,14 @@ def render_report_pdf(
     for section in sections:
         if not section.get("landscape"):
             story += _section_flowables(section, figures, width, 240 * mm, heading, base, small)
+        else:
+            story.append(
+                Paragraph(
+                    _text(section.get("title"))
+                    + " · 见附页（横向） / on the landscape page that follows",
+                    small,
+                )
+            )
 
     if key_images:
         story.append(Paragraph("关键图像 Key images", heading))
@@ -450,7 +459,12 @@ def render_report_pdf(
             story.append(Paragraph("审核意见 Reviewer's comment", heading))
             story.append(Paragraph(_text(report.get("impression")), body))
     else:
-        story.append(Paragraph("影像所见 Findings", heading))
+        story.append(
+            Paragraph(
+                _FINDINGS_HEADING.get(str(exam.get("discipline") or ""), "影像所见 Findings"),
+                heading,
+            )
+        )
         story.append(Paragraph(_text(report.get("findings")) or "—", body))
         story.append(Paragraph("诊断意见 Impression", heading))
         story.append(Paragraph(_text(report.get("impression")) or "—", body))

@@ -25,7 +25,8 @@ version being signed; what it returns is
   the portrait page;
 - exported as **FHIR** Observations (contained in the DiagnosticReport and referenced
   from ``result``) for each :class:`SectionObservation`, read back from the signed
-  document, so the FHIR resource says what was signed.
+  document, so the FHIR resource says what was signed; the HL7 push-back carries them as
+  OBX NM lines (LOINC ``LN`` or local ``L`` code, UCUM units in OBX-6).
 
 A provider must be deterministic for a given database state (it runs inside the signing
 transaction, which may retry) and must not commit. It may raise: the signature fails and
