@@ -356,10 +356,20 @@ def _write_results(
     return current
 
 
-def _finding_text(finding: CriticalFinding) -> str:
-    name = finding.name_zh or finding.analyte or finding.code
-    value = f"{finding.value} {finding.unit}".strip()
-    return f"{name} ({finding.analyte}) {value}，危急值界限 limit {finding.limit}"
+def _findings_text(findings: list[CriticalFinding]) -> str:
+    """One line per critical result: analyte, value and every limit it crossed (a numeric
+    limit and the sender's LL/HH flag of one result are named together)."""
+    grouped: dict[tuple[str, str, str], list[CriticalFinding]] = {}
+    for finding in findings:
+        grouped.setdefault((finding.code, finding.value, finding.unit), []).append(finding)
+    parts = []
+    for same in grouped.values():
+        first = same[0]
+        name = first.name_zh or first.analyte or first.code
+        value = f"{first.value} {first.unit}".strip()
+        limits = sorted({f.limit for f in same}, key=lambda limit: limit.startswith("flag"))
+        parts.append(f"{name} ({first.analyte}) {value}，危急值界限 limit {' / '.join(limits)}")
+    return "；".join(parts)
 
 
 def _responsible_user(session: Session, settings: Settings) -> User | None:
@@ -404,7 +414,7 @@ def _raise_critical(
     if user is None:
         log.error("lab exam %s: critical results, but no lead-hospital user to raise them", exam.id)
         return None
-    text = "；".join(_finding_text(f) for f in findings)
+    text = _findings_text(findings)
     report = _current_report(session, exam.id)
     if report is None:
         report = Report(
