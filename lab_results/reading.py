@@ -32,11 +32,12 @@ from sqlalchemy.orm import Session
 
 from lab_results.mapping import TestCatalogue, load_catalogue
 from lab_results.models import LabObservation, LabOrder
+from lab_results.processing import rule_set
 from lab_results.schemas import LabOrderOut, LabResultOut, RuleTraceOut
 from lab_results.service import order_out
 from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError
 from rdc_core.settings import get_settings
-from worklist.access import Principal
+from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
 from worklist.models import Discipline, Exam, Report, ReportStatus
 from worklist.patients.links import same_person_clause
@@ -59,6 +60,7 @@ __all__ = [
     "LabReview",
     "ResultReview",
     "approve_held",
+    "check_signable",
     "get_reading",
     "lab_sections",
     "review_result",
@@ -264,6 +266,21 @@ def _priors(
     return out
 
 
+def _with_reference(results: Sequence[LabResultOut], *, sex: str | None) -> list[LabResultOut]:
+    """The results, a missing reference range (OBX-7 empty) filled from the rule set's
+    interval for the analyte (by sex when it has one): the report always prints a range."""
+    rules = rule_set(get_settings())
+    out = []
+    for result in results:
+        rule = rules.analytes.get(result.analyte or "") if not result.reference_range else None
+        interval = (rule.by_sex.get(sex or "") or rule.reference_range) if rule else None
+        if interval is not None:
+            low, high = interval
+            result = result.model_copy(update={"reference_range": f"{low:g}-{high:g}"})
+        out.append(result)
+    return out
+
+
 def _decision(result: LabResultOut, review: LabReview) -> ResultReview:
     return review.results.get(result.key) or ResultReview()
 
@@ -341,7 +358,8 @@ def _reading(
     report = _current_report(session, exam.id)
     review = LabReview.of(report)
     priors = _priors(session, principal=principal, order=order, results=full.results)
-    results = [_reviewed(r, review, priors) for r in full.results]
+    current = _with_reference(full.results, sex=exam.patient.sex)
+    results = [_reviewed(r, review, priors) for r in current]
     visible_report = report
     if report is not None and principal.is_clinic_user and report.status is ReportStatus.DRAFT:
         visible_report = None
@@ -423,6 +441,11 @@ def _save(
     findings = "\n".join(
         _summary_line(r, _effective(r, review), _decision(r, review).reason) for r in full.results
     )
+    # A critical order's draft names its critical values (the open alert follows that text):
+    # the reviewer's comment comes after it, never instead of it.
+    critical_line = ""
+    if report is not None and report.critical and report.impression.startswith("危急值"):
+        critical_line = report.impression.split("\n", 1)[0]
     save_draft(
         session,
         principal=principal,
@@ -430,7 +453,7 @@ def _save(
         data=ReportIn(
             structured=structured,
             findings=findings or "—",
-            impression=review.comment,
+            impression="\n".join(p for p in (critical_line, review.comment) if p),
         ),
         now=now,
     )
@@ -526,6 +549,14 @@ def set_comment(
     review.comment = comment.strip()[:10_000]
     _save(session, principal=principal, exam=exam, order=order, review=review, now=now)
     return _finish(session, principal=principal, exam=exam, order=order)
+
+
+def check_signable(session: Session, *, principal: Principal, exam_id: str) -> None:
+    """Whether ``principal`` could sign this lab order at all (a lead-hospital reader, a lab
+    exam they see), before their password is judged: a request that cannot sign anything
+    never counts as a wrong password (nor locks the account)."""
+    require_roles(principal, READING_ROLES, lead_only=True)
+    _order(session, visible_exam(session, principal=principal, exam_id=exam_id))
 
 
 def sign_lab_report(
@@ -693,7 +724,7 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
     observations: list[SectionObservation] = []
     data_rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for result in full.results:
+    for result in _with_reference(full.results, sex=exam.patient.sex):
         decision = _effective(result, review)
         stored = _decision(result, review)
         mark = row_recognition(

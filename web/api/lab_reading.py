@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from lab_results.reading import (
     LabReadingOut,
     approve_held,
+    check_signable,
     get_reading,
     review_result,
     set_comment,
@@ -110,6 +111,8 @@ def comment(exam_id: str, body: CommentIn, principal: CurrentPrincipal) -> LabRe
 def sign(exam_id: str, principal: CurrentPrincipal, body: SignIn | None = None) -> LabReadingOut:
     """Sign the lab report (final for attending and chief physicians). Needs
     ``{"signing_password": …}``."""
+    with session_scope() as session:
+        check_signable(session, principal=principal, exam_id=exam_id)
     password = body.signing_password if body else None
     confirm_signing(principal, password, action="submit", object_type="exam", object_id=exam_id)
     with session_scope() as session:

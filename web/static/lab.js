@@ -64,7 +64,9 @@
 
   // --- the results table ------------------------------------------------------------------------
   function flagCell(result) {
-    var flags = result.flags || [];
+    var flags = (result.flags || []).filter(function (flag) {
+      return flag !== "N"; // normal: no mark
+    });
     var node = el("td", { class: "lab-flag" });
     flags.forEach(function (flag) {
       var kind = flag === "HH" || flag === "LL" || flag === "AA" ? "crit" : flag === "H" || flag === "L" || flag === "A" ? "abn" : "";
@@ -260,7 +262,7 @@
           {
             class:
               "lab-row" +
-              (result.critical ? " critical" : abnormal ? " abnormal" : "") +
+              (result.critical ? " lab-critical" : abnormal ? " abnormal" : "") +
               (result.verdict && result.verdict !== "pass" ? " held" : "") +
               (result.decision === "rejected" ? " rejected" : ""),
             dataset: { resultId: result.id, code: result.code, verdict: result.verdict || "pass", decision: result.decision || "pending" },
