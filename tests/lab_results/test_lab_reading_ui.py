@@ -2,7 +2,8 @@
 ``rdc serve``: ORU messages over a real MLLP socket (two earlier orders of the same person,
 then one whose potassium the auto-verification holds), the lab physician's page (flag, hold
 reason, prior values), approval, signing with the password dialog (a wrong password first),
-then the signed PDF (analytes, units, ranges, 互认 per row; rendered to PNG), and the FHIR
+a rejected result, then the signed PDF (analytes, units, ranges, 互认 per row; rendered to
+PNG), the HL7 push-back at a strict HIS, the clinic's portal, and the FHIR
 DiagnosticReport with one Observation per result (LOINC, UCUM). Screenshots go to
 tests/artifacts/ui/."""
 
@@ -176,12 +177,23 @@ def test_review_sign_and_the_signed_lab_report(
         expect(page.locator("#save-state")).to_contain_text("已保存", timeout=10_000)
         expect(page.locator("#sign-btn")).to_be_enabled()
 
+        # Reject the glucose (a reason is required): it is reported as rejected, unmarked.
+        glu = page.locator("tr.lab-row[data-code='14749-6']")
+        glu.locator("button[data-act='reject']").click()
+        page.click("#rv-ok")
+        expect(page.locator("#rv-error")).to_have_text("请填写原因")
+        page.fill("#rv-text", "标本放置过久 Specimen too old")
+        page.click("#rv-ok")
+        expect(glu).to_have_attribute("data-decision", "rejected")
+        expect(glu.locator(".rv-reason")).to_have_text("标本放置过久 Specimen too old")
+
         # Sign: a wrong password is refused (nothing signed), the right one signs.
         page.click("#sign-btn")
         dialog = page.locator("#sign-dialog")
         expect(dialog).to_be_visible()
         expect(page.locator("#sd-outcome")).to_have_text(re.compile("正式报告"))
         expect(page.locator("#sd-results")).to_contain_text("5.9 mmol/L H")
+        expect(page.locator("#sd-results")).to_contain_text("葡萄糖 已拒绝")
         expect(page.locator("#sd-hr")).to_contain_text("HR")
         page.fill("#sd-password", "not-my-password")
         page.click("#sd-sign")
@@ -232,13 +244,13 @@ def test_review_sign_and_the_signed_lab_report(
     text = subprocess.run(
         ["pdftotext", "-layout", str(pdf_path), "-"], capture_output=True, text=True, check=True
     ).stdout
-    for expected in ("钾", "钠", "葡萄糖", "5.9", "141", "5.2", "mmol/L", "3.5-5.3", "137-147"):
+    for expected in ("钾", "钠", "葡萄糖", "5.9", "141", "mmol/L", "3.5-5.3", "137-147"):
         assert expected in text, expected
     assert "↑H" in text
     until_7 = (TODAY + timedelta(days=7)).isoformat()  # K and Na: 7-day window
-    until_30 = (TODAY + timedelta(days=30)).isoformat()  # glucose: 30 days
     assert text.count(f"HR 至 {until_7}") == 2, text
-    assert text.count(f"HR 至 {until_30}") == 1, text
+    assert text.count("HR 至") == 2, text  # the rejected glucose has no mark
+    assert "已拒绝 Rejected — 标本放置过久" in text
     assert "血钾轻度升高" in text
     subprocess.run(
         [
@@ -265,8 +277,8 @@ def test_review_sign_and_the_signed_lab_report(
         for r in resource.get("contained", [])
         if r["resourceType"] == "Observation"
     }
-    assert set(observations) == {"2823-3", "2951-2", "14749-6"}
-    assert len(resource["result"]) == 3
+    assert set(observations) == {"2823-3", "2951-2"}  # not the rejected glucose
+    assert len(resource["result"]) == 2
     potassium = observations["2823-3"]
     assert potassium["code"]["coding"][0]["system"] == "http://loinc.org"
     assert potassium["valueQuantity"] == {
@@ -289,6 +301,6 @@ def test_review_sign_and_the_signed_lab_report(
     obx = {f[3].split("^")[0]: f for f in segments if f[0] == "OBX"}
     assert obx["2823-3"][2] == "NM" and obx["2823-3"][5] == "5.9"
     assert obx["2823-3"][6:9] == ["mmol/L^^UCUM", "3.5-5.3", "H"]
-    assert obx["2951-2"][5] == "141" and obx["14749-6"][5] == "5.2"
-    assert all(obx[code][11] == "F" for code in ("2823-3", "2951-2", "14749-6"))
+    assert obx["2951-2"][5] == "141" and "14749-6" not in obx
+    assert all(obx[code][11] == "F" for code in ("2823-3", "2951-2"))
     assert strict_hl7apy_problem(oru) == ""
