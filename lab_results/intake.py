@@ -68,6 +68,7 @@ __all__ = [
     "http_intake_scope",
     "identify_sender",
     "index_message",
+    "intake_idle_seconds",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class LabIntake:
         self.store = store
         # Called with the ID of each newly accepted message after its commit (default:
         # enqueue the task that processes it on the process's task runner).
-        self.on_accepted = on_accepted or _enqueue_processing
+        self.on_accepted = on_accepted or _ProcessingTrigger()
         self.zone = zone
         self.committer = committer or GroupCommitter()
         self.clock = clock
@@ -408,10 +409,39 @@ class LabIntake:
 
 
 PROCESS_MESSAGE: Final = "lab_results.process_message"  # lab_results.tasks registers it
+_COALESCE_SECONDS: Final = 0.1
+_last_accepted = [0.0]  # time.monotonic() of the last message this process accepted
 
 
-def _enqueue_processing(message_id: str) -> None:
-    submit_task(PROCESS_MESSAGE, message_id=message_id)
+def intake_idle_seconds() -> float:
+    """Seconds since this process last accepted a lab message (processing in the same
+    process yields the database writer to the intake while messages stream in)."""
+    return time.monotonic() - _last_accepted[0]
+
+
+class _ProcessingTrigger:
+    """Enqueues the processing task after commits, at most once per ``_COALESCE_SECONDS``:
+    one run processes every message waiting, so a stream of messages does not become a
+    stream of tasks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, message_id: str) -> None:
+        _last_accepted[0] = time.monotonic()
+        with self._lock:
+            if self._timer is not None:
+                return
+            timer = threading.Timer(_COALESCE_SECONDS, self._fire, args=(message_id,))
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _fire(self, message_id: str) -> None:
+        with self._lock:
+            self._timer = None
+        submit_task(PROCESS_MESSAGE, message_id=message_id)
 
 
 def _outage(reason: str) -> MessageRejected:

@@ -46,7 +46,7 @@ from lab_results.autoverify import (
     RuleSet,
     load_rules,
 )
-from lab_results.corrections import OrderVersion, result_key
+from lab_results.corrections import OrderVersion, apply_correction, result_key
 from lab_results.envelope import ErrorCode, ack_message, new_control_id, read_envelope
 from lab_results.evaluate import OrderEvaluation, evaluate_order
 from lab_results.mapping import Mapped, MappedResult, Unmapped, load_catalogue
@@ -58,6 +58,7 @@ from lab_results.models import (
     LabObservation,
     LabOrder,
 )
+from lab_results.parse import LabMessage as LabMessageModel
 from lab_results.parse import LabParseError, Observation, Order, parse_message
 from lab_results.parse import Patient as HL7Patient
 from lab_results.service import autorelease_enabled
@@ -94,7 +95,14 @@ from worklist.models import (
 from worklist.patients import OtherIdentifier
 from worklist.readiness import due_time, requeue_exam, route_exam
 
-__all__ = ["ProcessOutcome", "process_message", "rule_set"]
+__all__ = [
+    "PreparedMessage",
+    "ProcessOutcome",
+    "prepare_message",
+    "process_message",
+    "process_prepared",
+    "rule_set",
+]
 
 log = logging.getLogger(__name__)
 
@@ -619,6 +627,11 @@ def _process_order(
         if order_row is not None and order_row.version_doc
         else None
     )
+    if (
+        previous is not None
+        and apply_correction(previous, order, control_id=message.control_id) is None
+    ):
+        return  # the message repeats the stored version: nothing to look up or write
     stop = not autorelease_enabled(session, settings=settings)
     evaluation = evaluate_order(
         order,
@@ -719,23 +732,66 @@ def _application_ack(
     return code, text.encode(envelope.codec, "replace")
 
 
+@dataclass(frozen=True)
+class PreparedMessage:
+    """A stored message read and parsed, before any database write (so that a batch's
+    parsing does not hold the database's writer)."""
+
+    message_id: str
+    raw: bytes
+    parsed: LabMessageModel | None
+    error: str = ""
+
+
+def prepare_message(
+    *, message_id: str, object_key: str, store: ObjectStore, settings: Settings
+) -> PreparedMessage:
+    """Read the stored bytes of a message and parse them (no database work). The rule set
+    and the catalogue are loaded here too (once per process), not inside the transaction."""
+    rule_set(settings)
+    load_catalogue()
+    with store.open(object_key) as f:
+        raw = f.read()
+    try:
+        parsed = parse_message(raw, tz=settings.zone)
+    except LabParseError as exc:
+        return PreparedMessage(message_id=message_id, raw=raw, parsed=None, error=exc.reason)
+    return PreparedMessage(message_id=message_id, raw=raw, parsed=parsed)
+
+
 def process_message(
     session: Session, *, message_id: str, store: ObjectStore, settings: Settings, now: datetime
 ) -> ProcessOutcome:
     """Turn the accepted message ``message_id`` into orders and results (see the module);
     the caller commits. A message not in state ``received`` is skipped."""
+    message = session.get(LabMessage, message_id)
+    if message is None or message.status is not LabMessageStatus.RECEIVED:
+        return ProcessOutcome(message_id=message_id, status="skipped")
+    prepared = prepare_message(
+        message_id=message_id, object_key=message.object_key, store=store, settings=settings
+    )
+    return process_prepared(session, prepared=prepared, settings=settings, now=now)
+
+
+def process_prepared(
+    session: Session, *, prepared: PreparedMessage, settings: Settings, now: datetime
+) -> ProcessOutcome:
+    """The database part of :func:`process_message` for a message read and parsed already.
+    The message row is locked first (on PostgreSQL a row another worker holds is skipped:
+    that worker processes it); a message not in state ``received`` is skipped."""
+    message_id = prepared.message_id
     message = session.execute(
-        select(LabMessage).where(LabMessage.id == message_id).with_for_update()
+        select(LabMessage)
+        .where(LabMessage.id == message_id)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if message is None or message.status is not LabMessageStatus.RECEIVED:
         return ProcessOutcome(message_id=message_id, status="skipped")
     outcome = ProcessOutcome(message_id=message_id, status="processed")
-    with store.open(message.object_key) as f:
-        raw = f.read()
-    try:
-        parsed = parse_message(raw, tz=settings.zone)
-    except LabParseError as exc:
-        return _fail(session, message, raw, exc.reason, outcome, settings, now)
+    raw, parsed = prepared.raw, prepared.parsed
+    if parsed is None:
+        return _fail(session, message, raw, prepared.error, outcome, settings, now)
     org_row = session.get(Organization, message.org_id)
     assert org_row is not None
     org = OrgRef(id=org_row.id, code=org_row.code, kind=org_row.kind)
