@@ -61,6 +61,8 @@ class LabMessage(Base):
             name="uq_lab_messages_sender_control_id",
         ),
         Index("ix_lab_messages_org_id_received_at", "org_id", "received_at"),
+        # Accepted messages still to process, oldest first (the processing runs' look-up).
+        Index("ix_lab_messages_status_received_at", "status", "received_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

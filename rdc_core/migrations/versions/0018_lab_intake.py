@@ -30,6 +30,9 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("error", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("app_ack_code", sa.String(length=2), nullable=True))
         batch_op.add_column(sa.Column("app_ack", sa.LargeBinary(), nullable=True))
+        batch_op.create_index(
+            "ix_lab_messages_status_received_at", ["status", "received_at"], unique=False
+        )
 
     op.create_table(
         "lab_orders",
@@ -221,6 +224,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_lab_orders_org_id_arrived_at")
     op.drop_table("lab_orders")
     with op.batch_alter_table("lab_messages", schema=None) as batch_op:
+        batch_op.drop_index("ix_lab_messages_status_received_at")
         batch_op.drop_column("app_ack")
         batch_op.drop_column("app_ack_code")
         batch_op.drop_column("error")
