@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
+from functools import partial
 from typing import Any, Final
 
 from sqlalchemy import select
@@ -50,11 +51,12 @@ from lab_results.envelope import (
     split_batch,
 )
 from lab_results.models import LabMessage, LabMessageStatus
-from rdc_core.db import insert_ignore, on_rollback, read_session, utcnow
+from rdc_core.db import after_commit, insert_ignore, on_rollback, read_session, utcnow
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.metrics import LAB_MESSAGES
 from rdc_core.storage import ObjectStore
+from rdc_core.tasks import submit_task
 from worklist.access import Principal
 from worklist.directory import OrgRef, organization_for_hl7_facility
 from worklist.models import OrgKind, Role
@@ -66,6 +68,7 @@ __all__ = [
     "http_intake_scope",
     "identify_sender",
     "index_message",
+    "intake_idle_seconds",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,8 +228,12 @@ class LabIntake:
         committer: GroupCommitter | None = None,
         clock: Callable[[], datetime] = utcnow,
         writer_threads: int = 32,
+        on_accepted: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        # Called with the ID of each newly accepted message after its commit (default:
+        # enqueue the task that processes it on the process's task runner).
+        self.on_accepted = on_accepted or _ProcessingTrigger()
         self.zone = zone
         self.committer = committer or GroupCommitter()
         self.clock = clock
@@ -326,6 +333,9 @@ class LabIntake:
                 store=self.store,
             )
             writing.result()  # raises StorageError
+            if not indexed.duplicate and indexed.message_id is not None:
+                # Processing (the result model) starts once the row committed.
+                after_commit(session, partial(self.on_accepted, indexed.message_id))
             return indexed
 
         try:
@@ -396,6 +406,42 @@ class LabIntake:
     def _encode(text: str, envelope: Envelope | None) -> bytes:
         codec = envelope.codec if envelope else "utf-8"
         return text.encode(codec, "replace")
+
+
+PROCESS_MESSAGE: Final = "lab_results.process_message"  # lab_results.tasks registers it
+_COALESCE_SECONDS: Final = 0.1
+_last_accepted = [0.0]  # time.monotonic() of the last message this process accepted
+
+
+def intake_idle_seconds() -> float:
+    """Seconds since this process last accepted a lab message (processing in the same
+    process yields the database writer to the intake while messages stream in)."""
+    return time.monotonic() - _last_accepted[0]
+
+
+class _ProcessingTrigger:
+    """Enqueues the processing task after commits, at most once per ``_COALESCE_SECONDS``:
+    one run processes every message waiting, so a stream of messages does not become a
+    stream of tasks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, message_id: str) -> None:
+        _last_accepted[0] = time.monotonic()
+        with self._lock:
+            if self._timer is not None:
+                return
+            timer = threading.Timer(_COALESCE_SECONDS, self._fire, args=(message_id,))
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _fire(self, message_id: str) -> None:
+        with self._lock:
+            self._timer = None
+        submit_task(PROCESS_MESSAGE, message_id=message_id)
 
 
 def _outage(reason: str) -> MessageRejected:

@@ -157,7 +157,7 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
     )
     segments = [msh, pid, obr]
     observations: list[tuple[str, str, str]] = []
-    if push.findings.strip():
+    if push.findings.strip() and push.discipline != "lab":  # lab: one OBX per result below
         observations.append(("TX", "FINDINGS^所见 Findings^L", escape(push.findings.strip())))
     conclusion = push.impression.strip()
     if push.recommendation.strip():
@@ -173,6 +173,8 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
             parts.append(f"互认有效期至 valid until {str(hr['recognizable_until'])[:10]}")
         observations.append(("ST", "HR^互认 Mutual recognition^L", escape(" ".join(parts))))
     units: dict[int, str] = {}
+    ranges: dict[int, str] = {}
+    flags: dict[int, str] = {}
     for item in push.extra.get("observations") or []:
         # The signed report's coded results (an ECG's intervals and axes): OBX NM lines
         # with their LOINC (LN) or local (L) code and UCUM units in OBX-6.
@@ -180,6 +182,11 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         code = f"{escape(str(item['code']))}^{escape(str(item.get('display') or ''))}^{system}"
         observations.append(("NM", code, f"{float(item['value']):g}"))
         units[len(observations)] = f"{escape(str(item.get('unit') or ''))}^^UCUM"
+        # Lab results also carry their reference range (OBX-7) and flags (OBX-8).
+        if item.get("reference_text"):
+            ranges[len(observations)] = escape(str(item["reference_text"]))
+        if item.get("interpretation"):
+            flags[len(observations)] = "~".join(escape(str(f)) for f in item["interpretation"])
     if endpoint.pdf_mode == "link":
         # A reference pointer (RP) to the PDF and the PDF's SHA-256 instead of the PDF: a
         # Base64 PDF of 75 KB is over python-hl7's 64 KiB frame and hl7apy's strict
@@ -195,6 +202,10 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         fields = {1: str(number), 2: kind, 3: code, 5: value, 11: status}
         if number in units:
             fields[6] = units[number]
+        if number in ranges:
+            fields[7] = ranges[number]
+        if number in flags:
+            fields[8] = flags[number]
         segments.append(_segment("OBX", fields))
     return "\r".join(segments) + "\r"
 

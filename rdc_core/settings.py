@@ -84,6 +84,27 @@ class Settings(BaseSettings):
     mllp_max_message_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Longest MLLP frame or HTTP body"
     )
+    lab_autorelease: bool = Field(
+        default=True,
+        description="Release lab orders that pass auto-verification (自动审核); false: the "
+        "stop switch, every order waits for a lab physician (also switchable at run time)",
+    )
+    lab_autorelease_signer: str | None = Field(
+        default=None,
+        description="Username of the responsible lab physician under whom auto-verified "
+        "orders are signed; unset: nothing is released automatically",
+    )
+    lab_rules_path: Path | None = Field(
+        default=None, description="Auto-verification rule set (YAML); unset: the shipped seed"
+    )
+    lab_critical_limits_path: Path | None = Field(
+        default=None, description="Lab critical limits (YAML); unset: the shipped seed"
+    )
+    lab_process_scan_interval_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often accepted lab messages not processed yet are picked up again",
+    )
     dicom_tls_port: int | None = Field(
         default=None, description="DICOM TLS listener port (PS3.15 Annex B); unset: none"
     )

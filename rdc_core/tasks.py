@@ -45,6 +45,7 @@ __all__ = [
     "registered_tasks",
     "set_active_runner",
     "submit_after_commit",
+    "submit_task",
     "task",
 ]
 
@@ -135,14 +136,24 @@ def submit_after_commit(session: Session, name: str, /, **kwargs: Any) -> None:
 
 
 def _submit_quietly(name: str, kwargs: dict[str, Any]) -> None:
+    submit_task(name, **kwargs)
+
+
+def submit_task(name: str, /, **kwargs: Any) -> bool:
+    """Enqueue task ``name`` now on this process's running task runner. False when there is
+    none (a DICOM listener process, a CLI command, a test without a runner: a periodic sweep
+    must pick the work up) or the enqueue failed (logged; the sweep catches up). Work that
+    belongs to a transaction goes through :func:`submit_after_commit` instead."""
     runner = _active
     if runner is None:
         log.debug("task %s not enqueued: no task runner in this process", name)
-        return
+        return False
     try:
         runner.submit(name, **kwargs)
-    except Exception as exc:  # the commit stands; the periodic sweep catches up
+    except Exception as exc:
         log.warning("task %s could not be enqueued: %s", name, exc)
+        return False
+    return True
 
 
 class _Load:

@@ -21,6 +21,7 @@ from web.api import (
     exams,
     health,
     lab_messages,
+    lab_reading,
     patients,
     qc,
     recognition,
@@ -80,6 +81,7 @@ def create_app() -> FastAPI:
         recognition,
         critical_values,
         lab_messages,
+        lab_reading,
         admin,
         qc,
     ):

@@ -17,6 +17,8 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from sqlalchemy import select
 
 from dicom_gateway.ingest import ingest_dicom_file
+from lab_results.intake import LabIntake
+from lab_results.processing import process_message
 from rdc_core.db import session_scope, utcnow
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
@@ -48,6 +50,46 @@ CLINICS = [
         ["CLINIC_A_CT", "CLINIC_A_DR"],
     ),
     ("CLINIC_B", "河口镇卫生院 Hekou Township Hospital", ["CLINIC_B_MR", "CLINIC_B_US"]),
+]
+# The clinics' analysers / LIS, by their HL7 sending facility (MSH-4).
+HL7_FACILITIES = {"CLINIC_A": "CLINIC_A_LIS", "CLINIC_B": "CLINIC_B_LIS"}
+# The lab physician under whom auto-verified demo orders are signed (自动审核).
+DEMO_LAB_SIGNER = "senior"
+
+
+def _oru(control_id: str, clinic: str, patient: str, name: str, filler: str, obx: str) -> bytes:
+    facility = HL7_FACILITIES[clinic]
+    lines = [
+        f"MSH|^~\\&|LIS|{facility}|RDC|LEAD|20261204080000+0800||ORU^R01^ORU_R01|{control_id}"
+        "|P|2.5.1",
+        # The clinic's own patient ID (issuer: the clinic), as its DICOM studies carry it.
+        f"PID|1||{patient}^^^{clinic}^MR||{name}||19600101|M",
+        f"OBR|1|PL-{filler}|{filler}|BMP^基础代谢组合 Basic metabolic panel^L|R||"
+        "20261204070000+0800|||||||20261204072000+0800||||||||20261204075000+0800|||F",
+        *[
+            f"OBX|{n}|NM|{code}^^LN||{value}|mmol/L||{flag}|||F"
+            for n, (code, value, flag) in enumerate(
+                (tuple(item.split(":")) for item in obx.split()), start=1
+            )
+        ],
+    ]
+    return ("\r".join(lines) + "\r").encode()
+
+
+# Lab results sent through the real HL7 intake: one all-normal order of clinic A (released
+# automatically), and two of clinic B on the lab worklist: one held for the lab physician
+# (sodium above its reference range), one critical potassium (clinic B alerted at once).
+_LAB_MESSAGES = [
+    _oru(
+        "DEMO-LAB-1",
+        "CLINIC_A",
+        "A0002",
+        "Li^Qiang~李^强^^^^^^I",
+        "LAB-0001",
+        "2823-3:4.2:N 2951-2:141:N 2075-0:103:N 14749-6:5.1:N",
+    ),
+    _oru("DEMO-LAB-2", "CLINIC_B", "B0002", "Chen^Jun", "LAB-0002", "2951-2:151:H 2823-3:4.0:N"),
+    _oru("DEMO-LAB-3", "CLINIC_B", "B0001", "Zhao^Min", "LAB-0003", "2823-3:6.9:HH 2951-2:139:N"),
 ]
 
 
@@ -245,7 +287,14 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
     with session_scope() as session:
         add_organization(session, code=LEAD[0], name=LEAD[1], kind=OrgKind.LEAD)
         for code, name, aes in CLINICS:
-            add_organization(session, code=code, name=name, kind=OrgKind.CLINIC, ae_titles=aes)
+            add_organization(
+                session,
+                code=code,
+                name=name,
+                kind=OrgKind.CLINIC,
+                ae_titles=aes,
+                hl7_facilities=[HL7_FACILITIES[code]],
+            )
         for user in DEMO_USERS:
             add_user(
                 session,
@@ -293,6 +342,7 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                 prior_exams.append((result.exam_id, prior[2], prior[3]))
     _report_priors(prior_exams)
     _upload_ecgs(store)
+    _send_lab_results(settings=settings, store=store)
     return stored
 
 
@@ -320,6 +370,25 @@ def _upload_ecgs(store: ObjectStore) -> int:
             )
         new += not result.duplicate
     return new
+
+
+def _send_lab_results(*, settings: Settings, store: ObjectStore) -> None:
+    """The demo's lab messages through the real HL7 intake, processed at once (a re-run
+    gets the stored ACKs and processes nothing twice)."""
+    accepted: list[str] = []
+    intake = LabIntake(store=store, zone=settings.zone, on_accepted=accepted.append)
+    for raw in _LAB_MESSAGES:
+        answer = intake.receive(raw, channel="demo")
+        if not answer.positive:
+            raise RuntimeError(f"demo lab message refused: {answer.reason}")
+    lab_settings = settings.model_copy(
+        update={"lab_autorelease_signer": settings.lab_autorelease_signer or DEMO_LAB_SIGNER}
+    )
+    for message_id in accepted:
+        with session_scope() as session:
+            process_message(
+                session, message_id=message_id, store=store, settings=lab_settings, now=utcnow()
+            )
 
 
 def _report_priors(priors: list[tuple[str, str, str]]) -> None:

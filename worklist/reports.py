@@ -26,6 +26,7 @@ from worklist.exam_actions import notify_rescan_requested
 from worklist.finalization import finalize_report
 from worklist.models import (
     AmendmentKind,
+    Discipline,
     Exam,
     ExamState,
     Instance,
@@ -257,9 +258,11 @@ def _check_key_images(session: Session, exam: Exam, marked: list[KeyImageRef]) -
             )
 
 
-def _check_complete(report: Report) -> None:
+def _check_complete(report: Report, exam: Exam) -> None:
     if not (report.findings.strip() or report.impression.strip()):
         raise InvalidInputError("a report needs findings or an impression")
+    if exam.discipline is Discipline.LAB:
+        return  # no images to grade: the lab's results are reviewed one by one instead
     if report.quality_grade is None:
         raise InvalidInputError("grade the image quality (甲/乙/丙/废) before submitting")
     if report.quality_grade in _GRADES_NEEDING_REASON and not report.quality_reason.strip():
@@ -291,7 +294,7 @@ def submit_report(
     if report.status is ReportStatus.PRELIMINARY:
         # A senior holding a preliminary report signs it by verifying it.
         return verify_report(session, principal=principal, report_id=report.id, now=now)
-    _check_complete(report)
+    _check_complete(report, exam)
     report.submitted_at = now
     report.updated_at = now
     report.author_id = principal.user_id

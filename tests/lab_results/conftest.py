@@ -86,6 +86,9 @@ def lab_env(workdir: Path, database_url: str | None) -> dict[str, str]:
         RDC_MLLP_PORT=str(free_port()),
         RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
         RDC_PASSWORD_HASH_ROUNDS="4",
+        # Auto-verified orders are signed under the seeded senior reader (the lab physician).
+        RDC_LAB_AUTORELEASE_SIGNER="senior",
+        RDC_LAB_PROCESS_SCAN_INTERVAL_SECONDS="5",
     )
     return env
 

@@ -31,13 +31,13 @@ RANK = {"emergency": 0, "urgent": 1, "routine": 2}
 
 @pytest.fixture
 def demo(rdc_env: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
-    """``rdc serve --demo`` with its four studies on the worklist."""
+    """``rdc serve --demo`` with its four studies and two held lab orders on the worklist."""
     srv = RdcServer(rdc_env, tmp_path / "serve.log", "--demo")
     srv.start()
     try:
         with srv.client("reader", PASSWORD) as reader:
             wait_for(
-                lambda: reader.get("/api/v1/worklist").json()["total"] == 4,
+                lambda: reader.get("/api/v1/worklist").json()["total"] == 6,
                 timeout=60,
                 what="the demo studies on the worklist",
             )
@@ -110,7 +110,7 @@ def _store_prior(server: RdcServer, testdata: Path) -> str:
     with server.client("reader", PASSWORD) as reader:
         exams = reader.get("/api/v1/exams", params={"clinic": "CLINIC_A", "limit": 500}).json()
         wait_for(
-            lambda: reader.get("/api/v1/worklist").json()["total"] == 5,
+            lambda: reader.get("/api/v1/worklist").json()["total"] == 7,
             what="the prior on the worklist too",
         )
     return next(e["id"] for e in exams["items"] if e["study_instance_uid"] == ds.StudyInstanceUID)
@@ -125,11 +125,11 @@ def test_resident_reads_and_senior_verifies(
         page = _login(reader_ctx, demo, "reader")
         expect(page).to_have_url(re.compile(r"/ui/worklist$"))
         rows = page.locator("#worklist-body tr[data-exam-id]")
-        expect(rows).to_have_count(5)
-        priorities = [rows.nth(i).get_attribute("data-priority") for i in range(5)]
+        expect(rows).to_have_count(7)  # 5 imaging exams, 2 lab orders
+        priorities = [rows.nth(i).get_attribute("data-priority") for i in range(7)]
         assert priorities[0] == "emergency"
         assert [RANK[p or ""] for p in priorities] == sorted(RANK[p or ""] for p in priorities)
-        expect(page.locator("[data-count=open]")).to_have_text("5")
+        expect(page.locator("[data-count=open]")).to_have_text("7")
         expect(rows.first.locator(".countdown")).to_have_text(re.compile(r"\d+:\d\d:\d\d"))
         _shot(page, "worklist")
 

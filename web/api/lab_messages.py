@@ -10,18 +10,33 @@ from __future__ import annotations
 import threading
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from lab_results.intake import LabIntake, http_intake_scope
-from rdc_core.db import session_scope
+from lab_results.schemas import (
+    AutoreleaseSwitchIn,
+    AutoreleaseSwitchOut,
+    LabOrderOut,
+    LabOrderSummary,
+    MappingQueueEntryOut,
+)
+from lab_results.service import (
+    autorelease_switch,
+    get_order,
+    list_mapping_queue,
+    list_orders,
+    set_autorelease,
+)
+from rdc_core.db import session_scope, utcnow
 from rdc_core.errors import InvalidInputError
 from rdc_core.settings import Settings, get_settings
 from rdc_core.storage import get_object_store
+from web.params import Offset
 from web.problems import problem
 from web.security import CurrentPrincipal
-from worklist.audit import record_event
+from worklist.audit import audited_read, record_event
 
 __all__ = ["router"]
 
@@ -103,3 +118,69 @@ async def post_lab_messages(
         media_type=ER7 if media == ER7 else "text/plain; charset=utf-8",
         headers={"Retry-After": "30"} if outage else None,
     )
+
+
+# --- the result model: orders, the mapping queue, the auto-release switch ----------------
+
+_ORDER_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such order, or it belongs to another clinic"}
+}
+
+
+@router.get("/lab/orders", response_model=list[LabOrderSummary])
+def lab_orders(
+    principal: CurrentPrincipal,
+    patient_id: Annotated[str | None, Query(description="the patient ID the clinic sent")] = None,
+    issuer: Annotated[str | None, Query(description="its assigning authority")] = None,
+    clinic: Annotated[str | None, Query(description="clinic code")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Offset = 0,
+) -> list[LabOrderSummary]:
+    """Lab orders, newest first; a clinic sees only its own."""
+    with audited_read() as session:
+        return list_orders(
+            session,
+            principal=principal,
+            patient_id=patient_id,
+            issuer=issuer,
+            clinic=clinic,
+            limit=limit,
+            offset=offset,
+        )
+
+
+@router.get("/lab/orders/{order_id}", response_model=LabOrderOut, responses=_ORDER_NOT_FOUND)
+def lab_order(order_id: str, principal: CurrentPrincipal) -> LabOrderOut:
+    """One order (its ID is its exam's ID) with its results: code, LOINC, value, unit,
+    reference range, flags, status, the auto-verification trace and earlier versions."""
+    with audited_read() as session:
+        return get_order(session, principal=principal, order_id=order_id)
+
+
+@router.get("/lab/mapping-queue", response_model=list[MappingQueueEntryOut])
+def lab_mapping_queue(
+    principal: CurrentPrincipal,
+    include_resolved: Annotated[bool, Query(description="also the resolved codes")] = False,
+) -> list[MappingQueueEntryOut]:
+    """Observation codes no mapping covers (administrators): never guessed, held here."""
+    with audited_read() as session:
+        return list_mapping_queue(session, principal=principal, include_resolved=include_resolved)
+
+
+@router.get("/lab/autorelease", response_model=AutoreleaseSwitchOut)
+def lab_autorelease(principal: CurrentPrincipal) -> AutoreleaseSwitchOut:
+    """Whether orders that pass auto-verification are released automatically now."""
+    with audited_read() as session:
+        return autorelease_switch(session, principal=principal)
+
+
+@router.put("/lab/autorelease", response_model=AutoreleaseSwitchOut)
+def put_lab_autorelease(
+    body: AutoreleaseSwitchIn, principal: CurrentPrincipal
+) -> AutoreleaseSwitchOut:
+    """The stop switch (administrators): ``{"enabled": false}`` holds every order for a lab
+    physician until it is turned on again; audited."""
+    with session_scope() as session:
+        return set_autorelease(
+            session, principal=principal, enabled=body.enabled, reason=body.reason, now=utcnow()
+        )

@@ -131,7 +131,7 @@
     } else {
       stateText = t("state.open");
     }
-    var readUrl = (item.discipline === "ecg" ? "/ui/ecg/" : "/ui/read/") + encodeURIComponent(item.exam_id);
+    var readUrl = pageUrl(item.exam_id, item.discipline);
     var action;
     if (awaiting) {
       action = el("a", {
@@ -209,11 +209,23 @@
     });
   }
 
+  /** The page that reads an exam: the lab review page, the ECG console, else the viewer. */
+  function pageUrl(examId, discipline) {
+    if (!discipline) {
+      var known = items.filter(function (it) {
+        return it.exam_id === examId;
+      })[0];
+      discipline = known && known.discipline;
+    }
+    var page = { lab: "/ui/lab/", ecg: "/ui/ecg/" }[discipline] || "/ui/read/";
+    return page + encodeURIComponent(examId);
+  }
+
   function claim(item, button) {
     button.disabled = true;
     R.api("POST", "/api/v1/worklist/" + encodeURIComponent(item.id) + "/claim")
       .then(function (lease) {
-        location.href = "/ui/read/" + encodeURIComponent(lease.exam_id || item.exam_id);
+        location.href = pageUrl(lease.exam_id || item.exam_id, item.discipline);
       })
       .catch(function (err) {
         button.disabled = false;
@@ -226,7 +238,7 @@
     if (!isReader) return;
     R.api("POST", "/api/v1/worklist/next")
       .then(function (lease) {
-        location.href = "/ui/read/" + encodeURIComponent(lease.exam_id);
+        location.href = pageUrl(lease.exam_id);
       })
       .catch(function (err) {
         if (err.status === 404) R.toast(t("wl.nothing_left"), "info");

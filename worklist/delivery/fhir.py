@@ -196,8 +196,44 @@ def _observations(
                         "code": str(item["unit"]),
                     },
                     **({"method": {"text": str(item["source"])}} if item.get("source") else {}),
+                    **_range_and_interpretation(item),
                 }
             )
+    return out
+
+
+_V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_INTERPRETATION = {
+    "L": "Low",
+    "H": "High",
+    "LL": "Critical low",
+    "HH": "Critical high",
+    "A": "Abnormal",
+    "AA": "Critical abnormal",
+    "N": "Normal",
+}
+
+
+def _range_and_interpretation(item: Mapping[str, Any]) -> dict[str, Any]:
+    """Observation.referenceRange and .interpretation of a section observation that has them
+    (lab results: the range as sent, the OBX-8 flags)."""
+    out: dict[str, Any] = {}
+    ref: dict[str, Any] = {}
+    unit = str(item.get("unit") or "")
+    for bound in ("low", "high"):
+        value = item.get(f"reference_{bound}")
+        if value is not None:
+            ref[bound] = {"value": value, "unit": unit, "system": _UCUM, "code": unit}
+    if item.get("reference_text"):
+        ref["text"] = str(item["reference_text"])
+    if ref:
+        out["referenceRange"] = [ref]
+    codes = [str(c) for c in item.get("interpretation") or [] if str(c) in _INTERPRETATION]
+    if codes:
+        out["interpretation"] = [
+            {"coding": [{"system": _V3_INTERPRETATION, "code": c, "display": _INTERPRETATION[c]}]}
+            for c in codes
+        ]
     return out
 
 

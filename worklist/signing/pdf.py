@@ -366,9 +366,28 @@ def render_report_pdf(
             + f"<font size=7>{_text(exam.get('study_instance_uid'))}</font>",
         ],
     ]
+    lab = exam.get("discipline") == "lab"
+    if lab:
+        # No images: the order's identifiers and times; the results are the lab section.
+        data_rows = [
+            [
+                label("检验项目", "Tests") + _text(exam.get("description") or "—"),
+                label("检验单号", "Accession") + _text(exam.get("accession_number") or "—"),
+            ],
+            [
+                label("采样时间", "Collected") + _text(_local(exam.get("performed_at"), zone)),
+                label("检验申请", "Order")
+                + f"<font size=7>{_text(exam.get('study_instance_uid') or exam.get('id'))}</font>",
+            ],
+        ]
     data_table = grid(data_rows, [0.5, 0.5])
-    data_block: list[Any] = [Paragraph("检查资料 Examination data", heading), data_table]
-    if recognition.get("granted"):
+    data_block: list[Any] = [
+        Paragraph("检验资料 Order data" if lab else "检查资料 Examination data", heading),
+        data_table,
+    ]
+    # Lab results are recognised test by test, each with its own window (互认时限): the
+    # marks are the results table's 互认 column, not one mark for the order.
+    if recognition.get("granted") and not lab:
         mark = recognition.get("mark") or "HR"
         scope = recognition.get("scope")
         until = recognition.get("recognizable_until") or recognition.get("valid_until")
@@ -438,15 +457,22 @@ def render_report_pdf(
         rows[-1] += [""] * (3 - len(rows[-1]))
         story.append(Table(rows, colWidths=[width / 3] * 3))
 
-    story.append(
-        Paragraph(
-            _FINDINGS_HEADING.get(str(exam.get("discipline") or ""), "影像所见 Findings"),
-            heading,
+    if lab:
+        # The findings of a lab report are its results table; the impression is the
+        # reviewer's comment on the order, printed when there is one.
+        if report.get("impression"):
+            story.append(Paragraph("审核意见 Reviewer's comment", heading))
+            story.append(Paragraph(_text(report.get("impression")), body))
+    else:
+        story.append(
+            Paragraph(
+                _FINDINGS_HEADING.get(str(exam.get("discipline") or ""), "影像所见 Findings"),
+                heading,
+            )
         )
-    )
-    story.append(Paragraph(_text(report.get("findings")) or "—", body))
-    story.append(Paragraph("诊断意见 Impression", heading))
-    story.append(Paragraph(_text(report.get("impression")) or "—", body))
+        story.append(Paragraph(_text(report.get("findings")) or "—", body))
+        story.append(Paragraph("诊断意见 Impression", heading))
+        story.append(Paragraph(_text(report.get("impression")) or "—", body))
     if report.get("recommendation"):
         story.append(Paragraph("建议 Recommendation", heading))
         story.append(Paragraph(_text(report.get("recommendation")), body))

@@ -106,9 +106,16 @@ class SectionObservation:
     unit: str
     system: str = "http://loinc.org"
     source: str = ""  # e.g. "reader" / "machine": who produced the value
+    # Optional (lab results): the reference range as numbers and as sent, and the
+    # interpretation codes (HL7 v2 table 0078 / v3 ObservationInterpretation: L, H, LL, HH,
+    # A, AA, N). In the document only when given, so sections without them sign as before.
+    reference_low: float | None = None
+    reference_high: float | None = None
+    reference_text: str = ""
+    interpretation: tuple[str, ...] = ()
 
     def as_document(self) -> dict[str, JsonValue]:
-        return {
+        out: dict[str, JsonValue] = {
             "key": self.key,
             "system": self.system,
             "code": self.code,
@@ -117,6 +124,14 @@ class SectionObservation:
             "unit": self.unit,
             "source": self.source,
         }
+        if self.reference_low is not None or self.reference_high is not None:
+            out["reference_low"] = self.reference_low
+            out["reference_high"] = self.reference_high
+        if self.reference_text:
+            out["reference_text"] = self.reference_text
+        if self.interpretation:
+            out["interpretation"] = list(self.interpretation)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

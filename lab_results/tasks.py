@@ -1,0 +1,224 @@
+"""Background tasks of the lab centre (edges: each opens and commits its own transaction).
+
+``lab_results.process_message`` turns an accepted message into orders and results; the
+intake enqueues it once the message's row committed (after the ACK is durable; at most ten
+times a second, see :class:`lab_results.intake.LabIntake`). A run processes that message
+and every other one waiting, oldest first, ``BATCH`` to a transaction: under a stream of
+messages one commit serves many. Messages are read from the store and parsed before the
+write transaction begins, and while the same process's intake is busy a run takes small
+batches only (on SQLite the intake's commits and processing share one writer): the
+acknowledgements come first, results follow.
+``lab_results.process_pending`` picks up accepted messages left unprocessed (an enqueue lost
+in a crash, a worker that died mid-task). Processing is idempotent: running both for one
+message changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from lab_results.intake import intake_idle_seconds
+from lab_results.models import LabMessage, LabMessageStatus
+from lab_results.processing import (
+    PreparedMessage,
+    ProcessOutcome,
+    prepare_message,
+    process_prepared,
+)
+from rdc_core.db import read_session, session_scope, utcnow
+from rdc_core.errors import DatabaseUnavailableError, StorageError
+from rdc_core.settings import Settings, get_settings
+from rdc_core.storage import get_object_store
+from rdc_core.tasks import periodic, task
+
+__all__ = [
+    "BATCH",
+    "PROCESS_MESSAGE",
+    "PROCESS_PENDING",
+    "process_batch",
+    "process_message_task",
+    "process_pending_task",
+]
+
+log = logging.getLogger(__name__)
+
+PROCESS_MESSAGE = "lab_results.process_message"
+PROCESS_PENDING = "lab_results.process_pending"
+BATCH = 50
+# A message younger than this is left to the task its intake enqueued.
+_GRACE = timedelta(seconds=20)
+_OUTAGES = (DatabaseUnavailableError, StorageError)
+_INTAKE_QUIET = 0.1  # seconds without a new message: the intake is not busy
+_YIELD_MAX = 1.0  # the longest a batch waits for the intake
+_BUSY_BATCH = 5  # messages per transaction while the intake is busy
+
+
+def _waiting(
+    first: str | None, *, older_than: timedelta | None = None, limit: int = 0
+) -> list[tuple[str, str]]:
+    """(ID, object key) of the accepted messages to process now: ``first`` (if still
+    waiting) and the oldest others, up to ``limit`` (default BATCH)."""
+    limit = limit or BATCH
+    with read_session() as session:
+        stmt = select(LabMessage.id, LabMessage.object_key).where(
+            LabMessage.status == LabMessageStatus.RECEIVED
+        )
+        first_key = ""
+        if first is not None:
+            row = session.execute(stmt.where(LabMessage.id == first)).one_or_none()
+            if row is None:
+                return []  # processed already (by an earlier batch), or unknown
+            first_key = row.object_key
+        if older_than is not None:
+            stmt = stmt.where(LabMessage.received_at <= utcnow() - older_than)
+        rows = session.execute(
+            stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit)
+        ).all()
+    batch = [(r.id, r.object_key) for r in rows]
+    if first is not None and all(message_id != first for message_id, _ in batch):
+        batch = [(first, first_key), *batch[: limit - 1]]
+    return batch
+
+
+def process_batch(batch: list[tuple[str, str]], settings: Settings) -> list[ProcessOutcome]:
+    """Process ``batch`` in one transaction; should that fail, each message in its own (a
+    message that fails alone is marked failed; an outage is raised, to retry later)."""
+    store = get_object_store(settings)
+    prepared: list[PreparedMessage] = []
+    for message_id, object_key in batch:
+        prepared.append(
+            prepare_message(
+                message_id=message_id, object_key=object_key, store=store, settings=settings
+            )
+        )
+    try:
+        with session_scope() as session:
+            now = utcnow()
+            return [
+                process_prepared(session, prepared=p, settings=settings, now=now) for p in prepared
+            ]
+    except _OUTAGES:
+        raise
+    except Exception:
+        if len(prepared) == 1:
+            _mark_failed(prepared[0].message_id)
+            raise
+        log.warning("lab batch of %d failed; processing its messages one by one", len(prepared))
+    outcomes = []
+    for p in prepared:
+        try:
+            with session_scope() as session:
+                outcomes.append(
+                    process_prepared(session, prepared=p, settings=settings, now=utcnow())
+                )
+        except _OUTAGES:
+            raise
+        except Exception:
+            log.exception("lab message %s could not be processed", p.message_id)
+            _mark_failed(p.message_id)
+    return outcomes
+
+
+def _log(outcomes: list[ProcessOutcome]) -> None:
+    for outcome in outcomes:
+        if outcome.status == "skipped":
+            continue
+        log.info(
+            "lab message %s %s: orders %s, released %s, held %s, critical alerts %s%s",
+            outcome.message_id,
+            outcome.status,
+            len(outcome.orders),
+            len(outcome.released),
+            len(outcome.held),
+            len(outcome.alerts),
+            f" ({outcome.error})" if outcome.error else "",
+        )
+
+
+_run_lock = threading.Lock()  # one run per process; a second asks the first to go on
+_again = threading.Event()
+
+
+def _yield_to_intake() -> int:
+    """Wait while this process's intake is busy (up to ``_YIELD_MAX``): its group commits
+    and processing share one database writer on SQLite. Returns the batch size to take:
+    a small one when the intake is still busy."""
+    deadline = time.monotonic() + _YIELD_MAX
+    while intake_idle_seconds() < _INTAKE_QUIET:
+        if time.monotonic() > deadline:
+            return _BUSY_BATCH
+        time.sleep(0.05)
+    return BATCH
+
+
+def _drain(first: str | None, settings: Settings) -> int:
+    done = 0
+    while True:
+        size = _yield_to_intake()
+        batch = _waiting(first, limit=size)
+        first = None
+        if not batch:
+            return done
+        outcomes = process_batch(batch, settings)
+        _log(outcomes)
+        processed = sum(o.status != "skipped" for o in outcomes)
+        done += processed
+        if len(batch) < size or not processed:
+            return done
+
+
+@task(PROCESS_MESSAGE)
+def process_message_task(message_id: str) -> int:
+    """Process an accepted lab message and every other one waiting; returns how many
+    messages this run processed."""
+    if not _run_lock.acquire(blocking=False):
+        _again.set()  # the run in progress looks again before it ends
+        return 0
+    try:
+        settings = get_settings()
+        total = 0
+        first: str | None = message_id
+        while True:
+            _again.clear()
+            total += _drain(first, settings)
+            first = None
+            if not _again.is_set():
+                return total
+    finally:
+        _run_lock.release()
+
+
+@task(PROCESS_PENDING)
+def process_pending_task() -> int:
+    """Process accepted messages that nobody processed yet (oldest first); returns how many."""
+    settings = get_settings()
+    done = 0
+    while True:
+        size = _yield_to_intake()
+        batch = _waiting(None, older_than=_GRACE, limit=size)
+        if not batch:
+            return done
+        outcomes = process_batch(batch, settings)
+        _log(outcomes)
+        processed = sum(o.status != "skipped" for o in outcomes)
+        done += processed
+        if len(batch) < size or not processed:
+            return done
+
+
+def _mark_failed(message_id: str) -> None:
+    """Keep a message whose processing raised out of the way (its error is logged)."""
+    with session_scope() as session:
+        message = session.get(LabMessage, message_id)
+        if message is not None and message.status is LabMessageStatus.RECEIVED:
+            message.status = LabMessageStatus.FAILED
+            message.processed_at = utcnow()
+            message.error = "processing raised an error; see the server log"
+
+
+periodic(PROCESS_PENDING, interval=lambda: get_settings().lab_process_scan_interval_seconds)
