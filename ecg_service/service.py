@@ -89,6 +89,7 @@ __all__ = [
     "EcgForm",
     "EcgIngestResult",
     "EcgInputError",
+    "PendingWaveform",
     "PreparedEcg",
     "analysis_values",
     "exams_awaiting_analysis",
@@ -99,6 +100,7 @@ __all__ = [
     "prepare_ecg",
     "prescreen_rules",
     "record_analysis",
+    "triage_reason",
     "upload_org",
 ]
 
