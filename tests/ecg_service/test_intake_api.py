@@ -1,8 +1,8 @@
 """The ECG centre's intake against a running ``rdc serve`` (one deployment for the module):
-a DICOM 12-lead ECG sent with dcmtk's storescu and by STOW, WFDB and HL7 aECG files uploaded over HTTP,
-malformed input refused with nothing created, clinic isolation, the trace image, the
-pre-screen putting a suspected critical ECG first on the reading worklist, and ``rdc
-import`` of WFDB / aECG files.
+a DICOM 12-lead ECG sent with dcmtk's storescu and by STOW, WFDB and HL7 aECG files
+uploaded over HTTP, malformed input refused with nothing created, clinic isolation, the
+trace image, the pre-screen putting a suspected critical ECG first on the reading worklist,
+and ``rdc import`` of WFDB / aECG files.
 
 On the production pass (RDC_TEST_DATABASE=postgresql) the deployment runs on PostgreSQL, S3
 and Celery (the analysis of a C-STOREd ECG then runs in ``rdc worker``)."""
