@@ -2,8 +2,10 @@
 measure it on a median beat fused over the leads, pre-screen it against the critical-value
 rule table, render the trace on the standard grid, and look up report statements.
 
-Pure library: no database, no web. The intake edges (upload, C-STORE hook, reading console)
-call these functions."""
+The names exported here are a pure library: no database, no web. The intake builds on them:
+``ecg_service.models`` (the ``ecg_studies`` detail table), ``ecg_service.service`` (upload
+intake through the hub's intake contract, reading what was measured, ``load_record``) and
+``ecg_service.tasks`` (measuring DICOM ECG waveforms received by C-STORE / STOW)."""
 
 from ecg_service.analysis import (
     MEASUREMENT_KEYS,

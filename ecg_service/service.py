@@ -89,6 +89,7 @@ __all__ = [
     "EcgForm",
     "EcgIngestResult",
     "EcgInputError",
+    "PendingWaveform",
     "PreparedEcg",
     "analysis_values",
     "exams_awaiting_analysis",
@@ -99,6 +100,7 @@ __all__ = [
     "prepare_ecg",
     "prescreen_rules",
     "record_analysis",
+    "triage_reason",
     "upload_org",
 ]
 
@@ -230,9 +232,13 @@ def prepare_ecg(
         record = parse_ecg(named)
     except EcgFormatError as exc:
         raise EcgInputError(str(exc)) from exc
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
+    except Exception as exc:  # a parser library's own error on hostile input
         raise EcgInputError(f"unreadable ECG file: {type(exc).__name__}: {exc}") from exc
-    analysis = analyse(record)
+    try:
+        analysis = analyse(record)
+    except Exception as exc:  # the analysis never raises for a readable record
+        log.exception("ECG analysis failed on a readable %s record", record.source_format)
+        raise EcgInputError(f"the ECG cannot be measured: {type(exc).__name__}") from exc
     matches = tuple(prescreen(analysis, rules or prescreen_rules()))
     digest = hashlib.sha256()
     for name, data in sorted(named):

@@ -129,7 +129,13 @@ class S3ObjectStore:
 
         def ensure() -> None:
             if not self._client.bucket_exists(self.bucket):
-                self._client.make_bucket(self.bucket)
+                try:
+                    self._client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    # Another thread's first write created it meanwhile (an ECG record's
+                    # header and signal files are written side by side).
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
 
         self._call(f"create bucket {self.bucket}", ensure)
         self._bucket_ready = True

@@ -1,8 +1,8 @@
 """The ECG centre's intake against a running ``rdc serve`` (one deployment for the module):
-a DICOM 12-lead ECG sent with dcmtk's storescu, WFDB and HL7 aECG files uploaded over HTTP,
-malformed input refused with nothing created, clinic isolation, the trace image, the
-pre-screen putting a suspected critical ECG first on the reading worklist, and ``rdc
-import`` of WFDB / aECG files.
+a DICOM 12-lead ECG sent with dcmtk's storescu and by STOW, WFDB and HL7 aECG files
+uploaded over HTTP, malformed input refused with nothing created, clinic isolation, the
+trace image, the pre-screen putting a suspected critical ECG first on the reading worklist,
+and ``rdc import`` of WFDB / aECG files.
 
 On the production pass (RDC_TEST_DATABASE=postgresql) the deployment runs on PostgreSQL, S3
 and Celery (the analysis of a C-STOREd ECG then runs in ``rdc worker``)."""
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from PIL import Image
 
@@ -334,3 +336,35 @@ def test_rdc_import_takes_wfdb_and_aecg(deployment: Deployment, tmp_path: Path) 
     assert {m["source_format"] for m in measured} == {"wfdb", "hl7_aecg"}
     again = rdc_cli(deployment.server.env, "import", "--clinic", "CLINIC_B", str(folder))
     assert "2 duplicate" in again.stderr, again.stderr
+
+
+def test_dicom_ecg_sent_by_stow_is_measured(deployment: Deployment) -> None:
+    ds = pydicom.dcmread(deployment.ecg / "dicom" / "waveform_ecg.dcm")
+    study = f"2.25.{uuid.uuid4().int}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.1.1"
+    ds.PatientID = "STOW-1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    boundary = f"ecg-{uuid.uuid4().hex}"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + buffer.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    tech = deployment.client("tech_a")
+    response = tech.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    with deployment.server.db() as db:
+        row = db.execute(
+            "SELECT exam_id FROM instances WHERE sop_instance_uid = ?", (ds.SOPInstanceUID,)
+        ).fetchone()
+    assert row is not None
+    measured = wait_for(
+        lambda: (r := tech.get(f"/api/v1/ecg/{row[0]}")).status_code == 200 and r.json(),
+        timeout=90,
+        what="the STOWed ECG to be measured",
+    )
+    assert measured["source_format"] == "dicom" and measured["clinic_code"] == "CLINIC_A"
+    assert measured["measurements"]["qrs_ms"] is not None

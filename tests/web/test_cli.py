@@ -206,14 +206,16 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
     try:
         reader = server.client("reader", "rdc-demo")
         page = wait_for(
-            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 7 and p,
+            lambda: (p := reader.get("/api/v1/worklist").json())["total"] == 9 and p,
             what="demo worklist",
         )
-        # 4 imaging exams and 3 ECGs; the ECG with a long QTc is first, with the reason.
+        # 4 imaging exams, 3 ECGs and 2 held lab orders (the third, all normal, was released
+        # automatically); the ECG with a long QTc is first, with the reason.
         first, second = page["items"][:2]
         assert first["discipline"] == "ecg" and "QTc" in first["triage_reason"]
         assert "孙" in first["patient_name"]
         assert sum(i["discipline"] == "ecg" for i in page["items"]) == 3
+        assert sum(i["discipline"] == "lab" for i in page["items"]) == 2
         assert second["priority"] == "emergency" and second["triage_reason"] is None
         assert "王" in second["patient_name"]
         # The patient's earlier exam is already signed and shows as a prior.

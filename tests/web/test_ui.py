@@ -31,13 +31,14 @@ RANK = {"emergency": 0, "urgent": 1, "routine": 2}
 
 @pytest.fixture
 def demo(rdc_env: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
-    """``rdc serve --demo`` with its four studies and two held lab orders on the worklist."""
+    """``rdc serve --demo`` with its four studies, three ECGs and two held lab orders on the
+    worklist."""
     srv = RdcServer(rdc_env, tmp_path / "serve.log", "--demo")
     srv.start()
     try:
         with srv.client("reader", PASSWORD) as reader:
             wait_for(
-                lambda: reader.get("/api/v1/worklist").json()["total"] == 6,
+                lambda: reader.get("/api/v1/worklist").json()["total"] == 9,
                 timeout=60,
                 what="the demo studies on the worklist",
             )
@@ -110,7 +111,7 @@ def _store_prior(server: RdcServer, testdata: Path) -> str:
     with server.client("reader", PASSWORD) as reader:
         exams = reader.get("/api/v1/exams", params={"clinic": "CLINIC_A", "limit": 500}).json()
         wait_for(
-            lambda: reader.get("/api/v1/worklist").json()["total"] == 7,
+            lambda: reader.get("/api/v1/worklist").json()["total"] == 10,
             what="the prior on the worklist too",
         )
     return next(e["id"] for e in exams["items"] if e["study_instance_uid"] == ds.StudyInstanceUID)
@@ -125,18 +126,23 @@ def test_resident_reads_and_senior_verifies(
         page = _login(reader_ctx, demo, "reader")
         expect(page).to_have_url(re.compile(r"/ui/worklist$"))
         rows = page.locator("#worklist-body tr[data-exam-id]")
-        expect(rows).to_have_count(7)  # 5 imaging exams, 2 lab orders
-        priorities = [rows.nth(i).get_attribute("data-priority") for i in range(7)]
+        expect(rows).to_have_count(10)  # 5 imaging exams, 3 ECGs, 2 lab orders
+        priorities = [rows.nth(i).get_attribute("data-priority") for i in range(10)]
         assert priorities[0] == "emergency"
         assert [RANK[p or ""] for p in priorities] == sorted(RANK[p or ""] for p in priorities)
-        expect(page.locator("[data-count=open]")).to_have_text("7")
+        expect(page.locator("[data-count=open]")).to_have_text("10")
         expect(rows.first.locator(".countdown")).to_have_text(re.compile(r"\d+:\d\d:\d\d"))
+        # The demo ECG with a long QTc is first, marked as a suspected critical ECG.
+        expect(rows.first).to_have_attribute("data-discipline", "ecg")
+        expect(rows.first.locator(".badge.triage")).to_have_text("疑似危急")
         _shot(page, "worklist")
 
         # Claim the emergency CT (three slices).
-        exam_id = rows.first.get_attribute("data-exam-id")
+        ct = page.locator("#worklist-body tr[data-discipline=imaging]").first
+        expect(ct).to_have_attribute("data-priority", "emergency")
+        exam_id = ct.get_attribute("data-exam-id")
         assert exam_id
-        rows.first.get_by_role("button", name="领取").click()
+        ct.get_by_role("button", name="领取").click()
         expect(page).to_have_url(re.compile(rf"/ui/read/{exam_id}$"))
         expect(page.locator("#lease-status")).to_contain_text("我已领取")
 
@@ -251,15 +257,15 @@ def test_resident_reads_and_senior_verifies(
         page.locator(".report-pane").evaluate("pane => pane.scrollTo(0, 0)")
         _shot(page, "reading")
 
-        # Shortcuts: the help overlay; `n` claims the next exam (the urgent MR) and opens it;
-        # Release gives it back to the queue.
+        # Shortcuts: the help overlay; `n` claims the next exam (the demo ECG a pre-screen
+        # put first in the queue) and opens it; Release gives it back to the queue.
         page.keyboard.press("?")
         expect(page.locator("#help")).to_be_visible()
         page.keyboard.press("Escape")
         expect(page.locator("#help")).to_be_hidden()
         page.keyboard.press("n")
         expect(page).not_to_have_url(re.compile(exam_id))
-        expect(page.locator("#ei-desc")).to_contain_text("MR")
+        expect(page.locator("#ei-desc")).to_contain_text("12-lead ECG")
         expect(page.locator("#lease-status")).to_contain_text("我已领取")
         page.get_by_role("button", name="释放").click()
         expect(page).to_have_url(re.compile(r"/ui/worklist$"))

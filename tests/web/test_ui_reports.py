@@ -26,7 +26,7 @@ def test_sign_verify_amend_and_critical_value(demo: RdcServer, browser: Browser)
     try:
         # The chief reader claims the emergency CT.
         page = _login(senior_ctx, demo, "senior")
-        rows = page.locator("#worklist-body tr[data-exam-id]")
+        rows = page.locator("#worklist-body tr[data-discipline=imaging]")
         expect(rows.first).to_have_attribute("data-priority", "emergency")
         exam_id = rows.first.get_attribute("data-exam-id")
         assert exam_id

@@ -165,12 +165,13 @@
         dataset: {
           itemId: item.id,
           examId: item.exam_id,
+          discipline: item.discipline,
           priority: item.priority,
           due: item.due_at,
         },
       },
       [
-        el("td", {}, [R.priorityBadge(item.priority)]),
+        el("td", {}, [R.priorityBadge(item.priority)].concat(triageBadge(item))),
         el("td", { class: "countdown num" }),
         el("td", { class: "num", text: R.fmt(item.due_at, "short"), title: R.fmt(item.due_at) }),
         el("td", { class: "patient" }, [
@@ -194,6 +195,19 @@
       ]
     );
     return tr;
+  }
+
+  /** A machine pre-screen's suspicion (an ECG with QTc >= 550 ms ...): the reason on hover. */
+  function triageBadge(item) {
+    if (!item.triage_reason) return [];
+    return [
+      " ",
+      el("span", {
+        class: "badge triage",
+        text: t("wl.triage"),
+        title: t("wl.triage_title", { reason: item.triage_reason }),
+      }),
+    ];
   }
 
   /** Update every countdown and the overdue highlight (called every second). */

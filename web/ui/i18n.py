@@ -133,6 +133,11 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "wl.taken_by": ("已被 {user} 领取", "Taken by {user}"),
     "wl.claimed_by_me": ("我已领取", "Claimed by me"),
     "wl.empty": ("没有符合条件的检查", "No exams match these filters"),
+    "wl.triage": ("疑似危急", "Suspected critical"),
+    "wl.triage_title": (
+        "机器预筛（待阅片医师确认）：{reason}",
+        "Machine pre-screen, for the reader to confirm: {reason}",
+    ),
     "wl.total": ("共 {n} 项", "{n} items"),
     "wl.next": ("领取下一个", "Claim next"),
     "wl.nothing_left": ("没有待领取的检查", "Nothing left to claim"),
