@@ -1,7 +1,7 @@
 """ECG intake: the ECG detail table (ecg_studies) and the exam's triage reason
 
-Revision ID: 0018_ecg_intake
-Revises: 0017
+Revision ID: 0019
+Revises: 0018
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from alembic import op
 
 import rdc_core.db
 
-revision: str = "0018_ecg_intake"
-down_revision: str | None = "0017"
+revision: str = "0019"
+down_revision: str | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

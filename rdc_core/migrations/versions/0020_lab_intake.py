@@ -1,8 +1,8 @@
 """lab result model: orders, observations (versions), the mapping queue, local-code
 mappings, lab settings (auto-release stop switch); processing columns of lab_messages
 
-Revision ID: 0018_lab_intake
-Revises: 0017
+Revision ID: 0020
+Revises: 0019
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from alembic import op
 
 import rdc_core.db
 
-revision: str = "0018_lab_intake"
-down_revision: str | None = "0017"
+revision: str = "0020"
+down_revision: str | None = "0019"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
