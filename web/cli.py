@@ -485,7 +485,7 @@ def _register_tasks() -> None:
     """Import every module that declares tasks (the push senders register their channels)."""
     import dicom_gateway.report_push  # noqa: F401
     import ecg_service.tasks  # noqa: F401
-    import lab_results.report_push  # noqa: F401
+    import lab_results.report_push
     import lab_results.tasks  # noqa: F401
     import worklist.tasks  # noqa: F401
 
