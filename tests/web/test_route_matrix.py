@@ -1,0 +1,416 @@
+"""Every route of the OpenAPI description, authorised by role and organisation, audited.
+
+The routes are discovered from the live ``/openapi.json``, so routes added later are covered
+without touching this module. For each operation:
+
+- without credentials: 401, unless the route is in ``PUBLIC`` (each with its reason);
+- as clinic B's technician, with the path parameters naming clinic A's objects (the CT's
+  exam, study, series and instance, the ECG exam, the signed report, the work item, the
+  person...): never 2xx for a path naming clinic A's object, and no answer (lists too)
+  carrying clinic A's patient ID or name; other methods, with an empty JSON body, change
+  nothing (the admin's view of clinic A's objects is the same before and after);
+- as a lead-hospital user (reader, else admin), every GET of clinic A's patient data that
+  answers 2xx leaves an audit record;
+- nothing answers a server error.
+
+A path parameter the module does not know fails the test with its route's name, unless it is
+in ``MADE_UP`` (a made-up value, which must then answer 4xx).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pydicom
+import pytest
+
+from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu, wait_for
+from tests.web.test_dicomweb import _postgres_database
+
+# Routes anyone may call (no 401 expected without credentials).
+PUBLIC: dict[tuple[str, str], str] = {
+    ("GET", "/healthz"): "load balancer health check",
+    ("GET", "/livez"): "orchestrator liveness probe",
+    ("GET", "/readyz"): "orchestrator readiness probe",
+    ("GET", "/metrics"): "Prometheus scrape; counters only, no patient data",
+    ("POST", "/api/v1/auth/token"): "the login itself",
+    ("POST", "/api/v1/verify"): "anyone holding a report document may check its signature",
+}
+
+# Path parameters that name nothing the fixture creates: a made-up value, answering 4xx.
+MADE_UP: dict[str, str] = {
+    "endpoint_id": "no delivery endpoint is configured in this deployment",
+    "alert_id": "no critical value is raised by the CT or ECG",
+    "notification_id": "no notification is raised by the fixture",
+    "decision_id": "no recognition decision is made by the fixture",
+    "path": "DICOMweb bulk data of CT_small is inline, no bulk data URI",
+}
+
+# Operations clinic B's user is not sent (other than GET), with the reason.
+NOT_SENT_AS_CLINIC_B: dict[tuple[str, str], str] = {
+    ("POST", "/api/v1/auth/logout"): "logs the caller out (its own token only): test_hardening",
+    ("POST", "/api/v1/auth/token"): "the login: test_hardening",
+    ("POST", "/api/v1/verify"): "public signature check: test_signing_api",
+}
+
+# Parameters that name clinic A's patient data: a 2xx GET naming them must be audited.
+PATIENT_PARAMS = {"exam_id", "report_id", "study", "series", "sop", "person_id"}
+
+_CLIENT_TIMEOUT = 60
+
+
+@dataclass
+class World:
+    server: RdcServer
+    passwords: dict[str, str]
+    tokens: dict[str, str]
+    params: dict[str, str]
+    ecg_exam: str
+    secrets: list[str]  # clinic A's patient IDs and names
+    query: dict[str, str]  # required query parameters by name
+    routes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def client(self, who: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        return httpx.Client(base_url=self.server.http, headers=headers, timeout=_CLIENT_TIMEOUT)
+
+
+def _env(workdir: Path, database_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
+    env.update(
+        RDC_DATA_DIR=str(workdir / "data"),
+        RDC_HTTP_HOST="127.0.0.1",
+        RDC_HTTP_PORT=str(free_port()),
+        RDC_DICOM_HOST="127.0.0.1",
+        RDC_DICOM_PORT=str(free_port()),
+        RDC_MLLP_HOST="127.0.0.1",
+        RDC_MLLP_PORT=str(free_port()),
+        RDC_DICOM_AE_TITLE="RDC",
+        RDC_STABLE_AGE_SECONDS="2",
+        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
+        RDC_PASSWORD_HASH_ROUNDS="4",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+) -> Iterator[World]:
+    """One server: clinic A's CT (read and signed by the lead hospital) and clinic A's ECG."""
+    workdir = tmp_path_factory.mktemp("route-matrix")
+    database = _postgres_database()
+    env = _env(workdir, next(database))
+    try:
+        with stack.deployment() as backends:
+            env.update(backends)
+            passwords = seed_alliance(env)
+            with RdcServer(env, workdir / "serve.log") as server:
+                yield _populate(server, passwords, testdata, dcmtk)
+    finally:
+        for _ in database:
+            pass
+
+
+def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmtk: Path) -> World:
+    ct = testdata / "dicom" / "CT_small.dcm"
+    for result in storescu(dcmtk, [ct], port=server.dicom_port, calling_ae="CLINIC_A_CT"):
+        assert result.returncode == 0, result.stderr
+    tokens = {who: server.token(who, pw) for who, pw in passwords.items()}
+    base = server.http
+
+    def as_(who: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=base,
+            headers={"Authorization": f"Bearer {tokens[who]}"},
+            timeout=_CLIENT_TIMEOUT,
+        )
+
+    with as_("tech_a") as tech_a:
+        aecg = testdata / "ecg" / "aecg" / "Example_aECG.xml"
+        uploaded = tech_a.post(
+            "/api/v1/ecg", files=[("file", (aecg.name, aecg.read_bytes(), "application/xml"))]
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        ecg_exam = str(uploaded.json()["exam_id"])
+
+    ds = pydicom.dcmread(ct, stop_before_pixels=True)
+    with as_("reader") as reader, as_("admin") as admin:
+        items = wait_for(
+            lambda: (
+                [
+                    i
+                    for i in reader.get("/api/v1/worklist").json()["items"]
+                    if i["exam_id"] != ecg_exam
+                ]
+                or None
+            ),
+            timeout=120,
+            what="the CT on the worklist",
+        )
+        item = items[0]
+        exam_id = str(item["exam_id"])
+        assert reader.post(f"/api/v1/worklist/{item['id']}/claim").status_code == 200
+        saved = reader.put(
+            f"/api/v1/exams/{exam_id}/report",
+            json={"findings": "两肺纹理清晰", "impression": "未见异常", "quality_grade": "甲"},
+        )
+        assert saved.status_code == 200, saved.text
+        signed = reader.post(
+            f"/api/v1/exams/{exam_id}/report/submit",
+            json={"signing_password": passwords["reader"]},
+        )
+        assert signed.status_code == 200, signed.text
+        report_id = str(signed.json()["id"])
+        exams = [admin.get(f"/api/v1/exams/{e}").json() for e in (exam_id, ecg_exam)]
+        ct_patient = exams[0]["patient"]
+        person = admin.get(
+            "/api/v1/patients",
+            params={"identifier": f"{ct_patient['issuer']}|{ct_patient['patient_id']}"},
+        )
+        assert person.status_code == 200, person.text
+    secrets = {str(ds.PatientID), str(ds.PatientName)}
+    for exam in exams:
+        patient = exam.get("patient") or {}
+        for key in ("patient_id", "name", "patient_name"):
+            for source in (exam, patient):
+                value = source.get(key)
+                if isinstance(value, str) and len(value) >= 4:
+                    secrets.add(value)
+    params = {
+        "exam_id": exam_id,
+        "item_id": str(item["id"]),
+        "report_id": report_id,
+        "study": str(ds.StudyInstanceUID),
+        "series": str(ds.SeriesInstanceUID),
+        "sop": str(ds.SOPInstanceUID),
+        "frames": "1",
+        "frame": "1",
+        "person_id": str(person.json()["id"]),
+        "org_code": "CLINIC_A",
+        "code": "CLINIC_A",  # /clinics/{code}; QC indicators' codes are made up below
+        "username": "tech_a",
+    }
+    with httpx.Client(base_url=base, timeout=_CLIENT_TIMEOUT) as anonymous:
+        spec = anonymous.get("/openapi.json").json()
+    routes = [
+        (method.upper(), path, op)
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+    query = {
+        "identifier": f"{ct_patient['issuer']}|{ct_patient['patient_id']}",
+        "patient_id": str(ct_patient["patient_id"]),
+        "prior": ecg_exam,
+        "month": datetime.now(UTC).strftime("%Y-%m"),
+    }
+    return World(server, passwords, tokens, params, ecg_exam, sorted(secrets), query, routes)
+
+
+def _fill(world: World, method: str, path: str, op: dict[str, Any]) -> str:
+    """The route's URL, its path parameters naming clinic A's objects, its required query
+    parameters filled (clinic A's patient where they name one)."""
+    url = path
+    query: dict[str, str] = {}
+    for param in op.get("parameters", []):
+        name = param["name"]
+        if param["in"] == "query":
+            if not param.get("required"):
+                continue
+            enum = param.get("schema", {}).get("enum")
+            if enum:
+                query[name] = str(enum[0])
+            elif name in world.query:
+                query[name] = world.query[name]
+            else:
+                pytest.fail(
+                    f"{method} {path}: required query parameter {name!r} is unknown to the "
+                    "route matrix; give it a value in _populate (World.query)"
+                )
+            continue
+        if param["in"] != "path":
+            continue
+        if name == "exam_id" and path.startswith("/api/v1/ecg/"):
+            value = world.ecg_exam
+        elif name == "code" and path.startswith("/api/v1/qc/"):
+            value = "NO_SUCH_INDICATOR"
+        elif name in world.params:
+            value = world.params[name]
+        elif name in MADE_UP:
+            value = f"made-up-{name}"
+        else:
+            pytest.fail(
+                f"{method} {path}: path parameter {name!r} is unknown to the route matrix; "
+                "map it to a clinic A object in _populate or add it to MADE_UP with a reason"
+            )
+        url = url.replace("{" + name + "}", value)
+    return str(httpx.URL(url, params=query)) if query else url
+
+
+def _path_params(op: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+
+
+def _empty_search(response: httpx.Response) -> bool:
+    """A search (QIDO-RS within a study) finding nothing: 204, or 200 with no match."""
+    return response.status_code == 204 or response.content.strip() in (b"", b"[]")
+
+
+def _leaks(world: World, response: httpx.Response) -> list[str]:
+    """Clinic A's patient IDs and names in the answer, other than those the caller sent
+    (a search echoing what it was asked is no leak)."""
+    text = response.content.decode("utf-8", "replace")
+    asked = unquote(str(response.request.url))
+    return [s for s in world.secrets if s in text and s not in asked]
+
+
+def test_routes_need_credentials(world: World) -> None:
+    wrong: list[str] = []
+    with world.client(None) as anonymous:
+        for method, path, op in world.routes:
+            response = anonymous.request(method, _fill(world, method, path, op))
+            expected = (method, path) in PUBLIC
+            if response.status_code >= 500 or (not expected and response.status_code != 401):
+                wrong.append(f"{method} {path}: {response.status_code} {response.text[:200]}")
+            if not expected and _leaks(world, response):
+                wrong.append(f"{method} {path}: anonymous answer names clinic A's patient")
+    assert not wrong, "\n".join(wrong)
+
+
+_STATE_VIEWS = [
+    "/api/v1/exams/{exam_id}",
+    "/api/v1/exams/{exam_id}/report",
+    "/api/v1/reports/{report_id}",
+    "/api/v1/ecg/{ecg_exam}",
+    "/api/v1/worklist",
+    "/api/v1/users",
+    "/api/v1/clinics",
+    "/api/v1/critical-contacts/CLINIC_A",
+    "/api/v1/delivery-endpoints",
+    "/api/v1/routing-rules",
+    "/api/v1/sla-targets",
+    "/api/v1/qc/targets",
+    "/api/v1/critical-duty",
+    "/api/v1/patients/{person_id}",
+]
+
+# Fields that change on their own (clocks, counters of views).
+_VOLATILE = {
+    "server_time",
+    "now",
+    "age_seconds",
+    "sla_remaining_seconds",
+    "waiting_seconds",
+    "generated_at",
+}
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _state(world: World) -> dict[str, Any]:
+    names = {**world.params, "ecg_exam": world.ecg_exam}
+    with world.client("admin") as admin:
+        state = {}
+        for view in _STATE_VIEWS:
+            response = admin.get(view.format(**names))
+            assert response.status_code in (200, 404), (view, response.status_code)
+            state[view] = [response.status_code, _stable(response.json())]
+        return state
+
+
+def test_clinic_b_never_reaches_clinic_a(world: World) -> None:
+    before = _state(world)
+    wrong: list[str] = []
+    answered: list[str] = []
+    with world.client("tech_b") as tech_b:
+        for method, path, op in world.routes:
+            if method != "GET" and (method, path) in NOT_SENT_AS_CLINIC_B:
+                continue
+            url = _fill(world, method, path, op)
+            response = tech_b.get(url) if method == "GET" else tech_b.request(method, url, json={})
+            status = response.status_code
+            if status < 300:
+                answered.append(path)
+            where = f"{method} {path} as tech_b: {status}"
+            if status >= 500:
+                wrong.append(f"{where} (server error) {response.text[:200]}")
+            elif method != "GET" and status < 300:
+                wrong.append(f"{where}: another clinic's user changed something")
+            elif _path_params(op) and status < 300 and not _empty_search(response):
+                wrong.append(f"{where}: answered for clinic A's object {response.text[:200]}")
+            if leaked := _leaks(world, response):
+                wrong.append(
+                    f"{where}: answer names clinic A's patient {leaked} {response.text[:300]}"
+                )
+        # The calls were made as a signed-in clinic B user, whose own lists do answer.
+        assert tech_b.get("/api/v1/me").status_code == 200
+    assert not wrong, "\n".join(wrong)
+    assert "/api/v1/exams" in answered, answered
+    after = _state(world)
+    changed = [view for view in before if before[view] != after[view]]
+    assert not changed, [(v, _differences(before[v], after[v])) for v in changed]
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} -> {b!r}"]
+
+
+def _audit_total(admin: httpx.Client, who: str) -> int:
+    response = admin.get("/api/v1/audit/events", params={"user": who, "limit": 1})
+    assert response.status_code == 200, response.text
+    return int(response.json()["total"])
+
+
+def test_reading_clinic_a_patient_data_is_audited(world: World) -> None:
+    wrong: list[str] = []
+    audited: list[str] = []
+    with world.client("admin") as admin:
+        for method, path, op in world.routes:
+            if method != "GET" or not _path_params(op) & PATIENT_PARAMS:
+                continue
+            url = _fill(world, method, path, op)
+            for who in ("reader", "admin"):
+                before = _audit_total(admin, who)
+                with world.client(who) as client:
+                    response = client.get(url)
+                if response.status_code >= 500:
+                    wrong.append(f"GET {path} as {who}: {response.status_code} (server error)")
+                if response.status_code == 403:
+                    continue  # not this role's: the next one
+                if response.status_code < 300:
+                    if _audit_total(admin, who) <= before:
+                        wrong.append(f"GET {path} as {who}: {response.status_code}, no audit")
+                    else:
+                        audited.append(path)
+                break
+    assert not wrong, "\n".join(wrong)
+    # The fixture's objects are real: the main exam-scoped reads did answer and were audited.
+    for path in (
+        "/api/v1/exams/{exam_id}",
+        "/api/v1/ecg/{exam_id}",
+        "/api/v1/reports/{report_id}",
+        "/dicomweb/studies/{study}/metadata",
+    ):
+        assert path in audited, (path, audited)
