@@ -19,6 +19,7 @@ in ``MADE_UP`` (a made-up value, which must then answer 4xx).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -332,6 +333,24 @@ def _minimal(schemas: dict[str, Any], schema: dict[str, Any], depth: int) -> Any
     return "x" * max(1, schema.get("minLength", 1)) if kind == "string" else None
 
 
+def _scoping_query(world: World, op: dict[str, Any]) -> dict[str, str]:
+    """The optional query parameters of ``op`` that name clinic A or its objects."""
+    values = {
+        "clinic": "CLINIC_A",
+        "org": "CLINIC_A",
+        "issuer": "CLINIC_A",
+        "exam_id": world.params["exam_id"],
+        "exam": world.params["exam_id"],
+        "patient": world.query["patient_id"],
+        "patient_name": next(s for s in world.secrets if "^" in s),
+    }
+    return {
+        p["name"]: values[p["name"]]
+        for p in op.get("parameters", [])
+        if p["in"] == "query" and not p.get("required") and p["name"] in values
+    }
+
+
 def _required_query(op: dict[str, Any]) -> set[str]:
     return {p["name"] for p in op.get("parameters", []) if p["in"] == "query" and p.get("required")}
 
@@ -430,6 +449,14 @@ def test_clinic_b_never_reaches_clinic_a(world: World, who: str) -> None:
                 continue
             url = _fill(world, method, path, op)
             if method == "GET":
+                scoping = _scoping_query(world, op)
+                if scoping:  # the list filtered to clinic A's objects: still none of them
+                    filtered = tech_b.get(url, params=scoping)
+                    if filtered.status_code >= 500 or _leaks(world, filtered):
+                        wrong.append(
+                            f"GET {path}?{scoping} as {who}: {filtered.status_code} "
+                            f"{_leaks(world, filtered)} {_excerpt(filtered)}"
+                        )
                 response = tech_b.get(url)
             else:
                 body = _minimal_body(world, op, world.passwords[who])
@@ -467,50 +494,65 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} -> {b!r}"]
 
 
-def _audit_total(admin: httpx.Client, who: str, exam: str | None) -> int:
-    """How many audit records of ``who`` there are (about ``exam``: its report, work item)."""
-    params = {"user": who, "limit": "1", **({"exam": exam} if exam else {})}
-    response = admin.get("/api/v1/audit/events", params=params)
-    assert response.status_code == 200, response.text
-    return int(response.json()["total"])
+def _last_seq(world: World) -> int:
+    with world.server.db() as db:
+        row = db.execute("SELECT MAX(seq) AS seq FROM audit_events").fetchone()
+    return int(row["seq"] or 0) if row else 0
+
+
+def _records_since(world: World, who: str, seq: int) -> list[str]:
+    """The audit records ``who`` left after ``seq``, each as its object and detail."""
+    with world.server.db() as db:
+        rows = db.execute(
+            "SELECT object_type, object_id, detail FROM audit_events "
+            "WHERE actor = ? AND seq > ? ORDER BY seq",
+            (f"user:{who}", seq),
+        ).fetchall()
+    return [
+        f"{r['object_type']} {r['object_id']} "
+        + (r["detail"] if isinstance(r["detail"], str) else json.dumps(r["detail"]))
+        for r in rows
+    ]
 
 
 def test_reading_clinic_a_patient_data_is_audited(world: World) -> None:
+    """Every GET that answers a lead-hospital user with clinic A's patient data leaves an
+    audit record of that user; one naming a patient's object records that object."""
+    objects = [world.ecg_exam, *(world.params[k] for k in (*PATIENT_PARAMS, "item_id"))]
     wrong: list[str] = []
     audited: list[str] = []
-    with world.client("admin") as admin:
-        for method, path, op in world.routes:
-            names = _path_params(op)
-            if method != "GET" or not (
-                names & PATIENT_PARAMS or _required_query(op) & PATIENT_QUERY
-            ):
-                continue
-            url = _fill(world, method, path, op)
-            exam = (
-                (world.ecg_exam if path.startswith("/api/v1/ecg/") else world.params["exam_id"])
-                if names & {"exam_id", "report_id"}
-                else None
-            )
-            for who in ("reader", "admin"):
-                before = _audit_total(admin, who, exam)
-                with world.client(who) as client:
-                    response = client.get(url)
-                if response.status_code >= 500:
-                    wrong.append(f"GET {path} as {who}: {response.status_code} (server error)")
-                if response.status_code == 403:
-                    continue  # not this role's: the next one
-                if response.status_code < 300:
-                    if _audit_total(admin, who, exam) <= before:
-                        wrong.append(f"GET {path} as {who}: {response.status_code}, no audit")
-                    else:
-                        audited.append(path)
-                break
+    for method, path, op in world.routes:
+        if method != "GET":
+            continue
+        url = _fill(world, method, path, op)
+        scoped = bool(_path_params(op) & PATIENT_PARAMS or _required_query(op) & PATIENT_QUERY)
+        for who in ("reader", "admin"):
+            before = _last_seq(world)
+            with world.client(who) as client:
+                response = client.get(url)
+            status = response.status_code
+            if status >= 500:
+                wrong.append(f"GET {path} as {who}: {status} (server error)")
+            if status == 403:
+                continue  # not this role's: the next one
+            text = response.content.decode("utf-8", "replace")
+            if status < 300 and (scoped or any(s in text for s in world.secrets)):
+                records = _records_since(world, who, before)
+                if not records:
+                    wrong.append(f"GET {path} as {who}: {status}, clinic A's data, no audit")
+                elif scoped and not any(o in r for o in objects for r in records):
+                    wrong.append(f"GET {path} as {who}: audit names no object: {records}")
+                else:
+                    audited.append(path)
+            break
     assert not wrong, "\n".join(wrong)
-    # The fixture's objects are real: the main exam-scoped reads did answer and were audited.
+    # The fixture's objects are real: the main reads did answer and were audited.
     for path in (
+        "/api/v1/exams",
         "/api/v1/exams/{exam_id}",
         "/api/v1/ecg/{exam_id}",
         "/api/v1/reports/{report_id}",
+        "/api/v1/patients/{person_id}",
         "/dicomweb/studies/{study}/metadata",
     ):
         assert path in audited, (path, audited)
