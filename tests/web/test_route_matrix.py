@@ -1,20 +1,26 @@
 """Every route of the OpenAPI description, authorised by role and organisation, audited.
 
-The routes are discovered from the live ``/openapi.json``, so routes added later are covered
-without touching this module. For each operation:
+The routes are discovered from the live ``/openapi.json`` of one server, so routes added
+later are covered without touching this module. The server holds clinic A's CT (C-STORE from
+CLINIC_A_CT, read and signed by the lead hospital's reader) and clinic A's aECG (uploaded by
+clinic A's technician). For each operation:
 
 - without credentials: 401, unless the route is in ``PUBLIC`` (each with its reason);
-- as clinic B's technician, with the path parameters naming clinic A's objects (the CT's
-  exam, study, series and instance, the ECG exam, the signed report, the work item, the
-  person...): never 2xx for a path naming clinic A's object, and no answer (lists too)
-  carrying clinic A's patient ID or name; other methods, with an empty JSON body, change
-  nothing (the admin's view of clinic A's objects is the same before and after);
-- as a lead-hospital user (reader, else admin), every GET of clinic A's patient data that
-  answers 2xx leaves an audit record;
+- as clinic B's technician and clinic B's clinician, with the path parameters naming clinic
+  A's objects (the CT's exam, study, series and instance, the ECG exam, the signed report,
+  the work item, the person, clinic A's code, clinic A's user...): never 2xx for a path
+  naming clinic A's object (an empty search aside), and no answer (lists too, also filtered
+  by clinic A's code, exam or patient) carrying clinic A's patient ID or name unless the
+  caller sent it; other methods, with the smallest body their schema accepts (and the
+  caller's own signing password), never 2xx and change nothing (the admin's view of clinic
+  A's objects and of the configuration is the same before and after);
+- as a lead-hospital user (reader, else admin) and as clinic A's technician, every GET that
+  answers with clinic A's patient data leaves an audit record of that user (read from the
+  audit table); one whose path names a patient's object records that object;
 - nothing answers a server error.
 
-A path parameter the module does not know fails the test with its route's name, unless it is
-in ``MADE_UP`` (a made-up value, which must then answer 4xx).
+A path or required query parameter the module does not know fails the test with its
+route's name, unless it is in ``MADE_UP`` (a made-up value, which must then answer 4xx).
 """
 
 from __future__ import annotations
@@ -379,6 +385,8 @@ def _leaks(world: World, response: httpx.Response) -> list[str]:
 
 
 def test_routes_need_credentials(world: World) -> None:
+    listed = {(method, path) for method, path, _ in world.routes}
+    assert set(PUBLIC) <= listed, f"stale PUBLIC entries: {set(PUBLIC) - listed}"
     wrong: list[str] = []
     with world.client(None) as anonymous:
         for method, path, op in world.routes:
@@ -396,6 +404,7 @@ _STATE_VIEWS = [
     "/api/v1/exams/{exam_id}/report",
     "/api/v1/reports/{report_id}",
     "/api/v1/ecg/{ecg_exam}",
+    "/api/v1/exams/{ecg_exam}",
     "/api/v1/worklist",
     "/api/v1/users",
     "/api/v1/clinics",
