@@ -38,7 +38,15 @@ import httpx
 import pydicom
 import pytest
 
-from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu, wait_for
+from tests.helpers import (
+    RdcServer,
+    Stack,
+    free_port,
+    rdc_cli,
+    seed_alliance,
+    storescu,
+    wait_for,
+)
 from tests.web.test_dicomweb import _postgres_database
 
 # Routes anyone may call (no 401 expected without credentials).
@@ -68,7 +76,7 @@ NOT_SENT_AS_CLINIC_B: dict[tuple[str, str], str] = {
 }
 
 # Parameters that name clinic A's patient data: a 2xx GET naming them must be audited.
-PATIENT_PARAMS = {"exam_id", "report_id", "study", "series", "sop", "person_id"}
+PATIENT_PARAMS = {"exam_id", "report_id", "study", "series", "sop", "person_id", "order_id"}
 PATIENT_QUERY = {"identifier", "patient_id"}  # required query parameters naming a patient
 
 _CLIENT_TIMEOUT = 60
@@ -123,6 +131,10 @@ def world(
         with stack.deployment() as backends:
             env.update(backends)
             passwords = seed_alliance(env)
+            # Clinic A's laboratory sends as "ELAB-3" (the shared glucose ORU's MSH-4).
+            rdc_cli(
+                env, "clinic", "add", "--code", "CLINIC_A", "--update", "--hl7-facility", "ELAB-3"
+            )
             with RdcServer(env, workdir / "serve.log") as server:
                 yield _populate(server, passwords, testdata, dcmtk)
     finally:
@@ -168,6 +180,18 @@ def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmt
         )
         assert uploaded.status_code == 201, uploaded.text
         ecg_exam = str(uploaded.json()["exam_id"])
+        oru = (testdata / "hl7" / "pythonhl7_oru_r01_glucose.hl7").read_bytes()
+        ack = tech_a.post(
+            "/api/v1/lab/messages", content=oru, headers={"Content-Type": "application/hl7-v2"}
+        )
+        assert ack.status_code == 200 and b"MSA|AA" in ack.content, ack.text
+        orders = wait_for(
+            lambda: tech_a.get("/api/v1/lab/orders", params={"clinic": "CLINIC_A"}).json() or None,
+            timeout=120,
+            what="clinic A's lab order processed",
+        )
+        lab_order = str(orders[0]["id"])  # the order's ID is its exam's
+        lab_result = str(tech_a.get(f"/api/v1/lab/orders/{lab_order}").json()["results"][0]["id"])
 
     ds = pydicom.dcmread(ct, stop_before_pixels=True)
     with as_("reader") as reader, as_("admin") as admin:
@@ -176,7 +200,7 @@ def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmt
                 [
                     i
                     for i in reader.get("/api/v1/worklist").json()["items"]
-                    if i["exam_id"] != ecg_exam
+                    if i["exam_id"] not in (ecg_exam, lab_order)
                 ]
                 or None
             ),
@@ -197,7 +221,7 @@ def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmt
         )
         assert signed.status_code == 200, signed.text
         report_id = str(signed.json()["id"])
-        exams = [admin.get(f"/api/v1/exams/{e}").json() for e in (exam_id, ecg_exam)]
+        exams = [admin.get(f"/api/v1/exams/{e}").json() for e in (exam_id, ecg_exam, lab_order)]
         ct_patient = exams[0]["patient"]
         person = admin.get(
             "/api/v1/patients",
@@ -225,6 +249,8 @@ def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmt
         "org_code": "CLINIC_A",
         "code": "CLINIC_A",  # /clinics/{code}; QC indicators' codes are made up below
         "username": "tech_a",
+        "order_id": lab_order,
+        "result_id": lab_result,
     }
     with httpx.Client(base_url=base, timeout=_CLIENT_TIMEOUT) as anonymous:
         spec = anonymous.get("/openapi.json").json()
@@ -271,6 +297,8 @@ def _fill(world: World, method: str, path: str, op: dict[str, Any]) -> str:
             continue
         if name == "exam_id" and path.startswith("/api/v1/ecg/"):
             value = world.ecg_exam
+        elif name == "exam_id" and path.startswith("/api/v1/lab/"):
+            value = world.params["order_id"]  # a lab order's ID is its exam's
         elif name == "code" and path.startswith("/api/v1/qc/"):
             value = "NO_SUCH_INDICATOR"
         elif name in world.params:
