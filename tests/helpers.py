@@ -646,6 +646,11 @@ class S3Server:
                     f"-volume.port={p['volume']}",
                     f"-admin.port={p['admin']}",
                     "-admin.ui=false",
+                    # Off: their fixed default ports (8181, 9101, 7333) would collide with
+                    # another weed on the machine (another test session, a benchmark).
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-webdav=false",
                 ],
                 env=env,
                 stdout=log,
