@@ -133,9 +133,7 @@ def test_out_of_range_values_answer_problems(live: _Live) -> None:
     with httpx.Client(
         base_url=live.server.http,
         # A fresh token: the fuzzing may have logged the first one out.
-        headers={
-            "Authorization": f"Bearer {live.server.token('admin', live.passwords['admin'])}"
-        },
+        headers={"Authorization": f"Bearer {live.server.token('admin', live.passwords['admin'])}"},
         timeout=30,
     ) as client:
         for query in _QUERIES:
