@@ -182,3 +182,39 @@ def test_the_triggers_watch_every_column_the_facts_copy() -> None:
     watched = set(QC_FACT_SOURCES["exams"]) | set(QC_FACT_SOURCES["reports"]) | {"due_at"}
     assert copied <= watched, copied - watched
     assert len(INDICATORS) == 28
+
+
+def test_turnaround_and_critical_values_by_discipline(qc: Principal) -> None:
+    """ECG and lab exams (April of the data set): turnaround per discipline, their own
+    critical-value indicators, and the imaging ones "no data"; both paths."""
+    refresh_facts_task()
+    april = period_filters(start=qc_dataset.APRIL_DAYS[0], end=qc_dataset.APRIL_DAYS[1], tz=TZ)
+    ecg_only = period_filters(
+        start=qc_dataset.APRIL_DAYS[0], end=qc_dataset.APRIL_DAYS[1], tz=TZ, discipline="ecg"
+    )
+    with read_session() as session:
+        for facts in (False, True):
+            out = {
+                i.code: i
+                for i in compute_indicators(
+                    session, principal=qc, filters=april, now=NOW, group_by="discipline",
+                    facts=facts,
+                )
+            }  # fmt: skip
+            for code, expected in qc_dataset.EXPECTED_APRIL.items():
+                assert (out[code].numerator, out[code].denominator, out[code].rate) == expected
+            groups = out["TAT-07"].groups or []
+            assert {g.key: (g.p50, g.p90) for g in groups} == qc_dataset.EXPECTED_APRIL_TAT
+            sla = {g.key: g.rate for g in out["SLA-01"].groups or []}
+            assert sla == {"ecg": 50.0, "lab": 50.0}
+            for code in ("RCV-04", "RWS-03", "RRC-02", "IQ-01"):
+                assert out[code].status == "no_data", code
+            ecg = {
+                i.code: i
+                for i in compute_indicators(
+                    session, principal=qc, filters=ecg_only, now=NOW, facts=facts
+                )
+            }
+            assert (ecg["TAT-07"].p50, ecg["TAT-07"].p90) == qc_dataset.EXPECTED_APRIL_TAT["ecg"]
+            assert (ecg["ECG-02"].numerator, ecg["ECG-02"].denominator) == (1, 1)
+            assert ecg["CL-14"].status == "no_data" and ecg["SLA-01"].rate == 50.0
