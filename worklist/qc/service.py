@@ -61,7 +61,7 @@ from worklist.models import (
     WorkItem,
 )
 from worklist.qc.definitions import INDICATORS, Indicator, indicator
-from worklist.qc.models import QcExamFact, QcFactQueue, QcReportCheck, QcTarget
+from worklist.qc.models import QC_FACT_SOURCES, QcExamFact, QcFactQueue, QcReportCheck, QcTarget
 from worklist.qc.schemas import (
     CaseOut,
     CasePage,
@@ -239,6 +239,48 @@ def _exam_columns(exam: Any, clinic: Any, reader: Any) -> list[ColumnElement[Any
     ]
 
 
+def _case_columns(
+    *,
+    case_id: Any,
+    exam: Any,
+    clinic: Any,
+    reader: Any,
+    at: Any,
+    start: Any,
+    end: Any,
+    due: Any = None,
+    dur: Any = None,
+    num: Any,
+    reason: Any = None,
+) -> list[ColumnElement[Any]]:
+    """The standard case columns, labelled (``exam`` None: a case without an exam)."""
+    nothing = cast(null(), String)
+    exam_columns = (
+        _exam_columns(exam, clinic, reader)
+        if exam is not None
+        else [
+            nothing.label("exam_id"),
+            nothing.label("accession"),
+            clinic.label("clinic"),
+            nothing.label("discipline"),
+            nothing.label("modality"),
+            nothing.label("priority"),
+            reader.label("reader"),
+        ]
+    )
+    return [
+        case_id.label("case_id"),
+        *exam_columns,
+        at.label("at"),
+        start.label("start_at"),
+        end.label("end_at"),
+        (_NULL_TIME if due is None else due).label("due_at"),
+        (cast(null(), Float) if dur is None else dur).label("dur"),
+        num.label("num"),
+        (nothing if reason is None else reason).label("reason"),
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class _ExamRows:
     """Where exam cases are read from. Source tables: the exam ``e`` with its first report
@@ -252,7 +294,8 @@ class _ExamRows:
     w: Any
     clinic: Any
     reader: Any
-    join: Callable[[Any, bool], Any]  # (query, due) -> the query with its FROM clause
+    # (query, due) -> the query with its FROM clause; due None: outer-join the work item
+    join: Callable[[Any, bool | None], Any]
 
 
 def _source_rows() -> _ExamRows:
@@ -262,13 +305,15 @@ def _source_rows() -> _ExamRows:
     o = aliased(Organization, name="o")
     u = aliased(User, name="u")
 
-    def join(query: Any, due: bool) -> Any:
+    def join(query: Any, due: bool | None) -> Any:
         query = (
             query.select_from(e)
             .join(o, o.id == e.org_id)
             .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
             .outerjoin(u, u.id == r1.author_id)
         )
+        if due is None:
+            return query.outerjoin(w, w.exam_id == e.id)
         return query.join(w, w.exam_id == e.id) if due else query
 
     return _ExamRows(e, r1, w, o.code, u.username, join)
@@ -277,7 +322,7 @@ def _source_rows() -> _ExamRows:
 def _fact_rows() -> _ExamRows:
     f = aliased(QcExamFact, name="f")
 
-    def join(query: Any, due: bool) -> Any:
+    def join(query: Any, due: bool | None) -> Any:
         query = query.select_from(f)
         return query.where(f.has_work_item) if due else query
 
@@ -355,17 +400,19 @@ def _exam_source(d: str, cases: _ExamCases, *, facts: bool) -> _Source:
         dur = _seconds(d, end_col, start_col)
         num = cases.num(e, r1, w) if cases.num is not None else case((dur.is_not(None), 1), else_=0)
         query = select(
-            e.id.label("case_id"),
-            *_exam_columns(e, rows.clinic, rows.reader),
-            cases.at(e, r1).label("at"),
-            start_col.label("start_at"),
-            end_col.label("end_at"),
-            (w.due_at if cases.due else _NULL_TIME).label("due_at"),
-            dur.label("dur"),
-            num.label("num"),
-            (cases.reason(e, r1, w) if cases.reason is not None else cast(null(), String)).label(
-                "reason"
-            ),
+            *_case_columns(
+                case_id=e.id,
+                exam=e,
+                clinic=rows.clinic,
+                reader=rows.reader,
+                at=cases.at(e, r1),
+                start=start_col,
+                end=end_col,
+                due=w.due_at if cases.due else None,
+                dur=dur,
+                num=num,
+                reason=cases.reason(e, r1, w) if cases.reason is not None else None,
+            )
         ).where(*cases.where(e, r1, w))
         return rows.join(query, cases.due)
 
@@ -502,17 +549,21 @@ def _alerts(d: str, discipline: Discipline, *, timely: bool) -> _Source:
         num = case((a.acknowledged_at.is_(None), 0), else_=1)
     query = (
         select(
-            a.id.label("case_id"),
-            *_exam_columns(e, o.code, u.username),
-            a.raised_at.label("at"),
-            a.raised_at.label("start_at"),
-            a.acknowledged_at.label("end_at"),
-            a.deadline_at.label("due_at"),
-            dur.label("dur"),
-            num.label("num"),
-            _reasons(
-                (a.acknowledged_at.is_(None), "not_acknowledged"), (late, "over_10_min")
-            ).label("reason"),
+            *_case_columns(
+                case_id=a.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=a.raised_at,
+                start=a.raised_at,
+                end=a.acknowledged_at,
+                due=a.deadline_at,
+                dur=dur,
+                num=num,
+                reason=_reasons(
+                    (a.acknowledged_at.is_(None), "not_acknowledged"), (late, "over_10_min")
+                ),
+            )
         )
         .select_from(a)
         .join(e, e.id == a.exam_id)
@@ -533,15 +584,17 @@ def _recognition(d: str) -> _Source:
     u = aliased(User, name="u")
     query = (
         select(
-            x.report_id.label("case_id"),
-            *_exam_columns(e, o.code, u.username),
-            x.decided_at.label("at"),
-            x.decided_at.label("start_at"),
-            x.valid_until.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            case((x.granted, 1), else_=0).label("num"),
-            func.coalesce(x.mark, "not_granted").label("reason"),
+            *_case_columns(
+                case_id=x.report_id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=x.decided_at,
+                start=x.decided_at,
+                end=x.valid_until,
+                num=case((x.granted, 1), else_=0),
+                reason=func.coalesce(x.mark, "not_granted"),
+            )
         )
         .select_from(x)
         .join(e, e.id == x.exam_id)
@@ -556,21 +609,16 @@ def _lookups(d: str) -> _Source:
     o = aliased(Organization, name="o")
     query = (
         select(
-            cast(v.seq, String).label("case_id"),
-            cast(null(), String).label("exam_id"),
-            cast(null(), String).label("accession"),
-            o.code.label("clinic"),
-            cast(null(), String).label("discipline"),
-            cast(null(), String).label("modality"),
-            cast(null(), String).label("priority"),
-            v.actor.label("reader"),
-            v.at.label("at"),
-            v.at.label("start_at"),
-            _NULL_TIME.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(null(), String).label("reason"),
+            *_case_columns(
+                case_id=cast(v.seq, String),
+                exam=None,
+                clinic=o.code,
+                reader=v.actor,
+                at=v.at,
+                start=v.at,
+                end=_NULL_TIME,
+                num=literal(1),
+            )
         )
         .select_from(v)
         .outerjoin(o, o.id == v.org_id)
@@ -587,15 +635,17 @@ def _declines(d: str) -> _Source:
     u = aliased(User, name="u")
     query = (
         select(
-            x.id.label("case_id"),
-            *_exam_columns(e, o.code, u.username),
-            x.declined_at.label("at"),
-            x.declined_at.label("start_at"),
-            _NULL_TIME.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(x.reason, String).label("reason"),
+            *_case_columns(
+                case_id=x.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=x.declined_at,
+                start=x.declined_at,
+                end=_NULL_TIME,
+                num=literal(1),
+                reason=cast(x.reason, String),
+            )
         )
         .select_from(x)
         .join(r, r.id == x.decision_id)
@@ -664,15 +714,16 @@ def _writing(d: str) -> _Source:
     unchecked = k.report_id.is_(None)
     query = (
         select(
-            r.id.label("case_id"),
-            *_exam_columns(e, o.code, u.username),
-            r.final_at.label("at"),
-            r.created_at.label("start_at"),
-            r.final_at.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(null(), String).label("reason"),
+            *_case_columns(
+                case_id=r.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=r.final_at,
+                start=r.created_at,
+                end=r.final_at,
+                num=literal(1),
+            ),
             k.compliant.label("checked_compliant"),
             k.reasons.label("checked_reasons"),
             # The text only of reports not checked yet.
@@ -762,33 +813,6 @@ def check_reports(
 
 FACT_BATCH = 2000
 
-_FACT_COLUMNS = (
-    "id",
-    "accession_number",
-    "org_id",
-    "clinic",
-    "discipline",
-    "modality",
-    "priority",
-    "state",
-    "performed_at",
-    "first_received_at",
-    "ready_at",
-    "claimed_at",
-    "preliminary_at",
-    "delivered_at",
-    "acknowledged_at",
-    "rescan_requested_at",
-    "rescan_reason",
-    "final_at",
-    "reader",
-    "quality_grade",
-    "quality_reason",
-    "has_work_item",
-    "due_at",
-    "refreshed_at",
-)
-
 
 def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -> int:
     """Recompute the facts of the exams of the oldest ``limit`` rows of ``qc_fact_queue``
@@ -806,46 +830,22 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
         return 0
     exam_ids = sorted({row.exam_id for row in rows})
     session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
-    e = aliased(Exam, name="e")
-    r1 = aliased(Report, name="r1")
-    w = aliased(WorkItem, name="w")
-    o = aliased(Organization, name="o")
-    u = aliased(User, name="u")
-    values = select(
-        e.id,
-        e.accession_number,
-        e.org_id,
-        o.code,
-        e.discipline,
-        e.modality,
-        e.priority,
-        e.state,
-        e.performed_at,
-        e.first_received_at,
-        e.ready_at,
-        e.claimed_at,
-        e.preliminary_at,
-        e.delivered_at,
-        e.acknowledged_at,
-        e.rescan_requested_at,
-        e.rescan_reason,
-        r1.final_at,
-        u.username,
-        r1.quality_grade,
-        r1.quality_reason,
-        w.id.is_not(None),
-        w.due_at,
-        literal(now, QcExamFact.refreshed_at.type),
-    ).select_from(e)
-    values = (
-        values.join(o, o.id == e.org_id)
-        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
-        .outerjoin(u, u.id == r1.author_id)
-        .outerjoin(w, w.exam_id == e.id)
-        .where(e.id.in_(exam_ids))
-    )
-    columns = ["exam_id" if c == "id" else c for c in _FACT_COLUMNS]
-    session.execute(insert(QcExamFact).from_select(columns, values))
+    source = _source_rows()
+    e, r1, w = source.e, source.r1, source.w
+    columns: dict[str, Any] = {
+        "exam_id": e.id,
+        **{name: getattr(e, name) for name in QC_FACT_SOURCES["exams"]},
+        "clinic": source.clinic,
+        "final_at": r1.final_at,
+        "reader": source.reader,
+        "quality_grade": r1.quality_grade,
+        "quality_reason": r1.quality_reason,
+        "has_work_item": w.id.is_not(None),
+        "due_at": w.due_at,
+        "refreshed_at": literal(now, QcExamFact.refreshed_at.type),
+    }
+    values = source.join(select(*columns.values()), None).where(e.id.in_(exam_ids))
+    session.execute(insert(QcExamFact).from_select(list(columns), values))
     session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([row.seq for row in rows])))
     return len(rows)
 
