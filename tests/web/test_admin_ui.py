@@ -123,12 +123,20 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     assert users["reader"]["display_name"] == "李医生" and users["reader"]["level"] == "attending"
     _shot(page, "admin-users")
     page.click("#tab-clinics")
+    clinic_a = page.locator("#clinics tbody tr[data-code='CLINIC_A']")
+    clinic_a.locator("[name=hl7_facilities]").fill("LIS_A  analyser-a")
+    with page.expect_response(
+        lambda r: r.request.method == "PATCH" and r.url.endswith("/api/v1/clinics/CLINIC_A")
+    ) as saved:
+        clinic_a.locator("button.save").click()
+    assert saved.value.status == 200, saved.value.text()
     page.locator("#clinics tbody tr[data-code='CLINIC_B'] button.disable").click()
     expect(page.locator("#clinics tbody tr[data-code='CLINIC_B']")).to_have_class(
         re.compile("inactive")
     )
     clinics = {c["code"]: c for c in admin_api.get("/api/v1/clinics").json()}
     assert clinics["CLINIC_B"]["active"] is False
+    assert clinics["CLINIC_A"]["hl7_facilities"] == ["LIS_A", "analyser-a"]
     _shot(page, "admin-clinics")
 
     # The other tabs load from their existing APIs without errors.
@@ -137,6 +145,31 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
         expect(page.locator(f"#panel-{tab}")).to_be_visible()
     page.click("#tab-critical")
     expect(page.locator("#contacts tbody tr")).to_have_count(2)
+    # Critical-value contacts and the duty list, edited row by row.
+    contact = page.locator("#contacts tbody tr[data-code='CLINIC_A']")
+    contact.locator("[name=primary_name]").fill("王护士")
+    contact.locator("[name=primary_phone]").fill("0571-1234")
+    contact.locator("[name=primary_username]").select_option("tech_a")
+    with page.expect_response(lambda r: r.request.method == "PUT") as saved:
+        contact.locator("button.save").click()
+    assert saved.value.status == 200, saved.value.text()
+    got = admin_api.get("/api/v1/critical-contacts/CLINIC_A").json()
+    assert (got["primary_name"], got["primary_username"]) == ("王护士", "tech_a")
+    page.locator("#duty-add [name=username]").select_option("senior")
+    page.click("#duty-add button[type=submit]")
+    duty = page.locator("#duty tbody tr[data-username='senior']")
+    duty.locator("[name=on_until]").fill("2099-01-31T18:00")
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and "critical-duty" in r.url
+    ) as s2:
+        duty.locator("button.save").click()
+    assert s2.value.status == 200, s2.value.text()
+    entry = {d["username"]: d for d in admin_api.get("/api/v1/critical-duty").json()}["senior"]
+    assert entry["on_until"].startswith("2099-01-31") and entry["on_duty_now"] is True
+    expect(page.locator("#duty tbody tr[data-username='senior'] [name=on_until]")).to_have_value(
+        "2099-01-31T18:00"
+    )
+    _shot(page, "admin-critical")
     assert not page.errors  # type: ignore[attr-defined]
     assert page.locator("#message").is_hidden()
 

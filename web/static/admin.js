@@ -87,6 +87,7 @@
       list.forEach(function (c) {
         var name = input("name", c.name, { maxlength: 200 });
         var aes = input("ae_titles", c.ae_titles.join(" "));
+        var hl7 = input("hl7_facilities", (c.hl7_facilities || []).join(" "));
         function save(patch) {
           R.api("PATCH", "/api/v1/clinics/" + encodeURIComponent(c.code), patch).then(function () {
             ok();
@@ -98,10 +99,11 @@
             el("td", { class: "code", text: c.code }),
             cell([name]),
             cell([aes]),
+            cell([hl7]),
             el("td", { class: "num", text: String(c.users) }),
             el("td", { text: c.active ? t("common.yes") : t("common.no") }),
             cell([
-              button(t("ad.save"), function () { save({ name: name.value, ae_titles: words(aes.value) }); }, "primary save"),
+              button(t("ad.save"), function () { save({ name: name.value, ae_titles: words(aes.value), hl7_facilities: words(hl7.value) }); }, "primary save"),
               c.active
                 ? button(t("ad.disable"), function () {
                     if (window.confirm(t("ad.confirm_disable", { name: c.code }))) save({ active: false });
@@ -116,7 +118,12 @@
   document.getElementById("clinic-add").addEventListener("submit", function (event) {
     event.preventDefault();
     var f = event.target.elements;
-    R.api("POST", "/api/v1/clinics", { code: f.code.value.trim(), name: f.name.value.trim(), ae_titles: words(f.ae_titles.value) })
+    R.api("POST", "/api/v1/clinics", {
+      code: f.code.value.trim(),
+      name: f.name.value.trim(),
+      ae_titles: words(f.ae_titles.value),
+      hl7_facilities: words(f.hl7_facilities.value),
+    })
       .then(function () {
         event.target.reset();
         ok();
@@ -354,6 +361,22 @@
   });
 
   // --- critical-value contacts and duty list ----------------------------------------------
+  // A contact's account: one of the clinic's active users (notified in RDC as well).
+  function accounts(name, code) {
+    var names = users.filter(function (u) { return u.active && u.org_code === code; })
+      .map(function (u) { return u.username; });
+    return select(name, names, null, null, "—");
+  }
+  // datetime-local <-> ISO with the browser's offset (the API wants a time zone).
+  function localValue(iso) {
+    if (!iso) return "";
+    var d = new Date(iso);
+    var pad = function (n) { return String(n).padStart(2, "0"); };
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" + pad(d.getHours()) + ":" + pad(d.getMinutes());
+  }
+  function isoValue(local) {
+    return local ? new Date(local).toISOString() : null;
+  }
   loaders.critical = function () {
     Promise.all([loadClinics(), loadUsers()]).then(function () {
       var body = tbody("contacts");
@@ -361,8 +384,10 @@
         var fields = {
           primary_name: input("primary_name", "", { maxlength: 200 }),
           primary_phone: input("primary_phone", "", { maxlength: 64 }),
+          primary_username: accounts("primary_username", c.code),
           secondary_name: input("secondary_name", "", { maxlength: 200 }),
           secondary_phone: input("secondary_phone", "", { maxlength: 64 }),
+          secondary_username: accounts("secondary_username", c.code),
         };
         R.api("GET", "/api/v1/critical-contacts/" + encodeURIComponent(c.code), null, { quiet401: true }).then(function (contact) {
           Object.keys(fields).forEach(function (k) { fields[k].value = contact[k] || ""; });
@@ -371,8 +396,10 @@
           el("td", { class: "code", text: c.code }),
           cell([fields.primary_name]),
           cell([fields.primary_phone]),
+          cell([fields.primary_username]),
           cell([fields.secondary_name]),
           cell([fields.secondary_phone]),
+          cell([fields.secondary_username]),
           cell([button(t("ad.save"), function () {
             var data = {};
             Object.keys(fields).forEach(function (k) { data[k] = fields[k].value.trim() || null; });
@@ -389,11 +416,22 @@
     }).then(function (list) {
       var body = tbody("duty");
       (list || []).forEach(function (d) {
+        var from = input("on_from", localValue(d.on_from), { type: "datetime-local" });
+        var until = input("on_until", localValue(d.on_until), { type: "datetime-local" });
         body.appendChild(el("tr", { dataset: { username: d.username } }, [
           el("td", { class: "code", text: d.username }),
           el("td", { text: d.name }),
+          cell([from]),
+          cell([until]),
           el("td", { text: d.on_duty_now ? t("common.yes") : t("common.no") }),
-          cell([button(t("ad.remove"), function () {
+          cell([button(t("ad.save"), function () {
+            R.api("POST", "/api/v1/critical-duty", {
+              username: d.username, on_from: isoValue(from.value), on_until: isoValue(until.value),
+            }).then(function () {
+              ok();
+              loaders.critical();
+            }, fail);
+          }, "primary save"), button(t("ad.remove"), function () {
             R.api("DELETE", "/api/v1/critical-duty/" + encodeURIComponent(d.username)).then(function () {
               ok();
               loaders.critical();
