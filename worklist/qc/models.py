@@ -128,6 +128,15 @@ class QcExamFact(Base):
     # The work item: whether there is one, and its due time.
     has_work_item: Mapped[bool] = mapped_column(Boolean)
     due_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Seconds of the turnaround stages TAT-01 .. TAT-07 (worklist.qc.service.TAT_STAGES),
+    # computed by the same expression as over the source tables: the same values.
+    tat_01: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_02: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_03: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_04: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_05: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_06: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_07: Mapped[float | None] = mapped_column(Float, nullable=True)
     refreshed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -296,6 +296,19 @@ class _ExamRows:
     reader: Any
     # (query, due) -> the query with its FROM clause; due None: outer-join the work item
     join: Callable[[Any, bool | None], Any]
+    stored: bool = False  # the facts: the turnaround stages' seconds are stored
+
+    def stage_seconds(self, d: str, code: str) -> Any:
+        """Seconds of the turnaround stage ``code`` (stored in the facts, the same value)."""
+        if self.stored:
+            return getattr(self.e, stage_column(code))
+        start, end = TAT_STAGES[code]
+        return _seconds(d, end(self.e, self.r1), start(self.e, self.r1))
+
+
+def stage_column(code: str) -> str:
+    """The facts column of turnaround stage ``code``: TAT-03 -> tat_03."""
+    return "tat_" + code.split("-")[1]
 
 
 def _source_rows() -> _ExamRows:
@@ -326,7 +339,7 @@ def _fact_rows() -> _ExamRows:
         query = query.select_from(f)
         return query.where(f.has_work_item) if due else query
 
-    return _ExamRows(f, f, f, f.clinic, f.reader, join)
+    return _ExamRows(f, f, f, f.clinic, f.reader, join, stored=True)
 
 
 def _exam_query(facts: bool, make: Callable[[_ExamRows], Any]) -> Any:
@@ -391,13 +404,18 @@ class _ExamCases:
     reason: _Cond | None
     where: Callable[[Any, Any, Any], list[ColumnElement[bool]]]
     due: bool = False
+    stage: str | None = None  # a turnaround stage: its seconds are stored in the facts
 
 
 def _exam_source(d: str, cases: _ExamCases, *, facts: bool) -> _Source:
     def make(rows: _ExamRows) -> Any:
         e, r1, w = rows.e, rows.r1, rows.w
         start_col, end_col = cases.start(e, r1), cases.end(e, r1)
-        dur = _seconds(d, end_col, start_col)
+        dur = (
+            rows.stage_seconds(d, cases.stage)
+            if cases.stage is not None
+            else _seconds(d, end_col, start_col)
+        )
         num = cases.num(e, r1, w) if cases.num is not None else case((dur.is_not(None), 1), else_=0)
         query = select(
             *_case_columns(
@@ -422,8 +440,9 @@ def _exam_source(d: str, cases: _ExamCases, *, facts: bool) -> _Source:
 def _exam_indicators(d: str, now: datetime) -> dict[str, _ExamCases]:
     """Every indicator whose cases are exams, by code."""
 
-    def tat(start: _Time, end: _Time) -> _ExamCases:
+    def tat(code: str, start: _Time, end: _Time) -> _ExamCases:
         return _ExamCases(
+            stage=code,
             at=_arrival,
             start=start,
             end=end,
@@ -465,7 +484,7 @@ def _exam_indicators(d: str, now: datetime) -> dict[str, _ExamCases]:
         return [e.state != ExamState.CANCELLED, e.org_id.in_(clinic_orgs)]
 
     return {
-        **{code: tat(*stage) for code, stage in TAT_STAGES.items()},
+        **{code: tat(code, *stage) for code, stage in TAT_STAGES.items()},
         "SLA-01": _ExamCases(
             at=_arrival,
             start=lambda e, r1: e.ready_at,
@@ -830,6 +849,7 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
         return 0
     exam_ids = sorted({row.exam_id for row in rows})
     session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
+    d = _dialect(session)
     source = _source_rows()
     e, r1, w = source.e, source.r1, source.w
     columns: dict[str, Any] = {
@@ -842,6 +862,7 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
         "quality_reason": r1.quality_reason,
         "has_work_item": w.id.is_not(None),
         "due_at": w.due_at,
+        **{stage_column(code): source.stage_seconds(d, code) for code in TAT_STAGES},
         "refreshed_at": literal(now, QcExamFact.refreshed_at.type),
     }
     values = source.join(select(*columns.values()), None).where(e.id.in_(exam_ids))
@@ -1055,10 +1076,7 @@ def _turnaround_family(
 
     def make(rows: _ExamRows) -> Any:
         e, r1 = rows.e, rows.r1
-        durations = [
-            _seconds(d, TAT_STAGES[c][1](e, r1), TAT_STAGES[c][0](e, r1)).label(f"d{i}")
-            for i, c in enumerate(codes)
-        ]
+        durations = [rows.stage_seconds(d, c).label(f"d{i}") for i, c in enumerate(codes)]
         query = select(
             *_exam_columns(e, rows.clinic, rows.reader), e.first_received_at.label("at"), *durations
         ).where(*_not_cancelled(e, r1, None))
