@@ -66,6 +66,38 @@ def _tat(code: str, zh: str, en: str, target: float | None = None) -> Indicator:
 Names = tuple[str, str]  # (zh, en)
 
 
+def _indicator(
+    code: str,
+    family: Family,
+    name: Names,
+    source: str,
+    kind: Kind,
+    direction: Direction,
+    *,
+    target: tuple[float | None, float] = (None, 0.0),
+    numerator: Names = ("", ""),
+    denominator: Names = ("", ""),
+    why: str = "",
+) -> Indicator:
+    return Indicator(
+        code=code,
+        family=family,
+        name_zh=name[0],
+        name_en=name[1],
+        source=source,
+        kind=kind,
+        direction=direction,
+        target=target[0],
+        warn_margin=target[1],
+        unit={"rate": "%", "duration": "min", "count": ""}[kind],
+        numerator_zh=numerator[0],
+        numerator_en=numerator[1],
+        denominator_zh=denominator[0],
+        denominator_en=denominator[1],
+        unavailable=why,
+    )
+
+
 def _rate(
     code: str,
     family: Family,
@@ -78,21 +110,16 @@ def _rate(
     direction: Direction = "higher",
 ) -> Indicator:
     """A rate (%): ``target`` is (target, warning margin)."""
-    return Indicator(
-        code=code,
-        family=family,
-        name_zh=name[0],
-        name_en=name[1],
-        source=source,
-        kind="rate",
-        direction=direction,
-        target=target[0],
-        warn_margin=target[1],
-        unit="%",
-        numerator_zh=numerator[0],
-        numerator_en=numerator[1],
-        denominator_zh=denominator[0],
-        denominator_en=denominator[1],
+    return _indicator(
+        code,
+        family,
+        name,
+        source,
+        "rate",
+        direction,
+        target=target,
+        numerator=numerator,
+        denominator=denominator,
     )
 
 
@@ -100,39 +127,14 @@ def _count(
     code: str, name: Names, numerator: Names, *, direction: Direction = "higher"
 ) -> Indicator:
     """An alliance count (no target)."""
-    return Indicator(
-        code=code,
-        family="alliance",
-        name_zh=name[0],
-        name_en=name[1],
-        source=_ALLIANCE,
-        kind="count",
-        direction=direction,
-        target=None,
-        warn_margin=0.0,
-        unit="",
-        numerator_zh=numerator[0],
-        numerator_en=numerator[1],
-    )
+    return _indicator(code, "alliance", name, _ALLIANCE, "count", direction, numerator=numerator)
 
 
 def _no_data(
     code: str, family: Family, name: Names, source: str, kind: Kind, direction: Direction, why: str
 ) -> Indicator:
     """An indicator of data the product does not hold yet: "no data", never zero."""
-    return Indicator(
-        code=code,
-        family=family,
-        name_zh=name[0],
-        name_en=name[1],
-        source=source,
-        kind=kind,
-        direction=direction,
-        target=None,
-        warn_margin=0.0,
-        unit="min" if kind == "duration" else "%",
-        unavailable=why,
-    )
+    return _indicator(code, family, name, source, kind, direction, why=why)
 
 
 INDICATORS: tuple[Indicator, ...] = (
