@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure on SQLite: a copy of every k-th exam of the PostgreSQL data set"
         " (about EXAMS exams, e.g. 100000) in a file under /var/tmp",
     )
+    parser.add_argument(
+        "--sqlite-only", action="store_true", help="with --sqlite: measure only the SQLite copy"
+    )
     args = parser.parse_args(argv)
     bw = _loader()
     size = bw.parse_size(args.size)
@@ -121,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         now = dataset["now"] + timedelta(seconds=1)
         start, end = _quarter_before((now - timedelta(days=3)).date())
         filters = period_filters(start=start, end=end, tz=TZ)
-        with bw.product_database(url):
-            runs.append((f"PostgreSQL, {dataset['exams']:,} exams", _run(filters, now, args)))
+        if not (args.sqlite and args.sqlite_only):
+            with bw.product_database(url):
+                title = f"PostgreSQL, {dataset['exams']:,} exams"
+                runs.append((title, _run(filters, now, args)))
         if args.sqlite:
             target = bw.parse_size(args.sqlite)
             path = Path(f"/var/tmp/rdc_bench_qc_{bw.label(target)}.sqlite")
