@@ -57,7 +57,13 @@
     });
     if (location.hash !== "#" + tab) history.replaceState(null, "", "#" + tab);
     message.hidden = true;
-    (loaders[tab] || function () {})();
+    // data-state: "loading" until the latest load of the tab has rendered, then "ready".
+    var panel = document.getElementById("panel-" + tab);
+    var generation = (panel.loads = (panel.loads || 0) + 1);
+    panel.dataset.state = "loading";
+    Promise.resolve((loaders[tab] || function () {})()).then(function () {
+      if (panel.loads === generation) panel.dataset.state = "ready";
+    });
   }
   document.getElementById("admin-tabs").addEventListener("click", function (event) {
     var tab = event.target.closest && event.target.closest(".tab");
@@ -82,7 +88,7 @@
 
   // --- clinics ---------------------------------------------------------------------------
   loaders.clinics = function () {
-    loadClinics().then(function (list) {
+    return loadClinics().then(function (list) {
       var body = tbody("clinics");
       list.forEach(function (c) {
         var name = input("name", c.name, { maxlength: 200 });
@@ -143,7 +149,7 @@
   }
   var READERS = ["reader", "senior_reader"];
   loaders.users = function () {
-    Promise.all([loadUsers(), R.api("GET", "/api/v1/clinics?include_lead=true")]).then(function (res) {
+    return Promise.all([loadUsers(), R.api("GET", "/api/v1/clinics?include_lead=true")]).then(function (res) {
       var orgs = res[1].map(function (c) { return c.code; });
       var addForm = document.getElementById("user-add");
       if (!addForm.elements.org_code.options.length) {
@@ -258,7 +264,7 @@
     });
   }
   loaders.routing = function () {
-    Promise.all([loadClinics(), R.api("GET", "/api/v1/routing-rules")]).then(function (res) {
+    return Promise.all([loadClinics(), R.api("GET", "/api/v1/routing-rules")]).then(function (res) {
       rulesBody.textContent = "";
       res[1].rules.forEach(function (rule) { rulesBody.appendChild(ruleRow(rule)); });
       number();
@@ -284,7 +290,7 @@
 
   // --- SLA targets -----------------------------------------------------------------------
   loaders.sla = function () {
-    R.api("GET", "/api/v1/sla-targets").then(function (res) {
+    return R.api("GET", "/api/v1/sla-targets").then(function (res) {
       var body = tbody("sla");
       res.targets.forEach(function (target) {
         body.appendChild(
@@ -315,7 +321,7 @@
 
   // --- recognition -----------------------------------------------------------------------
   loaders.recognition = function () {
-    R.api("GET", "/api/v1/recognition/catalog").then(function (cat) {
+    return R.api("GET", "/api/v1/recognition/catalog").then(function (cat) {
       document.getElementById("catalog-version").textContent = cat.version ? t("ad.rec.version", { n: cat.version }) : "";
       var body = tbody("catalog");
       cat.items.forEach(function (i) {
@@ -378,7 +384,7 @@
     return local ? new Date(local).toISOString() : null;
   }
   loaders.critical = function () {
-    Promise.all([loadClinics(), loadUsers()]).then(function () {
+    return Promise.all([loadClinics(), loadUsers()]).then(function () {
       var body = tbody("contacts");
       clinics.forEach(function (c) {
         var fields = {
@@ -451,7 +457,7 @@
 
   // --- delivery endpoints ----------------------------------------------------------------
   loaders.delivery = function () {
-    Promise.all([loadClinics(), R.api("GET", "/api/v1/delivery-endpoints")]).then(function (res) {
+    return Promise.all([loadClinics(), R.api("GET", "/api/v1/delivery-endpoints")]).then(function (res) {
       var clinicSelect = document.getElementById("endpoint-add").elements.clinic;
       clinicSelect.textContent = "";
       clinicCodes().forEach(function (code) { clinicSelect.appendChild(el("option", { value: code, text: code })); });
