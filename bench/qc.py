@@ -1,4 +1,4 @@
-"""QC benchmark: the indicator query set and a quarter's XLSX case list on PostgreSQL.
+"""QC benchmark: the indicator query set and a quarter's XLSX case list, reference and facts.
 
 Loads the data set of ``bench/worklist.py`` (same loader, same database layout: exams with
 their stage times, work items, first reports spread over two years) into
@@ -39,12 +39,13 @@ from datetime import date, timedelta  # noqa: E402
 from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
-from rdc_core.db import read_session, stable_id  # noqa: E402
+from rdc_core.db import get_engine, read_session, stable_id  # noqa: E402
+from rdc_core.migrate import upgrade_database  # noqa: E402
 from worklist.access import Principal  # noqa: E402
 from worklist.models import OrgKind, Role  # noqa: E402
 from worklist.qc import INDICATORS, compute_indicators, iter_cases, period_filters  # noqa: E402
 from worklist.qc.export import case_table, write_xlsx  # noqa: E402
-from worklist.qc.tasks import check_reports_task  # noqa: E402
+from worklist.qc.tasks import check_reports_task, refresh_facts_task  # noqa: E402
 
 TARGET_P95_MS = 500.0
 TARGET_EXPORT_S = 30.0
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="100000", help="exams, e.g. 100000 or 1M")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument(
+        "--reference-iterations",
+        type=int,
+        default=5,
+        help="calls of the reference path (slow on 1M exams)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--database-url",
@@ -87,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument(
+        "--sqlite",
+        metavar="EXAMS",
+        help="also measure on SQLite: a copy of every k-th exam of the PostgreSQL data set"
+        " (about EXAMS exams, e.g. 100000) in a file under /var/tmp",
+    )
+    parser.add_argument(
+        "--sqlite-only", action="store_true", help="with --sqlite: measure only the SQLite copy"
+    )
     args = parser.parse_args(argv)
     bw = _loader()
     size = bw.parse_size(args.size)
@@ -94,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     name = f"rdc_bench_qc_{bw.label(size)}"
     url = bw.make_url(args.database_url).set(database=name)
     created = False
+    runs: list[tuple[str, dict[str, Any]]] = []
     try:
         if args.reuse and bw.database_exists(admin, name):
             print(f"reusing {name}", flush=True)
+            with bw.product_database(url):
+                upgrade_database()  # a database kept by an older version: its new tables
         else:
             print(f"loading {size:,} exams into {name}", flush=True)
             created = True
@@ -105,36 +124,132 @@ def main(argv: list[str] | None = None) -> int:
         now = dataset["now"] + timedelta(seconds=1)
         start, end = _quarter_before((now - timedelta(days=3)).date())
         filters = period_filters(start=start, end=end, tz=TZ)
-        qc = Principal(
-            user_id=stable_id("user", "bench.qc"),
-            username="bench.qc",
-            role=Role.QC,
-            org_id=stable_id("org", bw.LEAD_CODE),
-            org_kind=OrgKind.LEAD,
-        )
-        with bw.product_database(url):
-            # What the periodic task worklist.qc.check_reports keeps up to date in production.
-            t0 = time.perf_counter()
-            checked = check_reports_task()
-            print(f"checked {checked:,} reports in {time.perf_counter() - t0:.1f} s", flush=True)
-            results = _measure(qc, filters, now, args.iterations, args.warmup)
+        if not (args.sqlite and args.sqlite_only):
+            with bw.product_database(url):
+                title = f"PostgreSQL, {dataset['exams']:,} exams"
+                runs.append((title, _run(filters, now, args)))
+        if args.sqlite:
+            target = bw.parse_size(args.sqlite)
+            path = Path(f"/var/tmp/rdc_bench_qc_{bw.label(target)}.sqlite")
+            sqlite_url = bw.make_url(f"sqlite:///{path}")
+            exams = _copy_to_sqlite(url, sqlite_url, path, step=max(1, size // target))
+            with bw.product_database(sqlite_url):
+                runs.append((f"SQLite, {exams:,} exams", _run(filters, now, args)))
+            if not args.keep:
+                path.unlink(missing_ok=True)
     finally:
         if created and not args.keep:
             bw.drop_database(admin, name)
         admin.dispose()
-    print(f"\n{dataset['exams']:,} exams, {dataset['reports']:,} reports; quarter {start} .. {end}")
-    for line in results:
-        print(line)
+    print(f"\nquarter {start} .. {end}; the machine is shared: figures are noisy")
+    for title, result in runs:
+        _print(title, result)
     return 0
 
 
-def _measure(qc: Principal, filters: Any, now: Any, iterations: int, warmup: int) -> list[str]:
-    lines: list[str] = []
+def _principal() -> Principal:
+    return Principal(
+        user_id=stable_id("user", "bench.qc"),
+        username="bench.qc",
+        role=Role.QC,
+        org_id=stable_id("org", "LEAD"),
+        org_kind=OrgKind.LEAD,
+    )
 
-    def call() -> list[Any]:
+
+def _run(filters: Any, now: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the facts (what the task keeps up to date in production), then measure the
+    reference path (source tables) and the facts path on the same data."""
+    out: dict[str, Any] = {}
+    # What the periodic tasks worklist.qc.check_reports / refresh_facts keep up to date.
+    t0 = time.perf_counter()
+    out["checked"] = check_reports_task()
+    out["check_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["refreshed"] = refresh_facts_task()
+    out["refresh_s"] = time.perf_counter() - t0
+    # What autovacuum does in production (the queue's settings make it prompt): statistics of
+    # the new facts, the emptied queue's dead rows gone.
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("VACUUM (ANALYZE) qc_fact_queue, qc_exam_facts")
+        else:
+            conn.exec_driver_sql("ANALYZE")
+    print(
+        f"checked {out['checked']:,} reports in {out['check_s']:.1f} s;"
+        f" facts of {out['refreshed']:,} queued changes in {out['refresh_s']:.1f} s",
+        flush=True,
+    )
+    qc = _principal()
+    for facts, iterations in ((False, args.reference_iterations), (True, args.iterations)):
+        label = "facts" if facts else "reference"
+        print(f"measuring the {label} path", flush=True)
+        out[label] = _measure(qc, filters, now, iterations, args.warmup, facts=facts)
+    out["same"] = out["reference"]["figures"] == out["facts"]["figures"]
+    return out
+
+
+def _copy_to_sqlite(source: Any, target: Any, path: Path, *, step: int) -> int:
+    """A migrated SQLite file holding every ``step``-th exam of ``source`` (by ID) with
+    its work item and reports, every organisation, user and referenced patient."""
+    from sqlalchemy import create_engine, func, insert, select
+
+    from rdc_core.db import Base
+
+    path.unlink(missing_ok=True)
+    with _loader().product_database(target):
+        upgrade_database()
+    tables = Base.metadata.tables
+    exams, patients = tables["exams"], tables["patients"]
+    picked = select(exams.c.id).where(func.abs(func.hashtext(exams.c.id)) % step == 0)
+    work_items, reports = tables["work_items"], tables["reports"]
+    queries = [
+        (tables["organizations"], select(tables["organizations"])),
+        (tables["users"], select(tables["users"])),
+        (
+            patients,
+            select(patients).where(
+                patients.c.id.in_(select(exams.c.patient_ref).where(exams.c.id.in_(picked)))
+            ),
+        ),
+        (exams, select(exams).where(exams.c.id.in_(picked))),
+        (work_items, select(work_items).where(work_items.c.exam_id.in_(picked))),
+        (
+            reports,
+            select(reports).where(reports.c.exam_id.in_(picked)).order_by(reports.c.version),
+        ),
+    ]
+    t0 = time.perf_counter()
+    reader, writer = create_engine(source), create_engine(target)
+    try:
+        with reader.connect() as src, writer.begin() as dst:
+            for table, query in queries:
+                rows = src.execution_options(stream_results=True, yield_per=5000).execute(query)
+                for chunk in rows.mappings().partitions(5000):
+                    dst.execute(insert(table), [dict(r) for r in chunk])
+            count = int(dst.execute(select(func.count()).select_from(exams)).scalar_one())
+    finally:
+        reader.dispose()
+        writer.dispose()
+    print(f"copied {count:,} exams to {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return count
+
+
+def _measure(
+    qc: Principal, filters: Any, now: Any, iterations: int, warmup: int, *, facts: bool
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+
+    def call(codes: list[str] | None = None) -> list[Any]:
         with read_session() as session:
             return compute_indicators(
-                session, principal=qc, filters=filters, now=now, group_by="clinic"
+                session,
+                principal=qc,
+                filters=filters,
+                now=now,
+                group_by="clinic",
+                codes=codes,
+                facts=facts,
             )
 
     for _ in range(warmup):
@@ -145,23 +260,14 @@ def _measure(qc: Principal, filters: Any, now: Any, iterations: int, warmup: int
         out = call()
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    p95 = times[max(0, round(0.95 * len(times)) - 1)]
-    lines.append(
-        f"indicators (all {len(out)}, group_by=clinic, with change):"
-        f" mean {statistics.mean(times):.0f} ms,"
-        f" p50 {statistics.median(times):.0f} ms, p95 {p95:.0f} ms"
-        f" (target <= {TARGET_P95_MS:.0f} ms: {'met' if p95 <= TARGET_P95_MS else 'NOT met'})"
-    )
+    result["figures"] = [i.model_dump() for i in out]
+    result["p50"] = statistics.median(times)
+    result["p95"] = times[max(0, round(0.95 * len(times)) - 1)]
+    result["per"] = {}
     for ind in INDICATORS:
         t0 = time.perf_counter()
-        with read_session() as session:
-            one = compute_indicators(
-                session, principal=qc, filters=filters, now=now, group_by="clinic", codes=[ind.code]
-            )[0]
-        lines.append(
-            f"  {ind.code:<7} {(time.perf_counter() - t0) * 1000:7.0f} ms"
-            f"  numerator {one.numerator} denominator {one.denominator} value {one.value}"
-        )
+        call([ind.code])
+        result["per"][ind.code] = (time.perf_counter() - t0) * 1000
 
     samples: list[float] = []
     done = threading.Event()
@@ -178,25 +284,50 @@ def _measure(qc: Principal, filters: Any, now: Any, iterations: int, warmup: int
     t0 = time.perf_counter()
     try:
         with read_session() as session:
-            rows = iter_cases(session, principal=qc, code="TAT-07", filters=filters, now=now)
+            rows = iter_cases(
+                session, principal=qc, code="TAT-07", filters=filters, now=now, facts=facts
+            )
             header, table = case_table(rows, TZ)
-            n = write_xlsx(path, "TAT-07", header, table)
-        seconds = time.perf_counter() - t0
-        size = path.stat().st_size
+            result["rows"] = write_xlsx(path, "TAT-07", header, table)
+        result["export_s"] = time.perf_counter() - t0
     finally:
         done.set()
         sampler.join()
         path.unlink(missing_ok=True)
-    quarter = samples[len(samples) // 4] if samples else before
-    lines.append(
-        f"export.xlsx TAT-07 cases: {n:,} rows, {size / 2**20:.1f} MiB in {seconds:.1f} s"
-        f" (target <= {TARGET_EXPORT_S:.0f} s:"
-        f" {'met' if seconds <= TARGET_EXPORT_S else 'NOT met'});"
-        f" RSS before {before:.0f} MiB, at 1/4 {quarter:.0f} MiB,"
-        f" peak {max(samples or [before]):.0f} MiB,"
-        f" end {samples[-1] if samples else before:.0f} MiB"
+    result["rss"] = (before, max(samples or [before]), samples[-1] if samples else before)
+    return result
+
+
+def _print(title: str, r: dict[str, Any]) -> None:
+    ref, fac = r["reference"], r["facts"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:8.1f}x" if b else "       -"
+
+    print(
+        f"\n{title}: facts built from {r['refreshed']:,} queued changes in {r['refresh_s']:.1f} s"
     )
-    return lines
+    print(f"  figures of both paths identical: {'yes' if r['same'] else 'NO'}")
+    print(f"  {'':<34}{'reference':>11}{'facts':>11}{'ratio':>10}")
+    for key, what in (("p50", "p50"), ("p95", "p95")):
+        print(
+            f"  {'indicators, all 28, by clinic ' + what:<34}{ref[key]:9.0f}ms{fac[key]:9.0f}ms"
+            f"{ratio(ref[key], fac[key])}"
+        )
+    for code, ms in ref["per"].items():
+        print(f"    {code:<32}{ms:9.0f}ms{fac['per'][code]:9.0f}ms{ratio(ms, fac['per'][code])}")
+    print(
+        f"  {'export.xlsx TAT-07 cases':<34}{ref['export_s']:10.1f}s{fac['export_s']:10.1f}s"
+        f"{ratio(ref['export_s'], fac['export_s'])}  ({fac['rows']:,} rows)"
+    )
+    print(
+        f"  targets (facts path): indicators p95 <= {TARGET_P95_MS:.0f} ms:"
+        f" {'met' if fac['p95'] <= TARGET_P95_MS else 'NOT met'};"
+        f" export <= {TARGET_EXPORT_S:.0f} s:"
+        f" {'met' if fac['export_s'] <= TARGET_EXPORT_S else 'NOT met'};"
+        f" export RSS before / peak / end {fac['rss'][0]:.0f} / {fac['rss'][1]:.0f} /"
+        f" {fac['rss'][2]:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

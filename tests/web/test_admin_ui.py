@@ -52,6 +52,13 @@ def _login(browser: Browser, server: RdcServer, username: str, password: str, pa
     return page
 
 
+def _open_tab(page: Page, tab: str) -> None:
+    """Open a console tab and wait until its latest load has rendered (a row edited before
+    would be replaced by the new rendering)."""
+    page.click(f"#tab-{tab}")
+    expect(page.locator(f"#panel-{tab}")).to_have_attribute("data-state", "ready")
+
+
 def _shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -80,7 +87,7 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     expect(page.locator("#clinics tbody tr[data-code='CLINIC_A']")).to_be_visible()
 
     # Routing rule: CT from clinic A -> pool "ct-a".
-    page.click("#tab-routing")
+    _open_tab(page, "routing")
     page.click("#rule-add")
     rule = page.locator("#rules tbody tr").last
     rule.locator("[name=modality]").fill("CT")
@@ -93,7 +100,7 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     _shot(page, "admin-routing")
 
     # SLA target: imaging routine 45 minutes (READY exams keep their due time).
-    page.click("#tab-sla")
+    _open_tab(page, "sla")
     row = page.locator("#sla tbody tr[data-discipline='imaging'][data-priority='routine']")
     row.locator("input").fill("45")
     page.click("#sla-save")
@@ -107,7 +114,7 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     assert admin_api.get(f"/api/v1/exams/{before['id']}").json()["due_at"] == before["due_at"]
 
     # Users: a display name and a level; clinics: disable clinic B.
-    page.click("#tab-users")
+    _open_tab(page, "users")
     user_row = page.locator("#users tbody tr[data-username='reader']")
     user_row.locator("[name=display_name]").fill("李医生")
     user_row.locator("[name=level]").select_option("attending")
@@ -122,21 +129,56 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     users = {u["username"]: u for u in admin_api.get("/api/v1/users").json()}
     assert users["reader"]["display_name"] == "李医生" and users["reader"]["level"] == "attending"
     _shot(page, "admin-users")
-    page.click("#tab-clinics")
+    _open_tab(page, "clinics")
+    clinic_a = page.locator("#clinics tbody tr[data-code='CLINIC_A']")
+    clinic_a.locator("[name=hl7_facilities]").fill("LIS_A  analyser-a")
+    with page.expect_response(
+        lambda r: r.request.method == "PATCH" and r.url.endswith("/api/v1/clinics/CLINIC_A")
+    ) as saved:
+        clinic_a.locator("button.save").click()
+    assert saved.value.status == 200, saved.value.text()
     page.locator("#clinics tbody tr[data-code='CLINIC_B'] button.disable").click()
     expect(page.locator("#clinics tbody tr[data-code='CLINIC_B']")).to_have_class(
         re.compile("inactive")
     )
     clinics = {c["code"]: c for c in admin_api.get("/api/v1/clinics").json()}
     assert clinics["CLINIC_B"]["active"] is False
+    assert clinics["CLINIC_A"]["hl7_facilities"] == ["LIS_A", "analyser-a"]
     _shot(page, "admin-clinics")
 
     # The other tabs load from their existing APIs without errors.
     for tab in ("recognition", "critical", "delivery"):
         page.click(f"#tab-{tab}")
         expect(page.locator(f"#panel-{tab}")).to_be_visible()
-    page.click("#tab-critical")
+    _open_tab(page, "critical")
     expect(page.locator("#contacts tbody tr")).to_have_count(2)
+    # Critical-value contacts and the duty list, edited row by row.
+    contact = page.locator("#contacts tbody tr[data-code='CLINIC_A']")
+    contact.locator("[name=primary_name]").fill("王护士")
+    contact.locator("[name=primary_phone]").fill("0571-1234")
+    contact.locator("[name=primary_username]").select_option("tech_a")
+    with page.expect_response(lambda r: r.request.method == "PUT") as saved:
+        contact.locator("button.save").click()
+    assert saved.value.status == 200, saved.value.text()
+    got = admin_api.get("/api/v1/critical-contacts/CLINIC_A").json()
+    assert (got["primary_name"], got["primary_username"]) == ("王护士", "tech_a")
+    page.locator("#duty-add [name=username]").select_option("senior")
+    page.click("#duty-add button[type=submit]")
+    duty = page.locator("#duty tbody tr[data-username='senior']")
+    expect(duty).to_have_count(1)
+    expect(page.locator("#panel-critical")).to_have_attribute("data-state", "ready")
+    duty.locator("[name=on_until]").fill("2099-01-31T18:00")
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and "critical-duty" in r.url
+    ) as s2:
+        duty.locator("button.save").click()
+    assert s2.value.status == 200, s2.value.text()
+    entry = {d["username"]: d for d in admin_api.get("/api/v1/critical-duty").json()}["senior"]
+    assert entry["on_until"].startswith("2099-01-31") and entry["on_duty_now"] is True
+    expect(page.locator("#duty tbody tr[data-username='senior'] [name=on_until]")).to_have_value(
+        "2099-01-31T18:00"
+    )
+    _shot(page, "admin-critical")
     assert not page.errors  # type: ignore[attr-defined]
     assert page.locator("#message").is_hidden()
 

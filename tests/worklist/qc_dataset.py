@@ -50,6 +50,19 @@ from worklist.signing.models import SignedArtifact, SigningStage
 
 T0 = datetime(2026, 3, 10, 2, 0, tzinfo=UTC)
 MARCH = (date(2026, 3, 1), date(2026, 3, 31))
+APRIL = datetime(2026, 4, 10, 2, 0, tzinfo=UTC)
+# The ECG and lab exams of April (local days).
+APRIL_DAYS = (date(2026, 4, 1), date(2026, 4, 30))
+EXPECTED_APRIL = {
+    # code: {discipline filter: (numerator, denominator, rate)}
+    "ECG-01": (1, 2, 50.0),
+    "ECG-02": (1, 1, 100.0),
+    "CL-14": (1, 2, 50.0),
+    "CL-15": (0, 2, 0.0),
+    "SLA-01": (2, 4, 50.0),
+}
+# TAT-07 (arrival -> first final) by discipline: (p50, p90) in minutes.
+EXPECTED_APRIL_TAT = {"ecg": (19.5, 26.3), "lab": (220.0, 348.0)}
 PASSWORD = "pw-qc-dataset-1"
 
 
@@ -305,11 +318,43 @@ def build(session: Session, *, with_orgs: bool = True) -> dict[str, str]:
     )
     session.flush()
 
+    # April: ECG and lab exams (outside every period of the imaging figures above).
+    for name, discipline, org, priority, performed, received, final, due in (
+        ("G1", Discipline.ECG, c1, Priority.EMERGENCY, 0, 1, 12, 15),
+        ("G2", Discipline.ECG, c2, Priority.EMERGENCY, 0, 2, 30, 17),
+        ("L1", Discipline.LAB, c1, Priority.ROUTINE, 0, 10, 70, 240),
+        ("L2", Discipline.LAB, c2, Priority.URGENT, None, 20, 400, 240),
+    ):
+        exam(
+            name,
+            org=org,
+            modality="ECG" if discipline is Discipline.ECG else "LAB",
+            priority=priority,
+            performed=performed,
+            received=received,
+            final=final,
+            due=due,
+            findings="窦性心律。Sinus rhythm." if discipline is Discipline.ECG else "K 6.8",
+            impression="心电图异常。Abnormal ECG." if discipline is Discipline.ECG else "高钾",
+            base=APRIL,
+            discipline=discipline,
+        )
+    session.flush()
+
     def alert(
-        name: str, exam_name: str, raised: float, ack: float | None, state: AlertState
+        name: str,
+        exam_name: str,
+        raised: float,
+        ack: float | None,
+        state: AlertState,
+        base: datetime = T0,
     ) -> None:
         e = session.get(Exam, ids[exam_name])
         assert e is not None
+
+        def _m(minutes: float) -> datetime:
+            return base + timedelta(minutes=minutes)
+
         session.add(
             CriticalAlert(
                 id=f"a-{name}",
@@ -333,6 +378,9 @@ def build(session: Session, *, with_orgs: bool = True) -> dict[str, str]:
     alert("A2", "E4", 121, 132, AlertState.ACKNOWLEDGED)
     alert("A3", "E3", 140, None, AlertState.OPEN)
     alert("A4", "E2", 100, None, AlertState.WITHDRAWN)
+    alert("G1", "G1", 12, 20, AlertState.ACKNOWLEDGED, APRIL)  # 8 min
+    alert("L1", "L1", 70, 85, AlertState.ACKNOWLEDGED, APRIL)  # 15 min: notified, late
+    alert("L2", "L2", 400, None, AlertState.OPEN, APRIL)
     granted = RecognitionDecision(
         id="d-1",
         report_id="r-E1-1",

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -64,22 +65,24 @@ SubsetQ = Annotated[
 
 
 def _filters(
-    start: date | None,
-    end: date | None,
-    discipline: str | None,
-    clinic: str | None,
-    modality: str | None,
-    reader: str | None,
-    priority: str | None,
+    start: From = None,
+    to: To = None,
+    discipline: DisciplineQ = None,
+    clinic: ClinicQ = None,
+    modality: ModalityQ = None,
+    reader: ReaderQ = None,
+    priority: PriorityQ = None,
 ) -> QcFilters:
+    """The period and dimension filters every QC route takes (local days of the
+    alliance's time zone; default: this month up to today)."""
     tz = get_settings().timezone
     today = datetime.now(ZoneInfo(tz)).date()
-    end = end or today
-    start = start or end.replace(day=1)
-    if (end - start).days > 3 * 366:
+    end = to or today
+    first = start or end.replace(day=1)
+    if (end - first).days > 3 * 366:
         raise InvalidInputError("the period is at most three years")
     return period_filters(
-        start=start,
+        start=first,
         end=end,
         tz=tz,
         discipline=discipline,
@@ -90,16 +93,35 @@ def _filters(
     )
 
 
+Filters = Annotated[QcFilters, Depends(_filters)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Export:
+    indicator: str | None
+    cases_code: str | None
+    subset: str
+    group_by: str | None
+
+
+def _export(
+    indicator: Annotated[str | None, Query(description="an indicator code, or 'all'")] = None,
+    cases_code: Annotated[
+        str | None, Query(alias="cases", description="case list of this code")
+    ] = None,
+    subset: SubsetQ = "all",
+    group_by: Annotated[str | None, Query()] = None,
+) -> _Export:
+    return _Export(indicator, cases_code, subset, group_by)
+
+
+ExportQ = Annotated[_Export, Depends(_export)]
+
+
 @router.get("/indicators", response_model=IndicatorsOut, responses=_FORBIDDEN)
 def indicators(
     principal: CurrentPrincipal,
-    start: From = None,
-    to: To = None,
-    discipline: DisciplineQ = None,
-    clinic: ClinicQ = None,
-    modality: ModalityQ = None,
-    reader: ReaderQ = None,
-    priority: PriorityQ = None,
+    filters: Filters,
     group_by: Annotated[
         str | None,
         Query(description="discipline | clinic | modality | reader | priority | month | reason"),
@@ -111,7 +133,6 @@ def indicators(
 ) -> IndicatorsOut:
     """Every indicator over the period: numerator, denominator, rate, value, target, status
     and the change from the period of the same length before; ``groups`` with ``group_by``."""
-    filters = _filters(start, to, discipline, clinic, modality, reader, priority)
     with read_session() as session:
         out = compute_indicators(
             session,
@@ -131,19 +152,12 @@ def indicators(
 def cases(
     code: str,
     principal: CurrentPrincipal,
-    start: From = None,
-    to: To = None,
-    discipline: DisciplineQ = None,
-    clinic: ClinicQ = None,
-    modality: ModalityQ = None,
-    reader: ReaderQ = None,
-    priority: PriorityQ = None,
+    filters: Filters,
     subset: SubsetQ = "all",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> CasePage:
     """The exact cases behind a figure, with their times and reasons (audited)."""
-    filters = _filters(start, to, discipline, clinic, modality, reader, priority)
     with session_scope() as session:
         return list_cases(
             session,
@@ -161,17 +175,10 @@ def cases(
 def indicator_histogram(
     code: str,
     principal: CurrentPrincipal,
-    start: From = None,
-    to: To = None,
-    discipline: DisciplineQ = None,
-    clinic: ClinicQ = None,
-    modality: ModalityQ = None,
-    reader: ReaderQ = None,
-    priority: PriorityQ = None,
+    filters: Filters,
     bins: Annotated[int, Query(ge=2, le=100)] = 20,
 ) -> HistogramOut:
     """Distribution of the cases' minutes with P50, P90 and the limit line (e.g. 10 min)."""
-    filters = _filters(start, to, discipline, clinic, modality, reader, priority)
     with read_session() as session:
         return histogram(
             session, principal=principal, code=code, filters=filters, now=utcnow(), bins=bins
@@ -208,14 +215,12 @@ def change_target(code: str, body: TargetIn, principal: CurrentPrincipal) -> Tar
 
 
 def _table(
-    principal: Principal,
-    filters: QcFilters,
-    indicator: str | None,
-    cases_code: str | None,
-    subset: str,
-    group_by: str | None,
+    principal: Principal, filters: QcFilters, export: _Export
 ) -> tuple[str, list[str], Iterator[list[Any]], Any]:
     """(file stem, header, rows, session) of an export; the caller closes the session."""
+    require_qc(principal)
+    indicator, cases_code = export.indicator, export.cases_code
+    subset, group_by = export.subset, export.group_by
     if bool(indicator) == bool(cases_code):
         raise InvalidInputError(
             "give exactly one of indicator= (an indicator table; 'all' for every indicator)"
@@ -263,58 +268,15 @@ def _table(
     return f"{stem}-{local}", header, table, context
 
 
-def _export_args(
-    principal: Principal,
-    start: date | None,
-    to: date | None,
-    discipline: str | None,
-    clinic: str | None,
-    modality: str | None,
-    reader: str | None,
-    priority: str | None,
-    indicator: str | None,
-    cases_code: str | None,
-    subset: str,
-    group_by: str | None,
-) -> tuple[str, list[str], Iterator[list[Any]], Any]:
-    require_qc(principal)
-    filters = _filters(start, to, discipline, clinic, modality, reader, priority)
-    return _table(principal, filters, indicator, cases_code, subset, group_by)
-
-
 @router.get("/export.csv", responses={**_NOT_FOUND, 200: {"content": {"text/csv": {}}}})
 def export_csv(
     principal: CurrentPrincipal,
-    start: From = None,
-    to: To = None,
-    discipline: DisciplineQ = None,
-    clinic: ClinicQ = None,
-    modality: ModalityQ = None,
-    reader: ReaderQ = None,
-    priority: PriorityQ = None,
-    indicator: Annotated[str | None, Query(description="an indicator code, or 'all'")] = None,
-    cases_code: Annotated[
-        str | None, Query(alias="cases", description="case list of this code")
-    ] = None,
-    subset: SubsetQ = "all",
-    group_by: Annotated[str | None, Query()] = None,
+    filters: Filters,
+    export: ExportQ,
 ) -> StreamingResponse:
     """An indicator table (``indicator=``) or a case list (``cases=``) as CSV (UTF-8 with
     BOM), streamed, honouring the filters."""
-    stem, header, rows, context = _export_args(
-        principal,
-        start,
-        to,
-        discipline,
-        clinic,
-        modality,
-        reader,
-        priority,
-        indicator,
-        cases_code,
-        subset,
-        group_by,
-    )
+    stem, header, rows, context = _table(principal, filters, export)
 
     def body() -> Iterator[bytes]:
         try:
@@ -339,35 +301,11 @@ def export_csv(
 )
 def export_xlsx(
     principal: CurrentPrincipal,
-    start: From = None,
-    to: To = None,
-    discipline: DisciplineQ = None,
-    clinic: ClinicQ = None,
-    modality: ModalityQ = None,
-    reader: ReaderQ = None,
-    priority: PriorityQ = None,
-    indicator: Annotated[str | None, Query(description="an indicator code, or 'all'")] = None,
-    cases_code: Annotated[
-        str | None, Query(alias="cases", description="case list of this code")
-    ] = None,
-    subset: SubsetQ = "all",
-    group_by: Annotated[str | None, Query()] = None,
+    filters: Filters,
+    export: ExportQ,
 ) -> FileResponse:
     """The same table as XLSX, written row by row (constant memory) to a temporary file."""
-    stem, header, rows, context = _export_args(
-        principal,
-        start,
-        to,
-        discipline,
-        clinic,
-        modality,
-        reader,
-        priority,
-        indicator,
-        cases_code,
-        subset,
-        group_by,
-    )
+    stem, header, rows, context = _table(principal, filters, export)
     fd, name = tempfile.mkstemp(suffix=".xlsx", prefix="rdc-qc-")
     os.close(fd)
     path = Path(name)
@@ -399,7 +337,7 @@ def monthly_report(
             session,
             principal=principal,
             what=f"report:{month}",
-            filters=_filters(None, None, None, None, None, None, None),
+            filters=_filters(),
             detail={},
         )
     with read_session() as session:

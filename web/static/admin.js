@@ -57,7 +57,13 @@
     });
     if (location.hash !== "#" + tab) history.replaceState(null, "", "#" + tab);
     message.hidden = true;
-    (loaders[tab] || function () {})();
+    // data-state: "loading" until the latest load of the tab has rendered, then "ready".
+    var panel = document.getElementById("panel-" + tab);
+    var generation = (panel.loads = (panel.loads || 0) + 1);
+    panel.dataset.state = "loading";
+    Promise.resolve((loaders[tab] || function () {})()).then(function () {
+      if (panel.loads === generation) panel.dataset.state = "ready";
+    });
   }
   document.getElementById("admin-tabs").addEventListener("click", function (event) {
     var tab = event.target.closest && event.target.closest(".tab");
@@ -82,11 +88,12 @@
 
   // --- clinics ---------------------------------------------------------------------------
   loaders.clinics = function () {
-    loadClinics().then(function (list) {
+    return loadClinics().then(function (list) {
       var body = tbody("clinics");
       list.forEach(function (c) {
         var name = input("name", c.name, { maxlength: 200 });
         var aes = input("ae_titles", c.ae_titles.join(" "));
+        var hl7 = input("hl7_facilities", (c.hl7_facilities || []).join(" "));
         function save(patch) {
           R.api("PATCH", "/api/v1/clinics/" + encodeURIComponent(c.code), patch).then(function () {
             ok();
@@ -98,10 +105,11 @@
             el("td", { class: "code", text: c.code }),
             cell([name]),
             cell([aes]),
+            cell([hl7]),
             el("td", { class: "num", text: String(c.users) }),
             el("td", { text: c.active ? t("common.yes") : t("common.no") }),
             cell([
-              button(t("ad.save"), function () { save({ name: name.value, ae_titles: words(aes.value) }); }, "primary save"),
+              button(t("ad.save"), function () { save({ name: name.value, ae_titles: words(aes.value), hl7_facilities: words(hl7.value) }); }, "primary save"),
               c.active
                 ? button(t("ad.disable"), function () {
                     if (window.confirm(t("ad.confirm_disable", { name: c.code }))) save({ active: false });
@@ -116,7 +124,12 @@
   document.getElementById("clinic-add").addEventListener("submit", function (event) {
     event.preventDefault();
     var f = event.target.elements;
-    R.api("POST", "/api/v1/clinics", { code: f.code.value.trim(), name: f.name.value.trim(), ae_titles: words(f.ae_titles.value) })
+    R.api("POST", "/api/v1/clinics", {
+      code: f.code.value.trim(),
+      name: f.name.value.trim(),
+      ae_titles: words(f.ae_titles.value),
+      hl7_facilities: words(f.hl7_facilities.value),
+    })
       .then(function () {
         event.target.reset();
         ok();
@@ -136,7 +149,7 @@
   }
   var READERS = ["reader", "senior_reader"];
   loaders.users = function () {
-    Promise.all([loadUsers(), R.api("GET", "/api/v1/clinics?include_lead=true")]).then(function (res) {
+    return Promise.all([loadUsers(), R.api("GET", "/api/v1/clinics?include_lead=true")]).then(function (res) {
       var orgs = res[1].map(function (c) { return c.code; });
       var addForm = document.getElementById("user-add");
       if (!addForm.elements.org_code.options.length) {
@@ -251,7 +264,7 @@
     });
   }
   loaders.routing = function () {
-    Promise.all([loadClinics(), R.api("GET", "/api/v1/routing-rules")]).then(function (res) {
+    return Promise.all([loadClinics(), R.api("GET", "/api/v1/routing-rules")]).then(function (res) {
       rulesBody.textContent = "";
       res[1].rules.forEach(function (rule) { rulesBody.appendChild(ruleRow(rule)); });
       number();
@@ -277,7 +290,7 @@
 
   // --- SLA targets -----------------------------------------------------------------------
   loaders.sla = function () {
-    R.api("GET", "/api/v1/sla-targets").then(function (res) {
+    return R.api("GET", "/api/v1/sla-targets").then(function (res) {
       var body = tbody("sla");
       res.targets.forEach(function (target) {
         body.appendChild(
@@ -308,7 +321,7 @@
 
   // --- recognition -----------------------------------------------------------------------
   loaders.recognition = function () {
-    R.api("GET", "/api/v1/recognition/catalog").then(function (cat) {
+    return R.api("GET", "/api/v1/recognition/catalog").then(function (cat) {
       document.getElementById("catalog-version").textContent = cat.version ? t("ad.rec.version", { n: cat.version }) : "";
       var body = tbody("catalog");
       cat.items.forEach(function (i) {
@@ -354,15 +367,33 @@
   });
 
   // --- critical-value contacts and duty list ----------------------------------------------
+  // A contact's account: one of the clinic's active users (notified in RDC as well).
+  function accounts(name, code) {
+    var names = users.filter(function (u) { return u.active && u.org_code === code; })
+      .map(function (u) { return u.username; });
+    return select(name, names, null, null, "—");
+  }
+  // datetime-local <-> ISO with the browser's offset (the API wants a time zone).
+  function localValue(iso) {
+    if (!iso) return "";
+    var d = new Date(iso);
+    var pad = function (n) { return String(n).padStart(2, "0"); };
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" + pad(d.getHours()) + ":" + pad(d.getMinutes());
+  }
+  function isoValue(local) {
+    return local ? new Date(local).toISOString() : null;
+  }
   loaders.critical = function () {
-    Promise.all([loadClinics(), loadUsers()]).then(function () {
+    return Promise.all([loadClinics(), loadUsers()]).then(function () {
       var body = tbody("contacts");
       clinics.forEach(function (c) {
         var fields = {
           primary_name: input("primary_name", "", { maxlength: 200 }),
           primary_phone: input("primary_phone", "", { maxlength: 64 }),
+          primary_username: accounts("primary_username", c.code),
           secondary_name: input("secondary_name", "", { maxlength: 200 }),
           secondary_phone: input("secondary_phone", "", { maxlength: 64 }),
+          secondary_username: accounts("secondary_username", c.code),
         };
         R.api("GET", "/api/v1/critical-contacts/" + encodeURIComponent(c.code), null, { quiet401: true }).then(function (contact) {
           Object.keys(fields).forEach(function (k) { fields[k].value = contact[k] || ""; });
@@ -371,8 +402,10 @@
           el("td", { class: "code", text: c.code }),
           cell([fields.primary_name]),
           cell([fields.primary_phone]),
+          cell([fields.primary_username]),
           cell([fields.secondary_name]),
           cell([fields.secondary_phone]),
+          cell([fields.secondary_username]),
           cell([button(t("ad.save"), function () {
             var data = {};
             Object.keys(fields).forEach(function (k) { data[k] = fields[k].value.trim() || null; });
@@ -389,11 +422,22 @@
     }).then(function (list) {
       var body = tbody("duty");
       (list || []).forEach(function (d) {
+        var from = input("on_from", localValue(d.on_from), { type: "datetime-local" });
+        var until = input("on_until", localValue(d.on_until), { type: "datetime-local" });
         body.appendChild(el("tr", { dataset: { username: d.username } }, [
           el("td", { class: "code", text: d.username }),
           el("td", { text: d.name }),
+          cell([from]),
+          cell([until]),
           el("td", { text: d.on_duty_now ? t("common.yes") : t("common.no") }),
-          cell([button(t("ad.remove"), function () {
+          cell([button(t("ad.save"), function () {
+            R.api("POST", "/api/v1/critical-duty", {
+              username: d.username, on_from: isoValue(from.value), on_until: isoValue(until.value),
+            }).then(function () {
+              ok();
+              loaders.critical();
+            }, fail);
+          }, "primary save"), button(t("ad.remove"), function () {
             R.api("DELETE", "/api/v1/critical-duty/" + encodeURIComponent(d.username)).then(function () {
               ok();
               loaders.critical();
@@ -413,7 +457,7 @@
 
   // --- delivery endpoints ----------------------------------------------------------------
   loaders.delivery = function () {
-    Promise.all([loadClinics(), R.api("GET", "/api/v1/delivery-endpoints")]).then(function (res) {
+    return Promise.all([loadClinics(), R.api("GET", "/api/v1/delivery-endpoints")]).then(function (res) {
       var clinicSelect = document.getElementById("endpoint-add").elements.clinic;
       clinicSelect.textContent = "";
       clinicCodes().forEach(function (code) { clinicSelect.appendChild(el("option", { value: code, text: code })); });

@@ -47,14 +47,17 @@ class ClinicIn(_In):
     code: str = Field(max_length=32)
     name: str = Field(max_length=200)
     ae_titles: list[str] = Field(default_factory=list)
+    hl7_facilities: list[str] = Field(default_factory=list)
 
 
 class ClinicPatch(_In):
-    """Fields left out stay as they are; ``ae_titles`` replaces the clinic's AE titles."""
+    """Fields left out stay as they are; ``ae_titles`` replaces the clinic's AE titles,
+    ``hl7_facilities`` its HL7 sending facilities (MSH-4)."""
 
     name: str | None = Field(default=None, max_length=200)
     active: bool | None = None
     ae_titles: list[str] | None = None
+    hl7_facilities: list[str] | None = None
 
 
 class Qualification(_In):

@@ -32,7 +32,9 @@ from worklist.admin.schemas import (
 from worklist.audit import record_event
 from worklist.directory import (
     _normalise_ae,
+    _normalise_facility,
     add_ae_title,
+    add_hl7_facility,
     add_organization,
     add_user,
     check_role,
@@ -182,14 +184,20 @@ def save_organization(
 def create_clinic(session: Session, *, principal: Principal | None, data: ClinicIn) -> ClinicOut:
     """Register a new clinic; an existing code is a ConflictError (edit it instead)."""
     return save_organization(
-        session, principal=principal, code=data.code, name=data.name, ae_titles=data.ae_titles
+        session,
+        principal=principal,
+        code=data.code,
+        name=data.name,
+        ae_titles=data.ae_titles,
+        hl7_facilities=data.hl7_facilities,
     )
 
 
 def update_clinic(
     session: Session, *, principal: Principal | None, code: str, patch: ClinicPatch
 ) -> ClinicOut:
-    """Rename, disable/enable a clinic or replace its AE titles; audited before/after."""
+    """Rename, disable/enable a clinic or replace its AE titles or HL7 sending facilities;
+    audited before/after."""
     _require(principal, _ADMIN)
     org = get_organization(session, code=code)
     before = _clinic_out(session, org).model_dump(exclude={"users"})
@@ -208,6 +216,15 @@ def update_clinic(
         )
         for ae in sorted(wanted):
             add_ae_title(session, org_code=org.code, ae_title=ae)
+    if patch.hl7_facilities is not None:
+        facilities = {_normalise_facility(name) for name in patch.hl7_facilities}
+        session.execute(
+            delete(HL7Facility).where(
+                HL7Facility.org_id == org.id, HL7Facility.name.not_in(facilities)
+            )
+        )
+        for name in sorted(facilities):
+            add_hl7_facility(session, org_code=org.code, name=name)
     session.flush()
     out = _clinic_out(session, org)
     after = out.model_dump(exclude={"users"})

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rdc_core.db import Base, utcnow
-from worklist.models import Exam, Report
+from worklist.models import (
+    Discipline,
+    Exam,
+    ExamState,
+    Priority,
+    QualityGrade,
+    Report,
+)
 
-__all__ = ["QC_INDEXES", "QcReportCheck", "QcTarget"]
+__all__ = [
+    "QC_FACT_SOURCES",
+    "QC_INDEXES",
+    "QcExamFact",
+    "QcFactQueue",
+    "QcReportCheck",
+    "QcTarget",
+]
 
 # The times that place cases in a period: a quarter's indicators read an index range
 # instead of every exam and report (bench/qc.py).
@@ -50,3 +75,107 @@ class QcReportCheck(Base):
     compliant: Mapped[bool] = mapped_column(Boolean)
     reasons: Mapped[str | None] = mapped_column(String(200), nullable=True)
     checked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def _type(table: str, column: str) -> Any:
+    """The type of a source column (the same stored strings for the same enums)."""
+    return Base.metadata.tables[table].c[column].type
+
+
+class QcExamFact(Base):
+    """One exam's QC facts, denormalised: the exam's dimensions and stage times, its first
+    report's (version 1) final time, reader and film grade, its work item's due time. The
+    exam indicators read this one narrow table instead of joining exams, reports, work items,
+    organisations and users; the attribute names are the source columns' so the indicator
+    definitions (``worklist.qc.service``) run unchanged over either.
+
+    Kept by the task ``worklist.qc.refresh_facts`` from ``qc_fact_queue``; an exam still in
+    the queue is read from the source tables, so the figures never lag."""
+
+    __tablename__ = "qc_exam_facts"
+    __table_args__ = (
+        Index("ix_qc_exam_facts_first_received_at", "first_received_at"),
+        Index("ix_qc_exam_facts_final_at", "final_at"),
+        Index("ix_qc_exam_facts_rescan_requested_at", "rescan_requested_at"),
+    )
+
+    id: Mapped[str] = mapped_column(
+        "exam_id", ForeignKey("exams.id", ondelete="CASCADE"), primary_key=True
+    )
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    org_id: Mapped[str] = mapped_column(String(36))
+    clinic: Mapped[str] = mapped_column(String(64))
+    discipline: Mapped[Discipline] = mapped_column(_type("exams", "discipline"))
+    modality: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[Priority] = mapped_column(_type("exams", "priority"))
+    state: Mapped[ExamState] = mapped_column(_type("exams", "state"))
+    performed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    first_received_at: Mapped[datetime] = mapped_column()
+    ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    preliminary_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    rescan_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The first report (version 1): first final signing, author, film grade.
+    final_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    reader: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    quality_grade: Mapped[QualityGrade | None] = mapped_column(
+        _type("reports", "quality_grade"), nullable=True
+    )
+    quality_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The work item: whether there is one, and its due time.
+    has_work_item: Mapped[bool] = mapped_column(Boolean)
+    due_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Seconds of the turnaround stages TAT-01 .. TAT-07 (worklist.qc.service.TAT_STAGES),
+    # computed by the same expression as over the source tables: the same values.
+    tat_01: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_02: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_03: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_04: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_05: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_06: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tat_07: Mapped[float | None] = mapped_column(Float, nullable=True)
+    refreshed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QcFactQueue(Base):
+    """Exams whose facts are to be (re)computed: database triggers (migration 0018) add a
+    row whenever an exam, its first report, its work item, its clinic's code or its
+    reader's username is written, from any code path. A row per change (never merged), so
+    a change committed while the task runs is never lost: the task removes only the rows it
+    read."""
+
+    __tablename__ = "qc_fact_queue"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    exam_id: Mapped[str] = mapped_column(String(36), index=True)
+
+
+# The tables and columns whose writes queue an exam (migration 0018 creates the triggers;
+# the test of the facts checks that every column an exam indicator reads is listed).
+QC_FACT_SOURCES: dict[str, tuple[str, ...]] = {
+    "exams": (
+        "accession_number",
+        "org_id",
+        "discipline",
+        "modality",
+        "priority",
+        "state",
+        "performed_at",
+        "first_received_at",
+        "ready_at",
+        "claimed_at",
+        "preliminary_at",
+        "delivered_at",
+        "acknowledged_at",
+        "rescan_requested_at",
+        "rescan_reason",
+    ),
+    "reports": ("exam_id", "version", "final_at", "author_id", "quality_grade", "quality_reason"),
+    "work_items": ("exam_id", "due_at"),
+}

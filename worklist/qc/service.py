@@ -18,7 +18,6 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
-from functools import partial
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -30,12 +29,15 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    delete,
     exists,
     func,
+    insert,
     literal,
     null,
     or_,
     select,
+    union_all,
 )
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -59,7 +61,7 @@ from worklist.models import (
     WorkItem,
 )
 from worklist.qc.definitions import INDICATORS, Indicator, indicator
-from worklist.qc.models import QcReportCheck, QcTarget
+from worklist.qc.models import QC_FACT_SOURCES, QcExamFact, QcFactQueue, QcReportCheck, QcTarget
 from worklist.qc.schemas import (
     CaseOut,
     CasePage,
@@ -73,12 +75,14 @@ from worklist.signing.models import SignedArtifact, SigningStage
 
 __all__ = [
     "CHECK_BATCH",
+    "FACT_BATCH",
     "GROUPS",
     "QC_ROLES",
     "QcFilters",
     "Subset",
     "check_reports",
     "compute_indicators",
+    "facts_waiting",
     "histogram",
     "iter_cases",
     "list_cases",
@@ -86,6 +90,7 @@ __all__ = [
     "month_period",
     "period_filters",
     "record_export",
+    "refresh_facts",
     "require_qc",
     "set_target",
     "target_history",
@@ -222,62 +227,132 @@ class _Source:
     stored: bool = False
 
 
-def _exam_columns(exam: Any, org: Any, reader: Any) -> list[ColumnElement[Any]]:
+def _exam_columns(exam: Any, clinic: Any, reader: Any) -> list[ColumnElement[Any]]:
     return [
         exam.id.label("exam_id"),
         exam.accession_number.label("accession"),
-        org.code.label("clinic"),
+        clinic.label("clinic"),
         cast(exam.discipline, String).label("discipline"),
         exam.modality.label("modality"),
         cast(exam.priority, String).label("priority"),
-        reader.username.label("reader"),
+        reader.label("reader"),
     ]
 
 
-def _exam_source(
-    d: str,
+def _case_columns(
     *,
-    at: Callable[[Any, Any], Any],
-    start: Callable[[Any, Any], Any],
-    end: Callable[[Any, Any], Any],
-    num: Callable[[Any, Any, Any], ColumnElement[Any]] | None,
-    reason: Callable[[Any, Any, Any], ColumnElement[Any]] | None,
-    where: Callable[[Any, Any, Any], list[ColumnElement[bool]]],
-    due: bool = False,
-) -> _Source:
-    """Cases that are exams: ``E`` the exam, ``R1`` its first report (version 1, whose
-    ``final_at`` is the first final signing even when the report was amended later),
-    ``W`` its work item."""
+    case_id: Any,
+    exam: Any,
+    clinic: Any,
+    reader: Any,
+    at: Any,
+    start: Any,
+    end: Any,
+    due: Any = None,
+    dur: Any = None,
+    num: Any,
+    reason: Any = None,
+) -> list[ColumnElement[Any]]:
+    """The standard case columns, labelled (``exam`` None: a case without an exam)."""
+    nothing = cast(null(), String)
+    exam_columns = (
+        _exam_columns(exam, clinic, reader)
+        if exam is not None
+        else [
+            nothing.label("exam_id"),
+            nothing.label("accession"),
+            clinic.label("clinic"),
+            nothing.label("discipline"),
+            nothing.label("modality"),
+            nothing.label("priority"),
+            reader.label("reader"),
+        ]
+    )
+    return [
+        case_id.label("case_id"),
+        *exam_columns,
+        at.label("at"),
+        start.label("start_at"),
+        end.label("end_at"),
+        (_NULL_TIME if due is None else due).label("due_at"),
+        (cast(null(), Float) if dur is None else dur).label("dur"),
+        num.label("num"),
+        (nothing if reason is None else reason).label("reason"),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _ExamRows:
+    """Where exam cases are read from. Source tables: the exam ``e`` with its first report
+    ``r1`` (version 1, whose ``final_at`` is the first final signing even when the report was
+    amended later), its work item ``w`` (inner-joined only when ``due``), its clinic's code
+    and its reader's username. Facts: one ``qc_exam_facts`` row standing for all of them
+    (same attribute names), so the definitions below run unchanged over either."""
+
+    e: Any
+    r1: Any
+    w: Any
+    clinic: Any
+    reader: Any
+    # (query, due) -> the query with its FROM clause; due None: outer-join the work item
+    join: Callable[[Any, bool | None], Any]
+    stored: bool = False  # the facts: the turnaround stages' seconds are stored
+
+    def stage_seconds(self, d: str, code: str) -> Any:
+        """Seconds of the turnaround stage ``code`` (stored in the facts, the same value)."""
+        if self.stored:
+            return getattr(self.e, stage_column(code))
+        start, end = TAT_STAGES[code]
+        return _seconds(d, end(self.e, self.r1), start(self.e, self.r1))
+
+
+def stage_column(code: str) -> str:
+    """The facts column of turnaround stage ``code``: TAT-03 -> tat_03."""
+    return "tat_" + code.split("-")[1]
+
+
+def _source_rows() -> _ExamRows:
     e = aliased(Exam, name="e")
     r1 = aliased(Report, name="r1")
     w = aliased(WorkItem, name="w")
     o = aliased(Organization, name="o")
     u = aliased(User, name="u")
-    start_col, end_col = start(e, r1), end(e, r1)
-    dur = _seconds(d, end_col, start_col)
-    query = (
-        select(
-            e.id.label("case_id"),
-            *_exam_columns(e, o, u),
-            at(e, r1).label("at"),
-            start_col.label("start_at"),
-            end_col.label("end_at"),
-            (w.due_at if due else _NULL_TIME).label("due_at"),
-            dur.label("dur"),
-            (num(e, r1, w) if num is not None else case((dur.is_not(None), 1), else_=0)).label(
-                "num"
-            ),
-            (reason(e, r1, w) if reason is not None else cast(null(), String)).label("reason"),
+
+    def join(query: Any, due: bool | None) -> Any:
+        query = (
+            query.select_from(e)
+            .join(o, o.id == e.org_id)
+            .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
+            .outerjoin(u, u.id == r1.author_id)
         )
-        .select_from(e)
-        .join(o, o.id == e.org_id)
-        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
-        .outerjoin(u, u.id == r1.author_id)
-        .where(*where(e, r1, w))
-    )
-    if due:
-        query = query.join(w, w.exam_id == e.id)
-    return _Source(query)
+        if due is None:
+            return query.outerjoin(w, w.exam_id == e.id)
+        return query.join(w, w.exam_id == e.id) if due else query
+
+    return _ExamRows(e, r1, w, o.code, u.username, join)
+
+
+def _fact_rows() -> _ExamRows:
+    f = aliased(QcExamFact, name="f")
+
+    def join(query: Any, due: bool | None) -> Any:
+        query = query.select_from(f)
+        return query.where(f.has_work_item) if due else query
+
+    return _ExamRows(f, f, f, f.clinic, f.reader, join, stored=True)
+
+
+def _exam_query(facts: bool, make: Callable[[_ExamRows], Any]) -> Any:
+    """The rows ``make`` selects: from the source tables, or (``facts``) from the facts of
+    the exams not waiting in ``qc_fact_queue`` plus the source rows of those waiting, so the
+    figures are the source tables' at every moment, however far the task is behind."""
+    source = _source_rows()
+    if not facts:
+        return make(source)
+    fact = _fact_rows()
+    fresh = make(fact).where(~exists().where(QcFactQueue.exam_id == fact.e.id))
+    waiting = make(source).where(source.e.id.in_(select(QcFactQueue.exam_id)))
+    return union_all(fresh, waiting)
 
 
 Stage = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
@@ -295,142 +370,186 @@ TAT_STAGES: dict[str, Stage] = {
     "TAT-07": (lambda e, r1: e.first_received_at, lambda e, r1: r1.final_at),
 }
 
-
-def _tat(d: str, start: Callable[[Any, Any], Any], end: Callable[[Any, Any], Any]) -> _Source:
-    return _exam_source(
-        d,
-        at=lambda e, r1: e.first_received_at,
-        start=start,
-        end=end,
-        num=None,
-        reason=lambda e, r1, w: _reasons(
-            (start(e, r1).is_(None), "no_start_time"), (end(e, r1).is_(None), "not_reached")
-        ),
-        where=lambda e, r1, w: [e.state != ExamState.CANCELLED],
-    )
+_Time = Callable[[Any, Any], Any]  # (e, r1) -> a time
+_Cond = Callable[[Any, Any, Any], Any]  # (e, r1, w) -> a column expression
 
 
-def _sla(d: str, now: datetime) -> _Source:
-    def where(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
-        return [
-            e.state != ExamState.CANCELLED,
-            or_(r1.final_at.is_not(None), and_(w.due_at < now, e.rescan_requested_at.is_(None))),
-        ]
-
-    return _exam_source(
-        d,
-        at=lambda e, r1: e.first_received_at,
-        start=lambda e, r1: e.ready_at,
-        end=lambda e, r1: r1.final_at,
-        num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
-        reason=lambda e, r1, w: _reasons(
-            (r1.final_at.is_(None), "overdue_unreported"), (r1.final_at > w.due_at, "late")
-        ),
-        where=where,
-        due=True,
-    )
+def _not_cancelled(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
+    return [e.state != ExamState.CANCELLED]
 
 
-def _exam_start(e: Any) -> Any:
+def _arrival(e: Any, r1: Any) -> Any:
+    return e.first_received_at
+
+
+def _final(e: Any, r1: Any) -> Any:
+    return r1.final_at
+
+
+def _exam_start(e: Any, r1: Any = None) -> Any:
+    """When the exam was done (performed; missing: arrival, and the case is flagged)."""
     return func.coalesce(e.performed_at, e.first_received_at)
 
 
-def _emergency_report(d: str) -> _Source:
-    """RRC-02: from exam start (performed; missing: arrival, flagged) to the first final."""
+@dataclass(frozen=True, slots=True)
+class _ExamCases:
+    """An indicator whose cases are exams: what places a case in a period (``at``), the
+    interval measured, the numerator (None: the interval is known), the reasons and the
+    conditions of the denominator; ``due``: only exams with a work item (its due time)."""
 
-    def late(e: Any, r1: Any) -> ColumnElement[bool]:
+    at: _Time
+    start: _Time
+    end: _Time
+    num: _Cond | None
+    reason: _Cond | None
+    where: Callable[[Any, Any, Any], list[ColumnElement[bool]]]
+    due: bool = False
+    stage: str | None = None  # a turnaround stage: its seconds are stored in the facts
+
+
+def _exam_source(d: str, cases: _ExamCases, *, facts: bool) -> _Source:
+    def make(rows: _ExamRows) -> Any:
+        e, r1, w = rows.e, rows.r1, rows.w
+        start_col, end_col = cases.start(e, r1), cases.end(e, r1)
+        dur = (
+            rows.stage_seconds(d, cases.stage)
+            if cases.stage is not None
+            else _seconds(d, end_col, start_col)
+        )
+        num = cases.num(e, r1, w) if cases.num is not None else case((dur.is_not(None), 1), else_=0)
+        query = select(
+            *_case_columns(
+                case_id=e.id,
+                exam=e,
+                clinic=rows.clinic,
+                reader=rows.reader,
+                at=cases.at(e, r1),
+                start=start_col,
+                end=end_col,
+                due=w.due_at if cases.due else None,
+                dur=dur,
+                num=num,
+                reason=cases.reason(e, r1, w) if cases.reason is not None else None,
+            )
+        ).where(*cases.where(e, r1, w))
+        return rows.join(query, cases.due)
+
+    return _Source(_exam_query(facts, make))
+
+
+def _exam_indicators(d: str, now: datetime) -> dict[str, _ExamCases]:
+    """Every indicator whose cases are exams, by code."""
+
+    def tat(code: str, start: _Time, end: _Time) -> _ExamCases:
+        return _ExamCases(
+            stage=code,
+            at=_arrival,
+            start=start,
+            end=end,
+            num=None,
+            reason=lambda e, r1, w: _reasons(
+                (start(e, r1).is_(None), "no_start_time"), (end(e, r1).is_(None), "not_reached")
+            ),
+            where=_not_cancelled,
+        )
+
+    def emergency_late(e: Any, r1: Any) -> ColumnElement[bool]:
         return _seconds(d, r1.final_at, _exam_start(e)) > EMERGENCY_REPORT_SECONDS
 
-    return _exam_source(
-        d,
-        at=lambda e, r1: r1.final_at,
-        start=lambda e, r1: _exam_start(e),
-        end=lambda e, r1: r1.final_at,
-        num=lambda e, r1, w: case((late(e, r1), 0), else_=1),
-        reason=lambda e, r1, w: _reasons(
-            (late(e, r1), "over_120_min"), (e.performed_at.is_(None), "no_start_time")
-        ),
-        where=lambda e, r1, w: [
-            e.discipline == Discipline.IMAGING,
+    def grades(grade: QualityGrade) -> _ExamCases:
+        return _ExamCases(
+            at=_final,
+            start=lambda e, r1: _NULL_TIME,
+            end=lambda e, r1: _NULL_TIME,
+            num=lambda e, r1, w: case((r1.quality_grade == grade, 1), else_=0),
+            reason=lambda e, r1, w: func.trim(
+                cast(r1.quality_grade, String) + literal(" ") + func.coalesce(r1.quality_reason, "")
+            ),
+            where=lambda e, r1, w: [
+                e.discipline == Discipline.IMAGING,
+                r1.final_at.is_not(None),
+                r1.quality_grade.is_not(None),
+            ],
+        )
+
+    def emergency(discipline: Discipline) -> Callable[[Any, Any, Any], list[Any]]:
+        return lambda e, r1, w: [
+            e.discipline == discipline,
             e.priority == Priority.EMERGENCY,
             r1.final_at.is_not(None),
-        ],
-    )
+        ]
 
-
-def _emergency_ecg(d: str) -> _Source:
-    return _exam_source(
-        d,
-        at=lambda e, r1: r1.final_at,
-        start=lambda e, r1: _exam_start(e),
-        end=lambda e, r1: r1.final_at,
-        num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
-        reason=lambda e, r1, w: _reasons((r1.final_at > w.due_at, "late")),
-        where=lambda e, r1, w: [
-            e.discipline == Discipline.ECG,
-            e.priority == Priority.EMERGENCY,
-            r1.final_at.is_not(None),
-        ],
-        due=True,
-    )
-
-
-def _grades(d: str, grade: QualityGrade) -> _Source:
-    return _exam_source(
-        d,
-        at=lambda e, r1: r1.final_at,
-        start=lambda e, r1: _NULL_TIME,
-        end=lambda e, r1: _NULL_TIME,
-        num=lambda e, r1, w: case((r1.quality_grade == grade, 1), else_=0),
-        reason=lambda e, r1, w: func.trim(
-            cast(r1.quality_grade, String) + literal(" ") + func.coalesce(r1.quality_reason, "")
-        ),
-        where=lambda e, r1, w: [
-            e.discipline == Discipline.IMAGING,
-            r1.final_at.is_not(None),
-            r1.quality_grade.is_not(None),
-        ],
-    )
-
-
-def _remote(d: str) -> _Source:
-    return _exam_source(
-        d,
-        at=lambda e, r1: r1.final_at,
-        start=lambda e, r1: e.first_received_at,
-        end=lambda e, r1: r1.final_at,
-        num=lambda e, r1, w: literal(1),
-        reason=None,
-        where=lambda e, r1, w: [r1.final_at.is_not(None)],
-    )
-
-
-def _lead_share(d: str) -> _Source:
-    def where(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
+    def member_clinics(e: Any, r1: Any, w: Any) -> list[ColumnElement[bool]]:
         clinic_orgs = select(Organization.id).where(Organization.kind == OrgKind.CLINIC)
         return [e.state != ExamState.CANCELLED, e.org_id.in_(clinic_orgs)]
 
-    return _exam_source(
-        d,
-        at=lambda e, r1: e.first_received_at,
-        start=lambda e, r1: e.first_received_at,
-        end=lambda e, r1: r1.final_at,
-        num=lambda e, r1, w: case((r1.final_at.is_not(None), 1), else_=0),
-        reason=lambda e, r1, w: _reasons((r1.final_at.is_(None), "not_reported")),
-        where=where,
-    )
-
-
-def _rescans(d: str) -> _Source:
-    return _exam_source(
-        d,
-        at=lambda e, r1: e.rescan_requested_at,
-        start=lambda e, r1: e.ready_at,
-        end=lambda e, r1: e.rescan_requested_at,
-        num=lambda e, r1, w: literal(1),
-        reason=lambda e, r1, w: e.rescan_reason,
-        where=lambda e, r1, w: [e.rescan_requested_at.is_not(None)],
-    )
+    return {
+        **{code: tat(code, *stage) for code, stage in TAT_STAGES.items()},
+        "SLA-01": _ExamCases(
+            at=_arrival,
+            start=lambda e, r1: e.ready_at,
+            end=_final,
+            num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
+            reason=lambda e, r1, w: _reasons(
+                (r1.final_at.is_(None), "overdue_unreported"), (r1.final_at > w.due_at, "late")
+            ),
+            where=lambda e, r1, w: [
+                e.state != ExamState.CANCELLED,
+                or_(
+                    r1.final_at.is_not(None),
+                    and_(w.due_at < now, e.rescan_requested_at.is_(None)),
+                ),
+            ],
+            due=True,
+        ),
+        # RRC-02: from exam start to the first final report.
+        "RRC-02": _ExamCases(
+            at=_final,
+            start=_exam_start,
+            end=_final,
+            num=lambda e, r1, w: case((emergency_late(e, r1), 0), else_=1),
+            reason=lambda e, r1, w: _reasons(
+                (emergency_late(e, r1), "over_120_min"),
+                (e.performed_at.is_(None), "no_start_time"),
+            ),
+            where=emergency(Discipline.IMAGING),
+        ),
+        "ECG-01": _ExamCases(
+            at=_final,
+            start=_exam_start,
+            end=_final,
+            num=lambda e, r1, w: case((r1.final_at <= w.due_at, 1), else_=0),
+            reason=lambda e, r1, w: _reasons((r1.final_at > w.due_at, "late")),
+            where=emergency(Discipline.ECG),
+            due=True,
+        ),
+        "IQ-01": grades(QualityGrade.A),
+        "IQ-02": grades(QualityGrade.REJECT),
+        "ALL-01": _ExamCases(
+            at=_final,
+            start=_arrival,
+            end=_final,
+            num=lambda e, r1, w: literal(1),
+            reason=None,
+            where=lambda e, r1, w: [r1.final_at.is_not(None)],
+        ),
+        "ALL-02": _ExamCases(
+            at=_arrival,
+            start=_arrival,
+            end=_final,
+            num=lambda e, r1, w: case((r1.final_at.is_not(None), 1), else_=0),
+            reason=lambda e, r1, w: _reasons((r1.final_at.is_(None), "not_reported")),
+            where=member_clinics,
+        ),
+        "ALL-06": _ExamCases(
+            at=lambda e, r1: e.rescan_requested_at,
+            start=lambda e, r1: e.ready_at,
+            end=lambda e, r1: e.rescan_requested_at,
+            num=lambda e, r1, w: literal(1),
+            reason=lambda e, r1, w: e.rescan_reason,
+            where=lambda e, r1, w: [e.rescan_requested_at.is_not(None)],
+        ),
+    }
 
 
 def _alerts(d: str, discipline: Discipline, *, timely: bool) -> _Source:
@@ -449,17 +568,21 @@ def _alerts(d: str, discipline: Discipline, *, timely: bool) -> _Source:
         num = case((a.acknowledged_at.is_(None), 0), else_=1)
     query = (
         select(
-            a.id.label("case_id"),
-            *_exam_columns(e, o, u),
-            a.raised_at.label("at"),
-            a.raised_at.label("start_at"),
-            a.acknowledged_at.label("end_at"),
-            a.deadline_at.label("due_at"),
-            dur.label("dur"),
-            num.label("num"),
-            _reasons(
-                (a.acknowledged_at.is_(None), "not_acknowledged"), (late, "over_10_min")
-            ).label("reason"),
+            *_case_columns(
+                case_id=a.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=a.raised_at,
+                start=a.raised_at,
+                end=a.acknowledged_at,
+                due=a.deadline_at,
+                dur=dur,
+                num=num,
+                reason=_reasons(
+                    (a.acknowledged_at.is_(None), "not_acknowledged"), (late, "over_10_min")
+                ),
+            )
         )
         .select_from(a)
         .join(e, e.id == a.exam_id)
@@ -480,15 +603,17 @@ def _recognition(d: str) -> _Source:
     u = aliased(User, name="u")
     query = (
         select(
-            x.report_id.label("case_id"),
-            *_exam_columns(e, o, u),
-            x.decided_at.label("at"),
-            x.decided_at.label("start_at"),
-            x.valid_until.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            case((x.granted, 1), else_=0).label("num"),
-            func.coalesce(x.mark, "not_granted").label("reason"),
+            *_case_columns(
+                case_id=x.report_id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=x.decided_at,
+                start=x.decided_at,
+                end=x.valid_until,
+                num=case((x.granted, 1), else_=0),
+                reason=func.coalesce(x.mark, "not_granted"),
+            )
         )
         .select_from(x)
         .join(e, e.id == x.exam_id)
@@ -503,21 +628,16 @@ def _lookups(d: str) -> _Source:
     o = aliased(Organization, name="o")
     query = (
         select(
-            cast(v.seq, String).label("case_id"),
-            cast(null(), String).label("exam_id"),
-            cast(null(), String).label("accession"),
-            o.code.label("clinic"),
-            cast(null(), String).label("discipline"),
-            cast(null(), String).label("modality"),
-            cast(null(), String).label("priority"),
-            v.actor.label("reader"),
-            v.at.label("at"),
-            v.at.label("start_at"),
-            _NULL_TIME.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(null(), String).label("reason"),
+            *_case_columns(
+                case_id=cast(v.seq, String),
+                exam=None,
+                clinic=o.code,
+                reader=v.actor,
+                at=v.at,
+                start=v.at,
+                end=_NULL_TIME,
+                num=literal(1),
+            )
         )
         .select_from(v)
         .outerjoin(o, o.id == v.org_id)
@@ -534,15 +654,17 @@ def _declines(d: str) -> _Source:
     u = aliased(User, name="u")
     query = (
         select(
-            x.id.label("case_id"),
-            *_exam_columns(e, o, u),
-            x.declined_at.label("at"),
-            x.declined_at.label("start_at"),
-            _NULL_TIME.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(x.reason, String).label("reason"),
+            *_case_columns(
+                case_id=x.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=x.declined_at,
+                start=x.declined_at,
+                end=_NULL_TIME,
+                num=literal(1),
+                reason=cast(x.reason, String),
+            )
         )
         .select_from(x)
         .join(r, r.id == x.decision_id)
@@ -611,15 +733,16 @@ def _writing(d: str) -> _Source:
     unchecked = k.report_id.is_(None)
     query = (
         select(
-            r.id.label("case_id"),
-            *_exam_columns(e, o, u),
-            r.final_at.label("at"),
-            r.created_at.label("start_at"),
-            r.final_at.label("end_at"),
-            _NULL_TIME.label("due_at"),
-            cast(null(), Float).label("dur"),
-            literal(1).label("num"),
-            cast(null(), String).label("reason"),
+            *_case_columns(
+                case_id=r.id,
+                exam=e,
+                clinic=o.code,
+                reader=u.username,
+                at=r.final_at,
+                start=r.created_at,
+                end=r.final_at,
+                num=literal(1),
+            ),
             k.compliant.label("checked_compliant"),
             k.reasons.label("checked_reasons"),
             # The text only of reports not checked yet.
@@ -707,29 +830,72 @@ def check_reports(
     return len(rows), rows[-1].id if rows else after
 
 
-def _source(session: Session, ind: Indicator, now: datetime) -> _Source | None:
+FACT_BATCH = 2000
+
+
+def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -> int:
+    """Recompute the facts of the exams of the oldest ``limit`` rows of ``qc_fact_queue``
+    from the source tables (an exam that no longer exists loses its facts), then remove
+    those queue rows (only those: a change queued meanwhile stays for the next run).
+    Returns how many queue rows were consumed. Idempotent; on PostgreSQL concurrent runs
+    skip each other's rows."""
+    rows = session.execute(
+        select(QcFactQueue.seq, QcFactQueue.exam_id)
+        .order_by(QcFactQueue.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return 0
+    exam_ids = sorted({row.exam_id for row in rows})
+    session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
     d = _dialect(session)
+    source = _source_rows()
+    e, r1, w = source.e, source.r1, source.w
+    columns: dict[str, Any] = {
+        "exam_id": e.id,
+        **{name: getattr(e, name) for name in QC_FACT_SOURCES["exams"]},
+        "clinic": source.clinic,
+        "final_at": r1.final_at,
+        "reader": source.reader,
+        "quality_grade": r1.quality_grade,
+        "quality_reason": r1.quality_reason,
+        "has_work_item": w.id.is_not(None),
+        "due_at": w.due_at,
+        **{stage_column(code): source.stage_seconds(d, code) for code in TAT_STAGES},
+        "refreshed_at": literal(now, QcExamFact.refreshed_at.type),
+    }
+    values = source.join(select(*columns.values()), None).where(e.id.in_(exam_ids))
+    session.execute(insert(QcExamFact).from_select(list(columns), values))
+    session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([row.seq for row in rows])))
+    return len(rows)
+
+
+def facts_waiting(session: Session) -> int:
+    """How many changes wait in ``qc_fact_queue`` (a gauge of how far the task is behind)."""
+    return int(session.execute(select(func.count()).select_from(QcFactQueue)).scalar_one())
+
+
+def _source(session: Session, ind: Indicator, now: datetime, *, facts: bool) -> _Source | None:
+    """The cases of ``ind``; exam cases from the facts (``facts``) or the source tables."""
+    if ind.unavailable:
+        return None
+    d = _dialect(session)
+    exams = _exam_indicators(d, now)
+    if ind.code in exams:
+        return _exam_source(d, exams[ind.code], facts=facts)
     builders: dict[str, Callable[[], _Source]] = {
-        **{code: partial(_tat, d, *stage) for code, stage in TAT_STAGES.items()},
-        "SLA-01": lambda: _sla(d, now),
-        "RRC-02": lambda: _emergency_report(d),
         "RCV-04": lambda: _alerts(d, Discipline.IMAGING, timely=True),
         "RWS-03": lambda: _writing(d),
-        "IQ-01": lambda: _grades(d, QualityGrade.A),
-        "IQ-02": lambda: _grades(d, QualityGrade.REJECT),
-        "ECG-01": lambda: _emergency_ecg(d),
         "ECG-02": lambda: _alerts(d, Discipline.ECG, timely=True),
         "CL-14": lambda: _alerts(d, Discipline.LAB, timely=False),
         "CL-15": lambda: _alerts(d, Discipline.LAB, timely=True),
-        "ALL-01": lambda: _remote(d),
-        "ALL-02": lambda: _lead_share(d),
         "ALL-03": lambda: _recognition(d),
         "ALL-04": lambda: _lookups(d),
         "ALL-05": lambda: _declines(d),
-        "ALL-06": lambda: _rescans(d),
     }
     build = builders.get(ind.code)
-    return None if build is None or ind.unavailable else build()
+    return None if build is None else build()
 
 
 def _filtered(source: _Source, filters: QcFilters) -> Any:
@@ -893,7 +1059,13 @@ def _aggregate(
 
 
 def _turnaround_family(
-    session: Session, codes: list[str], filters: QcFilters, group_by: str | None, *, previous: bool
+    session: Session,
+    codes: list[str],
+    filters: QcFilters,
+    group_by: str | None,
+    *,
+    previous: bool,
+    facts: bool,
 ) -> dict[str, _Figures]:
     """The figures of several TAT-* indicators in one pass: they share their cases (every
     exam that arrived) and differ only in the stage measured, so one statement carries one
@@ -901,22 +1073,16 @@ def _turnaround_family(
     fetched and the percentiles computed here). Same definitions as the per-indicator case
     queries (``TAT_STAGES``), which the case lists and histograms use."""
     d = _dialect(session)
-    e = aliased(Exam, name="e")
-    r1 = aliased(Report, name="r1")
-    o = aliased(Organization, name="o")
-    u = aliased(User, name="u")
-    durations = [
-        _seconds(d, TAT_STAGES[c][1](e, r1), TAT_STAGES[c][0](e, r1)).label(f"d{i}")
-        for i, c in enumerate(codes)
-    ]
-    query = (
-        select(*_exam_columns(e, o, u), e.first_received_at.label("at"), *durations)
-        .select_from(e)
-        .join(o, o.id == e.org_id)
-        .outerjoin(r1, and_(r1.exam_id == e.id, r1.version == 1))
-        .outerjoin(u, u.id == r1.author_id)
-        .where(e.state != ExamState.CANCELLED)
-    )
+
+    def make(rows: _ExamRows) -> Any:
+        e, r1 = rows.e, rows.r1
+        durations = [rows.stage_seconds(d, c).label(f"d{i}") for i, c in enumerate(codes)]
+        query = select(
+            *_exam_columns(e, rows.clinic, rows.reader), e.first_received_at.label("at"), *durations
+        ).where(*_not_cancelled(e, r1, None))
+        return rows.join(query, False)
+
+    query = _exam_query(facts, make)
     wide = filters.previous() if previous else filters
     sub, conditions = _filtered(_Source(query), replace(filters, start=wide.start))
     period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev")).label(
@@ -1040,10 +1206,13 @@ def compute_indicators(
     codes: Sequence[str] | None = None,
     family: str | None = None,
     previous: bool = True,
+    facts: bool = True,
 ) -> list[IndicatorOut]:
     """Every indicator (or ``codes`` / one ``family``) over ``filters``; with ``group_by``,
     each indicator also carries its breakdown. ``change`` is the difference from the
-    period of the same length just before."""
+    period of the same length just before. ``facts=False`` reads the exam indicators from
+    the source tables instead of ``qc_exam_facts`` (the reference the facts are tested
+    against; same figures)."""
     require_qc(principal)
     if group_by is not None and group_by not in GROUPS:
         raise InvalidInputError(f"group_by must be one of {', '.join(GROUPS)}")
@@ -1061,8 +1230,8 @@ def compute_indicators(
         and (family is None or i.family == family)
     ]
     tat = (
-        _turnaround_family(session, family_codes, filters, group_by, previous=previous)
-        if len(family_codes) > 1
+        _turnaround_family(session, family_codes, filters, group_by, previous=previous, facts=facts)
+        if len(family_codes) > 1 and group_by != "reason"  # reasons differ by stage
         else {}
     )
     out: list[IndicatorOut] = []
@@ -1072,7 +1241,7 @@ def compute_indicators(
         if family is not None and ind.family != family:
             continue
         target, margin, _ = targets.get(ind.code, (ind.target, ind.warn_margin, 0))
-        source = _source(session, ind, now)
+        source = _source(session, ind, now, facts=facts)
         groups: list[GroupOut] | None = None
         total: _Agg | None = None
         prev_value: float | None = None
@@ -1193,12 +1362,13 @@ def list_cases(
     subset: Subset = "all",
     limit: int = 100,
     offset: int = 0,
+    facts: bool = True,
 ) -> CasePage:
     """The cases behind one indicator: ``all`` (the denominator; for counts, every case),
     ``numerator``, or ``failing`` (denominator cases outside the numerator: breaches)."""
     require_qc(principal)
     ind = _indicator(code)
-    source = _source(session, ind, now)
+    source = _source(session, ind, now, facts=facts)
     record_access(
         session,
         principal,
@@ -1245,12 +1415,13 @@ def iter_cases(
     filters: QcFilters,
     now: datetime,
     subset: Subset = "all",
+    facts: bool = True,
 ) -> Iterator[CaseOut]:
     """Every case of one indicator, streamed (server-side cursor on PostgreSQL), for exports
     (the edge records the export with :func:`record_export` first)."""
     require_qc(principal)
     ind = _indicator(code)
-    source = _source(session, ind, now)
+    source = _source(session, ind, now, facts=facts)
     if source is None:
         return iter(())
     return _case_rows(session, source, filters, subset, stream=True)
@@ -1282,11 +1453,12 @@ def histogram(
     filters: QcFilters,
     now: datetime,
     bins: int = 20,
+    facts: bool = True,
 ) -> HistogramOut:
     """Distribution of the cases' minutes with P50, P90 and the indicator's limit line."""
     require_qc(principal)
     ind = _indicator(code)
-    source = _source(session, ind, now)
+    source = _source(session, ind, now, facts=facts)
     minutes: list[float] = []
     if source is not None:
         sub, conditions = _filtered(source, filters)

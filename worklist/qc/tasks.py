@@ -1,4 +1,5 @@
-"""The scheduled monthly QC report (edge: opens its own read session)."""
+"""The QC tasks: the exam facts, the report-writing checks, the monthly report (edges:
+each opens its own session)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,38 @@ from rdc_core.settings import get_settings
 from rdc_core.storage import get_object_store
 from rdc_core.tasks import periodic, task
 from worklist.qc.monthly import store_last_month
-from worklist.qc.service import CHECK_BATCH, check_reports
+from worklist.qc.service import CHECK_BATCH, FACT_BATCH, check_reports, refresh_facts
 
 __all__ = [
     "CHECK_REPORTS",
+    "REFRESH_FACTS",
     "STORE_MONTHLY_QC_REPORT",
     "check_reports_task",
+    "refresh_facts_task",
     "store_monthly_qc_report",
 ]
 
 STORE_MONTHLY_QC_REPORT = "worklist.qc.store_monthly_report"
 CHECK_REPORTS = "worklist.qc.check_reports"
+REFRESH_FACTS = "worklist.qc.refresh_facts"
+
+
+@task(REFRESH_FACTS)
+def refresh_facts_task() -> int:
+    """Bring ``qc_exam_facts`` up to date with every change queued by the database triggers
+    (batches of FACT_BATCH queue rows, one transaction each); returns how many rows. Until
+    it runs, the queued exams are read from the source tables: the figures never lag, they
+    are only slower to compute."""
+    total = 0
+    while True:
+        with session_scope() as session:
+            done = refresh_facts(session, now=utcnow())
+        total += done
+        if done < FACT_BATCH:
+            return total
+
+
+periodic(REFRESH_FACTS, interval=lambda: 10.0)
 
 
 @task(CHECK_REPORTS)
