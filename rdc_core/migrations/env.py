@@ -53,7 +53,10 @@ def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        driver.execute("PRAGMA foreign_keys=ON")  # the pooled connection is used again
+        # Not handed back to the pool: switching the keys on again is a no-op while a
+        # transaction is open on it, and a process that migrates at start (rdc serve) would
+        # then run on a connection without foreign keys. A new connection gets them.
+        connection.invalidate()
 
 
 def run_migrations_online() -> None:

@@ -69,3 +69,20 @@ def test_replicas_starting_together_migrate_the_database_once(
     engine.dispose()
     assert versions == [head]
     assert diff == [], diff
+
+
+def test_connections_after_migrating_enforce_foreign_keys(tmp_path: Path) -> None:
+    """SQLite migrates with foreign keys off; the process that migrated (rdc serve does at
+    start) must not go on with a pooled connection that still has them off."""
+    url = f"sqlite:///{tmp_path / 'rdc.db'}"
+    upgrade_database(url)
+    engine = get_engine(url)
+    try:
+        for _ in range(3):  # the pool hands out the connection the migration used first
+            with engine.connect() as connection:
+                enforced = connection.execution_options(rdc_readonly=True).exec_driver_sql(
+                    "PRAGMA foreign_keys"
+                )
+                assert enforced.scalar() == 1
+    finally:
+        engine.dispose()
