@@ -16,6 +16,7 @@ model we never load; the subset above is ~300 lines with errors that name the se
 
 from __future__ import annotations
 
+import binascii
 import struct
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -60,13 +61,7 @@ _NOT_COMPUTED = 29999
 
 def crc_ccitt(data: bytes) -> int:
     """CRC-CCITT as SCP-ECG uses it (polynomial 0x1021, initial value 0xFFFF)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
-    return crc
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 def _err(message: str) -> EcgFormatError:
@@ -248,11 +243,13 @@ def _huffman_mode(sections: dict[int, _Section]) -> bool:
 
 
 def _huffman_decode(data: bytes, count: int, lead: str) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    out = np.empty(count, dtype=np.int64)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()
+    out = [0] * count
     pos = 0
     n_bits = len(bits)
     for i in range(count):
+        if pos >= n_bits:
+            raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
         ones = 0
         while ones < 10 and pos + ones < n_bits and bits[pos + ones]:
             ones += 1
@@ -276,12 +273,12 @@ def _huffman_decode(data: bytes, count: int, lead: str) -> np.ndarray:
             raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
         raw = 0
         for b in bits[pos : pos + width]:
-            raw = (raw << 1) | int(b)
+            raw = (raw << 1) | b
         if raw >= 1 << (width - 1):
             raw -= 1 << width
         out[i] = raw
         pos += width
-    return out
+    return np.array(out, dtype=np.int64)
 
 
 def _lead_data(
@@ -307,10 +304,13 @@ def _undifference(values: np.ndarray, encoding: int) -> np.ndarray:
         return values
     if encoding == 1:
         return np.cumsum(values)
-    out = values.copy()
-    for n in range(2, len(out)):
-        out[n] = values[n] + 2 * out[n - 1] - out[n - 2]
-    return out
+    if len(values) < 2:
+        return values
+    # x[n] = d[n] + 2 x[n-1] - x[n-2] (x[0] = d[0], x[1] = d[1]): the first differences
+    # x[n] - x[n-1] are d[1] - d[0] plus the running sum of d[2..n].
+    steps = values[1:].copy()
+    steps[0] -= values[0]
+    return np.concatenate(([values[0]], values[0] + np.cumsum(np.cumsum(steps))))
 
 
 def _waveform(

@@ -141,3 +141,14 @@ def test_ecgdatakit_reads_the_writer_s_file(
         assert lead.sampling_rate == ours.sampling_rate_hz
         samples = lead.to_physical().samples if lead.is_raw else lead.samples
         assert np.allclose(np.asarray(samples, dtype=np.float64), ours.lead(lead.label))
+
+
+def test_short_lead_data_is_refused(synthetic: EcgRecord) -> None:
+    """Section 3 promises more samples than section 6 carries."""
+    for huffman, message in ((True, "Huffman data ends after"), (False, "samples stored")):
+        data = scp_bytes(synthetic, huffman=huffman)
+        for i in range(12):  # every lead's end sample
+            end = struct.pack("<I", synthetic.n_samples + 4000)
+            data = _patch_section(data, 3, 2 + 9 * i + 4, end)
+        with pytest.raises(EcgFormatError, match=rf"^SCP-ECG: lead I: .*{message}"):
+            parse_ecg(data)
