@@ -320,7 +320,7 @@ def test_suspected_critical_ecg_is_first_on_the_worklist(deployment: Deployment)
     assert exam["triage_reason"] == first["triage_reason"]
 
 
-def test_rdc_import_takes_wfdb_and_aecg(deployment: Deployment, tmp_path: Path) -> None:
+def test_rdc_import_takes_wfdb_aecg_and_scp(deployment: Deployment, tmp_path: Path) -> None:
     folder = tmp_path / "cart"
     folder.mkdir()
     for name in ("3000003_0003.hea", "3000003_0003.dat"):
@@ -328,15 +328,17 @@ def test_rdc_import_takes_wfdb_and_aecg(deployment: Deployment, tmp_path: Path) 
     (folder / "minimum.xml").write_bytes(
         (deployment.ecg / "aecg" / "minimum_aecg.xml").read_bytes()
     )
+    record, _ = synthesize_ecg(seed=31)
+    (folder / "cart.scp").write_bytes(scp_bytes(record, patient_id="SCP-CLI-1", huffman=True))
     result = rdc_cli(deployment.server.env, "import", "--clinic", "CLINIC_B", str(folder))
-    assert "2 stored" in result.stderr, result.stderr
+    assert "3 stored" in result.stderr, result.stderr
     tech_b = deployment.client("tech_b")
     exams = tech_b.get("/api/v1/exams", params={"modality": "ECG"}).json()["items"]
-    assert len(exams) == 2 and {e["discipline"] for e in exams} == {"ecg"}
+    assert len(exams) == 3 and {e["discipline"] for e in exams} == {"ecg"}
     measured = [_ecg(tech_b, e["id"]) for e in exams]
-    assert {m["source_format"] for m in measured} == {"wfdb", "hl7_aecg"}
+    assert {m["source_format"] for m in measured} == {"wfdb", "hl7_aecg", "scp_ecg"}
     again = rdc_cli(deployment.server.env, "import", "--clinic", "CLINIC_B", str(folder))
-    assert "2 duplicate" in again.stderr, again.stderr
+    assert "3 duplicate" in again.stderr, again.stderr
 
 
 def test_dicom_ecg_sent_by_stow_is_measured(deployment: Deployment) -> None:
