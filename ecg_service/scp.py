@@ -2,22 +2,24 @@
 
 What is read: the record and section CRCs (CRC-CCITT, refused when wrong), section 0
 (pointers), section 1 (patient ID, names, sex, birth date, acquisition date and time, the
-acquiring device), section 2 (only "default Huffman table" is accepted), section 3 (lead
-definitions), section 5 (the device's reference beat, when not used for subtraction), section 6
-(rhythm data: AVM, sample time interval, first/second difference encoding, uncompressed or
-default-Huffman coded) and section 7 (the device's global measurements).
+acquiring device), section 2 (the default Huffman table, or the file's own tables with table
+switches), section 3 (lead definitions), section 5 (the device's reference beat, uncompressed,
+when not used for subtraction), section 6 (rhythm data: AVM, sample time interval,
+first/second difference encoding, uncompressed or Huffman coded) and section 7 (the device's
+global measurements).
 
-What is refused with a reason (422): custom Huffman tables, bimodal compression, reference
-beat subtraction (section 4), leads that do not cover the same samples.
+What is refused with a reason (422): bimodal compression, reference beat subtraction
+(section 4), leads that do not cover the same samples.
 
 Why our own: ``ecgdatakit`` (Apache-2.0) reads SCP but is a 49 MB wheel with a neural-network
-model we never load; the subset above is ~300 lines with errors that name the section.
+model we never load; the subset above is ~450 lines with errors that name the section.
 """
 
 from __future__ import annotations
 
 import binascii
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
@@ -47,15 +49,20 @@ SCP_LEAD_NAMES: dict[int, str] = {
 }  # fmt: skip
 LEAD_CODES: dict[str, int] = {name: code for code, name in SCP_LEAD_NAMES.items()}
 
-# The default Huffman table (EN 1064 table 5): (prefix bits, code, value); the two escape
-# codes carry the original value in 8 or 16 bits after a 10-bit prefix.
-DEFAULT_HUFFMAN: tuple[tuple[int, int, int], ...] = (
-    (1, 0b0, 0),
-    *((k + 2, int("1" * k + "00", 2), k) for k in range(1, 9)),
-    *((k + 2, int("1" * k + "01", 2), -k) for k in range(1, 9)),
+# A Huffman code structure (section 2): (prefix bits, total bits, mode, value, code), the
+# code's first transmitted bit most significant; mode 1 = a value (total - prefix bits of
+# original value follow, added to ``value``), mode 0 = switch to table ``value``.
+_Code = tuple[int, int, int, int, int]
+
+# The default Huffman table (EN 1064 table 5): 0 -> "0", +-k (k = 1..8) -> k ones, a 0 and
+# the sign; 10-bit escapes carry the original value in 8 or 16 bits.
+DEFAULT_HUFFMAN: tuple[_Code, ...] = (
+    (1, 1, 1, 0, 0b0),
+    *((k + 2, k + 2, 1, k, int("1" * k + "00", 2)) for k in range(1, 9)),
+    *((k + 2, k + 2, 1, -k, int("1" * k + "01", 2)) for k in range(1, 9)),
+    (10, 18, 1, 0, 0b1111111110),
+    (10, 26, 1, 0, 0b1111111111),
 )
-_ESCAPE8 = 0b1111111110
-_ESCAPE16 = 0b1111111111
 _NOT_COMPUTED = 29999
 
 
@@ -227,62 +234,104 @@ def _leads(body: bytes) -> tuple[list[tuple[int, int, int]], int]:
     return leads, flags
 
 
-def _huffman_mode(sections: dict[int, _Section]) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Table:
+    codes: dict[tuple[int, int], tuple[int, int, int]]  # (prefix, code) -> (total, mode, value)
+    max_prefix: int
+
+
+def _table(codes: Sequence[_Code]) -> _Table:
+    return _Table(
+        codes={(p, c): (t, m, v) for p, t, m, v, c in codes},
+        max_prefix=max(p for p, _, _, _, _ in codes),
+    )
+
+
+_DEFAULT_TABLES = (_table(DEFAULT_HUFFMAN),)
+
+
+def _huffman_tables(sections: dict[int, _Section]) -> tuple[_Table, ...] | None:
+    """None when the data is not Huffman coded (no section 2)."""
     sec2 = sections.get(2)
     if sec2 is None:
-        return False
-    if len(sec2.body) < 2:
+        return None
+    body = sec2.body
+    if len(body) < 2:
         raise _err("section 2 is too short")
-    (tables,) = struct.unpack_from("<H", sec2.body, 0)
-    if tables != 19999:
-        raise _refuse(
-            "custom Huffman tables (section 2) are not supported; uncompressed and"
-            " default-Huffman records are"
-        )
-    return True
+    (count,) = struct.unpack_from("<H", body, 0)
+    if count == 19999:
+        return _DEFAULT_TABLES
+    if count == 0:
+        raise _err("section 2 declares no Huffman table")
+    pos = 2
+    tables = []
+    for t in range(count):
+        if pos + 2 > len(body):
+            raise _err(f"section 2 ends inside Huffman table {t + 1}")
+        (n_codes,) = struct.unpack_from("<H", body, pos)
+        pos += 2
+        if n_codes == 0 or pos + 9 * n_codes > len(body):
+            raise _err(f"section 2 Huffman table {t + 1} is empty or truncated")
+        codes: list[_Code] = []
+        for _ in range(n_codes):
+            prefix, total, mode, value, stored = struct.unpack_from("<BBBhI", body, pos)
+            pos += 9
+            if not 1 <= prefix <= 32 or total < prefix:
+                raise _err(f"section 2 Huffman table {t + 1}: bad code length {prefix}/{total}")
+            # the base code is stored bit-reversed: its first transmitted bit is the LSB
+            code = int(format(stored & ((1 << prefix) - 1), f"0{prefix}b")[::-1], 2)
+            codes.append((prefix, total, mode, value, code))
+        tables.append(_table(codes))
+    return tuple(tables)
 
 
-def _huffman_decode(data: bytes, count: int, lead: str) -> np.ndarray:
+def _huffman_decode(data: bytes, count: int, tables: tuple[_Table, ...], lead: str) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()
-    out = [0] * count
-    pos = 0
     n_bits = len(bits)
-    for i in range(count):
-        if pos >= n_bits:
-            raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
-        ones = 0
-        while ones < 10 and pos + ones < n_bits and bits[pos + ones]:
-            ones += 1
-        if ones == 0:
-            out[i] = 0
+    out = [0] * count
+    table = tables[0]
+    pos = n = 0
+    while n < count:
+        code = length = 0
+        entry = None
+        while entry is None:
+            if pos >= n_bits:
+                raise _err(f"lead {lead}: Huffman data ends after {n} of {count} samples")
+            code = (code << 1) | bits[pos]
             pos += 1
+            length += 1
+            entry = table.codes.get((length, code))
+            if entry is None and length >= table.max_prefix:
+                raise _err(f"lead {lead}: invalid Huffman code at bit {pos}")
+        total, mode, value = entry
+        if mode == 0:
+            if not 1 <= value <= len(tables):
+                raise _err(f"lead {lead}: switch to unknown Huffman table {value}")
+            table = tables[value - 1]
             continue
-        if ones < 9:  # k ones, a 0, then the sign: the value +-k
-            if pos + ones + 2 > n_bits:
-                raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
-            sign = bits[pos + ones + 1]
-            out[i] = -ones if sign else ones
-            pos += ones + 2
-            continue
-        # 1111111110 / 1111111111: the original value follows in 8 / 16 bits
-        if pos + 10 > n_bits:
-            raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
-        width = 8 if ones == 9 else 16
-        pos += 10
-        if pos + width > n_bits:
-            raise _err(f"lead {lead}: Huffman data ends after {i} of {count} samples")
-        raw = 0
-        for b in bits[pos : pos + width]:
-            raw = (raw << 1) | b
-        if raw >= 1 << (width - 1):
-            raw -= 1 << width
-        out[i] = raw
-        pos += width
+        extra = total - length
+        if extra:
+            if pos + extra > n_bits:
+                raise _err(f"lead {lead}: Huffman data ends after {n} of {count} samples")
+            raw = 0
+            for bit in bits[pos : pos + extra]:
+                raw = (raw << 1) | bit
+            if raw >= 1 << (extra - 1):
+                raw -= 1 << extra
+            value += raw
+            pos += extra
+        out[n] = value
+        n += 1
     return np.array(out, dtype=np.int64)
 
 
 def _lead_data(
-    body: bytes, offset: int, lengths: list[int], counts: list[int], names: list[str], huffman: bool
+    body: bytes,
+    offset: int,
+    lengths: list[int],
+    counts: list[int],
+    names: list[str],
+    huffman: tuple[_Table, ...] | None,
 ) -> list[np.ndarray]:
     rows = []
     for length, count, name in zip(lengths, counts, names, strict=True):
@@ -290,8 +339,8 @@ def _lead_data(
         if len(chunk) != length:
             raise _err(f"lead {name}: data runs past the end of its section")
         offset += length
-        if huffman:
-            rows.append(_huffman_decode(chunk, count, name))
+        if huffman is not None:
+            rows.append(_huffman_decode(chunk, count, huffman, name))
         else:
             if length < 2 * count:
                 raise _err(f"lead {name}: {length // 2} samples stored, {count} expected")
@@ -314,7 +363,11 @@ def _undifference(values: np.ndarray, encoding: int) -> np.ndarray:
 
 
 def _waveform(
-    body: bytes, sid: int, names: list[str], counts: list[int], huffman: bool
+    body: bytes,
+    sid: int,
+    names: list[str],
+    counts: list[int],
+    huffman: tuple[_Table, ...] | None,
 ) -> tuple[float, np.ndarray]:
     head = 6 + 2 * len(names)
     if len(body) < head:
@@ -386,7 +439,7 @@ def parse_scp(data: bytes) -> EcgRecord:
     ]
     if len(set(names)) != len(names):
         raise _err("a lead appears twice in section 3")
-    huffman = _huffman_mode(sections)
+    huffman = _huffman_tables(sections)
     fs, signals = _waveform(sections[6].body, 6, names, [count] * len(names), huffman)
     header = (
         _section1(sections[1].body)
@@ -398,9 +451,9 @@ def parse_scp(data: bytes) -> EcgRecord:
         body5 = sections[5].body
         if len(body5) >= 6 + 2 * len(names):
             lengths = struct.unpack_from(f"<{len(names)}H", body5, 6)
-            per = [(n // 2) for n in lengths] if not huffman else []
+            per = [(n // 2) for n in lengths] if huffman is None else []
             if per and len(set(per)) == 1 and per[0] >= 2:
-                mfs, msig = _waveform(body5, 5, names, per, False)
+                mfs, msig = _waveform(body5, 5, names, per, None)
                 median = RecordedBeat(sampling_rate_hz=mfs, leads=tuple(names), signals_uv=msig)
     measurements = _measurements(sections[7].body, header.device) if 7 in sections else []
     return EcgRecord(

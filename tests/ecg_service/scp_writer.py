@@ -53,6 +53,23 @@ def _huffman(values: np.ndarray) -> bytes:
     return int(text, 2).to_bytes(len(text) // 8, "big") if text else b""
 
 
+def _reversed(code: int, bits: int) -> int:
+    return int(format(code, f"0{bits}b")[::-1], 2)
+
+
+def _default_table_explicit() -> bytes:
+    """Section 2 with one table: the default table's 19 code structures spelled out (base codes
+    stored bit-reversed, as the standard lays them out)."""
+    rows = [(1, 1, 1, 0, 0b0)]
+    for k in range(1, 9):
+        rows.append((k + 2, k + 2, 1, k, int("1" * k + "00", 2)))
+        rows.append((k + 2, k + 2, 1, -k, int("1" * k + "01", 2)))
+    rows += [(10, 18, 1, 0, 0b1111111110), (10, 26, 1, 0, 0b1111111111)]
+    return struct.pack("<HH", 1, len(rows)) + b"".join(
+        struct.pack("<BBBhI", p, t, m, v, _reversed(c, p)) for p, t, m, v, c in rows
+    )
+
+
 def scp_bytes(
     record: EcgRecord,
     *,
@@ -64,6 +81,7 @@ def scp_bytes(
     acquired: datetime = datetime(2026, 11, 30, 8, 15, 42),
     avm_nv: int = 5000,
     huffman: bool = False,
+    custom_table: bool = False,
     second_difference: bool = False,
     measurements: dict[str, int] | None = None,
     reference_beat_subtraction: bool = False,
@@ -112,7 +130,7 @@ def scp_bytes(
     )
     bodies: dict[int, bytes] = {1: sec1, 3: sec3, 6: sec6}
     if huffman:
-        bodies[2] = struct.pack("<H", 19999)
+        bodies[2] = _default_table_explicit() if custom_table else struct.pack("<H", 19999)
     if measurements is not None:
         m = measurements
         bodies[7] = (

@@ -28,11 +28,18 @@ def test_crc_ccitt_check_value() -> None:
 
 
 @pytest.mark.parametrize(
-    ("huffman", "second_difference"), [(False, False), (True, False), (True, True)]
+    ("huffman", "second_difference", "custom_table"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
 )
-def test_round_trip(synthetic: EcgRecord, huffman: bool, second_difference: bool) -> None:
+def test_round_trip(
+    synthetic: EcgRecord, huffman: bool, second_difference: bool, custom_table: bool
+) -> None:
     data = scp_bytes(
-        synthetic, huffman=huffman, second_difference=second_difference, measurements=_MEAS
+        synthetic,
+        huffman=huffman,
+        second_difference=second_difference,
+        custom_table=custom_table,
+        measurements=_MEAS,
     )
     assert detect_format(data) is EcgFormat.SCP_ECG
     rec = parse_ecg(data)
@@ -114,25 +121,31 @@ def _patch_section(data: bytes, sid: int, offset: int, value: bytes) -> bytes:
     raise AssertionError(f"no section {sid}")
 
 
-def test_custom_huffman_table_and_bimodal_refused(synthetic: EcgRecord) -> None:
-    custom = _patch_section(scp_bytes(synthetic, huffman=True), 2, 0, struct.pack("<H", 1))
-    with pytest.raises(UnsupportedEcgFormat, match="custom Huffman tables"):
-        parse_ecg(custom)
+def test_bimodal_refused_and_broken_huffman_tables(synthetic: EcgRecord) -> None:
     bimodal = _patch_section(scp_bytes(synthetic), 6, 5, b"\x01")
     with pytest.raises(UnsupportedEcgFormat, match="bimodal compression"):
         parse_ecg(bimodal)
+    custom = scp_bytes(synthetic, huffman=True, custom_table=True)
+    switch = _patch_section(custom, 2, 4 + 2, b"\x00\x07\x00")  # code "0": switch to table 7
+    with pytest.raises(EcgFormatError, match="switch to unknown Huffman table 7"):
+        parse_ecg(switch)
+    no_zero = _patch_section(custom, 2, 4, bytes([2, 2]))  # code "0" now needs 2 bits
+    with pytest.raises(EcgFormatError, match="invalid Huffman code"):
+        parse_ecg(no_zero)
 
 
-@pytest.mark.parametrize("huffman", [False, True])
+@pytest.mark.parametrize(("huffman", "custom_table"), [(False, False), (True, False), (True, True)])
 def test_ecgdatakit_reads_the_writer_s_file(
-    synthetic: EcgRecord, huffman: bool, tmp_path: Path
+    synthetic: EcgRecord, huffman: bool, custom_table: bool, tmp_path: Path
 ) -> None:
     """An independent reader (ecgdatakit, Apache-2.0) agrees with ours on the writer's files.
 
     Not a dependency (its wheel is 49 MB): the test runs where it is installed."""
     parser = pytest.importorskip("ecgdatakit.parsing.parsers.scp_ecg")
     path = tmp_path / "record.scp"
-    path.write_bytes(scp_bytes(synthetic, huffman=huffman, second_difference=huffman))
+    path.write_bytes(
+        scp_bytes(synthetic, huffman=huffman, second_difference=huffman, custom_table=custom_table)
+    )
     theirs = parser.SCPECGParser().parse(path)
     ours = parse_ecg(path.read_bytes())
     assert theirs.patient.patient_id == ours.patient.patient_id == "SCP-0001"
