@@ -3,16 +3,18 @@
 What is read: the record and section CRCs (CRC-CCITT, refused when wrong), section 0
 (pointers), section 1 (patient ID, names, sex, birth date, acquisition date and time, the
 acquiring device), section 2 (the default Huffman table, or the file's own tables with table
-switches), section 3 (lead definitions), section 5 (the device's reference beat, uncompressed,
-when not used for subtraction), section 6 (rhythm data: AVM, sample time interval,
-first/second difference encoding, uncompressed or Huffman coded) and section 7 (the device's
-global measurements).
+switches), section 3 (lead definitions), section 4 (QRS subtraction zones), section 5 (the
+device's reference beat), section 6 (rhythm data: AVM, sample time interval, first/second
+difference encoding, uncompressed or Huffman coded) and section 7 (the device's global
+measurements).
 
-What is refused with a reason (422): bimodal compression, reference beat subtraction
-(section 4), leads that do not cover the same samples.
+Reference beat subtraction (section 4) is undone by adding the section 5 beat back over each
+type-0 QRS's subtraction zone. What is refused with a reason (422): bimodal compression, a
+reference beat at another sampling rate than the rhythm, leads that do not cover the same
+samples.
 
 Why our own: ``ecgdatakit`` (Apache-2.0) reads SCP but is a 49 MB wheel with a neural-network
-model we never load; the subset above is ~450 lines with errors that name the section.
+model we never load; the subset above is ~520 lines with errors that name the section.
 """
 
 from __future__ import annotations
@@ -418,14 +420,51 @@ def _measurements(body: bytes, device: str | None) -> list[DeviceMeasurement]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Subtraction:
+    fiducial: int  # 0-based sample of the reference beat's fiducial point
+    zones: tuple[tuple[int, int, int], ...]  # type-0 QRS: 0-based start, fiducial, end
+
+
+def _section4(body: bytes) -> _Subtraction:
+    if len(body) < 6:
+        raise _err("section 4 is too short")
+    _length_ms, fiducial, n_qrs = struct.unpack_from("<HHH", body, 0)
+    if len(body) < 6 + 14 * n_qrs:
+        raise _err(f"section 4 declares {n_qrs} QRS complexes but is too short for them")
+    zones = []
+    for k in range(n_qrs):
+        beat_type, start, fid, end = struct.unpack_from("<HIII", body, 6 + 14 * k)
+        if beat_type == 0:  # only type-0 complexes have the reference beat subtracted
+            zones.append((start - 1, fid - 1, end - 1))
+    return _Subtraction(fiducial=fiducial - 1, zones=tuple(zones))
+
+
+def _add_reference_beat(signals: np.ndarray, beat: np.ndarray, sub: _Subtraction) -> None:
+    """Undo reference beat subtraction: add the beat back over each type-0 QRS's zone."""
+    for k, (start, fid, end) in enumerate(sub.zones):
+        idx = np.arange(start, end + 1)
+        ref = idx - fid + sub.fiducial
+        if (
+            len(idx) == 0
+            or idx[0] < 0
+            or idx[-1] >= signals.shape[1]
+            or ref[0] < 0
+            or ref[-1] >= beat.shape[1]
+        ):
+            raise _err(f"section 4 subtraction zone {k + 1} lies outside the rhythm or the beat")
+        signals[:, idx] += beat[:, ref]
+
+
 def parse_scp(data: bytes) -> EcgRecord:
     """An :class:`EcgRecord` from one SCP-ECG file (see the module docstring for the subset)."""
     sections = _sections(data)
     if 3 not in sections or 6 not in sections:
         raise _err("no lead definition (section 3) or rhythm data (section 6)")
     lead_defs, flags = _leads(sections[3].body)
-    if flags & 0x01 or 4 in sections:
-        raise _refuse("reference beat subtraction (section 4) is not supported")
+    subtraction = _section4(sections[4].body) if flags & 0x01 and 4 in sections else None
+    if flags & 0x01 and subtraction is None:
+        raise _err("section 3 says reference beat subtraction but there is no section 4")
     starts = {start for start, _, _ in lead_defs}
     ends = {end for _, end, _ in lead_defs}
     if len(starts) != 1 or len(ends) != 1:
@@ -449,12 +488,23 @@ def parse_scp(data: bytes) -> EcgRecord:
     median = None
     if 5 in sections:
         body5 = sections[5].body
-        if len(body5) >= 6 + 2 * len(names):
-            lengths = struct.unpack_from(f"<{len(names)}H", body5, 6)
-            per = [(n // 2) for n in lengths] if huffman is None else []
-            if per and len(set(per)) == 1 and per[0] >= 2:
-                mfs, msig = _waveform(body5, 5, names, per, None)
-                median = RecordedBeat(sampling_rate_hz=mfs, leads=tuple(names), signals_uv=msig)
+        per = 0
+        if 4 in sections and len(body5) >= 4:
+            (interval5,) = struct.unpack_from("<H", body5, 2)
+            length_ms = struct.unpack_from("<H", sections[4].body, 0)[0]
+            per = round(length_ms * 1000 / interval5) if interval5 else 0
+        elif huffman is None and len(body5) >= 6 + 2 * len(names):
+            lengths = set(struct.unpack_from(f"<{len(names)}H", body5, 6))
+            per = lengths.pop() // 2 if len(lengths) == 1 else 0
+        if per >= 2:
+            mfs, msig = _waveform(body5, 5, names, [per] * len(names), huffman)
+            median = RecordedBeat(sampling_rate_hz=mfs, leads=tuple(names), signals_uv=msig)
+    if subtraction is not None:
+        if median is None:
+            raise _err("reference beat subtraction without a reference beat (section 5)")
+        if median.sampling_rate_hz != fs:
+            raise _refuse("a reference beat sampled at another rate than the rhythm")
+        _add_reference_beat(signals, median.signals_uv, subtraction)
     measurements = _measurements(sections[7].body, header.device) if 7 in sections else []
     return EcgRecord(
         source_format=_FMT,

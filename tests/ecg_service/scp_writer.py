@@ -70,6 +70,22 @@ def _default_table_explicit() -> bytes:
     )
 
 
+def _waveform_section(
+    q: np.ndarray, avm_nv: int, interval: int, huffman: bool, second: bool, flag: int
+) -> bytes:
+    chunks = []
+    for row in q:
+        enc = row.copy()
+        if second:
+            enc[2:] = row[2:] - 2 * row[1:-1] + row[:-2]
+        chunks.append(_huffman(enc) if huffman else enc.astype("<i2").tobytes())
+    return (
+        struct.pack("<HHBB", avm_nv, interval, 2 if second else 0, flag)
+        + b"".join(struct.pack("<H", len(c)) for c in chunks)
+        + b"".join(chunks)
+    )
+
+
 def scp_bytes(
     record: EcgRecord,
     *,
@@ -117,18 +133,23 @@ def scp_bytes(
         struct.pack("<IIB", 1, n, _LEAD_CODES[lead]) for lead in leads
     )
     q = np.rint(np.vstack([record.lead(lead) for lead in leads]) * 1000.0 / avm_nv).astype(np.int64)
-    chunks = []
-    for row in q:
-        enc = row.copy()
-        if second_difference:
-            enc[2:] = row[2:] - 2 * row[1:-1] + row[:-2]
-        chunks.append(_huffman(enc) if huffman else enc.astype("<i2").tobytes())
-    sec6 = (
-        struct.pack("<HHBB", avm_nv, round(1e6 / fs), 2 if second_difference else 0, 0)
-        + b"".join(struct.pack("<H", len(c)) for c in chunks)
-        + b"".join(chunks)
-    )
-    bodies: dict[int, bytes] = {1: sec1, 3: sec3, 6: sec6}
+    interval = round(1e6 / fs)
+    bodies: dict[int, bytes] = {1: sec1, 3: sec3}
+    if reference_beat_subtraction:
+        # A 600 ms reference beat (fiducial at its sample 101) subtracted over four type-0
+        # QRS zones; a type-1 QRS is listed but left alone, as the standard says.
+        beat = q[:, 1000:1300].copy()
+        qrs = [(0, 500), (0, 1500), (1, 2500), (0, 3500), (0, 4500)]
+        for beat_type, fid in qrs:
+            if beat_type == 0:
+                q[:, fid - 1 - 60 : fid - 1 + 81] -= beat[:, 100 - 60 : 100 + 81]
+        bodies[4] = (
+            struct.pack("<HHH", 600, 101, len(qrs))
+            + b"".join(struct.pack("<HIII", t, f - 60, f, f + 80) for t, f in qrs)
+            + b"".join(struct.pack("<II", f - 60, f + 80) for _, f in qrs)
+        )
+        bodies[5] = _waveform_section(beat, avm_nv, interval, huffman, second_difference, 0)
+    bodies[6] = _waveform_section(q, avm_nv, interval, huffman, second_difference, 0)
     if huffman:
         bodies[2] = _default_table_explicit() if custom_table else struct.pack("<H", 19999)
     if measurements is not None:

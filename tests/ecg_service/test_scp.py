@@ -98,10 +98,21 @@ def test_truncated_file(synthetic: EcgRecord) -> None:
         parse_ecg(data)
 
 
-def test_reference_beat_subtraction_refused(synthetic: EcgRecord) -> None:
-    data = scp_bytes(synthetic, reference_beat_subtraction=True)
-    with pytest.raises(UnsupportedEcgFormat, match="reference beat subtraction"):
-        parse_ecg(data)
+@pytest.mark.parametrize("huffman", [False, True])
+def test_reference_beat_subtraction_is_undone(synthetic: EcgRecord, huffman: bool) -> None:
+    data = scp_bytes(
+        synthetic, reference_beat_subtraction=True, huffman=huffman, second_difference=huffman
+    )
+    rec = parse_ecg(data)
+    expected = np.vstack([synthetic.lead(lead) for lead in rec.leads])
+    assert np.abs(rec.signals_uv - expected).max() <= 2.5 + 1e-9
+    assert rec.median_beat is not None and rec.median_beat.signals_uv.shape == (12, 300)
+    assert np.abs(rec.median_beat.signals_uv - expected[:, 1000:1300]).max() <= 2.5 + 1e-9
+    # Without section 3's "subtraction used" flag the residual stays: the zones differ.
+    flags = 0x04 | (12 << 3)
+    residual = parse_ecg(_patch_section(data, 3, 1, bytes([flags & 0xFF])))
+    assert np.abs(residual.signals_uv - expected).max() > 50
+    assert np.abs(residual.signals_uv[:, 2400:2600] - expected[:, 2400:2600]).max() <= 2.6
 
 
 def _patch_section(data: bytes, sid: int, offset: int, value: bytes) -> bytes:
@@ -134,9 +145,12 @@ def test_bimodal_refused_and_broken_huffman_tables(synthetic: EcgRecord) -> None
         parse_ecg(no_zero)
 
 
-@pytest.mark.parametrize(("huffman", "custom_table"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    ("huffman", "custom_table", "subtraction"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+)
 def test_ecgdatakit_reads_the_writer_s_file(
-    synthetic: EcgRecord, huffman: bool, custom_table: bool, tmp_path: Path
+    synthetic: EcgRecord, huffman: bool, custom_table: bool, subtraction: bool, tmp_path: Path
 ) -> None:
     """An independent reader (ecgdatakit, Apache-2.0) agrees with ours on the writer's files.
 
