@@ -96,7 +96,9 @@ def detect_format(data: bytes) -> EcgFormat:
         (b"<restingecgdata", "Philips Sierra XML"),
     ):
         if marker in head:
-            raise UnsupportedEcgFormat(f"{name} is not supported (send DICOM, WFDB or HL7 aECG)")
+            raise UnsupportedEcgFormat(
+                f"{name} is not supported (send DICOM, WFDB, HL7 aECG or SCP-ECG)"
+            )
     raise UnsupportedEcgFormat(
         "unrecognised ECG file: not DICOM waveform, WFDB, HL7 aECG or SCP-ECG"
     )
