@@ -1,4 +1,4 @@
-"""Read DICOM waveform, WFDB and HL7 aECG files into one :class:`EcgRecord`.
+"""Read DICOM waveform, WFDB, HL7 aECG and SCP-ECG files into one :class:`EcgRecord`.
 
 The format is told from the content, never from the file name. Anything that cannot be read
 raises :class:`EcgFormatError` (or :class:`UnsupportedEcgFormat`) naming the problem.
@@ -8,7 +8,7 @@ through our own reader on the standard library's XML parser (about 150 lines: th
 rhythm series, a representative beat and the global annotations need, with errors that name
 the lead and element). ``ecgdatakit`` (Apache-2.0) reads more formats but is a 49 MB wheel
 with a 64 MB neural-network model we do not use, and its errors are not ours to name;
-SCP-ECG is recognised and refused until a real SCP sample is available to test against.
+SCP-ECG through our own reader too (:mod:`ecg_service.scp`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ecg_service.record import (
     UnsupportedEcgFormat,
     normalise_lead_name,
 )
+from ecg_service.scp import parse_scp
 
 __all__ = ["EcgFiles", "detect_format", "parse_ecg", "read_ecg", "record_from_dicom"]
 
@@ -72,7 +73,9 @@ def _looks_like_scp(data: bytes) -> bool:
         return False
     (total,) = struct.unpack_from("<I", data, 2)
     (section_id,) = struct.unpack_from("<H", data, 8)
-    return total == len(data) and section_id == 0
+    # Section 0's header carries "SCPECG" in its reserved bytes: a truncated file is still
+    # told as SCP-ECG (and refused as truncated, not as unknown).
+    return section_id == 0 and (total == len(data) or data[16:22] == b"SCPECG")
 
 
 def detect_format(data: bytes) -> EcgFormat:
@@ -93,7 +96,9 @@ def detect_format(data: bytes) -> EcgFormat:
         (b"<restingecgdata", "Philips Sierra XML"),
     ):
         if marker in head:
-            raise UnsupportedEcgFormat(f"{name} is not supported (send DICOM, WFDB or HL7 aECG)")
+            raise UnsupportedEcgFormat(
+                f"{name} is not supported (send DICOM, WFDB, HL7 aECG or SCP-ECG)"
+            )
     raise UnsupportedEcgFormat(
         "unrecognised ECG file: not DICOM waveform, WFDB, HL7 aECG or SCP-ECG"
     )
@@ -143,10 +148,7 @@ def _parse_single(name: str, data: bytes) -> EcgRecord:
         return _parse_aecg(data)
     if fmt is EcgFormat.WFDB:
         return _parse_wfdb((name or "record.hea", data), [(name or "record.hea", data)])
-    raise UnsupportedEcgFormat(
-        "SCP-ECG is recognised but not supported yet (send DICOM, WFDB or HL7 aECG)",
-        fmt=EcgFormat.SCP_ECG,
-    )
+    return parse_scp(data)
 
 
 def read_ecg(*paths: str | Path) -> EcgRecord:

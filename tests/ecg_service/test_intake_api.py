@@ -24,6 +24,7 @@ from PIL import Image
 
 from ecg_service import MEASUREMENT_KEYS, synthesize_ecg
 from ecg_service.writers import wfdb_files
+from tests.ecg_service.scp_writer import scp_bytes
 from tests.helpers import (
     RdcClient,
     RdcServer,
@@ -319,7 +320,7 @@ def test_suspected_critical_ecg_is_first_on_the_worklist(deployment: Deployment)
     assert exam["triage_reason"] == first["triage_reason"]
 
 
-def test_rdc_import_takes_wfdb_and_aecg(deployment: Deployment, tmp_path: Path) -> None:
+def test_rdc_import_takes_wfdb_aecg_and_scp(deployment: Deployment, tmp_path: Path) -> None:
     folder = tmp_path / "cart"
     folder.mkdir()
     for name in ("3000003_0003.hea", "3000003_0003.dat"):
@@ -327,15 +328,17 @@ def test_rdc_import_takes_wfdb_and_aecg(deployment: Deployment, tmp_path: Path) 
     (folder / "minimum.xml").write_bytes(
         (deployment.ecg / "aecg" / "minimum_aecg.xml").read_bytes()
     )
+    record, _ = synthesize_ecg(seed=31)
+    (folder / "cart.scp").write_bytes(scp_bytes(record, patient_id="SCP-CLI-1", huffman=True))
     result = rdc_cli(deployment.server.env, "import", "--clinic", "CLINIC_B", str(folder))
-    assert "2 stored" in result.stderr, result.stderr
+    assert "3 stored" in result.stderr, result.stderr
     tech_b = deployment.client("tech_b")
     exams = tech_b.get("/api/v1/exams", params={"modality": "ECG"}).json()["items"]
-    assert len(exams) == 2 and {e["discipline"] for e in exams} == {"ecg"}
+    assert len(exams) == 3 and {e["discipline"] for e in exams} == {"ecg"}
     measured = [_ecg(tech_b, e["id"]) for e in exams]
-    assert {m["source_format"] for m in measured} == {"wfdb", "hl7_aecg"}
+    assert {m["source_format"] for m in measured} == {"wfdb", "hl7_aecg", "scp_ecg"}
     again = rdc_cli(deployment.server.env, "import", "--clinic", "CLINIC_B", str(folder))
-    assert "2 duplicate" in again.stderr, again.stderr
+    assert "3 duplicate" in again.stderr, again.stderr
 
 
 def test_dicom_ecg_sent_by_stow_is_measured(deployment: Deployment) -> None:
@@ -368,3 +371,35 @@ def test_dicom_ecg_sent_by_stow_is_measured(deployment: Deployment) -> None:
     )
     assert measured["source_format"] == "dicom" and measured["clinic_code"] == "CLINIC_A"
     assert measured["measurements"]["qrs_ms"] is not None
+
+
+def test_scp_ecg_upload_is_measured_and_a_bad_crc_refused(deployment: Deployment) -> None:
+    record, _ = synthesize_ecg(heart_rate_bpm=66, seed=21)
+    data = scp_bytes(
+        record,
+        patient_id="SCP-HTTP-1",
+        huffman=True,
+        second_difference=True,
+        measurements={"rr_ms": 909, "p_ms": 100, "qrs_on": 260, "qrs_ms": 90, "qt_ms": 400,
+                      "qrs_axis": 50},
+    )  # fmt: skip
+    tech = deployment.client("tech_a")
+    before = _state(deployment)
+    broken = bytearray(data)
+    broken[-3] ^= 0x01
+    bad = tech.post("/api/v1/ecg", files=[("file", ("ecg.scp", bytes(broken)))])
+    assert bad.status_code == 422 and "SCP-ECG: record CRC mismatch" in bad.json()["detail"]
+    assert _state(deployment) == before
+    response = tech.post("/api/v1/ecg", files=[("file", ("ecg.scp", data))])
+    assert response.status_code == 201, response.text
+    exam_id = response.json()["exam_id"]
+    ecg = _ecg(tech, exam_id)
+    assert ecg["source_format"] == "scp_ecg" and ecg["sampling_rate_hz"] == 500
+    assert len(ecg["leads"]) == 12 and ecg["duration_s"] == pytest.approx(10.0)
+    assert list(ecg["measurements"]) == list(MEASUREMENT_KEYS)
+    assert ecg["measurements"]["heart_rate_bpm"] == pytest.approx(66, abs=3)
+    assert ecg["measurements"]["qrs_ms"] is not None
+    sources = {m["source"] for m in ecg["device_measurements"]}
+    assert sources and all(s.startswith("SCP-ECG section 7") for s in sources)
+    patient = tech.get(f"/api/v1/exams/{exam_id}").json()["patient"]
+    assert patient["patient_id"] == "SCP-HTTP-1" and patient["sex"] == "F"

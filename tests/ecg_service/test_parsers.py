@@ -220,14 +220,6 @@ def test_unsupported_inputs(data: bytes, message: str) -> None:
         parse_ecg(data)
 
 
-def test_scp_ecg_recognised_and_refused() -> None:
-    body = bytearray(64)
-    body[2:6] = len(body).to_bytes(4, "little")  # total length; section 0 id at offset 8 = 0
-    assert detect_format(bytes(body)) is EcgFormat.SCP_ECG
-    with pytest.raises(UnsupportedEcgFormat, match=r"^SCP-ECG is recognised but not supported"):
-        parse_ecg(bytes(body))
-
-
 def test_several_files_without_header(ecg_dir: Path) -> None:
     dat = (ecg_dir / "wfdb" / "100.dat").read_bytes()[:5000]
     with pytest.raises(EcgFormatError, match="none is a WFDB header"):
