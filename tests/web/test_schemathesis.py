@@ -26,7 +26,7 @@ from schemathesis.checks import not_a_server_error
 from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu
 from tests.web.test_dicomweb import _postgres_database
 
-MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "8"))
+MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "5"))
 
 
 class _Live:
