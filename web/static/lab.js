@@ -15,7 +15,6 @@
   var FLAG_ARROW = { H: "↑", HH: "↑↑", L: "↓", LL: "↓↓", A: "*", AA: "**" };
 
   var state = { data: null, lease: null, closed: false, busy: false };
-  var renewTimer = null;
 
   function $(id) {
     return document.getElementById(id);
@@ -546,52 +545,17 @@
   $("sd-cancel").addEventListener("click", closeSigning);
   $("sign-btn").addEventListener("click", openSigning);
 
-  // --- lease (as on the reading page) ------------------------------------------------------------
-  function setLeaseText(text, kind) {
-    var node = $("lease-status");
-    node.textContent = text;
-    node.className = "lease-status" + (kind ? " " + kind : "");
-  }
-
-  function workItemPath(action) {
-    return "/api/v1/worklist/" + encodeURIComponent(state.data.exam.work_item_id) + "/" + action;
-  }
-
-  function gotLease(lease) {
-    state.lease = lease;
-    setLeaseText(t("ls.mine", { time: R.fmt(lease.lease_expires_at, "time") }), "mine");
-    render();
-    if (!renewTimer) {
-      var every = Math.max(10, Math.min(120, (lease.lease_seconds || 300) / 3)) * 1000;
-      renewTimer = setInterval(renew, every);
-    }
-  }
-
-  function stopRenewing() {
-    clearInterval(renewTimer);
-    renewTimer = null;
-  }
-
-  function renew() {
-    if (state.closed || !state.lease) return;
-    R.api("POST", workItemPath("renew")).then(
-      function (lease) {
-        if (!state.closed) gotLease(lease);
-      },
-      function (err) {
-        if (err.status === 409) leaseLost();
-      }
-    );
-  }
-
-  function leaseLost() {
-    state.closed = true;
-    state.lease = null;
-    stopRenewing();
-    setLeaseText(t("ls.lost"), "lost");
-    R.toast(t("ls.lost"), "error");
-    render();
-  }
+  // --- lease (R.workItemLease, as on the reading page) ----------------------------------------
+  var lease = R.workItemLease(state, {
+    itemId: function () {
+      return state.data.exam.work_item_id;
+    },
+    onLease: render,
+    onLost: render,
+  });
+  var setLeaseText = lease.setText;
+  var stopRenewing = lease.stop;
+  var leaseLost = lease.lost;
 
   function claimOnOpen(data) {
     var report = data.report;
@@ -603,18 +567,14 @@
       setLeaseText(t("ls.readonly"));
       return;
     }
-    R.api("POST", workItemPath("claim")).then(gotLease, function (err) {
+    lease.claim(function (err) {
       var holder = err && err.problem && err.problem.claimed_by;
-      if (err.status === 409) setLeaseText(holder ? t("ls.taken", { user: holder }) : t("ls.readonly"), "taken");
-      else setLeaseText(t("err.failed", { detail: err.message }), "lost");
+      setLeaseText(holder ? t("ls.taken", { user: holder }) : t("ls.readonly"), "taken");
     });
   }
 
   $("release-btn").addEventListener("click", function () {
-    R.api("POST", workItemPath("release")).then(function () {
-      state.closed = true;
-      state.lease = null;
-      stopRenewing();
+    lease.release().then(function () {
       location.href = cfg.home || "/ui/worklist";
     }, fail);
   });

@@ -533,6 +533,82 @@
     return { reload: load };
   }
 
+
+  /** The work-item lease of a reading page (imaging and laboratory alike): ``state`` is the
+   *  page's, with ``lease`` and ``closed`` (closed: submitted, released, lost; no more
+   *  renewals); ``options.itemId()`` the work item's ID; ``options.onLease(lease)`` runs on
+   *  each claim and renewal, ``options.onLost()`` once the lease is lost. The lease is renewed
+   *  a third of the way through (10 s to 2 min); a 409 on renewal means another took it. */
+  function workItemLease(state, options) {
+    var timer = null;
+
+    function setText(text, kind) {
+      var node = document.getElementById("lease-status");
+      if (!node) return;
+      node.textContent = text;
+      node.className = "lease-status" + (kind ? " " + kind : "");
+    }
+
+    function path(action) {
+      return "/api/v1/worklist/" + encodeURIComponent(options.itemId()) + "/" + action;
+    }
+
+    function got(lease) {
+      state.lease = lease;
+      setText(t("ls.mine", { time: fmt(lease.lease_expires_at, "time") }), "mine");
+      options.onLease(lease);
+      if (!timer) {
+        var every = Math.max(10, Math.min(120, (lease.lease_seconds || 300) / 3)) * 1000;
+        timer = setInterval(renew, every);
+      }
+    }
+
+    function stop() {
+      clearInterval(timer);
+      timer = null;
+    }
+
+    function renew() {
+      if (state.closed || !state.lease) return;
+      api("POST", path("renew")).then(
+        function (lease) {
+          if (!state.closed) got(lease);
+        },
+        function (err) {
+          if (err.status === 409) lost();
+        }
+      );
+    }
+
+    function lost() {
+      state.closed = true;
+      state.lease = null;
+      stop();
+      setText(t("ls.lost"), "lost");
+      toast(t("ls.lost"), "error");
+      options.onLost();
+    }
+
+    /** Claim the item; ``onTaken(err)`` when another holds it (409). */
+    function claim(onTaken) {
+      return api("POST", path("claim")).then(got, function (err) {
+        if (err.status === 409) onTaken(err);
+        else setText(t("err.failed", { detail: err.message }), "lost");
+      });
+    }
+
+    /** Give the item back; resolves once released, with no more renewals. */
+    function release() {
+      return api("POST", path("release")).then(function () {
+        state.closed = true;
+        state.lease = null;
+        stop();
+      });
+    }
+
+    return { setText: setText, path: path, claim: claim, release: release, lost: lost, stop: stop };
+  }
+
   window.RDC = {
     notifications: null,
     criticalAlerts: criticalAlerts,
@@ -554,6 +630,7 @@
     reportBadge: reportBadge,
     label: label,
     pager: pager,
+    workItemLease: workItemLease,
   };
   window.RDC.notifications = notifications();
 })();

@@ -33,7 +33,6 @@
     viewing: null, // an older version shown read-only (its detail), else null
   };
   var saveChain = Promise.resolve(null);
-  var renewTimer = null;
 
   function $(id) {
     return document.getElementById(id);
@@ -1242,56 +1241,28 @@
     );
   }
 
-  // --- lease --------------------------------------------------------------------------------
-  function setLeaseText(text, kind) {
-    var node = $("lease-status");
-    if (!node) return;
-    node.textContent = text;
-    node.className = "lease-status" + (kind ? " " + kind : "");
-  }
-
-  function workItemPath(action) {
-    return "/api/v1/worklist/" + encodeURIComponent(state.exam.work_item_id) + "/" + action;
-  }
-
-  function gotLease(lease) {
-    state.lease = lease;
-    setLeaseText(t("ls.mine", { time: R.fmt(lease.lease_expires_at, "time") }), "mine");
-    var report = state.report;
-    // A senior holding a preliminary report may correct it before verifying.
-    setEditable(
-      !report ||
-        (!report.locked && (report.status === "draft" || (report.status === "preliminary" && canVerify)))
-    );
-    renderButtons();
-    if (!renewTimer) {
-      var every = Math.max(10, Math.min(120, (lease.lease_seconds || 300) / 3)) * 1000;
-      renewTimer = setInterval(renew, every);
-    }
-  }
-
-  function stopRenewing() {
-    clearInterval(renewTimer);
-    renewTimer = null;
-  }
-
-  function renew() {
-    if (state.closed || !state.lease) return;
-    R.api("POST", workItemPath("renew")).then(function (lease) {
-      if (!state.closed) gotLease(lease);
-    }, function (err) {
-      if (err.status === 409) leaseLost();
-    });
-  }
-
-  function leaseLost() {
-    state.closed = true;
-    state.lease = null;
-    stopRenewing();
-    setEditable(false);
-    setLeaseText(t("ls.lost"), "lost");
-    R.toast(t("ls.lost"), "error");
-  }
+  // --- lease (R.workItemLease) ------------------------------------------------------------
+  var lease = R.workItemLease(state, {
+    itemId: function () {
+      return state.exam.work_item_id;
+    },
+    onLease: function () {
+      var report = state.report;
+      // A senior holding a preliminary report may correct it before verifying.
+      setEditable(
+        !report ||
+          (!report.locked && (report.status === "draft" || (report.status === "preliminary" && canVerify)))
+      );
+      renderButtons();
+    },
+    onLost: function () {
+      setEditable(false);
+    },
+  });
+  var setLeaseText = lease.setText;
+  var workItemPath = lease.path;
+  var stopRenewing = lease.stop;
+  var leaseLost = lease.lost;
 
   function showTaken(err) {
     var holder = err && err.problem && err.problem.claimed_by;
@@ -1318,18 +1289,12 @@
       setLeaseText(t("ls.readonly"));
       return;
     }
-    R.api("POST", workItemPath("claim")).then(gotLease, function (err) {
-      if (err.status === 409) showTaken(err);
-      else setLeaseText(t("err.failed", { detail: err.message }), "lost");
-    });
+    lease.claim(showTaken);
   }
 
   function release() {
     var done = function () {
-      return R.api("POST", workItemPath("release")).then(function () {
-        state.closed = true;
-        state.lease = null;
-        stopRenewing();
+      return lease.release().then(function () {
         setEditable(false);
         location.href = cfg.home || "/ui/worklist";
       }, fail);
@@ -1343,11 +1308,11 @@
     // one back to the queue unless it is done; its draft is kept.
     var go = function () {
       R.api("POST", "/api/v1/worklist/next").then(
-        function (lease) {
+        function (claimed) {
           var open = function () {
-            location.href = "/ui/read/" + encodeURIComponent(lease.exam_id);
+            location.href = "/ui/read/" + encodeURIComponent(claimed.exam_id);
           };
-          if (!state.lease || state.closed || lease.exam_id === examId) return open();
+          if (!state.lease || state.closed || claimed.exam_id === examId) return open();
           state.closed = true;
           stopRenewing();
           R.api("POST", workItemPath("release")).then(open, open);
