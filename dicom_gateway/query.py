@@ -25,6 +25,7 @@ from sqlalchemy import and_, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_gateway.report_push import report_instance_uids
+from worklist.matching import match_values
 from worklist.models import Exam, Instance, Patient, Report, ReportStatus
 
 __all__ = [
@@ -85,26 +86,6 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
         return []
     items: Iterable[Any] = value if isinstance(value, MultiValue | list) else [value]
     return [str(v).strip() for v in items if str(v).strip() and str(v).strip() != "*"]
-
-
-def _like(column: Any, pattern: str, *, ignore_case: bool) -> Any:
-    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    sql = escaped.replace("*", "%").replace("?", "_")
-    if ignore_case:
-        return func.lower(column).like(sql.lower(), escape="\\")
-    return column.like(sql, escape="\\")
-
-
-def _text(column: Any, values: list[str], *, ignore_case: bool = False) -> Any:
-    clauses = []
-    for value in values:
-        if "*" in value or "?" in value:
-            clauses.append(_like(column, value, ignore_case=ignore_case))
-        elif ignore_case:
-            clauses.append(func.lower(column) == value.lower())
-        else:
-            clauses.append(column == value)
-    return or_(*clauses)
 
 
 def _parse_date(text: str) -> date:
@@ -195,7 +176,7 @@ def _filters(identifier: Dataset, level: str, zone: ZoneInfo) -> tuple[list[Any]
     filters: list[Any] = []
     ids = _values(identifier, "PatientID")
     if ids:
-        filters.append(_text(Patient.patient_id, ids))
+        filters.append(match_values(Patient.patient_id, ids))
     birth = _values(identifier, "PatientBirthDate")
     if birth:
         filters.append(or_(*(_string_range(Patient.birth_date, v) for v in birth)))
@@ -210,10 +191,10 @@ def _filters(identifier: Dataset, level: str, zone: ZoneInfo) -> tuple[list[Any]
         filters.append(Exam.study_instance_uid.in_(studies))
     accession = _values(identifier, "AccessionNumber")
     if accession:
-        filters.append(_text(Exam.accession_number, accession))
+        filters.append(match_values(Exam.accession_number, accession))
     description = _values(identifier, "StudyDescription")
     if description:
-        filters.append(_text(Exam.description, description, ignore_case=True))
+        filters.append(match_values(Exam.description, description, ignore_case=True))
     dates = _values(identifier, "StudyDate")
     if dates:
         filters.append(or_(*(_study_date(v, zone) for v in dates)))
@@ -229,7 +210,7 @@ def _filters(identifier: Dataset, level: str, zone: ZoneInfo) -> tuple[list[Any]
         filters.append(Instance.series_instance_uid.in_(series))
     modality = _values(identifier, "Modality")
     if modality:
-        filters.append(_text(Instance.modality, [m.upper() for m in modality]))
+        filters.append(match_values(Instance.modality, [m.upper() for m in modality]))
     numbers = _values(identifier, "SeriesNumber")
     if numbers:
         filters.append(Instance.series_number.in_(_ints("SeriesNumber", numbers)))

@@ -29,6 +29,7 @@ from rdc_core.storage import ObjectStore
 from web.dicomweb.dicomjson import element, parse_tag
 from worklist.access import Principal
 from worklist.audit import record_access
+from worklist.matching import match_values
 from worklist.models import Exam, Instance, Patient
 from worklist.person_names import person_name_matches
 
@@ -219,28 +220,6 @@ def parse_qido_query(
 # Matching on the index
 
 
-def _like(column: Any, pattern: str, *, ignore_case: bool) -> ColumnElement[bool]:
-    # DICOM wildcards: * any run, ? one character (PS3.4 C.2.2.2.4); SQL's own wildcards
-    # in the value are escaped.
-    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    sql = escaped.replace("*", "%").replace("?", "_")
-    if ignore_case:
-        return func.lower(column).like(sql.lower(), escape="\\")
-    return column.like(sql, escape="\\")
-
-
-def _text_match(column: Any, values: list[str], *, ignore_case: bool = False) -> Any:
-    clauses = []
-    for value in values:
-        if "*" in value or "?" in value:
-            clauses.append(_like(column, value, ignore_case=ignore_case))
-        elif ignore_case:
-            clauses.append(func.lower(column) == value.lower())
-        else:
-            clauses.append(column == value)
-    return or_(*clauses)
-
-
 def _parse_date(text: str) -> date:
     try:
         return datetime.strptime(text, "%Y%m%d").date()
@@ -290,11 +269,11 @@ def _study_filters(query: QidoQuery, zone: ZoneInfo) -> list[Any]:
     if "PatientName" in m:
         filters.append(person_name_matches(Patient.name, m["PatientName"]))
     if "PatientID" in m:
-        filters.append(_text_match(Patient.patient_id, m["PatientID"]))
+        filters.append(match_values(Patient.patient_id, m["PatientID"]))
     if "AccessionNumber" in m:
-        filters.append(_text_match(Exam.accession_number, m["AccessionNumber"]))
+        filters.append(match_values(Exam.accession_number, m["AccessionNumber"]))
     if "StudyDescription" in m:
-        filters.append(_text_match(Exam.description, m["StudyDescription"], ignore_case=True))
+        filters.append(match_values(Exam.description, m["StudyDescription"], ignore_case=True))
     if "StudyDate" in m:
         filters.append(or_(*(_date_range(v, zone) for v in m["StudyDate"])))
     modalities = _split(m.get("ModalitiesInStudy", []))
