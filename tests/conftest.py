@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    Deployments,
     RdcServer,
     S3Server,
+    SchemaTemplates,
     Stack,
-    free_port,
+    alliance_passwords,
+    deployment_env,
+    postgres_admin_url,
+    postgres_database,
     production_pass,
     redis_broker_url,
-    seed_alliance,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,35 +49,43 @@ def dcmtk() -> Path:
     return folder
 
 
-def _postgres_admin_url() -> str:
-    return os.environ.get("RDC_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+@pytest.fixture(scope="session")
+def schema_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaTemplates]:
+    """The session's migrated (and seeded) template databases, copied for each deployment."""
+    templates = SchemaTemplates(tmp_path_factory.mktemp("schema-templates"))
+    try:
+        templates.build()
+        yield templates
+    finally:
+        templates.close()
+
+
+def _template_for(request: pytest.FixtureRequest) -> str | None:
+    """Which template a test's database starts from: seeded when the test's deployment is
+    seeded with the alliance (``alliance``, ``server``), migrated for ``database``."""
+    names = request.fixturenames
+    if "alliance" in names:
+        return "seeded"
+    if "database" in names:
+        return "migrated"
+    return None
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str | None]:
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """A fresh PostgreSQL database when the suite runs against PostgreSQL
-    (RDC_TEST_DATABASE=postgresql), else None: the deployment's default SQLite file."""
-    if os.environ.get("RDC_TEST_DATABASE", "sqlite") != "postgresql":
+    (RDC_TEST_DATABASE=postgresql), else None: the deployment's default SQLite file. Empty,
+    unless the test seeds the alliance or wants a migrated ``database``: then a copy of the
+    session's template."""
+    if not production_pass():
         yield None
         return
-    import uuid
-
-    import sqlalchemy
-
-    name = f"rdc_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(
-        _postgres_admin_url(), isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
-    )
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sqlalchemy.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for this run and did not answer: {exc}")
-    url = sqlalchemy.engine.make_url(_postgres_admin_url()).set(database=name)
-    yield url.render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    kind = _template_for(request)
+    template = None
+    if kind:
+        template = request.getfixturevalue("schema_templates").template(kind)
+    with postgres_database(template) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -85,40 +97,35 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     return Stack(request.getfixturevalue("s3_server"), redis_broker_url())
 
 
+@pytest.fixture(scope="session")
+def deployments(request: pytest.FixtureRequest, stack: Stack) -> Deployments:
+    """Environments of fresh deployments on this pass's stack, for module fixtures (one
+    ``rdc serve`` for a test module): ``with deployments.env(workdir) as env``."""
+    return Deployments(stack, lambda: request.getfixturevalue("schema_templates"))
+
+
 @pytest.fixture
 def rdc_env(tmp_path: Path, database_url: str | None, stack: Stack) -> Iterator[dict[str, str]]:
     """Environment for a fresh deployment: a temporary data directory and, on the production
     pass, a fresh database, its own S3 bucket and Celery queue on Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(tmp_path / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_MLLP_HOST="127.0.0.1",
-        RDC_MLLP_PORT=str(free_port()),
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.
-        RDC_PASSWORD_HASH_ROUNDS="4",
-    )
+    env = deployment_env(tmp_path, database_url)
     with stack.deployment() as backends:
         env.update(backends)
         yield env
 
 
 @pytest.fixture
-def alliance(rdc_env: dict[str, str]) -> dict[str, str]:
-    """A lead hospital, two clinics with AE titles, one user per role; returns the passwords.
+def alliance(rdc_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
+    """A lead hospital, two clinics with AE titles, one user per role (seed_alliance); returns
+    the passwords.
 
-    Seeded through the directory services in one subprocess (the CLI itself is tested in
-    tests/web/test_cli.py) so each test's deployment starts quickly.
+    The deployment's database is a copy of the session's seeded template (made by
+    seed_alliance, through the directory services), so each test's deployment starts
+    quickly; the CLI itself is tested in tests/web/test_cli.py.
     """
-    return seed_alliance(rdc_env)
+    templates: SchemaTemplates = request.getfixturevalue("schema_templates")
+    templates.copy_sqlite("seeded", Path(rdc_env["RDC_DATA_DIR"]))
+    return alliance_passwords()
 
 
 @pytest.fixture
@@ -133,13 +140,16 @@ def server(
 
 @pytest.fixture
 def database(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None, stack: Stack
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None,
+    stack: Stack,
+    schema_templates: SchemaTemplates,
 ) -> Iterator[str]:
-    """A fresh, migrated database (SQLite, or PostgreSQL on a PostgreSQL run) for in-process
-    service tests, with the pass's object store (a fresh S3 bucket on the production pass;
-    tasks stay in-process); yields its URL."""
+    """A fresh, migrated database (SQLite, or PostgreSQL on a PostgreSQL run: a copy of the
+    session's migrated template) for in-process service tests, with the pass's object store
+    (a fresh S3 bucket on the production pass; tasks stay in-process); yields its URL."""
     from rdc_core.db import dispose_engines
-    from rdc_core.migrate import upgrade_database
     from rdc_core.settings import reset_settings
 
     for key in [k for k in os.environ if k.startswith("RDC_")]:
@@ -148,12 +158,12 @@ def database(
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "4")
     if database_url:
         monkeypatch.setenv("RDC_DATABASE_URL", database_url)
+    schema_templates.copy_sqlite("migrated", tmp_path / "data")
     with stack.deployment(tasks=False) as backends:
         for key, value in backends.items():
             monkeypatch.setenv(key, value)
         reset_settings()
         dispose_engines()
-        upgrade_database()
         from rdc_core.settings import get_settings
 
         yield get_settings().resolved_database_url
@@ -203,7 +213,7 @@ def _missing_services() -> list[str]:
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(
-            _postgres_admin_url(),
+            postgres_admin_url(),
             poolclass=sqlalchemy.pool.NullPool,
             connect_args={"connect_timeout": 3},
         )
@@ -211,7 +221,7 @@ def _missing_services() -> list[str]:
             conn.exec_driver_sql("SELECT 1")
         engine.dispose()
     except Exception as exc:
-        missing.append(f"PostgreSQL at {_postgres_admin_url()} (RDC_TEST_POSTGRES_URL): {exc}")
+        missing.append(f"PostgreSQL at {postgres_admin_url()} (RDC_TEST_POSTGRES_URL): {exc}")
     broker = os.environ.get("RDC_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
     try:
         import redis

@@ -139,7 +139,7 @@ ALLIANCE_USERS = {
 def seed_alliance(env: dict[str, str]) -> dict[str, str]:
     """Create LEAD, CLINIC_A (AEs CLINIC_A_CT, CLINIC_A_DR), CLINIC_B (CLINIC_B_MR) and the
     users of ALLIANCE_USERS; returns username -> password."""
-    passwords = {name: f"pw-{name}-123" for name in ALLIANCE_USERS}
+    passwords = alliance_passwords()
     lines = "\n".join(f"{n} {r} {o} {passwords[n]}" for n, (r, o) in ALLIANCE_USERS.items())
     result = subprocess.run(
         [sys.executable, "-c", _SEED],
@@ -151,6 +151,170 @@ def seed_alliance(env: dict[str, str]) -> dict[str, str]:
     )
     assert result.returncode == 0, result.stderr
     return passwords
+
+
+def alliance_passwords() -> dict[str, str]:
+    """username -> password of the users seed_alliance creates."""
+    return {name: f"pw-{name}-123" for name in ALLIANCE_USERS}
+
+
+def postgres_admin_url() -> str:
+    """The PostgreSQL server the production pass makes its databases on."""
+    return os.environ.get("RDC_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+
+
+@contextmanager
+def postgres_database(template: str | None = None) -> Iterator[str]:
+    """A fresh PostgreSQL database (a copy of the database ``template`` when given), dropped
+    afterwards; yields its URL."""
+    import pytest
+
+    name = f"rdc_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(
+        postgres_admin_url(), isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
+    )
+    copy = f' TEMPLATE "{template}"' if template else ""
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"{copy}')
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required for this run and did not answer: {exc}")
+    try:
+        url = sqlalchemy.engine.make_url(postgres_admin_url()).set(database=name)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+class SchemaTemplates:
+    """A migrated database and a migrated one with the alliance seeded (seed_alliance), made
+    once per test session (per xdist worker) and copied for each deployment that starts from
+    one, instead of running every migration for each: the SQLite file copied into the
+    deployment's data directory, or a PostgreSQL database made with ``CREATE DATABASE ...
+    TEMPLATE`` on the production pass. The migrations themselves are tested on fresh
+    databases (tests/rdc_core/test_migrations.py, test_intake_migration.py)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.postgres = production_pass()
+        self.names: dict[str, str] = {}  # "migrated" / "seeded" -> PostgreSQL database name
+        self._dropped: list[Iterator[str]] = []
+
+    def _env(self, name: str, url: str | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+        env.update(RDC_DATA_DIR=str(self.workdir / name), RDC_PASSWORD_HASH_ROUNDS="4")
+        if url:
+            env["RDC_DATABASE_URL"] = url
+        return env
+
+    def _database(self, kind: str, template: str | None) -> str | None:
+        if not self.postgres:
+            return None
+        made = postgres_database(template)
+        url = next(made)
+        self._dropped.append(made)
+        self.names[kind] = sqlalchemy.engine.make_url(url).database or ""
+        return url
+
+    def build(self) -> None:
+        migrated = self._env("migrated", self._database("migrated", None))
+        result = subprocess.run(
+            [sys.executable, "-c", "from rdc_core.migrate import upgrade_database as u; u()"],
+            env=migrated,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        seeded = self._env("seeded", self._database("seeded", self.names.get("migrated")))
+        if not self.postgres:
+            Path(seeded["RDC_DATA_DIR"]).mkdir()
+            shutil.copyfile(self._sqlite("migrated"), self._sqlite("seeded"))
+        seed_alliance(seeded)
+
+    def _sqlite(self, kind: str) -> Path:
+        return self.workdir / kind / "rdc.sqlite3"
+
+    def close(self) -> None:
+        for made in reversed(self._dropped):
+            next(made, None)
+        self._dropped = []
+
+    def template(self, kind: str) -> str | None:
+        """The PostgreSQL database to copy (``kind`` "migrated" or "seeded"); None on SQLite."""
+        return self.names[kind] if self.postgres else None
+
+    def copy_sqlite(self, kind: str, data_dir: Path) -> None:
+        """On SQLite, put a copy of the template in the data directory (its default database
+        file); nothing on PostgreSQL (the database was made from the template)."""
+        if self.postgres:
+            return
+        data_dir.mkdir(parents=True, exist_ok=True)
+        target = data_dir / "rdc.sqlite3"
+        assert not target.exists(), f"{target} exists: the deployment has a database already"
+        shutil.copyfile(self._sqlite(kind), target)
+
+
+def deployment_env(
+    workdir: Path, database_url: str | None = None, **settings: str | None
+) -> dict[str, str]:
+    """The environment of a fresh deployment in ``workdir`` (its data directory below it) on
+    free ports, with ``database_url`` when not the default SQLite file; ``settings``
+    (RDC_...) added or overriding (None: left at the product's default)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+    if database_url:
+        env["RDC_DATABASE_URL"] = database_url
+    env.update(
+        RDC_DATA_DIR=str(workdir / "data"),
+        RDC_HTTP_HOST="127.0.0.1",
+        RDC_HTTP_PORT=str(free_port()),
+        RDC_DICOM_HOST="127.0.0.1",
+        RDC_DICOM_PORT=str(free_port()),
+        RDC_DICOM_AE_TITLE="RDC",
+        RDC_MLLP_HOST="127.0.0.1",
+        RDC_MLLP_PORT=str(free_port()),
+        RDC_STABLE_AGE_SECONDS="2",
+        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
+        # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.
+        RDC_PASSWORD_HASH_ROUNDS="4",
+    )
+    for key, value in settings.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+class Deployments:
+    """Makes the environments of test deployments on this pass's stack (the session's
+    ``deployments`` fixture; module fixtures start one ``rdc serve`` from it)."""
+
+    def __init__(self, stack: Stack, templates: Callable[[], SchemaTemplates]) -> None:
+        self.stack = stack
+        self._templates = templates
+
+    @contextmanager
+    def env(
+        self, workdir: Path, *, seeded: bool = True, **settings: str | None
+    ) -> Iterator[dict[str, str]]:
+        """A fresh deployment's environment in ``workdir``: its database (a fresh PostgreSQL
+        one on the production pass), migrated with the alliance of seed_alliance
+        (alliance_passwords) when ``seeded``, else empty; its bucket and queue on the
+        production pass; ``settings`` added. All of it is removed afterwards."""
+        templates = self._templates() if seeded else None
+        with contextlib.ExitStack() as stack:
+            url = None
+            if production_pass():
+                template = templates.template("seeded") if templates else None
+                url = stack.enter_context(postgres_database(template))
+            env = deployment_env(workdir, url, **settings)
+            if templates:
+                templates.copy_sqlite("seeded", Path(env["RDC_DATA_DIR"]))
+            env.update(stack.enter_context(self.stack.deployment()))
+            yield env
 
 
 def database_url(env: dict[str, str]) -> str:

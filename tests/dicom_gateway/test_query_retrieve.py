@@ -9,7 +9,6 @@ data, even by its UIDs. C-CANCEL stops a C-FIND and a C-MOVE with status Cancel.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import struct
@@ -37,16 +36,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_gateway.report_push import report_instance_uids
 from tests.dicom_gateway.test_pdu_fuzz import _associate_rq, _p_data
 from tests.helpers import (
+    Deployments,
     RdcServer,
-    Stack,
+    alliance_passwords,
     c_store,
     free_port,
     rdc_cli,
     report_exam,
-    seed_alliance,
     worklist_items,
 )
-from tests.web.test_dicomweb import _postgres_database
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
 from tests.worklist.test_delivery import STUDY, finalize
 
@@ -109,25 +107,9 @@ def _study(date: str, shape: list[int]) -> Study:
 
 @pytest.fixture(scope="module")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("qr")
-    database = _postgres_database()
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-        RDC_STABLE_AGE_SECONDS="2",
-    )
     received: list[Dataset] = []
     destination_port = free_port()
     hold: list[threading.Event] = []
@@ -145,9 +127,8 @@ def deployment(
         ("127.0.0.1", destination_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     try:
-        with stack.deployment() as backends:
-            env.update(backends)
-            passwords = seed_alliance(env)
+        with deployments.env(workdir) as env:
+            passwords = alliance_passwords()
             rdc_cli(
                 env,
                 "clinic",
@@ -214,8 +195,6 @@ def deployment(
                 server.stop()
     finally:
         server_scp.shutdown()
-        for _ in database:
-            pass
 
 
 def _sign_b_study(

@@ -10,7 +10,6 @@ and Celery (the analysis of a C-STOREd ECG then runs in ``rdc worker``)."""
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,16 +25,14 @@ from ecg_service import MEASUREMENT_KEYS, synthesize_ecg
 from ecg_service.writers import wfdb_files
 from tests.ecg_service.scp_writer import scp_bytes
 from tests.helpers import (
+    Deployments,
     RdcClient,
     RdcServer,
-    Stack,
-    free_port,
+    alliance_passwords,
     rdc_cli,
-    seed_alliance,
     storescu,
     wait_for,
 )
-from tests.web.test_dicomweb import _postgres_database
 
 Files = list[tuple[str, tuple[str, bytes]]]
 
@@ -53,33 +50,11 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("ecg")
-    database = _postgres_database()
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-    )
-    try:
-        with stack.deployment() as backends:
-            env.update(backends)
-            passwords = seed_alliance(env)
-            with RdcServer(env, workdir / "serve.log") as server:
-                yield Deployment(server, passwords, testdata / "ecg", dcmtk)
-    finally:
-        next(database, None)
+    with deployments.env(workdir) as env, RdcServer(env, workdir / "serve.log") as server:
+        yield Deployment(server, alliance_passwords(), testdata / "ecg", dcmtk)
 
 
 def _files(folder: Path, *names: str) -> Files:

@@ -3,18 +3,22 @@ facilities registered (every facility of the shared HL7 test data) and CLINIC_B'
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy
-import sqlalchemy.pool
 
-from tests.helpers import RdcServer, Stack, free_port, rdc_cli, seed_alliance
+from tests import helpers
+from tests.helpers import (
+    Deployments,
+    RdcServer,
+    alliance_passwords,
+    deployment_env,
+    production_pass,
+    rdc_cli,
+)
 
 # MSH-4 of the test data's messages, by namespace ID or (for two) universal ID; MSH-3 for
 # the message whose MSH-4 is empty; GHHSFacility sends the ADT message.
@@ -45,52 +49,24 @@ class LabDeployment:
 
 def postgres_database() -> Iterator[str | None]:
     """A fresh PostgreSQL database for a module's deployment on the production pass."""
-    if os.environ.get("RDC_TEST_DATABASE", "sqlite") != "postgresql":
+    if not production_pass():
         yield None
         return
-    admin_url = os.environ.get(
-        "RDC_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
-    )
-    name = f"rdc_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(
-        admin_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
-    )
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sqlalchemy.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for this run and did not answer: {exc}")
-    try:
-        yield (
-            sqlalchemy.engine.make_url(admin_url)
-            .set(database=name)
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with helpers.postgres_database() as url:
+        yield url
+
+
+# Auto-verified orders are signed under the seeded senior reader (the lab physician); the lab
+# deployment receives no DICOM (the product's default stable age).
+LAB_SETTINGS: dict[str, str | None] = {
+    "RDC_LAB_AUTORELEASE_SIGNER": "senior",
+    "RDC_LAB_PROCESS_SCAN_INTERVAL_SECONDS": "5",
+    "RDC_STABLE_AGE_SECONDS": None,
+}
 
 
 def lab_env(workdir: Path, database_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_MLLP_HOST="127.0.0.1",
-        RDC_MLLP_PORT=str(free_port()),
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-        # Auto-verified orders are signed under the seeded senior reader (the lab physician).
-        RDC_LAB_AUTORELEASE_SIGNER="senior",
-        RDC_LAB_PROCESS_SCAN_INTERVAL_SECONDS="5",
-    )
-    return env
+    return deployment_env(workdir, database_url, **LAB_SETTINGS)
 
 
 def register_facilities(env: dict[str, str]) -> None:
@@ -103,18 +79,12 @@ def register_facilities(env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterator[LabDeployment]:
+def lab(
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments
+) -> Iterator[LabDeployment]:
     """One ``rdc serve`` for the module, clinics and facilities registered."""
     workdir = tmp_path_factory.mktemp("lab")
-    database = postgres_database()
-    try:
-        env = lab_env(workdir, next(database))
-        with stack.deployment() as backends:
-            env.update(backends)
-            passwords = seed_alliance(env)
-            register_facilities(env)
-            with RdcServer(env, workdir / "serve.log") as server:
-                yield LabDeployment(server, env, passwords, workdir)
-    finally:
-        for _ in database:
-            pass
+    with deployments.env(workdir, **LAB_SETTINGS) as env:
+        register_facilities(env)
+        with RdcServer(env, workdir / "serve.log") as server:
+            yield LabDeployment(server, env, alliance_passwords(), workdir)

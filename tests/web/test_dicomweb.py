@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -23,13 +22,19 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import sqlalchemy
-import sqlalchemy.pool
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.valuerep import BYTES_VR
 
-from tests.helpers import RdcServer, Stack, free_port, same_dataset, seed_alliance, storescu
+from tests.helpers import (
+    Deployments,
+    RdcServer,
+    alliance_passwords,
+    postgres_database,
+    production_pass,
+    same_dataset,
+    storescu,
+)
 
 DICOM_JSON = "application/dicom+json"
 OCTET_FRAMES = 'multipart/related; type="application/octet-stream"'
@@ -58,32 +63,13 @@ class Deployment:
 
 
 def _postgres_database() -> Iterator[str | None]:
-    # The conftest's database fixture is per test; this module shares one deployment.
-    if os.environ.get("RDC_TEST_DATABASE", "sqlite") != "postgresql":
+    """A module's own PostgreSQL database on the production pass (None on SQLite); module
+    fixtures rather take ``deployments`` (tests/conftest.py)."""
+    if not production_pass():
         yield None
         return
-    admin_url = os.environ.get(
-        "RDC_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
-    )
-    name = f"rdc_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(
-        admin_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
-    )
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sqlalchemy.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for this run and did not answer: {exc}")
-    try:
-        yield (
-            sqlalchemy.engine.make_url(admin_url)
-            .set(database=name)
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 def _clinic_a_files(testdata: Path, workdir: Path) -> list[Path]:
@@ -103,32 +89,13 @@ def _clinic_a_files(testdata: Path, workdir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def deployment_env(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments
 ) -> Iterator[tuple[dict[str, str], Path]]:
-    """Environment of the module's deployment (a fresh database, and on the production pass
-    its own bucket and Celery queue) and its working directory."""
+    """Environment of the module's deployment (a fresh database with the alliance seeded,
+    and on the production pass its own bucket and Celery queue) and its working directory."""
     workdir = tmp_path_factory.mktemp("dicomweb")
-    database = _postgres_database()
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-    )
-    try:
-        with stack.deployment() as backends:
-            yield {**env, **backends}, workdir
-    finally:
-        for _ in database:
-            pass
+    with deployments.env(workdir) as env:
+        yield env, workdir
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +104,7 @@ def deployment(
 ) -> Iterator[Deployment]:
     """One ``rdc serve`` for the module, with both clinics' sample studies received."""
     env, workdir = deployment_env
-    passwords = seed_alliance(env)
+    passwords = alliance_passwords()
     server = RdcServer(env, workdir / "serve.log")
     server.start()
     try:

@@ -26,7 +26,6 @@ route's name, unless it is in ``MADE_UP`` (a made-up value, which must then answ
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,15 +38,13 @@ import pydicom
 import pytest
 
 from tests.helpers import (
+    Deployments,
     RdcServer,
-    Stack,
-    free_port,
+    alliance_passwords,
     rdc_cli,
-    seed_alliance,
     storescu,
     wait_for,
 )
-from tests.web.test_dicomweb import _postgres_database
 
 # Routes anyone may call (no 401 expected without credentials).
 PUBLIC: dict[tuple[str, str], str] = {
@@ -99,47 +96,17 @@ class World:
         return httpx.Client(base_url=self.server.http, headers=headers, timeout=_CLIENT_TIMEOUT)
 
 
-def _env(workdir: Path, database_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_MLLP_HOST="127.0.0.1",
-        RDC_MLLP_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def world(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[World]:
     """One server: clinic A's CT (read and signed by the lead hospital) and clinic A's ECG."""
     workdir = tmp_path_factory.mktemp("route-matrix")
-    database = _postgres_database()
-    env = _env(workdir, next(database))
-    try:
-        with stack.deployment() as backends:
-            env.update(backends)
-            passwords = seed_alliance(env)
-            # Clinic A's laboratory sends as "ELAB-3" (the shared glucose ORU's MSH-4).
-            rdc_cli(
-                env, "clinic", "add", "--code", "CLINIC_A", "--update", "--hl7-facility", "ELAB-3"
-            )
-            with RdcServer(env, workdir / "serve.log") as server:
-                yield _populate(server, passwords, testdata, dcmtk)
-    finally:
-        for _ in database:
-            pass
+    with deployments.env(workdir) as env:
+        # Clinic A's laboratory sends as "ELAB-3" (the shared glucose ORU's MSH-4).
+        rdc_cli(env, "clinic", "add", "--code", "CLINIC_A", "--update", "--hl7-facility", "ELAB-3")
+        with RdcServer(env, workdir / "serve.log") as server:
+            yield _populate(server, alliance_passwords(), testdata, dcmtk)
 
 
 def _populate(server: RdcServer, passwords: dict[str, str], testdata: Path, dcmtk: Path) -> World:

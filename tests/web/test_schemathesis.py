@@ -23,8 +23,7 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu
-from tests.web.test_dicomweb import _postgres_database
+from tests.helpers import Deployments, RdcServer, alliance_passwords, storescu
 
 MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "5"))
 
@@ -40,44 +39,18 @@ class _Live:
 
 @pytest.fixture(scope="module")
 def live(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[_Live]:
     """One ``rdc serve`` for the module, with a study received, and tokens of an
     administrator and a clinic technician."""
     workdir = tmp_path_factory.mktemp("schemathesis")
-    database = _postgres_database()
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-    )
-    try:
-        with stack.deployment() as backends:
-            env.update(backends)
-            passwords = seed_alliance(env)
-            with RdcServer(env, workdir / "serve.log") as server:
-                for result in storescu(
-                    dcmtk,
-                    [testdata / "dicom" / "CT_small.dcm"],
-                    port=server.dicom_port,
-                    calling_ae="CLINIC_A_CT",
-                ):
-                    assert result.returncode == 0, result.stderr
-                tokens = {who: server.token(who, passwords[who]) for who in ("admin", "tech_a")}
-                yield _Live(server, tokens, passwords)
-    finally:
-        for _ in database:
-            pass
+    with deployments.env(workdir) as env, RdcServer(env, workdir / "serve.log") as server:
+        ct = testdata / "dicom" / "CT_small.dcm"
+        for result in storescu(dcmtk, [ct], port=server.dicom_port, calling_ae="CLINIC_A_CT"):
+            assert result.returncode == 0, result.stderr
+        passwords = alliance_passwords()
+        tokens = {who: server.token(who, passwords[who]) for who in ("admin", "tech_a")}
+        yield _Live(server, tokens, passwords)
 
 
 @pytest.fixture(scope="module")
