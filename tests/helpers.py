@@ -188,6 +188,18 @@ def postgres_database(template: str | None = None) -> Iterator[str]:
         admin.dispose()
 
 
+def pass_database() -> Iterator[str | None]:
+    """A generator of a module's own database on this pass: next() gives a fresh PostgreSQL
+    database's URL on the production pass (None on the embedded pass: the deployment's
+    SQLite file); exhausting it drops the database. Module fixtures rather take the
+    ``deployments`` fixture (tests/conftest.py)."""
+    if not production_pass():
+        yield None
+        return
+    with postgres_database() as url:
+        yield url
+
+
 class SchemaTemplates:
     """A migrated database and a migrated one with the alliance seeded (seed_alliance), made
     once per test session (per xdist worker) and copied for each deployment that starts from

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 import socketserver
 import ssl
@@ -39,16 +38,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_gateway.report_push import report_instance_uids
 from rdc_core.db import utcnow
 from tests.helpers import (
+    Deployments,
     RdcServer,
-    Stack,
     c_store,
     echoscu,
     free_port,
     rdc_cli,
-    seed_alliance,
     wait_for,
 )
-from tests.web.test_dicomweb import _postgres_database
 from tests.worklist.conftest import Reading, reading  # noqa: F401  (fixture)
 from tests.worklist.test_delivery import add_clinic_endpoint, finalize
 from worklist.delivery.tasks import deliver_due_reports
@@ -152,7 +149,9 @@ class TlsDeployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterator[TlsDeployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments
+) -> Iterator[TlsDeployment]:
     workdir = tmp_path_factory.mktemp("tls")
     ca = CA(workdir, "RDC_TEST_CA")
     other_ca = CA(workdir, "OTHER_CA")
@@ -164,41 +163,21 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterat
         "CLINIC_B": ca.issue("CLINIC_B"),
         "forged_A": other_ca.issue("FORGED_CLINIC_A"),
     }
-    database = _postgres_database()
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
     tls_port = free_port()
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_DICOM_AE_TITLE="RDC",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PASSWORD_HASH_ROUNDS="4",
-        RDC_DICOM_TLS_PORT=str(tls_port),
-        RDC_DICOM_TLS_CERT=str(certs["server"].cert),
-        RDC_DICOM_TLS_KEY=str(certs["server"].key),
-        RDC_DICOM_TLS_CA=str(ca.issued.cert),
-        RDC_DICOM_PROCESSES="2",
-        RDC_DICOM_MAX_ASSOCIATIONS_PER_AE="2",
-    )
-    try:
-        with stack.deployment() as backends:
-            env.update(backends)
-            seed_alliance(env)
-            server = RdcServer(env, workdir / "serve.log")
-            server.start()
-            try:
-                yield TlsDeployment(server, tls_port, ca, certs)
-            finally:
-                server.stop()
-    finally:
-        for _ in database:
-            pass
+    with (
+        deployments.env(
+            workdir,
+            RDC_STABLE_AGE_SECONDS=None,
+            RDC_DICOM_TLS_PORT=str(tls_port),
+            RDC_DICOM_TLS_CERT=str(certs["server"].cert),
+            RDC_DICOM_TLS_KEY=str(certs["server"].key),
+            RDC_DICOM_TLS_CA=str(ca.issued.cert),
+            RDC_DICOM_PROCESSES="2",
+            RDC_DICOM_MAX_ASSOCIATIONS_PER_AE="2",
+        ) as env,
+        RdcServer(env, workdir / "serve.log") as server,
+    ):
+        yield TlsDeployment(server, tls_port, ca, certs)
 
 
 def _storescu_tls(

@@ -10,13 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import helpers
 from tests.helpers import (
     Deployments,
     RdcServer,
     alliance_passwords,
     deployment_env,
-    production_pass,
+    pass_database,
     rdc_cli,
 )
 
@@ -47,13 +46,7 @@ class LabDeployment:
         return self.server.client(username, self.passwords[username])
 
 
-def postgres_database() -> Iterator[str | None]:
-    """A fresh PostgreSQL database for a module's deployment on the production pass."""
-    if not production_pass():
-        yield None
-        return
-    with helpers.postgres_database() as url:
-        yield url
+postgres_database = pass_database  # a module's own database (tests/lab_results/test_failures.py)
 
 
 # Auto-verified orders are signed under the seeded senior reader (the lab physician); the lab

@@ -30,8 +30,7 @@ from tests.helpers import (
     Deployments,
     RdcServer,
     alliance_passwords,
-    postgres_database,
-    production_pass,
+    pass_database,
     same_dataset,
     storescu,
 )
@@ -62,14 +61,7 @@ class Deployment:
         return self.server.client(username, self.passwords[username])
 
 
-def _postgres_database() -> Iterator[str | None]:
-    """A module's own PostgreSQL database on the production pass (None on SQLite); module
-    fixtures rather take ``deployments`` (tests/conftest.py)."""
-    if not production_pass():
-        yield None
-        return
-    with postgres_database() as url:
-        yield url
+_postgres_database = pass_database  # for module fixtures not on ``deployments`` yet
 
 
 def _clinic_a_files(testdata: Path, workdir: Path) -> list[Path]:

@@ -9,7 +9,6 @@ JPEG 2000, JPEG2000.dcm, the overlay example, CT_small under Chinese names
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +25,14 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 from requests import HTTPError
 
-from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu, wait_for
-from tests.web.test_dicomweb import _postgres_database
+from tests.helpers import (
+    Deployments,
+    RdcServer,
+    alliance_passwords,
+    free_port,
+    storescu,
+    wait_for,
+)
 
 SENT = (
     "CT_small.dcm",
@@ -140,53 +145,33 @@ def _chinese_copies(source: Path, workdir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("dicomweb_clients")
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
-    database = _postgres_database()  # the production pass: a database of its own
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(port),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_PUBLIC_URL=public_url,
-    )
-    with stack.deployment() as backends:
-        env.update(backends)
-        passwords = seed_alliance(env)
-        server = RdcServer(env, workdir / "serve.log")
-        server.start()
-        try:
-            files = {name: testdata / "dicom" / name for name in SENT}
-            chinese = _chinese_copies(testdata / "dicom" / "CT_small.dcm", workdir)
-            files.update({p.name: p for p in chinese})
-            for result in storescu(
-                dcmtk, files.values(), port=server.dicom_port, calling_ae="CLINIC_A_CT"
-            ):
-                assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
-            deflated = _deflated_frames(testdata / "dicom" / "emri_small.dcm", workdir / "dfl.dcm")
-            with server.client("tech_a", passwords["tech_a"]) as http:
-                stored = http.post(
-                    "/dicomweb/studies",
-                    content=deflated.read_bytes(),
-                    headers={"Content-Type": "application/dicom"},
-                )
-                assert stored.status_code == 200, stored.text
-            files["deflated_frames.dcm"] = deflated
-            yield Deployment(server, passwords, files, public_url)
-        finally:
-            server.stop()
-            for _ in database:
-                pass
+    with (
+        deployments.env(workdir, RDC_HTTP_PORT=str(port), RDC_PUBLIC_URL=public_url) as env,
+        RdcServer(env, workdir / "serve.log") as server,
+    ):
+        passwords = alliance_passwords()
+        files = {name: testdata / "dicom" / name for name in SENT}
+        chinese = _chinese_copies(testdata / "dicom" / "CT_small.dcm", workdir)
+        files.update({p.name: p for p in chinese})
+        for result in storescu(
+            dcmtk, files.values(), port=server.dicom_port, calling_ae="CLINIC_A_CT"
+        ):
+            assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
+        deflated = _deflated_frames(testdata / "dicom" / "emri_small.dcm", workdir / "dfl.dcm")
+        with server.client("tech_a", passwords["tech_a"]) as http:
+            stored = http.post(
+                "/dicomweb/studies",
+                content=deflated.read_bytes(),
+                headers={"Content-Type": "application/dicom"},
+            )
+            assert stored.status_code == 200, stored.text
+        files["deflated_frames.dcm"] = deflated
+        yield Deployment(server, passwords, files, public_url)
 
 
 def header(path: Path) -> pydicom.Dataset:

@@ -25,8 +25,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.helpers import RdcServer, Stack, free_port, seed_alliance, storescu
-from tests.web.test_dicomweb import _postgres_database
+from tests.helpers import Deployments, RdcServer, alliance_passwords, free_port, storescu
 
 OHIF_VERSION = "3.13.2"
 CHROMIUM = "/usr/bin/chromium"
@@ -114,7 +113,7 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, stack: Stack, testdata: Path, dcmtk: Path
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments, testdata: Path, dcmtk: Path
 ) -> Iterator[Deployment]:
     dist = ohif_dir() / "dist"
     if not (dist / "index.html").is_file():
@@ -122,21 +121,6 @@ def deployment(
     workdir = tmp_path_factory.mktemp("ohif")
     ohif_port = free_port()
     ohif = f"http://127.0.0.1:{ohif_port}"
-    database = _postgres_database()  # the production pass: a database of its own
-    database_url = next(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-    if database_url:
-        env["RDC_DATABASE_URL"] = database_url
-    env.update(
-        RDC_DATA_DIR=str(workdir / "data"),
-        RDC_HTTP_HOST="127.0.0.1",
-        RDC_HTTP_PORT=str(free_port()),
-        RDC_DICOM_HOST="127.0.0.1",
-        RDC_DICOM_PORT=str(free_port()),
-        RDC_STABLE_AGE_SECONDS="2",
-        RDC_SECRET_KEY="test-secret-key-not-for-production-000000",
-        RDC_CORS_ORIGINS=f"https://viewer.example.org, {ohif}",
-    )
     ct_files = []
     for path in sorted((testdata / "dicom" / "study_dicomdir").rglob("*")):
         if path.is_file() and path.name != "DICOMDIR":
@@ -149,31 +133,29 @@ def deployment(
     series_files = max(by_series.values(), key=len)
     first = pydicom.dcmread(series_files[0], stop_before_pixels=True)
     study, description = str(first.StudyInstanceUID), str(first.SeriesDescription)
-    handler = functools.partial(_OhifHandler, directory=str(dist))
-    _OhifHandler.config = _app_config(f"http://127.0.0.1:{env['RDC_HTTP_PORT']}").encode()
-    static = http.server.ThreadingHTTPServer(("127.0.0.1", ohif_port), handler)
-    static.daemon_threads = True
-    thread = threading.Thread(target=static.serve_forever, daemon=True)
-    thread.start()
-    with stack.deployment() as backends:
-        env.update(backends)
-        passwords = seed_alliance(env)
-        server = RdcServer(env, workdir / "serve.log")
-        server.start()
+    cors = f"https://viewer.example.org, {ohif}"
+    with deployments.env(workdir, RDC_CORS_ORIGINS=cors) as env:
+        handler = functools.partial(_OhifHandler, directory=str(dist))
+        _OhifHandler.config = _app_config(f"http://127.0.0.1:{env['RDC_HTTP_PORT']}").encode()
+        static = http.server.ThreadingHTTPServer(("127.0.0.1", ohif_port), handler)
+        static.daemon_threads = True
+        thread = threading.Thread(target=static.serve_forever, daemon=True)
+        thread.start()
         try:
-            # JPEGLSNearLossless_16 has no Modality: OHIF's study list failed on the empty
-            # Modalities in Study it used to get.
-            files = [p for _, p in ct_files] + [
-                testdata / "dicom" / "CT_small.dcm",
-                testdata / "dicom" / "JPEGLSNearLossless_16.dcm",
-            ]
-            for result in storescu(dcmtk, files, port=server.dicom_port, calling_ae="CLINIC_A_CT"):
-                assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
-            yield Deployment(server, passwords, ohif, study, len(series_files), description)
+            with RdcServer(env, workdir / "serve.log") as server:
+                # JPEGLSNearLossless_16 has no Modality: OHIF's study list failed on the
+                # empty Modalities in Study it used to get.
+                files = [p for _, p in ct_files] + [
+                    testdata / "dicom" / "CT_small.dcm",
+                    testdata / "dicom" / "JPEGLSNearLossless_16.dcm",
+                ]
+                ae = "CLINIC_A_CT"
+                for result in storescu(dcmtk, files, port=server.dicom_port, calling_ae=ae):
+                    assert result.returncode == 0, result.stderr
+                    assert "Store Failed" not in result.stderr, result.stderr
+                passwords = alliance_passwords()
+                yield Deployment(server, passwords, ohif, study, len(series_files), description)
         finally:
-            server.stop()
-            for _ in database:
-                pass
             static.shutdown()
             static.server_close()
 
