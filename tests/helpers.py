@@ -212,7 +212,7 @@ class SchemaTemplates:
         self.workdir = workdir
         self.postgres = production_pass()
         self.names: dict[str, str] = {}  # "migrated" / "seeded" -> PostgreSQL database name
-        self._dropped: list[Iterator[str]] = []
+        self._dropped = contextlib.ExitStack()
 
     def _env(self, name: str, url: str | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
@@ -224,9 +224,7 @@ class SchemaTemplates:
     def _database(self, kind: str, template: str | None) -> str | None:
         if not self.postgres:
             return None
-        made = postgres_database(template)
-        url = next(made)
-        self._dropped.append(made)
+        url = self._dropped.enter_context(postgres_database(template))
         self.names[kind] = sqlalchemy.engine.make_url(url).database or ""
         return url
 
@@ -250,9 +248,7 @@ class SchemaTemplates:
         return self.workdir / kind / "rdc.sqlite3"
 
     def close(self) -> None:
-        for made in reversed(self._dropped):
-            next(made, None)
-        self._dropped = []
+        self._dropped.close()
 
     def template(self, kind: str) -> str | None:
         """The PostgreSQL database to copy (``kind`` "migrated" or "seeded"); None on SQLite."""
