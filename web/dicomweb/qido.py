@@ -259,7 +259,7 @@ def _date_range(value: str, zone: ZoneInfo) -> Any:
         raise InvalidInputError("a date range needs at least one end")
     # A bound whose time falls off the calendar once in UTC (the first day of year 1 east of
     # Greenwich, the day after 9999-12-31) bounds nothing: the range is open on that side.
-    clauses = [Exam.performed_at.is_not(None)]
+    clauses: list[ColumnElement[bool]] = [Exam.performed_at.is_not(None)]
     if start_text:
         day = _parse_date(start_text)
         with contextlib.suppress(OverflowError):
