@@ -54,7 +54,7 @@ def claim_spool_dir(spool_dir: Path) -> Path:
         found = _claimed.get(spool_dir)
         if found is not None and found[0] == pid:
             return found[1]
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for attempt in range(8):
             name = listener_spool_dir(spool_dir, pid)
             if attempt:
@@ -70,7 +70,7 @@ def _try_claim(spool_dir: Path, directory: Path) -> int | None:
     """The held lock of ``directory``, made now or taken over from a dead owner; None when
     the name belongs to a live process or was taken meanwhile."""
     try:
-        directory.mkdir()
+        directory.mkdir(mode=0o700)  # patient data: the owner only
     except FileExistsError:
         fd = _lock_owner(directory)
         if fd is None:

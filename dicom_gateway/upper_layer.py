@@ -642,7 +642,7 @@ class _Association:
         except FileNotFoundError:
             if spool is None:
                 raise
-            spool.mkdir(parents=True, exist_ok=True)  # made at start; removed since?
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)  # made at start; removed since?
             fd, name = tempfile.mkstemp(prefix=".rx-", suffix=".dcm", dir=spool)
         self._data_path = Path(name)
         self._data_file = os.fdopen(fd, "wb", buffering=1 << 20)

@@ -500,7 +500,7 @@ def _description(record: EcgRecord) -> str:
 
 def _spool(store: ObjectStore, data: bytes) -> Path:
     folder = store.spool_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"ecg-{uuid.uuid4().hex}.part"
     path.write_bytes(data)
     return path

@@ -124,6 +124,7 @@ class LocalObjectStore:
             if not move:
                 self.put_file(key, source)
                 return True
+            os.chmod(source, 0o600)  # the caller's spool file may have the umask's mode
             _fsync_path(source)
             _make_dirs_durable(target.parent)
             os.replace(source, target)
@@ -200,12 +201,15 @@ class LocalObjectStore:
 
 def _make_dirs_durable(path: Path) -> None:
     # A new directory's entry lives in its parent: fsync the parents of what mkdir created,
-    # or a crash could lose the directory holding an acknowledged object.
+    # or a crash could lose the directory holding an acknowledged object. Every directory is
+    # made readable by the owner only (0700): the objects are patient data, wherever
+    # RDC_STORAGE_URL puts them.
     if path.is_dir():
         return
     missing = [path, *(p for p in path.parents if not p.exists())]
-    path.mkdir(parents=True, exist_ok=True)
     for created in sorted(missing, key=lambda p: len(p.parts)):
+        with contextlib.suppress(FileExistsError):  # made by another writer meanwhile
+            created.mkdir(mode=0o700)
         _fsync_path(created.parent)
 
 

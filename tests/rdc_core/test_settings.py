@@ -61,3 +61,22 @@ def test_password_hash_cost_is_configurable_but_not_weak_in_production(
     monkeypatch.setenv("RDC_PASSWORD_HASH_ROUNDS", "10")
     with pytest.raises(ConfigurationError, match="RDC_PASSWORD_HASH_ROUNDS"):
         Settings()
+
+
+def test_hardening_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What issue 16 fixed as defaults: 5 failures in 15 minutes lock logins and signing,
+    the audit trail is verified daily, passwords of at least 10 characters in production
+    (configurable upward only), 8 associations per calling AE, one trusted proxy."""
+    for name in ("RDC_AUTH_MAX_FAILURES", "RDC_AUTH_LOCKOUT_SECONDS", "RDC_PASSWORD_MIN_LENGTH"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert (settings.auth_max_failures, settings.auth_lockout_seconds) == (5, 15 * 60)
+    assert settings.audit_verify_interval_seconds == 24 * 3600
+    assert settings.password_min_length == 10
+    assert settings.dicom_max_associations_per_ae == 8
+    assert settings.forwarded_allow_ips == "127.0.0.1"
+    monkeypatch.setenv("RDC_PASSWORD_MIN_LENGTH", "16")
+    assert Settings().password_min_length == 16
+    monkeypatch.setenv("RDC_PASSWORD_MIN_LENGTH", "8")
+    with pytest.raises(ValueError, match="password_min_length"):
+        Settings()

@@ -237,6 +237,10 @@ def test_qido_study_search_filters_paging_and_includefield(deployment: Deploymen
     assert search(StudyDate="19950101-20011231") == dated("19950101", "20011231")
     assert search(StudyDate="-19991231") == dated("00000000", "19991231") != set()
     assert search(StudyDate="20030101-") == dated("20030101", "99999999") != set()
+    # The calendar's first and last days bound nothing on their side (east of Greenwich the
+    # start of 0001-01-01 and the end of 9999-12-31 are off the calendar in UTC): no 500.
+    assert search(StudyDate="00010101-99991231") == dated("00000000", "99999999") != set()
+    assert search(StudyDate="99991231") == search(StudyDate="00010101") == set()
     assert reader.get("/dicomweb/studies", params={"StudyDate": "2001-13"}).status_code == 422
 
     # ModalitiesInStudy (any of a list), Study Instance UID lists, accession number.

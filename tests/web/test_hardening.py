@@ -141,6 +141,29 @@ def test_signing_needs_the_signers_own_password(
         senior.post(f"/api/v1/reports/{amended.json()['id']}/amend", json=change).status_code == 403
     )
 
+    # Files at rest in the object store: the DICOM, ECG and lab objects too, directories
+    # 0700 and files 0600 whatever the umask (022 here), wherever RDC_STORAGE_URL puts them.
+    tech = server.client("tech_a", alliance["tech_a"])
+    aecg = testdata / "ecg" / "aecg" / "Example_aECG.xml"
+    ecg = tech.post("/api/v1/ecg", files=[("file", (aecg.name, aecg.read_bytes(), "text/xml"))])
+    assert ecg.status_code == 201, ecg.text
+    # Clinic A's laboratory sends as "ELAB-3" (the glucose ORU's MSH-4).
+    rdc_cli(
+        server.env, "clinic", "add", "--code", "CLINIC_A", "--update", "--hl7-facility", "ELAB-3"
+    )
+    oru = (testdata / "hl7" / "pythonhl7_oru_r01_glucose.hl7").read_bytes()
+    ack = tech.post(
+        "/api/v1/lab/messages", content=oru, headers={"Content-Type": "application/hl7-v2"}
+    )
+    assert ack.status_code == 200 and b"MSA|AA" in ack.content, ack.text
+    if server.env.get("RDC_STORAGE_BACKEND", "local") == "local":
+        root = Path(server.env["RDC_DATA_DIR"]) / "objects"
+        stored = [p for p in root.rglob("*") if p.is_file()]
+        assert {p.relative_to(root).parts[0] for p in stored} >= {"dicom", "ecg", "hl7"}
+        for path in [root, *root.rglob("*")]:
+            expected = 0o700 if path.is_dir() else 0o600
+            assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
+
 
 def _login(http: str, username: str, password: str, **headers: str) -> httpx.Response:
     return httpx.post(

@@ -571,3 +571,73 @@ def test_reading_clinic_a_patient_data_is_audited(world: World) -> None:
         "/dicomweb/studies/{study}/metadata",
     ):
         assert path in audited, (path, audited)
+
+
+_MAX_FAILURES = 5  # RDC_AUTH_MAX_FAILURES (the default) within RDC_AUTH_LOCKOUT_SECONDS
+# The signing operations the issue names (more may come: every operation whose JSON body
+# takes ``signing_password`` is tried below).
+_SIGNING_ROUTES = {
+    ("POST", "/api/v1/exams/{exam_id}/report/submit"),
+    ("POST", "/api/v1/reports/{report_id}/verify-by-senior"),
+    ("POST", "/api/v1/reports/{report_id}/amend"),
+    ("POST", "/api/v1/lab/exams/{exam_id}/sign"),
+}
+
+
+def test_every_signature_needs_the_signers_password(world: World) -> None:
+    """Every operation that signs (imaging, ECG and lab reports; submit, verify, amend) as
+    the lead hospital's senior reader, who may sign: without ``signing_password`` and with a
+    wrong one 403 (audited), nothing signed; the fifth wrong password locks signing for the
+    user on every one of them, the right password included: 429 with Retry-After. Runs last
+    in the module (it locks the senior's signing)."""
+    signing = [
+        (method, path, op)
+        for method, path, op in world.routes
+        if method != "GET"
+        and "signing_password"
+        in _properties(
+            world.schemas,
+            op.get("requestBody", {})
+            .get("content", {})
+            .get("application/json", {})
+            .get("schema", {}),
+        )
+    ]
+    assert {(m, p) for m, p, _ in signing} >= _SIGNING_ROUTES, signing
+    calls = [(method, _fill(world, method, path, op), op) for method, path, op in signing]
+    submit = next(op for m, p, op in signing if p.endswith("/report/submit"))
+    calls.append(("POST", f"/api/v1/exams/{world.ecg_exam}/report/submit", submit))  # the ECG's
+    before = _state(world)
+    seq = _last_seq(world)
+    wrong: list[str] = []
+    failures = 0
+    with world.client("senior") as senior:
+        for method, url, op in calls:
+            body = _minimal_body(world, op, "not-the-senior-password")
+            without = {k: v for k, v in body.items() if k != "signing_password"}
+            for attempt in (without, body):
+                response = senior.request(method, url, json=attempt)
+                failures += attempt is body
+                # A missing password is refused before anything is counted or locked.
+                expected = 429 if attempt is body and failures > _MAX_FAILURES else 403
+                title = response.json().get("title") if response.content else None
+                if response.status_code != expected or (
+                    expected == 403 and title != "Signature refused"
+                ):
+                    wrong.append(f"{method} {url}: {response.status_code} {_excerpt(response)}")
+        assert failures >= _MAX_FAILURES, "too few signing routes to reach the lock"
+        for method, url, op in calls:
+            body = _minimal_body(world, op, world.passwords["senior"])
+            locked = senior.request(method, url, json=body)
+            if locked.status_code != 429 or int(locked.headers.get("retry-after", 0)) <= 0:
+                wrong.append(f"{method} {url} (locked): {locked.status_code} {_excerpt(locked)}")
+    assert not wrong, "\n".join(wrong)
+    after = _state(world)
+    changed = [view for view in before if before[view] != after[view]]
+    assert not changed, [(v, _differences(before[v], after[v])) for v in changed]
+    with world.server.db() as db:
+        refused = db.execute(
+            "SELECT object_id FROM audit_events WHERE actor = ? AND action = ? AND seq > ?",
+            ("user:senior", "sign_refused", seq),
+        ).fetchall()
+    assert len(refused) == 3 * len(calls), refused  # missing, wrong, locked: each audited

@@ -81,6 +81,24 @@ _QUERIES = [
     "/api/v1/reports?since=0001-01-01T00:00:00%2B14:00",
     "/api/v1/reports?since=9999-12-31T23:00:00-14:00",
     "/api/v1/critical-alerts?since=2026-01-01T08:00:00",  # no zone
+    # The audit search and export, the QC indicators, cases, exports and monthly report.
+    f"/api/v1/audit/events?offset={_BIG}",
+    "/api/v1/audit/events?from=0001-01-01T00:00:00%2B14:00",
+    "/api/v1/audit/events?to=9999-12-31T23:59:59-14:00",
+    "/api/v1/audit/events.csv?from=0001-01-01T00:00:00%2B14:00",
+    "/api/v1/audit/events.csv?to=9999-12-31T23:59:59-14:00",
+    "/api/v1/qc/indicators?to=0001-01-01",
+    "/api/v1/qc/indicators?to=9999-12-31",
+    "/api/v1/qc/indicators?from=9999-12-31",
+    f"/api/v1/qc/indicators/RRC-02/cases?offset={_BIG}",
+    "/api/v1/qc/indicators/RCV-04/histogram?to=0001-01-01",
+    "/api/v1/qc/export.csv?to=9999-12-31",
+    "/api/v1/qc/export.xlsx?to=0001-01-01",
+    "/api/v1/qc/report.pdf?month=0000-01",
+    "/api/v1/qc/report.pdf?month=0001-01",
+    "/api/v1/qc/report.pdf?month=9999-12",
+    "/api/v1/qc/report.pdf?month=2026-13",
+    "/api/v1/qc/indicators?from=0002-01-01&to=0002-12-31",
 ]
 
 
@@ -102,6 +120,9 @@ def test_out_of_range_values_answer_problems(live: _Live) -> None:
         fine = client.get("/api/v1/critical-alerts?since=0001-01-01T00:00:00-05:00")
         assert fine.status_code == 200, fine.text
         assert client.get(f"/api/v1/exams?offset={10**9}").status_code == 200
+        assert client.get(f"/api/v1/audit/events?offset={10**9}").status_code == 200
+        assert client.get("/api/v1/qc/indicators?from=1900-01-01&to=1902-12-31").status_code == 200
+        assert client.get("/api/v1/qc/indicators?from=2999-12-01&to=2999-12-31").status_code == 200
 
         boundary = "b" * 300
         part = "Content-Type: application/dicom\r\n\r\nnot dicom\r\n"

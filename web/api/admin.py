@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
 from rdc_core.db import session_scope
+from web.params import Offset, UtcDateTime
 from web.security import CurrentPrincipal
 from worklist.admin import (
     AuditFilter,
@@ -222,12 +223,12 @@ def audit_search(
     exam: Annotated[str | None, Query(description=_FILTERS["exam"])] = None,
     action: Annotated[str | None, Query(description=_FILTERS["action"])] = None,
     since: Annotated[
-        datetime | None, Query(alias="from", description="at or after, with zone")
+        UtcDateTime | None, Query(alias="from", description="at or after, with zone")
     ] = None,
-    until: Annotated[datetime | None, Query(alias="to", description="before, with zone")] = None,
+    until: Annotated[UtcDateTime | None, Query(alias="to", description="before, with zone")] = None,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[AuditEventOut] | StreamingResponse:
     """Audit events, newest first (QC, admins); ``format=csv`` exports every match."""
     criteria = _criteria(user, patient, exam, action, since, until)
@@ -251,8 +252,8 @@ def audit_export(
     patient: Annotated[str | None, Query(description=_FILTERS["patient"])] = None,
     exam: Annotated[str | None, Query(description=_FILTERS["exam"])] = None,
     action: Annotated[str | None, Query(description=_FILTERS["action"])] = None,
-    since: Annotated[datetime | None, Query(alias="from")] = None,
-    until: Annotated[datetime | None, Query(alias="to")] = None,
+    since: Annotated[UtcDateTime | None, Query(alias="from")] = None,
+    until: Annotated[UtcDateTime | None, Query(alias="to")] = None,
 ) -> StreamingResponse:
     """Every matching audit event as CSV (UTF-8 with BOM), oldest first."""
     return _csv(principal, _criteria(user, patient, exam, action, since, until))

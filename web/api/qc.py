@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.errors import InvalidInputError
 from rdc_core.settings import get_settings
+from web.params import CalendarMonth, LocalDay, Offset
 from web.security import CurrentPrincipal
 from worklist.access import Principal
 from worklist.qc.export import case_table, csv_chunks, indicator_table, write_xlsx
@@ -50,9 +51,10 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 From = Annotated[
-    date | None, Query(alias="from", description="first day (local), default: 1st of this month")
+    LocalDay | None,
+    Query(alias="from", description="first day (local), default: 1st of this month"),
 ]
-To = Annotated[date | None, Query(description="last day (local, included), default: today")]
+To = Annotated[LocalDay | None, Query(description="last day (local, included), default: today")]
 DisciplineQ = Annotated[str | None, Query(description="imaging | ecg | lab")]
 ClinicQ = Annotated[str | None, Query(description="clinic code")]
 ModalityQ = Annotated[str | None, Query(description="modality, e.g. CT")]
@@ -155,7 +157,7 @@ def cases(
     filters: Filters,
     subset: SubsetQ = "all",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> CasePage:
     """The exact cases behind a figure, with their times and reasons (audited)."""
     with session_scope() as session:
@@ -327,7 +329,7 @@ def export_xlsx(
 @router.get("/report.pdf", responses={**_FORBIDDEN, 200: {"content": {"application/pdf": {}}}})
 def monthly_report(
     principal: CurrentPrincipal,
-    month: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$", description="YYYY-MM")],
+    month: Annotated[CalendarMonth, Query(description="YYYY-MM")],
 ) -> Response:
     """The monthly QC report (zh/en, charts included), built now from the current data."""
     settings = get_settings()

@@ -8,10 +8,11 @@ object per result (cached), never used for matching.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo
 
@@ -235,13 +236,19 @@ def _date_range(value: str, zone: ZoneInfo) -> Any:
         start_text = end_text = value
     if not start_text and not end_text:
         raise InvalidInputError("a date range needs at least one end")
-    clauses = []
+    # A bound whose time falls off the calendar once in UTC (the first day of year 1 east of
+    # Greenwich, the day after 9999-12-31) bounds nothing: the range is open on that side.
+    clauses: list[ColumnElement[bool]] = [Exam.performed_at.is_not(None)]
     if start_text:
-        start = datetime.combine(_parse_date(start_text), datetime.min.time(), zone)
-        clauses.append(Exam.performed_at >= start.astimezone(ZoneInfo("UTC")))
+        day = _parse_date(start_text)
+        with contextlib.suppress(OverflowError):
+            start = datetime.combine(day, datetime.min.time(), zone).astimezone(UTC)
+            clauses.append(Exam.performed_at >= start)
     if end_text:
-        end = datetime.combine(_parse_date(end_text) + timedelta(days=1), datetime.min.time(), zone)
-        clauses.append(Exam.performed_at < end.astimezone(ZoneInfo("UTC")))
+        day = _parse_date(end_text)
+        with contextlib.suppress(OverflowError):
+            end = datetime.combine(day + timedelta(days=1), datetime.min.time(), zone)
+            clauses.append(Exam.performed_at < end.astimezone(UTC))
     return and_(*clauses)
 
 

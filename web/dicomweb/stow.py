@@ -286,7 +286,7 @@ async def stow_request(
     # Permission first: do not make an unauthorised caller's upload cost disk space.
     require_roles(principal, STOW_ROLES)
     spool_root = settings.data_dir / "tmp"
-    spool_root.mkdir(parents=True, exist_ok=True)
+    spool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="stow-", dir=spool_root))
     try:
         parts = await receive_parts(content_type=content_type, body=body, directory=directory)
