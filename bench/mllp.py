@@ -4,7 +4,9 @@ The baseline is the least a receiver that keeps its promise must do: a thread pe
 connection reads each MLLP frame, appends the message to one journal file, fsyncs it, and
 answers AA with MSA-2 = MSH-10 (no index, no checks, no file per message). rdc does what
 it always does: checks the envelope, stores the bytes as an object (fsynced, and its
-directory), commits the index row (SQLite, group commit), then answers. Both run on the
+directory; the objects of the messages waiting on all connections are synced together),
+commits the index rows (SQLite, group commit: one transaction for the batch), then
+answers; processing (parse, map, auto-verify) runs later, deferred while the stream lasts. Both run on the
 same file system (``--workdir``).
 
 Every measurement starts its target on a fresh data directory; senders are threads of this
