@@ -4,10 +4,12 @@ For each message: read its envelope and check it is a lab result we accept; writ
 as received to the object store (fsynced); in one transaction find the clinic that
 registered the sending facility and insert the index row, keyed by (MSH-3, MSH-4, MSH-10),
 with the acknowledgement it will get; and only once that transaction has committed answer
-AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Index writes of
-concurrent messages share one transaction (:mod:`rdc_core.group_commit`), and the object's
-syncs run while its row is written (the unit of work waits for them, so no transaction
-commits a row before its object is durable).
+AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Group commit: the
+objects of the messages arriving meanwhile on every connection are written and synced
+together (:class:`rdc_core.storage.BatchedWriter`), then their index rows share one
+transaction (:mod:`rdc_core.group_commit`); a row is written only once its object is
+durable. Processing (parsing, mapping, auto-verification) is not on this path: it is
+enqueued after the commit and deferred while messages stream in.
 
 Failures (original mode / enhanced mode):
 
@@ -23,17 +25,15 @@ for byte, and is not stored twice. Rejected messages are not kept.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -55,7 +55,7 @@ from rdc_core.db import after_commit, insert_ignore, on_rollback, read_session, 
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.metrics import LAB_MESSAGES
-from rdc_core.storage import ObjectStore
+from rdc_core.storage import BatchedWriter, ObjectStore
 from rdc_core.tasks import submit_task
 from worklist.access import Principal
 from worklist.directory import OrgRef, organization_for_hl7_facility
@@ -69,6 +69,7 @@ __all__ = [
     "identify_sender",
     "index_message",
     "intake_idle_seconds",
+    "intake_rate",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,6 @@ class LabIntake:
         zone: tzinfo,
         committer: GroupCommitter | None = None,
         clock: Callable[[], datetime] = utcnow,
-        writer_threads: int = 32,
         on_accepted: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
@@ -241,10 +241,8 @@ class LabIntake:
         # clinic found stays right; unknown names are looked up again every time.
         self._senders: dict[tuple[str, ...], tuple[OrgRef, float]] = {}
         self._senders_lock = threading.Lock()
-        # Object writes of the messages being indexed (their fsyncs block a thread each).
-        self._writer = ThreadPoolExecutor(
-            max_workers=writer_threads, thread_name_prefix="hl7-store"
-        )
+        # The messages' bytes, written durably in batches (one sync for all waiting).
+        self._objects = BatchedWriter(store)
 
     def _sender(self, envelope: Envelope, restrict_to_org: str | None) -> OrgRef:
         names = envelope.facility_names
@@ -315,9 +313,14 @@ class LabIntake:
             envelope,
         )
         object_key = f"hl7/{now:%Y/%m/%d}/{uuid.uuid4().hex}.hl7"
-        # The object's syncs run while the index row is written; the unit of work waits for
-        # them before it ends, so the transaction never commits ahead of the object.
-        writing = self._writer.submit(self.store.put_bytes, object_key, raw)
+        # The bytes are durable before the index row is written: the objects of the
+        # messages arriving meanwhile (on every connection) are synced together, and so are
+        # their rows (the group committer), while the next objects are being written.
+        try:
+            self._objects.put(object_key, raw)
+        except StorageError as exc:
+            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
+            return self._failure(envelope, _outage("object store unavailable"), now)
 
         def work(session: Session) -> IndexedMessage:
             indexed = index_message(
@@ -332,33 +335,28 @@ class LabIntake:
                 now=now,
                 store=self.store,
             )
-            writing.result()  # raises StorageError
             if not indexed.duplicate and indexed.message_id is not None:
                 # Processing (the result model) starts once the row committed.
                 after_commit(session, partial(self.on_accepted, indexed.message_id))
             return indexed
 
         try:
-            indexed = self.committer.run(work)
-        except StorageError as exc:
-            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
-            self._discard(object_key, writing)
-            return self._failure(envelope, _outage("object store unavailable"), now)
+            indexed = self._index(work)
         except MessageRejected as exc:
-            self._discard(object_key, writing)
+            self._discard(object_key)
             return self._failure(envelope, exc, now)
         except (DatabaseUnavailableError, SQLAlchemyError) as exc:
             # Whatever the database answered (unreachable, I/O error, a failing trigger),
             # nothing was committed: the sender should send again.
             log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, exc)
-            self._discard(object_key, writing)
+            self._discard(object_key)
             return self._failure(envelope, _outage("index unavailable"), now)
         except Exception:
             log.exception("HL7 %s from %s: unexpected failure", envelope.control_id, channel)
-            self._discard(object_key, writing)
+            self._discard(object_key)
             return self._failure(envelope, _outage("internal error"), now)
         if indexed.duplicate:
-            self._discard(object_key, writing)  # the first copy's object is the one of record
+            self._discard(object_key)  # the first copy's object is the one of record
             return Acknowledgement(
                 ack=indexed.ack,
                 code=_ack_code(indexed.ack, envelope) or code,
@@ -367,10 +365,29 @@ class LabIntake:
             )
         return Acknowledgement(ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id)
 
-    def _discard(self, object_key: str, writing: Future[Any]) -> None:
-        # Only this call's object, which no index row refers to, once its write has ended.
-        with contextlib.suppress(Exception):
-            writing.result()
+    def _index(self, work: Callable[[Session], IndexedMessage]) -> IndexedMessage:
+        """Run ``work`` in the committer's next shared transaction; return once committed.
+
+        Queued to the committer's writer thread (not led by this thread): the messages
+        whose objects were synced together are woken together and all queue before the
+        writer takes them, so they share a transaction while the next objects sync."""
+        decided = threading.Event()
+        outcome: list[tuple[IndexedMessage | None, BaseException | None]] = []
+
+        def done(result: IndexedMessage | None, error: BaseException | None) -> None:
+            outcome.append((result, error))
+            decided.set()
+
+        self.committer.submit(work, done)
+        decided.wait()
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    def _discard(self, object_key: str) -> None:
+        # Only this call's object, which no index row refers to.
         try:
             self.store.delete(object_key)
         except StorageError as exc:
@@ -419,6 +436,33 @@ def intake_idle_seconds() -> float:
     return time.monotonic() - _last_accepted[0]
 
 
+_RATE_WINDOW: Final = 1.0
+_rate_lock = threading.Lock()
+_rate = [0.0, 0, 0]  # start of the current window, messages in it, in the previous one
+
+
+def _count_accepted(now: float) -> None:
+    with _rate_lock:
+        elapsed = now - _rate[0]
+        if elapsed >= _RATE_WINDOW:
+            _rate[2] = _rate[1] if elapsed < 2 * _RATE_WINDOW else 0
+            _rate[0], _rate[1] = now, 0
+        _rate[1] += 1
+
+
+def intake_rate() -> float:
+    """Messages per second this process accepted lately (the last one to two seconds):
+    above what processing can follow, processing waits for the stream to end."""
+    now = time.monotonic()
+    with _rate_lock:
+        elapsed = now - _rate[0]
+        if elapsed >= 2 * _RATE_WINDOW:
+            return 0.0
+        if elapsed >= _RATE_WINDOW:
+            return _rate[1] / elapsed
+        return (_rate[1] + _rate[2]) / (elapsed + _RATE_WINDOW)
+
+
 class _ProcessingTrigger:
     """Enqueues the processing task after commits, at most once per ``_COALESCE_SECONDS``:
     one run processes every message waiting, so a stream of messages does not become a
@@ -430,6 +474,7 @@ class _ProcessingTrigger:
 
     def __call__(self, message_id: str) -> None:
         _last_accepted[0] = time.monotonic()
+        _count_accepted(_last_accepted[0])
         with self._lock:
             if self._timer is not None:
                 return
