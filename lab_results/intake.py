@@ -69,7 +69,6 @@ __all__ = [
     "identify_sender",
     "index_message",
     "intake_idle_seconds",
-    "intake_rate",
 ]
 
 log = logging.getLogger(__name__)
@@ -436,33 +435,6 @@ def intake_idle_seconds() -> float:
     return time.monotonic() - _last_accepted[0]
 
 
-_RATE_WINDOW: Final = 1.0
-_rate_lock = threading.Lock()
-_rate = [0.0, 0, 0]  # start of the current window, messages in it, in the previous one
-
-
-def _count_accepted(now: float) -> None:
-    with _rate_lock:
-        elapsed = now - _rate[0]
-        if elapsed >= _RATE_WINDOW:
-            _rate[2] = _rate[1] if elapsed < 2 * _RATE_WINDOW else 0
-            _rate[0], _rate[1] = now, 0
-        _rate[1] += 1
-
-
-def intake_rate() -> float:
-    """Messages per second this process accepted lately (the last one to two seconds):
-    above what processing can follow, processing waits for the stream to end."""
-    now = time.monotonic()
-    with _rate_lock:
-        elapsed = now - _rate[0]
-        if elapsed >= 2 * _RATE_WINDOW:
-            return 0.0
-        if elapsed >= _RATE_WINDOW:
-            return _rate[1] / elapsed
-        return (_rate[1] + _rate[2]) / (elapsed + _RATE_WINDOW)
-
-
 class _ProcessingTrigger:
     """Enqueues the processing task after commits, at most once per ``_COALESCE_SECONDS``:
     one run processes every message waiting, so a stream of messages does not become a
@@ -474,7 +446,6 @@ class _ProcessingTrigger:
 
     def __call__(self, message_id: str) -> None:
         _last_accepted[0] = time.monotonic()
-        _count_accepted(_last_accepted[0])
         with self._lock:
             if self._timer is not None:
                 return

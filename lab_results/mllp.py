@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,7 +34,6 @@ START_BLOCK = 0x0B
 END_BLOCK = b"\x1c\x0d"
 _BETWEEN_FRAMES = b" \t\r\n\x00"
 _RECV = 1 << 16
-_SWITCH_INTERVAL = 0.0005  # seconds
 
 
 class FramingError(Exception):
@@ -56,10 +54,6 @@ class MllpListener:
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
-        # A thread woken by its socket, fsync or commit waits for the GIL up to the switch
-        # interval while another thread runs Python code (processing, another message's
-        # parsing): 5 ms by default, which would be most of an acknowledgement's latency.
-        sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL))
         address = (self.settings.mllp_host, self.settings.mllp_port)
         listener = socket.create_server(address, reuse_port=False, backlog=64)
         self._listener = listener

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from lab_results.intake import intake_idle_seconds, intake_rate
+from lab_results.intake import intake_idle_seconds
 from lab_results.models import LabMessage, LabMessageStatus
 from lab_results.processing import (
     PreparedMessage,
@@ -56,8 +56,6 @@ _OUTAGES = (DatabaseUnavailableError, StorageError)
 _INTAKE_QUIET = 0.1  # seconds without a new message: the intake is not busy
 _YIELD_MAX = 1.0  # the longest a batch waits for the intake
 _BUSY_BATCH = 5  # messages per transaction while the intake is busy
-_STREAM_RATE = 50.0  # messages/s: more than processing follows (~25 ms of CPU a message)
-_STREAM_YIELD_MAX = 10.0  # the longest processing waits for a stream to end
 
 
 def _waiting(
@@ -147,21 +145,9 @@ _again = threading.Event()
 
 
 def _yield_to_intake() -> int:
-    """Wait while this process's intake is busy: its group commits and processing share
-    the CPU, and on SQLite one database writer. Returns the batch size to take: a small one
-    when the intake is still busy.
-
-    While messages stream in faster than processing could follow (``_STREAM_RATE``),
-    processing waits for the stream to end (up to ``_STREAM_YIELD_MAX``, then takes one
-    message): acknowledging first costs the results nothing, as they would queue anyway,
-    and they follow at full speed once the stream ends. Otherwise it waits for a pause in
-    the intake (up to ``_YIELD_MAX``), then takes a small batch.
-    """
-    began = time.monotonic()
-    while intake_rate() > _STREAM_RATE:
-        if time.monotonic() - began > _STREAM_YIELD_MAX:
-            return 1
-        time.sleep(0.05)
+    """Wait while this process's intake is busy (up to ``_YIELD_MAX``): its group commits
+    and processing share one database writer on SQLite. Returns the batch size to take:
+    a small one when the intake is still busy."""
     deadline = time.monotonic() + _YIELD_MAX
     while intake_idle_seconds() < _INTAKE_QUIET:
         if time.monotonic() > deadline:
