@@ -1107,8 +1107,10 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         "gate_wait": [0, 0.0, 0.0],
         "commit_wait": [0, 0.0, 0.0],
         "batches": {},
+        "batch_held": {},
     }
     for stages in runs:
+        stage_timers.merge_batch_held(pooled["batch_held"], stages.get("batch_held", {}))
         for key in ("held", "held_cpu"):
             for name, (count, total, peak) in stages.get(key, {}).items():
                 entry = pooled[key].setdefault(name, [0, 0.0, 0.0])
@@ -1129,7 +1131,7 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 def report_stages(summaries: list[Summary]) -> None:
     """Per serial stage: ms held per instance and the rate that bounds (1000 / ms; for a
     stage of each listener process, times the processes); batch sizes and waits."""
-    rows, waits = [], []
+    rows, waits, fits = [], [], []
     for s in summaries:
         if s.stages is None:
             continue
@@ -1157,6 +1159,19 @@ def report_stages(summaries: list[Summary]) -> None:
             )
         n, mean, median, largest = stage_timers.batch_summary(st["batches"])
         gate, commit = st["gate_wait"], st["commit_wait"]
+        for kind, index in (("wall", 1), ("cpu", 2)):
+            fit = stage_timers.batch_cost(st.get("batch_held", {}), index)
+            if fit is not None:
+                fits.append(
+                    [
+                        s.target,
+                        label,
+                        kind,
+                        f"{fit[0]:.3f}",
+                        f"{fit[1]:.3f}",
+                        f"{1000.0 / fit[1]:,.0f}" if fit[1] > 0 else "-",
+                    ]
+                )
         waits.append(
             [
                 s.target,
@@ -1208,6 +1223,14 @@ def report_stages(summaries: list[Summary]) -> None:
         ],
         waits,
     )
+    if fits:
+        print_table(
+            "Group commit held per batch = fixed ms + ms per instance x batch size (least"
+            " squares over every batch): the per-instance part, amortised, bounds the rate at"
+            " 1000/ms once batches grow with the load",
+            ["target", "assoc", "time", "ms/batch", "ms/inst", "bound inst/s"],
+            fits,
+        )
 
 
 def compare(summaries: list[Summary]) -> list[Comparison]:
