@@ -80,7 +80,7 @@ ORTHANC = "/usr/sbin/Orthanc"
 CALLING_AE = "BENCHSCU"
 PER_INSTANCE = 0  # the "associations" of the mode that opens one association per instance
 ASSOCIATIONS = (1, 4, 16, PER_INSTANCE)
-BACKENDS = ("local", "s3", "both")
+BACKENDS = ("local", "s3", "both", "none")  # none: PostgreSQL and Orthanc only
 S3_REGION = "us-east-1"
 S3_DICOM_PREFIX = "dicom/"  # rdc's key prefix for received instances
 # Ratios of instances/s reported when both targets were measured: numerator, denominator
@@ -90,6 +90,8 @@ RATIOS: tuple[tuple[str, str, dict[int, float] | None], ...] = (
     ("rdc-s3", "Orthanc", None),
     ("rdc-s3", "rdc-local", {1: 0.7, 4: 0.7}),
     ("rdc-local", "rdc-base", None),
+    ("rdc-pg-2srv", "rdc-pg-1srv", None),
+    ("rdc-pg-1srv", "Orthanc", None),
 )
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -329,6 +331,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="do not time the serial stages of the rdc targets (bench/stage_timers.py)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also measure rdc on one PostgreSQL database (Unix socket /var/run/postgresql),"
+        " one and two `rdc serve --role dicom` processes (targets rdc-pg-1srv, rdc-pg-2srv)",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count < max(ASSOCIATIONS) or args.studies < 1 or args.repeat < 1 or args.size < 8:
@@ -503,6 +511,11 @@ class Receiver(abc.ABC):
         self.log = workdir / f"{self.name.lower()}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def ports(self) -> list[int]:
+        """The DICOM ports the senders spread their associations over."""
+        return [self.dicom_port]
+
     @abc.abstractmethod
     def command(self) -> list[str]:
         """The server command line."""
@@ -565,10 +578,14 @@ class Receiver(abc.ABC):
                 )
             echo = [ECHOSCU, "-to", "5", "-ta", "5", "-aet", CALLING_AE, "-aec", self.called_ae]
             with contextlib.suppress(subprocess.TimeoutExpired):
-                done = subprocess.run(
-                    [*echo, "127.0.0.1", str(self.dicom_port)], capture_output=True, timeout=15
-                )
-                if done.returncode == 0:
+                answered = [
+                    subprocess.run(
+                        [*echo, "127.0.0.1", str(port)], capture_output=True, timeout=15
+                    ).returncode
+                    == 0
+                    for port in self.ports
+                ]
+                if all(answered):
                     return
             time.sleep(0.2)
         raise BenchError(
@@ -776,6 +793,69 @@ class RdcReceiver(Receiver):
         return sum(1 for _ in (self.workdir / "rdc-data/objects/dicom").rglob("*.dcm"))
 
 
+class RdcPgReceiver(RdcReceiver):
+    """``servers`` x ``rdc serve --role dicom`` on one fresh PostgreSQL database (reached
+    over its Unix socket: the benchmark runs in a private network namespace) and one object
+    directory; the senders' associations are spread over the servers' ports. The servers run
+    under one shell, so the CPU meter counts them all."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        servers: int = 1,
+        processes: int = 1,
+        stages: bool = True,
+        socket_dir: str = "/var/run/postgresql",
+    ) -> None:
+        super().__init__(workdir, processes=processes, stages=stages)
+        self.name = f"rdc-pg-{servers}srv"
+        self.servers = servers
+        self.socket_dir = socket_dir
+        self.extra_ports = free_ports(2 * (servers - 1))
+        self.database = f"rdcbench_{secrets.token_hex(6)}"
+
+    @property
+    def ports(self) -> list[int]:
+        """The DICOM port of every server."""
+        return [self.dicom_port, *self.extra_ports[0::2]]
+
+    def command(self) -> list[str]:
+        """A shell starting every server and waiting for them."""
+        rdc = self.rdc()
+        https = [self.http_port, *self.extra_ports[1::2]]
+        lines = [
+            f"RDC_DICOM_PORT={dicom} RDC_HTTP_PORT={http} {rdc} serve --role dicom &"
+            for dicom, http in zip(self.ports, https, strict=True)
+        ]
+        return ["sh", "-c", "\n".join([*lines, "wait"])]
+
+    def environment(self) -> dict[str, str]:
+        """The local receiver's environment on the PostgreSQL database."""
+        return super().environment() | {
+            "RDC_DATABASE_URL": f"postgresql+psycopg://root@/{self.database}?host={self.socket_dir}"
+        }
+
+    def _psql(self, statement: str) -> None:
+        subprocess.run(
+            ["psql", "-h", self.socket_dir, "-d", "test", "-qc", statement],
+            check=True,
+            capture_output=True,
+            timeout=START_TIMEOUT,
+        )
+
+    def prepare(self) -> None:
+        """Create the database, then register the calling AE title (which migrates it)."""
+        self._psql(f"CREATE DATABASE {self.database}")
+        super().prepare()
+
+    def stop(self) -> None:
+        """Stop the servers and drop the database."""
+        super().stop()
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._psql(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
+
+
 class RdcS3Receiver(RdcReceiver):
     """``rdc serve --role dicom`` on a fresh SQLite database, objects in a fresh S3 bucket."""
 
@@ -867,7 +947,7 @@ def send(receiver: Receiver, parts: list[Path], associations: int, timeout: floa
     Returns the seconds from starting the first process to the last one exiting.
     """
     base = [STORESCU, "-to", "10", "-ta", "30", "-td", "120", "+sd", "-aet", CALLING_AE]
-    base += ["-aec", receiver.called_ae, "127.0.0.1", str(receiver.dicom_port)]
+    base += ["-aec", receiver.called_ae, "127.0.0.1"]
     if associations == PER_INSTANCE:
         files = sorted(path for part in parts for path in part.iterdir())
         start = time.perf_counter()
@@ -892,12 +972,14 @@ def _send_groups(
     env = dict(os.environ, TCP_NODELAY="1")  # dcmtk sets TCP_NODELAY only when asked to
     logs = [receiver.workdir / f"storescu-{label}-{k}.log" for k in range(len(groups))]
     processes: list[subprocess.Popen[bytes]] = []
+    ports = receiver.ports
     try:
-        for group, log_path in zip(groups, logs, strict=True):
+        for k, (group, log_path) in enumerate(zip(groups, logs, strict=True)):
+            port = str(ports[k % len(ports)])  # associations spread over the servers
             with log_path.open("wb") as log:
                 processes.append(
                     subprocess.Popen(
-                        [*base, *map(str, group)],
+                        [*base, port, *map(str, group)],
                         env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=log,
@@ -1025,8 +1107,10 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         "gate_wait": [0, 0.0, 0.0],
         "commit_wait": [0, 0.0, 0.0],
         "batches": {},
+        "batch_held": {},
     }
     for stages in runs:
+        stage_timers.merge_batch_held(pooled["batch_held"], stages.get("batch_held", {}))
         for key in ("held", "held_cpu"):
             for name, (count, total, peak) in stages.get(key, {}).items():
                 entry = pooled[key].setdefault(name, [0, 0.0, 0.0])
@@ -1047,7 +1131,7 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 def report_stages(summaries: list[Summary]) -> None:
     """Per serial stage: ms held per instance and the rate that bounds (1000 / ms; for a
     stage of each listener process, times the processes); batch sizes and waits."""
-    rows, waits = [], []
+    rows, waits, fits = [], [], []
     for s in summaries:
         if s.stages is None:
             continue
@@ -1075,6 +1159,19 @@ def report_stages(summaries: list[Summary]) -> None:
             )
         n, mean, median, largest = stage_timers.batch_summary(st["batches"])
         gate, commit = st["gate_wait"], st["commit_wait"]
+        for kind, index in (("wall", 1), ("cpu", 2)):
+            fit = stage_timers.batch_cost(st.get("batch_held", {}), index)
+            if fit is not None:
+                fits.append(
+                    [
+                        s.target,
+                        label,
+                        kind,
+                        f"{fit[0]:.3f}",
+                        f"{fit[1]:.3f}",
+                        f"{1000.0 / fit[1]:,.0f}" if fit[1] > 0 else "-",
+                    ]
+                )
         waits.append(
             [
                 s.target,
@@ -1126,6 +1223,14 @@ def report_stages(summaries: list[Summary]) -> None:
         ],
         waits,
     )
+    if fits:
+        print_table(
+            "Group commit held per batch = fixed ms + ms per instance x batch size (least"
+            " squares over every batch): the per-instance part, amortised, bounds the rate at"
+            " 1000/ms once batches grow with the load",
+            ["target", "assoc", "time", "ms/batch", "ms/inst", "bound inst/s"],
+            fits,
+        )
 
 
 def compare(summaries: list[Summary]) -> list[Comparison]:
@@ -1252,6 +1357,11 @@ def start_targets(
         targets[RdcS3Receiver.name] = functools.partial(
             RdcS3Receiver, s3=s3, processes=processes, stages=stages
         )
+    if args.postgres:
+        for servers in (1, 2):
+            targets[f"rdc-pg-{servers}srv"] = functools.partial(
+                RdcPgReceiver, servers=servers, processes=processes, stages=stages
+            )
     if not args.no_orthanc:
         targets[OrthancReceiver.name] = OrthancReceiver
     return targets

@@ -58,6 +58,8 @@ class _Stats:
         self.gate_wait = [0, 0.0, 0.0]  # count, total s, max s
         self.commit_wait = [0, 0.0, 0.0]
         self.batches: dict[int, int] = {}
+        # Group-commit batches by size: count, wall seconds held, holder CPU seconds.
+        self.batch_held: dict[int, list[float]] = {}
         self.changed = False
 
     def add(self, entry: list[float], seconds: float) -> None:
@@ -71,6 +73,14 @@ class _Stats:
         with self.lock:
             self.batches[size] = self.batches.get(size, 0) + 1
 
+    def batch_time(self, size: int, wall: float, cpu: float) -> None:
+        with self.lock:
+            entry = self.batch_held.setdefault(size, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += wall
+            entry[2] += cpu
+            self.changed = True
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             self.changed = False
@@ -81,6 +91,7 @@ class _Stats:
                 "gate_wait": list(self.gate_wait),
                 "commit_wait": list(self.commit_wait),
                 "batches": {str(k): v for k, v in self.batches.items()},
+                "batch_held": {str(k): list(v) for k, v in self.batch_held.items()},
             }
 
 
@@ -158,8 +169,10 @@ def _patch() -> None:
             return run_batch(*args, **kwargs)
         finally:
             held = time.perf_counter() - start - getattr(_local, "gate_wait", 0.0)
+            used = time.thread_time() - cpu
             _stats.add(_stats.held["group commit"], held)
-            _stats.add(_stats.held_cpu["group commit"], time.thread_time() - cpu)
+            _stats.add(_stats.held_cpu["group commit"], used)
+            _stats.batch_time(len(batch), held, used)
 
     def timed_run(self: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -249,6 +262,7 @@ def collect(directory: Path) -> dict[str, Any]:
     held_cpu = {name: [0, 0.0, 0.0] for name in STAGES}
     gate_wait, commit_wait = [0, 0.0, 0.0], [0, 0.0, 0.0]
     batches: dict[int, int] = {}
+    batch_held: dict[int, list[float]] = {}
     processes = 0
     for path in directory.glob("*.json"):
         try:
@@ -268,6 +282,7 @@ def collect(directory: Path) -> dict[str, Any]:
             mine[2] = max(mine[2], theirs[2])
         for size, count in data["batches"].items():
             batches[int(size)] = batches.get(int(size), 0) + count
+        merge_batch_held(batch_held, data.get("batch_held", {}))
     return {
         "processes": processes,
         "held": held,
@@ -275,7 +290,34 @@ def collect(directory: Path) -> dict[str, Any]:
         "gate_wait": gate_wait,
         "commit_wait": commit_wait,
         "batches": batches,
+        "batch_held": batch_held,
     }
+
+
+def merge_batch_held(mine: dict[int, list[float]], theirs: dict[Any, list[float]]) -> None:
+    """Add the per-batch-size times ``theirs`` to ``mine``."""
+    for size, (count, wall, cpu) in theirs.items():
+        entry = mine.setdefault(int(size), [0, 0.0, 0.0])
+        entry[0] += count
+        entry[1] += wall
+        entry[2] += cpu
+
+
+def batch_cost(batch_held: dict[int, list[float]], index: int) -> tuple[float, float] | None:
+    """Least-squares fit of the time a batch is held (``index`` 1: wall, 2: CPU) against its
+    size: (ms per batch, ms per instance). The second is what the section costs per instance
+    once batches grow with the load: the bound on the rate is 1000 over it. None without at
+    least two batch sizes."""
+    points = [(size, e[index] / e[0], e[0]) for size, e in batch_held.items() if e[0]]
+    if len({size for size, _, _ in points}) < 2:
+        return None
+    weight = sum(n for _, _, n in points)
+    mean_x = sum(x * n for x, _, n in points) / weight
+    mean_y = sum(y * n for _, y, n in points) / weight
+    sxx = sum(n * (x - mean_x) ** 2 for x, _, n in points)
+    sxy = sum(n * (x - mean_x) * (y - mean_y) for x, y, n in points)
+    slope = sxy / sxx
+    return 1000.0 * (mean_y - slope * mean_x), 1000.0 * slope
 
 
 def batch_summary(batches: dict[int, int]) -> tuple[int, float, int, int]:

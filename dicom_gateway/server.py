@@ -26,6 +26,7 @@ from pydicom.filewriter import dcmwrite
 from sqlalchemy.orm import Session
 
 from dicom_gateway.admission import AssociationLimits
+from dicom_gateway.bulk_index import BulkItem, index_many
 from dicom_gateway.counters import IngestCounters, PrometheusCounters
 from dicom_gateway.ingest import (
     IngestResult,
@@ -175,7 +176,8 @@ class StorageService:
                 prepared=prepared,
                 organization=request.sender,
                 calling_ae=request.calling_ae,
-            )
+            ),
+            bulk=(index_many, BulkItem(prepared, request.sender, request.calling_ae, self.objects)),
         )
 
     # -- query/retrieve: always within the calling clinic's own data ---------------------
@@ -309,6 +311,7 @@ class IndexWriter:
                 calling_ae=calling_ae,
             ),
             lambda result, error: reply(self._answer(result, error)),
+            bulk=(index_many, BulkItem(prepared, organization, calling_ae, self.store)),
         )
 
     @staticmethod

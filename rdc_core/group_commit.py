@@ -5,6 +5,12 @@ row; with several associations the per-commit disk sync and the single-writer lo
 SQLite become the bottleneck. :class:`GroupCommitter` runs the units of work submitted by
 many threads in one transaction, each inside its own savepoint (one failing unit does not
 undo the others), commits once, and only then tells each caller its result.
+
+A unit may also name a *bulk writer* (``bulk=(writer, item)``): the units of a batch that
+name the same writer are first offered to it together, ``writer(session, items)``, which
+writes the ones it can in a few set-wise statements (one savepoint for all of them) and
+answers ``None`` for each it leaves to the unit's own ``work``. That keeps the time the
+transaction (on SQLite: the one writer lock) is held per unit falling as batches grow.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ from rdc_core.db import (
 )
 from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 
-__all__ = ["GroupCommitter"]
+__all__ = ["BulkWriter", "GroupCommitter"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Writes several units at once in the caller's transaction: one result per item, in order,
+# or None for an item it leaves to the unit's own work. Raising leaves them all to it (the
+# writer's statements are rolled back to a savepoint first).
+BulkWriter = Callable[[Session, list[Any]], list[Any]]
 
 
 @dataclass
@@ -44,6 +55,7 @@ class _Job(Generic[T]):
     error: BaseException | None = None
     # For a unit queued with submit(): called with (result, error) once it is decided.
     done: Callable[[Any, BaseException | None], None] | None = None
+    bulk: tuple[BulkWriter, Any] | None = None
 
     def finish(self) -> None:
         self.finished = True
@@ -83,12 +95,16 @@ class GroupCommitter:
         self._wanted = threading.Event()
 
     def submit(
-        self, work: Callable[[Session], T], done: Callable[[Any, BaseException | None], None]
+        self,
+        work: Callable[[Session], T],
+        done: Callable[[Any, BaseException | None], None],
+        *,
+        bulk: tuple[BulkWriter, Any] | None = None,
     ) -> None:
         """Queue ``work(session)`` without waiting for it: ``done(result, error)`` is called
         (in the committer's writer thread) once it is committed or has failed. For a thread
         that must go on reading requests, e.g. one serving many senders' requests."""
-        job: _Job[T] = _Job(work, done=done)
+        job: _Job[T] = _Job(work, done=done, bulk=bulk)
         with self._lock:
             self._pending.append(job)
             if self._writer is None:
@@ -110,10 +126,10 @@ class GroupCommitter:
             except Exception:  # _lead fails units, never itself; keep the writer alive
                 log.exception("group commit writer")
 
-    def run(self, work: Callable[[Session], T]) -> T:
+    def run(self, work: Callable[[Session], T], *, bulk: tuple[BulkWriter, Any] | None = None) -> T:
         """Run ``work(session)``; return its result once it is committed, or raise its error
-        (DatabaseUnavailableError when the shared commit failed)."""
-        job: _Job[T] = _Job(work)
+        (DatabaseUnavailableError when the shared commit failed). ``bulk``: see the module."""
+        job: _Job[T] = _Job(work, bulk=bulk)
         with self._lock:
             self._pending.append(job)
             lead = not self._leading
@@ -177,12 +193,43 @@ class GroupCommitter:
             job.error = failure
             job.finish()
 
+    @staticmethod
+    def _run_bulk(session: Session, batch: list[_Job[Any]]) -> list[_Job[Any]]:
+        """Offer the units that name a bulk writer to it, two or more at a time; return the
+        units left to their own work."""
+        groups: dict[Any, list[_Job[Any]]] = {}
+        for job in batch:
+            if job.bulk is not None:
+                groups.setdefault(job.bulk[0], []).append(job)
+        done: set[int] = set()
+        for writer, jobs in groups.items():
+            if len(jobs) < 2:
+                continue
+            mark = len(session.info.get("rdc_on_rollback", []))
+            try:
+                with direct_savepoint(session):
+                    results = writer(session, [job.bulk[1] for job in jobs])  # type: ignore[index]
+            except TransactionLostError:
+                raise
+            except Exception as exc:  # every unit tries on its own below
+                log.warning("bulk write of %d units failed, one by one: %s", len(jobs), exc)
+                # Forgotten, not run: each unit tries again (and registers its own) below.
+                del session.info.get("rdc_on_rollback", [])[mark:]
+                continue
+            for job, result in zip(jobs, results, strict=True):
+                if result is not None:
+                    job.result = result
+                    done.add(id(job))
+        if not done:
+            return batch
+        return [job for job in batch if id(job) not in done]
+
     def _run_batch(self, session: Session, batch: list[_Job[Any]]) -> None:
         try:
             if len(batch) == 1:
                 self._run_alone(session, batch[0])
                 return
-            for job in batch:
+            for job in self._run_bulk(session, batch):
                 mark = len(session.info.get("rdc_on_rollback", []))
                 try:
                     with direct_savepoint(session):

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from rdc_core.db import on_rollback, read_session
+from rdc_core.db import execute_direct_many, on_rollback, read_session
 from rdc_core.errors import DatabaseUnavailableError
 from rdc_core.group_commit import GroupCommitter
 
@@ -359,3 +359,56 @@ def test_submitted_units_are_committed_together_by_the_writer_thread(database: s
     with read_session() as session:
         stored = {row[0] for row in session.execute(text("SELECT k FROM t"))}
     assert stored == set(range(units)) - {7}
+
+
+@pytest.mark.parametrize("bulk_fails", [False, True], ids=["bulk", "bulk-fails"])
+def test_a_bulk_writer_writes_a_batch_set_wise(database: str, bulk_fails: bool) -> None:
+    """Units naming a bulk writer are offered to it together; those it answers None for, and
+    all of them when it raises (its writes rolled back), run their own work."""
+    _setup(database)
+    committer = GroupCommitter()
+    decided: dict[int, tuple[object, BaseException | None]] = {}
+    all_decided = threading.Event()
+    units = 16
+    offered: list[list[int]] = []
+
+    def bulk(session: Session, items: list[int]) -> list[object]:
+        offered.append(list(items))
+        mine = [k for k in items if k % 2 == 0]
+        execute_direct_many(session, _INSERT_T, [{"k": k, "v": "bulk"} for k in mine])
+        if bulk_fails:
+            raise ValueError("the bulk write fails")
+        return [f"bulk {k}" if k % 2 == 0 else None for k in items]
+
+    def work_for(k: int):  # type: ignore[no-untyped-def]
+        def work(session):  # type: ignore[no-untyped-def]
+            session.execute(text("INSERT INTO t VALUES (:k, 'unit')"), {"k": k})
+            return f"unit {k}"
+
+        return work
+
+    def done_for(k: int):  # type: ignore[no-untyped-def]
+        def done(result: object, error: BaseException | None) -> None:
+            decided[k] = (result, error)
+            if len(decided) == units:
+                all_decided.set()
+
+        return done
+
+    let_go = _hold_the_writer(database)
+    try:
+        for k in range(units):
+            committer.submit(work_for(k), done_for(k), bulk=(bulk, k))
+    finally:
+        let_go()
+    assert all_decided.wait(60)
+    assert max(len(items) for items in offered) > 1
+    assert all(error is None for _, error in decided.values())
+    by_bulk = set() if bulk_fails else {k for k in range(units) if k % 2 == 0}
+    assert {k for k, (result, _) in decided.items() if result == f"bulk {k}"} == by_bulk
+    with read_session() as session:
+        rows = {k: v for k, v in session.execute(text("SELECT k, v FROM t"))}
+    assert rows == {k: "bulk" if k in by_bulk else "unit" for k in range(units)}
+
+
+_INSERT_T = text("INSERT INTO t (k, v) VALUES (:k, :v)")

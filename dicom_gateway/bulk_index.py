@@ -1,0 +1,233 @@
+"""Index a group-commit batch of received instances in a few set-wise statements.
+
+The bulk writer (:data:`rdc_core.group_commit.BulkWriter`) of the C-STORE path: given every
+instance of a batch, it writes those of the common case, a new SOP instance of an exam
+already indexed for the same clinic that adds nothing to the exam's modalities, body part
+or priority, with two reads, one ``executemany`` per table and one exam update per exam,
+instead of some six statements (savepoint, exam touch, artifact, instance, release) per
+instance. Each of the others (first instance of a study, duplicates and conflicts, another
+clinic's study, ECG waveforms, an exam to amend) is answered ``None`` and indexed one by one
+by :func:`dicom_gateway.ingest.index_dicom_file`, as before: the rows written are the same.
+
+Why: on SQLite the batch is written while the database's one writer lock is held; the
+statements per instance were the serial section that capped ingest (issue 23).
+
+Nothing is removed from the store here unless the transaction rolls back (an object this
+ingest created, as :func:`worklist.intake.register_artifact` does); objects are durable
+before their instance queues for the index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, case, insert, literal_column, select, update
+from sqlalchemy.orm import Session
+
+from dicom_gateway.ingest import IngestResult, PreparedInstance
+from dicom_gateway.records import (
+    ECG_WAVEFORM_SOP_CLASSES,
+    INSTANCE_KIND,
+    conflict_references,
+    exam_id_for_study,
+)
+from rdc_core.db import execute_direct_many, on_rollback, session_connection, utcnow
+from rdc_core.storage import ObjectStore
+from worklist.directory import OrgRef
+from worklist.intake import RecordOutcome, artifact_id_for, remove_unreferenced
+from worklist.models import Artifact, Exam, ExamState, Instance, Priority
+
+__all__ = ["BulkItem", "index_many"]
+
+_artifacts = cast(Table, Artifact.__table__)
+_exams = cast(Table, Exam.__table__)
+_instances = cast(Table, Instance.__table__)
+
+_EXAMS = select(
+    _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority
+).where(_exams.c.id.in_(bindparam("ids", expanding=True)))
+_KNOWN = select(_artifacts.c.id).where(_artifacts.c.id.in_(bindparam("ids", expanding=True)))
+_KNOWN_SOP = select(_instances.c.sop_instance_uid).where(
+    _instances.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+# Plain INSERTs: the rows were just found absent in this transaction (SQLite: no other
+# writer); a row there after all fails the bulk write, and its units go one by one.
+_ARTIFACT_COLUMNS = (
+    "id",
+    "exam_id",
+    "kind",
+    "ref",
+    "storage_key",
+    "size_bytes",
+    "sha256",
+    "received_at",
+    "source",
+)
+_INSERT_ARTIFACT = insert(_artifacts)
+_INSTANCE_COLUMNS = (
+    "id",
+    "sop_instance_uid",
+    "exam_id",
+    "series_instance_uid",
+    "series_number",
+    "instance_number",
+    "frame_count",
+    "sop_class_uid",
+    "modality",
+    "body_part",
+    "transfer_syntax_uid",
+    "storage_key",
+    "size_bytes",
+    "sha256",
+    "calling_ae",
+    "received_at",
+    "coerced",
+)
+_INSERT_INSTANCE = insert(_instances)
+# What worklist.intake's exam touch does for one artifact, for ``added`` of them at once.
+_COUNT_EXAM = (
+    update(_exams)
+    .where(_exams.c.id == bindparam("exam"))
+    .values(
+        instance_count=_exams.c.instance_count + bindparam("added"),
+        last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
+        state=case(
+            (
+                _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
+                literal_column(f"'{ExamState.RECEIVING.value}'"),
+            ),
+            else_=_exams.c.state,
+        ),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkItem:
+    """One instance of a batch: prepared (its object durable), from whom, where stored."""
+
+    prepared: PreparedInstance
+    organization: OrgRef
+    calling_ae: str
+    store: ObjectStore
+
+
+def _adds_to_exam(row: Any, prepared: PreparedInstance) -> bool:
+    """Whether the instance changes the exam's modalities, body part or priority (the
+    amendment worklist.intake makes one instance at a time)."""
+    header = prepared.header
+    if header.modality and header.modality not in row.modalities.split("\\"):
+        return True
+    if not row.body_part and header.body_part:
+        return True
+    return header.priority is not None and header.priority.rank < Priority(row.priority).rank
+
+
+def _undo(session: Session, store: ObjectStore, key: str, artifact_id: str, sop: str) -> None:
+    remove_unreferenced(
+        session, store, key, artifact_id=artifact_id, also=conflict_references(key, sop)
+    )
+
+
+def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | None]:
+    """Index the items of the common case (see the module) in the caller's transaction;
+    ``None`` for each of the others, left to the caller."""
+    if session.get_bind().dialect.name != "sqlite":
+        # Only where one writer holds the database: on PostgreSQL, writers of several
+        # processes updating the same exams met in a deadlock in a run with two gateways
+        # (bench/README), so there every unit goes its own way, as before.
+        return [None] * len(items)
+    studies = {i.prepared.header.study_instance_uid for i in items}
+    exam_of = {study: exam_id_for_study(study) for study in studies}
+    exam_ids = [exam_of[i.prepared.header.study_instance_uid] for i in items]
+    artifact_ids = [
+        artifact_id_for(INSTANCE_KIND, i.prepared.header.sop_instance_uid) for i in items
+    ]
+    conn = session_connection(session)
+    exams = {row.id: row for row in conn.execute(_EXAMS, {"ids": sorted(set(exam_ids))})}
+    known = {row[0] for row in conn.execute(_KNOWN, {"ids": artifact_ids})}
+    sops = [i.prepared.header.sop_instance_uid for i in items]
+    known_sops = {row[0] for row in conn.execute(_KNOWN_SOP, {"sops": sops})}
+    now = utcnow()
+    results: list[IngestResult | None] = [None] * len(items)
+    artifact_rows: list[dict[str, Any]] = []
+    instance_rows: list[dict[str, Any]] = []
+    added: dict[str, int] = {}
+    undos = []
+    for n, (item, exam_id, artifact_id) in enumerate(
+        zip(items, exam_ids, artifact_ids, strict=True)
+    ):
+        header, pending = item.prepared.header, item.prepared.pending
+        row = exams.get(exam_id)
+        if (
+            row is None
+            or row.org_id != item.organization.id
+            or artifact_id in known
+            or header.sop_instance_uid in known_sops
+            or header.sop_class_uid in ECG_WAVEFORM_SOP_CLASSES
+            or _adds_to_exam(row, item.prepared)
+        ):
+            continue
+        known.add(artifact_id)  # a second copy in the same batch goes one by one
+        known_sops.add(header.sop_instance_uid)
+        stored = pending.stored
+        artifact_rows.append(
+            {
+                "id": artifact_id,
+                "exam_id": exam_id,
+                "kind": INSTANCE_KIND,
+                "ref": header.sop_instance_uid,
+                "storage_key": stored.key,
+                "size_bytes": stored.size,
+                "sha256": stored.sha256,
+                "received_at": now,
+                "source": item.calling_ae,
+            }
+        )
+        instance_rows.append(
+            {
+                "id": artifact_id,
+                "sop_instance_uid": header.sop_instance_uid,
+                "exam_id": exam_id,
+                "series_instance_uid": header.series_instance_uid,
+                "series_number": header.series_number,
+                "instance_number": header.instance_number,
+                "frame_count": header.frame_count,
+                "sop_class_uid": header.sop_class_uid,
+                "modality": header.modality,
+                "body_part": header.body_part,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "storage_key": stored.key,
+                "size_bytes": stored.size,
+                "sha256": stored.sha256,
+                "calling_ae": item.calling_ae,
+                "received_at": now,
+                "coerced": header.coerced or None,
+            }
+        )
+        added[exam_id] = added.get(exam_id, 0) + 1
+        if pending.store is not None and pending.created():
+            undos.append((pending.store, stored.key, artifact_id, header.sop_instance_uid))
+        results[n] = IngestResult(
+            RecordOutcome.STORED,
+            exam_id,
+            header.study_instance_uid,
+            header.sop_instance_uid,
+            stored.key,
+            stored.size,
+        )
+    if not artifact_rows:
+        return results
+    # Exams in key order: writers on PostgreSQL lock them in the same order.
+    execute_direct_many(
+        session,
+        _COUNT_EXAM,
+        [{"exam": exam, "added": count, "now": now} for exam, count in sorted(added.items())],
+    )
+    execute_direct_many(session, _INSERT_ARTIFACT, artifact_rows, column_keys=_ARTIFACT_COLUMNS)
+    execute_direct_many(session, _INSERT_INSTANCE, instance_rows, column_keys=_INSTANCE_COLUMNS)
+    for store, key, artifact_id, sop in undos:
+        on_rollback(session, partial(_undo, session, store, key, artifact_id, sop))
+    return results
