@@ -61,6 +61,7 @@ __all__ = [
     "ResultReview",
     "approve_held",
     "check_signable",
+    "display_value",
     "get_reading",
     "lab_sections",
     "review_result",
@@ -140,6 +141,7 @@ class ReviewedResult(BaseModel):
     name_en: str
     value_type: str
     value: str
+    display_value: str  # a coded result's text; else the value as sent
     numeric: float | None
     unit: str
     reference_range: str
@@ -204,6 +206,28 @@ def parse_range(text: str) -> tuple[float | None, float | None]:
     if op and op.startswith((">", "≥")):
         return a, None
     return None, None
+
+
+_CODED_TYPES = frozenset({"CE", "CWE", "CNE"})
+
+
+def _coding(result: LabResultOut) -> tuple[str, str, str] | None:
+    """(system, code, display) of a coded result (CWE/CE/CNE: ``code^text^system``)."""
+    if result.value_type.upper() not in _CODED_TYPES or not result.value.strip():
+        return None
+    parts = [*result.value.split("~", 1)[0].split("^"), "", "", ""][:3]
+    code, text, system = (p.strip() for p in parts)
+    system = {"LN": "http://loinc.org", "SCT": "http://snomed.info/sct"}.get(system, system)
+    return system, code, text or code
+
+
+def display_value(result: LabResultOut) -> str:
+    """The value as a reader reads it: a coded result's text (else its code), a text
+    result as sent, a number as sent."""
+    coding = _coding(result)
+    if coding is not None:
+        return coding[2]
+    return result.value
 
 
 def _order(session: Session, exam: Exam) -> LabOrder:
@@ -312,6 +336,7 @@ def _reviewed(
         name_en=result.name_en,
         value_type=result.value_type,
         value=result.value,
+        display_value=display_value(result),
         numeric=result.numeric,
         unit=result.unit,
         reference_range=result.reference_range,
@@ -410,7 +435,7 @@ def _summary_line(result: LabResultOut, decision: Decision, reason: str) -> str:
     flag_text = " ".join(f"{_ARROW.get(f, '')}{f}" for f in flags)
     range_text = f" [{result.reference_range}]" if result.reference_range else ""
     return (
-        f"{_name(result)} {result.value} {result.unit}".strip()
+        f"{_name(result)} {display_value(result)} {result.unit}".strip()
         + (f" {flag_text}" if flag_text else "")
         + range_text
     )
@@ -699,8 +724,8 @@ def _interpretation(result: LabResultOut) -> list[str]:
 
 def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[ReportSection]:
     """The results table of a lab report version: one row per current result with its
-    decision, flag, unit, reference range and 互认 mark; one Observation per numeric
-    result; the review and the per-row decisions in the section's data."""
+    decision, flag, unit, reference range and 互认 mark; one Observation per numeric, text
+    or coded result; the review and the per-row decisions in the section's data."""
     order = session.get(LabOrder, exam.id)
     if order is None:
         return []
@@ -745,7 +770,7 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
         rows.append(
             (
                 label,
-                "已拒绝 Rejected" if rejected else (result.value or "—"),
+                "已拒绝 Rejected" if rejected else (display_value(result) or "—"),
                 "" if rejected else _flag_cell(result),
                 result.unit or "",
                 result.reference_range or "—",
@@ -770,6 +795,25 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
                     reference_high=high,
                     reference_text=result.reference_range,
                     interpretation=tuple(_interpretation(result)),
+                )
+            )
+        elif not rejected and result.numeric is None and result.value.strip() and result.loinc:
+            # A text (ST/TX/FT) or coded (CWE/CE) result: FHIR valueString or
+            # valueCodeableConcept, and the push-back's OBX keeps its value type.
+            coding = _coding(result)
+            observations.append(
+                SectionObservation(
+                    key=result.key,
+                    code=result.loinc,
+                    display=f"{name} {result.name_en}".strip(),
+                    value=None,
+                    unit=result.unit,
+                    source=result.performing_lab or result.method,
+                    reference_text=result.reference_range,
+                    interpretation=tuple(_interpretation(result)),
+                    value_type=(result.value_type or "ST").upper(),
+                    value_string="" if coding else result.value,
+                    value_coding=coding,
                 )
             )
         data_rows.append(

@@ -239,6 +239,12 @@
     return node;
   }
 
+  /** The value as read: a coded result's text, a text result as sent, a number as sent. */
+  function shownValue(result) {
+    var v = result.display_value !== undefined && result.display_value !== null ? result.display_value : result.value;
+    return v === null || v === undefined ? "" : String(v);
+  }
+
   function resultName(result) {
     return inLang(result.name_zh, result.name_en) || result.code;
   }
@@ -277,7 +283,11 @@
                   .join(" · "),
               }),
             ]),
-            el("td", { class: "num lab-value", text: result.value === null || result.value === undefined ? "—" : String(result.value) }),
+            el("td", {
+              class: "lab-value" + (typeof result.numeric === "number" ? " num" : " lab-text"),
+              title: result.value_type && typeof result.numeric !== "number" ? result.value_type + ": " + (result.value || "") : null,
+              text: shownValue(result) || "—",
+            }),
             flagCell(result),
             el("td", { class: "lab-unit", text: result.unit || "" }),
             el("td", { class: "num lab-range", text: result.reference_range || "—" }),
@@ -365,7 +375,7 @@
   function ask(title, result, label, value, required, run) {
     asking = { run: run, required: required };
     $("rv-title").textContent = title;
-    $("rv-what").textContent = result ? resultName(result) + " · " + (result.value || "") + " " + (result.unit || "") : "";
+    $("rv-what").textContent = result ? resultName(result) + " · " + shownValue(result) + " " + (result.unit || "") : "";
     $("rv-label").textContent = label;
     $("rv-text").value = value;
     $("rv-error").hidden = true;
@@ -453,7 +463,7 @@
             return (
               resultName(r) +
               " " +
-              (r.decision === "rejected" ? t("lab.decision.rejected") : (r.value || "") + " " + (r.unit || "") + (flags.length ? " " + flags.join(",") : ""))
+              (r.decision === "rejected" ? t("lab.decision.rejected") : shownValue(r) + " " + (r.unit || "") + (flags.length ? " " + flags.join(",") : ""))
             );
           })
           .join("\n");
