@@ -27,7 +27,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from lab_results.mapping import TestCatalogue, load_catalogue
@@ -39,14 +39,23 @@ from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError
 from rdc_core.settings import get_settings
 from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
-from worklist.models import Discipline, Exam, Report, ReportStatus
+from worklist.models import (
+    AmendmentKind,
+    Discipline,
+    Exam,
+    ExamState,
+    Report,
+    ReportStatus,
+    WorkItem,
+    WorkItemState,
+)
 from worklist.patients.links import same_person_clause
 from worklist.queries import get_exam, visible_exam
 from worklist.recognition.catalog import catalog_items, current_catalog
 from worklist.recognition.models import Accreditation, CatalogItem
 from worklist.recognition.service import recognition_for_report
-from worklist.reports import report_out, save_draft, submit_report
-from worklist.schemas import ExamDetail, ReportIn, ReportOut
+from worklist.reports import amend_report, report_out, save_draft, submit_report
+from worklist.schemas import ExamDetail, ReportAmendIn, ReportIn, ReportOut
 from worklist.signing.sections import (
     ReportSection,
     SectionObservation,
@@ -59,6 +68,7 @@ __all__ = [
     "LabReadingOut",
     "LabReview",
     "ResultReview",
+    "amend_lab_report",
     "approve_held",
     "check_signable",
     "display_value",
@@ -607,6 +617,82 @@ def sign_lab_report(
         order.report_id = signed.id
         order.auto_released = False
     record_access(session, principal, action="sign", object_type="lab_order", object_id=order.id)
+    return _finish(session, principal=principal, exam=exam, order=order)
+
+
+def amend_lab_report(
+    session: Session,
+    *,
+    principal: Principal,
+    exam_id: str,
+    kind: AmendmentKind,
+    reason: str,
+    comment: str | None,
+    now: datetime,
+) -> LabReadingOut:
+    """A new signed version of the order's signed lab report (amended, corrected or
+    appended), by an attending or chief reader; the caller has confirmed the signing
+    password. The new version's results table is built from the order's current results (a
+    correction that arrived after signing is in it), the review's decisions carried over;
+    ``comment`` replaces the order comment (appended: is added after it). No lease needed:
+    the order goes off the lab worklist again."""
+    exam = visible_exam(session, principal=principal, exam_id=exam_id)
+    order = _order(session, exam)
+    report = _current_report(session, exam.id)
+    if report is None or report.status is not ReportStatus.FINAL:
+        raise ConflictError("the lab report is not signed: sign it instead of amending it")
+    review = LabReview.of(report)
+    new_comment = review.comment
+    if comment is not None:
+        text = comment.strip()[:10_000]
+        if kind is AmendmentKind.APPENDED:
+            new_comment = "\n".join(p for p in (review.comment, text) if p)[:10_000]
+        else:
+            new_comment = text
+    review.comment = new_comment
+    full = order_out(session, order)
+    findings = "\n".join(
+        _summary_line(r, _effective(r, review), _decision(r, review).reason) for r in full.results
+    )
+    structured = dict(report.structured or {})
+    structured[REVIEW_KEY] = review.model_dump(mode="json")
+    if kind is AmendmentKind.APPENDED:
+        # An addendum: the text is added after the signed one (amend_report appends it).
+        added = (comment or "").strip()[:10_000] or None
+        data = ReportAmendIn(
+            kind=kind,
+            reason=reason,
+            impression=added,
+            structured={REVIEW_KEY: structured[REVIEW_KEY]},
+        )
+    else:
+        data = ReportAmendIn(
+            kind=kind,
+            reason=reason,
+            findings=findings or "—",
+            impression=new_comment,
+            structured=structured,
+        )
+    amended = amend_report(session, principal=principal, report_id=report.id, data=data, now=now)
+    order.released_at = now
+    order.released_by = principal.user_id
+    order.report_id = amended.id
+    order.auto_released = False
+    exam.state = ExamState.FINAL
+    session.execute(
+        update(WorkItem)
+        .where(WorkItem.exam_id == exam.id, WorkItem.state != WorkItemState.DONE)
+        .values(state=WorkItemState.DONE, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    record_access(
+        session,
+        principal,
+        action="amend",
+        object_type="lab_order",
+        object_id=order.id,
+        detail={"kind": kind.value, "reason": reason, "report_id": amended.id},
+    )
     return _finish(session, principal=principal, exam=exam, order=order)
 
 

@@ -275,6 +275,12 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "lab.sex.F": ("女", "female"),
     "lab.sex.O": ("其他", "other"),
     "lab.sex.U": ("未知", "unknown"),
+    "lab.amend_results": (
+        "新版本的结果表取自该申请单的当前结果（含签发后收到的更正），审核决定沿用",
+        "The new version's results come from the order's current results (corrections received "
+        "after signing included); the review decisions carry over",
+    ),
+    "lab.amended": ("第 {n} 版 · {kind}：{reason}", "Version {n} · {kind}: {reason}"),
     "lab.loinc_notice": (
         "LOINC® 版权归 Regenstrief Institute, Inc. 及 LOINC 委员会所有，"
         "依 https://loinc.org/license 免费使用。",
