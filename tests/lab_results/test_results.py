@@ -11,6 +11,7 @@ poll the API until processing (a background task) has caught up.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -391,3 +392,192 @@ def test_unmapped_codes_wait_in_the_mapping_queue(
     queue = poll(lambda: admin.get("/api/v1/lab/mapping-queue").json(), message="the mapping queue")
     assert all(e["code"] and e["reason"] for e in queue)
     assert all(e["occurrences"] >= 1 for e in queue)
+
+
+# --- mapping-queue resolution ----------------------------------------------------------------
+
+LOCAL_K = oru(
+    "RES-LOCAL-K",
+    facility="ELAB-3",
+    patient="A-MAP-1",
+    filler="F-LOCAL-K",
+    results=["OBX|1|NM|LK88^钾 (local)^L||4.2|mmol/L|3.5-5.3|N|||F"],
+)
+
+
+def send_messages(lab: LabDeployment, *messages: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", lab.server.mllp_port), timeout=30) as sock:
+        for raw in messages:
+            assert ack_fields(mllp_exchange(sock, raw))["MSA"][1] in ("AA", "CA")
+
+
+def test_resolving_a_held_code_maps_it_and_verifies_the_held_order_again(
+    lab: LabDeployment, sent: dict[str, bytes], admin: httpx.Client
+) -> None:
+    send_messages(lab, LOCAL_K)
+    held = wait_order(admin, "A-MAP-1")
+    assert held["verdict"] == "hold" and held["released_at"] is None
+    (result,) = held["results"]
+    assert result["loinc"] is None
+    entry = poll(
+        lambda: next(
+            (e for e in admin.get("/api/v1/lab/mapping-queue").json() if e["code"] == "LK88"), None
+        ),
+        message="the queue entry of LK88",
+    )
+    path = f"/api/v1/lab/mapping-queue/{entry['id']}/resolve"
+    # Only administrators; only catalogue codes.
+    assert lab.client("reader").post(path, json={"loinc": K}).status_code == 403
+    assert admin.post(path, json={"loinc": "99999-9"}).status_code == 422
+    resolved = admin.post(path, json={"loinc": K})
+    assert resolved.status_code == 200, resolved.text
+    body = resolved.json()
+    assert body["created"] is True and body["facility"] == "ELAB-3" and body["analyte"] == "K"
+    assert body["reverified"] == [held["id"]] and body["released"] == [held["id"]]
+    order = wait_order(admin, "A-MAP-1")
+    (result,) = order["results"]
+    assert result["loinc"] == K and result["analyte"] == "K" and result["verdict"] == "pass"
+    assert result["version"] == 1  # verified again, not a new version
+    assert order["verdict"] == "release" and order["released_at"] is not None
+    assert order["exam_state"] == "FINAL" and order["report_id"]
+    # Idempotent: the same answer again re-verifies nothing; another LOINC is a conflict.
+    again = admin.post(path, json={"loinc": K})
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert again.json()["reverified"] == []
+    assert admin.post(path, json={"loinc": NA}).status_code == 409
+    queue = admin.get("/api/v1/lab/mapping-queue", params={"include_resolved": True}).json()
+    done = next(e for e in queue if e["id"] == entry["id"])
+    assert done["resolved_loinc"] == K and done["resolved_at"]
+    assert all(e["id"] != entry["id"] for e in admin.get("/api/v1/lab/mapping-queue").json())
+    # A later message with the code maps at once.
+    send_messages(
+        lab,
+        oru(
+            "RES-LOCAL-K2",
+            facility="ELAB-3",
+            patient="A-MAP-2",
+            filler="F-LOCAL-K2",
+            results=["OBX|1|NM|LK88^钾 (local)^L||4.0|mmol/L|3.5-5.3|N|||F"],
+        ),
+    )
+    later = wait_order(admin, "A-MAP-2", lambda o: o["results"][0]["loinc"] == K)
+    assert later["released_at"] is not None
+    # Audited once, with the state before and after.
+    with lab.server.db() as db:
+        rows = db.execute(
+            "SELECT detail FROM audit_events"
+            " WHERE action = 'lab.mapping.resolve' AND object_id = ?",
+            (entry["id"],),
+        ).fetchall()
+    assert len(rows) == 1
+    detail = rows[0][0] if isinstance(rows[0][0], dict) else json.loads(rows[0][0])
+    assert detail["before"]["resolved_loinc"] is None and detail["before"]["mapping"] is None
+    assert detail["after"]["resolved_loinc"] == K
+    assert detail["after"]["mapping"] == {"facility": "ELAB-3", "local_code": "LK88", "loinc": K}
+    assert detail["reverified"] == [held["id"]]
+
+
+# --- delta checks over the person's results from every clinic ----------------------------------
+
+
+def _k_order(control: str, *, facility: str, patient: str, value: str, collected: str) -> bytes:
+    raw = oru(
+        control,
+        facility=facility,
+        patient=patient,
+        filler=f"F-{control}",
+        results=[obx(1, K, value, "mmol/L", flags="N")],
+    )
+    return raw.replace(b"20261204070000+0800", collected.encode())
+
+
+# (case, prior clinic facility, prior patient, current facility, current patient, linked,
+#  delta verdict, reason fragment). Prior K 3.6 two days before, current K 5.0 (+39 %,
+# RCV 13.9 %): within the reference range, only the delta check can hold it.
+DELTA_CASES = [
+    ("linked_other_clinic", "ELAB-3", "DL-A1", CLINIC_B_FACILITY, "DL-B1", True, "hold", "exceeds"),
+    (
+        "unlinked_other_clinic",
+        "ELAB-3",
+        "DL-A2",
+        CLINIC_B_FACILITY,
+        "DL-B2",
+        False,
+        "pass",
+        "no prior",
+    ),
+    ("same_clinic_patient", "ELAB-3", "DL-A3", "ELAB-3", "DL-A3", False, "hold", "exceeds"),
+]
+
+
+@pytest.fixture(scope="module")
+def delta_orders(
+    lab: LabDeployment, sent: dict[str, bytes], admin: httpx.Client
+) -> dict[str, dict[str, Any]]:
+    """Each case's prior, the link (through the patient-index API), then the current order."""
+    priors, currents = [], []
+    for case, prior_fac, prior_pid, fac, pid, linked, _, _ in DELTA_CASES:
+        priors.append(
+            _k_order(
+                f"DP-{case}",
+                facility=prior_fac,
+                patient=prior_pid,
+                value="3.6",
+                collected="20261202070000+0800",
+            )
+        )
+        if linked:  # the current clinic's patient must exist before it can be linked
+            priors.append(
+                oru(
+                    f"DX-{case}",
+                    facility=fac,
+                    patient=pid,
+                    filler=f"F-DX-{case}",
+                    results=[obx(1, NA, "140", "mmol/L")],
+                )
+            )
+    send_messages(lab, *priors)
+    for case, prior_fac, prior_pid, fac, pid, linked, _, _ in DELTA_CASES:
+        wait_order(admin, prior_pid)
+        if linked:
+            wait_order(admin, pid)
+            response = admin.post(
+                "/api/v1/patients/link",
+                json={
+                    "identifiers": [f"{prior_fac}|{prior_pid}", f"{fac}|{pid}"],
+                    "reason": "same ID card",
+                },
+            )
+            assert response.status_code == 200, response.text
+        currents.append(
+            _k_order(
+                f"DC-{case}",
+                facility=fac,
+                patient=pid,
+                value="5.0",
+                collected="20261204070000+0800",
+            )
+        )
+    send_messages(lab, *currents)
+    out = {}
+    for case, _, _, _, pid, _, _, _ in DELTA_CASES:
+        out[case] = wait_order(admin, pid, lambda o, c=case: o["filler_number"] == f"F-DC-{c}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "verdict", "reason"),
+    [(c[0], c[6], c[7]) for c in DELTA_CASES],
+    ids=[c[0] for c in DELTA_CASES],
+)
+def test_delta_check_looks_back_over_the_persons_results_in_every_clinic(
+    delta_orders: dict[str, dict[str, Any]], case: str, verdict: str, reason: str
+) -> None:
+    (potassium,) = delta_orders[case]["results"]
+    delta = next(t for t in potassium["autoverification"] if t["rule_id"] == "delta_check")
+    assert delta["verdict"] == verdict, delta
+    assert reason in delta["reason"], delta
+    if verdict == "hold":
+        assert "3.6" in delta["reason"] and delta_orders[case]["released_at"] is None
+    else:
+        assert delta_orders[case]["released_at"] is not None
