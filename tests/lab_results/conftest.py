@@ -89,6 +89,9 @@ def lab_env(workdir: Path, database_url: str | None) -> dict[str, str]:
         # Auto-verified orders are signed under the seeded senior reader (the lab physician).
         RDC_LAB_AUTORELEASE_SIGNER="senior",
         RDC_LAB_PROCESS_SCAN_INTERVAL_SECONDS="5",
+        # Push-backs to a clinic's HIS are retried within seconds (the ACK tests).
+        RDC_DELIVERY_SCAN_INTERVAL_SECONDS="1",
+        RDC_DELIVERY_MAX_BACKOFF_SECONDS="2",
     )
     return env
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -581,3 +582,147 @@ def test_delta_check_looks_back_over_the_persons_results_in_every_clinic(
         assert "3.6" in delta["reason"] and delta_orders[case]["released_at"] is None
     else:
         assert delta_orders[case]["released_at"] is not None
+
+
+# --- text results, push-back with the clinic's ACK, display names -------------------------------
+
+U_PRO, U_GLU, BCX = "20454-5", "25428-4", "600-7"
+TEXT_RESULTS = oru(
+    "RES-TEXT",
+    facility="CLINIC_C_LIS",
+    patient="C-TXT-1",
+    filler="F-TEXT",
+    results=[
+        obx(1, K, "4.1", "mmol/L", flags="N"),
+        f"OBX|2|CWE|{U_PRO}^^LN||260385009^Negative^SCT||||||F",
+        f"OBX|3|FT|{U_GLU}^^LN||阴性||||||F",
+        f"OBX|4|ST|{BCX}^^LN||not detected||||||F",
+    ],
+)
+
+
+def _obx_by_code(message: str) -> dict[str, list[str]]:
+    segments = [s.split("|") for s in message.split("\r") if s.startswith("OBX|")]
+    return {fields[3].split("^")[0]: fields for fields in segments}
+
+
+def test_text_results_in_the_pdf_fhir_and_the_oru_push_back_acknowledged_by_the_clinic(
+    lab: LabDeployment, sent: dict[str, bytes], admin: httpx.Client, tmp_path: Path
+) -> None:
+    from tests.helpers import free_port, rdc_cli
+    from tests.lab_results.test_report_push import His
+
+    rdc_cli(lab.env, "user", "edit", "senior", "--name", "李检验 Li Jianyan")
+    rdc_cli(
+        lab.env,
+        "clinic",
+        "add",
+        "--code",
+        "CLINIC_C",
+        "--name",
+        "Clinic C",
+        "--hl7-facility",
+        "CLINIC_C_LIS",
+    )
+    port = free_port()
+    his = His(port, code="AR")  # the HIS refuses first: "patient unknown"
+    try:
+        rdc_cli(
+            lab.env,
+            "delivery",
+            "endpoint",
+            "add",
+            "--clinic",
+            "CLINIC_C",
+            "--channel",
+            "hl7",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--app",
+            "HIS",
+            "--facility",
+            "C3",
+            "--pdf",
+            "link",
+        )
+        send_messages(lab, TEXT_RESULTS)
+        order = wait_order(admin, "C-TXT-1", lambda o: o["released_at"] is not None)
+        # Kept as sent, with their value types.
+        by_loinc = {r["loinc"]: r for r in order["results"]}
+        assert by_loinc[U_PRO]["value_type"] == "CWE"
+        assert by_loinc[U_PRO]["value"].startswith("260385009^Negative")
+        assert (by_loinc[U_GLU]["value_type"], by_loinc[U_GLU]["value"]) == ("FT", "阴性")
+        assert (by_loinc[BCX]["value_type"], by_loinc[BCX]["value"]) == ("ST", "not detected")
+        assert order["released_by_name"] == "李检验 Li Jianyan"
+        report_id = order["report_id"]
+        report = admin.get(f"/api/v1/exams/{order['exam_id']}/report").json()
+        assert report["author"] == "senior" and report["author_name"] == "李检验 Li Jianyan"
+        # The lab page's data: the coded result read by its text.
+        page = admin.get(f"/api/v1/lab/exams/{order['exam_id']}/reading").json()
+        shown = {r["loinc"]: r["display_value"] for r in page["results"]}
+        assert shown[U_PRO] == "Negative" and shown[U_GLU] == "阴性" and shown[K] == "4.1"
+        # FHIR: valueCodeableConcept, valueString, valueQuantity.
+        fhir = admin.get(f"/api/v1/reports/{report_id}/fhir").json()
+        observations = {
+            o["code"]["coding"][0]["code"]: o
+            for o in fhir["contained"]
+            if o["resourceType"] == "Observation"
+        }
+        assert observations[U_PRO]["valueCodeableConcept"]["coding"][0] == {
+            "system": "http://snomed.info/sct",
+            "code": "260385009",
+            "display": "Negative",
+        }
+        assert observations[U_GLU]["valueString"] == "阴性"
+        assert observations[BCX]["valueString"] == "not detected"
+        assert observations[K]["valueQuantity"]["value"] == 4.1
+        # The PDF: the text results and the physician's display name, not the login.
+        pdf = admin.get(f"/api/v1/reports/{report_id}/pdf")
+        assert pdf.status_code == 200
+        (tmp_path / "text.pdf").write_bytes(pdf.content)
+        text = subprocess.run(
+            ["pdftotext", "-layout", str(tmp_path / "text.pdf"), "-"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "Negative" in text and "阴性" in text and "not detected" in text
+        assert "李检验" in text
+
+        # The push-back: AR is a failure with the HIS's reason, retried...
+        def refused() -> dict[str, Any] | None:
+            rows = admin.get(f"/api/v1/reports/{report_id}/deliveries").json()
+            hl7_rows = [d for d in rows if d["channel"] == "hl7"]
+            return next((d for d in hl7_rows if d["attempts"] >= 2), None)
+
+        failed = poll(refused, message="two refused attempts")
+        assert failed["state"] in ("pending", "failing") and failed["delivered_at"] is None
+        assert "AR" in failed["last_error"] and "patient unknown" in failed["last_error"]
+        # ... until the clinic answers AA: delivered.
+        his.code = "AA"
+
+        def delivered() -> dict[str, Any] | None:
+            rows = admin.get(f"/api/v1/reports/{report_id}/deliveries").json()
+            return next(
+                (d for d in rows if d["channel"] == "hl7" and d["state"] == "delivered"), None
+            )
+
+        done = poll(delivered, message="the delivery acknowledged with AA")
+        assert done["attempts"] >= 3 and done["delivered_at"]
+        messages = [m for m in his.messages if "C-TXT-1" in m]
+        assert len({_control(m) for m in messages}) == 1  # every attempt: one control ID
+        obx_lines = _obx_by_code(messages[-1])
+        assert obx_lines[U_PRO][2] == "CWE" and obx_lines[U_PRO][5] == "260385009^Negative^SCT"
+        assert obx_lines[U_GLU][2] == "FT" and obx_lines[U_GLU][5] == "阴性"
+        assert obx_lines[BCX][2] == "ST" and obx_lines[BCX][5] == "not detected"
+        assert obx_lines[K][2] == "NM" and obx_lines[K][5] == "4.1"
+        obr = next(s for s in messages[-1].split("\r") if s.startswith("OBR|"))
+        assert "李检验 Li Jianyan" in obr.split("|")[32]
+    finally:
+        his.stop()
+
+
+def _control(message: str) -> str:
+    return message.split("\r")[0].split("|")[9]
