@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lab_results.intake import LabIntake, http_intake_scope
+from lab_results.mapping import CatalogueEntry, load_catalogue
 from lab_results.mapping_queue import MappingResolutionOut, resolve_mapping_entry
 from lab_results.schemas import (
     AutoreleaseSwitchIn,
@@ -167,6 +168,14 @@ def lab_mapping_queue(
     """Observation codes no mapping covers (administrators): never guessed, held here."""
     with audited_read() as session:
         return list_mapping_queue(session, principal=principal, include_resolved=include_resolved)
+
+
+@router.get("/lab/catalogue", response_model=list[CatalogueEntry])
+def lab_catalogue(principal: CurrentPrincipal) -> list[CatalogueEntry]:
+    """The alliance test catalogue (the LOINC subset the results map to, with Chinese names
+    and UCUM units). LOINC is copyright © Regenstrief Institute, Inc. and the LOINC Committee
+    and is available at no cost under the license at https://loinc.org/license"""
+    return list(load_catalogue().entries)
 
 
 class MappingResolveIn(BaseModel):

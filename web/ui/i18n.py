@@ -663,6 +663,29 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "ad.tab.recognition": ("互认目录与资质", "Recognition"),
     "ad.tab.critical": ("危急值联系人与值班", "Critical-value contacts"),
     "ad.tab.delivery": ("报告推送", "Delivery endpoints"),
+    "ad.tab.labmap": ("检验项目映射", "Lab code mapping"),
+    "ad.lm.help": (
+        "未能对照到联盟检验目录的项目代码（不会自动猜测）：选择对应的 LOINC 后，"
+        "暂挂的申请单将重新自动审核",
+        "Codes no mapping covers (never guessed): pick the catalogue LOINC and the held "
+        "orders are auto-verified again",
+    ),
+    "ad.lm.facility": ("发送机构", "Sending facility"),
+    "ad.lm.code": ("本地代码", "Local code"),
+    "ad.lm.text": ("名称", "Text"),
+    "ad.lm.unit": ("单位", "Unit"),
+    "ad.lm.count": ("次数", "Seen"),
+    "ad.lm.reason": ("原因", "Reason"),
+    "ad.lm.loinc": ("目录项目 (LOINC)", "Catalogue test (LOINC)"),
+    "ad.lm.all": ("适用于所有发送机构", "for every sender"),
+    "ad.lm.map": ("映射", "Map"),
+    "ad.lm.mapped": ("已映射：{loinc}", "Mapped: {loinc}"),
+    "ad.lm.done": (
+        "已映射为 {loinc}，重新审核 {n} 个申请单（自动发布 {r} 个）",
+        "Mapped to {loinc}; {n} orders verified again ({r} released)",
+    ),
+    "ad.lm.show_resolved": ("显示已映射的代码", "Show mapped codes"),
+    "ad.lm.empty": ("没有待映射的代码", "No codes wait for a mapping"),
     "ad.clinics.help": (
         "停用的机构：其 AE 发送将被拒绝，其用户无法登录；数据保留。",
         "A disabled clinic's AE titles are refused and its users cannot sign in; its data stays.",
