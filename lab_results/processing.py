@@ -914,8 +914,9 @@ def reverify_for_code(
     alerted or left on the lab worklist as a new message would be. Orders already released
     or signed are not touched. Idempotent: a second run finds no unmapped result left."""
     outcome = ProcessOutcome(message_id="", status="processed")
+    # The IDs first (DISTINCT over the JSON columns of the rows is not possible on PostgreSQL).
     stmt = (
-        select(LabOrder)
+        select(LabOrder.id)
         .join(LabObservation, LabObservation.order_id == LabOrder.id)
         .where(
             LabObservation.current.is_(True),
@@ -928,7 +929,8 @@ def reverify_for_code(
     )
     if facility != "*":
         stmt = stmt.where(LabOrder.sending_facility == facility)
-    orders = list(session.execute(stmt).scalars())
+    ids = list(session.execute(stmt).scalars())
+    orders = [o for o in (session.get(LabOrder, i) for i in ids) if o is not None]
     if not orders:
         return outcome
     local = _local_mappings(session)
