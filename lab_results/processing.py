@@ -11,7 +11,7 @@ task should the enqueue have been lost), does the rest in one transaction per me
 3. :func:`lab_results.evaluate.evaluate_order`: the order's next version (a correction,
    OBX-11 ``C``, makes a new version of the result, the earlier one kept), the mapping to
    the catalogue (unmapped codes go to the mapping queue), auto-verification with delta
-   checks against the same patient's earlier results;
+   checks against the same person's earlier results from every clinic (patient index);
 4. write the order and its results with each result's rule trace;
 5. a critical result opens the critical-value loop at once (before any physician review),
    with its analyte, value and limit;
@@ -44,12 +44,13 @@ from lab_results.autoverify import (
     CriticalFinding,
     PriorResult,
     RuleSet,
+    autoverify,
     load_rules,
 )
 from lab_results.corrections import OrderVersion, apply_correction, result_key
 from lab_results.envelope import ErrorCode, ack_message, new_control_id, read_envelope
 from lab_results.evaluate import OrderEvaluation, evaluate_order
-from lab_results.mapping import Mapped, MappedResult, Unmapped, load_catalogue
+from lab_results.mapping import Mapped, MappedResult, Unmapped, load_catalogue, map_order
 from lab_results.models import (
     LabCodeMapping,
     LabMappingQueueEntry,
@@ -93,6 +94,7 @@ from worklist.models import (
     WorkItemState,
 )
 from worklist.patients import OtherIdentifier
+from worklist.patients.links import same_person_clause
 from worklist.readiness import due_time, requeue_exam, route_exam
 
 __all__ = [
@@ -101,6 +103,7 @@ __all__ = [
     "prepare_message",
     "process_message",
     "process_prepared",
+    "reverify_for_code",
     "rule_set",
 ]
 
@@ -180,6 +183,9 @@ def _local_mappings(session: Session) -> dict[tuple[str, str], str]:
 def _priors(
     session: Session, *, patient_ref: str, order_id: str, now: datetime
 ) -> list[PriorResult]:
+    # The person's results from every clinic of the alliance: the patient index links the
+    # clinics' identifiers of one person (worklist.patients), so a delta check also sees the
+    # value another clinic's lab sent last week.
     rows = session.execute(
         select(
             LabObservation.analyte,
@@ -188,7 +194,7 @@ def _priors(
             LabObservation.observed_at,
             LabObservation.created_at,
         ).where(
-            LabObservation.patient_ref == patient_ref,
+            same_person_clause(LabObservation.patient_ref, [patient_ref]),
             LabObservation.order_id != order_id,
             LabObservation.current.is_(True),
             LabObservation.analyte.is_not(None),
@@ -672,9 +678,40 @@ def _process_order(
     order_row.reported_at = order.reported_at or order_row.reported_at
     order_row.specimens = _specimens(order) or list(order_row.specimens or [])
     order_row.hil = _hil(order)
+    order_row.message_id = message.id
+    _apply_evaluation(
+        session,
+        exam=exam,
+        order_row=order_row,
+        evaluation=evaluation,
+        control_id=message.control_id,
+        collected_at=order.collected_at,
+        stop=stop,
+        settings=settings,
+        outcome=outcome,
+        now=now,
+    )
+
+
+def _apply_evaluation(
+    session: Session,
+    *,
+    exam: Exam,
+    order_row: LabOrder,
+    evaluation: OrderEvaluation,
+    control_id: str,
+    collected_at: datetime | None,
+    stop: bool,
+    settings: Settings,
+    outcome: ProcessOutcome,
+    now: datetime,
+    may_release: bool = True,
+) -> None:
+    """Store an order's evaluation: its version and verdict, the results with their traces,
+    the codes still unmapped; then a critical alert, and the release or the lab worklist."""
+    exam_id = exam.id
     order_row.version = evaluation.version.version
     order_row.version_doc = evaluation.version.model_dump(mode="json")
-    order_row.message_id = message.id
     verification: AutoverificationResult = evaluation.verification
     order_row.verdict = verification.verdict
     order_row.rules_version = verification.rules_version
@@ -687,8 +724,8 @@ def _process_order(
         session,
         order_row=order_row,
         evaluation=evaluation,
-        control_id=message.control_id,
-        collected_at=order.collected_at,
+        control_id=control_id,
+        collected_at=collected_at,
         now=now,
     )
     _queue_unmapped(
@@ -702,7 +739,7 @@ def _process_order(
         if alert:
             outcome.alerts.append(alert)
     signer = user if user is not None and settings.lab_autorelease_signer == user.username else None
-    if verification.verdict == "release" and signer is not None and not stop:
+    if verification.verdict == "release" and signer is not None and not stop and may_release:
         _release(session, order_row=order_row, exam=exam, current=current, user=signer, now=now)
         outcome.released.append(exam_id)
     else:
@@ -846,4 +883,106 @@ def _fail(
     session.flush()
     outcome.status = "failed"
     outcome.error = reason
+    return outcome
+
+
+# --- re-verification after the administrators map a held code ------------------------------
+
+
+def _parsed_order(raw: bytes, *, order_key: str, settings: Settings) -> tuple[Order, str] | None:
+    """The order ``order_key`` of a stored message, and its patient's sex (PID-8)."""
+    try:
+        parsed = parse_message(raw, tz=settings.zone)
+    except LabParseError:
+        return None
+    order = next((o for o in parsed.orders if o.key == order_key), None)
+    return (order, parsed.patient.sex) if order is not None else None
+
+
+def reverify_for_code(
+    session: Session,
+    *,
+    facility: str,
+    code: str,
+    store: ObjectStore,
+    settings: Settings,
+    now: datetime,
+) -> ProcessOutcome:
+    """Verify again the orders held with an unmapped result of ``code`` (from ``facility``;
+    ``*``: any sender) now that a mapping exists: the stored current version is mapped and
+    auto-verified again (no new version), its results updated in place, then released,
+    alerted or left on the lab worklist as a new message would be. Orders already released
+    or signed are not touched. Idempotent: a second run finds no unmapped result left."""
+    outcome = ProcessOutcome(message_id="", status="processed")
+    # The IDs first (DISTINCT over the JSON columns of the rows is not possible on PostgreSQL).
+    stmt = (
+        select(LabOrder.id)
+        .join(LabObservation, LabObservation.order_id == LabOrder.id)
+        .where(
+            LabObservation.current.is_(True),
+            LabObservation.loinc.is_(None),
+            LabObservation.code == code,
+            LabOrder.released_at.is_(None),
+        )
+        .distinct()
+        .order_by(LabOrder.id)
+    )
+    if facility != "*":
+        stmt = stmt.where(LabOrder.sending_facility == facility)
+    ids = list(session.execute(stmt).scalars())
+    orders = [o for o in (session.get(LabOrder, i) for i in ids) if o is not None]
+    if not orders:
+        return outcome
+    local = _local_mappings(session)
+    stop = not autorelease_enabled(session, settings=settings)
+    for order_row in orders:
+        exam = session.get(Exam, order_row.exam_id)
+        message = session.get(LabMessage, order_row.message_id) if order_row.message_id else None
+        if exam is None or message is None or not order_row.version_doc:
+            continue
+        report = _current_report(session, exam.id)
+        if report is not None and report.status is not ReportStatus.DRAFT:
+            continue  # signed: a correction or an amendment changes it now
+        previous = OrderVersion.model_validate(order_row.version_doc)
+        with store.open(message.object_key) as f:
+            found = _parsed_order(f.read(), order_key=previous.order_key, settings=settings)
+        if found is None:
+            log.warning("lab order %s: its message no longer parses; not re-verified", exam.id)
+            continue
+        order, sex = found
+        current = order.model_copy(update={"observations": previous.results})
+        mapped = map_order(
+            current,
+            facility=order_row.sending_facility,
+            catalogue=load_catalogue(),
+            local_mappings=local,
+        )
+        verification = autoverify(
+            mapped,
+            _priors(session, patient_ref=order_row.patient_ref, order_id=order_row.id, now=now),
+            rule_set(settings),
+            stop,
+            sex=sex,
+        )
+        evaluation = OrderEvaluation(
+            version=previous.model_copy(update={"changes": []}),
+            mapped=mapped,
+            verification=verification,
+        )
+        # A physician who has started reviewing the order keeps it (no auto-release).
+        reviewing = report is not None and "lab_review" in (report.structured or {})
+        outcome.orders.append(exam.id)
+        _apply_evaluation(
+            session,
+            exam=exam,
+            order_row=order_row,
+            evaluation=evaluation,
+            control_id=previous.control_id,
+            collected_at=order.collected_at,
+            stop=stop,
+            settings=settings,
+            outcome=outcome,
+            now=now,
+            may_release=not reviewing,
+        )
     return outcome

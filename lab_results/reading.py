@@ -27,7 +27,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from lab_results.mapping import TestCatalogue, load_catalogue
@@ -39,14 +39,23 @@ from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError
 from rdc_core.settings import get_settings
 from worklist.access import READING_ROLES, Principal, require_roles
 from worklist.audit import record_access
-from worklist.models import Discipline, Exam, Report, ReportStatus
+from worklist.models import (
+    AmendmentKind,
+    Discipline,
+    Exam,
+    ExamState,
+    Report,
+    ReportStatus,
+    WorkItem,
+    WorkItemState,
+)
 from worklist.patients.links import same_person_clause
 from worklist.queries import get_exam, visible_exam
 from worklist.recognition.catalog import catalog_items, current_catalog
 from worklist.recognition.models import Accreditation, CatalogItem
 from worklist.recognition.service import recognition_for_report
-from worklist.reports import report_out, save_draft, submit_report
-from worklist.schemas import ExamDetail, ReportIn, ReportOut
+from worklist.reports import amend_report, report_out, save_draft, submit_report
+from worklist.schemas import ExamDetail, ReportAmendIn, ReportIn, ReportOut
 from worklist.signing.sections import (
     ReportSection,
     SectionObservation,
@@ -59,8 +68,10 @@ __all__ = [
     "LabReadingOut",
     "LabReview",
     "ResultReview",
+    "amend_lab_report",
     "approve_held",
     "check_signable",
+    "display_value",
     "get_reading",
     "lab_sections",
     "review_result",
@@ -140,6 +151,7 @@ class ReviewedResult(BaseModel):
     name_en: str
     value_type: str
     value: str
+    display_value: str  # a coded result's text; else the value as sent
     numeric: float | None
     unit: str
     reference_range: str
@@ -204,6 +216,28 @@ def parse_range(text: str) -> tuple[float | None, float | None]:
     if op and op.startswith((">", "≥")):
         return a, None
     return None, None
+
+
+_CODED_TYPES = frozenset({"CE", "CWE", "CNE"})
+
+
+def _coding(result: LabResultOut) -> tuple[str, str, str] | None:
+    """(system, code, display) of a coded result (CWE/CE/CNE: ``code^text^system``)."""
+    if result.value_type.upper() not in _CODED_TYPES or not result.value.strip():
+        return None
+    parts = [*result.value.split("~", 1)[0].split("^"), "", "", ""][:3]
+    code, text, system = (p.strip() for p in parts)
+    system = {"LN": "http://loinc.org", "SCT": "http://snomed.info/sct"}.get(system, system)
+    return system, code, text or code
+
+
+def display_value(result: LabResultOut) -> str:
+    """The value as a reader reads it: a coded result's text (else its code), a text
+    result as sent, a number as sent."""
+    coding = _coding(result)
+    if coding is not None:
+        return coding[2]
+    return result.value
 
 
 def _order(session: Session, exam: Exam) -> LabOrder:
@@ -312,6 +346,7 @@ def _reviewed(
         name_en=result.name_en,
         value_type=result.value_type,
         value=result.value,
+        display_value=display_value(result),
         numeric=result.numeric,
         unit=result.unit,
         reference_range=result.reference_range,
@@ -410,7 +445,7 @@ def _summary_line(result: LabResultOut, decision: Decision, reason: str) -> str:
     flag_text = " ".join(f"{_ARROW.get(f, '')}{f}" for f in flags)
     range_text = f" [{result.reference_range}]" if result.reference_range else ""
     return (
-        f"{_name(result)} {result.value} {result.unit}".strip()
+        f"{_name(result)} {display_value(result)} {result.unit}".strip()
         + (f" {flag_text}" if flag_text else "")
         + range_text
     )
@@ -585,6 +620,82 @@ def sign_lab_report(
     return _finish(session, principal=principal, exam=exam, order=order)
 
 
+def amend_lab_report(
+    session: Session,
+    *,
+    principal: Principal,
+    exam_id: str,
+    kind: AmendmentKind,
+    reason: str,
+    comment: str | None,
+    now: datetime,
+) -> LabReadingOut:
+    """A new signed version of the order's signed lab report (amended, corrected or
+    appended), by an attending or chief reader; the caller has confirmed the signing
+    password. The new version's results table is built from the order's current results (a
+    correction that arrived after signing is in it), the review's decisions carried over;
+    ``comment`` replaces the order comment (appended: is added after it). No lease needed:
+    the order goes off the lab worklist again."""
+    exam = visible_exam(session, principal=principal, exam_id=exam_id)
+    order = _order(session, exam)
+    report = _current_report(session, exam.id)
+    if report is None or report.status is not ReportStatus.FINAL:
+        raise ConflictError("the lab report is not signed: sign it instead of amending it")
+    review = LabReview.of(report)
+    new_comment = review.comment
+    if comment is not None:
+        text = comment.strip()[:10_000]
+        if kind is AmendmentKind.APPENDED:
+            new_comment = "\n".join(p for p in (review.comment, text) if p)[:10_000]
+        else:
+            new_comment = text
+    review.comment = new_comment
+    full = order_out(session, order)
+    findings = "\n".join(
+        _summary_line(r, _effective(r, review), _decision(r, review).reason) for r in full.results
+    )
+    structured = dict(report.structured or {})
+    structured[REVIEW_KEY] = review.model_dump(mode="json")
+    if kind is AmendmentKind.APPENDED:
+        # An addendum: the text is added after the signed one (amend_report appends it).
+        added = (comment or "").strip()[:10_000] or None
+        data = ReportAmendIn(
+            kind=kind,
+            reason=reason,
+            impression=added,
+            structured={REVIEW_KEY: structured[REVIEW_KEY]},
+        )
+    else:
+        data = ReportAmendIn(
+            kind=kind,
+            reason=reason,
+            findings=findings or "—",
+            impression=new_comment,
+            structured=structured,
+        )
+    amended = amend_report(session, principal=principal, report_id=report.id, data=data, now=now)
+    order.released_at = now
+    order.released_by = principal.user_id
+    order.report_id = amended.id
+    order.auto_released = False
+    exam.state = ExamState.FINAL
+    session.execute(
+        update(WorkItem)
+        .where(WorkItem.exam_id == exam.id, WorkItem.state != WorkItemState.DONE)
+        .values(state=WorkItemState.DONE, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    record_access(
+        session,
+        principal,
+        action="amend",
+        object_type="lab_order",
+        object_id=order.id,
+        detail={"kind": kind.value, "reason": reason, "report_id": amended.id},
+    )
+    return _finish(session, principal=principal, exam=exam, order=order)
+
+
 # --- per-row mutual recognition ------------------------------------------------------------------
 
 
@@ -699,8 +810,8 @@ def _interpretation(result: LabResultOut) -> list[str]:
 
 def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[ReportSection]:
     """The results table of a lab report version: one row per current result with its
-    decision, flag, unit, reference range and 互认 mark; one Observation per numeric
-    result; the review and the per-row decisions in the section's data."""
+    decision, flag, unit, reference range and 互认 mark; one Observation per numeric, text
+    or coded result; the review and the per-row decisions in the section's data."""
     order = session.get(LabOrder, exam.id)
     if order is None:
         return []
@@ -745,7 +856,7 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
         rows.append(
             (
                 label,
-                "已拒绝 Rejected" if rejected else (result.value or "—"),
+                "已拒绝 Rejected" if rejected else (display_value(result) or "—"),
                 "" if rejected else _flag_cell(result),
                 result.unit or "",
                 result.reference_range or "—",
@@ -770,6 +881,25 @@ def lab_sections(session: Session, *, exam: Exam, report: Report) -> list[Report
                     reference_high=high,
                     reference_text=result.reference_range,
                     interpretation=tuple(_interpretation(result)),
+                )
+            )
+        elif not rejected and result.numeric is None and result.value.strip() and result.loinc:
+            # A text (ST/TX/FT) or coded (CWE/CE) result: FHIR valueString or
+            # valueCodeableConcept, and the push-back's OBX keeps its value type.
+            coding = _coding(result)
+            observations.append(
+                SectionObservation(
+                    key=result.key,
+                    code=result.loinc,
+                    display=f"{name} {result.name_en}".strip(),
+                    value=None,
+                    unit=result.unit,
+                    source=result.performing_lab or result.method,
+                    reference_text=result.reference_range,
+                    interpretation=tuple(_interpretation(result)),
+                    value_type=(result.value_type or "ST").upper(),
+                    value_string="" if coding else result.value,
+                    value_coding=coding,
                 )
             )
         data_rows.append(

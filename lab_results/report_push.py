@@ -105,6 +105,30 @@ def pdf_url(push: ReportPush) -> str:
     return f"{base.rstrip('/')}/api/v1/reports/{push.report_id}/pdf"
 
 
+_TEXT_TYPES = frozenset({"ST", "TX", "FT"})
+_CODED_TYPES = frozenset({"CWE", "CE", "CNE"})
+
+
+def _observation_value(item: dict[str, Any], code: str) -> tuple[str, str, str]:
+    """(OBX-2 value type, OBX-3, OBX-5) of a signed observation: a number as NM, a text
+    result with its own type (ST, TX, FT), a coded one as CWE (CE/CNE kept as sent)."""
+    kind = str(item.get("value_type") or "").upper()
+    coding = item.get("value_coding")
+    if isinstance(coding, dict):
+        system = str(coding.get("system") or "")
+        system = {"http://loinc.org": "LN", "http://snomed.info/sct": "SCT"}.get(system, system)
+        triplet = [coding.get("code") or "", coding.get("display") or "", system]
+        value = "^".join(escape(str(c)) for c in triplet)
+        return (kind if kind in _CODED_TYPES else "CWE", code, value)
+    if item.get("value") is None:
+        return (
+            kind if kind in _TEXT_TYPES else "ST",
+            code,
+            escape(str(item.get("value_string") or "")),
+        )
+    return ("NM", code, f"{float(item['value']):g}")
+
+
 def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str:
     """The ORU^R01 message of a report version, segments separated by CR."""
     status = push.result_status
@@ -180,8 +204,9 @@ def build_oru(push: ReportPush, endpoint: EndpointSpec, *, now: datetime) -> str
         # with their LOINC (LN) or local (L) code and UCUM units in OBX-6.
         system = "LN" if item.get("system") == "http://loinc.org" else "L"
         code = f"{escape(str(item['code']))}^{escape(str(item.get('display') or ''))}^{system}"
-        observations.append(("NM", code, f"{float(item['value']):g}"))
-        units[len(observations)] = f"{escape(str(item.get('unit') or ''))}^^UCUM"
+        observations.append(_observation_value(item, code))
+        if item.get("value") is not None or item.get("unit"):
+            units[len(observations)] = f"{escape(str(item.get('unit') or ''))}^^UCUM"
         # Lab results also carry their reference range (OBX-7) and flags (OBX-8).
         if item.get("reference_text"):
             ranges[len(observations)] = escape(str(item["reference_text"]))

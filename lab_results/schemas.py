@@ -113,6 +113,7 @@ class LabOrderOut(LabOrderSummary):
     critical_version: str
     order_trace: list[RuleTraceOut]
     released_by: str | None  # username
+    released_by_name: str | None = None  # the display name (else the username)
     report_id: str | None
     autoverified_mark: str | None  # 自动审核 when released automatically
     results: list[LabResultOut]

@@ -239,6 +239,9 @@ def order_out(session: Session, order: LabOrder) -> LabOrderOut:
         critical_version=order.critical_version,
         order_trace=_trace(order.order_trace),
         released_by=released_by.username if released_by else None,
+        released_by_name=(released_by.display_name or released_by.username)
+        if released_by
+        else None,
         report_id=order.report_id,
         autoverified_mark=AUTOVERIFIED_MARK if order.auto_released else None,
         results=[_result_out(r, history.get(r.result_key, [])) for r in current],

@@ -102,6 +102,10 @@ def report_out(report: Report) -> ReportOut:
         author=report.author.username,
         author_level=report.author_level,
         verified_by=report.verifier.username if report.verifier else None,
+        author_name=report.author.display_name or report.author.username,
+        verified_by_name=(
+            (report.verifier.display_name or report.verifier.username) if report.verifier else None
+        ),
         created_at=report.created_at,
         updated_at=report.updated_at,
         submitted_at=report.submitted_at,

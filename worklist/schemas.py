@@ -236,9 +236,12 @@ class ReportOut(_Out):
     quality_grade: QualityGrade | None
     quality_reason: str
     critical: bool
-    author: str
+    author: str  # username
     author_level: ReaderLevel | None
-    verified_by: str | None
+    verified_by: str | None  # username
+    # The people's display names (what a report shows: 报告医师 / 审核医师), else the login.
+    author_name: str = ""
+    verified_by_name: str | None = None
     created_at: datetime
     updated_at: datetime
     submitted_at: datetime | None

@@ -55,6 +55,9 @@ LAB_SETTINGS: dict[str, str | None] = {
     "RDC_LAB_AUTORELEASE_SIGNER": "senior",
     "RDC_LAB_PROCESS_SCAN_INTERVAL_SECONDS": "5",
     "RDC_STABLE_AGE_SECONDS": None,
+    # Push-backs to a clinic's HIS are retried within seconds (the ACK tests).
+    "RDC_DELIVERY_SCAN_INTERVAL_SECONDS": "1",
+    "RDC_DELIVERY_MAX_BACKOFF_SECONDS": "2",
 }
 
 

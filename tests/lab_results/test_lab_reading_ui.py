@@ -140,6 +140,8 @@ def _login(context: BrowserContext, lab: LabDeployment, username: str) -> Page:
 def test_review_sign_and_the_signed_lab_report(
     lab: LabDeployment, order: str, his: His, browser: Browser
 ) -> None:
+    # The lab physician has a display name: the page and the PDF show it, not the login.
+    rdc_cli(lab.env, "user", "edit", "senior", "--name", "王审核")
     context = _context(browser)
     try:
         page = _login(context, lab, "senior")
@@ -206,6 +208,8 @@ def test_review_sign_and_the_signed_lab_report(
         expect(page.locator("#rp-status")).to_have_text("正式报告")
         expect(page.locator("#sign-btn")).to_be_hidden()
         expect(page.locator("#lab-verdict")).to_have_text("已审核签发")
+        expect(page.locator("#sig-author")).to_have_text("王审核")
+        expect(page.locator("#sig-signer")).to_have_text("王审核")
         _shot(page, "lab-reading-signed")
         # The same page in English (read-only now: the report is signed).
         context.add_cookies([{"name": "lang", "value": "en", "url": lab.server.http}])
@@ -252,6 +256,7 @@ def test_review_sign_and_the_signed_lab_report(
     assert text.count("HR 至") == 2, text  # the rejected glucose has no mark
     assert "已拒绝 Rejected — 标本放置过久" in text
     assert "血钾轻度升高" in text
+    assert "王审核" in text and "senior" not in text  # Reported by / Signed by: the name
     subprocess.run(
         [
             "pdftoppm",
@@ -304,3 +309,63 @@ def test_review_sign_and_the_signed_lab_report(
     assert obx["2951-2"][5] == "141" and "14749-6" not in obx
     assert all(obx[code][11] == "F" for code in ("2823-3", "2951-2"))
     assert strict_hl7apy_problem(oru) == ""
+
+    # Amend the signed report from the lab page: the shared amend dialog, then the password.
+    context = _context(browser)
+    try:
+        page = _login(context, lab, "senior")
+        page.goto(f"{lab.server.http}/ui/lab/{order}")
+        expect(page.locator("#sig-panel")).to_be_visible()
+        page.click("#amend-btn")
+        expect(page.locator("#amend-dialog")).to_be_visible()
+        expect(page.locator("#amend-findings")).to_have_count(0)  # results come from the order
+        expect(page.locator("#amend-impression")).to_have_value(re.compile("血钾轻度升高"))
+        page.click("#amend-submit")
+        expect(page.locator("#amend-error")).to_have_text("请填写修订原因")
+        page.fill("#amend-reason-input", "补充复查建议 Repeat advice added")
+        page.fill("#amend-impression", "血钾轻度升高，请于24小时内复查 Repeat within 24 h")
+        _shot(page, "lab-amend-dialog")
+        page.click("#amend-submit")
+        expect(page.locator("#sign-dialog")).to_be_visible()
+        expect(page.locator("#sd-results")).to_contain_text("补充复查建议")
+        page.fill("#sd-password", "not-my-password")
+        page.click("#sd-sign")
+        expect(page.locator("#sd-error")).to_contain_text("密码")
+        page.fill("#sd-password", lab.passwords["senior"])
+        page.click("#sd-sign")
+        expect(page.locator("#sign-dialog")).to_be_hidden()
+        expect(page.locator("#lab-amendment")).to_contain_text("第 2 版")
+        expect(page.locator("#lab-amendment")).to_contain_text("补充复查建议")
+        expect(page.locator("#sig-author")).to_have_text("王审核")
+        _shot(page, "lab-reading-amended")
+    finally:
+        context.close()
+    with lab.client("senior") as api:
+        reading = api.get(f"/api/v1/lab/exams/{order}/reading").json()
+        amended = reading["report"]
+        assert amended["version"] == 2 and amended["amendment_kind"] == "amended"
+        assert amended["status"] == "final" and "24小时内复查" in amended["impression"]
+        assert reading["comment"].startswith("血钾轻度升高，请于24小时内复查")
+        # The rejected glucose stays rejected in the new version; no password, no version.
+        assert next(r for r in reading["results"] if r["loinc"] == "14749-6")["decision"] == (
+            "rejected"
+        )
+        refused = api.post(f"/api/v1/lab/exams/{order}/amend", json={"reason": "x"})
+        assert refused.status_code == 403
+        pdf2 = api.get(f"/api/v1/reports/{amended['id']}/pdf")
+        assert pdf2.status_code == 200
+    pdf2_path = ARTIFACTS / "lab-report-v2.pdf"
+    pdf2_path.write_bytes(pdf2.content)
+    text2 = subprocess.run(
+        ["pdftotext", "-layout", str(pdf2_path), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "24小时内复查" in text2 and "补充复查建议" in text2 and "王审核" in text2
+    assert text2.count("HR 至") == 2, text2
+
+    # The clinic's HIS gets the new version as a corrected result (OBR-25/OBX-11 C).
+    def pushed_v2() -> str | None:
+        found = [m for m in his.messages if "PL-F-LR-3" in m and "|C|" in m.split("\r")[2]]
+        return found[-1] if found else None
+
+    oru2 = wait_for(pushed_v2, timeout=90, what="the ORU of the amended lab report at the HIS")
+    assert "24小时内复查" in oru2

@@ -63,6 +63,7 @@ MADE_UP: dict[str, str] = {
     "notification_id": "no notification is raised by the fixture",
     "decision_id": "no recognition decision is made by the fixture",
     "path": "DICOMweb bulk data of CT_small is inline, no bulk data URI",
+    "entry_id": "the fixture's lab order is coded in the catalogue: no code waits for a mapping",
 }
 
 # Operations clinic B's user is not sent (other than GET), with the reason.

@@ -12,9 +12,12 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lab_results.intake import LabIntake, http_intake_scope
+from lab_results.mapping import CatalogueEntry, load_catalogue
+from lab_results.mapping_queue import MappingResolutionOut, resolve_mapping_entry
 from lab_results.schemas import (
     AutoreleaseSwitchIn,
     AutoreleaseSwitchOut,
@@ -165,6 +168,53 @@ def lab_mapping_queue(
     """Observation codes no mapping covers (administrators): never guessed, held here."""
     with audited_read() as session:
         return list_mapping_queue(session, principal=principal, include_resolved=include_resolved)
+
+
+@router.get("/lab/catalogue", response_model=list[CatalogueEntry])
+def lab_catalogue(principal: CurrentPrincipal) -> list[CatalogueEntry]:
+    """The alliance test catalogue (the LOINC subset the results map to, with Chinese names
+    and UCUM units). LOINC is copyright © Regenstrief Institute, Inc. and the LOINC Committee
+    and is available at no cost under the license at https://loinc.org/license"""
+    return list(load_catalogue().entries)
+
+
+class MappingResolveIn(BaseModel):
+    """The catalogue LOINC a held local code means; ``all_senders``: for every sender (a
+    ``*`` row of the local-code table), else only for the entry's sending facility."""
+
+    loinc: str = Field(min_length=3, max_length=16, examples=["2823-3"])
+    all_senders: bool = False
+
+
+@router.post(
+    "/lab/mapping-queue/{entry_id}/resolve",
+    response_model=MappingResolutionOut,
+    responses={
+        404: {"description": "no such queue entry"},
+        409: {"description": "the code is already mapped to another LOINC"},
+        422: {"description": "the LOINC is not in the alliance test catalogue"},
+    },
+)
+def resolve_lab_mapping(
+    entry_id: str,
+    body: MappingResolveIn,
+    principal: CurrentPrincipal,
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> MappingResolutionOut:
+    """Map a held code to a catalogue LOINC (administrators); the orders held with it are
+    verified again (released, alerted or kept for review). Idempotent; audited with the
+    state before and after."""
+    with session_scope() as session:
+        return resolve_mapping_entry(
+            session,
+            principal=principal,
+            entry_id=entry_id,
+            loinc=body.loinc,
+            all_senders=body.all_senders,
+            store=get_object_store(settings),
+            settings=settings,
+            now=utcnow(),
+        )
 
 
 @router.get("/lab/autorelease", response_model=AutoreleaseSwitchOut)

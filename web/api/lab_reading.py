@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from lab_results.reading import (
     LabReadingOut,
+    amend_lab_report,
     approve_held,
     check_signable,
     get_reading,
@@ -24,6 +25,7 @@ from lab_results.reading import (
 )
 from rdc_core.db import session_scope, utcnow
 from web.security import CurrentPrincipal, confirm_signing
+from worklist.models import AmendmentKind
 
 __all__ = ["router"]
 
@@ -117,3 +119,43 @@ def sign(exam_id: str, principal: CurrentPrincipal, body: SignIn | None = None) 
     confirm_signing(principal, password, action="submit", object_type="exam", object_id=exam_id)
     with session_scope() as session:
         return sign_lab_report(session, principal=principal, exam_id=exam_id, now=utcnow())
+
+
+class AmendIn(BaseModel):
+    """A new signed version of the signed lab report: kind, reason, the order comment
+    (``appended``: text added after the signed one) and the signer's password."""
+
+    kind: AmendmentKind = AmendmentKind.AMENDED
+    reason: str = Field(min_length=1, max_length=2000)
+    comment: str | None = Field(default=None, max_length=10_000)
+    signing_password: str | None = Field(default=None, max_length=256)
+
+
+@router.post(
+    "/{exam_id}/amend",
+    response_model=LabReadingOut,
+    responses={
+        **_NOT_FOUND,
+        403: {"description": "not an attending/chief reader, or signing_password wrong"},
+        409: {"description": "the report is not signed, or was amended meanwhile"},
+        429: {"description": "signing locked after too many wrong passwords (Retry-After)"},
+    },
+)
+def amend(exam_id: str, body: AmendIn, principal: CurrentPrincipal) -> LabReadingOut:
+    """Amend the signed lab report (a new signed version, the current results with the
+    review carried over). Needs ``signing_password``."""
+    with session_scope() as session:
+        check_signable(session, principal=principal, exam_id=exam_id)
+    confirm_signing(
+        principal, body.signing_password, action="amend", object_type="exam", object_id=exam_id
+    )
+    with session_scope() as session:
+        return amend_lab_report(
+            session,
+            principal=principal,
+            exam_id=exam_id,
+            kind=body.kind,
+            reason=body.reason,
+            comment=body.comment,
+            now=utcnow(),
+        )

@@ -495,6 +495,70 @@
     }, fail);
   });
 
+  // --- lab code mapping (the mapping queue) ------------------------------------------------
+  var catalogue = null;
+  function loadCatalogue() {
+    if (catalogue) return Promise.resolve(catalogue);
+    return R.api("GET", "/api/v1/lab/catalogue").then(function (list) {
+      catalogue = list;
+      return list;
+    });
+  }
+  loaders.labmap = function () {
+    var resolved = document.getElementById("labmap-resolved").checked;
+    return Promise.all([
+      loadCatalogue(),
+      R.api("GET", "/api/v1/lab/mapping-queue" + R.query({ include_resolved: resolved ? "true" : "" })),
+    ]).then(function (res) {
+      var body = tbody("labmap");
+      if (!res[1].length) body.appendChild(el("tr", { class: "placeholder" }, [el("td", { colspan: 9, text: t("ad.lm.empty") })]));
+      res[1].forEach(function (e) {
+        var actions;
+        var target;
+        if (e.resolved_loinc) {
+          target = el("td", { text: t("ad.lm.mapped", { loinc: e.resolved_loinc }) });
+          actions = cell([], "actions");
+        } else {
+          var pick = el(
+            "select",
+            { name: "loinc", "aria-label": t("ad.lm.loinc") },
+            [el("option", { value: "", text: "—" })].concat(
+              res[0].map(function (c) {
+                return el("option", { value: c.loinc, text: c.loinc + " " + c.name_zh + " " + (c.unit || "") });
+              })
+            )
+          );
+          var all = el("input", { type: "checkbox", name: "all_senders", "aria-label": t("ad.lm.all") });
+          target = cell([pick, el("label", { class: "muted" }, [all, " " + t("ad.lm.all")])]);
+          actions = cell([button(t("ad.lm.map"), function () {
+            if (!pick.value) return;
+            R.api("POST", "/api/v1/lab/mapping-queue/" + encodeURIComponent(e.id) + "/resolve", {
+              loinc: pick.value,
+              all_senders: all.checked,
+            }).then(function (out) {
+              ok(t("ad.lm.done", { loinc: out.loinc, n: out.reverified.length, r: out.released.length }));
+              loaders.labmap();
+            }, fail);
+          }, "primary")], "actions");
+        }
+        body.appendChild(el("tr", { dataset: { id: e.id, code: e.code } }, [
+          el("td", { text: e.clinic || "" }),
+          el("td", { text: e.facility }),
+          el("td", { text: (e.code_system ? e.code_system + " " : "") + e.code }),
+          el("td", { text: e.text }),
+          el("td", { text: e.unit }),
+          el("td", { class: "num", text: String(e.occurrences) }),
+          el("td", { class: "muted", text: e.reason }),
+          target,
+          actions,
+        ]));
+      });
+    }, fail);
+  };
+  document.getElementById("labmap-resolved").addEventListener("change", function () {
+    loaders.labmap();
+  });
+
   // The modality suggestions of the routing rules' inputs.
   document.body.appendChild(
     el("datalist", { id: "modalities" }, cfg.modalities.map(function (m) { return el("option", { value: m }); }))

@@ -11,6 +11,7 @@
   var user = cfg.user || {};
   var examId = cfg.examId;
   var isReader = user.role === "reader" || user.role === "senior_reader";
+  var canVerify = user.role === "senior_reader" || user.level === "attending" || user.level === "chief";
   var base = "/api/v1/lab/exams/" + encodeURIComponent(examId);
   var FLAG_ARROW = { H: "↑", HH: "↑↑", L: "↓", LL: "↓↓", A: "*", AA: "**" };
 
@@ -238,6 +239,12 @@
     return node;
   }
 
+  /** The value as read: a coded result's text, a text result as sent, a number as sent. */
+  function shownValue(result) {
+    var v = result.display_value !== undefined && result.display_value !== null ? result.display_value : result.value;
+    return v === null || v === undefined ? "" : String(v);
+  }
+
   function resultName(result) {
     return inLang(result.name_zh, result.name_en) || result.code;
   }
@@ -276,7 +283,11 @@
                   .join(" · "),
               }),
             ]),
-            el("td", { class: "num lab-value", text: result.value === null || result.value === undefined ? "—" : String(result.value) }),
+            el("td", {
+              class: "lab-value" + (typeof result.numeric === "number" ? " num" : " lab-text"),
+              title: result.value_type && typeof result.numeric !== "number" ? result.value_type + ": " + (result.value || "") : null,
+              text: shownValue(result) || "—",
+            }),
             flagCell(result),
             el("td", { class: "lab-unit", text: result.unit || "" }),
             el("td", { class: "num lab-range", text: result.reference_range || "—" }),
@@ -309,11 +320,23 @@
     var report = data.report;
     var signed = data.signature;
     $("sig-panel").hidden = !signed;
+    $("amend-btn").hidden = !(signed && report && report.status === "final" && isReader && canVerify);
     if (signed && report) {
       $("rp-status").textContent = t("report_status." + report.status);
       $("rp-status").className = "status-badge st-" + report.status;
+      // People by their display names (the login only when a user has none).
+      $("sig-author").textContent = report.author_name || report.author || "—";
+      $("sig-verifier").textContent = report.verified_by_name || report.verified_by || "—";
       $("sig-signer").textContent = signed.signer_name || signed.signer;
       $("sig-time").textContent = R.fmt(signed.signed_at);
+      var amendment = $("lab-amendment");
+      amendment.hidden = !report.amendment_kind;
+      if (report.amendment_kind)
+        amendment.textContent = t("lab.amended", {
+          n: report.version,
+          kind: t("am.kind." + report.amendment_kind),
+          reason: report.amendment_reason || "",
+        });
       $("sig-pdf").href = "/api/v1/reports/" + encodeURIComponent(report.id) + "/pdf";
       $("sig-fhir").href = "/api/v1/reports/" + encodeURIComponent(report.id) + "/fhir";
     }
@@ -364,7 +387,7 @@
   function ask(title, result, label, value, required, run) {
     asking = { run: run, required: required };
     $("rv-title").textContent = title;
-    $("rv-what").textContent = result ? resultName(result) + " · " + (result.value || "") + " " + (result.unit || "") : "";
+    $("rv-what").textContent = result ? resultName(result) + " · " + shownValue(result) + " " + (result.unit || "") : "";
     $("rv-label").textContent = label;
     $("rv-text").value = value;
     $("rv-error").hidden = true;
@@ -452,7 +475,7 @@
             return (
               resultName(r) +
               " " +
-              (r.decision === "rejected" ? t("lab.decision.rejected") : (r.value || "") + " " + (r.unit || "") + (flags.length ? " " + flags.join(",") : ""))
+              (r.decision === "rejected" ? t("lab.decision.rejected") : shownValue(r) + " " + (r.unit || "") + (flags.length ? " " + flags.join(",") : ""))
             );
           })
           .join("\n");
@@ -518,7 +541,11 @@
       return;
     }
     $("sd-sign").disabled = true;
-    R.api("POST", base + "/sign", { signing_password: password })
+    var amending = signing !== true ? signing : null;
+    var request = amending
+      ? R.api("POST", base + "/amend", Object.assign({}, amending, { signing_password: password }))
+      : R.api("POST", base + "/sign", { signing_password: password });
+    request
       .then(
         function (data) {
           closeSigning();
@@ -526,7 +553,8 @@
           stopRenewing();
           state.data = data;
           setLeaseText(t("rp.locked"), "locked");
-          R.toast(t("rp.submitted", { status: t("report_status." + ((data.report || {}).status || "final")) }), "ok");
+          if (amending) R.toast(t("am.done", { n: (data.report || {}).version }), "ok");
+          else R.toast(t("rp.submitted", { status: t("report_status." + ((data.report || {}).status || "final")) }), "ok");
           render();
         },
         function (err) {
@@ -544,6 +572,73 @@
   });
   $("sd-cancel").addEventListener("click", closeSigning);
   $("sign-btn").addEventListener("click", openSigning);
+
+  // --- amend a signed report (a new signed version; the shared amend dialog) --------------------
+  var amendPrefill = "";
+  function amendKind() {
+    var checked = $("amend-form").querySelector("input[name=kind]:checked");
+    return checked ? checked.value : "amended";
+  }
+  function amendKindChanged() {
+    var area = $("amend-impression");
+    var appended = amendKind() === "appended";
+    if (appended && area.value === amendPrefill) area.value = "";
+    if (!appended && !area.value) area.value = amendPrefill;
+    area.placeholder = appended ? t("am.append_placeholder") : "";
+    $("amend-hint").textContent = t("am.hint." + amendKind());
+  }
+  function openAmend() {
+    var data = state.data;
+    if (!data || !data.report) return;
+    $("amend-form").reset();
+    amendPrefill = data.comment || "";
+    $("amend-impression").value = amendPrefill;
+    $("amend-error").hidden = true;
+    amendKindChanged();
+    $("amend-dialog").showModal();
+    $("amend-reason-input").focus();
+  }
+  function submitAmend(event) {
+    event.preventDefault();
+    var data = state.data;
+    var error = $("amend-error");
+    var kind = amendKind();
+    var reason = $("amend-reason-input").value.trim();
+    var comment = $("amend-impression").value;
+    if (!reason) {
+      error.textContent = t("am.need_reason");
+      error.hidden = false;
+      return;
+    }
+    var body = { kind: kind, reason: reason };
+    if (kind === "appended" ? comment.trim() : comment !== amendPrefill) body.comment = comment;
+    $("amend-dialog").close();
+    // What is signed, then the password (the signing dialog in amend mode).
+    signing = body;
+    var exam = data.exam || {};
+    var patient = exam.patient || {};
+    $("sd-title").textContent = t("sd.title") + " · " + t("am.open");
+    $("sd-patient").textContent = [R.personName(patient.name) || "", patient.patient_id || ""].filter(Boolean).join(" · ");
+    $("sd-exam").textContent = [exam.description, (data.order || {}).filler_number, exam.clinic_name || exam.clinic_code].filter(Boolean).join(" — ");
+    $("sd-results").textContent =
+      t("am.kind." + kind) + " · " + reason + (body.comment !== undefined ? "\n" + body.comment : "");
+    $("sd-outcome").textContent = t("sd.final");
+    $("sd-critical").textContent = (data.report || {}).critical ? t("sd.critical_yes") : t("sd.critical_no");
+    $("sd-hr").textContent = t("lab.hr_per_row");
+    $("sd-error").hidden = true;
+    $("sd-password").value = "";
+    $("sd-sign").disabled = false;
+    $("sign-dialog").showModal();
+    $("sd-password").focus();
+  }
+  $("amend-btn").addEventListener("click", openAmend);
+  $("amend-form").addEventListener("submit", submitAmend);
+  $("amend-form").addEventListener("change", function (event) {
+    if (event.target && event.target.name === "kind") amendKindChanged();
+  });
+  $("amend-cancel").addEventListener("click", function () {
+    $("amend-dialog").close();
+  });
 
   // --- lease (R.workItemLease, as on the reading page) ----------------------------------------
   var lease = R.workItemLease(state, {

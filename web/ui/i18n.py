@@ -275,6 +275,12 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "lab.sex.F": ("女", "female"),
     "lab.sex.O": ("其他", "other"),
     "lab.sex.U": ("未知", "unknown"),
+    "lab.amend_results": (
+        "新版本的结果表取自该申请单的当前结果（含签发后收到的更正），审核决定沿用",
+        "The new version's results come from the order's current results (corrections received "
+        "after signing included); the review decisions carry over",
+    ),
+    "lab.amended": ("第 {n} 版 · {kind}：{reason}", "Version {n} · {kind}: {reason}"),
     "lab.loinc_notice": (
         "LOINC® 版权归 Regenstrief Institute, Inc. 及 LOINC 委员会所有，"
         "依 https://loinc.org/license 免费使用。",
@@ -657,6 +663,29 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "ad.tab.recognition": ("互认目录与资质", "Recognition"),
     "ad.tab.critical": ("危急值联系人与值班", "Critical-value contacts"),
     "ad.tab.delivery": ("报告推送", "Delivery endpoints"),
+    "ad.tab.labmap": ("检验项目映射", "Lab code mapping"),
+    "ad.lm.help": (
+        "未能对照到联盟检验目录的项目代码（不会自动猜测）：选择对应的 LOINC 后，"
+        "暂挂的申请单将重新自动审核",
+        "Codes no mapping covers (never guessed): pick the catalogue LOINC and the held "
+        "orders are auto-verified again",
+    ),
+    "ad.lm.facility": ("发送机构", "Sending facility"),
+    "ad.lm.code": ("本地代码", "Local code"),
+    "ad.lm.text": ("名称", "Text"),
+    "ad.lm.unit": ("单位", "Unit"),
+    "ad.lm.count": ("次数", "Seen"),
+    "ad.lm.reason": ("原因", "Reason"),
+    "ad.lm.loinc": ("目录项目 (LOINC)", "Catalogue test (LOINC)"),
+    "ad.lm.all": ("适用于所有发送机构", "for every sender"),
+    "ad.lm.map": ("映射", "Map"),
+    "ad.lm.mapped": ("已映射：{loinc}", "Mapped: {loinc}"),
+    "ad.lm.done": (
+        "已映射为 {loinc}，重新审核 {n} 个申请单（自动发布 {r} 个）",
+        "Mapped to {loinc}; {n} orders verified again ({r} released)",
+    ),
+    "ad.lm.show_resolved": ("显示已映射的代码", "Show mapped codes"),
+    "ad.lm.empty": ("没有待映射的代码", "No codes wait for a mapping"),
     "ad.clinics.help": (
         "停用的机构：其 AE 发送将被拒绝，其用户无法登录；数据保留。",
         "A disabled clinic's AE titles are refused and its users cannot sign in; its data stays.",

@@ -144,6 +144,39 @@ def _recognition_extension(recognition: dict[str, Any]) -> dict[str, Any]:
 _UCUM = "http://unitsofmeasure.org"
 
 
+def _value(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The Observation's value[x]: a coded result as valueCodeableConcept, a text result as
+    valueString, a number as valueQuantity (UCUM)."""
+    coding = item.get("value_coding")
+    if isinstance(coding, Mapping):
+        concept: dict[str, Any] = {
+            "coding": [
+                {
+                    k: str(v)
+                    for k, v in (
+                        ("system", coding.get("system")),
+                        ("code", coding.get("code")),
+                        ("display", coding.get("display")),
+                    )
+                    if v
+                }
+            ]
+        }
+        if coding.get("display"):
+            concept["text"] = str(coding["display"])
+        return {"valueCodeableConcept": concept}
+    if item.get("value") is None:
+        return {"valueString": str(item.get("value_string") or "")}
+    return {
+        "valueQuantity": {
+            "value": item["value"],
+            "unit": str(item["unit"]),
+            "system": _UCUM,
+            "code": str(item["unit"]),
+        }
+    }
+
+
 def _observations(
     sections: Sequence[Mapping[str, Any]],
     *,
@@ -189,12 +222,7 @@ def _observations(
                     },
                     "subject": {"reference": f"#{contained['id']}"},
                     "effectiveDateTime": _when(exam.performed_at or exam.first_received_at),
-                    "valueQuantity": {
-                        "value": item["value"],
-                        "unit": str(item["unit"]),
-                        "system": _UCUM,
-                        "code": str(item["unit"]),
-                    },
+                    **_value(item),
                     **({"method": {"text": str(item["source"])}} if item.get("source") else {}),
                     **_range_and_interpretation(item),
                 }

@@ -102,7 +102,7 @@ class SectionObservation:
     key: str
     code: str
     display: str
-    value: float
+    value: float | None  # None: a text or coded result (``value_string``/``value_coding``)
     unit: str
     system: str = "http://loinc.org"
     source: str = ""  # e.g. "reader" / "machine": who produced the value
@@ -113,6 +113,12 @@ class SectionObservation:
     reference_high: float | None = None
     reference_text: str = ""
     interpretation: tuple[str, ...] = ()
+    # Text and coded results (HL7 v2 value types ST, TX, FT, CWE/CE/CNE): the value type as
+    # sent, the text (FHIR valueString) or the coding (system, code, display: FHIR
+    # valueCodeableConcept). In the document only when given.
+    value_type: str = ""
+    value_string: str = ""
+    value_coding: tuple[str, str, str] | None = None
 
     def as_document(self) -> dict[str, JsonValue]:
         out: dict[str, JsonValue] = {
@@ -131,6 +137,13 @@ class SectionObservation:
             out["reference_text"] = self.reference_text
         if self.interpretation:
             out["interpretation"] = list(self.interpretation)
+        if self.value_type:
+            out["value_type"] = self.value_type
+        if self.value_string:
+            out["value_string"] = self.value_string
+        if self.value_coding is not None:
+            system, code, display = self.value_coding
+            out["value_coding"] = {"system": system, "code": code, "display": display}
         return out
 
 
