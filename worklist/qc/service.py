@@ -102,6 +102,7 @@ __all__ = [
     "list_targets",
     "month_period",
     "period_filters",
+    "rebuild_rollup",
     "record_export",
     "refresh_facts",
     "require_qc",
@@ -847,12 +848,15 @@ FACT_BATCH = 2000
 _ROLLUP_LOCK = 0x5143_0022  # pg_advisory_xact_lock key of the roll-up's writers
 
 
-def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -> int:
+def refresh_facts(
+    session: Session, *, now: datetime, limit: int = FACT_BATCH, rollup: bool = True
+) -> int:
     """Recompute the facts of the exams of the oldest ``limit`` rows of ``qc_fact_queue``
     from the source tables (an exam that no longer exists loses its facts), then remove
     those queue rows (only those: a change queued meanwhile stays for the next run).
     Returns how many queue rows were consumed. Idempotent; on PostgreSQL concurrent runs
-    skip each other's rows."""
+    skip each other's rows. The roll-up takes the difference (``rollup`` False: it does
+    not, and the caller rebuilds it with :func:`rebuild_rollup` in the same transaction)."""
     rows = session.execute(
         select(QcFactQueue.seq, QcFactQueue.exam_id)
         .order_by(QcFactQueue.seq)
@@ -866,8 +870,32 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
     if d == "postgresql":
         # The roll-up takes differences: one refresh at a time (a second one waits).
         session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
+    if not rollup:
+        return _replace_facts(session, rows, now)
     tz = _rollup_tz()
-    daily, hist = _contributions(session, facts=True, exams=exam_ids, tz=tz, now=now)
+    # The batch's exams as a subquery (a list would bind its IDs once per indicator); the
+    # range may hold exams of a concurrent run's rows too: their facts do not change here,
+    # so their difference is nothing.
+    seqs = [row.seq for row in rows]
+    batch = select(QcFactQueue.exam_id).where(QcFactQueue.seq.between(min(seqs), max(seqs)))
+    daily, hist = _contributions(session, facts=True, exams=batch, tz=tz, now=now)
+    _replace_facts(session, rows, now, queue=False)
+    _write_report_facts(session, exam_ids)
+    new_daily, new_hist = _contributions(session, facts=True, exams=batch, tz=tz, now=now)
+    _merge(new_daily, daily, -1)
+    _merge(new_hist, hist, -1)
+    _apply_rollup(session, new_daily, new_hist)
+    session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_(seqs)))
+    return len(rows)
+
+
+def _replace_facts(
+    session: Session, rows: Sequence[Any], now: datetime, *, queue: bool = True
+) -> int:
+    """The facts of the exams of the queue rows ``rows`` from the source tables (and, with
+    ``queue``, those queue rows removed)."""
+    exam_ids = sorted({row.exam_id for row in rows})
+    d = _dialect(session)
     session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
     source = _source_rows()
     e, r1, w = source.e, source.r1, source.w
@@ -886,13 +914,36 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
     }
     values = source.join(select(*columns.values()), None).where(e.id.in_(exam_ids))
     session.execute(insert(QcExamFact).from_select(list(columns), values))
-    _write_report_facts(session, exam_ids)
-    new_daily, new_hist = _contributions(session, facts=True, exams=exam_ids, tz=tz, now=now)
-    _merge(new_daily, daily, -1)
-    _merge(new_hist, hist, -1)
-    _apply_rollup(session, new_daily, new_hist)
-    session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([row.seq for row in rows])))
+    if queue:
+        session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([r.seq for r in rows])))
     return len(rows)
+
+
+def rebuild_rollup(session: Session, *, now: datetime) -> None:
+    """The roll-up and the report facts rebuilt from all the facts (after a bulk refresh:
+    the backlog of an upgrade, in one transaction with it)."""
+    if _dialect(session) == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
+    for table in (QcDaily, QcTatHist, QcReportFact):
+        session.execute(delete(table))
+    every = select(QcExamFact.id)
+    batch: list[dict[str, Any]] = []
+    for row, n in _writing_rows(session, every):
+        batch.append(
+            {
+                "report_id": row.case_id,
+                "exam_id": row.exam_id,
+                "final_at": row.at,
+                "compliant": bool(n),
+            }
+        )
+        if len(batch) >= 5000:
+            session.execute(insert(QcReportFact), batch)
+            batch = []
+    if batch:
+        session.execute(insert(QcReportFact), batch)
+    daily, hist = _contributions(session, facts=True, exams=every, tz=_rollup_tz(), now=now)
+    _apply_rollup(session, daily, hist, fresh=True)
 
 
 def facts_waiting(session: Session) -> int:
@@ -1843,6 +1894,11 @@ def _merge(into: dict[Any, Any], other: dict[Any, Any], sign: int) -> None:
             into[key] = into.get(key, 0) + sign * value
 
 
+def _insert_rows(session: Session, table: Any, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), 5000):
+        session.execute(insert(table), rows[start : start + 5000])
+
+
 def _upsert(session: Session, table: Any, keys: list[str], rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -1860,9 +1916,15 @@ def _upsert(session: Session, table: Any, keys: list[str], rows: list[dict[str, 
 
 
 def _apply_rollup(
-    session: Session, daily: dict[_DailyKey, list[int]], hist: dict[_HistKey, int]
+    session: Session,
+    daily: dict[_DailyKey, list[int]],
+    hist: dict[_HistKey, int],
+    *,
+    fresh: bool = False,
 ) -> None:
-    """Add the differences ``daily`` / ``hist`` to the roll-up tables."""
+    """Add the differences ``daily`` / ``hist`` to the roll-up tables (``fresh``: they are
+    empty, plain inserts)."""
+    upsert = _insert_rows if fresh else _upsert
     by_key: dict[tuple[str, ...], dict[str, Any]] = {}
     for (code, day, *dims), (n, s) in daily.items():
         if not n and not s:
@@ -1874,8 +1936,8 @@ def _apply_rollup(
             by_key[(day, *dims)] = row
         row[rollup_column(code, "n")] += n
         row[rollup_column(code, "s")] += s
-    _upsert(session, QcDaily.__table__, ["day", *_DIMS], list(by_key.values()))
-    _upsert(
+    upsert(session, QcDaily.__table__, ["day", *_DIMS], list(by_key.values()))
+    upsert(
         session,
         QcTatHist.__table__,
         ["month", "clinic", "stage", "bucket"],
@@ -2045,7 +2107,7 @@ def _rollup_figures(
         if code in TAT_STAGES:
             stage = int(code.split("-")[1])
             for agg in groups:
-                h = hists.get(("cur", agg.key, stage), {})
+                h = hists.get(("cur", agg.key or "", stage), {})
                 agg.p50, agg.p90 = hist_percentile(h, 0.5), hist_percentile(h, 0.9)
             for whole, name in ((total, "cur"), (before, "prev")):
                 if whole is None:
