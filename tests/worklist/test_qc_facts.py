@@ -18,9 +18,9 @@ from tests.worklist import qc_dataset
 from worklist.access import Principal
 from worklist.directory import principal_for_user
 from worklist.models import Exam, ExamState, Organization, Priority, Report, User, WorkItem
-from worklist.qc import GROUPS, INDICATORS, compute_indicators, histogram, list_cases
+from worklist.qc import GROUPS, INDICATORS, compute_indicators, histogram, list_cases, service
 from worklist.qc.models import QC_FACT_SOURCES, QcExamFact, QcFactQueue
-from worklist.qc.service import period_filters
+from worklist.qc.service import BUCKET_RATIO, period_filters
 from worklist.qc.tasks import refresh_facts_task
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -100,25 +100,87 @@ def _waiting() -> int:
         return int(session.execute(select(func.count()).select_from(QcFactQueue)).scalar_one())
 
 
-def _assert_same(principal: Principal) -> None:
-    reference = _figures(principal, facts=False)
+def _assert_same(principal: Principal, reference: list[Any] | None = None) -> list[Any]:
+    """The facts' figures are the reference's (computed here unless given: the task writes
+    only the facts, so the reference of the same source rows is reused); returns it."""
+    reference = reference or _figures(principal, facts=False)
     facts = _figures(principal, facts=True)
-    assert reference == facts
+    for i, (x, y) in enumerate(zip(reference, facts, strict=True)):
+        if isinstance(x, list):
+            for a, b in zip(x, y, strict=True):
+                assert a == b, (i, a["code"], {k: (a[k], b[k]) for k in a if a[k] != b[k]})
+        assert x == y, i
     # Not vacuous: the data set has cases in these (the changes below add others).
     counted = {i["code"] for i in reference[0] if i["numerator"]}
     assert counted >= {"TAT-01", "TAT-07", "SLA-01", "RRC-02", "IQ-01", "IQ-02", "ALL-01", "ALL-02"}
+    return reference
 
 
-def test_facts_give_the_reference_figures_before_and_after_the_task(qc: Principal) -> None:
+def _assert_histograms_close(principal: Principal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The roll-up's turnaround percentiles from histograms (forced: the data set is small
+    enough for exact ones) are within one bucket of the exact ones, and everything else is
+    the same: |estimate - exact| <= (r - 1) / 2 * exact + 0.5 s, plus 0.1 min of rounding."""
+    calls: list[int] = []
+    real = service._tat_hists
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service, "EXACT_PERCENTILES_UP_TO", -1)
+        patch.setattr(service, "_tat_hists", spy)
+        _compare_histograms(principal)
+    assert calls  # the histograms were read
+
+
+def _close(exact: float | None, estimate: float | None) -> bool:
+    if exact is None or estimate is None:
+        return exact is estimate
+    return abs(estimate - exact) <= (BUCKET_RATIO - 1) / 2 * abs(exact) + 0.5 / 60 + 0.11
+
+
+def _compare_histograms(principal: Principal) -> None:
+    close = _close
+
+    loose = {"p50", "p90", "value", "previous_value", "change", "status", "groups"}
+    with read_session() as session:
+        for start, end in PERIODS:
+            filters = period_filters(start=start, end=end, tz=TZ)
+            for group_by in (None, "clinic", "month"):
+                exact, rolled = (
+                    compute_indicators(
+                        session, principal=principal, filters=filters, now=NOW,
+                        group_by=group_by, rollup=rollup,
+                    )
+                    for rollup in (False, True)
+                )  # fmt: skip
+                for x, y in zip(exact, rolled, strict=True):
+                    if x.kind != "duration":
+                        assert x == y
+                        continue
+                    assert x.model_dump(exclude=loose) == y.model_dump(exclude=loose)
+                    assert close(x.p50, y.p50) and close(x.p90, y.p90), x.code
+                    assert close(x.previous_value, y.previous_value), x.code
+                    for gx, gy in zip(x.groups or [], y.groups or [], strict=True):
+                        assert (gx.key, gx.numerator, gx.denominator) == (
+                            gy.key, gy.numerator, gy.denominator,
+                        )  # fmt: skip
+                        assert close(gx.p50, gy.p50) and close(gx.p90, gy.p90), x.code
+
+
+def test_facts_give_the_reference_figures_before_and_after_the_task(
+    qc: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert _waiting() > 0  # the data set's writes were queued by the triggers
-    _assert_same(qc)  # everything waiting: read from the source tables
+    before = _assert_same(qc)  # everything waiting: read from the source tables
     assert refresh_facts_task() > 0
     assert _waiting() == 0
     with read_session() as session:
         assert session.execute(select(func.count()).select_from(QcExamFact)).scalar_one() == (
             session.execute(select(func.count()).select_from(Exam)).scalar_one()
         )
-    _assert_same(qc)  # everything from the facts
+    _assert_same(qc, before)  # everything from the facts
     assert refresh_facts_task() == 0  # idempotent: nothing left to do
 
     # Changes by every kind of writer, each column an indicator reads.
@@ -149,7 +211,8 @@ def test_facts_give_the_reference_figures_before_and_after_the_task(qc: Principa
         )
         session.execute(delete(Exam).where(Exam.id == exams[names[5]].id))
     assert _waiting() > 0
-    _assert_same(qc)  # the changed exams read from the source tables
+    after = _assert_same(qc)  # the changed exams read from the source tables
+    _assert_histograms_close(qc, monkeypatch)
     refresh_facts_task()
     assert _waiting() == 0
     with read_session() as session:
@@ -158,7 +221,8 @@ def test_facts_give_the_reference_figures_before_and_after_the_task(qc: Principa
         assert session.get(QcExamFact, exams[names[5]].id) is None
         clinics = set(session.execute(select(QcExamFact.clinic)).scalars())
         assert "C2X" in clinics and "C2" not in clinics
-    _assert_same(qc)
+    _assert_same(qc, after)
+    _assert_histograms_close(qc, monkeypatch)
 
 
 def test_the_triggers_watch_every_column_the_facts_copy() -> None:

@@ -31,10 +31,16 @@ from worklist.models import (
 __all__ = [
     "QC_FACT_SOURCES",
     "QC_INDEXES",
+    "QC_PENDING_INDEX",
+    "ROLLUP_CODES",
+    "QcDaily",
     "QcExamFact",
     "QcFactQueue",
     "QcReportCheck",
+    "QcReportFact",
     "QcTarget",
+    "QcTatHist",
+    "rollup_column",
 ]
 
 # The times that place cases in a period: a quarter's indicators read an index range
@@ -99,9 +105,9 @@ class QcExamFact(Base):
         Index("ix_qc_exam_facts_rescan_requested_at", "rescan_requested_at"),
     )
 
-    id: Mapped[str] = mapped_column(
-        "exam_id", ForeignKey("exams.id", ondelete="CASCADE"), primary_key=True
-    )
+    # No foreign key: the facts of a deleted exam stay until the task has taken them out
+    # of the roll-up (migration 0022).
+    id: Mapped[str] = mapped_column("exam_id", String(36), primary_key=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
     org_id: Mapped[str] = mapped_column(String(36))
     clinic: Mapped[str] = mapped_column(String(64))
@@ -179,3 +185,77 @@ QC_FACT_SOURCES: dict[str, tuple[str, ...]] = {
     "reports": ("exam_id", "version", "final_at", "author_id", "quality_grade", "quality_reason"),
     "work_items": ("exam_id", "due_at"),
 }
+
+
+# The indicators the daily roll-up holds: every exam indicator, and report writing (RWS-03).
+ROLLUP_CODES = (
+    "TAT-01", "TAT-02", "TAT-03", "TAT-04", "TAT-05", "TAT-06", "TAT-07", "SLA-01",
+    "RRC-02", "ECG-01", "IQ-01", "IQ-02", "ALL-01", "ALL-02", "ALL-06", "RWS-03",
+)  # fmt: skip
+
+
+def rollup_column(code: str, what: str) -> str:
+    """The roll-up column of ``code``: ``n`` (cases, the denominator) or ``s`` (numerator)."""
+    return f"{what}_{code.lower().replace('-', '_')}"
+
+
+class QcDaily(Base):
+    """Daily roll-up of the facts: per local day (the configured time zone) × clinic ×
+    discipline × modality × priority, the number of cases ``n_<code>`` and of numerator
+    cases ``s_<code>`` of every indicator of ``ROLLUP_CODES`` whose case time falls on that
+    day (arrival, first final, re-scan or report signing, as the indicator places its
+    cases). Kept equal to the sums over ``qc_exam_facts`` and ``qc_report_facts`` by the
+    task that refreshes them (deltas, in the same transaction). SLA-01 holds only the
+    reported exams here (the overdue unreported ones depend on the time of the query)."""
+
+    __tablename__ = "qc_daily"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD
+    clinic: Mapped[str] = mapped_column(String(64), primary_key=True)
+    discipline: Mapped[str] = mapped_column(String(32), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16), primary_key=True)
+    priority: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
+for _code in ROLLUP_CODES:
+    for _what in ("n", "s"):
+        _name = rollup_column(_code, _what)
+        setattr(QcDaily, _name, mapped_column(_name, BigInteger, nullable=False, default=0))
+
+
+class QcTatHist(Base):
+    """Monthly histograms of the turnaround stages' seconds per clinic: how many exams that
+    arrived in ``month`` (local) had stage ``stage`` (1..7) in bucket ``bucket``
+    (``worklist.qc.service.duration_bucket``: log scale). P50/P90 of whole months are read
+    from here; kept with the daily roll-up."""
+
+    __tablename__ = "qc_tat_hist"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    clinic: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class QcReportFact(Base):
+    """The report-writing result (RWS-03) of one signed imaging report version, as counted
+    in the roll-up: written with its exam's facts (the exam is queued whenever one of its
+    reports changes or is signed)."""
+
+    __tablename__ = "qc_report_facts"
+
+    # No foreign keys: a deleted report or exam stays until the task takes it out.
+    report_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    exam_id: Mapped[str] = mapped_column(String(36), index=True)
+    final_at: Mapped[datetime] = mapped_column()
+    compliant: Mapped[bool] = mapped_column(Boolean)
+
+
+# Exams without a first final report, by arrival: SLA-01's overdue unreported exams.
+QC_PENDING_INDEX = Index(
+    "ix_qc_exam_facts_pending",
+    QcExamFact.first_received_at,
+    postgresql_where=QcExamFact.final_at.is_(None),
+    sqlite_where=QcExamFact.final_at.is_(None),
+)

@@ -14,6 +14,7 @@ on PostgreSQL and computed over the selected durations on SQLite. Report-writing
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from rdc_core.errors import InvalidInputError, NotFoundError
+from rdc_core.settings import get_settings
 from worklist.access import Principal, require_roles
 from worklist.audit import AuditEvent, record_access, record_event
 from worklist.critical_values.models import AlertState, CriticalAlert
@@ -61,7 +63,18 @@ from worklist.models import (
     WorkItem,
 )
 from worklist.qc.definitions import INDICATORS, Indicator, indicator
-from worklist.qc.models import QC_FACT_SOURCES, QcExamFact, QcFactQueue, QcReportCheck, QcTarget
+from worklist.qc.models import (
+    QC_FACT_SOURCES,
+    ROLLUP_CODES,
+    QcDaily,
+    QcExamFact,
+    QcFactQueue,
+    QcReportCheck,
+    QcReportFact,
+    QcTarget,
+    QcTatHist,
+    rollup_column,
+)
 from worklist.qc.schemas import (
     CaseOut,
     CasePage,
@@ -89,6 +102,7 @@ __all__ = [
     "list_targets",
     "month_period",
     "period_filters",
+    "rebuild_rollup",
     "record_export",
     "refresh_facts",
     "require_qc",
@@ -831,14 +845,18 @@ def check_reports(
 
 
 FACT_BATCH = 2000
+_ROLLUP_LOCK = 0x5143_0022  # pg_advisory_xact_lock key of the roll-up's writers
 
 
-def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -> int:
+def refresh_facts(
+    session: Session, *, now: datetime, limit: int = FACT_BATCH, rollup: bool = True
+) -> int:
     """Recompute the facts of the exams of the oldest ``limit`` rows of ``qc_fact_queue``
     from the source tables (an exam that no longer exists loses its facts), then remove
     those queue rows (only those: a change queued meanwhile stays for the next run).
     Returns how many queue rows were consumed. Idempotent; on PostgreSQL concurrent runs
-    skip each other's rows."""
+    skip each other's rows. The roll-up takes the difference (``rollup`` False: it does
+    not, and the caller rebuilds it with :func:`rebuild_rollup` in the same transaction)."""
     rows = session.execute(
         select(QcFactQueue.seq, QcFactQueue.exam_id)
         .order_by(QcFactQueue.seq)
@@ -848,8 +866,37 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
     if not rows:
         return 0
     exam_ids = sorted({row.exam_id for row in rows})
-    session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
     d = _dialect(session)
+    if d == "postgresql":
+        # The roll-up takes differences: one refresh at a time (a second one waits).
+        session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
+    if not rollup:
+        return _replace_facts(session, rows, now)
+    tz = _rollup_tz()
+    # The batch's exams as a subquery (a list would bind its IDs once per indicator); the
+    # range may hold exams of a concurrent run's rows too: their facts do not change here,
+    # so their difference is nothing.
+    seqs = [row.seq for row in rows]
+    batch = select(QcFactQueue.exam_id).where(QcFactQueue.seq.between(min(seqs), max(seqs)))
+    daily, hist = _contributions(session, facts=True, exams=batch, tz=tz, now=now)
+    _replace_facts(session, rows, now, queue=False)
+    _write_report_facts(session, exam_ids)
+    new_daily, new_hist = _contributions(session, facts=True, exams=batch, tz=tz, now=now)
+    _merge(new_daily, daily, -1)
+    _merge(new_hist, hist, -1)
+    _apply_rollup(session, new_daily, new_hist)
+    session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_(seqs)))
+    return len(rows)
+
+
+def _replace_facts(
+    session: Session, rows: Sequence[Any], now: datetime, *, queue: bool = True
+) -> int:
+    """The facts of the exams of the queue rows ``rows`` from the source tables (and, with
+    ``queue``, those queue rows removed)."""
+    exam_ids = sorted({row.exam_id for row in rows})
+    d = _dialect(session)
+    session.execute(delete(QcExamFact).where(QcExamFact.id.in_(exam_ids)))
     source = _source_rows()
     e, r1, w = source.e, source.r1, source.w
     columns: dict[str, Any] = {
@@ -867,8 +914,36 @@ def refresh_facts(session: Session, *, now: datetime, limit: int = FACT_BATCH) -
     }
     values = source.join(select(*columns.values()), None).where(e.id.in_(exam_ids))
     session.execute(insert(QcExamFact).from_select(list(columns), values))
-    session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([row.seq for row in rows])))
+    if queue:
+        session.execute(delete(QcFactQueue).where(QcFactQueue.seq.in_([r.seq for r in rows])))
     return len(rows)
+
+
+def rebuild_rollup(session: Session, *, now: datetime) -> None:
+    """The roll-up and the report facts rebuilt from all the facts (after a bulk refresh:
+    the backlog of an upgrade, in one transaction with it)."""
+    if _dialect(session) == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
+    for table in (QcDaily, QcTatHist, QcReportFact):
+        session.execute(delete(table))
+    every = select(QcExamFact.id)
+    batch: list[dict[str, Any]] = []
+    for row, n in _writing_rows(session, every):
+        batch.append(
+            {
+                "report_id": row.case_id,
+                "exam_id": row.exam_id,
+                "final_at": row.at,
+                "compliant": bool(n),
+            }
+        )
+        if len(batch) >= 5000:
+            session.execute(insert(QcReportFact), batch)
+            batch = []
+    if batch:
+        session.execute(insert(QcReportFact), batch)
+    daily, hist = _contributions(session, facts=True, exams=every, tz=_rollup_tz(), now=now)
+    _apply_rollup(session, daily, hist, fresh=True)
 
 
 def facts_waiting(session: Session) -> int:
@@ -1207,12 +1282,15 @@ def compute_indicators(
     family: str | None = None,
     previous: bool = True,
     facts: bool = True,
+    rollup: bool = True,
 ) -> list[IndicatorOut]:
     """Every indicator (or ``codes`` / one ``family``) over ``filters``; with ``group_by``,
     each indicator also carries its breakdown. ``change`` is the difference from the
     period of the same length just before. ``facts=False`` reads the exam indicators from
     the source tables instead of ``qc_exam_facts`` (the reference the facts are tested
-    against; same figures)."""
+    against; same figures). With ``facts`` and ``rollup`` (the default), the indicators the
+    daily roll-up holds are summed from it (same counts; turnaround P50/P90 from histograms,
+    within one bucket of the exact values: see ``hist_percentile``)."""
     require_qc(principal)
     if group_by is not None and group_by not in GROUPS:
         raise InvalidInputError(f"group_by must be one of {', '.join(GROUPS)}")
@@ -1222,13 +1300,17 @@ def compute_indicators(
         if unknown:
             raise NotFoundError(f"no indicator {', '.join(sorted(unknown))}")
     targets = _current_targets(session)
-    family_codes = [
+    selected = [
         i.code
         for i in INDICATORS
-        if i.code in TAT_STAGES
-        and (wanted is None or i.code in wanted)
-        and (family is None or i.family == family)
+        if (wanted is None or i.code in wanted) and (family is None or i.family == family)
     ]
+    rolled = (
+        _rollup_figures(session, selected, filters, group_by, previous=previous, now=now)
+        if facts and rollup
+        else {}
+    )
+    family_codes = [c for c in selected if c in TAT_STAGES and c not in rolled]
     tat = (
         _turnaround_family(session, family_codes, filters, group_by, previous=previous, facts=facts)
         if len(family_codes) > 1 and group_by != "reason"  # reasons differ by stage
@@ -1246,8 +1328,10 @@ def compute_indicators(
         total: _Agg | None = None
         prev_value: float | None = None
         if source is not None:
-            figures = tat.get(ind.code) or _aggregate(
-                session, ind, source, filters, group_by, previous=previous
+            figures = (
+                rolled.get(ind.code)
+                or tat.get(ind.code)
+                or _aggregate(session, ind, source, filters, group_by, previous=previous)
             )
             total = figures.total
             if group_by is not None:
@@ -1616,3 +1700,531 @@ def set_target(
         },
     )
     return target_history(session, principal=principal, code=ind.code)[0]
+
+
+# --- daily roll-up -------------------------------------------------------------------------
+#
+# qc_daily holds, per local day × clinic × discipline × modality × priority, the number of
+# cases and of numerator cases of every indicator of ROLLUP_CODES, summed over the facts
+# (qc_exam_facts, qc_report_facts); qc_tat_hist the turnaround stages' seconds per month ×
+# clinic as log-scale histograms. The refresh task applies the difference between an
+# exam's old and new facts to both in the same transaction, so they always equal the sums
+# over the facts; a query subtracts what the facts of the exams still queued contribute and
+# adds what their source rows do, so the figures never lag (as for the facts).
+#
+# Counts are exact. Percentiles from the histograms (whole months; the days of partial
+# months at the ends of a period are bucketed from the facts) are estimates: with
+# ``BUCKET_RATIO`` r, a value is placed in its bucket [r**(b-1), r**b) seconds (bucket 0:
+# under a second), each rank at its bucket's midpoint, and P50/P90 interpolated between the
+# two ranks around them as percentile_cont does, so |estimate - exact| <= (r - 1) / 2 of
+# the larger of those two values + 0.5 s: within one bucket (4.4 %).
+
+BUCKET_RATIO = 2 ** (1 / 8)
+# Periods with at most this many durations of a stage (both periods) get exact percentiles.
+EXACT_PERCENTILES_UP_TO = 20_000
+_LOG_RATIO = math.log(BUCKET_RATIO)
+_DIMS = ("clinic", "discipline", "modality", "priority")
+_DailyKey = tuple[str, str, str, str, str, str]  # code, day, clinic, discipline, modality, priority
+_HistKey = tuple[str, str, int, int]  # (month, clinic, stage, bucket)
+
+
+def duration_bucket(seconds: float) -> int:
+    """The histogram bucket of a duration (negative durations mirror positive ones)."""
+    size = abs(seconds)
+    bucket = 0 if size < 1.0 else 1 + math.floor(math.log(size) / _LOG_RATIO)
+    return bucket if seconds >= 0 else -bucket - 1
+
+
+def bucket_bounds(bucket: int) -> tuple[float, float]:
+    """[low, high) seconds of a bucket."""
+    if bucket < 0:
+        low, high = bucket_bounds(-bucket - 1)
+        return -high, -low
+    if bucket == 0:
+        return 0.0, 1.0
+    return BUCKET_RATIO ** (bucket - 1), BUCKET_RATIO**bucket
+
+
+def hist_percentile(hist: dict[int, int], q: float) -> float | None:
+    """Percentile ``q`` (0..1) of a histogram, interpolated like percentile_cont."""
+    n = sum(hist.values())
+    if n <= 0:
+        return None
+    h = q * (n - 1)
+    low_rank = math.floor(h)
+    ranks = (low_rank, min(low_rank + 1, n - 1))
+    found: list[float] = []
+    seen = 0
+    for bucket in sorted(hist):
+        count = hist[bucket]
+        if count <= 0:
+            continue
+        while len(found) < 2 and ranks[len(found)] < seen + count:
+            low, high = bucket_bounds(bucket)
+            found.append((low + high) / 2)
+        seen += count
+        if len(found) == 2:
+            break
+    return found[0] + (h - low_rank) * (found[1] - found[0])
+
+
+def _rollup_tz() -> str:
+    return get_settings().timezone
+
+
+def _local_text(dialect: str, at: Any, tz: str, *, month: bool) -> ColumnElement[Any]:
+    """``YYYY-MM-DD`` (or ``YYYY-MM``) of ``at`` in the local time zone."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone(tz, at), "YYYY-MM" if month else "YYYY-MM-DD")
+    offset = int(datetime.now(ZoneInfo(tz)).utcoffset().total_seconds())  # type: ignore[union-attr]
+    return func.strftime("%Y-%m" if month else "%Y-%m-%d", at, f"{offset:+d} seconds")
+
+
+def _rollup_cases(d: str, now: datetime) -> dict[str, _ExamCases]:
+    """The exam indicators as the roll-up holds them: SLA-01 only its reported exams (its
+    overdue unreported ones depend on the time of the query: counted when read)."""
+    cases = _exam_indicators(d, now)
+    cases["SLA-01"] = replace(
+        cases["SLA-01"],
+        where=lambda e, r1, w: [e.state != ExamState.CANCELLED, r1.final_at.is_not(None)],
+    )
+    return cases
+
+
+def _daily_contributions(
+    session: Session, *, facts: bool, exams: Any, tz: str, now: datetime
+) -> dict[_DailyKey, list[int]]:
+    """(code, day, dims) -> [cases, numerator] of the exams ``exams`` (IDs, a selectable),
+    from their facts (``facts``) or their source rows; RWS-03 from their report facts or
+    their reports."""
+    d = _dialect(session)
+    rows = _fact_rows() if facts else _source_rows()
+    e, r1, w = rows.e, rows.r1, rows.w
+    dims = [rows.clinic, cast(e.discipline, String), e.modality, cast(e.priority, String)]
+    parts = []
+    for code, cases in _rollup_cases(d, now).items():
+        if cases.stage is not None:
+            num: Any = case((rows.stage_seconds(d, cases.stage).is_not(None), 1), else_=0)
+        else:
+            assert cases.num is not None
+            num = cases.num(e, r1, w)
+        day = _local_text(d, cases.at(e, r1), tz, month=False)
+        query = select(
+            literal(code), day, *dims, func.count(), func.coalesce(func.sum(num), 0)
+        ).where(*cases.where(e, r1, w), e.id.in_(exams))
+        parts.append(rows.join(query, cases.due).group_by(day, *dims))
+    out: dict[_DailyKey, list[int]] = {}
+    for code, day, clinic, discipline, modality, priority, n, s in session.execute(
+        union_all(*parts)
+    ):
+        out[(code, day, clinic, discipline, modality, priority)] = [int(n), int(s)]
+    if facts:
+        f = aliased(QcExamFact, name="f")
+        k = aliased(QcReportFact, name="k")
+        day = _local_text(d, k.final_at, tz, month=False)
+        fdims = [f.clinic, cast(f.discipline, String), f.modality, cast(f.priority, String)]
+        query = (
+            select(day, *fdims, func.count(), func.sum(case((k.compliant, 1), else_=0)))
+            .select_from(k)
+            .join(f, f.id == k.exam_id)
+            .where(k.exam_id.in_(exams))
+            .group_by(day, *fdims)
+        )
+        for day_, clinic, discipline, modality, priority, n, s in session.execute(query):
+            out[("RWS-03", day_, clinic, discipline, modality, priority)] = [int(n), int(s or 0)]
+    else:
+        for row, num in _writing_rows(session, exams):
+            key = (
+                "RWS-03", _local_day(row.at, tz, d), row.clinic, row.discipline, row.modality,
+                row.priority,
+            )  # fmt: skip
+            counts = out.setdefault(key, [0, 0])
+            counts[0] += 1
+            counts[1] += num
+    return out
+
+
+def _local_day(at: datetime, tz: str, dialect: str) -> str:
+    """The local day of ``at`` as the database computes it (SQLite: the zone's offset now)."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    if dialect == "postgresql":
+        return at.astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d")
+    offset = datetime.now(ZoneInfo(tz)).utcoffset() or timedelta()
+    return (at.astimezone(UTC) + offset).strftime("%Y-%m-%d")
+
+
+def _writing_rows(session: Session, exams: Any) -> Iterator[tuple[Any, int]]:
+    """RWS-03's cases of the exams ``exams`` from the source tables, each with its result."""
+    source = _writing(_dialect(session))
+    sub = source.query.subquery("cases")
+    assert source.evaluate is not None
+    for row in session.execute(select(*sub.c).where(sub.c.exam_id.in_(exams))):
+        yield row, source.evaluate(row)[0]
+
+
+def _tat_contributions(
+    session: Session, *, facts: bool, exams: Any, tz: str
+) -> dict[_HistKey, int]:
+    """(month, clinic, stage, bucket) -> exams, of the exams ``exams``."""
+    d = _dialect(session)
+    rows = _fact_rows() if facts else _source_rows()
+    e, r1 = rows.e, rows.r1
+    query = select(
+        _local_text(d, e.first_received_at, tz, month=True),
+        rows.clinic,
+        *[rows.stage_seconds(d, code) for code in TAT_STAGES],
+    ).where(*_not_cancelled(e, r1, None), e.id.in_(exams))
+    out: dict[_HistKey, int] = {}
+    for month, clinic, *seconds in session.execute(rows.join(query, False)):
+        for stage, value in enumerate(seconds, start=1):
+            if value is not None:
+                key = (month, clinic, stage, duration_bucket(float(value)))
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _merge(into: dict[Any, Any], other: dict[Any, Any], sign: int) -> None:
+    for key, value in other.items():
+        if isinstance(value, list):
+            mine = into.setdefault(key, [0] * len(value))
+            for i, v in enumerate(value):
+                mine[i] += sign * v
+        else:
+            into[key] = into.get(key, 0) + sign * value
+
+
+def _insert_rows(session: Session, table: Any, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), 5000):
+        session.execute(insert(table), rows[start : start + 5000])
+
+
+def _upsert(session: Session, table: Any, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    if _dialect(session) == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    statement = upsert(table)
+    counters = [c for c in rows[0] if c not in keys]
+    statement = statement.on_conflict_do_update(
+        index_elements=keys,
+        set_={c: table.c[c] + statement.excluded[c] for c in counters},
+    )
+    session.execute(statement, rows)
+
+
+def _apply_rollup(
+    session: Session,
+    daily: dict[_DailyKey, list[int]],
+    hist: dict[_HistKey, int],
+    *,
+    fresh: bool = False,
+) -> None:
+    """Add the differences ``daily`` / ``hist`` to the roll-up tables (``fresh``: they are
+    empty, plain inserts)."""
+    upsert = _insert_rows if fresh else _upsert
+    by_key: dict[tuple[str, ...], dict[str, Any]] = {}
+    for (code, day, *dims), (n, s) in daily.items():
+        if not n and not s:
+            continue
+        row = by_key.get((day, *dims))
+        if row is None:
+            row = {"day": day, **dict(zip(_DIMS, dims, strict=True))}
+            row |= {rollup_column(c, w): 0 for c in ROLLUP_CODES for w in ("n", "s")}
+            by_key[(day, *dims)] = row
+        row[rollup_column(code, "n")] += n
+        row[rollup_column(code, "s")] += s
+    upsert(session, QcDaily.__table__, ["day", *_DIMS], list(by_key.values()))
+    upsert(
+        session,
+        QcTatHist.__table__,
+        ["month", "clinic", "stage", "bucket"],
+        [
+            {"month": m, "clinic": c, "stage": st, "bucket": b, "n": n}
+            for (m, c, st, b), n in hist.items()
+            if n
+        ],
+    )
+
+
+def _contributions(
+    session: Session, *, facts: bool, exams: Any, tz: str, now: datetime
+) -> tuple[dict[_DailyKey, list[int]], dict[_HistKey, int]]:
+    return (
+        _daily_contributions(session, facts=facts, exams=exams, tz=tz, now=now),
+        _tat_contributions(session, facts=facts, exams=exams, tz=tz),
+    )
+
+
+def _write_report_facts(session: Session, exam_ids: list[str]) -> None:
+    """The report-writing results of the exams' signed imaging reports (the stored check
+    when there is one), replacing what they had."""
+    session.execute(delete(QcReportFact).where(QcReportFact.exam_id.in_(exam_ids)))
+    facts = [
+        {"report_id": row.case_id, "exam_id": row.exam_id, "final_at": row.at, "compliant": bool(n)}
+        for row, n in _writing_rows(session, exam_ids)
+    ]
+    if facts:
+        session.execute(insert(QcReportFact), facts)
+
+
+def _local_days(filters: QcFilters) -> tuple[date, date] | None:
+    """The local days [first, last] of the period, None unless it is whole days."""
+    zone = ZoneInfo(filters.tz)
+    start, end = filters.start.astimezone(zone), filters.end.astimezone(zone)
+    if start.time() != time() or end.time() != time():
+        return None
+    return start.date(), end.date() - timedelta(days=1)
+
+
+def _whole_months(first: date, last: date) -> tuple[list[str], list[tuple[date, date]]]:
+    """The months wholly inside [first, last] and the runs of days outside them."""
+    months: list[str] = []
+    edges: list[tuple[date, date]] = []
+    day = first
+    while day <= last:
+        nxt = date(day.year + day.month // 12, day.month % 12 + 1, 1)
+        if day.day == 1 and nxt - timedelta(days=1) <= last:
+            months.append(day.strftime("%Y-%m"))
+        else:
+            run_end = min(last, nxt - timedelta(days=1))
+            if edges and edges[-1][1] + timedelta(days=1) == day:
+                edges[-1] = (edges[-1][0], run_end)
+            else:
+                edges.append((day, run_end))
+        day = nxt
+    return months, edges
+
+
+def _rollup_figures(
+    session: Session,
+    codes: list[str],
+    filters: QcFilters,
+    group_by: str | None,
+    *,
+    previous: bool,
+    now: datetime,
+) -> dict[str, _Figures]:
+    """The figures of the roll-up's indicators among ``codes`` that the roll-up can give
+    for these filters (none when it cannot: a reader filter or breakdown, a breakdown by
+    reason, a period that is not whole local days of the roll-up's time zone); turnaround
+    P50/P90 from the histograms only without a discipline, modality or priority filter."""
+    tz = filters.tz
+    wide = filters.previous() if previous else filters
+    cur_days, wide_days = _local_days(filters), _local_days(replace(filters, start=wide.start))
+    if (
+        tz != _rollup_tz()
+        or filters.reader is not None
+        or group_by in ("reader", "reason")
+        or cur_days is None
+        or wide_days is None
+    ):
+        return {}
+    hist_ok = group_by in (None, "clinic", "month") and not (
+        filters.discipline or filters.modality or filters.priority
+    )
+    wanted = [c for c in codes if c in ROLLUP_CODES and (hist_ok or c not in TAT_STAGES)]
+    if not wanted:
+        return {}
+    cur_first = cur_days[0].isoformat()
+    first, last = wide_days[0].isoformat(), cur_days[1].isoformat()
+    dim_filters = {n: getattr(filters, n) for n in _DIMS if getattr(filters, n) is not None}
+
+    def period_of(day: str) -> str | None:
+        if day < first or day > last:
+            return None
+        return "cur" if day >= cur_first else "prev"
+
+    def key_of(day: str, dims: dict[str, str]) -> str:
+        if group_by is None:
+            return "all"
+        return day[:7] if group_by == "month" else dims[group_by]
+
+    # (period, key, code) -> [cases, numerator]
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    t = QcDaily.__table__
+    period = case((t.c.day >= cur_first, literal("cur")), else_=literal("prev"))
+    key: Any = (
+        literal("all")
+        if group_by is None
+        else func.substr(t.c.day, 1, 7)
+        if group_by == "month"
+        else t.c[group_by]
+    )
+    columns = [rollup_column(c, w) for c in wanted for w in ("n", "s")]
+    query = (
+        select(period, key, *[func.sum(t.c[c]) for c in columns])
+        .where(t.c.day >= first, t.c.day <= last, *[t.c[n] == v for n, v in dim_filters.items()])
+        .group_by(period, key)
+    )
+    for row in session.execute(query):
+        for i, code in enumerate(wanted):
+            sums[(row[0], str(row[1]), code)] = [int(row[2 + 2 * i] or 0), int(row[3 + 2 * i] or 0)]
+    # The exams still queued: their facts out, their source rows in.
+    queued = select(QcFactQueue.exam_id)
+    waiting = session.execute(select(exists().where(QcFactQueue.exam_id.is_not(None)))).scalar()
+    if waiting:
+        delta = _daily_contributions(session, facts=False, exams=queued, tz=tz, now=now)
+        _merge(delta, _daily_contributions(session, facts=True, exams=queued, tz=tz, now=now), -1)
+        for (code, day, *dims), (n, s) in delta.items():
+            named = dict(zip(_DIMS, dims, strict=True))
+            name = period_of(day)
+            if code not in wanted or name is None:
+                continue
+            if any(named[k] != v for k, v in dim_filters.items()):
+                continue
+            _merge(sums, {(name, key_of(day, named), code): [n, s]}, 1)
+    if "SLA-01" in wanted:
+        _overdue_unreported(session, filters, wide, group_by, now, sums)
+    durations = max(
+        (sum(v[1] for (_, _, c), v in sums.items() if c == code) for code in TAT_STAGES),
+        default=0,
+    )
+    if durations <= EXACT_PERCENTILES_UP_TO:
+        # Few durations: the exact percentiles (the turnaround pass over the facts).
+        wanted = [c for c in wanted if c not in TAT_STAGES]
+    hists = (
+        _tat_hists(session, filters, cur_days, wide_days, group_by, waiting=bool(waiting))
+        if any(c in TAT_STAGES for c in wanted)
+        else {}
+    )
+    out: dict[str, _Figures] = {}
+    for code in wanted:
+        cur = {
+            k: _Agg(k, n, s)
+            for (name, k, c), (n, s) in sums.items()
+            if c == code and name == "cur" and n
+        }
+        prev = [
+            _Agg(k, n, s)
+            for (name, k, c), (n, s) in sums.items()
+            if c == code and name == "prev" and n
+        ]
+        groups = sorted(cur.values(), key=lambda a: (a.key is None, a.key or ""))
+        total, before = _sum(groups, "all"), _sum(prev, "all")
+        if code in TAT_STAGES:
+            stage = int(code.split("-")[1])
+            for agg in groups:
+                h = hists.get(("cur", agg.key or "", stage), {})
+                agg.p50, agg.p90 = hist_percentile(h, 0.5), hist_percentile(h, 0.9)
+            for whole, name in ((total, "cur"), (before, "prev")):
+                if whole is None:
+                    continue
+                merged: dict[int, int] = {}
+                for (n_, _, st), h in hists.items():
+                    if n_ == name and st == stage:
+                        _merge(merged, h, 1)
+                whole.p50, whole.p90 = hist_percentile(merged, 0.5), hist_percentile(merged, 0.9)
+        out[code] = _Figures(groups, total, before)
+    return out
+
+
+def _overdue_unreported(
+    session: Session,
+    filters: QcFilters,
+    wide: QcFilters,
+    group_by: str | None,
+    now: datetime,
+    sums: dict[tuple[str, str, str], list[int]],
+) -> None:
+    """SLA-01's cases the roll-up does not hold: exams without a first final report whose
+    work item is overdue at ``now`` (none of them in the numerator)."""
+
+    def make(rows: _ExamRows) -> Any:
+        e, r1, w = rows.e, rows.r1, rows.w
+        query = select(
+            *_exam_columns(e, rows.clinic, rows.reader), e.first_received_at.label("at")
+        ).where(
+            e.state != ExamState.CANCELLED,
+            r1.final_at.is_(None),
+            w.due_at < now,
+            e.rescan_requested_at.is_(None),
+        )
+        return rows.join(query, True)
+
+    sub, conditions = _filtered(
+        _Source(_exam_query(True, make)), replace(filters, start=wide.start)
+    )
+    period = case((sub.c.at >= filters.start, literal("cur")), else_=literal("prev"))
+    key = _group_key(session, sub, group_by, filters.tz)
+    for name, k, n in session.execute(
+        select(period, key, func.count()).where(*conditions).group_by(period, key)
+    ):
+        _merge(sums, {(name, str(k), "SLA-01"): [int(n), 0]}, 1)
+
+
+def _tat_hists(
+    session: Session,
+    filters: QcFilters,
+    cur_days: tuple[date, date],
+    wide_days: tuple[date, date],
+    group_by: str | None,
+    *,
+    waiting: bool,
+) -> dict[tuple[str, str, int], dict[int, int]]:
+    """(period, key, stage) -> histogram of the turnaround seconds of the exams that
+    arrived in the period (whole months from qc_tat_hist, other days from the facts)."""
+    tz, d = filters.tz, _dialect(session)
+    out: dict[tuple[str, str, int], dict[int, int]] = {}
+
+    def add(name: str, key: str, stage: int, bucket: int, n: int) -> None:
+        h = out.setdefault((name, key, stage), {})
+        h[bucket] = h.get(bucket, 0) + n
+
+    def key_of(month: str, clinic: str) -> str:
+        return "all" if group_by is None else month if group_by == "month" else clinic
+
+    prev_last = cur_days[0] - timedelta(days=1)
+    periods = [("cur", cur_days)]
+    if wide_days[0] <= prev_last:
+        periods.append(("prev", (wide_days[0], prev_last)))
+    month_period: dict[str, str] = {}
+    edges: list[tuple[str, date, date]] = []
+    for name, (first, last) in periods:
+        months, runs = _whole_months(first, last)
+        month_period |= dict.fromkeys(months, name)
+        edges += [(name, a, b) for a, b in runs]
+    t = QcTatHist.__table__
+    if month_period:
+        query = select(t.c.month, t.c.clinic, t.c.stage, t.c.bucket, t.c.n).where(
+            t.c.month.in_(list(month_period)),
+            *([t.c.clinic == filters.clinic] if filters.clinic else []),
+        )
+        for month, clinic, stage, bucket, n in session.execute(query):
+            add(month_period[month], key_of(month, clinic), stage, bucket, int(n))
+        if waiting:
+            queued = select(QcFactQueue.exam_id)
+            delta = _tat_contributions(session, facts=False, exams=queued, tz=tz)
+            _merge(delta, _tat_contributions(session, facts=True, exams=queued, tz=tz), -1)
+            for (month, clinic, stage, bucket), n in delta.items():
+                if month in month_period and filters.clinic in (None, clinic):
+                    add(month_period[month], key_of(month, clinic), stage, bucket, n)
+    zone = ZoneInfo(tz)
+
+    def make(rows: _ExamRows) -> Any:
+        e, r1 = rows.e, rows.r1
+        query = select(
+            rows.clinic.label("clinic"),
+            e.first_received_at.label("at"),
+            _local_text(d, e.first_received_at, tz, month=True).label("month"),
+            *[rows.stage_seconds(d, c).label(f"d{i}") for i, c in enumerate(TAT_STAGES, 1)],
+        ).where(*_not_cancelled(e, r1, None))
+        return rows.join(query, False)
+
+    for name, first, last in edges:
+        sub = _exam_query(True, make).subquery("cases")
+        query = select(*sub.c).where(
+            sub.c.at >= datetime.combine(first, time(), zone).astimezone(UTC),
+            sub.c.at < datetime.combine(last + timedelta(days=1), time(), zone).astimezone(UTC),
+            *([sub.c.clinic == filters.clinic] if filters.clinic else []),
+        )
+        for row in session.execute(query):
+            for stage in range(1, 8):
+                value = getattr(row, f"d{stage}")
+                if value is not None:
+                    add(
+                        name, key_of(row.month, row.clinic), stage, duration_bucket(float(value)), 1
+                    )
+    return out

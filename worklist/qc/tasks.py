@@ -8,7 +8,14 @@ from rdc_core.settings import get_settings
 from rdc_core.storage import get_object_store
 from rdc_core.tasks import periodic, task
 from worklist.qc.monthly import store_last_month
-from worklist.qc.service import CHECK_BATCH, FACT_BATCH, check_reports, refresh_facts
+from worklist.qc.service import (
+    CHECK_BATCH,
+    FACT_BATCH,
+    check_reports,
+    facts_waiting,
+    rebuild_rollup,
+    refresh_facts,
+)
 
 __all__ = [
     "CHECK_REPORTS",
@@ -22,6 +29,8 @@ __all__ = [
 STORE_MONTHLY_QC_REPORT = "worklist.qc.store_monthly_report"
 CHECK_REPORTS = "worklist.qc.check_reports"
 REFRESH_FACTS = "worklist.qc.refresh_facts"
+BULK_BACKLOG = 50_000  # queued changes above which the facts are rebuilt in bulk
+BULK_BATCH = 20_000
 
 
 @task(REFRESH_FACTS)
@@ -31,6 +40,13 @@ def refresh_facts_task() -> int:
     it runs, the queued exams are read from the source tables: the figures never lag, they
     are only slower to compute."""
     total = 0
+    with session_scope() as session:
+        if facts_waiting(session) > BULK_BACKLOG:
+            # A backlog (an upgrade queues every exam): the facts in bulk, then the roll-up
+            # rebuilt from them, in one transaction (readers see the old state until then).
+            while done := refresh_facts(session, now=utcnow(), limit=BULK_BATCH, rollup=False):
+                total += done
+            rebuild_rollup(session, now=utcnow())
     while True:
         with session_scope() as session:
             done = refresh_facts(session, now=utcnow())
