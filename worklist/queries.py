@@ -22,6 +22,7 @@ from worklist.models import (
     ReportStatus,
 )
 from worklist.patients.links import same_person_clause
+from worklist.patients.models import PersonLink
 from worklist.people import person_name
 from worklist.person_names import person_name_matches
 from worklist.schemas import ExamDetail, ExamSummary, Page
@@ -160,6 +161,9 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
         objects=exam_objects(session, exam_id=exam.id),
     )
     assert isinstance(detail, ExamDetail)
+    detail.person_id = session.execute(
+        select(PersonLink.person_id).where(PersonLink.patient_ref == exam.patient_ref)
+    ).scalar_one_or_none()
     return detail
 
 

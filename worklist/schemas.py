@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import rfc8785
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worklist.models import (
     AmendmentKind,
@@ -18,6 +18,7 @@ from worklist.models import (
     ReportStatus,
     WorkItemState,
 )
+from worklist.patients.national_id import shown_patient_id
 
 T = TypeVar("T")
 
@@ -71,6 +72,16 @@ class PatientOut(_Out):
     birth_date: str | None
     sex: str | None
 
+    # True when ``patient_id`` is a national ID (居民身份证号), shown masked.
+    patient_id_masked: bool = False
+
+    @model_validator(mode="after")
+    def _mask_national_id(self) -> PatientOut:
+        shown = shown_patient_id(self.issuer, self.patient_id)
+        if shown != self.patient_id:
+            self.patient_id, self.patient_id_masked = shown, True
+        return self
+
 
 class ExamSummary(_Out):
     id: str
@@ -123,6 +134,8 @@ class InstanceOut(_Out):
 
 class ExamDetail(ExamSummary):
     instances: list[InstanceOut]
+    # The alliance patient index's person of the exam's patient (the patient page).
+    person_id: str | None = None
     work_item_id: str | None = None
     due_at: datetime | None = None
 
