@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from tests.helpers import RdcServer, c_store, report_exam, storescu, worklist_items
+from tests.helpers import RdcServer, c_store, report_exam, storescu, wait_for, worklist_items
 
 NATIONAL = "CN-NATIONAL"
 NID = "11010519491231002X"
@@ -295,8 +295,17 @@ def test_patient_index_over_http(
         sex="M",
     )
     assert c_store(server.dicom_port, b4, calling_ae="CLINIC_B_MR") == 0x0000
-    card_item = next(
-        i for i in worklist_items(senior, count=6) if i["study_instance_uid"] == b4.StudyInstanceUID
+    card_item = wait_for(
+        lambda: next(
+            (
+                i
+                for i in senior.get("/api/v1/worklist").json()["items"]
+                if i["study_instance_uid"] == b4.StudyInstanceUID
+            ),
+            None,
+        ),
+        timeout=60,
+        what="the exam of the card number's patient on the worklist",
     )
     assert card_item["patient_id"] == CARD_MASKED
     assert CARD not in senior.get("/api/v1/worklist").text
