@@ -161,6 +161,7 @@ def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDet
         objects=exam_objects(session, exam_id=exam.id),
     )
     assert isinstance(detail, ExamDetail)
+    detail.patient_id_masked = detail.patient.masked
     detail.person_id = session.execute(
         select(PersonLink.person_id).where(PersonLink.patient_ref == exam.patient_ref)
     ).scalar_one_or_none()

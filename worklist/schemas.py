@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import rfc8785
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from worklist.models import (
     AmendmentKind,
@@ -72,15 +72,19 @@ class PatientOut(_Out):
     birth_date: str | None
     sex: str | None
 
-    # True when ``patient_id`` is a national ID (居民身份证号), shown masked.
-    patient_id_masked: bool = False
+    # Set when ``patient_id`` is a national ID (居民身份证号), shown masked.
+    _masked: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _mask_national_id(self) -> PatientOut:
         shown = shown_patient_id(self.issuer, self.patient_id)
         if shown != self.patient_id:
-            self.patient_id, self.patient_id_masked = shown, True
+            self.patient_id, self._masked = shown, True
         return self
+
+    @property
+    def masked(self) -> bool:
+        return self._masked
 
 
 class ExamSummary(_Out):
@@ -134,8 +138,10 @@ class InstanceOut(_Out):
 
 class ExamDetail(ExamSummary):
     instances: list[InstanceOut]
-    # The alliance patient index's person of the exam's patient (the patient page).
+    # The alliance patient index's person of the exam's patient (the patient page), and
+    # whether the patient ID is a national ID shown masked (link to the person, not the ID).
     person_id: str | None = None
+    patient_id_masked: bool = False
     work_item_id: str | None = None
     due_at: datetime | None = None
 

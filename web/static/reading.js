@@ -281,7 +281,7 @@
       person.appendChild(el("a", {
         class: "patient-link",
         // A national ID is shown masked: the link then names the person, not the ID.
-        href: patient.patient_id_masked && exam.person_id
+        href: exam.patient_id_masked && exam.person_id
           ? "/ui/patients/" + encodeURIComponent(exam.person_id)
           : "/ui/patients?identifier=" + encodeURIComponent(patient.issuer + "|" + patient.patient_id),
         text: t("pp.open"),
