@@ -6,8 +6,8 @@ answers AA with MSA-2 = MSH-10 (no index, no checks, no file per message). rdc d
 it always does: checks the envelope, stores the bytes as an object (fsynced, and its
 directory; the objects of the messages waiting on all connections are synced together),
 commits the index rows (SQLite, group commit: one transaction for the batch), then
-answers; processing (parse, map, auto-verify) runs later, deferred while the stream lasts. Both run on the
-same file system (``--workdir``).
+answers; processing (parse, map, auto-verify) runs after the commit, in the same process.
+Both run on the same file system (``--workdir``).
 
 Every measurement starts its target on a fresh data directory; senders are threads of this
 process, one connection each, sending an ORU^R01 (the python-hl7 glucose sample, a new

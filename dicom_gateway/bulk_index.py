@@ -27,6 +27,7 @@ from sqlalchemy import Table, bindparam, case, insert, literal_column, select, u
 from sqlalchemy.orm import Session
 
 from dicom_gateway.ingest import IngestResult, PreparedInstance
+from dicom_gateway.models import Instance
 from dicom_gateway.records import (
     ECG_WAVEFORM_SOP_CLASSES,
     INSTANCE_KIND,
@@ -37,7 +38,7 @@ from rdc_core.db import execute_direct_many, on_rollback, session_connection, ut
 from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef
 from worklist.intake import RecordOutcome, artifact_id_for, remove_unreferenced
-from worklist.models import Artifact, Exam, ExamState, Instance, Priority
+from worklist.models import Artifact, Exam, ExamState, Priority
 
 __all__ = ["BulkItem", "index_many"]
 

@@ -24,9 +24,10 @@ from pydicom.multival import MultiValue
 from sqlalchemy import and_, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
+from dicom_gateway.models import Instance
 from dicom_gateway.report_push import report_instance_uids
 from worklist.matching import match_values
-from worklist.models import Exam, Instance, Patient, Report, ReportStatus
+from worklist.models import Exam, Patient, Report, ReportStatus
 
 __all__ = [
     "GET_CLASSES",

@@ -12,6 +12,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, bindparam, exists, select
 from sqlalchemy.orm import Session
 
+from dicom_gateway.models import INSTANCE_KIND, Instance, InstanceConflict
 from rdc_core.db import insert_ignore, session_connection, stable_id
 from rdc_core.storage import StoredObject
 from rdc_core.tasks import submit_after_commit
@@ -28,7 +29,7 @@ from worklist.intake import (
     flag_conflicts,
     register_artifact,
 )
-from worklist.models import Discipline, Exam, Instance, InstanceConflict, OrgKind, Priority
+from worklist.models import Discipline, Exam, OrgKind, Priority
 from worklist.patients import OtherIdentifier
 
 __all__ = [
@@ -45,9 +46,8 @@ __all__ = [
     "register_instance",
 ]
 
-# The artifact kind of a DICOM SOP instance: its artifact ID is stable_id("instance", SOP
-# Instance UID), the ID instances always had.
-INSTANCE_KIND = "instance"
+# INSTANCE_KIND (dicom_gateway.models): the artifact ID of a DICOM SOP instance is
+# stable_id("instance", SOP Instance UID), the ID instances always had.
 ECG_WAVEFORM_SOP_CLASSES = frozenset(
     {
         "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform

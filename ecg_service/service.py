@@ -54,6 +54,7 @@ from rdc_core.errors import InvalidInputError, NotFoundError, PermissionDeniedEr
 from rdc_core.settings import get_settings
 from rdc_core.storage import ObjectStore
 from worklist.access import Principal
+from worklist.artifact_details import format_clause
 from worklist.audit import record_access
 from worklist.directory import OrgRef, get_organization, org_ref
 from worklist.intake import (
@@ -74,7 +75,6 @@ from worklist.models import (
     Discipline,
     Exam,
     ExamState,
-    Instance,
     Organization,
     OrgKind,
     Role,
@@ -681,9 +681,9 @@ def pending_dicom_waveform(session: Session, *, exam_id: str) -> PendingWaveform
     """The exam's newest DICOM ECG waveform instance, if it has not been measured with the
     current analysis (else None: nothing to do)."""
     row = session.execute(
-        select(Instance.id, Instance.storage_key)
-        .where(Instance.exam_id == exam_id, Instance.sop_class_uid.in_(ECG_SOP_CLASSES))
-        .order_by(Instance.received_at.desc(), Instance.id)
+        select(Artifact.id, Artifact.storage_key)
+        .where(Artifact.exam_id == exam_id, format_clause(Artifact.id, ECG_SOP_CLASSES))
+        .order_by(Artifact.received_at.desc(), Artifact.id)
         .limit(1)
     ).one_or_none()
     if row is None:
@@ -708,7 +708,7 @@ def exams_awaiting_analysis(session: Session, *, limit: int = 50) -> list[str]:
             Exam.state.in_((ExamState.RECEIVING, ExamState.READY)),
             ~exists().where(studies.c.exam_id == Exam.id),
             exists().where(
-                Instance.exam_id == Exam.id, Instance.sop_class_uid.in_(ECG_SOP_CLASSES)
+                Artifact.exam_id == Exam.id, format_clause(Artifact.id, ECG_SOP_CLASSES)
             ),
         )
         .order_by(Exam.last_received_at)

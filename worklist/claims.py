@@ -42,6 +42,7 @@ from worklist.models import (
     WorkItem,
     WorkItemState,
 )
+from worklist.patients.national_id import shown_patient_id
 from worklist.person_names import person_name_matches
 from worklist.schemas import LeaseOut, ReaderOut, WorkItemOut, WorklistCounts, WorklistPage
 
@@ -246,6 +247,7 @@ def list_worklist(
             Organization.name.label("clinic_name"),
             Patient.name.label("patient_name"),
             Patient.patient_id,
+            Patient.issuer.label("patient_issuer"),
             # People, not logins: the holder's display name (the login when none is set).
             func.coalesce(func.nullif(holder.display_name, ""), holder.username).label("holder"),
             Report.status.label("report_status"),
@@ -298,7 +300,7 @@ def _item_out(row: Any, *, principal: Principal, now: datetime) -> WorkItemOut:
         body_part=row.body_part,
         description=row.description,
         patient_name=row.patient_name,
-        patient_id=row.patient_id,
+        patient_id=shown_patient_id(row.patient_issuer, row.patient_id),
         exam_state=row.exam_state,
         claimed_by=row.holder if live else None,
         lease_expires_at=row.lease_expires_at if live else None,

@@ -1,4 +1,6 @@
-"""Tables of the domain hub: organisations, users, patients, exams, instances, work items."""
+"""Tables of the domain hub: organisations, users, patients, exams, artifacts, work items.
+
+The ingesters own their detail tables (DICOM instances: :mod:`dicom_gateway.models`)."""
 
 from __future__ import annotations
 
@@ -33,8 +35,6 @@ __all__ = [
     "ExamKeyKind",
     "ExamState",
     "HL7Facility",
-    "Instance",
-    "InstanceConflict",
     "OrgKind",
     "Organization",
     "Patient",
@@ -338,9 +338,6 @@ class Exam(Base):
 
     patient: Mapped[Patient] = relationship(lazy="joined")
     organization: Mapped[Organization] = relationship(lazy="joined")
-    instances: Mapped[list[Instance]] = relationship(
-        back_populates="exam", order_by="(Instance.series_instance_uid, Instance.instance_number)"
-    )
     work_item: Mapped[WorkItem | None] = relationship(back_populates="exam", uselist=False)
     rescan_requester: Mapped[User | None] = relationship(
         foreign_keys=[rescan_requested_by], lazy="select"
@@ -351,10 +348,10 @@ class Artifact(Base):
     """One stored object of an exam, whatever its format: the generic row every intake
     writes through :func:`worklist.intake.register_artifact`.
 
-    ``kind`` names the ingester's detail table (``instance``: a DICOM SOP instance in
-    ``instances``); ``ref`` is the artifact's own key within its kind (SOP Instance UID,
-    message control ID, file hash). The ID is derived from both, so a re-sent artifact is
-    recognised, and the detail row shares it.
+    ``kind`` names the ingester's detail table (``instance``: a DICOM SOP instance, in the
+    gateway's ``instances``); ``ref`` is the artifact's own key within its kind (SOP
+    Instance UID, message control ID, file hash). The ID is derived from both, so a re-sent
+    artifact is recognised, and the detail row shares it.
     """
 
     __tablename__ = "artifacts"
@@ -369,56 +366,6 @@ class Artifact(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Who sent it: the calling AE title, the MLLP peer, the uploading user.
     source: Mapped[str] = mapped_column(String(64), default="")
-
-
-class Instance(Base):
-    """One stored DICOM object (SOP instance): the DICOM detail of an :class:`Artifact` of
-    kind ``instance`` (same ID). Written by ``dicom_gateway``."""
-
-    __tablename__ = "instances"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    exam_id: Mapped[str] = mapped_column(ForeignKey("exams.id", ondelete="CASCADE"), index=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    frame_count: Mapped[int] = mapped_column(Integer, default=1)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    modality: Mapped[str] = mapped_column(String(16), default="")
-    body_part: Mapped[str] = mapped_column(String(64), default="")
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
-    storage_key: Mapped[str] = mapped_column(String(300))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    calling_ae: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Values we had to make up to index the object (e.g. a missing Study Instance UID);
-    # the stored object itself is never changed.
-    coerced: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
-
-    exam: Mapped[Exam] = relationship(back_populates="instances")
-
-
-class InstanceConflict(Base):
-    """A second copy of a known SOP Instance UID with different bytes.
-
-    Policy: the first stored copy stays the instance of record (a report may already cite
-    it); the differing copy is kept under its own key for review and the exam is flagged.
-    """
-
-    __tablename__ = "instance_conflicts"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    exam_id: Mapped[str | None] = mapped_column(
-        ForeignKey("exams.id", ondelete="SET NULL"), nullable=True
-    )
-    storage_key: Mapped[str] = mapped_column(String(300))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    calling_ae: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class QuarantineItem(Base):

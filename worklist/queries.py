@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from rdc_core.errors import InvalidInputError, NotFoundError
 from worklist.access import Principal
+from worklist.artifact_details import exam_objects
 from worklist.audit import record_access
 from worklist.models import (
     Exam,
@@ -18,6 +22,7 @@ from worklist.models import (
     ReportStatus,
 )
 from worklist.patients.links import same_person_clause
+from worklist.patients.models import PersonLink
 from worklist.people import person_name
 from worklist.person_names import person_name_matches
 from worklist.schemas import ExamDetail, ExamSummary, Page
@@ -55,6 +60,7 @@ def _summary(
     exam: Exam,
     report_status: ReportStatus | None = None,
     model: type[ExamSummary] = ExamSummary,
+    objects: list[Mapping[str, Any]] | None = None,
 ) -> ExamSummary:
     return model.model_validate(
         {
@@ -66,7 +72,7 @@ def _summary(
             "rescan_requested_by": person_name(exam.rescan_requester) or None
             if exam.rescan_requested_by
             else None,
-            **({"instances": exam.instances} if "instances" in model.model_fields else {}),
+            **({"instances": objects or []} if "instances" in model.model_fields else {}),
             **(
                 {
                     "work_item_id": exam.work_item.id if exam.work_item else None,
@@ -143,15 +149,22 @@ def visible_exam(session: Session, *, principal: Principal, exam_id: str) -> Exa
 
 def get_exam(session: Session, *, principal: Principal, exam_id: str) -> ExamDetail:
     """One exam with its instances (audited)."""
-    stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal).options(
-        selectinload(Exam.instances)
-    )
+    stmt = _scoped(select(Exam).where(Exam.id == exam_id), principal)
     exam = session.execute(stmt).scalar_one_or_none()
     if exam is None:
         raise NotFoundError(f"no exam {exam_id}")
     record_access(session, principal, action="view", object_type="exam", object_id=exam.id)
-    detail = _summary(exam, _report_statuses(session, [exam.id]).get(exam.id), ExamDetail)
+    detail = _summary(
+        exam,
+        _report_statuses(session, [exam.id]).get(exam.id),
+        ExamDetail,
+        objects=exam_objects(session, exam_id=exam.id),
+    )
     assert isinstance(detail, ExamDetail)
+    detail.patient_id_masked = detail.patient.masked
+    detail.person_id = session.execute(
+        select(PersonLink.person_id).where(PersonLink.patient_ref == exam.patient_ref)
+    ).scalar_one_or_none()
     return detail
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from rdc_core.db import stable_id
 from rdc_core.errors import ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 from worklist.access import READING_ROLES, Principal, require_roles
+from worklist.artifact_details import frame_counts
 from worklist.audit import record_access
 from worklist.claims import can_verify, readable_by
 from worklist.critical_values.service import raise_for_report
@@ -29,7 +30,6 @@ from worklist.models import (
     Discipline,
     Exam,
     ExamState,
-    Instance,
     QualityGrade,
     Report,
     ReportStatus,
@@ -244,14 +244,7 @@ def save_draft(
 
 
 def _check_key_images(session: Session, exam: Exam, marked: list[KeyImageRef]) -> None:
-    frames = dict(
-        session.execute(
-            select(Instance.sop_instance_uid, Instance.frame_count).where(
-                Instance.exam_id == exam.id,
-                Instance.sop_instance_uid.in_({m.sop_instance_uid for m in marked}),
-            )
-        ).all()
-    )
+    frames = frame_counts(session, exam_id=exam.id, refs={m.sop_instance_uid for m in marked})
     for mark in marked:
         count = frames.get(mark.sop_instance_uid)
         if count is None:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import rfc8785
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from worklist.models import (
     AmendmentKind,
@@ -18,6 +18,7 @@ from worklist.models import (
     ReportStatus,
     WorkItemState,
 )
+from worklist.patients.national_id import shown_patient_id
 
 T = TypeVar("T")
 
@@ -71,6 +72,20 @@ class PatientOut(_Out):
     birth_date: str | None
     sex: str | None
 
+    # Set when ``patient_id`` is a national ID (居民身份证号), shown masked.
+    _masked: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="after")
+    def _mask_national_id(self) -> PatientOut:
+        shown = shown_patient_id(self.issuer, self.patient_id)
+        if shown != self.patient_id:
+            self.patient_id, self._masked = shown, True
+        return self
+
+    @property
+    def masked(self) -> bool:
+        return self._masked
+
 
 class ExamSummary(_Out):
     id: str
@@ -123,6 +138,10 @@ class InstanceOut(_Out):
 
 class ExamDetail(ExamSummary):
     instances: list[InstanceOut]
+    # The alliance patient index's person of the exam's patient (the patient page), and
+    # whether the patient ID is a national ID shown masked (link to the person, not the ID).
+    person_id: str | None = None
+    patient_id_masked: bool = False
     work_item_id: str | None = None
     due_at: datetime | None = None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import dicom_gateway.models  # noqa: F401  (the DICOM intake's tables)
 import ecg_service.models  # noqa: F401  (the ECG intake's table)
 import lab_results.models  # noqa: F401  (the lab intake's tables)
 import worklist.audit

@@ -20,12 +20,14 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from tests.helpers import RdcServer, c_store, report_exam, storescu, worklist_items
+from tests.helpers import RdcServer, c_store, report_exam, storescu, wait_for, worklist_items
 
 NATIONAL = "CN-NATIONAL"
 NID = "11010519491231002X"
 BAD_NID = "110105194912310021"
 MASKED = "110105********002X"
+CARD = "110105198001011238"  # a valid 居民身份证号 a clinic uses as its own patient ID
+CARD_MASKED = "110105********1238"
 CHROMIUM = "/usr/bin/chromium"
 CATALOG = """\
 code,discipline,name_zh,name_en,scope_mark,valid_days,min_grade,modality
@@ -282,6 +284,46 @@ def test_patient_index_over_http(
     assert actions["link"] >= 2 and actions["unlink"] == 1 and actions["lookup"] == 3
     assert stored and not any(NID in value or NID.lower() in value for value in stored)
 
+    # A clinic whose patient ID is the national ID itself (its own issuer, not the national
+    # one): shown masked in the worklist, the exam, the patient index; stored as received.
+    b4 = _ct(
+        testdata,
+        tmp_path / "b4.dcm",
+        patient_id=CARD,
+        name="Zhao^Qi",
+        birth_date="19800101",
+        sex="M",
+    )
+    assert c_store(server.dicom_port, b4, calling_ae="CLINIC_B_MR") == 0x0000
+    card_item = wait_for(
+        lambda: next(
+            (
+                i
+                for i in senior.get("/api/v1/worklist").json()["items"]
+                if i["study_instance_uid"] == b4.StudyInstanceUID
+            ),
+            None,
+        ),
+        timeout=60,
+        what="the exam of the card number's patient on the worklist",
+    )
+    assert card_item["patient_id"] == CARD_MASKED
+    assert CARD not in senior.get("/api/v1/worklist").text
+    card_exam = senior.get(f"/api/v1/exams/{card_item['exam_id']}")
+    assert card_exam.status_code == 200 and CARD not in card_exam.text
+    assert card_exam.json()["patient"]["patient_id"] == CARD_MASKED
+    assert card_exam.json()["patient_id_masked"] is True
+    assert CARD not in tech_b.get("/api/v1/exams", params={"limit": 50}).text
+    card_person = tech_b.get("/api/v1/patients", params={"identifier": f"CLINIC_B|{CARD}"})
+    assert card_person.status_code == 200 and CARD not in card_person.text
+    assert [i["patient_id"] for i in card_person.json()["identifiers"]] == [CARD_MASKED]
+    assert card_exam.json()["person_id"] == card_person.json()["id"]
+    assert all(e["identifier"] == f"CLINIC_B|{CARD_MASKED}" for e in card_person.json()["exams"])
+    with server.db() as db:
+        assert db.execute(
+            "SELECT patient_id FROM patients WHERE patient_id = ?", (CARD,)
+        ).fetchall() == [(CARD,)]
+
     # The patient page, in a real browser: identifiers of both clinics, the masked ID.
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is not installed (apt-get install chromium)")
@@ -312,6 +354,14 @@ def test_patient_index_over_http(
             expect(page).to_have_url(re.compile(r"/ui/patients\?identifier="))
             expect(page.locator("#national-id")).to_have_text(MASKED)
             expect(page.locator("tr.identifier-row")).to_have_count(2)
+            # A masked patient ID: the reading page shows it masked and links to the person.
+            page.goto(f"{server.http}/ui/read/{card_item['exam_id']}")
+            expect(page.locator("#ei-pid")).to_have_text(CARD_MASKED)
+            assert CARD not in page.content()
+            page.click("#ei-person a.patient-link")
+            expect(page).to_have_url(re.compile(rf"/ui/patients/{card_person.json()['id']}$"))
+            expect(page.locator("tr.identifier-row")).to_contain_text(f"CLINIC_B|{CARD_MASKED}")
+            assert CARD not in page.content()
             assert errors == []
         finally:
             browser.close()

@@ -37,6 +37,7 @@ from worklist.patients import (
     validate_national_id,
 )
 from worklist.patients.models import Person, PersonLink
+from worklist.patients.national_id import shown_patient_id
 from worklist.queries import list_priors
 
 NATIONAL = "CN-NATIONAL"
@@ -140,6 +141,25 @@ def test_national_id_validation_and_mask() -> None:
         with pytest.raises(InvalidNationalIdError, match=says):
             validate_national_id(bad)
     assert mask_national_id(NID) == "110105********002X"
+
+
+def test_a_national_id_is_shown_masked_whatever_its_issuer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RDC_NATIONAL_ID_ISSUER", NATIONAL)
+    reset_settings()
+    try:
+        assert shown_patient_id(NATIONAL, NID) == "110105********002X"
+        # A clinic using the card number as its own patient ID (any issuer, any case).
+        assert shown_patient_id("CLINIC_A", NID.lower()) == "110105********002x"
+        # Not a national ID: shown as received (a bad check digit, an ordinary ID).
+        assert shown_patient_id("CLINIC_A", BAD_NID) == BAD_NID
+        assert shown_patient_id("CLINIC_A", "A-100") == "A-100"
+        # The national issuer's values are masked even when they are not valid IDs.
+        assert shown_patient_id(NATIONAL, BAD_NID) == "110105********0021"
+    finally:
+        monkeypatch.delenv("RDC_NATIONAL_ID_ISSUER")
+        reset_settings()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from pydicom.valuerep import BYTES_VR
 from sqlalchemy import ColumnElement, and_, distinct, false, func, or_, select
 from sqlalchemy.orm import Session
 
+from dicom_gateway.models import Instance
 from dicom_gateway.pixels import read_instance_header
 from rdc_core.db import read_session, session_scope
 from rdc_core.errors import InvalidInputError, RDCError
@@ -31,7 +32,7 @@ from web.dicomweb.dicomjson import element, parse_tag
 from worklist.access import Principal
 from worklist.audit import record_access
 from worklist.matching import match_values
-from worklist.models import Exam, Instance, Patient
+from worklist.models import Exam, Patient
 from worklist.person_names import person_name_matches
 
 __all__ = ["Level", "QidoQuery", "QidoResult", "parse_qido_query", "search"]

@@ -17,6 +17,7 @@ from fastapi import HTTPException
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from dicom_gateway.models import Instance
 from dicom_gateway.pixels import (
     FrameNotFoundError,
     RenderOptions,
@@ -40,7 +41,7 @@ from web.dicomweb.dicomjson import BULK_THRESHOLD, bulk_value, dataset_json, ele
 from web.dicomweb.multipart import MediaRange
 from worklist.access import Principal
 from worklist.audit import record_access
-from worklist.models import Exam, Instance
+from worklist.models import Exam
 
 __all__ = [
     "InstanceRef",

@@ -279,7 +279,10 @@
       person.appendChild(document.createTextNode(" "));
       person.appendChild(el("a", {
         class: "patient-link",
-        href: "/ui/patients?identifier=" + encodeURIComponent(patient.issuer + "|" + patient.patient_id),
+        // A national ID is shown masked: the link then names the person, not the ID.
+        href: exam.patient_id_masked && exam.person_id
+          ? "/ui/patients/" + encodeURIComponent(exam.person_id)
+          : "/ui/patients?identifier=" + encodeURIComponent(patient.issuer + "|" + patient.patient_id),
         text: t("pp.open"),
       }));
     }

@@ -119,7 +119,7 @@ def _query(session: Session, f: AuditFilter) -> Select[Any]:
                 select(Exam.id).where(
                     or_(
                         Exam.id == f.exam,
-                        Exam.study_instance_uid == f.exam,
+                        Exam.natural_key == f.exam,  # Study Instance UID, order number
                         Exam.accession_number == f.exam,
                     )
                 )

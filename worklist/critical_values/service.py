@@ -39,6 +39,7 @@ from worklist.critical_values.schemas import (
 )
 from worklist.delivery.senders import display_name
 from worklist.models import Exam, Organization, OrgKind, Report, Role, User
+from worklist.patients.national_id import shown_patient_id
 from worklist.schemas import Page
 
 __all__ = [
@@ -99,7 +100,8 @@ def _label(alert: CriticalAlert) -> tuple[str, str]:
     exam = alert.exam
     what = " ".join(p for p in (exam.modality, exam.body_part, exam.description) if p)
     name = display_name(alert.patient.name or "")
-    patient = f"{name or alert.patient.patient_id} ({alert.patient.patient_id})"
+    shown = shown_patient_id(alert.patient.issuer, alert.patient.patient_id)
+    patient = f"{name or shown} ({shown})"
     return patient, what or exam.accession_number or exam.id
 
 
@@ -485,7 +487,7 @@ def alert_out(alert: CriticalAlert, *, now: datetime) -> AlertOut:
         clinic_code=alert.organization.code,
         clinic_name=alert.organization.name,
         patient={
-            "patient_id": alert.patient.patient_id,
+            "patient_id": shown_patient_id(alert.patient.issuer, alert.patient.patient_id),
             "issuer": alert.patient.issuer,
             "name": alert.patient.name,
         },

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from worklist.delivery.senders import NameGroup, display_name, person_name_groups
-from worklist.models import Discipline, Exam, Report, ReportStatus
+from worklist.models import Discipline, Exam, ExamKeyKind, Report, ReportStatus
 
 __all__ = ["FHIR_EXTENSION_BASE", "diagnostic_report", "fhir_status"]
 
@@ -360,12 +360,13 @@ def diagnostic_report(
         "performer": [_person(report.author)],
         "resultsInterpreter": [_person(signer)],
     }
-    if exam.discipline is Discipline.IMAGING:
+    if exam.discipline is Discipline.IMAGING and exam.key_kind is ExamKeyKind.STUDY_UID:
+        # The exam's natural key is then the study's UID.
         resource["imagingStudy"] = [
             {
                 "identifier": {
                     "system": "urn:dicom:uid",
-                    "value": f"urn:oid:{exam.study_instance_uid}",
+                    "value": f"urn:oid:{exam.natural_key}",
                 },
                 "display": exam.description or exam.modality,
             }

@@ -28,6 +28,7 @@ from worklist.delivery.models import DeliveryChannel, DeliveryState, ReportDeliv
 from worklist.delivery.schemas import AcknowledgementOut, RecognitionOut, ReportVersionOut
 from worklist.delivery.service import PORTAL_TARGET, mark_exam_delivered
 from worklist.models import Exam, Organization, Patient, Report, ReportStatus
+from worklist.patients.national_id import shown_patient_id
 from worklist.queries import visible_exam
 
 __all__ = [
@@ -370,7 +371,7 @@ def list_reports(
                 performed_at=exam.performed_at,
                 clinic_code=exam.organization.code,
                 clinic_name=exam.organization.name,
-                patient_id=patient.patient_id,
+                patient_id=shown_patient_id(patient.issuer, patient.patient_id),
                 patient_issuer=patient.issuer,
                 patient_name=patient.name,
                 patient_sex=patient.sex,

@@ -27,7 +27,9 @@ __all__ = [
     "InvalidNationalIdError",
     "NationalIdCipher",
     "cipher",
+    "is_national_id",
     "mask_national_id",
+    "shown_patient_id",
     "validate_national_id",
 ]
 
@@ -61,6 +63,27 @@ def mask_national_id(value: str) -> str:
     if len(value) < 10:
         return "*" * len(value)
     return value[:6] + "*" * (len(value) - 10) + value[-4:]
+
+
+def is_national_id(value: str) -> bool:
+    """Whether ``value`` is a valid national ID (18 characters, GB 11643 check digit)."""
+    try:
+        validate_national_id(value)
+    except InvalidNationalIdError:
+        return False
+    return True
+
+
+def shown_patient_id(issuer: str | None, patient_id: str) -> str:
+    """A clinic's patient ID as people may see it: masked (110105********1234) when it is a
+    national ID, i.e. its issuer is the configured national one (``RDC_NATIONAL_ID_ISSUER``)
+    or the value itself is a valid 居民身份证号 (a clinic using the card number as its patient
+    ID). Stored, signed and sent back to the clinic as received; only what is shown is
+    masked."""
+    national = get_settings().national_id_issuer or None
+    if (national and issuer == national) or is_national_id(patient_id):
+        return mask_national_id(patient_id)
+    return patient_id
 
 
 @dataclass(frozen=True, slots=True)

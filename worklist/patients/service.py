@@ -30,6 +30,7 @@ from worklist.patients.national_id import (
     InvalidNationalIdError,
     cipher,
     mask_national_id,
+    shown_patient_id,
     validate_national_id,
 )
 from worklist.patients.schemas import (
@@ -73,8 +74,7 @@ def _national_issuer() -> str | None:
 
 
 def _shown_identifier(issuer: str, patient_id: str) -> str:
-    national = _national_issuer()
-    return f"{issuer}|{mask_national_id(patient_id) if issuer == national else patient_id}"
+    return f"{issuer}|{shown_patient_id(issuer, patient_id)}"
 
 
 def _person_of(session: Session, patient_ref: str) -> str | None:
@@ -300,7 +300,6 @@ def _decrypted_mask(token: str | None) -> str | None:
 
 
 def _person_out(session: Session, person: Person, principal: Principal) -> PersonOut:
-    national = _national_issuer()
     rows = session.execute(
         select(PersonLink, Patient, Organization)
         .join(Patient, Patient.id == PersonLink.patient_ref)
@@ -311,9 +310,7 @@ def _person_out(session: Session, person: Person, principal: Principal) -> Perso
     identifiers = [
         IdentifierOut(
             issuer=patient.issuer,
-            patient_id=mask_national_id(patient.patient_id)
-            if patient.issuer == national
-            else patient.patient_id,
+            patient_id=shown_patient_id(patient.issuer, patient.patient_id),
             clinic_code=org.code,
             clinic_name=org.name,
             name=patient.name,

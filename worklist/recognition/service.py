@@ -33,7 +33,7 @@ from worklist.models import (
     User,
 )
 from worklist.patients.links import same_person_clause
-from worklist.patients.national_id import mask_national_id
+from worklist.patients.national_id import shown_patient_id
 from worklist.patients.service import resolve_patient_refs
 from worklist.queries import visible_exam
 from worklist.recognition.catalog import catalog_items, current_catalog
@@ -478,9 +478,7 @@ def recognized_results(
         detail={
             "issuer": issuer,
             # A national ID is personal information: the audit trail keeps it masked.
-            "patient_id": mask_national_id(patient_id)
-            if issuer == get_settings().national_id_issuer
-            else patient_id,
+            "patient_id": shown_patient_id(issuer, patient_id),
             "item": item,
             "decision_ids": [r["decision_id"] for r in out],
         },

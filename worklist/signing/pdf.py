@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from rdc_core.errors import ConfigurationError
 from rdc_core.settings import get_settings
+from worklist.patients.national_id import shown_patient_id
 
 __all__ = [
     "CJK_FONT_CANDIDATES",
@@ -53,6 +54,11 @@ KeyImageRenderer = Callable[[str, int], bytes]
 """(storage key of the DICOM object, frame number from 1) -> PNG or JPEG bytes."""
 
 _renderer: list[KeyImageRenderer | None] = [None]
+
+
+def _patient_id(patient: dict[str, Any]) -> str:
+    """The patient ID as printed: a national ID masked (the signed document keeps it)."""
+    return shown_patient_id(patient.get("issuer"), str(patient.get("patient_id") or ""))
 
 
 def register_key_image_renderer(renderer: KeyImageRenderer | None) -> None:
@@ -319,7 +325,7 @@ def render_report_pdf(
                 [
                     label("姓名", "Name") + _text(_person_name(patient.get("name"))),
                     label("患者编号", "Patient ID")
-                    + _text(f"{patient.get('patient_id', '')} ({patient.get('issuer', '')})"),
+                    + _text(f"{_patient_id(patient)} ({patient.get('issuer', '')})"),
                 ],
                 [
                     label("性别", "Sex") + _text(_SEX.get(patient.get("sex") or "", "—")),
@@ -559,7 +565,7 @@ def render_report_pdf(
                     v
                     for v in (
                         _person_name(patient.get("name")),
-                        str(patient.get("patient_id") or ""),
+                        _patient_id(patient),
                         _SEX.get(patient.get("sex") or "", ""),
                         _age(patient.get("birth_date"), exam.get("performed_at")),
                         _local(exam.get("performed_at"), zone),

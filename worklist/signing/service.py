@@ -35,9 +35,10 @@ from rdc_core.errors import ConflictError, NotFoundError
 from rdc_core.settings import get_settings
 from rdc_core.storage import ObjectStore, get_object_store
 from worklist.access import Principal
+from worklist.artifact_details import signed_objects
 from worklist.models import (
+    Artifact,
     Exam,
-    Instance,
     Organization,
     OrgKind,
     Report,
@@ -139,11 +140,8 @@ def build_document(
     discipline's report sections (:mod:`worklist.signing.sections`), under ``"sections"``
     when there are any."""
     settings = get_settings()
-    objects = session.execute(
-        select(Instance.sop_instance_uid, Instance.sha256)
-        .where(Instance.exam_id == exam.id)
-        .order_by(Instance.sop_instance_uid)
-    ).all()
+    # What the ingesters list (DICOM: SOP Instance UID and SHA-256 of every instance).
+    objects = signed_objects(session, exam_id=exam.id)
     centre = session.execute(
         select(Organization.name).where(Organization.kind == OrgKind.LEAD).limit(1)
     ).scalar_one_or_none()
@@ -200,7 +198,7 @@ def build_document(
             "sex": patient.sex,
             "birth_date": patient.birth_date,
         },
-        "objects": [{"sop_instance_uid": uid, "sha256": digest} for uid, digest in objects],
+        "objects": objects,
         "recognition": recognition,
         "author": _person(report.author, submitted_at=_iso(report.submitted_at)),
         "verifier": _person(report.verifier, verified_at=_iso(report.verified_at)),
@@ -225,9 +223,9 @@ def _key_images(session: Session, store: ObjectStore, report: Report) -> list[Ke
         return []
     keys = dict(
         session.execute(
-            select(Instance.sop_instance_uid, Instance.storage_key).where(
-                Instance.exam_id == report.exam_id,
-                Instance.sop_instance_uid.in_([m["sop_instance_uid"] for m in marked]),
+            select(Artifact.ref, Artifact.storage_key).where(
+                Artifact.exam_id == report.exam_id,
+                Artifact.ref.in_([m["sop_instance_uid"] for m in marked]),
             )
         ).all()
     )
