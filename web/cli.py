@@ -482,12 +482,20 @@ def serve(
 
 
 def _register_tasks() -> None:
-    """Import every module that declares tasks (the push senders register their channels)."""
+    """Import every module that registers something with the hub, in every process (serve,
+    worker, beat): the tasks, the push senders' channels, each discipline's report sections
+    and the DICOM artifact details. A Celery worker that signs an auto-released lab report
+    must build the same document as the web process does."""
+    import dicom_gateway.models
     import dicom_gateway.report_push  # noqa: F401
-    import ecg_service.tasks  # noqa: F401
+    import ecg_service.reading_service
+    import ecg_service.tasks
+    import lab_results.reading
     import lab_results.report_push
     import lab_results.tasks  # noqa: F401
     import worklist.tasks  # noqa: F401
+
+    ecg_service.reading_service.register()
 
 
 def _task_runner(settings: Settings) -> TaskRunner:

@@ -12,7 +12,6 @@ poll the API until processing (a background task) has caught up.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -607,12 +606,6 @@ def _obx_by_code(message: str) -> dict[str, list[str]]:
     return {fields[3].split("^")[0]: fields for fields in segments}
 
 
-@pytest.mark.xfail(
-    os.environ.get("RDC_TEST_DATABASE") == "postgresql",
-    reason="KNOWN (lab19, unresolved at the deadline): on PostgreSQL the signed report's FHIR "
-    "lacks the coded/text Observations; SQLite passes",
-    strict=False,
-)
 def test_text_results_in_the_pdf_fhir_and_the_oru_push_back_acknowledged_by_the_clinic(
     lab: LabDeployment, sent: dict[str, bytes], admin: httpx.Client, tmp_path: Path
 ) -> None:

@@ -257,3 +257,23 @@ def test_readme_storescu_line_sends_a_study(
     with server.client("tech_a", alliance["tech_a"]) as tech:
         exams = tech.get("/api/v1/exams").json()
     assert exams["total"] == 1 and exams["items"][0]["instance_count"] == 1
+
+
+def test_every_rdc_process_loads_the_disciplines_report_sections_and_dicom_details() -> None:
+    """`rdc worker` and `rdc beat` sign too (an auto-released lab order, a late ECG): they must
+    register the same report sections and artifact details as `rdc serve`, or a report signed
+    there silently lacks its results. Checked in a fresh interpreter, as a worker starts."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from web.cli import _register_tasks; _register_tasks()\n"
+        "from worklist.signing.sections import section_provider\n"
+        "from worklist.artifact_details import artifact_details\n"
+        "print(sorted(d for d in ('lab', 'ecg') if section_provider(d)),"
+        " [d.kind for d in artifact_details()])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert out.strip() == "['ecg', 'lab'] ['instance']", out
