@@ -98,17 +98,18 @@ class DemoUser:
     username: str
     role: Role
     org: str
+    name: str  # the person's name, shown instead of the login
     level: ReaderLevel | None = None
 
 
 DEMO_USERS = [
-    DemoUser("admin", Role.ADMIN, "LEAD"),
-    DemoUser("reader", Role.READER, "LEAD", ReaderLevel.RESIDENT),
-    DemoUser("senior", Role.SENIOR_READER, "LEAD", ReaderLevel.CHIEF),
-    DemoUser("qc", Role.QC, "LEAD"),
-    DemoUser("tech_a", Role.TECHNICIAN, "CLINIC_A"),
-    DemoUser("doctor_a", Role.CLINICIAN, "CLINIC_A"),
-    DemoUser("tech_b", Role.TECHNICIAN, "CLINIC_B"),
+    DemoUser("admin", Role.ADMIN, "LEAD", "孙伟 Sun Wei"),
+    DemoUser("reader", Role.READER, "LEAD", "刘洋 Liu Yang", ReaderLevel.RESIDENT),
+    DemoUser("senior", Role.SENIOR_READER, "LEAD", "陈静 Chen Jing", ReaderLevel.CHIEF),
+    DemoUser("qc", Role.QC, "LEAD", "周敏 Zhou Min"),
+    DemoUser("tech_a", Role.TECHNICIAN, "CLINIC_A", "王磊 Wang Lei"),
+    DemoUser("doctor_a", Role.CLINICIAN, "CLINIC_A", "李娜 Li Na"),
+    DemoUser("tech_b", Role.TECHNICIAN, "CLINIC_B", "张强 Zhang Qiang"),
 ]
 
 # (clinic AE, patient id, name, sex, birth, modality, body part, description, priority, images)
@@ -303,6 +304,7 @@ def seed_demo(*, settings: Settings, store: ObjectStore) -> int:
                 role=user.role,
                 org_code=user.org,
                 level=user.level,
+                display_name=user.name,
             )
     with session_scope() as session:
         now = utcnow()

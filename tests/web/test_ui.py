@@ -288,7 +288,7 @@ def test_resident_reads_and_senior_verifies(
         senior.click("#sd-sign")
         expect(senior.locator("#rp-status")).to_have_text("正式报告")
         expect(senior.locator("#rp-locked")).to_be_visible()
-        expect(senior.locator("#rp-verifier")).to_have_text("senior")
+        expect(senior.locator("#rp-verifier")).to_have_text("陈静 Chen Jing")  # a name, not a login
         for field in ("#findings", "#impression", "#recommendation", "#quality-reason"):
             expect(senior.locator(field)).not_to_be_editable()
         expect(senior.locator("input[name=quality_grade][value=甲]")).to_be_disabled()

@@ -510,9 +510,9 @@
     var signed = report && report.status !== "draft";
     $("rp-sign").hidden = !signed;
     if (signed) {
-      $("rp-author").textContent = (report.author || "") + (report.author_level ? " (" + R.label("level", report.author_level) + ")" : "");
+      $("rp-author").textContent = (report.author_name || report.author || "") + (report.author_level ? " (" + R.label("level", report.author_level) + ")" : "");
       $("rp-submitted").textContent = R.fmt(report.submitted_at);
-      $("rp-verifier").textContent = report.verified_by || t("common.none");
+      $("rp-verifier").textContent = report.verified_by_name || report.verified_by || t("common.none");
       $("rp-final").textContent = R.fmt(report.final_at);
     }
     renderButtons();
