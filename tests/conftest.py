@@ -9,6 +9,7 @@ and the Celery backend on Redis with real ``rdc worker`` and ``rdc beat`` proces
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,22 +261,63 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+# What a test must use to touch the stack: a fixture of this file (a database, a deployment,
+# the S3 server, Celery), or, in its module's text, one of the helpers that build one.
+_STACK_FIXTURES = frozenset(
+    {
+        "database_url",
+        "stack",
+        "deployments",
+        "rdc_env",
+        "alliance",
+        "server",
+        "database",
+        "s3_server",
+        "s3_bucket",
+        "schema_templates",
+    }
+)
+_STACK_HELPERS = re.compile(
+    r"production_pass|RDC_TEST_DATABASE|postgres|pass_database|s3|celery|broker"
+    r"|Deployments|RdcServer|deployment_env|rdc_cli|index_db|session_scope|get_settings",
+    re.IGNORECASE,
+)
+
+
+def _touches_the_stack(item: pytest.Item, modules: dict[str, bool]) -> bool:
+    if _STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    path = str(getattr(item, "path", item.fspath))
+    if path not in modules:
+        modules[path] = bool(_STACK_HELPERS.search(Path(path).read_text(encoding="utf-8")))
+    return modules[path]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The production pass leaves out the browser (Chromium) tests. What they drive is the
-    same page code on either stack, and the embedded pass runs every one of them; the
-    production stack under those pages is driven by the HTTP, DICOM and MLLP tests, which
-    both passes run. This keeps the whole suite inside its time budget."""
+    """The production pass runs what the production stack changes, once more than the
+    embedded pass does; it leaves out
+
+    - the browser (Chromium) tests: what they drive is the same page code on either stack,
+      and the embedded pass runs every one of them; the production stack under those pages
+      is driven by the HTTP, DICOM and MLLP tests, which both passes run;
+    - the tests that touch no stack at all (parsers, signal analysis, rule tables, PDU
+      codecs): neither a database, an object store nor a task backend is under them, so a
+      second run would repeat the first one exactly.
+
+    This keeps the whole suite inside its time budget."""
     if os.environ.get("RDC_TEST_DATABASE", "sqlite") != "postgresql":
         return
-    browser = [
+    modules: dict[str, bool] = {}
+    left_out = [
         item
         for item in items
         if "browser" in getattr(item, "fixturenames", ())
         or hasattr(getattr(item, "module", None), "sync_playwright")
+        or not _touches_the_stack(item, modules)
     ]
-    if browser:
-        config.hook.pytest_deselected(items=browser)
-        dropped = set(map(id, browser))
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        dropped = set(map(id, left_out))
         items[:] = [item for item in items if id(item) not in dropped]
 
 

@@ -25,7 +25,7 @@ from schemathesis.checks import not_a_server_error
 
 from tests.helpers import Deployments, RdcServer, alliance_passwords, storescu
 
-MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "5"))
+MAX_EXAMPLES = int(os.environ.get("RDC_SCHEMATHESIS_EXAMPLES", "3"))
 
 
 class _Live:
