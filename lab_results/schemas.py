@@ -79,7 +79,8 @@ class LabOrderSummary(BaseModel):
     id: str  # the order's ID, which is also its exam's ID
     exam_id: str
     clinic: str  # the sending clinic's code
-    patient_id: str
+    patient_id: str  # as shown: a national ID (居民身份证号) masked, 110105********1234
+    patient_id_masked: bool = False  # whether ``patient_id`` is a masked national ID
     issuer: str
     patient_name: str
     natural_key: str

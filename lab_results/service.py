@@ -31,6 +31,7 @@ from rdc_core.settings import Settings, get_settings
 from worklist.access import Principal, require_roles
 from worklist.audit import record_access
 from worklist.models import Exam, Organization, OrgKind, Patient, Role, User
+from worklist.patients.national_id import shown_patient_id
 
 __all__ = [
     "AUTORELEASE_KEY",
@@ -87,11 +88,14 @@ def _result_counts(session: Session, order_ids: list[str]) -> dict[str, int]:
 def _summary_fields(
     order: LabOrder, exam: Exam, patient: Patient, org: Organization, count: int
 ) -> dict[str, Any]:
+    # A national ID (居民身份证号) is shown masked; stored and sent back as received.
+    shown = shown_patient_id(patient.issuer, patient.patient_id)
     return {
         "id": order.id,
         "exam_id": order.exam_id,
         "clinic": org.code,
-        "patient_id": patient.patient_id,
+        "patient_id": shown,
+        "patient_id_masked": shown != patient.patient_id,
         "issuer": patient.issuer,
         "patient_name": patient.name,
         "natural_key": order.natural_key,
@@ -125,7 +129,8 @@ def list_orders(
     offset: int = 0,
 ) -> list[LabOrderSummary]:
     """Orders the principal may see, newest first, filtered by the patient as the clinic
-    identified them (``patient_id``, ``issuer``) and the clinic's code (audited)."""
+    identified them (``patient_id`` as received, ``issuer``) and the clinic's code (audited;
+    a national ID masked in the audit trail as everywhere it is shown)."""
     _check_reader(principal)
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE}")
@@ -147,7 +152,12 @@ def list_orders(
         principal,
         action="list",
         object_type=SUBJECT,
-        detail={"patient_id": patient_id, "issuer": issuer, "clinic": clinic, "n": len(rows)},
+        detail={
+            "patient_id": shown_patient_id(issuer, patient_id) if patient_id else patient_id,
+            "issuer": issuer,
+            "clinic": clinic,
+            "n": len(rows),
+        },
     )
     return [
         LabOrderSummary(**_summary_fields(o, e, p, org, counts.get(o.id, 0)))

@@ -378,3 +378,31 @@ def test_scp_ecg_upload_is_measured_and_a_bad_crc_refused(deployment: Deployment
     assert sources and all(s.startswith("SCP-ECG section 7") for s in sources)
     patient = tech.get(f"/api/v1/exams/{exam_id}").json()["patient"]
     assert patient["patient_id"] == "SCP-HTTP-1" and patient["sex"] == "F"
+
+
+def test_a_national_id_patient_id_is_shown_masked_and_stored_as_received(
+    deployment: Deployment,
+) -> None:
+    first17 = "11010519800101123"
+    total = sum(int(c) * pow(2, 17 - i, 11) for i, c in enumerate(first17))
+    raw_id = first17 + "10X98765432"[total % 11]  # GB 11643 check character
+    masked = raw_id[:6] + "*" * 8 + raw_id[-4:]
+    record, _ = synthesize_ecg(heart_rate_bpm=64, seed=17)
+    tech = deployment.client("tech_a")
+    files = [("file", f) for f in wfdb_files(record, name="natid")]
+    response = tech.post("/api/v1/ecg", files=files, data={"patient_id": raw_id})
+    assert response.status_code == 201, response.text
+    exam_id = response.json()["exam_id"]
+    exam = tech.get(f"/api/v1/exams/{exam_id}")
+    assert exam.json()["patient"]["patient_id"] == masked
+    svg = tech.get(f"/api/v1/ecg/{exam_id}/trace.svg")
+    assert svg.status_code == 200 and f"ID {masked}" in svg.text
+    for shown in (exam, svg, tech.get(f"/api/v1/ecg/{exam_id}")):
+        assert raw_id not in shown.text
+    with deployment.server.db() as db:
+        (stored_id,) = db.execute(
+            "SELECT p.patient_id FROM patients p JOIN exams e ON e.patient_ref = p.id"
+            " WHERE e.id = ?",
+            (exam_id,),
+        ).fetchone()
+    assert stored_id == raw_id

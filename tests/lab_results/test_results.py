@@ -727,3 +727,51 @@ def test_text_results_in_the_pdf_fhir_and_the_oru_push_back_acknowledged_by_the_
 
 def _control(message: str) -> str:
     return message.split("\r")[0].split("|")[9]
+
+
+# --- a national ID as the clinic's patient ID: shown masked, stored as received ---------------
+
+
+def national_id(first17: str) -> str:
+    """17 digits and their GB 11643 check character (ISO 7064 MOD 11-2)."""
+    total = sum(int(c) * pow(2, 17 - i, 11) for i, c in enumerate(first17))
+    return first17 + "10X98765432"[total % 11]
+
+
+def test_a_national_id_patient_id_is_shown_masked_and_stored_as_received(
+    lab: LabDeployment, sent: dict[str, bytes], admin: httpx.Client
+) -> None:
+    raw_id = national_id("11010519800101123")
+    masked = raw_id[:6] + "*" * 8 + raw_id[-4:]
+    raw = oru("RES-NATID", facility="ELAB-3", patient=raw_id, filler="F-NATID", results=NORMAL)
+    answer = lab.client("tech_a").post(
+        "/api/v1/lab/messages", content=raw, headers={"content-type": "text/plain"}
+    )
+    assert answer.status_code == 200 and "MSA|AA|RES-NATID" in answer.text, answer.text
+    # The filter finds the order by the ID as received; every payload shows it masked.
+    order = wait_order(admin, raw_id)
+    assert order["patient_id"] == masked and order["patient_id_masked"] is True
+    listed = admin.get("/api/v1/lab/orders", params={"patient_id": raw_id, "issuer": "ELAB-3"})
+    assert [o["patient_id"] for o in listed.json()] == [masked], listed.text
+    page = admin.get(f"/api/v1/lab/exams/{order['exam_id']}/reading")
+    assert page.status_code == 200 and page.json()["exam"]["patient"]["patient_id"] == masked
+    for response in (listed, page, admin.get(f"/api/v1/lab/orders/{order['id']}")):
+        assert raw_id not in response.text
+    # Stored as received: the message's bytes and the patient's ID.
+    with lab.server.db() as db:
+        (key,) = db.execute(
+            "SELECT object_key FROM lab_messages WHERE control_id = ?", ("RES-NATID",)
+        ).fetchone()
+        (stored_id,) = db.execute(
+            "SELECT p.patient_id FROM patients p JOIN exams e ON e.patient_ref = p.id"
+            " WHERE e.id = ?",
+            (order["exam_id"],),
+        ).fetchone()
+    assert lab.server.object_file(key).read_bytes() == raw
+    assert stored_id == raw_id
+    # The audit trail of the search masks it too.
+    with lab.server.db() as db:
+        details = db.execute(
+            "SELECT detail FROM audit_events WHERE object_type = 'lab_order' AND action = 'list'"
+        ).fetchall()
+    assert all(raw_id not in (d if isinstance(d, str) else json.dumps(d)) for (d,) in details)

@@ -32,6 +32,7 @@ from rdc_core.storage import get_object_store
 from web.security import CurrentPrincipal
 from worklist.access import Principal
 from worklist.audit import audited_read, record_access
+from worklist.patients.national_id import shown_patient_id
 from worklist.queries import visible_exam
 
 router = APIRouter(prefix="/api/v1/ecg", tags=["ecg"])
@@ -177,12 +178,13 @@ def _trace(
     with audited_read() as session:
         exam = visible_exam(session, principal=principal, exam_id=exam_id)
         record = _record(session, store, exam_id)
-        # The header names the patient as the index knows them (a WFDB file names nobody).
+        # The header names the patient as the index knows them (a WFDB file names nobody),
+        # a national ID (居民身份证号) masked.
         patient = exam.patient
         record = replace(
             record,
             patient=PatientIdentity(
-                patient_id=patient.patient_id,
+                patient_id=shown_patient_id(patient.issuer, patient.patient_id),
                 name=patient.name or record.patient.name,
                 sex=patient.sex or record.patient.sex,
                 birth_date=_date(patient.birth_date) or record.patient.birth_date,
