@@ -149,7 +149,7 @@ def test_resident_reads_and_senior_verifies(
         # The senior sees it as taken, without a claim button.
         senior = _login(senior_ctx, demo, "senior")
         taken = _row(senior, exam_id)
-        expect(taken.locator(".state")).to_have_text("已被 reader 领取")
+        expect(taken.locator(".state")).to_have_text("已被 刘洋 Liu Yang 领取")
         expect(taken.get_by_role("button", name="领取")).to_have_count(0)
 
         # Viewer: frames scroll with the wheel and the keys; the image follows.
