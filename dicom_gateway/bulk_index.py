@@ -10,7 +10,12 @@ clinic's study, ECG waveforms, an exam to amend) is answered ``None`` and indexe
 by :func:`dicom_gateway.ingest.index_dicom_file`, as before: the rows written are the same.
 
 Why: on SQLite the batch is written while the database's one writer lock is held; the
-statements per instance were the serial section that capped ingest (issue 23).
+statements per instance were the serial section that capped ingest (issue 23). On
+PostgreSQL the rows read may be stale (another gateway writes meanwhile), which is safe: an
+exam's modalities, body part and priority only ever grow, so a stale read can only leave
+an instance to the one-by-one path; an artifact inserted meanwhile by another writer fails
+the bulk write (primary key), and its units go one by one. Deadlocks with other writers are
+avoided by the lock order and retried by group commit.
 
 Nothing is removed from the store here unless the transaction rolls back (an object this
 ingest created, as :func:`worklist.intake.register_artifact` does); objects are durable
@@ -33,6 +38,7 @@ from dicom_gateway.records import (
     INSTANCE_KIND,
     conflict_references,
     exam_id_for_study,
+    instance_row,
 )
 from rdc_core.db import execute_direct_many, on_rollback, session_connection, utcnow
 from rdc_core.storage import ObjectStore
@@ -53,8 +59,8 @@ _KNOWN = select(_artifacts.c.id).where(_artifacts.c.id.in_(bindparam("ids", expa
 _KNOWN_SOP = select(_instances.c.sop_instance_uid).where(
     _instances.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
 )
-# Plain INSERTs: the rows were just found absent in this transaction (SQLite: no other
-# writer); a row there after all fails the bulk write, and its units go one by one.
+# Plain INSERTs: the rows were just found absent in this transaction; a row there after all
+# (another writer on PostgreSQL) fails the bulk write, and its units go one by one.
 _ARTIFACT_COLUMNS = (
     "id",
     "exam_id",
@@ -135,11 +141,6 @@ def _undo(session: Session, store: ObjectStore, key: str, artifact_id: str, sop:
 def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | None]:
     """Index the items of the common case (see the module) in the caller's transaction;
     ``None`` for each of the others, left to the caller."""
-    if session.get_bind().dialect.name != "sqlite":
-        # Only where one writer holds the database: on PostgreSQL, writers of several
-        # processes updating the same exams met in a deadlock in a run with two gateways
-        # (bench/README), so there every unit goes its own way, as before.
-        return [None] * len(items)
     studies = {i.prepared.header.study_instance_uid for i in items}
     exam_of = {study: exam_id_for_study(study) for study in studies}
     exam_ids = [exam_of[i.prepared.header.study_instance_uid] for i in items]
@@ -188,25 +189,14 @@ def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | N
             }
         )
         instance_rows.append(
-            {
-                "id": artifact_id,
-                "sop_instance_uid": header.sop_instance_uid,
-                "exam_id": exam_id,
-                "series_instance_uid": header.series_instance_uid,
-                "series_number": header.series_number,
-                "instance_number": header.instance_number,
-                "frame_count": header.frame_count,
-                "sop_class_uid": header.sop_class_uid,
-                "modality": header.modality,
-                "body_part": header.body_part,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "storage_key": stored.key,
-                "size_bytes": stored.size,
-                "sha256": stored.sha256,
-                "calling_ae": item.calling_ae,
-                "received_at": now,
-                "coerced": header.coerced or None,
-            }
+            instance_row(
+                header,
+                exam_id=exam_id,
+                artifact_id=artifact_id,
+                stored=stored,
+                calling_ae=item.calling_ae,
+                now=now,
+            )
         )
         added[exam_id] = added.get(exam_id, 0) + 1
         if pending.store is not None and pending.created():
@@ -221,11 +211,12 @@ def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | N
         )
     if not artifact_rows:
         return results
-    # Exams in key order: writers on PostgreSQL lock them in the same order.
+    # Exams in the order of the items (group commit's lock order: patient, exam), which is
+    # the order every writer on PostgreSQL locks them in.
     execute_direct_many(
         session,
         _COUNT_EXAM,
-        [{"exam": exam, "added": count, "now": now} for exam, count in sorted(added.items())],
+        [{"exam": exam, "added": count, "now": now} for exam, count in added.items()],
     )
     execute_direct_many(session, _INSERT_ARTIFACT, artifact_rows, column_keys=_ARTIFACT_COLUMNS)
     execute_direct_many(session, _INSERT_INSTANCE, instance_rows, column_keys=_INSTANCE_COLUMNS)

@@ -41,6 +41,8 @@ __all__ = [
     "conflict_references",
     "exam_id_for_study",
     "find_instance",
+    "instance_row",
+    "lock_order",
     "record_conflict",
     "record_instance",
     "register_instance",
@@ -171,6 +173,51 @@ def _contract(header: InstanceHeader) -> tuple[PatientIn, ExamIn]:
     return patient, exam
 
 
+def lock_order(header: InstanceHeader, org: OrgRef) -> tuple[str, ...]:
+    """The order in which a group-commit batch indexes its instances (see
+    :mod:`rdc_core.group_commit`): by patient (the patient row is written with a new exam),
+    then exam, then SOP instance, so that writers in other processes lock shared rows in the
+    same order."""
+    return (
+        org.id,
+        header.issuer_of_patient_id or org.code,
+        header.patient_id,
+        exam_id_for_study(header.study_instance_uid),
+        header.sop_instance_uid,
+    )
+
+
+def instance_row(
+    header: InstanceHeader,
+    *,
+    exam_id: str,
+    artifact_id: str,
+    stored: StoredObject,
+    calling_ae: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``instances`` row of a new SOP instance (one at a time or a batch at once)."""
+    return {
+        "id": artifact_id,
+        "sop_instance_uid": header.sop_instance_uid,
+        "exam_id": exam_id,
+        "series_instance_uid": header.series_instance_uid,
+        "series_number": header.series_number,
+        "instance_number": header.instance_number,
+        "frame_count": header.frame_count,
+        "sop_class_uid": header.sop_class_uid,
+        "modality": header.modality,
+        "body_part": header.body_part,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "storage_key": stored.key,
+        "size_bytes": stored.size,
+        "sha256": stored.sha256,
+        "calling_ae": calling_ae,
+        "received_at": now,
+        "coerced": header.coerced or None,
+    }
+
+
 def register_instance(
     session: Session,
     *,
@@ -189,25 +236,14 @@ def register_instance(
         insert_ignore(
             session,
             Instance.__table__,
-            {
-                "id": artifact_id,
-                "sop_instance_uid": header.sop_instance_uid,
-                "exam_id": exam_id,
-                "series_instance_uid": header.series_instance_uid,
-                "series_number": header.series_number,
-                "instance_number": header.instance_number,
-                "frame_count": header.frame_count,
-                "sop_class_uid": header.sop_class_uid,
-                "modality": header.modality,
-                "body_part": header.body_part,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "storage_key": stored.key,
-                "size_bytes": stored.size,
-                "sha256": stored.sha256,
-                "calling_ae": calling_ae,
-                "received_at": now,
-                "coerced": header.coerced or None,
-            },
+            instance_row(
+                header,
+                exam_id=exam_id,
+                artifact_id=artifact_id,
+                stored=stored,
+                calling_ae=calling_ae,
+                now=now,
+            ),
             conflict=["sop_instance_uid"],
         )
 

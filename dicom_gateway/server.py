@@ -38,6 +38,7 @@ from dicom_gateway.ingest import (
 )
 from dicom_gateway.listener_pool import MAX_MESSAGE, ListenerPool
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
+from dicom_gateway.records import lock_order
 from dicom_gateway.report_push import encapsulated_pdf
 from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.spool import claim_spool_dir, remove_abandoned_spools
@@ -178,6 +179,7 @@ class StorageService:
                 calling_ae=request.calling_ae,
             ),
             bulk=(index_many, BulkItem(prepared, request.sender, request.calling_ae, self.objects)),
+            order=lock_order(prepared.header, request.sender),
         )
 
     # -- query/retrieve: always within the calling clinic's own data ---------------------
@@ -312,6 +314,7 @@ class IndexWriter:
             ),
             lambda result, error: reply(self._answer(result, error)),
             bulk=(index_many, BulkItem(prepared, organization, calling_ae, self.store)),
+            order=lock_order(prepared.header, organization),
         )
 
     @staticmethod

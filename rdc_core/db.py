@@ -609,6 +609,22 @@ class _DirectPlan:
 _direct_plans: dict[tuple[Any, str, tuple[str, ...] | None], _DirectPlan | None] = {}
 
 
+def _direct_plan(
+    session: Session, statement: Any, column_keys: tuple[str, ...] | None
+) -> tuple[Connection, _DirectPlan | None]:
+    """Flush pending ORM changes (as session.execute would) and return the transaction's
+    connection with the statement's plan for its dialect (None: run it through SQLAlchemy),
+    made on first use and kept per statement object."""
+    if session.new or session.dirty or session.deleted:
+        session.flush()
+    conn = session_connection(session)
+    key = (statement, conn.dialect.name, column_keys)
+    if key in _direct_plans:
+        return conn, _direct_plans[key]
+    plan = _direct_plans[key] = _plan_direct(statement, conn.dialect, column_keys)
+    return conn, plan
+
+
 def execute_direct(
     session: Session,
     statement: Any,
@@ -628,15 +644,8 @@ def execute_direct(
     needs SQLAlchemy's execution (Python-side column defaults) runs through it instead.
     Driver errors come back as SQLAlchemy's DBAPIError kinds, as from Connection.execute.
     """
-    if session.new or session.dirty or session.deleted:
-        session.flush()
-    conn = session_connection(session)
+    conn, plan = _direct_plan(session, statement, column_keys)
     dialect = conn.dialect
-    key = (statement, dialect.name, column_keys)
-    if key in _direct_plans:
-        plan = _direct_plans[key]
-    else:
-        plan = _direct_plans[key] = _plan_direct(statement, dialect, column_keys)
     if plan is None:
         return [tuple(row) for row in conn.execute(statement, dict(params))]
     bound = plan.compiled.construct_params(dict(params))
@@ -665,15 +674,8 @@ def execute_direct_many(
     For the statements of a whole group-commit batch: one call instead of one per row."""
     if not rows:
         return
-    if session.new or session.dirty or session.deleted:
-        session.flush()
-    conn = session_connection(session)
+    conn, plan = _direct_plan(session, statement, column_keys)
     dialect = conn.dialect
-    key = (statement, dialect.name, column_keys)
-    if key in _direct_plans:
-        plan = _direct_plans[key]
-    else:
-        plan = _direct_plans[key] = _plan_direct(statement, dialect, column_keys)
     if plan is None:
         conn.execute(statement, [dict(row) for row in rows])
         return

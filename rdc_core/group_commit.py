@@ -11,18 +11,30 @@ name the same writer are first offered to it together, ``writer(session, items)`
 writes the ones it can in a few set-wise statements (one savepoint for all of them) and
 answers ``None`` for each it leaves to the unit's own ``work``. That keeps the time the
 transaction (on SQLite: the one writer lock) is held per unit falling as batches grow.
+
+Several writers on one PostgreSQL database (two gateways, or a gateway and an import) lock
+the same rows. A unit may give an ``order`` key: a batch runs its units in key order, so
+writers take the rows of one key (e.g. a patient's, then an exam's) in the same order and
+do not wait on each other in a circle. A unit that still loses a deadlock or a serialization
+check (SQLSTATE 40P01, 40001), or whose batch's commit does, is run again in a fresh
+transaction, a few times: its rollback undo actions are forgotten, not run, as the next
+attempt relies on what they would remove (the object it stored).
+
+:class:`Batcher` is the leader/follower scheme on its own, for other batched work (e.g. the
+object store's synced writes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from rdc_core.db import (
@@ -34,7 +46,7 @@ from rdc_core.db import (
 )
 from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 
-__all__ = ["BulkWriter", "GroupCommitter"]
+__all__ = ["BatchEntry", "Batcher", "BulkWriter", "GroupCommitter"]
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +58,159 @@ T = TypeVar("T")
 BulkWriter = Callable[[Session, list[Any]], list[Any]]
 
 
-@dataclass
-class _Job(Generic[T]):
-    work: Callable[[Session], T]
-    wake: threading.Event = field(default_factory=threading.Event)
-    finished: bool = False
-    result: Any = None
-    error: BaseException | None = None
-    # For a unit queued with submit(): called with (result, error) once it is decided.
-    done: Callable[[Any, BaseException | None], None] | None = None
-    bulk: tuple[BulkWriter, Any] | None = None
+E = TypeVar("E", bound="BatchEntry")
+
+
+class BatchEntry:
+    """One piece of work queued with a :class:`Batcher`; subclasses carry the work."""
+
+    def __init__(self, *, queued: bool = False) -> None:
+        self.wake = threading.Event()
+        self.finished = False
+        # Queued with Batcher.submit (nobody waits on it): the batcher's thread leads for it.
+        self.queued = queued
 
     def finish(self) -> None:
+        """Mark it decided and wake its caller; the lead function calls it for every entry
+        of a batch it took."""
         self.finished = True
         self.wake.set()
+
+
+class Batcher(Generic[E]):
+    """Leader/follower batching of entries from many threads.
+
+    A caller of :meth:`run` that finds no batch in progress leads: it calls ``lead(take)``
+    itself (a lone caller pays no hand-over); callers arriving meanwhile queue up and the
+    first of them leads the next batch, which takes them all. ``lead`` calls ``take()``
+    once it is ready for the entries (e.g. once it holds a lock: whatever arrived while it
+    waited is in that batch, so batches grow with the load), processes them and calls
+    :meth:`BatchEntry.finish` on each. Entries queued with :meth:`submit` are led by the
+    batcher's own thread.
+    """
+
+    def __init__(
+        self,
+        lead: Callable[[Callable[[], list[E]]], None],
+        *,
+        max_batch: int,
+        name: str = "rdc-batcher",
+    ) -> None:
+        self._handle = lead
+        self._max_batch = max_batch
+        self._name = name
+        self._lock = threading.Lock()
+        self._pending: list[E] = []
+        self._leading = False
+        self._thread: threading.Thread | None = None  # leads for submit(), made on first use
+        self._wanted = threading.Event()
+
+    @property
+    def waiting(self) -> int:
+        """How many entries are queued, not yet taken by a batch."""
+        with self._lock:
+            return len(self._pending)
+
+    def run(self, entry: E) -> None:
+        """Queue ``entry`` and return once it is finished (possibly led by this thread)."""
+        with self._lock:
+            self._pending.append(entry)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            entry.wake.wait()
+        if not entry.finished:  # woken to lead the next batch
+            self._lead()
+
+    def submit(self, entry: E) -> None:
+        """Queue ``entry`` (``queued=True``) without waiting for it."""
+        with self._lock:
+            self._pending.append(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._lead_forever, name=self._name, daemon=True
+                )
+                self._thread.start()
+            if self._leading:
+                return  # the batch in progress hands on to the next leader
+            self._leading = True
+        self._wanted.set()
+
+    def _lead_forever(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                self._lead()
+            except Exception:  # lead finishes entries, never fails itself; keep going
+                log.exception("%s", self._name)
+
+    def _take(self) -> list[E]:
+        with self._lock:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+        return batch
+
+    def _lead(self) -> None:
+        try:
+            self._handle(self._take)
+        finally:
+            with self._lock:
+                following = self._pending[0] if self._pending else None
+                if following is None:
+                    self._leading = False
+                elif not following.queued:
+                    following.wake.set()  # a caller of run(): it leads the next batch
+            if following is not None and following.queued:
+                self._wanted.set()  # a submitted entry: the batcher's thread leads
+
+
+class _Job(BatchEntry, Generic[T]):
+    def __init__(
+        self,
+        work: Callable[[Session], T],
+        *,
+        done: Callable[[Any, BaseException | None], None] | None = None,
+        bulk: tuple[BulkWriter, Any] | None = None,
+        order: tuple[Any, ...] = (),
+    ) -> None:
+        super().__init__(queued=done is not None)
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        # For a unit queued with submit(): called with (result, error) once it is decided.
+        self.done = done
+        self.bulk = bulk
+        self.order = order
+        self.attempts = 0
+
+    def finish(self) -> None:
+        super().finish()
         if self.done is not None:
             try:
                 self.done(self.result, self.error)
             except Exception:
                 log.exception("the callback of a group-commit unit failed")
+
+
+# A unit that lost a deadlock or a serialization check runs again this often at most.
+ATTEMPTS = 5
+_RETRYABLE_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a deadlock or serialization
+    failure: the transaction lost a race and the same work succeeds when run again."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        orig = seen.orig if isinstance(seen, DBAPIError) else seen
+        state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if state in _RETRYABLE_STATES:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _domain_error(exc: Exception) -> Exception:
@@ -76,9 +222,9 @@ def _domain_error(exc: Exception) -> Exception:
 class GroupCommitter:
     """Runs units of work from many threads in shared transactions.
 
-    Leader/follower: a caller that finds no transaction in progress runs the queued units
-    itself (so a lone caller pays no hand-over); callers arriving meanwhile queue up and the
-    next transaction, run by the first of them, takes them all.
+    Leader/follower (:class:`Batcher`): a caller that finds no transaction in progress runs
+    the queued units itself (so a lone caller pays no hand-over); callers arriving meanwhile
+    queue up and the next transaction, run by the first of them, takes them all.
 
     The leader begins its transaction first (on SQLite that waits, blocked, for the writer
     lock that every process opening the database shares) and only then takes the queued
@@ -87,12 +233,14 @@ class GroupCommitter:
     """
 
     def __init__(self, *, max_batch: int = 512) -> None:
-        self._max_batch = max_batch
-        self._lock = threading.Lock()
-        self._pending: list[_Job[Any]] = []
-        self._leading = False
-        self._writer: threading.Thread | None = None  # leads for submit(), made on first use
-        self._wanted = threading.Event()
+        self._batcher: Batcher[_Job[Any]] = Batcher(
+            self._lead, max_batch=max_batch, name="rdc-group-commit"
+        )
+
+    @property
+    def waiting(self) -> int:
+        """How many units are queued for the next transaction."""
+        return self._batcher.waiting
 
     def submit(
         self,
@@ -100,86 +248,45 @@ class GroupCommitter:
         done: Callable[[Any, BaseException | None], None],
         *,
         bulk: tuple[BulkWriter, Any] | None = None,
+        order: tuple[Any, ...] = (),
     ) -> None:
         """Queue ``work(session)`` without waiting for it: ``done(result, error)`` is called
         (in the committer's writer thread) once it is committed or has failed. For a thread
         that must go on reading requests, e.g. one serving many senders' requests."""
-        job: _Job[T] = _Job(work, done=done, bulk=bulk)
-        with self._lock:
-            self._pending.append(job)
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._write_forever, name="rdc-group-commit", daemon=True
-                )
-                self._writer.start()
-            if self._leading:
-                return  # the transaction in progress hands on to the next leader
-            self._leading = True
-        self._wanted.set()
+        self._batcher.submit(_Job(work, done=done, bulk=bulk, order=order))
 
-    def _write_forever(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            try:
-                self._lead()
-            except Exception:  # _lead fails units, never itself; keep the writer alive
-                log.exception("group commit writer")
-
-    def run(self, work: Callable[[Session], T], *, bulk: tuple[BulkWriter, Any] | None = None) -> T:
+    def run(
+        self,
+        work: Callable[[Session], T],
+        *,
+        bulk: tuple[BulkWriter, Any] | None = None,
+        order: tuple[Any, ...] = (),
+    ) -> T:
         """Run ``work(session)``; return its result once it is committed, or raise its error
-        (DatabaseUnavailableError when the shared commit failed). ``bulk``: see the module."""
-        job: _Job[T] = _Job(work, bulk=bulk)
-        with self._lock:
-            self._pending.append(job)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            job.wake.wait()
-        if not job.finished:  # woken to lead the next transaction
-            self._lead()
+        (DatabaseUnavailableError when the shared commit failed). ``bulk``, ``order``: see
+        the module."""
+        job: _Job[T] = _Job(work, bulk=bulk, order=order)
+        self._batcher.run(job)
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _lead(self) -> None:
-        try:
+    def _lead(self, take: Callable[[], list[_Job[Any]]]) -> None:
+        batch: list[_Job[Any]] | None = None
+        while True:
             session = new_session()
             try:
                 session_connection(session)  # BEGIN; on SQLite: the writer lock is ours
             except Exception as exc:
-                self._fail(session, self._take(), exc)
-            else:
-                self._run_batch(session, self._take())
-        finally:
-            with self._lock:
-                following = self._pending[0] if self._pending else None
-                if following is None:
-                    self._leading = False
-                elif following.done is None:
-                    following.wake.set()  # a caller of run(): it leads the next transaction
-            if following is not None and following.done is not None:
-                self._wanted.set()  # a submitted unit: the writer thread leads
-
-    @staticmethod
-    def _run_alone(session: Session, job: _Job[Any]) -> None:
-        # A lone unit is its own transaction: no savepoint needed.
-        try:
-            job.result = job.work(session)
-            session.commit()
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                session.rollback()
-            run_rollback_undos(session)
-            job.error = _domain_error(exc)
-        else:
-            run_after_commit(session)
-
-    def _take(self) -> list[_Job[Any]]:
-        with self._lock:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-        return batch
+                self._fail(session, take() if batch is None else batch, exc)
+                return
+            # The first transaction takes what queued while it began; a retry, its losers.
+            batch = self._run_batch(session, take() if batch is None else batch)
+            if not batch:
+                return
+            # Lost a deadlock or serialization check: again in a fresh transaction, after a
+            # short random pause so that the winner gets ahead.
+            time.sleep(random.uniform(0.001, 0.01) * batch[0].attempts)
 
     @staticmethod
     def _fail(session: Session, batch: list[_Job[Any]], exc: Exception) -> None:
@@ -224,34 +331,77 @@ class GroupCommitter:
             return batch
         return [job for job in batch if id(job) not in done]
 
-    def _run_batch(self, session: Session, batch: list[_Job[Any]]) -> None:
+    @staticmethod
+    def _lost(job: _Job[Any], exc: BaseException) -> bool:
+        """Whether ``job`` lost a race it may run again for (see the module)."""
+        job.attempts += 1
+        if job.attempts < ATTEMPTS and retryable(exc):
+            log.warning("a group-commit unit lost a race (attempt %d): %s", job.attempts, exc)
+            return True
+        return False
+
+    def _run_batch(self, session: Session, batch: list[_Job[Any]]) -> list[_Job[Any]]:
+        """Run ``batch`` in the session's transaction, commit and finish its units; return
+        the units to run again in a fresh transaction (unfinished)."""
+        again: list[_Job[Any]] = []
+        batch.sort(key=lambda job: job.order)  # stable: units without a key keep their order
         try:
             if len(batch) == 1:
-                self._run_alone(session, batch[0])
-                return
-            for job in self._run_bulk(session, batch):
-                mark = len(session.info.get("rdc_on_rollback", []))
+                # A lone unit is its own transaction: no savepoint needed.
+                job = batch[0]
                 try:
-                    with direct_savepoint(session):
-                        job.result = job.work(session)
-                except TransactionLostError:
-                    raise  # every unit of the batch is lost: fail them all below
+                    job.result = job.work(session)
                 except Exception as exc:
-                    run_rollback_undos(session, since=mark)
-                    job.error = _domain_error(exc)
+                    if not self._lost(job, exc):
+                        raise
+                    again.append(job)
+                    session.info.pop("rdc_on_rollback", None)  # the retry needs its object
+                    with contextlib.suppress(Exception):
+                        session.rollback()
+                    return again
+            else:
+                for job in self._run_bulk(session, batch):
+                    mark = len(session.info.get("rdc_on_rollback", []))
+                    try:
+                        with direct_savepoint(session):
+                            job.result = job.work(session)
+                    except TransactionLostError:
+                        raise  # every unit of the batch is lost: fail them all below
+                    except Exception as exc:
+                        if self._lost(job, exc):
+                            again.append(job)
+                            del session.info.get("rdc_on_rollback", [])[mark:]
+                        else:
+                            run_rollback_undos(session, since=mark)
+                            job.error = _domain_error(exc)
             session.commit()
         except Exception as exc:
-            log.error("group commit of %d units failed: %s", len(batch), exc)
             with contextlib.suppress(Exception):
                 session.rollback()
+            retry = [job for job in batch if job.error is None and job not in again]
+            if retry and all(self._lost(job, exc) for job in retry):
+                # The commit lost a race (e.g. a serialization check): all of it again.
+                log.warning("group commit of %d units lost a race; again: %s", len(batch), exc)
+                session.info.pop("rdc_on_rollback", None)
+                for job in retry:
+                    job.result = None
+                return again + retry
             run_rollback_undos(session, since=0)
-            failure = DatabaseUnavailableError(f"index commit failed: {exc}")
-            for job in batch:
+            if len(batch) == 1:  # a lone unit's own error (e.g. permission denied)
+                failure = _domain_error(exc)
+            else:
+                log.error("group commit of %d units failed: %s", len(batch), exc)
+                failure = DatabaseUnavailableError(f"index commit failed: {exc}")
+            for job in batch + again:
                 if job.error is None:
                     job.error = failure
+                    job.result = None
+            again = []
         else:
             run_after_commit(session)
         finally:
             session.close()
             for job in batch:
-                job.finish()
+                if job not in again:
+                    job.finish()
+        return again

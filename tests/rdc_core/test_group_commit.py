@@ -104,9 +104,9 @@ def test_a_lost_transaction_fails_every_unit_of_its_batch(database: str) -> None
         threads.append(threading.Thread(target=unit, args=(k,)))
         threads[-1].start()
         deadline = time.monotonic() + 30
-        while len(committer._pending) < k and time.monotonic() < deadline:
+        while committer.waiting < k and time.monotonic() < deadline:
             time.sleep(0.01)
-    assert len(committer._pending) == 3
+    assert committer.waiting == 3
     release.set()
     for t in (first, *threads):
         t.join(30)
@@ -210,14 +210,14 @@ def test_writers_waiting_for_the_lock_share_one_transaction(
                 # The leader waits (blocked) for the lock before it takes any unit: all queue.
                 for t in threads:
                     t.start()
-                wait_until(lambda: len(committer._pending) == writers)
+                wait_until(lambda: committer.waiting == writers)
             else:
                 # The first unit goes alone and waits on the locked table; the rest queue.
                 threads[0].start()
                 wait_until(lambda: len(entered) == 1)
                 for t in threads[1:]:
                     t.start()
-                wait_until(lambda: len(committer._pending) == writers - 1)
+                wait_until(lambda: committer.waiting == writers - 1)
         finally:
             let_go()
         for t in threads:
