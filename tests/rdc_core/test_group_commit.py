@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from rdc_core.db import execute_direct_many, on_rollback, read_session
 from rdc_core.errors import DatabaseUnavailableError
-from rdc_core.group_commit import GroupCommitter
+from rdc_core.group_commit import ATTEMPTS, GroupCommitter
 
 
 def _setup(database: str) -> None:
@@ -245,7 +245,7 @@ def test_writers_waiting_for_the_lock_share_one_transaction(
 _WRITER = """
 import os, sys, threading
 from sqlalchemy import text
-from rdc_core.group_commit import GroupCommitter
+from rdc_core.group_commit import ATTEMPTS, GroupCommitter
 
 base, per_thread, threads = map(int, sys.argv[1:4])
 committer = GroupCommitter()
@@ -412,3 +412,77 @@ def test_a_bulk_writer_writes_a_batch_set_wise(database: str, bulk_fails: bool) 
 
 
 _INSERT_T = text("INSERT INTO t (k, v) VALUES (:k, :v)")
+
+
+class _LostRace(Exception):
+    """What a PostgreSQL driver raises for a lost deadlock (SQLite raises none such)."""
+
+    sqlstate = "40P01"
+
+
+def _lose_race(session: Session) -> None:
+    """Fail the current statement as a deadlock victim does (SQLSTATE 40P01)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$")
+        )
+    raise OperationalError("INSERT", {}, _LostRace("deadlock detected"))
+
+
+@pytest.mark.parametrize("units", [1, 6])
+def test_a_unit_that_lost_a_deadlock_runs_again_and_keeps_what_it_relies_on(
+    database: str, units: int
+) -> None:
+    _setup(database)
+    committer = GroupCommitter()
+    undone: list[int] = []
+    attempts: dict[int, int] = {}
+    barrier = threading.Barrier(units)
+    outcomes: dict[int, object] = {}
+
+    def unit(k: int) -> None:
+        def work(session: Session) -> int:
+            attempts[k] = attempts.get(k, 0) + 1
+            # Would remove the object the unit stored: must not run while it is tried again.
+            on_rollback(session, lambda: undone.append(k))
+            session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+            if k % 2 == 0 and attempts[k] < 3:
+                _lose_race(session)
+            return k * 10
+
+        barrier.wait()
+        try:
+            outcomes[k] = committer.run(work, order=(-k,))
+        except Exception as exc:
+            outcomes[k] = exc
+
+    threads = [threading.Thread(target=unit, args=(k,)) for k in range(units)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    with read_session() as session:
+        stored = sorted(row[0] for row in session.execute(text("SELECT k FROM t")))
+    assert stored == list(range(units))
+    assert outcomes == {k: k * 10 for k in range(units)}
+    assert undone == []
+    assert all(attempts[k] == (3 if k % 2 == 0 else 1) for k in range(units))
+
+
+def test_a_unit_that_keeps_losing_fails_after_its_attempts_and_is_undone(database: str) -> None:
+    _setup(database)
+    committer = GroupCommitter()
+    undone: list[str] = []
+    tries = 0
+
+    def work(session: Session) -> None:
+        nonlocal tries
+        tries += 1
+        on_rollback(session, lambda: undone.append("object removed"))
+        _lose_race(session)
+
+    with pytest.raises(DatabaseUnavailableError):
+        committer.run(work)
+    assert tries == ATTEMPTS
+    assert undone == ["object removed"]  # once: after the last attempt only
