@@ -193,6 +193,7 @@ _PARTS = {
 }
 # Characters XML 1.0 cannot carry: written as Excel's _xHHHH_ escapes (as Excel reads them).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_SPECIAL = re.compile("[&<>\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _SHEET_NAME_BAD = re.compile(r"[\[\]:*?/\\]")
 _MAX_STRING = 32767  # Excel's limit of a cell's text
 _FLUSH_ROWS = 2000
@@ -212,6 +213,8 @@ def _column_letters(n: int) -> list[str]:
 
 def _text(value: str) -> str:
     value = value[:_MAX_STRING]
+    if not _SPECIAL.search(value):  # most cells: nothing to escape
+        return value
     value = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     if _CONTROL.search(value):
         value = _CONTROL.sub(lambda m: f"_x{ord(m.group()):04X}_", value)
@@ -231,7 +234,7 @@ def _cells(row: Iterable[Any], letters: list[str], r: int, style: str = "") -> s
             parts.append(f'<c r="{col}{r}"{style}><v>{value!r}</v></c>')
         else:
             text = _text(str(value))
-            space = ' xml:space="preserve"' if text != text.strip() else ""
+            space = ' xml:space="preserve"' if text[:1].isspace() or text[-1:].isspace() else ""
             parts.append(f'<c r="{col}{r}"{style} t="inlineStr"><is><t{space}>{text}</t></is></c>')
     parts.append("</row>")
     return "".join(parts)
