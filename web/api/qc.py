@@ -4,6 +4,7 @@ report. QC staff and administrators of the lead hospital only: everyone else get
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -245,7 +246,12 @@ def _table(
                 now=utcnow(),
                 subset=subset,  # type: ignore[arg-type]
             )
-            header, table = case_table(rows, tz)
+            # The first case read here: a failing query answers a problem, not a cut
+            # download.
+            first = next(rows, None)
+            header, table = case_table(
+                rows if first is None else itertools.chain((first,), rows), tz
+            )
             stem = f"qc-cases-{cases_code.upper()}"
         else:
             codes = None if indicator in (None, "all", "ALL") else [str(indicator)]
