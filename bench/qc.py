@@ -10,7 +10,7 @@ their stage times, work items, first reports spread over two years) into
   the issue's target (p95 <= 500 ms);
 - per indicator, one call each, to show where the time goes;
 - ``export``: the XLSX of the quarter's TAT-07 case list (every exam that arrived), streamed
-  from a server-side cursor into xlsxwriter's constant-memory writer, as
+  from a server-side cursor into the row-by-row XLSX writer (worklist.qc.export), as
   ``GET /api/v1/qc/export.xlsx?cases=TAT-07`` does: seconds (target <= 30 s) and the
   process's resident memory sampled during the export (flat means streamed).
 
@@ -174,7 +174,7 @@ def _run(filters: Any, now: Any, args: argparse.Namespace) -> dict[str, Any]:
     with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(
-                "VACUUM (ANALYZE) qc_fact_queue, qc_exam_facts, qc_daily, qc_tat_hist,"
+                "VACUUM (ANALYZE) qc_fact_queue, qc_exam_facts, qc_daily, qc_monthly, qc_tat_hist,"
                 " qc_report_facts"
             )
         else:

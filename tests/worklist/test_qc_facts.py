@@ -19,7 +19,14 @@ from worklist.access import Principal
 from worklist.directory import principal_for_user
 from worklist.models import Exam, ExamState, Organization, Priority, Report, User, WorkItem
 from worklist.qc import GROUPS, INDICATORS, compute_indicators, histogram, list_cases, service
-from worklist.qc.models import QC_FACT_SOURCES, QcExamFact, QcFactQueue
+from worklist.qc.models import (
+    QC_FACT_SOURCES,
+    QcDaily,
+    QcExamFact,
+    QcFactQueue,
+    QcMonthly,
+    QcTatHist,
+)
 from worklist.qc.service import BUCKET_RATIO, period_filters
 from worklist.qc.tasks import refresh_facts_task
 
@@ -282,3 +289,46 @@ def test_turnaround_and_critical_values_by_discipline(qc: Principal) -> None:
             assert (ecg["TAT-07"].p50, ecg["TAT-07"].p90) == qc_dataset.EXPECTED_APRIL_TAT["ecg"]
             assert (ecg["ECG-02"].numerator, ecg["ECG-02"].denominator) == (1, 1)
             assert ecg["CL-14"].status == "no_data" and ecg["SLA-01"].rate == 50.0
+
+
+def _rollup_rows() -> dict[str, set[tuple[Any, ...]]]:
+    """The roll-up tables' rows, without those whose counters are all zero (differences
+    that cancelled out leave them behind; a rebuild writes none)."""
+    out: dict[str, set[tuple[Any, ...]]] = {}
+    with read_session() as session:
+        for table in (QcDaily, QcMonthly, QcTatHist):
+            columns = list(table.__table__.columns)
+            keys = [c for c in columns if c.primary_key]
+            counters = [c for c in columns if not c.primary_key]
+            out[table.__tablename__] = {
+                tuple(row)
+                for row in session.execute(select(*keys, *counters))
+                if any(row[len(keys) :])
+            }
+    return out
+
+
+def test_the_monthly_rollup_sums_the_days_and_a_rebuild_gives_the_same(qc: Principal) -> None:
+    """qc_monthly is qc_daily summed by month, kept so by the refresh task's differences
+    (an exam moved to another month, one cancelled) and by a rebuild from the facts."""
+    refresh_facts_task()
+    with session_scope() as session:
+        exams = sorted(
+            session.execute(select(Exam).where(Exam.accession_number.is_not(None))).scalars(),
+            key=lambda e: e.accession_number or "",
+        )
+        exams[0].first_received_at = exams[0].first_received_at - timedelta(days=40)
+        exams[1].state = ExamState.CANCELLED
+    assert refresh_facts_task() > 0
+    incremental = _rollup_rows()
+    months: dict[tuple[Any, ...], list[int]] = {}
+    for day, *dims_and_counts in incremental["qc_daily"]:
+        dims, counts = tuple(dims_and_counts[:4]), dims_and_counts[4:]
+        total = months.setdefault((day[:7], *dims), [0] * len(counts))
+        for i, n in enumerate(counts):
+            total[i] += n
+    assert {(*k, *v) for k, v in months.items() if any(v)} == incremental["qc_monthly"]
+    assert incremental["qc_monthly"] and incremental["qc_tat_hist"]
+    with session_scope() as session:
+        service.rebuild_rollup(session, now=NOW)
+    assert _rollup_rows() == incremental

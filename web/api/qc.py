@@ -4,18 +4,15 @@ report. QC staff and administrators of the lead hospital only: everyone else get
 
 from __future__ import annotations
 
-import os
-import tempfile
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import FileResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import Response, StreamingResponse
 
 from rdc_core.db import read_session, session_scope, utcnow
 from rdc_core.errors import InvalidInputError
@@ -23,7 +20,7 @@ from rdc_core.settings import get_settings
 from web.params import CalendarMonth, LocalDay, Offset
 from web.security import CurrentPrincipal
 from worklist.access import Principal
-from worklist.qc.export import case_table, csv_chunks, indicator_table, write_xlsx
+from worklist.qc.export import case_table, csv_chunks, indicator_table, xlsx_chunks
 from worklist.qc.monthly import monthly_report_pdf
 from worklist.qc.schemas import CasePage, HistogramOut, IndicatorsOut, TargetIn, TargetOut
 from worklist.qc.service import (
@@ -249,7 +246,12 @@ def _table(
                 now=utcnow(),
                 subset=subset,  # type: ignore[arg-type]
             )
-            header, table = case_table(rows, tz)
+            # The first case read here: a failing query answers a problem, not a cut
+            # download.
+            first = next(rows, None)
+            header, table = case_table(
+                rows if first is None else itertools.chain((first,), rows), tz
+            )
             stem = f"qc-cases-{cases_code.upper()}"
         else:
             codes = None if indicator in (None, "all", "ALL") else [str(indicator)]
@@ -305,24 +307,20 @@ def export_xlsx(
     principal: CurrentPrincipal,
     filters: Filters,
     export: ExportQ,
-) -> FileResponse:
-    """The same table as XLSX, written row by row (constant memory) to a temporary file."""
+) -> StreamingResponse:
+    """The same table as XLSX, streamed as it is written row by row (constant memory)."""
     stem, header, rows, context = _table(principal, filters, export)
-    fd, name = tempfile.mkstemp(suffix=".xlsx", prefix="rdc-qc-")
-    os.close(fd)
-    path = Path(name)
-    try:
-        write_xlsx(path, stem[:31], header, rows)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    finally:
-        context.__exit__(None, None, None)
-    return FileResponse(
-        path,
+
+    def body() -> Iterator[bytes]:
+        try:
+            yield from xlsx_chunks(stem[:31], header, rows)
+        finally:
+            context.__exit__(None, None, None)
+
+    return StreamingResponse(
+        body(),
         media_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-        filename=f"{stem}.xlsx",
-        background=BackgroundTask(path.unlink, missing_ok=True),
+        headers={"Content-Disposition": f'attachment; filename="{stem}.xlsx"'},
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "QcDaily",
     "QcExamFact",
     "QcFactQueue",
+    "QcMonthly",
     "QcReportCheck",
     "QcReportFact",
     "QcTarget",
@@ -217,10 +218,26 @@ class QcDaily(Base):
     priority: Mapped[str] = mapped_column(String(32), primary_key=True)
 
 
+class QcMonthly(Base):
+    """The daily roll-up summed by local month (``YYYY-MM``), same dimensions and columns:
+    what a period of whole months (a month, a quarter, a year) reads, a few rows per
+    clinic instead of a month of days. Kept with ``qc_daily`` (the same differences, in
+    the same transaction), so it always equals the sums of its days."""
+
+    __tablename__ = "qc_monthly"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    clinic: Mapped[str] = mapped_column(String(64), primary_key=True)
+    discipline: Mapped[str] = mapped_column(String(32), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16), primary_key=True)
+    priority: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
 for _code in ROLLUP_CODES:
     for _what in ("n", "s"):
         _name = rollup_column(_code, _what)
-        setattr(QcDaily, _name, mapped_column(_name, BigInteger, nullable=False, default=0))
+        for _table in (QcDaily, QcMonthly):
+            setattr(_table, _name, mapped_column(_name, BigInteger, nullable=False, default=0))
 
 
 class QcTatHist(Base):

@@ -69,6 +69,7 @@ from worklist.qc.models import (
     QcDaily,
     QcExamFact,
     QcFactQueue,
+    QcMonthly,
     QcReportCheck,
     QcReportFact,
     QcTarget,
@@ -924,7 +925,7 @@ def rebuild_rollup(session: Session, *, now: datetime) -> None:
     the backlog of an upgrade, in one transaction with it)."""
     if _dialect(session) == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(_ROLLUP_LOCK)))
-    for table in (QcDaily, QcTatHist, QcReportFact):
+    for table in (QcDaily, QcMonthly, QcTatHist, QcReportFact):
         session.execute(delete(table))
     every = select(QcExamFact.id)
     batch: list[dict[str, Any]] = []
@@ -969,8 +970,20 @@ def _source(session: Session, ind: Indicator, now: datetime, *, facts: bool) -> 
         "ALL-04": lambda: _lookups(d),
         "ALL-05": lambda: _declines(d),
     }
+    assert set(builders) == set(_OTHER_SOURCES)
     build = builders.get(ind.code)
     return None if build is None else build()
+
+
+# The indicators whose cases are not exams (their case queries: ``_source``).
+_OTHER_SOURCES = ("RCV-04", "RWS-03", "ECG-02", "CL-14", "CL-15", "ALL-03", "ALL-04", "ALL-05")
+
+
+def _has_source(session: Session, ind: Indicator, now: datetime) -> bool:
+    """Whether ``ind`` has a case query (what ``_source`` would build)."""
+    if ind.unavailable:
+        return False
+    return ind.code in _OTHER_SOURCES or ind.code in _exam_indicators(_dialect(session), now)
 
 
 def _filtered(source: _Source, filters: QcFilters) -> Any:
@@ -1323,26 +1336,26 @@ def compute_indicators(
         if family is not None and ind.family != family:
             continue
         target, margin, _ = targets.get(ind.code, (ind.target, ind.warn_margin, 0))
-        source = _source(session, ind, now, facts=facts)
+        measured = _has_source(session, ind, now)
         groups: list[GroupOut] | None = None
         total: _Agg | None = None
         prev_value: float | None = None
-        if source is not None:
-            figures = (
-                rolled.get(ind.code)
-                or tat.get(ind.code)
-                or _aggregate(session, ind, source, filters, group_by, previous=previous)
-            )
+        if measured:
+            figures = rolled.get(ind.code) or tat.get(ind.code)
+            if figures is None:  # its case query (built only when read: building costs)
+                source = _source(session, ind, now, facts=facts)
+                assert source is not None
+                figures = _aggregate(session, ind, source, filters, group_by, previous=previous)
             total = figures.total
             if group_by is not None:
                 groups = [_group_out(ind, a, target, margin) for a in figures.groups]
             if previous:
                 prev_value = _value(ind, figures.previous)[1]
         rate, value = _value(ind, total)
-        if source is None:
+        if not measured:
             value = None
         # Nothing to measure: the figure is "no data", never 0 / 0.
-        empty = source is None or (ind.kind != "count" and (total is None or not total.denominator))
+        empty = not measured or (ind.kind != "count" and (total is None or not total.denominator))
         status = _status(ind, value, target, margin)
         out.append(
             IndicatorOut(
@@ -1720,12 +1733,13 @@ def set_target(
 # the larger of those two values + 0.5 s: within one bucket (4.4 %).
 
 BUCKET_RATIO = 2 ** (1 / 8)
-# Periods with at most this many durations of a stage (both periods) get exact percentiles.
+# Periods with at most this many cases of a stage (both periods) get exact percentiles.
 EXACT_PERCENTILES_UP_TO = 20_000
 _LOG_RATIO = math.log(BUCKET_RATIO)
 _DIMS = ("clinic", "discipline", "modality", "priority")
 _DailyKey = tuple[str, str, str, str, str, str]  # code, day, clinic, discipline, modality, priority
 _HistKey = tuple[str, str, int, int]  # (month, clinic, stage, bucket)
+_TOTAL = "\x00total"  # the key of a period's whole histogram beside its breakdown
 
 
 def duration_bucket(seconds: float) -> int:
@@ -1937,6 +1951,21 @@ def _apply_rollup(
         row[rollup_column(code, "n")] += n
         row[rollup_column(code, "s")] += s
     upsert(session, QcDaily.__table__, ["day", *_DIMS], list(by_key.values()))
+    if fresh:  # the months summed from the days just written
+        _fill_months(session)
+    else:  # the same differences by month
+        months: dict[tuple[str, ...], dict[str, Any]] = {}
+        for (day, *dims), row in by_key.items():
+            month = months.get((day[:7], *dims))
+            if month is None:
+                months[(day[:7], *dims)] = {"month": day[:7]} | {
+                    name: value for name, value in row.items() if name != "day"
+                }
+            else:
+                for name, value in row.items():
+                    if name not in ("day", *_DIMS):
+                        month[name] += value
+        upsert(session, QcMonthly.__table__, ["month", *_DIMS], list(months.values()))
     upsert(
         session,
         QcTatHist.__table__,
@@ -1947,6 +1976,16 @@ def _apply_rollup(
             if n
         ],
     )
+
+
+def _fill_months(session: Session) -> None:
+    """``qc_monthly`` (empty) summed from ``qc_daily``."""
+    daily = QcDaily.__table__
+    counters = [rollup_column(c, w) for c in ROLLUP_CODES for w in ("n", "s")]
+    month = func.substr(daily.c.day, 1, 7)
+    dims = [daily.c[n] for n in _DIMS]
+    sums = select(month, *dims, *[func.sum(daily.c[c]) for c in counters]).group_by(month, *dims)
+    session.execute(insert(QcMonthly).from_select(["month", *_DIMS, *counters], sums))
 
 
 def _contributions(
@@ -2044,24 +2083,56 @@ def _rollup_figures(
 
     # (period, key, code) -> [cases, numerator]
     sums: dict[tuple[str, str, str], list[int]] = {}
-    t = QcDaily.__table__
-    period = case((t.c.day >= cur_first, literal("cur")), else_=literal("prev"))
-    key: Any = (
-        literal("all")
-        if group_by is None
-        else func.substr(t.c.day, 1, 7)
-        if group_by == "month"
-        else t.c[group_by]
-    )
     columns = [rollup_column(c, w) for c in wanted for w in ("n", "s")]
-    query = (
-        select(period, key, *[func.sum(t.c[c]) for c in columns])
-        .where(t.c.day >= first, t.c.day <= last, *[t.c[n] == v for n, v in dim_filters.items()])
-        .group_by(period, key)
-    )
-    for row in session.execute(query):
+
+    def add_row(name: str, row: Any) -> None:
         for i, code in enumerate(wanted):
-            sums[(row[0], str(row[1]), code)] = [int(row[2 + 2 * i] or 0), int(row[3 + 2 * i] or 0)]
+            n, s = int(row[2 + 2 * i] or 0), int(row[3 + 2 * i] or 0)
+            _merge(sums, {(name, str(row[1]), code): [n, s]}, 1)
+
+    # The whole months of each period from qc_monthly (grouped by month and key: the
+    # month's period is told here), their other days from qc_daily.
+    prev_last = cur_days[0] - timedelta(days=1)
+    spans = [("cur", cur_days)]
+    if wide_days[0] <= prev_last:
+        spans.append(("prev", (wide_days[0], prev_last)))
+    month_period: dict[str, str] = {}
+    runs: list[tuple[date, date]] = []
+    for span, (span_first, span_last) in spans:
+        months, edges = _whole_months(span_first, span_last)
+        month_period |= dict.fromkeys(months, span)
+        runs += edges
+    if month_period:
+        m = QcMonthly.__table__
+        key: Any = literal("all") if group_by is None else m.c[group_by]
+        query = (
+            select(m.c.month, key, *[func.sum(m.c[c]) for c in columns])
+            .where(
+                m.c.month.in_(list(month_period)),
+                *[m.c[n] == v for n, v in dim_filters.items()],
+            )
+            .group_by(m.c.month, key)
+        )
+        for row in session.execute(query):
+            add_row(month_period[row[0]], row)
+    if runs:
+        t = QcDaily.__table__
+        period = case((t.c.day >= cur_first, literal("cur")), else_=literal("prev"))
+        key = (
+            literal("all")
+            if group_by is None
+            else func.substr(t.c.day, 1, 7)
+            if group_by == "month"
+            else t.c[group_by]
+        )
+        in_runs = [t.c.day.between(a.isoformat(), b.isoformat()) for a, b in runs]
+        query = (
+            select(period, key, *[func.sum(t.c[c]) for c in columns])
+            .where(or_(*in_runs), *[t.c[n] == v for n, v in dim_filters.items()])
+            .group_by(period, key)
+        )
+        for row in session.execute(query):
+            add_row(row[0], row)
     # The exams still queued: their facts out, their source rows in.
     queued = select(QcFactQueue.exam_id)
     waiting = session.execute(select(exists().where(QcFactQueue.exam_id.is_not(None)))).scalar()
@@ -2078,12 +2149,13 @@ def _rollup_figures(
             _merge(sums, {(name, key_of(day, named), code): [n, s]}, 1)
     if "SLA-01" in wanted:
         _overdue_unreported(session, filters, wide, group_by, now, sums)
-    durations = max(
-        (sum(v[1] for (_, _, c), v in sums.items() if c == code) for code in TAT_STAGES),
+    cases = max(
+        (sum(v[0] for (_, _, c), v in sums.items() if c == code) for code in TAT_STAGES),
         default=0,
     )
-    if durations <= EXACT_PERCENTILES_UP_TO:
-        # Few durations: the exact percentiles (the turnaround pass over the facts).
+    if cases <= EXACT_PERCENTILES_UP_TO:
+        # Few cases: the exact percentiles (the turnaround pass over the facts reads every
+        # case, so it is the cases, not the durations, that make it slow).
         wanted = [c for c in wanted if c not in TAT_STAGES]
     hists = (
         _tat_hists(session, filters, cur_days, wide_days, group_by, waiting=bool(waiting))
@@ -2112,11 +2184,8 @@ def _rollup_figures(
             for whole, name in ((total, "cur"), (before, "prev")):
                 if whole is None:
                     continue
-                merged: dict[int, int] = {}
-                for (n_, _, st), h in hists.items():
-                    if n_ == name and st == stage:
-                        _merge(merged, h, 1)
-                whole.p50, whole.p90 = hist_percentile(merged, 0.5), hist_percentile(merged, 0.9)
+                h = hists.get((name, "all" if group_by is None else _TOTAL, stage), {})
+                whole.p50, whole.p90 = hist_percentile(h, 0.5), hist_percentile(h, 0.9)
         out[code] = _Figures(groups, total, before)
     return out
 
@@ -2165,13 +2234,17 @@ def _tat_hists(
     waiting: bool,
 ) -> dict[tuple[str, str, int], dict[int, int]]:
     """(period, key, stage) -> histogram of the turnaround seconds of the exams that
-    arrived in the period (whole months from qc_tat_hist, other days from the facts)."""
+    arrived in the period (whole months from qc_tat_hist, other days from the facts); with
+    a breakdown, key ``_TOTAL`` holds the period's histogram (every key's)."""
     tz, d = filters.tz, _dialect(session)
     out: dict[tuple[str, str, int], dict[int, int]] = {}
 
-    def add(name: str, key: str, stage: int, bucket: int, n: int) -> None:
+    def add(name: str, key: str, stage: int, bucket: int, n: int, total: bool = True) -> None:
         h = out.setdefault((name, key, stage), {})
         h[bucket] = h.get(bucket, 0) + n
+        if total and group_by is not None and key != _TOTAL:
+            t = out.setdefault((name, _TOTAL, stage), {})
+            t[bucket] = t.get(bucket, 0) + n
 
     def key_of(month: str, clinic: str) -> str:
         return "all" if group_by is None else month if group_by == "month" else clinic
@@ -2188,12 +2261,28 @@ def _tat_hists(
         edges += [(name, a, b) for a, b in runs]
     t = QcTatHist.__table__
     if month_period:
-        query = select(t.c.month, t.c.clinic, t.c.stage, t.c.bucket, t.c.n).where(
+        # Summed in the database by period and key (the months of a period and the clinics
+        # of a total are many rows of the same buckets); with a breakdown, the totals too.
+        cur_months = [m for m, name in month_period.items() if name == "cur"]
+        name_col = case((t.c.month.in_(cur_months), literal("cur")), else_=literal("prev"))
+        key_col: Any = (
+            literal("all") if group_by is None else t.c.month if group_by == "month" else t.c.clinic
+        )
+        where = [
             t.c.month.in_(list(month_period)),
             *([t.c.clinic == filters.clinic] if filters.clinic else []),
-        )
-        for month, clinic, stage, bucket, n in session.execute(query):
-            add(month_period[month], key_of(month, clinic), stage, bucket, int(n))
+        ]
+        keys = [(key_col, False)] if group_by is None else [(key_col, False), (None, True)]
+        for key_expr, whole in keys:
+            columns = [name_col, t.c.stage, t.c.bucket]
+            if key_expr is not None:
+                columns.insert(1, key_expr)
+            query = select(*columns, func.sum(t.c.n)).where(*where).group_by(*columns)
+            for row in session.execute(query):
+                if whole:
+                    add(row[0], _TOTAL, row[1], row[2], int(row[3]))
+                else:
+                    add(row[0], str(row[1]), row[2], row[3], int(row[4]), total=False)
         if waiting:
             queued = select(QcFactQueue.exam_id)
             delta = _tat_contributions(session, facts=False, exams=queued, tz=tz)
@@ -2215,7 +2304,8 @@ def _tat_hists(
 
     for name, first, last in edges:
         sub = _exam_query(True, make).subquery("cases")
-        query = select(*sub.c).where(
+        # Not the time itself (only its month): converting times costs.
+        query = select(*[c for c in sub.c if c.name != "at"]).where(
             sub.c.at >= datetime.combine(first, time(), zone).astimezone(UTC),
             sub.c.at < datetime.combine(last + timedelta(days=1), time(), zone).astimezone(UTC),
             *([sub.c.clinic == filters.clinic] if filters.clinic else []),
