@@ -118,6 +118,7 @@ class LocalObjectStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._journal: _Journal | None = None  # see put_new_many
 
     @property
     def spool_dir(self) -> Path:
@@ -530,6 +531,9 @@ _journals_lock = threading.Lock()
 
 
 def _journal_for(store: LocalObjectStore) -> _Journal:
+    cached: _Journal | None = getattr(store, "_journal", None)
+    if cached is not None:
+        return cached
     root = store.root.resolve()
     journal = _journals.get(root)
     if journal is None:
@@ -537,6 +541,7 @@ def _journal_for(store: LocalObjectStore) -> _Journal:
             journal = _journals.get(root)
             if journal is None:
                 journal = _journals[root] = _Journal(root)
+    store._journal = journal
     return journal
 
 
