@@ -3,10 +3,12 @@
 The baseline is the least a receiver that keeps its promise must do: a thread per
 connection reads each MLLP frame, appends the message to one journal file, fsyncs it, and
 answers AA with MSA-2 = MSH-10 (no index, no checks, no file per message). rdc does what
-it always does: checks the envelope, stores the bytes as an object (fsynced, and its
-directory; the objects of the messages waiting on all connections are synced together),
-commits the index rows (SQLite, group commit: one transaction for the batch), then
-answers; processing (parse, map, auto-verify) runs after the commit, in the same process.
+it always does: checks the envelope, stores the bytes as an object (the objects of the
+messages waiting on all connections are written together and made durable by one
+fdatasync of the store's journal segment; the files themselves are synced in the
+background), commits the index rows (SQLite, WAL, synchronous=FULL: one transaction for
+the batch, while the next batch syncs), then answers; processing (parse, map,
+auto-verify) runs after the commit, in the same process.
 Both run on the same file system (``--workdir``).
 
 Every measurement starts its target on a fresh data directory; senders are threads of this

@@ -15,7 +15,6 @@ without MSH-18 is not valid UTF-8).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -143,11 +142,6 @@ class Envelope:
     @property
     def text(self) -> str:
         return "\r".join(self.segments)
-
-    @property
-    def content_sha256(self) -> str:
-        """Hash of the segments (terminators and BOM normalised): "the same message"."""
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
 def _segment_lines(raw: bytes) -> list[bytes]:

@@ -6,10 +6,13 @@ registered the sending facility and insert the index row, keyed by (MSH-3, MSH-4
 with the acknowledgement it will get; and only once that transaction has committed answer
 AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Group commit: the
 objects of the messages arriving meanwhile on every connection are written and synced
-together (:class:`rdc_core.storage.BatchedWriter`), then their index rows share one
-transaction (:mod:`rdc_core.group_commit`); a row is written only once its object is
-durable. Processing (parsing, mapping, auto-verification) is not on this path: it is
-enqueued after the commit and deferred while messages stream in.
+together (:func:`rdc_core.storage.put_new_objects`), then their index rows are written as
+one unit of a shared transaction (:mod:`rdc_core.group_commit`) while the next batch's
+objects sync; a row is written only once its object is durable. The row's
+``content_sha256`` is the SHA-256 of the message's bytes as received (inside the MLLP
+frame, or the HTTP body's part for that message). Processing (parsing, mapping,
+auto-verification) is not on this path: it is enqueued after the commit and deferred
+while messages stream in.
 
 Failures (original mode / enhanced mode):
 
@@ -18,19 +21,20 @@ Failures (original mode / enhanced mode):
 - AE / CE: the object store or the database failed (the sender should retry), or the
   control ID was already used for a different message ("control ID reused").
 
-A message whose key is already stored with the same content (segments compared after
-normalising the BOM and segment terminators) gets the stored acknowledgement again, byte
-for byte, and is not stored twice. Rejected messages are not kept.
+A message whose key is already stored with the same content (the same bytes, or the same
+segments after normalising the BOM and segment terminators) gets the stored
+acknowledgement again, byte for byte, and is not stored twice. Rejected messages are not kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from functools import partial
 from typing import Final
@@ -52,10 +56,15 @@ from lab_results.envelope import (
 )
 from lab_results.models import LabMessage, LabMessageStatus
 from rdc_core.db import after_commit, insert_ignore, on_rollback, read_session, utcnow
-from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
+from rdc_core.errors import (
+    DatabaseUnavailableError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageError,
+)
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.metrics import LAB_MESSAGES
-from rdc_core.storage import BatchedWriter, ObjectStore
+from rdc_core.storage import LocalObjectStore, ObjectStore, put_new_objects
 from rdc_core.tasks import submit_task
 from worklist.access import Principal
 from worklist.directory import OrgRef, organization_for_hl7_facility
@@ -69,6 +78,7 @@ __all__ = [
     "identify_sender",
     "index_message",
     "intake_idle_seconds",
+    "same_message",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,12 +109,15 @@ class Acknowledgement:
 
 @dataclass(frozen=True, slots=True)
 class IndexedMessage:
-    """What :func:`index_message` did: ``duplicate`` with the acknowledgement stored for the
-    earlier copy, or a new row."""
+    """What :func:`index_message` did: a new row (``message_id``), or ``duplicate``: the key
+    is taken, by the row whose acknowledgement, content hash and object are given (the
+    caller decides whether that earlier message is this one: see :func:`same_message`)."""
 
     duplicate: bool
     ack: bytes
     message_id: str | None = None
+    stored_sha256: str = ""
+    stored_key: str = ""
 
 
 def identify_sender(
@@ -146,6 +159,7 @@ def index_message(
     envelope: Envelope,
     sender: OrgRef,
     object_key: str,
+    content_sha256: str,
     size_bytes: int,
     channel: str,
     ack: bytes,
@@ -153,11 +167,9 @@ def index_message(
     now: datetime,
     store: ObjectStore,
 ) -> IndexedMessage:
-    """Insert the index row of a stored message from ``sender`` (the caller commits).
-
-    Raises MessageRejected when the control ID was used for another message.
-    """
-    names = " / ".join(envelope.facility_names)
+    """Insert the index row of a stored message from ``sender`` (the caller commits); when
+    the key (MSH-3, MSH-4, MSH-10) is taken, write nothing and return what the row holds.
+    ``content_sha256``: SHA-256 of the message's bytes as received."""
     key = {
         "sending_application": envelope.sending_application[:255],
         "sending_facility": envelope.sending_facility[:255],
@@ -171,7 +183,7 @@ def index_message(
         "message_type": envelope.message_type[:64],
         "version": envelope.version[:32],
         "channel": channel,
-        "content_sha256": envelope.content_sha256,
+        "content_sha256": content_sha256,
         "object_key": object_key,
         "size_bytes": size_bytes,
         "ack_code": ack_code,
@@ -185,21 +197,48 @@ def index_message(
         on_rollback(session, lambda: store.delete(object_key))
         return IndexedMessage(duplicate=False, ack=ack, message_id=message_id)
     existing = session.execute(
-        select(LabMessage.content_sha256, LabMessage.ack).where(
+        select(LabMessage.content_sha256, LabMessage.ack, LabMessage.object_key).where(
             LabMessage.sending_application == key["sending_application"],
             LabMessage.sending_facility == key["sending_facility"],
             LabMessage.control_id == key["control_id"],
         )
     ).one()
-    if existing.content_sha256 != envelope.content_sha256:
-        raise MessageRejected(
-            f"control ID reused: MSH-10 {envelope.control_id} of {names} was already "
-            "accepted for a different message",
-            code=ErrorCode.DUPLICATE_KEY,
-            reject=False,
-            location="MSH^1^10",
-        )
-    return IndexedMessage(duplicate=True, ack=bytes(existing.ack))
+    return IndexedMessage(
+        duplicate=True,
+        ack=bytes(existing.ack),
+        stored_sha256=existing.content_sha256,
+        stored_key=existing.object_key,
+    )
+
+
+def same_message(
+    *, envelope: Envelope, content_sha256: str, earlier: IndexedMessage, store: ObjectStore
+) -> bool:
+    """Whether the message is the one stored under its key: the same bytes, or the same
+    segments once the BOM and the segment terminators are normalised (a resend with LF for
+    CR is the same message). Reads the earlier copy only when the bytes differ."""
+    if earlier.stored_sha256 == content_sha256:
+        return True
+    try:
+        with store.open(earlier.stored_key) as f:
+            stored = f.read()
+    except NotFoundError:
+        return False
+    try:
+        return read_envelope(stored).segments == envelope.segments
+    except MessageRejected:
+        return False
+
+
+def _reused(envelope: Envelope) -> MessageRejected:
+    names = " / ".join(envelope.facility_names)
+    return MessageRejected(
+        f"control ID reused: MSH-10 {envelope.control_id} of {names} was already "
+        "accepted for a different message",
+        code=ErrorCode.DUPLICATE_KEY,
+        reject=False,
+        location="MSH^1^10",
+    )
 
 
 def http_intake_scope(principal: Principal) -> str | None:
@@ -214,6 +253,28 @@ def http_intake_scope(principal: Principal) -> str | None:
     if principal.org_kind is OrgKind.LEAD and principal.role is Role.ADMIN:
         return None
     raise PermissionDeniedError(f"role {principal.role.value} may not send lab messages")
+
+
+@dataclass(eq=False, slots=True)
+class _Arrival:
+    """A message on its way to being kept: what its index row needs, then the outcome."""
+
+    envelope: Envelope
+    sender: OrgRef
+    raw: bytes
+    content_sha256: str  # of ``raw``, the bytes as received
+    object_key: str
+    ack: bytes
+    code: str
+    channel: str
+    now: datetime
+    wake: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    indexed: IndexedMessage | None = None
+    error: BaseException | None = None
+
+
+_MAX_BATCH: Final = 256
 
 
 class LabIntake:
@@ -240,8 +301,13 @@ class LabIntake:
         # clinic found stays right; unknown names are looked up again every time.
         self._senders: dict[tuple[str, ...], tuple[OrgRef, float]] = {}
         self._senders_lock = threading.Lock()
-        # The messages' bytes, written durably in batches (one sync for all waiting).
-        self._objects = BatchedWriter(store)
+        if isinstance(store, LocalObjectStore):
+            # Objects a process that died wrote but did not sync are written again first.
+            store.open_journal()
+        # Messages waiting to be kept (stored and indexed) by the next batch.
+        self._lock = threading.Lock()
+        self._pending: list[_Arrival] = []
+        self._leading = False
 
     def _sender(self, envelope: Envelope, restrict_to_org: str | None) -> OrgRef:
         names = envelope.facility_names
@@ -311,79 +377,147 @@ class LabIntake:
             ),
             envelope,
         )
-        object_key = f"hl7/{now:%Y/%m/%d}/{uuid.uuid4().hex}.hl7"
-        # The bytes are durable before the index row is written: the objects of the
-        # messages arriving meanwhile (on every connection) are synced together, and so are
-        # their rows (the group committer), while the next objects are being written.
+        arrival = _Arrival(
+            envelope=envelope,
+            sender=sender,
+            raw=raw,
+            content_sha256=hashlib.sha256(raw).hexdigest(),
+            object_key=f"hl7/{now:%Y/%m/%d}/{uuid.uuid4().hex}.hl7",
+            ack=ack,
+            code=code,
+            channel=channel,
+            now=now,
+        )
+        self._keep(arrival)
+        error = arrival.error
+        if isinstance(error, StorageError):
+            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, error)
+            return self._failure(envelope, _outage("object store unavailable"), now)
+        if isinstance(error, (DatabaseUnavailableError, SQLAlchemyError)):
+            # Whatever the database answered (unreachable, I/O error, a failing trigger),
+            # nothing was committed: the sender should send again.
+            log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, error)
+            return self._failure(envelope, _outage("index unavailable"), now)
+        if error is not None or arrival.indexed is None:
+            log.error(
+                "HL7 %s from %s: unexpected failure",
+                envelope.control_id,
+                channel,
+                exc_info=error,
+            )
+            return self._failure(envelope, _outage("internal error"), now)
+        indexed = arrival.indexed
+        if not indexed.duplicate:
+            return Acknowledgement(
+                ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id
+            )
+        # The key is taken: the same message again gets the stored acknowledgement byte for
+        # byte (the first copy's object is the one of record); another one is refused.
         try:
-            self._objects.put(object_key, raw)
+            same = same_message(
+                envelope=envelope,
+                content_sha256=arrival.content_sha256,
+                earlier=indexed,
+                store=self.store,
+            )
         except StorageError as exc:
             log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
             return self._failure(envelope, _outage("object store unavailable"), now)
+        if not same:
+            return self._failure(envelope, _reused(envelope), now)
+        return Acknowledgement(
+            ack=indexed.ack,
+            code=_ack_code(indexed.ack, envelope) or code,
+            outcome=DUPLICATE,
+            control_id=envelope.control_id,
+        )
 
-        def work(session: Session) -> IndexedMessage:
-            indexed = index_message(
-                session,
-                envelope=envelope,
-                sender=sender,
-                object_key=object_key,
-                size_bytes=len(raw),
-                channel=channel,
-                ack=ack,
-                ack_code=code,
-                now=now,
-                store=self.store,
-            )
-            if not indexed.duplicate and indexed.message_id is not None:
-                # Processing (the result model) starts once the row committed.
-                after_commit(session, partial(self.on_accepted, indexed.message_id))
-            return indexed
+    def _keep(self, arrival: _Arrival) -> None:
+        """Store ``arrival``'s bytes and commit its index row; returns once decided (the
+        outcome in ``arrival.indexed`` or ``arrival.error``).
+
+        The messages arriving meanwhile on every connection are kept together, by whichever
+        of their threads finds no batch in progress (leader/follower, as the group
+        committer): their objects are written and synced at once, then the leader hands the
+        objects' stage on to the next batch and commits the batch's index rows as one unit
+        of the group committer (one statement per row, no savepoint each) while the next
+        batch's objects are being synced. A row is written only once its object is
+        durable; the answers go out only once the rows committed."""
+        with self._lock:
+            self._pending.append(arrival)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            arrival.wake.wait()
+        if not arrival.finished:  # woken to lead the next batch
+            self._lead()
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch = self._pending[:_MAX_BATCH]
+            del self._pending[:_MAX_BATCH]
+        stored = False
+        try:
+            put_new_objects(self.store, [(a.object_key, a.raw) for a in batch])
+            stored = True
+        except Exception as exc:
+            error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+            for arrival in batch:
+                arrival.error = error
+        finally:
+            with self._lock:
+                following = self._pending[0] if self._pending else None
+                if following is None:
+                    self._leading = False
+            if following is not None:
+                following.wake.set()
+        try:
+            if stored:
+                self._index_batch(batch)
+        finally:
+            for arrival in batch:
+                arrival.finished = True
+                arrival.wake.set()
+
+    def _index_batch(self, batch: list[_Arrival]) -> None:
+        def work(session: Session) -> list[IndexedMessage]:
+            results = [
+                index_message(
+                    session,
+                    envelope=a.envelope,
+                    sender=a.sender,
+                    object_key=a.object_key,
+                    content_sha256=a.content_sha256,
+                    size_bytes=len(a.raw),
+                    channel=a.channel,
+                    ack=a.ack,
+                    ack_code=a.code,
+                    now=a.now,
+                    store=self.store,
+                )
+                for a in batch
+            ]
+            accepted = [r.message_id for r in results if r.message_id is not None]
+            if accepted:
+                # Processing (the result model) starts once the rows committed.
+                after_commit(session, partial(self._accepted, accepted))
+            return results
 
         try:
-            indexed = self._index(work)
-        except MessageRejected as exc:
-            self._discard(object_key)
-            return self._failure(envelope, exc, now)
-        except (DatabaseUnavailableError, SQLAlchemyError) as exc:
-            # Whatever the database answered (unreachable, I/O error, a failing trigger),
-            # nothing was committed: the sender should send again.
-            log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, exc)
-            self._discard(object_key)
-            return self._failure(envelope, _outage("index unavailable"), now)
-        except Exception:
-            log.exception("HL7 %s from %s: unexpected failure", envelope.control_id, channel)
-            self._discard(object_key)
-            return self._failure(envelope, _outage("internal error"), now)
-        if indexed.duplicate:
-            self._discard(object_key)  # the first copy's object is the one of record
-            return Acknowledgement(
-                ack=indexed.ack,
-                code=_ack_code(indexed.ack, envelope) or code,
-                outcome=DUPLICATE,
-                control_id=envelope.control_id,
-            )
-        return Acknowledgement(ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id)
+            results = self.committer.run(work)
+        except Exception as exc:
+            for arrival in batch:
+                arrival.error = exc
+                self._discard(arrival.object_key)
+            return
+        for arrival, result in zip(batch, results, strict=True):
+            arrival.indexed = result
+            if result.duplicate:
+                self._discard(arrival.object_key)  # nothing refers to it
 
-    def _index(self, work: Callable[[Session], IndexedMessage]) -> IndexedMessage:
-        """Run ``work`` in the committer's next shared transaction; return once committed.
-
-        Queued to the committer's writer thread (not led by this thread): the messages
-        whose objects were synced together are woken together and all queue before the
-        writer takes them, so they share a transaction while the next objects sync."""
-        decided = threading.Event()
-        outcome: list[tuple[IndexedMessage | None, BaseException | None]] = []
-
-        def done(result: IndexedMessage | None, error: BaseException | None) -> None:
-            outcome.append((result, error))
-            decided.set()
-
-        self.committer.submit(work, done)
-        decided.wait()
-        result, error = outcome[0]
-        if error is not None:
-            raise error
-        assert result is not None
-        return result
+    def _accepted(self, message_ids: list[str]) -> None:
+        for message_id in message_ids:
+            self.on_accepted(message_id)
 
     def _discard(self, object_key: str) -> None:
         # Only this call's object, which no index row refers to.

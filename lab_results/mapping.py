@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -238,16 +239,57 @@ def map_observation(
                 entry = catalogue.by_loinc(loinc)
                 if entry is None:
                     return _unmapped(
-                        obs,
-                        facility,
-                        f"local code {code} maps to LOINC {loinc}, which is not in the catalogue",
+                        obs, facility, _REASON_STALE_MAPPING[0].format(code=code, loinc=loinc)
                     )
                 return _mapped(obs, entry, "local", code, system)
     if loinc_misses:
-        reason = f"LOINC {loinc_misses[0]} is not in the alliance test catalogue"
+        reason = _REASON_UNKNOWN_LOINC[0].format(loinc=loinc_misses[0])
     else:
-        reason = f"local code {obs.code.identifier} of {facility or 'this sender'} has no mapping"
+        reason = _REASON_NO_MAPPING[0].format(
+            code=obs.code.identifier, facility=facility or "this sender"
+        )
     return _unmapped(obs, facility, reason)
+
+
+# Why a result is unmapped: (English, Chinese). The English text is what the mapping queue
+# stores; :func:`reason_zh` gives the Chinese for it.
+_REASON_STALE_MAPPING = (
+    "local code {code} maps to LOINC {loinc}, which is not in the catalogue",
+    "本地代码 {code} 映射到的 LOINC {loinc} 不在检验项目目录中",
+)
+_REASON_UNKNOWN_LOINC = (
+    "LOINC {loinc} is not in the alliance test catalogue",
+    "LOINC {loinc} 不在医联体检验项目目录中",
+)
+_REASON_NO_MAPPING = (
+    "local code {code} of {facility} has no mapping",
+    "{facility}的本地代码 {code} 尚无映射",
+)
+_REASONS = (_REASON_STALE_MAPPING, _REASON_UNKNOWN_LOINC, _REASON_NO_MAPPING)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>.+?)" for i, part in enumerate(parts)
+    )
+    return re.compile(f"^{regex}$")
+
+
+_REASON_PATTERNS = [(_pattern(en), zh) for en, zh in _REASONS]
+
+
+def reason_zh(reason: str) -> str:
+    """The Chinese text of an unmapped result's reason (as stored, in English); the reason
+    itself when it is not one of the texts this module writes."""
+    for pattern, zh in _REASON_PATTERNS:
+        match = pattern.match(reason)
+        if match is not None:
+            values = match.groupdict()
+            if values.get("facility") == "this sender":
+                values["facility"] = "该发送方"
+            return zh.format(**values)
+    return reason
 
 
 def _table(

@@ -128,7 +128,8 @@ class MappingQueueEntryOut(BaseModel):
     code: str
     text: str
     unit: str
-    reason: str
+    reason: str  # English
+    reason_zh: str
     occurrences: int
     example_order_id: str | None
     first_seen_at: datetime

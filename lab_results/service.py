@@ -16,6 +16,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from lab_results.autoverify import AUTOVERIFIED_MARK
+from lab_results.mapping import reason_zh
 from lab_results.models import LabMappingQueueEntry, LabObservation, LabOrder, LabSetting
 from lab_results.schemas import (
     AutoreleaseSwitchOut,
@@ -308,6 +309,7 @@ def list_mapping_queue(
             text=e.text,
             unit=e.unit,
             reason=e.reason,
+            reason_zh=reason_zh(e.reason),
             occurrences=e.occurrences,
             example_order_id=e.example_order_id,
             first_seen_at=e.first_seen_at,

@@ -8,6 +8,7 @@ then look at what was answered and stored.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 from pathlib import Path
@@ -146,7 +147,11 @@ def test_accepted_messages_are_indexed_with_their_bytes(
         elif expected[0][0] in ("AA", "CA"):
             accepted[control_ids(raw)[0]] = raw
     assert set(rows) == set(accepted)  # nothing rejected was indexed
+    with lab.server.db() as db:
+        hashes = dict(db.execute("SELECT control_id, content_sha256 FROM lab_messages").fetchall())
     for control_id, sent in accepted.items():
+        # content_sha256: the SHA-256 of the message's bytes as sent (inside the MLLP frame)
+        assert hashes[control_id] == hashlib.sha256(sent).hexdigest()
         key, channel, code, ack = rows[control_id]
         assert channel == "mllp"
         assert read_object(lab.env, key) == sent  # stored as received (BOM, LF and all)

@@ -426,6 +426,11 @@ def test_resolving_a_held_code_maps_it_and_verifies_the_held_order_again(
         ),
         message="the queue entry of LK88",
     )
+    # The reason in both languages (the admin console shows the one of its UI).
+    assert entry["reason"].startswith("local code LK88 of ") and entry["reason"].endswith(
+        " has no mapping"
+    )
+    assert "本地代码 LK88 尚无映射" in entry["reason_zh"]
     path = f"/api/v1/lab/mapping-queue/{entry['id']}/resolve"
     # Only administrators; only catalogue codes.
     assert lab.client("reader").post(path, json={"loinc": K}).status_code == 403

@@ -548,7 +548,7 @@
           el("td", { text: e.text }),
           el("td", { text: e.unit }),
           el("td", { class: "num", text: String(e.occurrences) }),
-          el("td", { class: "muted", text: e.reason }),
+          el("td", { class: "muted", text: cfg.lang === "en" ? e.reason : e.reason_zh || e.reason }),
           target,
           actions,
         ]));
