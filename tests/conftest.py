@@ -32,6 +32,15 @@ from tests.helpers import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """RDC_TEST_CPU_REPORT=path: account CPU per test module (tests/cpu_report.py)."""
+    path = os.environ.get("RDC_TEST_CPU_REPORT")
+    if path:
+        from tests.cpu_report import CpuReport
+
+        config.pluginmanager.register(CpuReport(path), "rdc-cpu-report")
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     """The shared sample data (../shared/testdata beside the repo, or RDC_TESTDATA)."""
