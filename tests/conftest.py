@@ -148,6 +148,19 @@ def server(
         yield srv
 
 
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments
+) -> Iterator[RdcServer]:
+    """One running ``rdc serve`` (the alliance seeded: alliance_passwords) shared by the tests
+    of a module that write nothing another of them reads: a module overrides ``server``
+    with it. Starting a deployment costs seconds of CPU (three processes on the production
+    pass), more than most such tests."""
+    workdir = tmp_path_factory.mktemp("shared-server")
+    with deployments.env(workdir) as env, RdcServer(env, workdir / "serve.log") as srv:
+        yield srv
+
+
 @pytest.fixture
 def database(
     tmp_path: Path,
@@ -280,6 +293,7 @@ _STACK_FIXTURES = frozenset(
         "rdc_env",
         "alliance",
         "server",
+        "shared_server",
         "database",
         "s3_server",
         "s3_bucket",

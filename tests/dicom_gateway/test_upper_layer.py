@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -18,6 +19,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.helpers import RdcServer, echo_rejection, same_dataset
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: RdcServer) -> RdcServer:
+    """One deployment for the tests that take ``server``: they store nothing but the large
+    instance, which its test looks up by its UID; the others start their own."""
+    return shared_server
 
 
 def _associate(
@@ -145,7 +153,10 @@ def test_large_instance_is_streamed_and_stored_intact(server: RdcServer, tmp_pat
     assert assoc.send_c_store(path).Status == 0x0000
     assoc.release()
     with server.db() as db:
-        key, size = db.execute("SELECT storage_key, size_bytes FROM instances").fetchone()
+        key, size = db.execute(
+            "SELECT storage_key, size_bytes FROM instances WHERE sop_instance_uid=?",
+            (ds.SOPInstanceUID,),
+        ).fetchone()
     stored = server.object_file(key)
     assert stored.stat().st_size == size
     assert same_dataset(path, stored)
