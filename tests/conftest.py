@@ -34,6 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config: pytest.Config) -> None:
     """RDC_TEST_CPU_REPORT=path: account CPU per test module (tests/cpu_report.py)."""
+    config.addinivalue_line(
+        "markers",
+        "task_free: the test checks nothing a background task does (DICOM protocol, storage);"
+        " on the production pass the deployments of the ``server`` and ``shared_server``"
+        " fixtures run rdc serve, whose Celery client still queues the tasks, without rdc"
+        " worker and rdc beat",
+    )
     path = os.environ.get("RDC_TEST_CPU_REPORT")
     if path:
         from tests.cpu_report import CpuReport
@@ -140,24 +147,34 @@ def alliance(rdc_env: dict[str, str], request: pytest.FixtureRequest) -> dict[st
 
 @pytest.fixture
 def server(
-    rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
+    rdc_env: dict[str, str],
+    alliance: dict[str, str],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[RdcServer]:
     """A running ``rdc serve`` (web + DICOM + worker; on the production pass with ``rdc worker``
     and ``rdc beat`` beside it) on free ports, stopped after the test."""
-    with RdcServer(rdc_env, tmp_path / "serve.log") as srv:
+    workers = False if request.node.get_closest_marker("task_free") else None
+    with RdcServer(rdc_env, tmp_path / "serve.log", workers=workers) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, deployments: Deployments
+    tmp_path_factory: pytest.TempPathFactory,
+    deployments: Deployments,
+    request: pytest.FixtureRequest,
 ) -> Iterator[RdcServer]:
     """One running ``rdc serve`` (the alliance seeded: alliance_passwords) shared by the tests
     of a module that write nothing another of them reads: a module overrides ``server``
     with it. Starting a deployment costs seconds of CPU (three processes on the production
     pass), more than most such tests."""
     workdir = tmp_path_factory.mktemp("shared-server")
-    with deployments.env(workdir) as env, RdcServer(env, workdir / "serve.log") as srv:
+    workers = False if request.node.get_closest_marker("task_free") else None
+    with (
+        deployments.env(workdir) as env,
+        RdcServer(env, workdir / "serve.log", workers=workers) as srv,
+    ):
         yield srv
 
 
