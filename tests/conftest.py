@@ -3,7 +3,10 @@
 The production pass (RDC_TEST_DATABASE=postgresql) runs every deployment on the production
 stack: a fresh PostgreSQL database, its own bucket on one SeaweedFS S3 server for the session,
 and the Celery backend on Redis with real ``rdc worker`` and ``rdc beat`` processes beside
-``rdc serve``. The embedded pass runs them on SQLite, local files and in-process tasks.
+``rdc serve`` (not for the tests marked ``task_free``, which check nothing a background task
+does: the DICOM protocol, what is stored, answers of ``rdc serve`` itself). The embedded pass
+runs them on SQLite, local files and in-process tasks. RDC_TEST_CPU_REPORT=path accounts the
+CPU of each test module (tests/cpu_report.py).
 """
 
 from __future__ import annotations
