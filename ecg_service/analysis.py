@@ -16,17 +16,9 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d, uniform_filter1d
-from scipy.signal import (
-    butter,
-    filtfilt,
-    find_peaks,
-    iirnotch,
-    resample_poly,
-    savgol_filter,
-    sosfiltfilt,
-)
 
+# scipy is imported inside the functions that use it: it takes about a second to import,
+# and every rdc process (serve, worker, beat) imports this module at start-up.
 from ecg_service.record import DeviceMeasurement, EcgRecord, RecordedBeat
 
 __all__ = [
@@ -183,6 +175,8 @@ class EcgAnalysis:
 
 @lru_cache(maxsize=64)
 def _sos(fs: float, lo: float | None, hi: float | None, order: int) -> np.ndarray | None:
+    from scipy.signal import butter
+
     nyq = fs / 2
     if hi is not None and hi >= nyq * 0.95:
         hi = None
@@ -199,6 +193,8 @@ def _bandpass(
     x: np.ndarray, fs: float, lo: float | None, hi: float | None, order: int = 2
 ) -> np.ndarray:
     """Zero-phase Butterworth filter along the last axis (``None`` leaves that edge open)."""
+    from scipy.signal import sosfiltfilt
+
     sos = _sos(float(fs), lo, hi, order)
     if sos is None:
         return x
@@ -208,11 +204,15 @@ def _bandpass(
 
 @lru_cache(maxsize=16)
 def _notch_design(fs: float, f0: float) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.signal import iirnotch
+
     return iirnotch(f0, 30.0, fs)
 
 
 def _notch(x: np.ndarray, fs: float) -> np.ndarray:
     """Remove mains interference (50 Hz in China; MAINS_HZ) before the median beat."""
+    from scipy.signal import filtfilt
+
     for f0 in MAINS_HZ:
         if fs > 2.5 * f0 and x.shape[-1] > 3 * fs:
             b, a = _notch_design(float(fs), f0)
@@ -229,6 +229,9 @@ def detect_r_peaks(signals: np.ndarray, fs: float) -> np.ndarray:
     Pan-Tompkins style: 5-18 Hz band, squared slope summed over the leads, a 100 ms moving
     integration, peaks above a threshold that follows the local QRS energy, a search back
     for missed beats in long gaps and a refractory period of 200 ms."""
+    from scipy.ndimage import uniform_filter1d
+    from scipy.signal import find_peaks
+
     x = np.atleast_2d(np.asarray(signals, dtype=np.float64))
     n = x.shape[1]
     if n < int(fs):
@@ -312,6 +315,8 @@ def _quality(
 ) -> tuple[LeadQuality, ...]:
     """Per lead: constant (electrode off) from the samples as recorded; amplitude, noise and
     wander from ``hp`` (high-passed, at ``fs``)."""
+    from scipy.ndimage import uniform_filter1d
+
     out = []
     lp = _bandpass(hp, fs, None, 40.0, order=4)
     const = _constant_fraction(raw, raw_fs)
@@ -394,6 +399,9 @@ def _robust_extreme(values: list[float], *, earliest: bool, spread: float) -> fl
 
 def _delineate(m: np.ndarray, fs: float, r: int, rr_s: float, leads: tuple[str, ...], good):
     """Global fiducials (sample indices in ``m``) and per-lead baseline levels."""
+    from scipy.ndimage import maximum_filter1d
+    from scipy.signal import savgol_filter
+
     n = m.shape[1]
     win = max(5, round(DERIV_WIN_S * fs) | 1)
     slow_win = max(7, round(SLOW_DERIV_WIN_S * fs) | 1)
@@ -551,6 +559,8 @@ def _axis(
 def analyse(record: EcgRecord) -> EcgAnalysis:
     """Measure one record. Never raises for a readable record: what cannot be measured is
     ``None`` with its reason in ``missing``."""
+    from scipy.signal import resample_poly
+
     fs = record.sampling_rate_hz
     flags: list[str] = []
     reliable = True

@@ -3,7 +3,10 @@
 The production pass (RDC_TEST_DATABASE=postgresql) runs every deployment on the production
 stack: a fresh PostgreSQL database, its own bucket on one SeaweedFS S3 server for the session,
 and the Celery backend on Redis with real ``rdc worker`` and ``rdc beat`` processes beside
-``rdc serve``. The embedded pass runs them on SQLite, local files and in-process tasks.
+``rdc serve`` (not for the tests marked ``task_free``, which check nothing a background task
+does: the DICOM protocol, what is stored, answers of ``rdc serve`` itself). The embedded pass
+runs them on SQLite, local files and in-process tasks. RDC_TEST_CPU_REPORT=path accounts the
+CPU of each test module (tests/cpu_report.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ from tests.helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """RDC_TEST_CPU_REPORT=path: account CPU per test module (tests/cpu_report.py)."""
+    config.addinivalue_line(
+        "markers",
+        "task_free: the test checks nothing a background task does (DICOM protocol, storage);"
+        " on the production pass the deployments of the ``server`` and ``shared_server``"
+        " fixtures run rdc serve, whose Celery client still queues the tasks, without rdc"
+        " worker and rdc beat",
+    )
+    path = os.environ.get("RDC_TEST_CPU_REPORT")
+    if path:
+        from tests.cpu_report import CpuReport
+
+        config.pluginmanager.register(CpuReport(path), "rdc-cpu-report")
 
 
 @pytest.fixture(scope="session")
@@ -131,11 +150,34 @@ def alliance(rdc_env: dict[str, str], request: pytest.FixtureRequest) -> dict[st
 
 @pytest.fixture
 def server(
-    rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path
+    rdc_env: dict[str, str],
+    alliance: dict[str, str],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[RdcServer]:
     """A running ``rdc serve`` (web + DICOM + worker; on the production pass with ``rdc worker``
     and ``rdc beat`` beside it) on free ports, stopped after the test."""
-    with RdcServer(rdc_env, tmp_path / "serve.log") as srv:
+    workers = False if request.node.get_closest_marker("task_free") else None
+    with RdcServer(rdc_env, tmp_path / "serve.log", workers=workers) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    deployments: Deployments,
+    request: pytest.FixtureRequest,
+) -> Iterator[RdcServer]:
+    """One running ``rdc serve`` (the alliance seeded: alliance_passwords) shared by the tests
+    of a module that write nothing another of them reads: a module overrides ``server``
+    with it. Starting a deployment costs seconds of CPU (three processes on the production
+    pass), more than most such tests."""
+    workdir = tmp_path_factory.mktemp("shared-server")
+    workers = False if request.node.get_closest_marker("task_free") else None
+    with (
+        deployments.env(workdir) as env,
+        RdcServer(env, workdir / "serve.log", workers=workers) as srv,
+    ):
         yield srv
 
 
@@ -271,6 +313,7 @@ _STACK_FIXTURES = frozenset(
         "rdc_env",
         "alliance",
         "server",
+        "shared_server",
         "database",
         "s3_server",
         "s3_bucket",

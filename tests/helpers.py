@@ -779,6 +779,21 @@ def same_dataset(a: Path, b: Path) -> bool:
     return comparable(da) == comparable(db) and da.get("PixelData") == db.get("PixelData")
 
 
+def cpu_report() -> Any:
+    """The CPU accounting of this run (tests/cpu_report.py), when RDC_TEST_CPU_REPORT is set."""
+    if not os.environ.get("RDC_TEST_CPU_REPORT"):
+        return None
+    from tests.cpu_report import current
+
+    return current()
+
+
+def _rusage() -> tuple[float, float]:
+    from tests.cpu_report import _cpu
+
+    return _cpu()
+
+
 class S3Server:
     """SeaweedFS ``weed mini`` bound to 127.0.0.1 with credentials: a real S3 endpoint."""
 
@@ -877,6 +892,8 @@ class S3Server:
         client.remove_bucket(bucket)
 
     def stop(self) -> None:
+        report = cpu_report()
+        started = report and (time.monotonic(), *_rusage())
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -885,6 +902,9 @@ class S3Server:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+        if report and started:
+            now = (time.monotonic(), *_rusage())
+            report.s3_stopped(*(b - a for a, b in zip(started, now, strict=True)))
 
 
 def delete_queue(broker_url: str, queue: str) -> None:

@@ -105,6 +105,7 @@ def test_echo_and_every_sample_file_stored_indexed_grouped_and_queued(
     assert states == {"READY"}
 
 
+@pytest.mark.task_free  # exams are made as the instances are stored
 def test_dicomdir_study_grouped_into_its_studies(
     server: RdcServer, dcmtk: Path, testdata: Path, alliance: dict[str, str]
 ) -> None:
@@ -151,6 +152,7 @@ def test_resending_a_study_duplicates_nothing(
     assert reader.get("/api/v1/worklist").json()["total"] == 1
 
 
+@pytest.mark.task_free  # what is stored, not what a task does with it
 def test_unknown_calling_ae_is_rejected(server: RdcServer, dcmtk: Path) -> None:
     assert echo_rejection(dcmtk, server.dicom_port, "STRANGER") == [
         "Result: Rejected Permanent, Source: Service User",
@@ -159,6 +161,7 @@ def test_unknown_calling_ae_is_rejected(server: RdcServer, dcmtk: Path) -> None:
     assert echoscu(dcmtk, server.dicom_port, "CLINIC_A_CT").returncode == 0
 
 
+@pytest.mark.task_free  # what is stored, not what a task does with it
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
 def test_malformed_dataset_fails_is_quarantined_and_service_goes_on(
     server: RdcServer, testdata: Path, name: str
@@ -201,6 +204,7 @@ def test_malformed_dataset_fails_is_quarantined_and_service_goes_on(
         assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
 
 
+@pytest.mark.task_free  # what is stored, not what a task does with it
 def test_study_of_another_clinic_is_refused(server: RdcServer, testdata: Path) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "MR_small.dcm")
     for calling, expected in (("CLINIC_A_CT", 0x0000), ("CLINIC_B_MR", 0x0124)):

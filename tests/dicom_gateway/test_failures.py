@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests.helpers import RdcServer, StoreFault, c_store, wait_for
 
@@ -22,12 +23,13 @@ def _counts(server: RdcServer) -> tuple[int, int, int]:
         )
 
 
+@pytest.mark.task_free  # the C-STORE answers and what is stored
 def test_store_failure_answers_out_of_resources_and_leaves_no_rows(
     rdc_env: dict[str, str], alliance: dict[str, str], testdata: Path, tmp_path: Path
 ) -> None:
     ds = pydicom.dcmread(testdata / "dicom" / "CT_small.dcm")
     fault = StoreFault(rdc_env)
-    server = RdcServer(fault.env, tmp_path / "serve.log")
+    server = RdcServer(fault.env, tmp_path / "serve.log", workers=False)
     server.start()
     try:
         with fault.failing():
@@ -42,6 +44,7 @@ def test_store_failure_answers_out_of_resources_and_leaves_no_rows(
         fault.close()
 
 
+@pytest.mark.task_free  # the C-STORE answers and what is stored
 def test_database_failure_answers_failure_and_removes_the_object(
     server: RdcServer, testdata: Path
 ) -> None:

@@ -37,6 +37,9 @@ from tests.helpers import (
 )
 from tests.rdc_core.test_metrics import Samples, scrape, value
 
+# The tests here check the DICOM protocol and what is stored, nothing a background task does.
+pytestmark = pytest.mark.task_free
+
 PROCESSES = 2
 
 
@@ -67,7 +70,7 @@ def processes_env(rdc_env: dict[str, str], alliance: dict[str, str]) -> dict[str
 
 @pytest.fixture
 def pooled_server(processes_env: dict[str, str], tmp_path: Path) -> Iterator[RdcServer]:
-    with RdcServer(processes_env, tmp_path / "serve.log") as server:
+    with RdcServer(processes_env, tmp_path / "serve.log", workers=False) as server:
         wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")
         yield server
 
@@ -154,7 +157,7 @@ def test_the_association_limit_holds_for_all_processes_together(
 ) -> None:
     env = {**processes_env, "RDC_DICOM_MAX_ASSOCIATIONS": "2"}
     with (
-        RdcServer(env, tmp_path / "serve.log") as server,
+        RdcServer(env, tmp_path / "serve.log", workers=False) as server,
         # A connection that never asks for an association (a probe) takes no slot.
         socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10),
     ):
@@ -227,7 +230,7 @@ def test_a_killed_listener_process_is_replaced_and_its_partial_files_removed(
 def test_listener_processes_end_with_the_server(
     processes_env: dict[str, str], tmp_path: Path
 ) -> None:
-    server = RdcServer(processes_env, tmp_path / "serve.log")
+    server = RdcServer(processes_env, tmp_path / "serve.log", workers=False)
     server.start()
     try:
         wait_for(lambda: len(_listener_pids(server)) == PROCESSES, what="the listener processes")

@@ -39,7 +39,8 @@ def server(
     if request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         env.update(s3.env(request.getfixturevalue("s3_bucket")))
-    with RdcServer(env, tmp_path / "serve.log") as srv:
+    # What is stored and kept, nothing a background task does: no rdc worker and rdc beat.
+    with RdcServer(env, tmp_path / "serve.log", workers=False) as srv:
         yield srv
 
 

@@ -29,6 +29,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from tests.dicom_gateway.test_upper_layer import _store_command
 from tests.helpers import RdcServer, echo_rejection, echoscu, storescu, wait_for
 
+# The tests here check the DICOM protocol and what is stored, nothing a background task does.
+pytestmark = pytest.mark.task_free
+
 PER_AE = 3
 PER_CLINIC = 4
 ACSE_TIMEOUT = 3
@@ -209,7 +212,7 @@ def limited_server(
         "RDC_DICOM_ACSE_TIMEOUT_SECONDS": str(ACSE_TIMEOUT),
         "RDC_DICOM_NETWORK_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT),
     }
-    with RdcServer(env, tmp_path / "serve.log") as server:
+    with RdcServer(env, tmp_path / "serve.log", workers=False) as server:
         yield server
 
 

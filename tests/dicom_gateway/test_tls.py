@@ -175,7 +175,9 @@ def deployment(
             RDC_DICOM_PROCESSES="2",
             RDC_DICOM_MAX_ASSOCIATIONS_PER_AE="2",
         ) as env,
-        RdcServer(env, workdir / "serve.log") as server,
+        # The TLS listener's answers, C-FIND and C-MOVE of rdc serve: no rdc worker and beat
+        # on the production pass (the push-backs run in this process: deliver_due_reports).
+        RdcServer(env, workdir / "serve.log", workers=False) as server,
     ):
         yield TlsDeployment(server, tls_port, ca, certs)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -18,6 +19,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.helpers import RdcServer, echo_rejection, same_dataset
+
+# The tests here check the DICOM protocol and what is stored, nothing a background task does.
+pytestmark = pytest.mark.task_free
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: RdcServer) -> RdcServer:
+    """One deployment for the tests that take ``server``: they store nothing but the large
+    instance, which its test looks up by its UID; the others start their own."""
+    return shared_server
 
 
 def _associate(
@@ -102,7 +113,7 @@ def test_association_limit_rejects_transiently(
     rdc_env: dict[str, str], alliance: dict[str, str], tmp_path: Path, dcmtk: Path
 ) -> None:
     env = {**rdc_env, "RDC_DICOM_MAX_ASSOCIATIONS": "1"}
-    server = RdcServer(env, tmp_path / "serve.log")
+    server = RdcServer(env, tmp_path / "serve.log", workers=False)
     server.start()
     try:
         # A connection that never asks for an association (a probe) takes no slot.
@@ -145,7 +156,10 @@ def test_large_instance_is_streamed_and_stored_intact(server: RdcServer, tmp_pat
     assert assoc.send_c_store(path).Status == 0x0000
     assoc.release()
     with server.db() as db:
-        key, size = db.execute("SELECT storage_key, size_bytes FROM instances").fetchone()
+        key, size = db.execute(
+            "SELECT storage_key, size_bytes FROM instances WHERE sop_instance_uid=?",
+            (ds.SOPInstanceUID,),
+        ).fetchone()
     stored = server.object_file(key)
     assert stored.stat().st_size == size
     assert same_dataset(path, stored)
@@ -181,7 +195,7 @@ def test_silent_peers_are_dropped_after_the_timeouts(
         "RDC_DICOM_ACSE_TIMEOUT_SECONDS": "1",
         "RDC_DICOM_NETWORK_TIMEOUT_SECONDS": "1",
     }
-    with RdcServer(env, tmp_path / "serve.log") as server:
+    with RdcServer(env, tmp_path / "serve.log", workers=False) as server:
         # Connected, never asked for an association: closed after the ACSE timeout.
         with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=15) as sock:
             assert sock.recv(1) == b""

@@ -58,7 +58,9 @@ def test_store_and_database_outages_answer_ae(
     glucose = (testdata / "hl7" / GLUCOSE).read_bytes()
     lri = (testdata / "hl7" / LRI).read_bytes()
     fault = StoreFault(env, folder="hl7")
-    server = RdcServer(fault.env, workdir / "outage.log")
+    # MLLP intake (the answers, lab_messages, the stored bytes), nothing a background task
+    # does: no rdc worker and rdc beat on the production pass.
+    server = RdcServer(fault.env, workdir / "outage.log", workers=False)
     server.start()
     try:
         with fault.failing():
@@ -105,7 +107,9 @@ def test_kill_9_never_loses_an_acknowledged_message(
     message answered AA is indexed and its bytes are readable. Two rounds."""
     env, workdir = lab_env_module
     template = (testdata / "hl7" / GLUCOSE).read_bytes()
-    server = RdcServer(env, workdir / "kill.log")
+    # MLLP intake (the answers, lab_messages, the stored bytes), nothing a background task
+    # does: no rdc worker and rdc beat on the production pass.
+    server = RdcServer(env, workdir / "kill.log", workers=False)
     acknowledged: dict[str, bytes] = {}
     lock = threading.Lock()
     rng = random.Random(19)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -23,6 +24,7 @@ def _store(server: RdcServer, calling_ae: str, path: Path) -> None:
     assoc.release()
 
 
+@pytest.mark.task_free  # answers of rdc serve itself
 def test_health_and_token_errors_are_problem_responses(
     server: RdcServer, alliance: dict[str, str]
 ) -> None:
@@ -126,6 +128,7 @@ def test_worklist_orders_by_priority_then_due_time(
     assert routine == sorted(routine)
 
 
+@pytest.mark.task_free  # answers of rdc serve itself
 def test_readiness_and_metrics(
     server: RdcServer,
     alliance: dict[str, str],

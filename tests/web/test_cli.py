@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
@@ -229,6 +230,7 @@ def test_demo_fills_the_worklist_and_is_idempotent(rdc_env: dict[str, str], tmp_
         server.stop()
 
 
+@pytest.mark.task_free  # the exam is made as the instance is stored
 def test_readme_storescu_line_sends_a_study(
     server: RdcServer, alliance: dict[str, str], testdata: Path, dcmtk: Path, tmp_path: Path
 ) -> None:

@@ -97,7 +97,9 @@ def deployment(
     """One ``rdc serve`` for the module, with both clinics' sample studies received."""
     env, workdir = deployment_env
     passwords = alliance_passwords()
-    server = RdcServer(env, workdir / "serve.log")
+    # STOW, QIDO and WADO answers and what is stored, nothing a background task does: on the
+    # production pass no rdc worker and rdc beat beside rdc serve.
+    server = RdcServer(env, workdir / "serve.log", workers=False)
     server.start()
     try:
         clinic_a = _clinic_a_files(testdata, workdir)

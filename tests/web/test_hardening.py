@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import (
     RdcClient,
@@ -174,6 +175,7 @@ def _login(http: str, username: str, password: str, **headers: str) -> httpx.Res
     )
 
 
+@pytest.mark.task_free  # answers and audit rows of rdc serve itself
 def test_login_throttling_revocation_origin_and_audit(
     server: RdcServer, alliance: dict[str, str], tmp_path: Path
 ) -> None:

@@ -6,8 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.helpers import RdcServer, storescu, wait_for
+from tests.helpers import RdcServer, alliance_passwords, storescu, wait_for
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: RdcServer) -> RdcServer:
+    """One deployment for the module: only the first test sends an exam, and it reports
+    it, leaving the worklist empty as the others find it (and expect it)."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def alliance() -> dict[str, str]:
+    return alliance_passwords()
 
 
 def _ready_item(server: RdcServer, reader: httpx.Client) -> dict:  # type: ignore[type-arg]

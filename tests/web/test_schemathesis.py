@@ -44,7 +44,13 @@ def live(
     """One ``rdc serve`` for the module, with a study received, and tokens of an
     administrator and a clinic technician."""
     workdir = tmp_path_factory.mktemp("schemathesis")
-    with deployments.env(workdir) as env, RdcServer(env, workdir / "serve.log") as server:
+    # What is under test is every answer of rdc serve, nothing a background task does: on
+    # the production pass no rdc worker and rdc beat beside it (its Celery client still
+    # queues what it would run).
+    with (
+        deployments.env(workdir) as env,
+        RdcServer(env, workdir / "serve.log", workers=False) as server,
+    ):
         ct = testdata / "dicom" / "CT_small.dcm"
         for result in storescu(dcmtk, [ct], port=server.dicom_port, calling_ae="CLINIC_A_CT"):
             assert result.returncode == 0, result.stderr

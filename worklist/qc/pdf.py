@@ -7,18 +7,13 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from reportlab.graphics.charts.lineplots import LinePlot
-from reportlab.graphics.shapes import Drawing, Line, String
-from reportlab.graphics.widgets.markers import makeMarker
-from reportlab.lib import colors
-from reportlab.lib.pagesizes import A4
-from reportlab.lib.styles import ParagraphStyle
-from reportlab.lib.units import mm
-from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from typing import TYPE_CHECKING
 
 from worklist.qc.schemas import IndicatorOut
 from worklist.signing.pdf import _register_font  # the CJK font the signed reports embed
+
+if TYPE_CHECKING:  # reportlab is imported where a report is drawn, not by every process
+    from reportlab.graphics.shapes import Drawing
 
 __all__ = ["TrendSeries", "render_monthly_pdf"]
 
@@ -51,6 +46,12 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def _chart(series: TrendSeries, font: str) -> Drawing:
+    from reportlab.graphics.charts.lineplots import LinePlot
+    from reportlab.graphics.shapes import Drawing, Line, String
+    from reportlab.graphics.widgets.markers import makeMarker
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+
     width, height = 170 * mm, 55 * mm
     drawing = Drawing(width, height)
     drawing.add(String(0, height - 10, f"{series.code} {series.title}", fontName=font, fontSize=9))
@@ -110,6 +111,12 @@ def render_monthly_pdf(
     trends: Sequence[TrendSeries],
 ) -> bytes:
     """The report's bytes."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
     font = _register_font()
     base = ParagraphStyle("base", fontName=font, fontSize=8, leading=10, wordWrap="CJK")
     title = ParagraphStyle("title", parent=base, fontSize=15, leading=20, alignment=1)
