@@ -5,6 +5,7 @@ chunks as the rows come (a response streams them)."""
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,3 +55,22 @@ def test_chunks_come_as_the_rows_do() -> None:
     sheet = openpyxl.load_workbook(io.BytesIO(data), read_only=True).active
     assert sheet is not None
     assert sum(1 for _ in sheet.iter_rows(values_only=True)) == 10_001
+
+
+def test_the_package_has_no_zip64_records() -> None:
+    """Excel refuses a workbook whose parts carry ZIP64 records they do not need (a
+    streamed part's sizes go in a 32-bit data descriptor instead)."""
+    data = b"".join(xlsx_chunks("cases", HEADER, (_row(i) for i in range(100))))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+    assert [i.filename for i in infos][-1] == "xl/worksheets/sheet1.xml"
+    for info in infos:
+        assert info.extract_version == 20 and info.create_version == 20, info.filename
+        assert b"\x01\x00" not in info.extra[:2], info.filename  # no ZIP64 extra field
+    sheet = infos[-1]
+    assert sheet.flag_bits & 0x08  # sizes follow the data (streamed)
+    # the data descriptor: signature, CRC-32 and two 32-bit sizes (16 bytes, not 24)
+    descriptors = [i for i in range(len(data)) if data.startswith(b"PK\x07\x08", i)]
+    assert len(descriptors) == len(infos)
+    for at in descriptors:
+        assert data[at + 16 : at + 20] in (b"PK\x03\x04", b"PK\x01\x02")

@@ -280,7 +280,10 @@ def xlsx_chunks(
             f'{_XML}<workbook xmlns="{_MAIN_NS}" xmlns:r="{_REL_NS}"><sheets>'
             f'<sheet name="{name}" sheetId="1" r:id="rId1"/></sheets></workbook>',
         )
-        with zf.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as out:
+        # No ZIP64 records: Excel refuses a part that carries them without needing them;
+        # the sheet's sizes follow it in a 32-bit data descriptor (a sheet is far below
+        # 2 GiB at Excel's 1,048,576 rows of case list).
+        with zf.open("xl/worksheets/sheet1.xml", "w") as out:
             out.write(
                 f'{_XML}<worksheet xmlns="{_MAIN_NS}" xmlns:r="{_REL_NS}"><sheetViews>'
                 '<sheetView tabSelected="1" workbookViewId="0"><pane ySplit="1"'
