@@ -24,6 +24,8 @@ class Principal:
     level: ReaderLevel | None = None
     # Tokens carry it; revoking a user's tokens raises the stored one (worklist.accounts).
     token_generation: int = 0
+    # The person's name as shown to people (the login where none is set).
+    display_name: str = ""
 
     @property
     def is_clinic_user(self) -> bool:

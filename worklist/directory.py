@@ -371,6 +371,7 @@ def principal_for_user(user: User) -> Principal:
         org_kind=user.organization.kind,
         level=user.level,
         token_generation=user.token_generation or 0,
+        display_name=user.display_name or "",
     )
 
 

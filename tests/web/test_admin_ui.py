@@ -126,6 +126,11 @@ def test_admin_console_changes_routing_and_sla_for_the_next_study(
     expect(
         page.locator("#users tbody tr[data-username='reader'] [name=display_name]")
     ).to_have_value("李医生")
+    # ... and the reader's pages name the person, not the login.
+    renamed = _login(browser, server, "reader", alliance["reader"], "/ui/worklist")
+    expect(renamed.locator("#who strong")).to_have_text("李医生")
+    expect(renamed.locator("#who strong")).to_have_attribute("title", "reader")
+    renamed.context.close()
     users = {u["username"]: u for u in admin_api.get("/api/v1/users").json()}
     assert users["reader"]["display_name"] == "李医生" and users["reader"]["level"] == "attending"
     _shot(page, "admin-users")

@@ -34,7 +34,7 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
         "Remote imaging, ECG and lab reading for the medical alliance",
     ),
     "nav.worklist": ("工作列表", "Worklist"),
-    "nav.clinic": ("检查与报告", "Exams and reports"),
+    "nav.clinic": ("检查与报告", "Exams"),
     "nav.logout": ("退出", "Sign out"),
     "nav.help": ("快捷键 ?", "Shortcuts ?"),
     "lang.other": ("English", "中文"),
@@ -402,8 +402,8 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     # report view
     "rv.title": ("检查报告", "Exam report"),
     # clinic report portal (delivery)
-    "nav.portal": ("报告下载", "Report downloads"),
-    "nav.recognized": ("互认结果", "Recognised results"),
+    "nav.portal": ("报告下载", "Downloads"),
+    "nav.recognized": ("互认结果", "Recognised"),
     "hr.title": ("检查检验结果互认查询", "Recognised results lookup"),
     "hr.subtitle": (
         "联盟内仍在互认有效期内的结果",
@@ -653,8 +653,8 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "cr.phone_need": ("请填写复述内容和接听人", "Enter the read-back and who answered"),
     "cr.phone_save": ("保存电话确认", "Save"),
     # administration console and audit trail
-    "nav.admin": ("系统管理", "Administration"),
-    "nav.audit": ("审计日志", "Audit trail"),
+    "nav.admin": ("系统管理", "Admin"),
+    "nav.audit": ("审计日志", "Audit"),
     "ad.title": ("系统管理", "Administration"),
     "ad.tab.clinics": ("机构与 AE", "Clinics and AE titles"),
     "ad.tab.users": ("用户", "Users"),
@@ -792,7 +792,7 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "au.col.detail": ("详情（修改前 → 修改后）", "Detail (before → after)"),
     "au.empty": ("没有符合条件的审计记录", "No audit events match"),
     # quality control
-    "nav.qc": ("质控", "Quality control"),
+    "nav.qc": ("质控", "QC"),
     "qc.title": ("质量控制指标", "Quality-control indicators"),
     "qc.filter.from": ("开始日期", "From"),
     "qc.filter.to": ("结束日期", "To"),
