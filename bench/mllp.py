@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FACILITY = "BENCHLAB"
+PROFILE: list[str] = []  # --profile PREFIX: rdc runs under py-spy, stacks to PREFIX.*.txt
 TEMPLATE = (
     "MSH|^~\\&|GHH LAB|{facility}|GHH OE|BLDG4|200202150930||ORU^R01|{control_id}|P|2.4\r"
     "PID|||555-44-4444||EVERYWOMAN^EVE^E^^^^L|JONES|19620320|F|||153 FERNWOOD DR.^"
@@ -136,7 +138,11 @@ class Target:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if PROFILE and isinstance(self, Rdc):
+                # py-spy writes its stacks on SIGINT; the server stops on it too.
+                os.killpg(self.proc.pid, signal.SIGINT)
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -193,9 +199,16 @@ class Rdc(Target):
             capture_output=True,
         )
         log = open(self.workdir / "rdc.log", "ab")  # noqa: SIM115 (kept open while it runs)
+        command = [sys.executable, "-m", "web.cli", "serve", "--role", "mllp"]
+        if PROFILE:
+            # py-spy samples the server (all threads, idle ones left out): collapsed stacks.
+            out = f"{PROFILE[0]}.{self.workdir.name}.txt"
+            spy = shutil.which("py-spy") or str(Path.home() / ".local/bin/py-spy")
+            command = [spy, "record", "-r", "250", "--gil", "-f", "raw", "-o", out, "--", *command]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "web.cli", "serve", "--role", "mllp"],
+            command,
             env=env,
+            start_new_session=bool(PROFILE),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -376,8 +389,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the summary as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
+    parser.add_argument(
+        "--profile", help="run rdc under py-spy; collapsed stacks to PROFILE.<run>.txt"
+    )
     parser.add_argument("--baseline-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile:
+        PROFILE.append(args.profile)
     if args.baseline_server:
         baseline_server(int(args.baseline_server[0]), Path(args.baseline_server[1]))
         return 0

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -275,6 +275,7 @@ class _Arrival:
 
 
 _MAX_BATCH: Final = 256
+_COUNTERS: dict[tuple[str, str], Any] = {}  # LAB_MESSAGES' children, by (channel, code)
 
 
 class LabIntake:
@@ -331,8 +332,9 @@ class LabIntake:
     ) -> tuple[bytes, list[Acknowledgement]]:
         """Acknowledge one message or an HL7 batch (FHS/BHS ... BTS/FTS); returns the
         answer (one ACK, or a batch of ACKs) and each message's acknowledgement."""
-        batch = split_batch(raw)
-        if not batch.is_batch:
+        # A batch has an FHS or BHS segment: without those bytes anywhere it is one message.
+        batch = split_batch(raw) if b"BHS" in raw or b"FHS" in raw else None
+        if batch is None or not batch.is_batch:
             answer = self.receive(raw, channel=channel, restrict_to_org=restrict_to_org)
             return answer.ack, [answer]
         answers = [
@@ -352,7 +354,11 @@ class LabIntake:
     ) -> Acknowledgement:
         """Store, index and acknowledge one message."""
         answer = self._receive(raw, channel=channel, restrict_to_org=restrict_to_org)
-        LAB_MESSAGES.labels(channel=channel, code=answer.code).inc()
+        counter = _COUNTERS.get((channel, answer.code))
+        if counter is None:
+            counter = LAB_MESSAGES.labels(channel=channel, code=answer.code)
+            _COUNTERS[(channel, answer.code)] = counter
+        counter.inc()
         return answer
 
     def _receive(self, raw: bytes, *, channel: str, restrict_to_org: str | None) -> Acknowledgement:
