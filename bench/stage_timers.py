@@ -15,6 +15,11 @@ monkeypatching, the functions that bound a serial section:
   less any writer-lock wait inside it; its batch sizes; ``StorageService._index`` (or,
   where there is none, ``GroupCommitter.run``) from submit to result is each instance's
   commit wait;
+- ``group commit, no core``: of the group commit's wall time, how long its thread was
+  runnable but had no core (``/proc/thread-self/schedstat``, Linux);
+- ``commit statement``: the SQLite driver connection's ``commit`` of a write transaction
+  (COMMIT with the WAL's disk sync, a checkpoint when the WAL passed its threshold, and the
+  writer gate's release);
 - ``connection hand-over``: ``ListenerPool.hand_over`` in the serving process;
 - ``accept loop``: ``socketserver.BaseServer._handle_request_noblock`` (accept and hand
   the connection on), the serving process's listening thread.
@@ -43,6 +48,13 @@ STAGES: dict[str, str] = {
     "writer lock": "global",
     "object wait under lock": "global",
     "group commit": "process",
+    # Of the group commit's wall time, how long its thread was runnable but had no core
+    # (Linux schedstat): the rest of wall minus CPU is waiting off a core (I/O, the
+    # interpreter lock).
+    "group commit, no core": "process",
+    # The driver's COMMIT of a write transaction (on SQLite: the WAL's disk sync, and a
+    # checkpoint when the WAL passed its threshold).
+    "commit statement": "global",
     "connection hand-over": "global",
     "accept loop": "global",
 }
@@ -129,6 +141,24 @@ def _patch() -> None:
     from rdc_core import db, group_commit
 
     gate_cls = db._WriterGate
+    connection_class = db._gated_sqlite_connection
+
+    def timed_connection_class(*args: Any, **kwargs: Any) -> Any:
+        base = connection_class(*args, **kwargs)
+
+        class TimedCommit(base):  # type: ignore[misc, valid-type]
+            def commit(self) -> None:
+                if not self.holds_gate:
+                    return super().commit()
+                start = time.perf_counter()
+                try:
+                    return super().commit()
+                finally:
+                    _stats.add(_stats.held["commit statement"], time.perf_counter() - start)
+
+        return TimedCommit
+
+    db._gated_sqlite_connection = timed_connection_class  # type: ignore[assignment]
     acquire, release = gate_cls.acquire, gate_cls.release
 
     def timed_acquire(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -164,12 +194,17 @@ def _patch() -> None:
         batch = next(a for a in args if isinstance(a, list))
         _stats.batch(len(batch))
         _local.gate_wait = 0.0
+        queued = _run_queue_seconds()
         start, cpu = time.perf_counter(), time.thread_time()
         try:
             return run_batch(*args, **kwargs)
         finally:
             held = time.perf_counter() - start - getattr(_local, "gate_wait", 0.0)
             used = time.thread_time() - cpu
+            if queued is not None:
+                after = _run_queue_seconds()
+                if after is not None:
+                    _stats.add(_stats.held["group commit, no core"], after - queued)
             _stats.add(_stats.held["group commit"], held)
             _stats.add(_stats.held_cpu["group commit"], used)
             _stats.batch_time(len(batch), held, used)
@@ -238,6 +273,15 @@ def _patch() -> None:
             _stats.add(_stats.held["accept loop"], time.perf_counter() - start)
 
     socketserver.BaseServer._handle_request_noblock = timed_handle  # type: ignore[method-assign]
+
+
+def _run_queue_seconds() -> float | None:
+    """Seconds this thread has spent runnable without a core (/proc schedstat), or None."""
+    try:
+        with open("/proc/thread-self/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def write_sitecustomize(directory: Path) -> Path:
