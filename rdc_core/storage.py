@@ -24,7 +24,7 @@ import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -32,7 +32,6 @@ from rdc_core.errors import NotFoundError, StorageError
 from rdc_core.settings import Settings, get_settings
 
 __all__ = [
-    "BatchedWriter",
     "LocalObjectStore",
     "ObjectStore",
     "StoredObject",
@@ -315,68 +314,6 @@ def put_new_objects(store: ObjectStore, items: Sequence[tuple[str, bytes]]) -> N
             if isinstance(error, StorageError):
                 raise error
             raise StorageError(f"cannot write objects: {error}") from error
-
-
-@dataclass
-class _Put:
-    key: str
-    data: bytes
-    wake: threading.Event = field(default_factory=threading.Event)
-    finished: bool = False
-    error: StorageError | None = None
-
-
-class BatchedWriter:
-    """Durable writes of small new objects from many threads, synced together.
-
-    The leader/follower scheme of :class:`rdc_core.group_commit.GroupCommitter`, for the
-    object store: a caller that finds no write in progress writes the queued objects
-    itself; callers arriving meanwhile queue up, and the first of them writes them all
-    (one :func:`put_new_objects`) once the write in progress has ended. Batches grow with
-    the load; a lone caller pays no hand-over.
-    """
-
-    def __init__(self, store: ObjectStore, *, max_batch: int = 256) -> None:
-        self.store = store
-        self._max_batch = max_batch
-        self._lock = threading.Lock()
-        self._pending: list[_Put] = []
-        self._leading = False
-
-    def put(self, key: str, data: bytes) -> None:
-        """Write ``data`` to the new ``key``; returns once it is durable (StorageError)."""
-        job = _Put(key, data)
-        with self._lock:
-            self._pending.append(job)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            job.wake.wait()
-        if not job.finished:  # woken to lead the next write
-            self._lead()
-        if job.error is not None:
-            raise job.error
-
-    def _lead(self) -> None:
-        with self._lock:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-        try:
-            put_new_objects(self.store, [(job.key, job.data) for job in batch])
-        except Exception as exc:
-            error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-            for job in batch:
-                job.error = error
-        finally:
-            with self._lock:
-                following = self._pending[0] if self._pending else None
-                if following is None:
-                    self._leading = False
-            for job in batch:
-                job.finished = True
-                job.wake.set()
-            if following is not None:
-                following.wake.set()
 
 
 # --------------------------------------------------------------------------------------

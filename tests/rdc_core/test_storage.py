@@ -7,15 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from rdc_core.errors import NotFoundError, StorageError
-from rdc_core.storage import BatchedWriter, LocalObjectStore
+from rdc_core.storage import LocalObjectStore
 
 
 def test_put_open_delete_roundtrip(tmp_path: Path) -> None:
@@ -87,54 +84,6 @@ def test_put_once_keeps_the_first_object_and_moves_when_asked(tmp_path: Path) ->
 def test_keys_cannot_escape_the_root(tmp_path: Path, key: str) -> None:
     with pytest.raises(ValueError):
         LocalObjectStore(tmp_path).put_bytes(key, b"x")
-
-
-def test_batched_writer_syncs_the_waiting_objects_together(tmp_path: Path) -> None:
-    """Objects put while a write is in progress are written by the next write, all in one
-    batch; each is readable once its put returned; a failing batch fails each of its puts
-    and leaves nothing behind."""
-    batches: list[list[str]] = []
-    release = threading.Event()
-
-    class Recording(LocalObjectStore):
-        def put_new_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-            batches.append([key for key, _ in items])
-            if len(batches) == 1:
-                release.wait(30)  # the first write is slow: the others queue meanwhile
-            super().put_new_many(items)
-
-    store = Recording(tmp_path / "objects")
-    writer = BatchedWriter(store)
-    errors: list[BaseException] = []
-
-    def put(n: int) -> None:
-        try:
-            writer.put(f"hl7/m{n}.hl7", f"message {n}".encode())
-        except BaseException as exc:
-            errors.append(exc)
-
-    first = threading.Thread(target=put, args=(0,))
-    first.start()
-    while not batches:
-        time.sleep(0.01)
-    others = [threading.Thread(target=put, args=(n,)) for n in range(1, 8)]
-    for thread in others:
-        thread.start()
-    while len(writer._pending) < 7:
-        time.sleep(0.01)
-    release.set()
-    for thread in [first, *others]:
-        thread.join(30)
-    assert not errors
-    assert [len(b) for b in batches] == [1, 7]
-    for n in range(8):
-        with store.open(f"hl7/m{n}.hl7") as f:
-            assert f.read() == f"message {n}".encode()
-
-    (tmp_path / "objects" / "lab").write_text("a file where a directory is needed")
-    with pytest.raises(StorageError):
-        writer.put("lab/x.hl7", b"x")
-    assert sorted(store.iter_keys()) == [*(f"hl7/m{n}.hl7" for n in range(8)), "lab"]
 
 
 _WRITER = """
