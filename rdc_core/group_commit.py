@@ -385,7 +385,8 @@ class GroupCommitter:
                 session.info.pop("rdc_on_rollback", None)
                 for job in retry:
                     job.result = None
-                return again + retry
+                again += retry  # unfinished: the finally below must not tell their callers
+                return again
             run_rollback_undos(session, since=0)
             if len(batch) == 1:  # a lone unit's own error (e.g. permission denied)
                 failure = _domain_error(exc)

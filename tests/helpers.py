@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -692,9 +692,16 @@ def transfer_syntax(path: Path) -> str:
 
 
 def storescu(
-    dcmtk: Path, files: Iterable[Path], *, port: int, calling_ae: str, called_ae: str = "RDC"
+    dcmtk: Path,
+    files: Iterable[Path],
+    *,
+    port: int,
+    calling_ae: str,
+    called_ae: str = "RDC",
+    options: Sequence[str] = (),
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Send ``files`` with dcmtk storescu, one association per transfer syntax."""
+    """Send ``files`` with dcmtk storescu, one association per transfer syntax, in the
+    order given; ``options`` are more storescu options (e.g. ``-v``: a line per answer)."""
     groups: dict[str, list[Path]] = defaultdict(list)
     for path in files:
         groups[transfer_syntax(path)].append(path)
@@ -706,6 +713,7 @@ def storescu(
                 [
                     str(dcmtk / "storescu"),
                     "-R",
+                    *options,
                     *_STORESCU_FLAG[ts],
                     "-aet",
                     calling_ae,

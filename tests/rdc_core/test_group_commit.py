@@ -486,3 +486,87 @@ def test_a_unit_that_keeps_losing_fails_after_its_attempts_and_is_undone(databas
         committer.run(work)
     assert tries == ATTEMPTS
     assert undone == ["object removed"]  # once: after the last attempt only
+
+
+def _lose_the_first_commit(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first COMMIT of a transaction that inserted into t lose a race: on PostgreSQL
+    a deferred trigger raises a serialization failure (SQLSTATE 40001) once, as a commit-time
+    check does; SQLite has no such failure, so its COMMIT is made to raise one."""
+    from rdc_core.db import session_scope
+
+    if database.startswith("sqlite"):
+        commit = Session.commit
+        lost: list[bool] = []
+
+        def commit_or_lose(self: Session) -> None:
+            if not lost and self.info.get("inserted"):
+                lost.append(True)
+                self.rollback()
+                raise OperationalError("COMMIT", {}, _SerializationFailure("could not serialize"))
+            commit(self)
+
+        monkeypatch.setattr(Session, "commit", commit_or_lose)
+        return
+    with session_scope() as session:
+        session.execute(text("CREATE SEQUENCE commits_of_t"))
+        session.execute(
+            text(
+                "CREATE FUNCTION lose_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF nextval('commits_of_t') = 1 THEN RAISE EXCEPTION 'could not serialize'"
+                " USING ERRCODE = '40001'; END IF; RETURN NULL; END $$"
+            )
+        )
+        session.execute(
+            text(
+                "CREATE CONSTRAINT TRIGGER lose_once AFTER INSERT ON t DEFERRABLE INITIALLY"
+                " DEFERRED FOR EACH ROW EXECUTE FUNCTION lose_once()"
+            )
+        )
+
+
+class _SerializationFailure(Exception):
+    sqlstate = "40001"
+
+
+def test_a_batch_whose_commit_lost_a_race_is_told_its_result_once(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that loses a serialization check runs the whole batch again; no caller hears
+    anything before the retry committed (a C-STORE answer is sent once, after its row is
+    durable), and each hears its own result exactly once."""
+    _setup(database)
+    _lose_the_first_commit(database, monkeypatch)
+    committer = GroupCommitter()
+    calls: dict[int, list[tuple[object, BaseException | None, int]]] = {}
+    runs: dict[int, int] = {}
+    units = 8
+    all_decided = threading.Event()
+
+    def work_for(k: int):  # type: ignore[no-untyped-def]
+        def work(session: Session) -> int:
+            runs[k] = runs.get(k, 0) + 1
+            session.execute(text("INSERT INTO t VALUES (:k, 'x')"), {"k": k})
+            session.info["inserted"] = True
+            return k * 10
+
+        return work
+
+    def done_for(k: int):  # type: ignore[no-untyped-def]
+        def done(result: object, error: BaseException | None) -> None:
+            with read_session() as session:  # told only once the row is committed
+                seen = session.execute(text("SELECT count(*) FROM t WHERE k = :k"), {"k": k})
+                calls.setdefault(k, []).append((result, error, seen.scalar_one()))
+            if len(calls) == units:
+                all_decided.set()
+
+        return done
+
+    let_go = _hold_the_writer(database)
+    try:
+        for k in range(units):
+            committer.submit(work_for(k), done_for(k))
+    finally:
+        let_go()
+    assert all_decided.wait(60)
+    assert calls == {k: [(k * 10, None, 1)] for k in range(units)}
+    assert max(runs.values()) == 2  # the batch did lose its first commit
