@@ -19,9 +19,12 @@ MSH-10 each time) and waiting for the answer before the next, for ``--warmup`` s
 alternate (baseline 1, rdc 1, baseline 4, rdc 4, ... ``--repeat`` times) so that a change
 in the machine's load hits both; the median of the repeats is reported: messages/s, ACK
 latency p50/p99 and the ratio rdc / baseline. Afterwards rdc's index is checked to hold
-every message it acknowledged.
+every message it acknowledged. The CPU column is the target process's CPU time (user +
+system) per message; ``--compare-tree`` adds rdc from another source tree (e.g. the main
+branch) to the same interleaved runs.
 
     python3 bench/mllp.py --seconds 10 --repeat 3
+    python3 bench/mllp.py --compare-tree ../main  # this tree's rdc beside main's
 """
 
 from __future__ import annotations
@@ -153,6 +156,17 @@ class Target:
     def check(self, acknowledged: set[str]) -> None:
         """Raise unless every acknowledged control ID was kept."""
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the target's process has used so far (0 when unknown,
+        e.g. under py-spy)."""
+        if self.proc is None or PROFILE:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 class Baseline(Target):
     name = "baseline (fsync, AA)"
@@ -173,9 +187,12 @@ class Baseline(Target):
 
 class Rdc(Target):
     name = "rdc serve --role mllp"
+    tree: Path | None = None  # another source tree (--compare-tree): its code is run
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
+        if self.tree is not None:
+            env["PYTHONPATH"] = str(self.tree)
         env.update(
             RDC_DATA_DIR=str(self.data),
             RDC_MLLP_HOST="127.0.0.1",
@@ -234,6 +251,7 @@ class Result:
     seconds: float
     p50_ms: float
     p99_ms: float
+    cpu_ms: float  # the target process's CPU time per message (user + system)
 
     @property
     def rate(self) -> float:
@@ -296,10 +314,12 @@ def measure(
     stop_at[0] = time.perf_counter() + 3600
     start_gate.wait()
     began = time.perf_counter()
+    cpu_began = target.cpu_seconds()
     stop_at[0] = began + seconds
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
+    cpu = target.cpu_seconds() - cpu_began
     target.check(acknowledged)
     latencies.sort()
     return Result(
@@ -309,17 +329,24 @@ def measure(
         seconds=elapsed,
         p50_ms=1000 * latencies[len(latencies) // 2],
         p99_ms=1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        cpu_ms=1000 * cpu / max(1, len(latencies)),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="rdc-bench-mllp-", dir=args.workdir))
     results: dict[tuple[str, int], list[Result]] = {}
+    kinds: list[type[Target]] = [Baseline, Rdc]
+    if args.compare_tree:
+        # The same server from another source tree (e.g. the main branch), interleaved
+        # with the others, so that both see the same machine.
+        tree = args.compare_tree.resolve()
+        kinds.append(type("RdcCompared", (Rdc,), {"name": f"rdc ({tree.name})", "tree": tree}))
     try:
         for repeat in range(args.repeat):
             for connections in args.connections:
-                for cls in (Baseline, Rdc):
-                    workdir = root / f"{cls.__name__.lower()}-{connections}-{repeat}"
+                for n, cls in enumerate(kinds):
+                    workdir = root / f"{n}-{cls.__name__.lower()}-{connections}-{repeat}"
                     workdir.mkdir()
                     target = cls(workdir)
                     target.start()
@@ -332,27 +359,33 @@ def run(args: argparse.Namespace) -> int:
                     subprocess.run(["sync"], check=False)
                     results.setdefault((cls.name, connections), []).append(result)
                     print(
-                        f"  {result.target:24} {connections} conn: {result.rate:7.1f} msg/s "
-                        f"p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms",
+                        f"  {result.target:32} {connections} conn: {result.rate:7.1f} msg/s "
+                        f"p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms "
+                        f"cpu {result.cpu_ms:5.3f} ms/msg",
                         flush=True,
                     )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print()
-    print("| connections | target | messages/s | ACK p50 ms | ACK p99 ms | rdc / baseline |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print(
+        "| connections | target | messages/s | ACK p50 ms | ACK p99 ms | CPU ms/msg "
+        "| rdc / baseline |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
     summary = []
     for connections in args.connections:
         base = statistics.median(r.rate for r in results[(Baseline.name, connections)])
-        for cls in (Baseline, Rdc):
+        for cls in kinds:
             runs = results[(cls.name, connections)]
             rate = statistics.median(r.rate for r in runs)
             p50 = statistics.median(r.p50_ms for r in runs)
             p99 = statistics.median(r.p99_ms for r in runs)
+            cpu = statistics.median(r.cpu_ms for r in runs)
             ratio = rate / base
             print(
-                f"| {connections} | {cls.name} | {rate:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} |"
+                f"| {connections} | {cls.name} | {rate:.0f} | {p50:.2f} | {p99:.2f} "
+                f"| {cpu:.3f} | {ratio:.2f} |"
             )
             summary.append(
                 {
@@ -361,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
                     "messages_per_second": rate,
                     "p50_ms": p50,
                     "p99_ms": p99,
+                    "cpu_ms_per_message": cpu,
                     "ratio_to_baseline": ratio,
                 }
             )
@@ -388,6 +422,11 @@ def main(argv: list[str]) -> int:
         "--workdir", type=Path, default=Path("/var/tmp"), help="where the targets write"
     )
     parser.add_argument("--json", type=Path, help="also write the summary as JSON")
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run rdc from this source tree (PYTHONPATH), interleaved with the others",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
     parser.add_argument(
         "--profile", help="run rdc under py-spy; collapsed stacks to PROFILE.<run>.txt"
