@@ -1102,6 +1102,7 @@ def _pooled_stages(found: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     pooled: dict[str, Any] = {
         "runs": len(runs),
         "processes": max(s["processes"] for s in runs),
+        "writers": max(s.get("writers", s["processes"] - 1) for s in runs),
         "held": {},
         "held_cpu": {},
         "gate_wait": [0, 0.0, 0.0],
@@ -1137,7 +1138,9 @@ def report_stages(summaries: list[Summary]) -> None:
             continue
         st, label = s.stages, mode_label(s.associations)
         instances = s.instances * st["runs"]
-        processes = max(1, st["processes"] - 1) if st["processes"] > 1 else 1
+        # A per-process stage bounds the rate once per process that ran it: the listener
+        # processes each with their own writer (PostgreSQL), or the one index writer.
+        processes = max(1, st.get("writers", st["processes"] - 1))
         for name, scope in stage_timers.STAGES.items():
             count, total, peak = st["held"].get(name, [0, 0.0, 0.0])
             cpu = st["held_cpu"].get(name, [0, 0.0, 0.0])[1]

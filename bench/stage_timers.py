@@ -307,13 +307,14 @@ def collect(directory: Path) -> dict[str, Any]:
     gate_wait, commit_wait = [0, 0.0, 0.0], [0, 0.0, 0.0]
     batches: dict[int, int] = {}
     batch_held: dict[int, list[float]] = {}
-    processes = 0
+    processes = writers = 0
     for path in directory.glob("*.json"):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         processes += 1
+        writers += 1 if data["batches"] else 0
         for mine_by_name, key in ((held, "held"), (held_cpu, "held_cpu")):
             for name, (count, total, peak) in data.get(key, {}).items():
                 entry = mine_by_name.setdefault(name, [0, 0.0, 0.0])
@@ -329,6 +330,8 @@ def collect(directory: Path) -> dict[str, Any]:
         merge_batch_held(batch_held, data.get("batch_held", {}))
     return {
         "processes": processes,
+        # Processes that ran group commits: with an index writer only the serving process.
+        "writers": writers,
         "held": held,
         "held_cpu": held_cpu,
         "gate_wait": gate_wait,

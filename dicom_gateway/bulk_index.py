@@ -25,10 +25,21 @@ before their instance queues for the index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, case, insert, literal_column, select, update
+from sqlalchemy import (
+    CompoundSelect,
+    Select,
+    Table,
+    bindparam,
+    case,
+    insert,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from dicom_gateway.ingest import IngestResult, PreparedInstance
@@ -40,7 +51,7 @@ from dicom_gateway.records import (
     exam_id_for_study,
     instance_row,
 )
-from rdc_core.db import execute_direct_many, on_rollback, session_connection, utcnow
+from rdc_core.db import execute_direct, execute_direct_many, on_rollback, utcnow
 from rdc_core.storage import ObjectStore
 from worklist.directory import OrgRef
 from worklist.intake import RecordOutcome, artifact_id_for, remove_unreferenced
@@ -52,13 +63,50 @@ _artifacts = cast(Table, Artifact.__table__)
 _exams = cast(Table, Exam.__table__)
 _instances = cast(Table, Instance.__table__)
 
-_EXAMS = select(
-    _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority
-).where(_exams.c.id.in_(bindparam("ids", expanding=True)))
-_KNOWN = select(_artifacts.c.id).where(_artifacts.c.id.in_(bindparam("ids", expanding=True)))
-_KNOWN_SOP = select(_instances.c.sop_instance_uid).where(
-    _instances.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
-)
+# The reads of a batch: IN lists of a fixed number of binds (a power of two, padded with an
+# ID no row has), so each statement is compiled once and run straight on the driver
+# (rdc_core.db.execute_direct) rather than expanded and executed by SQLAlchemy per batch.
+_SMALLEST_READ = 8
+_PAD = ""  # no exam, artifact or SOP instance has an empty ID
+
+
+def _read_size(count: int) -> int:
+    size = _SMALLEST_READ
+    while size < count:
+        size *= 2
+    return size
+
+
+def _binds(prefix: str, size: int) -> list[Any]:
+    return [bindparam(f"{prefix}{k}") for k in range(size)]
+
+
+@lru_cache(maxsize=32)
+def _exams_read(size: int) -> Select[Any]:
+    columns = (_exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part)
+    return select(*columns, _exams.c.priority).where(_exams.c.id.in_(_binds("e", size)))
+
+
+@lru_cache(maxsize=32)
+def _known_read(size: int) -> CompoundSelect:
+    """Which of the artifact IDs (rows ``'a', id``) and SOP Instance UIDs (``'s', uid``)
+    are indexed already: one statement for both."""
+    return union_all(
+        select(literal_column("'a'"), _artifacts.c.id).where(
+            _artifacts.c.id.in_(_binds("a", size))
+        ),
+        select(literal_column("'s'"), _instances.c.sop_instance_uid).where(
+            _instances.c.sop_instance_uid.in_(_binds("s", size))
+        ),
+    )
+
+
+def _padded(prefix: str, values: list[str], size: int) -> dict[str, str]:
+    bound = {f"{prefix}{k}": value for k, value in enumerate(values)}
+    bound.update({f"{prefix}{k}": _PAD for k in range(len(values), size)})
+    return bound
+
+
 # Plain INSERTs: the rows were just found absent in this transaction; a row there after all
 # (another writer on PostgreSQL) fails the bulk write, and its units go one by one.
 _ARTIFACT_COLUMNS = (
@@ -113,15 +161,42 @@ _COUNT_EXAM = (
 
 @dataclass(frozen=True, slots=True)
 class BulkItem:
-    """One instance of a batch: prepared (its object durable), from whom, where stored."""
+    """One instance of a batch: prepared (its object durable), from whom, where stored, and
+    the IDs derived from its UIDs (computed before it queues: not in the serial section)."""
 
     prepared: PreparedInstance
     organization: OrgRef
     calling_ae: str
     store: ObjectStore
+    exam_id: str
+    artifact_id: str
+
+    @classmethod
+    def of(
+        cls, prepared: PreparedInstance, organization: OrgRef, calling_ae: str, store: ObjectStore
+    ) -> BulkItem:
+        """The item of a prepared instance, its IDs derived here."""
+        header = prepared.header
+        return cls(
+            prepared,
+            organization,
+            calling_ae,
+            store,
+            exam_id_for_study(header.study_instance_uid),
+            artifact_id_for(INSTANCE_KIND, header.sop_instance_uid),
+        )
 
 
-def _adds_to_exam(row: Any, prepared: PreparedInstance) -> bool:
+@dataclass(frozen=True, slots=True)
+class _ExamRow:
+    id: str
+    org_id: str
+    modalities: str
+    body_part: str
+    priority: str
+
+
+def _adds_to_exam(row: _ExamRow, prepared: PreparedInstance) -> bool:
     """Whether the instance changes the exam's modalities, body part or priority (the
     amendment worklist.intake makes one instance at a time)."""
     header = prepared.header
@@ -141,17 +216,22 @@ def _undo(session: Session, store: ObjectStore, key: str, artifact_id: str, sop:
 def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | None]:
     """Index the items of the common case (see the module) in the caller's transaction;
     ``None`` for each of the others, left to the caller."""
-    studies = {i.prepared.header.study_instance_uid for i in items}
-    exam_of = {study: exam_id_for_study(study) for study in studies}
-    exam_ids = [exam_of[i.prepared.header.study_instance_uid] for i in items]
-    artifact_ids = [
-        artifact_id_for(INSTANCE_KIND, i.prepared.header.sop_instance_uid) for i in items
-    ]
-    conn = session_connection(session)
-    exams = {row.id: row for row in conn.execute(_EXAMS, {"ids": sorted(set(exam_ids))})}
-    known = {row[0] for row in conn.execute(_KNOWN, {"ids": artifact_ids})}
-    sops = [i.prepared.header.sop_instance_uid for i in items]
-    known_sops = {row[0] for row in conn.execute(_KNOWN_SOP, {"sops": sops})}
+    exam_ids = [item.exam_id for item in items]
+    artifact_ids = [item.artifact_id for item in items]
+    sops = [item.prepared.header.sop_instance_uid for item in items]
+    wanted = sorted(set(exam_ids))
+    size = _read_size(len(wanted))
+    exams = {
+        row[0]: _ExamRow(*row)
+        for row in execute_direct(session, _exams_read(size), _padded("e", wanted, size))
+    }
+    size = _read_size(len(items))
+    known: set[str] = set()
+    known_sops: set[str] = set()
+    for kind, value in execute_direct(
+        session, _known_read(size), _padded("a", artifact_ids, size) | _padded("s", sops, size)
+    ):
+        (known if kind == "a" else known_sops).add(value)
     now = utcnow()
     results: list[IngestResult | None] = [None] * len(items)
     artifact_rows: list[dict[str, Any]] = []

@@ -17,12 +17,16 @@ association takes no slot.
 On SQLite (one writer per database) the listener processes do not write the index
 themselves: each sends its prepared instances (``index N PAYLOAD``) to the serving process's
 one index writer (:class:`dicom_gateway.server.IndexWriter`), which batches the instances of
-every process into one transaction and answers each (``indexed N PAYLOAD``) once committed.
-On PostgreSQL each process writes, and the database takes the writers side by side.
+every process into one transaction. Once it committed, the answers waiting for a process go
+to it in one message (``indexed PAYLOAD``, a list of request numbers and answers), sent by a
+thread of the pool: the writer does no system call per answer, and a process is woken once
+per batch rather than once per instance. On PostgreSQL each process writes, and the
+database takes the writers side by side.
 
 A listener process also reports ``ready`` once it can serve, ``done`` when a connection
 ends, and its ingest counts (:class:`~dicom_gateway.counters.ChannelCounters`), which the
-parent adds to its own Prometheus counters. A process that dies is started again (after a
+parent adds to its own Prometheus counters (the objects the index writer indexed are counted
+by the writer: no message per object). A process that dies is started again (after a
 pause growing to 30 s if it keeps dying young), its partial receptions are deleted, and its
 connections and slots are no longer counted; senders whose objects were not answered send
 them again. Connections go only to processes that have reported ready. Each process runs in
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import socket
 import socketserver
 import struct
@@ -62,7 +67,8 @@ ADMITTED, REFUSED = "admitted", "refused"
 READY, DONE = b"ready", b"done"
 ADMIT, RELEASE = "admit", "release"
 # Index requests of listener processes to the serving process's one index writer, and its
-# answers: ``index N PAYLOAD`` and ``indexed N PAYLOAD`` (see dicom_gateway.server.IndexWriter).
+# answers: ``index N PAYLOAD`` and ``indexed ANSWERS`` (see dicom_gateway.server.IndexWriter
+# and encode_answers).
 INDEX, INDEXED = b"index", b"indexed"
 REMOTE_INDEX_ARG = "remote-index"  # the listener process's argument: index through the parent
 # The largest message on a channel (an index request carries one object's header).
@@ -74,6 +80,26 @@ _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 _YOUNG_DEATH = 10.0  # a process that dies sooner than this is restarted after a pause
 _MAX_RESTART_PAUSE = 30.0
+
+
+def encode_answers(answers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """``indexed`` messages carrying ``answers`` (request number, answer), as few as fit."""
+    messages, chunk, size = [], list[tuple[bytes, bytes]](), 0
+    for number, answer in answers:
+        if chunk and size + len(number) + len(answer) > MAX_MESSAGE // 2:
+            messages.append(INDEXED + b" " + pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+            chunk, size = [], 0
+        chunk.append((number, answer))
+        size += len(number) + len(answer) + 16
+    if chunk:
+        messages.append(INDEXED + b" " + pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+    return messages
+
+
+def decode_answers(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The (request number, answer) pairs of an ``indexed`` message."""
+    answers: list[tuple[bytes, bytes]] = pickle.loads(message[len(INDEXED) + 1 :])
+    return answers
 
 
 class ListenerStartError(RuntimeError):
@@ -91,6 +117,8 @@ class _Listener:
     connections: int = 0  # handed to it and not yet done
     # Admitted and not yet released, by the process's request number.
     associations: dict[str, Applicant] = field(default_factory=dict)
+    # Answers of the index writer not yet sent: (request number, answer).
+    outbox: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class _Acceptor(socketserver.TCPServer):
@@ -136,6 +164,8 @@ class ListenerPool:
         self._serving = False  # set once every process has started; then the dead are replaced
         self._young_deaths: dict[int, int] = {}  # by index: deaths in a row soon after start
         self._threads: list[threading.Thread] = []
+        self._answers_waiting = threading.Event()  # some listener's outbox has answers
+        self._answerer: threading.Thread | None = None
         self._acceptor = _Acceptor(address, self)
         self._accept_thread: threading.Thread | None = None
 
@@ -167,6 +197,11 @@ class ListenerPool:
         except BaseException:
             self.stop()
             raise
+        if self.on_index is not None:
+            self._answerer = threading.Thread(
+                target=self._send_answers, name="rdc-dicom-answers", daemon=True
+            )
+            self._answerer.start()
         self._accept_thread = threading.Thread(  # short poll: stop() waits for it to notice
             target=self._acceptor.serve_forever, args=(0.05,), name="rdc-dicom-accept", daemon=True
         )
@@ -182,6 +217,10 @@ class ListenerPool:
             self._accept_thread.join(timeout=_STOP_TIMEOUT)
             self._accept_thread = None
         self._acceptor.server_close()
+        self._answers_waiting.set()  # the answer thread sees the pool stopping and ends
+        if self._answerer is not None:
+            self._answerer.join(timeout=_STOP_TIMEOUT)
+            self._answerer = None
         for listener in listeners:
             # Wakes this side's reader and tells the process to exit.
             with contextlib.suppress(OSError):
@@ -335,11 +374,12 @@ class ListenerPool:
     def _handle(self, listener: _Listener, message: bytes) -> None:
         if message.startswith(INDEX + b" ") and self.on_index is not None:
             number, _, payload = message[len(INDEX) + 1 :].partition(b" ")
-            channel = listener.channel
 
             def reply(answer: bytes) -> None:
-                with contextlib.suppress(OSError):  # gone: its sender was never answered
-                    channel.send(b"%s %s %s" % (INDEXED, number, answer))
+                # Sent by the answer thread, with the other answers waiting for this process.
+                with self._lock:
+                    listener.outbox.append((number, answer))
+                self._answers_waiting.set()
 
             self.on_index(payload, reply)
         elif message == DONE:
@@ -357,6 +397,24 @@ class ListenerPool:
             )
         elif not apply_report(self.counters, message):
             log.warning("DICOM listener process %d sent %r", listener.index, message[:64])
+
+    def _send_answers(self) -> None:
+        """The answer thread: sends each listener process the index answers waiting for it."""
+        while True:
+            self._answers_waiting.wait()
+            self._answers_waiting.clear()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                waiting = [(item, item.outbox) for item in self._listeners if item.outbox]
+                for item, _answers in waiting:
+                    item.outbox = []
+            for listener, answers in waiting:
+                try:
+                    for message in encode_answers(answers):
+                        listener.channel.send(message)
+                except OSError:  # gone: its senders were never answered
+                    continue
 
     def _ended(self, listener: _Listener) -> None:
         with self._lock:

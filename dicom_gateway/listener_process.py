@@ -31,6 +31,7 @@ from dicom_gateway.listener_pool import (
     READY,
     RELEASE,
     REMOTE_INDEX_ARG,
+    decode_answers,
 )
 from dicom_gateway.server import StorageService, acceptor_config
 from dicom_gateway.upper_layer import AcceptorConfig, serve_association
@@ -118,12 +119,12 @@ class _Channel:
     def answer(self, message: bytes) -> None:
         """Deliver the parent's answer to an admission or index request."""
         if message.startswith(INDEXED + b" "):
-            index_number, _, payload = message[len(INDEXED) + 1 :].partition(b" ")
-            with self._lock:
-                indexing = self._indexing.get(index_number)
-            if indexing is not None:
-                indexing[1].append(payload)
-                indexing[0].set()
+            for index_number, payload in decode_answers(message):
+                with self._lock:
+                    indexing = self._indexing.get(index_number)
+                if indexing is not None:
+                    indexing[1].append(payload)
+                    indexing[0].set()
             return
         verdict, _, number = message.decode(errors="replace").partition(" ")
         with self._lock:

@@ -173,16 +173,18 @@ def _contract(header: InstanceHeader) -> tuple[PatientIn, ExamIn]:
     return patient, exam
 
 
-def lock_order(header: InstanceHeader, org: OrgRef) -> tuple[str, ...]:
+def lock_order(
+    header: InstanceHeader, org: OrgRef, *, exam_id: str | None = None
+) -> tuple[str, ...]:
     """The order in which a group-commit batch indexes its instances (see
     :mod:`rdc_core.group_commit`): by patient (the patient row is written with a new exam),
-    then exam, then SOP instance, so that writers in other processes lock shared rows in the
-    same order."""
+    then exam (``exam_id``, when the caller has derived it already), then SOP instance, so
+    that writers in other processes lock shared rows in the same order."""
     return (
         org.id,
         header.issuer_of_patient_id or org.code,
         header.patient_id,
-        exam_id_for_study(header.study_instance_uid),
+        exam_id or exam_id_for_study(header.study_instance_uid),
         header.sop_instance_uid,
     )
 

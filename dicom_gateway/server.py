@@ -17,8 +17,9 @@ import logging
 import pickle
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import fields
 from io import BytesIO
-from typing import BinaryIO, cast
+from typing import BinaryIO
 from zoneinfo import ZoneInfo
 
 from pydicom.dataset import Dataset
@@ -38,7 +39,7 @@ from dicom_gateway.ingest import (
 )
 from dicom_gateway.listener_pool import MAX_MESSAGE, ListenerPool
 from dicom_gateway.query import RetrieveItem, find, instances_to_retrieve
-from dicom_gateway.records import lock_order
+from dicom_gateway.records import InstanceHeader, lock_order
 from dicom_gateway.report_push import encapsulated_pdf
 from dicom_gateway.retrieve import MoveDestination
 from dicom_gateway.spool import claim_spool_dir, remove_abandoned_spools
@@ -49,17 +50,20 @@ from rdc_core.db import read_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError, PermissionDeniedError, StorageError
 from rdc_core.group_commit import GroupCommitter
 from rdc_core.settings import Settings
-from rdc_core.storage import ObjectStore
+from rdc_core.storage import ObjectStore, StoredObject
 from worklist.audit import record_event
 from worklist.delivery.service import report_push
 from worklist.directory import OrgRef, organization_for_ae
-from worklist.intake import PendingObject
+from worklist.intake import PendingObject, RecordOutcome
 from worklist.models import Exam, Report
 from worklist.move_destinations import move_destination_for
 
 __all__ = ["DicomGateway", "IndexWriter", "StorageService", "acceptor_config"]
 
 log = logging.getLogger(__name__)
+
+# The fields of an object's header in the order InstanceHeader takes them (see IndexWriter).
+_HEADER_FIELDS = tuple(f.name for f in fields(InstanceHeader))
 
 
 def acceptor_config(settings: Settings, store: ObjectStore) -> AcceptorConfig:
@@ -145,7 +149,7 @@ class StorageService:
             # Durable before it queues for the index transaction: the object's disk sync
             # (or upload) is not waited for inside the serial section of the write lock.
             prepared.wait()
-            result = self._index(prepared, request)
+            result, counted = self._index(prepared, request)
         except InvalidDicomError as exc:
             log.warning("C-STORE from %s: %s; quarantined", calling_ae, exc)
             self._quarantine(request, str(exc))
@@ -162,15 +166,24 @@ class StorageService:
         except Exception:
             log.exception("C-STORE from %s: unexpected failure", calling_ae)
             return StoreStatus.PROCESSING_FAILURE, "internal error"
-        self.counters.stored(result.outcome.value, result.size_bytes)
+        if not counted:
+            self.counters.stored(result.outcome.value, result.size_bytes)
         return StoreStatus.SUCCESS, ""
 
-    def _index(self, prepared: PreparedInstance, request: StoreRequest) -> IngestResult:
+    def _index(
+        self, prepared: PreparedInstance, request: StoreRequest
+    ) -> tuple[IngestResult, bool]:
+        """Index the instance; its result, and whether it was counted already (by the
+        serving process's index writer, which spares this process a message per object)."""
+        # What the index writer needs is derived here, in the association's thread: its
+        # serial section only runs the statements.
+        item = BulkItem.of(prepared, request.sender, request.calling_ae, self.objects)
+        order = lock_order(prepared.header, request.sender, exam_id=item.exam_id)
         if self.remote_index is not None:
-            payload = IndexWriter.request(prepared, request.sender, request.calling_ae)
+            payload = IndexWriter.request(item, order)
             if len(payload) < MAX_MESSAGE - 64:  # else (a huge header) written here
-                return IndexWriter.outcome(self.remote_index(payload))
-        return self.committer.run(
+                return IndexWriter.outcome(self.remote_index(payload)), True
+        result = self.committer.run(
             lambda session: index_dicom_file(
                 session,
                 store=self.objects,
@@ -178,9 +191,10 @@ class StorageService:
                 organization=request.sender,
                 calling_ae=request.calling_ae,
             ),
-            bulk=(index_many, BulkItem(prepared, request.sender, request.calling_ae, self.objects)),
-            order=lock_order(prepared.header, request.sender),
+            bulk=(index_many, item),
+            order=order,
         )
+        return result, False
 
     # -- query/retrieve: always within the calling clinic's own data ---------------------
 
@@ -273,16 +287,35 @@ class IndexWriter:
     disk sync is shared by all of them. The answer goes back once the transaction committed.
     """
 
-    def __init__(self, *, store: ObjectStore, committer: GroupCommitter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        counters: IngestCounters,
+        committer: GroupCommitter | None = None,
+    ) -> None:
         self.store = store
+        # Instances indexed are counted here, as they are answered (see StorageService).
+        self.counters = counters
         self.committer = committer or GroupCommitter()
 
     @staticmethod
-    def request(prepared: PreparedInstance, organization: OrgRef, calling_ae: str) -> bytes:
-        """The request for a prepared instance whose object is durable."""
-        pending = prepared.pending
+    def request(item: BulkItem, order: tuple[str, ...]) -> bytes:
+        """The request for an instance whose object is durable: plain values (an object's
+        header as a tuple), which unpickle several times faster than the dataclasses."""
+        header, pending = item.prepared.header, item.prepared.pending
+        stored, organization = pending.stored, item.organization
         return pickle.dumps(
-            (prepared.header, pending.stored, pending.created(), organization, calling_ae),
+            (
+                tuple(getattr(header, name) for name in _HEADER_FIELDS),
+                (stored.key, stored.size, stored.sha256),
+                pending.created(),
+                (organization.id, organization.code, organization.kind),
+                item.calling_ae,
+                item.exam_id,
+                item.artifact_id,
+                order,
+            ),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
@@ -292,18 +325,25 @@ class IndexWriter:
         result, error = pickle.loads(answer)
         if error is not None:
             raise error
-        return cast(IngestResult, result)
+        outcome, *rest = result
+        return IngestResult(RecordOutcome(outcome), *rest)
 
     def submit(self, payload: bytes, reply: Callable[[bytes], None]) -> None:
         """Queue one request; ``reply`` gets the answer once it is decided."""
         try:
-            header, stored, created, organization, calling_ae = pickle.loads(payload)
+            values, stored, created, org, calling_ae, exam_id, artifact_id, order = pickle.loads(
+                payload
+            )
+            header = InstanceHeader(*values)
+            organization = OrgRef(*org)
         except Exception as exc:
             reply(self._answer(None, exc))
             return
         written: Future[bool] = Future()
         written.set_result(created)  # durable: the listener process waited for it
-        prepared = PreparedInstance(header, PendingObject(stored, written, self.store))
+        prepared = PreparedInstance(
+            header, PendingObject(StoredObject(*stored), written, self.store)
+        )
         self.committer.submit(
             lambda session: index_dicom_file(
                 session,
@@ -312,15 +352,38 @@ class IndexWriter:
                 organization=organization,
                 calling_ae=calling_ae,
             ),
-            lambda result, error: reply(self._answer(result, error)),
-            bulk=(index_many, BulkItem(prepared, organization, calling_ae, self.store)),
-            order=lock_order(prepared.header, organization),
+            lambda result, error: self._done(reply, result, error),
+            bulk=(
+                index_many,
+                BulkItem(prepared, organization, calling_ae, self.store, exam_id, artifact_id),
+            ),
+            order=order,
         )
 
+    def _done(
+        self,
+        reply: Callable[[bytes], None],
+        result: IngestResult | None,
+        error: BaseException | None,
+    ) -> None:
+        if result is not None and error is None:
+            self.counters.stored(result.outcome.value, result.size_bytes)
+        reply(self._answer(result, error))
+
     @staticmethod
-    def _answer(result: object, error: BaseException | None) -> bytes:
+    def _answer(result: IngestResult | None, error: BaseException | None) -> bytes:
+        values = None
+        if result is not None:
+            values = (
+                result.outcome.value,
+                result.exam_id,
+                result.study_instance_uid,
+                result.sop_instance_uid,
+                result.storage_key,
+                result.size_bytes,
+            )
         try:
-            return pickle.dumps((result, error), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((values, error), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an error that does not pickle: its message does
             return pickle.dumps((None, RuntimeError(f"{type(error).__name__}: {error}")))
 
@@ -343,7 +406,8 @@ class DicomGateway:
         writer: IndexWriter | None = None
         if self.settings.dicom_processes > 1:
             if self.settings.resolved_database_url.startswith("sqlite"):
-                writer = IndexWriter(store=self.store)  # one writer (PostgreSQL: many)
+                # One writer (PostgreSQL: many).
+                writer = IndexWriter(store=self.store, counters=PrometheusCounters())
             server = ListenerPool(
                 address,
                 processes=self.settings.dicom_processes,

@@ -19,7 +19,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rdc_core.errors import ConfigurationError
 
-__all__ = ["Settings", "get_settings", "private_directory", "reset_settings"]
+__all__ = ["Settings", "cores_given", "get_settings", "private_directory", "reset_settings"]
+
+# The default RDC_DICOM_PROCESSES is the cores given, up to this: each listener process
+# costs an interpreter's memory and start-up, and on SQLite one index writer takes them all.
+MAX_DEFAULT_DICOM_PROCESSES = 4
+
+
+def cores_given() -> int:
+    """How many cores this process may run on (its CPU affinity; all of the machine's
+    where that cannot be read)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -68,10 +81,13 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Associations served at once from one clinic's AE titles"
     )
     dicom_processes: int = Field(
-        default=1,
+        default_factory=lambda: min(cores_given(), MAX_DEFAULT_DICOM_PROCESSES),
         ge=1,
         le=64,
-        description="DICOM listener processes; 1: threads of the serving process",
+        description=(
+            "DICOM listener processes (default: the cores this process may run on, at most"
+            " 4); 1: threads of the serving process"
+        ),
     )
     dicom_max_pdu: int = 262_144
     dicom_acse_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_gateway.listener_pool import MAX_MESSAGE, decode_answers, encode_answers
 from tests.dicom_gateway.test_cstore import all_ok, stored_copies, valid_files
 from tests.helpers import (
     RdcServer,
@@ -312,3 +313,15 @@ def test_a_second_gateway_on_the_same_data_directory_keeps_the_first_ones_spools
         # The first gateway still receives into its own directories.
         assert _echo(pooled_server.dicom_port) == 0x0000
     assert all(path.exists() for path in in_flight)  # nor at the second one's stop
+
+
+def test_index_answers_go_to_a_process_in_as_few_messages_as_fit() -> None:
+    """The index writer's answers for one listener process travel together (one message per
+    batch), split only where a message would pass the channel's size."""
+    few = [(b"1", b"a" * 100), (b"2", b"b" * 100)]
+    assert [decode_answers(m) for m in encode_answers(few)] == [few]
+    many = [(str(n).encode(), bytes([n % 256]) * 4096) for n in range(200)]
+    messages = encode_answers(many)
+    assert len(messages) > 1
+    assert all(len(m) <= MAX_MESSAGE for m in messages)
+    assert [a for m in messages for a in decode_answers(m)] == many

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,25 @@ def test_hardening_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RDC_PASSWORD_MIN_LENGTH", "8")
     with pytest.raises(ValueError, match="password_min_length"):
         Settings()
+
+
+def test_dicom_processes_default_to_the_cores_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded default uses the cores the process may run on (at most 4); one core
+    gets the threads of the serving process. Measured in a process confined to one core."""
+    monkeypatch.delenv("RDC_DICOM_PROCESSES", raising=False)
+    assert Settings().dicom_processes == min(len(os.sched_getaffinity(0)), 4)
+    confined = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from rdc_core.settings import Settings; print(Settings().dicom_processes)",
+        ],
+        env={k: v for k, v in os.environ.items() if not k.startswith("RDC_")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert confined.stdout.strip() == "1"
+    monkeypatch.setenv("RDC_DICOM_PROCESSES", "3")
+    assert Settings().dicom_processes == 3
