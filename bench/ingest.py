@@ -295,9 +295,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--dicom-processes",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="RDC_DICOM_PROCESSES of the rdc targets (default 1: one process)",
+        help="RDC_DICOM_PROCESSES of the rdc targets (default: rdc's own, the cores it may"
+        " use, at most 4)",
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed for one transfer"
@@ -715,7 +716,7 @@ class RdcReceiver(Receiver):
         self,
         workdir: Path,
         *,
-        processes: int = 1,
+        processes: int | None = None,
         tree: Path | None = None,
         stages: bool = True,
     ) -> None:
@@ -746,12 +747,13 @@ class RdcReceiver(Receiver):
             RDC_HTTP_PORT=str(self.http_port),
             RDC_DICOM_AE_TITLE=self.called_ae,
             RDC_STABLE_AGE_SECONDS="3600",
-            RDC_DICOM_PROCESSES=str(self.processes),
             # One calling AE title sends on every association (default limits: 8 per AE
             # title, 16 per clinic).
             RDC_DICOM_MAX_ASSOCIATIONS_PER_AE=str(max(ASSOCIATIONS)),
             RDC_DICOM_MAX_ASSOCIATIONS_PER_CLINIC=str(max(ASSOCIATIONS)),
         )
+        if self.processes is not None:
+            env["RDC_DICOM_PROCESSES"] = str(self.processes)
         path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if self.tree is not None:
             path.insert(0, str(self.tree.resolve()))
@@ -804,7 +806,7 @@ class RdcPgReceiver(RdcReceiver):
         workdir: Path,
         *,
         servers: int = 1,
-        processes: int = 1,
+        processes: int | None = None,
         stages: bool = True,
         socket_dir: str = "/var/run/postgresql",
     ) -> None:
@@ -862,7 +864,7 @@ class RdcS3Receiver(RdcReceiver):
     name = "rdc-s3"
 
     def __init__(
-        self, workdir: Path, *, s3: S3Server, processes: int = 1, stages: bool = True
+        self, workdir: Path, *, s3: S3Server, processes: int | None = None, stages: bool = True
     ) -> None:
         super().__init__(workdir, processes=processes, stages=stages)
         self.s3 = s3

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ __all__ = [
     "Base",
     "UTCDateTime",
     "after_commit",
+    "deferred_sync",
     "direct_savepoint",
     "dispose_engines",
     "execute_direct",
@@ -51,6 +53,7 @@ __all__ = [
     "session_connection",
     "session_scope",
     "stable_id",
+    "take_after_commit",
     "upsert",
     "utcnow",
 ]
@@ -113,7 +116,7 @@ class Base(DeclarativeBase):
 
 
 _engines: dict[str, Engine] = {}
-_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_sessionmakers: dict[tuple[str, bool], sessionmaker[Session]] = {}
 _lock = threading.Lock()
 
 
@@ -265,6 +268,15 @@ def _gated_sqlite_connection(gate: _WriterGate) -> type[sqlite3.Connection]:
 
     class GatedConnection(sqlite3.Connection):
         holds_gate = False
+        synchronous = "FULL"  # as _on_connect sets it
+
+        def set_synchronous(self, level: str) -> None:
+            """FULL: a COMMIT returns once the WAL is on disk. NORMAL: it returns at once and
+            the caller syncs the WAL itself (see :func:`deferred_sync`). Only between
+            transactions: SQLite refuses to change it inside one."""
+            if level != self.synchronous:
+                self.execute(f"PRAGMA synchronous={level}").close()
+                self.synchronous = level
 
         def enter_write(self) -> None:
             gate.acquire()
@@ -319,6 +331,8 @@ def _configure_sqlite(engine: Engine) -> None:
             _begin(dbapi_connection, "BEGIN")
             return
         try:
+            deferred = conn.get_execution_options().get("rdc_defer_sync", False)
+            dbapi_connection.set_synchronous("NORMAL" if deferred else "FULL")
             dbapi_connection.enter_write()
         except sqlite3.Error as exc:
             raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
@@ -401,18 +415,55 @@ def _configured_url() -> str:
     return _default_url[1]
 
 
-def _sessionmaker(url: str | None) -> sessionmaker[Session]:
+def _sessionmaker(url: str | None, *, defer_sync: bool = False) -> sessionmaker[Session]:
     key = url or _configured_url()
-    maker = _sessionmakers.get(key)
+    maker = _sessionmakers.get((key, defer_sync))
     if maker is None:
-        maker = sessionmaker(bind=get_engine(key), expire_on_commit=False)
-        _sessionmakers[key] = maker
+        engine = get_engine(key)
+        bind = engine.execution_options(rdc_defer_sync=True) if defer_sync else engine
+        maker = sessionmaker(bind=bind, expire_on_commit=False)
+        _sessionmakers[(key, defer_sync)] = maker
     return maker
 
 
-def new_session(url: str | None = None) -> Session:
-    """A plain write session; the caller commits or rolls back (see :func:`session_scope`)."""
-    return _sessionmaker(url)()
+def new_session(url: str | None = None, *, defer_sync: bool = False) -> Session:
+    """A plain write session; the caller commits or rolls back (see :func:`session_scope`).
+
+    ``defer_sync``: on SQLite its COMMIT does not wait for the disk, so the writer lock is let
+    go before the sync; the committed transaction is durable only once the function
+    :func:`deferred_sync` gives for the session has run, and nobody may be told before.
+    """
+    return _sessionmaker(url, defer_sync=defer_sync)()
+
+
+def deferred_sync(session: Session) -> Callable[[], None] | None:
+    """For a session of ``new_session(defer_sync=True)`` whose transaction committed: the
+    function that makes the commit durable (an fdatasync of SQLite's WAL file, which holds
+    every frame committed before it; where a checkpoint has already moved them into the
+    database file, SQLite synced that file). None when the commit was durable already
+    (PostgreSQL, or a session that does not defer). Call it before the session's
+    connection could be closed as the last one of the database (it is pooled)."""
+    bind = session.get_bind()
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return None
+    if not bind.get_execution_options().get("rdc_defer_sync"):
+        return None
+    database = bind.url.database
+    if not database or database == ":memory:":
+        return None
+    return partial(_sync_wal, database)
+
+
+def _sync_wal(database: str) -> None:
+    try:
+        fd = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # The last connection checkpointed the WAL into the database file and removed it.
+        fd = os.open(database, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def run_rollback_undos(session: Session, *, since: int = 0) -> None:
@@ -429,9 +480,16 @@ def run_rollback_undos(session: Session, *, since: int = 0) -> None:
 
 def run_after_commit(session: Session) -> None:
     """Run the callbacks registered with :func:`after_commit` (the transaction committed)."""
-    session.info.pop("rdc_on_rollback", None)
-    for callback in session.info.pop("rdc_after_commit", []):
+    for callback in take_after_commit(session):
         callback()
+
+
+def take_after_commit(session: Session) -> list[Callable[[], None]]:
+    """The transaction committed: forget its undo actions, and return (and forget) its
+    :func:`after_commit` callbacks for the caller to run (e.g. once the commit is durable)."""
+    session.info.pop("rdc_on_rollback", None)
+    callbacks: list[Callable[[], None]] = session.info.pop("rdc_after_commit", [])
+    return callbacks
 
 
 @contextmanager

@@ -32,17 +32,20 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from rdc_core.db import (
+    deferred_sync,
     direct_savepoint,
     new_session,
     run_after_commit,
     run_rollback_undos,
     session_connection,
+    take_after_commit,
 )
 from rdc_core.errors import DatabaseUnavailableError, TransactionLostError
 
@@ -112,15 +115,22 @@ class Batcher(Generic[E]):
             return len(self._pending)
 
     def run(self, entry: E) -> None:
-        """Queue ``entry`` and return once it is finished (possibly led by this thread)."""
+        """Queue ``entry`` and return once it is finished (possibly led by this thread; the
+        lead function may finish a batch's entries after it returned, from another thread)."""
         with self._lock:
             self._pending.append(entry)
             lead = not self._leading
             self._leading = True
-        if not lead:
+        while True:
+            if lead:
+                # Set again when the entry is finished (or this thread is to lead once more:
+                # a batch took at most max_batch entries and this one was not among them).
+                entry.wake.clear()
+                self._lead()
             entry.wake.wait()
-        if not entry.finished:  # woken to lead the next batch
-            self._lead()
+            if entry.finished:
+                return
+            lead = True  # woken to lead the next batch
 
     def submit(self, entry: E) -> None:
         """Queue ``entry`` (``queued=True``) without waiting for it."""
@@ -236,6 +246,8 @@ class GroupCommitter:
         self._batcher: Batcher[_Job[Any]] = Batcher(
             self._lead, max_batch=max_batch, name="rdc-group-commit"
         )
+        self._syncer: ThreadPoolExecutor | None = None  # made on first need
+        self._syncer_lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
@@ -274,7 +286,7 @@ class GroupCommitter:
     def _lead(self, take: Callable[[], list[_Job[Any]]]) -> None:
         batch: list[_Job[Any]] | None = None
         while True:
-            session = new_session()
+            session = new_session(defer_sync=True)
             try:
                 session_connection(session)  # BEGIN; on SQLite: the writer lock is ours
             except Exception as exc:
@@ -344,6 +356,7 @@ class GroupCommitter:
         """Run ``batch`` in the session's transaction, commit and finish its units; return
         the units to run again in a fresh transaction (unfinished)."""
         again: list[_Job[Any]] = []
+        complete: Callable[[], None] | None = None
         batch.sort(key=lambda job: job.order)  # stable: units without a key keep their order
         try:
             if len(batch) == 1:
@@ -399,10 +412,55 @@ class GroupCommitter:
                     job.result = None
             again = []
         else:
-            run_after_commit(session)
+            complete = self._completion(session, [job for job in batch if job not in again])
         finally:
             session.close()
-            for job in batch:
-                if job not in again:
-                    job.finish()
+            if complete is None:
+                for job in batch:
+                    if job not in again:
+                        job.finish()
+        if complete is not None:
+            if self._batcher.waiting:
+                # Units are waiting: their transaction may begin while this one syncs.
+                self._sync_thread().submit(complete)
+            else:
+                complete()
         return again
+
+    @staticmethod
+    def _completion(session: Session, done: list[_Job[Any]]) -> Callable[[], None] | None:
+        """After the commit of ``done``'s transaction: None if it is durable already (its
+        after-commit callbacks have run); else the function that syncs it and only then runs
+        those callbacks and tells each unit (a failed sync fails them: not durable)."""
+        sync = deferred_sync(session)
+        if sync is None:
+            run_after_commit(session)
+            return None
+        callbacks = take_after_commit(session)
+
+        def complete() -> None:
+            try:
+                sync()
+            except OSError as exc:
+                log.error("the index commit of %d units was not made durable: %s", len(done), exc)
+                failure = DatabaseUnavailableError(f"index commit not made durable: {exc}")
+                for job in done:
+                    if job.error is None:
+                        job.error, job.result = failure, None
+            else:
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("an after-commit action of a group commit failed")
+            finally:
+                for job in done:
+                    job.finish()
+
+        return complete
+
+    def _sync_thread(self) -> ThreadPoolExecutor:
+        with self._syncer_lock:
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rdc-commit-sync")
+            return self._syncer

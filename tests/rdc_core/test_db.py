@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from rdc_core.db import dispose_engines, new_session, session_scope
+from rdc_core.db import deferred_sync, dispose_engines, new_session, session_scope
 from rdc_core.errors import DatabaseUnavailableError
 
 _PROBE = """
@@ -66,6 +66,39 @@ def test_a_write_transaction_holds_the_writer_lock_for_other_processes(tmp_path:
         finally:
             failed.close()
         assert _probe(url, lock_path) == "free 2"
+    finally:
+        dispose_engines()
+
+
+def test_a_deferred_sync_commit_lets_the_writer_lock_go_before_its_disk_sync(
+    tmp_path: Path,
+) -> None:
+    """A session made with defer_sync (the group committer's) commits with
+    synchronous=NORMAL: the writer lock is free once COMMIT returned, and the function
+    deferred_sync gives makes the commit durable afterwards; every other write transaction
+    on the same (pooled) connection commits with synchronous=FULL again."""
+    database = tmp_path / "deferred.sqlite3"
+    url = f"sqlite:///{database}"
+    lock_path = Path(f"{database}.writer-lock")
+    try:
+        with session_scope(url) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+            assert session.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+        writer = new_session(url, defer_sync=True)
+        try:
+            writer.execute(text("INSERT INTO t VALUES (1)"))
+            assert writer.execute(text("PRAGMA synchronous")).scalar_one() == 1  # NORMAL
+            writer.commit()
+            sync = deferred_sync(writer)
+            assert sync is not None
+            assert _probe(url, lock_path) == "free 1"  # committed, the gate let go: unsynced
+            sync()  # the fdatasync of the WAL the caller waits for before telling anyone
+        finally:
+            writer.close()
+        with session_scope(url) as session:  # the pooled connection used last: the same one
+            session.execute(text("INSERT INTO t VALUES (2)"))
+            assert session.execute(text("PRAGMA synchronous")).scalar_one() == 2
+            assert deferred_sync(session) is None  # durable at COMMIT: nothing to call
     finally:
         dispose_engines()
 
