@@ -265,6 +265,16 @@ class SchemaTemplates:
         shutil.copyfile(self._sqlite(kind), target)
 
 
+def _dicom_processes() -> str | None:
+    """RDC_DICOM_PROCESSES of a test deployment: the product's default (None: listener
+    processes, as many as the cores) for the tests of the DICOM gateway and of deployment;
+    1 (associations served in the serving process) for the others, which send no or a few
+    instances: a listener process costs about 1.4 s of CPU to start, and the suite starts
+    hundreds of servers. Decided by the test being set up (pytest's PYTEST_CURRENT_TEST)."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")
+    return None if current.startswith(("tests/dicom_gateway/", "tests/deploy/")) else "1"
+
+
 def deployment_env(
     workdir: Path, database_url: str | None = None, **settings: str | None
 ) -> dict[str, str]:
@@ -288,6 +298,9 @@ def deployment_env(
         # The cheapest bcrypt cost: every test seeds users, and the cost is not under test.
         RDC_PASSWORD_HASH_ROUNDS="4",
     )
+    processes = _dicom_processes()
+    if processes is not None:
+        env["RDC_DICOM_PROCESSES"] = processes
     for key, value in settings.items():
         if value is None:
             env.pop(key, None)
