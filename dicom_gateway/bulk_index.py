@@ -33,7 +33,6 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    case,
     insert,
     literal_column,
     select,
@@ -67,6 +66,7 @@ _instances = cast(Table, Instance.__table__)
 # ID no row has), so each statement is compiled once and run straight on the driver
 # (rdc_core.db.execute_direct) rather than expanded and executed by SQLAlchemy per batch.
 _SMALLEST_READ = 8
+_RESCAN = ExamState.RESCAN_REQUESTED.value
 _PAD = ""  # no exam, artifact or SOP instance has an empty ID
 
 
@@ -84,7 +84,9 @@ def _binds(prefix: str, size: int) -> list[Any]:
 @lru_cache(maxsize=32)
 def _exams_read(size: int) -> Select[Any]:
     columns = (_exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part)
-    return select(*columns, _exams.c.priority).where(_exams.c.id.in_(_binds("e", size)))
+    return select(*columns, _exams.c.priority, _exams.c.state).where(
+        _exams.c.id.in_(_binds("e", size))
+    )
 
 
 @lru_cache(maxsize=32)
@@ -141,20 +143,15 @@ _INSTANCE_COLUMNS = (
     "coerced",
 )
 _INSERT_INSTANCE = insert(_instances)
-# What worklist.intake's exam touch does for one artifact, for ``added`` of them at once.
+# What worklist.intake's exam touch does for one artifact, for ``added`` of them at once (an
+# exam sent back for a re-scan goes one by one: its state changes). No column the QC facts
+# are made of is set, so the batch queues no QC refresh.
 _COUNT_EXAM = (
     update(_exams)
     .where(_exams.c.id == bindparam("exam"))
     .values(
         instance_count=_exams.c.instance_count + bindparam("added"),
         last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
-        state=case(
-            (
-                _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
-                literal_column(f"'{ExamState.RECEIVING.value}'"),
-            ),
-            else_=_exams.c.state,
-        ),
     )
 )
 
@@ -194,6 +191,7 @@ class _ExamRow:
     modalities: str
     body_part: str
     priority: str
+    state: str
 
 
 def _adds_to_exam(row: _ExamRow, prepared: PreparedInstance) -> bool:
@@ -249,6 +247,7 @@ def index_many(session: Session, items: list[BulkItem]) -> list[IngestResult | N
             or artifact_id in known
             or header.sop_instance_uid in known_sops
             or header.sop_class_uid in ECG_WAVEFORM_SOP_CLASSES
+            or row.state == _RESCAN
             or _adds_to_exam(row, item.prepared)
         ):
             continue

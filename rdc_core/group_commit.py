@@ -246,8 +246,8 @@ class GroupCommitter:
         self._batcher: Batcher[_Job[Any]] = Batcher(
             self._lead, max_batch=max_batch, name="rdc-group-commit"
         )
-        self._syncer: ThreadPoolExecutor | None = None  # made on first need
-        self._syncer_lock = threading.Lock()
+        # Syncs a committed batch while the next one runs (its thread starts on first use).
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rdc-commit-sync")
 
     @property
     def waiting(self) -> int:
@@ -422,7 +422,7 @@ class GroupCommitter:
         if complete is not None:
             if self._batcher.waiting:
                 # Units are waiting: their transaction may begin while this one syncs.
-                self._sync_thread().submit(complete)
+                self._syncer.submit(complete)
             else:
                 complete()
         return again
@@ -458,9 +458,3 @@ class GroupCommitter:
                     job.finish()
 
         return complete
-
-    def _sync_thread(self) -> ThreadPoolExecutor:
-        with self._syncer_lock:
-            if self._syncer is None:
-                self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rdc-commit-sync")
-            return self._syncer

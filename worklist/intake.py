@@ -53,7 +53,6 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     bindparam,
-    case,
     exists,
     literal_column,
     or_,
@@ -268,7 +267,10 @@ _FIND_ARTIFACT = (
 )
 # A new artifact of an exam already known (the common case): one statement counts it,
 # moves the last-received time and reads what the checks below need. It touches nothing
-# when the artifact is indexed already, so a re-sent copy leaves the exam as it was.
+# when the artifact is indexed already, so a re-sent copy leaves the exam as it was. It sets
+# no column the QC facts are made of (migration 0021's triggers), so an instance received
+# queues no QC refresh; the state changes only for an exam sent back for a re-scan
+# (_RESCAN_RECEIVED).
 _TOUCH_EXAM = (
     update(_exams)
     .where(
@@ -278,21 +280,27 @@ _TOUCH_EXAM = (
     .values(
         instance_count=_exams.c.instance_count + 1,
         last_received_at=bindparam("now", type_=_exams.c.last_received_at.type),
-        # New images for an exam sent back for a re-scan: it is received again, and the
-        # readiness check puts it back on the reading queue.
-        state=case(
-            # Literal SQL, not bound values: this statement is compiled once with its
-            # named parameters only (see rdc_core.db.execute_direct).
-            (
-                _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
-                literal_column(f"'{ExamState.RECEIVING.value}'"),
-            ),
-            else_=_exams.c.state,
-        ),
     )
     .returning(
-        _exams.c.id, _exams.c.org_id, _exams.c.modalities, _exams.c.body_part, _exams.c.priority
+        _exams.c.id,
+        _exams.c.org_id,
+        _exams.c.modalities,
+        _exams.c.body_part,
+        _exams.c.priority,
+        _exams.c.state,
     )
+)
+# New images for an exam sent back for a re-scan: it is received again, and the readiness
+# check puts it back on the reading queue.
+RESCAN_RECEIVED = (
+    update(_exams)
+    .where(
+        _exams.c.id == bindparam("exam"),
+        # Literal SQL, not bound values: this statement is compiled once with its named
+        # parameters only (see rdc_core.db.execute_direct).
+        _exams.c.state == literal_column(f"'{ExamState.RESCAN_REQUESTED.value}'"),
+    )
+    .values(state=literal_column(f"'{ExamState.RECEIVING.value}'"))
 )
 
 
@@ -304,6 +312,7 @@ class _TouchedExam(NamedTuple):
     modalities: str
     body_part: str
     priority: str
+    state: str
 
 
 _AMEND_EXAM = (
@@ -523,6 +532,8 @@ def _index(
     )
     row: Any = _TouchedExam(*touched[0]) if touched else None
     counted = row is not None
+    if counted and row.state == ExamState.RESCAN_REQUESTED.value:
+        conn.execute(RESCAN_RECEIVED, {"exam": exam_id})
     if row is None:
         known = find_artifact(session, artifact_id=artifact_id)
         if known is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
@@ -150,6 +151,39 @@ def test_resending_a_study_duplicates_nothing(
     assert exam_row() == exam_before
     assert server.objects("dicom") == objects_before
     assert reader.get("/api/v1/worklist").json()["total"] == 1
+
+
+@pytest.mark.task_free  # the QC refresh task would empty the queue counted here
+def test_images_of_a_known_exam_queue_no_qc_refresh_and_a_rescan_is_received_again(
+    server: RdcServer, dcmtk: Path, testdata: Path, tmp_path: Path
+) -> None:
+    folder = testdata / "dicom" / "study_dicomdir" / "98892001"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    all_ok(storescu(dcmtk, files[:2], port=server.dicom_port, calling_ae="CLINIC_A_CT"))
+
+    def exam_and_queue() -> tuple[object, ...]:
+        with server.db() as db:
+            count, state = db.execute("SELECT instance_count, state FROM exams").fetchone()
+            queued = db.execute("SELECT count(*) FROM qc_fact_queue").fetchone()[0]
+        return count, state, queued
+
+    _, _, queued = exam_and_queue()
+    # More images of the exam: counted, but no fact of the QC figures changes, so no
+    # refresh is queued for each of them (it was one per instance).
+    all_ok(storescu(dcmtk, files[2:], port=server.dicom_port, calling_ae="CLINIC_A_CT"))
+    assert exam_and_queue() == (len(files), "RECEIVING", queued)
+    # The exam is sent back for a re-scan; a new image makes it received again, and that
+    # change of state is queued for the QC facts.
+    with server.db() as db:
+        db.execute("UPDATE exams SET state = 'RESCAN_REQUESTED'")
+    _, _, queued = exam_and_queue()
+    rescanned = pydicom.dcmread(files[0])
+    rescanned.SOPInstanceUID = rescanned.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    rescanned.save_as(tmp_path / "rescan.dcm")
+    all_ok(
+        storescu(dcmtk, [tmp_path / "rescan.dcm"], port=server.dicom_port, calling_ae="CLINIC_A_CT")
+    )
+    assert exam_and_queue() == (len(files) + 1, "RECEIVING", queued + 1)
 
 
 @pytest.mark.task_free  # what is stored, not what a task does with it
