@@ -91,7 +91,9 @@ def child(args: argparse.Namespace) -> None:
     for path in files:
         copy = path.with_name(path.name + ".spool")
         shutil.copyfile(path, copy)
-        prepared = prepare_dicom_file(store=store, source=copy, zone=settings.zone, move_source=True)
+        prepared = prepare_dicom_file(
+            store=store, source=copy, zone=settings.zone, move_source=True
+        )
         prepared.wait()
         item = BulkItem.of(prepared, org, CALLING_AE, store)
         payload = IndexWriter.request(item, lock_order(prepared.header, org, exam_id=item.exam_id))
@@ -121,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
     def reply(answer: bytes) -> None:
         try:
             IndexWriter.outcome(answer)
-        except Exception as exc:  # noqa: BLE001 - counted and printed
+        except Exception as exc:
             failures.append(repr(exc))
         with lock:
             remaining[0] -= 1
