@@ -36,6 +36,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
@@ -340,6 +341,7 @@ class _IndexWriter:
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._held: Any = None  # a checked-out pool connection
+        self._release: weakref.finalize[Any, Any] | None = None
         self._statements: _Statements | None = None
 
     def _connection(self) -> tuple[Engine, Any, _Statements]:
@@ -349,12 +351,20 @@ class _IndexWriter:
             self._engine = engine
             self._statements = _statements(engine)
         if self._held is None:
-            self._held = engine.raw_connection()
+            held = self._held = engine.raw_connection()
+            # Back to its pool when the intake goes away (a pooled connection left to the
+            # garbage collector is dropped with a warning); not at exit, where a daemon
+            # thread may still be writing through it.
+            self._release = weakref.finalize(self, _return_to_pool, held)
+            self._release.atexit = False
         assert self._statements is not None
         return engine, self._held, self._statements
 
     def _drop(self) -> None:
         held, self._held = self._held, None
+        if self._release is not None:
+            self._release.detach()
+            self._release = None
         if held is not None:
             with contextlib.suppress(Exception):
                 held.invalidate()  # closed, not returned to the pool: its state is unknown
@@ -467,6 +477,11 @@ def _uuid4_text(digits: str) -> str:
     hexadecimal digits."""
     variant = "89ab"[int(digits[16], 16) & 3]
     return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:32]}"
+
+
+def _return_to_pool(held: Any) -> None:
+    with contextlib.suppress(Exception):
+        held.close()
 
 
 def _new(arrival: _Arrival) -> bool:
