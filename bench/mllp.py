@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 FACILITY = "BENCHLAB"
 PROFILE: list[str] = []  # --profile PREFIX: rdc runs under py-spy, stacks to PREFIX.*.txt
 TEMPLATE = (
@@ -144,6 +145,11 @@ class Target:
             if PROFILE and isinstance(self, Rdc):
                 # py-spy writes its stacks on SIGINT; the server stops on it too.
                 os.killpg(self.proc.pid, signal.SIGINT)
+            elif isinstance(self, Rdc):
+                # Its index was checked already. A graceful stop would first process the
+                # messages still waiting (processing is deferred while messages stream in):
+                # tens of seconds per run, of no interest here.
+                self.proc.kill()
             else:
                 self.proc.terminate()
             try:
@@ -156,16 +162,52 @@ class Target:
     def check(self, acknowledged: set[str]) -> None:
         """Raise unless every acknowledged control ID was kept."""
 
+    def server_pid(self) -> int | None:
+        """The serving process: the one started, or under py-spy the one py-spy started."""
+        if self.proc is None:
+            return None
+        if not (PROFILE and isinstance(self, Rdc)):
+            return self.proc.pid
+        pid = self.proc.pid
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+        return None
+
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the target's process has used so far (0 when unknown,
         e.g. under py-spy)."""
-        if self.proc is None or PROFILE:
+        if PROFILE:
             return 0.0
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.server_pid())
+
+    def wait_quiet(
+        self, *, interval: float = 0.5, busy: float = 0.1, timeout: float = 120.0
+    ) -> None:
+        """Wait until the serving process has used less than ``busy`` of a core for
+        ``interval``: a freshly started rdc runs its periodic tasks once (the monthly QC
+        report's PDF alone is seconds of CPU on a slow machine), which would otherwise fall
+        into the measurement."""
+        pid = self.server_pid()
+        deadline = time.monotonic() + timeout
+        last = process_cpu_seconds(pid)
+        while time.monotonic() < deadline:
+            time.sleep(interval)
+            now = process_cpu_seconds(pid)
+            if now - last < busy * interval:
+                return
+            last = now
+        print(f"  ({self.name} still busy after {timeout:.0f} s; measuring anyway)", flush=True)
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Baseline(Target):
@@ -189,10 +231,16 @@ class Rdc(Target):
     name = "rdc serve --role mllp"
     tree: Path | None = None  # another source tree (--compare-tree): its code is run
 
+    @property
+    def source(self) -> Path:
+        """The source tree whose rdc is run (this one unless ``tree`` is set)."""
+        return self.tree or REPO
+
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RDC_")}
-        if self.tree is not None:
-            env["PYTHONPATH"] = str(self.tree)
+        # The tree on the module path, and the working directory (``python -m`` puts that
+        # first on the path: run from another tree, it would import that tree's code).
+        env["PYTHONPATH"] = str(self.source)
         env.update(
             RDC_DATA_DIR=str(self.data),
             RDC_MLLP_HOST="127.0.0.1",
@@ -206,12 +254,27 @@ class Rdc(Target):
     def start(self) -> None:
         self.data = self.workdir / "rdc"
         env = self.environment()
+        found = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import importlib.util as u; print(u.find_spec('rdc_core').origin)",
+            ],
+            env=env,
+            cwd=self.source,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if not Path(found).resolve().is_relative_to(self.source.resolve()):
+            raise RuntimeError(f"{self.name}: rdc_core is imported from {found}, not {self.source}")
         subprocess.run(
             [
                 *(sys.executable, "-m", "web.cli", "clinic", "add", "--code", "BENCH"),
                 *("--name", "Bench", "--hl7-facility", FACILITY),
             ],
             env=env,
+            cwd=self.source,
             check=True,
             capture_output=True,
         )
@@ -225,6 +288,7 @@ class Rdc(Target):
         self.proc = subprocess.Popen(
             command,
             env=env,
+            cwd=self.source,
             start_new_session=bool(PROFILE),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -351,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
                     target = cls(workdir)
                     target.start()
                     try:
+                        target.wait_quiet()
                         result = measure(
                             target, connections, args.seconds, f"R{repeat}C", args.warmup
                         )

@@ -19,6 +19,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, NamedTuple
 
 __all__ = [
     "ACCEPTED_TYPES",
@@ -88,9 +89,11 @@ class MessageRejected(Exception):
         self.location = location
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """The MSH fields of one message (as sent, not unescaped) and its normalised text."""
+class Envelope(NamedTuple):
+    """The MSH fields of one message (as sent, not unescaped) and its normalised text.
+
+    A named tuple: read for every message received, and made faster than a frozen
+    dataclass of as many fields (positional construction, no ``object.__setattr__`` each)."""
 
     segments: tuple[str, ...]  # every segment, without terminators
     field_separator: str
@@ -107,6 +110,9 @@ class Envelope:
     application_ack_type: str  # MSH-16
     charset: str  # MSH-18
     codec: str  # the Python codec the bytes were read with
+    # The names the sender may be registered under: MSH-4's namespace ID and universal ID;
+    # when MSH-4 is empty, those of MSH-3 (some LIS leave MSH-4 out).
+    facility_names: tuple[str, ...]
 
     @property
     def component_separator(self) -> str:
@@ -130,24 +136,21 @@ class Envelope:
         return bool(self.accept_ack_type.strip() or self.application_ack_type.strip())
 
     @property
-    def facility_names(self) -> tuple[str, ...]:
-        """The names the sender may be registered under: MSH-4's namespace ID and universal
-        ID; when MSH-4 is empty, those of MSH-3 (some LIS leave MSH-4 out)."""
-        source = self.sending_facility if self.sending_facility.strip() else ""
-        if not source:
-            source = self.sending_application
-        parts = self.components(source)
-        return tuple(p.strip() for p in parts[:2] if p.strip())
-
-    @property
     def text(self) -> str:
         return "\r".join(self.segments)
+
+
+def _facility_names(sending_application: str, sending_facility: str, comp: str) -> tuple[str, ...]:
+    source = sending_facility if sending_facility.strip() else sending_application
+    return tuple(p.strip() for p in source.split(comp)[:2] if p.strip())
 
 
 def _segment_lines(raw: bytes) -> list[bytes]:
     if raw.startswith(_BOM):
         raw = raw[len(_BOM) :]
-    return [line for line in _SEGMENT_END.split(raw) if line.strip(b" \t\x00")]
+    # Segments end with CR; only a message with LF (LF or CRLF ends) needs the pattern.
+    lines = _SEGMENT_END.split(raw) if b"\n" in raw else raw.split(b"\r")
+    return [line for line in lines if line.strip(b" \t\x00")]
 
 
 def _decode(raw: bytes, charset: str) -> tuple[str, str]:
@@ -172,48 +175,49 @@ def read_envelope(raw: bytes) -> Envelope:
     """The envelope of one message; raises MessageRejected (AR) when it is not an HL7 v2
     message the lab intake can accept."""
     lines = _segment_lines(raw)
-    if not lines or not lines[0].lstrip().startswith(b"MSH") or len(lines[0].lstrip()) < 8:
+    first = lines[0].lstrip() if lines else b""
+    if not first.startswith(b"MSH") or len(first) < 8:
         raise MessageRejected(
             "not an HL7 v2 message: it does not begin with an MSH segment",
             code=ErrorCode.SEGMENT_SEQUENCE,
             location="MSH",
         )
-    lines[0] = lines[0].lstrip()
-    separator = lines[0][3:4]
-    head = lines[0].split(separator)
+    lines[0] = first
+    separator = first[3:4]
+    head = first.split(separator, 18)
     charset = head[17].decode("ascii", "replace") if len(head) > 17 else ""
     text, codec = _decode(b"\r".join(lines), charset)
     segments = tuple(text.split("\r"))
     sep = separator.decode("ascii", "replace")
-    msh = segments[0].split(sep)
-
-    def field(n: int) -> str:  # MSH-n (MSH-1 is the separator itself)
-        return msh[n - 1] if len(msh) > n - 1 else ""
-
-    env = Envelope(
-        segments=segments,
-        field_separator=sep,
-        encoding_characters=field(2),
-        sending_application=field(3),
-        sending_facility=field(4),
-        receiving_application=field(5),
-        receiving_facility=field(6),
-        message_type=field(9),
-        control_id=field(10),
-        processing_id=field(11),
-        version=field(12),
-        accept_ack_type=field(15),
-        application_ack_type=field(16),
-        charset=charset,
-        codec=codec,
-    )
-    if len(env.encoding_characters) < 4 or sep in env.encoding_characters:
+    # MSH-n is msh[n - 1] (MSH-1 is the separator itself); up to MSH-18, padded.
+    msh = segments[0].split(sep, 18)[:18]
+    if len(msh) < 18:
+        msh += [""] * (18 - len(msh))
+    encoding = msh[1]
+    if len(encoding) < 4 or sep in encoding:
         raise MessageRejected(
-            f"MSH-2 encoding characters {env.encoding_characters!r} are incomplete",
+            f"MSH-2 encoding characters {encoding!r} are incomplete",
             code=ErrorCode.DATA_TYPE,
             location="MSH^1^2",
         )
-    return env
+    return Envelope(
+        segments,
+        sep,
+        encoding,
+        msh[2],  # MSH-3
+        msh[3],  # MSH-4
+        msh[4],  # MSH-5
+        msh[5],  # MSH-6
+        msh[8],  # MSH-9
+        msh[9],  # MSH-10
+        msh[10],  # MSH-11
+        msh[11],  # MSH-12
+        msh[14],  # MSH-15
+        msh[15],  # MSH-16
+        charset,
+        codec,
+        _facility_names(msh[2], msh[3], encoding[0]),
+    )
 
 
 def check_acceptable(env: Envelope) -> None:
@@ -225,7 +229,9 @@ def check_acceptable(env: Envelope) -> None:
             code=ErrorCode.REQUIRED_FIELD,
             location="MSH^1^10",
         )
-    code, event = env.message_code.upper(), env.trigger_event.upper()
+    parts = env.message_type.split(env.encoding_characters[0])
+    code = parts[0].strip().upper()
+    event = parts[1].strip().upper() if len(parts) > 1 else ""
     if (code, event) not in ACCEPTED_TYPES:
         shown = f"{code}^{event}" if event else code or "(none)"
         accepted = ", ".join(f"{c}^{e}" for c, e in sorted(ACCEPTED_TYPES))
@@ -260,6 +266,9 @@ def check_acceptable(env: Envelope) -> None:
     _check_patient_and_orders(env)
 
 
+_ORDER_SEGMENTS = frozenset({"PID", "OBR", "ORC"})
+
+
 def _check_patient_and_orders(env: Envelope) -> None:
     sep = env.field_separator
     pid_ids: list[str] = []
@@ -268,7 +277,9 @@ def _check_patient_and_orders(env: Envelope) -> None:
     obr_seen = 0
     for segment in env.segments[1:]:
         name = segment[:3]
-        fields = segment.split(sep)
+        if name not in _ORDER_SEGMENTS:
+            continue  # results (OBX), notes, specimens: nothing to check here
+        fields = segment.split(sep, 4)
         if name == "PID":
             pid_ids.append(_entity(env, fields, 3))
         elif name == "OBR":
@@ -386,6 +397,21 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+_last_stamp: list[tuple[datetime, Any, str]] = []  # the last timestamp written
+
+
+def _timestamp(now: datetime) -> str:
+    """``now`` as an HL7 DTM to the second with its UTC offset (YYYYMMDDHHMMSS+ZZZZ). The
+    last one is kept: an ACK a message, thousands a second, mostly within the same second."""
+    second = now.replace(microsecond=0)
+    last = _last_stamp[-1] if _last_stamp else None
+    if last is not None and last[0] == second and last[1] is now.tzinfo:
+        return last[2]
+    stamp = second.strftime("%Y%m%d%H%M%S") + second.strftime("%z")
+    _last_stamp[:] = [(second, now.tzinfo, stamp)]
+    return stamp
+
+
 def ack_message(
     env: Envelope | None,
     *,
@@ -400,6 +426,52 @@ def ack_message(
     (AA/AE/AR, or CA/CE/CR in enhanced mode) echoing MSH-10, and for an error MSA-3 and an
     ERR segment with the table 0357 ``error`` code and ``reason``. Without an envelope (no
     readable MSH) the ACK is addressed to nobody and MSA-2 is empty. Segments end with CR."""
+    if env is not None and not reason and error is None:
+        # A positive ACK, one per message accepted: the text around the timestamp and the
+        # control IDs is the same for every message of a sender's stream; made once.
+        key = env[1:8] + env[9:14]  # from the field separator to MSH-18, less MSH-10
+        parts = _positive_acks.get(key)
+        if parts is None:
+            mark = "\x00"  # in no field of an HL7 message we accept
+            text = _ack_text(
+                env._replace(control_id=mark), code=mark, now=now, control_id=mark, stamp=mark
+            )
+            parts = tuple(text.split(mark))
+            if len(parts) != 5:  # a field held it after all: not kept
+                return _ack_text(env, code=code, now=now, control_id=control_id)
+            if len(_positive_acks) > 1000:
+                _positive_acks.clear()
+            _positive_acks[key] = parts
+        head, middle, tail, echo, end = parts
+        stamp = _timestamp(now)
+        return f"{head}{stamp}{middle}{control_id}{tail}{code}{echo}{env.control_id}{end}"
+    return _ack_text(
+        env,
+        code=code,
+        now=now,
+        control_id=control_id,
+        reason=reason,
+        error=error,
+        location=location,
+    )
+
+
+# Positive ACKs by their envelope's fields: the texts before the timestamp, between it and
+# the ACK's control ID, between that and MSA-1, between MSA-1 and MSA-2, after MSA-2.
+_positive_acks: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+
+def _ack_text(
+    env: Envelope | None,
+    *,
+    code: str,
+    now: datetime,
+    control_id: str,
+    reason: str = "",
+    error: tuple[str, str] | None = None,
+    location: str = "",
+    stamp: str | None = None,
+) -> str:
     fs = env.field_separator if env else "|"
     # Four encoding characters: the truncation character (v2.7) is not needed in an ACK
     enc = env.encoding_characters[:4] if env else "^~\\&"
@@ -418,7 +490,7 @@ def ack_message(
         (env.receiving_facility if env else "") or "RDC",
         env.sending_application if env else "",
         env.sending_facility if env else "",
-        now.strftime("%Y%m%d%H%M%S") + now.strftime("%z"),
+        _timestamp(now) if stamp is None else stamp,
         "",
         msg_type,
         control_id,

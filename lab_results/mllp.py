@@ -2,11 +2,10 @@
 
 Framing (MLLP release 1): ``0x0B`` message ``0x1C 0x0D``; the answer is framed the same way.
 Each connection is served by a thread that blocks on its socket, as the DICOM listener's
-associations are: the work per message (an fsync of the stored bytes and a share of a
-group commit) blocks anyway, and the group committer batches the index writes of the
-connections' threads. python-hl7's ``hl7.mllp`` offers asyncio streams only; with them each
-message would still go to a thread for its blocking store and commit, so the framing (a
-few lines) is read here.
+associations are: the work per message (a share of the objects' sync and of an index
+commit) blocks anyway, and the intake batches the writes of the connections' threads.
+python-hl7's ``hl7.mllp`` offers asyncio streams only; with them each message would still
+go to a thread for its blocking store and commit, so the framing (a few lines) is read here.
 
 A bad message gets AE/AR and the connection stays open; a framing error (bytes outside a
 frame, a start block inside a frame, a frame over ``RDC_MLLP_MAX_MESSAGE_BYTES``) closes
@@ -110,6 +109,23 @@ class MllpListener:
         limit = self.settings.mllp_max_message_bytes
         buffer = bytearray()
         while True:
+            if not buffer:
+                # The usual case: one read brings exactly one whole frame (the sender waits
+                # for each answer), taken as it is without going through the buffer.
+                chunk = conn.recv(_RECV)
+                if not chunk:
+                    return  # orderly close between frames
+                end = len(chunk) - 2
+                if (
+                    end >= 1
+                    and chunk[0] == START_BLOCK
+                    and chunk.find(END_BLOCK, 1) == end
+                    and chunk.find(b"\x0b", 1) < 0
+                    and end - 1 <= limit
+                ):
+                    yield chunk[1:end]
+                    continue
+                buffer += chunk
             # Between frames: skip blank bytes, expect a start block.
             while True:
                 stripped = buffer.lstrip(_BETWEEN_FRAMES)

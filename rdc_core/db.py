@@ -38,6 +38,7 @@ __all__ = [
     "Base",
     "UTCDateTime",
     "after_commit",
+    "begin_driver_write",
     "deferred_sync",
     "direct_savepoint",
     "dispose_engines",
@@ -449,6 +450,36 @@ def deferred_sync(session: Session) -> Callable[[], None] | None:
     if not bind.get_execution_options().get("rdc_defer_sync"):
         return None
     database = bind.url.database
+    if not database or database == ":memory:":
+        return None
+    return partial(_sync_wal, database)
+
+
+def begin_driver_write(engine: Engine, dbapi_connection: Any) -> Callable[[], None] | None:
+    """Begin a write transaction straight on ``dbapi_connection``, a driver connection of
+    ``engine``'s pool that the caller holds and uses without SQLAlchemy's Connection (for a
+    path that writes a few rows per transaction, thousands of times a second: the lab
+    intake's index rows). As the engine's own write transactions begin: on SQLite the writer
+    gate is taken (this process's threads, then every process's file lock, within the busy
+    timeout), then BEGIN IMMEDIATE; the driver's ``commit()`` or ``rollback()`` lets the gate
+    go. The transaction's COMMIT does not wait for the disk (synchronous=NORMAL, as for
+    ``new_session(defer_sync=True)``): the function returned makes it durable (an fdatasync of
+    the WAL, see :func:`deferred_sync`); call it after the COMMIT and tell nobody before it
+    returned. None when the commit is durable by itself (PostgreSQL: the driver begins the
+    transaction on the first statement; an in-memory SQLite database). Raises DBAPIError."""
+    if engine.dialect.name != "sqlite":
+        return None
+    try:
+        dbapi_connection.set_synchronous("NORMAL")
+        dbapi_connection.enter_write()
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+    try:
+        _begin(dbapi_connection, "BEGIN IMMEDIATE")
+    except BaseException:
+        dbapi_connection.leave_write()
+        raise
+    database = engine.url.database
     if not database or database == ":memory:":
         return None
     return partial(_sync_wal, database)
