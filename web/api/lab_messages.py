@@ -55,7 +55,8 @@ _intakes_lock = threading.Lock()
 
 
 def lab_intake(settings: Annotated[Settings, Depends(get_settings)]) -> LabIntake:
-    """The intake service of this process (one group committer for all requests)."""
+    """The intake service of this process: one for all requests, so that messages arriving
+    together share one batch of object syncs and one index transaction."""
     with _intakes_lock:
         entry = _intakes.get(id(settings))
         if entry is None or entry[0] is not settings:
