@@ -652,7 +652,9 @@ class RdcServer:
         response = httpx.post(
             f"{self.http}/api/v1/auth/token",
             data={"username": username, "password": password},
-            timeout=10,
+            # Generous: a login writes its audit record, which waits for SQLite's one writer
+            # (lab processing, the start-up QC report) on a machine busy with other tests.
+            timeout=60,
         )
         assert response.status_code == 200, response.text
         return str(response.json()["access_token"])
