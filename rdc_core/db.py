@@ -331,17 +331,23 @@ def _configure_sqlite(engine: Engine) -> None:
         if conn.get_execution_options().get("rdc_readonly", False):
             _begin(dbapi_connection, "BEGIN")
             return
-        try:
-            deferred = conn.get_execution_options().get("rdc_defer_sync", False)
-            dbapi_connection.set_synchronous("NORMAL" if deferred else "FULL")
-            dbapi_connection.enter_write()
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
-        try:
-            _begin(dbapi_connection, "BEGIN IMMEDIATE")
-        except BaseException:
-            dbapi_connection.leave_write()
-            raise
+        deferred = conn.get_execution_options().get("rdc_defer_sync", False)
+        _begin_write(dbapi_connection, "NORMAL" if deferred else "FULL")
+
+
+def _begin_write(dbapi_connection: Any, synchronous: str) -> None:
+    """Take the writer gate, then BEGIN IMMEDIATE, on a gated SQLite driver connection whose
+    COMMIT syncs (``FULL``) or leaves the sync to the caller (``NORMAL``)."""
+    try:
+        dbapi_connection.set_synchronous(synchronous)
+        dbapi_connection.enter_write()
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+    try:
+        _begin(dbapi_connection, "BEGIN IMMEDIATE")
+    except BaseException:
+        dbapi_connection.leave_write()
+        raise
 
 
 def _begin(dbapi_connection: sqlite3.Connection, statement: str) -> None:
@@ -469,16 +475,7 @@ def begin_driver_write(engine: Engine, dbapi_connection: Any) -> Callable[[], No
     transaction on the first statement; an in-memory SQLite database). Raises DBAPIError."""
     if engine.dialect.name != "sqlite":
         return None
-    try:
-        dbapi_connection.set_synchronous("NORMAL")
-        dbapi_connection.enter_write()
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
-    try:
-        _begin(dbapi_connection, "BEGIN IMMEDIATE")
-    except BaseException:
-        dbapi_connection.leave_write()
-        raise
+    _begin_write(dbapi_connection, "NORMAL")
     database = engine.url.database
     if not database or database == ":memory:":
         return None
