@@ -3,21 +3,25 @@
 The baseline is the least a receiver that keeps its promise must do: a thread per
 connection reads each MLLP frame, appends the message to one journal file, fsyncs it, and
 answers AA with MSA-2 = MSH-10 (no index, no checks, no file per message). rdc does what
-it always does: checks the envelope, stores the bytes as an object (the objects of the
-messages waiting on all connections are written together and made durable by one
-fdatasync of the store's journal segment; the files themselves are synced in the
-background), commits the index rows (SQLite, WAL, synchronous=FULL: one transaction for
-the batch, while the next batch syncs), then answers; processing (parse, map,
-auto-verify) runs after the commit, in the same process.
-Both run on the same file system (``--workdir``).
+it always does: one thread serves every connection; each round it checks the envelopes of
+the messages that arrived on all of them, commits their index rows with the bytes in them
+(SQLite, WAL: one transaction for the round), syncs the WAL once, then answers; processing
+(object store, parse, map, auto-verify) runs after the commit, in the same process,
+deferred while messages stream in.
+``--floor`` adds a third receiver, the least one with an index: rdc's loop without rdc (a
+selector over the connections, the MSH split for the key, a row per message with its bytes
+in one SQLite transaction per round, one WAL fdatasync, AA). What it reaches bounds what
+any Python receiver that indexes before it answers can, on this machine.
+All run on the same file system (``--workdir``).
 
 Every measurement starts its target on a fresh data directory; senders are threads of this
 process, one connection each, sending an ORU^R01 (the python-hl7 glucose sample, a new
-MSH-10 each time) and waiting for the answer before the next, for ``--warmup`` seconds
-(not measured: caches, and the work a freshly started server does once) and then for
-``--seconds``. The runs
-alternate (baseline 1, rdc 1, baseline 4, rdc 4, ... ``--repeat`` times) so that a change
-in the machine's load hits both; the median of the repeats is reported: messages/s, ACK
+MSH-10 and order number each time: each message a new order, as a LIS sends them; the
+same order again would be a correction, a new version of it each time) and waiting for
+the answer before the next, for ``--warmup`` seconds (not measured: caches, and the work
+a freshly started server does once) and then for ``--seconds``. The runs alternate
+(baseline 1, rdc 1, baseline 4, rdc 4, ... ``--repeat`` times) so that a change in the
+machine's load hits all; the median of the repeats is reported: messages/s, ACK
 latency p50/p99 and the ratio rdc / baseline. Afterwards rdc's index is checked to hold
 every message it acknowledged. The CPU column is the target process's CPU time (user +
 system) per message; ``--compare-tree`` adds rdc from another source tree (e.g. the main
@@ -53,7 +57,7 @@ TEMPLATE = (
     "MSH|^~\\&|GHH LAB|{facility}|GHH OE|BLDG4|200202150930||ORU^R01|{control_id}|P|2.4\r"
     "PID|||555-44-4444||EVERYWOMAN^EVE^E^^^^L|JONES|19620320|F|||153 FERNWOOD DR.^"
     "^STATESVILLE^OH^35292||(206)3345232|(206)752-121||||AC555444444||67-A4335^OH^20030520\r"
-    "OBR|1|845439^GHH OE|1045813^GHH LAB|15545^GLUCOSE|||200202150730|||||||||"
+    "OBR|1|{control_id}^GHH OE|F{control_id}^GHH LAB|15545^GLUCOSE|||200202150730|||||||||"
     "555-55-5555^PRIMARY^PATRICIA P^^^^MD^^|||||||||F||||||444-44-4444^HIPPOCRATES^HOWARD H^^^^MD\r"
     "OBX|1|SN|1554-5^GLUCOSE^POST 12H CFST:MCNC:PT:SER/PLAS:QN||^182|mg/dl|70_105|H|||F\r"
 )
@@ -65,6 +69,12 @@ def message(control_id: str) -> bytes:
 
 # --------------------------------------------------------------------------------------
 # The baseline receiver (run as: bench/mllp.py --baseline-server PORT DIRECTORY)
+
+
+def plain_ack(msh: list[bytes]) -> bytes:
+    """AA to the message whose MSH fields are ``msh``, MSA-2 = MSH-10 (no checks)."""
+    ack = b"MSH|^~\\&|RDC|RDC|" + msh[2] + b"|" + msh[3] + b"|||ACK|" + msh[9]
+    return ack + b"|P|2.4\rMSA|AA|" + msh[9] + b"\r"
 
 
 def baseline_server(port: int, directory: Path) -> None:
@@ -98,14 +108,70 @@ def baseline_server(port: int, directory: Path) -> None:
                 os.write(journal, frame + b"\x1c\x0d")  # O_APPEND: one write, not interleaved
                 os.fsync(journal)
                 msh = frame.split(b"\r", 1)[0].split(b"|")
-                ack = b"MSH|^~\\&|RDC|RDC|" + msh[2] + b"|" + msh[3] + b"|||ACK|" + msh[9]
-                ack += b"|P|2.4\rMSA|AA|" + msh[9] + b"\r"
-                conn.sendall(b"\x0b" + ack + b"\x1c\x0d")
+                conn.sendall(b"\x0b" + plain_ack(msh) + b"\x1c\x0d")
 
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def floor_server(port: int, directory: Path) -> None:
+    """One thread, a selector over the connections; each round: every whole frame read,
+    its key from the MSH split, one row per message (key, bytes, ACK) in one transaction,
+    one fdatasync of the WAL, then the answers. No envelope checks, no sender, no metrics."""
+    import selectors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(directory / "floor.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(
+        "CREATE TABLE m (app TEXT, facility TEXT, control_id TEXT, raw BLOB, ack BLOB,"
+        " UNIQUE (app, facility, control_id))"
+    )
+    wal = os.open(directory / "floor.sqlite3-wal", os.O_RDONLY)
+    listener = socket.create_server(("127.0.0.1", port), backlog=64)
+    listener.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    buffers: dict[socket.socket, bytes] = {}
+    print("ready", flush=True)
+    while True:
+        ready: list[tuple[socket.socket, bytes]] = []
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setblocking(False)
+                selector.register(conn, selectors.EVENT_READ)
+                buffers[conn] = b""
+                continue
+            conn = key.fileobj  # type: ignore[assignment]
+            chunk = conn.recv(65536)
+            if not chunk:
+                selector.unregister(conn)
+                conn.close()
+                continue
+            buffer = buffers[conn] + chunk
+            while (end := buffer.find(b"\x1c\x0d")) >= 0:
+                ready.append((conn, buffer[1:end]))
+                buffer = buffer[end + 2 :]
+            buffers[conn] = buffer
+        if not ready:
+            continue
+        rows, answers = [], []
+        for conn, frame in ready:
+            msh = frame.split(b"\r", 1)[0].split(b"|")
+            ack = plain_ack(msh)
+            rows.append((msh[2], msh[3], msh[9], frame, ack))
+            answers.append((conn, b"\x0b" + ack + b"\x1c\x0d"))
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT INTO m VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
+        db.execute("COMMIT")
+        os.fdatasync(wal)
+        for conn, answer in answers:
+            conn.sendall(answer)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,6 +291,24 @@ class Baseline(Target):
         stored = (self.data / "journal.hl7").read_bytes().count(b"\x1c\x0d")
         if stored < len(acknowledged):
             raise RuntimeError(f"baseline kept {stored} of {len(acknowledged)} messages")
+
+
+class Floor(Target):
+    name = "floor (Python + SQLite row)"
+
+    def start(self) -> None:
+        self.data = self.workdir / "floor"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--floor-server", str(self.port), str(self.data)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_listening(self.port, self.proc)
+
+    def check(self, acknowledged: set[str]) -> None:
+        with sqlite3.connect(self.data / "floor.sqlite3") as db:
+            ids = {row[0].decode() for row in db.execute("SELECT control_id FROM m")}
+        if acknowledged - ids:
+            raise RuntimeError(f"floor acknowledged {len(acknowledged - ids)} it did not index")
 
 
 class Rdc(Target):
@@ -401,6 +485,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="rdc-bench-mllp-", dir=args.workdir))
     results: dict[tuple[str, int], list[Result]] = {}
     kinds: list[type[Target]] = [Baseline, Rdc]
+    if args.floor:
+        kinds.append(Floor)
     if args.compare_tree:
         # The same server from another source tree (e.g. the main branch), interleaved
         # with the others, so that both see the same machine.
@@ -496,12 +582,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--profile", help="run rdc under py-spy; collapsed stacks to PROFILE.<run>.txt"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the least Python receiver that indexes before it answers",
+    )
     parser.add_argument("--baseline-server", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile:
         PROFILE.append(args.profile)
     if args.baseline_server:
         baseline_server(int(args.baseline_server[0]), Path(args.baseline_server[1]))
+        return 0
+    if args.floor_server:
+        floor_server(int(args.floor_server[0]), Path(args.floor_server[1]))
         return 0
     return run(args)
 

@@ -1,26 +1,27 @@
 """Durable intake of HL7 v2 lab messages, shared by the MLLP listener and the HTTP route.
 
-For each message: read its envelope and check it is a lab result we accept; write the bytes
-as received to the object store (fsynced); in one transaction find the clinic that
-registered the sending facility and insert the index row, keyed by (MSH-3, MSH-4, MSH-10),
-with the acknowledgement it will get; and only once that transaction has committed answer
-AA (original mode) or CA (enhanced mode: MSH-15 or MSH-16 valued). Group commit: the
-objects of the messages arriving meanwhile on every connection are written and synced
-together (:func:`rdc_core.storage.put_new_objects`), then their index rows are written in
-one transaction straight on a driver connection (no ORM session) while the next batch's
-objects sync; a row is written only once its object is durable. A row that fails makes
-its batch's rows go in one by one, so that only its own message is answered AE. The row's
+For each message: read its envelope and check it is a lab result we accept; find the clinic
+that registered the sending facility; in one transaction insert the index row, keyed by
+(MSH-3, MSH-4, MSH-10), holding the bytes as received and the acknowledgement it will get
+(DOMAIN.md B1: the raw message persisted in the same transaction as its unique key); make
+that commit durable; only then answer AA (original mode) or CA (enhanced mode: MSH-15 or
+MSH-16 valued). Messages that arrived together (the MLLP listener passes every message its
+connections brought since its last round, see :mod:`lab_results.mllp`) share that
+transaction and its one sync: a group commit, run by the caller's thread, with no hand-off
+between threads. The sync runs after the COMMIT, outside SQLite's writer gate. The row's
 ``content_sha256`` is the SHA-256 of the message's bytes as received (inside the MLLP
-frame, or the HTTP body's part for that message). Processing (parsing, mapping,
-auto-verification) is not on this path: it is enqueued after the commit and deferred
-while messages stream in.
+frame, or the HTTP body's part for that message). Processing (writing the bytes to the
+object store, parsing, mapping, auto-verification) is not on this path: it is enqueued
+after the commit and deferred while messages stream in; it empties the row's copy once the
+object is durable.
 
 Failures (original mode / enhanced mode):
 
 - AR / CR: the message cannot be accepted as it is (not HL7, unsupported type, missing
   MSH-10, patient or order number, unknown sender). Sending it again will not help.
-- AE / CE: the object store or the database failed (the sender should retry), or the
-  control ID was already used for a different message ("control ID reused").
+- AE / CE: the database failed (the sender should retry), or the control ID was already
+  used for a different message ("control ID reused"). An object store outage does not
+  stop the intake (the bytes are in the database); it delays processing until it ends.
 
 A message whose key is already stored with the same content (the same bytes, or the same
 segments after normalising the BOM and segment terminators) gets the stored
@@ -29,6 +30,7 @@ acknowledgement again, byte for byte, and is not stored twice. Rejected messages
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -37,7 +39,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from typing import Any, Final
@@ -67,7 +69,7 @@ from rdc_core.errors import (
 )
 from rdc_core.group_commit import ATTEMPTS, retryable
 from rdc_core.metrics import LAB_MESSAGES
-from rdc_core.storage import LocalObjectStore, ObjectStore, put_new_objects
+from rdc_core.storage import ObjectStore
 from rdc_core.tasks import submit_task
 from worklist.access import Principal
 from worklist.directory import OrgRef, organization_for_hl7_facility
@@ -80,6 +82,7 @@ __all__ = [
     "http_intake_scope",
     "identify_sender",
     "intake_idle_seconds",
+    "message_bytes",
     "same_message",
 ]
 
@@ -111,15 +114,27 @@ class Acknowledgement:
 
 @dataclass(frozen=True, slots=True)
 class IndexedMessage:
-    """What :func:`index_message` did: a new row (``message_id``), or ``duplicate``: the key
-    is taken, by the row whose acknowledgement, content hash and object are given (the
-    caller decides whether that earlier message is this one: see :func:`same_message`)."""
+    """What writing a message's index row did: a new row (``message_id``), or
+    ``duplicate``: the key is taken, by the row whose acknowledgement, content hash and bytes
+    (in the row, or in the object store) are given (the caller decides whether that earlier
+    message is this one: see :func:`same_message`)."""
 
     duplicate: bool
     ack: bytes
     message_id: str | None = None
     stored_sha256: str = ""
     stored_key: str = ""
+    stored_raw: bytes | None = None
+
+
+def message_bytes(*, raw: bytes | None, object_key: str, store: ObjectStore) -> bytes:
+    """The bytes of an accepted message as received: ``raw`` (its index row's copy) until
+    processing has written them to the object store, then the object ``object_key``.
+    Raises NotFoundError or StorageError."""
+    if raw is not None:
+        return raw
+    with store.open(object_key) as f:
+        return f.read()
 
 
 def identify_sender(
@@ -164,8 +179,7 @@ def same_message(
     if earlier.stored_sha256 == content_sha256:
         return True
     try:
-        with store.open(earlier.stored_key) as f:
-            stored = f.read()
+        stored = message_bytes(raw=earlier.stored_raw, object_key=earlier.stored_key, store=store)
     except NotFoundError:
         return False
     try:
@@ -199,64 +213,22 @@ def http_intake_scope(principal: Principal) -> str | None:
     raise PermissionDeniedError(f"role {principal.role.value} may not send lab messages")
 
 
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more
 class _Arrival:
-    """A message on its way to being kept: what its index row needs, then the outcome.
+    """A message on its way to being kept: what its index row holds."""
 
-    ``wake`` is a lock taken when the arrival is made: its thread waits by taking it again,
-    another thread wakes it by letting it go (once per wait), to lead a stage or because
-    the arrival is decided (``finished``)."""
-
-    __slots__ = (
-        "ack",
-        "batch",
-        "channel",
-        "code",
-        "content_sha256",
-        "envelope",
-        "error",
-        "finished",
-        "indexed",
-        "message_id",
-        "now",
-        "object_key",
-        "raw",
-        "sender",
-        "wake",
-    )
-
-    def __init__(
-        self,
-        *,
-        envelope: Envelope,
-        sender: OrgRef,
-        raw: bytes,
-        content_sha256: str,
-        object_key: str,
-        message_id: str,
-        ack: bytes,
-        code: str,
-        channel: str,
-        now: datetime,
-    ) -> None:
-        self.envelope = envelope
-        self.sender = sender
-        self.raw = raw
-        self.content_sha256 = content_sha256  # of ``raw``, the bytes as received
-        self.object_key = object_key
-        self.message_id = message_id  # the index row's ID, if the row is new
-        self.ack = ack
-        self.code = code
-        self.channel = channel
-        self.now = now
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.finished = False
-        self.indexed: IndexedMessage | None = None
-        self.error: BaseException | None = None
-        self.batch: list[_Arrival] = []  # the objects' batch this arrival's thread led
+    envelope: Envelope
+    sender: OrgRef
+    raw: bytes  # the bytes as received
+    content_sha256: str  # of ``raw``
+    object_key: str  # where processing will keep the bytes
+    message_id: str  # the index row's ID, if the row is new
+    ack: bytes
+    code: str
+    channel: str
+    now: datetime
 
 
-_MAX_BATCH: Final = 256
 _COUNTERS: dict[tuple[str, str], Any] = {}  # LAB_MESSAGES' children, by (channel, code)
 _ROW_COLUMNS: Final = (
     "id",
@@ -269,6 +241,7 @@ _ROW_COLUMNS: Final = (
     "channel",
     "content_sha256",
     "object_key",
+    "raw",
     "size_bytes",
     "ack_code",
     "ack",
@@ -276,6 +249,7 @@ _ROW_COLUMNS: Final = (
     "received_at",
 )
 _RECEIVED: Final = LabMessageStatus.RECEIVED.value
+_HELD_CONNECTIONS: Final = 4  # driver connections the index writer keeps between batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +257,7 @@ class _Statements:
     """The index writer's statements in one database's driver dialect."""
 
     insert: str  # INSERT ... ON CONFLICT (key) DO NOTHING, parameters in _ROW_COLUMNS order
-    existing: str  # the row holding a key: id, content_sha256, ack, object_key
+    existing: str  # the row holding a key: id, content_sha256, ack, object_key, raw
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column index, bind processor)
     error: type[Exception]  # the driver's base exception
 
@@ -312,7 +286,9 @@ def _statements(engine: Engine) -> _Statements:
         insert=(
             f"INSERT INTO {table.name} ({columns}) VALUES ({marks}) ON CONFLICT ({key}) DO NOTHING"
         ),
-        existing=(f"SELECT id, content_sha256, ack, object_key FROM {table.name} WHERE {where}"),
+        existing=(
+            f"SELECT id, content_sha256, ack, object_key, raw FROM {table.name} WHERE {where}"
+        ),
         processors=tuple(processors),
         error=dialect.loaded_dbapi.Error,
     )
@@ -324,104 +300,117 @@ class _BatchFailed(Exception):
 
 
 class _IndexWriter:
-    """Writes the index rows of a batch of arrivals in one transaction, straight on a driver
-    connection of the engine's pool that it holds (no ORM session, no SQLAlchemy execution
-    per statement: at thousands of messages a second those cost more than the statements).
+    """Writes the index rows of messages that arrived together (their bytes in the rows) in
+    one transaction, straight on a driver connection of the engine's pool (no ORM session,
+    no SQLAlchemy execution: at thousands of messages a second those cost more than the
+    statements).
 
     One ``INSERT ... ON CONFLICT DO NOTHING`` per row through the driver's ``executemany``;
     when fewer rows went in than were given, each row's key is read back: a row with another
     ID is the earlier message's (a duplicate). On SQLite the transaction begins as every
     write transaction of the process does (:func:`rdc_core.db.begin_driver_write`: the
-    writer gate, BEGIN IMMEDIATE) and its COMMIT leaves the disk sync to the caller. Rows are
-    written in key order (two writers on one PostgreSQL database take the keys' locks in the
-    same order); a lost deadlock or serialization check runs the batch again, a broken
-    connection is replaced once. Not thread-safe: one batch at a time (the intake's index
-    stage has one leader)."""
+    writer gate, BEGIN IMMEDIATE) and its COMMIT leaves the disk sync to the caller, outside
+    the gate. Rows are written in key order (two writers on one PostgreSQL database take the
+    keys' locks in the same order); a lost deadlock or serialization check runs the batch
+    again, a broken connection is replaced once. Callers may be concurrent (the HTTP route's
+    threads beside the MLLP listener): up to ``_HELD_CONNECTIONS`` connections are kept
+    checked out between batches (a pool checkout costs more than a small batch's
+    statements; PostgreSQL's pre-ping is a round trip)."""
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
-        self._held: Any = None  # a checked-out pool connection
-        self._release: weakref.finalize[Any, Any] | None = None
         self._statements: _Statements | None = None
+        self._free: list[Any] = []  # held pool connections not in use (append/pop: atomic)
+        self._lock = threading.Lock()
+        # Back to their pool when the intake goes away (a pooled connection left to the
+        # garbage collector is dropped with a warning); not at exit, where a daemon thread
+        # may still be writing through one.
+        self._release = weakref.finalize(self, _return_all, self._free)
+        self._release.atexit = False
 
-    def _connection(self) -> tuple[Engine, Any, _Statements]:
+    def _take(self) -> tuple[Engine, _Statements, Any]:
         engine = get_engine()
         if engine is not self._engine:
-            self._drop()  # the engines were disposed (tests) or the database changed
-            self._engine = engine
-            self._statements = _statements(engine)
-        if self._held is None:
-            held = self._held = engine.raw_connection()
-            # Back to its pool when the intake goes away (a pooled connection left to the
-            # garbage collector is dropped with a warning); not at exit, where a daemon
-            # thread may still be writing through it.
-            self._release = weakref.finalize(self, _return_to_pool, held)
-            self._release.atexit = False
-        assert self._statements is not None
-        return engine, self._held, self._statements
+            with self._lock:
+                if engine is not self._engine:
+                    # The engines were disposed (tests) or the database changed.
+                    _return_all(self._free)
+                    self._statements = _statements(engine)
+                    self._engine = engine
+        statements = self._statements
+        assert statements is not None
+        try:
+            held = self._free.pop()
+        except IndexError:
+            held = engine.raw_connection()
+        return engine, statements, held
 
-    def _drop(self) -> None:
-        held, self._held = self._held, None
-        if self._release is not None:
-            self._release.detach()
-            self._release = None
-        if held is not None:
-            with contextlib.suppress(Exception):
-                held.invalidate()  # closed, not returned to the pool: its state is unknown
+    def _give_back(self, engine: Engine, held: Any) -> None:
+        if engine is self._engine and len(self._free) < _HELD_CONNECTIONS:
+            self._free.append(held)
+        else:
+            _return_to_pool(held)
 
-    def write(self, batch: list[_Arrival]) -> Callable[[], None] | None:
-        """Insert the rows of ``batch`` and commit; each arrival's ``indexed`` says what
-        happened. Returns the function that makes the commit durable (None: it is). Raises
-        DatabaseUnavailableError when the batch was not committed (_BatchFailed's cause
-        when it failed after it began: each row may then be tried on its own)."""
-        rows = sorted(batch, key=_row_key) if len(batch) > 1 else batch
+    def write(
+        self, batch: Sequence[_Arrival]
+    ) -> tuple[list[IndexedMessage], Callable[[], None] | None]:
+        """Insert the rows of ``batch`` and commit. Returns what happened to each (in
+        ``batch``'s order) and the function that makes the commit durable (None: it is),
+        to be called before anyone is told. Raises DatabaseUnavailableError when nothing was
+        committed (_BatchFailed its cause when a statement or the commit failed: each row
+        may then be tried on its own)."""
+        rows = sorted(batch, key=_row_key) if len(batch) > 1 else list(batch)
         attempt = 0
         while True:
             attempt += 1
+            try:
+                engine, statements, held = self._take()
+            except Exception as exc:  # no connection to be had (the database is down)
+                raise DatabaseUnavailableError(f"index write failed: {exc}") from exc
+            dbapi = held.driver_connection
             began = False
             try:
-                engine, held, statements = self._connection()
-                dbapi = held.driver_connection
                 sync = begin_driver_write(engine, dbapi)
                 began = True
-                self._insert(dbapi, statements, rows)
+                indexed = self._insert(dbapi, statements, rows)
                 dbapi.commit()
-                return sync
             except Exception as exc:
-                lost = self._held is not None and self._rolled_back(exc)
+                lost = self._rolled_back(engine, statements, dbapi, exc)
                 if lost or not began:
-                    self._drop()
+                    with contextlib.suppress(Exception):
+                        held.invalidate()  # closed, not returned to the pool: state unknown
+                else:
+                    self._give_back(engine, held)
                 if attempt < ATTEMPTS and (retryable(exc) or (lost and attempt == 1)):
                     log.warning(
                         "lab index batch of %d again (attempt %d): %s", len(rows), attempt, exc
                     )
-                    for arrival in rows:
-                        arrival.indexed = None
                     time.sleep(random.uniform(0.001, 0.01) * (attempt - 1))
                     continue
                 failure = DatabaseUnavailableError(f"index write failed: {exc}")
                 if began and not lost:
                     raise failure from _BatchFailed(str(exc))
                 raise failure from exc
+            self._give_back(engine, held)
+            return [indexed[a.message_id] for a in batch], sync
 
-    def _rolled_back(self, exc: BaseException) -> bool:
+    @staticmethod
+    def _rolled_back(engine: Engine, statements: _Statements, dbapi: Any, exc: Exception) -> bool:
         """Roll the transaction back after ``exc``; True when the connection is unusable
         (a disconnect, or the rollback failed too)."""
-        held = self._held
-        assert self._engine is not None
-        dbapi = held.driver_connection
         try:
             dbapi.rollback()
         except Exception:
             return True
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
-        error = self._statements.error if self._statements else Exception
-        return isinstance(orig, error) and bool(
-            self._engine.dialect.is_disconnect(orig, dbapi, None)  # type: ignore[arg-type]
+        return isinstance(orig, statements.error) and bool(
+            engine.dialect.is_disconnect(orig, dbapi, None)  # type: ignore[arg-type]
         )
 
     @staticmethod
-    def _insert(dbapi: Any, statements: _Statements, rows: list[_Arrival]) -> None:
+    def _insert(
+        dbapi: Any, statements: _Statements, rows: list[_Arrival]
+    ) -> dict[str, IndexedMessage]:
         params = []
         processors = statements.processors
         for a in rows:
@@ -437,6 +426,7 @@ class _IndexWriter:
                 a.channel,
                 a.content_sha256,
                 a.object_key,
+                a.raw,
                 len(a.raw),
                 a.code,
                 a.ack,
@@ -450,24 +440,32 @@ class _IndexWriter:
         try:
             cursor.executemany(statements.insert, params)
             if cursor.rowcount == len(rows):
-                for a in rows:
-                    a.indexed = IndexedMessage(duplicate=False, ack=a.ack, message_id=a.message_id)
-                return
+                return {
+                    a.message_id: IndexedMessage(
+                        duplicate=False, ack=a.ack, message_id=a.message_id
+                    )
+                    for a in rows
+                }
             # Some keys were taken (or the driver did not count): which, and by what.
+            indexed = {}
             for a, values in zip(rows, params, strict=True):
                 cursor.execute(statements.existing, values[1:4])
                 found = cursor.fetchone()
                 if found is None:
                     raise RuntimeError(f"lab message {a.message_id}: no row holds its key")
                 if found[0] == a.message_id:
-                    a.indexed = IndexedMessage(duplicate=False, ack=a.ack, message_id=a.message_id)
+                    indexed[a.message_id] = IndexedMessage(
+                        duplicate=False, ack=a.ack, message_id=a.message_id
+                    )
                 else:
-                    a.indexed = IndexedMessage(
+                    indexed[a.message_id] = IndexedMessage(
                         duplicate=True,
                         ack=bytes(found[2]),
                         stored_sha256=found[1],
                         stored_key=found[3],
+                        stored_raw=None if found[4] is None else bytes(found[4]),
                     )
+            return indexed
         finally:
             cursor.close()
 
@@ -484,8 +482,9 @@ def _return_to_pool(held: Any) -> None:
         held.close()
 
 
-def _new(arrival: _Arrival) -> bool:
-    return arrival.indexed is not None and not arrival.indexed.duplicate
+def _return_all(free: list[Any]) -> None:
+    while free:
+        _return_to_pool(free.pop())
 
 
 def _row_key(arrival: _Arrival) -> tuple[str, str, str]:
@@ -505,9 +504,11 @@ class LabIntake:
         clock: Callable[[], datetime] = utcnow,
         on_accepted: Callable[[str], None] | None = None,
     ) -> None:
+        # Read only to compare a resend with an earlier message whose bytes processing has
+        # moved there; the intake itself writes nothing to the store.
         self.store = store
-        # Called with the ID of each newly accepted message after its commit (default:
-        # enqueue the task that processes it on the process's task runner).
+        # Called with the ID of each newly accepted message once its row is durable
+        # (default: enqueue the task that processes it on the process's task runner).
         self.on_accepted = on_accepted or _ProcessingTrigger()
         self.zone = zone
         self.clock = clock
@@ -515,18 +516,6 @@ class LabIntake:
         # clinic found stays right; unknown names are looked up again every time.
         self._senders: dict[tuple[str, ...], tuple[OrgRef, float]] = {}
         self._senders_lock = threading.Lock()
-        if isinstance(store, LocalObjectStore):
-            # Objects a process that died wrote but did not sync are written again first.
-            store.open_journal()
-        # Messages waiting for the next batch of objects, and whether a thread leads one.
-        self._lock = threading.Lock()
-        self._pending: list[_Arrival] = []
-        self._leading = False
-        # Batches whose objects are durable, waiting for the next index transaction (each
-        # by the arrival of the thread that led it), and whether a thread leads one.
-        self._index_lock = threading.Lock()
-        self._index_pending: list[_Arrival] = []
-        self._indexing = False
         self._writer = _IndexWriter()
         self._last_day: tuple[date | None, str] = (None, "")
 
@@ -563,10 +552,9 @@ class LabIntake:
         if batch is None or not batch.is_batch:
             answer = self.receive(raw, channel=channel, restrict_to_org=restrict_to_org)
             return answer.ack, [answer]
-        answers = [
-            self.receive(message, channel=channel, restrict_to_org=restrict_to_org)
-            for message in batch.messages
-        ]
+        answers = self.receive_many(
+            batch.messages, channel=channel, restrict_to_org=restrict_to_org
+        )
         body = batch_ack(
             batch,
             [a.ack.decode("utf-8", "replace") for a in answers],
@@ -579,16 +567,68 @@ class LabIntake:
         self, raw: bytes, *, channel: str, restrict_to_org: str | None = None
     ) -> Acknowledgement:
         """Store, index and acknowledge one message."""
-        answer = self._receive(raw, channel=channel, restrict_to_org=restrict_to_org)
-        counter = _COUNTERS.get((channel, answer.code))
-        if counter is None:
-            counter = LAB_MESSAGES.labels(channel=channel, code=answer.code)
-            _COUNTERS[(channel, answer.code)] = counter
-        counter.inc()
-        return answer
+        return self.receive_many([raw], channel=channel, restrict_to_org=restrict_to_org)[0]
 
-    def _receive(self, raw: bytes, *, channel: str, restrict_to_org: str | None) -> Acknowledgement:
+    def receive_many(
+        self, raws: Sequence[bytes], *, channel: str, restrict_to_org: str | None = None
+    ) -> list[Acknowledgement]:
+        """Store, index and acknowledge messages that arrived together: one transaction and
+        one sync for all of them (the MLLP listener passes every message its connections
+        brought since its last round: a group commit). The acknowledgements, in order."""
+        with _working():
+            return self._receive_many(raws, channel=channel, restrict_to_org=restrict_to_org)
+
+    def _receive_many(
+        self, raws: Sequence[bytes], *, channel: str, restrict_to_org: str | None
+    ) -> list[Acknowledgement]:
         now = self.clock()
+        slots: list[Acknowledgement | _Arrival] = [
+            self._check(raw, channel=channel, restrict_to_org=restrict_to_org, now=now)
+            for raw in raws
+        ]
+        arrivals = [slot for slot in slots if isinstance(slot, _Arrival)]
+        written: Iterator[Acknowledgement | tuple[_Arrival, IndexedMessage]] = iter(())
+        durable: OSError | None = None
+        if arrivals:
+            results, sync = self._write(arrivals)
+            written = iter(results)
+            if sync is not None:
+                try:
+                    sync()
+                except OSError as exc:
+                    durable = exc
+        answers = []
+        for slot in slots:
+            outcome = next(written) if isinstance(slot, _Arrival) else slot
+            if isinstance(outcome, Acknowledgement):
+                answer = outcome
+            elif durable is not None:
+                # Committed, not durable: nobody may be told AA (the row stays: a resend is
+                # then the same message, answered with the stored ACK after a sync).
+                arrival = outcome[0]
+                log.error(
+                    "HL7 %s from %s: index not made durable: %s",
+                    arrival.envelope.control_id,
+                    channel,
+                    durable,
+                )
+                answer = self._failure(arrival.envelope, _outage("index unavailable"), now)
+            else:
+                answer = self._answer(*outcome)
+            answers.append(answer)
+        for code, count in collections.Counter(a.code for a in answers).items():
+            counter = _COUNTERS.get((channel, code))
+            if counter is None:
+                counter = _COUNTERS[(channel, code)] = LAB_MESSAGES.labels(
+                    channel=channel, code=code
+                )
+            counter.inc(count)
+        return answers
+
+    def _check(
+        self, raw: bytes, *, channel: str, restrict_to_org: str | None, now: datetime
+    ) -> _Arrival | Acknowledgement:
+        """The message ready to be kept, or the answer refusing it."""
         envelope: Envelope | None = None
         try:
             envelope = read_envelope(raw)
@@ -610,7 +650,7 @@ class LabIntake:
             ack_message(envelope, code=code, now=now.astimezone(self.zone), control_id=ids[64:]),
             envelope,
         )
-        arrival = _Arrival(
+        return _Arrival(
             envelope=envelope,
             sender=sender,
             raw=raw,
@@ -622,31 +662,54 @@ class LabIntake:
             channel=channel,
             now=now,
         )
-        self._keep(arrival)
-        error = arrival.error
-        if isinstance(error, StorageError):
-            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, error)
-            return self._failure(envelope, _outage("object store unavailable"), now)
-        if isinstance(error, (DatabaseUnavailableError, SQLAlchemyError)):
+
+    def _write(
+        self, arrivals: list[_Arrival]
+    ) -> tuple[list[Acknowledgement | tuple[_Arrival, IndexedMessage]], Callable[[], None] | None]:
+        """Commit ``arrivals``' index rows: for each, the row written (with the arrival) or
+        the answer refusing it; and the function that makes the commit durable."""
+        try:
+            indexed, sync = self._writer.write(arrivals)
+        except DatabaseUnavailableError as exc:
+            if len(arrivals) > 1 and isinstance(exc.__cause__, _BatchFailed):
+                # One row's statement (e.g. a failing constraint or trigger) failed them
+                # all: each again on its own, so that only that row's message fails.
+                log.warning("lab index batch of %d failed, one by one: %s", len(arrivals), exc)
+                results: list[Acknowledgement | tuple[_Arrival, IndexedMessage]] = []
+                last = None
+                for arrival in arrivals:
+                    result, own = self._write([arrival])
+                    results += result
+                    last = own or last  # a sync of the WAL covers every commit before it
+                return results, last
             # Whatever the database answered (unreachable, I/O error, a failing trigger),
-            # nothing was committed: the sender should send again.
-            log.error("HL7 %s from %s: index failed: %s", envelope.control_id, channel, error)
-            return self._failure(envelope, _outage("index unavailable"), now)
-        if error is not None or arrival.indexed is None:
-            log.error(
-                "HL7 %s from %s: unexpected failure",
-                envelope.control_id,
-                channel,
-                exc_info=error,
-            )
-            return self._failure(envelope, _outage("internal error"), now)
-        indexed = arrival.indexed
+            # nothing was committed: the senders should send again.
+            return self._outage(arrivals, "index failed", exc, "index unavailable"), None
+        except Exception as exc:
+            log.exception("lab intake: unexpected failure")
+            return self._outage(arrivals, "failed", exc, "internal error"), None
+        return list(zip(arrivals, indexed, strict=True)), sync
+
+    def _outage(
+        self, arrivals: list[_Arrival], what: str, exc: BaseException, reason: str
+    ) -> list[Acknowledgement | tuple[_Arrival, IndexedMessage]]:
+        ids = ", ".join(a.envelope.control_id for a in arrivals[:5])
+        more = f" and {len(arrivals) - 5} more" if len(arrivals) > 5 else ""
+        log.error("HL7 %s%s from %s: %s: %s", ids, more, arrivals[0].channel, what, exc)
+        return [self._failure(a.envelope, _outage(reason), a.now) for a in arrivals]
+
+    def _answer(self, arrival: _Arrival, indexed: IndexedMessage) -> Acknowledgement:
+        """The acknowledgement of a message whose index write is durable."""
+        envelope, now = arrival.envelope, arrival.now
         if not indexed.duplicate:
+            assert indexed.message_id is not None
+            # Processing (the result model) starts once the row is durable.
+            self.on_accepted(indexed.message_id)
             return Acknowledgement(
-                ack=ack, code=code, outcome=ACCEPTED, control_id=envelope.control_id
+                ack=arrival.ack, code=arrival.code, outcome=ACCEPTED, control_id=envelope.control_id
             )
         # The key is taken: the same message again gets the stored acknowledgement byte for
-        # byte (the first copy's object is the one of record); another one is refused.
+        # byte (the first copy is the one of record); another one is refused.
         try:
             same = same_message(
                 envelope=envelope,
@@ -655,159 +718,16 @@ class LabIntake:
                 store=self.store,
             )
         except StorageError as exc:
-            log.error("HL7 %s from %s: store failed: %s", envelope.control_id, channel, exc)
+            log.error("HL7 %s: reading the earlier copy failed: %s", envelope.control_id, exc)
             return self._failure(envelope, _outage("object store unavailable"), now)
         if not same:
             return self._failure(envelope, _reused(envelope), now)
         return Acknowledgement(
             ack=indexed.ack,
-            code=_ack_code(indexed.ack, envelope) or code,
+            code=_ack_code(indexed.ack, envelope) or arrival.code,
             outcome=DUPLICATE,
             control_id=envelope.control_id,
         )
-
-    def _keep(self, arrival: _Arrival) -> None:
-        """Store ``arrival``'s bytes and commit its index row; returns once decided (the
-        outcome in ``arrival.indexed`` or ``arrival.error``).
-
-        Two stages, each led by one thread at a time (leader/follower): the messages
-        arriving meanwhile on every connection are kept together by whichever of their
-        threads finds no batch in progress. Objects: the leader writes the batch's objects
-        and syncs them at once, then hands this stage on to the next batch (the first
-        message waiting leads it) and queues its batch for the index. Index: one
-        transaction for every batch queued (:class:`_IndexWriter`), committed; the leader
-        hands the stage on, syncs the commit to disk and only then wakes each message's
-        thread. So a row is written only once its object is durable, the answers go out
-        only once the rows are durable, and one batch's objects sync while another's rows
-        are written and synced."""
-        with self._lock:
-            self._pending.append(arrival)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            arrival.wake.acquire()  # let go to lead the next batch, or when decided
-            if arrival.finished:
-                return
-        self._lead(arrival)
-
-    def _lead(self, own: _Arrival) -> None:
-        with self._lock:
-            batch = self._pending[:_MAX_BATCH]  # ``own`` first: it was the first waiting
-            del self._pending[:_MAX_BATCH]
-        stored = False
-        try:
-            put_new_objects(self.store, [(a.object_key, a.raw) for a in batch])
-            stored = True
-        except Exception as exc:
-            error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-            for arrival in batch:
-                arrival.error = error
-        finally:
-            with self._lock:
-                following = self._pending[0] if self._pending else None
-                if following is None:
-                    self._leading = False
-            if following is not None:
-                following.wake.release()
-        if not stored:
-            self._finish(batch, own)
-            return
-        own.batch = batch
-        with self._index_lock:
-            self._index_pending.append(own)
-            lead = not self._indexing
-            self._indexing = True
-        if not lead:
-            own.wake.acquire()  # let go to lead the next transaction, or when decided
-            if own.finished:
-                return
-        self._lead_index(own)
-
-    def _lead_index(self, own: _Arrival) -> None:
-        with self._index_lock:
-            leaders = self._index_pending  # ``own`` first
-            self._index_pending = []
-        rows = leaders[0].batch if len(leaders) == 1 else [a for b in leaders for a in b.batch]
-        sync: Callable[[], None] | None = None
-        try:
-            sync = self._write(rows)
-        finally:
-            with self._index_lock:
-                following = self._index_pending[0] if self._index_pending else None
-                if following is None:
-                    self._indexing = False
-            if following is not None:
-                following.wake.release()
-        try:
-            if sync is not None:
-                self._sync(sync, rows)
-            accepted = [a.message_id for a in rows if a.error is None and _new(a)]
-            for message_id in accepted:
-                # Processing (the result model) starts once the rows are durable.
-                self.on_accepted(message_id)
-        finally:
-            self._finish(rows, own)
-        for arrival in rows:
-            # Only objects no index row refers to: a duplicate's, or a failed row's.
-            indexed = arrival.indexed
-            if indexed is None or indexed.duplicate:
-                self._discard(arrival.object_key)
-
-    def _write(self, rows: list[_Arrival]) -> Callable[[], None] | None:
-        """Commit the rows' index rows; the function that makes them durable (or None)."""
-        try:
-            return self._writer.write(rows)
-        except DatabaseUnavailableError as exc:
-            if len(rows) > 1 and isinstance(exc.__cause__, _BatchFailed):
-                # One row's statement (e.g. a failing constraint or trigger) failed them
-                # all: each row again on its own, so that only that row's message fails.
-                log.warning("lab index batch of %d failed, one by one: %s", len(rows), exc)
-                return self._write_each(rows)
-            failure: BaseException = exc
-        except Exception as exc:
-            failure = exc
-        for arrival in rows:
-            arrival.indexed, arrival.error = None, failure
-        return None
-
-    def _write_each(self, rows: list[_Arrival]) -> Callable[[], None] | None:
-        last = None
-        for arrival in rows:
-            arrival.indexed = None
-            try:
-                # A sync of the WAL makes every commit before it durable: the last suffices.
-                last = self._writer.write([arrival]) or last
-            except Exception as exc:
-                arrival.indexed, arrival.error = None, exc
-        return last
-
-    @staticmethod
-    def _sync(sync: Callable[[], None], rows: list[_Arrival]) -> None:
-        try:
-            sync()
-        except OSError as exc:
-            # Committed, not durable: nobody may be told AA (the rows and objects stay:
-            # a resend is then the same message, answered with the stored ACK).
-            log.error("the lab index commit of %d rows was not made durable: %s", len(rows), exc)
-            failure = DatabaseUnavailableError(f"index commit not made durable: {exc}")
-            for arrival in rows:
-                if arrival.error is None:
-                    arrival.error = failure
-
-    @staticmethod
-    def _finish(rows: list[_Arrival], own: _Arrival) -> None:
-        """Mark ``rows`` decided and wake their threads (all but this one's, ``own``)."""
-        for arrival in rows:
-            arrival.finished = True
-            if arrival is not own:
-                arrival.wake.release()
-
-    def _discard(self, object_key: str) -> None:
-        # Only this call's object, which no index row refers to.
-        try:
-            self.store.delete(object_key)
-        except StorageError as exc:
-            log.warning("could not remove unreferenced object %s: %s", object_key, exc)
 
     def _failure(
         self, envelope: Envelope | None, exc: MessageRejected, now: datetime
@@ -843,13 +763,31 @@ class LabIntake:
 
 PROCESS_MESSAGE: Final = "lab_results.process_message"  # lab_results.tasks registers it
 _COALESCE_SECONDS: Final = 0.1
-_last_accepted = [0.0]  # time.monotonic() of the last message this process accepted
+_activity_lock = threading.Lock()
+_in_progress = [0]  # calls of LabIntake.receive_many in this process now
+_last_done = [0.0]  # time.monotonic() at which the last one ended
 
 
 def intake_idle_seconds() -> float:
-    """Seconds since this process last accepted a lab message (processing in the same
-    process yields the database writer to the intake while messages stream in)."""
-    return time.monotonic() - _last_accepted[0]
+    """Seconds since this process's intake last worked on lab messages, 0 while it does
+    (processing in the same process yields the database writer to the intake while
+    messages stream in). An intake waiting for the writer is busy: were it idle, processing
+    would take the writer for longer, and the intake would wait longer still."""
+    if _in_progress[0]:
+        return 0.0
+    return time.monotonic() - _last_done[0]
+
+
+@contextlib.contextmanager
+def _working() -> Iterator[None]:
+    with _activity_lock:
+        _in_progress[0] += 1
+    try:
+        yield
+    finally:
+        with _activity_lock:
+            _in_progress[0] -= 1
+            _last_done[0] = time.monotonic()
 
 
 class _ProcessingTrigger:
@@ -862,7 +800,6 @@ class _ProcessingTrigger:
         self._timer: threading.Timer | None = None
 
     def __call__(self, message_id: str) -> None:
-        _last_accepted[0] = time.monotonic()
         if self._timer is not None:
             # One is pending (read without the lock: it is cleared before its task is
             # submitted, and that task sees every row committed before this call).

@@ -1,11 +1,16 @@
 """The MLLP listener: HL7 v2 lab messages over TCP (``RDC_MLLP_HOST``:``RDC_MLLP_PORT``).
 
 Framing (MLLP release 1): ``0x0B`` message ``0x1C 0x0D``; the answer is framed the same way.
-Each connection is served by a thread that blocks on its socket, as the DICOM listener's
-associations are: the work per message (a share of the objects' sync and of an index
-commit) blocks anyway, and the intake batches the writes of the connections' threads.
-python-hl7's ``hl7.mllp`` offers asyncio streams only; with them each message would still
-go to a thread for its blocking store and commit, so the framing (a few lines) is read here.
+
+One thread serves every connection (a ``selectors`` loop over non-blocking sockets). Each
+round it reads what the ready connections sent, hands all the messages that are complete
+to the intake at once (:meth:`LabIntake.receive_many`: one transaction and one sync for
+all of them, a group commit without hand-offs between threads), and writes the answers
+back. A thread per connection was measured slower: its threads contend for the
+interpreter lock and SQLite's writer gate once per message (bench/README.md, MLLP). An
+answer a peer does not read is kept for it, and that connection is not read again until
+its answer went out. python-hl7's ``hl7.mllp`` offers asyncio streams, whose per-message
+coroutines and tasks would cost more than the framing (a few lines) read here.
 
 A bad message gets AE/AR and the connection stays open; a framing error (bytes outside a
 frame, a start block inside a frame, a frame over ``RDC_MLLP_MAX_MESSAGE_BYTES``) closes
@@ -17,15 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
 import socket
 import threading
-from collections.abc import Iterator
+import time
 
 from lab_results.intake import LabIntake
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 
-__all__ = ["MllpListener"]
+__all__ = ["FramingError", "MllpListener", "read_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,63 @@ START_BLOCK = 0x0B
 END_BLOCK = b"\x1c\x0d"
 _BETWEEN_FRAMES = b" \t\r\n\x00"
 _RECV = 1 << 16
+_TICK = 1.0  # seconds between the loop's checks for idle connections
 
 
 class FramingError(Exception):
     """The byte stream is not MLLP; the connection is closed."""
+
+
+def read_frames(buffer: bytearray, *, limit: int) -> tuple[list[bytes], FramingError | None]:
+    """Take the complete frames off the front of ``buffer`` (what a connection sent and
+    was not read yet), leaving a partial frame in it; blank bytes between frames are
+    dropped. Returns the frames, and the error that ended the reading when the bytes after
+    them are not MLLP (the connection is then closed once they are answered)."""
+    frames: list[bytes] = []
+    try:
+        _take_frames(buffer, limit, frames)
+    except FramingError as exc:
+        return frames, exc
+    return frames, None
+
+
+def _take_frames(buffer: bytearray, limit: int, frames: list[bytes]) -> None:
+    while buffer:
+        if buffer[0] != START_BLOCK:
+            stripped = buffer.lstrip(_BETWEEN_FRAMES)
+            if not stripped:
+                buffer.clear()
+                break
+            if stripped[0] != START_BLOCK:
+                raise FramingError(f"expected a start block (0x0B), got {bytes(stripped[:16])!r}")
+            buffer[:] = stripped
+        end = buffer.find(END_BLOCK, 1)
+        inner_start = buffer.find(b"\x0b", 1, end if end >= 0 else len(buffer))
+        if inner_start >= 0:
+            raise FramingError("a start block inside a frame (no end block before it)")
+        if end < 0:
+            if len(buffer) > limit + 2:
+                raise FramingError(f"a frame longer than {limit} bytes")
+            break
+        if end - 1 > limit:
+            raise FramingError(f"a frame longer than {limit} bytes")
+        frames.append(bytes(buffer[1:end]))
+        del buffer[: end + len(END_BLOCK)]
+
+
+class _Connection:
+    """One peer's socket, what it sent that is not a whole frame yet, and the answers it
+    has not read yet."""
+
+    __slots__ = ("buffer", "closing", "last_heard", "outbox", "peer", "sock")
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.buffer = bytearray()
+        self.outbox = bytearray()
+        self.last_heard = time.monotonic()
+        self.closing = ""  # why it is closed once its answers went out
 
 
 class MllpListener:
@@ -46,18 +105,23 @@ class MllpListener:
         self.settings = settings
         self.intake = LabIntake(store=store, zone=settings.zone)
         self._listener: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
+        self._selector = selectors.DefaultSelector()
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._wake_read, self._wake_write = socket.socketpair()
         self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
         address = (self.settings.mllp_host, self.settings.mllp_port)
         listener = socket.create_server(address, reuse_port=False, backlog=64)
+        listener.setblocking(False)
         self._listener = listener
-        thread = threading.Thread(target=self._accept, name="mllp-accept", daemon=True)
-        thread.start()
+        self._selector.register(listener, selectors.EVENT_READ)
+        self._wake_read.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._loop, name="mllp", daemon=True)
+        self._thread.start()
         log.info("MLLP listener on %s:%d", *self.address)
 
     @property
@@ -66,113 +130,178 @@ class MllpListener:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
+    def stop(self) -> None:
+        """Stop accepting, close every connection and wait for the listener's thread (a
+        round in progress answers its messages first)."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_check = time.monotonic() + _TICK
+        try:
+            while not self._stopping.is_set():
+                ready: list[tuple[_Connection, bytes]] = []
+                for key, events in self._selector.select(timeout=_TICK):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_read:
+                        with contextlib.suppress(OSError):
+                            self._wake_read.recv(64)
+                    else:
+                        conn = self._connections.get(key.fileobj)  # type: ignore[call-overload]
+                        if conn is not None:
+                            self._service(conn, events, ready)
+                if ready:
+                    try:
+                        self._answer(ready)
+                    except Exception:  # the intake answers failures itself: a defect
+                        log.exception("MLLP: a round of %d messages failed", len(ready))
+                        for conn, _ in ready:  # unanswered: their senders send again
+                            self._close(conn, "closed: internal error")
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + _TICK
+                    self._close_idle(now)
+        except Exception:
+            log.exception("MLLP listener failed; it no longer accepts connections")
+        finally:
+            self._close_all()
+
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                return  # closed by stop()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.settings.mllp_network_timeout_seconds)
-            thread = threading.Thread(
-                target=self._serve, args=(conn, peer), name=f"mllp-{peer[1]}", daemon=True
-            )
-            with self._lock:
-                self._connections.add(conn)
-                self._threads.add(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        try:
-            for frame in self._frames(conn):
-                answer, _ = self.intake.receive_body(frame, channel="mllp")
-                conn.sendall(b"\x0b" + answer + END_BLOCK)
-        except FramingError as exc:
-            log.warning("MLLP connection from %s:%d closed: %s", peer[0], peer[1], exc)
-        except TimeoutError:
-            log.info("MLLP connection from %s:%d idle; closed", peer[0], peer[1])
-        except OSError as exc:
-            if not self._stopping.is_set():
-                log.info("MLLP connection from %s:%d ended: %s", peer[0], peer[1], exc)
-        except Exception:
-            log.exception("MLLP connection from %s:%d failed", peer[0], peer[1])
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-            with self._lock:
-                self._connections.discard(conn)
-                self._threads.discard(threading.current_thread())
-
-    def _frames(self, conn: socket.socket) -> Iterator[bytes]:
-        """Yield each framed message received on ``conn`` until the peer closes it."""
-        limit = self.settings.mllp_max_message_bytes
-        buffer = bytearray()
         while True:
-            if not buffer:
-                # The usual case: one read brings exactly one whole frame (the sender waits
-                # for each answer), taken as it is without going through the buffer.
-                chunk = conn.recv(_RECV)
-                if not chunk:
-                    return  # orderly close between frames
-                end = len(chunk) - 2
-                if (
-                    end >= 1
-                    and chunk[0] == START_BLOCK
-                    and chunk.find(END_BLOCK, 1) == end
-                    and chunk.find(b"\x0b", 1) < 0
-                    and end - 1 <= limit
-                ):
-                    yield chunk[1:end]
-                    continue
-                buffer += chunk
-            # Between frames: skip blank bytes, expect a start block.
-            while True:
-                stripped = buffer.lstrip(_BETWEEN_FRAMES)
-                if stripped:
-                    if stripped[0] != START_BLOCK:
-                        raise FramingError(
-                            f"expected a start block (0x0B), got {bytes(stripped[:16])!r}"
-                        )
-                    buffer = stripped
-                    break
-                buffer.clear()
-                chunk = conn.recv(_RECV)
-                if not chunk:
-                    return  # orderly close between frames
-                buffer += chunk
-            # Inside a frame: read up to the end block.
-            searched = 1
-            while True:
-                end = buffer.find(END_BLOCK, max(searched - 1, 1))
-                if end >= 0:
-                    break
-                if buffer.find(b"\x0b", max(searched, 1)) >= 0:
-                    raise FramingError("a start block inside a frame (no end block before it)")
-                if len(buffer) > limit + 2:
-                    raise FramingError(f"a frame longer than {limit} bytes")
-                searched = len(buffer)
-                chunk = conn.recv(_RECV)
-                if not chunk:
-                    raise FramingError("connection closed inside a frame")
-                buffer += chunk
-            frame = bytes(buffer[1:end])
-            del buffer[: end + len(END_BLOCK)]
-            if len(frame) > limit:
-                raise FramingError(f"a frame longer than {limit} bytes")
-            yield frame
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of descriptors: try again next round
+                log.warning("MLLP accept failed: %s", exc)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            conn = _Connection(sock, peer)
+            self._connections[sock] = conn
+            self._selector.register(sock, selectors.EVENT_READ)
 
-    def stop(self) -> None:
-        """Stop accepting, close every connection and wait for their threads."""
-        self._stopping.set()
+    def _service(
+        self, conn: _Connection, events: int, ready: list[tuple[_Connection, bytes]]
+    ) -> None:
+        """Write what ``conn`` has waiting, read what it sent; its whole frames go to
+        ``ready``."""
+        if events & selectors.EVENT_WRITE and not self._flush(conn):
+            return
+        if not events & selectors.EVENT_READ:
+            return
+        try:
+            chunk = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"ended: {exc}", level=logging.INFO)
+            return
+        if not chunk:
+            if conn.buffer.strip(_BETWEEN_FRAMES):
+                self._close(conn, "closed: connection closed inside a frame")
+            else:
+                self._close(conn, "", level=logging.DEBUG)  # orderly close between frames
+            return
+        conn.last_heard = time.monotonic()
+        buffer = conn.buffer
+        limit = self.settings.mllp_max_message_bytes
+        end = len(chunk) - 2
+        if (
+            not buffer
+            and end >= 1
+            and chunk[0] == START_BLOCK
+            and chunk.find(END_BLOCK, 1) == end
+            and chunk.find(b"\x0b", 1) < 0
+            and end - 1 <= limit
+        ):
+            # The usual case: one read brings exactly one whole frame (the sender waits for
+            # each answer), taken as it is without going through the buffer.
+            ready.append((conn, chunk[1:end]))
+            return
+        buffer += chunk
+        frames, error = read_frames(buffer, limit=limit)
+        ready.extend((conn, frame) for frame in frames)
+        if error is not None:
+            if frames:
+                # Closed once the frames before the error are answered; not read again.
+                conn.closing = f"closed: {error}"
+                self._selector.unregister(conn.sock)
+            else:
+                self._close(conn, f"closed: {error}")
+
+    def _answer(self, ready: list[tuple[_Connection, bytes]]) -> None:
+        """Acknowledge the round's messages (one transaction and one sync for all of them)
+        and send each its answer, in order.
+
+        The sync is run here, not by a thread of its own overlapping the next round: that
+        was measured slower (the hand-offs between the threads cost more than the overlap
+        gained, bench/README.md)."""
+        frames = [frame for _, frame in ready]
+        if any(b"BHS" in frame or b"FHS" in frame for frame in frames):
+            # Perhaps an HL7 batch (FHS/BHS): each message of the round on its own.
+            answers = [self.intake.receive_body(f, channel="mllp")[0] for f in frames]
+        else:
+            answers = [a.ack for a in self.intake.receive_many(frames, channel="mllp")]
+        for (conn, _), answer in zip(ready, answers, strict=True):
+            conn.outbox += b"\x0b" + answer + END_BLOCK
+        for conn in {id(conn): conn for conn, _ in ready}.values():
+            if conn.sock not in self._connections:
+                continue
+            if conn.closing:
+                with contextlib.suppress(OSError):  # the last answers, as far as they go
+                    conn.sock.settimeout(1.0)
+                    conn.sock.sendall(conn.outbox)
+                self._close(conn, conn.closing)
+            else:
+                self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> bool:
+        """Send what ``conn`` has waiting; while some remains, wait for the socket to take
+        more before reading again. False when the connection was closed."""
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._close(conn, f"ended: {exc}", level=logging.INFO)
+            return False
+        del conn.outbox[:sent]
+        wanted = selectors.EVENT_WRITE if conn.outbox else selectors.EVENT_READ
+        if self._selector.get_key(conn.sock).events != wanted:
+            self._selector.modify(conn.sock, wanted)
+        return True
+
+    def _close_idle(self, now: float) -> None:
+        timeout = self.settings.mllp_network_timeout_seconds
+        for conn in list(self._connections.values()):
+            if now - conn.last_heard > timeout:
+                self._close(conn, "idle; closed", level=logging.INFO)
+
+    def _close(self, conn: _Connection, why: str, *, level: int = logging.WARNING) -> None:
+        if why:
+            log.log(level, "MLLP connection from %s:%d %s", conn.peer[0], conn.peer[1], why)
+        self._connections.pop(conn.sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _close_all(self) -> None:
+        for conn in list(self._connections.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            self._close(conn, "", level=logging.DEBUG)
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
-        with self._lock:
-            connections = list(self._connections)
-            threads = list(self._threads)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(timeout=10)
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()

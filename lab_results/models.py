@@ -1,10 +1,12 @@
 """Tables of the lab intake: every HL7 v2 message accepted, as received.
 
 One row per accepted message, keyed by what the sender made unique: (MSH-3 sending
-application, MSH-4 sending facility, MSH-10 message control ID). The raw bytes are in the
-object store (``object_key``); the acknowledgement that was answered is kept byte for byte,
-so that a re-sent message gets the very same answer. Rejected messages (AR/AE) are not
-kept: their sender is told why and sends again.
+application, MSH-4 sending facility, MSH-10 message control ID). The bytes as received are
+committed in the row itself (``raw``), in the transaction that takes the key, before any
+acknowledgement (DOMAIN.md B1: one transaction, one sync); processing then writes them to
+the object store (``object_key``, named at intake) and empties ``raw``. The acknowledgement
+that was answered is kept byte for byte, so that a re-sent message gets the very same answer.
+Rejected messages (AR/AE) are not kept: their sender is told why and sends again.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ class LabMessage(Base):
     # SHA-256 of the message's segments (BOM and segment terminators normalised): a re-sent
     # message is "the same" when this matches
     content_sha256: Mapped[str] = mapped_column(String(64))
-    object_key: Mapped[str] = mapped_column(String(255))  # the bytes as received
+    # Where the bytes as received are kept for good: written by processing (until then
+    # they are in ``raw``); rows of before migration 0024 had them there from the start.
+    object_key: Mapped[str] = mapped_column(String(255))
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     ack_code: Mapped[str] = mapped_column(String(2))  # AA (original mode) or CA (enhanced)
     ack: Mapped[bytes] = mapped_column(LargeBinary)  # the acknowledgement answered, as sent

@@ -29,11 +29,12 @@ finds its artifact indexed and changes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -50,6 +51,7 @@ from lab_results.autoverify import (
 from lab_results.corrections import OrderVersion, apply_correction, result_key
 from lab_results.envelope import ErrorCode, ack_message, new_control_id, read_envelope
 from lab_results.evaluate import OrderEvaluation, evaluate_order
+from lab_results.intake import message_bytes
 from lab_results.mapping import Mapped, MappedResult, Unmapped, load_catalogue, map_order
 from lab_results.models import (
     LabCodeMapping,
@@ -64,8 +66,9 @@ from lab_results.parse import LabParseError, Observation, Order, parse_message
 from lab_results.parse import Patient as HL7Patient
 from lab_results.service import autorelease_enabled
 from rdc_core.db import insert_ignore, stable_id
+from rdc_core.errors import StorageError
 from rdc_core.settings import Settings
-from rdc_core.storage import ObjectStore, StoredObject
+from rdc_core.storage import ObjectStore, StoredObject, put_new_objects
 from worklist.critical_values.service import raise_for_report
 from worklist.directory import OrgRef, principal_for_user
 from worklist.finalization import finalize_report
@@ -100,7 +103,8 @@ from worklist.readiness import due_time, requeue_exam, route_exam
 __all__ = [
     "PreparedMessage",
     "ProcessOutcome",
-    "prepare_message",
+    "WaitingMessage",
+    "prepare_messages",
     "process_message",
     "process_prepared",
     "reverify_for_code",
@@ -769,31 +773,60 @@ def _application_ack(
     return code, text.encode(envelope.codec, "replace")
 
 
+class WaitingMessage(NamedTuple):
+    """An accepted message to process: its row's ID, object key and copy of the bytes
+    (None once processing wrote them to the object store, or for rows of before 0024)."""
+
+    id: str
+    object_key: str
+    raw: bytes | None
+
+
 @dataclass(frozen=True)
 class PreparedMessage:
     """A stored message read and parsed, before any database write (so that a batch's
-    parsing does not hold the database's writer)."""
+    parsing does not hold the database's writer). ``moved``: its bytes were in its row and
+    are now in the object store too, durably (the transaction empties the row's copy)."""
 
     message_id: str
     raw: bytes
     parsed: LabMessageModel | None
     error: str = ""
+    moved: bool = False
 
 
-def prepare_message(
-    *, message_id: str, object_key: str, store: ObjectStore, settings: Settings
-) -> PreparedMessage:
-    """Read the stored bytes of a message and parse them (no database work). The rule set
-    and the catalogue are loaded here too (once per process), not inside the transaction."""
+def prepare_messages(
+    waiting: Sequence[WaitingMessage], *, store: ObjectStore, settings: Settings
+) -> list[PreparedMessage]:
+    """Read and parse messages (no database work). Bytes still in their rows are written
+    to the object store first, durably, with one sync for all of them where the store
+    allows (an object a crashed run wrote already is written again). The rule set and the
+    catalogue are loaded here too (once per process), not inside the transaction. Raises
+    StorageError (an outage: process them later)."""
     rule_set(settings)
     load_catalogue()
-    with store.open(object_key) as f:
-        raw = f.read()
-    try:
-        parsed = parse_message(raw, tz=settings.zone)
-    except LabParseError as exc:
-        return PreparedMessage(message_id=message_id, raw=raw, parsed=None, error=exc.reason)
-    return PreparedMessage(message_id=message_id, raw=raw, parsed=parsed)
+    moving = [(w.object_key, w.raw) for w in waiting if w.raw is not None]
+    if moving:
+        try:
+            put_new_objects(store, moving)
+        except StorageError:
+            for key, data in moving:  # some exist (a crashed run's), or the store failed
+                store.put_bytes(key, data)
+    prepared = []
+    for w in waiting:
+        raw = message_bytes(raw=w.raw, object_key=w.object_key, store=store)
+        try:
+            parsed = parse_message(raw, tz=settings.zone)
+        except LabParseError as exc:
+            parsed, error = None, exc.reason
+        else:
+            error = ""
+        prepared.append(
+            PreparedMessage(
+                message_id=w.id, raw=raw, parsed=parsed, error=error, moved=w.raw is not None
+            )
+        )
+    return prepared
 
 
 def process_message(
@@ -804,9 +837,8 @@ def process_message(
     message = session.get(LabMessage, message_id)
     if message is None or message.status is not LabMessageStatus.RECEIVED:
         return ProcessOutcome(message_id=message_id, status="skipped")
-    prepared = prepare_message(
-        message_id=message_id, object_key=message.object_key, store=store, settings=settings
-    )
+    waiting = WaitingMessage(id=message.id, object_key=message.object_key, raw=message.raw)
+    prepared = prepare_messages([waiting], store=store, settings=settings)[0]
     return process_prepared(session, prepared=prepared, settings=settings, now=now)
 
 
@@ -825,6 +857,8 @@ def process_prepared(
     ).scalar_one_or_none()
     if message is None or message.status is not LabMessageStatus.RECEIVED:
         return ProcessOutcome(message_id=message_id, status="skipped")
+    if prepared.moved:
+        message.raw = None  # the object store has them now, durably
     outcome = ProcessOutcome(message_id=message_id, status="processed")
     raw, parsed = prepared.raw, prepared.parsed
     if parsed is None:
@@ -944,8 +978,8 @@ def reverify_for_code(
         if report is not None and report.status is not ReportStatus.DRAFT:
             continue  # signed: a correction or an amendment changes it now
         previous = OrderVersion.model_validate(order_row.version_doc)
-        with store.open(message.object_key) as f:
-            found = _parsed_order(f.read(), order_key=previous.order_key, settings=settings)
+        raw = message_bytes(raw=message.raw, object_key=message.object_key, store=store)
+        found = _parsed_order(raw, order_key=previous.order_key, settings=settings)
         if found is None:
             log.warning("lab order %s: its message no longer parses; not re-verified", exam.id)
             continue

@@ -4,8 +4,10 @@
 intake enqueues it once the message's row committed (after the ACK is durable; at most ten
 times a second, see :class:`lab_results.intake.LabIntake`). A run processes that message
 and every other one waiting, oldest first, ``BATCH`` to a transaction: under a stream of
-messages one commit serves many. Messages are read from the store and parsed before the
-write transaction begins, and while the same process's intake is busy a run takes small
+messages one commit serves many. Before the write transaction begins, the batch's bytes
+still in their index rows are written to the object store (durably, one sync for the
+batch; the transaction then empties the rows' copies) and every message is parsed. While
+the same process's intake is busy (also while it waits for the writer) a run takes small
 batches only (on SQLite the intake's commits and processing share one writer): the
 acknowledgements come first, results follow.
 ``lab_results.process_pending`` picks up accepted messages left unprocessed (an enqueue lost
@@ -25,9 +27,9 @@ from sqlalchemy import select
 from lab_results.intake import intake_idle_seconds
 from lab_results.models import LabMessage, LabMessageStatus
 from lab_results.processing import (
-    PreparedMessage,
     ProcessOutcome,
-    prepare_message,
+    WaitingMessage,
+    prepare_messages,
     process_prepared,
 )
 from rdc_core.db import read_session, session_scope, utcnow
@@ -60,42 +62,33 @@ _BUSY_BATCH = 5  # messages per transaction while the intake is busy
 
 def _waiting(
     first: str | None, *, older_than: timedelta | None = None, limit: int = 0
-) -> list[tuple[str, str]]:
-    """(ID, object key) of the accepted messages to process now: ``first`` (if still
-    waiting) and the oldest others, up to ``limit`` (default BATCH)."""
+) -> list[WaitingMessage]:
+    """The accepted messages to process now: ``first`` (if still waiting) and the oldest
+    others, up to ``limit`` (default BATCH)."""
     limit = limit or BATCH
     with read_session() as session:
-        stmt = select(LabMessage.id, LabMessage.object_key).where(
+        stmt = select(LabMessage.id, LabMessage.object_key, LabMessage.raw).where(
             LabMessage.status == LabMessageStatus.RECEIVED
         )
-        first_key = ""
+        head: list[WaitingMessage] = []
         if first is not None:
             row = session.execute(stmt.where(LabMessage.id == first)).one_or_none()
             if row is None:
                 return []  # processed already (by an earlier batch), or unknown
-            first_key = row.object_key
+            head = [WaitingMessage(*row)]
+            stmt = stmt.where(LabMessage.id != first)
         if older_than is not None:
             stmt = stmt.where(LabMessage.received_at <= utcnow() - older_than)
         rows = session.execute(
-            stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit)
+            stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit - len(head))
         ).all()
-    batch = [(r.id, r.object_key) for r in rows]
-    if first is not None and all(message_id != first for message_id, _ in batch):
-        batch = [(first, first_key), *batch[: limit - 1]]
-    return batch
+    return head + [WaitingMessage(*row) for row in rows]
 
 
-def process_batch(batch: list[tuple[str, str]], settings: Settings) -> list[ProcessOutcome]:
+def process_batch(batch: list[WaitingMessage], settings: Settings) -> list[ProcessOutcome]:
     """Process ``batch`` in one transaction; should that fail, each message in its own (a
     message that fails alone is marked failed; an outage is raised, to retry later)."""
-    store = get_object_store(settings)
-    prepared: list[PreparedMessage] = []
-    for message_id, object_key in batch:
-        prepared.append(
-            prepare_message(
-                message_id=message_id, object_key=object_key, store=store, settings=settings
-            )
-        )
+    prepared = prepare_messages(batch, store=get_object_store(settings), settings=settings)
     try:
         with session_scope() as session:
             now = utcnow()

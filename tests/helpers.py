@@ -28,6 +28,10 @@ from pydicom.dataset import Dataset
 
 # storescu needs a flag per compressed transfer syntax to propose it (it never transcodes
 # compressed data) and to keep the file's own uncompressed encoding.
+# Seconds an HTTP request of a test may take. httpx's default (5 s) is shorter than a login
+# (bcrypt) or a first request takes on a loaded two-core machine running both passes.
+HTTP_TIMEOUT = 60
+
 _STORESCU_FLAG = {
     "1.2.840.10008.1.2": ["-xi"],
     "1.2.840.10008.1.2.1": [],
@@ -513,6 +517,17 @@ def read_object(env: dict[str, str], key: str) -> bytes:
     return data
 
 
+def lab_message_bytes(env: dict[str, str], control_id: str) -> bytes:
+    """The bytes as received of the accepted lab message ``control_id`` (MSH-10) of the
+    deployment with ``env``: in its index row until processing moved them to its object."""
+    with index_db(env) as db:
+        row = db.execute(
+            "SELECT raw, object_key FROM lab_messages WHERE control_id = ?", (control_id,)
+        ).fetchone()
+    assert row is not None, f"no lab message {control_id}"
+    return bytes(row[0]) if row[0] is not None else read_object(env, row[1])
+
+
 # A deployment on the Celery backend runs its tasks in `rdc worker` and `rdc beat`; these
 # lines in their logs say they are up.
 _WORKER_READY = b" ready."
@@ -652,9 +667,9 @@ class RdcServer:
         response = httpx.post(
             f"{self.http}/api/v1/auth/token",
             data={"username": username, "password": password},
-            # Generous: a login writes its audit record, which waits for SQLite's one writer
-            # (lab processing, the start-up QC report) on a machine busy with other tests.
-            timeout=60,
+            # A login writes its audit record, which waits for SQLite's one writer (lab
+            # processing, the start-up QC report) on a machine busy with other tests.
+            timeout=HTTP_TIMEOUT,
         )
         assert response.status_code == 200, response.text
         return str(response.json()["access_token"])
@@ -665,7 +680,7 @@ class RdcServer:
         return RdcClient(
             password,
             base_url=self.http,
-            timeout=30,
+            timeout=HTTP_TIMEOUT,
             headers={"Authorization": f"Bearer {self.token(username, password)}"},
         )
 

@@ -17,7 +17,7 @@ import httpx
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.helpers import RdcServer, echoscu, rdc_cli, storescu, wait_for
+from tests.helpers import HTTP_TIMEOUT, RdcServer, echoscu, rdc_cli, storescu, wait_for
 
 
 def ct_study(testdata: Path, folder: Path, tag: str, *, priority: str = "") -> Path:
@@ -136,6 +136,7 @@ def test_admin_console_api_and_cli(
     tech_b = httpx.post(
         f"{server.http}/api/v1/auth/token",
         data={"username": "tech_b", "password": alliance["tech_b"]},
+        timeout=HTTP_TIMEOUT,
     )
     assert tech_b.status_code == 401
     admin.patch("/api/v1/clinics/CLINIC_B", json={"active": True})
@@ -160,6 +161,7 @@ def test_admin_console_api_and_cli(
     old = httpx.post(
         f"{server.http}/api/v1/auth/token",
         data={"username": "senior", "password": alliance["senior"]},
+        timeout=HTTP_TIMEOUT,
     )
     assert old.status_code == 401
     senior = server.client("senior", "new-senior-pw")
@@ -359,6 +361,7 @@ def test_admin_console_api_and_cli(
         httpx.post(
             f"{server.http}/api/v1/auth/token",
             data={"username": "dr_wang", "password": "wang-pass-123"},
+            timeout=HTTP_TIMEOUT,
         ).status_code
         == 401
     )

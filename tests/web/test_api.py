@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.helpers import RdcServer, free_port, wait_for
+from tests.helpers import HTTP_TIMEOUT, RdcServer, free_port, wait_for
 
 
 def _store(server: RdcServer, calling_ae: str, path: Path) -> None:
@@ -28,17 +28,19 @@ def _store(server: RdcServer, calling_ae: str, path: Path) -> None:
 def test_health_and_token_errors_are_problem_responses(
     server: RdcServer, alliance: dict[str, str]
 ) -> None:
-    assert httpx.get(f"{server.http}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{server.http}/healthz", timeout=HTTP_TIMEOUT).json()["status"] == "ok"
 
     bad = httpx.post(
-        f"{server.http}/api/v1/auth/token", data={"username": "reader", "password": "nope"}
+        f"{server.http}/api/v1/auth/token",
+        data={"username": "reader", "password": "nope"},
+        timeout=HTTP_TIMEOUT,
     )
     assert bad.status_code == 401
     assert bad.headers["content-type"] == "application/problem+json"
     assert bad.json()["status"] == 401 and bad.json()["title"]
 
     for headers in ({}, {"Authorization": "Bearer not-a-token"}):
-        response = httpx.get(f"{server.http}/api/v1/exams", headers=headers)
+        response = httpx.get(f"{server.http}/api/v1/exams", headers=headers, timeout=HTTP_TIMEOUT)
         assert response.status_code == 401
         assert response.headers["content-type"] == "application/problem+json"
 
@@ -136,15 +138,17 @@ def test_readiness_and_metrics(
     rdc_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    ready = httpx.get(f"{server.http}/readyz")
+    ready = httpx.get(f"{server.http}/readyz", timeout=HTTP_TIMEOUT)
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "ok", "store": "ok", "broker": "ok"}
-    assert httpx.get(f"{server.http}/livez").status_code == 200
+    assert httpx.get(f"{server.http}/livez", timeout=HTTP_TIMEOUT).status_code == 200
 
     _store(server, "CLINIC_A_CT", testdata / "dicom" / "CT_small.dcm")
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(httpx.get(f"{server.http}/metrics").text)
+        for family in text_string_to_metric_families(
+            httpx.get(f"{server.http}/metrics", timeout=HTTP_TIMEOUT).text
+        )
         for sample in family.samples
     }
     assert samples[("rdc_dicom_instances_total", (("outcome", "stored"),))] == 1

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from tests.helpers import RdcServer, database_url, index_db, rdc_cli, wait_for
+from tests.helpers import HTTP_TIMEOUT, RdcServer, database_url, index_db, rdc_cli, wait_for
 from worklist.audit import GENESIS, AuditEvent, AuditSeal, event_digest, rolled_back_digest
 
 _RECORD = """
@@ -195,7 +195,7 @@ def test_checkpoint_signed_with_another_key_is_refused(trail: dict[str, str]) ->
 
 
 def _audit_gauge(server: RdcServer) -> float | None:
-    text_format = httpx.get(f"{server.http}/metrics").text
+    text_format = httpx.get(f"{server.http}/metrics", timeout=HTTP_TIMEOUT).text
     for family in text_string_to_metric_families(text_format):
         if family.name == "rdc_audit_chain_intact":
             return float(family.samples[0].value)
@@ -203,7 +203,7 @@ def _audit_gauge(server: RdcServer) -> float | None:
 
 
 def _readyz_audit(server: RdcServer) -> dict[str, Any]:
-    response = httpx.get(f"{server.http}/readyz")
+    response = httpx.get(f"{server.http}/readyz", timeout=HTTP_TIMEOUT)
     assert response.status_code == 200  # a broken trail is shown, it does not stop reading
     detail: dict[str, Any] = response.json()["audit"]
     return detail

@@ -27,6 +27,7 @@ from pydicom.encaps import generate_frames
 from pydicom.valuerep import BYTES_VR
 
 from tests.helpers import (
+    HTTP_TIMEOUT,
     Deployments,
     RdcServer,
     alliance_passwords,
@@ -607,7 +608,10 @@ def test_clinics_see_only_their_own_studies(deployment: Deployment) -> None:
         assert foreign.status_code == 404, path
         assert foreign.headers["content-type"] == "application/problem+json"
         assert tech_a.get(path).status_code == 200, path
-    assert httpx.get(f"{deployment.server.http}/dicomweb/studies").status_code == 401
+    assert (
+        httpx.get(f"{deployment.server.http}/dicomweb/studies", timeout=HTTP_TIMEOUT).status_code
+        == 401
+    )
 
     # Every access is in the audit trail.
     with deployment.server.db() as db:

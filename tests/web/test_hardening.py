@@ -20,11 +20,13 @@ import httpx
 import pytest
 
 from tests.helpers import (
+    HTTP_TIMEOUT,
     RdcClient,
     RdcServer,
     free_port,
     rdc_cli,
     storescu,
+    wait_for,
     worklist_items,
 )
 
@@ -159,6 +161,12 @@ def test_signing_needs_the_signers_own_password(
     assert ack.status_code == 200 and b"MSA|AA" in ack.content, ack.text
     if server.env.get("RDC_STORAGE_BACKEND", "local") == "local":
         root = Path(server.env["RDC_DATA_DIR"]) / "objects"
+        # The message's bytes reach the object store when processing has run.
+        wait_for(
+            lambda: list((root / "hl7").rglob("*.hl7")),
+            timeout=60,
+            what="the lab message's object (written by processing)",
+        )
         stored = [p for p in root.rglob("*") if p.is_file()]
         assert {p.relative_to(root).parts[0] for p in stored} >= {"dicom", "ecg", "hl7"}
         for path in [root, *root.rglob("*")]:
@@ -187,7 +195,9 @@ def test_login_throttling_revocation_origin_and_audit(
     locked = _login(http, "reader", alliance["reader"])
     assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
     ui_locked = httpx.post(
-        http + "/login", data={"username": "reader", "password": alliance["reader"]}
+        http + "/login",
+        data={"username": "reader", "password": alliance["reader"]},
+        timeout=HTTP_TIMEOUT,
     )
     assert ui_locked.status_code == 429 and "rdc_session" not in ui_locked.headers.get(
         "set-cookie", ""
@@ -234,9 +244,11 @@ def test_login_throttling_revocation_origin_and_audit(
     # The cookie behind the ingress: Secure when the trusted proxy (RDC_FORWARDED_ALLOW_IPS,
     # default 127.0.0.1) says https, not on plain development HTTP.
     form = {"username": "admin", "password": alliance["admin"]}
-    plain = httpx.post(http + "/login", data=form)
+    plain = httpx.post(http + "/login", data=form, timeout=HTTP_TIMEOUT)
     assert plain.status_code == 303 and "secure" not in plain.headers["set-cookie"].lower()
-    proxied = httpx.post(http + "/login", data=form, headers={"X-Forwarded-Proto": "https"})
+    proxied = httpx.post(
+        http + "/login", data=form, headers={"X-Forwarded-Proto": "https"}, timeout=HTTP_TIMEOUT
+    )
     assert proxied.status_code == 303 and "secure" in proxied.headers["set-cookie"].lower()
 
     # Origin: null (a sandboxed frame) and other sites cannot log in.
@@ -246,6 +258,7 @@ def test_login_throttling_revocation_origin_and_audit(
             http + "/login",
             data={"username": "admin", "password": alliance["admin"]},
             headers={"Origin": origin},
+            timeout=HTTP_TIMEOUT,
         )
         assert page.status_code == 403 and "rdc_session" not in page.headers.get("set-cookie", "")
     refused_origins = [
@@ -259,19 +272,29 @@ def test_login_throttling_revocation_origin_and_audit(
         server.token("senior", alliance["senior"]),
     )
     bearer = {"Authorization": f"Bearer {first}"}
-    assert httpx.get(http + "/api/v1/me", headers=bearer).status_code == 200
-    assert httpx.post(http + "/api/v1/auth/logout", headers=bearer).status_code == 204
+    assert httpx.get(http + "/api/v1/me", headers=bearer, timeout=HTTP_TIMEOUT).status_code == 200
+    assert (
+        httpx.post(http + "/api/v1/auth/logout", headers=bearer, timeout=HTTP_TIMEOUT).status_code
+        == 204
+    )
     for token in (first, second):
-        gone = httpx.get(http + "/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+        gone = httpx.get(
+            http + "/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT
+        )
         assert gone.status_code == 401 and "revoked" in gone.json()["detail"]
     # The UI's logout too.
     cookie_token = server.token("senior", alliance["senior"])
     httpx.post(
-        http + "/logout", cookies={"rdc_session": cookie_token}, headers={"X-Requested-With": "rdc"}
+        http + "/logout",
+        cookies={"rdc_session": cookie_token},
+        headers={"X-Requested-With": "rdc"},
+        timeout=HTTP_TIMEOUT,
     )
     assert (
         httpx.get(
-            http + "/api/v1/me", headers={"Authorization": f"Bearer {cookie_token}"}
+            http + "/api/v1/me",
+            headers={"Authorization": f"Bearer {cookie_token}"},
+            timeout=HTTP_TIMEOUT,
         ).status_code
         == 401
     )
@@ -285,7 +308,9 @@ def test_login_throttling_revocation_origin_and_audit(
         input="a-new-password-123\n",
     )  # fmt: skip
     assert (
-        httpx.get(http + "/api/v1/me", headers={"Authorization": f"Bearer {old}"}).status_code
+        httpx.get(
+            http + "/api/v1/me", headers={"Authorization": f"Bearer {old}"}, timeout=HTTP_TIMEOUT
+        ).status_code
         == 401
     )
     assert _login(http, "tech_a", "a-new-password-123").status_code == 200
@@ -295,7 +320,9 @@ def test_login_throttling_revocation_origin_and_audit(
     tech_b = server.token("tech_b", alliance["tech_b"])
     rdc_cli(server.env, "user", "disable", "tech_b")
     assert (
-        httpx.get(http + "/api/v1/me", headers={"Authorization": f"Bearer {tech_b}"}).status_code
+        httpx.get(
+            http + "/api/v1/me", headers={"Authorization": f"Bearer {tech_b}"}, timeout=HTTP_TIMEOUT
+        ).status_code
         == 401
     )
     assert _login(http, "tech_b", alliance["tech_b"]).status_code == 401
@@ -310,7 +337,9 @@ def test_login_throttling_revocation_origin_and_audit(
     done = admin.post("/api/v1/users/tech_a/disable")
     assert done.status_code == 200 and done.json() == {"username": "tech_a", "active": False}
     assert (
-        httpx.get(http + "/api/v1/me", headers={"Authorization": f"Bearer {tech_a}"}).status_code
+        httpx.get(
+            http + "/api/v1/me", headers={"Authorization": f"Bearer {tech_a}"}, timeout=HTTP_TIMEOUT
+        ).status_code
         == 401
     )
     assert admin.post("/api/v1/users/nobody/disable").status_code == 404
@@ -325,7 +354,11 @@ def test_login_throttling_revocation_origin_and_audit(
         for d in denied
     )
     assert (
-        httpx.get(http + "/api/v1/worklist", headers={"Authorization": "Bearer forged"}).status_code
+        httpx.get(
+            http + "/api/v1/worklist",
+            headers={"Authorization": "Bearer forged"},
+            timeout=HTTP_TIMEOUT,
+        ).status_code
         == 401
     )
     unknown = _audit(server, "authentication_failed")
@@ -399,6 +432,7 @@ def test_production_rules_and_files_at_rest(rdc_env: dict[str, str], tmp_path: P
             server.http + "/login",
             data={"username": "u1", "password": "ten-chars!"},
             headers={"X-Forwarded-Proto": "http"},
+            timeout=HTTP_TIMEOUT,
         )
         assert ok.status_code == 303 and "secure" in ok.headers["set-cookie"].lower()
         for n in range(5):

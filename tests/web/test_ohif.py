@@ -25,7 +25,14 @@ import httpx
 import pydicom
 import pytest
 
-from tests.helpers import Deployments, RdcServer, alliance_passwords, free_port, storescu
+from tests.helpers import (
+    HTTP_TIMEOUT,
+    Deployments,
+    RdcServer,
+    alliance_passwords,
+    free_port,
+    storescu,
+)
 
 OHIF_VERSION = "3.13.2"
 CHROMIUM = "/usr/bin/chromium"
@@ -184,6 +191,7 @@ def test_preflight_and_cors_headers(deployment: Deployment) -> None:
     studies = httpx.get(
         f"{http}/dicomweb/studies",
         headers={"Origin": deployment.ohif, "Authorization": f"Bearer {token}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert studies.status_code == 200
     assert studies.headers["access-control-allow-origin"] == deployment.ohif

@@ -13,7 +13,7 @@ from pathlib import Path
 import openpyxl
 
 from rdc_core.db import dispose_engines, session_scope
-from tests.helpers import RdcServer, database_url
+from tests.helpers import HTTP_TIMEOUT, RdcServer, database_url
 from tests.worklist import qc_dataset
 
 MARCH = {"from": "2026-03-01", "to": "2026-03-31"}
@@ -161,7 +161,7 @@ def test_indicators_drill_down_targets_and_exports(
         assert client.get("/api/v1/qc/report.pdf", params={"month": "2026-03"}).status_code == 403
     import httpx
 
-    assert httpx.get(f"{server.http}/api/v1/qc/indicators").status_code == 401
+    assert httpx.get(f"{server.http}/api/v1/qc/indicators", timeout=HTTP_TIMEOUT).status_code == 401
     with server.db() as db:
         exports = db.execute(
             "SELECT count(*) FROM audit_events WHERE action = 'export' AND actor = 'user:qc'"

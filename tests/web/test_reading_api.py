@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import RdcServer, alliance_passwords, storescu, wait_for
+from tests.helpers import HTTP_TIMEOUT, RdcServer, alliance_passwords, storescu, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +123,18 @@ def test_cookie_session_needs_the_ui_header_to_write(
 ) -> None:
     token = server.token("reader", alliance["reader"])
     cookies = {"rdc_session": token}
-    assert httpx.get(f"{server.http}/api/v1/me", cookies=cookies).status_code == 200
-    forged = httpx.post(f"{server.http}/api/v1/worklist/next", cookies=cookies)
+    assert (
+        httpx.get(f"{server.http}/api/v1/me", cookies=cookies, timeout=HTTP_TIMEOUT).status_code
+        == 200
+    )
+    forged = httpx.post(
+        f"{server.http}/api/v1/worklist/next", cookies=cookies, timeout=HTTP_TIMEOUT
+    )
     assert forged.status_code == 401
     allowed = httpx.post(
         f"{server.http}/api/v1/worklist/next",
         cookies=cookies,
         headers={"X-Requested-With": "rdc"},
+        timeout=HTTP_TIMEOUT,
     )
     assert allowed.status_code == 404  # authorised; nothing to read yet

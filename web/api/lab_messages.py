@@ -74,7 +74,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"description": "not a clinic technician/clinician or a lead-hospital administrator"},
     413: {"description": "body longer than RDC_MLLP_MAX_MESSAGE_BYTES"},
     415: {"description": "not an ER7 content type"},
-    503: {"description": "store or database unavailable: the ACKs say AE/CE; send again"},
+    503: {"description": "database unavailable: the ACKs say AE/CE; send again"},
 }
 
 
