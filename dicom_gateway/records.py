@@ -246,7 +246,7 @@ def register_instance(
                 calling_ae=calling_ae,
                 now=now,
             ),
-            conflict=["sop_instance_uid"],
+            conflict=(),  # the ID and the SOP instance UID: a clash on either is a duplicate,
         )
 
     registration = register_artifact(

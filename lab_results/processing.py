@@ -580,7 +580,7 @@ def _hold(session: Session, *, exam: Exam, order_row: LabOrder, now: datetime) -
             "modality": exam.modality,
             "created_at": now,
         },
-        conflict=["exam_id"],
+        conflict=(),  # the ID derives from exam_id: a clash on either is the same item,
     )
 
 

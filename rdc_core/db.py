@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -610,7 +610,9 @@ def _insert_on_conflict(
                 set_={name: base.excluded[name] for name in update},
             )
         else:
-            stmt = base.on_conflict_do_nothing(index_elements=list(conflict))
+            # No target: every unique constraint is an arbiter (on PostgreSQL a row that
+            # clashes with a concurrent insert on a non-arbiter unique index raises instead).
+            stmt = base.on_conflict_do_nothing(index_elements=list(conflict) or None)
         if returning:
             stmt = stmt.returning(*(table.c[name] for name in returning))
         _statement_cache[key] = stmt
@@ -625,26 +627,75 @@ def upsert(
     conflict: Sequence[str],
     update: Sequence[str] = (),
     returning: Sequence[str] = (),
+    other_keys: bool = False,
 ) -> Any:
     """INSERT ``values`` ... ON CONFLICT (``conflict``) DO UPDATE the ``update`` columns to the
     proposed values (or DO NOTHING when ``update`` is empty).
 
     The database's constraint decides, so two writers racing on the same key never create
     two rows. With ``returning``, returns the row as it is after the statement.
+
+    ``other_keys``: the table has unique constraints besides ``conflict`` that a concurrent
+    writer of the same row fills with the same values (a primary key derived from a natural
+    key, for instance). PostgreSQL settles a race only on the conflict target: when another
+    transaction commits the same row first, the other unique index raises UniqueViolation.
+    With ``other_keys`` the statement runs in a savepoint there and, after such a clash, once
+    more: it then sees the committed row and takes the DO UPDATE path. (SQLite has one writer:
+    no race.)
     """
     stmt = _insert_on_conflict(
         session, table, tuple(values), tuple(conflict), tuple(update), tuple(returning)
     )
-    result = _core_execute(session, stmt, values)
+    if other_keys and session.get_bind().dialect.name == "postgresql":
+        result = _retried_after_unique_race(session, stmt, values)
+    else:
+        result = _core_execute(session, stmt, values)
     if returning:
         return result.one()
     return None
 
 
+_RACE_SAVEPOINT = text("SAVEPOINT rdc_unique_race")
+_RELEASE_RACE_SAVEPOINT = text("RELEASE SAVEPOINT rdc_unique_race")
+_ROLLBACK_TO_RACE_SAVEPOINT = text("ROLLBACK TO SAVEPOINT rdc_unique_race")
+
+
+def _retried_after_unique_race(session: Session, stmt: Any, values: Mapping[str, Any]) -> Any:
+    execute_direct(session, _RACE_SAVEPOINT, {})
+    try:
+        result = _core_execute(session, stmt, values)
+    except IntegrityError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+            raise
+        execute_direct(session, _ROLLBACK_TO_RACE_SAVEPOINT, {})
+        log.info("unique-key race on %s settled by a second attempt", stmt.table.name)
+        result = _core_execute(session, stmt, values)
+    result = result.all() if result.returns_rows else None
+    execute_direct(session, _RELEASE_RACE_SAVEPOINT, {})
+    return _Rows(result)
+
+
+_UNIQUE_VIOLATION = "23505"
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows fetched before the savepoint was released (a result must be read before the
+    next statement on the connection)."""
+
+    rows: list[Any] | None
+
+    def one(self) -> Any:
+        if self.rows is None or len(self.rows) != 1:
+            raise RuntimeError("expected one row")
+        return self.rows[0]
+
+
 def insert_ignore(
     session: Session, table: Any, values: Mapping[str, Any], *, conflict: Sequence[str]
 ) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
+    """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted. An empty
+    ``conflict`` ignores a clash on any unique constraint."""
     # RETURNING says for sure whether the row went in; rowcount is not reliable on every
     # driver for this statement (psycopg may report -1).
     columns = tuple(values)

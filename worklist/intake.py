@@ -425,6 +425,7 @@ def _upsert_patient(session: Session, patient: PatientIn, org: OrgRef, now: date
         conflict=["id"],
         # The first values stay (reports cite them); only the last-seen time moves.
         update=["updated_at"],
+        other_keys=True,  # (org_id, issuer, patient_id): the ID derives from it
     )
     link_identifiers_from_intake(
         session,
@@ -471,6 +472,7 @@ def _upsert_exam(
         conflict=["id"],
         update=["last_received_at"],
         returning=["id", "org_id", "modalities", "body_part", "priority"],
+        other_keys=True,  # (discipline, natural_key) and the study UID: the ID derives from them
     )
     if row.org_id != org.id:
         raise _elsewhere(exam)

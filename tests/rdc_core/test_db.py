@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, String, Table, text
 
-from rdc_core.db import deferred_sync, dispose_engines, new_session, session_scope
+from rdc_core.db import (
+    deferred_sync,
+    dispose_engines,
+    get_engine,
+    insert_ignore,
+    new_session,
+    session_scope,
+    upsert,
+)
 from rdc_core.errors import DatabaseUnavailableError
 
 _PROBE = """
 import fcntl, sys
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, String, Table, text
 from rdc_core.db import read_session
 url, lock_path = sys.argv[1], sys.argv[2]
 with read_session(url) as session:  # a reader goes ahead while a writer holds the gate
@@ -184,3 +193,59 @@ def test_a_writer_thread_held_up_by_another_fails_after_the_busy_timeout(
         assert outcome[1] is None
     finally:
         dispose_engines()
+
+
+@pytest.mark.parametrize("statement", ["upsert", "insert_ignore"])
+def test_a_write_racing_on_a_second_unique_key_lands_once(
+    statement: str, database_url: str | None, tmp_path: Path
+) -> None:
+    """Two transactions writing the same row at once, into a table whose ID derives from a
+    second unique key (as patients', exams' and national-ID persons' do). PostgreSQL settles a
+    race only on the conflict target: the other unique index raised UniqueViolation in about
+    one round in a hundred here. An upsert with ``other_keys`` and an insert_ignore without a
+    target (every unique key an arbiter) land every time, on one row."""
+    url = database_url or f"sqlite:///{tmp_path / 'race.db'}"
+    metadata = MetaData()
+    table = Table(
+        "write_race",
+        metadata,
+        Column("id", String(36), primary_key=True),
+        Column("natural_key", String(64), unique=True),
+        Column("seen", Integer),
+    )
+    metadata.create_all(get_engine(url))
+    errors: list[BaseException] = []
+    rounds = 1000
+    for number in range(rounds):
+        barrier = threading.Barrier(2)
+
+        def write(seen: int, number: int = number, barrier: threading.Barrier = barrier) -> None:
+            values = {"id": f"id-{number}", "natural_key": f"key-{number}", "seen": seen}
+            try:
+                barrier.wait(timeout=30)
+                with session_scope(url) as session:
+                    if statement == "upsert":
+                        row = upsert(
+                            session,
+                            table,
+                            values,
+                            conflict=["id"],
+                            update=["seen"],
+                            returning=["id"],
+                            other_keys=True,
+                        )
+                        assert row.id == values["id"]
+                    else:
+                        insert_ignore(session, table, values, conflict=())
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(seen,)) for seen in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert errors == []
+    with session_scope(url) as session:
+        assert session.execute(text("SELECT count(*) FROM write_race")).scalar_one() == rounds
+    metadata.drop_all(get_engine(url))

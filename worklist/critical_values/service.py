@@ -168,7 +168,7 @@ def raise_for_report(
             "previous_alert_id": previous_alert_id,
             "created_at": now,
         },
-        conflict=["id"],
+        conflict=(),  # the ID derives from report_id: a clash on either is this alert
     )
     if not inserted:
         return alert_id
@@ -817,7 +817,7 @@ def escalate_overdue_alerts(session: Session, *, now: datetime, limit: int = 100
                 "at": now,
                 "recipients": recipients,
             },
-            conflict=["id"],
+            conflict=(),  # the ID derives from (alert_id, level): a clash on either is this row
         )
         record_event(
             session,

@@ -117,7 +117,7 @@ def _portal_delivery(
             "delivered_at": now,
             "detail": {"user": principal.username, "format": fmt},
         },
-        conflict=("report_id", "target"),
+        conflict=(),  # the ID derives from (report_id, target): a clash on either is this row
     )
     mark_exam_delivered(session, exam_id=exam.id, now=now)
 

@@ -119,7 +119,7 @@ def schedule_report_delivery(
                 "created_at": now,
                 "detail": {},
             },
-            conflict=("report_id", "target"),
+            conflict=(),  # the ID derives from (report_id, target): a clash on either is this row
         )
         if created:
             queued.append(endpoint.name)

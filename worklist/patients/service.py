@@ -130,7 +130,9 @@ def _national_person(session: Session, national_id: str, now: datetime) -> tuple
             "created_at": now,
             "updated_at": now,
         },
-        conflict=["id"],
+        # Both unique keys (id and national_id_hash) derive from the ID: on PostgreSQL two
+        # clinics inserting it at once may clash on either index first, so both are arbiters.
+        conflict=(),
     )
     return person_id, digest
 
