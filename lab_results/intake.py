@@ -39,7 +39,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from typing import Any, Final
@@ -76,6 +76,7 @@ from worklist.directory import OrgRef, organization_for_hl7_facility
 from worklist.models import OrgKind, Role
 
 __all__ = [
+    "AcceptedRound",
     "Acknowledgement",
     "IndexedMessage",
     "LabIntake",
@@ -573,32 +574,41 @@ class LabIntake:
         self, raws: Sequence[bytes], *, channel: str, restrict_to_org: str | None = None
     ) -> list[Acknowledgement]:
         """Store, index and acknowledge messages that arrived together: one transaction and
-        one sync for all of them (the MLLP listener passes every message its connections
-        brought since its last round: a group commit). The acknowledgements, in order."""
-        with _working():
-            return self._receive_many(raws, channel=channel, restrict_to_org=restrict_to_org)
+        one sync for all of them (a group commit). The acknowledgements, in order."""
+        return self.accept_many(raws, channel=channel, restrict_to_org=restrict_to_org).complete()
 
-    def _receive_many(
-        self, raws: Sequence[bytes], *, channel: str, restrict_to_org: str | None
-    ) -> list[Acknowledgement]:
-        now = self.clock()
-        slots: list[Acknowledgement | _Arrival] = [
-            self._check(raw, channel=channel, restrict_to_org=restrict_to_org, now=now)
-            for raw in raws
-        ]
-        arrivals = [slot for slot in slots if isinstance(slot, _Arrival)]
-        written: Iterator[Acknowledgement | tuple[_Arrival, IndexedMessage]] = iter(())
-        durable: OSError | None = None
-        if arrivals:
-            results, sync = self._write(arrivals)
-            written = iter(results)
-            if sync is not None:
-                try:
-                    sync()
-                except OSError as exc:
-                    durable = exc
+    def accept_many(
+        self, raws: Sequence[bytes], *, channel: str, restrict_to_org: str | None = None
+    ) -> AcceptedRound:
+        """Check messages that arrived together and commit their index rows in one
+        transaction, without waiting for the disk: the round returned makes them durable
+        and gives their acknowledgements (:meth:`AcceptedRound.complete`). The MLLP listener
+        checks and commits the next round while this one's sync runs; one sync of the
+        WAL covers every commit before it (:meth:`AcceptedRound.finish`)."""
+        _begin_work()
+        try:
+            now = self.clock()
+            slots: list[Acknowledgement | _Arrival] = [
+                self._check(raw, channel=channel, restrict_to_org=restrict_to_org, now=now)
+                for raw in raws
+            ]
+            arrivals = [slot for slot in slots if isinstance(slot, _Arrival)]
+            written: list[Acknowledgement | tuple[_Arrival, IndexedMessage]] = []
+            sync = None
+            if arrivals:
+                written, sync = self._write(arrivals)
+        except BaseException:
+            _end_work()
+            raise
+        return AcceptedRound(self, slots, written, sync, channel, now)
+
+    def _finish(self, round_: AcceptedRound, durable: OSError | None) -> list[Acknowledgement]:
+        """The acknowledgements of a round whose commit was synced (``durable``: the sync's
+        error, if it failed)."""
+        channel, now = round_.channel, round_.now
+        written = iter(round_.written)
         answers = []
-        for slot in slots:
+        for slot in round_.slots:
             outcome = next(written) if isinstance(slot, _Arrival) else slot
             if isinstance(outcome, Acknowledgement):
                 answer = outcome
@@ -778,16 +788,62 @@ def intake_idle_seconds() -> float:
     return time.monotonic() - _last_done[0]
 
 
-@contextlib.contextmanager
-def _working() -> Iterator[None]:
+def _begin_work() -> None:
     with _activity_lock:
         _in_progress[0] += 1
-    try:
-        yield
-    finally:
-        with _activity_lock:
-            _in_progress[0] -= 1
-            _last_done[0] = time.monotonic()
+
+
+def _end_work() -> None:
+    with _activity_lock:
+        _in_progress[0] -= 1
+        _last_done[0] = time.monotonic()
+
+
+class AcceptedRound:
+    """Messages checked together and their index rows committed, not yet synced to disk:
+    nobody may be told before :meth:`complete` (or :meth:`finish`, after a sync that covers
+    the commit) returned their acknowledgements. Until then the intake counts as busy."""
+
+    __slots__ = ("_intake", "channel", "finished", "now", "slots", "sync", "written")
+
+    def __init__(
+        self,
+        intake: LabIntake,
+        slots: list[Acknowledgement | _Arrival],
+        written: list[Acknowledgement | tuple[_Arrival, IndexedMessage]],
+        sync: Callable[[], None] | None,
+        channel: str,
+        now: datetime,
+    ) -> None:
+        self._intake = intake
+        self.slots = slots  # per message: the arrival to keep, or the answer refusing it
+        self.written = written  # per arrival: its row written, or the answer refusing it
+        self.sync = sync  # makes the commit durable (None: it is, or nothing was written)
+        self.channel = channel
+        self.now = now
+        self.finished = False
+
+    def complete(self) -> list[Acknowledgement]:
+        """Sync the round's commit, then its acknowledgements, in order."""
+        durable: OSError | None = None
+        if self.sync is not None:
+            try:
+                self.sync()
+            except OSError as exc:
+                durable = exc
+        return self.finish(durable)
+
+    def finish(self, durable: OSError | None) -> list[Acknowledgement]:
+        """The acknowledgements, in order, once a sync after the round's commit returned
+        (``durable``: its error, if it failed: the accepted messages then get AE/CE).
+        Starts processing of the messages accepted. Once only."""
+        if self.finished:
+            raise RuntimeError("this round was finished already")
+        self.finished = True
+        try:
+            return self._intake._finish(self, durable)
+        finally:
+            _end_work()
 
 
 class _ProcessingTrigger:

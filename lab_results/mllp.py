@@ -3,14 +3,17 @@
 Framing (MLLP release 1): ``0x0B`` message ``0x1C 0x0D``; the answer is framed the same way.
 
 One thread serves every connection (a ``selectors`` loop over non-blocking sockets). Each
-round it reads what the ready connections sent, hands all the messages that are complete
-to the intake at once (:meth:`LabIntake.receive_many`: one transaction and one sync for
-all of them, a group commit without hand-offs between threads), and writes the answers
-back. A thread per connection was measured slower: its threads contend for the
-interpreter lock and SQLite's writer gate once per message (bench/README.md, MLLP). An
-answer a peer does not read is kept for it, and that connection is not read again until
-its answer went out. python-hl7's ``hl7.mllp`` offers asyncio streams, whose per-message
-coroutines and tasks would cost more than the framing (a few lines) read here.
+round it reads what the ready connections sent and hands all the messages that are complete
+to the intake at once (:meth:`LabIntake.accept_many`: checked, and their index rows
+committed in one transaction), then goes on to the next round. A second thread, the
+syncer, makes the rounds committed meanwhile durable with one sync of the database's WAL
+and only then sends their answers, in order: the disk's sync of one round overlaps the
+checks and the commit of the next (a pipelined group commit; bench/README.md, MLLP, has
+the figures). A thread per connection was measured slower: its threads contend for the
+interpreter lock and SQLite's writer gate once per message. An answer a peer does not read
+is kept for it, and that connection is not read again until its answer went out.
+python-hl7's ``hl7.mllp`` offers asyncio streams, whose per-message coroutines and tasks
+would cost more than the framing (a few lines) read here.
 
 A bad message gets AE/AR and the connection stays open; a framing error (bytes outside a
 frame, a start block inside a frame, a frame over ``RDC_MLLP_MAX_MESSAGE_BYTES``) closes
@@ -20,6 +23,7 @@ lines between frames are tolerated.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import selectors
@@ -27,7 +31,7 @@ import socket
 import threading
 import time
 
-from lab_results.intake import LabIntake
+from lab_results.intake import AcceptedRound, LabIntake
 from rdc_core.settings import Settings
 from rdc_core.storage import ObjectStore
 
@@ -110,6 +114,18 @@ class MllpListener:
         self._wake_read, self._wake_write = socket.socketpair()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Rounds committed, for the syncer: the round (or, for a round of HL7 batches, the
+        # answers already durable) and its (connection, frame) pairs, oldest first.
+        self._rounds: collections.deque[
+            tuple[AcceptedRound | list[bytes], list[tuple[_Connection, bytes]]]
+        ] = collections.deque()
+        self._rounds_ready = threading.Condition()
+        self._syncer: threading.Thread | None = None
+        self._syncer_stop = False
+        # Held by whoever touches a connection's outbox or socket while both threads run.
+        self._send_lock = threading.Lock()
+        self._to_close: list[_Connection] = []  # answered, then to close (by the loop)
+        self._want_write: list[_Connection] = []  # answers left over: wait to send them
 
     def start(self) -> None:
         """Listen on the configured host and port (port 0: pick a free one)."""
@@ -120,6 +136,8 @@ class MllpListener:
         self._selector.register(listener, selectors.EVENT_READ)
         self._wake_read.setblocking(False)
         self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._syncer = threading.Thread(target=self._sync_rounds, name="mllp-sync", daemon=True)
+        self._syncer.start()
         self._thread = threading.Thread(target=self._loop, name="mllp", daemon=True)
         self._thread.start()
         log.info("MLLP listener on %s:%d", *self.address)
@@ -151,7 +169,8 @@ class MllpListener:
                         self._accept()
                     elif key.fileobj is self._wake_read:
                         with contextlib.suppress(OSError):
-                            self._wake_read.recv(64)
+                            self._wake_read.recv(4096)
+                        self._after_sends()
                     else:
                         conn = self._connections.get(key.fileobj)  # type: ignore[call-overload]
                         if conn is not None:
@@ -170,6 +189,8 @@ class MllpListener:
         except Exception:
             log.exception("MLLP listener failed; it no longer accepts connections")
         finally:
+            self._stop_syncer()  # the rounds committed are answered first
+            self._after_sends()
             self._close_all()
 
     def _accept(self) -> None:
@@ -238,42 +259,135 @@ class MllpListener:
                 self._close(conn, f"closed: {error}")
 
     def _answer(self, ready: list[tuple[_Connection, bytes]]) -> None:
-        """Acknowledge the round's messages (one transaction and one sync for all of them)
-        and send each its answer, in order.
-
-        The sync is run here, not by a thread of its own overlapping the next round: that
-        was measured slower (the hand-offs between the threads cost more than the overlap
-        gained, bench/README.md)."""
+        """Commit the round's messages (one transaction for all of them) and pass the round
+        to the syncer, which answers them once the commit is durable."""
         frames = [frame for _, frame in ready]
+        round_: AcceptedRound | list[bytes]
         if any(b"BHS" in frame or b"FHS" in frame for frame in frames):
-            # Perhaps an HL7 batch (FHS/BHS): each message of the round on its own.
-            answers = [self.intake.receive_body(f, channel="mllp")[0] for f in frames]
+            # Perhaps an HL7 batch (FHS/BHS): each message of the round on its own, durable
+            # on return; through the syncer all the same, so that answers keep their order.
+            round_ = [self.intake.receive_body(f, channel="mllp")[0] for f in frames]
         else:
-            answers = [a.ack for a in self.intake.receive_many(frames, channel="mllp")]
-        for (conn, _), answer in zip(ready, answers, strict=True):
-            conn.outbox += b"\x0b" + answer + END_BLOCK
-        for conn in {id(conn): conn for conn, _ in ready}.values():
-            if conn.sock not in self._connections:
-                continue
-            if conn.closing:
+            round_ = self.intake.accept_many(frames, channel="mllp")
+        with self._rounds_ready:
+            self._rounds.append((round_, ready))
+            self._rounds_ready.notify()
+
+    # --- the syncer -------------------------------------------------------------------
+
+    def _sync_rounds(self) -> None:
+        """The syncer's thread: take every round committed so far, sync once, answer."""
+        while True:
+            with self._rounds_ready:
+                while not self._rounds and not self._syncer_stop:
+                    self._rounds_ready.wait()
+                if not self._rounds:
+                    return  # stopping, and every round is answered
+                taken = list(self._rounds)
+                self._rounds.clear()
+            try:
+                self._answer_rounds(taken)
+            except Exception:  # the intake answers failures itself: a defect
+                log.exception("MLLP: answering %d rounds failed", len(taken))
+                with self._send_lock:
+                    for _, ready in taken:  # unanswered: their senders send again
+                        for conn, _ in ready:
+                            conn.closing = conn.closing or "closed: internal error"
+                            self._to_close.append(conn)
+                self._wake()
+
+    def _answer_rounds(
+        self, taken: list[tuple[AcceptedRound | list[bytes], list[tuple[_Connection, bytes]]]]
+    ) -> None:
+        # Every round taken committed before it was queued, so one sync of the WAL after
+        # the last of them makes them all durable (each round's sync does the same thing).
+        sync = next(
+            (r.sync for r, _ in taken if isinstance(r, AcceptedRound) and r.sync is not None),
+            None,
+        )
+        durable: OSError | None = None
+        if sync is not None:
+            try:
+                sync()
+            except OSError as exc:
+                durable = exc
+        answered = []
+        for round_, ready in taken:
+            if isinstance(round_, AcceptedRound):
+                answers = [a.ack for a in round_.finish(durable)]
+            else:
+                answers = round_
+            answered.append((ready, answers))
+        woken = False
+        with self._send_lock:
+            for ready, answers in answered:
+                for (conn, _), answer in zip(ready, answers, strict=True):
+                    conn.outbox += b"\x0b" + answer + END_BLOCK
+            for conn in {id(c): c for ready, _ in answered for c, _ in ready}.values():
+                if conn.closing:
+                    self._to_close.append(conn)
+                elif not self._send_some(conn):
+                    self._want_write.append(conn)
+                else:
+                    continue
+                woken = True
+        if woken:
+            self._wake()
+
+    def _send_some(self, conn: _Connection) -> bool:
+        """Send what ``conn`` has waiting, as far as its socket takes it (the send lock held).
+        True when nothing is left (or the connection is gone)."""
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:  # gone, or closed by the loop: nothing more to send
+            conn.outbox.clear()
+            return True
+        del conn.outbox[:sent]
+        return not conn.outbox
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def _stop_syncer(self) -> None:
+        with self._rounds_ready:
+            self._syncer_stop = True
+            self._rounds_ready.notify()
+        if self._syncer is not None:
+            self._syncer.join(timeout=30)
+
+    def _after_sends(self) -> None:
+        """The loop's part of what the syncer sent: close the connections whose last answers
+        went out, and wait to send the answers a peer did not take yet."""
+        with self._send_lock:
+            to_close, self._to_close = self._to_close, []
+            want_write, self._want_write = self._want_write, []
+            for conn in to_close:
                 with contextlib.suppress(OSError):  # the last answers, as far as they go
                     conn.sock.settimeout(1.0)
                     conn.sock.sendall(conn.outbox)
+        for conn in to_close:
+            if conn.sock in self._connections:
                 self._close(conn, conn.closing)
-            else:
-                self._flush(conn)
+        for conn in want_write:
+            if conn.sock in self._connections and conn.outbox:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.modify(conn.sock, selectors.EVENT_WRITE)
 
     def _flush(self, conn: _Connection) -> bool:
         """Send what ``conn`` has waiting; while some remains, wait for the socket to take
         more before reading again. False when the connection was closed."""
         try:
-            sent = conn.sock.send(conn.outbox)
+            with self._send_lock:
+                sent = conn.sock.send(conn.outbox)
+                del conn.outbox[:sent]
         except (BlockingIOError, InterruptedError):
-            sent = 0
+            pass
         except OSError as exc:
             self._close(conn, f"ended: {exc}", level=logging.INFO)
             return False
-        del conn.outbox[:sent]
         wanted = selectors.EVENT_WRITE if conn.outbox else selectors.EVENT_READ
         if self._selector.get_key(conn.sock).events != wanted:
             self._selector.modify(conn.sock, wanted)
@@ -291,7 +405,7 @@ class MllpListener:
         self._connections.pop(conn.sock, None)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._selector.unregister(conn.sock)
-        with contextlib.suppress(OSError):
+        with self._send_lock, contextlib.suppress(OSError):  # not while the syncer sends
             conn.sock.close()
 
     def _close_all(self) -> None:

@@ -335,3 +335,66 @@ def test_chinese_lis_message_in_gb18030_with_crlf(lab: LabDeployment) -> None:
     assert fields["MSA"][1:3] == ["AA", "GB-1"]
     assert fields["MSH"][17] == "GB 18030-2000"  # the ACK names the same character set
     assert lab_message_bytes(lab.env, "GB-1") == raw
+
+
+def test_senders_that_do_not_wait_get_every_answer_in_order(
+    lab: LabDeployment, testdata: Path
+) -> None:
+    """Two LIS connections each send a stream of messages without waiting for answers, in
+    pieces, so that their frames reach the listener over many rounds: each gets one answer
+    per message, in the order sent (rounds are synced and answered while later ones are
+    committed), accepted ones AA and indexed, a resend the stored ACK, an ADT refused."""
+    raw = (testdata / "hl7" / "pythonhl7_oru_r01_glucose.hl7").read_bytes()
+    adt = (testdata / "hl7" / "non_oru" / "msfhirconv_ADT-A01-02.hl7").read_bytes()
+
+    def stream(tag: str) -> tuple[list[bytes], list[tuple[str, str]]]:
+        messages, expected = [], []
+        for n in range(40):
+            control_id = f"STREAM-{tag}-{n}"
+            messages.append(raw.replace(b"CNTRL-3456", control_id.encode()))
+            expected.append(("AA", control_id))
+            if n % 10 == 5:
+                messages.append(messages[-2])  # the message before again: its stored ACK
+                expected.append(("AA", f"STREAM-{tag}-{n - 1}"))
+                messages.append(adt)
+                expected.append(("AR", control_ids(adt)[0]))
+        return messages, expected
+
+    port = lab.server.mllp_port
+    streams = {tag: stream(tag) for tag in ("A", "B")}
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as a,
+        socket.create_connection(("127.0.0.1", port), timeout=30) as b,
+    ):
+        socks = {"A": a, "B": b}
+        data = {
+            tag: b"".join(b"\x0b" + m + b"\x1c\x0d" for m in messages)
+            for tag, (messages, _) in streams.items()
+        }
+        piece = 1500  # about two messages: frames split across reads and rounds
+        for start in range(0, max(len(d) for d in data.values()), piece):
+            for tag, sock in socks.items():
+                sock.sendall(data[tag][start : start + piece])
+        for tag, sock in socks.items():
+            expected = streams[tag][1]
+            answers = read_acks(sock, len(expected))
+            got = [tuple(ack_fields(answer)["MSA"][1:3]) for answer in answers]
+            assert got == expected
+            first = answers[expected.index(("AA", f"STREAM-{tag}-4"))]
+            assert answers[expected.index(("AA", f"STREAM-{tag}-4"), 5)] == first
+    rows = message_rows(lab)
+    for tag in ("A", "B"):
+        assert {f"STREAM-{tag}-{n}" for n in range(40)} <= set(rows)
+
+
+def read_acks(sock: socket.socket, count: int) -> list[bytes]:
+    """The next ``count`` framed answers on ``sock``."""
+    data = b""
+    end = b"\x1c\x0d"
+    while data.count(end) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data.count(end)} of {count} answers"
+        data += chunk
+    answers = [part[1:] for part in data.split(end) if part]
+    assert len(answers) == count
+    return answers
