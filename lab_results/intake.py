@@ -7,8 +7,9 @@ that registered the sending facility; in one transaction insert the index row, k
 that commit durable; only then answer AA (original mode) or CA (enhanced mode: MSH-15 or
 MSH-16 valued). Messages that arrived together (the MLLP listener passes every message its
 connections brought since its last round, see :mod:`lab_results.mllp`) share that
-transaction and its one sync: a group commit, run by the caller's thread, with no hand-off
-between threads. The sync runs after the COMMIT, outside SQLite's writer gate. The row's
+transaction: a group commit. The sync runs after the COMMIT, outside SQLite's writer gate:
+:meth:`LabIntake.receive_many` runs it and answers; :meth:`LabIntake.accept_many` leaves it
+to the caller (:class:`AcceptedRound`), whose one sync may cover several rounds. The row's
 ``content_sha256`` is the SHA-256 of the message's bytes as received (inside the MLLP
 frame, or the HTTP body's part for that message). Processing (writing the bytes to the
 object store, parsing, mapping, auto-verification) is not on this path: it is enqueued
