@@ -44,6 +44,7 @@ END_BLOCK = b"\x1c\x0d"
 _BETWEEN_FRAMES = b" \t\r\n\x00"
 _RECV = 1 << 16
 _TICK = 1.0  # seconds between the loop's checks for idle connections
+_CLOSE_GRACE = 5.0  # seconds a closing connection is given to read its last answers
 
 
 class FramingError(Exception):
@@ -91,7 +92,19 @@ class _Connection:
     """One peer's socket, what it sent that is not a whole frame yet, and the answers it
     has not read yet."""
 
-    __slots__ = ("buffer", "closing", "last_heard", "outbox", "peer", "sock")
+    __slots__ = (
+        "answered",
+        "buffer",
+        "close_by",
+        "close_level",
+        "closing",
+        "failed",
+        "last_heard",
+        "outbox",
+        "peer",
+        "received",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         self.sock = sock
@@ -99,7 +112,18 @@ class _Connection:
         self.buffer = bytearray()
         self.outbox = bytearray()
         self.last_heard = time.monotonic()
+        # Frames read (written by the loop only) and answered (by the syncer only): while
+        # they differ, answers are on their way and the connection is not closed yet.
+        self.received = 0
+        self.answered = 0
         self.closing = ""  # why it is closed once its answers went out
+        self.close_level = logging.WARNING
+        self.close_by = 0.0  # when a closing peer that does not read its answers is dropped
+        self.failed = False  # a round of its frames failed: later answers are not sent
+
+
+_Round = AcceptedRound | list[bytes] | None
+_Queued = tuple[_Round, list[tuple[_Connection, bytes]]]
 
 
 class MllpListener:
@@ -115,10 +139,9 @@ class MllpListener:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         # Rounds committed, for the syncer: the round (or, for a round of HL7 batches, the
-        # answers already durable) and its (connection, frame) pairs, oldest first.
-        self._rounds: collections.deque[
-            tuple[AcceptedRound | list[bytes], list[tuple[_Connection, bytes]]]
-        ] = collections.deque()
+        # answers already durable; None: a round that failed) and its (connection, frame)
+        # pairs, oldest first.
+        self._rounds: collections.deque[_Queued] = collections.deque()
         self._rounds_ready = threading.Condition()
         self._syncer: threading.Thread | None = None
         self._syncer_stop = False
@@ -180,8 +203,9 @@ class MllpListener:
                         self._answer(ready)
                     except Exception:  # the intake answers failures itself: a defect
                         log.exception("MLLP: a round of %d messages failed", len(ready))
-                        for conn, _ in ready:  # unanswered: their senders send again
-                            self._close(conn, "closed: internal error")
+                        # Unanswered (their senders send again): the syncer closes their
+                        # connections once the answers before them went out.
+                        self._queue(None, ready)
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = now + _TICK
@@ -223,13 +247,13 @@ class MllpListener:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._close(conn, f"ended: {exc}", level=logging.INFO)
+            self._end(conn, f"ended: {exc}", level=logging.INFO)
             return
         if not chunk:
             if conn.buffer.strip(_BETWEEN_FRAMES):
-                self._close(conn, "closed: connection closed inside a frame")
+                self._end(conn, "closed: connection closed inside a frame")
             else:
-                self._close(conn, "", level=logging.DEBUG)  # orderly close between frames
+                self._end(conn, "", level=logging.DEBUG)  # orderly close between frames
             return
         conn.last_heard = time.monotonic()
         buffer = conn.buffer
@@ -246,17 +270,15 @@ class MllpListener:
             # The usual case: one read brings exactly one whole frame (the sender waits for
             # each answer), taken as it is without going through the buffer.
             ready.append((conn, chunk[1:end]))
+            conn.received += 1
             return
         buffer += chunk
         frames, error = read_frames(buffer, limit=limit)
         ready.extend((conn, frame) for frame in frames)
+        conn.received += len(frames)
         if error is not None:
-            if frames:
-                # Closed once the frames before the error are answered; not read again.
-                conn.closing = f"closed: {error}"
-                self._selector.unregister(conn.sock)
-            else:
-                self._close(conn, f"closed: {error}")
+            # Closed once the frames before the error are answered; not read again.
+            self._end(conn, f"closed: {error}")
 
     def _answer(self, ready: list[tuple[_Connection, bytes]]) -> None:
         """Commit the round's messages (one transaction for all of them) and pass the round
@@ -269,9 +291,43 @@ class MllpListener:
             round_ = [self.intake.receive_body(f, channel="mllp")[0] for f in frames]
         else:
             round_ = self.intake.accept_many(frames, channel="mllp")
+        self._queue(round_, ready)
+
+    def _queue(self, round_: _Round, ready: list[tuple[_Connection, bytes]]) -> None:
+        """Pass a round to the syncer (None: it failed, its messages are not answered)."""
         with self._rounds_ready:
             self._rounds.append((round_, ready))
             self._rounds_ready.notify()
+
+    def _end(self, conn: _Connection, why: str, *, level: int = logging.WARNING) -> None:
+        """Close ``conn`` once the answers to every frame read from it went out (the syncer
+        hands it back when the last arrives); it is not read again."""
+        with self._send_lock:
+            if not conn.closing:
+                conn.closing, conn.close_level = why, level
+            waiting = conn.received != conn.answered
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(conn.sock)
+        if not waiting:
+            self._close_when_sent(conn)
+
+    def _close_when_sent(self, conn: _Connection) -> None:
+        """Close a closing connection now if its answers went out; else wait (without
+        holding anyone up) for the peer to read them, up to ``_CLOSE_GRACE``."""
+        with self._send_lock:
+            left = not self._send_some(conn)
+        if not left:
+            self._close(conn, conn.closing, level=conn.close_level)
+            return
+        conn.close_by = time.monotonic() + _CLOSE_GRACE
+        self._watch(conn, selectors.EVENT_WRITE)
+
+    def _watch(self, conn: _Connection, events: int) -> None:
+        try:
+            if self._selector.get_key(conn.sock).events != events:
+                self._selector.modify(conn.sock, events)
+        except KeyError:
+            self._selector.register(conn.sock, events)
 
     # --- the syncer -------------------------------------------------------------------
 
@@ -289,16 +345,8 @@ class MllpListener:
                 self._answer_rounds(taken)
             except Exception:  # the intake answers failures itself: a defect
                 log.exception("MLLP: answering %d rounds failed", len(taken))
-                with self._send_lock:
-                    for _, ready in taken:  # unanswered: their senders send again
-                        for conn, _ in ready:
-                            conn.closing = conn.closing or "closed: internal error"
-                            self._to_close.append(conn)
-                self._wake()
 
-    def _answer_rounds(
-        self, taken: list[tuple[AcceptedRound | list[bytes], list[tuple[_Connection, bytes]]]]
-    ) -> None:
+    def _answer_rounds(self, taken: list[_Queued]) -> None:
         # Every round taken committed before it was queued, so one sync of the WAL after
         # the last of them makes them all durable (each round's sync does the same thing).
         sync = next(
@@ -311,26 +359,42 @@ class MllpListener:
                 sync()
             except OSError as exc:
                 durable = exc
-        answered = []
+        answered: list[tuple[list[tuple[_Connection, bytes]], list[bytes] | None]] = []
         for round_, ready in taken:
+            answers: list[bytes] | None = None
             if isinstance(round_, AcceptedRound):
-                answers = [a.ack for a in round_.finish(durable)]
-            else:
+                try:  # each round finished, whatever another did (the intake is busy till then)
+                    answers = [a.ack for a in round_.finish(durable)]
+                except Exception:  # a defect: those messages go unanswered
+                    log.exception("MLLP: a round of %d messages failed", len(ready))
+            elif round_ is not None:
                 answers = round_
             answered.append((ready, answers))
         woken = False
         with self._send_lock:
+            touched: dict[int, _Connection] = {}
             for ready, answers in answered:
-                for (conn, _), answer in zip(ready, answers, strict=True):
-                    conn.outbox += b"\x0b" + answer + END_BLOCK
-            for conn in {id(c): c for ready, _ in answered for c, _ in ready}.values():
+                for index, (conn, _) in enumerate(ready):
+                    conn.answered += 1
+                    touched[id(conn)] = conn
+                    if answers is None:
+                        # Its later answers would not match its frames: close it once the
+                        # answers before this round went out.
+                        conn.failed = True
+                        if not conn.closing:
+                            conn.closing = "closed: internal error"
+                            conn.close_level = logging.WARNING
+                    elif not conn.failed:
+                        conn.outbox += b"\x0b" + answers[index] + END_BLOCK
+            for conn in touched.values():
+                sent = self._send_some(conn)
                 if conn.closing:
-                    self._to_close.append(conn)
-                elif not self._send_some(conn):
+                    if conn.received == conn.answered:
+                        self._to_close.append(conn)
+                        woken = True
+                elif not sent:
                     self._want_write.append(conn)
-                else:
-                    continue
-                woken = True
+                    woken = True
         if woken:
             self._wake()
 
@@ -360,21 +424,16 @@ class MllpListener:
 
     def _after_sends(self) -> None:
         """The loop's part of what the syncer sent: close the connections whose last answers
-        went out, and wait to send the answers a peer did not take yet."""
+        were given, and wait to send the answers a peer did not take yet."""
         with self._send_lock:
             to_close, self._to_close = self._to_close, []
             want_write, self._want_write = self._want_write, []
-            for conn in to_close:
-                with contextlib.suppress(OSError):  # the last answers, as far as they go
-                    conn.sock.settimeout(1.0)
-                    conn.sock.sendall(conn.outbox)
         for conn in to_close:
             if conn.sock in self._connections:
-                self._close(conn, conn.closing)
+                self._end(conn, conn.closing, level=conn.close_level)
         for conn in want_write:
-            if conn.sock in self._connections and conn.outbox:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self._selector.modify(conn.sock, selectors.EVENT_WRITE)
+            if conn.sock in self._connections and conn.outbox and not conn.closing:
+                self._watch(conn, selectors.EVENT_WRITE)
 
     def _flush(self, conn: _Connection) -> bool:
         """Send what ``conn`` has waiting; while some remains, wait for the socket to take
@@ -383,20 +442,28 @@ class MllpListener:
             with self._send_lock:
                 sent = conn.sock.send(conn.outbox)
                 del conn.outbox[:sent]
+                left = bool(conn.outbox)
         except (BlockingIOError, InterruptedError):
-            pass
+            left = True
         except OSError as exc:
             self._close(conn, f"ended: {exc}", level=logging.INFO)
             return False
-        wanted = selectors.EVENT_WRITE if conn.outbox else selectors.EVENT_READ
-        if self._selector.get_key(conn.sock).events != wanted:
-            self._selector.modify(conn.sock, wanted)
+        if conn.closing:  # registered only to take its last answers
+            if not left:
+                self._close(conn, conn.closing, level=conn.close_level)
+            return False
+        self._watch(conn, selectors.EVENT_WRITE if left else selectors.EVENT_READ)
         return True
 
     def _close_idle(self, now: float) -> None:
         timeout = self.settings.mllp_network_timeout_seconds
         for conn in list(self._connections.values()):
-            if now - conn.last_heard > timeout:
+            if conn.closing:
+                if conn.close_by and now > conn.close_by:
+                    self._close(conn, f"{conn.closing or 'closed'} (its last answers not read)")
+            elif conn.received != conn.answered:
+                continue  # its answers are on their way
+            elif now - conn.last_heard > timeout:
                 self._close(conn, "idle; closed", level=logging.INFO)
 
     def _close(self, conn: _Connection, why: str, *, level: int = logging.WARNING) -> None:
@@ -410,6 +477,8 @@ class MllpListener:
 
     def _close_all(self) -> None:
         for conn in list(self._connections.values()):
+            with self._send_lock:
+                self._send_some(conn)  # answers still waiting, as far as the socket takes them
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
             self._close(conn, "", level=logging.DEBUG)

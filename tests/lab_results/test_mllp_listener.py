@@ -9,12 +9,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lab_results.intake import (
+    AcceptedRound,
+    Acknowledgement,
+    LabIntake,
+    intake_idle_seconds,
+)
 from lab_results.mllp import MllpListener
 from rdc_core.settings import Settings
 from rdc_core.storage import LocalObjectStore
@@ -163,3 +170,68 @@ def _peer_that_does_not_read(listener: tuple[str, int]) -> None:
         assert read_answers(slow, count) == ids
         sender.join(30)
         assert not sender.is_alive()
+
+
+def test_a_sender_that_closes_its_side_still_gets_its_answers(
+    listener: tuple[str, int],
+) -> None:
+    """A sender that writes its messages and then shuts down its sending side
+    (``SHUT_WR``) gets every answer before the listener closes the connection; so does one
+    whose frames end in a framing error. The answers are given by the syncer while the loop
+    already sees the end of the stream."""
+    for n in range(30):
+        with socket.create_connection(listener, timeout=30) as sock:
+            ids = [f"H-{n}-{k}" for k in range(2)]
+            sock.sendall(b"".join(frame(adt(i)) for i in ids))
+            sock.shutdown(socket.SHUT_WR)
+            assert read_answers(sock, 2) == ids
+            assert closed(sock)
+    for n in range(10):
+        with socket.create_connection(listener, timeout=30) as sock:
+            sock.sendall(frame(adt(f"A-{n}")))
+            sock.sendall(frame(adt(f"B-{n}")) + b"garbage\r")
+            assert read_answers(sock, 2) == [f"A-{n}", f"B-{n}"]
+            assert closed(sock)
+
+
+def test_a_round_that_fails_closes_only_its_connections_and_leaves_the_intake_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect while answering one round (here: finishing it raises) closes the connection
+    whose frame it held, unanswered; the rounds synced with it are answered, and every round
+    is finished, so the intake does not count as busy forever (processing would wait on it).
+    The first round's sync is slowed down so that the next two are taken together."""
+    original_finish = LabIntake._finish
+    original_accept = LabIntake.accept_many
+
+    def finish(intake: LabIntake, round_: AcceptedRound, durable: OSError | None) -> Any:
+        if any(isinstance(s, Acknowledgement) and s.control_id == "FAIL-1" for s in round_.slots):
+            raise RuntimeError("a defect")
+        return original_finish(intake, round_, durable)
+
+    def accept_many(intake: LabIntake, raws: Sequence[bytes], **kwargs: Any) -> AcceptedRound:
+        round_ = original_accept(intake, raws, **kwargs)
+        if any(b"|SLOW-1|" in raw for raw in raws):
+            round_.sync = lambda: time.sleep(0.5)  # a slow disk
+        return round_
+
+    monkeypatch.setattr(LabIntake, "_finish", finish)
+    monkeypatch.setattr(LabIntake, "accept_many", accept_many)
+    with (
+        running_listener(tmp_path, idle=300) as listener,
+        socket.create_connection(listener, timeout=30) as slow,
+        socket.create_connection(listener, timeout=30) as bad,
+        socket.create_connection(listener, timeout=30) as good,
+    ):
+        slow.sendall(frame(adt("SLOW-1")))
+        time.sleep(0.1)  # its round is being synced
+        bad.sendall(frame(adt("FAIL-1")))
+        time.sleep(0.05)
+        good.sendall(frame(adt("GOOD-1")))
+        assert read_answers(slow, 1) == ["SLOW-1"]
+        assert read_answers(good, 1) == ["GOOD-1"]
+        assert closed(bad)
+        deadline = time.monotonic() + 30
+        while intake_idle_seconds() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert intake_idle_seconds() > 0
