@@ -1113,6 +1113,20 @@ def mllp_exchange(sock: socket.socket, message: bytes, *, timeout: float = 30) -
     return bytes(answer[1:-2])
 
 
+def mllp_read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    """The contents of the next ``count`` MLLP-framed answers on ``sock`` (all that was read
+    must be those answers)."""
+    data = b""
+    end = b"\x1c\x0d"
+    while data.count(end) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data.count(end)} of {count} answers"
+        data += chunk
+    answers = [part[1:] for part in data.split(end) if part]
+    assert len(answers) == count
+    return answers
+
+
 def ack_fields(ack: bytes) -> dict[str, list[str]]:
     """The segments of an acknowledgement by name (MSH, MSA, ERR), each split into fields."""
     segments: dict[str, list[str]] = {}

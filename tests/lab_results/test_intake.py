@@ -19,7 +19,13 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from hl7apy.validation import Validator
 
-from tests.helpers import HTTP_TIMEOUT, ack_fields, lab_message_bytes, mllp_exchange
+from tests.helpers import (
+    HTTP_TIMEOUT,
+    ack_fields,
+    lab_message_bytes,
+    mllp_exchange,
+    mllp_read_answers,
+)
 from tests.lab_results.conftest import CLINIC_B_FACILITY, LabDeployment
 
 ER7 = "x-application/hl7-v2+er7"
@@ -377,7 +383,7 @@ def test_senders_that_do_not_wait_get_every_answer_in_order(
                 sock.sendall(data[tag][start : start + piece])
         for tag, sock in socks.items():
             expected = streams[tag][1]
-            answers = read_acks(sock, len(expected))
+            answers = mllp_read_answers(sock, len(expected))
             got = [tuple(ack_fields(answer)["MSA"][1:3]) for answer in answers]
             assert got == expected
             first = answers[expected.index(("AA", f"STREAM-{tag}-4"))]
@@ -385,16 +391,3 @@ def test_senders_that_do_not_wait_get_every_answer_in_order(
     rows = message_rows(lab)
     for tag in ("A", "B"):
         assert {f"STREAM-{tag}-{n}" for n in range(40)} <= set(rows)
-
-
-def read_acks(sock: socket.socket, count: int) -> list[bytes]:
-    """The next ``count`` framed answers on ``sock``."""
-    data = b""
-    end = b"\x1c\x0d"
-    while data.count(end) < count:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data.count(end)} of {count} answers"
-        data += chunk
-    answers = [part[1:] for part in data.split(end) if part]
-    assert len(answers) == count
-    return answers

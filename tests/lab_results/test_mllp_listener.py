@@ -25,7 +25,7 @@ from lab_results.intake import (
 from lab_results.mllp import MllpListener
 from rdc_core.settings import Settings
 from rdc_core.storage import LocalObjectStore
-from tests.helpers import ack_fields, mllp_exchange
+from tests.helpers import ack_fields, mllp_exchange, mllp_read_answers
 
 LIMIT = 4096
 IDLE = 1.5
@@ -45,15 +45,7 @@ def frame(message: bytes) -> bytes:
 
 def read_answers(sock: socket.socket, count: int) -> list[str]:
     """MSA-2 of the next ``count`` answers on ``sock``."""
-    data = b""
-    end = b"\x1c\x0d"
-    while data.count(end) < count:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data.count(end)} of {count} answers"
-        data += chunk
-    answers = [part[1:] for part in data.split(b"\x1c\x0d") if part]
-    assert len(answers) == count
-    return [ack_fields(answer)["MSA"][2] for answer in answers]
+    return [ack_fields(answer)["MSA"][2] for answer in mllp_read_answers(sock, count)]
 
 
 def closed(sock: socket.socket) -> bool:
