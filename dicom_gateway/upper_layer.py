@@ -113,6 +113,7 @@ _NOT_SPECIFIED, _UNRECOGNISED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0
 _PACE_BYTES = 16_384
 
 _MAX_ASSOCIATE_RQ = 1 << 16
+_AFTER_REJECT_SECONDS = 5.0  # how long a rejected requestor is given to close the connection
 _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 _ELEMENT = struct.Struct("<HHI")
@@ -549,6 +550,22 @@ class _Association:
 
     def _reject(self, result: int, source: int, diagnostic: int) -> None:
         self.sock.sendall(encode_associate_rj(result, source, diagnostic))
+        self._await_close()
+
+    def _await_close(self) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, state
+        Sta13, ARTIM): wait for that, up to ``_AFTER_REJECT_SECONDS``, rather than close
+        first. Closing at once was seen to lose the rejection on a loaded machine: the
+        requestor saw the connection reset and reported an abort, not the reason."""
+        deadline = time.monotonic() + min(self.config.acse_timeout, _AFTER_REJECT_SECONDS)
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError, _DeadlinePassed):
+            while True:
+                self._fit(deadline)
+                try:
+                    if not self.sock.recv(4096):
+                        return  # the requestor closed it
+                except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                    return
 
     # -- data transfer ---------------------------------------------------------------------
 
