@@ -193,7 +193,7 @@ def _queue(session: Session, *, exam_id: str, now: datetime) -> ReadyExam:
             "modality": exam.modality,
             "created_at": now,
         },
-        conflict=(),  # the ID derives from exam_id: a clash on either is the same item,
+        conflict=(),  # the ID derives from exam_id: a clash on either is the same item
     )
     return ReadyExam(exam_id=exam_id, pool=pool, due_at=due_at)
 
