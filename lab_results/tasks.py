@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, literal_column, select
 
 from lab_results.intake import intake_idle_seconds
 from lab_results.models import LabMessage, LabMessageStatus
@@ -60,6 +61,20 @@ _YIELD_MAX = 1.0  # the longest a batch waits for the intake
 _BUSY_BATCH = 5  # messages per transaction while the intake is busy
 
 
+def waiting_statement(*, limit: int, older_than: timedelta | None = None) -> Select[Any]:
+    """The query of the oldest accepted messages still to process (ID, object key, bytes),
+    through the partial index of waiting messages (migration 0025)."""
+    # The status as a literal, not a parameter: the index is partial (status 'received'),
+    # and the generic plan PostgreSQL makes of a statement psycopg has prepared (after 5
+    # runs) cannot prove that a parameter equals that value.
+    stmt = select(LabMessage.id, LabMessage.object_key, LabMessage.raw).where(
+        LabMessage.status == literal_column(f"'{LabMessageStatus.RECEIVED.value}'")
+    )
+    if older_than is not None:
+        stmt = stmt.where(LabMessage.received_at <= utcnow() - older_than)
+    return stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit)
+
+
 def _waiting(
     first: str | None, *, older_than: timedelta | None = None, limit: int = 0
 ) -> list[WaitingMessage]:
@@ -67,21 +82,18 @@ def _waiting(
     others, up to ``limit`` (default BATCH)."""
     limit = limit or BATCH
     with read_session() as session:
-        stmt = select(LabMessage.id, LabMessage.object_key, LabMessage.raw).where(
-            LabMessage.status == LabMessageStatus.RECEIVED
-        )
         head: list[WaitingMessage] = []
         if first is not None:
-            row = session.execute(stmt.where(LabMessage.id == first)).one_or_none()
+            row = session.execute(
+                waiting_statement(limit=1).where(LabMessage.id == first)
+            ).one_or_none()
             if row is None:
                 return []  # processed already (by an earlier batch), or unknown
             head = [WaitingMessage(*row)]
+        stmt = waiting_statement(limit=limit - len(head), older_than=older_than)
+        if first is not None:
             stmt = stmt.where(LabMessage.id != first)
-        if older_than is not None:
-            stmt = stmt.where(LabMessage.received_at <= utcnow() - older_than)
-        rows = session.execute(
-            stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit - len(head))
-        ).all()
+        rows = session.execute(stmt).all()
     return head + [WaitingMessage(*row) for row in rows]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lab_results.envelope import _ack_text, ack_message, read_envelope
 from lab_results.intake import Acknowledgement, LabIntake, intake_idle_seconds
 from lab_results.models import LabMessage, LabMessageStatus
 from lab_results.processing import WaitingMessage
-from lab_results.tasks import process_batch
+from lab_results.tasks import _waiting, process_batch, waiting_statement
 from rdc_core.db import get_engine, read_session, session_scope
 from rdc_core.errors import StorageError
 from rdc_core.settings import get_settings
@@ -266,3 +267,39 @@ def test_an_intake_waiting_for_the_writer_counts_as_busy(lab: Intake) -> None:
     sender.join(30)
     assert [a.code for a in answers] == ["AA"]
     assert intake_idle_seconds() > 0
+
+
+def test_waiting_messages_are_found_through_their_index_oldest_first(lab: Intake) -> None:
+    """Processing finds the messages still to process through the partial index of waiting
+    messages (each index an accepted message's INSERT touches is pages synced before its
+    ACK: migration 0025 left the table, its key, its ID and that index), oldest first; a
+    processed message leaves it. Row IDs are time-ordered (UUIDv7): a new row's ID goes to
+    the end of the ID index, not to a random page of it."""
+    for n in range(3):
+        assert lab.send(oru(f"WAIT-{n}")).code == "AA"
+        time.sleep(0.002)  # IDs of different milliseconds
+    rows = lab.rows()
+    ids = [rows[f"WAIT-{n}"][0] for n in range(3)]
+    assert [uuid.UUID(i).version for i in ids] == [7, 7, 7]
+    assert ids == sorted(ids)
+    mine = set(ids)
+    assert [w.id for w in _waiting(None, limit=1000) if w.id in mine] == ids
+
+    settings = get_settings()
+    first = WaitingMessage(id=ids[0], object_key=rows["WAIT-0"][1], raw=rows["WAIT-0"][3])
+    assert [o.status for o in process_batch([first], settings)] == ["processed"]
+    assert [w.id for w in _waiting(None, limit=1000) if w.id in mine] == ids[1:]
+
+    engine = get_engine()
+    with engine.connect() as conn:
+        compiled = waiting_statement(limit=50).compile(conn)
+        if conn.dialect.name == "sqlite":
+            params: Any = tuple(compiled.params[k] for k in compiled.positiontup or ())
+            explained = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params)
+            plan = " ".join(str(row[-1]) for row in explained)
+        else:
+            conn.exec_driver_sql("SET enable_seqscan = off")  # a small table: ask for an index
+            explained = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            plan = " ".join(str(row[0]) for row in explained)
+            conn.rollback()
+    assert "ix_lab_messages_waiting" in plan, plan
