@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import Select, literal_column, select
 
@@ -61,15 +60,22 @@ _YIELD_MAX = 1.0  # the longest a batch waits for the intake
 _BUSY_BATCH = 5  # messages per transaction while the intake is busy
 
 
-def waiting_statement(*, limit: int, older_than: timedelta | None = None) -> Select[Any]:
-    """The query of the oldest accepted messages still to process (ID, object key, bytes),
-    through the partial index of waiting messages (migration 0025)."""
+def _waiting_rows() -> Select[str, str, bytes | None]:
+    """Accepted messages still to process: ID, object key, bytes."""
     # The status as a literal, not a parameter: the index is partial (status 'received'),
     # and the generic plan PostgreSQL makes of a statement psycopg has prepared (after 5
     # runs) cannot prove that a parameter equals that value.
-    stmt = select(LabMessage.id, LabMessage.object_key, LabMessage.raw).where(
+    return select(LabMessage.id, LabMessage.object_key, LabMessage.raw).where(
         LabMessage.status == literal_column(f"'{LabMessageStatus.RECEIVED.value}'")
     )
+
+
+def waiting_statement(
+    *, limit: int, older_than: timedelta | None = None
+) -> Select[str, str, bytes | None]:
+    """The query of the oldest accepted messages still to process, through the partial
+    index of waiting messages (migration 0025)."""
+    stmt = _waiting_rows()
     if older_than is not None:
         stmt = stmt.where(LabMessage.received_at <= utcnow() - older_than)
     return stmt.order_by(LabMessage.received_at, LabMessage.id).limit(limit)
@@ -84,9 +90,7 @@ def _waiting(
     with read_session() as session:
         head: list[WaitingMessage] = []
         if first is not None:
-            row = session.execute(
-                waiting_statement(limit=1).where(LabMessage.id == first)
-            ).one_or_none()
+            row = session.execute(_waiting_rows().where(LabMessage.id == first)).one_or_none()
             if row is None:
                 return []  # processed already (by an earlier batch), or unknown
             head = [WaitingMessage(*row)]
