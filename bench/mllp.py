@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -201,9 +202,10 @@ def probe_sync(directory: Path, seconds: float = 2.0) -> None:
         os.write(journal, record)
         os.fsync(journal)
 
-    def commit(n: list[int] = [0]) -> None:  # noqa: B006 (a counter across calls)
-        n[0] += 1
-        key = f"{time.time_ns():020d}-{n[0]}"
+    numbers = itertools.count()
+
+    def commit() -> None:
+        key = f"{time.time_ns():020d}-{next(numbers)}"
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO m VALUES (?, ?, ?, ?)", (key, key, key, record))
         db.execute("COMMIT")

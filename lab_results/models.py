@@ -52,6 +52,11 @@ class LabMessageStatus(enum.StrEnum):
     FAILED = "failed"  # could not be processed after it was accepted
 
 
+# The partial indexes' conditions (the same on both databases).
+_WAITING = text(f"status = '{LabMessageStatus.RECEIVED.value}'")
+_WITH_EXAM = text("exam_id IS NOT NULL")
+
+
 class LabMessage(Base):
     """An HL7 v2 message the lab intake accepted (AA or CA answered after this row committed)."""
 
@@ -70,14 +75,14 @@ class LabMessage(Base):
             "ix_lab_messages_waiting",
             "received_at",
             "id",
-            postgresql_where=text("status = 'received'"),
-            sqlite_where=text("status = 'received'"),
+            postgresql_where=_WAITING,
+            sqlite_where=_WAITING,
         ),
         Index(
             "ix_lab_messages_exam_id",
             "exam_id",
-            postgresql_where=text("exam_id IS NOT NULL"),
-            sqlite_where=text("exam_id IS NOT NULL"),
+            postgresql_where=_WITH_EXAM,
+            sqlite_where=_WITH_EXAM,
         ),
     )
 
